@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny recipes and data so the default suite stays fast on 2 cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_recipe_dict() -> dict:
+    """A recipe that builds in seconds: 120 synthetic images at 48 px, cbr_small, 1 epoch, few timed runs."""
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"source": "synthetic", "num_images": 120, "image_size": 48, "split": {"val": 0.2, "test": 0.25}},
+        "model": {"arch": "cbr_small"},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.002},
+        "export": {"formats": ["onnx", "openvino"], "parity_images": 16},
+        "bench": {"runtimes": ["openvino", "onnxruntime", "torch"], "warmup": 1, "iterations": 3},
+    }
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a dict (or raw text) as a recipe file and return its path."""
+
+    def _write(content, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+        return path
+
+    return _write

@@ -1,0 +1,160 @@
+"""Recipe validation: every broken recipe is one line naming the key, through the library and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import yaml
+
+from tlcompile.errors import RecipeError
+from tlcompile.recipe import load_recipe, recipe_json_schema
+
+
+def _mutate(base: dict, path: str, value) -> dict:
+    d = copy.deepcopy(base)
+    node = d
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return d
+
+
+BROKEN = [
+    # (id, key path to set, value, text that must appear in the message)
+    ("unknown-top-key", "colour", "red", "unknown key 'colour'"),
+    ("unknown-nested-key", "train.epoch", 3, "train.epoch"),
+    ("wrong-type", "train.epochs", "ten", "train.epochs"),
+    ("unknown-model", "model.arch", "mobilenet_v9", "'mobilenet_v9' is not a known model; known: cbr_large_t"),
+    ("negative-lr", "train.lr", -0.1, "train.lr"),
+    ("zero-epochs", "train.epochs", 0, "train.epochs"),
+    ("bad-split-sum", "data.split", {"val": 0.5, "test": 0.45}, "val + test"),
+    ("split-over-one", "data.split.test", 1.5, "data.split.test"),
+    ("unknown-optimizer", "train.optimizer", "rmsprop", "train.optimizer"),
+    ("unknown-task", "data.task", "glaucoma", "data.task"),
+    ("unknown-source", "data.source", "dicom", "data.source"),
+    ("image-size-too-small", "data.image_size", 8, "data.image_size"),
+    ("csv-without-paths", "data.source", "csv", "data"),
+    ("bad-template", "data.path_template", "image.png", "data.path_template"),
+    ("unknown-runtime", "bench.runtimes", ["tensorrt"], "bench.runtimes.0"),
+    ("unknown-style", "data.style", "polaroid", "style 'polaroid'"),
+    ("section-not-mapping", "train", 5, "train"),
+]
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=[c[0] for c in BROKEN])
+def test_broken_recipe_is_one_line_naming_the_key(case, tiny_recipe_dict, write_recipe):
+    _, path, value, expected = case
+    recipe_path = write_recipe(_mutate(tiny_recipe_dict, path, value))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe_path)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+    assert str(recipe_path) in message
+
+
+def test_error_names_the_yaml_line(write_recipe):
+    path = write_recipe("name: x\ntrain:\n  epochs: 3\n  lr: -1\n")
+    with pytest.raises(RecipeError, match=r"train\.lr \(line 4\)"):
+        load_recipe(path)
+
+
+def test_missing_data_path_names_the_file(tiny_recipe_dict, write_recipe, tmp_path):
+    d = _mutate(tiny_recipe_dict, "data", {"source": "csv", "csv": "nope.csv", "images": "."})
+    with pytest.raises(RecipeError, match=r"data\.csv: '.*nope\.csv' does not exist"):
+        load_recipe(write_recipe(d))
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "the recipe is empty"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("name: [unclosed\n", "not valid YAML (line"),
+        ("a: &x [1, 2]\nb: *x\n", "YAML aliases"),
+        ("name: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+    ],
+)
+def test_malformed_files(text, expected, write_recipe):
+    with pytest.raises(RecipeError, match=expected.replace("(", r"\(").replace("[", r"\[")):
+        load_recipe(write_recipe(text))
+
+
+def test_non_utf8_directory_and_missing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(RecipeError, match="not UTF-8"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="is a folder"):
+        load_recipe(tmp_path)
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_overrides_apply_and_are_validated(tiny_recipe_dict, write_recipe):
+    path = write_recipe(tiny_recipe_dict)
+    r = load_recipe(path, ["train.epochs=7", "model.arch=cbr_tiny", "bench.runtimes=[openvino]"])
+    assert (r.train.epochs, r.model.arch, r.bench.runtimes) == (7, "cbr_tiny", ["openvino"])
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        load_recipe(path, ["train.epochs"])
+    with pytest.raises(RecipeError, match="train.lr"):
+        load_recipe(path, ["train.lr=-3"])
+    with pytest.raises(RecipeError, match="'train.epochs' is a value"):
+        load_recipe(path, ["train.epochs.x=1"])
+
+
+def test_fingerprint_is_stable_and_sensitive(tiny_recipe_dict, write_recipe):
+    path = write_recipe(tiny_recipe_dict)
+    assert load_recipe(path).fingerprint() == load_recipe(path).fingerprint()
+    assert load_recipe(path).fingerprint() != load_recipe(path, ["seed=1"]).fingerprint()
+
+
+def test_every_field_is_described():
+    schema = recipe_json_schema()
+    missing = []
+    for name, definition in {"Recipe": schema, **schema.get("$defs", {})}.items():
+        for field, spec in definition.get("properties", {}).items():
+            if "description" not in spec:
+                missing.append(f"{name}.{field}")
+    assert not missing
+
+
+def test_quickstart_recipe_is_valid():
+    from conftest import REPO
+
+    r = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    assert r.data.task == "referable" and r.model.arch == "mobilenet_v3_small"
+
+
+@pytest.mark.parametrize("case", BROKEN[:12], ids=[c[0] for c in BROKEN[:12]])
+def test_cli_validate_exits_nonzero_without_traceback(case, tiny_recipe_dict, write_recipe, capsys, monkeypatch):
+    from tlcompile.cli import main
+
+    _, path, value, expected = case
+    recipe_path = write_recipe(_mutate(tiny_recipe_dict, path, value))
+    monkeypatch.setattr(sys, "argv", ["tlcompile", "validate", str(recipe_path)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cli_validate_ok(tiny_recipe_dict, write_recipe, capsys, monkeypatch):
+    from tlcompile.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tlcompile", "validate", str(write_recipe(tiny_recipe_dict)), "--set", "seed=3"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_resolved_recipe_round_trips(tiny_recipe_dict, write_recipe):
+    r = load_recipe(write_recipe(tiny_recipe_dict))
+    again = load_recipe(write_recipe(yaml.safe_dump(r.to_yaml_dict()), "again.yaml"))
+    assert again.fingerprint() == r.fingerprint()

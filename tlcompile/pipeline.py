@@ -1,0 +1,351 @@
+"""``build(recipe, out_dir)``: run the stages in order, each in its own numbered folder, and write the report.
+
+Stages: 01_data -> 02_train -> 05_export -> 06_bench -> report (03_prune and 04_quantize slot in between when
+the recipe asks for them). A stage is ``run(ctx, artifacts) -> artifacts`` and ends by writing ``stage.json``;
+``resume=True`` reuses every stage whose ``stage.json`` matches the recipe's fingerprint.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import tlcompile
+from tlcompile.data.datamodule import DataModule, load_data
+from tlcompile.errors import TlcompileError
+from tlcompile.evaluate.metrics import classification_metrics
+from tlcompile.export.exporters import check_parity, export_onnx, export_openvino
+from tlcompile.io import atomic_write_json, atomic_write_text, atomic_write_with, sha256_file
+from tlcompile.models import count_macs, count_params, get_model
+from tlcompile.recipe import Recipe
+from tlcompile.runtime.inference import default_threads, open_session, predict_logits
+from tlcompile.runtime.latency import measure_latency
+from tlcompile.runtime.preprocess import to_input
+from tlcompile.train import loop
+
+RUNTIME_FORMAT = {"openvino": "openvino", "onnxruntime": "onnx", "torch": "torch"}
+FORMAT_SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "torch": ".pt"}
+
+
+@dataclass
+class Artifact:
+    """One model that came out of a stage: the torch module plus the files exported from it."""
+
+    name: str  # fp32 | pruned | int8 | pruned-int8
+    module: torch.nn.Module
+    precision: str  # fp32 | int8
+    lineage: str  # e.g. "fp32 <- pruned-0.5 <- qat-int8"
+    files: dict[str, Path] = field(default_factory=dict)  # format -> file
+    parity: dict[str, dict[str, Any]] = field(default_factory=dict)  # format -> parity record
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BuildContext:
+    recipe: Recipe
+    out_dir: Path
+    console: Console
+    device: torch.device
+    resume: bool = False
+    data: DataModule | None = None
+    threshold: float = 0.5
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    bench_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def stage_dir(self, name: str) -> Path:
+        d = self.out_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def stage_done(self, name: str) -> dict[str, Any] | None:
+        """The saved stage record when resuming and it belongs to this same recipe, else None."""
+        marker = self.out_dir / name / "stage.json"
+        if not (self.resume and marker.is_file()):
+            return None
+        record = json.loads(marker.read_text())
+        return record if record.get("fingerprint") == self.recipe.fingerprint() else None
+
+    def finish_stage(self, name: str, record: dict[str, Any]) -> None:
+        atomic_write_json(self.out_dir / name / "stage.json", {"fingerprint": self.recipe.fingerprint(), **record})
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    report: dict[str, Any]
+
+
+# -------------------------------------------------------------------------------------------- stages
+def stage_data(ctx: BuildContext) -> None:
+    d = ctx.recipe.data
+    with ctx.console.status(f"[bold]data[/]: loading {d.source} images ({d.image_size} px)"):
+        ctx.data = load_data(d, seed=ctx.recipe.seed)
+    folder = ctx.stage_dir("01_data")
+    ctx.data.write_splits_csv(folder / "splits.csv")
+    summary = {"counts": ctx.data.counts(), "preprocessing": ctx.data.spec.to_dict(), "task": d.task,
+               "class_names": list(ctx.data.class_names), "fov_not_found": int((~ctx.data.fov_found).sum())}
+    atomic_write_json(folder / "summary.json", summary)
+    ctx.finish_stage("01_data", {"images": len(ctx.data.ids)})
+    counts = ", ".join(f"{k} {sum(v.values())}" for k, v in summary["counts"].items())
+    ctx.console.print(f"[bold]data[/]: {len(ctx.data.ids)} images ({counts}); task {d.task}")
+
+
+def _build_model(ctx: BuildContext) -> torch.nn.Module:
+    torch.manual_seed(ctx.recipe.seed)
+    return get_model(ctx.recipe.model.arch, num_classes=ctx.data.num_classes).to(ctx.device)
+
+
+def stage_train(ctx: BuildContext) -> Artifact:
+    r, data = ctx.recipe, ctx.data
+    folder = ctx.stage_dir("02_train")
+    ckpt = folder / "fp32.pt"
+    model = _build_model(ctx)
+    done = ctx.stage_done("02_train")
+    if done and ckpt.is_file():
+        model.load_state_dict(torch.load(ckpt, map_location=ctx.device, weights_only=True))
+        ctx.training = done["training"]
+        ctx.console.print(f"[bold]train[/]: resumed from {ckpt} (best epoch {ctx.training['best_epoch']})")
+    else:
+        tc = r.train
+        x_tr, y_tr = data.subset("train")
+        optimizer = loop.make_optimizer(model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay, momentum=tc.momentum)
+        steps = -(-len(x_tr) // tc.batch_size)
+        scheduler = loop.make_scheduler(optimizer, tc, tc.epochs, steps)
+        weight = loop.class_weights(y_tr, data.num_classes).to(ctx.device) if tc.class_weighted_loss else None
+        loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+        with _progress(ctx.console) as progress:
+            task = progress.add_task("train", total=tc.epochs * steps, info="")
+
+            def on_epoch(rec: dict[str, Any]) -> None:
+                progress.update(task, info=f"epoch {rec['epoch']}/{tc.epochs} loss {rec['loss']:.3f} val AUC {rec['val_auc']:.3f}")
+
+            result, best_state = loop.fit(
+                model, (x_tr, y_tr), data.subset("val"), data.spec,
+                epochs=tc.epochs, batch_size=tc.batch_size, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                seed=r.seed, device=ctx.device, augment_batches=tc.augment, on_epoch=on_epoch,
+                on_step=lambda _loss: progress.advance(task),
+            )
+        model.load_state_dict(best_state)
+        atomic_write_with(ckpt, lambda p: torch.save(model.state_dict(), p))
+        ctx.training = {"history": result.history, "best_epoch": result.best_epoch,
+                        "best_val_auc": result.best_val_auc, "wall_s": round(result.wall_s, 2)}
+        ctx.finish_stage("02_train", {"training": ctx.training, "checkpoint_sha256": sha256_file(ckpt)})
+        ctx.console.print(f"[bold]train[/]: best epoch {result.best_epoch}, val AUC {result.best_val_auc:.3f} ({result.wall_s:.0f} s)")
+    model.eval()
+    ctx.threshold = loop.lock_operating_point(model, data, ctx.device)
+    return Artifact(name="fp32", module=model, precision="fp32", lineage="fp32", files={"torch": ckpt})
+
+
+def stage_export(ctx: BuildContext, artifacts: list[Artifact]) -> None:
+    r, data = ctx.recipe, ctx.data
+    folder = ctx.stage_dir("05_export")
+    done = ctx.stage_done("05_export")
+    x_val, _ = data.subset("val")
+    inputs = to_input(x_val[: r.export.parity_images], data.spec)
+    records: dict[str, Any] = {}
+    for art in artifacts:
+        module = art.module.cpu().eval()
+        with torch.no_grad():
+            reference = module(torch.from_numpy(inputs)).numpy()
+        for fmt in r.export.formats:
+            path = folder / f"{art.name}{FORMAT_SUFFIX[fmt]}"
+            if not (done and path.is_file()):
+                with ctx.console.status(f"[bold]export[/]: {art.name} -> {fmt}"):
+                    if fmt == "onnx":
+                        export_onnx(module, path, image_size=data.spec.size, opset=r.export.opset)
+                    else:
+                        export_openvino(module, path, image_size=data.spec.size)
+            art.files[fmt] = path
+            runtime = "onnxruntime" if fmt == "onnx" else "openvino"
+            art.parity[fmt] = check_parity(reference, path, runtime, inputs)
+            records[f"{art.name}.{fmt}"] = art.parity[fmt]
+            p = art.parity[fmt]
+            ok = p["max_abs_diff"] <= r.export.parity_max_abs_diff or p["exec_precision"] != "f32"
+            ctx.console.print(
+                f"[bold]export[/]: {path.name}: max |Δlogit| {p['max_abs_diff']:.2e}, top-1 agreement "
+                f"{p['top1_agreement']:.1%} ({runtime}, {p['exec_precision']})" + ("" if ok else " [red]PARITY FAILED[/]")
+            )
+        art.module.to(ctx.device)
+    atomic_write_json(folder / "parity.json", records)
+    ctx.finish_stage("05_export", {"files": {k: str(v) for a in artifacts for k, v in a.files.items()}})
+
+
+def _torch_session(module: torch.nn.Module, threads: int):
+    """A torch eager 'session' with the same interface as the runtime sessions (used for bench rows)."""
+
+    class TorchSession:
+        runtime = "torch"
+        exec_precision = "f32"
+
+        def __init__(self) -> None:
+            self.threads = threads
+            self.module = module.cpu().eval()
+
+        @torch.inference_mode()
+        def run(self, x: np.ndarray) -> np.ndarray:
+            return self.module(torch.from_numpy(x)).numpy()
+
+    return TorchSession()
+
+
+def stage_bench(ctx: BuildContext, artifacts: list[Artifact]) -> None:
+    r, data = ctx.recipe, ctx.data
+    folder = ctx.stage_dir("06_bench")
+    threads = r.bench.threads or default_threads()
+    x_test, y_test = data.subset("test")
+    test_inputs = to_input(x_test, data.spec)
+    one = np.ascontiguousarray(test_inputs[:1])
+    previous_threads = torch.get_num_threads()
+    rows: list[dict[str, Any]] = []
+    try:
+        torch.set_num_threads(threads)
+        for art in artifacts:
+            params = count_params(art.module)
+            macs = count_macs(art.module, data.spec.size)
+            for runtime in r.bench.runtimes:
+                fmt = RUNTIME_FORMAT[runtime]
+                path = art.files.get(fmt)
+                if path is None:
+                    ctx.console.print(f"[yellow]bench[/]: no {fmt} export of {art.name}; add it to export.formats for a {runtime} row")
+                    continue
+                with ctx.console.status(f"[bold]bench[/]: {art.name} on {runtime}"):
+                    if runtime == "torch":
+                        session = _torch_session(art.module, threads)
+                    else:
+                        session = open_session(path, runtime, threads=threads, precision=r.bench.precision)
+                    logits = predict_logits(session, test_inputs)
+                    latency = measure_latency(lambda s=session: s.run(one), warmup=r.bench.warmup, iterations=r.bench.iterations)
+                metrics = classification_metrics(logits, y_test, ctx.threshold)
+                rows.append({
+                    "name": art.name,
+                    "format": fmt,
+                    "precision": art.precision,
+                    "path": str(path.relative_to(ctx.out_dir)),
+                    "size_bytes": _file_size(path),
+                    "params": params,
+                    "macs": macs,
+                    "runtime": runtime,
+                    "threads": session.threads,
+                    "exec_precision": session.exec_precision,
+                    "latency_ms": {k: round(v, 4) for k, v in latency.items() if k in ("p50", "p90", "p99", "mean", "first_ms")},
+                    "metrics": {k: metrics[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "threshold", "n")},
+                    "parity": art.parity.get(fmt, {"max_abs_diff": 0.0, "top1_agreement": 1.0, "reference": "self"}),
+                    "lineage": art.lineage,
+                })
+        for art in artifacts:
+            art.module.to(ctx.device)
+    finally:
+        torch.set_num_threads(previous_threads)
+    ctx.bench_rows = rows
+    atomic_write_json(folder / "bench.json", rows)
+    ctx.finish_stage("06_bench", {"rows": len(rows)})
+
+
+def _file_size(path: Path) -> int:
+    size = path.stat().st_size
+    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
+        size += path.with_suffix(".bin").stat().st_size
+    return size
+
+
+# -------------------------------------------------------------------------------------------- report
+def environment() -> dict[str, Any]:
+    import onnxruntime
+    import openvino
+
+    from tlcompile.runtime.cpuinfo import cpu_info
+
+    return {
+        "tlcompile": tlcompile.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "openvino": openvino.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_info(),
+    }
+
+
+def assemble_report(ctx: BuildContext) -> dict[str, Any]:
+    data = ctx.data
+    return {
+        "tlcompile_version": tlcompile.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "name": ctx.recipe.name,
+        "recipe": ctx.recipe.to_yaml_dict(),
+        "recipe_sha256": ctx.recipe.fingerprint(),
+        "task": data.task,
+        "class_names": list(data.class_names),
+        "preprocessing": data.spec.to_dict(),
+        "data": {"counts": data.counts(), "images": len(data.ids)},
+        "operating_point": {"threshold": ctx.threshold, "method": "youden", "locked_on": "val", "model": "fp32"},
+        "training": ctx.training,
+        "artifacts": ctx.bench_rows,
+        "stage_seconds": {k: round(v, 2) for k, v in ctx.stage_seconds.items()},
+        "environment": environment(),
+    }
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    )
+
+
+def _timed(ctx: BuildContext, name: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    out = fn()
+    ctx.stage_seconds[name] = ctx.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def prepare_out_dir(out_dir: Path, *, resume: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TlcompileError(f"--out '{out_dir}' is a file; give a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
+        raise TlcompileError(
+            f"output folder '{out_dir}' already holds a build; use --resume to continue it, or choose another --out "
+            "(nothing was changed)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Console | None = None) -> BuildResult:
+    """Run the whole recipe into ``out_dir``; returns the report (also written as report.json/report.md)."""
+    console = console or Console()
+    out_dir = Path(out_dir)
+    prepare_out_dir(out_dir, resume=resume)
+    torch.set_num_threads(default_threads())
+    ctx = BuildContext(recipe=recipe, out_dir=out_dir, console=console, device=loop.resolve_device(recipe.train.device), resume=resume)
+    import yaml
+
+    atomic_write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
+    _timed(ctx, "data", lambda: stage_data(ctx))
+    fp32 = _timed(ctx, "train", lambda: stage_train(ctx))
+    artifacts = [fp32]
+    _timed(ctx, "export", lambda: stage_export(ctx, artifacts))
+    _timed(ctx, "bench", lambda: stage_bench(ctx, artifacts))
+    report = assemble_report(ctx)
+    from tlcompile.report.render import render_markdown
+
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
+    return BuildResult(out_dir=out_dir, report=report)

@@ -1,0 +1,159 @@
+"""Inference sessions on OpenVINO and ONNX Runtime behind one small interface (never imports torch).
+
+A session takes normalised float32 NCHW input and returns logits, and says what really ran: the thread
+count and the execution precision read back from the runtime, not what was asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tlcompile.errors import RuntimeBackendError, missing_dependency
+
+RUNTIMES = ("openvino", "onnxruntime", "torch")
+# Ops whose runtime precision says what the heavy compute ran in.
+_COMPUTE_OPS = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
+_OV_PRECISION = {"auto": None, "f32": "f32", "bf16": "bf16", "f16": "f16"}
+
+
+class InferenceSession(Protocol):
+    runtime: str
+    threads: int
+    exec_precision: str
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def default_threads() -> int:
+    """All cores this process may use (respects taskset/cgroup affinity where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class OpenVINOSession:
+    path: Path
+    threads: int
+    precision: str = "auto"
+    device: str = "CPU"
+    hint: str = "LATENCY"
+    runtime: str = "openvino"
+    exec_precision: str = ""
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            import openvino as ov
+        except ImportError as err:
+            raise missing_dependency("openvino", "runtime", err) from err
+        if self.precision not in _OV_PRECISION:
+            raise RuntimeBackendError(f"precision '{self.precision}' is not valid; valid: {', '.join(_OV_PRECISION)}")
+        core = ov.Core()
+        config: dict[str, Any] = {"PERFORMANCE_HINT": self.hint, "INFERENCE_NUM_THREADS": int(self.threads)}
+        if _OV_PRECISION[self.precision]:
+            config["INFERENCE_PRECISION_HINT"] = _OV_PRECISION[self.precision]
+        try:
+            model = core.read_model(str(self.path))
+            self._compiled = core.compile_model(model, self.device, config)
+        except Exception as err:  # OpenVINO raises RuntimeError subclasses with long C++ messages
+            raise RuntimeBackendError(f"OpenVINO could not load '{self.path}' on {self.device}: {str(err).splitlines()[0]}") from err
+        self._request = self._compiled.create_infer_request()
+        self.properties = {
+            "inference_precision_hint": _ov_type_name(self._compiled.get_property("INFERENCE_PRECISION_HINT")),
+            "num_threads": int(self._compiled.get_property("INFERENCE_NUM_THREADS")),
+            "num_streams": int(self._compiled.get_property("NUM_STREAMS")),
+            "performance_hint": str(self._compiled.get_property("PERFORMANCE_HINT")),
+        }
+        self.threads = self.properties["num_threads"] or self.threads
+        self.exec_precision = self._runtime_precision()
+
+    def _runtime_precision(self) -> str:
+        """Most common precision of the compute ops in the compiled (runtime) graph, e.g. 'u8', 'bf16', 'f32'."""
+        counts: Counter[str] = Counter()
+        for op in self._compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            if "layerType" in info and "runtimePrecision" in info and info["layerType"].astype(str) in _COMPUTE_OPS:
+                counts[info["runtimePrecision"].astype(str).lower()] += 1
+        if not counts:
+            return self.properties["inference_precision_hint"].lower()
+        return counts.most_common(1)[0][0]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self._request.infer({0: x})
+        return np.array(self._request.get_output_tensor(0).data, copy=True)
+
+
+def _ov_type_name(value: Any) -> str:
+    """OpenVINO element types print as "<Type: 'float32'>"; ``to_string()`` gives the short name ('f32')."""
+    return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+@dataclass
+class OnnxRuntimeSession:
+    path: Path
+    threads: int
+    runtime: str = "onnxruntime"
+    exec_precision: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise missing_dependency("onnxruntime", "runtime", err) from err
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(self.threads)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:
+            raise RuntimeBackendError(f"ONNX Runtime could not load '{self.path}': {str(err).splitlines()[0]}") from err
+        self._input = self._session.get_inputs()[0].name
+        if not self.exec_precision:
+            self.exec_precision = _onnx_precision(self.path)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {self._input: x})[0]
+
+
+def _onnx_precision(path: Path) -> str:
+    """'int8' when the graph carries QuantizeLinear nodes, else 'f32' (ORT CPU runs float graphs in f32)."""
+    try:
+        import onnx
+    except ImportError:
+        return "f32"
+    model = onnx.load(str(path), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    if "QLinearConv" in ops or "ConvInteger" in ops or "QuantizeLinear" in ops:
+        return "int8"
+    return "f32"
+
+
+def open_session(path: str | Path, runtime: str, *, threads: int | None = None, precision: str = "auto") -> InferenceSession:
+    """Open a model file on a runtime: .xml on openvino, .onnx on onnxruntime (openvino also reads .onnx)."""
+    path = Path(path)
+    threads = threads or default_threads()
+    if not path.is_file():
+        raise RuntimeBackendError(f"model file '{path}' does not exist")
+    if runtime == "openvino":
+        return OpenVINOSession(path=path, threads=threads, precision=precision)
+    if runtime == "onnxruntime":
+        if path.suffix != ".onnx":
+            raise RuntimeBackendError(f"onnxruntime needs an .onnx file, got '{path.name}'")
+        return OnnxRuntimeSession(path=path, threads=threads)
+    raise RuntimeBackendError(f"runtime '{runtime}' cannot open files; valid here: openvino, onnxruntime")
+
+
+def predict_logits(session: InferenceSession, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Logits for many inputs through a session, in batches (models are exported with a dynamic batch axis)."""
+    outs = [session.run(np.ascontiguousarray(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)]
+    return np.concatenate(outs, axis=0)

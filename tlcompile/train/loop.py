@@ -1,0 +1,223 @@
+"""Supervised training: small plain functions (idea: torchvision references/classification/train.py).
+
+Data lives in memory as preprocessed uint8 (N, S, S, 3) arrays; batches are normalised here with the same
+mean/std as :func:`tlcompile.runtime.preprocess.to_input`, so training sees what the runtime will feed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tlcompile.errors import TrainError
+from tlcompile.evaluate.metrics import classification_metrics, operating_point, referable_score, referable_truth, roc_auc
+from tlcompile.recipe import TrainConfig
+from tlcompile.runtime.preprocess import PreprocessSpec
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("train.device is 'cuda' but no CUDA device is available here; valid: cpu, auto")
+    return torch.device(name)
+
+
+def normalise(batch_uint8: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W); same arithmetic as runtime.preprocess.to_input."""
+    x = batch_uint8.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal/vertical flips (left/right eyes, camera orientation) and brightness jitter (+-10%)."""
+    n = x.shape[0]
+    hflip = torch.rand(n, generator=generator) < 0.5
+    vflip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(hflip.view(n, 1, 1, 1).to(x.device), x.flip(-1), x)
+    x = torch.where(vflip.view(n, 1, 1, 1).to(x.device), x.flip(-2), x)
+    gain = (0.9 + 0.2 * torch.rand(n, generator=generator)).view(n, 1, 1, 1).to(x.device)
+    return (x * gain).clamp_(0.0, 1.0)
+
+
+def iterate_batches(
+    images: np.ndarray,
+    targets: np.ndarray,
+    spec: PreprocessSpec,
+    *,
+    batch_size: int,
+    device: torch.device,
+    shuffle: bool = False,
+    rng: np.random.Generator | None = None,
+    generator: torch.Generator | None = None,
+    augment_batches: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    order = rng.permutation(len(images)) if shuffle and rng is not None else np.arange(len(images))
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        xb = torch.from_numpy(images[idx]).to(device).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        if augment_batches and generator is not None:
+            xb = augment(xb, generator)
+        yield (xb - mean) / std, torch.from_numpy(targets[idx]).to(device)
+
+
+def make_optimizer(params, *, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise TrainError("no trainable parameters: every layer is frozen")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int, steps_per_epoch: int):
+    """Per-step schedule: cosine decays to zero over all steps; step decays by gamma every step_size epochs."""
+    total = max(1, epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.gamma ** ((s // steps_per_epoch) // cfg.step_size))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
+def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (n / (k * n_c)); a class absent from training gets weight 0."""
+    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    set_train_mode: Callable[[nn.Module], None] | None = None,
+    on_step: Callable[[float], None] | None = None,
+) -> float:
+    (set_train_mode or (lambda m: m.train()))(model)
+    total, count = 0.0, 0
+    for xb, yb in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        if not torch.isfinite(loss):
+            raise TrainError(f"the training loss became {loss.item()}; lower train.lr (now {optimizer.param_groups[0]['lr']:.3g})")
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.item() * xb.shape[0]
+        count += xb.shape[0]
+        if on_step:
+            on_step(loss.item())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, *, batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
+    """Logits (N, C) as numpy for preprocessed uint8 images, in eval mode."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outs = []
+    dummy = np.zeros(len(images), dtype=np.int64)
+    for xb, _ in iterate_batches(images, dummy, spec, batch_size=batch_size, device=device):
+        outs.append(model(xb).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), np.float32)
+
+
+def validation_auc(logits: np.ndarray, targets: np.ndarray) -> float:
+    return roc_auc(referable_truth(targets, logits.shape[1]), referable_score(logits))
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_auc: float = float("nan")
+    wall_s: float = 0.0
+
+
+def fit(
+    model: nn.Module,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    spec: PreprocessSpec,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    seed: int,
+    device: torch.device,
+    augment_batches: bool = True,
+    set_train_mode: Callable[[nn.Module], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_step: Callable[[float], None] | None = None,
+    start_epoch: int = 0,
+    result: FitResult | None = None,
+    best_state: dict[str, torch.Tensor] | None = None,
+) -> tuple[FitResult, dict[str, torch.Tensor]]:
+    """Train for ``epochs`` epochs, evaluating val AUC after each; returns the history and the best state_dict.
+
+    ``on_epoch`` receives each epoch's record (epoch, loss, val_auc, lr, seconds) for progress bars and checkpoints.
+    Shuffling and augmentation draw from generators seeded by (seed, epoch), so a resumed run replays exactly.
+    """
+    result = result or FitResult()
+    t0 = time.perf_counter()
+    x_tr, y_tr = train
+    x_val, y_val = val
+    for epoch in range(start_epoch, start_epoch + epochs):
+        e0 = time.perf_counter()
+        rng = np.random.default_rng([seed, epoch])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        batches = iterate_batches(
+            x_tr, y_tr, spec, batch_size=batch_size, device=device, shuffle=True, rng=rng, generator=gen, augment_batches=augment_batches
+        )
+        loss = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, set_train_mode=set_train_mode, on_step=on_step)
+        val_logits = predict(model, x_val, spec, device=device)
+        auc = validation_auc(val_logits, y_val)
+        record = {
+            "epoch": epoch + 1,
+            "loss": round(loss, 6),
+            "val_auc": round(auc, 6),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - e0, 3),
+        }
+        result.history.append(record)
+        # Strictly better wins (ties keep the earlier epoch); a NaN AUC (one class in val) never beats a real one.
+        if best_state is None or (not math.isnan(auc) and (math.isnan(result.best_val_auc) or auc > result.best_val_auc)):
+            result.best_val_auc, result.best_epoch = auc, epoch + 1
+            best_state = copy.deepcopy(model.state_dict())
+        if on_epoch:
+            on_epoch(record)
+    result.wall_s += time.perf_counter() - t0
+    return result, best_state
+
+
+def evaluate_torch(model: nn.Module, data, split: str, threshold: float, device: torch.device | None = None) -> dict[str, Any]:
+    x, y = data.subset(split)
+    return classification_metrics(predict(model, x, data.spec, device=device), y, threshold)
+
+
+def lock_operating_point(model: nn.Module, data, device: torch.device | None = None) -> float:
+    """Youden threshold on the validation split of this (FP32) model; every artifact is judged at it."""
+    x, y = data.subset("val")
+    logits = predict(model, x, data.spec, device=device)
+    return operating_point(referable_truth(y, logits.shape[1]), referable_score(logits))
