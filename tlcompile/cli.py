@@ -27,8 +27,10 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Recipe utilities.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: the synthetic fundus generator.", no_args_is_help=True)
+report_app = typer.Typer(help="Reports: render and merge.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
+app.add_typer(report_app, name="report")
 
 SetOption = Annotated[
     Optional[list[str]],  # noqa: UP045 - typer needs Optional here
@@ -37,7 +39,11 @@ SetOption = Annotated[
 
 
 def _console() -> Console:
-    return Console(highlight=False)
+    # Logs and CI are not terminals: give tables room instead of rich's 80-column default.
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=max(console.width, 160))
+    return console
 
 
 @app.command()
@@ -105,6 +111,78 @@ def models(
         info = model_info(name)
         table.add_row(name, info.family, f"{count_params(model):,}", f"{count_macs(model, size) / 1e6:,.1f}", str(len(model.blocks())), info.description)
     console.print(table)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise TlcompileError(f"{option} '{text}': expected comma-separated whole numbers, e.g. 1,2,4") from err
+    if not values or any(v < 1 for v in values):
+        raise TlcompileError(f"{option} '{text}': every value must be >= 1")
+    return values
+
+
+@app.command()
+def bench(
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Build folders, bundles or .xml/.onnx files (default: the latest build in runs/).")] = None,  # noqa: UP045
+    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", "-r", help="openvino | onnxruntime (repeatable; default: each file's own).")] = None,  # noqa: UP045
+    device: Annotated[str, typer.Option(help="OpenVINO device: CPU, GPU, NPU, AUTO.")] = "CPU",
+    threads: Annotated[str, typer.Option(help="Thread counts to sweep, e.g. 1,2,4 (default: all cores).")] = "",
+    batch: Annotated[str, typer.Option(help="Batch sizes to sweep, e.g. 1,8.")] = "1",
+    precision: Annotated[str, typer.Option(help="OpenVINO execution precision: auto | f32 | bf16 | f16.")] = "auto",
+    hint: Annotated[str, typer.Option(help="latency | throughput (throughput runs parallel requests/streams).")] = "latency",
+    iterations: Annotated[int, typer.Option(help="Timed inferences per row (at least).", min=1)] = 100,
+    duration: Annotated[Optional[float], typer.Option(help="Time each row for at least this many seconds.", min=0)] = None,  # noqa: UP045
+    warmup: Annotated[int, typer.Option(help="Untimed inferences first.", min=0)] = 10,
+    data: Annotated[Optional[Path], typer.Option(help="Accuracy through the runtime: a recipe .yaml (its test split) or a folder of grade sub-folders.")] = None,  # noqa: UP045
+    budget_ms: Annotated[Optional[float], typer.Option("--budget-ms", help="Latency budget: pass/fail on p90.", min=0)] = None,  # noqa: UP045
+    e2e: Annotated[bool, typer.Option("--e2e", help="Also time decode + fundus crop + resize + inference on camera-size JPEGs.")] = False,
+    e2e_image: Annotated[Optional[list[Path]], typer.Option("--e2e-image", help="Camera images for --e2e (default: synthetic 2048x1536 JPEGs).")] = None,  # noqa: UP045
+    out: Annotated[Optional[Path], typer.Option("--out", help="Append the results to this JSON file.")] = None,  # noqa: UP045
+) -> None:
+    """Measure latency, throughput, memory and accuracy of exported models on this machine (torch-free)."""
+    from tlcompile.runtime.bench import BenchOptions, append_results, bench_table, run_bench
+    from tlcompile.runtime.inference import default_threads
+
+    valid = {"precision": ("auto", "f32", "bf16", "f16"), "hint": ("latency", "throughput")}
+    for option, value in (("precision", precision), ("hint", hint)):
+        if value not in valid[option]:
+            raise TlcompileError(f"--{option} '{value}' is not valid; valid: {', '.join(valid[option])}")
+    for r in runtime or []:
+        if r not in ("openvino", "onnxruntime"):
+            raise TlcompileError(f"--runtime '{r}' is not valid; valid: openvino, onnxruntime (torch rows come from the build)")
+    for image in e2e_image or []:
+        if not image.is_file():
+            raise TlcompileError(f"--e2e-image '{image}' does not exist")
+    opts = BenchOptions(
+        runtimes=runtime or None, device=device, threads=_int_list(threads, "--threads") if threads else [default_threads()],
+        batches=_int_list(batch, "--batch"), precision=precision, hint=hint, iterations=iterations, duration=duration,
+        warmup=warmup, budget_ms=budget_ms, e2e=e2e or bool(e2e_image), e2e_images=list(e2e_image or []),
+    )
+    console = _console()
+    with console.status("benchmarking") as status:
+        result = run_bench(list(paths or []), opts, data=data, on_row=lambda row: status.update(
+            f"benchmarking: {row['name']} {row['runtime']} t={row['threads']} b={row['batch']}: p50 {row['latency_ms']['p50']:.2f} ms"))
+    console.print(bench_table(result["rows"], title=f"tlcompile bench on {result['host']['cpu']['model']} (ISA: {', '.join(result['host']['cpu']['isa']) or '-'})"))
+    if out is not None:
+        append_results(out, result)
+        console.print(f"appended {len(result['rows'])} rows to {out}")
+
+
+@report_app.command("merge")
+def report_merge(
+    results: Annotated[list[Path], typer.Argument(help="Results files written by `tlcompile bench --out`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the merged rows here as JSON.")] = None,  # noqa: UP045
+) -> None:
+    """Merge bench results from several devices into one table with one Pareto front."""
+    from tlcompile.io import atomic_write_json
+    from tlcompile.runtime.bench import bench_table, merge_results
+
+    rows = merge_results(results)
+    _console().print(bench_table(rows, title=f"merged: {len(results)} files, {len(rows)} rows"))
+    if out is not None:
+        atomic_write_json(out, {"runs": [{"merged_from": [str(p) for p in results], "rows": rows}]})
 
 
 @recipe_app.command("schema")

@@ -1,0 +1,140 @@
+"""`tlcompile bench`: rows from builds and files, torch-free, sweeps, Pareto front, results merge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+
+from tlcompile.runtime.bench import BenchError, BenchOptions, bench_table, discover_targets, mark_pareto, merge_results, read_results, run_bench
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    from rich.console import Console as _Console
+
+    from tlcompile.pipeline import build
+    from tlcompile.recipe import validate_recipe_dict
+
+    recipe = validate_recipe_dict({
+        "name": "benchtiny",
+        "data": {"num_images": 80, "image_size": 32, "split": {"val": 0.25, "test": 0.25}},
+        "model": {"arch": "cbr_small"},
+        "train": {"epochs": 1},
+        "export": {"parity_images": 8},
+        "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 2},
+    })
+    out = tmp_path_factory.mktemp("bench") / "build"
+    build(recipe, out, console=_Console(quiet=True))
+    return out
+
+
+# Block torch before tlcompile is imported, as on an edge box where only `pip install tlcompile` ran.
+TORCH_BLOCKED = "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; from tlcompile.cli import main; sys.argv = ['tlcompile'] + sys.argv[1:]; main()"
+
+
+def test_bench_runs_without_torch(tiny_build, tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", TORCH_BLOCKED, "bench", str(tiny_build), "--iterations", "5", "--warmup", "1", "--threads", "1,2",
+         "--batch", "1,2", "--budget-ms", "1000", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = read_results(out)["runs"]
+    rows = runs[0]["rows"]
+    # 1 artifact x 2 runtimes x 2 thread counts x 2 batch sizes
+    assert len(rows) == 8
+    assert {(r["runtime"], r["threads"], r["batch"]) for r in rows} == {
+        (rt, t, b) for rt in ("openvino", "onnxruntime") for t in (1, 2) for b in (1, 2)
+    }
+    for r in rows:
+        assert r["latency_ms"]["p50"] > 0 and r["latency_ms"]["p99"] >= r["latency_ms"]["p50"]
+        assert r["peak_rss_mb"] > 0 and r["throughput_fps"] > 0 and r["first_inference_ms"] > 0
+        assert r["exec_precision"] in ("f32", "bf16", "f16")
+        assert r["within_budget"] is True
+        assert r["gmacs_per_s"] > 0  # MACs come from the build report
+        assert r["metrics"]["auc"] is not None and r["metrics_source"] == "build test split"
+    assert runs[0]["host"]["cpu"]["usable_cores"] >= 1
+    # --out appends: a second run keeps the first.
+    proc = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, "bench", str(tiny_build / "05_export" / "fp32.onnx"),
+                           "--iterations", "3", "--warmup", "0", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_results(out)["runs"]) == 2
+    assert "torch" not in proc.stderr.lower() or "error" not in proc.stderr.lower()
+
+
+def test_precision_is_what_ran(tiny_build):
+    rows = run_bench([tiny_build], BenchOptions(runtimes=["openvino"], precision="f32", iterations=2, warmup=0))["rows"]
+    assert rows[0]["exec_precision"] == "f32" and rows[0]["requested_precision"] == "f32"
+
+
+def test_accuracy_through_runtime_with_data(tiny_build):
+    recipe = tiny_build / "recipe.resolved.yaml"
+    rows = run_bench([tiny_build], BenchOptions(runtimes=["onnxruntime"], iterations=2, warmup=0), data=recipe)["rows"]
+    report = json.loads((tiny_build / "report.json").read_text())
+    build_row = next(r for r in report["artifacts"] if r["runtime"] == "onnxruntime")
+    # Same data, same split, same runtime, same threshold: the same AUC as the build measured.
+    assert rows[0]["metrics_source"] == "bench --data"
+    assert rows[0]["metrics"]["auc"] == pytest.approx(build_row["metrics"]["auc"], abs=1e-6)
+    assert rows[0]["metrics"]["n"] == build_row["metrics"]["n"]
+
+
+def test_end_to_end_on_camera_size_jpeg(tiny_build, tmp_path):
+    from tlcompile.runtime.bench import synthetic_camera_images
+
+    images = synthetic_camera_images(tmp_path, count=1, width=800, height=600)
+    rows = run_bench([tiny_build], BenchOptions(runtimes=["openvino"], iterations=5, warmup=1, e2e=True, e2e_images=images))["rows"]
+    e2e = rows[0]["e2e"]
+    assert e2e["image_size"] == [800, 600]
+    assert e2e["total_ms"] >= e2e["infer_ms"] > 0 and e2e["decode_ms"] > 0
+
+
+def test_pareto_front():
+    def row(p50, auc):
+        return {"latency_ms": {"p50": p50}, "metrics": {"auc": auc}}
+
+    rows = [row(1.0, 0.80), row(2.0, 0.90), row(3.0, 0.85), row(0.5, 0.70), {"latency_ms": {"p50": 0.1}, "metrics": {}}]
+    mark_pareto(rows)
+    assert [r["pareto"] for r in rows] == [True, True, False, True, None]
+
+
+def test_merge_recomputes_the_front(tmp_path):
+    def run(p50, auc, host):
+        return {"runs": [{"rows": [{"name": "m", "runtime": "openvino", "host": host, "latency_ms": {"p50": p50}, "metrics": {"auc": auc}}]}]}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(run(1.0, 0.8, "box-a")))
+    b.write_text(json.dumps(run(2.0, 0.7, "box-b")))
+    rows = merge_results([a, b])
+    assert [(r["host"], r["pareto"]) for r in rows] == [("box-a", True), ("box-b", False)]
+    console = Console(record=True, width=200)
+    console.print(bench_table(rows, title="t"))
+    assert "box-b" in console.export_text()  # several hosts: the table gets a host column
+
+
+def test_bad_inputs_are_clear(tmp_path):
+    with pytest.raises(BenchError, match="does not exist"):
+        discover_targets([tmp_path / "nope.xml"])
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(BenchError, match="not a build folder"):
+        discover_targets([tmp_path / "x.txt"])
+    (tmp_path / "r.json").write_text("[1, 2]")
+    with pytest.raises(BenchError, match="not a bench results file"):
+        read_results(tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("args, expected", [(["--threads", "0"], "--threads '0'"), (["--threads", "a"], "--threads 'a'"),
+                                            (["--precision", "int4"], "--precision 'int4'"), (["--runtime", "torch"], "--runtime 'torch'")])
+def test_cli_option_errors(args, expected, tiny_build, capsys, monkeypatch):
+    from tlcompile.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tlcompile", "bench", str(tiny_build), *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err

@@ -1,0 +1,436 @@
+"""``tlcompile bench``: latency, throughput, memory and accuracy of exported models, measured where they run.
+
+Torch-free (the edge box has no torch). Targets come from a build folder (report.json + its exports), a bundle
+(bundle.json + model files) or model files (.xml, .onnx). Every row records what really ran: the execution
+precision read back from the runtime, the thread count and the CPU's instruction sets.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlcompile.errors import TlcompileError
+from tlcompile.evaluate.metrics import classification_metrics
+from tlcompile.io import atomic_write_json
+from tlcompile.runtime.cpuinfo import cpu_info
+from tlcompile.runtime.inference import default_threads, open_session, predict_logits
+from tlcompile.runtime.latency import measure_latency
+from tlcompile.runtime.preprocess import PreprocessSpec, load_rgb, prepare_image, to_input
+
+FILE_RUNTIME = {".xml": "openvino", ".onnx": "onnxruntime"}
+
+
+class BenchError(TlcompileError):
+    """A bench target or option is invalid."""
+
+
+@dataclass
+class BenchTarget:
+    """One model file to measure, with what the build knew about it."""
+
+    name: str
+    files: dict[str, Path]  # format ('openvino' | 'onnx') -> model file
+    precision: str = "unknown"
+    spec: PreprocessSpec | None = None
+    threshold: float | None = None
+    macs: int | None = None
+    lineage: str = ""
+    source: str = ""
+    build_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # runtime -> metrics from the build
+
+    @property
+    def path(self) -> Path:
+        """The file that describes the model's input (IR preferred)."""
+        return self.files.get("openvino") or self.files["onnx"]
+
+
+# ------------------------------------------------------------------------------------------ discovery
+def latest_build(root: Path = Path("runs")) -> Path:
+    builds = [p.parent for p in root.glob("*/report.json")] if root.is_dir() else []
+    if not builds:
+        raise BenchError(f"no PATH given and no build found under '{root}/' (a folder with report.json); give a build folder, bundle or model file")
+    return max(builds, key=lambda p: (p / "report.json").stat().st_mtime)
+
+
+def _spec_from(d: dict[str, Any] | None) -> PreprocessSpec | None:
+    return PreprocessSpec.from_dict(d) if d else None
+
+
+def targets_from_build(build_dir: Path) -> list[BenchTarget]:
+    try:
+        report = json.loads((build_dir / "report.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise BenchError(f"{build_dir / 'report.json'}: cannot read the build report ({err})") from err
+    spec = _spec_from(report.get("preprocessing"))
+    threshold = report.get("operating_point", {}).get("threshold")
+    targets: dict[str, BenchTarget] = {}
+    for row in report.get("artifacts", []):
+        if row.get("format") not in ("onnx", "openvino"):
+            continue
+        target = targets.setdefault(
+            row["name"],
+            BenchTarget(name=row["name"], files={}, precision=row.get("precision", "unknown"), spec=spec, threshold=threshold,
+                        macs=row.get("macs"), lineage=row.get("lineage", ""), source=str(build_dir)),
+        )
+        target.files[row["format"]] = build_dir / row["path"]
+        target.build_metrics[row["runtime"]] = row.get("metrics", {})
+    if not targets:
+        raise BenchError(f"{build_dir}: the build report lists no ONNX or OpenVINO artifacts to bench")
+    return list(targets.values())
+
+
+def targets_from_bundle(bundle_dir: Path) -> list[BenchTarget]:
+    try:
+        meta = json.loads((bundle_dir / "bundle.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise BenchError(f"{bundle_dir / 'bundle.json'}: cannot read the bundle ({err})") from err
+    spec = _spec_from(meta.get("preprocessing"))
+    threshold = meta.get("threshold", meta.get("operating_point", {}).get("threshold") if isinstance(meta.get("operating_point"), dict) else None)
+    files = {_format_of(p): p for p in sorted(bundle_dir.rglob("*")) if p.suffix in FILE_RUNTIME and p.is_file()}
+    if not files:
+        raise BenchError(f"{bundle_dir}: the bundle holds no .xml or .onnx model")
+    return [BenchTarget(name=meta.get("artifact", "bundle"), files=files, precision=meta.get("precision", "unknown"), spec=spec,
+                        threshold=threshold, macs=meta.get("macs"), source=str(bundle_dir))]
+
+
+def _format_of(path: Path) -> str:
+    return "openvino" if path.suffix == ".xml" else "onnx"
+
+
+def discover_targets(paths: list[Path]) -> list[BenchTarget]:
+    """Build folders, bundles and model files -> targets (no PATH: the most recent build under runs/)."""
+    paths = list(paths) or [latest_build()]
+    targets: list[BenchTarget] = []
+    for path in paths:
+        if path.is_dir() and (path / "report.json").is_file():
+            targets += targets_from_build(path)
+        elif path.is_dir() and (path / "bundle.json").is_file():
+            targets += targets_from_bundle(path)
+        elif path.is_file() and path.suffix in FILE_RUNTIME:
+            targets.append(BenchTarget(name=path.stem, files={_format_of(path): path}, source=str(path)))
+        elif not path.exists():
+            raise BenchError(f"'{path}' does not exist; give a build folder, a bundle folder, or a .xml / .onnx file")
+        else:
+            raise BenchError(f"'{path}' is not a build folder (report.json), a bundle (bundle.json), or a .xml / .onnx model")
+    return targets
+
+
+def _input_size(target: BenchTarget) -> int:
+    if target.spec is not None:
+        return target.spec.size
+    # A bare model file: read the input's spatial size from the model itself.
+    import openvino as ov
+
+    shape = ov.Core().read_model(str(target.path)).inputs[0].get_partial_shape()
+    dims = [d.get_length() if d.is_static else None for d in shape]
+    if len(dims) != 4 or dims[2] is None:
+        raise BenchError(f"{target.path}: cannot tell the input size from shape {shape}; bench a build folder or bundle instead")
+    return int(dims[2])
+
+
+# --------------------------------------------------------------------------------------------- memory
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter (Linux: writing 5 to clear_refs) so each row gets its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except ImportError:  # pragma: no cover - Windows
+        return None
+
+
+# -------------------------------------------------------------------------------------------- measure
+@dataclass
+class BenchOptions:
+    runtimes: list[str] | None = None  # None: each file's natural runtime
+    device: str = "CPU"
+    threads: list[int] = field(default_factory=lambda: [default_threads()])
+    batches: list[int] = field(default_factory=lambda: [1])
+    precision: str = "auto"
+    hint: str = "latency"
+    iterations: int = 100
+    duration: float | None = None
+    warmup: int = 10
+    budget_ms: float | None = None
+    e2e: bool = False
+    e2e_images: list[Path] = field(default_factory=list)
+
+
+def _runtimes_for(target: BenchTarget, requested: list[str] | None) -> list[str]:
+    """Each runtime the target has a file for: OpenVINO runs IR (or ONNX), ONNX Runtime runs ONNX."""
+    available = [r for r in ("openvino", "onnxruntime") if _path_for(target, r) is not None]
+    if not requested:
+        return available
+    for runtime in requested:
+        if runtime == "torch":
+            raise BenchError("--runtime torch is not available in `tlcompile bench` (the edge box has no torch); the build report has torch rows")
+    return [r for r in requested if r in available]
+
+
+def _path_for(target: BenchTarget, runtime: str) -> Path | None:
+    if runtime == "onnxruntime":
+        return target.files.get("onnx")
+    return target.files.get("openvino") or target.files.get("onnx")
+
+
+def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: BenchOptions, eval_set=None) -> dict[str, Any]:
+    """One row: latency percentiles, throughput, first inference, peak RSS, GMAC/s, accuracy if data is given."""
+    path = _path_for(target, runtime)
+    size = _input_size(target)
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    session = open_session(path, runtime, threads=threads, precision=opts.precision, device=opts.device,
+                           hint=opts.hint.upper(), static_batch=batch)
+    compile_ms = (time.perf_counter() - t0) * 1e3
+    latency = measure_latency(lambda: session.run(x), warmup=opts.warmup, iterations=opts.iterations, min_seconds=opts.duration or 0.0)
+    throughput = batch * 1e3 / latency["mean"]
+    streams = None
+    if opts.hint == "throughput" and hasattr(session, "throughput"):
+        tp = session.throughput(x, seconds=max(1.0, opts.duration or 2.0))
+        throughput, streams = tp["fps"], tp["streams"]
+    row: dict[str, Any] = {
+        "name": target.name,
+        "format": "openvino" if path.suffix == ".xml" else "onnx",
+        "precision": target.precision,
+        "path": str(path),
+        "source": target.source,
+        "lineage": target.lineage,
+        "runtime": runtime,
+        "device": opts.device if runtime == "openvino" else "CPU",
+        "threads": session.threads,
+        "batch": batch,
+        "hint": opts.hint,
+        "requested_precision": opts.precision,
+        "exec_precision": session.exec_precision,
+        "latency_ms": {k: round(latency[k], 4) for k in ("p50", "p90", "p99", "mean", "min")},
+        "first_inference_ms": round(latency["first_ms"], 3),
+        "compile_ms": round(compile_ms, 1),
+        "iterations": latency["iterations"],
+        "throughput_fps": round(throughput, 2),
+        "streams": streams,
+        "peak_rss_mb": _peak_rss_mb(),
+        "size_bytes": path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" and path.with_suffix(".bin").is_file() else 0),
+        "macs": target.macs,
+        "gmacs_per_s": round(target.macs * batch / (latency["p50"] / 1e3) / 1e9, 2) if target.macs else None,
+    }
+    if eval_set is not None:
+        images, labels = eval_set
+        logits = predict_logits(open_session(path, runtime, threads=threads, precision=opts.precision, device=opts.device), to_input(images, target.spec or PreprocessSpec(size=size)))
+        if target.threshold is None:
+            raise BenchError(f"{target.path}: no locked operating point is known for this model; bench its build folder or bundle to get accuracy")
+        m = classification_metrics(logits, labels, target.threshold)
+        row["metrics"] = {k: m[k] for k in ("auc", "sensitivity", "specificity", "accuracy", "threshold", "n")}
+        row["metrics_source"] = "bench --data"
+    elif runtime in target.build_metrics:
+        row["metrics"] = target.build_metrics[runtime]
+        row["metrics_source"] = "build test split"
+    if opts.e2e and batch == 1:  # the box handles one photo at a time
+        row["e2e"] = measure_end_to_end(session, target.spec or PreprocessSpec(size=size), opts.e2e_images, opts.warmup, max(5, opts.iterations // 5))
+    if opts.budget_ms is not None:
+        row["budget_ms"] = opts.budget_ms
+        row["within_budget"] = bool(row["latency_ms"]["p90"] <= opts.budget_ms)
+    return row
+
+
+def measure_end_to_end(session, spec: PreprocessSpec, images: list[Path], warmup: int, iterations: int) -> dict[str, Any]:
+    """What the box really does per photo: decode the JPEG, crop the field of view, resize, normalise, infer."""
+    times: dict[str, list[float]] = {"decode_ms": [], "preprocess_ms": [], "infer_ms": [], "total_ms": []}
+    for i in range(warmup + iterations):
+        path = images[i % len(images)]
+        t0 = time.perf_counter()
+        rgb = load_rgb(path, draft_size=spec.size * 2)
+        t1 = time.perf_counter()
+        prepared, _ = prepare_image(rgb, spec)
+        x = to_input(prepared, spec)
+        t2 = time.perf_counter()
+        session.run(x)
+        t3 = time.perf_counter()
+        if i >= warmup:
+            for key, value in (("decode_ms", t1 - t0), ("preprocess_ms", t2 - t1), ("infer_ms", t3 - t2), ("total_ms", t3 - t0)):
+                times[key].append(value * 1e3)
+    out = {key: round(float(np.percentile(v, 50)), 3) for key, v in times.items()}
+    out["total_p90_ms"] = round(float(np.percentile(times["total_ms"], 90)), 3)
+    with_size = load_rgb(images[0])
+    out["image_size"] = [int(with_size.shape[1]), int(with_size.shape[0])]
+    return out
+
+
+def synthetic_camera_images(folder: Path, *, count: int = 3, width: int = 2048, height: int = 1536, seed: int = 0) -> list[Path]:
+    """Camera-size fundus JPEGs (the generator's field of view on a 4:3 black frame), for end-to-end timing."""
+    from PIL import Image
+
+    from tlcompile.data.synthetic import render_fundus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"camera_{width}x{height}_{i}.jpg"
+        if not path.is_file():
+            fundus = render_fundus(2 + i % 3, np.random.default_rng([seed, i]), size=height)
+            frame = np.zeros((height, width, 3), np.uint8)
+            x0 = (width - height) // 2
+            frame[:, x0 : x0 + height] = fundus
+            Image.fromarray(frame).save(path, quality=92)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------- accuracy inputs
+def load_eval_set(data: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+    """``--data``: a recipe YAML (its test split, built exactly as in the build) or a folder of grade sub-folders."""
+    from tlcompile.data.datamodule import load_data
+
+    if data.is_file() and data.suffix in (".yaml", ".yml"):
+        from tlcompile.recipe import load_recipe
+
+        cfg = load_recipe(data)
+        dm = load_data(cfg.data, seed=cfg.seed)
+        if dm.spec.size != spec.size:
+            raise BenchError(f"--data {data}: images are {dm.spec.size} px but the model takes {spec.size} px")
+        return dm.subset("test")
+    if data.is_dir():
+        from tlcompile.recipe import DataConfig
+
+        dm = load_data(DataConfig(source="folder", images=data, image_size=spec.size, crop_fov=spec.crop_fov), seed=0)
+        return dm.images, dm.targets
+    raise BenchError(f"--data '{data}': give a recipe .yaml (its test split is used) or a folder with sub-folders 0..4")
+
+
+# ----------------------------------------------------------------------------------------- analysis
+def mark_pareto(rows: list[dict[str, Any]]) -> None:
+    """A row is on the accuracy-vs-latency Pareto front when no other row is both faster (p50) and at least as
+    accurate (AUC), with one strictly better. Rows without an AUC are not ranked."""
+    ranked = [r for r in rows if r.get("metrics", {}).get("auc") is not None]
+    for r in rows:
+        r["pareto"] = None
+    for r in ranked:
+        lat, auc = r["latency_ms"]["p50"], r["metrics"]["auc"]
+        r["pareto"] = not any(
+            o is not r and o["latency_ms"]["p50"] <= lat and o["metrics"]["auc"] >= auc
+            and (o["latency_ms"]["p50"] < lat or o["metrics"]["auc"] > auc)
+            for o in ranked
+        )
+
+
+def host_record() -> dict[str, Any]:
+    return {"hostname": platform.node(), "cpu": cpu_info(), "platform": platform.platform(), "pid": os.getpid()}
+
+
+def run_bench(paths: list[Path], opts: BenchOptions, *, data: Path | None = None, on_row=None) -> dict[str, Any]:
+    targets = discover_targets(paths)
+    if opts.e2e and not opts.e2e_images:
+        opts.e2e_images = synthetic_camera_images(Path(os.environ.get("TMPDIR", "/tmp")) / "tlcompile-e2e")
+    eval_sets: dict[int, Any] = {}
+    rows = []
+    for target in targets:
+        eval_set = None
+        if data is not None:
+            spec = target.spec or PreprocessSpec(size=_input_size(target))
+            eval_set = eval_sets.get(spec.size)
+            if eval_set is None:
+                eval_set = eval_sets[spec.size] = load_eval_set(data, spec)
+        for runtime in _runtimes_for(target, opts.runtimes):
+            for threads in opts.threads:
+                for batch in opts.batches:
+                    row = measure(target, runtime, threads, batch, opts, eval_set)
+                    rows.append(row)
+                    if on_row:
+                        on_row(row)
+    mark_pareto(rows)
+    host = host_record()
+    for row in rows:
+        row["host"] = f"{host['hostname']} ({host['cpu']['model']})"
+    return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": host, "rows": rows}
+
+
+def append_results(path: Path, run: dict[str, Any]) -> None:
+    """``--out``: results files hold a list of runs; a new run is appended (atomically), earlier ones kept."""
+    runs = read_results(path)["runs"] if path.is_file() else []
+    atomic_write_json(path, {"runs": [*runs, run]})
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise BenchError(f"'{path}' does not exist") from err
+    except (OSError, json.JSONDecodeError) as err:
+        raise BenchError(f"'{path}': not a bench results file ({err})") from err
+    if not isinstance(obj, dict) or not isinstance(obj.get("runs"), list):
+        raise BenchError(f"'{path}': not a bench results file (expected {{\"runs\": [...]}} written by tlcompile bench --out)")
+    return obj
+
+
+def merge_results(paths: list[Path]) -> list[dict[str, Any]]:
+    """All rows of several results files (e.g. from different devices) in one list, Pareto front recomputed."""
+    rows = [row for p in paths for run in read_results(p)["runs"] for row in run["rows"]]
+    mark_pareto(rows)
+    return rows
+
+
+def bench_table(rows: list[dict[str, Any]], *, title: str):
+    """Rich table of bench rows: what ran, latency, throughput, memory, accuracy, Pareto and budget."""
+    from rich.table import Table
+
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None or (isinstance(v, float) and v != v) else format(v, fmt)
+
+    hosts = {r.get("host") for r in rows}
+    table = Table(title=title)
+    # p99, first inference, compile time, file size and sens/spec at the operating point are in the JSON (--out).
+    columns = ["model", "runtime", "exec", "thr", "batch", "p50 ms", "p90 ms", "img/s", "GMAC/s", "RSS MB", "AUC", "pareto"]
+    if any("e2e" in r for r in rows):
+        columns.insert(8, "e2e ms")
+    if any("within_budget" in r for r in rows):
+        columns.append("budget")
+    if len(hosts) > 1:
+        columns.insert(0, "host")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("host", "model", "runtime", "exec") else "right", no_wrap=col != "host")
+    for r in rows:
+        m, lat = r.get("metrics") or {}, r["latency_ms"]
+        cells = {
+            "host": str(r.get("host", "")),
+            "model": r["name"],
+            "runtime": r["runtime"] + ("" if r.get("device", "CPU") == "CPU" else f"/{r['device']}"),
+            "exec": str(r.get("exec_precision", "-")),
+            "thr": str(r.get("threads", "-")),
+            "batch": str(r.get("batch", 1)),
+            "p50 ms": num(lat.get("p50"), ".2f"),
+            "p90 ms": num(lat.get("p90"), ".2f"),
+            "p99 ms": num(lat.get("p99"), ".2f"),
+            "e2e ms": num((r.get("e2e") or {}).get("total_ms"), ".1f"),
+            "img/s": num(r.get("throughput_fps"), ".1f"),
+            "GMAC/s": num(r.get("gmacs_per_s"), ".1f"),
+            "RSS MB": num(r.get("peak_rss_mb"), ".0f"),
+            "AUC": num(m.get("auc"), ".3f"),
+            "sens": num(m.get("sensitivity"), ".3f"),
+            "spec": num(m.get("specificity"), ".3f"),
+            "pareto": {True: "*", False: "", None: "-"}[r.get("pareto")],
+            "budget": {True: "pass", False: "FAIL"}.get(r.get("within_budget"), "-"),
+        }
+        table.add_row(*[cells[c] for c in columns])
+    return table
