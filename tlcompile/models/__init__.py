@@ -14,6 +14,10 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the install
     raise missing_dependency("torch", err=err) from err
 
+from tlcompile.compat import require_safe_versions  # noqa: E402
+
+require_safe_versions()
+
 # Importing cbr and zoo registers their models.
 from tlcompile.models import cbr, zoo  # noqa: F401, E402
 from tlcompile.models.complexity import count_macs, count_params  # noqa: E402

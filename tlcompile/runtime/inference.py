@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tlcompile.errors import RuntimeBackendError, missing_dependency
+from tlcompile.runtime.safefiles import check_onnx_external_data
 
 RUNTIMES = ("openvino", "onnxruntime", "torch")
 # Ops whose runtime precision says what the heavy compute ran in.
@@ -175,6 +176,8 @@ def open_session(
     threads = threads or default_threads()
     if not path.is_file():
         raise RuntimeBackendError(f"model file '{path}' does not exist")
+    if path.suffix == ".onnx":
+        check_onnx_external_data(path)
     if runtime == "openvino":
         return OpenVINOSession(path=path, threads=threads, precision=precision, device=device, hint=hint, static_batch=static_batch)
     if runtime == "onnxruntime":

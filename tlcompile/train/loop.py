@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -153,6 +154,33 @@ class FitResult:
     wall_s: float = 0.0
 
 
+@dataclass
+class EpochCheckpoint:
+    """Everything needed to continue training after a kill: written atomically at the end of every epoch.
+
+    Holds model, optimizer and scheduler states, the best state so far, the history and the global torch RNG
+    (dropout draws from it); shuffling and augmentation are re-seeded from (seed, epoch), so a resumed run ends
+    with the same weights as an uninterrupted one. ``tag`` (the recipe fingerprint) keeps a checkpoint of another
+    recipe from being resumed. Loaded with ``weights_only=True``: tensors and plain Python values only.
+    """
+
+    path: Path
+    tag: str = ""
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        from tlcompile.checkpoint import load_state
+
+        state = load_state(self.path)
+        return state if state.get("tag") == self.tag else None
+
+    def save(self, state: dict[str, Any]) -> None:
+        from tlcompile.io import atomic_write_with
+
+        atomic_write_with(self.path, lambda p: torch.save({**state, "tag": self.tag}, p))
+
+
 def fit(
     model: nn.Module,
     train: tuple[np.ndarray, np.ndarray],
@@ -173,17 +201,34 @@ def fit(
     start_epoch: int = 0,
     result: FitResult | None = None,
     best_state: dict[str, torch.Tensor] | None = None,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> tuple[FitResult, dict[str, torch.Tensor]]:
-    """Train for ``epochs`` epochs, evaluating val AUC after each; returns the history and the best state_dict.
+    """Train epochs ``start_epoch .. start_epoch + epochs - 1``, evaluating val AUC after each; returns the history
+    and the best state_dict. Several calls may continue one run (phases), passing ``result`` and ``best_state`` on.
 
-    ``on_epoch`` receives each epoch's record (epoch, loss, val_auc, lr, seconds) for progress bars and checkpoints.
+    ``on_epoch`` receives each epoch's record (epoch, loss, val_auc, lr, seconds) for progress bars.
     Shuffling and augmentation draw from generators seeded by (seed, epoch), so a resumed run replays exactly.
+    With ``checkpoint``, the state is saved after every epoch and, when a saved state is further along than
+    ``start_epoch``, training continues from it (a phase that had already finished is skipped).
     """
     result = result or FitResult()
+    first_epoch = start_epoch
+    saved = checkpoint.load() if checkpoint else None
+    if saved is not None and saved["epoch"] > start_epoch:
+        result = FitResult(**saved["result"])
+        best_state = saved["best_state"]
+        if saved["epoch"] >= start_epoch + epochs:
+            return result, best_state
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        first_epoch = saved["epoch"]
     t0 = time.perf_counter()
     x_tr, y_tr = train
     x_val, y_val = val
-    for epoch in range(start_epoch, start_epoch + epochs):
+    for epoch in range(first_epoch, start_epoch + epochs):
         e0 = time.perf_counter()
         rng = np.random.default_rng([seed, epoch])
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
@@ -207,6 +252,16 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         if on_epoch:
             on_epoch(record)
+        if checkpoint:
+            checkpoint.save({
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                "best_state": best_state,
+                "result": {**vars(result), "wall_s": result.wall_s + time.perf_counter() - t0},
+                "torch_rng": torch.get_rng_state(),
+            })
     result.wall_s += time.perf_counter() - t0
     return result, best_state
 
