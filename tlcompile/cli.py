@@ -185,6 +185,31 @@ def report_merge(
         atomic_write_json(out, {"runs": [{"merged_from": [str(p) for p in results], "rows": rows}]})
 
 
+@app.command()
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="Base recipe YAML file.")],
+    grid: Annotated[list[str], typer.Option("--grid", "-g", help="key.path=v1,v2 (repeatable); every combination is built.")],
+    set_: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Sweep folder (default: runs/sweep-<name>-<time>).")] = None,  # noqa: UP045
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: a local Ray).")] = None,  # noqa: UP045
+    cpus_per_variant: Annotated[int, typer.Option(help="CPU cores reserved (and threads used) per build.", min=1)] = 1,
+) -> None:
+    """Build every combination of --grid values on Ray; merge all rows into one report with the Pareto front."""
+    from tlcompile.recipe import load_recipe
+    from tlcompile.sweep import render_sweep_markdown, run_sweep
+
+    base = load_recipe(recipe, set_ or [])
+    out = out or Path("runs") / f"sweep-{base.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    console = _console()
+    report = run_sweep(recipe, grid, out_dir=out, base_overrides=set_ or [], address=address, cpus_per_variant=cpus_per_variant,
+                       on_done=lambda v, o: console.print(f"{v.name}: {'done' if o['ok'] else 'FAILED: ' + o['error']} ({o.get('wall_s', 0):.0f} s)"))
+    console.print(render_sweep_markdown(report))
+    console.print(f"sweep report: {out / 'sweep.json'}, {out / 'sweep.md'}")
+    failed = [v["name"] for v in report["variants"] if not v["ok"]]
+    if failed:
+        raise TlcompileError(f"{len(failed)} of {len(report['variants'])} variants failed: {', '.join(failed)} (their errors are in sweep.md)")
+
+
 @recipe_app.command("schema")
 def recipe_schema() -> None:
     """Print the recipe's JSON Schema (for editors: yaml-language-server)."""

@@ -32,7 +32,12 @@ class InferenceSession(Protocol):
 
 
 def default_threads() -> int:
-    """All cores this process may use (respects taskset/cgroup affinity where the OS reports it)."""
+    """All cores this process may use (respects taskset/cgroup affinity where the OS reports it).
+
+    ``TLCOMPILE_NUM_THREADS`` overrides it: a sweep running several builds side by side gives each its share.
+    """
+    if os.environ.get("TLCOMPILE_NUM_THREADS", "").isdigit() and int(os.environ["TLCOMPILE_NUM_THREADS"]) > 0:
+        return int(os.environ["TLCOMPILE_NUM_THREADS"])
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

@@ -1,0 +1,160 @@
+"""``tlcompile sweep``: run a grid of recipe variants as ordinary builds on Ray, then merge their reports.
+
+Each variant is the base recipe plus ``--set``-style overrides (one value per ``--grid`` key). Every variant is
+validated before anything starts; each runs as one Ray task (a local Ray by default, ``address`` for a cluster),
+building into its own folder exactly as ``tlcompile build`` would. A failing variant is recorded with its error
+and the others go on. The merged report has every artifact row of every variant and one Pareto front.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tlcompile.errors import MissingDependencyError, RecipeError
+from tlcompile.io import atomic_write_json, atomic_write_text
+from tlcompile.recipe import load_recipe
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # folder-safe, e.g. "model.arch=cbr_small__prune.ratio=0.3"
+    overrides: tuple[str, ...]
+
+
+def parse_grid(grid: list[str]) -> list[tuple[str, list[str]]]:
+    """``["prune.ratio=0.3,0.5", "model.arch=a,b"]`` -> [("prune.ratio", ["0.3", "0.5"]), ("model.arch", ["a", "b"])]."""
+    axes = []
+    for item in grid:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise RecipeError(f"--grid '{item}': expected key.path=value1,value2 (e.g. --grid prune.ratio=0.3,0.5)")
+        if any(key == k for k, _ in axes):
+            raise RecipeError(f"--grid '{item}': '{key}' is given twice; put all its values in one --grid")
+        axes.append((key, [v.strip() for v in values.split(",") if v.strip()]))
+    if not axes:
+        raise RecipeError("sweep needs at least one --grid key.path=value1,value2")
+    return axes
+
+
+def variants_of(axes: list[tuple[str, list[str]]]) -> list[Variant]:
+    out = []
+    for combo in itertools.product(*[[(k, v) for v in values] for k, values in axes]):
+        overrides = tuple(f"{k}={v}" for k, v in combo)
+        name = "__".join(re.sub(r"[^A-Za-z0-9_.=-]+", "-", o) for o in overrides)
+        out.append(Variant(name=name, overrides=overrides))
+    return out
+
+
+def _run_variant(recipe_path: str, overrides: list[str], out_dir: str, threads: int) -> dict[str, Any]:
+    """Body of one Ray task: an ordinary build; errors come back as data so one failure never stops the sweep."""
+    os.environ["TLCOMPILE_NUM_THREADS"] = str(threads)
+    started = time.perf_counter()
+    try:
+        from rich.console import Console
+
+        from tlcompile.pipeline import build
+
+        recipe = load_recipe(recipe_path, overrides)
+        with open(os.devnull, "w") as devnull:
+            result = build(recipe, Path(out_dir), console=Console(file=devnull))
+        return {"ok": True, "out_dir": out_dir, "wall_s": time.perf_counter() - started, "rows": result.report["artifacts"]}
+    except Exception as err:  # isolate the failure: the sweep reports it and goes on
+        return {"ok": False, "out_dir": out_dir, "wall_s": time.perf_counter() - started, "error": f"{type(err).__name__}: {err}".splitlines()[0]}
+
+
+def run_sweep(
+    recipe_path: Path,
+    grid: list[str],
+    *,
+    out_dir: Path,
+    base_overrides: list[str] | None = None,
+    address: str | None = None,
+    cpus_per_variant: int = 1,
+    on_done=None,
+) -> dict[str, Any]:
+    try:
+        import ray
+    except ImportError as err:
+        raise MissingDependencyError("tlcompile sweep runs on Ray, which is not installed; install it with: pip install 'tlcompile[sweep]'") from err
+    base_overrides = list(base_overrides or [])
+    variants = variants_of(parse_grid(grid))
+    for v in variants:  # validate every variant before anything runs
+        load_recipe(recipe_path, [*base_overrides, *v.overrides])
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise RecipeError(f"sweep output folder '{out_dir}' is not empty; choose another --out (nothing was changed)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 **({} if address else {"num_cpus": os.cpu_count()}))
+    try:
+        task = ray.remote(num_cpus=cpus_per_variant, max_retries=0)(_run_variant)
+        pending = {
+            task.remote(str(recipe_path.resolve()), [*base_overrides, *v.overrides], str((out_dir / v.name).resolve()), cpus_per_variant): v
+            for v in variants
+        }
+        results: dict[str, dict[str, Any]] = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            variant = pending.pop(done[0])
+            try:
+                outcome = ray.get(done[0])
+            except Exception as err:  # the worker itself died (e.g. out of memory)
+                outcome = {"ok": False, "out_dir": str(out_dir / variant.name), "error": f"{type(err).__name__}: {err}".splitlines()[0]}
+            results[variant.name] = {"overrides": list(variant.overrides), **outcome}
+            if on_done:
+                on_done(variant, outcome)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return write_sweep_report(out_dir, recipe_path, variants, results)
+
+
+def write_sweep_report(out_dir: Path, recipe_path: Path, variants: list[Variant], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from tlcompile.runtime.bench import mark_pareto
+
+    rows = []
+    for v in variants:
+        outcome = results[v.name]
+        for row in outcome.get("rows", []):
+            rows.append({"variant": v.name, **row})
+    mark_pareto(rows)
+    report = {
+        "recipe": str(recipe_path),
+        "variants": [{"name": v.name, **{k: val for k, val in results[v.name].items() if k != "rows"}} for v in variants],
+        "rows": rows,
+    }
+    atomic_write_json(out_dir / "sweep.json", report)
+    atomic_write_text(out_dir / "sweep.md", render_sweep_markdown(report))
+    return report
+
+
+def render_sweep_markdown(report: dict[str, Any]) -> str:
+    def num(x: Any, fmt: str) -> str:
+        return "-" if x is None or (isinstance(x, float) and x != x) else format(x, fmt)
+
+    lines = [f"# Sweep of {report['recipe']}", "", "| variant | status | wall s |", "|---|---|---|"]
+    for v in report["variants"]:
+        lines.append(f"| {v['name']} | {'ok' if v['ok'] else 'FAILED: ' + v.get('error', '')} | {num(v.get('wall_s'), '.0f')} |")
+    lines += ["", "| variant | artifact | runtime | exec | p50 ms | AUC | sens | spec | MB | Pareto |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        m = r.get("metrics", {})
+        lines.append(
+            f"| {r['variant']} | {r['name']} | {r['runtime']} | {r.get('exec_precision', '-')} | {num(r['latency_ms'].get('p50'), '.2f')} | "
+            f"{num(m.get('auc'), '.3f')} | {num(m.get('sensitivity'), '.3f')} | {num(m.get('specificity'), '.3f')} | "
+            f"{num((r.get('size_bytes') or 0) / 1e6, '.2f')} | {'*' if r.get('pareto') else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def load_sweep(path: Path) -> dict[str, Any]:
+    return json.loads((path / "sweep.json").read_text())
