@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tiny models gain nothing from a second thread, and OpenMP threads that busy-wait stall badly when the two
+# cores are shared (other jobs, CI neighbours). Builds read this through runtime.inference.default_threads().
+os.environ.setdefault("TLCOMPILE_NUM_THREADS", "1")
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # the runtime-only install has no torch
+    pass
 
 import pytest
 import yaml

@@ -51,6 +51,15 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (x * gain).clamp_(0.0, 1.0)
 
 
+def distributed_context() -> tuple[int, int]:
+    """(rank, world_size) of the torch.distributed process group, or (0, 1) when not running under torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def iterate_batches(
     images: np.ndarray,
     targets: np.ndarray,
@@ -62,16 +71,34 @@ def iterate_batches(
     rng: np.random.Generator | None = None,
     generator: torch.Generator | None = None,
     augment_batches: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    channels_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised float batches from uint8 images.
+
+    ``shard=(rank, world)``: every rank draws the same permutation and takes every world-th sample, cut to a
+    multiple of ``world`` so all ranks run the same number of steps (DDP needs that); with ``batch_size`` per rank
+    of ``batch / world`` the averaged gradient equals the single-process one (BatchNorm statistics aside).
+    """
     order = rng.permutation(len(images)) if shuffle and rng is not None else np.arange(len(images))
+    rank, world = shard
+    if world > 1:
+        order = order[: len(order) - len(order) % world][rank::world]
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    pin = device.type == "cuda"
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        xb = torch.from_numpy(images[idx]).to(device).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        host = torch.from_numpy(images[idx])
+        if pin:  # page-locked host memory lets the copy overlap with compute
+            host = host.pin_memory()
+        xb = host.to(device, non_blocking=pin).permute(0, 3, 1, 2).to(torch.float32) / 255.0
         if augment_batches and generator is not None:
             xb = augment(xb, generator)
-        yield (xb - mean) / std, torch.from_numpy(targets[idx]).to(device)
+        xb = (xb - mean) / std
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yield xb, torch.from_numpy(targets[idx]).to(device, non_blocking=pin)
 
 
 def make_optimizer(params, *, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
@@ -100,6 +127,9 @@ def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
@@ -109,16 +139,25 @@ def train_one_epoch(
     *,
     set_train_mode: Callable[[nn.Module], None] | None = None,
     on_step: Callable[[float], None] | None = None,
+    amp: str = "none",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
+    """One pass over ``batches``. ``amp``: 'bf16' or 'fp16' autocast (fp16 needs ``scaler`` against underflow)."""
     (set_train_mode or (lambda m: m.train()))(model)
     total, count = 0.0, 0
     for xb, yb in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
+        with torch.autocast(device_type=xb.device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp in AMP_DTYPES):
+            loss = loss_fn(model(xb).float(), yb)
         if not torch.isfinite(loss):
             raise TrainError(f"the training loss became {loss.item()}; lower train.lr (now {optimizer.param_groups[0]['lr']:.3g})")
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         total += loss.item() * xb.shape[0]
@@ -202,6 +241,8 @@ def fit(
     result: FitResult | None = None,
     best_state: dict[str, torch.Tensor] | None = None,
     checkpoint: EpochCheckpoint | None = None,
+    amp: str = "none",
+    channels_last: bool = False,
 ) -> tuple[FitResult, dict[str, torch.Tensor]]:
     """Train epochs ``start_epoch .. start_epoch + epochs - 1``, evaluating val AUC after each; returns the history
     and the best state_dict. Several calls may continue one run (phases), passing ``result`` and ``best_state`` on.
@@ -210,6 +251,8 @@ def fit(
     Shuffling and augmentation draw from generators seeded by (seed, epoch), so a resumed run replays exactly.
     With ``checkpoint``, the state is saved after every epoch and, when a saved state is further along than
     ``start_epoch``, training continues from it (a phase that had already finished is skipped).
+    Under torchrun (an initialised process group) the model is wrapped in DistributedDataParallel, each rank
+    trains on its shard with ``batch_size / world`` images per step, and only rank 0 writes the checkpoint.
     """
     result = result or FitResult()
     first_epoch = start_epoch
@@ -225,17 +268,33 @@ def fit(
             scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
         first_epoch = saved["epoch"]
+    else:
+        saved = None  # nothing to continue from in this call
     t0 = time.perf_counter()
     x_tr, y_tr = train
     x_val, y_val = val
+    rank, world = distributed_context()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Wrapped per call: phases change which parameters train, and DDP fixes its set at construction.
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    if scaler is not None and saved is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
     for epoch in range(first_epoch, start_epoch + epochs):
         e0 = time.perf_counter()
         rng = np.random.default_rng([seed, epoch])
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         batches = iterate_batches(
-            x_tr, y_tr, spec, batch_size=batch_size, device=device, shuffle=True, rng=rng, generator=gen, augment_batches=augment_batches
+            x_tr, y_tr, spec, batch_size=max(1, batch_size // world), device=device, shuffle=True, rng=rng, generator=gen,
+            augment_batches=augment_batches, shard=(rank, world), channels_last=channels_last,
         )
-        loss = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, set_train_mode=set_train_mode, on_step=on_step)
+        loss = train_one_epoch(train_model, batches, optimizer, scheduler, loss_fn, set_train_mode=set_train_mode, on_step=on_step,
+                               amp=amp, scaler=scaler)
         val_logits = predict(model, x_val, spec, device=device)
         auc = validation_auc(val_logits, y_val)
         record = {
@@ -252,7 +311,7 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         if on_epoch:
             on_epoch(record)
-        if checkpoint:
+        if checkpoint and rank == 0:
             checkpoint.save({
                 "epoch": epoch + 1,
                 "model": model.state_dict(),
@@ -261,6 +320,7 @@ def fit(
                 "best_state": best_state,
                 "result": {**vars(result), "wall_s": result.wall_s + time.perf_counter() - t0},
                 "torch_rng": torch.get_rng_state(),
+                "scaler": scaler.state_dict() if scaler is not None else {},
             })
     result.wall_s += time.perf_counter() - t0
     return result, best_state
