@@ -66,7 +66,7 @@ def build(
     console = _console()
     result = run_build(r, out, resume=resume, console=console)
     console.print(artifact_table(result.report))
-    console.print(f"report: {out / 'report.json'}, {out / 'report.md'}")
+    console.print(f"report: {out / 'report.json'}, {out / 'report.md'}, {out / 'report.html'}")
 
 
 @app.command()
@@ -183,6 +183,90 @@ def report_merge(
     _console().print(bench_table(rows, title=f"merged: {len(results)} files, {len(rows)} rows"))
     if out is not None:
         atomic_write_json(out, {"runs": [{"merged_from": [str(p) for p in results], "rows": rows}]})
+
+
+@report_app.command("render")
+def report_render(
+    build_dir: Annotated[Path, typer.Argument(help="A build folder holding report.json.")],
+) -> None:
+    """Re-render report.md and report.html from BUILD_DIR/report.json alone."""
+    from tlcompile.report.render import load_report, write_reports
+
+    for path in write_reports(load_report(build_dir), build_dir):
+        typer.echo(f"wrote {path}")
+
+
+# The three commands a clinic's box runs: they import tlcompile.runtime only (never torch), after `pip install tlcompile`.
+BundleArgument = Annotated[Path, typer.Argument(help="The bundle folder a build wrote (BUILD_DIR/bundle).")]
+ThreadsOption = Annotated[Optional[int], typer.Option("--threads", help="Inference threads (default: all usable cores).", min=1)]  # noqa: UP045
+
+
+@app.command()
+def predict(
+    bundle: BundleArgument,
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write one CSV row per image here.")] = None,  # noqa: UP045
+    threads: ThreadsOption = None,
+) -> None:
+    """Referral decision, grade and P(referable DR) per image, with the bundle's preprocessing (verified first)."""
+    from rich.table import Table
+
+    from tlcompile.runtime.bundle import open_verified
+    from tlcompile.runtime.predict import expand_inputs, predict_paths, write_results_csv
+
+    paths = expand_inputs(images)
+    verified = open_verified(bundle, threads=threads)
+    b = verified.bundle
+    results = predict_paths(b, verified.session, paths)
+    table = Table(title=f"{b.name} ({b.artifact}, {b.runtime}): refer when P(referable DR) >= {b.threshold:.4f}")
+    for col in ("image", "referral", "P(referable DR)") + (("grade",) if b.task == "grade" else ()) + ("note",):
+        table.add_column(col, justify="right" if col.startswith("P(") else "left")
+    for r in results:
+        prob = "-" if r.referable_dr_probability is None else f"{r.referable_dr_probability:.3f}"
+        note = r.error or ("no field of view found: retake or refer" if r.ungradable else "")
+        table.add_row(Path(r.file).name, r.referral or "ERROR", prob, *((r.grade_name or "-",) if b.task == "grade" else ()), note)
+    console = _console()
+    console.print(table)
+    if csv is not None:
+        write_results_csv(results, csv)
+        console.print(f"wrote {csv}")
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"error: {failed} of {len(results)} images could not be read (see the note column)", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(
+    bundle: BundleArgument,
+    threads: ThreadsOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")] = False,
+) -> None:
+    """Check every sha256 in the bundle's manifest and run its golden samples on this box: PASS or FAIL (exit 1)."""
+    from tlcompile.runtime.bundle import verify_bundle, verify_lines
+
+    result = verify_bundle(bundle, threads=threads)
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(verify_lines(result)))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    bundle: BundleArgument,
+    watch: Annotated[Path, typer.Option("--watch", help="Folder the fundus camera writes images into (never modified).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the JSON records (default: WATCH/results).")] = None,  # noqa: UP045
+    once: Annotated[bool, typer.Option("--once", help="Decide the images there now, then exit.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between looks at the folder.")] = 1.0,
+    settle: Annotated[float, typer.Option(help="Seconds a file must stay unchanged before it is read (camera still writing).")] = 1.0,
+    threads: ThreadsOption = None,
+) -> None:
+    """Watch a folder: one JSON record per new image (errors/ for unreadable files); restart-safe; Ctrl-C stops."""
+    from tlcompile.runtime.serve import serve as run_serve
+
+    stats = run_serve(bundle, watch, out, once=once, interval=interval, settle=settle, threads=threads,
+                      log=lambda line: print(line, flush=True))
+    typer.echo(stats.summary())
 
 
 @app.command()

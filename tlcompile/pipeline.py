@@ -20,10 +20,12 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 import tlcompile
-from tlcompile.data.datamodule import DataModule, load_data
-from tlcompile.errors import TlcompileError
+from tlcompile.data.datamodule import DataModule, class_names_for, load_data
+from tlcompile.errors import BundleError, TlcompileError
+from tlcompile.evaluate.clinical import CI_LEVEL, CI_METHODS, add_clinical_to_rows, lock_operating_point
 from tlcompile.evaluate.metrics import classification_metrics
 from tlcompile.export.exporters import check_parity, export_onnx, export_openvino
 from tlcompile.io import atomic_write_json, atomic_write_text, atomic_write_with, sha256_file
@@ -32,7 +34,7 @@ from tlcompile.recipe import Recipe
 from tlcompile.runtime.inference import default_threads, open_session, predict_logits
 from tlcompile.runtime.latency import measure_latency
 from tlcompile.runtime.preprocess import to_input
-from tlcompile.train import loop
+from tlcompile.train import loop, transfer
 
 RUNTIME_FORMAT = {"openvino": "openvino", "onnxruntime": "onnx", "torch": "torch"}
 FORMAT_SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "torch": ".pt"}
@@ -60,8 +62,11 @@ class BuildContext:
     resume: bool = False
     data: DataModule | None = None
     threshold: float = 0.5
+    operating_point: dict[str, Any] = field(default_factory=dict)  # threshold, method, temperature: locked on FP32 val
     stage_seconds: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    transfer: dict[str, Any] | None = None  # report["transfer"]: the variant table, selection and source
+    weight_source: Any = None  # models.pretrained.SourceWeights read by preflight_transfer, reused by stage_train
     bench_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def stage_dir(self, name: str) -> Path:
@@ -107,45 +112,66 @@ def _build_model(ctx: BuildContext) -> torch.nn.Module:
     return get_model(ctx.recipe.model.arch, num_classes=ctx.data.num_classes).to(ctx.device)
 
 
+def preflight_transfer(ctx: BuildContext) -> None:
+    """Before the data stage: the source weights exist and fit, every variant's blocks exist (fail in seconds, not after data).
+
+    Skipped when a finished train stage will be resumed: its checkpoint no longer needs the source.
+    """
+    if ctx.stage_done("02_train") and (ctx.out_dir / "02_train" / "fp32.pt").is_file():
+        return
+    ctx.weight_source = transfer.check_transfer_plan(ctx.recipe, len(class_names_for(ctx.recipe.data.task)))
+
+
 def stage_train(ctx: BuildContext) -> Artifact:
+    """Train through tlcompile.train.transfer: the recipe's init and strategy, and every transfer.compare variant."""
     r, data = ctx.recipe, ctx.data
     folder = ctx.stage_dir("02_train")
     ckpt = folder / "fp32.pt"
-    model = _build_model(ctx)
     done = ctx.stage_done("02_train")
     if done and ckpt.is_file():
+        model = _build_model(ctx)
         model.load_state_dict(torch.load(ckpt, map_location=ctx.device, weights_only=True))
-        ctx.training = done["training"]
+        ctx.training, ctx.transfer = done["training"], done.get("transfer")
         ctx.console.print(f"[bold]train[/]: resumed from {ckpt} (best epoch {ctx.training['best_epoch']})")
     else:
-        tc = r.train
-        x_tr, y_tr = data.subset("train")
-        optimizer = loop.make_optimizer(model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay, momentum=tc.momentum)
-        steps = -(-len(x_tr) // tc.batch_size)
-        scheduler = loop.make_scheduler(optimizer, tc, tc.epochs, steps)
-        weight = loop.class_weights(y_tr, data.num_classes).to(ctx.device) if tc.class_weighted_loss else None
-        loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+        tc, plan = r.train, r.effective_transfer()
+        runs = len(plan.variants()) * plan.repeats
+        steps = -(-len(data.subset("train")[1]) // tc.batch_size)
         with _progress(ctx.console) as progress:
-            task = progress.add_task("train", total=tc.epochs * steps, info="")
+            task = progress.add_task("train", total=runs * tc.epochs * steps, info="")
 
-            def on_epoch(rec: dict[str, Any]) -> None:
-                progress.update(task, info=f"epoch {rec['epoch']}/{tc.epochs} loss {rec['loss']:.3f} val AUC {rec['val_auc']:.3f}")
+            def on_epoch(label: str, rec: dict[str, Any]) -> None:
+                progress.update(task, info=f"{label + ': ' if runs > 1 else ''}epoch {rec['epoch']}/{tc.epochs} "
+                                f"loss {rec['loss']:.3f} val AUC {rec['val_auc']:.3f}")
 
-            result, best_state = loop.fit(
-                model, (x_tr, y_tr), data.subset("val"), data.spec,
-                epochs=tc.epochs, batch_size=tc.batch_size, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-                seed=r.seed, device=ctx.device, augment_batches=tc.augment, on_epoch=on_epoch,
-                on_step=lambda _loss: progress.advance(task),
+            outcome = transfer.run_transfer(
+                r, data, device=ctx.device, source=ctx.weight_source, log=lambda msg: ctx.console.print(msg, markup=False),
+                on_epoch=on_epoch, on_step=lambda _loss: progress.advance(task),
             )
-        model.load_state_dict(best_state)
+        model = outcome.model
         atomic_write_with(ckpt, lambda p: torch.save(model.state_dict(), p))
-        ctx.training = {"history": result.history, "best_epoch": result.best_epoch,
-                        "best_val_auc": result.best_val_auc, "wall_s": round(result.wall_s, 2)}
-        ctx.finish_stage("02_train", {"training": ctx.training, "checkpoint_sha256": sha256_file(ckpt)})
-        ctx.console.print(f"[bold]train[/]: best epoch {result.best_epoch}, val AUC {result.best_val_auc:.3f} ({result.wall_s:.0f} s)")
+        ctx.training, ctx.transfer = outcome.training, outcome.table
+        if ctx.transfer is not None:
+            atomic_write_json(folder / "transfer.json", ctx.transfer)
+            ctx.console.print(_transfer_table(ctx.transfer))
+        ctx.finish_stage("02_train", {"training": ctx.training, "transfer": ctx.transfer, "checkpoint_sha256": sha256_file(ckpt)})
+        t = ctx.training
+        ctx.console.print(f"[bold]train[/]: {t['variant']}, best epoch {t['best_epoch']}, val AUC {t['best_val_auc']:.3f} ({t['wall_s']:.0f} s)")
     model.eval()
-    ctx.threshold = loop.lock_operating_point(model, data, ctx.device)
+    lock_fp32_operating_point(ctx, model)
     return Artifact(name="fp32", module=model, precision="fp32", lineage="fp32", files={"torch": ckpt})
+
+
+def lock_fp32_operating_point(ctx: BuildContext, model: torch.nn.Module) -> None:
+    """Lock the referral threshold (and temperature) on the FP32 model's validation split; every artifact is judged at it."""
+    e = ctx.recipe.evaluate
+    x_val, y_val = ctx.data.subset("val")
+    val_logits = loop.predict(model, x_val, ctx.data.spec, device=ctx.device)
+    locked = lock_operating_point(
+        val_logits, y_val, method=e.operating_point, target_sensitivity=e.target_sensitivity, temperature_scaling=e.temperature_scaling
+    )
+    ctx.operating_point = {**locked, "locked_on": "val", "model": "fp32"}
+    ctx.threshold = locked["threshold"]
 
 
 def stage_export(ctx: BuildContext, artifacts: list[Artifact]) -> None:
@@ -227,7 +253,8 @@ def stage_bench(ctx: BuildContext, artifacts: list[Artifact]) -> None:
                         session = open_session(path, runtime, threads=threads, precision=r.bench.precision)
                     logits = predict_logits(session, test_inputs)
                     latency = measure_latency(lambda s=session: s.run(one), warmup=r.bench.warmup, iterations=r.bench.iterations)
-                metrics = classification_metrics(logits, y_test, ctx.threshold)
+                metrics = classification_metrics(logits / ctx.operating_point["temperature"], y_test, ctx.threshold)
+                logits_path = _save_array(folder / "logits" / f"{art.name}.{runtime}.npy", logits)
                 rows.append({
                     "name": art.name,
                     "format": fmt,
@@ -243,14 +270,41 @@ def stage_bench(ctx: BuildContext, artifacts: list[Artifact]) -> None:
                     "metrics": {k: metrics[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "threshold", "n")},
                     "parity": art.parity.get(fmt, {"max_abs_diff": 0.0, "top1_agreement": 1.0, "reference": "self"}),
                     "lineage": art.lineage,
+                    "logits_path": str(logits_path.relative_to(ctx.out_dir)),
                 })
         for art in artifacts:
             art.module.to(ctx.device)
     finally:
         torch.set_num_threads(previous_threads)
+    _save_array(folder / "logits" / "test_targets.npy", y_test)
+    with ctx.console.status("[bold]evaluate[/]: bootstrap CIs, paired deltas vs fp32, calibration"):
+        add_clinical_evaluation(ctx, rows, y_test)
     ctx.bench_rows = rows
     atomic_write_json(folder / "bench.json", rows)
     ctx.finish_stage("06_bench", {"rows": len(rows)})
+
+
+def _save_array(path: Path, array: np.ndarray) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+            np.save(f, array)
+
+    atomic_write_with(path, write)
+    return path
+
+
+def add_clinical_evaluation(ctx: BuildContext, rows: list[dict[str, Any]], test_targets: np.ndarray) -> None:
+    """Add ``clinical`` to every bench row from its saved test logits, at the locked operating point."""
+    e, op = ctx.recipe.evaluate, ctx.operating_point
+    add_clinical_to_rows(
+        rows, [np.load(ctx.out_dir / row["logits_path"]) if row.get("logits_path") else None for row in rows], test_targets,
+        threshold=op["threshold"], temperature=op["temperature"], endpoints=e.endpoints.model_dump(exclude={"rule"}),
+        endpoint_rule=e.endpoints.rule, resamples=e.bootstrap_resamples, seed=_bootstrap_seed(ctx), calibration_bins=e.calibration_bins,
+    )
+
+
+def _bootstrap_seed(ctx: BuildContext) -> int:
+    return ctx.recipe.seed if ctx.recipe.evaluate.seed is None else ctx.recipe.evaluate.seed
 
 
 def _file_size(path: Path) -> int:
@@ -278,6 +332,23 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _evaluation_settings(ctx: BuildContext) -> dict[str, Any]:
+    """How the clinical numbers in the rows were computed, so report.json explains itself."""
+    e = ctx.recipe.evaluate
+    return {
+        "split": "test",
+        "score": "P(referable DR) = softmax(logits / temperature), summed over the referable classes",
+        "ci_level": CI_LEVEL,
+        "ci_methods": CI_METHODS,
+        "bootstrap_resamples": e.bootstrap_resamples,
+        "bootstrap_seed": _bootstrap_seed(ctx),
+        "calibration_bins": e.calibration_bins,
+        "endpoints": e.endpoints.model_dump(),
+        "reference": "the fp32 row of the same runtime",
+        "test_targets_path": "06_bench/logits/test_targets.npy",
+    }
+
+
 def assemble_report(ctx: BuildContext) -> dict[str, Any]:
     data = ctx.data
     return {
@@ -290,12 +361,25 @@ def assemble_report(ctx: BuildContext) -> dict[str, Any]:
         "class_names": list(data.class_names),
         "preprocessing": data.spec.to_dict(),
         "data": {"counts": data.counts(), "images": len(data.ids)},
-        "operating_point": {"threshold": ctx.threshold, "method": "youden", "locked_on": "val", "model": "fp32"},
+        "operating_point": ctx.operating_point,
+        "evaluation": _evaluation_settings(ctx),
         "training": ctx.training,
+        **({"transfer": ctx.transfer} if ctx.transfer is not None else {}),
         "artifacts": ctx.bench_rows,
         "stage_seconds": {k: round(v, 2) for k, v in ctx.stage_seconds.items()},
         "environment": environment(),
     }
+
+
+def _transfer_table(table: dict[str, Any]) -> Table:
+    header, rows = transfer.table_cells(table)
+    out = Table(title=f"transfer: {table['repeats']} seed(s) per variant; * = best mean val AUC, goes on "
+                f"(epochs to val AUC {table['target_val_auc']})")
+    for col in header:
+        out.add_column(col, justify="left" if col in ("variant", "init", "strategy") else "right", no_wrap=True)
+    for row in rows:
+        out.add_row(*row)
+    return out
 
 
 def _progress(console: Console) -> Progress:
@@ -315,6 +399,34 @@ def _timed(ctx: BuildContext, name: str, fn: Callable[[], Any]) -> Any:
     out = fn()
     ctx.stage_seconds[name] = ctx.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
     return out
+
+
+def stage_bundle(ctx: BuildContext, report: dict[str, Any]) -> BundleError | None:
+    """Write bundle/ from the report (tlcompile.export.bundle) and record it as report["bundle"]. A bundle that cannot
+    be made (no artifact meets the endpoints within the budget ...) is recorded and returned, not raised, so that
+    build() writes the report first: nothing measured is lost."""
+    from tlcompile.export.bundle import write_bundle
+
+    t0 = time.perf_counter()
+    error = None
+    with ctx.console.status("[bold]bundle[/]: selecting the artifact, writing golden samples, verifying"):
+        try:
+            record = write_bundle(report, out_dir=ctx.out_dir, data=ctx.data, recipe=ctx.recipe)
+        except BundleError as err:
+            record, error = {"error": str(err)}, err
+    ctx.stage_seconds["bundle"] = time.perf_counter() - t0
+    report.setdefault("stage_seconds", {})["bundle"] = round(ctx.stage_seconds["bundle"], 2)
+    if record is None:
+        record = {"skipped": "no openvino or onnxruntime row in the bench to ship; add one to bench.runtimes"}
+        ctx.console.print(f"[yellow]bundle[/]: skipped: {record['skipped']}")
+    elif error is None:
+        ctx.console.print(
+            f"[bold]bundle[/]: {ctx.out_dir / record['path']}: {record['artifact']} on {record['runtime']} ({record['precision']}), "
+            f"{record['golden_samples']} golden samples verified (max |Δlogit| {record['verify']['max_abs_logit_diff']:.1e}); "
+            f"manifest sha256 {record['manifest_sha256'][:16]}"
+        )
+    report["bundle"] = record
+    return error
 
 
 def prepare_out_dir(out_dir: Path, *, resume: bool) -> None:
@@ -337,6 +449,7 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
     ctx = BuildContext(recipe=recipe, out_dir=out_dir, console=console, device=loop.resolve_device(recipe.train.device), resume=resume)
     import yaml
 
+    _timed(ctx, "train", lambda: preflight_transfer(ctx))  # before anything is written: a bad source leaves --out empty
     atomic_write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
     _timed(ctx, "data", lambda: stage_data(ctx))
     fp32 = _timed(ctx, "train", lambda: stage_train(ctx))
@@ -344,8 +457,11 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
     _timed(ctx, "export", lambda: stage_export(ctx, artifacts))
     _timed(ctx, "bench", lambda: stage_bench(ctx, artifacts))
     report = assemble_report(ctx)
-    from tlcompile.report.render import render_markdown
+    bundle_error = stage_bundle(ctx, report) if recipe.bundle.enabled else None
+    from tlcompile.report.render import write_reports
 
     atomic_write_json(out_dir / "report.json", report)
-    atomic_write_text(out_dir / "report.md", render_markdown(report))
+    write_reports(report, out_dir)
+    if bundle_error is not None:
+        raise bundle_error
     return BuildResult(out_dir=out_dir, report=report)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,6 +22,8 @@ from tlcompile.errors import RecipeError
 
 # Largest recipe file we read: a recipe is a few KiB; anything huge is a mistake (or an attack).
 MAX_RECIPE_BYTES = 1 << 20
+# model.pretrained file names we accept; anything else is most likely a typo of a keyword (e.g. 'imagnet').
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 class Section(BaseModel):
@@ -93,7 +95,29 @@ class DataConfig(Section):
 # ---------------------------------------------------------------------------------------------- model
 class ModelConfig(Section):
     arch: str = Field("mobilenet_v3_small", description="Registered model name; `tlcompile models` lists them.")
-    pretrained: str = Field("none", description="Source weights: none (random init).")
+    pretrained: str = Field(
+        "none",
+        description="Source weights: none (random init); imagenet (torchvision weights from $TORCH_HOME/hub/checkpoints, "
+        "never downloaded); a weights file (.pt/.pth/.bin/.safetensors state_dict); build:DIR (the FP32 checkpoint of an "
+        "earlier tlcompile build). Paths are relative to the recipe file.",
+    )
+
+    @field_validator("pretrained")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("none", "imagenet"):
+            return value
+        if value.startswith("build:"):
+            if not value[len("build:") :].strip():
+                raise ValueError("'build:' names no folder; valid: build:DIR, the --out folder of an earlier tlcompile build")
+            return value
+        if not value.lower().endswith(WEIGHT_FILE_SUFFIXES):
+            raise ValueError(
+                f"'{value}' is not a weight source; valid: none, imagenet, build:DIR, or a weights file ending in "
+                f"{', '.join(WEIGHT_FILE_SUFFIXES)}"
+            )
+        return value
 
     @field_validator("arch")
     @classmethod
@@ -126,6 +150,188 @@ class TrainConfig(Section):
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where to train: auto picks cuda when available.")
 
 
+# ------------------------------------------------------------------------------------------- transfer
+TransferStrategy = Literal["linear_probe", "two_phase", "full", "scratch"]
+INIT_DESCRIPTION = (
+    "How the network starts: pretrained (model.pretrained's weights); random (fresh init); mean_var (Transfusion's "
+    "Mean Var Init: each source layer re-drawn i.i.d. with its own mean and std); partial:K (the first K blocks from "
+    "the source, the rest re-initialised; `tlcompile models --blocks ARCH` lists the blocks)."
+)
+STRATEGY_DESCRIPTION = (
+    "How it trains for train.epochs: linear_probe (blocks frozen, only the classifier learns); two_phase (head_epochs "
+    "of classifier only, then the last unfreeze_last blocks too, with the finetune optimizer); full (every layer, "
+    "train.optimizer); scratch (full from init: random)."
+)
+
+
+def check_transfer_init(value: str) -> str:
+    """pretrained | random | mean_var | partial:K with K >= 1."""
+    k = value[len("partial:") :] if value.startswith("partial:") else None
+    if value in ("pretrained", "random", "mean_var") or (k is not None and k.isdigit() and int(k) >= 1):
+        return value
+    raise ValueError(f"'{value}' is not an init; valid: pretrained, random, mean_var, partial:K (keep the first K >= 1 blocks)")
+
+
+class FinetuneConfig(Section):
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimizer of two_phase's phase two (the seed advises SGD on a pretrained base).")
+    lr: float = Field(0.001, gt=0, le=10, description="Learning rate of phase two: small, so the unfrozen pretrained blocks move little.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of phase two.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Weight decay of phase two.")
+
+
+class TransferVariant(Section):
+    name: str | None = Field(None, min_length=1, max_length=60, description="Row name in the transfer table (default: init/strategy).")
+    init: str = Field(description=INIT_DESCRIPTION)
+    strategy: TransferStrategy = Field(description=STRATEGY_DESCRIPTION)
+    head_epochs: int | None = Field(None, ge=1, le=1000, description="two_phase: epochs of phase one (None: transfer.head_epochs).")
+    unfreeze_last: int | None = Field(None, ge=1, le=1000, description="two_phase: blocks unfrozen in phase two (None: transfer.unfreeze_last).")
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        return check_transfer_init(value)
+
+
+class TransferConfig(Section):
+    init: str = Field("pretrained", description=INIT_DESCRIPTION)
+    strategy: TransferStrategy = Field("two_phase", description=STRATEGY_DESCRIPTION)
+    head_epochs: int = Field(2, ge=1, le=1000, description="two_phase: epochs training only the classifier before any block is unfrozen.")
+    unfreeze_last: int = Field(1, ge=1, le=1000, description="two_phase: how many of the last blocks train in phase two (with the classifier).")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="two_phase: optimizer of phase two.")
+    freeze_bn_stats: bool = Field(
+        True, description="Frozen blocks keep their BatchNorm running statistics (eval mode); false lets them adapt to the new data."
+    )
+    compare: list[TransferVariant] = Field(
+        default_factory=list,
+        description="Variants trained and evaluated exactly like the main one (same data, seeds, epochs); the best on "
+        "val goes on to compression and the report gets a transfer table.",
+    )
+    repeats: int = Field(1, ge=1, le=20, description="Train every variant with this many seeds (seed, seed+1, ...); the table gives mean and sd.")
+    target_val_auc: float | None = Field(
+        None, gt=0, le=1, description="Val AUC counted as reached for epochs_to_target; None = 0.95 x the best val AUC of any run."
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        return check_transfer_init(value)
+
+    def variants(self) -> list[TransferVariant]:
+        """The main variant (this section's init/strategy) followed by ``compare``, each with its row name set."""
+        main = TransferVariant(init=self.init, strategy=self.strategy, head_epochs=self.head_epochs, unfreeze_last=self.unfreeze_last)
+        out = []
+        for v in [main, *self.compare]:
+            out.append(v.model_copy(update={
+                "name": v.name or f"{v.init}/{v.strategy}",
+                "head_epochs": v.head_epochs or self.head_epochs,
+                "unfreeze_last": v.unfreeze_last or self.unfreeze_last,
+            }))
+        return out
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> TransferConfig:
+        seen: set[str] = set()
+        for i, v in enumerate(self.variants()):
+            if v.name in seen:
+                raise ValueError(f"compare.{i - 1}: a variant named '{v.name}' is already in the table; valid: give it its own name, e.g. name: {v.name}-2")
+            seen.add(v.name)
+        return self
+
+
+# ----------------------------------------------------------------------------------------- compression
+class PruneConfig(Section):
+    method: Literal["channel", "magnitude"] = Field(
+        "channel",
+        description="channel: structured (torch-pruning) -- whole channels are removed, so the exported graph is smaller "
+        "and faster; magnitude: unstructured (NNCF) -- single weights are zeroed, the file compresses but dense CPU "
+        "kernels do not get faster.",
+    )
+    ratio: float = Field(0.5, gt=0, lt=1, description="channel: fraction of each layer's output channels removed; magnitude: fraction of weights zeroed.")
+    importance: Literal["l2", "taylor"] = Field(
+        "l2", description="channel: how channels are ranked -- l2: weight magnitude; taylor: |weight x gradient| on the calibration images."
+    )
+    scope: Literal["local", "global"] = Field(
+        "local",
+        description="local: every layer loses `ratio` of its channels (weights); global: channels (weights) are ranked "
+        "across the whole network, so robust layers lose more and sensitive ones less.",
+    )
+    layer_ratios: dict[str, float] = Field(
+        default_factory=dict,
+        description="channel: per-layer ratios overriding `ratio`, keyed by block name (`tlcompile models --blocks ARCH`) "
+        "or module path, e.g. {layer4: 0.7}.",
+    )
+    keep: list[str] = Field(
+        default_factory=list,
+        description="Blocks or module paths kept whole (never pruned); the classifier is always kept.",
+    )
+    max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="channel, global scope: no layer loses more than this fraction of its channels.")
+    round_to: int | None = Field(
+        8, ge=1, le=128, description="channel: round kept channel counts to a multiple of this (SIMD-friendly widths); None = exact."
+    )
+    steps: int = Field(2, ge=1, le=20, description="Prune in this many equal steps (ratio/steps each), fine-tuning after each.")
+    finetune_epochs: int = Field(2, ge=0, le=1000, description="Fine-tuning epochs after each pruning step (0 = BatchNorm adaptation only).")
+    lr: float = Field(0.0005, gt=0, le=10, description="Peak learning rate of the fine-tuning (cosine over each step's epochs).")
+    distill: bool = Field(
+        False,
+        description="Fine-tune with knowledge distillation from the unpruned FP32 model (temperature and alpha: "
+        "quantize.distill_temperature / distill_alpha, or their defaults without a quantize section).",
+    )
+    calibration_images: int = Field(
+        300, ge=8, le=100_000, description="Stratified training images for BatchNorm adaptation and Taylor importance."
+    )
+    max_auc_drop: float | None = Field(
+        0.01, ge=0, le=1, description="Guard: largest allowed val AUC drop of the pruned model against FP32 (None = no AUC guard)."
+    )
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="Guard: largest allowed val accuracy drop (at the locked threshold) against FP32."
+    )
+    recovery_epochs: int = Field(2, ge=0, le=1000, description="When the guard fails: extra fine-tuning epochs before the artifact is marked as failing it.")
+
+    @field_validator("layer_ratios")
+    @classmethod
+    def _ratios_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, ratio in value.items():
+            if not 0 < ratio < 1:
+                raise ValueError(f"layer_ratios['{name}'] = {ratio} is out of range; valid: 0 < ratio < 1")
+        return value
+
+    @model_validator(mode="after")
+    def _channel_options_need_channel_method(self) -> PruneConfig:
+        # NNCF's magnitude pruning ranks single weights by |w|: there is no Taylor ranking or per-layer ratio to honour.
+        if self.method == "magnitude" and self.importance != "l2":
+            raise ValueError(f"importance '{self.importance}' applies to method channel only; valid with magnitude: l2 (the default)")
+        if self.method == "magnitude" and self.layer_ratios:
+            raise ValueError("layer_ratios applies to method channel only; valid with magnitude: one ratio (and scope local/global)")
+        return self
+
+
+class QuantizeConfig(Section):
+    method: Literal["ptq", "qat"] = Field(
+        "qat",
+        description="ptq: NNCF post-training quantization on the calibration images; qat: PTQ as the start, then "
+        "quantization-aware training for `epochs`.",
+    )
+    epochs: int = Field(2, ge=1, le=1000, description="qat: quantization-aware training epochs (the best on val is kept; PTQ counts as epoch 0).")
+    lr: float = Field(0.0001, gt=0, le=1, description="qat: peak learning rate (cosine); small, the weights only settle onto the int8 grid.")
+    calibration_images: int = Field(300, ge=8, le=100_000, description="Stratified training images for the activation ranges.")
+    distill: bool = Field(True, description="qat: knowledge distillation from the FP32 model (KL on softened logits plus cross-entropy).")
+    distill_temperature: float = Field(2.0, gt=0, le=100, description="Distillation: softmax temperature of teacher and student logits.")
+    distill_alpha: float = Field(0.5, ge=0, le=1, description="Distillation: weight of the KL term; 1 - alpha weighs the cross-entropy on labels.")
+    keep_fp32: list[str] = Field(
+        default_factory=list, description="Module paths or blocks kept in FP32 from the start (NNCF ignored scope), e.g. [features.layer1]."
+    )
+    max_auc_drop: float | None = Field(
+        0.01, ge=0, le=1, description="Guard: largest allowed val AUC drop of the int8 model against the model it quantized (None = no AUC guard)."
+    )
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="Guard: largest allowed val accuracy drop (at the locked threshold) against the model it quantized."
+    )
+    recovery_epochs: int = Field(2, ge=0, le=1000, description="When the guard fails: extra QAT epochs (first remedy).")
+    fp32_fallback_layers: int = Field(
+        2, ge=0, le=100, description="When the guard still fails: keep this many most sensitive layers in FP32 and quantize again (second remedy; 0 = off)."
+    )
+
+
 # --------------------------------------------------------------------------------------------- export
 class ExportConfig(Section):
     formats: list[Literal["onnx", "openvino"]] = Field(
@@ -151,6 +357,85 @@ class BenchConfig(Section):
     iterations: int = Field(50, ge=1, le=1_000_000, description="Timed batch-1 inferences per artifact and runtime.")
 
 
+# ------------------------------------------------------------------------------------------- evaluate
+class EndpointsConfig(Section):
+    min_sensitivity: float | None = Field(
+        None, gt=0, le=1, description="Referable-DR sensitivity every artifact must reach at the locked operating point (e.g. 0.85)."
+    )
+    min_specificity: float | None = Field(
+        None, gt=0, le=1, description="Referable-DR specificity every artifact must reach at the locked operating point (e.g. 0.825)."
+    )
+    min_auc: float | None = Field(None, gt=0, le=1, description="Referable-DR AUC every artifact must reach.")
+    rule: Literal["point_estimate", "ci_lower_bound"] = Field(
+        "point_estimate",
+        description="point_estimate: the measured value must reach the target (how IDx-DR's pivotal trial judged its "
+        "endpoints); ci_lower_bound: the lower 95% confidence bound must, the stricter claim.",
+    )
+
+
+class EvaluateConfig(Section):
+    operating_point: Literal["youden", "sensitivity"] = Field(
+        "youden",
+        description="How the referral threshold is locked on the FP32 model's validation split: youden maximises "
+        "sensitivity + specificity - 1; sensitivity takes the highest threshold reaching target_sensitivity.",
+    )
+    target_sensitivity: float | None = Field(
+        None, gt=0, lt=1, description="operating_point sensitivity: the validation sensitivity to reach, e.g. 0.87 (what IDx-DR's pivotal trial reported)."
+    )
+    endpoints: EndpointsConfig = Field(default_factory=EndpointsConfig, description="Pass/fail targets judged for every artifact on the test split.")
+    temperature_scaling: bool = Field(
+        False, description="Fit a softmax temperature on the FP32 model's validation logits and use it for every artifact's P(referable)."
+    )
+    bootstrap_resamples: int = Field(2000, ge=100, le=100_000, description="Bootstrap resamples for the AUC, kappa and paired-delta 95% CIs.")
+    calibration_bins: int = Field(10, ge=2, le=100, description="Equal-width probability bins of the ECE and the reliability plot.")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Seed of the bootstrap resamples; None = the recipe's seed.")
+
+    @model_validator(mode="after")
+    def _target_sensitivity_with_its_method(self) -> EvaluateConfig:
+        # Both directions are errors rather than silent defaults: a clinic must know which rule locked its threshold.
+        if self.operating_point == "sensitivity" and self.target_sensitivity is None:
+            raise ValueError("operating_point 'sensitivity' needs target_sensitivity; valid: a fraction such as 0.87")
+        if self.operating_point != "sensitivity" and self.target_sensitivity is not None:
+            raise ValueError(
+                f"target_sensitivity is {self.target_sensitivity} but operating_point is '{self.operating_point}', which ignores it; "
+                "valid: operating_point: sensitivity with target_sensitivity, or drop target_sensitivity"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------- bundle
+DEFAULT_INTENDED_USE = (
+    "Aid to screening for referable diabetic retinopathy (moderate non-proliferative DR or worse) on colour fundus "
+    "photographs of adults with diabetes, on the camera and population the model was validated on. A 'refer' result "
+    "means: send to an eye-care professional. Not a diagnosis; not for other eye diseases; ungradable images need a "
+    "retake or a referral."
+)
+
+
+class BundleConfig(Section):
+    enabled: bool = Field(True, description="Write bundle/ (model, bundle.json, golden samples, manifest) at the end of the build.")
+    select: Literal["best_under_budget", "name"] = Field(
+        "best_under_budget",
+        description="best_under_budget: of the artifacts measured on the bundle runtime that meet evaluate.endpoints and "
+        "latency_budget_ms, the one with the highest test AUC (ties: the faster); name: the artifact named by bundle.artifact.",
+    )
+    artifact: str = Field("fp32", min_length=1, description="select: name: the artifact to bundle (fp32, pruned, int8, pruned-int8 ...).")
+    latency_budget_ms: float | None = Field(
+        None, gt=0, description="select: best_under_budget: the largest p90 batch-1 latency (ms, as benched) allowed; None = no budget."
+    )
+    runtime: Literal["auto", "openvino", "onnxruntime"] = Field(
+        "auto",
+        description="Runtime the bundle runs on (its model file follows: OpenVINO IR or ONNX); auto = openvino when it was "
+        "exported and benched, else onnxruntime. It executes in f32 (not bf16), the precision the golden samples are checked in.",
+    )
+    golden_samples: int = Field(
+        8, ge=1, le=64,
+        description="Test-split images shipped in the bundle with their expected outputs, for tlcompile verify on the box "
+        "(they travel with the bundle: use de-identified data).",
+    )
+    intended_use: str = Field(DEFAULT_INTENDED_USE, min_length=1, max_length=4000, description="Model-card intended use, written into bundle.json.")
+
+
 # ------------------------------------------------------------------------------------------------ top
 class Recipe(Section):
     name: str = Field("build", min_length=1, max_length=100, description="Name of the build (used in reports).")
@@ -160,6 +445,61 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Supervised training.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export formats and parity checks.")
     bench: BenchConfig = Field(default_factory=BenchConfig, description="Latency and accuracy measurement.")
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig, description="Clinical evaluation: operating point, endpoints, 95% CIs and calibration."
+    )
+    bundle: BundleConfig = Field(default_factory=BundleConfig, description="The deployment bundle: which artifact, runtime, golden samples, model card.")
+    transfer: TransferConfig | None = Field(
+        None,
+        description="Transfer learning: init, strategy, phases and an optional comparison of variants. None: train from "
+        "scratch, or two_phase from model.pretrained when it is set.",
+    )
+    prune: PruneConfig | None = Field(None, description="Pruning after training (artifact 'pruned'); None: no pruning.")
+    quantize: QuantizeConfig | None = Field(
+        None, description="INT8 quantization of the trained (and pruned) model (artifacts 'int8', 'pruned-int8'); None: FP32 only."
+    )
+
+    def effective_transfer(self) -> TransferConfig:
+        """The transfer section that applies: the recipe's; without one, scratch (no source) or two_phase (a source)."""
+        if self.transfer is not None:
+            return self.transfer
+        if self.model.pretrained == "none":
+            return TransferConfig(init="random", strategy="scratch")
+        return TransferConfig()
+
+    @model_validator(mode="after")
+    def _transfer_fits_model_and_train(self) -> Recipe:
+        transfer = self.effective_transfer()
+        implicit = "" if self.transfer is not None else " (the default when model.pretrained is set and there is no transfer section)"
+        for i, v in enumerate(transfer.variants()):
+            key = "transfer" if i == 0 else f"transfer.compare.{i - 1}"
+            if v.init != "random" and self.model.pretrained == "none":
+                raise ValueError(
+                    f"{key}.init '{v.init}' needs source weights but model.pretrained is none; valid: model.pretrained "
+                    "imagenet, a weights file or build:DIR, or init: random"
+                )
+            if v.strategy == "scratch" and v.init != "random":
+                raise ValueError(f"{key}: strategy scratch trains from a random init, not '{v.init}'; valid: init: random, or strategy: full")
+            if v.strategy == "two_phase" and v.head_epochs >= self.train.epochs:
+                raise ValueError(
+                    f"{key}: two_phase{implicit} trains {v.head_epochs} head epochs, leaving none of train.epochs = "
+                    f"{self.train.epochs} to fine-tune; valid: train.epochs > {v.head_epochs}, a smaller head_epochs, "
+                    "or another strategy"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _bundle_runtime_is_built(self) -> Recipe:
+        # The bundle ships a measured export: its runtime must have been exported to and benched, or there is nothing to ship.
+        runtime = self.bundle.runtime
+        if self.bundle.enabled and runtime != "auto":
+            fmt = "onnx" if runtime == "onnxruntime" else "openvino"
+            if fmt not in self.export.formats or runtime not in self.bench.runtimes:
+                raise ValueError(
+                    f"bundle.runtime '{runtime}' needs '{fmt}' in export.formats and '{runtime}' in bench.runtimes (the bundle "
+                    "ships a measured export); valid: add them, or bundle.runtime: auto"
+                )
+        return self
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain YAML/JSON types (paths as strings)."""
@@ -243,13 +583,23 @@ def _describe_error(err: dict[str, Any]) -> str:
     return f"{value!r}: {msg[0].lower() + msg[1:]}"
 
 
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section class inside an annotation: ``X``, ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((t for t in map(_section_type, get_args(annotation)) if t is not None), None)
+
+
 def _section_fields(path: list[str]) -> list[str]:
     model: type[BaseModel] = Recipe
     for part in path:
+        if part.isdigit():  # an item of a list of sections (transfer.compare.0): the item's fields
+            continue
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        section = _section_type(field.annotation) if field is not None else None
+        if section is None:
             return []
-        model = field.annotation
+        model = section
     return sorted(model.model_fields)
 
 
@@ -260,14 +610,22 @@ def format_validation_error(err: ValidationError, source: str, text: str | None 
     errors = err.errors()
     for e in errors[:3]:
         loc = tuple(str(p) for p in e["loc"])
-        where = ".".join(loc) if loc else "(top level)"
         line = lines.get(loc) or lines.get(loc[:-1])
-        parts.append(f"{where}{f' (line {line})' if line else ''}: {_describe_error(e)}")
+        # A check across sections (loc empty) names its keys in its own message.
+        where = ".".join(loc) + (f" (line {line})" if line else "") + ": " if loc else ""
+        parts.append(f"{where}{_describe_error(e)}")
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return f"{source}: " + "; ".join(parts) + more
 
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    model = raw.get("model")
+    pretrained = model.get("pretrained") if isinstance(model, dict) else None
+    if isinstance(pretrained, str) and pretrained.strip() not in ("", "none", "imagenet", "build:"):
+        # model.pretrained is a weights file or build:DIR; like data.csv it is relative to the recipe file.
+        prefix = "build:" if pretrained.startswith("build:") else ""
+        path = Path(pretrained[len(prefix) :].strip()).expanduser()
+        model["pretrained"] = prefix + str(path if path.is_absolute() else (base_dir / path).resolve())
     data = raw.get("data")
     if not isinstance(data, dict):
         return

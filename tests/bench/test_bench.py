@@ -9,7 +9,16 @@ import sys
 import pytest
 from rich.console import Console
 
-from tlcompile.runtime.bench import BenchError, BenchOptions, bench_table, discover_targets, mark_pareto, merge_results, read_results, run_bench
+from tlcompile.runtime.bench import (
+    BenchError,
+    BenchOptions,
+    bench_table,
+    discover_targets,
+    mark_pareto,
+    merge_results,
+    read_results,
+    run_bench,
+)
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ def test_split_keeps_patients_together():
     labels = np.random.default_rng(0).integers(0, 2, 400)
     a = stratified_split(labels, val=0.15, test=0.2, seed=0, groups=patients)
     by_patient: dict[str, set] = {}
-    for p, s in zip(patients, a):
+    for p, s in zip(patients, a, strict=True):
         by_patient.setdefault(p, set()).add(s)
     assert all(len(s) == 1 for s in by_patient.values())
 

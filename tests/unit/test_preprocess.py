@@ -18,7 +18,7 @@ def test_fov_of_real_retina_photo():
     assert box is not None
     # Reference edges read once from brightness profiles through the centre (row/column 705), where the
     # rim rises from <10 to >100: top 7, bottom 1400, left 9, right 1400 (exclusive ends).
-    for found, reference in zip(box, (7, 1400, 9, 1400)):
+    for found, reference in zip(box, (7, 1400, 9, 1400), strict=True):
         assert abs(found - reference) <= 4
 
 

@@ -78,7 +78,7 @@ class OpenVINOSession:
                 model.reshape([self.static_batch, *[d.get_length() for d in shape[1:]]])
             self._compiled = core.compile_model(model, self.device, config)
         except Exception as err:  # OpenVINO raises RuntimeError subclasses with long C++ messages
-            raise RuntimeBackendError(f"OpenVINO could not load '{self.path}' on {self.device}: {str(err).splitlines()[0]}") from err
+            raise RuntimeBackendError(f"OpenVINO could not load '{self.path}' on {self.device}: {_ov_message(err)}") from err
         self._request = self._compiled.create_infer_request()
         self.properties = {
             "inference_precision_hint": _ov_type_name(self._compiled.get_property("INFERENCE_PRECISION_HINT")),
@@ -120,6 +120,12 @@ class OpenVINOSession:
         queue.wait_all()
         elapsed = time.perf_counter() - start
         return {"fps": done * x.shape[0] / elapsed, "requests": jobs, "streams": self.properties["num_streams"]}
+
+
+def _ov_message(err: BaseException) -> str:
+    """OpenVINO's first line is a source location ("Exception from src/..."); the reason is the last real line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith(("Exception from", "Check "))]
+    return lines[-1][:300] if lines else str(err)[:300]
 
 
 def _ov_type_name(value: Any) -> str:

@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 from tlcompile.errors import TrainError
-from tlcompile.evaluate.metrics import classification_metrics, operating_point, referable_score, referable_truth, roc_auc
+from tlcompile.evaluate.metrics import (
+    classification_metrics,
+    operating_point,
+    referable_score,
+    referable_truth,
+    roc_auc,
+)
 from tlcompile.recipe import TrainConfig
 from tlcompile.runtime.preprocess import PreprocessSpec
 

@@ -1,0 +1,125 @@
+"""One tiny build shared by the bundle, predict and serve tests (a build takes ~20 s on 2 cores; one is enough)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# The [train] extras: a test's subprocess makes them unimportable to prove the runtime half needs none of them.
+TRAIN_ONLY_MODULES = ("torch", "torchvision", "nncf", "torch_pruning", "onnx", "onnxscript", "sklearn", "matplotlib")
+
+
+@dataclass
+class TinyBuild:
+    out_dir: Path
+    report: dict[str, Any]
+    recipe: Any
+
+    @property
+    def bundle(self) -> Path:
+        return self.out_dir / "bundle"
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory) -> TinyBuild:
+    """A tiny build (120 synthetic images at 48 px, cbr_small, 1 epoch) with its bundle, built once per session."""
+    from rich.console import Console
+
+    from tlcompile.pipeline import build
+    from tlcompile.recipe import validate_recipe_dict
+
+    recipe = validate_recipe_dict({
+        "name": "tiny-bundle",
+        "seed": 0,
+        "data": {"source": "synthetic", "num_images": 120, "image_size": 48, "split": {"val": 0.2, "test": 0.25}},
+        "model": {"arch": "cbr_small"},
+        "train": {"epochs": 1, "batch_size": 32},
+        "export": {"formats": ["onnx", "openvino"], "parity_images": 16},
+        "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 3},
+        "evaluate": {"bootstrap_resamples": 200},
+        "bundle": {"golden_samples": 6},
+    })
+    out = tmp_path_factory.mktemp("tiny-build") / "build"
+    result = build(recipe, out, console=Console(file=io.StringIO(), width=200))
+    return TinyBuild(out_dir=out, report=result.report, recipe=recipe)
+
+
+@pytest.fixture
+def bundle_copy(tiny_build, tmp_path) -> Path:
+    """A private copy of the bundle that a test may damage."""
+    return Path(shutil.copytree(tiny_build.bundle, tmp_path / "bundle"))
+
+
+def _write_fundus_images(folder: Path, n: int, *, seed: int = 7, size: int = 96) -> list[Path]:
+    """``n`` synthetic fundus photographs as PNG files (camera-like: the field of view on black)."""
+    from tlcompile.data.synthetic import generate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = generate(n, seed=seed, size=size)
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"img_{seed}_{i:03d}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def _write_corrupt_images(folder: Path, stem: str = "bad") -> list[Path]:
+    """Two files a camera folder can hold that no decoder reads: a PNG cut off mid-stream and bytes named .jpg."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(buffer, format="PNG")
+    truncated = folder / f"{stem}_truncated.png"
+    truncated.write_bytes(buffer.getvalue()[:60])
+    garbage = folder / f"{stem}_garbage.jpg"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+    return [truncated, garbage]
+
+
+# Runs first in the subprocess: an import finder that refuses every [train] module, as on a box where they are
+# not installed, and records each attempt, so a test can also show that the runtime never even tries them.
+_BLOCK_TRAIN_MODULES = """
+import atexit, sys
+BLOCKED, ATTEMPTS = {blocked!r}, []
+class BlockTrainModules:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            ATTEMPTS.append(name)
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not installed on this box)", name=name)
+        return None
+assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED]
+sys.meta_path.insert(0, BlockTrainModules())
+atexit.register(lambda: print("ATTEMPTED:" + ",".join(sorted(set(ATTEMPTS)))))
+"""
+
+
+def _run_cli(*args: str, block_train_modules: bool = False, timeout: float = 120) -> Any:
+    """Run ``tlcompile ARGS`` in a fresh interpreter; with ``block_train_modules`` no [train] extra can be imported
+    and stdout ends with ``ATTEMPTED:<modules the run tried to import>``."""
+    import subprocess
+
+    prelude = _BLOCK_TRAIN_MODULES.format(blocked=TRAIN_ONLY_MODULES) if block_train_modules else ""
+    code = prelude + "from tlcompile.cli import main\nmain()\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def fundus_images():
+    return _write_fundus_images
+
+
+@pytest.fixture
+def corrupt_images():
+    return _write_corrupt_images
+
+
+@pytest.fixture
+def run_cli():
+    return _run_cli

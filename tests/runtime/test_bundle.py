@@ -1,0 +1,302 @@
+"""The deployment bundle a build writes, and ``tlcompile verify`` on it (hashes + golden samples)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tlcompile.errors import BundleError, UnsafeFileError
+from tlcompile.io import sha256_file
+from tlcompile.runtime.bundle import Bundle, check_manifest, load_bundle, manifest_entries, open_verified, verify_bundle
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _flip_byte(path, offset=None):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if offset is None else offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ------------------------------------------------------------------------------------------ contents
+def test_bundle_json_carries_what_the_box_needs(tiny_build):
+    meta = json.loads((tiny_build.bundle / "bundle.json").read_text())
+    report = tiny_build.report
+    row = next(r for r in report["artifacts"] if r["name"] == meta["artifact"]["name"] and r["runtime"] == meta["model"]["runtime"])
+
+    assert meta["model"]["runtime"] == "openvino" and meta["model"]["precision"] == "f32"  # auto prefers OpenVINO
+    assert meta["model"]["files"] == ["model/fp32.xml", "model/fp32.bin"]
+    assert meta["input"]["size"] == 48 and meta["input"]["shape"] == [None, 3, 48, 48]
+    # Copied from the report, not recomputed: the preprocessing spec, the class names, the locked operating point.
+    assert meta["preprocessing"] == report["preprocessing"]
+    assert meta["class_names"] == ["non-referable", "referable"]
+    assert meta["operating_point"]["threshold"] == report["operating_point"]["threshold"]
+    assert meta["operating_point"]["temperature"] == report["operating_point"]["temperature"]
+    assert meta["measured"]["metrics"] == row["metrics"]
+    assert meta["measured"]["latency_ms"] == row["latency_ms"]
+    assert meta["endpoints"]["targets"] == report["evaluation"]["endpoints"]
+    assert meta["endpoints"]["met"] is None  # the recipe sets no endpoint
+    # The model card.
+    card = meta["model_card"]
+    assert card["intended_use"].startswith("Aid to screening for referable diabetic retinopathy")
+    assert card["recipe_sha256"] == report["recipe_sha256"] == tiny_build.recipe.fingerprint()
+    splits = card["data_provenance"]["splits"]
+    assert {k: v["images"] for k, v in splits.items()} == {k: sum(c.values()) for k, c in report["data"]["counts"].items()}
+    assert all(HEX64.fullmatch(v["ids_sha256"]) for v in splits.values())
+    assert len({v["ids_sha256"] for v in splits.values()}) == 3
+    assert card["data_provenance"]["splits_csv_sha256"] == sha256_file(tiny_build.out_dir / "01_data" / "splits.csv")
+    for lib in ("openvino", "onnxruntime", "numpy", "pillow", "python", "tlcompile"):
+        assert card["library_versions"][lib], lib
+    assert any("synthetic" in note for note in card["limitations"])
+    # Golden samples: both referral decisions are represented, and none sits on the threshold.
+    expected = meta["golden"]["expected"]
+    assert len(expected) == 6 == len(meta["golden"]["images"])
+    assert {e["referral"] for e in expected} == {"refer", "no referral"}
+    # A box within the logit tolerance d cannot flip one: P moves by at most d / (2 T).
+    margin = meta["golden"]["tolerance"]["max_abs_logit"] / (2 * meta["operating_point"]["temperature"])
+    assert min(abs(e["referable_dr_probability"] - meta["operating_point"]["threshold"]) for e in expected) >= margin
+    assert meta["golden"]["decision_margin"]["smallest"] >= meta["golden"]["decision_margin"]["required"] == margin
+
+
+def test_manifest_hashes_every_file_and_report_records_the_bundle(tiny_build):
+    manifest = json.loads((tiny_build.bundle / "manifest.json").read_text())["files"]
+    on_disk = sorted(p.relative_to(tiny_build.bundle).as_posix() for p in tiny_build.bundle.rglob("*") if p.is_file())
+    assert sorted(manifest) == [p for p in on_disk if p != "manifest.json"]
+    for rel, entry in manifest.items():
+        assert entry == {"sha256": sha256_file(tiny_build.bundle / rel), "size": (tiny_build.bundle / rel).stat().st_size}
+    record = tiny_build.report["bundle"]
+    assert record["artifact"] == "fp32" and record["runtime"] == "openvino"
+    assert record["manifest_sha256"] == sha256_file(tiny_build.bundle / "manifest.json")
+    assert record["verify"]["passed"] and record["verify"]["max_abs_logit_diff"] <= 1e-6
+    on_file = json.loads((tiny_build.out_dir / "report.json").read_text())
+    assert on_file["bundle"] == record and on_file["stage_seconds"]["bundle"] > 0
+    assert not list(tiny_build.out_dir.glob(".bundle*"))  # no temporary folder left beside it
+
+
+# ------------------------------------------------------------------------------------------- verify
+def test_verify_passes_on_the_build_box(tiny_build, run_cli):
+    result = verify_bundle(tiny_build.bundle)
+    assert result.ok, result.to_dict()
+    g = result.golden
+    assert g.samples == 6 and g.decisions_agree == 6 and g.fov_agree == 6
+    # Same box, same runtime, same precision: the outputs are reproduced to float rounding.
+    assert g.max_abs_logit_diff <= 1e-6 and g.max_abs_pixel_diff == 0 and g.max_abs_input_diff == 0.0
+    assert (g.runtime, g.exec_precision) == ("openvino", "f32")
+
+    cli = run_cli("verify", str(tiny_build.bundle))
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip().endswith("PASS") and "every sha256 matches" in cli.stdout and "max |Δlogit|" in cli.stdout
+
+
+def test_byte_flipped_model_fails_verify_naming_the_file(bundle_copy, run_cli):
+    _flip_byte(bundle_copy / "model" / "fp32.bin")
+    cli = run_cli("verify", str(bundle_copy))
+    assert cli.returncode == 1
+    assert "FAIL: model/fp32.bin: sha256" in cli.stdout
+    # predict refuses the same bundle before deciding anything (one line, exit 2).
+    refused = run_cli("predict", str(bundle_copy), str(bundle_copy / "golden" / "000.png"))
+    assert refused.returncode == 2 and "model/fp32.bin" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_verify_reports_every_damaged_or_added_file(bundle_copy):
+    meta_path = bundle_copy / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    meta["operating_point"]["threshold"] = 0.01  # someone "tunes" the threshold on the box
+    meta_path.write_text(json.dumps(meta))
+    (bundle_copy / "golden" / "003.png").unlink()
+    (bundle_copy / "notes.txt").write_text("added later")
+    problems = verify_bundle(bundle_copy).manifest.problems
+    assert any(p.startswith("bundle.json: s") for p in problems)
+    assert "golden/003.png: missing" in problems
+    assert any(p.startswith("notes.txt: not in the manifest") for p in problems)
+
+
+def test_golden_samples_catch_a_model_that_hashes_cleanly_but_computes_differently(bundle_copy):
+    """The hash check cannot see a box whose runtime computes wrongly; the golden samples can. Scale the weights
+    and re-seal the manifest, as a box with a broken kernel would behave, and verify must fail on the outputs."""
+    import xml.etree.ElementTree as ET
+
+    weights = bundle_copy / "model" / "fp32.bin"
+    blob = bytearray(weights.read_bytes())
+    for data in ET.parse(bundle_copy / "model" / "fp32.xml").iter("data"):  # f32 constants only: shapes stay valid
+        if data.get("element_type") == "f32" and data.get("offset") is not None:
+            start, size = int(data.get("offset")), int(data.get("size"))
+            blob[start : start + size] = (np.frombuffer(blob[start : start + size], np.float32) * np.float32(1.5)).tobytes()
+    weights.write_bytes(bytes(blob))
+    (bundle_copy / "manifest.json").write_text(json.dumps({"files": manifest_entries(bundle_copy)}))
+    result = verify_bundle(bundle_copy)
+    assert result.manifest.ok and not result.ok
+    assert result.golden.max_abs_logit_diff > 1e-3
+    assert any("model outputs differ" in p for p in result.golden.problems)
+    with pytest.raises(BundleError, match="fails its golden samples"):
+        open_verified(bundle_copy)
+
+
+# ---------------------------------------------------------------------------------------- load errors
+def test_load_bundle_errors_name_the_problem(tmp_path, bundle_copy):
+    with pytest.raises(BundleError, match="has no bundle.json"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match="is not a folder"):
+        load_bundle(tmp_path / "nope")
+    meta_path = bundle_copy / "bundle.json"
+    good = meta_path.read_text()
+    meta_path.write_text(good[:-40])
+    with pytest.raises(BundleError, match=r"not valid JSON \(line \d+"):
+        load_bundle(bundle_copy)
+    meta = json.loads(good)
+    del meta["operating_point"]["threshold"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="key 'operating_point.threshold' is missing"):
+        load_bundle(bundle_copy)
+    meta = json.loads(good)
+    meta["format_version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="format_version 99 is newer"):
+        load_bundle(bundle_copy)
+    meta = json.loads(good)
+    meta["model"]["entry"] = "../../etc/passwd"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UnsafeFileError, match="points outside the bundle"):
+        load_bundle(bundle_copy)
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["files"]["../outside.txt"] = {"sha256": "0" * 64, "size": 1}
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert any("points outside the bundle" in p for p in check_manifest(bundle_copy).problems)
+
+
+# ------------------------------------------------------------------------------------------ decisions
+def _bundle(class_names, threshold, temperature=1.0):
+    return Bundle(root=None, meta={"class_names": class_names, "operating_point": {"threshold": threshold, "temperature": temperature}})
+
+
+def test_interpret_referable_task_at_the_threshold():
+    b = _bundle(["non-referable", "referable"], threshold=0.5)
+    readings = b.interpret(np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+    assert [r.referral for r in readings] == ["refer", "refer", "no referral"]  # p == threshold refers, as in the metrics
+    assert readings[1].referable_dr_probability == pytest.approx(1 / (1 + np.exp(-1)))
+    assert all(r.grade is None for r in readings)
+    # A temperature flattens the probability; the threshold lives on the same scale.
+    warm = _bundle(["non-referable", "referable"], threshold=0.6, temperature=2.0).interpret(np.array([[0.0, 1.0]]))[0]
+    assert warm.referable_dr_probability == pytest.approx(1 / (1 + np.exp(-0.5))) and warm.referral == "refer"
+
+
+def test_interpret_five_grades_sums_referable_grades():
+    names = ["no DR", "mild", "moderate", "severe", "proliferative"]
+    logits = np.log(np.array([[0.30, 0.25, 0.20, 0.15, 0.10], [0.50, 0.30, 0.10, 0.05, 0.05]]))
+    first, second = _bundle(names, threshold=0.4).interpret(logits)
+    assert first.referable_dr_probability == pytest.approx(0.45) and first.referral == "refer"
+    assert first.grade == 0 and first.grade_name == "no DR" and first.grade_probability == pytest.approx(0.30)
+    assert second.referable_dr_probability == pytest.approx(0.20) and second.referral == "no referral"
+    with pytest.raises(BundleError, match="lists 5 classes"):
+        _bundle(names, threshold=0.4).interpret(np.zeros((1, 2)))
+
+
+# ------------------------------------------------------------------------------------------ selection
+def _row(name, runtime="openvino", auc=0.9, p90=5.0, endpoints_pass=None, checks=None):
+    return {"name": name, "runtime": runtime, "precision": "fp32" if name == "fp32" else "int8", "metrics": {"auc": auc},
+            "latency_ms": {"p50": p90 * 0.8, "p90": p90},
+            "clinical": {"endpoints": {"pass": endpoints_pass, "checks": checks or {}}}}
+
+
+def _recipe(**bundle):
+    from tlcompile.recipe import validate_recipe_dict
+
+    return validate_recipe_dict({"bundle": bundle})
+
+
+def test_select_best_under_budget_that_meets_the_endpoints():
+    from tlcompile.export.bundle import bundle_runtime, select_artifact
+
+    miss = {"min_sensitivity": {"pass": False}}
+    report = {"artifacts": [
+        _row("fp32", auc=0.93, p90=9.0, endpoints_pass=True),
+        _row("pruned", auc=0.95, p90=4.0, endpoints_pass=False, checks=miss),  # best AUC, misses the endpoints
+        _row("int8", auc=0.91, p90=3.0, endpoints_pass=True),
+        _row("pruned-int8", auc=0.91, p90=2.0, endpoints_pass=True),
+        _row("fp32", runtime="onnxruntime", auc=0.99, p90=1.0, endpoints_pass=True),  # another runtime: not a candidate
+    ]}
+    assert bundle_runtime(report, _recipe()) == "openvino"
+    row, record = select_artifact(report, _recipe(), "openvino")
+    assert row["name"] == "fp32" and record["chosen"] == "fp32"
+    row, record = select_artifact(report, _recipe(latency_budget_ms=5.0), "openvino")
+    assert row["name"] == "pruned-int8"  # int8 and pruned-int8 tie on AUC: the faster one
+    why = {c["name"]: c["why_not"] for c in record["candidates"]}
+    assert why["pruned"] == "misses endpoints min_sensitivity" and "budget 5.0" in why["fp32"]
+    with pytest.raises(BundleError, match=r"no artifact on openvino meets .* pruned: misses endpoints"):
+        select_artifact(report, _recipe(latency_budget_ms=1.0), "openvino")
+    # By name: shipped even though it misses the endpoints (and bundle.json says so).
+    row, _ = select_artifact(report, _recipe(select="name", artifact="pruned"), "openvino")
+    assert row["name"] == "pruned"
+    with pytest.raises(BundleError, match="bundle.artifact 'int4' was not benched on openvino; artifacts of this build: fp32, int8"):
+        select_artifact(report, _recipe(select="name", artifact="int4"), "openvino")
+    assert bundle_runtime({"artifacts": [_row("fp32", runtime="torch")]}, _recipe()) is None
+
+
+def test_recipe_rejects_a_bundle_runtime_that_was_not_built(write_recipe):
+    from tlcompile.errors import RecipeError
+    from tlcompile.recipe import load_recipe
+
+    path = write_recipe({"export": {"formats": ["onnx"]}, "bench": {"runtimes": ["onnxruntime"]}, "bundle": {"runtime": "openvino"}})
+    with pytest.raises(RecipeError, match="bundle.runtime 'openvino' needs 'openvino' in export.formats"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="bundle.select"):
+        load_recipe(write_recipe({"bundle": {"select": "fastest"}}))
+
+
+def test_a_bundle_that_cannot_be_made_is_recorded_after_the_report(tiny_build, tmp_path):
+    """No artifact within the budget: the stage returns the error (build() raises it after writing report.json)
+    and the existing bundle is left as it was."""
+    import torch
+    from rich.console import Console
+
+    from tlcompile.data.datamodule import load_data
+    from tlcompile.pipeline import BuildContext, stage_bundle
+
+    recipe = tiny_build.recipe.model_copy(update={"bundle": tiny_build.recipe.bundle.model_copy(update={"latency_budget_ms": 1e-6})})
+    before = {p: p.read_bytes() for p in tiny_build.bundle.rglob("*") if p.is_file()}
+    ctx = BuildContext(recipe=recipe, out_dir=tiny_build.out_dir, console=Console(file=None, quiet=True), device=torch.device("cpu"),
+                       data=load_data(recipe.data, seed=recipe.seed))
+    report = copy.deepcopy(tiny_build.report)
+    error = stage_bundle(ctx, report)
+    assert isinstance(error, BundleError) and "budget 1e-06 ms" in str(error)
+    assert report["bundle"] == {"error": str(error)}
+    assert {p: p.read_bytes() for p in tiny_build.bundle.rglob("*") if p.is_file()} == before
+
+
+def test_onnxruntime_bundle_by_name_replaces_the_previous_bundle(tiny_build, tmp_path):
+    import shutil
+
+    from tlcompile.data.datamodule import load_data
+    from tlcompile.export.bundle import write_bundle
+
+    out = Path(shutil.copytree(tiny_build.out_dir, tmp_path / "build"))
+    cfg = tiny_build.recipe.bundle.model_copy(update={"runtime": "onnxruntime", "select": "name", "artifact": "fp32"})
+    recipe = tiny_build.recipe.model_copy(update={"bundle": cfg})
+    record = write_bundle(copy.deepcopy(tiny_build.report), out_dir=out, data=load_data(recipe.data, seed=recipe.seed), recipe=recipe)
+    assert (record["runtime"], record["artifact"], record["selection"]["rule"]) == ("onnxruntime", "fp32", "name")
+    meta = json.loads((out / "bundle" / "bundle.json").read_text())
+    assert meta["model"] == {"runtime": "onnxruntime", "precision": "f32", "format": "onnx", "entry": "model/fp32.onnx",
+                             "files": ["model/fp32.onnx"]}
+    assert not (out / "bundle" / "model" / "fp32.xml").exists() and not list(out.glob(".bundle*"))
+    result = verify_bundle(out / "bundle")
+    assert result.ok and result.golden.runtime == "onnxruntime" and result.golden.max_abs_logit_diff <= 1e-6
+
+
+def test_golden_margin_bounds_the_probability_change():
+    """The margin rule of the golden samples: moving every logit by at most d moves P(referable DR) by at most d/(2T)."""
+    rng = np.random.default_rng(0)
+    for classes in (["non-referable", "referable"], ["no DR", "mild", "moderate", "severe", "proliferative"]):
+        for temperature in (0.5, 1.0, 2.0):
+            b = _bundle(classes, threshold=0.5, temperature=temperature)
+            logits = rng.normal(0, 3, (2000, len(classes)))
+            d = 0.05
+            moved = logits + rng.uniform(-d, d, logits.shape)
+            p = np.array([r.referable_dr_probability for r in b.interpret(logits)])
+            q = np.array([r.referable_dr_probability for r in b.interpret(moved)])
+            assert np.abs(p - q).max() <= d / (2 * temperature)
+            assert np.abs(p - q).max() > 0.3 * d / (2 * temperature)  # and the bound is not loose by orders

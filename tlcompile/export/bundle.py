@@ -1,0 +1,336 @@
+"""Write ``out/bundle/``: the one artifact a clinic deploys, with everything needed to check it on their box.
+
+The values in bundle.json (threshold, temperature, endpoints, measured metrics and latency) are copied from the
+build's report; nothing is recomputed here. What is new here is the golden samples: a few test images turned into
+camera-like frames, run through the bundle's own preprocessing and its runtime in f32, with the outputs stored.
+``tlcompile verify`` runs them again on the box. The bundle is written into a temporary folder, verified, and only
+then renamed into place, so ``out/bundle`` is always a whole bundle that has passed verify once.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tlcompile.data.datamodule import DataModule
+from tlcompile.errors import BundleError
+from tlcompile.io import atomic_write_json, sha256_file
+from tlcompile.recipe import Recipe
+from tlcompile.runtime.bundle import (
+    BUNDLE_FORMAT_VERSION,
+    BUNDLE_JSON,
+    GOLDEN_NPZ,
+    MANIFEST_JSON,
+    Bundle,
+    manifest_entries,
+    verify_bundle,
+)
+from tlcompile.runtime.inference import predict_logits
+from tlcompile.runtime.preprocess import prepare_image, resize, to_input
+
+BUNDLE_RUNTIMES = {"openvino": "openvino", "onnxruntime": "onnx"}  # runtime -> export format it runs
+BUNDLE_PRECISION = "f32"
+# Preprocessing of the same PNG on two boxes may differ by a rounding step in the resize (SIMD Pillow builds);
+# more than that is a real difference. The decision check catches any difference that matters.
+GOLDEN_PIXEL_TOLERANCE = 1
+# int8 kernels differ between ISAs (VNNI vs AVX2 emulation, AMX): logits move by up to a few hundredths there.
+INT8_LOGIT_TOLERANCE = 0.05
+
+
+# --------------------------------------------------------------------------------------------- selection
+def bundle_runtime(report: dict[str, Any], recipe: Recipe) -> str | None:
+    """The runtime the bundle runs on; None when ``auto`` finds neither OpenVINO nor ONNX Runtime rows."""
+    wanted = recipe.bundle.runtime
+    measured = {row["runtime"] for row in report.get("artifacts", [])}
+    if wanted != "auto":
+        return wanted
+    return next((r for r in BUNDLE_RUNTIMES if r in measured), None)
+
+
+def _endpoints_pass(row: dict[str, Any]) -> bool | None:
+    """The evaluation's verdict for this row (None: the recipe sets no endpoint)."""
+    return (row.get("clinical") or {}).get("endpoints", {}).get("pass")
+
+
+def _finite(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else -math.inf
+
+
+def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The report row to bundle and a record of why (every candidate with the reason it was or was not taken)."""
+    cfg = recipe.bundle
+    rows = [row for row in report.get("artifacts", []) if row["runtime"] == runtime]
+    if not rows:
+        raise BundleError(f"bundle.runtime '{runtime}': no artifact was benched on {runtime}; add it to bench.runtimes")
+    candidates = []
+    for row in rows:
+        p90 = row.get("latency_ms", {}).get("p90")
+        verdict = _endpoints_pass(row)
+        why_not = []
+        if cfg.select == "name" and row["name"] != cfg.artifact:
+            why_not.append("not the named artifact")
+        if cfg.select == "best_under_budget":
+            if verdict is False:
+                failed = [k for k, c in row["clinical"]["endpoints"].get("checks", {}).items() if not c.get("pass")]
+                why_not.append(f"misses endpoints {', '.join(failed)}")
+            if cfg.latency_budget_ms is not None and not (p90 is not None and p90 <= cfg.latency_budget_ms):
+                why_not.append(f"p90 {p90} ms > budget {cfg.latency_budget_ms} ms")
+        candidates.append({"name": row["name"], "p90_ms": p90, "auc": row.get("metrics", {}).get("auc"), "endpoints_pass": verdict,
+                           "eligible": not why_not, "why_not": "; ".join(why_not) or None})
+    eligible = [(row, c) for row, c in zip(rows, candidates, strict=True) if c["eligible"]]
+    if not eligible:
+        if cfg.select == "name":
+            raise BundleError(
+                f"bundle.artifact '{cfg.artifact}' was not benched on {runtime}; artifacts of this build: "
+                f"{', '.join(sorted({r['name'] for r in rows}))}"
+            )
+        reasons = "; ".join(f"{c['name']}: {c['why_not']}" for c in candidates)
+        raise BundleError(
+            f"bundle: no artifact on {runtime} meets evaluate.endpoints within bundle.latency_budget_ms ({reasons}); "
+            "report.json was written. Relax the endpoints or the budget, or set bundle.select: name to ship one anyway"
+        )
+    # Highest test AUC; ties go to the faster artifact.
+    def rank(pair: tuple[dict[str, Any], dict[str, Any]]) -> tuple[float, float]:
+        p90 = pair[1]["p90_ms"]
+        return _finite(pair[1]["auc"]), -(p90 if p90 is not None else math.inf)
+
+    row, chosen = max(eligible, key=rank)
+    record = {"rule": cfg.select, "runtime": runtime, "latency_budget_ms": cfg.latency_budget_ms, "chosen": chosen["name"],
+              "ranked_by": "test AUC, then p90 latency" if cfg.select == "best_under_budget" else "name",
+              "candidates": candidates}
+    return row, record
+
+
+# ------------------------------------------------------------------------------------------- provenance
+def _ids_sha256(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode("utf-8")).hexdigest()
+
+
+def split_hashes(data: DataModule) -> dict[str, dict[str, Any]]:
+    """Per split: image count and the sha256 of its sorted image ids, so another build can prove it used the same
+    split (or that a later test set shares no image with this training set)."""
+    out = {}
+    for name in ("train", "val", "test"):
+        ids = [data.ids[i] for i in np.flatnonzero(data.split == name)]
+        out[name] = {"images": len(ids), "ids_sha256": _ids_sha256(ids)}
+    return out
+
+
+def data_provenance(data: DataModule, recipe: Recipe, out_dir: Path) -> dict[str, Any]:
+    d = recipe.data
+    provenance: dict[str, Any] = {"source": d.source, "task": d.task, "images": len(data.ids), "counts": data.counts(),
+                                  "split_fractions": {"val": d.split.val, "test": d.split.test}, "split_seed": recipe.seed,
+                                  "splits": split_hashes(data)}
+    if d.source == "synthetic":
+        provenance["description"] = (f"tlcompile's built-in synthetic fundus generator (seed {recipe.seed}, style {d.style}, "
+                                     f"difficulty {d.difficulty if d.difficulty is not None else 'default'}): no patient data")
+    else:
+        provenance["images_folder"] = str(d.images)
+        if d.source == "csv":
+            provenance["label_csv"] = {"path": str(d.csv), "sha256": sha256_file(d.csv)}
+    splits_csv = out_dir / "01_data" / "splits.csv"
+    if splits_csv.is_file():
+        provenance["splits_csv_sha256"] = sha256_file(splits_csv)
+    return provenance
+
+
+def library_versions(report: dict[str, Any]) -> dict[str, Any]:
+    import PIL
+
+    versions = {k: v for k, v in report.get("environment", {}).items() if k != "cpu"}
+    versions.update(numpy=np.__version__, pillow=PIL.__version__)
+    versions.setdefault("python", platform.python_version())
+    return versions
+
+
+def _limitations(recipe: Recipe, row: dict[str, Any], endpoints_set: bool) -> list[str]:
+    notes = []
+    if recipe.data.source == "synthetic":
+        notes.append("Trained and tested on synthetic images only: a demonstration, NOT for clinical use.")
+    notes.append("Measured values are from this build's test split on the build box; re-validate on local images, camera "
+                 "and population before clinical use.")
+    if not endpoints_set:
+        notes.append("The recipe set no endpoints (evaluate.endpoints): no pass/fail claim is made.")
+    elif _endpoints_pass(row) is False:
+        notes.append("This artifact does NOT meet the recipe's endpoints (it was bundled by name).")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------- golden
+def camera_frame(prepared: np.ndarray, crop_fov: bool) -> np.ndarray:
+    """A camera-like frame from a prepared (S, S, 3) image: enlarged 2x and set off-centre on a wider black sensor,
+    so that verify exercises decoding, the field-of-view crop, the square pad and the down-scaling."""
+    side = prepared.shape[0]
+    enlarged = resize(prepared, 2 * side)
+    if not crop_fov:
+        return enlarged
+    frame = np.zeros((round(2.3 * side), round(2.8 * side), 3), np.uint8)
+    top, left = round(0.2 * side), round(0.5 * side)
+    frame[top : top + 2 * side, left : left + 2 * side] = enlarged
+    return frame
+
+
+def _pick_golden(scores: np.ndarray, threshold: float, count: int, margin: float) -> np.ndarray:
+    """Up to ``count`` indices spread evenly over the range of scores (so both referral decisions appear when the split
+    has both), none closer to the threshold than ``margin``.
+
+    With ``margin`` = d / (2 T) for a logit tolerance d and temperature T, a box that passes the logit check cannot flip
+    a golden decision: moving every logit by at most d moves P(referable DR) by at most d / (2 T), because the
+    gradient of p_S = sum over S of softmax(z / T) has an L1 norm of 2 p_S (1 - p_S) / T <= 1 / (2 T). Fewer samples are taken rather than one that could
+    (only a model whose every score sits on the threshold gets near-threshold samples)."""
+    away = np.flatnonzero(np.abs(scores - threshold) >= margin)
+    pool = away if away.size else np.arange(scores.size)
+    ordered = pool[np.argsort(scores[pool], kind="mergesort")]
+    picks = np.unique(np.round(np.linspace(0, ordered.size - 1, min(count, ordered.size))).astype(int))
+    return np.sort(ordered[picks])
+
+
+def _write_golden(root: Path, bundle: Bundle, data: DataModule, row: dict[str, Any], out_dir: Path, count: int,
+                  tolerance: float) -> dict[str, Any]:
+    spec = bundle.preprocessing
+    test_images, _ = data.subset("test")
+    test_ids = [data.ids[i] for i in np.flatnonzero(data.split == "test")]
+    session = bundle.open_session()
+    saved = out_dir / row["logits_path"] if row.get("logits_path") else None
+    # The bench already ran the test images through this artifact on this runtime; its logits narrow the choice
+    # to a pool spread over the scores without a second pass over the whole test split.
+    if saved is not None and saved.is_file() and np.load(saved).shape[0] == test_images.shape[0]:
+        test_logits = np.load(saved)
+    else:
+        test_logits = predict_logits(session, to_input(test_images, spec))
+    scores = np.array([r.referable_dr_probability for r in bundle.interpret(test_logits)])
+    margin = tolerance / (2 * bundle.temperature)
+    pool = _pick_golden(scores, bundle.threshold, 4 * count, margin)
+
+    # The bench may have run in another precision (bf16) and on the un-framed image, so the final choice is made on
+    # what verify will compute: camera frame -> prepare_image -> the bundle's runtime in f32.
+    frames = [camera_frame(test_images[i], spec.crop_fov) for i in pool]
+    prepared_found = [prepare_image(frame, spec) for frame in frames]
+    prepared = np.stack([p for p, _ in prepared_found])
+    fov_found = np.array([f for _, f in prepared_found], dtype=bool)
+    inputs = to_input(prepared, spec)
+    logits = predict_logits(session, inputs).astype(np.float32)
+    readings = bundle.interpret(logits)
+    final = _pick_golden(np.array([r.referable_dr_probability for r in readings]), bundle.threshold, count, margin)
+
+    folder = root / Path(GOLDEN_NPZ).parent
+    folder.mkdir(parents=True)
+    images = []
+    for n, k in enumerate(final):
+        rel = f"{folder.name}/{n:03d}.png"
+        Image.fromarray(frames[k]).save(root / rel)  # PNG: lossless, so the file decodes to exactly this frame
+        images.append(rel)
+    with open(root / GOLDEN_NPZ, "wb") as f:
+        np.savez_compressed(f, prepared=prepared[final], fov_found=fov_found[final], inputs=inputs[final], logits=logits[final])
+    from tlcompile.runtime.cpuinfo import cpu_info
+
+    return {
+        "file": GOLDEN_NPZ,
+        "images": images,
+        "source": "camera-like frames of test-split images " + ", ".join(test_ids[pool[k]] for k in final),
+        "expected": [{"image": rel, **readings[k].to_dict()} for rel, k in zip(images, final, strict=True)],
+        "tolerance": {"max_abs_logit": tolerance, "max_abs_pixel": GOLDEN_PIXEL_TOLERANCE},
+        # Below the required margin only when every score of the model sits on the threshold (a degenerate model).
+        "decision_margin": {"required": margin, "smallest": float(min(abs(readings[k].referable_dr_probability - bundle.threshold) for k in final))},
+        "produced_on": {"runtime": session.runtime, "exec_precision": session.exec_precision, "threads": session.threads, "cpu": cpu_info()},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ write
+def _copy_model(row: dict[str, Any], out_dir: Path, root: Path) -> tuple[str, list[str]]:
+    source = out_dir / row["path"]
+    files = [source] + ([source.with_suffix(".bin")] if source.suffix == ".xml" else [])
+    (root / "model").mkdir()
+    for f in files:
+        if not f.is_file():
+            raise BundleError(f"bundle: model file '{f}' of artifact {row['name']} is missing; rebuild with --resume")
+        shutil.copyfile(f, root / "model" / f.name)
+    return f"model/{source.name}", [f"model/{f.name}" for f in files]
+
+
+def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, recipe: Recipe) -> dict[str, Any] | None:
+    """Select the artifact, write ``out_dir/bundle`` and verify it; returns the record for report.json, or None
+    when ``bundle.runtime: auto`` finds no OpenVINO or ONNX Runtime measurement to ship."""
+    runtime = bundle_runtime(report, recipe)
+    if runtime is None:
+        return None
+    row, selection = select_artifact(report, recipe, runtime)
+    cfg = recipe.bundle
+    tolerance = recipe.export.parity_max_abs_diff if row.get("precision", "fp32") == "fp32" else INT8_LOGIT_TOLERANCE
+    endpoint_targets = report.get("evaluation", {}).get("endpoints", {})
+    endpoints_set = any(v is not None for k, v in endpoint_targets.items() if k != "rule")
+    env = report.get("environment", {})
+    measured = {k: v for k, v in row.items() if k not in ("path", "logits_path")}
+    meta: dict[str, Any] = {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "name": report.get("name", recipe.name),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "artifact": {k: row.get(k) for k in ("name", "precision", "lineage", "format", "params", "macs", "size_bytes")},
+        "model": {"runtime": runtime, "precision": BUNDLE_PRECISION, "format": BUNDLE_RUNTIMES[runtime]},
+        "input": {"name": "input", "shape": [None, 3, data.spec.size, data.spec.size], "layout": "NCHW", "dtype": "float32",
+                  "channels": "RGB", "size": data.spec.size},
+        "preprocessing": report.get("preprocessing", data.spec.to_dict()),
+        "task": report.get("task", data.task),
+        "class_names": list(report.get("class_names", data.class_names)),
+        "referable_dr": "DR grade >= 2 (moderate NPDR or worse); P(referable DR) = softmax(logits / temperature), "
+                        + ("p[referable]" if data.num_classes == 2 else "summed over grades 2-4"),
+        "operating_point": report["operating_point"],
+        "endpoints": {"targets": endpoint_targets, "result": (row.get("clinical") or {}).get("endpoints"), "met": _endpoints_pass(row)},
+        "measured": {"split": "test", "on_cpu": env.get("cpu"), **measured},
+        "selection": selection,
+        "model_card": {
+            "intended_use": cfg.intended_use,
+            "limitations": _limitations(recipe, row, endpoints_set),
+            "architecture": recipe.model.arch,
+            "source_weights": recipe.model.pretrained,
+            "training": {k: v for k, v in report.get("training", {}).items() if k != "history"},
+            "data_provenance": data_provenance(data, recipe, out_dir),
+            "recipe_sha256": report.get("recipe_sha256", recipe.fingerprint()),
+            "recipe": report.get("recipe", recipe.to_yaml_dict()),
+            "library_versions": library_versions(report),
+            "built_by": f"tlcompile {report.get('tlcompile_version', '')}".strip(),
+        },
+    }
+    out_dir = Path(out_dir)
+    root = Path(tempfile.mkdtemp(prefix=".bundle.", dir=out_dir))
+    try:
+        meta["model"]["entry"], meta["model"]["files"] = _copy_model(row, out_dir, root)
+        meta["golden"] = _write_golden(root, Bundle(root=root, meta=meta), data, row, out_dir, cfg.golden_samples, tolerance)
+        atomic_write_json(root / BUNDLE_JSON, meta)
+        atomic_write_json(root / MANIFEST_JSON, {"format_version": BUNDLE_FORMAT_VERSION, "files": manifest_entries(root)})
+        for path in root.rglob("*"):  # temporary files are private (0600); a bundle is copied and read by others
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        root.chmod(0o755)
+        check = verify_bundle(root)
+        if not check.ok:  # a bug, not a user mistake: the bundle was just written on this very box
+            problems = check.problems + check.manifest.problems + (check.golden.problems if check.golden else [])
+            raise BundleError(f"bundle: the freshly written bundle fails verify on the build box: {'; '.join(problems)}")
+        final = out_dir / "bundle"
+        old = out_dir / f".bundle.old-{root.name}"
+        if final.exists():
+            final.rename(old)  # two renames: a crash between them leaves the old bundle beside, never a half one
+        root.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if root.exists():
+            shutil.rmtree(root, ignore_errors=True)
+    g = check.golden
+    return {
+        "path": "bundle",
+        "artifact": row["name"],
+        "runtime": runtime,
+        "precision": BUNDLE_PRECISION,
+        "manifest_sha256": check.manifest.manifest_sha256,
+        "selection": selection,
+        "golden_samples": g.samples,
+        "verify": {"passed": True, "max_abs_logit_diff": g.max_abs_logit_diff, "max_abs_pixel_diff": g.max_abs_pixel_diff},
+    }

@@ -1,0 +1,118 @@
+"""``tlcompile predict``: referral decision, grade and probability per image through a bundle (never imports torch).
+
+Every image goes through the bundle's own preprocessing spec and :func:`prepare_image`, the function the model
+was trained and validated with. An image where no field of view is found is flagged ungradable and gets no
+referral decision: the model was never validated on such frames, and a clinic should retake or refer them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tlcompile.data.datamodule import IMAGE_EXTENSIONS
+from tlcompile.errors import DataError, TlcompileError
+from tlcompile.io import atomic_write_text
+from tlcompile.runtime.bundle import UNGRADABLE, Bundle
+from tlcompile.runtime.inference import InferenceSession
+from tlcompile.runtime.preprocess import find_fov, load_rgb, prepare_image, to_input
+
+CSV_COLUMNS = (
+    "file", "referral", "referable_dr", "referable_dr_probability", "threshold", "grade", "grade_name",
+    "grade_probability", "ungradable", "fov_found", "error",
+)
+
+
+@dataclass
+class ImageResult:
+    """One image's outcome; ``error`` is set (and nothing else) when the file could not be read."""
+
+    file: str
+    referral: str | None = None  # refer | no referral | ungradable; None on error
+    referable_dr: bool | None = None
+    referable_dr_probability: float | None = None
+    threshold: float | None = None
+    grade: int | None = None
+    grade_name: str | None = None
+    grade_probability: float | None = None
+    ungradable: bool | None = None
+    fov_found: bool | None = None
+    error: str | None = None
+    latency_ms: float | None = None  # preprocessing + inference on this box
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def predict_image(bundle: Bundle, session: InferenceSession, path: Path) -> ImageResult:
+    """Decide one image. Raises :class:`DataError` (naming the file) when it cannot be decoded."""
+    t0 = time.perf_counter()
+    spec = bundle.preprocessing
+    rgb = load_rgb(path, draft_size=spec.size * 2)
+    prepared, fov_found = prepare_image(rgb, spec)
+    if not spec.crop_fov:
+        # The bundle does not crop, so prepare_image did not look for the field of view; look here for the flag.
+        fov_found = find_fov(rgb, spec.fov_threshold) is not None
+    result = ImageResult(file=str(path), threshold=bundle.threshold, fov_found=fov_found, ungradable=not fov_found)
+    if fov_found:
+        reading = bundle.interpret(session.run(to_input(prepared, spec)))[0]
+        for key, value in reading.to_dict().items():
+            setattr(result, key, value)
+    else:
+        result.referral = UNGRADABLE
+    result.latency_ms = round((time.perf_counter() - t0) * 1e3, 3)
+    return result
+
+
+def predict_paths(bundle: Bundle, session: InferenceSession, paths: Iterable[Path]) -> list[ImageResult]:
+    """Decide every image; an unreadable file gets a result with ``error`` set and the others go on."""
+    results = []
+    for path in paths:
+        try:
+            results.append(predict_image(bundle, session, path))
+        except DataError as err:
+            results.append(ImageResult(file=str(path), error=str(err)))
+    return results
+
+
+def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
+    """Files as given; a folder gives its image files (by extension, sorted, not recursive)."""
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            if not found:
+                raise DataError(f"{path}: no image files in this folder (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder; give image files or folders of images")
+    return paths
+
+
+def results_csv(results: Iterable[ImageResult]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in results:
+        row = {k: ("" if v is None else v) for k, v in r.to_dict().items()}
+        if r.referable_dr_probability is not None:
+            row["referable_dr_probability"] = f"{r.referable_dr_probability:.6f}"
+        if r.grade_probability is not None:
+            row["grade_probability"] = f"{r.grade_probability:.6f}"
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def write_results_csv(results: Iterable[ImageResult], path: str | Path) -> None:
+    path = Path(path)
+    if path.is_dir():
+        raise TlcompileError(f"--csv '{path}' is a folder; give a file name such as results.csv")
+    atomic_write_text(path, results_csv(results))
