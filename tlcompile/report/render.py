@@ -1,10 +1,20 @@
-"""Render report.json: a terminal table (rich) and report.md. Nothing is computed here that is not in the report."""
+"""Render report.json: a terminal table (rich), report.md and the tables report.html shares.
+
+Nothing is computed here that is not in the report: every number comes from report.json, so a build folder can be
+re-rendered (``tlcompile report render``) on any machine. :func:`report_sections` is the one list of sections and
+tables; report.md prints it, and report.html prints the same sections with their plots.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+
+from tlcompile.errors import TlcompileError
 
 
 def _mb(n: int | None) -> str:
@@ -57,39 +67,399 @@ def artifact_table(report: dict[str, Any]) -> Table:
     return table
 
 
+# ------------------------------------------------------------------------------------- shared sections
+@dataclass
+class ReportTable:
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class ReportSection:
+    """One section of the report: an anchor id, a title, paragraphs and tables (plots are added by report.html)."""
+
+    id: str
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    tables: list[ReportTable] = field(default_factory=list)
+
+
+def _pct(x: Any) -> str:
+    return _num(None if x is None else 100 * x, ".1f") + ("%" if x is not None else "")
+
+
+def _with_ci(measured: dict[str, Any] | None, *, percent: bool, signed: bool = False) -> str:
+    """``87.2% (81.8–91.2)`` or ``0.912 (0.871–0.947)``; '-' when undefined."""
+    if not measured or measured.get("value") is None:
+        return "-"
+    sign = "+" if signed else ""
+
+    def fmt(x: float) -> str:
+        return format(100 * x, f"{sign}.1f") if percent else format(x, f"{sign}.3f")
+
+    text = fmt(measured["value"]) + ("%" if percent else "")
+    ci = measured.get("ci")
+    # A signed interval reads "-0.021 to +0.004": a dash between two signed numbers would be ambiguous.
+    return text + (f" ({fmt(ci[0])}{' to ' if signed else '–'}{fmt(ci[1])})" if ci else "")
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "PASS", False: "FAIL", None: "-"}[passed]
+
+
+def _label(row: dict[str, Any]) -> list[str]:
+    return [row["name"], row["runtime"]]
+
+
+def pareto_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Copies of the artifact rows marked ``pareto`` (fastest p50 for its AUC), by the bench's own rule."""
+    from tlcompile.runtime.bench import mark_pareto
+
+    rows = [dict(r) for r in report.get("artifacts", [])]
+    mark_pareto(rows)
+    return rows
+
+
+def _summary_section(report: dict[str, Any]) -> ReportSection:
+    op = report.get("operating_point", {})
+    ev = report.get("evaluation", {})
+    rows = pareto_rows(report)
+    text = [
+        f"Task **{report.get('task')}** ({', '.join(report.get('class_names', []))}); test split of "
+        f"{_first_clinical(report).get('n', '-')} images. Every artifact is judged at one referral threshold, "
+        f"{_num(op.get('threshold'))} ({_operating_point_words(op)}), locked on the {op.get('locked_on', 'val')} split "
+        f"with the {op.get('model', 'fp32')} model.",
+    ]
+    if ev:
+        text.append(f"Intervals are {int(100 * ev.get('ci_level', 0.95))}% CIs: AUC by stratified bootstrap "
+                    f"({ev.get('bootstrap_resamples')} resamples), proportions by the Wilson score interval; "
+                    "deltas are paired against the fp32 row of the same runtime.")
+    header = ["artifact", "runtime", "p50 ms", "AUC (95% CI)", "sensitivity (95% CI)", "specificity (95% CI)",
+              "ΔAUC vs fp32 (95% CI)", "decisions changed", "endpoints", "Pareto"]
+    table_rows = []
+    for row in rows:
+        c = row.get("clinical", {})
+        ref = c.get("vs_reference")
+        table_rows.append([
+            *_label(row), _num(row.get("latency_ms", {}).get("p50"), ".2f"),
+            _with_ci(c.get("auc"), percent=False) if c else _num(row.get("metrics", {}).get("auc")),
+            _with_ci(c.get("sensitivity"), percent=True), _with_ci(c.get("specificity"), percent=True),
+            _with_ci(ref.get("delta_auc"), percent=False, signed=True) if ref else "ref",
+            _pct(ref["disagreement"]["value"]) if ref else "ref",
+            _verdict(c.get("endpoints", {}).get("pass")),
+            {True: "yes", False: "", None: "-"}[row.get("pareto")],
+        ])
+    return ReportSection("summary", "Summary", text, [ReportTable(header, table_rows)])
+
+
+def _first_clinical(report: dict[str, Any]) -> dict[str, Any]:
+    return next((r["clinical"] for r in report.get("artifacts", []) if r.get("clinical")), {})
+
+
+def _operating_point_words(op: dict[str, Any]) -> str:
+    if op.get("method") == "sensitivity":
+        return f"highest threshold reaching validation sensitivity {_num(op.get('target_sensitivity'), '.2f')}"
+    return f"{op.get('method', '-')}"
+
+
+def _operating_point_section(report: dict[str, Any]) -> ReportSection:
+    op = report.get("operating_point", {})
+    val = op.get("val", {})
+    text = [f"Method: {_operating_point_words(op)}. The threshold applies to P(referable DR) = softmax(logits / T) summed over "
+            "the referable classes; T is the temperature below (1 = no temperature scaling)."]
+    rows = [["threshold", _num(op.get("threshold"), ".4f")], ["method", str(op.get("method", "-"))],
+            ["target sensitivity", _num(op.get("target_sensitivity"), ".3f")], ["temperature T", _num(op.get("temperature"), ".3f")],
+            ["locked on", f"{op.get('locked_on', '-')} split, {op.get('model', '-')} model"]]
+    if val:
+        rows += [["val images (referable)", f"{val.get('n', '-')} ({val.get('referable', '-')})"], ["val AUC", _num(val.get("auc"))],
+                 ["val sensitivity at threshold", _pct(val.get("sensitivity"))], ["val specificity at threshold", _pct(val.get("specificity"))],
+                 ["val NLL before / after T", f"{_num(val.get('nll_before'), '.4f')} / {_num(val.get('nll_after'), '.4f')}"]]
+    return ReportSection("operating-point", "Operating point", text, [ReportTable(["setting", "value"], rows)])
+
+
+def _screening_section(report: dict[str, Any]) -> ReportSection:
+    header = ["artifact", "runtime", "sensitivity", "specificity", "PPV", "NPV", "TP", "FN", "FP", "TN"]
+    rows = []
+    for row in report.get("artifacts", []):
+        c = row.get("clinical")
+        if not c:
+            continue
+        (tn, fp), (fn, tp) = c["referral_confusion"]
+        rows.append([*_label(row), *(_with_ci(c[k], percent=True) + f" [{c[k]['k']}/{c[k]['n']}]" for k in ("sensitivity", "specificity", "ppv", "npv")),
+                     str(tp), str(fn), str(fp), str(tn)])
+    text = ["Referable DR on the test split at the locked threshold; 95% Wilson CIs, [cases/denominator]. "
+            "The ROC curves mark each artifact's operating point."]
+    return ReportSection("screening", "Screening performance at the operating point", text, [ReportTable(header, rows)] if rows else [])
+
+
+def _compression_section(report: dict[str, Any]) -> ReportSection:
+    header = ["artifact", "runtime", "against", "ΔAUC (95% CI)", "Δsensitivity (95% CI)", "Δspecificity (95% CI)",
+              "referral changes (95% CI)", "newly referred", "no longer referred", "referable newly missed"]
+    rows = []
+    for row in report.get("artifacts", []):
+        ref = row.get("clinical", {}).get("vs_reference")
+        if not ref:
+            continue
+        rows.append([*_label(row), str(ref.get("reference", "fp32")),
+                     _with_ci(ref["delta_auc"], percent=False, signed=True), _with_ci(ref["delta_sensitivity"], percent=True, signed=True),
+                     _with_ci(ref["delta_specificity"], percent=True, signed=True), _with_ci(ref["disagreement"], percent=True),
+                     str(ref["newly_referred"]), str(ref["no_longer_referred"]), str(ref["missed_referable"])])
+    text = ["Each compressed artifact against the fp32 model on the same runtime and the same test images: paired bootstrap "
+            "CIs (both scored on the same resamples) and the share of images whose referral decision changes."]
+    if not rows:
+        text.append("This build has only the fp32 model, so there is nothing to compare; add prune / quantize to the recipe.")
+    return ReportSection("compression", "What compression cost", text, [ReportTable(header, rows)] if rows else [])
+
+
+def _confusion_section(report: dict[str, Any]) -> ReportSection:
+    tables = []
+    grades = report.get("class_names", [])
+    for row in report.get("artifacts", []):
+        c = row.get("clinical")
+        if not c:
+            continue
+        (tn, fp), (fn, tp) = c["referral_confusion"]
+        caption = f"{row['name']} on {row['runtime']}"
+        if c.get("grading"):
+            matrix = c["grading"]["confusion"]
+            tables.append(ReportTable(["truth \\ predicted", *grades], [[g, *map(str, counts)] for g, counts in zip(grades, matrix, strict=True)],
+                                      caption=f"{caption}: DR grade"))
+        tables.append(ReportTable(["truth \\ decision", "not referred", "referred"],
+                                  [["non-referable", str(tn), str(fp)], ["referable", str(fn), str(tp)]], caption=f"{caption}: referral"))
+    text = ["Rows are the truth, columns the model's decision" + (" (argmax grade, and referral at the threshold)." if _first_clinical(report).get("grading") else " at the threshold.")]
+    return ReportSection("confusion", "Confusion matrices", text, tables)
+
+
+def _grading_section(report: dict[str, Any]) -> ReportSection | None:
+    rows = []
+    for row in report.get("artifacts", []):
+        g = row.get("clinical", {}).get("grading")
+        if g:
+            rows.append([*_label(row), _with_ci(g["qwk"], percent=False), _pct(g.get("accuracy"))])
+    if not rows:
+        return None
+    return ReportSection("grading", "Five-grade agreement", ["Quadratic weighted kappa of the argmax grade (stratified bootstrap 95% CI)."],
+                         [ReportTable(["artifact", "runtime", "quadratic weighted kappa (95% CI)", "grade accuracy"], rows)])
+
+
+def _calibration_section(report: dict[str, Any]) -> ReportSection:
+    op = report.get("operating_point", {})
+    scaled = (op.get("temperature") or 1.0) != 1.0
+    header = ["artifact", "runtime", "ECE", "Brier"] + (["ECE before T", "Brier before T"] if scaled else [])
+    rows = []
+    for row in report.get("artifacts", []):
+        c = row.get("clinical")
+        if not c:
+            continue
+        cells = [*_label(row), _num(c["calibration"]["ece"], ".4f"), _num(c["calibration"]["brier"], ".4f")]
+        if scaled:
+            un = c.get("calibration_unscaled", {})
+            cells += [_num(un.get("ece"), ".4f"), _num(un.get("brier"), ".4f")]
+        rows.append(cells)
+    text = [f"Calibration of P(referable DR) on the test split: expected calibration error over "
+            f"{report.get('evaluation', {}).get('calibration_bins', 10)} equal-width bins, and the Brier score; lower is better."]
+    text.append(f"Temperature scaling is on: T = {_num(op.get('temperature'))}, fitted on the fp32 model's validation logits and "
+                "used for every artifact." if scaled else "Temperature scaling is off (evaluate.temperature_scaling).")
+    return ReportSection("calibration", "Calibration", text, [ReportTable(header, rows)] if rows else [])
+
+
+def _endpoints_section(report: dict[str, Any]) -> ReportSection:
+    endpoints = report.get("evaluation", {}).get("endpoints", {})
+    targets = {k: v for k, v in endpoints.items() if k != "rule" and v is not None}
+    if not targets:
+        return ReportSection("endpoints", "Endpoints", ["The recipe sets no endpoints (evaluate.endpoints.min_sensitivity, "
+                                                        "min_specificity, min_auc), so nothing is judged pass/fail."])
+    rule = endpoints.get("rule", "point_estimate")
+    header = ["artifact", "runtime", *(f"{k} {v}" for k, v in targets.items()), "all"]
+    rows = []
+    for row in report.get("artifacts", []):
+        e = row.get("clinical", {}).get("endpoints")
+        if not e:
+            continue
+        cells = [*_label(row)]
+        for key in targets:
+            check = e["checks"].get(key, {})
+            shown = check.get("value") if rule == "point_estimate" else check.get("ci_low")
+            cells.append(f"{_verdict(check.get('pass'))} ({_num(shown)})")
+        rows.append([*cells, _verdict(e.get("pass"))])
+    judged = "the measured value" if rule == "point_estimate" else "the lower 95% confidence bound"
+    return ReportSection("endpoints", "Endpoints", [f"Each endpoint is judged on {judged} (rule {rule}), shown in brackets."],
+                         [ReportTable(header, rows)])
+
+
+def _artifacts_section(report: dict[str, Any]) -> ReportSection:
+    return ReportSection("artifacts", "Artifacts", ["Every artifact on every runtime: latency at batch 1, size, MACs and parity with "
+                                                    "the torch model it was exported from."],
+                         [ReportTable(list(ROW_COLUMNS), [artifact_cells(r) for r in report.get("artifacts", [])])])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "-"}[value]
+    if isinstance(value, float):
+        return _num(value, ".4g")
+    if isinstance(value, dict) and "mean" in value:
+        return f"{_num(value['mean'], '.4g')} ± {_num(value.get('sd'), '.2g')}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+def records_table(records: Any) -> tuple[list[str], ReportTable | None]:
+    """A table from a list of dicts (or a dict of dicts, or a dict holding such a list); loose scalars become lines.
+
+    The transfer comparison's exact shape belongs to the transfer stage; this renders any reasonable one. A dict's
+    ``columns`` list picks and orders the columns, and a ``<column>_sd`` key beside a column shows as ``mean ± sd``.
+    """
+    lines: list[str] = []
+    columns: list[str] = []
+    if isinstance(records, dict):
+        listed = next((k for k, v in records.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)), None)
+        if listed is not None:
+            columns = [str(c) for c in records.get("columns") or [] if isinstance(c, str)]
+            lines = [f"{k}: {_cell(v)}" for k, v in records.items() if k not in (listed, "columns") and v is not None
+                     and (not isinstance(v, (list, dict)) or k == "source")]
+            records = records[listed]
+        elif records and all(isinstance(v, dict) for v in records.values()):
+            records = [{"name": k, **v} for k, v in records.items()]
+        else:
+            return [f"{k}: {_cell(v)}" for k, v in records.items()], None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return [_cell(records)], None
+    if not columns:
+        for r in records:
+            columns += [k for k in r if k not in columns and not k.endswith("_sd")]
+
+    def cell(r: dict[str, Any], c: str) -> str:
+        sd = r.get(f"{c}_sd")
+        return _cell(r.get(c)) + (f" ± {_num(sd, '.2g')}" if isinstance(sd, (int, float)) and r.get(c) is not None else "")
+
+    return lines, ReportTable(columns, [[cell(r, c) for c in columns] for r in records])
+
+
+def _transfer_section(report: dict[str, Any]) -> ReportSection:
+    transfer = report.get("transfer")
+    if not transfer:
+        return ReportSection("transfer", "Transfer comparison", ["This build compared no transfer strategies (the recipe has no transfer "
+                                                                 "comparison), so there is no table."])
+    lines, table = records_table(transfer)
+    return ReportSection("transfer", "Transfer comparison", ["Each variant trained and evaluated identically; the best on validation "
+                                                             "went on to compression.", *lines], [table] if table else [])
+
+
+def _data_section(report: dict[str, Any]) -> ReportSection | None:
+    counts = report.get("data", {}).get("counts", {})
+    if not counts:
+        return None
+    classes = report.get("class_names", [])
+    return ReportSection("data", "Data", [], [ReportTable(["split", *classes], [[s, *[str(c.get(k, 0)) for k in classes]] for s, c in counts.items()])])
+
+
+def _training_section(report: dict[str, Any]) -> ReportSection | None:
+    training = report.get("training", {})
+    if not training.get("history"):
+        return None
+    return ReportSection(
+        "training", "Training",
+        [f"Best epoch {training.get('best_epoch')} (val AUC {_num(training.get('best_val_auc'))}), {training.get('wall_s')} s."],
+        [ReportTable(["epoch", "loss", "val AUC", "lr", "s"],
+                     [[str(h["epoch"]), _num(h["loss"], ".4f"), _num(h["val_auc"]), _num(h["lr"], ".2e"), _num(h["seconds"], ".1f")] for h in training["history"]])],
+    )
+
+
+def _stages_section(report: dict[str, Any]) -> ReportSection:
+    seconds = report.get("stage_seconds", {})
+    total = sum(seconds.values()) or 1.0
+    rows = [[k, _num(v, ".1f"), _pct(v / total)] for k, v in seconds.items()]
+    return ReportSection("stages", "Time per stage", [f"Wall-clock seconds of each build stage; {_num(sum(seconds.values()), '.1f')} s in all."],
+                         [ReportTable(["stage", "seconds", "share"], rows)] if rows else [])
+
+
+def _environment_section(report: dict[str, Any]) -> ReportSection:
+    env = report.get("environment", {})
+    cpu = env.get("cpu", {})
+    rows = [[k, str(env[k])] for k in ("tlcompile", "python", "torch", "openvino", "onnxruntime", "platform") if k in env]
+    rows += [["CPU", str(cpu.get("model", "-"))], ["cores (usable / logical)", f"{cpu.get('usable_cores', '-')} / {cpu.get('logical_cores', '-')}"],
+             ["ISA", ", ".join(cpu.get("isa", [])) or "-"]]
+    rows += [["recipe sha256", str(report.get("recipe_sha256", "-"))], ["created", str(report.get("created", "-"))]]
+    return ReportSection("environment", "Environment", ["Where this build ran; latency depends on the CPU and its instruction sets."],
+                         [ReportTable(["item", "value"], rows)])
+
+
+def report_sections(report: dict[str, Any]) -> list[ReportSection]:
+    """The sections of report.md and report.html, in order; optional ones only when the report has their data."""
+    sections = [
+        _summary_section(report),
+        _operating_point_section(report),
+        _screening_section(report),
+        _compression_section(report),
+        _confusion_section(report),
+        _grading_section(report),
+        _calibration_section(report),
+        _endpoints_section(report),
+        _artifacts_section(report),
+        _transfer_section(report),
+        _data_section(report),
+        _training_section(report),
+        _stages_section(report),
+        _environment_section(report),
+    ]
+    return [s for s in sections if s is not None]
+
+
+# -------------------------------------------------------------------------------------------- markdown
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    op = report.get("operating_point", {})
-    env = report.get("environment", {})
-    cpu = env.get("cpu", {})
     out = [f"# tlcompile build: {report.get('name')}", ""]
     out.append(f"Created {report.get('created')} with tlcompile {report.get('tlcompile_version')}; recipe sha256 `{report.get('recipe_sha256', '')[:16]}`.")
-    out.append("")
-    out.append(f"Task: **{report.get('task')}** ({', '.join(report.get('class_names', []))}). "
-               f"Operating point: threshold {_num(op.get('threshold'))} ({op.get('method')}, locked on {op.get('locked_on')} "
-               f"with the {op.get('model')} model); every artifact is judged at it on the test split.")
-    out += ["", "## Artifacts", ""]
-    out.append(_md_table(list(ROW_COLUMNS), [artifact_cells(r) for r in report.get("artifacts", [])]))
-    counts = report.get("data", {}).get("counts", {})
-    if counts:
-        out += ["", "## Data", ""]
-        classes = report.get("class_names", [])
-        out.append(_md_table(["split", *classes], [[s, *[str(c.get(k, 0)) for k in classes]] for s, c in counts.items()]))
-    training = report.get("training", {})
-    if training.get("history"):
-        out += ["", "## Training", "", f"Best epoch {training.get('best_epoch')} (val AUC {_num(training.get('best_val_auc'))}), {training.get('wall_s')} s.", ""]
-        out.append(_md_table(["epoch", "loss", "val AUC", "lr", "s"],
-                             [[str(h["epoch"]), _num(h["loss"], ".4f"), _num(h["val_auc"]), _num(h["lr"], ".2e"), _num(h["seconds"], ".1f")] for h in training["history"]]))
-    if report.get("stage_seconds"):
-        out += ["", "## Time per stage", ""]
-        out.append(_md_table(["stage", "seconds"], [[k, _num(v, ".1f")] for k, v in report["stage_seconds"].items()]))
-    if env:
-        out += ["", "## Environment", ""]
-        out.append(f"CPU {cpu.get('model')} ({cpu.get('usable_cores')} usable cores; ISA {', '.join(cpu.get('isa', []))}); "
-                   f"Python {env.get('python')}, torch {env.get('torch')}, OpenVINO {env.get('openvino')}, ONNX Runtime {env.get('onnxruntime')}.")
+    for section in report_sections(report):
+        out += ["", f"## {section.title}"]
+        for paragraph in section.paragraphs:
+            out += ["", paragraph]
+        for table in section.tables:
+            out.append("")
+            if table.caption:
+                out += [f"**{table.caption}**", ""]
+            out.append(_md_table(table.header, table.rows))
     return "\n".join(out) + "\n"
+
+
+def load_report(build_dir: Path) -> dict[str, Any]:
+    """report.json of a build folder, with one-line errors for a missing folder, file or broken JSON."""
+    build_dir = Path(build_dir)
+    path = build_dir / "report.json"
+    if not build_dir.is_dir():
+        raise TlcompileError(f"'{build_dir}' is not a folder; give a build folder (the --out of `tlcompile build`)")
+    if not path.is_file():
+        raise TlcompileError(f"'{build_dir}' has no report.json; give a build folder whose build finished (the --out of `tlcompile build`)")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TlcompileError(f"{path}: not valid JSON ({err}); re-run the build to write it again") from err
+    if not isinstance(report, dict) or not isinstance(report.get("artifacts"), list):
+        raise TlcompileError(f"{path}: not a tlcompile report (no 'artifacts' list); give the report.json a build wrote")
+    return report
+
+
+def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write report.md and report.html beside report.json (atomically); returns their paths."""
+    from tlcompile.io import atomic_write_text
+    from tlcompile.report.html import render_html
+
+    out_dir = Path(out_dir)
+    paths = [out_dir / "report.md", out_dir / "report.html"]
+    atomic_write_text(paths[0], render_markdown(report))
+    atomic_write_text(paths[1], render_html(report))
+    return paths
