@@ -130,7 +130,7 @@ def bench(
     device: Annotated[str, typer.Option(help="OpenVINO device: CPU, GPU, NPU, AUTO.")] = "CPU",
     threads: Annotated[str, typer.Option(help="Thread counts to sweep, e.g. 1,2,4 (default: all cores).")] = "",
     batch: Annotated[str, typer.Option(help="Batch sizes to sweep, e.g. 1,8.")] = "1",
-    precision: Annotated[str, typer.Option(help="OpenVINO execution precision: auto | f32 | bf16 | f16.")] = "auto",
+    precision: Annotated[Optional[str], typer.Option(help="OpenVINO execution precision: auto | f32 | bf16 | f16 (default: what the build benched / the bundle deploys with).")] = None,  # noqa: UP045
     hint: Annotated[str, typer.Option(help="latency | throughput (throughput runs parallel requests/streams).")] = "latency",
     iterations: Annotated[int, typer.Option(help="Timed inferences per row (at least).", min=1)] = 100,
     duration: Annotated[Optional[float], typer.Option(help="Time each row for at least this many seconds.", min=0)] = None,  # noqa: UP045
@@ -147,7 +147,7 @@ def bench(
 
     valid = {"precision": ("auto", "f32", "bf16", "f16"), "hint": ("latency", "throughput")}
     for option, value in (("precision", precision), ("hint", hint)):
-        if value not in valid[option]:
+        if value is not None and value not in valid[option]:
             raise TlcompileError(f"--{option} '{value}' is not valid; valid: {', '.join(valid[option])}")
     for r in runtime or []:
         if r not in ("openvino", "onnxruntime"):

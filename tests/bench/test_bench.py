@@ -147,3 +147,18 @@ def test_cli_option_errors(args, expected, tiny_build, capsys, monkeypatch):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+def test_bundle_is_benched_as_it_deploys(tiny_build):
+    bundle = tiny_build / "bundle"
+    meta = json.loads((bundle / "bundle.json").read_text())
+    rows = run_bench([bundle], BenchOptions(iterations=2, warmup=0), data=tiny_build / "recipe.resolved.yaml")["rows"]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["runtime"] == meta["model"]["runtime"] and row["requested_precision"] == meta["model"]["precision"]
+    # Accuracy through the bundle's runtime, at the bundle's threshold and temperature, equals what the build measured.
+    build_row = next(r for r in json.loads((tiny_build / "report.json").read_text())["artifacts"]
+                     if r["name"] == meta["artifact"]["name"] and r["runtime"] == row["runtime"])
+    assert row["metrics"]["threshold"] == pytest.approx(meta["operating_point"]["threshold"])
+    if row["exec_precision"] == build_row["exec_precision"]:
+        assert row["metrics"]["auc"] == pytest.approx(build_row["metrics"]["auc"], abs=1e-6)

@@ -42,6 +42,8 @@ class BenchTarget:
     precision: str = "unknown"
     spec: PreprocessSpec | None = None
     threshold: float | None = None
+    temperature: float = 1.0  # locked with the threshold on the FP32 model's val split (temperature scaling)
+    run_precision: str = "auto"  # OpenVINO precision the build benched / the bundle deploys with (--precision overrides)
     macs: int | None = None
     lineage: str = ""
     source: str = ""
@@ -72,6 +74,7 @@ def targets_from_build(build_dir: Path) -> list[BenchTarget]:
         raise BenchError(f"{build_dir / 'report.json'}: cannot read the build report ({err})") from err
     spec = _spec_from(report.get("preprocessing"))
     threshold = report.get("operating_point", {}).get("threshold")
+    temperature = report.get("operating_point", {}).get("temperature") or 1.0
     targets: dict[str, BenchTarget] = {}
     for row in report.get("artifacts", []):
         if row.get("format") not in ("onnx", "openvino"):
@@ -79,7 +82,7 @@ def targets_from_build(build_dir: Path) -> list[BenchTarget]:
         target = targets.setdefault(
             row["name"],
             BenchTarget(name=row["name"], files={}, precision=row.get("precision", "unknown"), spec=spec, threshold=threshold,
-                        macs=row.get("macs"), lineage=row.get("lineage", ""), source=str(build_dir)),
+                        temperature=temperature, run_precision=report.get("recipe", {}).get("bench", {}).get("precision", "auto"), macs=row.get("macs"), lineage=row.get("lineage", ""), source=str(build_dir)),
         )
         target.files[row["format"]] = build_dir / row["path"]
         target.build_metrics[row["runtime"]] = row.get("metrics", {})
@@ -91,15 +94,16 @@ def targets_from_build(build_dir: Path) -> list[BenchTarget]:
 def targets_from_bundle(bundle_dir: Path) -> list[BenchTarget]:
     try:
         meta = json.loads((bundle_dir / "bundle.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        op, artifact, model = meta["operating_point"], meta["artifact"], meta["model"]
+        files = {_format_of(bundle_dir / f): bundle_dir / f for f in model["files"] if Path(f).suffix in FILE_RUNTIME}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise BenchError(f"{bundle_dir / 'bundle.json'}: cannot read the bundle ({err})") from err
-    spec = _spec_from(meta.get("preprocessing"))
-    threshold = meta.get("threshold", meta.get("operating_point", {}).get("threshold") if isinstance(meta.get("operating_point"), dict) else None)
-    files = {_format_of(p): p for p in sorted(bundle_dir.rglob("*")) if p.suffix in FILE_RUNTIME and p.is_file()}
     if not files:
         raise BenchError(f"{bundle_dir}: the bundle holds no .xml or .onnx model")
-    return [BenchTarget(name=meta.get("artifact", "bundle"), files=files, precision=meta.get("precision", "unknown"), spec=spec,
-                        threshold=threshold, macs=meta.get("macs"), source=str(bundle_dir))]
+    return [BenchTarget(name=artifact.get("name", "bundle"), files=files, precision=artifact.get("precision", "unknown"),
+                        spec=_spec_from(meta.get("preprocessing")), threshold=op.get("threshold"), temperature=op.get("temperature") or 1.0,
+                        run_precision=model.get("precision", "auto") if model.get("precision") in ("auto", "f32", "bf16", "f16") else "auto",
+                        macs=artifact.get("macs"), lineage=artifact.get("lineage", ""), source=str(bundle_dir))]
 
 
 def _format_of(path: Path) -> str:
@@ -168,7 +172,7 @@ class BenchOptions:
     device: str = "CPU"
     threads: list[int] = field(default_factory=lambda: [default_threads()])
     batches: list[int] = field(default_factory=lambda: [1])
-    precision: str = "auto"
+    precision: str | None = None  # None: what the build benched / the bundle deploys with
     hint: str = "latency"
     iterations: int = 100
     duration: float | None = None
@@ -200,9 +204,10 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
     path = _path_for(target, runtime)
     size = _input_size(target)
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    precision = opts.precision or target.run_precision
     _reset_peak_rss()
     t0 = time.perf_counter()
-    session = open_session(path, runtime, threads=threads, precision=opts.precision, device=opts.device,
+    session = open_session(path, runtime, threads=threads, precision=precision, device=opts.device,
                            hint=opts.hint.upper(), static_batch=batch)
     compile_ms = (time.perf_counter() - t0) * 1e3
     latency = measure_latency(lambda: session.run(x), warmup=opts.warmup, iterations=opts.iterations, min_seconds=opts.duration or 0.0)
@@ -223,7 +228,7 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
         "threads": session.threads,
         "batch": batch,
         "hint": opts.hint,
-        "requested_precision": opts.precision,
+        "requested_precision": precision,
         "exec_precision": session.exec_precision,
         "latency_ms": {k: round(latency[k], 4) for k in ("p50", "p90", "p99", "mean", "min")},
         "first_inference_ms": round(latency["first_ms"], 3),
@@ -238,10 +243,10 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
     }
     if eval_set is not None:
         images, labels = eval_set
-        logits = predict_logits(open_session(path, runtime, threads=threads, precision=opts.precision, device=opts.device), to_input(images, target.spec or PreprocessSpec(size=size)))
+        logits = predict_logits(open_session(path, runtime, threads=threads, precision=precision, device=opts.device), to_input(images, target.spec or PreprocessSpec(size=size)))
         if target.threshold is None:
             raise BenchError(f"{target.path}: no locked operating point is known for this model; bench its build folder or bundle to get accuracy")
-        m = classification_metrics(logits, labels, target.threshold)
+        m = classification_metrics(logits / target.temperature, labels, target.threshold)
         row["metrics"] = {k: m[k] for k in ("auc", "sensitivity", "specificity", "accuracy", "threshold", "n")}
         row["metrics_source"] = "bench --data"
     elif runtime in target.build_metrics:

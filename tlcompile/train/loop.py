@@ -19,13 +19,7 @@ import torch
 from torch import nn
 
 from tlcompile.errors import TrainError
-from tlcompile.evaluate.metrics import (
-    classification_metrics,
-    operating_point,
-    referable_score,
-    referable_truth,
-    roc_auc,
-)
+from tlcompile.evaluate.metrics import referable_score, referable_truth, roc_auc
 from tlcompile.recipe import TrainConfig
 from tlcompile.runtime.preprocess import PreprocessSpec
 
@@ -330,15 +324,3 @@ def fit(
             })
     result.wall_s += time.perf_counter() - t0
     return result, best_state
-
-
-def evaluate_torch(model: nn.Module, data, split: str, threshold: float, device: torch.device | None = None) -> dict[str, Any]:
-    x, y = data.subset(split)
-    return classification_metrics(predict(model, x, data.spec, device=device), y, threshold)
-
-
-def lock_operating_point(model: nn.Module, data, device: torch.device | None = None) -> float:
-    """Youden threshold on the validation split of this (FP32) model; every artifact is judged at it."""
-    x, y = data.subset("val")
-    logits = predict(model, x, data.spec, device=device)
-    return operating_point(referable_truth(y, logits.shape[1]), referable_score(logits))
