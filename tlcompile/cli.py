@@ -65,6 +65,8 @@ def build(
 
     console = _console()
     result = run_build(r, out, resume=resume, console=console)
+    if not result.report:  # a torchrun worker (rank > 0): rank 0 reports
+        return
     console.print(artifact_table(result.report))
     console.print(f"report: {out / 'report.json'}, {out / 'report.md'}, {out / 'report.html'}")
 

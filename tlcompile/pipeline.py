@@ -444,15 +444,33 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
     """Run the whole recipe into ``out_dir``; returns the report (also written as report.json/report.md)."""
     console = console or Console()
     out_dir = Path(out_dir)
+    from tlcompile.train import distributed
+
+    run, device = distributed.setup(loop.resolve_device(recipe.train.device))
+    if run.enabled and resume:
+        raise TlcompileError("--resume is not supported under torchrun yet; resume the build in a single process, or start it again")
+    if run.rank > 0:
+        # Workers train their shard and write nothing into the build folder: rank 0 owns every file.
+        import tempfile
+
+        out_dir, console = Path(tempfile.mkdtemp(prefix=f"tlcompile-rank{run.rank}-")), Console(quiet=True)
     prepare_out_dir(out_dir, resume=resume)
-    torch.set_num_threads(default_threads())
-    ctx = BuildContext(recipe=recipe, out_dir=out_dir, console=console, device=loop.resolve_device(recipe.train.device), resume=resume)
+    torch.set_num_threads(max(1, default_threads() // (run.world_size if device.type == "cpu" else 1)))
+    ctx = BuildContext(recipe=recipe, out_dir=out_dir, console=console, device=device, resume=resume)
     import yaml
 
     _timed(ctx, "train", lambda: preflight_transfer(ctx))  # before anything is written: a bad source leaves --out empty
     atomic_write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
     _timed(ctx, "data", lambda: stage_data(ctx))
     fp32 = _timed(ctx, "train", lambda: stage_train(ctx))
+    if run.enabled:
+        distributed.barrier(run)
+        distributed.teardown(run)
+        if run.rank > 0:
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return BuildResult(out_dir=out_dir, report={})
     artifacts = [fp32]
     _timed(ctx, "export", lambda: stage_export(ctx, artifacts))
     _timed(ctx, "bench", lambda: stage_bench(ctx, artifacts))

@@ -304,6 +304,8 @@ def fit(
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - e0, 3),
         }
+        if world > 1:
+            record["world_size"] = world  # loss is rank 0's shard mean; gradients were averaged over all ranks
         result.history.append(record)
         # Strictly better wins (ties keep the earlier epoch); a NaN AUC (one class in val) never beats a real one.
         if best_state is None or (not math.isnan(auc) and (math.isnan(result.best_val_auc) or auc > result.best_val_auc)):
