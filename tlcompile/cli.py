@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 recipe_app = typer.Typer(help="Recipe utilities.", no_args_is_help=True)
-data_app = typer.Typer(help="Datasets: the synthetic fundus generator.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: check a recipe's data; the synthetic fundus generator.", no_args_is_help=True)
 report_app = typer.Typer(help="Reports: render and merge.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
@@ -334,6 +334,28 @@ def data_synth(
         except ImportError:
             pass
         typer.echo(f"wrote {synthetic.preview_grid(preview, real_image=real, **kwargs)}")
+
+
+@data_app.command("check")
+def data_check(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (its data section is checked).")],
+    set_: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write data_check.json and problems.csv into this folder.")] = None,  # noqa: UP045
+) -> None:
+    """Check a recipe's data alone: images per grade, sizes, patients, split, and every bad file with its reason.
+    Exits 1 when problems are found."""
+    from tlcompile.data.datamodule import check_data
+    from tlcompile.recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    report = check_data(r.data, seed=r.seed)
+    for line in report.summary_lines():
+        typer.echo(line)
+    if out is not None:
+        json_path, csv_path = report.write(out)
+        typer.echo(f"wrote {json_path} and {csv_path}")
+    if report.problems:
+        raise typer.Exit(1)
 
 
 def main() -> None:

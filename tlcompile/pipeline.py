@@ -95,16 +95,21 @@ class BuildResult:
 # -------------------------------------------------------------------------------------------- stages
 def stage_data(ctx: BuildContext) -> None:
     d = ctx.recipe.data
-    with ctx.console.status(f"[bold]data[/]: loading {d.source} images ({d.image_size} px)"):
-        ctx.data = load_data(d, seed=ctx.recipe.seed)
     folder = ctx.stage_dir("01_data")
+    with ctx.console.status(f"[bold]data[/]: loading {d.source} images ({d.image_size} px)"):
+        # The data check report (data_check.json, problems.csv) lands beside splits.csv, also when problems stop the build.
+        ctx.data = load_data(d, seed=ctx.recipe.seed, report_dir=folder)
     ctx.data.write_splits_csv(folder / "splits.csv")
+    report = ctx.data.report
     summary = {"counts": ctx.data.counts(), "preprocessing": ctx.data.spec.to_dict(), "task": d.task,
-               "class_names": list(ctx.data.class_names), "fov_not_found": int((~ctx.data.fov_found).sum())}
+               "class_names": list(ctx.data.class_names), "fov_not_found": int((~ctx.data.fov_found).sum()),
+               "balance": d.balance, "problems_skipped": len(report.problems) if report else 0,
+               "patients_in_two_splits": report.splits.get("patients_in_two_splits") if report else None}
     atomic_write_json(folder / "summary.json", summary)
     ctx.finish_stage("01_data", {"images": len(ctx.data.ids)})
     counts = ", ".join(f"{k} {sum(v.values())}" for k, v in summary["counts"].items())
-    ctx.console.print(f"[bold]data[/]: {len(ctx.data.ids)} images ({counts}); task {d.task}")
+    skipped = f"; {summary['problems_skipped']} problem images left out (01_data/problems.csv)" if summary["problems_skipped"] else ""
+    ctx.console.print(f"[bold]data[/]: {len(ctx.data.ids)} images ({counts}); task {d.task}{skipped}")
 
 
 def _build_model(ctx: BuildContext) -> torch.nn.Module:
@@ -146,7 +151,7 @@ def stage_train(ctx: BuildContext) -> Artifact:
 
             outcome = transfer.run_transfer(
                 r, data, device=ctx.device, source=ctx.weight_source, log=lambda msg: ctx.console.print(msg, markup=False),
-                on_epoch=on_epoch, on_step=lambda _loss: progress.advance(task),
+                on_epoch=on_epoch, on_step=lambda _loss: progress.advance(task), checkpoint_dir=folder,
             )
         model = outcome.model
         atomic_write_with(ckpt, lambda p: torch.save(model.state_dict(), p))
@@ -155,6 +160,8 @@ def stage_train(ctx: BuildContext) -> Artifact:
             atomic_write_json(folder / "transfer.json", ctx.transfer)
             ctx.console.print(_transfer_table(ctx.transfer))
         ctx.finish_stage("02_train", {"training": ctx.training, "transfer": ctx.transfer, "checkpoint_sha256": sha256_file(ckpt)})
+        for path in transfer.checkpoint_paths(r, folder).values():  # stage.json now stands for them (tens of MB each)
+            path.unlink(missing_ok=True)
         t = ctx.training
         ctx.console.print(f"[bold]train[/]: {t['variant']}, best epoch {t['best_epoch']}, val AUC {t['best_val_auc']:.3f} ({t['wall_s']:.0f} s)")
     model.eval()
@@ -189,7 +196,11 @@ def stage_export(ctx: BuildContext, artifacts: list[Artifact]) -> None:
             path = folder / f"{art.name}{FORMAT_SUFFIX[fmt]}"
             if not (done and path.is_file()):
                 with ctx.console.status(f"[bold]export[/]: {art.name} -> {fmt}"):
-                    if fmt == "onnx":
+                    if art.precision == "int8":  # NNCF fake-quantized: FakeQuantize IR / U8S8 QDQ ONNX
+                        from tlcompile.export.int8 import export_int8
+
+                        export_int8(module, path, fmt, image_size=data.spec.size, opset=r.export.opset)
+                    elif fmt == "onnx":
                         export_onnx(module, path, image_size=data.spec.size, opset=r.export.opset)
                     else:
                         export_openvino(module, path, image_size=data.spec.size)
@@ -271,6 +282,8 @@ def stage_bench(ctx: BuildContext, artifacts: list[Artifact]) -> None:
                     "parity": art.parity.get(fmt, {"max_abs_diff": 0.0, "top1_agreement": 1.0, "reference": "self"}),
                     "lineage": art.lineage,
                     "logits_path": str(logits_path.relative_to(ctx.out_dir)),
+                    # Compressed artifacts: the accuracy guard on val (met / checks / actions) and what compression did.
+                    **{k: art.metadata[k] for k in ("guard", "compression") if k in art.metadata},
                 })
         for art in artifacts:
             art.module.to(ctx.device)
@@ -472,6 +485,13 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
             shutil.rmtree(out_dir, ignore_errors=True)
             return BuildResult(out_dir=out_dir, report={})
     artifacts = [fp32]
+    if recipe.prune is not None or recipe.quantize is not None:  # imported only when asked: nncf loads slowly
+        from tlcompile.compress.stages import stage_prune, stage_quantize
+
+        if recipe.prune is not None:
+            artifacts.append(_timed(ctx, "prune", lambda: stage_prune(ctx, fp32)))
+        if recipe.quantize is not None:
+            artifacts += _timed(ctx, "quantize", lambda: stage_quantize(ctx, artifacts))
     _timed(ctx, "export", lambda: stage_export(ctx, artifacts))
     _timed(ctx, "bench", lambda: stage_bench(ctx, artifacts))
     report = assemble_report(ctx)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -36,6 +37,12 @@ class Section(BaseModel):
 class SplitConfig(Section):
     val: float = Field(0.15, gt=0, lt=1, description="Fraction of images held out for validation (model selection, operating point).")
     test: float = Field(0.2, gt=0, lt=1, description="Fraction of images held out for the final test metrics.")
+    column: str | None = Field(
+        None,
+        min_length=1,
+        description="Label-CSV column giving each image's split (train, val or test) instead of drawing one; val and "
+        "test fractions are then not used. A patient found in two splits is reported as a data problem.",
+    )
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> SplitConfig:
@@ -48,10 +55,17 @@ class SplitConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["synthetic", "csv", "folder"] = Field(
+    source: Literal["synthetic", "aptos", "eyepacs", "idrid", "messidor", "folder", "csv"] = Field(
         "synthetic",
-        description="synthetic: built-in fundus generator; csv: a label CSV + image folder (APTOS/EyePACS style); "
-        "folder: one sub-folder per grade (0..4).",
+        description="synthetic: built-in fundus generator. Layout presets under data.root: aptos (train.csv id_code,"
+        "diagnosis + train_images/<id>.png); eyepacs (trainLabels.csv image,level + train/<image>.jpeg; the patient is "
+        "the part before _left/_right); idrid (the IDRiD grading CSV 'Image name','Retinopathy grade' + <id>.jpg); "
+        "messidor (Messidor-2 messidor_data.csv image_id,adjudicated_dr_grade + IMAGES/; ungradable rows left out); "
+        "folder (one sub-folder per class: 0..4 or data.label_map's names); csv (any label CSV: data.csv with "
+        "image_column, label_column, path_template, optional patient_column or patient_regex).",
+    )
+    root: Path | None = Field(
+        None, description="Dataset folder of a layout preset (relative to the recipe file); data.csv / data.images override where the preset looks."
     )
     num_images: int = Field(1500, ge=20, le=200_000, description="Synthetic source: how many images to generate.")
     difficulty: float | None = Field(
@@ -62,28 +76,118 @@ class DataConfig(Section):
     task: Literal["referable", "grade"] = Field(
         "referable", description="referable: binary, DR grade >= 2; grade: the 5-grade international scale."
     )
-    split: SplitConfig = Field(default_factory=SplitConfig, description="Stratified train/val/test split, fixed by the seed.")
-    csv: Path | None = Field(None, description="csv source: path of the label CSV (relative to the recipe file).")
-    images: Path | None = Field(None, description="csv source: folder with the images; folder source: the root with one sub-folder per grade.")
-    image_column: str = Field("id_code", description="csv source: column holding the image id or file name.")
-    label_column: str = Field("diagnosis", description="csv source: column holding the DR grade 0-4.")
-    path_template: str = Field("{id}.png", description="csv source: file name of an image from its id, e.g. '{id}.png' or '{id}.jpeg'.")
+    split: SplitConfig = Field(
+        default_factory=SplitConfig,
+        description="train/val/test: stratified by label and grouped by patient (both eyes of a patient in one split), "
+        "fixed by the seed; or read from a CSV column.",
+    )
+    csv: Path | None = Field(None, description="The label CSV (relative to the recipe file): needed by the csv source; overrides a preset's.")
+    images: Path | None = Field(
+        None,
+        description="Folder holding the images (relative to the recipe file); default: the preset's folder under "
+        "data.root (csv source: data.root, else the CSV's folder). folder source: the folder with one sub-folder per class.",
+    )
+    image_column: str | None = Field(None, min_length=1, description="CSV column holding the image id or file name (None: the preset's; csv source: id_code).")
+    label_column: str | None = Field(None, min_length=1, description="CSV column holding the label (None: the preset's; csv source: diagnosis).")
+    path_template: str | None = Field(
+        None, description="File name of an image from its id, e.g. '{id}.png' or 'images/{id}.jpeg' (None: the preset's; csv source: '{id}.png')."
+    )
+    patient_column: str | None = Field(None, min_length=1, description="CSV column holding the patient id (eyes of one patient share a split).")
+    patient_regex: str | None = Field(
+        None,
+        min_length=1,
+        description="Regular expression whose first group (or group 'patient') is the patient id, searched in the image "
+        "id (folder source: the file name without extension), e.g. '^(.+)_(left|right)$'. Without patient_column or "
+        "patient_regex (and no preset rule), each image is its own patient.",
+    )
+    label_map: dict[str, int | None] = Field(
+        default_factory=dict,
+        description="Raw label (as written in the CSV, or the class folder's name) -> DR grade 0-4; null leaves those "
+        "images out (e.g. ungradable). Empty: the labels are the grades 0-4 themselves.",
+    )
+    balance: Literal["none", "weighted_sampler", "weighted_loss"] = Field(
+        "none",
+        description="Class imbalance in training: none; weighted_sampler (each epoch draws training images with "
+        "replacement, weighted by inverse class frequency); weighted_loss (cross-entropy weighted by inverse class "
+        "frequency of the training split).",
+    )
+    on_error: Literal["fail", "skip"] = Field(
+        "fail",
+        description="Bad data (unreadable, truncated, empty or blank images, missing files, bad labels, duplicates, "
+        "images too small): fail stops with the list; skip leaves exactly those images out. Either way the list is "
+        "written beside splits.csv; an image is never replaced by a black one.",
+    )
+    min_image_side: int | None = Field(
+        None, ge=1, le=100_000, description="Images whose shorter side is below this many pixels are reported as too small (None: data.image_size)."
+    )
+    cache: Path | None = Field(
+        None,
+        description="Folder for the preprocessed-image cache, keyed by file content and preprocessing (relative to the "
+        "recipe file): later builds and checks read it instead of decoding the photographs again. None: no cache.",
+    )
     crop_fov: bool = Field(True, description="Crop the black surround to the circular field of view before resizing.")
+    ben_graham: bool = Field(
+        False, description="Ben Graham's local-average colour subtraction: 4 x (image - Gaussian blur, sigma = field radius / 30) + 128."
+    )
+    circular_mask: float | None = Field(
+        None, gt=0, le=1, description="Blank outside a circle of this fraction of the field radius (Ben Graham used 0.9); None: no mask."
+    )
 
     @field_validator("path_template")
     @classmethod
-    def _template_has_id(cls, value: str) -> str:
+    def _template_has_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if "{id}" not in value:
             raise ValueError(f"'{value}' does not contain '{{id}}'; valid: a file name pattern such as '{{id}}.png'")
+        try:
+            value.format(id="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"'{value}' has a placeholder other than {{id}} ({err}); valid: a pattern such as '{{id}}.png'") from err
+        return value
+
+    @field_validator("patient_regex")
+    @classmethod
+    def _regex_has_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            pattern = re.compile(value)
+        except re.error as err:
+            raise ValueError(f"'{value}' is not a regular expression ({err})") from err
+        if pattern.groups < 1:
+            raise ValueError(f"'{value}' has no group to take the patient id from; valid: e.g. '^(.+)_(left|right)$'")
+        return value
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _label_keys_as_text(cls, value: Any) -> Any:
+        # YAML reads `0: 0` with an int key; labels are compared as the text written in the CSV or folder name.
+        if isinstance(value, dict):
+            return {str(k).strip(): v for k, v in value.items()}
+        return value
+
+    @field_validator("label_map")
+    @classmethod
+    def _grades_in_range(cls, value: dict[str, int | None]) -> dict[str, int | None]:
+        for key, grade in value.items():
+            if grade is not None and grade not in range(5):
+                raise ValueError(f"'{key}' maps to {grade}; valid: a DR grade 0-4, or null to leave those images out")
         return value
 
     @model_validator(mode="after")
     def _paths_for_source(self) -> DataConfig:
-        if self.source == "csv":
-            if self.csv is None or self.images is None:
-                raise ValueError("source 'csv' needs data.csv (the label file) and data.images (the image folder)")
-        if self.source == "folder" and self.images is None:
-            raise ValueError("source 'folder' needs data.images (a folder with one sub-folder per grade 0..4)")
+        if self.source == "csv" and self.csv is None:
+            raise ValueError("source 'csv' needs data.csv (the label file); data.images (the image folder) defaults to the CSV's folder")
+        if self.source in ("aptos", "eyepacs", "idrid", "messidor") and self.root is None and (self.csv is None or self.images is None):
+            raise ValueError(f"source '{self.source}' needs data.root (the dataset folder), or both data.csv and data.images")
+        if self.source == "folder" and self.root is None and self.images is None:
+            raise ValueError("source 'folder' needs data.root (a folder with one sub-folder per class: 0..4 or data.label_map's names)")
+        if self.patient_column is not None and self.patient_regex is not None:
+            raise ValueError("give data.patient_column or data.patient_regex, not both")
+        if self.source in ("synthetic", "folder") and (self.patient_column is not None or self.split.column is not None):
+            raise ValueError(f"source '{self.source}' has no label CSV: data.patient_column and data.split.column need a CSV "
+                             "source (aptos, eyepacs, idrid, messidor, csv)")
         if self.source == "synthetic":
             from tlcompile.data.synthetic import FUNDUS_STYLES
 
@@ -145,9 +249,12 @@ class TrainConfig(Section):
     schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="Learning-rate schedule over epochs.")
     step_size: int = Field(5, ge=1, description="step schedule: epochs between decays.")
     gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor.")
-    class_weighted_loss: bool = Field(False, description="Weight the cross-entropy by inverse class frequency of the training split.")
     augment: bool = Field(True, description="Random flips and brightness jitter during training.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where to train: auto picks cuda when available.")
+    amp: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="Mixed-precision training: bf16 (autocast; GPUs from Ampere, recent CPUs) or fp16 (autocast + gradient scaler)."
+    )
+    channels_last: bool = Field(False, description="NHWC memory layout for the model and batches (faster convolutions on tensor-core GPUs).")
 
 
 # ------------------------------------------------------------------------------------------- transfer
@@ -264,7 +371,10 @@ class PruneConfig(Section):
         default_factory=list,
         description="Blocks or module paths kept whole (never pruned); the classifier is always kept.",
     )
-    max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="channel, global scope: no layer loses more than this fraction of its channels.")
+    max_layer_ratio: float = Field(
+        0.8, gt=0, lt=1,
+        description="channel, global scope: no layer loses more than this fraction of its channels (where it binds, the network loses less than `ratio`).",
+    )
     round_to: int | None = Field(
         8, ge=1, le=128, description="channel: round kept channel counts to a multiple of this (SIMD-friendly widths); None = exact."
     )
@@ -629,7 +739,7 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     data = raw.get("data")
     if not isinstance(data, dict):
         return
-    for key in ("csv", "images"):
+    for key in ("root", "csv", "images", "cache"):
         value = data.get(key)
         if isinstance(value, str) and value:
             path = Path(value).expanduser()
@@ -639,14 +749,15 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
 
 
 def _check_paths_exist(recipe: Recipe, source: str) -> None:
-    d = recipe.data
-    if d.source == "csv":
-        if not d.csv.is_file():
-            raise RecipeError(f"{source}: data.csv: '{d.csv}' does not exist or is not a file; give the label CSV's path")
-        if not d.images.is_dir():
-            raise RecipeError(f"{source}: data.images: '{d.images}' is not a folder; give the folder holding the images")
-    if d.source == "folder" and not d.images.is_dir():
-        raise RecipeError(f"{source}: data.images: '{d.images}' is not a folder; give the root with one sub-folder per grade")
+    if recipe.data.source == "synthetic":
+        return
+    from tlcompile.data.sources import resolve_layout
+    from tlcompile.errors import DataError
+
+    try:  # the label CSV and image folder a preset points at exist (before minutes are spent on anything else)
+        resolve_layout(recipe.data)
+    except DataError as err:
+        raise RecipeError(f"{source}: {err}") from err
 
 
 def read_recipe_text(path: Path) -> str:

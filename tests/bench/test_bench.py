@@ -162,3 +162,18 @@ def test_bundle_is_benched_as_it_deploys(tiny_build):
     assert row["metrics"]["threshold"] == pytest.approx(meta["operating_point"]["threshold"])
     if row["exec_precision"] == build_row["exec_precision"]:
         assert row["metrics"]["auc"] == pytest.approx(build_row["metrics"]["auc"], abs=1e-6)
+
+
+def test_accuracy_on_a_folder_of_grades(tiny_build, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tlcompile.data.synthetic import render_fundus
+
+    for grade in range(5):
+        (tmp_path / str(grade)).mkdir()
+        for i in range(3):
+            Image.fromarray(render_fundus(grade, np.random.default_rng([grade, i]), size=96)).save(tmp_path / str(grade) / f"{i}.png")
+    rows = run_bench([tiny_build], BenchOptions(runtimes=["onnxruntime"], iterations=2, warmup=0), data=tmp_path)["rows"]
+    assert rows[0]["metrics"]["n"] == 15 and rows[0]["metrics_source"] == "bench --data"
+    assert 0.0 <= rows[0]["metrics"]["auc"] <= 1.0

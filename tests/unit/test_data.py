@@ -12,10 +12,11 @@ from tlcompile.errors import DataError
 from tlcompile.recipe import DataConfig
 
 
-def _fundus_png(path, grade: int, size: int = 80) -> None:
+def _fundus_png(path, grade: int, size: int = 80, index: int = 0) -> None:
+    # The blue channel carries the index: identical files would be reported as duplicate photographs.
     rgb = np.zeros((size, size + 20, 3), np.uint8)
     yy, xx = np.mgrid[:size, : size + 20]
-    rgb[(yy - size // 2) ** 2 + (xx - size // 2 - 10) ** 2 < (size // 2 - 4) ** 2] = (170, 70 + 10 * grade, 30)
+    rgb[(yy - size // 2) ** 2 + (xx - size // 2 - 10) ** 2 < (size // 2 - 4) ** 2] = (170, 70 + 10 * grade, 30 + index)
     Image.fromarray(rgb).save(path)
 
 
@@ -26,7 +27,7 @@ def csv_dataset(tmp_path):
     rows = ["id_code,diagnosis"]
     for i in range(40):
         grade = i % 5
-        _fundus_png(images / f"img{i:03d}.png", grade)
+        _fundus_png(images / f"img{i:03d}.png", grade, index=i)
         rows.append(f"img{i:03d},{grade}")
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     return tmp_path
@@ -68,7 +69,7 @@ def test_folder_loader(tmp_path):
     for grade in range(5):
         (tmp_path / str(grade)).mkdir()
         for i in range(4):
-            _fundus_png(tmp_path / str(grade) / f"{i}.png", grade)
+            _fundus_png(tmp_path / str(grade) / f"{i}.png", grade, index=i)
     dm = load_data(DataConfig(source="folder", images=tmp_path, image_size=32), seed=0)
     assert len(dm.ids) == 20 and sorted(set(dm.grades.tolist())) == [0, 1, 2, 3, 4]
 

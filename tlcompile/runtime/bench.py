@@ -246,7 +246,10 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
         logits = predict_logits(open_session(path, runtime, threads=threads, precision=precision, device=opts.device), to_input(images, target.spec or PreprocessSpec(size=size)))
         if target.threshold is None:
             raise BenchError(f"{target.path}: no locked operating point is known for this model; bench its build folder or bundle to get accuracy")
-        m = classification_metrics(logits / target.temperature, labels, target.threshold)
+        from tlcompile.data.datamodule import targets_for
+
+        targets = targets_for(labels, "referable" if logits.shape[1] == 2 else "grade")
+        m = classification_metrics(logits / target.temperature, targets, target.threshold)
         row["metrics"] = {k: m[k] for k in ("auc", "sensitivity", "specificity", "accuracy", "threshold", "n")}
         row["metrics_source"] = "bench --data"
     elif runtime in target.build_metrics:
@@ -305,7 +308,10 @@ def synthetic_camera_images(folder: Path, *, count: int = 3, width: int = 2048, 
 
 # ----------------------------------------------------------------------------------- accuracy inputs
 def load_eval_set(data: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
-    """``--data``: a recipe YAML (its test split, built exactly as in the build) or a folder of grade sub-folders."""
+    """``--data``: a recipe YAML (its test split, built exactly as in the build) or a folder of grade sub-folders.
+
+    Returns (preprocessed images, DR grades); the images are prepared with exactly the model's preprocessing.
+    """
     from tlcompile.data.datamodule import load_data
 
     if data.is_file() and data.suffix in (".yaml", ".yml"):
@@ -313,14 +319,19 @@ def load_eval_set(data: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndar
 
         cfg = load_recipe(data)
         dm = load_data(cfg.data, seed=cfg.seed)
-        if dm.spec.size != spec.size:
-            raise BenchError(f"--data {data}: images are {dm.spec.size} px but the model takes {spec.size} px")
-        return dm.subset("test")
+        theirs, ours = {**dm.spec.to_dict(), "extra": {}}, {**spec.to_dict(), "extra": {}}
+        if theirs != ours:
+            diff = ", ".join(f"{k}: {theirs[k]} vs {ours[k]}" for k in ours if theirs.get(k) != ours[k])
+            raise BenchError(f"--data {data}: its preprocessing differs from the model's ({diff})")
+        test = dm.split == "test"
+        return dm.images[test], dm.grades[test]
     if data.is_dir():
         from tlcompile.recipe import DataConfig
 
-        dm = load_data(DataConfig(source="folder", images=data, image_size=spec.size, crop_fov=spec.crop_fov), seed=0)
-        return dm.images, dm.targets
+        cfg = DataConfig(source="folder", root=data, image_size=spec.size, crop_fov=spec.crop_fov, ben_graham=spec.ben_graham,
+                         circular_mask=spec.circular_mask)
+        dm = load_data(cfg, seed=0)
+        return dm.images, dm.grades
     raise BenchError(f"--data '{data}': give a recipe .yaml (its test split is used) or a folder with sub-folders 0..4")
 
 

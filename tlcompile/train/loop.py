@@ -73,14 +73,20 @@ def iterate_batches(
     augment_batches: bool = False,
     shard: tuple[int, int] = (0, 1),
     channels_last: bool = False,
+    sample_weights: np.ndarray | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised float batches from uint8 images.
 
     ``shard=(rank, world)``: every rank draws the same permutation and takes every world-th sample, cut to a
     multiple of ``world`` so all ranks run the same number of steps (DDP needs that); with ``batch_size`` per rank
     of ``batch / world`` the averaged gradient equals the single-process one (BatchNorm statistics aside).
+    ``sample_weights`` (with shuffle; data.balance: weighted_sampler): the epoch draws len(images) indices with
+    replacement, each with its weight, instead of a permutation.
     """
-    order = rng.permutation(len(images)) if shuffle and rng is not None else np.arange(len(images))
+    if shuffle and rng is not None and sample_weights is not None:
+        order = rng.choice(len(images), size=len(images), replace=True, p=sample_weights)
+    else:
+        order = rng.permutation(len(images)) if shuffle and rng is not None else np.arange(len(images))
     rank, world = shard
     if world > 1:
         order = order[: len(order) - len(order) % world][rank::world]
@@ -243,6 +249,7 @@ def fit(
     checkpoint: EpochCheckpoint | None = None,
     amp: str = "none",
     channels_last: bool = False,
+    sample_weights: np.ndarray | None = None,
 ) -> tuple[FitResult, dict[str, torch.Tensor]]:
     """Train epochs ``start_epoch .. start_epoch + epochs - 1``, evaluating val AUC after each; returns the history
     and the best state_dict. Several calls may continue one run (phases), passing ``result`` and ``best_state`` on.
@@ -291,7 +298,7 @@ def fit(
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         batches = iterate_batches(
             x_tr, y_tr, spec, batch_size=max(1, batch_size // world), device=device, shuffle=True, rng=rng, generator=gen,
-            augment_batches=augment_batches, shard=(rank, world), channels_last=channels_last,
+            augment_batches=augment_batches, shard=(rank, world), channels_last=channels_last, sample_weights=sample_weights,
         )
         loss = train_one_epoch(train_model, batches, optimizer, scheduler, loss_fn, set_train_mode=set_train_mode, on_step=on_step,
                                amp=amp, scaler=scaler)

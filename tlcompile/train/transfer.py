@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,17 +131,19 @@ def run_phases(
     freeze_bn_stats: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[float], None] | None = None,
+    checkpoint: loop.EpochCheckpoint | None = None,
 ) -> tuple[loop.FitResult, dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Train ``model`` through ``phases``; returns the history, the state of the best val epoch and the phase records.
 
     Each phase freezes everything, unfreezes its blocks and the classifier, and gets a new optimizer over the
     trainable parameters only (frozen ones get no weight decay or momentum, so they stay bit-identical) and its
     own schedule. Each epoch record gains ``phase``, ``optimizer`` and ``trainable_params``. At the end every
-    parameter is trainable again, so later stages (pruning, QAT) see an ordinary model.
+    parameter is trainable again, so later stages (pruning, QAT) see an ordinary model. One ``checkpoint`` serves
+    all phases: after a kill, fit() skips the phases already done and continues the one that was running.
     """
     x_tr, y_tr = data.subset("train")
     steps = -(-len(x_tr) // train.batch_size)
-    weight = loop.class_weights(y_tr, data.num_classes).to(device) if train.class_weighted_loss else None
+    weight = loop.class_weights(y_tr, data.num_classes).to(device) if data.balance == "weighted_loss" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     blocks = dict(model.blocks())
     result, best_state, records, epoch = loop.FitResult(), None, [], 0
@@ -164,8 +167,15 @@ def run_phases(
             epochs=phase.epochs, batch_size=train.batch_size, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
             seed=seed, device=device, augment_batches=train.augment, set_train_mode=set_train_mode,
             on_epoch=labelled, on_step=on_step, start_epoch=epoch, result=result, best_state=best_state,
+            sample_weights=data.sample_weights("train"), checkpoint=checkpoint, amp=train.amp, channels_last=train.channels_last,
         )
         epoch += phase.epochs
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is not None and saved["epoch"] == epoch:
+            # A resumed run whose checkpoint ends exactly here: fit() skipped this phase without restoring the
+            # weights or the RNG, and the next phase starts afresh from them (its own optimizer), so restore both.
+            model.load_state_dict(saved["model"])
+            torch.set_rng_state(saved["torch_rng"])
     unfreeze(model)
     return result, best_state, records
 
@@ -236,6 +246,7 @@ def train_variant(
     device: torch.device,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[float], None] | None = None,
+    checkpoint: loop.EpochCheckpoint | None = None,
 ) -> VariantRun:
     """Initialise, train and evaluate one variant with one seed; the model holds its best-val-epoch weights."""
     transfer = recipe.effective_transfer()
@@ -244,7 +255,7 @@ def train_variant(
     phases = plan_phases(variant, recipe.train, transfer.finetune, [name for name, _ in model.blocks()])
     result, best_state, phase_records = run_phases(
         model, phases, data, recipe.train, seed=seed, device=device, freeze_bn_stats=transfer.freeze_bn_stats,
-        on_epoch=on_epoch, on_step=on_step,
+        on_epoch=on_epoch, on_step=on_step, checkpoint=checkpoint,
     )
     model.load_state_dict(best_state)
     model.eval()
@@ -296,12 +307,14 @@ def run_transfer(
     log: Callable[[str], None] = lambda _msg: None,
     on_epoch: EpochCallback | None = None,
     on_step: Callable[[float], None] | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> TransferOutcome:
     """Train every variant (main first, then ``compare``) over ``repeats`` seeds; keep the best mean val AUC.
 
     Every run sees the same data, epochs and batch size; run r of every variant uses seed ``recipe.seed + r``
     for its init, batch order and augmentation, so variants differ only in init and strategy. Test AUC is
-    measured for the table but never used to choose.
+    measured for the table but never used to choose. With ``checkpoint_dir`` every run saves an epoch checkpoint
+    there (:func:`checkpoint_paths`), so a killed build continues each run where it stopped.
     """
     transfer = recipe.effective_transfer()
     if source is None and needs_source(recipe):
@@ -318,9 +331,15 @@ def run_transfer(
         for r in range(transfer.repeats):
             seed = recipe.seed + r
             label = variant.name + (f" seed {seed}" if transfer.repeats > 1 else "")
+            checkpoint = None
+            if checkpoint_dir is not None:
+                # Tagged with the recipe, variant and seed: a checkpoint of anything else is never continued.
+                checkpoint = loop.EpochCheckpoint(checkpoint_paths(recipe, checkpoint_dir)[(variant.name, seed)],
+                                                  tag=f"{recipe.fingerprint()}:{variant.name}:{seed}")
             try:
                 run = train_variant(variant, recipe, data, source, seed=seed, device=device,
-                                    on_epoch=(lambda rec, label=label: on_epoch(label, rec)) if on_epoch else None, on_step=on_step)
+                                    on_epoch=(lambda rec, label=label: on_epoch(label, rec)) if on_epoch else None, on_step=on_step,
+                                    checkpoint=checkpoint)
             except TrainError as err:
                 if not comparing:
                     raise
@@ -358,6 +377,15 @@ def run_transfer(
     if recipe.transfer is not None or recipe.model.pretrained != "none":
         table = transfer_table(runs, transfer, best, source)
     return TransferOutcome(model=best.model, training=training, table=table)
+
+
+def checkpoint_paths(recipe: Recipe, folder: Path) -> dict[tuple[str, int], Path]:
+    """Epoch-checkpoint file of every (variant, seed) run: ``epoch-checkpoint.pt`` when there is one run."""
+    transfer = recipe.effective_transfer()
+    runs = [(i, v.name, recipe.seed + r) for i, v in enumerate(transfer.variants()) for r in range(transfer.repeats)]
+    if len(runs) == 1:
+        return {(runs[0][1], runs[0][2]): folder / "epoch-checkpoint.pt"}
+    return {(name, seed): folder / f"epoch-checkpoint-v{i}-seed{seed}.pt" for i, name, seed in runs}
 
 
 def _log_source(source: SourceWeights, recipe: Recipe, num_classes: int, log: Callable[[str], None]) -> None:
