@@ -1,0 +1,116 @@
+"""A tiny build with prune + quantize end to end (and resumed), and the accuracy guard's remedies in action."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from tlcompile.pipeline import Artifact, BuildContext, build
+from tlcompile.recipe import validate_recipe_dict
+
+
+@pytest.fixture
+def compress_recipe(tiny_recipe_dict) -> dict:
+    r = dict(tiny_recipe_dict)
+    r["data"] = {**r["data"], "num_images": 80, "image_size": 32}
+    r["export"] = {**r["export"], "parity_images": 8}
+    r["prune"] = {"ratio": 0.5, "steps": 1, "finetune_epochs": 1, "calibration_images": 16, "max_auc_drop": None}
+    r["quantize"] = {"epochs": 1, "calibration_images": 16, "max_auc_drop": None}
+    r["bench"] = {**r["bench"], "runtimes": ["openvino", "onnxruntime"], "iterations": 2}
+    r["evaluate"] = {"bootstrap_resamples": 100}
+    r["bundle"] = {"enabled": False}
+    return r
+
+
+def _build(recipe_dict: dict, out):
+    recipe = validate_recipe_dict(recipe_dict)
+    return recipe, build(recipe, out, console=Console(quiet=True)).report
+
+
+def test_prune_and_quantize_build_end_to_end(compress_recipe, tmp_path):
+    out = tmp_path / "build"
+    _, report = _build(compress_recipe, out)
+    rows = {(a["name"], a["runtime"]): a for a in report["artifacts"]}
+    names = ("fp32", "pruned", "int8", "pruned-int8")
+    assert set(rows) == {(n, rt) for n in names for rt in ("openvino", "onnxruntime")}
+    lineage = {n: rows[(n, "openvino")]["lineage"] for n in names}
+    assert lineage == {"fp32": "fp32", "pruned": "fp32 <- pruned-channel-0.5", "int8": "fp32 <- qat-int8",
+                       "pruned-int8": "fp32 <- pruned-channel-0.5 <- qat-int8"}
+    fp32, pruned, int8, pruned_int8 = (rows[(n, "openvino")] for n in names)
+    # Channels were physically removed: a quarter of the work and weights is left; the file is smaller too.
+    assert pruned["macs"] < 0.3 * fp32["macs"] and pruned_int8["macs"] == pruned["macs"]
+    assert pruned["size_bytes"] < 0.3 * fp32["size_bytes"]
+    assert int8["size_bytes"] < 0.3 * fp32["size_bytes"] and pruned_int8["size_bytes"] < 0.3 * pruned["size_bytes"]
+    # What really ran: int8 kernels on both runtimes, and the exports agree with the fake-quantized torch model.
+    assert int8["exec_precision"] in ("u8", "i8") and rows[("int8", "onnxruntime")]["exec_precision"] == "int8"
+    for name in ("int8", "pruned-int8"):
+        for runtime in ("openvino", "onnxruntime"):
+            assert rows[(name, runtime)]["parity"]["top1_agreement"] >= 0.9
+    # Every compressed row carries its guard and what compression did; fp32 has none.
+    assert "guard" not in fp32
+    assert pruned["guard"]["met"] and pruned["guard"]["checks"][0]["against"] == "fp32"
+    assert [c["against"] for c in pruned_int8["guard"]["checks"]] == ["fp32", "pruned"]
+    assert int8["compression"]["ptq"]["test"]["auc"] is not None and int8["compression"]["batchnorm_folded"] == 4
+    assert pruned["compression"]["widths"] == {"features.layer1.conv": [32, 16], "features.layer2.conv": [64, 32],
+                                               "features.layer3.conv": [128, 64], "features.layer4.conv": [256, 128]}
+    for rel in ("03_prune/architecture.json", "03_prune/pruned.pt", "04_quantize/int8.nncf.json", "04_quantize/int8.pt",
+                "04_quantize/pruned-int8.nncf.json", "05_export/pruned-int8.onnx", "05_export/pruned-int8.xml"):
+        assert (out / rel).is_file(), rel
+    assert {"prune", "quantize"} <= set(report["stage_seconds"])
+
+
+@pytest.mark.slow
+def test_a_resumed_build_rebuilds_the_compressed_models_from_their_files(compress_recipe, tmp_path):
+    out = tmp_path / "build"
+    recipe, report = _build(compress_recipe, out)
+    rows = {(a["name"], a["runtime"]): a for a in report["artifacts"]}
+    # The compressed models are rebuilt from architecture.json / NNCF config + state_dict, not recomputed.
+    saved = {p: (out / p).stat().st_mtime_ns for p in ("03_prune/pruned.pt", "04_quantize/int8.pt", "04_quantize/pruned-int8.pt")}
+    again = build(recipe, out, resume=True, console=Console(quiet=True)).report
+    assert {p: (out / p).stat().st_mtime_ns for p in saved} == saved
+    rows2 = {(a["name"], a["runtime"]): a for a in again["artifacts"]}
+    for key, row in rows.items():
+        assert rows2[key]["metrics"]["auc"] == row["metrics"]["auc"], key
+        assert rows2[key]["guard" if "guard" in row else "lineage"] == row["guard" if "guard" in row else "lineage"]
+
+
+def test_a_failing_guard_gets_more_qat_epochs_then_fp32_layers(tiny_data, calibration_inputs, tmp_path, monkeypatch):
+    from tests.compress.conftest import settled
+    from tlcompile.compress import stages
+    from tlcompile.compress.quantize import quantizer_hooks
+
+    recipe = validate_recipe_dict({
+        "data": {"num_images": 64, "image_size": 32},
+        "train": {"epochs": 1, "batch_size": 16},
+        "quantize": {"epochs": 1, "recovery_epochs": 1, "fp32_fallback_layers": 2, "calibration_images": 16, "distill": False},
+    })
+    ctx = BuildContext(recipe=recipe, out_dir=tmp_path, console=Console(quiet=True), device=torch.device("cpu"), data=tiny_data)
+    ctx.operating_point = {"threshold": 0.5, "temperature": 1.0}
+    fp32 = Artifact(name="fp32", module=settled("cbr_small", calibration_inputs), precision="fp32", lineage="fp32")
+    real_check, calls = stages.guard.check, []
+
+    def strict_check(candidate, reference, **kwargs):  # the first two judgements fail, as a real big drop would
+        calls.append(candidate)
+        result = real_check(candidate, reference, **kwargs)
+        if len(calls) <= 2:
+            result = {**result, "met": False, "auc": {**result["auc"], "drop": 0.5, "met": False}}
+        return result
+
+    monkeypatch.setattr(stages.guard, "check", strict_check)
+    [art] = stages.stage_quantize(ctx, [fp32])
+    g, c = art.metadata["guard"], art.metadata["compression"]
+    assert len(calls) == 3 and g["met"]
+    assert "1 more QAT epochs" in g["actions"][0]
+    assert "kept the 2 most sensitive layers in FP32" in g["actions"][1]
+    assert len(c["fp32_layers"]) == 2 and len(c["sensitivity"]) == 5
+    assert art.lineage == "fp32 <- qat-int8 (2 layers fp32)"
+    # The chosen layers really run in FP32: no quantizer on their weights.
+    hooks = [name for name, _ in quantizer_hooks(art.module)]
+    for layer in c["fp32_layers"]:
+        assert not any(h.startswith(f"pre_hooks.{layer}__1") for h in hooks), layer
+    # The record is saved for resume and the report.
+    saved = json.loads((tmp_path / "04_quantize" / "quantize.json").read_text())
+    assert saved["int8"]["compression"]["fp32_layers"] == c["fp32_layers"]

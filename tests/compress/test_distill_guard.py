@@ -1,0 +1,85 @@
+"""Distillation loss and hook; the accuracy guard's checks; the recipe's prune / quantize sections."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tlcompile.compress import guard
+from tlcompile.compress.distill import distillation, distillation_loss
+from tlcompile.errors import RecipeError
+from tlcompile.recipe import validate_recipe_dict
+
+
+def test_distillation_loss_is_ce_plus_scaled_kl():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
+    y = torch.randint(0, 2, (8,), generator=g)
+    assert torch.isclose(distillation_loss(student, teacher, y, temperature=3.0, alpha=0.0), F.cross_entropy(student, y))
+    assert distillation_loss(teacher, teacher, y, temperature=3.0, alpha=1.0).abs() < 1e-6  # student == teacher
+    t = 3.0
+    p_t = F.softmax(teacher / t, dim=1)
+    kl = (p_t * (p_t.log() - F.log_softmax(student / t, dim=1))).sum(1).mean()
+    expected = 0.25 * t * t * kl + 0.75 * F.cross_entropy(student, y)
+    assert torch.isclose(distillation_loss(student, teacher, y, temperature=t, alpha=0.25), expected, atol=1e-6)
+
+
+def test_the_teacher_sees_the_students_batch_and_stays_frozen():
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(4, 2), nn.Linear(4, 2)
+    teacher.train()
+    before = [p.clone() for p in teacher.parameters()]
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1])
+    with distillation(student, teacher, temperature=2.0, alpha=1.0) as loss_fn:
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        student.eval()  # eval-mode passes (validation) record nothing
+        expected = distillation_loss(student(x), teacher(x), y, temperature=2.0, alpha=1.0)
+        student.train()
+        loss = loss_fn(student(x), y)
+        assert torch.isclose(loss, expected)
+        loss.backward()
+        with pytest.raises(RuntimeError, match="no recorded student input"):
+            loss_fn(torch.zeros(5, 2), y)  # each recorded batch is used once
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())  # restored
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+    assert all(p.grad is None for p in teacher.parameters()) and student.weight.grad is not None
+    assert not student._forward_pre_hooks  # the hook is gone
+
+
+def test_guard_check_limits_and_nan():
+    ref = {"auc": 0.90, "accuracy": 0.80}
+    ok = guard.check({"auc": 0.895, "accuracy": 0.70}, ref, against="fp32", max_auc_drop=0.01, max_accuracy_drop=None)
+    assert ok["met"] and ok["auc"]["drop"] == pytest.approx(0.005) and ok["accuracy"]["max_drop"] is None
+    bad = guard.check({"auc": 0.88, "accuracy": 0.80}, ref, against="fp32", max_auc_drop=0.01, max_accuracy_drop=0.05)
+    assert not bad["met"] and not bad["auc"]["met"] and bad["accuracy"]["met"]
+    exact = guard.check({"auc": 0.89, "accuracy": 0.8}, ref, against="fp32", max_auc_drop=0.01, max_accuracy_drop=None)
+    assert exact["met"]  # a drop equal to the limit is within it
+    nan = guard.check({"auc": math.nan, "accuracy": 0.8}, ref, against="fp32", max_auc_drop=0.01, max_accuracy_drop=None)
+    assert not nan["met"] and nan["auc"]["value"] is None
+    record = guard.summarize([ok, bad], ["did something"])
+    assert record == {"met": False, "checks": [ok, bad], "actions": ["did something"]}
+    m = guard.val_metrics(np.array([[2.0, 0.0], [0.0, 2.0]]), np.array([0, 1]), threshold=0.5)
+    assert m == {"auc": 1.0, "accuracy": 1.0}
+
+
+def test_recipe_sections_validate_with_one_line_errors():
+    r = validate_recipe_dict({"prune": {"ratio": 0.3, "keep": ["layer1"]}, "quantize": {"method": "ptq"}})
+    assert r.prune.method == "channel" and r.prune.keep == ["layer1"] and r.quantize.max_auc_drop == 0.01
+    assert validate_recipe_dict({}).prune is None and validate_recipe_dict({}).quantize is None
+    for raw, message in [
+        ({"prune": {"ratio": 1.0}}, "prune.ratio"),
+        ({"prune": {"method": "filter"}}, "'filter' is not valid"),
+        ({"prune": {"method": "magnitude", "importance": "taylor"}}, "importance 'taylor' applies to method channel only"),
+        ({"prune": {"layer_ratios": {"layer4": 0}}}, "layer_ratios['layer4'] = 0"),
+        ({"quantize": {"epochs": 0}}, "quantize.epochs"),
+        ({"quantize": {"max_auc_drop": -0.1}}, "quantize.max_auc_drop"),
+        ({"quantize": {"bits": 4}}, "unknown key 'bits'; valid keys here: calibration_images"),
+    ]:
+        with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")) as info:
+            validate_recipe_dict(raw)
+        assert "\n" not in str(info.value)

@@ -1,0 +1,120 @@
+"""INT8 export: OpenVINO runs it in int8, ONNX Runtime loads the QDQ file and fuses it into QLinear kernels, and the
+u8 / pre-quantized-weight rewrite is exact."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from tests.compress.conftest import settled
+from tlcompile.compress.quantize import fold_batchnorm, quantize_ptq
+from tlcompile.errors import ExportError
+from tlcompile.export.exporters import export_onnx
+from tlcompile.export.int8 import export_int8, finalize_qdq, qdq_export_mode
+from tlcompile.runtime.inference import open_session, predict_logits
+from tlcompile.runtime.preprocess import to_input
+
+
+def _int8(arch, tiny_data, calibration_inputs):
+    model = settled(arch, calibration_inputs)
+    fold_batchnorm(model)
+    x, _ = tiny_data.subset("train")
+    return quantize_ptq(model, x[:16], tiny_data.spec, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def cbr_int8(tiny_data, calibration_inputs):
+    return _int8("cbr_small", tiny_data, calibration_inputs)
+
+
+def _inputs(tiny_data):
+    x, _ = tiny_data.subset("val")
+    return to_input(x, tiny_data.spec)
+
+
+def _ort_ops(path, tmp_path) -> Counter:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+
+@pytest.mark.parametrize(("arch", "convs"), [
+    ("cbr_small", 4),
+    pytest.param("mobilenet_v2", 52, marks=pytest.mark.slow),  # depthwise convs and residual adds
+])
+def test_int8_onnx_is_u8s8_qdq_that_onnxruntime_runs_as_qlinear_kernels(arch, convs, tmp_path, tiny_data, calibration_inputs, request):
+    q = request.getfixturevalue("cbr_int8") if arch == "cbr_small" else _int8(arch, tiny_data, calibration_inputs)
+    path = tmp_path / "int8.onnx"
+    info = export_int8(q, path, "onnx", image_size=32)
+    assert info["weights_prequantized"] == convs + 1  # every conv and the classifier
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    inits.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":  # only activations are quantized at run time, all as uint8
+            assert node.input[0] not in inits and inits[node.input[2]].dtype == np.uint8
+    weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weight_dq) == convs + 1 and all(inits[n.input[0]].dtype == np.int8 for n in weight_dq)
+    ops = _ort_ops(path, tmp_path)
+    assert ops["QLinearConv"] == convs and ops["Conv"] == 0 and ops.get("FusedConv", 0) == 0  # no conv fell back to float
+    if arch == "mobilenet_v2":
+        assert ops["QLinearAdd"] == 10
+    # Parity with the fake-quantized torch model on real images.
+    inputs = _inputs(tiny_data)
+    with torch.no_grad():
+        reference = q(torch.from_numpy(inputs)).numpy()
+    logits = predict_logits(open_session(path, "onnxruntime", threads=1), inputs)
+    tolerance = 0.1 * np.abs(reference).max() + 1e-3  # int32 bias rounding in the fused kernels vs fake-quant float
+    assert np.abs(logits - reference).max() <= tolerance
+    # Images whose two logits differ by more than the tolerance cannot flip class.
+    clear = np.abs(reference[:, 1] - reference[:, 0]) > 2 * tolerance
+    assert (logits.argmax(1) == reference.argmax(1))[clear].all()
+
+
+def test_the_uint8_and_weight_rewrite_is_exact(tmp_path, tiny_data, cbr_int8):
+    q = cbr_int8
+    raw = tmp_path / "raw.onnx"
+    with qdq_export_mode(q):
+        export_onnx(q, raw, image_size=32, opset=17)
+    final = tmp_path / "final.onnx"
+    shutil.copy(raw, final)
+    counts = finalize_qdq(final)
+    assert counts == {"activations_to_uint8": 1, "weights_prequantized": 5}  # the signed network input; 4 convs + fc
+    assert final.stat().st_size < 0.45 * raw.stat().st_size  # int8 weights on disk
+    # Executed literally (no fusion), both graphs compute the same numbers: the rewrite changes no value.
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    inputs = _inputs(tiny_data)
+    a, b = (ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]).run(None, {"input": inputs})[0] for p in (raw, final))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_int8_openvino_runs_int8_kernels_and_agrees_with_torch(tmp_path, tiny_data, cbr_int8):
+    q = cbr_int8
+    path = tmp_path / "int8.xml"
+    export_int8(q, path, "openvino", image_size=32)
+    session = open_session(path, "openvino", threads=1, precision="f32")
+    assert session.exec_precision in ("u8", "i8")  # read back from the compiled model: int8 kernels ran
+    inputs = _inputs(tiny_data)
+    with torch.no_grad():
+        reference = q(torch.from_numpy(inputs)).numpy()
+    logits = predict_logits(session, inputs)
+    tolerance = 0.1 * np.abs(reference).max() + 1e-3
+    assert np.abs(logits - reference).max() <= tolerance
+    assert path.with_suffix(".bin").stat().st_size < 0.3 * 4 * sum(p.numel() for p in q.parameters())  # int8 weights
+
+
+def test_a_model_without_quantizers_is_not_exported_as_int8(tmp_path):
+    from tlcompile.models import get_model
+
+    with pytest.raises(ExportError, match="no NNCF quantizers"):
+        export_int8(get_model("cbr_small", num_classes=2).eval(), tmp_path / "x.onnx", "onnx", image_size=32)
