@@ -46,3 +46,25 @@ def test_tiny_build_end_to_end(tiny_recipe_dict, write_recipe, tmp_path, monkeyp
         main()
     assert info.value.code == 2 and "already holds a build" in capsys.readouterr().err
     assert (out / "report.json").read_bytes() == before
+
+
+def test_build_manifest_lists_every_file(tiny_recipe_dict, tmp_path):
+    from rich.console import Console
+
+    from tlcompile.io import sha256_file
+    from tlcompile.pipeline import build
+    from tlcompile.recipe import validate_recipe_dict
+    from tlcompile.runtime.bundle import check_manifest
+
+    tiny_recipe_dict["bench"]["runtimes"] = ["onnxruntime"]
+    tiny_recipe_dict["export"]["formats"] = ["onnx"]
+    out = tmp_path / "b"
+    build(validate_recipe_dict(tiny_recipe_dict), out, console=Console(quiet=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    assert manifest["files"]["02_train/fp32.pt"]["sha256"] == sha256_file(out / "02_train" / "fp32.pt")
+    assert manifest["inputs"]["images"] == 120 and len(manifest["inputs"]["list_sha256"]) == 64
+    assert check_manifest(out).ok  # the same format and checker as the bundle's verify
+    (out / "02_train" / "fp32.pt").write_bytes(b"tampered")
+    assert not check_manifest(out).ok

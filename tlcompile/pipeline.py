@@ -156,6 +156,7 @@ def stage_train(ctx: BuildContext) -> Artifact:
         model = outcome.model
         atomic_write_with(ckpt, lambda p: torch.save(model.state_dict(), p))
         ctx.training, ctx.transfer = outcome.training, outcome.table
+        ctx.weight_source = None  # the source tensors are not needed after training
         if ctx.transfer is not None:
             atomic_write_json(folder / "transfer.json", ctx.transfer)
             ctx.console.print(_transfer_table(ctx.transfer))
@@ -442,6 +443,29 @@ def stage_bundle(ctx: BuildContext, report: dict[str, Any]) -> BundleError | Non
     return error
 
 
+def input_list_sha256(data: DataModule) -> str:
+    """sha256 of the input file list: every image's id, grade, split and (for files) path and size, in a fixed order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i, image_id in enumerate(data.ids):
+        path = data.paths[i] if i < len(data.paths) else ""
+        size = Path(path).stat().st_size if path and Path(path).is_file() else ""
+        h.update(f"{image_id}\t{data.grades[i]}\t{data.split[i]}\t{path}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def write_build_manifest(ctx: BuildContext) -> None:
+    """manifest.json of the whole build, in the bundle's format: sha256 and size of every file, plus the inputs."""
+    from tlcompile.runtime.bundle import manifest_entries
+
+    atomic_write_json(ctx.out_dir / "manifest.json", {
+        "files": manifest_entries(ctx.out_dir),
+        "inputs": {"images": len(ctx.data.ids), "list_sha256": input_list_sha256(ctx.data)},
+        "recipe_sha256": ctx.recipe.fingerprint(),
+    })
+
+
 def prepare_out_dir(out_dir: Path, *, resume: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise TlcompileError(f"--out '{out_dir}' is a file; give a folder")
@@ -500,6 +524,7 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
 
     atomic_write_json(out_dir / "report.json", report)
     write_reports(report, out_dir)
+    write_build_manifest(ctx)
     if bundle_error is not None:
         raise bundle_error
     return BuildResult(out_dir=out_dir, report=report)
