@@ -158,3 +158,11 @@ def test_resolved_recipe_round_trips(tiny_recipe_dict, write_recipe):
     r = load_recipe(write_recipe(tiny_recipe_dict))
     again = load_recipe(write_recipe(yaml.safe_dump(r.to_yaml_dict()), "again.yaml"))
     assert again.fingerprint() == r.fingerprint()
+
+
+def test_eyepacs_gpu_recipe_is_valid(tmp_path):
+    """The GPU recipe cannot run here (no EyePACS, no GPU), but it must stay a valid recipe."""
+    from conftest import REPO
+
+    r = load_recipe(REPO / "recipes" / "eyepacs-referable-mobilenetv3.yaml", [f"data.root={tmp_path}", f"data.cache={tmp_path / 'c'}"])
+    assert (r.train.device, r.train.amp, r.train.channels_last, r.data.image_size) == ("cuda", "bf16", True, 512)
