@@ -68,3 +68,21 @@ def test_build_manifest_lists_every_file(tiny_recipe_dict, tmp_path):
     assert check_manifest(out).ok  # the same format and checker as the bundle's verify
     (out / "02_train" / "fp32.pt").write_bytes(b"tampered")
     assert not check_manifest(out).ok
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_both_onnx_exporters_agree_with_torch(exporter, tmp_path):
+    import numpy as np
+    import torch
+
+    from tlcompile.export.exporters import check_parity, export_onnx
+    from tlcompile.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("cbr_small", num_classes=2).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=32, exporter=exporter)
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)  # batch 3: the batch axis is dynamic
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+    parity = check_parity(reference, path, "onnxruntime", x)
+    assert parity["max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0

@@ -202,7 +202,7 @@ def stage_export(ctx: BuildContext, artifacts: list[Artifact]) -> None:
 
                         export_int8(module, path, fmt, image_size=data.spec.size, opset=r.export.opset)
                     elif fmt == "onnx":
-                        export_onnx(module, path, image_size=data.spec.size, opset=r.export.opset)
+                        export_onnx(module, path, image_size=data.spec.size, opset=r.export.opset, exporter=r.export.onnx_exporter)
                     else:
                         export_openvino(module, path, image_size=data.spec.size)
             art.files[fmt] = path

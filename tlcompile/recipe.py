@@ -447,7 +447,12 @@ class ExportConfig(Section):
     formats: list[Literal["onnx", "openvino"]] = Field(
         default_factory=lambda: ["onnx", "openvino"], description="Export formats; each is checked against the torch model."
     )
-    opset: int = Field(18, ge=13, le=23, description="ONNX opset version.")
+    opset: int = Field(18, ge=13, le=23, description="ONNX opset version (the torchscript exporter caps it at 20).")
+    onnx_exporter: Literal["torchscript", "dynamo"] = Field(
+        "torchscript",
+        description="torchscript: torch.onnx's TorchScript exporter (fast; the path NNCF documents for quantized models); "
+        "dynamo: the torch.export-based exporter (about 30x slower on these CNNs).",
+    )
     parity_images: int = Field(64, ge=1, le=10_000, description="Real validation images used for the parity check.")
     parity_max_abs_diff: float = Field(1e-3, gt=0, description="Largest allowed |logit difference| when the runtime executes in f32.")
 

@@ -27,29 +27,11 @@ def export_onnx(model: nn.Module, path: Path, *, image_size: int, opset: int = 1
         warnings.simplefilter("ignore")
         try:
             if exporter == "dynamo":
-                torch.onnx.export(
-                    model,
-                    (example,),
-                    str(tmp),
-                    input_names=["input"],
-                    output_names=["logits"],
-                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                    opset_version=opset,
-                    dynamo=True,
-                    external_data=False,
-                    verbose=False,
-                )
-            else:
-                torch.onnx.export(
-                    model,
-                    (example,),
-                    str(tmp),
-                    input_names=["input"],
-                    output_names=["logits"],
-                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                    opset_version=min(opset, 20),
-                    dynamo=False,
-                )
+                how = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=4096)},), "opset_version": opset,
+                       "dynamo": True, "external_data": False, "verbose": False}
+            else:  # the TorchScript exporter stops at opset 20
+                how = {"dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}, "opset_version": min(opset, 20), "dynamo": False}
+            torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=["logits"], **how)
         except Exception as err:
             raise ExportError(f"ONNX export of {type(model).__name__} failed: {str(err).splitlines()[0]}") from err
     return path
