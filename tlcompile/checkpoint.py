@@ -37,11 +37,12 @@ def load_state(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")  # "Detected pickle protocol N" noise from hand-made pickles
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # weights_only refused a global it does not allow: the file wants to run or build arbitrary objects.
-        reason = next((line.strip() for line in str(err).splitlines() if "global" in line.lower() and "unsupported" in line.lower()),
-                      "it needs objects other than tensors")
+        # weights_only refused what the file asks for: a global it does not allow (code to run or objects to build),
+        # or opcodes outside plain tensor pickles (a hand-made pickle, or bytes that are not a checkpoint at all).
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "unknown")
         raise UnsafeFileError(
-            f"{path}: refused: the file holds pickled Python objects, not only tensors ({reason[:200]}); "
+            f"{path}: refused: not a plain state_dict ({reason[:200]}); "
             "tlcompile loads state_dicts and safetensors only and never unpickles code"
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
@@ -52,5 +53,14 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` under a temporary name, then rename: a crash mid-write leaves the previous file intact."""
-    atomic_write_with(Path(path), lambda tmp: torch.save(state, tmp))
+    """``torch.save`` under a temporary name, then rename: a crash mid-write leaves the previous file intact.
+
+    Written through a file object: ``torch.save(state, path)`` names the zip's inner folder after the (random)
+    temporary file name, so identical weights would give different bytes and a sha256 would not pin them.
+    """
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    atomic_write_with(Path(path), write)

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import tlcompile
+from tlcompile.checkpoint import save_state
 from tlcompile.data.datamodule import DataModule, class_names_for, load_data
 from tlcompile.errors import BundleError, TlcompileError
 from tlcompile.evaluate.clinical import CI_LEVEL, CI_METHODS, add_clinical_to_rows, lock_operating_point
@@ -154,7 +155,7 @@ def stage_train(ctx: BuildContext) -> Artifact:
                 on_epoch=on_epoch, on_step=lambda _loss: progress.advance(task), checkpoint_dir=folder,
             )
         model = outcome.model
-        atomic_write_with(ckpt, lambda p: torch.save(model.state_dict(), p))
+        save_state(ckpt, model.state_dict())
         ctx.training, ctx.transfer = outcome.training, outcome.table
         ctx.weight_source = None  # the source tensors are not needed after training
         if ctx.transfer is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 
 from tlcompile.data.datamodule import load_data
 from tlcompile.recipe import DataConfig, SplitConfig
@@ -34,3 +37,17 @@ def source_like(arch: str, num_classes: int, *, seed: int = 123) -> dict[str, to
             value = value * (0.5 + torch.rand(value.shape, generator=g))
         out[key] = value.clone()
     return out
+
+
+def fake_build(folder, arch: str, task: str, *, with_report: bool) -> dict[str, torch.Tensor]:
+    """The files of a finished tlcompile build that a later build reads: 02_train/fp32.pt and its metadata."""
+    state = source_like(arch, 5 if task == "grade" else 2)
+    (folder / "02_train").mkdir(parents=True)
+    torch.save(state, folder / "02_train" / "fp32.pt")
+    recipe = {"name": "source", "model": {"arch": arch}, "data": {"task": task}}
+    (folder / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe))
+    if with_report:
+        names = ["no DR", "mild", "moderate", "severe", "proliferative"] if task == "grade" else ["non-referable", "referable"]
+        (folder / "report.json").write_text(json.dumps({"name": "source", "recipe": recipe, "class_names": names,
+                                                        "task": task, "recipe_sha256": "ab" * 32}))
+    return state

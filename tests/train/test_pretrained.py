@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -12,7 +11,7 @@ import torch
 import torchvision
 import yaml
 
-from tests.train.conftest import source_like
+from tests.train.conftest import fake_build, source_like
 from tlcompile.errors import ModelError, RecipeError, UnsafeFileError, WeightsNotFoundError
 from tlcompile.models import get_model
 from tlcompile.models.pretrained import apply_source_weights, imagenet_weights_file, load_weight_source
@@ -113,7 +112,8 @@ class _Payload:
 def test_weight_file_with_pickled_objects_is_refused(tmp_path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"fc.weight": torch.zeros(2, 256), "extra": _Payload()}, path)
-    with pytest.raises(UnsafeFileError, match=r"evil\.pt' holds Python objects besides tensors"):
+    with pytest.raises(UnsafeFileError, match=r"^model\.pretrained '.*evil\.pt': .*evil\.pt: refused: not a plain state_dict "
+                       r".*Unsupported global: GLOBAL [a-z_.]*_Payload"):
         load_weight_source(str(path), get_model("cbr_small", num_classes=2))
 
 
@@ -150,28 +150,17 @@ def test_weights_of_another_architecture_are_refused(tmp_path) -> None:
     with pytest.raises(WeightsNotFoundError, match="no such file"):
         load_weight_source(str(tmp_path / "absent.pt"), model)
     (tmp_path / "junk.pt").write_bytes(b"not a zip file at all")
-    with pytest.raises(ModelError, match="is not a PyTorch weights file"):
-        load_weight_source(str(tmp_path / "junk.pt"), model)
+    with pytest.raises((ModelError, UnsafeFileError), match=r"^model\.pretrained '.*junk\.pt': .*junk\.pt: "):
+        load_weight_source(str(tmp_path / "junk.pt"), model)  # refused, never unpickled with code allowed
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(ModelError, match=r"holds a list, not a state_dict"):
+        load_weight_source(str(tmp_path / "list.pt"), model)
 
 
 # ----------------------------------------------------------------------------------------- builds
-def _fake_build(folder, arch: str, task: str, *, with_report: bool) -> dict[str, torch.Tensor]:
-    """The files of a finished tlcompile build that a later build reads: 02_train/fp32.pt and its metadata."""
-    state = source_like(arch, 5 if task == "grade" else 2)
-    (folder / "02_train").mkdir(parents=True)
-    torch.save(state, folder / "02_train" / "fp32.pt")
-    recipe = {"name": "source", "model": {"arch": arch}, "data": {"task": task}}
-    (folder / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe))
-    if with_report:
-        names = ["no DR", "mild", "moderate", "severe", "proliferative"] if task == "grade" else ["non-referable", "referable"]
-        (folder / "report.json").write_text(json.dumps({"name": "source", "recipe": recipe, "class_names": names,
-                                                        "task": task, "recipe_sha256": "ab" * 32}))
-    return state
-
-
 @pytest.mark.parametrize("with_report", [True, False])
 def test_build_source_feeds_a_task_with_other_classes(tmp_path, with_report: bool) -> None:
-    state = _fake_build(tmp_path / "src", "cbr_small", "grade", with_report=with_report)
+    state = fake_build(tmp_path / "src", "cbr_small", "grade", with_report=with_report)
     model = get_model("cbr_small", num_classes=2)
     source = load_weight_source(f"build:{tmp_path / 'src'}", model)
     assert (source.kind, source.arch, source.num_classes) == ("build", "cbr_small", 5)
@@ -188,7 +177,7 @@ def test_build_source_errors(tmp_path) -> None:
     (tmp_path / "unfinished").mkdir()
     with pytest.raises(WeightsNotFoundError, match=r"02_train/fp32.pt' is missing.*--resume"):
         load_weight_source(f"build:{tmp_path / 'unfinished'}", model)
-    _fake_build(tmp_path / "mobile", "mobilenet_v3_small", "referable", with_report=True)
+    fake_build(tmp_path / "mobile", "mobilenet_v3_small", "referable", with_report=True)
     with pytest.raises(ModelError, match=r"built with model.arch mobilenet_v3_small.*valid: model.arch: mobilenet_v3_small"):
         load_weight_source(f"build:{tmp_path / 'mobile'}", model)
 

@@ -17,6 +17,7 @@ from tlcompile.models.pretrained import SourceWeights
 from tlcompile.recipe import FinetuneConfig, TrainConfig, TransferVariant, validate_recipe_dict
 from tlcompile.train import loop
 from tlcompile.train.transfer import (
+    checkpoint_paths,
     epochs_to_target,
     initialise_model,
     plan_phases,
@@ -281,3 +282,37 @@ def test_compare_trains_variants_identically_and_selects_on_val(tiny_data, tmp_p
     header, cells = table_cells(table)
     assert header[:3] == ["variant", "init", "strategy"] and len(cells) == 3
     assert sum(c[0].endswith(" *") for c in cells) == 1 and "±" in cells[0][3]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_comparison_resumes_every_run_where_it_stopped(tiny_data, tmp_path) -> None:
+    weights = tmp_path / "source.pt"
+    torch.save(source_like("cbr_small", 2), weights)
+    transfer = {"init": "pretrained", "strategy": "two_phase", "head_epochs": 1, "compare": [{"init": "random", "strategy": "scratch"}]}
+    recipe = _recipe(tmp_path, transfer, epochs=3, pretrained=str(weights))
+    reference = run_transfer(recipe, tiny_data, device=CPU)
+
+    def kill(label: str, record: dict) -> None:
+        if label == "pretrained/two_phase" and record["epoch"] == 2:  # first epoch of the fine-tuning phase
+            raise _Killed
+
+    folder = tmp_path / "02_train"
+    with pytest.raises(_Killed):
+        run_transfer(recipe, tiny_data, device=CPU, checkpoint_dir=folder, on_epoch=kill)
+    paths = checkpoint_paths(recipe, folder)
+    assert paths[("pretrained/two_phase", 0)].is_file() and not paths[("random/scratch", 0)].exists()
+
+    epochs_run: list[tuple[str, int]] = []
+    resumed = run_transfer(recipe, tiny_data, device=CPU, checkpoint_dir=folder, on_epoch=lambda label, rec: epochs_run.append((label, rec["epoch"])))
+    # The kill came before epoch 2 was checkpointed: the head phase (epoch 1) is not run again, the fine-tuning
+    # phase starts from its weights, and the result is the uninterrupted one, bit for bit.
+    assert epochs_run == [("pretrained/two_phase", 2), ("pretrained/two_phase", 3), ("random/scratch", 1), ("random/scratch", 2),
+                          ("random/scratch", 3)]
+    assert _same(resumed.model.state_dict(), reference.model.state_dict())
+    strip = ("wall_s", "wall_s_sd", "runs")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed.table["rows"]] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in reference.table["rows"]]
+    assert [h["phase"] for h in resumed.training["history"]] == [h["phase"] for h in reference.training["history"]]

@@ -7,13 +7,13 @@ import json
 import torch
 from rich.console import Console
 
-from tests.train.test_pretrained import _fake_build
+from tests.train.conftest import fake_build
 from tlcompile.pipeline import build
 from tlcompile.recipe import load_recipe
 
 
 def test_build_from_a_source_build_with_a_comparison(tmp_path, write_recipe) -> None:
-    source_state = _fake_build(tmp_path / "source", "cbr_small", "grade", with_report=True)
+    source_state = fake_build(tmp_path / "source", "cbr_small", "grade", with_report=True)
     raw = {
         "name": "target",
         "seed": 0,
@@ -41,6 +41,7 @@ def test_build_from_a_source_build_with_a_comparison(tmp_path, write_recipe) -> 
         assert {"variant", "init", "strategy", "val_auc", "test_auc", "epochs_to_target", "wall_s"} <= set(row)
         assert 0.0 <= row["val_auc"] <= 1.0 and 0.0 <= row["test_auc"] <= 1.0 and row["wall_s"] > 0
     assert json.loads((out / "02_train" / "transfer.json").read_text()) == transfer
+    assert not list((out / "02_train").glob("epoch-checkpoint*"))  # the per-run epoch checkpoints go once the stage is done
     phases = report["training"]["phases"]
     if selected == "pretrained/two_phase":
         assert [p["name"] for p in phases] == ["head", "finetune"] and phases[1]["optimizer"] == "sgd"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from tlcompile.errors import ModelError, UnsafeFileError, WeightsNotFoundError, missing_dependency
+from tlcompile.errors import ModelError, UnsafeFileError, WeightsNotFoundError
 from tlcompile.io import sha256_file
 from tlcompile.models.registry import TlModel, list_models, model_info
 
@@ -156,31 +155,14 @@ def _build_metadata(folder: Path, where: str) -> tuple[str, int, dict[str, Any]]
 
 
 def _read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
-    """Tensors of a state_dict file; never executes pickled code."""
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-        except ImportError as err:
-            raise missing_dependency("safetensors", err=err) from err
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise ModelError(f"{where}: '{path}' is not a readable safetensors file ({err})") from err
+    """Tensors of a state_dict / checkpoint / safetensors file, read by :func:`tlcompile.checkpoint.load_state`
+    (``weights_only=True``: never executes pickled code); errors gain the recipe key."""
+    from tlcompile.checkpoint import load_state
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch wraps every refusal in the same long text; the part after "WeightsUnpickler error:" says why.
-        text = str(err)
-        reason = " ".join(text.split("WeightsUnpickler error:", 1)[-1].split()).split(" Please use", 1)[0].split(" Check the", 1)[0]
-        if "Unsupported global" in text:
-            raise UnsafeFileError(
-                f"{where}: '{path}' holds Python objects besides tensors, which tlcompile does not unpickle ({reason}); "
-                "save only the weights: torch.save(model.state_dict(), path) or a .safetensors file"
-            ) from err
-        raise ModelError(f"{where}: '{path}' is not a PyTorch weights file ({reason})") from err
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise ModelError(f"{where}: '{path}' is not a PyTorch weights file ({type(err).__name__}: {err})") from err
+        obj = load_state(path)
+    except (UnsafeFileError, ModelError) as err:
+        raise type(err)(f"{where}: {err}") from err
     return _tensors_of(obj, path, where)
 
 

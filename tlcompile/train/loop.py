@@ -221,9 +221,9 @@ class EpochCheckpoint:
         return state if state.get("tag") == self.tag else None
 
     def save(self, state: dict[str, Any]) -> None:
-        from tlcompile.io import atomic_write_with
+        from tlcompile.checkpoint import save_state
 
-        atomic_write_with(self.path, lambda p: torch.save({**state, "tag": self.tag}, p))
+        save_state(self.path, {**state, "tag": self.tag})
 
 
 def fit(
