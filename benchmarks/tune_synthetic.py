@@ -32,7 +32,9 @@ torch.set_num_threads(2)
 torch.manual_seed(args.seed)
 
 t0 = time.time()
-images, grades = synthetic.generate(args.n, seed=args.seed, size=args.size, difficulty=args.difficulty, style=args.style)
+images, grades = synthetic.generate(
+    args.n, seed=args.seed, size=args.size, difficulty=args.difficulty, style=args.style
+)
 t_gen = time.time() - t0
 labels = (grades >= 2).astype(np.int64)  # referable DR
 idx = np.arange(args.n)  # random 65/15/20 split, stratified by grade
@@ -80,6 +82,8 @@ for epoch in range(args.epochs):
         best_val, test_at_best = val_auc, test_auc
     print(f"epoch {epoch + 1:2d}  loss {loss.item():.3f}  val AUC {val_auc:.3f}  test AUC {test_auc:.3f}", flush=True)
 
-print(f"difficulty {args.difficulty:.2f} n {args.n} epochs {args.epochs} style {args.style}: "
-      f"test AUC {test_auc:.3f} (final epoch), {test_at_best:.3f} (best val epoch); "
-      f"generation {t_gen:.1f} s, total {time.time() - t0:.0f} s")
+print(
+    f"difficulty {args.difficulty:.2f} n {args.n} epochs {args.epochs} style {args.style}: "
+    f"test AUC {test_auc:.3f} (final epoch), {test_at_best:.3f} (best val epoch); "
+    f"generation {t_gen:.1f} s, total {time.time() - t0:.0f} s"
+)

@@ -346,7 +346,25 @@ class TransferConfig(Section):
 
 
 # ----------------------------------------------------------------------------------------- compression
-class PruneConfig(Section):
+class GuardLimits(Section):
+    """The accuracy guard of a compression step, judged on val against the model it was made from."""
+
+    max_auc_drop: float | None = Field(
+        0.01, ge=0, le=1, description="Guard: largest allowed val AUC drop against the model compressed (None = not limited)."
+    )
+    max_sensitivity_drop: float | None = Field(
+        0.02, ge=0, le=1,
+        description="Guard: largest allowed drop of val sensitivity at the locked operating point (the referrals that are kept).",
+    )
+    max_specificity_drop: float | None = Field(
+        0.05, ge=0, le=1, description="Guard: largest allowed drop of val specificity at the locked operating point."
+    )
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="Guard: largest allowed drop of the share of right referral decisions (locked operating point) on val."
+    )
+
+
+class PruneConfig(GuardLimits):
     method: Literal["channel", "magnitude"] = Field(
         "channel",
         description="channel: structured (torch-pruning) -- whole channels are removed, so the exported graph is smaller "
@@ -382,18 +400,12 @@ class PruneConfig(Section):
     finetune_epochs: int = Field(2, ge=0, le=1000, description="Fine-tuning epochs after each pruning step (0 = BatchNorm adaptation only).")
     lr: float = Field(0.0005, gt=0, le=10, description="Peak learning rate of the fine-tuning (cosine over each step's epochs).")
     distill: bool = Field(
-        False,
+        True,
         description="Fine-tune with knowledge distillation from the unpruned FP32 model (temperature and alpha: "
         "quantize.distill_temperature / distill_alpha, or their defaults without a quantize section).",
     )
     calibration_images: int = Field(
         300, ge=8, le=100_000, description="Stratified training images for BatchNorm adaptation and Taylor importance."
-    )
-    max_auc_drop: float | None = Field(
-        0.01, ge=0, le=1, description="Guard: largest allowed val AUC drop of the pruned model against FP32 (None = no AUC guard)."
-    )
-    max_accuracy_drop: float | None = Field(
-        None, ge=0, le=1, description="Guard: largest allowed val accuracy drop (at the locked threshold) against FP32."
     )
     recovery_epochs: int = Field(2, ge=0, le=1000, description="When the guard fails: extra fine-tuning epochs before the artifact is marked as failing it.")
 
@@ -415,7 +427,7 @@ class PruneConfig(Section):
         return self
 
 
-class QuantizeConfig(Section):
+class QuantizeConfig(GuardLimits):
     method: Literal["ptq", "qat"] = Field(
         "qat",
         description="ptq: NNCF post-training quantization on the calibration images; qat: PTQ as the start, then "
@@ -429,12 +441,6 @@ class QuantizeConfig(Section):
     distill_alpha: float = Field(0.5, ge=0, le=1, description="Distillation: weight of the KL term; 1 - alpha weighs the cross-entropy on labels.")
     keep_fp32: list[str] = Field(
         default_factory=list, description="Module paths or blocks kept in FP32 from the start (NNCF ignored scope), e.g. [features.layer1]."
-    )
-    max_auc_drop: float | None = Field(
-        0.01, ge=0, le=1, description="Guard: largest allowed val AUC drop of the int8 model against the model it quantized (None = no AUC guard)."
-    )
-    max_accuracy_drop: float | None = Field(
-        None, ge=0, le=1, description="Guard: largest allowed val accuracy drop (at the locked threshold) against the model it quantized."
     )
     recovery_epochs: int = Field(2, ge=0, le=1000, description="When the guard fails: extra QAT epochs (first remedy).")
     fp32_fallback_layers: int = Field(

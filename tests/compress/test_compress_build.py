@@ -17,8 +17,9 @@ def compress_recipe(tiny_recipe_dict) -> dict:
     r = dict(tiny_recipe_dict)
     r["data"] = {**r["data"], "num_images": 80, "image_size": 32}
     r["export"] = {**r["export"], "parity_images": 8}
-    r["prune"] = {"ratio": 0.5, "steps": 1, "finetune_epochs": 1, "calibration_images": 16, "max_auc_drop": None}
-    r["quantize"] = {"epochs": 1, "calibration_images": 16, "max_auc_drop": None}
+    no_limits = {"max_auc_drop": None, "max_sensitivity_drop": None, "max_specificity_drop": None}  # tiny val: noise
+    r["prune"] = {"ratio": 0.5, "steps": 1, "finetune_epochs": 1, "calibration_images": 16, **no_limits}
+    r["quantize"] = {"epochs": 1, "calibration_images": 16, **no_limits}
     r["bench"] = {**r["bench"], "runtimes": ["openvino", "onnxruntime"], "iterations": 2}
     r["evaluate"] = {"bootstrap_resamples": 100}
     r["bundle"] = {"enabled": False}
@@ -90,22 +91,27 @@ def test_a_failing_guard_gets_more_qat_epochs_then_fp32_layers(tiny_data, calibr
     ctx = BuildContext(recipe=recipe, out_dir=tmp_path, console=Console(quiet=True), device=torch.device("cpu"), data=tiny_data)
     ctx.operating_point = {"threshold": 0.5, "temperature": 1.0}
     fp32 = Artifact(name="fp32", module=settled("cbr_small", calibration_inputs), precision="fp32", lineage="fp32")
-    real_check, calls = stages.guard.check, []
+    real_check, real_sensitivity, calls = stages.guard.check, stages.layer_sensitivity, []
 
-    def strict_check(candidate, reference, **kwargs):  # the first two judgements fail, as a real big drop would
-        calls.append(candidate)
+    def strict_check(candidate, reference, **kwargs):  # fails, as a real big drop would, until layers are kept in FP32
         result = real_check(candidate, reference, **kwargs)
-        if len(calls) <= 2:
-            result = {**result, "met": False, "auc": {**result["auc"], "drop": 0.5, "met": False}}
+        if not calls:
+            result = {**result, "met": False, "auc": {**result["auc"], "drop": 0.5, "max_drop": 0.01, "met": False}}
         return result
 
+    def sensitivity(*args, **kwargs):
+        calls.append("sensitivity")
+        return real_sensitivity(*args, **kwargs)
+
     monkeypatch.setattr(stages.guard, "check", strict_check)
+    monkeypatch.setattr(stages, "layer_sensitivity", sensitivity)
     [art] = stages.stage_quantize(ctx, [fp32])
     g, c = art.metadata["guard"], art.metadata["compression"]
-    assert len(calls) == 3 and g["met"]
-    assert "1 more QAT epochs" in g["actions"][0]
+    assert calls == ["sensitivity"] and g["met"]
+    assert "1 more QAT epochs" in g["actions"][0] and "limit 0.01" in g["actions"][0]
     assert "kept the 2 most sensitive layers in FP32" in g["actions"][1]
     assert len(c["fp32_layers"]) == 2 and len(c["sensitivity"]) == 5
+    assert len(c["final"]["history"]) == 1  # the model kept is the second attempt's (one QAT epoch)
     assert art.lineage == "fp32 <- qat-int8 (2 layers fp32)"
     # The chosen layers really run in FP32: no quantizer on their weights.
     hooks = [name for name, _ in quantizer_hooks(art.module)]

@@ -51,20 +51,36 @@ def test_the_teacher_sees_the_students_batch_and_stays_frozen():
     assert not student._forward_pre_hooks  # the hook is gone
 
 
+def _metrics(auc, sensitivity=0.9, specificity=0.9, accuracy=0.9):
+    return {"auc": auc, "sensitivity": sensitivity, "specificity": specificity, "accuracy": accuracy}
+
+
 def test_guard_check_limits_and_nan():
-    ref = {"auc": 0.90, "accuracy": 0.80}
-    ok = guard.check({"auc": 0.895, "accuracy": 0.70}, ref, against="fp32", max_auc_drop=0.01, max_accuracy_drop=None)
-    assert ok["met"] and ok["auc"]["drop"] == pytest.approx(0.005) and ok["accuracy"]["max_drop"] is None
-    bad = guard.check({"auc": 0.88, "accuracy": 0.80}, ref, against="fp32", max_auc_drop=0.01, max_accuracy_drop=0.05)
-    assert not bad["met"] and not bad["auc"]["met"] and bad["accuracy"]["met"]
-    exact = guard.check({"auc": 0.89, "accuracy": 0.8}, ref, against="fp32", max_auc_drop=0.01, max_accuracy_drop=None)
+    ref = _metrics(0.90)
+    limits = {"auc": 0.01, "sensitivity": 0.02, "specificity": None, "accuracy": None}
+    ok = guard.check(_metrics(0.895, specificity=0.1), ref, against="fp32", limits=limits)
+    assert ok["met"] and ok["auc"]["drop"] == pytest.approx(0.005) and ok["specificity"]["max_drop"] is None
+    assert guard.excess(ok) == 0.0
+    bad = guard.check(_metrics(0.88, sensitivity=0.85), ref, against="fp32", limits=limits)
+    assert not bad["met"] and not bad["auc"]["met"] and not bad["sensitivity"]["met"]
+    assert guard.excess(bad) == pytest.approx(0.01 + 0.03)
+    assert "val AUC drop +0.0200 (limit 0.01), val sensitivity drop +0.0500 (limit 0.02)" == guard.describe(bad)
+    exact = guard.check(_metrics(0.89), ref, against="fp32", limits=limits)
     assert exact["met"]  # a drop equal to the limit is within it
-    nan = guard.check({"auc": math.nan, "accuracy": 0.8}, ref, against="fp32", max_auc_drop=0.01, max_accuracy_drop=None)
-    assert not nan["met"] and nan["auc"]["value"] is None
+    nan = guard.check(_metrics(math.nan), ref, against="fp32", limits=limits)
+    assert not nan["met"] and nan["auc"]["value"] is None and guard.excess(nan) == math.inf
     record = guard.summarize([ok, bad], ["did something"])
     assert record == {"met": False, "checks": [ok, bad], "actions": ["did something"]}
-    m = guard.val_metrics(np.array([[2.0, 0.0], [0.0, 2.0]]), np.array([0, 1]), threshold=0.5)
-    assert m == {"auc": 1.0, "accuracy": 1.0}
+
+
+def test_guard_metrics_are_the_referral_decisions_at_the_locked_operating_point():
+    # P(referable) = 0.27, 0.5, 0.73, 0.88 for logit differences -1, 0, 1, 2; threshold 0.65.
+    logits = np.array([[0.0, -1.0], [0.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    m = guard.val_metrics(logits, np.array([0, 1, 1, 0]), threshold=0.65)
+    assert m == {"auc": 0.5, "sensitivity": 0.5, "specificity": 0.5, "accuracy": 0.5}
+    # A temperature of 4 pulls every score towards 0.5: now nothing reaches the threshold.
+    m = guard.val_metrics(logits, np.array([0, 1, 1, 0]), threshold=0.65, temperature=4.0)
+    assert m["sensitivity"] == 0.0 and m["specificity"] == 1.0
 
 
 def test_recipe_sections_validate_with_one_line_errors():

@@ -17,6 +17,7 @@ from tlcompile.data.synthetic import (
     generate,
     preview_grid,
     render_fundus,
+    sample_grades,
     write_aptos,
 )
 from tlcompile.errors import DataError
@@ -60,7 +61,7 @@ def test_same_seed_gives_identical_bytes_and_image_i_does_not_depend_on_n():
 def test_different_seeds_differ():
     a, _ = generate(3, seed=1, size=48)
     b, _ = generate(3, seed=2, size=48)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.abs(x.astype(int) - y.astype(int)).mean() > 2.0
 
 
@@ -77,12 +78,16 @@ def test_field_of_view_is_bright_in_the_centre_and_black_in_the_corners(style):
 
 def test_grades_follow_grade_probs():
     probs = (0.1, 0.2, 0.3, 0.25, 0.15)
-    _, grades = generate(2000, seed=0, size=32, grade_probs=probs)
-    freq = np.bincount(grades, minlength=5) / len(grades)
+    # sample_grades gives generate's grades without rendering: checked here on the first 300
+    _, grades = generate(300, seed=0, size=32, grade_probs=probs)
+    all_grades = sample_grades(2000, seed=0, grade_probs=probs)
+    assert np.array_equal(all_grades[:300], grades)
+    freq = np.bincount(all_grades, minlength=5) / len(all_grades)
     # 2000 draws: binomial sd <= 0.011; 0.035 is > 3 sd
     np.testing.assert_allclose(freq, probs, atol=0.035)
-    _, grades = generate(400, seed=1, size=32, grade_probs=(1.0, 0.0, 0.0, 0.0, 0.0))
-    assert set(grades.tolist()) == {0}
+    default = np.bincount(sample_grades(2000, seed=1), minlength=5) / 2000
+    np.testing.assert_allclose(default, DEFAULT_GRADE_PROBS, atol=0.035)
+    assert set(sample_grades(200, seed=1, grade_probs=(1.0, 0.0, 0.0, 0.0, 0.0)).tolist()) == {0}
 
 
 def _red_lesion_fraction(img: np.ndarray) -> float:
@@ -99,8 +104,10 @@ def _red_lesion_fraction(img: np.ndarray) -> float:
 
 
 def test_higher_grades_have_more_red_lesion_pixels():
-    frac = {g: np.mean([_red_lesion_fraction(render_fundus(g, _rng(9, g, j), size=128, difficulty=0.3))
-                        for j in range(8)]) for g in (0, 2, 3)}
+    frac = {
+        g: np.mean([_red_lesion_fraction(render_fundus(g, _rng(9, g, j), size=128, difficulty=0.3)) for j in range(8)])
+        for g in (0, 2, 3)
+    }
     assert frac[2] > 2 * frac[0] and frac[3] > 2 * frac[2], frac
 
 
@@ -167,6 +174,7 @@ def test_preview_grid_has_a_row_per_grade_and_the_real_image(tmp_path):
         (lambda: generate(2, seed=0, grade_probs=(0.5, 0.5, 0.5, 0.0, 0.0)), "grade_probs"),
         (lambda: generate(2, seed=0, grade_probs=(1.2, -0.2, 0.0, 0.0, 0.0)), "grade_probs"),
         (lambda: generate(2, seed=-1), "seed"),
+        (lambda: sample_grades(0, seed=0), "n"),
         (lambda: render_fundus(5, np.random.default_rng(0)), "grade"),
         (lambda: render_fundus(1, 42), "rng"),
         (lambda: write_aptos("/nonexistent-never", 0, seed=0), "n"),

@@ -1,54 +1,88 @@
-"""The accuracy guard: a compressed model may lose at most ``max_auc_drop`` val AUC (and/or ``max_accuracy_drop``
-val accuracy at the locked operating point) against the model it was made from.
+"""The accuracy guard: a compressed model may lose at most so much against the model it was made from, on val.
 
-Judged on the validation split -- the test split stays untouched for the report -- with the same threshold and
-temperature every artifact is judged at. A record says what was compared, the numbers, the limits and whether each
+Two kinds of limits, both judged on the validation split (the test split stays untouched for the report):
+
+- ``max_auc_drop``: ranking quality (threshold-free);
+- ``max_sensitivity_drop`` / ``max_specificity_drop`` / ``max_accuracy_drop``: the referral decisions at the
+  *locked* operating point (the FP32 model's threshold and temperature, which every artifact is judged at). A
+  screening programme validated those decisions; compression that keeps the AUC but shifts the scores across the
+  threshold (an int8 model whose probabilities all move up a little) changes who gets referred, and must be caught.
+
+A check records what was compared, every metric with its reference, value, drop and limit, and whether each limit
 was met; the stages add what they did when it was not (more epochs, layers kept in FP32).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-from tlcompile.evaluate.metrics import classification_metrics
+from tlcompile.evaluate.metrics import binary_metrics, referable_score, referable_truth, roc_auc
+
+GUARD_METRICS = ("auc", "sensitivity", "specificity", "accuracy")
 
 
 def val_metrics(logits: np.ndarray, targets: np.ndarray, *, threshold: float, temperature: float = 1.0) -> dict[str, float]:
-    """AUC and accuracy of val logits at the locked operating point."""
-    m = classification_metrics(logits / temperature, targets, threshold)
-    return {"auc": float(m["auc"]), "accuracy": float(m["accuracy"])}
+    """AUC, and sensitivity / specificity / accuracy of the referral decision at the locked operating point."""
+    logits = np.asarray(logits, dtype=np.float64)
+    truth = referable_truth(targets, logits.shape[1])
+    score = referable_score(logits / temperature)
+    m = binary_metrics(truth, score, threshold)
+    accuracy = (m["tp"] + m["tn"]) / truth.size if truth.size else math.nan
+    return {"auc": roc_auc(truth, score), "sensitivity": m["sensitivity"], "specificity": m["specificity"], "accuracy": accuracy}
 
 
-def check(
-    candidate: dict[str, float],
-    reference: dict[str, float],
-    *,
-    against: str,
-    max_auc_drop: float | None,
-    max_accuracy_drop: float | None,
-) -> dict[str, Any]:
-    """One guard check: ``candidate`` vs ``reference`` val metrics under the given limits (None = not limited).
+def limits_of(cfg: Any) -> dict[str, float | None]:
+    """The drop limits of a recipe section (prune / quantize), by metric (None = not limited)."""
+    return {metric: getattr(cfg, f"max_{metric}_drop") for metric in GUARD_METRICS}
+
+
+def check(candidate: dict[str, float], reference: dict[str, float], *, against: str, limits: dict[str, float | None]) -> dict[str, Any]:
+    """One guard check: ``candidate`` vs ``reference`` val metrics under ``limits``.
 
     A NaN metric (one class missing from val) cannot show a drop within a limit and fails that limit.
     """
     out: dict[str, Any] = {"against": against, "split": "val"}
     met = True
-    for metric, limit in (("auc", max_auc_drop), ("accuracy", max_accuracy_drop)):
-        ref, value = reference[metric], candidate[metric]
+    for metric in GUARD_METRICS:
+        ref, value, limit = reference[metric], candidate[metric], limits.get(metric)
         drop = ref - value
-        item = {"reference": _r(ref), "value": _r(value), "drop": _r(drop), "max_drop": limit}
+        item: dict[str, Any] = {"reference": _r(ref), "value": _r(value), "drop": _r(drop), "max_drop": limit}
         if limit is not None:
-            item["met"] = bool(np.isfinite(drop) and drop <= limit + 1e-12)
+            item["met"] = bool(math.isfinite(drop) and drop <= limit + 1e-12)
             met = met and item["met"]
         out[metric] = item
     out["met"] = met
     return out
 
 
+def excess(result: dict[str, Any]) -> float:
+    """How far a check is beyond its limits (sum of drop - limit over the failed metrics; 0 when met)."""
+    total = 0.0
+    for metric in GUARD_METRICS:
+        item = result[metric]
+        if item["max_drop"] is None or item.get("met", True):
+            continue
+        total += math.inf if item["drop"] is None else item["drop"] - item["max_drop"]
+    return total
+
+
+def describe(result: dict[str, Any]) -> str:
+    """``val AUC drop +0.0123 (limit 0.01), sensitivity drop ...`` for the limited metrics."""
+    parts = []
+    for metric in GUARD_METRICS:
+        item = result[metric]
+        if item["max_drop"] is not None:
+            drop = "n/a" if item["drop"] is None else f"{item['drop']:+.4f}"
+            name = "AUC" if metric == "auc" else metric
+            parts.append(f"val {name} drop {drop} (limit {item['max_drop']})")
+    return ", ".join(parts) or "no limit set"
+
+
 def _r(x: float) -> float | None:
-    return round(float(x), 6) if np.isfinite(x) else None
+    return round(float(x), 6) if math.isfinite(x) else None
 
 
 def summarize(checks: list[dict[str, Any]], actions: list[str]) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """The build's compression stages: ``03_prune`` (artifact ``pruned``) and ``04_quantize`` (``int8``, ``pruned-int8``).
 
-Each stage works on copies (the FP32 model stays the teacher and the reference), judges its result with the
-accuracy guard on val, acts when the guard fails and says what it did, and saves enough to resume without
-pickles: ``03_prune/architecture.json`` + ``pruned.pt``; ``04_quantize/<name>.nncf.json`` + ``<name>.pt``.
+Each stage works on copies (the FP32 model stays the teacher and the reference) and is steered by the accuracy
+guard on val (:mod:`tlcompile.compress.guard`): every fine-tuning epoch is judged, and the state kept is the one
+that meets the guard with the best AUC (a QAT epoch must beat PTQ, "epoch 0", to be kept). When the guard still
+fails the stage acts -- more epochs; for int8, the most sensitive layers kept in FP32 -- and says what it did.
+Enough is saved to resume without pickles: ``03_prune/architecture.json`` + ``pruned.pt``;
+``04_quantize/<name>.nncf.json`` + ``<name>.pt``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import copy
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,6 +53,8 @@ BN_BATCH = 32
 # Sensitivity ranking runs the int8 model once per layer: a subset of the calibration images is plenty.
 SENSITIVITY_IMAGES = 128
 
+Judge = Callable[[torch.nn.Module], dict[str, Any]]
+
 
 # ------------------------------------------------------------------------------------------- shared helpers
 def _temperature(ctx: BuildContext) -> float:
@@ -56,10 +62,21 @@ def _temperature(ctx: BuildContext) -> float:
 
 
 def split_metrics(ctx: BuildContext, model: torch.nn.Module, split: str) -> dict[str, float]:
-    """AUC and accuracy of a torch model on a split, at the locked operating point."""
+    """AUC, and sensitivity / specificity / accuracy at the locked operating point, of a torch model on a split."""
     x, y = ctx.data.subset(split)
     logits = loop.predict(model, x, ctx.data.spec, device=ctx.device)
     return guard.val_metrics(logits, y, threshold=ctx.threshold, temperature=_temperature(ctx))
+
+
+def make_judge(ctx: BuildContext, reference: dict[str, float], *, against: str, limits: dict[str, float | None]) -> Judge:
+    """``judge(model)`` -> the guard check of ``model`` on val against ``reference``."""
+    return lambda model: guard.check(split_metrics(ctx, model, "val"), reference, against=against, limits=limits)
+
+
+def _rank(check: dict[str, Any]) -> tuple[bool, float, float]:
+    """Order of preference: meets the guard, then least beyond its limits, then best val AUC."""
+    auc = check["auc"]["value"]
+    return check["met"], -guard.excess(check), -math.inf if auc is None else auc
 
 
 def _f3(x: float | None) -> str:
@@ -77,15 +94,15 @@ def finetune(
     epochs: int,
     lr: float,
     label: str,
+    judge: Judge,
     teacher: torch.nn.Module | None = None,
-    result: loop.FitResult | None = None,
-    best_state: dict[str, torch.Tensor] | None = None,
     start_epoch: int = 0,
-) -> tuple[loop.FitResult, dict[str, torch.Tensor]]:
-    """Train every layer of ``model`` for ``epochs`` (cosine from ``lr``), keep the best val-AUC state (loaded).
+) -> dict[str, Any]:
+    """Train every layer of ``model`` for ``epochs`` (cosine from ``lr``) and keep the state the guard prefers.
 
-    With ``teacher`` the loss distils it (KL + CE, quantize.distill_* settings); ``result`` / ``best_state`` carry
-    an earlier best (e.g. the PTQ model as epoch 0), which a fine-tuning epoch must strictly beat on val AUC.
+    The state before training is a candidate too ("epoch" ``start_epoch``): an epoch is kept only when it ranks
+    higher under :func:`_rank`. With ``teacher`` the loss distils it (KL + CE; quantize.distill_* settings).
+    Returns ``{"history", "best_epoch", "check"}`` (the kept state's guard check); the model holds that state.
     """
     r, data = ctx.recipe, ctx.data
     tc = r.train
@@ -94,6 +111,8 @@ def finetune(
     steps = -(-len(x_tr) // tc.batch_size)
     scheduler = loop.make_scheduler(optimizer, tc.model_copy(update={"schedule": "cosine"}), epochs, steps)
     q = r.quantize or QuantizeConfig()
+    first = judge(model)
+    kept = {"epoch": start_epoch, "check": first, "state": copy.deepcopy(model.state_dict())}
     with contextlib.ExitStack() as stack:
         if teacher is not None:
             loss_fn = stack.enter_context(distillation(model, teacher, temperature=q.distill_temperature, alpha=q.distill_alpha))
@@ -104,27 +123,24 @@ def finetune(
         task = progress.add_task(label, total=epochs * steps, info="")
 
         def on_epoch(rec: dict[str, Any]) -> None:
-            progress.update(task, info=f"epoch {rec['epoch']} loss {rec['loss']:.3f} val AUC {rec['val_auc']:.3f}")
+            check = judge(model)
+            rec["guard_met"] = check["met"]
+            if _rank(check) > _rank(kept["check"]):
+                kept.update(epoch=rec["epoch"], check=check, state=copy.deepcopy(model.state_dict()))
+            progress.update(task, info=f"epoch {rec['epoch']} loss {rec['loss']:.3f} val AUC {rec['val_auc']:.3f}"
+                            + ("" if check["met"] else " (guard not met)"))
 
-        result, best_state = loop.fit(
+        result, _ = loop.fit(
             model, (x_tr, y_tr), data.subset("val"), data.spec, epochs=epochs, batch_size=tc.batch_size,
             optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, seed=r.seed, device=ctx.device,
             augment_batches=tc.augment, on_epoch=on_epoch, on_step=lambda _loss: progress.advance(task),
-            start_epoch=start_epoch, result=result, best_state=best_state, sample_weights=data.sample_weights("train"),
+            start_epoch=start_epoch,
+            # data.balance as in training; fp32 arithmetic (no train.amp): fake-quantizers and masks want full precision.
+            sample_weights=data.sample_weights("train"),
         )
-    model.load_state_dict(best_state)
+    model.load_state_dict(kept["state"])
     model.eval()
-    return result, best_state
-
-
-def _drop_text(check: dict[str, Any]) -> str:
-    parts = []
-    for metric in ("auc", "accuracy"):
-        item = check[metric]
-        if item["max_drop"] is not None:
-            drop = "n/a" if item["drop"] is None else f"{item['drop']:+.4f}"
-            parts.append(f"val {metric.upper() if metric == 'auc' else metric} drop {drop} (limit {item['max_drop']})")
-    return ", ".join(parts) or "no limit set"
+    return {"history": result.history, "best_epoch": kept["epoch"], "check": kept["check"]}
 
 
 # ------------------------------------------------------------------------------------------- 03_prune
@@ -147,12 +163,13 @@ def stage_prune(ctx: BuildContext, fp32: Artifact) -> Artifact:
         atomic_write_json(folder / "prune.json", record)
         ctx.finish_stage("03_prune", {"record": record, "checkpoint_sha256": sha256_file(weights)})
     c, g = record["compression"], record["guard"]
+    auc = g["checks"][0]["auc"]
     ctx.console.print(
         f"[bold]prune[/]: {cfg.method} {cfg.ratio:g}: params {c['params'][0]:,} -> {c['params'][1]:,}, MACs "
         f"{c['macs'][0] / 1e6:,.1f}M -> {c['macs'][1] / 1e6:,.1f}M"
         + (f", sparsity {c['sparsity']['sparsity']:.1%}" if "sparsity" in c else "")
-        + f"; val AUC {_f3(g['checks'][0]['auc']['value'])} (fp32 {_f3(g['checks'][0]['auc']['reference'])}); guard "
-        + ("[green]met[/]" if g["met"] else "[red]NOT met[/]")
+        + f"; val AUC {_f3(auc['value'])} (fp32 {_f3(auc['reference'])}); guard "
+        + ("[green]met[/]" if g["met"] else f"[red]NOT met[/]: {guard.describe(g['checks'][0])}")
         + (f" ({'; '.join(g['actions'])})" if g["actions"] else "")
     )
     return Artifact(
@@ -161,19 +178,18 @@ def stage_prune(ctx: BuildContext, fp32: Artifact) -> Artifact:
     )
 
 
-def _prune_guard(ctx: BuildContext, model: torch.nn.Module, reference: dict[str, float], finetune_fn) -> dict[str, Any]:
-    """Check the pruned model against FP32 on val; on failure fine-tune ``recovery_epochs`` more and check again."""
+def _prune_recovery(ctx: BuildContext, check: dict[str, Any], tune: Callable[[int, str], dict[str, Any]]) -> dict[str, Any]:
+    """The pruned model's guard record; on failure ``recovery_epochs`` more fine-tuning first."""
     cfg = ctx.recipe.prune
-    limits = {"max_auc_drop": cfg.max_auc_drop, "max_accuracy_drop": cfg.max_accuracy_drop}
-    chk = guard.check(split_metrics(ctx, model, "val"), reference, against="fp32", **limits)
     actions = []
-    if not chk["met"] and cfg.recovery_epochs > 0:
-        before = _drop_text(chk)
-        finetune_fn(cfg.recovery_epochs, "prune: recovery")
-        chk = guard.check(split_metrics(ctx, model, "val"), reference, against="fp32", **limits)
-        actions.append(f"guard failed ({before}): fine-tuned {cfg.recovery_epochs} more epochs -> {_drop_text(chk)}"
-                       + ("" if chk["met"] else "; still failing, artifact kept and marked"))
-    return guard.summarize([chk], actions)
+    if not check["met"] and cfg.recovery_epochs > 0:
+        before = guard.describe(check)
+        check = tune(cfg.recovery_epochs, "prune: recovery")["check"]
+        actions.append(f"guard failed ({before}): fine-tuned {cfg.recovery_epochs} more epochs -> {guard.describe(check)}"
+                       + ("" if check["met"] else "; still failing, artifact kept and marked"))
+    elif not check["met"]:
+        actions.append("guard failed; prune.recovery_epochs is 0: artifact kept and marked")
+    return guard.summarize([check], actions)
 
 
 def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -183,31 +199,37 @@ def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module,
     unfreeze([model])  # compression fine-tuning trains every layer, whatever transfer learning froze
     example = torch.zeros(1, 3, size, size, device=ctx.device)
     reference = split_metrics(ctx, fp32.module, "val")
+    judge = make_judge(ctx, reference, against="fp32", limits=guard.limits_of(cfg))
     cal_x, cal_y = calibration_set(data, cfg.calibration_images, seed=ctx.recipe.seed)
     bn_batches = [xb for xb, _ in input_batches(cal_x, data.spec, batch_size=BN_BATCH, device=ctx.device)]
     before = channel_plan(model)
     params0, macs0 = count_params(model), count_macs(model, size)
     pruner = ChannelPruner(model, cfg, example)
     steps = []
+    check = None
     for k in range(1, cfg.steps + 1):
         with ctx.console.status(f"[bold]prune[/]: step {k}/{cfg.steps} ({cfg.importance} importance)"):
             gradients = input_batches(cal_x, data.spec, batch_size=BN_BATCH, device=ctx.device, targets=cal_y) if cfg.importance == "taylor" else None
             pruner.step(gradient_batches=gradients)
             adapt_batchnorm(model, bn_batches)
-        step = {"step": k, "params": count_params(model), "macs": count_macs(model, size),
-                "val_after_pruning": _rounded(split_metrics(ctx, model, "val"))}
+        step: dict[str, Any] = {"step": k, "params": count_params(model), "macs": count_macs(model, size),
+                                "val_after_pruning": _rounded(split_metrics(ctx, model, "val"))}
         if cfg.finetune_epochs:
-            result, _ = finetune(ctx, model, epochs=cfg.finetune_epochs, lr=cfg.lr, label=f"prune: fine-tune {k}/{cfg.steps}", teacher=teacher)
-            step["finetune"] = {"history": result.history, "best_epoch": result.best_epoch}
+            tuned = finetune(ctx, model, epochs=cfg.finetune_epochs, lr=cfg.lr, label=f"prune: fine-tune {k}/{cfg.steps}",
+                             judge=judge, teacher=teacher)
+            step["finetune"] = {"history": tuned["history"], "kept_epoch": tuned["best_epoch"]}
+            check = tuned["check"]
+        else:
+            check = judge(model)
         step["val"] = _rounded(split_metrics(ctx, model, "val"))
         steps.append(step)
         ctx.console.print(f"[bold]prune[/]: step {k}: MACs {step['macs'] / 1e6:,.1f}M, val AUC {_f3(step['val_after_pruning']['auc'])} "
                           f"after pruning + BN adaptation -> {_f3(step['val']['auc'])} after fine-tuning")
 
-    def more(epochs: int, label: str) -> None:
-        finetune(ctx, model, epochs=epochs, lr=cfg.lr, label=label, teacher=teacher)
+    def tune(epochs: int, label: str) -> dict[str, Any]:
+        return finetune(ctx, model, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=teacher, start_epoch=cfg.finetune_epochs)
 
-    record_guard = _prune_guard(ctx, model, reference, more)
+    record_guard = _prune_recovery(ctx, check, tune)
     after = channel_plan(model)
     compression = {
         "method": "channel", "library": "torch-pruning", "ratio": cfg.ratio, "importance": cfg.importance, "scope": cfg.scope,
@@ -226,32 +248,38 @@ def _prune_magnitude(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module
     unfreeze([base])
     example = torch.zeros(1, 3, size, size, device=ctx.device)
     reference = split_metrics(ctx, fp32.module, "val")
+    judge = make_judge(ctx, reference, against="fp32", limits=guard.limits_of(cfg))
     cal_x, _ = calibration_set(data, cfg.calibration_images, seed=ctx.recipe.seed)
     bn_batches = [xb for xb, _ in input_batches(cal_x, data.spec, batch_size=BN_BATCH, device=ctx.device)]
     wrapped, scheduler = start_magnitude_pruning(base, cfg, example)
     steps = []
+    check = None
     for k in range(cfg.steps):
         scheduler.step(k * max(cfg.finetune_epochs, 1))  # the step's sparsity, from the NNCF ratio schedule
         adapt_batchnorm(wrapped, bn_batches)
-        step = {"step": k + 1, "sparsity_target": scheduler.current_ratio, "val_after_pruning": _rounded(split_metrics(ctx, wrapped, "val"))}
+        step: dict[str, Any] = {"step": k + 1, "sparsity_target": scheduler.current_ratio,
+                                "val_after_pruning": _rounded(split_metrics(ctx, wrapped, "val"))}
         if cfg.finetune_epochs:
-            result, _ = finetune(ctx, wrapped, epochs=cfg.finetune_epochs, lr=cfg.lr, label=f"prune: fine-tune {k + 1}/{cfg.steps}", teacher=teacher)
-            step["finetune"] = {"history": result.history, "best_epoch": result.best_epoch}
+            tuned = finetune(ctx, wrapped, epochs=cfg.finetune_epochs, lr=cfg.lr, label=f"prune: fine-tune {k + 1}/{cfg.steps}",
+                             judge=judge, teacher=teacher)
+            step["finetune"] = {"history": tuned["history"], "kept_epoch": tuned["best_epoch"]}
+            check = tuned["check"]
+        else:
+            check = judge(wrapped)
         step["val"] = _rounded(split_metrics(ctx, wrapped, "val"))
         steps.append(step)
         ctx.console.print(f"[bold]prune[/]: step {k + 1}: sparsity {scheduler.current_ratio:.0%}, val AUC "
                           f"{_f3(step['val_after_pruning']['auc'])} -> {_f3(step['val']['auc'])} after fine-tuning")
 
-    def more(epochs: int, label: str) -> None:
-        finetune(ctx, wrapped, epochs=epochs, lr=cfg.lr, label=label, teacher=teacher)
+    def tune(epochs: int, label: str) -> dict[str, Any]:
+        return finetune(ctx, wrapped, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=teacher, start_epoch=cfg.finetune_epochs)
 
-    record_guard = _prune_guard(ctx, wrapped, reference, more)
+    record_guard = _prune_recovery(ctx, check, tune)
     model = strip_magnitude_pruning(wrapped, fp32.module.arch, fp32.module.num_classes).eval()
-    sparsity = weight_sparsity(model)
     compression = {
         "method": "magnitude", "library": "nncf", "ratio": cfg.ratio, "scope": cfg.scope, "steps": steps,
         "params": [count_params(fp32.module), count_params(model)], "macs": [count_macs(fp32.module, size), count_macs(model, size)],
-        "sparsity": sparsity, "weights_gzip_bytes": [compressed_weight_bytes(fp32.module), compressed_weight_bytes(model)],
+        "sparsity": weight_sparsity(model), "weights_gzip_bytes": [compressed_weight_bytes(fp32.module), compressed_weight_bytes(model)],
         "latency_note": "zeroed weights keep their dense shape: CPU runtimes run dense kernels, so expect no speed-up; "
                         "the gain is the compressed size",
         "calibration_images": len(cal_x), "distill": cfg.distill,
@@ -284,12 +312,13 @@ def stage_quantize(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifac
             record["files"] = {"state_dict": weights.name, "nncf_config": config.name}
             records[name] = record
         _print_quantize(ctx, name, record)
-        lineage = f"{src.lineage} <- {cfg.method}-int8" + (f" ({len(record['compression']['fp32_layers'])} layers fp32)" if record["compression"]["fp32_layers"] else "")
+        fp32_layers = record["compression"]["fp32_layers"]
+        lineage = f"{src.lineage} <- {cfg.method}-int8" + (f" ({len(fp32_layers)} layers fp32)" if fp32_layers else "")
         guard_record = record["guard"]
         if src.metadata.get("guard"):  # pruned-int8 answers for its pruning too
-            guard_record = guard.summarize(src.metadata["guard"]["checks"] + record["guard"]["checks"],
-                                           src.metadata["guard"]["actions"] + record["guard"]["actions"])
-            guard_record["vs_fp32"] = record["guard"].get("vs_fp32")
+            guard_record = {**guard.summarize(src.metadata["guard"]["checks"] + record["guard"]["checks"],
+                                              src.metadata["guard"]["actions"] + record["guard"]["actions"]),
+                            "vs_fp32": record["guard"]["vs_fp32"]}
         out.append(Artifact(name=name, module=model, precision="int8", lineage=lineage, files={"torch": weights},
                             metadata={"compression": record["compression"], "guard": guard_record}))
     atomic_write_json(folder / "quantize.json", records)
@@ -302,86 +331,77 @@ def _print_quantize(ctx: BuildContext, name: str, record: dict[str, Any]) -> Non
     ptq, final = c["ptq"], c["final"]
     ctx.console.print(
         f"[bold]quantize[/]: {name}: val AUC PTQ {_f3(ptq['val']['auc'])} -> {c['method'].upper()} {_f3(final['val']['auc'])} "
-        f"(reference {_f3(g['checks'][0]['auc']['reference'])}), test AUC PTQ {_f3(ptq['test']['auc'])} -> {_f3(final['test']['auc'])}; guard "
-        + ("[green]met[/]" if g["met"] else "[red]NOT met[/]") + (f" ({'; '.join(g['actions'])})" if g["actions"] else "")
+        f"(reference {_f3(g['checks'][0]['auc']['reference'])}), test AUC PTQ {_f3(ptq['test']['auc'])} -> {_f3(final['test']['auc'])}; "
+        f"kept {c['kept']}; guard "
+        + ("[green]met[/]" if g["met"] else f"[red]NOT met[/]: {guard.describe(g['checks'][0])}")
+        + (f" ({'; '.join(g['actions'])})" if g["actions"] else "")
     )
 
 
 def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """PTQ + QAT of ``src`` with the guard and its remedies; returns the NNCF model and its record."""
+    """PTQ + QAT of ``src`` steered by the guard, with its remedies; returns the NNCF model and its record."""
     cfg, data = ctx.recipe.quantize, ctx.data
     base = copy.deepcopy(src.module).eval()
     unfreeze([base])
     folded = fold_batchnorm(base)
     teacher = fp32.module.eval() if cfg.distill and cfg.method == "qat" else None
     reference = split_metrics(ctx, src.module, "val")
-    limits = {"max_auc_drop": cfg.max_auc_drop, "max_accuracy_drop": cfg.max_accuracy_drop}
+    judge = make_judge(ctx, reference, against=src.name, limits=guard.limits_of(cfg))
     cal_x, _ = calibration_set(data, cfg.calibration_images, seed=ctx.recipe.seed)
     actions: list[str] = []
 
-    def attempt(fp32_layers: list[str], label: str) -> tuple[torch.nn.Module, dict[str, Any], loop.FitResult, dict]:
+    def attempt(fp32_layers: list[str], label: str) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
         with ctx.console.status(f"[bold]quantize[/]: {name}: NNCF PTQ on {len(cal_x)} calibration images"):
             model = quantize_ptq(copy.deepcopy(base), cal_x, data.spec, device=ctx.device,
                                  ignored_scope=keep_fp32_scope(base, cfg.keep_fp32, fp32_layers))
         ptq = {"val": _rounded(split_metrics(ctx, model, "val")), "test": _rounded(split_metrics(ctx, model, "test"))}
-        result = loop.FitResult(best_epoch=0, best_val_auc=ptq["val"]["auc"] if ptq["val"]["auc"] is not None else float("nan"))
-        best_state = copy.deepcopy(model.state_dict())
         if cfg.method == "qat":
-            result, best_state = finetune(ctx, model, epochs=cfg.epochs, lr=cfg.lr, label=f"quantize: {label}", teacher=teacher,
-                                          result=result, best_state=best_state)
-        return model, ptq, result, best_state
+            tuned = finetune(ctx, model, epochs=cfg.epochs, lr=cfg.lr, label=f"quantize: {label}", judge=judge, teacher=teacher)
+        else:
+            tuned = {"history": [], "best_epoch": 0, "check": judge(model)}
+        return model, ptq, tuned
 
-    model, ptq, result, best_state = attempt([], f"{name} QAT")
-    chk = guard.check(split_metrics(ctx, model, "val"), reference, against=src.name, **limits)
-    if not chk["met"] and cfg.method == "qat" and cfg.recovery_epochs > 0:
-        before = _drop_text(chk)
-        result, best_state = finetune(ctx, model, epochs=cfg.recovery_epochs, lr=cfg.lr, label=f"quantize: {name} recovery",
-                                      teacher=teacher, result=result, best_state=best_state, start_epoch=cfg.epochs)
-        chk = guard.check(split_metrics(ctx, model, "val"), reference, against=src.name, **limits)
-        actions.append(f"guard failed ({before}): {cfg.recovery_epochs} more QAT epochs -> {_drop_text(chk)}")
+    model, ptq, tuned = attempt([], f"{name} QAT")
+    if not tuned["check"]["met"] and cfg.method == "qat" and cfg.recovery_epochs > 0:
+        before = guard.describe(tuned["check"])
+        more = finetune(ctx, model, epochs=cfg.recovery_epochs, lr=cfg.lr, label=f"quantize: {name} recovery",
+                        judge=judge, teacher=teacher, start_epoch=cfg.epochs)
+        tuned = {"history": tuned["history"] + more["history"], "check": more["check"],
+                 "best_epoch": more["best_epoch"] if more["best_epoch"] > cfg.epochs else tuned["best_epoch"]}
+        actions.append(f"guard failed ({before}): {cfg.recovery_epochs} more QAT epochs -> {guard.describe(tuned['check'])}")
     fp32_layers: list[str] = []
     sensitivity: list[dict[str, Any]] = []
-    if not chk["met"] and cfg.fp32_fallback_layers > 0:
-        before = _drop_text(chk)
+    if not tuned["check"]["met"] and cfg.fp32_fallback_layers > 0:
+        before = guard.describe(tuned["check"])
         with ctx.console.status(f"[bold]quantize[/]: {name}: ranking layer sensitivity"):
             sens_x = cal_x[:SENSITIVITY_IMAGES]
             reference_logits = loop.predict(src.module, sens_x, data.spec, device=ctx.device)
             sensitivity = layer_sensitivity(model, reference_logits, sens_x, data.spec, device=ctx.device)
-        fp32_layers = [s["layer"] for s in sensitivity[: cfg.fp32_fallback_layers]]
-        model2, ptq2, result2, best2 = attempt(fp32_layers, f"{name} QAT, {len(fp32_layers)} layers fp32")
-        chk2 = guard.check(split_metrics(ctx, model2, "val"), reference, against=src.name, **limits)
-        better = chk2["met"] or _auc_drop(chk2) < _auc_drop(chk)
-        actions.append(f"guard failed ({before}): kept the {len(fp32_layers)} most sensitive layers in FP32 via NNCF's "
-                       f"ignored scope ({', '.join(fp32_layers)}) and quantized again -> {_drop_text(chk2)}"
+        chosen = [s["layer"] for s in sensitivity[: cfg.fp32_fallback_layers]]
+        model2, ptq2, tuned2 = attempt(chosen, f"{name} QAT, {len(chosen)} layers fp32")
+        better = _rank(tuned2["check"]) > _rank(tuned["check"])
+        actions.append(f"guard failed ({before}): kept the {len(chosen)} most sensitive layers in FP32 via NNCF's "
+                       f"ignored scope ({', '.join(chosen)}) and quantized again -> {guard.describe(tuned2['check'])}"
                        + ("" if better else "; the first model was closer and is kept"))
         if better:
-            model, ptq, result, best_state, chk = model2, ptq2, result2, best2, chk2
-        else:
-            fp32_layers = []
-    if not chk["met"]:
+            model, ptq, tuned, fp32_layers = model2, ptq2, tuned2, chosen
+    if not tuned["check"]["met"]:
         actions.append("still failing: artifact kept and marked as not meeting the guard")
     final = {"val": _rounded(split_metrics(ctx, model, "val")), "test": _rounded(split_metrics(ctx, model, "test")),
-             "best_epoch": result.best_epoch, "history": result.history}
+             "kept_epoch": tuned["best_epoch"], "history": tuned["history"]}
     fp32_val = split_metrics(ctx, fp32.module, "val")
-    record_guard = guard.summarize([chk], actions)
-    record_guard["vs_fp32"] = {"auc_drop": _delta(fp32_val["auc"], final["val"]["auc"]),
-                               "accuracy_drop": _delta(fp32_val["accuracy"], final["val"]["accuracy"])}
+    record_guard = guard.summarize([tuned["check"]], actions)
+    record_guard["vs_fp32"] = {f"{m}_drop": _delta(fp32_val[m], final["val"][m]) for m in guard.GUARD_METRICS}
     compression = {
         "method": cfg.method, "library": "nncf", "source": src.name, "calibration_images": len(cal_x),
         "batchnorm_folded": len(folded), "quantizers": quantizer_summary(model), "keep_fp32": list(cfg.keep_fp32),
         "fp32_layers": fp32_layers, "sensitivity": sensitivity[:10],
         "distill": ({"teacher": "fp32", "temperature": cfg.distill_temperature, "alpha": cfg.distill_alpha} if teacher is not None else None),
         "ptq": ptq, "final": final, "reference_val": _rounded(reference),
-        "kept": "qat" if cfg.method == "qat" and result.best_epoch > 0 else "ptq",
+        "kept": "qat" if cfg.method == "qat" and tuned["best_epoch"] > 0 else "ptq",
     }
     return model, {"compression": compression, "guard": record_guard}
 
 
-def _auc_drop(check: dict[str, Any]) -> float:
-    drop = check["auc"]["drop"]
-    return math.inf if drop is None else drop
-
-
 def _delta(a: float, b: float | None) -> float | None:
     return round(a - b, 6) if b is not None and math.isfinite(a) else None
-
