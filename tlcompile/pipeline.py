@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import tlcompile
-from tlcompile.checkpoint import save_state
+from tlcompile.checkpoint import load_state, save_state
 from tlcompile.data.datamodule import DataModule, class_names_for, load_data
 from tlcompile.errors import BundleError, TlcompileError
 from tlcompile.evaluate.clinical import CI_LEVEL, CI_METHODS, add_clinical_to_rows, lock_operating_point
@@ -136,7 +136,7 @@ def stage_train(ctx: BuildContext) -> Artifact:
     done = ctx.stage_done("02_train")
     if done and ckpt.is_file():
         model = _build_model(ctx)
-        model.load_state_dict(torch.load(ckpt, map_location=ctx.device, weights_only=True))
+        model.load_state_dict(load_state(ckpt))
         ctx.training, ctx.transfer = done["training"], done.get("transfer")
         ctx.console.print(f"[bold]train[/]: resumed from {ckpt} (best epoch {ctx.training['best_epoch']})")
     else:

@@ -30,8 +30,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from tlcompile.checkpoint import load_state, save_state
 from tlcompile.errors import CompressionError, missing_dependency
-from tlcompile.io import atomic_write_json, atomic_write_with
+from tlcompile.io import atomic_write_json
 from tlcompile.models.registry import TlModel
 from tlcompile.runtime.preprocess import PreprocessSpec
 
@@ -174,7 +175,7 @@ def save_quantized(model: nn.Module, folder: Path, name: str) -> dict[str, Path]
     config = json.loads(json.dumps(nncf.torch.get_config(model)))  # enums are str subclasses: plain JSON types
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     weights, cfg = folder / f"{name}.pt", folder / f"{name}.nncf.json"
-    atomic_write_with(weights, lambda p: torch.save(state, p))
+    save_state(weights, state)
     atomic_write_json(cfg, config)
     return {"state_dict": weights, "nncf_config": cfg}
 
@@ -183,7 +184,7 @@ def load_quantized(fp32_model: TlModel, config_path: Path, weights_path: Path, *
     """Rebuild an NNCF INT8 model: ``fp32_model`` must be the architecture it was quantized from, BN already folded."""
     nncf = import_nncf()
     config = json.loads(config_path.read_text())
-    state = torch.load(weights_path, map_location=device, weights_only=True)
+    state = load_state(weights_path)
     try:
         model = nncf.torch.load_from_config(fp32_model.to(device).eval(), config)
         model.load_state_dict(state, strict=True)

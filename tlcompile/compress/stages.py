@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tlcompile.checkpoint import load_state, save_state
 from tlcompile.compress import guard
 from tlcompile.compress.calibration import calibration_set, input_batches
 from tlcompile.compress.distill import distillation
@@ -42,7 +43,7 @@ from tlcompile.compress.quantize import (
     quantizer_summary,
     save_quantized,
 )
-from tlcompile.io import atomic_write_json, atomic_write_with, sha256_file
+from tlcompile.io import atomic_write_json, sha256_file
 from tlcompile.models import count_macs, count_params, unfreeze
 from tlcompile.pipeline import Artifact, BuildContext, _progress
 from tlcompile.recipe import QuantizeConfig
@@ -151,14 +152,14 @@ def stage_prune(ctx: BuildContext, fp32: Artifact) -> Artifact:
     weights, plan_path = folder / "pruned.pt", folder / "architecture.json"
     done = ctx.stage_done("03_prune")
     if done and weights.is_file() and plan_path.is_file():
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_state(weights)
         model = build_pruned_model(json.loads(plan_path.read_text()), state, source=str(plan_path)).to(ctx.device).eval()
         record = done["record"]
         ctx.console.print(f"[bold]prune[/]: resumed from {weights}")
     else:
         model, record = (_prune_channels if cfg.method == "channel" else _prune_magnitude)(ctx, fp32)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_write_with(weights, lambda p: torch.save(state, p))
+        save_state(weights, state)
         atomic_write_json(plan_path, channel_plan(model))
         atomic_write_json(folder / "prune.json", record)
         ctx.finish_stage("03_prune", {"record": record, "checkpoint_sha256": sha256_file(weights)})
