@@ -65,7 +65,7 @@ def main() -> None:
             xmls[arch] = export_openvino(get_model(arch, num_classes=2), Path(tmp) / f"{arch}.xml", image_size=args.size)
 
         print("\n## tlcompile bench vs benchmark_app (p50, batch 1, LATENCY hint, all cores; alternating, 3 rounds, medians)")
-        print(f"| model | tlcompile p50 ms | benchmark_app median ms | ratio |\n|---|---|---|---|")
+        print("| model | tlcompile p50 ms | benchmark_app median ms | ratio |\n|---|---|---|---|")
         for arch, xml in xmls.items():
             a, b = [], []
             for _ in range(3):
