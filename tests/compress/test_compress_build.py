@@ -55,6 +55,8 @@ def test_prune_and_quantize_build_end_to_end(compress_recipe, tmp_path):
     assert pruned["guard"]["met"] and pruned["guard"]["checks"][0]["against"] == "fp32"
     assert [c["against"] for c in pruned_int8["guard"]["checks"]] == ["fp32", "pruned"]
     assert int8["compression"]["ptq"]["test"]["auc"] is not None and int8["compression"]["batchnorm_folded"] == 4
+    # QAT distils the model it quantizes (the guard's reference), not always the unpruned FP32 model.
+    assert int8["compression"]["distill"]["teacher"] == "fp32" and pruned_int8["compression"]["distill"]["teacher"] == "pruned"
     assert pruned["compression"]["widths"] == {"features.layer1.conv": [32, 16], "features.layer2.conv": [64, 32],
                                                "features.layer3.conv": [128, 64], "features.layer4.conv": [256, 128]}
     for rel in ("03_prune/architecture.json", "03_prune/pruned.pt", "04_quantize/int8.nncf.json", "04_quantize/int8.pt",
@@ -78,18 +80,47 @@ def test_a_resumed_build_rebuilds_the_compressed_models_from_their_files(compres
         assert rows2[key]["guard" if "guard" in row else "lineage"] == row["guard" if "guard" in row else "lineage"]
 
 
+def _ctx(tiny_data, tmp_path, quantize: dict | None = None) -> BuildContext:
+    recipe = validate_recipe_dict({"data": {"num_images": 64, "image_size": 32}, "train": {"epochs": 1, "batch_size": 16},
+                                   **({"quantize": quantize} if quantize else {})})
+    ctx = BuildContext(recipe=recipe, out_dir=tmp_path, console=Console(quiet=True), device=torch.device("cpu"), data=tiny_data)
+    ctx.operating_point = {"threshold": 0.5, "temperature": 1.0}
+    return ctx
+
+
+def _check(met: bool, auc: float = 0.9) -> dict:
+    item = {"reference": 0.9, "value": auc, "drop": 0.9 - auc, "max_drop": 0.01, "met": met}
+    none = {"reference": 0.5, "value": 0.5, "drop": 0.0, "max_drop": None}
+    return {"against": "fp32", "split": "val", "auc": item, "sensitivity": none, "specificity": none, "accuracy": none, "met": met}
+
+
+def test_finetuning_keeps_the_state_the_guard_prefers_and_can_freeze_bn_statistics(tiny_data, calibration_inputs, tmp_path):
+    from tests.compress.conftest import settled
+    from tlcompile.compress import stages
+
+    ctx = _ctx(tiny_data, tmp_path)
+    model = settled("cbr_small", calibration_inputs)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    verdicts = iter([_check(True), _check(False, auc=0.99)])  # the starting state meets the guard, the epoch does not
+    tuned = stages.finetune(ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True)
+    assert tuned["best_epoch"] == 0 and tuned["check"]["met"] and len(tuned["history"]) == 1
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # the better-AUC epoch was not kept
+
+    verdicts = iter([_check(False), _check(True, auc=0.8)])
+    tuned = stages.finetune(ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True)
+    assert tuned["best_epoch"] == 1
+    state = model.state_dict()
+    assert not torch.equal(state["features.layer1.conv.weight"], start["features.layer1.conv.weight"])  # trained ...
+    for key in ("features.layer1.bn.running_mean", "features.layer1.bn.running_var"):
+        assert torch.equal(state[key], start[key])  # ... on frozen BatchNorm statistics
+
+
 def test_a_failing_guard_gets_more_qat_epochs_then_fp32_layers(tiny_data, calibration_inputs, tmp_path, monkeypatch):
     from tests.compress.conftest import settled
     from tlcompile.compress import stages
     from tlcompile.compress.quantize import quantizer_hooks
 
-    recipe = validate_recipe_dict({
-        "data": {"num_images": 64, "image_size": 32},
-        "train": {"epochs": 1, "batch_size": 16},
-        "quantize": {"epochs": 1, "recovery_epochs": 1, "fp32_fallback_layers": 2, "calibration_images": 16, "distill": False},
-    })
-    ctx = BuildContext(recipe=recipe, out_dir=tmp_path, console=Console(quiet=True), device=torch.device("cpu"), data=tiny_data)
-    ctx.operating_point = {"threshold": 0.5, "temperature": 1.0}
+    ctx = _ctx(tiny_data, tmp_path, {"epochs": 1, "recovery_epochs": 1, "fp32_fallback_layers": 2, "calibration_images": 16, "distill": False})
     fp32 = Artifact(name="fp32", module=settled("cbr_small", calibration_inputs), precision="fp32", lineage="fp32")
     real_check, real_sensitivity, calls = stages.guard.check, stages.layer_sensitivity, []
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from tlcompile.checkpoint import load_state, save_state
 from tlcompile.compress import guard
@@ -46,7 +47,6 @@ from tlcompile.compress.quantize import (
 from tlcompile.io import atomic_write_json, sha256_file
 from tlcompile.models import count_macs, count_params, unfreeze
 from tlcompile.pipeline import Artifact, BuildContext, _progress
-from tlcompile.recipe import QuantizeConfig
 from tlcompile.train import loop
 
 # Images per batch for BatchNorm adaptation: per-batch statistics are averaged, so batches must not be tiny.
@@ -97,12 +97,17 @@ def finetune(
     label: str,
     judge: Judge,
     teacher: torch.nn.Module | None = None,
+    distill: tuple[float, float] = (1.0, 1.0),
+    freeze_bn_stats: bool = False,
     start_epoch: int = 0,
 ) -> dict[str, Any]:
     """Train every layer of ``model`` for ``epochs`` (cosine from ``lr``) and keep the state the guard prefers.
 
     The state before training is a candidate too ("epoch" ``start_epoch``): an epoch is kept only when it ranks
-    higher under :func:`_rank`. With ``teacher`` the loss distils it (KL + CE; quantize.distill_* settings).
+    higher under :func:`_rank`. With ``teacher`` the loss distils it, ``distill`` = (temperature, alpha).
+    ``freeze_bn_stats`` keeps every BatchNorm on the statistics it has (just re-estimated on the calibration set
+    after pruning): weights adapt to fixed statistics instead of noisy 32-image batch statistics (measured on the
+    quickstart's 50%-pruned MobileNetV3: val AUC 0.98 after 2 epochs with frozen statistics, 0.95 without).
     Returns ``{"history", "best_epoch", "check"}`` (the kept state's guard check); the model holds that state.
     """
     r, data = ctx.recipe, ctx.data
@@ -111,12 +116,11 @@ def finetune(
     optimizer = loop.make_optimizer(model.parameters(), name=tc.optimizer, lr=lr, weight_decay=tc.weight_decay, momentum=tc.momentum)
     steps = -(-len(x_tr) // tc.batch_size)
     scheduler = loop.make_scheduler(optimizer, tc.model_copy(update={"schedule": "cosine"}), epochs, steps)
-    q = r.quantize or QuantizeConfig()
     first = judge(model)
     kept = {"epoch": start_epoch, "check": first, "state": copy.deepcopy(model.state_dict())}
     with contextlib.ExitStack() as stack:
         if teacher is not None:
-            loss_fn = stack.enter_context(distillation(model, teacher, temperature=q.distill_temperature, alpha=q.distill_alpha))
+            loss_fn = stack.enter_context(distillation(model, teacher, temperature=distill[0], alpha=distill[1]))
         else:
             weight = loop.class_weights(y_tr, data.num_classes).to(ctx.device) if data.balance == "weighted_loss" else None
             loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
@@ -135,13 +139,20 @@ def finetune(
             model, (x_tr, y_tr), data.subset("val"), data.spec, epochs=epochs, batch_size=tc.batch_size,
             optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, seed=r.seed, device=ctx.device,
             augment_batches=tc.augment, on_epoch=on_epoch, on_step=lambda _loss: progress.advance(task),
-            start_epoch=start_epoch,
+            start_epoch=start_epoch, set_train_mode=_train_with_frozen_bn_stats if freeze_bn_stats else None,
             # data.balance as in training; fp32 arithmetic (no train.amp): fake-quantizers and masks want full precision.
             sample_weights=data.sample_weights("train"),
         )
     model.load_state_dict(kept["state"])
     model.eval()
     return {"history": result.history, "best_epoch": kept["epoch"], "check": kept["check"]}
+
+
+def _train_with_frozen_bn_stats(model: torch.nn.Module) -> None:
+    model.train()
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.eval()
 
 
 # ------------------------------------------------------------------------------------------- 03_prune
@@ -196,6 +207,7 @@ def _prune_recovery(ctx: BuildContext, check: dict[str, Any], tune: Callable[[in
 def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module, dict[str, Any]]:
     cfg, data, size = ctx.recipe.prune, ctx.data, ctx.data.spec.size
     teacher = fp32.module.eval() if cfg.distill else None
+    distill = (cfg.distill_temperature, cfg.distill_alpha)
     model = copy.deepcopy(fp32.module).eval()
     unfreeze([model])  # compression fine-tuning trains every layer, whatever transfer learning froze
     example = torch.zeros(1, 3, size, size, device=ctx.device)
@@ -217,7 +229,7 @@ def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module,
                                 "val_after_pruning": _rounded(split_metrics(ctx, model, "val"))}
         if cfg.finetune_epochs:
             tuned = finetune(ctx, model, epochs=cfg.finetune_epochs, lr=cfg.lr, label=f"prune: fine-tune {k}/{cfg.steps}",
-                             judge=judge, teacher=teacher)
+                             judge=judge, teacher=teacher, distill=distill, freeze_bn_stats=True)
             step["finetune"] = {"history": tuned["history"], "kept_epoch": tuned["best_epoch"]}
             check = tuned["check"]
         else:
@@ -228,7 +240,8 @@ def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module,
                           f"after pruning + BN adaptation -> {_f3(step['val']['auc'])} after fine-tuning")
 
     def tune(epochs: int, label: str) -> dict[str, Any]:
-        return finetune(ctx, model, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=teacher, start_epoch=cfg.finetune_epochs)
+        return finetune(ctx, model, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=teacher, distill=distill,
+                        freeze_bn_stats=True, start_epoch=cfg.finetune_epochs)
 
     record_guard = _prune_recovery(ctx, check, tune)
     after = channel_plan(model)
@@ -236,7 +249,8 @@ def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module,
         "method": "channel", "library": "torch-pruning", "ratio": cfg.ratio, "importance": cfg.importance, "scope": cfg.scope,
         "steps": steps, "params": [params0, count_params(model)], "macs": [macs0, count_macs(model, size)],
         "widths": pruned_widths(before, after), "kept_whole": ["classifier", *cfg.keep],
-        "calibration_images": len(cal_x), "distill": cfg.distill,
+        "calibration_images": len(cal_x), "batchnorm": "re-estimated after each step, frozen while fine-tuning",
+        "distill": {"teacher": "fp32", "temperature": cfg.distill_temperature, "alpha": cfg.distill_alpha} if cfg.distill else None,
         "val": {"fp32": _rounded(reference), "pruned": _rounded(split_metrics(ctx, model, "val"))},
     }
     return model, {"compression": compression, "guard": record_guard}
@@ -245,6 +259,7 @@ def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module,
 def _prune_magnitude(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module, dict[str, Any]]:
     cfg, data, size = ctx.recipe.prune, ctx.data, ctx.data.spec.size
     teacher = fp32.module.eval() if cfg.distill else None
+    distill = (cfg.distill_temperature, cfg.distill_alpha)
     base = copy.deepcopy(fp32.module).eval()
     unfreeze([base])
     example = torch.zeros(1, 3, size, size, device=ctx.device)
@@ -262,7 +277,7 @@ def _prune_magnitude(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module
                                 "val_after_pruning": _rounded(split_metrics(ctx, wrapped, "val"))}
         if cfg.finetune_epochs:
             tuned = finetune(ctx, wrapped, epochs=cfg.finetune_epochs, lr=cfg.lr, label=f"prune: fine-tune {k + 1}/{cfg.steps}",
-                             judge=judge, teacher=teacher)
+                             judge=judge, teacher=teacher, distill=distill, freeze_bn_stats=True)
             step["finetune"] = {"history": tuned["history"], "kept_epoch": tuned["best_epoch"]}
             check = tuned["check"]
         else:
@@ -273,7 +288,8 @@ def _prune_magnitude(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module
                           f"{_f3(step['val_after_pruning']['auc'])} -> {_f3(step['val']['auc'])} after fine-tuning")
 
     def tune(epochs: int, label: str) -> dict[str, Any]:
-        return finetune(ctx, wrapped, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=teacher, start_epoch=cfg.finetune_epochs)
+        return finetune(ctx, wrapped, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=teacher, distill=distill,
+                        freeze_bn_stats=True, start_epoch=cfg.finetune_epochs)
 
     record_guard = _prune_recovery(ctx, check, tune)
     model = strip_magnitude_pruning(wrapped, fp32.module.arch, fp32.module.num_classes).eval()
@@ -283,7 +299,8 @@ def _prune_magnitude(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module
         "sparsity": weight_sparsity(model), "weights_gzip_bytes": [compressed_weight_bytes(fp32.module), compressed_weight_bytes(model)],
         "latency_note": "zeroed weights keep their dense shape: CPU runtimes run dense kernels, so expect no speed-up; "
                         "the gain is the compressed size",
-        "calibration_images": len(cal_x), "distill": cfg.distill,
+        "calibration_images": len(cal_x), "batchnorm": "re-estimated after each step, frozen while fine-tuning",
+        "distill": {"teacher": "fp32", "temperature": cfg.distill_temperature, "alpha": cfg.distill_alpha} if cfg.distill else None,
         "val": {"fp32": _rounded(reference), "pruned": _rounded(split_metrics(ctx, model, "val"))},
     }
     return model, {"compression": compression, "guard": record_guard}
@@ -345,7 +362,9 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
     base = copy.deepcopy(src.module).eval()
     unfreeze([base])
     folded = fold_batchnorm(base)
-    teacher = fp32.module.eval() if cfg.distill and cfg.method == "qat" else None
+    # The teacher is the model being quantized: QAT is to reproduce it (the guard's reference), not to re-learn the task.
+    teacher = src.module.eval() if cfg.distill and cfg.method == "qat" else None
+    distill = (cfg.distill_temperature, cfg.distill_alpha)
     reference = split_metrics(ctx, src.module, "val")
     judge = make_judge(ctx, reference, against=src.name, limits=guard.limits_of(cfg))
     cal_x, _ = calibration_set(data, cfg.calibration_images, seed=ctx.recipe.seed)
@@ -357,7 +376,8 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
                                  ignored_scope=keep_fp32_scope(base, cfg.keep_fp32, fp32_layers))
         ptq = {"val": _rounded(split_metrics(ctx, model, "val")), "test": _rounded(split_metrics(ctx, model, "test"))}
         if cfg.method == "qat":
-            tuned = finetune(ctx, model, epochs=cfg.epochs, lr=cfg.lr, label=f"quantize: {label}", judge=judge, teacher=teacher)
+            tuned = finetune(ctx, model, epochs=cfg.epochs, lr=cfg.lr, label=f"quantize: {label}", judge=judge,
+                             teacher=teacher, distill=distill)
         else:
             tuned = {"history": [], "best_epoch": 0, "check": judge(model)}
         return model, ptq, tuned
@@ -366,7 +386,7 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
     if not tuned["check"]["met"] and cfg.method == "qat" and cfg.recovery_epochs > 0:
         before = guard.describe(tuned["check"])
         more = finetune(ctx, model, epochs=cfg.recovery_epochs, lr=cfg.lr, label=f"quantize: {name} recovery",
-                        judge=judge, teacher=teacher, start_epoch=cfg.epochs)
+                        judge=judge, teacher=teacher, distill=distill, start_epoch=cfg.epochs)
         tuned = {"history": tuned["history"] + more["history"], "check": more["check"],
                  "best_epoch": more["best_epoch"] if more["best_epoch"] > cfg.epochs else tuned["best_epoch"]}
         actions.append(f"guard failed ({before}): {cfg.recovery_epochs} more QAT epochs -> {guard.describe(tuned['check'])}")
@@ -397,7 +417,7 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
         "method": cfg.method, "library": "nncf", "source": src.name, "calibration_images": len(cal_x),
         "batchnorm_folded": len(folded), "quantizers": quantizer_summary(model), "keep_fp32": list(cfg.keep_fp32),
         "fp32_layers": fp32_layers, "sensitivity": sensitivity[:10],
-        "distill": ({"teacher": "fp32", "temperature": cfg.distill_temperature, "alpha": cfg.distill_alpha} if teacher is not None else None),
+        "distill": ({"teacher": src.name, "temperature": cfg.distill_temperature, "alpha": cfg.distill_alpha} if teacher is not None else None),
         "ptq": ptq, "final": final, "reference_val": _rounded(reference),
         "kept": "qat" if cfg.method == "qat" and tuned["best_epoch"] > 0 else "ptq",
     }
