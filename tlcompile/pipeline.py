@@ -435,8 +435,12 @@ def stage_bundle(ctx: BuildContext, report: dict[str, Any]) -> BundleError | Non
         record = {"skipped": "no openvino or onnxruntime row in the bench to ship; add one to bench.runtimes"}
         ctx.console.print(f"[yellow]bundle[/]: skipped: {record['skipped']}")
     elif error is None:
+        sel = record.get("selection", {})
+        passed_over = [f"{c['name']} ({c['why_not']})" for c in sel.get("candidates", []) if c.get("why_not") and sel.get("rule") != "name"]
         ctx.console.print(
             f"[bold]bundle[/]: {ctx.out_dir / record['path']}: {record['artifact']} on {record['runtime']} ({record['precision']}), "
+            f"chosen by select: {sel.get('rule')} ({sel.get('ranked_by')})"
+            + (f"; passed over: {', '.join(passed_over)}" if passed_over else "") + "; "
             f"{record['golden_samples']} golden samples verified (max |Δlogit| {record['verify']['max_abs_logit_diff']:.1e}); "
             f"manifest sha256 {record['manifest_sha256'][:16]}"
         )

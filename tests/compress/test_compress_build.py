@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -80,9 +81,9 @@ def test_a_resumed_build_rebuilds_the_compressed_models_from_their_files(compres
         assert rows2[key]["guard" if "guard" in row else "lineage"] == row["guard" if "guard" in row else "lineage"]
 
 
-def _ctx(tiny_data, tmp_path, quantize: dict | None = None) -> BuildContext:
+def _ctx(tiny_data, tmp_path, quantize: dict | None = None, prune: dict | None = None) -> BuildContext:
     recipe = validate_recipe_dict({"data": {"num_images": 64, "image_size": 32}, "train": {"epochs": 1, "batch_size": 16},
-                                   **({"quantize": quantize} if quantize else {})})
+                                   **({"quantize": quantize} if quantize else {}), **({"prune": prune} if prune else {})})
     ctx = BuildContext(recipe=recipe, out_dir=tmp_path, console=Console(quiet=True), device=torch.device("cpu"), data=tiny_data)
     ctx.operating_point = {"threshold": 0.5, "temperature": 1.0}
     return ctx
@@ -113,6 +114,55 @@ def test_finetuning_keeps_the_state_the_guard_prefers_and_can_freeze_bn_statisti
     assert not torch.equal(state["features.layer1.conv.weight"], start["features.layer1.conv.weight"])  # trained ...
     for key in ("features.layer1.bn.running_mean", "features.layer1.bn.running_var"):
         assert torch.equal(state[key], start[key])  # ... on frozen BatchNorm statistics
+
+
+def test_pruning_does_not_depend_on_what_ran_before_in_the_process(tiny_data, calibration_inputs, tmp_path):
+    """Fine-tuning seeds the global RNG (dropout): a build resumed after training prunes exactly as an uninterrupted one."""
+    from tests.compress.conftest import settled
+    from tlcompile.compress import stages
+
+    ctx = _ctx(tiny_data, tmp_path, prune={"steps": 1, "finetune_epochs": 1, "calibration_images": 16, "recovery_epochs": 0})
+    # MobileNetV3's classifier has dropout (cbr_small has none, so it could not show the difference).
+    fp32 = Artifact(name="fp32", module=settled("mobilenet_v3_small", calibration_inputs), precision="fp32", lineage="fp32")
+    states, losses = [], []
+    for warm_up in (0, 7):
+        torch.rand(warm_up)  # a different history of the global RNG
+        model, record = stages._prune_channels(ctx, fp32)
+        states.append(model.state_dict())
+        losses.append([h["loss"] for h in record["compression"]["steps"][0]["finetune"]["history"]])
+    assert losses[0] == losses[1]  # the training itself, not only the state kept (which may be the untrained one)
+    assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
+
+
+def test_a_guard_failing_on_decisions_alone_is_realigned_by_the_classifier_bias(tiny_data, calibration_inputs, tmp_path):
+    """A pruned model that ranks like fp32 but scores everyone higher: the bias shift restores the val decisions."""
+    import copy
+
+    from tests.compress.conftest import settled
+    from tlcompile.compress import guard, stages
+    from tlcompile.evaluate.metrics import referable_score
+    from tlcompile.train import loop
+
+    ctx = _ctx(tiny_data, tmp_path, prune={"ratio": 0.5})
+    fp32 = settled("cbr_small", calibration_inputs)
+    val_x, _ = ctx.data.subset("val")
+    scores = referable_score(loop.predict(fp32, val_x, ctx.data.spec, device=ctx.device))
+    ctx.operating_point = {"threshold": float(np.median(scores)), "temperature": 1.0}
+    reference = stages.split_metrics(ctx, fp32, "val")
+    judge = stages.make_judge(ctx, reference, against="fp32", limits=guard.limits_of(ctx.recipe.prune))
+    moved = copy.deepcopy(fp32)
+    stages.shift_referable_bias(moved, 20.0)  # every image referred: specificity collapses, the AUC does not move
+    check = judge(moved)
+    assert check["auc"]["met"] and not check["met"]
+    actions: list[str] = []
+    after = stages._realign(ctx, moved, reference, judge, check, actions)
+    assert after["met"] and after["auc"]["value"] == check["auc"]["value"]
+    assert len(actions) == 1 and "referable bias was shifted by" in actions[0]
+    # Switched off by the recipe, nothing is done.
+    ctx.recipe = ctx.recipe.model_copy(update={"prune": ctx.recipe.prune.model_copy(update={"realign": False})})
+    again = copy.deepcopy(fp32)
+    stages.shift_referable_bias(again, 20.0)
+    assert stages._realign(ctx, again, reference, judge, judge(again), []) == judge(again)
 
 
 def test_a_failing_guard_gets_more_qat_epochs_then_fp32_layers(tiny_data, calibration_inputs, tmp_path, monkeypatch):

@@ -83,6 +83,53 @@ def test_guard_metrics_are_the_referral_decisions_at_the_locked_operating_point(
     assert m["sensitivity"] == 0.0 and m["specificity"] == 1.0
 
 
+def _shifted_model_logits(rng, n=400, shift=1.5, classes=2):
+    """Val logits of a model that ranks well but scores everything ``shift`` log-odds too high, and the labels."""
+    truth = rng.random(n) < 0.4
+    latent = np.where(truth, 1.5, -1.5) + rng.normal(scale=1.2, size=n)
+    if classes == 2:
+        return np.c_[np.zeros(n), latent], truth.astype(np.int64), np.c_[np.zeros(n), latent + shift]
+    grades = np.where(truth, rng.integers(2, 5, n), rng.integers(0, 2, n))
+    base = np.c_[np.zeros((n, 2)), np.repeat(latent[:, None], 3, axis=1)]
+    moved = base.copy()
+    moved[:, 2:] += shift
+    return base, grades, moved
+
+
+@pytest.mark.parametrize("classes", [2, 5])
+def test_realignment_restores_the_reference_decisions_and_keeps_the_ranking(classes):
+    rng = np.random.default_rng(0)
+    reference_logits, targets, moved = _shifted_model_logits(rng, classes=classes)
+    threshold = 0.5
+    reference = guard.val_metrics(reference_logits, targets, threshold=threshold)
+    limits = {"auc": 0.01, "sensitivity": 0.02, "specificity": 0.05, "accuracy": None}
+    before = guard.check(guard.val_metrics(moved, targets, threshold=threshold), reference, against="fp32", limits=limits)
+    assert before["auc"]["met"] and not before["specificity"]["met"]  # same ranking, more people referred
+    delta = guard.realignment_shift(moved, targets, reference, threshold=threshold, temperature=1.0, limits=limits)
+    assert -1.5 - 0.5 < delta < -1.5 + 0.5  # it finds (about) the shift that was added
+    fixed = moved.copy()
+    fixed[:, 1 if classes == 2 else slice(2, None)] += delta
+    after = guard.check(guard.val_metrics(fixed, targets, threshold=threshold), reference, against="fp32", limits=limits)
+    assert after["met"] and after["auc"]["value"] == pytest.approx(before["auc"]["value"], abs=1e-12)
+    # A model whose decisions already match is not moved.
+    assert guard.realignment_shift(reference_logits, targets, reference, threshold=threshold, temperature=1.0, limits=limits) == 0.0
+
+
+@pytest.mark.parametrize("arch,classes", [("cbr_tiny", 2), ("mobilenet_v3_small", 5)])
+def test_the_bias_shift_moves_the_referable_log_odds_exactly(arch, classes):
+    from tlcompile.compress.stages import shift_referable_bias
+    from tlcompile.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model(arch, num_classes=classes).eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x).numpy()
+        shift_referable_bias(model, 0.7, temperature=2.0)
+        after = model(x).numpy()
+    np.testing.assert_allclose(guard.referable_log_odds(after, 2.0) - guard.referable_log_odds(before, 2.0), 0.7, atol=1e-5)
+
+
 def test_recipe_sections_validate_with_one_line_errors():
     r = validate_recipe_dict({"prune": {"ratio": 0.3, "keep": ["layer1"]}, "quantize": {"method": "ptq"}})
     assert r.prune.method == "channel" and r.prune.keep == ["layer1"] and r.quantize.max_auc_drop == 0.01

@@ -22,8 +22,21 @@ def _logits(grades: np.ndarray, task: str, rng: np.random.Generator, noise: floa
     return -0.8 * (latent[:, None] - np.arange(5)[None, :]) ** 2
 
 
+def make_guard(met: bool) -> dict:
+    """The guard record of the int8 rows, from the real guard check (val metrics made up; specificity fails when not met)."""
+    from tlcompile.compress import guard
+
+    reference = {"auc": 0.95, "sensitivity": 0.90, "specificity": 0.90, "accuracy": 0.90}
+    candidate = {"auc": 0.948, "sensitivity": 0.91, "specificity": 0.88 if met else 0.80, "accuracy": 0.89}
+    limits = {"auc": 0.01, "sensitivity": 0.02, "specificity": 0.05, "accuracy": None}
+    check = guard.check(candidate, reference, against="fp32", limits=limits)
+    actions = [] if met else ["guard failed: 2 more QAT epochs -> still failing", "still failing: artifact kept and marked as not meeting the guard"]
+    return guard.summarize([check], actions)
+
+
 def make_report(task: str = "referable", *, seed: int = 0, n_test: int = 150, transfer=None,
-                temperature_scaling: bool = False, endpoints: dict | None = None, resamples: int = 300) -> dict:
+                temperature_scaling: bool = False, endpoints: dict | None = None, resamples: int = 300,
+                guard_met: bool = True) -> dict:
     rng = np.random.default_rng(seed)
     val_grades, test_grades = rng.integers(0, 5, 120), rng.integers(0, 5, n_test)
     targets = (lambda g: (g >= 2).astype(np.int64)) if task == "referable" else (lambda g: g)
@@ -46,6 +59,7 @@ def make_report(task: str = "referable", *, seed: int = 0, n_test: int = 150, tr
                 "latency_ms": {"p50": LATENCY[(name, runtime)], "p90": LATENCY[(name, runtime)] * 1.2},
                 "metrics": {k: m[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "threshold", "n")},
                 "parity": {"max_abs_diff": 1e-6, "top1_agreement": 1.0}, "lineage": name,
+                **({"guard": make_guard(guard_met)} if name == "int8" else {}),
             })
             row_logits.append(logits_here)
     endpoints = endpoints if endpoints is not None else {"min_sensitivity": 0.85, "min_specificity": 0.5, "min_auc": None}

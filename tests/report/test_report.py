@@ -116,13 +116,37 @@ def test_summary_numbers_are_the_report_json_numbers(synthetic_report):
     assert cells[4] == f"{100 * sens['value']:.1f}% ({100 * sens['ci'][0]:.1f}–{100 * sens['ci'][1]:.1f})"
     assert cells[6] == f"{delta['value']:+.3f} ({delta['ci'][0]:+.3f} to {delta['ci'][1]:+.3f})"
     assert cells[7] == f"{100 * int8['vs_reference']['disagreement']['value']:.1f}%"
-    assert cells[8] == ("PASS" if int8["endpoints"]["pass"] else "FAIL")
+    assert cells[8] == "met"  # the accuracy guard on val
+    assert cells[9] == ("PASS" if int8["endpoints"]["pass"] else "FAIL")
     # int8 on openvino is the fastest row, so it is on the Pareto front; int8 on onnxruntime is slower and no better.
-    assert cells[9] == "yes"
+    assert cells[10] == "yes"
+    fp32_line = next(x for x in md.splitlines() if x.startswith("| fp32 | openvino | 4.00 |"))
+    assert [c.strip() for c in fp32_line.strip("|").split("|")][8] == "ref"
     slow = next(x for x in md.splitlines() if x.startswith("| int8 | onnxruntime |"))
     assert slow.rstrip().endswith("|  |")
     # The operating point section shows the threshold the report holds.
     assert f"| threshold | {report['operating_point']['threshold']:.4f} |" in md
+
+
+def test_the_accuracy_guard_is_shown_for_every_compressed_artifact(synthetic_report):
+    failing = synthetic_report(guard_met=False)
+    md, page = render_markdown(failing), render_html(failing)
+    guard = md.split("**Accuracy guard (validation split, locked operating point)**", 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in guard.splitlines() if x.startswith("| int8 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "vs fp32" and cells[2] == "0.948 (drop +0.002, limit 0.01) ok"
+    assert cells[4] == "0.800 (drop +0.100, limit 0.05) FAILED" and cells[6] == "FAILED"
+    assert "still failing: artifact kept and marked" in cells[7]
+    # One guard line per artifact (not per runtime), and the artifact tables say FAILED on both runtimes.
+    assert guard.count("| int8 |") == 1
+    artifacts = md.split("## Artifacts", 1)[1]
+    assert sum(1 for x in artifacts.splitlines() if x.startswith("| int8 |") and x.rstrip().endswith("| FAILED |")) == 2
+    assert "Accuracy guard (validation split, locked operating point)" in page and "FAILED" in page
+    # A build without compression has no guard table.
+    plain = synthetic_report()
+    for row in plain["artifacts"]:
+        row.pop("guard", None)
+    assert "Accuracy guard" not in render_markdown(plain)
 
 
 def test_endpoint_verdicts_are_highlighted(synthetic_report):

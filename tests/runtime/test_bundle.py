@@ -197,10 +197,13 @@ def test_interpret_five_grades_sums_referable_grades():
 
 
 # ------------------------------------------------------------------------------------------ selection
-def _row(name, runtime="openvino", auc=0.9, p90=5.0, endpoints_pass=None, checks=None):
-    return {"name": name, "runtime": runtime, "precision": "fp32" if name == "fp32" else "int8", "metrics": {"auc": auc},
-            "latency_ms": {"p50": p90 * 0.8, "p90": p90},
-            "clinical": {"endpoints": {"pass": endpoints_pass, "checks": checks or {}}}}
+def _row(name, runtime="openvino", auc=0.9, p90=5.0, endpoints_pass=None, checks=None, guard_met=None):
+    row = {"name": name, "runtime": runtime, "precision": "fp32" if name == "fp32" else "int8", "metrics": {"auc": auc},
+           "latency_ms": {"p50": p90 * 0.8, "p90": p90},
+           "clinical": {"endpoints": {"pass": endpoints_pass, "checks": checks or {}}}}
+    if guard_met is not None:
+        row["guard"] = {"met": guard_met, "checks": [], "actions": []}
+    return row
 
 
 def _recipe(**bundle):
@@ -221,20 +224,48 @@ def test_select_best_under_budget_that_meets_the_endpoints():
         _row("fp32", runtime="onnxruntime", auc=0.99, p90=1.0, endpoints_pass=True),  # another runtime: not a candidate
     ]}
     assert bundle_runtime(report, _recipe()) == "openvino"
-    row, record = select_artifact(report, _recipe(), "openvino")
+    row, record = select_artifact(report, _recipe(select="best_under_budget"), "openvino")
     assert row["name"] == "fp32" and record["chosen"] == "fp32"
-    row, record = select_artifact(report, _recipe(latency_budget_ms=5.0), "openvino")
+    row, record = select_artifact(report, _recipe(select="best_under_budget", latency_budget_ms=5.0), "openvino")
     assert row["name"] == "pruned-int8"  # int8 and pruned-int8 tie on AUC: the faster one
     why = {c["name"]: c["why_not"] for c in record["candidates"]}
     assert why["pruned"] == "misses endpoints min_sensitivity" and "budget 5.0" in why["fp32"]
     with pytest.raises(BundleError, match=r"no artifact on openvino meets .* pruned: misses endpoints"):
-        select_artifact(report, _recipe(latency_budget_ms=1.0), "openvino")
+        select_artifact(report, _recipe(select="best_under_budget", latency_budget_ms=1.0), "openvino")
     # By name: shipped even though it misses the endpoints (and bundle.json says so).
     row, _ = select_artifact(report, _recipe(select="name", artifact="pruned"), "openvino")
     assert row["name"] == "pruned"
     with pytest.raises(BundleError, match="bundle.artifact 'int4' was not benched on openvino; artifacts of this build: fp32, int8"):
         select_artifact(report, _recipe(select="name", artifact="int4"), "openvino")
     assert bundle_runtime({"artifacts": [_row("fp32", runtime="torch")]}, _recipe()) is None
+
+
+def test_select_fastest_never_ships_an_artifact_that_fails_the_accuracy_guard():
+    from tlcompile.export.bundle import select_artifact
+
+    report = {"artifacts": [
+        _row("fp32", auc=0.95, p90=9.0),
+        _row("pruned", auc=0.97, p90=3.0, guard_met=False),  # faster and a higher test AUC, but its referrals moved on val
+        _row("int8", auc=0.94, p90=4.0, guard_met=True),
+        _row("pruned-int8", auc=0.97, p90=2.0, guard_met=False),  # answers for its pruning too
+    ]}
+    row, record = select_artifact(report, _recipe(), "openvino")  # the default rule is fastest
+    assert record["rule"] == "fastest" and row["name"] == "int8"
+    why = {c["name"]: c["why_not"] for c in record["candidates"]}
+    assert why["pruned"] == why["pruned-int8"] == "fails the accuracy guard on val" and why["int8"] is None
+    assert {c["name"]: c["guard_met"] for c in record["candidates"]} == {"fp32": None, "pruned": False, "int8": True, "pruned-int8": False}
+    # best_under_budget filters on the guard too; it then ranks by test AUC.
+    row, _ = select_artifact(report, _recipe(select="best_under_budget"), "openvino")
+    assert row["name"] == "fp32"
+    # Within the budget only failing artifacts remain: a clear error naming each reason, not a silent pick.
+    with pytest.raises(BundleError, match=r"pruned: fails the accuracy guard on val.*bundle.select: name"):
+        select_artifact(report, _recipe(latency_budget_ms=3.5), "openvino")
+    # By name it is shipped anyway, and the record says it failed the guard.
+    row, record = select_artifact(report, _recipe(select="name", artifact="pruned"), "openvino")
+    assert row["name"] == "pruned" and next(c for c in record["candidates"] if c["name"] == "pruned")["guard_met"] is False
+    # Equal p90 (to 0.01 ms): the higher test AUC wins.
+    tie = {"artifacts": [_row("fp32", auc=0.95, p90=2.001), _row("int8", auc=0.94, p90=2.0, guard_met=True)]}
+    assert select_artifact(tie, _recipe(), "openvino")[0]["name"] == "fp32"
 
 
 def test_recipe_rejects_a_bundle_runtime_that_was_not_built(write_recipe):
@@ -245,7 +276,7 @@ def test_recipe_rejects_a_bundle_runtime_that_was_not_built(write_recipe):
     with pytest.raises(RecipeError, match="bundle.runtime 'openvino' needs 'openvino' in export.formats"):
         load_recipe(path)
     with pytest.raises(RecipeError, match="bundle.select"):
-        load_recipe(write_recipe({"bundle": {"select": "fastest"}}))
+        load_recipe(write_recipe({"bundle": {"select": "smallest"}}))
 
 
 def test_a_bundle_that_cannot_be_made_is_recorded_after_the_report(tiny_build, tmp_path):

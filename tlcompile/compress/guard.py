@@ -88,3 +88,48 @@ def _r(x: float) -> float | None:
 def summarize(checks: list[dict[str, Any]], actions: list[str]) -> dict[str, Any]:
     """The guard record of an artifact: met when every check is met."""
     return {"met": all(c["met"] for c in checks), "checks": checks, "actions": actions}
+
+
+def referable_log_odds(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """log(p / (1 - p)) of P(referable) = softmax(logits / T) summed over the referable classes (exact for 2 or 5 classes)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    ref = z[:, 1:2] if z.shape[1] == 2 else z[:, 2:]
+    non = z[:, :1] if z.shape[1] == 2 else z[:, :2]
+    return _logsumexp(ref) - _logsumexp(non)
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    top = z.max(axis=1)
+    return top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+
+
+def realignment_shift(logits: np.ndarray, targets: np.ndarray, reference: dict[str, float], *, threshold: float,
+                      temperature: float, limits: dict[str, float | None]) -> float:
+    """The log-odds shift of the referable score that best restores the reference's val decisions at ``threshold``.
+
+    A compressed model can rank as well as the reference (same AUC) while its scores sit higher or lower, so that at
+    the locked threshold it refers more (or fewer) people. Adding ``delta`` to every referable log-odds moves the
+    decision boundary without changing the ranking (AUC is unchanged). Candidates are the midpoints between the
+    sorted val log-odds (each gives a different set of decisions) plus 0; the one chosen is the least beyond the
+    sensitivity / specificity limits, then the closest to the reference's sensitivity and specificity, then the
+    smallest shift.
+    """
+    lo = referable_log_odds(logits, temperature)
+    truth = referable_truth(targets, np.asarray(logits).shape[1]).astype(bool)
+    cut = math.log(threshold / (1.0 - threshold))
+    pos, neg = max(int(truth.sum()), 1), max(int((~truth).sum()), 1)
+    s = np.sort(lo)
+    candidates = np.concatenate([[0.0], cut - (s[:-1] + s[1:]) / 2, [cut - s[0] + 1.0, cut - s[-1] - 1.0]])
+    best, best_key = 0.0, None
+    for delta in candidates:
+        refer = lo + delta >= cut
+        sens, spec = (refer & truth).sum() / pos, (~refer & ~truth).sum() / neg
+        over = 0.0
+        for metric, value in (("sensitivity", sens), ("specificity", spec)):
+            limit = limits.get(metric)
+            if limit is not None:
+                over += max(0.0, reference[metric] - value - limit)
+        key = (round(over, 12), round(abs(sens - reference["sensitivity"]) + abs(spec - reference["specificity"]), 12), abs(delta))
+        if best_key is None or key < best_key:
+            best, best_key = float(delta), key
+    return best

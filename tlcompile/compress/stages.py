@@ -14,9 +14,11 @@ import contextlib
 import copy
 import json
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -113,6 +115,9 @@ def finetune(
     r, data = ctx.recipe, ctx.data
     tc = r.train
     x_tr, y_tr = data.subset("train")
+    # Dropout draws from the global RNG: seed it from (seed, label, start epoch) so the result does not depend on what
+    # ran before in this process (an uninterrupted build and one resumed after training give the same pruned model).
+    torch.manual_seed(int(np.random.default_rng([r.seed, zlib.crc32(label.encode()), start_epoch]).integers(2**31)))
     optimizer = loop.make_optimizer(model.parameters(), name=tc.optimizer, lr=lr, weight_decay=tc.weight_decay, momentum=tc.momentum)
     steps = -(-len(x_tr) // tc.batch_size)
     scheduler = loop.make_scheduler(optimizer, tc.model_copy(update={"schedule": "cosine"}), epochs, steps)
@@ -190,17 +195,62 @@ def stage_prune(ctx: BuildContext, fp32: Artifact) -> Artifact:
     )
 
 
-def _prune_recovery(ctx: BuildContext, check: dict[str, Any], tune: Callable[[int, str], dict[str, Any]]) -> dict[str, Any]:
-    """The pruned model's guard record; on failure ``recovery_epochs`` more fine-tuning first."""
+def shift_referable_bias(model: torch.nn.Module, delta: float, *, temperature: float = 1.0) -> None:
+    """Add ``delta`` to the referable log-odds of ``model`` (softmax(logits / T)) by shifting the final layer's bias.
+
+    For 2 classes the referable logit, for 5 grades the logits of grades 2-4, move by ``delta * T``: P(referable) /
+    P(not) is multiplied by e^delta for every image, so the ranking (AUC) is unchanged and the model file carries it.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    if head.bias is None:
+        raise ValueError("the classifier has no bias to shift")
+    referable = [1] if head.out_features == 2 else list(range(2, head.out_features))
+    with torch.no_grad():
+        head.bias[referable] += delta * temperature
+
+
+def _realign(ctx: BuildContext, model: torch.nn.Module, reference: dict[str, float], judge: Judge,
+             check: dict[str, Any], actions: list[str]) -> dict[str, Any]:
+    """When the guard fails on the referral decisions but not on AUC: re-align the operating point (see
+    :func:`guard.realignment_shift`), keep it only if the guard ranks it higher, and say what was done."""
     cfg = ctx.recipe.prune
-    actions = []
+    decisions_failed = any(check[m]["max_drop"] is not None and not check[m].get("met", True)
+                           for m in ("sensitivity", "specificity", "accuracy"))
+    if check["met"] or not cfg.realign or not decisions_failed or not check["auc"].get("met", True):
+        return check
+    x, y = ctx.data.subset("val")
+    logits = loop.predict(model, x, ctx.data.spec, device=ctx.device)
+    limits = guard.limits_of(cfg)
+    delta = guard.realignment_shift(logits, y, reference, threshold=ctx.threshold, temperature=_temperature(ctx), limits=limits)
+    if delta == 0.0:
+        return check
+    before = guard.describe(check)
+    shift_referable_bias(model, delta, temperature=_temperature(ctx))
+    after = judge(model)
+    if _rank(after) > _rank(check):
+        actions.append(f"guard failed on the referral decisions with the AUC within its limit ({before}): the scores had moved "
+                       f"against the locked threshold, so the classifier's referable bias was shifted by {delta:+.3f} log-odds "
+                       f"(ranking unchanged) -> {guard.describe(after)}")
+        return after
+    shift_referable_bias(model, -delta, temperature=_temperature(ctx))
+    return check
+
+
+def _prune_recovery(ctx: BuildContext, model: torch.nn.Module, reference: dict[str, float], judge: Judge,
+                    check: dict[str, Any], tune: Callable[[int, str], dict[str, Any]]) -> dict[str, Any]:
+    """The pruned model's guard record. On failure: re-align the operating point (when only the decisions moved), then
+    ``recovery_epochs`` more fine-tuning (re-aligned again after it)."""
+    cfg = ctx.recipe.prune
+    actions: list[str] = []
+    check = _realign(ctx, model, reference, judge, check, actions)
     if not check["met"] and cfg.recovery_epochs > 0:
         before = guard.describe(check)
         check = tune(cfg.recovery_epochs, "prune: recovery")["check"]
-        actions.append(f"guard failed ({before}): fine-tuned {cfg.recovery_epochs} more epochs -> {guard.describe(check)}"
-                       + ("" if check["met"] else "; still failing, artifact kept and marked"))
-    elif not check["met"]:
-        actions.append("guard failed; prune.recovery_epochs is 0: artifact kept and marked")
+        actions.append(f"guard failed ({before}): fine-tuned {cfg.recovery_epochs} more epochs -> {guard.describe(check)}")
+        check = _realign(ctx, model, reference, judge, check, actions)
+    if not check["met"]:
+        actions.append("still failing: artifact kept and marked as not meeting the guard"
+                       + ("" if cfg.recovery_epochs else " (prune.recovery_epochs is 0)"))
     return guard.summarize([check], actions)
 
 
@@ -243,7 +293,7 @@ def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module,
         return finetune(ctx, model, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=teacher, distill=distill,
                         freeze_bn_stats=True, start_epoch=cfg.finetune_epochs)
 
-    record_guard = _prune_recovery(ctx, check, tune)
+    record_guard = _prune_recovery(ctx, model, reference, judge, check, tune)
     after = channel_plan(model)
     compression = {
         "method": "channel", "library": "torch-pruning", "ratio": cfg.ratio, "importance": cfg.importance, "scope": cfg.scope,
@@ -291,7 +341,7 @@ def _prune_magnitude(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module
         return finetune(ctx, wrapped, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=teacher, distill=distill,
                         freeze_bn_stats=True, start_epoch=cfg.finetune_epochs)
 
-    record_guard = _prune_recovery(ctx, check, tune)
+    record_guard = _prune_recovery(ctx, wrapped, reference, judge, check, tune)
     model = strip_magnitude_pruning(wrapped, fp32.module.arch, fp32.module.num_classes).eval()
     compression = {
         "method": "magnitude", "library": "nncf", "ratio": cfg.ratio, "scope": cfg.scope, "steps": steps,

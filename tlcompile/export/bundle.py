@@ -65,8 +65,26 @@ def _finite(x: Any) -> float:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else -math.inf
 
 
+def _guard_met(row: dict[str, Any]) -> bool | None:
+    """The accuracy guard's verdict for a compressed artifact (None: not compressed, nothing to guard)."""
+    g = row.get("guard")
+    return None if not g else bool(g.get("met"))
+
+
+RANKED_BY = {
+    "fastest": "p90 latency (every candidate is within the accuracy guard of fp32), then test AUC",
+    "best_under_budget": "test AUC, then p90 latency",
+    "name": "name",
+}
+
+
 def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The report row to bundle and a record of why (every candidate with the reason it was or was not taken)."""
+    """The report row to bundle and a record of why (every candidate with the reason it was or was not taken).
+
+    ``fastest`` and ``best_under_budget`` consider only artifacts that meet the accuracy guard (judged on val against
+    the model each was compressed from), ``evaluate.endpoints`` and ``latency_budget_ms``; ``name`` ships the named one
+    whatever it measured (the record still says whether it met the guard).
+    """
     cfg = recipe.bundle
     rows = [row for row in report.get("artifacts", []) if row["runtime"] == runtime]
     if not rows:
@@ -74,18 +92,20 @@ def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str) -> tup
     candidates = []
     for row in rows:
         p90 = row.get("latency_ms", {}).get("p90")
-        verdict = _endpoints_pass(row)
+        verdict, guarded = _endpoints_pass(row), _guard_met(row)
         why_not = []
         if cfg.select == "name" and row["name"] != cfg.artifact:
             why_not.append("not the named artifact")
-        if cfg.select == "best_under_budget":
+        if cfg.select != "name":
+            if guarded is False:
+                why_not.append("fails the accuracy guard on val")
             if verdict is False:
                 failed = [k for k, c in row["clinical"]["endpoints"].get("checks", {}).items() if not c.get("pass")]
                 why_not.append(f"misses endpoints {', '.join(failed)}")
             if cfg.latency_budget_ms is not None and not (p90 is not None and p90 <= cfg.latency_budget_ms):
                 why_not.append(f"p90 {p90} ms > budget {cfg.latency_budget_ms} ms")
-        candidates.append({"name": row["name"], "p90_ms": p90, "auc": row.get("metrics", {}).get("auc"), "endpoints_pass": verdict,
-                           "eligible": not why_not, "why_not": "; ".join(why_not) or None})
+        candidates.append({"name": row["name"], "p90_ms": p90, "auc": row.get("metrics", {}).get("auc"), "guard_met": guarded,
+                           "endpoints_pass": verdict, "eligible": not why_not, "why_not": "; ".join(why_not) or None})
     eligible = [(row, c) for row, c in zip(rows, candidates, strict=True) if c["eligible"]]
     if not eligible:
         if cfg.select == "name":
@@ -95,18 +115,19 @@ def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str) -> tup
             )
         reasons = "; ".join(f"{c['name']}: {c['why_not']}" for c in candidates)
         raise BundleError(
-            f"bundle: no artifact on {runtime} meets evaluate.endpoints within bundle.latency_budget_ms ({reasons}); "
-            "report.json was written. Relax the endpoints or the budget, or set bundle.select: name to ship one anyway"
+            f"bundle: no artifact on {runtime} meets the accuracy guard, evaluate.endpoints and bundle.latency_budget_ms "
+            f"({reasons}); report.json was written. Relax the endpoints or the budget, or set bundle.select: name to ship one anyway"
         )
-    # Highest test AUC; ties go to the faster artifact.
-    def rank(pair: tuple[dict[str, Any], dict[str, Any]]) -> tuple[float, float]:
-        p90 = pair[1]["p90_ms"]
-        return _finite(pair[1]["auc"]), -(p90 if p90 is not None else math.inf)
 
-    row, chosen = max(eligible, key=rank)
+    def p90_of(c: dict[str, Any]) -> float:
+        return c["p90_ms"] if c["p90_ms"] is not None else math.inf
+
+    if cfg.select == "fastest":  # fastest; ties (same p90 to 0.01 ms) go to the higher test AUC
+        row, chosen = min(eligible, key=lambda pair: (round(p90_of(pair[1]), 2), -_finite(pair[1]["auc"])))
+    else:  # highest test AUC; ties go to the faster artifact
+        row, chosen = max(eligible, key=lambda pair: (_finite(pair[1]["auc"]), -p90_of(pair[1])))
     record = {"rule": cfg.select, "runtime": runtime, "latency_budget_ms": cfg.latency_budget_ms, "chosen": chosen["name"],
-              "ranked_by": "test AUC, then p90 latency" if cfg.select == "best_under_budget" else "name",
-              "candidates": candidates}
+              "ranked_by": RANKED_BY[cfg.select], "candidates": candidates}
     return row, record
 
 

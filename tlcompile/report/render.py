@@ -27,7 +27,16 @@ def _num(x: Any, fmt: str = ".3f") -> str:
     return format(x, fmt)
 
 
-ROW_COLUMNS = ("artifact", "runtime", "format", "exec", "threads", "p50 ms", "p90 ms", "AUC", "sens", "spec", "acc", "MB", "MMACs", "|Δlogit|", "top-1 agree")
+ROW_COLUMNS = ("artifact", "runtime", "format", "exec", "threads", "p50 ms", "p90 ms", "AUC", "sens", "spec", "acc", "MB", "MMACs", "|Δlogit|",
+               "top-1 agree", "guard")
+
+
+def guard_cell(row: dict[str, Any]) -> str:
+    """``met`` / ``FAILED`` for a compressed artifact (its accuracy guard on val), ``ref`` for the model it is judged against."""
+    g = row.get("guard")
+    if not g:
+        return "ref" if row.get("name") == "fp32" else "-"
+    return "met" if g.get("met") else "FAILED"
 
 
 def artifact_cells(row: dict[str, Any]) -> list[str]:
@@ -48,11 +57,12 @@ def artifact_cells(row: dict[str, Any]) -> list[str]:
         _num((row.get("macs") or 0) / 1e6, ".1f"),
         _num(par.get("max_abs_diff"), ".1e") if par.get("reference") != "self" else "ref",
         _num(par.get("top1_agreement"), ".1%") if par.get("reference") != "self" else "ref",
+        guard_cell(row),
     ]
 
 
 # The terminal shows the columns a person compares first; report.md carries them all.
-TERMINAL_COLUMNS = ("artifact", "runtime", "exec", "p50 ms", "p90 ms", "AUC", "sens", "spec", "MB", "|Δlogit|", "top-1 agree")
+TERMINAL_COLUMNS = ("artifact", "runtime", "exec", "p50 ms", "p90 ms", "AUC", "sens", "spec", "MB", "|Δlogit|", "top-1 agree", "guard")
 
 
 def artifact_table(report: dict[str, Any]) -> Table:
@@ -136,7 +146,7 @@ def _summary_section(report: dict[str, Any]) -> ReportSection:
                     f"({ev.get('bootstrap_resamples')} resamples), proportions by the Wilson score interval; "
                     "deltas are paired against the fp32 row of the same runtime.")
     header = ["artifact", "runtime", "p50 ms", "AUC (95% CI)", "sensitivity (95% CI)", "specificity (95% CI)",
-              "ΔAUC vs fp32 (95% CI)", "decisions changed", "endpoints", "Pareto"]
+              "ΔAUC vs fp32 (95% CI)", "decisions changed", "guard (val)", "endpoints", "Pareto"]
     table_rows = []
     for row in rows:
         c = row.get("clinical", {})
@@ -147,6 +157,7 @@ def _summary_section(report: dict[str, Any]) -> ReportSection:
             _with_ci(c.get("sensitivity"), percent=True), _with_ci(c.get("specificity"), percent=True),
             _with_ci(ref.get("delta_auc"), percent=False, signed=True) if ref else "ref",
             _pct(ref["disagreement"]["value"]) if ref else "ref",
+            guard_cell(row),
             _verdict(c.get("endpoints", {}).get("pass")),
             {True: "yes", False: "", None: "-"}[row.get("pareto")],
         ])
@@ -207,9 +218,45 @@ def _compression_section(report: dict[str, Any]) -> ReportSection:
                      str(ref["newly_referred"]), str(ref["no_longer_referred"]), str(ref["missed_referable"])])
     text = ["Each compressed artifact against the fp32 model on the same runtime and the same test images: paired bootstrap "
             "CIs (both scored on the same resamples) and the share of images whose referral decision changes."]
+    tables = [ReportTable(header, rows)] if rows else []
+    guard = guard_table(report)
+    if guard:
+        tables.append(guard)
+        text.append("The accuracy guard is judged on the validation split at the locked operating point: each compression step "
+                    "against the model it started from (a pruned-int8 model answers for its pruning and its quantization). "
+                    "An artifact meets the guard only when every check does; the bundle never ships one that does not.")
     if not rows:
         text.append("This build has only the fp32 model, so there is nothing to compare; add prune / quantize to the recipe.")
-    return ReportSection("compression", "What compression cost", text, [ReportTable(header, rows)] if rows else [])
+    return ReportSection("compression", "What compression cost", text, tables)
+
+
+def _guard_item(item: dict[str, Any] | None) -> str:
+    """``0.962 (drop +0.002, limit 0.01) ok`` for one guarded metric."""
+    if not item or item.get("value") is None:
+        return "-"
+    text = f"{item['value']:.3f} (drop {item['drop']:+.3f}" if item.get("drop") is not None else f"{item['value']:.3f} (drop -"
+    if item.get("max_drop") is None:
+        return text + ", no limit)"
+    return text + f", limit {item['max_drop']:g}) " + ("ok" if item.get("met") else "FAILED")
+
+
+def guard_table(report: dict[str, Any]) -> ReportTable | None:
+    """The accuracy guard of every compressed artifact (once per artifact, one line per check), or None."""
+    header = ["artifact", "check", "val AUC", "val sensitivity", "val specificity", "val accuracy", "guard", "what was done"]
+    rows, seen = [], set()
+    for row in report.get("artifacts", []):
+        g = row.get("guard")
+        if not g or row["name"] in seen:
+            continue
+        seen.add(row["name"])
+        actions = "; ".join(g.get("actions", [])) or "-"
+        for i, check in enumerate(g.get("checks", [])):
+            rows.append([row["name"] if i == 0 else "", f"vs {check.get('against', '-')}",
+                         *(_guard_item(check.get(m)) for m in ("auc", "sensitivity", "specificity", "accuracy")),
+                         ("met" if check.get("met") else "FAILED"), actions if i == len(g["checks"]) - 1 else ""])
+    if not rows:
+        return None
+    return ReportTable(header, rows, "Accuracy guard (validation split, locked operating point)")
 
 
 def _confusion_section(report: dict[str, Any]) -> ReportSection:
