@@ -31,7 +31,7 @@ from tlcompile.evaluate.metrics import classification_metrics
 from tlcompile.export.exporters import check_parity, export_onnx, export_openvino
 from tlcompile.io import atomic_write_json, atomic_write_text, atomic_write_with, sha256_file
 from tlcompile.models import count_macs, count_params, get_model
-from tlcompile.recipe import Recipe
+from tlcompile.recipe import STAGE_SECTIONS, Recipe
 from tlcompile.runtime.inference import default_threads, open_session, predict_logits
 from tlcompile.runtime.latency import measure_latency
 from tlcompile.runtime.preprocess import to_input
@@ -81,10 +81,15 @@ class BuildContext:
         if not (self.resume and marker.is_file()):
             return None
         record = json.loads(marker.read_text())
-        return record if record.get("fingerprint") == self.recipe.fingerprint() else None
+        return record if record.get("fingerprint") == self.stage_fingerprint(name) else None
+
+    def stage_fingerprint(self, name: str) -> str:
+        """The fingerprint of the recipe sections stage ``name`` reads: a change elsewhere (bench, bundle, a later
+        stage's settings) keeps the stage reusable by --resume."""
+        return self.recipe.fingerprint(STAGE_SECTIONS.get(name))
 
     def finish_stage(self, name: str, record: dict[str, Any]) -> None:
-        atomic_write_json(self.out_dir / name / "stage.json", {"fingerprint": self.recipe.fingerprint(), **record})
+        atomic_write_json(self.out_dir / name / "stage.json", {"fingerprint": self.stage_fingerprint(name), **record})
 
 
 @dataclass

@@ -81,6 +81,39 @@ def test_a_resumed_build_rebuilds_the_compressed_models_from_their_files(compres
         assert rows2[key]["guard" if "guard" in row else "lineage"] == row["guard" if "guard" in row else "lineage"]
 
 
+def test_resume_redoes_only_the_stages_whose_recipe_sections_changed(compress_recipe, tmp_path):
+    """Iterating on compression must not retrain: each stage is reused while the sections it reads are unchanged."""
+    r = {k: v for k, v in compress_recipe.items() if k != "quantize"}
+    r["bench"] = {**r["bench"], "runtimes": ["onnxruntime"]}
+    r["export"] = {**r["export"], "formats": ["onnx"]}
+    out = tmp_path / "build"
+    _build(r, out)
+    files = ("02_train/fp32.pt", "03_prune/pruned.pt", "05_export/fp32.onnx", "05_export/pruned.onnx")
+
+    def stamps():
+        return {f: (out / f).stat().st_mtime_ns for f in files}
+
+    first = stamps()
+    # Only the bench changes: nothing is trained, pruned or exported again.
+    _, report = _build_resumed({**r, "bench": {**r["bench"], "iterations": 3}}, out)
+    assert stamps() == first and {a["name"] for a in report["artifacts"]} == {"fp32", "pruned"}
+    # The pruning changes: training is reused, pruning and export are redone.
+    changed = {**r, "bench": {**r["bench"], "iterations": 3}, "prune": {**r["prune"], "ratio": 0.25}}
+    _, report = _build_resumed(changed, out)
+    now = stamps()
+    assert now["02_train/fp32.pt"] == first["02_train/fp32.pt"]
+    assert all(now[f] != first[f] for f in files[1:])
+    assert next(a for a in report["artifacts"] if a["name"] == "pruned")["lineage"] == "fp32 <- pruned-channel-0.25"
+    # The training changes: everything is redone.
+    _build_resumed({**changed, "train": {**changed["train"], "lr": 0.001}}, out)
+    assert stamps()["02_train/fp32.pt"] != now["02_train/fp32.pt"]
+
+
+def _build_resumed(recipe_dict: dict, out):
+    recipe = validate_recipe_dict(recipe_dict)
+    return recipe, build(recipe, out, resume=True, console=Console(quiet=True)).report
+
+
 def _ctx(tiny_data, tmp_path, quantize: dict | None = None, prune: dict | None = None) -> BuildContext:
     recipe = validate_recipe_dict({"data": {"num_images": 64, "image_size": 32}, "train": {"epochs": 1, "batch_size": 16},
                                    **({"quantize": quantize} if quantize else {}), **({"prune": prune} if prune else {})})

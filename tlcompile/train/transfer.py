@@ -31,7 +31,7 @@ from tlcompile.errors import ModelError, TrainError
 from tlcompile.models import freeze, get_model, mean_var_init_, reinit_, set_train_mode, unfreeze
 from tlcompile.models.pretrained import SourceWeights, apply_source_weights, load_weight_source
 from tlcompile.models.registry import TlModel
-from tlcompile.recipe import FinetuneConfig, Recipe, TrainConfig, TransferConfig, TransferVariant
+from tlcompile.recipe import STAGE_SECTIONS, FinetuneConfig, Recipe, TrainConfig, TransferConfig, TransferVariant
 from tlcompile.train import loop
 
 # Columns of the report's transfer table (report["transfer"]["rows"] has these keys, and more).
@@ -335,7 +335,7 @@ def run_transfer(
             if checkpoint_dir is not None:
                 # Tagged with the recipe, variant and seed: a checkpoint of anything else is never continued.
                 checkpoint = loop.EpochCheckpoint(checkpoint_paths(recipe, checkpoint_dir)[(variant.name, seed)],
-                                                  tag=f"{recipe.fingerprint()}:{variant.name}:{seed}")
+                                                  tag=f"{recipe.fingerprint(STAGE_SECTIONS['02_train'])}:{variant.name}:{seed}")
             try:
                 run = train_variant(variant, recipe, data, source, seed=seed, device=device,
                                     on_epoch=(lambda rec, label=label: on_epoch(label, rec)) if on_epoch else None, on_step=on_step,
