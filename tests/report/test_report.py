@@ -141,7 +141,8 @@ def test_the_accuracy_guard_is_shown_for_every_compressed_artifact(synthetic_rep
     assert guard.count("| int8 |") == 1
     artifacts = md.split("## Artifacts", 1)[1]
     assert sum(1 for x in artifacts.splitlines() if x.startswith("| int8 |") and x.rstrip().endswith("| FAILED |")) == 2
-    assert "Accuracy guard (validation split, locked operating point)" in page and "FAILED" in page
+    assert "Accuracy guard (validation split, locked operating point)" in page
+    assert '<td class="fail">0.800 (drop +0.100, limit 0.05) FAILED</td>' in page and '<td class="fail">FAILED</td>' in page
     # A build without compression has no guard table.
     plain = synthetic_report()
     for row in plain["artifacts"]:

@@ -259,7 +259,10 @@ def _inline(text: str) -> str:
 
 
 def _cell_class(text: str) -> str:
-    return ' class="pass"' if text.startswith("PASS") else ' class="fail"' if text.startswith("FAIL") else ""
+    """Verdicts stand out: PASS / met (the accuracy guard) in green, FAIL / FAILED (also at the end of a guard cell) in red."""
+    if text.startswith("FAIL") or text.endswith(" FAILED"):
+        return ' class="fail"'
+    return ' class="pass"' if text.startswith("PASS") or text == "met" else ""
 
 
 def _table(table: ReportTable) -> str:
