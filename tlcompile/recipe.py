@@ -362,6 +362,12 @@ class GuardLimits(Section):
     max_accuracy_drop: float | None = Field(
         None, ge=0, le=1, description="Guard: largest allowed drop of the share of right referral decisions (locked operating point) on val."
     )
+    realign: bool = Field(
+        True,
+        description="When the guard fails on the referral decisions (sensitivity/specificity at the locked threshold) while "
+        "the AUC is within its limit: shift the classifier's referable bias so the compressed model's val decisions match "
+        "the reference's again (the ranking, hence the AUC, is unchanged). The first remedy, tried again after the others.",
+    )
 
 
 class PruneConfig(GuardLimits):
@@ -409,12 +415,6 @@ class PruneConfig(GuardLimits):
     distill_alpha: float = Field(0.5, ge=0, le=1, description="prune.distill: weight of the KL term; 1 - alpha weighs the cross-entropy on labels.")
     calibration_images: int = Field(
         300, ge=8, le=100_000, description="Stratified training images for BatchNorm adaptation and Taylor importance."
-    )
-    realign: bool = Field(
-        True,
-        description="When the guard fails on the referral decisions (sensitivity/specificity at the locked threshold) while "
-        "the AUC is within its limit: shift the classifier's referable bias so the pruned model's val decisions match the "
-        "FP32 model's again (the ranking, hence the AUC, is unchanged). Tried before recovery_epochs and after them.",
     )
     recovery_epochs: int = Field(2, ge=0, le=1000, description="When the guard fails: extra fine-tuning epochs before the artifact is marked as failing it.")
 

@@ -188,14 +188,27 @@ def test_a_guard_failing_on_decisions_alone_is_realigned_by_the_classifier_bias(
     check = judge(moved)
     assert check["auc"]["met"] and not check["met"]
     actions: list[str] = []
-    after = stages._realign(ctx, moved, reference, judge, check, actions)
+    after = stages._realign(ctx, ctx.recipe.prune, moved, reference, judge, check, actions)
     assert after["met"] and after["auc"]["value"] == check["auc"]["value"]
     assert len(actions) == 1 and "referable bias was shifted by" in actions[0]
     # Switched off by the recipe, nothing is done.
-    ctx.recipe = ctx.recipe.model_copy(update={"prune": ctx.recipe.prune.model_copy(update={"realign": False})})
+    off = ctx.recipe.prune.model_copy(update={"realign": False})
     again = copy.deepcopy(fp32)
     stages.shift_referable_bias(again, 20.0)
-    assert stages._realign(ctx, again, reference, judge, judge(again), []) == judge(again)
+    assert stages._realign(ctx, off, again, reference, judge, judge(again), []) == judge(again)
+    # The same remedy on an NNCF int8 model (the quantize stage's first remedy): its classifier bias moves too.
+    from tlcompile.compress.quantize import fold_batchnorm, quantize_ptq
+
+    folded = copy.deepcopy(fp32)
+    fold_batchnorm(folded)
+    int8 = quantize_ptq(folded, ctx.data.subset("train")[0][:16], ctx.data.spec, device=ctx.device)
+    stages.shift_referable_bias(int8, 20.0)
+    quantized_check = judge(int8)
+    assert not quantized_check["met"]
+    quantized_actions: list[str] = []
+    cfg = validate_recipe_dict({"quantize": {}}).quantize
+    assert stages._realign(ctx, cfg, int8, reference, judge, quantized_check, quantized_actions)["met"]
+    assert len(quantized_actions) == 1
 
 
 def test_a_failing_guard_gets_more_qat_epochs_then_fp32_layers(tiny_data, calibration_inputs, tmp_path, monkeypatch):

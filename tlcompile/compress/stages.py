@@ -209,11 +209,11 @@ def shift_referable_bias(model: torch.nn.Module, delta: float, *, temperature: f
         head.bias[referable] += delta * temperature
 
 
-def _realign(ctx: BuildContext, model: torch.nn.Module, reference: dict[str, float], judge: Judge,
+def _realign(ctx: BuildContext, cfg: Any, model: torch.nn.Module, reference: dict[str, float], judge: Judge,
              check: dict[str, Any], actions: list[str]) -> dict[str, Any]:
     """When the guard fails on the referral decisions but not on AUC: re-align the operating point (see
-    :func:`guard.realignment_shift`), keep it only if the guard ranks it higher, and say what was done."""
-    cfg = ctx.recipe.prune
+    :func:`guard.realignment_shift`), keep it only if the guard ranks it higher, and say what was done.
+    ``cfg`` is the recipe section (prune / quantize) with the limits and the ``realign`` switch."""
     decisions_failed = any(check[m]["max_drop"] is not None and not check[m].get("met", True)
                            for m in ("sensitivity", "specificity", "accuracy"))
     if check["met"] or not cfg.realign or not decisions_failed or not check["auc"].get("met", True):
@@ -242,12 +242,12 @@ def _prune_recovery(ctx: BuildContext, model: torch.nn.Module, reference: dict[s
     ``recovery_epochs`` more fine-tuning (re-aligned again after it)."""
     cfg = ctx.recipe.prune
     actions: list[str] = []
-    check = _realign(ctx, model, reference, judge, check, actions)
+    check = _realign(ctx, cfg, model, reference, judge, check, actions)
     if not check["met"] and cfg.recovery_epochs > 0:
         before = guard.describe(check)
         check = tune(cfg.recovery_epochs, "prune: recovery")["check"]
         actions.append(f"guard failed ({before}): fine-tuned {cfg.recovery_epochs} more epochs -> {guard.describe(check)}")
-        check = _realign(ctx, model, reference, judge, check, actions)
+        check = _realign(ctx, cfg, model, reference, judge, check, actions)
     if not check["met"]:
         actions.append("still failing: artifact kept and marked as not meeting the guard"
                        + ("" if cfg.recovery_epochs else " (prune.recovery_epochs is 0)"))
@@ -433,6 +433,7 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
         return model, ptq, tuned
 
     model, ptq, tuned = attempt([], f"{name} QAT")
+    tuned["check"] = _realign(ctx, cfg, model, reference, judge, tuned["check"], actions)
     if not tuned["check"]["met"] and cfg.method == "qat" and cfg.recovery_epochs > 0:
         before = guard.describe(tuned["check"])
         more = finetune(ctx, model, epochs=cfg.recovery_epochs, lr=cfg.lr, label=f"quantize: {name} recovery",
@@ -440,6 +441,7 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
         tuned = {"history": tuned["history"] + more["history"], "check": more["check"],
                  "best_epoch": more["best_epoch"] if more["best_epoch"] > cfg.epochs else tuned["best_epoch"]}
         actions.append(f"guard failed ({before}): {cfg.recovery_epochs} more QAT epochs -> {guard.describe(tuned['check'])}")
+        tuned["check"] = _realign(ctx, cfg, model, reference, judge, tuned["check"], actions)
     fp32_layers: list[str] = []
     sensitivity: list[dict[str, Any]] = []
     if not tuned["check"]["met"] and cfg.fp32_fallback_layers > 0:
@@ -450,11 +452,14 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
             sensitivity = layer_sensitivity(model, reference_logits, sens_x, data.spec, device=ctx.device)
         chosen = [s["layer"] for s in sensitivity[: cfg.fp32_fallback_layers]]
         model2, ptq2, tuned2 = attempt(chosen, f"{name} QAT, {len(chosen)} layers fp32")
+        realigned: list[str] = []
+        tuned2["check"] = _realign(ctx, cfg, model2, reference, judge, tuned2["check"], realigned)
         better = _rank(tuned2["check"]) > _rank(tuned["check"])
         actions.append(f"guard failed ({before}): kept the {len(chosen)} most sensitive layers in FP32 via NNCF's "
                        f"ignored scope ({', '.join(chosen)}) and quantized again -> {guard.describe(tuned2['check'])}"
                        + ("" if better else "; the first model was closer and is kept"))
         if better:
+            actions += realigned
             model, ptq, tuned, fp32_layers = model2, ptq2, tuned2, chosen
     if not tuned["check"]["met"]:
         actions.append("still failing: artifact kept and marked as not meeting the guard")
