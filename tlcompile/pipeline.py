@@ -335,21 +335,31 @@ def _file_size(path: Path) -> int:
 
 
 # -------------------------------------------------------------------------------------------- report
-def environment() -> dict[str, Any]:
-    import onnxruntime
-    import openvino
+def _version(module: str) -> str | None:
+    """A runtime's version, or None where it is not installed (a build that exports ONNX only needs no OpenVINO)."""
+    import importlib
 
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
+
+
+def environment() -> dict[str, Any]:
     from tlcompile.runtime.cpuinfo import cpu_info
 
-    return {
+    env = {
         "tlcompile": tlcompile.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "openvino": openvino.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "openvino": _version("openvino"),
+        "onnxruntime": _version("onnxruntime"),
         "platform": platform.platform(),
         "cpu": cpu_info(),
     }
+    if torch.cuda.is_available():  # what trained the model, where a GPU did
+        env["cuda"] = {"version": torch.version.cuda, "device": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
+    return env
 
 
 def _evaluation_settings(ctx: BuildContext) -> dict[str, Any]:

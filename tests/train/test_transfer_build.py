@@ -35,6 +35,9 @@ def test_build_from_a_source_build_with_a_comparison(tmp_path, write_recipe) -> 
     assert transfer["source"]["kind"] == "build" and transfer["source"]["build"] == str(tmp_path / "source")
     selected = transfer["selected"]
     assert report["training"]["variant"] == selected and sum(r["selected"] for r in transfer["rows"]) == 1
+    # What trained the model is on record (a GPU build says cuda (<device name>) and its autocast).
+    assert (report["training"]["device"], report["training"]["amp"], report["training"]["channels_last"]) == ("cpu", "none", False)
+    assert "on cpu, autocast none, channels_last off." in (out / "report.md").read_text()
     best = max(transfer["rows"], key=lambda r: r["val_auc"])
     assert selected == best["variant"]
     for row in transfer["rows"]:

@@ -411,7 +411,9 @@ def _training_section(report: dict[str, Any]) -> ReportSection | None:
         return None
     return ReportSection(
         "training", "Training",
-        [f"Best epoch {training.get('best_epoch')} (val AUC {_num(training.get('best_val_auc'))}), {training.get('wall_s')} s."],
+        [f"Best epoch {training.get('best_epoch')} (val AUC {_num(training.get('best_val_auc'))}), {training.get('wall_s')} s"
+         + (f" on {training['device']}, autocast {training.get('amp', 'none')}, channels_last "
+            f"{'on' if training.get('channels_last') else 'off'}." if training.get("device") else ".")],
         [ReportTable(["epoch", "loss", "val AUC", "lr", "s"],
                      [[str(h["epoch"]), _num(h["loss"], ".4f"), _num(h["val_auc"]), _num(h["lr"], ".2e"), _num(h["seconds"], ".1f")] for h in training["history"]])],
     )

@@ -372,6 +372,10 @@ def run_transfer(
         "seed": best.seed,
         "phases": best.phases,
         "initialisation": best.init_record,
+        # What trained it: a clinic auditing the model sees whether a GPU, autocast or channels_last were involved.
+        "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
+        "amp": recipe.train.amp,
+        "channels_last": recipe.train.channels_last,
     }
     table = None
     if recipe.transfer is not None or recipe.model.pretrained != "none":
