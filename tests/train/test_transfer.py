@@ -234,9 +234,34 @@ def test_without_a_transfer_section_training_is_plain_scratch_training(tiny_data
     scheduler = loop.make_scheduler(optimizer, tc, tc.epochs, -(-len(x_tr) // tc.batch_size))
     result, best_state = loop.fit(model, (x_tr, y_tr), tiny_data.subset("val"), tiny_data.spec, epochs=tc.epochs,
                                   batch_size=tc.batch_size, optimizer=optimizer, scheduler=scheduler,
-                                  loss_fn=nn.CrossEntropyLoss(), seed=0, device=CPU, augment_batches=tc.augment)
+                                  loss_fn=nn.CrossEntropyLoss(), seed=0, device=CPU, augment_batches=tc.augment,
+                                  precise_bn=tc.precise_bn)
     assert [r["loss"] for r in outcome.training["history"]] == [r["loss"] for r in result.history]
     assert _same(outcome.model.state_dict(), best_state)
+
+
+def test_precise_batchnorm_sets_the_exact_statistics_and_leaves_frozen_layers_alone(tiny_data) -> None:
+    torch.manual_seed(0)
+    model = get_model("cbr_small", num_classes=2)
+    x_tr, _ = tiny_data.subset("train")
+    frozen = model.features.layer1.bn
+    before = (frozen.running_mean.clone(), frozen.running_var.clone())
+
+    def freeze_layer1(m: nn.Module) -> None:  # as two_phase does: a frozen block keeps its BatchNorm in eval mode
+        m.train()
+        m.features.layer1.eval()
+
+    assert loop.precise_batchnorm(model, x_tr, tiny_data.spec, device=CPU, batch_size=len(x_tr), set_train_mode=freeze_layer1) == 3
+    assert torch.equal(frozen.running_mean, before[0]) and torch.equal(frozen.running_var, before[1])
+    # layer2's statistics are now exactly those of its input over the images (one batch: mean and unbiased variance).
+    inputs = torch.cat([xb for xb, _ in loop.iterate_batches(x_tr, np.zeros(len(x_tr), dtype=np.int64), tiny_data.spec,
+                                                               batch_size=len(x_tr), device=CPU)])
+    with torch.no_grad():
+        feature = model.features.layer2.conv(model.features.layer1(inputs))
+    bn = model.features.layer2.bn
+    torch.testing.assert_close(bn.running_mean, feature.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, feature.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1 and not model.training  # the momentum is restored and the model left in eval mode
 
 
 def test_compare_trains_variants_identically_and_selects_on_val(tiny_data, tmp_path) -> None:

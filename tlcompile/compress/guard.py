@@ -110,9 +110,9 @@ def realignment_shift(logits: np.ndarray, targets: np.ndarray, reference: dict[s
     A compressed model can rank as well as the reference (same AUC) while its scores sit higher or lower, so that at
     the locked threshold it refers more (or fewer) people. Adding ``delta`` to every referable log-odds moves the
     decision boundary without changing the ranking (AUC is unchanged). Candidates are the midpoints between the
-    sorted val log-odds (each gives a different set of decisions) plus 0; the one chosen is the least beyond the
-    sensitivity / specificity limits, then the closest to the reference's sensitivity and specificity, then the
-    smallest shift.
+    sorted val log-odds (each gives a different set of decisions) plus 0. The one chosen is the smallest shift that
+    brings sensitivity and specificity within their limits (the least change to the model); where none does, the
+    one least beyond the limits, then the closest to the reference's sensitivity and specificity.
     """
     lo = referable_log_odds(logits, temperature)
     truth = referable_truth(targets, np.asarray(logits).shape[1]).astype(bool)
@@ -129,7 +129,8 @@ def realignment_shift(logits: np.ndarray, targets: np.ndarray, reference: dict[s
             limit = limits.get(metric)
             if limit is not None:
                 over += max(0.0, reference[metric] - value - limit)
-        key = (round(over, 12), round(abs(sens - reference["sensitivity"]) + abs(spec - reference["specificity"]), 12), abs(delta))
+        distance = 0.0 if over == 0 else round(abs(sens - reference["sensitivity"]) + abs(spec - reference["specificity"]), 12)
+        key = (round(over, 12), distance, abs(delta))
         if best_key is None or key < best_key:
             best, best_key = float(delta), key
     return best

@@ -168,6 +168,7 @@ def run_phases(
             seed=seed, device=device, augment_batches=train.augment, set_train_mode=set_train_mode,
             on_epoch=labelled, on_step=on_step, start_epoch=epoch, result=result, best_state=best_state,
             sample_weights=data.sample_weights("train"), checkpoint=checkpoint, amp=train.amp, channels_last=train.channels_last,
+            precise_bn=train.precise_bn,
         )
         epoch += phase.epochs
         saved = checkpoint.load() if checkpoint is not None else None
