@@ -34,6 +34,7 @@ from tlcompile.errors import CompressionError, missing_dependency
 from tlcompile.models import get_model
 from tlcompile.models.registry import TlModel
 from tlcompile.recipe import PruneConfig
+from tlcompile.train.loop import reestimate_batchnorm
 
 PLAN_FORMAT = "tlcompile-channel-plan/1"
 
@@ -247,30 +248,15 @@ def _check_forward(model: TlModel, example_input: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------- BatchNorm
-@torch.no_grad()
 def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (an exact average, not a momentum blend).
 
     After channels are removed (or weights zeroed) the activations feeding each BatchNorm change, and its stored
-    statistics describe a network that no longer exists. Statistics are reset and re-accumulated with a cumulative
-    moving average (``momentum=None``) through ``nncf.batch_norm_adaptation``, which runs only the norms in train mode.
-    Returns the number of BatchNorm layers adapted.
+    statistics describe a network that no longer exists. Returns the number of BatchNorm layers adapted
+    (:func:`tlcompile.train.loop.reestimate_batchnorm`, which precise BN after each training epoch uses too).
     """
-    import nncf
-
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    if not norms:
-        return 0
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    try:
-        nncf.batch_norm_adaptation(model, nncf.Dataset(list(batches)))
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-    return len(norms)
+    return reestimate_batchnorm(model, norms, batches)
 
 
 # ------------------------------------------------------------------------------------------- magnitude (NNCF)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,30 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, norms: list[nn.Module], batches: Iterable[torch.Tensor]) -> int:
+    """Replace the running statistics of ``norms`` (BatchNorm layers of ``model``) by their exact statistics over
+    ``batches`` (a cumulative average, not a momentum blend). Every other module runs in eval mode (no dropout, other
+    BatchNorm layers untouched); each module's mode and momentum are restored afterwards. Returns ``len(norms)``."""
+    if not norms:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for xb in batches:
+            model(xb)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        for m, mode in modes.items():
+            m.training = mode
+    return len(norms)
+
+
 def precise_batchnorm(
     model: nn.Module,
     images: np.ndarray,
@@ -64,32 +88,19 @@ def precise_batchnorm(
 ) -> int:
     """Precise BatchNorm (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): replace the running statistics of
     the BatchNorm layers that training updates by the exact statistics of ``images`` (un-augmented) under the current
-    weights. Returns how many layers were re-estimated.
+    weights; the model is left in eval mode. Returns how many layers were re-estimated.
 
     The momentum average that training keeps mixes statistics of weights from many steps ago; on small data sets it
     can be far from what the final weights produce (the quickstart's MobileNetV3: val AUC 0.964 with the training
     statistics, 0.997 after this). Layers that training leaves alone (frozen blocks, BN frozen for fine-tuning) are
-    not touched; every other layer is in eval mode during the pass (no dropout).
+    not touched.
     """
     (set_train_mode or nn.Module.train)(model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
     model.eval()
-    if not norms or len(images) == 0:
-        return 0
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
-        m.train()
-    try:
-        for xb, _ in iterate_batches(images, np.zeros(len(images), dtype=np.int64), spec, batch_size=batch_size, device=device,
-                                     channels_last=channels_last):
-            model(xb)
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        model.eval()
-    return len(norms)
+    batches = (xb for xb, _ in iterate_batches(images, np.zeros(len(images), dtype=np.int64), spec, batch_size=batch_size,
+                                               device=device, channels_last=channels_last))
+    return reestimate_batchnorm(model, norms, batches)
 
 
 def precise_bn_indices(count: int, total: int, seed: int) -> np.ndarray:
