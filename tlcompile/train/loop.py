@@ -318,6 +318,8 @@ def fit(
     Shuffling and augmentation draw from generators seeded by (seed, epoch), so a resumed run replays exactly.
     With ``checkpoint``, the state is saved after every epoch and, when a saved state is further along than
     ``start_epoch``, training continues from it (a phase that had already finished is skipped).
+    ``precise_bn`` > 0: after each epoch, before validation, the BatchNorm statistics of the layers training updates
+    are re-estimated exactly on that many un-augmented training images (:func:`precise_batchnorm`).
     Under torchrun (an initialised process group) the model is wrapped in DistributedDataParallel, each rank
     trains on its shard with ``batch_size / world`` images per step, and only rank 0 writes the checkpoint.
     """
