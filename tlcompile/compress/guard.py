@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tlcompile.evaluate.metrics import binary_metrics, referable_score, referable_truth, roc_auc
+from tlcompile.evaluate.metrics import binary_metrics, referable_classes, referable_score, referable_truth, roc_auc
 
 GUARD_METRICS = ("auc", "sensitivity", "specificity", "accuracy")
 
@@ -93,9 +93,8 @@ def summarize(checks: list[dict[str, Any]], actions: list[str]) -> dict[str, Any
 def referable_log_odds(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """log(p / (1 - p)) of P(referable) = softmax(logits / T) summed over the referable classes (exact for 2 or 5 classes)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
-    ref = z[:, 1:2] if z.shape[1] == 2 else z[:, 2:]
-    non = z[:, :1] if z.shape[1] == 2 else z[:, :2]
-    return _logsumexp(ref) - _logsumexp(non)
+    ref = referable_classes(z.shape[1])
+    return _logsumexp(z[:, ref]) - _logsumexp(z[:, : ref.start])
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:

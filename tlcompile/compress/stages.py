@@ -46,6 +46,7 @@ from tlcompile.compress.quantize import (
     quantizer_summary,
     save_quantized,
 )
+from tlcompile.evaluate.metrics import referable_classes
 from tlcompile.io import atomic_write_json, sha256_file
 from tlcompile.models import count_macs, count_params, unfreeze
 from tlcompile.pipeline import Artifact, BuildContext, _progress
@@ -204,7 +205,7 @@ def shift_referable_bias(model: torch.nn.Module, delta: float, *, temperature: f
     head = model.get_classifier() if hasattr(model, "get_classifier") else [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     if head.bias is None:
         raise ValueError("the classifier has no bias to shift")
-    referable = [1] if head.out_features == 2 else list(range(2, head.out_features))
+    referable = referable_classes(head.out_features)
     with torch.no_grad():
         head.bias[referable] += delta * temperature
 
@@ -236,28 +237,51 @@ def _realign(ctx: BuildContext, cfg: Any, model: torch.nn.Module, reference: dic
     return check
 
 
-def _prune_recovery(ctx: BuildContext, model: torch.nn.Module, reference: dict[str, float], judge: Judge,
-                    check: dict[str, Any], tune: Callable[[int, str], dict[str, Any]]) -> dict[str, Any]:
-    """The pruned model's guard record. On failure: re-align the operating point (when only the decisions moved), then
-    ``recovery_epochs`` more fine-tuning (re-aligned again after it)."""
+def _prune_in_steps(ctx: BuildContext, model: torch.nn.Module, prune_step: Callable[[int], dict[str, Any]], *,
+                    reference: dict[str, float], judge: Judge, teacher: torch.nn.Module | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The pruning schedule both methods share: ``prune_step(k)`` prunes step k (BatchNorm re-estimated) and returns
+    its record (``_says``: how the step line describes it); each step is then fine-tuned (BN statistics frozen) and
+    judged. On a failing guard: re-align the operating point (when only the decisions moved), then
+    ``recovery_epochs`` more fine-tuning (re-aligned again after it). Returns the step records and the guard record."""
     cfg = ctx.recipe.prune
+    distill = (cfg.distill_temperature, cfg.distill_alpha)
+
+    def tune(epochs: int, label: str, start_epoch: int = 0) -> dict[str, Any]:
+        return finetune(ctx, model, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=teacher, distill=distill,
+                        freeze_bn_stats=True, start_epoch=start_epoch)
+
+    steps, check = [], None
+    for k in range(1, cfg.steps + 1):
+        step = prune_step(k)
+        says = step.pop("_says")
+        step["val_after_pruning"] = _rounded(split_metrics(ctx, model, "val"))
+        if cfg.finetune_epochs:
+            tuned = tune(cfg.finetune_epochs, f"prune: fine-tune {k}/{cfg.steps}")
+            step["finetune"] = {"history": tuned["history"], "kept_epoch": tuned["best_epoch"]}
+            check = tuned["check"]
+        else:
+            check = judge(model)
+        step["val"] = _rounded(split_metrics(ctx, model, "val"))
+        steps.append(step)
+        ctx.console.print(f"[bold]prune[/]: step {k}: {says}, val AUC {_f3(step['val_after_pruning']['auc'])} "
+                          f"after pruning + BN adaptation -> {_f3(step['val']['auc'])} after fine-tuning")
+
     actions: list[str] = []
     check = _realign(ctx, cfg, model, reference, judge, check, actions)
     if not check["met"] and cfg.recovery_epochs > 0:
         before = guard.describe(check)
-        check = tune(cfg.recovery_epochs, "prune: recovery")["check"]
+        check = tune(cfg.recovery_epochs, "prune: recovery", start_epoch=cfg.finetune_epochs)["check"]
         actions.append(f"guard failed ({before}): fine-tuned {cfg.recovery_epochs} more epochs -> {guard.describe(check)}")
         check = _realign(ctx, cfg, model, reference, judge, check, actions)
     if not check["met"]:
         actions.append("still failing: artifact kept and marked as not meeting the guard"
                        + ("" if cfg.recovery_epochs else " (prune.recovery_epochs is 0)"))
-    return guard.summarize([check], actions)
+    return steps, guard.summarize([check], actions)
 
 
 def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module, dict[str, Any]]:
     cfg, data, size = ctx.recipe.prune, ctx.data, ctx.data.spec.size
     teacher = fp32.module.eval() if cfg.distill else None
-    distill = (cfg.distill_temperature, cfg.distill_alpha)
     model = copy.deepcopy(fp32.module).eval()
     unfreeze([model])  # compression fine-tuning trains every layer, whatever transfer learning froze
     example = torch.zeros(1, 3, size, size, device=ctx.device)
@@ -268,32 +292,16 @@ def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module,
     before = channel_plan(model)
     params0, macs0 = count_params(model), count_macs(model, size)
     pruner = ChannelPruner(model, cfg, example)
-    steps = []
-    check = None
-    for k in range(1, cfg.steps + 1):
+
+    def prune_step(k: int) -> dict[str, Any]:
         with ctx.console.status(f"[bold]prune[/]: step {k}/{cfg.steps} ({cfg.importance} importance)"):
             gradients = input_batches(cal_x, data.spec, batch_size=BN_BATCH, device=ctx.device, targets=cal_y) if cfg.importance == "taylor" else None
             pruner.step(gradient_batches=gradients)
             adapt_batchnorm(model, bn_batches)
-        step: dict[str, Any] = {"step": k, "params": count_params(model), "macs": count_macs(model, size),
-                                "val_after_pruning": _rounded(split_metrics(ctx, model, "val"))}
-        if cfg.finetune_epochs:
-            tuned = finetune(ctx, model, epochs=cfg.finetune_epochs, lr=cfg.lr, label=f"prune: fine-tune {k}/{cfg.steps}",
-                             judge=judge, teacher=teacher, distill=distill, freeze_bn_stats=True)
-            step["finetune"] = {"history": tuned["history"], "kept_epoch": tuned["best_epoch"]}
-            check = tuned["check"]
-        else:
-            check = judge(model)
-        step["val"] = _rounded(split_metrics(ctx, model, "val"))
-        steps.append(step)
-        ctx.console.print(f"[bold]prune[/]: step {k}: MACs {step['macs'] / 1e6:,.1f}M, val AUC {_f3(step['val_after_pruning']['auc'])} "
-                          f"after pruning + BN adaptation -> {_f3(step['val']['auc'])} after fine-tuning")
+        macs = count_macs(model, size)
+        return {"step": k, "params": count_params(model), "macs": macs, "_says": f"MACs {macs / 1e6:,.1f}M"}
 
-    def tune(epochs: int, label: str) -> dict[str, Any]:
-        return finetune(ctx, model, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=teacher, distill=distill,
-                        freeze_bn_stats=True, start_epoch=cfg.finetune_epochs)
-
-    record_guard = _prune_recovery(ctx, model, reference, judge, check, tune)
+    steps, record_guard = _prune_in_steps(ctx, model, prune_step, reference=reference, judge=judge, teacher=teacher)
     after = channel_plan(model)
     compression = {
         "method": "channel", "library": "torch-pruning", "ratio": cfg.ratio, "importance": cfg.importance, "scope": cfg.scope,
@@ -309,7 +317,6 @@ def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module,
 def _prune_magnitude(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module, dict[str, Any]]:
     cfg, data, size = ctx.recipe.prune, ctx.data, ctx.data.spec.size
     teacher = fp32.module.eval() if cfg.distill else None
-    distill = (cfg.distill_temperature, cfg.distill_alpha)
     base = copy.deepcopy(fp32.module).eval()
     unfreeze([base])
     example = torch.zeros(1, 3, size, size, device=ctx.device)
@@ -318,30 +325,13 @@ def _prune_magnitude(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module
     cal_x, _ = calibration_set(data, cfg.calibration_images, seed=ctx.recipe.seed)
     bn_batches = [xb for xb, _ in input_batches(cal_x, data.spec, batch_size=BN_BATCH, device=ctx.device)]
     wrapped, scheduler = start_magnitude_pruning(base, cfg, example)
-    steps = []
-    check = None
-    for k in range(cfg.steps):
-        scheduler.step(k * max(cfg.finetune_epochs, 1))  # the step's sparsity, from the NNCF ratio schedule
+
+    def prune_step(k: int) -> dict[str, Any]:
+        scheduler.step((k - 1) * max(cfg.finetune_epochs, 1))  # the step's sparsity, from the NNCF ratio schedule
         adapt_batchnorm(wrapped, bn_batches)
-        step: dict[str, Any] = {"step": k + 1, "sparsity_target": scheduler.current_ratio,
-                                "val_after_pruning": _rounded(split_metrics(ctx, wrapped, "val"))}
-        if cfg.finetune_epochs:
-            tuned = finetune(ctx, wrapped, epochs=cfg.finetune_epochs, lr=cfg.lr, label=f"prune: fine-tune {k + 1}/{cfg.steps}",
-                             judge=judge, teacher=teacher, distill=distill, freeze_bn_stats=True)
-            step["finetune"] = {"history": tuned["history"], "kept_epoch": tuned["best_epoch"]}
-            check = tuned["check"]
-        else:
-            check = judge(wrapped)
-        step["val"] = _rounded(split_metrics(ctx, wrapped, "val"))
-        steps.append(step)
-        ctx.console.print(f"[bold]prune[/]: step {k + 1}: sparsity {scheduler.current_ratio:.0%}, val AUC "
-                          f"{_f3(step['val_after_pruning']['auc'])} -> {_f3(step['val']['auc'])} after fine-tuning")
+        return {"step": k, "sparsity_target": scheduler.current_ratio, "_says": f"sparsity {scheduler.current_ratio:.0%}"}
 
-    def tune(epochs: int, label: str) -> dict[str, Any]:
-        return finetune(ctx, wrapped, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=teacher, distill=distill,
-                        freeze_bn_stats=True, start_epoch=cfg.finetune_epochs)
-
-    record_guard = _prune_recovery(ctx, wrapped, reference, judge, check, tune)
+    steps, record_guard = _prune_in_steps(ctx, wrapped, prune_step, reference=reference, judge=judge, teacher=teacher)
     model = strip_magnitude_pruning(wrapped, fp32.module.arch, fp32.module.num_classes).eval()
     compression = {
         "method": "magnitude", "library": "nncf", "ratio": cfg.ratio, "scope": cfg.scope, "steps": steps,

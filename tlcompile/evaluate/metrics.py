@@ -18,15 +18,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def referable_classes(num_classes: int) -> slice:
+    """The classes that mean referable DR: class 1 of the binary task, grades 2-4 of the 5-grade one."""
+    return slice(1, 2) if num_classes == 2 else slice(2, num_classes)
+
+
 def referable_score(logits: np.ndarray) -> np.ndarray:
     """P(referable DR) from logits of either task (2 classes: p[1]; 5 grades: p[2:] summed)."""
     p = softmax(logits)
-    return p[:, 1] if p.shape[1] == 2 else p[:, 2:].sum(axis=1)
+    return p[:, referable_classes(p.shape[1])].sum(axis=1)
 
 
 def referable_truth(targets: np.ndarray, num_classes: int) -> np.ndarray:
     t = np.asarray(targets)
-    return (t == 1).astype(np.int64) if num_classes == 2 else (t >= 2).astype(np.int64)
+    ref = referable_classes(num_classes)
+    return ((t >= ref.start) & (t < ref.stop)).astype(np.int64)
 
 
 def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tlcompile.errors import BundleError, TlcompileError, UnsafeFileError
-from tlcompile.evaluate.metrics import softmax
+from tlcompile.evaluate.metrics import referable_classes, softmax
 from tlcompile.io import sha256_file
 from tlcompile.runtime.inference import InferenceSession, open_session, predict_logits
 from tlcompile.runtime.preprocess import PreprocessSpec, prepare_image, to_input
@@ -155,7 +155,7 @@ class Bundle:
             )
         p = softmax(logits / self.temperature)
         five_grades = p.shape[1] == 5
-        score = p[:, 2:].sum(axis=1) if five_grades else p[:, 1]
+        score = p[:, referable_classes(p.shape[1])].sum(axis=1)
         readings = []
         for i in range(p.shape[0]):
             refer = bool(score[i] >= self.threshold)

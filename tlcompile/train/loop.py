@@ -354,6 +354,8 @@ def fit(
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     if scaler is not None and saved is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
+    # The same images on every rank and every epoch: the statistics agree without communication.
+    bn_images = x_tr[precise_bn_indices(precise_bn, len(x_tr), seed)] if precise_bn else None
     for epoch in range(first_epoch, start_epoch + epochs):
         e0 = time.perf_counter()
         rng = np.random.default_rng([seed, epoch])
@@ -364,9 +366,9 @@ def fit(
         )
         loss = train_one_epoch(train_model, batches, optimizer, scheduler, loss_fn, set_train_mode=set_train_mode, on_step=on_step,
                                amp=amp, scaler=scaler)
-        if precise_bn:  # the same images on every rank: the statistics agree without communication
-            precise_batchnorm(model, x_tr[precise_bn_indices(precise_bn, len(x_tr), seed)], spec, device=device,
-                              batch_size=batch_size, set_train_mode=set_train_mode, channels_last=channels_last)
+        if bn_images is not None:
+            precise_batchnorm(model, bn_images, spec, device=device, batch_size=batch_size, set_train_mode=set_train_mode,
+                              channels_last=channels_last)
         val_logits = predict(model, x_val, spec, device=device)
         auc = validation_auc(val_logits, y_val)
         record = {
