@@ -202,7 +202,7 @@ def shift_referable_bias(model: torch.nn.Module, delta: float, *, temperature: f
     For 2 classes the referable logit, for 5 grades the logits of grades 2-4, move by ``delta * T``: P(referable) /
     P(not) is multiplied by e^delta for every image, so the ranking (AUC) is unchanged and the model file carries it.
     """
-    head = model.get_classifier() if hasattr(model, "get_classifier") else [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    head = model.get_classifier()  # every registry model has one; NNCF's wrapping keeps the model's own methods
     if head.bias is None:
         raise ValueError("the classifier has no bias to shift")
     referable = referable_classes(head.out_features)
