@@ -451,6 +451,14 @@ class QuantizeConfig(GuardLimits):
     epochs: int = Field(2, ge=1, le=1000, description="qat: quantization-aware training epochs (the best on val is kept; PTQ counts as epoch 0).")
     lr: float = Field(0.0001, gt=0, le=1, description="qat: peak learning rate (cosine); small, the weights only settle onto the int8 grid.")
     calibration_images: int = Field(300, ge=8, le=100_000, description="Stratified training images for the activation ranges.")
+    overflow_fix: Literal["enable", "first_layer", "disable"] = Field(
+        "enable",
+        description="NNCF's OverflowFix: weights of these layers use 7 of their 8 bits. CPUs without VNNI (AVX2, AVX-512 "
+        "without VNNI) sum u8 x s8 products in pairs into int16 (VPMADDUBSW), which saturates with full 8-bit weights and "
+        "moved int8 logits by ~1 on an AVX2 box; 7-bit weights cannot overflow there, so the int8 model computes the same "
+        "on every x86 ISA (QAT trains on the 7-bit grid). first_layer: NNCF's default; disable: full 8-bit everywhere "
+        "(only for boxes known to have VNNI or AMX, or ARM).",
+    )
     distill: bool = Field(
         True, description="qat: knowledge distillation from the FP32 model being quantized (KL on softened logits plus cross-entropy)."
     )
@@ -573,8 +581,16 @@ class BundleConfig(Section):
     )
     runtime: Literal["auto", "openvino", "onnxruntime"] = Field(
         "auto",
-        description="Runtime the bundle runs on (its model file follows: OpenVINO IR or ONNX); auto = openvino when it was "
-        "exported and benched, else onnxruntime. It executes in f32 (not bf16), the precision the golden samples are checked in.",
+        description="Runtime(s) of the bundle's candidates (their model files follow: OpenVINO IR or ONNX); auto = every "
+        "runtime that was exported and benched, compared on the box by tlcompile verify. Models execute in f32 (not bf16), "
+        "the precision the golden samples are checked in.",
+    )
+    candidates: Literal["non_dominated", "all", "chosen"] = Field(
+        "non_dominated",
+        description="Which artifacts the bundle carries for tlcompile verify to choose from on the clinic's box (it benches "
+        "them there and pins the fastest that reproduces its golden outputs, in device.json). non_dominated: every one that "
+        "meets the guard, endpoints and budget, less those beaten on every CPU (same runtime and precision, fewer MACs, as "
+        "good on val); all: every one that meets them; chosen: only the build's choice. select: name always ships one.",
     )
     golden_samples: int = Field(
         8, ge=1, le=64,

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from tlcompile.pipeline import Artifact, BuildContext, build
 from tlcompile.recipe import validate_recipe_dict
+from tlcompile.runtime.cpuinfo import cpu_info
 
 
 @pytest.fixture
@@ -25,6 +26,9 @@ def compress_recipe(tiny_recipe_dict) -> dict:
     r["evaluate"] = {"bootstrap_resamples": 100}
     r["bundle"] = {"enabled": False}
     return r
+
+
+ISA = ", ".join(cpu_info()["isa"]) or "no AVX2"
 
 
 def _build(recipe_dict: dict, out):
@@ -50,7 +54,9 @@ def test_prune_and_quantize_build_end_to_end(compress_recipe, tmp_path):
     assert int8["exec_precision"] in ("u8", "i8") and rows[("int8", "onnxruntime")]["exec_precision"] == "int8"
     for name in ("int8", "pruned-int8"):
         for runtime in ("openvino", "onnxruntime"):
-            assert rows[(name, runtime)]["parity"]["top1_agreement"] >= 0.9
+            parity = rows[(name, runtime)]["parity"]
+            # int8 on a CPU without VNNI must agree like any other (7-bit weights: no int16 saturation in VPMADDUBSW).
+            assert parity["top1_agreement"] >= 0.9, f"{name} on {runtime}: {parity} on a CPU with {ISA}"
     # Every compressed row carries its guard and what compression did; fp32 has none.
     assert "guard" not in fp32
     assert pruned["guard"]["met"] and pruned["guard"]["checks"][0]["against"] == "fp32"

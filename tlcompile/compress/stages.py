@@ -72,9 +72,22 @@ def split_metrics(ctx: BuildContext, model: torch.nn.Module, split: str) -> dict
     return guard.val_metrics(logits, y, threshold=ctx.threshold, temperature=_temperature(ctx))
 
 
-def make_judge(ctx: BuildContext, reference: dict[str, float], *, against: str, limits: dict[str, float | None]) -> Judge:
-    """``judge(model)`` -> the guard check of ``model`` on val against ``reference``."""
-    return lambda model: guard.check(split_metrics(ctx, model, "val"), reference, against=against, limits=limits)
+def make_judge(ctx: BuildContext, reference: dict[str, float], *, against: str, limits: dict[str, float | None],
+               reference_model: torch.nn.Module | None = None) -> Judge:
+    """``judge(model)`` -> the guard check of ``model`` on val against ``reference``; with ``reference_model``, the
+    check also carries its evidence in cases (eyes newly missed / referred, a CI of the AUC drop: guard.evidence)."""
+    x, y = ctx.data.subset("val")
+    ref_logits = None if reference_model is None else loop.predict(reference_model, x, ctx.data.spec, device=ctx.device)
+
+    def judge(model: torch.nn.Module) -> dict[str, Any]:
+        logits = loop.predict(model, x, ctx.data.spec, device=ctx.device)
+        metrics = guard.val_metrics(logits, y, threshold=ctx.threshold, temperature=_temperature(ctx))
+        result = guard.check(metrics, reference, against=against, limits=limits)
+        if ref_logits is not None:
+            result["evidence"] = guard.evidence(ref_logits, logits, y, threshold=ctx.threshold, temperature=_temperature(ctx))
+        return result
+
+    return judge
 
 
 def _rank(check: dict[str, Any]) -> tuple[bool, float, float]:
@@ -286,7 +299,7 @@ def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module,
     unfreeze([model])  # compression fine-tuning trains every layer, whatever transfer learning froze
     example = torch.zeros(1, 3, size, size, device=ctx.device)
     reference = split_metrics(ctx, fp32.module, "val")
-    judge = make_judge(ctx, reference, against="fp32", limits=guard.limits_of(cfg))
+    judge = make_judge(ctx, reference, against="fp32", limits=guard.limits_of(cfg), reference_model=fp32.module)
     cal_x, cal_y = calibration_set(data, cfg.calibration_images, seed=ctx.recipe.seed)
     bn_batches = [xb for xb, _ in input_batches(cal_x, data.spec, batch_size=BN_BATCH, device=ctx.device)]
     before = channel_plan(model)
@@ -321,7 +334,7 @@ def _prune_magnitude(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module
     unfreeze([base])
     example = torch.zeros(1, 3, size, size, device=ctx.device)
     reference = split_metrics(ctx, fp32.module, "val")
-    judge = make_judge(ctx, reference, against="fp32", limits=guard.limits_of(cfg))
+    judge = make_judge(ctx, reference, against="fp32", limits=guard.limits_of(cfg), reference_model=fp32.module)
     cal_x, _ = calibration_set(data, cfg.calibration_images, seed=ctx.recipe.seed)
     bn_batches = [xb for xb, _ in input_batches(cal_x, data.spec, batch_size=BN_BATCH, device=ctx.device)]
     wrapped, scheduler = start_magnitude_pruning(base, cfg, example)
@@ -406,14 +419,14 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
     teacher = src.module.eval() if cfg.distill and cfg.method == "qat" else None
     distill = (cfg.distill_temperature, cfg.distill_alpha)
     reference = split_metrics(ctx, src.module, "val")
-    judge = make_judge(ctx, reference, against=src.name, limits=guard.limits_of(cfg))
+    judge = make_judge(ctx, reference, against=src.name, limits=guard.limits_of(cfg), reference_model=src.module)
     cal_x, _ = calibration_set(data, cfg.calibration_images, seed=ctx.recipe.seed)
     actions: list[str] = []
 
     def attempt(fp32_layers: list[str], label: str) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
         with ctx.console.status(f"[bold]quantize[/]: {name}: NNCF PTQ on {len(cal_x)} calibration images"):
             model = quantize_ptq(copy.deepcopy(base), cal_x, data.spec, device=ctx.device,
-                                 ignored_scope=keep_fp32_scope(base, cfg.keep_fp32, fp32_layers))
+                                 ignored_scope=keep_fp32_scope(base, cfg.keep_fp32, fp32_layers), overflow_fix=cfg.overflow_fix)
         ptq = {"val": _rounded(split_metrics(ctx, model, "val")), "test": _rounded(split_metrics(ctx, model, "test"))}
         if cfg.method == "qat":
             tuned = finetune(ctx, model, epochs=cfg.epochs, lr=cfg.lr, label=f"quantize: {label}", judge=judge,

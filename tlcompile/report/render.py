@@ -14,6 +14,7 @@ from typing import Any
 
 from rich.table import Table
 
+from tlcompile.compress.guard import evidence_text
 from tlcompile.errors import TlcompileError
 
 
@@ -157,7 +158,7 @@ def _summary_section(report: dict[str, Any]) -> ReportSection:
             _with_ci(c.get("sensitivity"), percent=True), _with_ci(c.get("specificity"), percent=True),
             _with_ci(ref.get("delta_auc"), percent=False, signed=True) if ref else "ref",
             _pct(ref["disagreement"]["value"]) if ref else "ref",
-            guard_cell(row),
+            guard_cell(row) + ("; test drop flagged" if row.get("test_flags") else ""),
             _verdict(c.get("endpoints", {}).get("pass")),
             {True: "yes", False: "", None: "-"}[row.get("pareto")],
         ])
@@ -225,6 +226,10 @@ def _compression_section(report: dict[str, Any]) -> ReportSection:
         text.append("The accuracy guard is judged on the validation split at the locked operating point: each compression step "
                     "against the model it started from (a pruned-int8 model answers for its pruning and its quantization). "
                     "An artifact meets the guard only when every check does; the bundle never ships one that does not.")
+    flagged = [f"{r['name']} on {r['runtime']}: {f['text']}" for r in report.get("artifacts", []) for f in r.get("test_flags") or []]
+    if flagged:
+        text.append("Flagged: on the test split these drops exceed the guard's own limits, although the guard (on val) was "
+                    "met. Selection stays on val; read the test figures with this in mind. " + "; ".join(flagged) + ".")
     if not rows:
         text.append("This build has only the fp32 model, so there is nothing to compare; add prune / quantize to the recipe.")
     return ReportSection("compression", "What compression cost", text, tables)
@@ -242,7 +247,7 @@ def _guard_item(item: dict[str, Any] | None) -> str:
 
 def guard_table(report: dict[str, Any]) -> ReportTable | None:
     """The accuracy guard of every compressed artifact (once per artifact, one line per check), or None."""
-    header = ["artifact", "check", "val AUC", "val sensitivity", "val specificity", "val accuracy", "guard", "what was done"]
+    header = ["artifact", "check", "val AUC", "val sensitivity", "val specificity", "val accuracy", "guard", "val cases", "what was done"]
     rows, seen = [], set()
     for row in report.get("artifacts", []):
         g = row.get("guard")
@@ -253,7 +258,9 @@ def guard_table(report: dict[str, Any]) -> ReportTable | None:
         for i, check in enumerate(g.get("checks", [])):
             rows.append([row["name"] if i == 0 else "", f"vs {check.get('against', '-')}",
                          *(_guard_item(check.get(m)) for m in ("auc", "sensitivity", "specificity", "accuracy")),
-                         ("met" if check.get("met") else "FAILED"), actions if i == len(g["checks"]) - 1 else ""])
+                         ("met" if check.get("met") else "FAILED"),
+                         evidence_text(check["evidence"]) if check.get("evidence") else "-",
+                         actions if i == len(g["checks"]) - 1 else ""])
     if not rows:
         return None
     return ReportTable(header, rows, "Accuracy guard (validation split, locked operating point)")
