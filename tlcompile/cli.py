@@ -218,9 +218,10 @@ def predict(
 
     paths = expand_inputs(images)
     verified = open_verified(bundle, threads=threads)
+    print(verified.notice, file=sys.stderr)
     b = verified.bundle
     results = predict_paths(b, verified.session, paths)
-    table = Table(title=f"{b.name} ({b.artifact}, {b.runtime}): refer when P(referable DR) >= {b.threshold:.4f}")
+    table = Table(title=f"{b.name} ({b.candidate_id}): refer when P(referable DR) >= {b.threshold:.4f}")
     for col in ("image", "referral", "P(referable DR)") + (("grade",) if b.task == "grade" else ()) + ("note",):
         table.add_column(col, justify="right" if col.startswith("P(") else "left")
     for r in results:
@@ -243,11 +244,14 @@ def verify(
     bundle: BundleArgument,
     threads: ThreadsOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")] = False,
+    repin: Annotated[bool, typer.Option("--repin", help="Bench the candidates again and re-pin, even if device.json already pins one for this CPU.")] = False,
+    no_pin: Annotated[bool, typer.Option("--no-pin", help="Check only; do not bench the candidates or write device.json.")] = False,
 ) -> None:
-    """Check every sha256 in the bundle's manifest and run its golden samples on this box: PASS or FAIL (exit 1)."""
+    """Check every sha256 in the bundle's manifest and run every candidate's golden samples on this box; bench those
+    that pass and pin the fastest for this CPU in BUNDLE/device.json (predict and serve run it): PASS or FAIL (exit 1)."""
     from tlcompile.runtime.bundle import verify_bundle, verify_lines
 
-    result = verify_bundle(bundle, threads=threads)
+    result = verify_bundle(bundle, threads=threads, pin=not no_pin, repin=repin)
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(verify_lines(result)))
     if not result.ok:
         raise typer.Exit(1)

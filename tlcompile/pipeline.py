@@ -195,10 +195,12 @@ def stage_export(ctx: BuildContext, artifacts: list[Artifact]) -> None:
     x_val, _ = data.subset("val")
     inputs = to_input(x_val[: r.export.parity_images], data.spec)
     records: dict[str, Any] = {}
+    references: dict[str, np.ndarray] = {"inputs": inputs}
     for art in artifacts:
         module = art.module.cpu().eval()
         with torch.no_grad():
             reference = module(torch.from_numpy(inputs)).numpy()
+        references[f"logits_{art.name}"] = reference
         for fmt in r.export.formats:
             path = folder / f"{art.name}{FORMAT_SUFFIX[fmt]}"
             if not (done and path.is_file()):
@@ -223,6 +225,9 @@ def stage_export(ctx: BuildContext, artifacts: list[Artifact]) -> None:
             )
         art.module.to(ctx.device)
     atomic_write_json(folder / "parity.json", records)
+    # The inputs and the torch model's logits behind parity.json: the same check can be rerun on another CPU (or an
+    # emulated older one, tlcompile.runtime.isa_emulation) without torch.
+    _save_npz(folder / "parity_reference.npz", references)
     ctx.finish_stage("05_export", {"files": {k: str(v) for a in artifacts for k, v in a.files.items()}})
 
 
@@ -299,9 +304,45 @@ def stage_bench(ctx: BuildContext, artifacts: list[Artifact]) -> None:
     _save_array(folder / "logits" / "test_targets.npy", y_test)
     with ctx.console.status("[bold]evaluate[/]: bootstrap CIs, paired deltas vs fp32, calibration"):
         add_clinical_evaluation(ctx, rows, y_test)
+    flag_test_drops(rows)
     ctx.bench_rows = rows
     atomic_write_json(folder / "bench.json", rows)
     ctx.finish_stage("06_bench", {"rows": len(rows)})
+
+
+def flag_test_drops(rows: list[dict[str, Any]]) -> None:
+    """``row["test_flags"]``: where a compressed artifact's test-split drop against the model its guard compared it with
+    (same runtime) exceeds the guard's own limits. Flags only: selection stays on val (choosing on test would make the
+    test figures optimistic), but a reader must see when test disagrees with the val verdict."""
+    by_key = {(r["name"], r["runtime"]): r for r in rows}
+    for row in rows:
+        guard_record = row.get("guard")
+        if not guard_record or not guard_record.get("checks"):
+            continue
+        check = guard_record["checks"][-1]
+        ref = by_key.get((check.get("against"), row["runtime"]))
+        if ref is None:
+            continue
+        flags = []
+        for metric in ("auc", "sensitivity", "specificity", "accuracy"):
+            limit = (check.get(metric) or {}).get("max_drop")
+            a, b = ref.get("metrics", {}).get(metric), row.get("metrics", {}).get(metric)
+            if limit is None or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+                continue
+            if a - b > limit + 1e-12:
+                flags.append({"metric": metric, "reference": check["against"], "drop": round(a - b, 6), "max_drop": limit,
+                              "text": f"test {metric} drop {100 * (a - b):.1f} points vs {check['against']} (guard limit {100 * limit:.1f}; "
+                                      "the guard judged val)"})
+        row["test_flags"] = flags
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    atomic_write_with(path, write)
+    return path
 
 
 def _save_array(path: Path, array: np.ndarray) -> Path:
@@ -451,13 +492,15 @@ def stage_bundle(ctx: BuildContext, report: dict[str, Any]) -> BundleError | Non
         ctx.console.print(f"[yellow]bundle[/]: skipped: {record['skipped']}")
     elif error is None:
         sel = record.get("selection", {})
-        passed_over = [f"{c['name']} ({c['why_not']})" for c in sel.get("candidates", []) if c.get("why_not") and sel.get("rule") != "name"]
+        passed_over = [f"{c['id']} ({c['why_not']})" for c in sel.get("candidates", []) if c.get("why_not") and sel.get("rule") != "name"]
+        why = f": {sel['why']}" if sel.get("why") else f" ({sel.get('ranked_by')})"
         ctx.console.print(
-            f"[bold]bundle[/]: {ctx.out_dir / record['path']}: {record['artifact']} on {record['runtime']} ({record['precision']}), "
-            f"chosen by select: {sel.get('rule')} ({sel.get('ranked_by')})"
+            f"[bold]bundle[/]: {ctx.out_dir / record['path']}: {len(record['candidates'])} candidate(s) for the box to choose "
+            f"from ({', '.join(record['candidates'])}); build's choice {record['default_candidate']} ({record['precision']}), "
+            f"by select: {sel.get('rule')}{why}"
             + (f"; passed over: {', '.join(passed_over)}" if passed_over else "") + "; "
             f"{record['golden_samples']} golden samples verified (max |Δlogit| {record['verify']['max_abs_logit_diff']:.1e}); "
-            f"manifest sha256 {record['manifest_sha256'][:16]}"
+            f"manifest sha256 {record['manifest_sha256'][:16]}; on the clinic's box, tlcompile verify pins the fastest there"
         )
     report["bundle"] = record
     return error

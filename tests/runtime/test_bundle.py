@@ -12,7 +12,15 @@ import pytest
 
 from tlcompile.errors import BundleError, UnsafeFileError
 from tlcompile.io import sha256_file
-from tlcompile.runtime.bundle import Bundle, check_manifest, load_bundle, manifest_entries, open_verified, verify_bundle
+from tlcompile.runtime.bundle import (
+    Bundle,
+    check_manifest,
+    load_bundle,
+    manifest_entries,
+    open_verified,
+    verify_bundle,
+    verify_lines,
+)
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -29,8 +37,12 @@ def test_bundle_json_carries_what_the_box_needs(tiny_build):
     report = tiny_build.report
     row = next(r for r in report["artifacts"] if r["name"] == meta["artifact"]["name"] and r["runtime"] == meta["model"]["runtime"])
 
-    assert meta["model"]["runtime"] == "openvino" and meta["model"]["precision"] == "f32"  # auto prefers OpenVINO
-    assert meta["model"]["files"] == ["model/fp32.xml", "model/fp32.bin"]
+    # runtime: auto ships the artifact on both runtimes; the top level describes the build's choice among them.
+    assert [c["id"] for c in meta["candidates"]] == ["fp32@openvino", "fp32@onnxruntime"]
+    assert {c["id"]: c["model"]["files"] for c in meta["candidates"]} == {
+        "fp32@openvino": ["model/fp32.xml", "model/fp32.bin"], "fp32@onnxruntime": ["model/fp32.onnx"]}
+    assert meta["default_candidate"] == f"fp32@{meta['model']['runtime']}" and meta["model"]["precision"] == "f32"
+    assert meta["model"] == next(c for c in meta["candidates"] if c["id"] == meta["default_candidate"])["model"]
     assert meta["input"]["size"] == 48 and meta["input"]["shape"] == [None, 3, 48, 48]
     # Copied from the report, not recomputed: the preprocessing spec, the class names, the locked operating point.
     assert meta["preprocessing"] == report["preprocessing"]
@@ -70,7 +82,10 @@ def test_manifest_hashes_every_file_and_report_records_the_bundle(tiny_build):
     for rel, entry in manifest.items():
         assert entry == {"sha256": sha256_file(tiny_build.bundle / rel), "size": (tiny_build.bundle / rel).stat().st_size}
     record = tiny_build.report["bundle"]
-    assert record["artifact"] == "fp32" and record["runtime"] == "openvino"
+    assert record["artifact"] == "fp32" and record["runtime"] in ("openvino", "onnxruntime")
+    assert sorted(record["candidates"]) == ["fp32@onnxruntime", "fp32@openvino"]
+    assert record["default_candidate"] == f"fp32@{record['runtime']}" == record["selection"]["chosen_id"]
+    assert set(record["selection"]["measured_on_build_box"]) == set(record["candidates"])
     assert record["manifest_sha256"] == sha256_file(tiny_build.bundle / "manifest.json")
     assert record["verify"]["passed"] and record["verify"]["max_abs_logit_diff"] <= 1e-6
     on_file = json.loads((tiny_build.out_dir / "report.json").read_text())
@@ -79,18 +94,71 @@ def test_manifest_hashes_every_file_and_report_records_the_bundle(tiny_build):
 
 
 # ------------------------------------------------------------------------------------------- verify
-def test_verify_passes_on_the_build_box(tiny_build, run_cli):
-    result = verify_bundle(tiny_build.bundle)
+def test_verify_passes_on_the_build_box_and_pins_a_candidate(bundle_copy, run_cli):
+    result = verify_bundle(bundle_copy)
     assert result.ok, result.to_dict()
-    g = result.golden
-    assert g.samples == 6 and g.decisions_agree == 6 and g.fov_agree == 6
-    # Same box, same runtime, same precision: the outputs are reproduced to float rounding.
-    assert g.max_abs_logit_diff <= 1e-6 and g.max_abs_pixel_diff == 0 and g.max_abs_input_diff == 0.0
-    assert (g.runtime, g.exec_precision) == ("openvino", "f32")
+    assert {c.id for c in result.candidates} == {"fp32@openvino", "fp32@onnxruntime"}  # runtime: auto ships both
+    for c in result.candidates:
+        g = c.golden
+        assert g.samples == 6 and g.decisions_agree == 6 and g.fov_agree == 6
+        # Same box, same runtime, same precision: the outputs are reproduced to float rounding.
+        assert g.max_abs_logit_diff <= 1e-6 and g.max_abs_pixel_diff == 0 and g.max_abs_input_diff == 0.0
+        assert g.exec_precision == "f32" and g.runtime == c.runtime
+        assert c.latency["p90_ms"] > 0 and c.latency["rounds"] == 5
+    # device.json: what this box is, what each candidate measured, the choice and why; atomic, world-readable.
+    device = json.loads((bundle_copy / "device.json").read_text())
+    assert device["chosen"] == result.pin["chosen"] and device["why"] and not result.pin["reused"]
+    assert device["bundle_manifest_sha256"] == result.manifest.manifest_sha256
+    assert device["cpu"]["model"] and device["cpu"]["usable_cores"] >= 1 and isinstance(device["cpu"]["isa"], list)
+    assert device["runtime_versions"]["openvino"] and device["runtime_versions"]["onnxruntime"]
+    for cid, c in device["candidates"].items():
+        assert c["golden_ok"] and c["latency"]["p90_ms"] > 0 and c["latency"]["p90_spread_ms"] >= 0, cid
+    # The fastest by p90 is pinned (both are fp32: no noise rule applies between uncompressed candidates).
+    fastest = min(device["candidates"], key=lambda cid: device["candidates"][cid]["latency"]["p90_ms"])
+    assert device["chosen"] == fastest
+    assert open_verified(bundle_copy).bundle.candidate_id == fastest and open_verified(bundle_copy).pinned
 
-    cli = run_cli("verify", str(tiny_build.bundle))
+    cli = run_cli("verify", str(bundle_copy))  # a second verify keeps the pin; --repin measures again
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.strip().endswith("PASS") and "every sha256 matches" in cli.stdout and "max |Δlogit|" in cli.stdout
+    assert "kept from an earlier verify on this CPU" in cli.stdout
+    cli = run_cli("verify", str(bundle_copy), "--repin")
+    assert cli.returncode == 0 and "written to" in cli.stdout and json.loads((bundle_copy / "device.json").read_text())["created"]
+
+
+def test_a_pin_for_another_bundle_or_cpu_is_not_used(bundle_copy):
+    verify_bundle(bundle_copy)
+    device = json.loads((bundle_copy / "device.json").read_text())
+    other = "fp32@openvino" if device["chosen"] == "fp32@onnxruntime" else "fp32@onnxruntime"
+    stale = {**device, "chosen": other, "cpu": {**device["cpu"], "model": "Some Other CPU"}}
+    (bundle_copy / "device.json").write_text(json.dumps(stale))
+    v = open_verified(bundle_copy)
+    assert not v.pinned and v.bundle.candidate_id == load_bundle(bundle_copy).default_candidate
+    assert "pinned on another CPU (Some Other CPU" in v.notice
+    (bundle_copy / "device.json").write_text(json.dumps({**device, "bundle_manifest_sha256": "0" * 64}))
+    assert "manifest changed" in open_verified(bundle_copy).notice
+    result = verify_bundle(bundle_copy)  # a stale pin is replaced by a fresh measurement, saying why
+    assert not result.pin["reused"] and "manifest changed" in result.pin["replaced_because"]
+
+
+def test_choose_takes_a_compressed_candidate_only_when_it_wins_by_more_than_the_noise():
+    from tlcompile.runtime.pinning import choose
+
+    def m(p90, spread):
+        return {"p90_ms": p90, "p90_spread_ms": spread, "rounds": 5}
+
+    compressed = {"fp32@ort": False, "int8@ov": True, "pruned@ort": True}
+    ok = dict.fromkeys(compressed, True)
+    # int8 is 0.24 ms faster but the p90 moved by 0.5 ms between rounds: a tie, which the uncompressed model wins.
+    chosen, why = choose({"fp32@ort": m(2.23, 0.1), "int8@ov": m(1.99, 0.5), "pruned@ort": m(2.5, 0.1)}, compressed, ok)
+    assert chosen == "fp32@ort" and "less than the noise" in why and "int8@ov" in why
+    # Faster by more than either spread: the compressed one.
+    chosen, why = choose({"fp32@ort": m(2.23, 0.1), "int8@ov": m(1.99, 0.5), "pruned@ort": m(0.8, 0.2)}, compressed, ok)
+    assert chosen == "pruned@ort" and "more than the noise" in why
+    # A candidate that failed its golden samples here is never chosen, however fast.
+    chosen, _ = choose({"fp32@ort": m(2.23, 0.1), "pruned@ort": m(0.8, 0.2)}, compressed, {"fp32@ort": True, "pruned@ort": False})
+    assert chosen == "fp32@ort"
+    assert choose({"int8@ov": m(1.0, 0.1)}, compressed, {"int8@ov": False})[0] is None
 
 
 def test_byte_flipped_model_fails_verify_naming_the_file(bundle_copy, run_cli):
@@ -130,9 +198,24 @@ def test_golden_samples_catch_a_model_that_hashes_cleanly_but_computes_different
     weights.write_bytes(bytes(blob))
     (bundle_copy / "manifest.json").write_text(json.dumps({"files": manifest_entries(bundle_copy)}))
     result = verify_bundle(bundle_copy)
-    assert result.manifest.ok and not result.ok
-    assert result.golden.max_abs_logit_diff > 1e-3
-    assert any("model outputs differ" in p for p in result.golden.problems)
+    broken = next(c for c in result.candidates if c.id == "fp32@openvino")
+    assert result.manifest.ok and not broken.ok
+    assert broken.golden.max_abs_logit_diff > 1e-3
+    assert any("model outputs differ" in p for p in broken.golden.problems)
+    # The other candidate reproduces its outputs: it is pinned, and predict/serve run it; the broken one never runs.
+    assert result.ok and result.pin["chosen"] == "fp32@onnxruntime"
+    assert "do not reproduce their golden outputs" in "\n".join(verify_lines(result))
+    assert open_verified(bundle_copy).bundle.candidate_id == "fp32@onnxruntime"
+    # A bundle whose only candidate computes differently fails verify, and predict/serve refuse it.
+    (bundle_copy / "device.json").unlink()
+    meta = json.loads((bundle_copy / "bundle.json").read_text())
+    only = next(c for c in meta["candidates"] if c["id"] == "fp32@openvino")
+    meta.update(candidates=[only], default_candidate=only["id"], model=only["model"], artifact=only["artifact"],
+                golden={**meta["golden"], **only["golden"]})
+    (bundle_copy / "bundle.json").write_text(json.dumps(meta))
+    (bundle_copy / "manifest.json").write_text(json.dumps({"files": manifest_entries(bundle_copy)}))
+    result = verify_bundle(bundle_copy)
+    assert result.manifest.ok and not result.ok and result.pin is None
     with pytest.raises(BundleError, match="fails its golden samples"):
         open_verified(bundle_copy)
 

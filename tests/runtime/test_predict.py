@@ -19,27 +19,29 @@ def _black_frame(path):
     return path
 
 
-def test_predict_and_verify_without_torch(tiny_build, tmp_path, fundus_images, corrupt_images, run_cli):
+def test_predict_and_verify_without_torch(bundle_copy, tmp_path, fundus_images, corrupt_images, run_cli):
     """On a box with `pip install tlcompile` alone: every [train] module is unimportable, and predict and verify
-    still work and load none of them."""
+    (which benches the candidates and pins one) still work and load none of them."""
     folder = tmp_path / "camera"
     good = fundus_images(folder, 5)
     bad = corrupt_images(folder)
     black = _black_frame(folder / "lens_cap.png")
     out_csv = tmp_path / "out.csv"
 
-    verify = run_cli("verify", str(tiny_build.bundle), block_train_modules=True)
+    verify = run_cli("verify", str(bundle_copy), block_train_modules=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "\nPASS\n" in verify.stdout and verify.stdout.endswith("ATTEMPTED:\n")  # not even tried
+    assert (bundle_copy / "device.json").is_file() and "pinned: " in verify.stdout
 
-    cli = run_cli("predict", str(tiny_build.bundle), str(folder), "--csv", str(out_csv), block_train_modules=True)
+    cli = run_cli("predict", str(bundle_copy), str(folder), "--csv", str(out_csv), block_train_modules=True)
+    assert "pinned for this CPU by tlcompile verify" in cli.stderr
     assert cli.returncode == 1, cli.stdout + cli.stderr  # two files could not be read
     assert "error: 2 of 8 images could not be read" in cli.stderr and "Traceback" not in cli.stderr
     assert cli.stdout.endswith("ATTEMPTED:\n"), cli.stdout  # torch & co. were not even tried
 
     rows = {row["file"]: row for row in csv.DictReader(out_csv.open())}
     assert set(rows) == {str(p) for p in [*good, *bad, black]}
-    threshold = load_bundle(tiny_build.bundle).threshold
+    threshold = load_bundle(bundle_copy).threshold
     for path in good:
         row = rows[str(path)]
         p = float(row["referable_dr_probability"])

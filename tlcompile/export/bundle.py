@@ -47,13 +47,23 @@ INT8_LOGIT_TOLERANCE = 0.05
 
 
 # --------------------------------------------------------------------------------------------- selection
-def bundle_runtime(report: dict[str, Any], recipe: Recipe) -> str | None:
-    """The runtime the bundle runs on; None when ``auto`` finds neither OpenVINO nor ONNX Runtime rows."""
+def bundle_runtimes(report: dict[str, Any], recipe: Recipe) -> list[str]:
+    """The runtimes whose artifacts can go into the bundle: the recipe's, or with ``auto`` every measured one (the
+    box decides between them: OpenVINO and ONNX Runtime rank differently on different CPUs)."""
     wanted = recipe.bundle.runtime
-    measured = {row["runtime"] for row in report.get("artifacts", [])}
     if wanted != "auto":
-        return wanted
-    return next((r for r in BUNDLE_RUNTIMES if r in measured), None)
+        return [wanted]
+    measured = {row["runtime"] for row in report.get("artifacts", [])}
+    return [r for r in BUNDLE_RUNTIMES if r in measured]
+
+
+def bundle_runtime(report: dict[str, Any], recipe: Recipe) -> str | None:
+    """The first bundle runtime (None when ``auto`` finds neither OpenVINO nor ONNX Runtime rows)."""
+    return next(iter(bundle_runtimes(report, recipe)), None)
+
+
+def candidate_id(row: dict[str, Any]) -> str:
+    return f"{row['name']}@{row['runtime']}"
 
 
 def _endpoints_pass(row: dict[str, Any]) -> bool | None:
@@ -72,23 +82,27 @@ def _guard_met(row: dict[str, Any]) -> bool | None:
 
 
 RANKED_BY = {
-    "fastest": "p90 latency (every candidate is within the accuracy guard of fp32), then test AUC",
+    "fastest": "p90 latency (every candidate is within the accuracy guard of fp32), then test AUC; with several "
+               "candidates the default is re-measured on the build box and a compressed one must win by more than the noise",
     "best_under_budget": "test AUC, then p90 latency",
     "name": "name",
 }
 
 
-def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str | list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The report row to bundle and a record of why (every candidate with the reason it was or was not taken).
 
     ``fastest`` and ``best_under_budget`` consider only artifacts that meet the accuracy guard (judged on val against
     the model each was compressed from), ``evaluate.endpoints`` and ``latency_budget_ms``; ``name`` ships the named one
-    whatever it measured (the record still says whether it met the guard).
+    whatever it measured (the record still says whether it met the guard). With several runtimes, rows of all of them
+    compete (``name``: the named artifact on the first runtime that has it).
     """
     cfg = recipe.bundle
-    rows = [row for row in report.get("artifacts", []) if row["runtime"] == runtime]
+    runtimes = [runtime] if isinstance(runtime, str) else list(runtime)
+    shown = " / ".join(runtimes)
+    rows = [row for r in runtimes for row in report.get("artifacts", []) if row["runtime"] == r]
     if not rows:
-        raise BundleError(f"bundle.runtime '{runtime}': no artifact was benched on {runtime}; add it to bench.runtimes")
+        raise BundleError(f"bundle.runtime '{shown}': no artifact was benched on {shown}; add it to bench.runtimes")
     candidates = []
     for row in rows:
         p90 = row.get("latency_ms", {}).get("p90")
@@ -104,18 +118,19 @@ def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str) -> tup
                 why_not.append(f"misses endpoints {', '.join(failed)}")
             if cfg.latency_budget_ms is not None and not (p90 is not None and p90 <= cfg.latency_budget_ms):
                 why_not.append(f"p90 {p90} ms > budget {cfg.latency_budget_ms} ms")
-        candidates.append({"name": row["name"], "p90_ms": p90, "auc": row.get("metrics", {}).get("auc"), "guard_met": guarded,
-                           "endpoints_pass": verdict, "eligible": not why_not, "why_not": "; ".join(why_not) or None})
+        candidates.append({"id": candidate_id(row), "name": row["name"], "runtime": row["runtime"], "p90_ms": p90,
+                           "auc": row.get("metrics", {}).get("auc"), "guard_met": guarded, "endpoints_pass": verdict,
+                           "eligible": not why_not, "why_not": "; ".join(why_not) or None})
     eligible = [(row, c) for row, c in zip(rows, candidates, strict=True) if c["eligible"]]
     if not eligible:
         if cfg.select == "name":
             raise BundleError(
-                f"bundle.artifact '{cfg.artifact}' was not benched on {runtime}; artifacts of this build: "
+                f"bundle.artifact '{cfg.artifact}' was not benched on {shown}; artifacts of this build: "
                 f"{', '.join(sorted({r['name'] for r in rows}))}"
             )
-        reasons = "; ".join(f"{c['name']}: {c['why_not']}" for c in candidates)
+        reasons = "; ".join(f"{c['name']}" + (f" on {c['runtime']}" if len(runtimes) > 1 else "") + f": {c['why_not']}" for c in candidates)
         raise BundleError(
-            f"bundle: no artifact on {runtime} meets the accuracy guard, evaluate.endpoints and bundle.latency_budget_ms "
+            f"bundle: no artifact on {shown} meets the accuracy guard, evaluate.endpoints and bundle.latency_budget_ms "
             f"({reasons}); report.json was written. Relax the endpoints or the budget, or set bundle.select: name to ship one anyway"
         )
 
@@ -124,11 +139,77 @@ def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str) -> tup
 
     if cfg.select == "fastest":  # fastest; ties (same p90 to 0.01 ms) go to the higher test AUC
         row, chosen = min(eligible, key=lambda pair: (round(p90_of(pair[1]), 2), -_finite(pair[1]["auc"])))
+    elif cfg.select == "name":
+        row, chosen = eligible[0]
     else:  # highest test AUC; ties go to the faster artifact
         row, chosen = max(eligible, key=lambda pair: (_finite(pair[1]["auc"]), -p90_of(pair[1])))
-    record = {"rule": cfg.select, "runtime": runtime, "latency_budget_ms": cfg.latency_budget_ms, "chosen": chosen["name"],
-              "ranked_by": RANKED_BY[cfg.select], "candidates": candidates}
+    record = {"rule": cfg.select, "runtime": shown, "latency_budget_ms": cfg.latency_budget_ms, "chosen": chosen["name"],
+              "chosen_id": chosen["id"], "ranked_by": RANKED_BY[cfg.select], "candidates": candidates}
     return row, record
+
+
+def _val_quality(row: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[float, ...] | None:
+    """(val AUC, sensitivity, specificity) at the locked operating point, from the guard records (the fp32 model's
+    is the reference of any check against it); None when the report does not have them."""
+    def triple(d: dict[str, Any], key: str) -> tuple[float, ...] | None:
+        values = [d.get(m, {}).get(key) for m in ("auc", "sensitivity", "specificity")]
+        return tuple(values) if all(isinstance(v, (int, float)) for v in values) else None
+
+    guard = row.get("guard")
+    if guard and guard.get("checks"):
+        return triple(guard["checks"][-1], "value")
+    for other in rows:
+        for c in (other.get("guard") or {}).get("checks", []):
+            if c.get("against") == row["name"]:
+                return triple(c, "reference")
+    return None
+
+
+def bundle_candidates(report: dict[str, Any], recipe: Recipe, selection: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows that go into the bundle as candidates for the box to choose from (``bundle.candidates``).
+
+    ``non_dominated`` (default) drops an eligible artifact only when another one on the same runtime, in the same
+    precision, has no more MACs and is at least as good on val (AUC, sensitivity and specificity at the locked
+    threshold), one of them strictly: that one is faster on every CPU and no worse. Precisions and runtimes are never
+    compared here -- which of them is faster is what the box measures. ``all``: every eligible one; ``chosen``: only
+    the build's choice.
+    """
+    rows = {candidate_id(r): r for r in report.get("artifacts", [])}
+    chosen = rows[selection["chosen_id"]]
+    policy = recipe.bundle.candidates
+    if policy == "chosen" or recipe.bundle.select == "name":
+        kept = [chosen]
+    elif policy == "all":
+        kept = [rows[c["id"]] for c in selection["candidates"] if c["eligible"]]
+    else:
+        kept = _non_dominated(selection, rows, chosen)
+    for c in selection["candidates"]:
+        c["in_bundle"] = any(r is rows[c["id"]] for r in kept)
+    return kept
+
+
+def _non_dominated(selection: dict[str, Any], rows: dict[str, dict[str, Any]], chosen: dict[str, Any]) -> list[dict[str, Any]]:
+    eligible = [rows[c["id"]] for c in selection["candidates"] if c["eligible"]]
+    all_rows = list(rows.values())
+    kept = []
+    for a in eligible:
+        qa = _val_quality(a, all_rows)
+        dominated = False
+        for b in eligible:
+            if b is a or b["runtime"] != a["runtime"] or b.get("precision") != a.get("precision"):
+                continue
+            qb = _val_quality(b, all_rows)
+            if qa is None or qb is None or b.get("macs") is None or a.get("macs") is None:
+                continue
+            if b["macs"] <= a["macs"] and all(x >= y for x, y in zip(qb, qa, strict=True)) and (b["macs"] < a["macs"] or qb != qa):
+                dominated = True
+                break
+        if not dominated or a is chosen:
+            kept.append(a)
+        else:
+            next(c for c in selection["candidates"] if c["id"] == candidate_id(a))["why_not"] = (
+                "dominated: another candidate on the same runtime and precision has no more MACs and is as good on val")
+    return kept
 
 
 # ------------------------------------------------------------------------------------------- provenance
@@ -215,88 +296,118 @@ def _pick_golden(scores: np.ndarray, threshold: float, count: int, margin: float
     return np.sort(ordered[picks])
 
 
-def _write_golden(root: Path, bundle: Bundle, data: DataModule, row: dict[str, Any], out_dir: Path, count: int,
-                  tolerance: float) -> dict[str, Any]:
+def _write_golden(root: Bundle, views: dict[str, Bundle], default: str, data: DataModule, rows: dict[str, dict[str, Any]],
+                  out_dir: Path, count: int) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Golden samples shared by every candidate: the frames (PNG) and prepared inputs once, each candidate's logits
+    and readings beside them. Returns the shared golden record and, per candidate, its own part (logits key, expected
+    readings, tolerance, margin)."""
+    bundle = views[default]
     spec = bundle.preprocessing
     test_images, _ = data.subset("test")
     test_ids = [data.ids[i] for i in np.flatnonzero(data.split == "test")]
-    session = bundle.open_session()
+    sessions = {cid: view.open_session() for cid, view in views.items()}
+    row = rows[default]
     saved = out_dir / row["logits_path"] if row.get("logits_path") else None
     # The bench already ran the test images through this artifact on this runtime; its logits narrow the choice
     # to a pool spread over the scores without a second pass over the whole test split.
     if saved is not None and saved.is_file() and np.load(saved).shape[0] == test_images.shape[0]:
         test_logits = np.load(saved)
     else:
-        test_logits = predict_logits(session, to_input(test_images, spec))
+        test_logits = predict_logits(sessions[default], to_input(test_images, spec))
     scores = np.array([r.referable_dr_probability for r in bundle.interpret(test_logits)])
-    margin = tolerance / (2 * bundle.temperature)
-    pool = _pick_golden(scores, bundle.threshold, 4 * count, margin)
+    margins = {cid: view.meta["golden"]["tolerance"]["max_abs_logit"] / (2 * view.temperature) for cid, view in views.items()}
+    pool = _pick_golden(scores, bundle.threshold, 4 * count, max(margins.values()))
 
     # The bench may have run in another precision (bf16) and on the un-framed image, so the final choice is made on
-    # what verify will compute: camera frame -> prepare_image -> the bundle's runtime in f32.
+    # what verify will compute: camera frame -> prepare_image -> each candidate's runtime in f32.
     frames = [camera_frame(test_images[i], spec.crop_fov) for i in pool]
     prepared_found = [prepare_image(frame, spec) for frame in frames]
     prepared = np.stack([p for p, _ in prepared_found])
     fov_found = np.array([f for _, f in prepared_found], dtype=bool)
     inputs = to_input(prepared, spec)
-    logits = predict_logits(session, inputs).astype(np.float32)
-    readings = bundle.interpret(logits)
-    final = _pick_golden(np.array([r.referable_dr_probability for r in readings]), bundle.threshold, count, margin)
+    logits = {cid: predict_logits(session, inputs).astype(np.float32) for cid, session in sessions.items()}
+    readings = {cid: views[cid].interpret(x) for cid, x in logits.items()}
+    # Only frames that no candidate scores within its margin of the threshold (see _pick_golden): a box that passes
+    # a candidate's logit check then cannot flip one of its golden decisions.
+    clear = np.ones(len(pool), dtype=bool)
+    for cid, rs in readings.items():
+        clear &= np.array([abs(r.referable_dr_probability - views[cid].threshold) >= margins[cid] for r in rs])
+    keep = np.flatnonzero(clear) if clear.any() else np.arange(len(pool))
+    default_scores = np.array([r.referable_dr_probability for r in readings[default]])[keep]
+    final = keep[_pick_golden(default_scores, bundle.threshold, count, 0.0)]
 
-    folder = root / Path(GOLDEN_NPZ).parent
+    folder = root.root / Path(GOLDEN_NPZ).parent
     folder.mkdir(parents=True)
     images = []
     for n, k in enumerate(final):
         rel = f"{folder.name}/{n:03d}.png"
-        Image.fromarray(frames[k]).save(root / rel)  # PNG: lossless, so the file decodes to exactly this frame
+        Image.fromarray(frames[k]).save(root.root / rel)  # PNG: lossless, so the file decodes to exactly this frame
         images.append(rel)
-    with open(root / GOLDEN_NPZ, "wb") as f:
-        np.savez_compressed(f, prepared=prepared[final], fov_found=fov_found[final], inputs=inputs[final], logits=logits[final])
+    keys = {cid: "logits" if cid == default else f"logits@{cid}" for cid in views}
+    arrays = {"prepared": prepared[final], "fov_found": fov_found[final], "inputs": inputs[final]}
+    arrays.update({keys[cid]: x[final] for cid, x in logits.items()})
+    with open(root.root / GOLDEN_NPZ, "wb") as f:
+        np.savez_compressed(f, **arrays)
     from tlcompile.runtime.cpuinfo import cpu_info
 
-    return {
+    shared = {
         "file": GOLDEN_NPZ,
         "images": images,
         "source": "camera-like frames of test-split images " + ", ".join(test_ids[pool[k]] for k in final),
-        "expected": [{"image": rel, **readings[k].to_dict()} for rel, k in zip(images, final, strict=True)],
-        "tolerance": {"max_abs_logit": tolerance, "max_abs_pixel": GOLDEN_PIXEL_TOLERANCE},
-        # Below the required margin only when every score of the model sits on the threshold (a degenerate model).
-        "decision_margin": {"required": margin, "smallest": float(min(abs(readings[k].referable_dr_probability - bundle.threshold) for k in final))},
-        "produced_on": {"runtime": session.runtime, "exec_precision": session.exec_precision, "threads": session.threads, "cpu": cpu_info()},
+        "produced_on": {"cpu": cpu_info(), "threads": sessions[default].threads},
     }
+    own = {}
+    for cid, view in views.items():
+        rs = readings[cid]
+        own[cid] = {
+            "logits_key": keys[cid],
+            "expected": [{"image": rel, **rs[k].to_dict()} for rel, k in zip(images, final, strict=True)],
+            "tolerance": view.meta["golden"]["tolerance"],
+            # Below the required margin only when every score of a model sits on the threshold (a degenerate model).
+            "decision_margin": {"required": margins[cid],
+                                "smallest": float(min(abs(rs[k].referable_dr_probability - view.threshold) for k in final))},
+            "produced_with": {"runtime": sessions[cid].runtime, "exec_precision": sessions[cid].exec_precision},
+        }
+    return shared, own
 
 
 # ------------------------------------------------------------------------------------------------ write
 def _copy_model(row: dict[str, Any], out_dir: Path, root: Path) -> tuple[str, list[str]]:
     source = out_dir / row["path"]
     files = [source] + ([source.with_suffix(".bin")] if source.suffix == ".xml" else [])
-    (root / "model").mkdir()
+    (root / "model").mkdir(exist_ok=True)
     for f in files:
         if not f.is_file():
             raise BundleError(f"bundle: model file '{f}' of artifact {row['name']} is missing; rebuild with --resume")
-        shutil.copyfile(f, root / "model" / f.name)
+        if not (root / "model" / f.name).exists():
+            shutil.copyfile(f, root / "model" / f.name)
     return f"model/{source.name}", [f"model/{f.name}" for f in files]
 
 
+def _tolerance(row: dict[str, Any], recipe: Recipe) -> float:
+    return recipe.export.parity_max_abs_diff if row.get("precision", "fp32") == "fp32" else INT8_LOGIT_TOLERANCE
+
+
+def _measured(row: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    return {"split": "test", "on_cpu": env.get("cpu"), **{k: v for k, v in row.items() if k not in ("path", "logits_path")}}
+
+
 def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, recipe: Recipe) -> dict[str, Any] | None:
-    """Select the artifact, write ``out_dir/bundle`` and verify it; returns the record for report.json, or None
-    when ``bundle.runtime: auto`` finds no OpenVINO or ONNX Runtime measurement to ship."""
-    runtime = bundle_runtime(report, recipe)
-    if runtime is None:
+    """Select the candidates and the build's choice among them, write ``out_dir/bundle`` and verify it; returns the
+    record for report.json, or None when ``bundle.runtime: auto`` finds no OpenVINO or ONNX Runtime measurement."""
+    runtimes = bundle_runtimes(report, recipe)
+    if not runtimes:
         return None
-    row, selection = select_artifact(report, recipe, runtime)
+    row, selection = select_artifact(report, recipe, runtimes)
+    cand_rows = bundle_candidates(report, recipe, selection)
     cfg = recipe.bundle
-    tolerance = recipe.export.parity_max_abs_diff if row.get("precision", "fp32") == "fp32" else INT8_LOGIT_TOLERANCE
     endpoint_targets = report.get("evaluation", {}).get("endpoints", {})
     endpoints_set = any(v is not None for k, v in endpoint_targets.items() if k != "rule")
     env = report.get("environment", {})
-    measured = {k: v for k, v in row.items() if k not in ("path", "logits_path")}
     meta: dict[str, Any] = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "name": report.get("name", recipe.name),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "artifact": {k: row.get(k) for k in ("name", "precision", "lineage", "format", "params", "macs", "size_bytes")},
-        "model": {"runtime": runtime, "precision": BUNDLE_PRECISION, "format": BUNDLE_RUNTIMES[runtime]},
         "input": {"name": "input", "shape": [None, 3, data.spec.size, data.spec.size], "layout": "NCHW", "dtype": "float32",
                   "channels": "RGB", "size": data.spec.size},
         "preprocessing": report.get("preprocessing", data.spec.to_dict()),
@@ -305,8 +416,7 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
         "referable_dr": "DR grade >= 2 (moderate NPDR or worse); P(referable DR) = softmax(logits / temperature), "
                         + ("p[referable]" if data.num_classes == 2 else "summed over grades 2-4"),
         "operating_point": report["operating_point"],
-        "endpoints": {"targets": endpoint_targets, "result": (row.get("clinical") or {}).get("endpoints"), "met": _endpoints_pass(row)},
-        "measured": {"split": "test", "on_cpu": env.get("cpu"), **measured},
+        "endpoints": {"targets": endpoint_targets},
         "selection": selection,
         "model_card": {
             "intended_use": cfg.intended_use,
@@ -323,17 +433,43 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
     }
     out_dir = Path(out_dir)
     root = Path(tempfile.mkdtemp(prefix=".bundle.", dir=out_dir))
+    rows = {candidate_id(r): r for r in cand_rows}
     try:
-        meta["model"]["entry"], meta["model"]["files"] = _copy_model(row, out_dir, root)
-        meta["golden"] = _write_golden(root, Bundle(root=root, meta=meta), data, row, out_dir, cfg.golden_samples, tolerance)
+        candidates = []
+        for cid, r in rows.items():
+            entry, files = _copy_model(r, out_dir, root)
+            candidates.append({
+                "id": cid,
+                "artifact": {**{k: r.get(k) for k in ("name", "precision", "lineage", "format", "params", "macs", "size_bytes")},
+                             "compressed": r["name"] != "fp32"},
+                "model": {"runtime": r["runtime"], "precision": BUNDLE_PRECISION, "format": BUNDLE_RUNTIMES[r["runtime"]],
+                          "entry": entry, "files": files},
+                "measured": _measured(r, env),
+                "endpoints": {"result": (r.get("clinical") or {}).get("endpoints"), "met": _endpoints_pass(r)},
+                "golden": {"tolerance": {"max_abs_logit": _tolerance(r, recipe), "max_abs_pixel": GOLDEN_PIXEL_TOLERANCE}},
+            })
+        draft = Bundle(root=root, meta={**meta, "candidates": candidates, "golden": {}})
+        views = {c["id"]: draft.candidate(c["id"]) for c in candidates}
+        shared, own = _write_golden(draft, views, selection["chosen_id"], data, rows, out_dir, cfg.golden_samples)
+        for c in candidates:
+            c["golden"] = {**c["golden"], **own[c["id"]]}
+        default = selection["chosen_id"]
+        if cfg.select == "fastest" and len(candidates) > 1:
+            default = _choose_on_build_box(Bundle(root=root, meta={**meta, "candidates": candidates, "golden": shared}), selection)
+        chosen = next(c for c in candidates if c["id"] == default)
+        meta.update({"artifact": chosen["artifact"], "model": chosen["model"], "measured": chosen["measured"],
+                     "endpoints": {**meta["endpoints"], **chosen["endpoints"]},
+                     "golden": {**shared, **chosen["golden"]}, "default_candidate": default, "candidates": candidates})
+        meta["model_card"]["limitations"] = _limitations(recipe, rows[default], endpoints_set)
         atomic_write_json(root / BUNDLE_JSON, meta)
         atomic_write_json(root / MANIFEST_JSON, {"format_version": BUNDLE_FORMAT_VERSION, "files": manifest_entries(root)})
         for path in root.rglob("*"):  # temporary files are private (0600); a bundle is copied and read by others
             path.chmod(0o755 if path.is_dir() else 0o644)
         root.chmod(0o755)
-        check = verify_bundle(root)
-        if not check.ok:  # a bug, not a user mistake: the bundle was just written on this very box
-            problems = check.problems + check.manifest.problems + (check.golden.problems if check.golden else [])
+        check = verify_bundle(root, pin=False)
+        failing = [c for c in check.candidates if not c.ok]
+        if not check.ok or failing:  # a bug, not a user mistake: the bundle was just written on this very box
+            problems = check.problems + check.manifest.problems + [f"{c.id}: {c.why_failed()}" for c in failing]
             raise BundleError(f"bundle: the freshly written bundle fails verify on the build box: {'; '.join(problems)}")
         final = out_dir / "bundle"
         old = out_dir / f".bundle.old-{root.name}"
@@ -344,14 +480,37 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
     finally:
         if root.exists():
             shutil.rmtree(root, ignore_errors=True)
-    g = check.golden
+    g = next(c for c in check.candidates if c.id == default).golden
     return {
         "path": "bundle",
-        "artifact": row["name"],
-        "runtime": runtime,
+        "artifact": chosen["artifact"]["name"],
+        "runtime": chosen["model"]["runtime"],
         "precision": BUNDLE_PRECISION,
+        "default_candidate": default,
+        "candidates": [c["id"] for c in candidates],
         "manifest_sha256": check.manifest.manifest_sha256,
         "selection": selection,
         "golden_samples": g.samples,
-        "verify": {"passed": True, "max_abs_logit_diff": g.max_abs_logit_diff, "max_abs_pixel_diff": g.max_abs_pixel_diff},
+        "verify": {"passed": True, "max_abs_logit_diff": g.max_abs_logit_diff, "max_abs_pixel_diff": g.max_abs_pixel_diff,
+                   "candidates": {c.id: {"max_abs_logit_diff": c.golden.max_abs_logit_diff} for c in check.candidates}},
     }
+
+
+def _choose_on_build_box(bundle: Bundle, selection: dict[str, Any]) -> str:
+    """The build's default among several candidates: what ``tlcompile verify`` would pin on this box (the same
+    interleaved measurement and noise rule), recorded in the selection."""
+    from tlcompile.runtime.bundle import _load_golden
+    from tlcompile.runtime.pinning import bench_interleaved, choose
+
+    runs, compressed = {}, {}
+    for cid in bundle.candidates:
+        view = bundle.candidate(cid)
+        session = view.open_session()
+        x = np.ascontiguousarray(_load_golden(view)["inputs"][:1].astype(np.float32))
+        runs[cid] = lambda s=session, v=x: s.run(v)
+        compressed[cid] = view.compressed
+    measured = bench_interleaved(runs)
+    chosen, why = choose(measured, compressed, {cid: True for cid in runs})
+    selection["measured_on_build_box"] = measured
+    selection["chosen_id"], selection["chosen"], selection["why"] = chosen, chosen.split("@")[0], why
+    return chosen

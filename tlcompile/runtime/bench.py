@@ -92,18 +92,26 @@ def targets_from_build(build_dir: Path) -> list[BenchTarget]:
 
 
 def targets_from_bundle(bundle_dir: Path) -> list[BenchTarget]:
+    """One target per artifact of the bundle, with the model file of each runtime it is a candidate on."""
     try:
         meta = json.loads((bundle_dir / "bundle.json").read_text())
-        op, artifact, model = meta["operating_point"], meta["artifact"], meta["model"]
-        files = {_format_of(bundle_dir / f): bundle_dir / f for f in model["files"] if Path(f).suffix in FILE_RUNTIME}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        op = meta["operating_point"]
+        listed = meta.get("candidates") or [{"artifact": meta["artifact"], "model": meta["model"]}]
+        targets: dict[str, BenchTarget] = {}
+        for c in listed:
+            artifact, model = c["artifact"], c["model"]
+            files = {_format_of(bundle_dir / f): bundle_dir / f for f in model["files"] if Path(f).suffix in FILE_RUNTIME}
+            target = targets.setdefault(artifact.get("name", "bundle"), BenchTarget(
+                name=artifact.get("name", "bundle"), files={}, precision=artifact.get("precision", "unknown"),
+                spec=_spec_from(meta.get("preprocessing")), threshold=op.get("threshold"), temperature=op.get("temperature") or 1.0,
+                run_precision=model.get("precision", "auto") if model.get("precision") in ("auto", "f32", "bf16", "f16") else "auto",
+                macs=artifact.get("macs"), lineage=artifact.get("lineage", ""), source=str(bundle_dir)))
+            target.files.update(files)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise BenchError(f"{bundle_dir / 'bundle.json'}: cannot read the bundle ({err})") from err
-    if not files:
+    if not any(t.files for t in targets.values()):
         raise BenchError(f"{bundle_dir}: the bundle holds no .xml or .onnx model")
-    return [BenchTarget(name=artifact.get("name", "bundle"), files=files, precision=artifact.get("precision", "unknown"),
-                        spec=_spec_from(meta.get("preprocessing")), threshold=op.get("threshold"), temperature=op.get("temperature") or 1.0,
-                        run_precision=model.get("precision", "auto") if model.get("precision") in ("auto", "f32", "bf16", "f16") else "auto",
-                        macs=artifact.get("macs"), lineage=artifact.get("lineage", ""), source=str(bundle_dir))]
+    return list(targets.values())
 
 
 def _format_of(path: Path) -> str:

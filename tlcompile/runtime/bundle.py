@@ -4,18 +4,25 @@ A bundle is the folder ``tlcompile build`` writes as ``out/bundle/``::
 
     bundle.json        what the model is and how to use it: input size, preprocessing, class names, the
                        referable-DR threshold, endpoints and measured values, model-card fields
-    model.xml/.bin     the model (OpenVINO IR) or model.onnx (ONNX Runtime)
-    golden/            camera-like frames (PNG) and golden.npz: what the build box computed from them
+    model/             every candidate's model: OpenVINO IR (.xml/.bin) and/or ONNX, e.g. fp32.onnx, int8.xml
+    golden/            camera-like frames (PNG) and golden.npz: what the build box computed from them, per candidate
     manifest.json      {"files": {relpath: {"sha256", "size"}}} of every other file
+    device.json        written on the clinic's box by ``tlcompile verify``: the candidate pinned for this CPU
 
-:func:`verify_bundle` is the first thing to run on a new box: it proves the files are the ones the build wrote
-and that this box's runtime reproduces the build's outputs on the golden samples.
+A bundle carries several *candidates* (an artifact on a runtime, e.g. ``int8@openvino``): every one that met the
+accuracy guard and the endpoints at build time. bundle.json's top-level ``artifact``/``model``/``golden`` describe the
+build's own choice (``default_candidate``); ``candidates`` lists them all. Which one is fastest depends on the CPU, so
+:func:`verify_bundle` -- the first thing to run on a new box -- proves the files are the ones the build wrote, runs
+every candidate's golden samples on this box's runtime, benches those that pass and pins the fastest
+(:mod:`tlcompile.runtime.pinning`). predict and serve then run the pinned candidate.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +33,19 @@ from tlcompile.errors import BundleError, TlcompileError, UnsafeFileError
 from tlcompile.evaluate.metrics import referable_classes, softmax
 from tlcompile.io import sha256_file
 from tlcompile.runtime.inference import InferenceSession, open_session, predict_logits
+from tlcompile.runtime.pinning import DEVICE_JSON, bench_interleaved, choose, device_record, read_device, write_device
 from tlcompile.runtime.preprocess import PreprocessSpec, prepare_image, to_input
 
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2  # 2: several candidates (artifact@runtime), each with its golden logits
 BUNDLE_JSON = "bundle.json"
 MANIFEST_JSON = "manifest.json"
 GOLDEN_NPZ = "golden/golden.npz"
 REFER, NO_REFERRAL, UNGRADABLE = "refer", "no referral", "ungradable"
+# Files that live in a bundle folder without being listed in its manifest: written on the box after the build.
+UNLISTED_OK = {DEVICE_JSON}
+# Largest input side a bundle may ask for: a preprocessing spec beyond it is damage, not a model (it would allocate
+# size^2 x 3 x 4 bytes per image and more in the resize).
+MAX_INPUT_SIZE = 2048
 
 # bundle.json keys predict/verify/serve rely on, with the type each must have.
 _REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -136,6 +149,44 @@ class Bundle:
     def artifact(self) -> str:
         return str(self.meta.get("artifact", {}).get("name", "?"))
 
+    @property
+    def candidate_id(self) -> str:
+        """``artifact@runtime`` of the model this view runs."""
+        return self.meta.get("candidate_id") or f"{self.artifact}@{self.runtime}"
+
+    @property
+    def compressed(self) -> bool:
+        """Pruned or quantized (anything but the fp32 artifact the others were made from)."""
+        art = self.meta.get("artifact", {})
+        return bool(art.get("compressed", art.get("name") != "fp32"))
+
+    @property
+    def candidates(self) -> list[str]:
+        """Every candidate's id (a format-1 bundle has one: its model)."""
+        listed = self.meta.get("candidates")
+        if not listed:
+            return [self.candidate_id]
+        return [c["id"] for c in listed]
+
+    @property
+    def default_candidate(self) -> str:
+        """The build's choice: what predict and serve run on a box that has no pin (device.json)."""
+        return self.meta.get("default_candidate") or self.candidate_id
+
+    def candidate(self, cid: str) -> Bundle:
+        """A view of the bundle as if ``cid`` were its only model: its artifact, model files and golden logits."""
+        listed = self.meta.get("candidates")
+        if not listed:
+            if cid != self.candidate_id:
+                raise BundleError(f"{self.root / BUNDLE_JSON}: no candidate '{cid}'; candidates: {self.candidate_id}")
+            return self
+        for c in listed:
+            if c["id"] == cid:
+                meta = {**self.meta, "artifact": c["artifact"], "model": c["model"], "measured": c.get("measured", {}),
+                        "golden": {**self.meta["golden"], **c["golden"]}, "candidate_id": cid}
+                return Bundle(root=self.root, meta=meta)
+        raise BundleError(f"{self.root / BUNDLE_JSON}: no candidate '{cid}'; candidates: {', '.join(self.candidates)}")
+
     def open_session(self, threads: int | None = None) -> InferenceSession:
         """The model on the runtime and execution precision the golden samples were produced with."""
         return open_session(self.model_path, self.runtime, threads=threads, precision=self.precision)
@@ -206,11 +257,70 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{meta_path}: model.runtime '{bundle.runtime}' is not valid; valid: openvino, onnxruntime")
     if bundle.task not in ("referable", "grade") or len(bundle.class_names) != (2 if bundle.task == "referable" else 5):
         raise BundleError(f"{meta_path}: task '{bundle.task}' with {len(bundle.class_names)} class names; valid: referable (2), grade (5)")
-    if not (0.0 <= bundle.threshold <= 1.0 and bundle.temperature > 0):
-        raise BundleError(f"{meta_path}: operating_point threshold {bundle.threshold} / temperature {bundle.temperature}; "
-                          "valid: a probability in [0, 1] and a temperature > 0")
+    if not (0.0 < bundle.threshold < 1.0):  # 'not' also catches NaN
+        raise BundleError(f"{meta_path}: operating_point.threshold {bundle.threshold}; valid: a probability strictly between 0 and 1 "
+                          "(0 refers everyone, 1 no one)")
+    if not (math.isfinite(bundle.temperature) and bundle.temperature > 0):
+        raise BundleError(f"{meta_path}: operating_point.temperature {bundle.temperature}; valid: a finite number > 0")
+    _check_preprocessing(meta["preprocessing"], meta_path)
+    _check_candidates(meta, meta_path)
     bundle.model_path  # noqa: B018 - raises UnsafeFileError now for an entry outside the bundle, not at first use
+    if meta.get("candidates") and bundle.candidate(bundle.default_candidate).meta["model"] != meta["model"]:
+        raise BundleError(f"{meta_path}: model and the default candidate {bundle.default_candidate}'s model disagree; the bundle is damaged")
+    for cid in bundle.candidates:  # raises UnsafeFileError now for an entry outside the bundle, not at first use
+        view = bundle.candidate(cid)
+        view.model_path  # noqa: B018
+        if view.runtime not in ("openvino", "onnxruntime"):
+            raise BundleError(f"{meta_path}: candidate {cid}: model.runtime '{view.runtime}' is not valid; valid: openvino, onnxruntime")
     return bundle
+
+
+def _check_preprocessing(d: dict[str, Any], meta_path: Path) -> None:
+    """The preprocessing spec must describe an image a box can make: a bounded size, finite statistics."""
+    def bad(key: str, value: Any, valid: str) -> BundleError:
+        return BundleError(f"{meta_path}: preprocessing.{key} is {value!r}; valid: {valid}")
+
+    size = d.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= MAX_INPUT_SIZE:
+        raise bad("size", size, f"an integer from 8 to {MAX_INPUT_SIZE} (pixels)")
+    for key, low in (("mean", -math.inf), ("std", 0.0)):
+        value = d.get(key, [0.5, 0.5, 0.5])
+        if (not isinstance(value, list) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > low for v in value)):
+            raise bad(key, value, "3 finite numbers" + (" > 0" if key == "std" else ""))
+    fov = d.get("fov_threshold", 0.12)
+    if not isinstance(fov, (int, float)) or isinstance(fov, bool) or not 0 < fov < 1:
+        raise bad("fov_threshold", fov, "a number between 0 and 1")
+    mask = d.get("circular_mask")
+    if mask is not None and (not isinstance(mask, (int, float)) or isinstance(mask, bool) or not 0 < mask <= 2):
+        raise bad("circular_mask", mask, "null or a number in (0, 2]")
+    try:
+        PreprocessSpec.from_dict(d)
+    except TypeError as err:
+        raise BundleError(f"{meta_path}: preprocessing is not a spec this tlcompile knows ({err})") from err
+
+
+def _check_candidates(meta: dict[str, Any], meta_path: Path) -> None:
+    listed = meta.get("candidates")
+    if listed is None:
+        return
+    if not isinstance(listed, list) or not listed:
+        raise BundleError(f"{meta_path}: candidates is {listed!r}; expected a non-empty list")
+    ids = []
+    for i, c in enumerate(listed):
+        for key, kind in (("id", str), ("artifact", dict), ("model", dict), ("golden", dict)):
+            if not isinstance(c, dict) or not isinstance(c.get(key), kind):
+                raise BundleError(f"{meta_path}: candidates[{i}].{key} is missing or not {_kind_name(kind)}")
+        for key, kind in (("entry", str), ("files", list), ("runtime", str), ("precision", str)):
+            if not isinstance(c["model"].get(key), kind):
+                raise BundleError(f"{meta_path}: candidates[{i}].model.{key} is missing or not {_kind_name(kind)}")
+        if not isinstance(c["golden"].get("logits_key"), str) or not isinstance(c["golden"].get("expected"), list):
+            raise BundleError(f"{meta_path}: candidates[{i}].golden needs logits_key and expected")
+        ids.append(c["id"])
+    if len(set(ids)) != len(ids):
+        raise BundleError(f"{meta_path}: candidate ids repeat: {', '.join(ids)}")
+    if meta.get("default_candidate") not in ids:
+        raise BundleError(f"{meta_path}: default_candidate {meta.get('default_candidate')!r} is not one of the candidates ({', '.join(ids)})")
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -224,7 +334,7 @@ def manifest_entries(root: Path) -> dict[str, dict[str, Any]]:
     entries = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel != MANIFEST_JSON:
+        if rel != MANIFEST_JSON and rel not in UNLISTED_OK:
             entries[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     return entries
 
@@ -275,7 +385,7 @@ def check_manifest(root: str | Path) -> ManifestCheck:
         digest = sha256_file(path)
         if digest != expected.get("sha256"):
             result.problems.append(f"{rel}: sha256 {digest[:16]}... does not match the manifest's {str(expected.get('sha256'))[:16]}...")
-    listed = set(files) | {MANIFEST_JSON}
+    listed = set(files) | {MANIFEST_JSON} | UNLISTED_OK
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if rel not in listed:
@@ -309,38 +419,75 @@ class GoldenCheck:
 
 def _load_golden(bundle: Bundle) -> dict[str, np.ndarray]:
     path = _inside(bundle.root, bundle.meta["golden"]["file"], f"{bundle.root / BUNDLE_JSON}: golden.file")
+    key = bundle.meta["golden"].get("logits_key", "logits")
     try:
         # allow_pickle=False: a bundle arrives from elsewhere, and a pickled object array could run code.
         with np.load(path, allow_pickle=False) as npz:
-            golden = {k: npz[k] for k in ("prepared", "fov_found", "inputs", "logits")}
+            golden = {k: npz[k] for k in ("prepared", "fov_found", "inputs")}
+            golden["logits"] = npz[key]
     except FileNotFoundError as err:
         raise BundleError(f"{path}: golden samples missing") from err
-    except (KeyError, ValueError, OSError) as err:
-        raise BundleError(f"{path}: cannot read the golden samples ({err})") from err
-    n = golden["logits"].shape[0]
-    if not n or any(v.shape[0] != n for v in golden.values()) or len(bundle.meta["golden"]["images"]) != n:
+    except KeyError as err:
+        raise BundleError(f"{path}: golden array {err} is missing; the bundle is damaged") from err
+    # A damaged archive fails in many ways (bad zip, truncated member, bad deflate stream, bad header): all are damage.
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise BundleError(f"{path}: cannot read the golden samples ({type(err).__name__}: {str(err)[:120]}); the bundle is damaged") from err
+    n = golden["logits"].shape[0] if golden["logits"].ndim else 0
+    if not n or any(v.ndim == 0 or v.shape[0] != n for v in golden.values()) or len(bundle.meta["golden"]["images"]) != n:
         raise BundleError(f"{path}: golden arrays and golden.images in bundle.json disagree in length")
+    if golden["logits"].ndim != 2 or not np.all(np.isfinite(golden["logits"])):
+        raise BundleError(f"{path}: golden logits of {bundle.candidate_id} are not a finite (N, classes) array; the bundle is damaged")
     return golden
 
 
+def _expected_readings(bundle: Bundle, n: int) -> list[dict[str, Any]]:
+    expected = bundle.meta["golden"].get("expected")
+    if not isinstance(expected, list) or len(expected) != n or not all(isinstance(e, dict) for e in expected):
+        raise BundleError(f"{bundle.root / BUNDLE_JSON}: golden.expected of {bundle.candidate_id} must list one stored reading per golden image")
+    return expected
+
+
+def _same_reading(a: Reading, e: dict[str, Any], tolerance: float) -> bool:
+    p = e.get("referable_dr_probability")
+    return (a.referral == e.get("referral") and a.grade == e.get("grade") and isinstance(p, (int, float))
+            and abs(a.referable_dr_probability - p) <= tolerance)
+
+
 def check_golden(bundle: Bundle, *, threads: int | None = None, session: InferenceSession | None = None) -> GoldenCheck:
-    """Run the golden samples through this box's preprocessing and runtime and compare with the build's outputs."""
+    """Run the golden samples through this box's preprocessing and runtime and compare with what the build stored:
+    the network inputs, the logits, and the readings (referral, grade, P(referable DR)) in bundle.json.
+
+    The stored readings are also checked against the stored logits read with bundle.json's own threshold and
+    temperature: an operating point edited after the build (threshold 1.0 refers no one) cannot pass."""
     tol = bundle.meta["golden"]["tolerance"]
     check = GoldenCheck(tolerance_logit=float(tol["max_abs_logit"]), tolerance_pixel=int(tol["max_abs_pixel"]))
     golden = _load_golden(bundle)
     check.samples = int(golden["logits"].shape[0])
     spec = bundle.preprocessing
-    expected = bundle.interpret(golden["logits"])
+    stored = _expected_readings(bundle, check.samples)
+    # Moving every logit by at most d moves P(referable DR) by at most d / (2 T) (see export.bundle._pick_golden).
+    p_tolerance = check.tolerance_logit / (2 * bundle.temperature) + 1e-6
+
+    # 0. bundle.json's operating point reproduces the stored readings from the stored logits.
+    from_stored = bundle.interpret(golden["logits"])
+    mismatched = sum(not _same_reading(a, e, 1e-6) for a, e in zip(from_stored, stored, strict=True))
+    if mismatched:
+        check.problems.append(f"{mismatched} of {check.samples} stored golden readings do not follow from the stored logits at "
+                              f"bundle.json's threshold {bundle.threshold:.6g} / temperature {bundle.temperature:.6g}: "
+                              "the operating point or the expected outputs were changed after the build")
 
     # 1. Normalisation: the stored prepared images give the stored network inputs.
     check.max_abs_input_diff = float(np.abs(to_input(golden["prepared"], spec) - golden["inputs"]).max())
-    if check.max_abs_input_diff > 1e-5:
+    if not check.max_abs_input_diff <= 1e-5:
         check.problems.append(f"normalisation differs: max |Δinput| {check.max_abs_input_diff:.2e} > 1e-05")
 
     # 2. The model on this runtime: stored inputs -> logits.
     session = session or bundle.open_session(threads)
     check.runtime, check.exec_precision, check.threads = session.runtime, session.exec_precision, int(session.threads)
     logits = predict_logits(session, golden["inputs"].astype(np.float32))
+    if logits.shape != golden["logits"].shape:
+        check.problems.append(f"the model returns logits of shape {logits.shape}; the stored ones are {golden['logits'].shape}")
+        return check
     check.max_abs_logit_diff = float(np.abs(logits.astype(np.float64) - golden["logits"]).max())
     if not check.max_abs_logit_diff <= check.tolerance_logit:  # 'not <=' also catches NaN
         check.problems.append(f"model outputs differ: max |Δlogit| {check.max_abs_logit_diff:.2e} > tolerance {check.tolerance_logit:.0e}")
@@ -352,6 +499,9 @@ def check_golden(bundle: Bundle, *, threads: int | None = None, session: Inferen
         prepared.append(image)
         fov.append(found)
     prepared_here = np.stack(prepared)
+    if prepared_here.shape != golden["prepared"].shape:
+        check.problems.append(f"preprocessing gives images of shape {prepared_here.shape[1:]}; the stored ones are {golden['prepared'].shape[1:]}")
+        return check
     check.max_abs_pixel_diff = int(np.abs(prepared_here.astype(np.int16) - golden["prepared"].astype(np.int16)).max())
     if check.max_abs_pixel_diff > check.tolerance_pixel:
         check.problems.append(f"preprocessing differs: max |Δpixel| {check.max_abs_pixel_diff} > tolerance {check.tolerance_pixel}")
@@ -359,11 +509,33 @@ def check_golden(bundle: Bundle, *, threads: int | None = None, session: Inferen
     if check.fov_agree != check.samples:
         check.problems.append(f"field of view found differently on {check.samples - check.fov_agree} of {check.samples} golden images")
     here = bundle.interpret(predict_logits(session, to_input(prepared_here, spec)))
-    check.max_abs_probability_diff = max(abs(a.referable_dr_probability - b.referable_dr_probability) for a, b in zip(here, expected, strict=True))
-    check.decisions_agree = sum(a.referral == b.referral and a.grade == b.grade for a, b in zip(here, expected, strict=True))
+    check.max_abs_probability_diff = max(abs(a.referable_dr_probability - float(e.get("referable_dr_probability", math.nan)))
+                                         for a, e in zip(here, stored, strict=True))
+    check.decisions_agree = sum(_same_reading(a, e, p_tolerance) for a, e in zip(here, stored, strict=True))
     if check.decisions_agree != check.samples:
-        check.problems.append(f"{check.samples - check.decisions_agree} of {check.samples} golden decisions differ from the build's")
+        check.problems.append(f"{check.samples - check.decisions_agree} of {check.samples} golden readings on this box differ from "
+                              f"the stored ones (referral, grade, or P(referable DR) by more than {p_tolerance:.1e})")
     return check
+
+
+@dataclass
+class CandidateCheck:
+    """One candidate on this box: its golden check and, when it passed, its latency here."""
+
+    id: str
+    artifact: str
+    runtime: str
+    compressed: bool
+    golden: GoldenCheck | None = None
+    latency: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)  # could not be opened or checked at all
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.golden is not None and self.golden.ok
+
+    def why_failed(self) -> str:
+        return (self.problems + (self.golden.problems if self.golden else []) + ["no golden samples were run"])[0]
 
 
 @dataclass
@@ -372,12 +544,17 @@ class VerifyResult:
     name: str = ""
     artifact: str = ""
     manifest: ManifestCheck = field(default_factory=ManifestCheck)
-    golden: GoldenCheck | None = None
-    problems: list[str] = field(default_factory=list)  # problems outside the two checks (unreadable bundle.json ...)
+    golden: GoldenCheck | None = None  # the pinned (else the build's default) candidate's check
+    candidates: list[CandidateCheck] = field(default_factory=list)
+    default_candidate: str = ""
+    pin: dict[str, Any] | None = None  # {chosen, why, reused, path, error}
+    problems: list[str] = field(default_factory=list)  # problems outside the checks (unreadable bundle.json ...)
 
     @property
     def ok(self) -> bool:
-        return not self.problems and self.manifest.ok and self.golden is not None and self.golden.ok
+        """Every hash matches, bundle.json is sound, and at least one candidate reproduces its golden outputs here
+        (one that does not is reported and never pinned: this box computes it differently)."""
+        return not self.problems and self.manifest.ok and any(c.ok for c in self.candidates)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -388,13 +565,34 @@ class VerifyResult:
             "manifest": {"ok": self.manifest.ok, "files_checked": self.manifest.checked, "sha256": self.manifest.manifest_sha256,
                          "problems": self.manifest.problems},
             "golden": None if self.golden is None else {**asdict(self.golden), "ok": self.golden.ok},
+            "default_candidate": self.default_candidate,
+            "candidates": [{"id": c.id, "artifact": c.artifact, "runtime": c.runtime, "compressed": c.compressed, "ok": c.ok,
+                            "golden": None if c.golden is None else {**asdict(c.golden), "ok": c.golden.ok},
+                            "latency": c.latency, "problems": c.problems} for c in self.candidates],
+            "pin": self.pin,
             "problems": self.problems,
         }
 
 
-def verify_bundle(path: str | Path, *, threads: int | None = None) -> VerifyResult:
-    """Check every hash, then run the golden samples on this box's runtime. Never raises for a bad bundle: every
-    problem is collected (each naming its file) so one run tells the whole story."""
+def _check_candidate(bundle: Bundle, cid: str, threads: int | None) -> tuple[CandidateCheck, InferenceSession | None]:
+    view = bundle.candidate(cid)
+    result = CandidateCheck(id=cid, artifact=view.artifact, runtime=view.runtime, compressed=view.compressed)
+    try:
+        session = view.open_session(threads)
+        result.golden = check_golden(view, session=session)
+    except TlcompileError as err:  # an unreadable model or golden file is a failed check, reported like the others
+        result.problems.append(str(err))
+        return result, None
+    return result, session
+
+
+def verify_bundle(path: str | Path, *, threads: int | None = None, pin: bool = True, repin: bool = False,
+                  rounds: int | None = None, iterations: int | None = None) -> VerifyResult:
+    """Check every hash, then run every candidate's golden samples on this box's runtime; with ``pin``, bench the
+    candidates that pass and pin the fastest in device.json (kept from an earlier run on this CPU unless ``repin``).
+    Never raises for a bad bundle: every problem is collected (each naming its file) so one run tells the whole story."""
+    from tlcompile.runtime.pinning import DEFAULT_ITERATIONS, DEFAULT_ROUNDS
+
     result = VerifyResult(bundle=Path(path))
     result.manifest = check_manifest(Path(path) if Path(path).is_dir() else Path(path).parent)
     try:
@@ -402,24 +600,68 @@ def verify_bundle(path: str | Path, *, threads: int | None = None) -> VerifyResu
     except TlcompileError as err:
         result.problems.append(str(err))
         return result
-    result.bundle, result.name, result.artifact = bundle.root, bundle.name, bundle.artifact
-    try:
-        result.golden = check_golden(bundle, threads=threads)
-    except TlcompileError as err:  # an unreadable model or golden file is a failed check, reported like the others
-        result.problems.append(str(err))
+    result.bundle, result.name, result.default_candidate = bundle.root, bundle.name, bundle.default_candidate
+    sessions: dict[str, InferenceSession] = {}
+    for cid in bundle.candidates:
+        check, session = _check_candidate(bundle, cid, threads)
+        result.candidates.append(check)
+        if session is not None and check.ok:
+            sessions[cid] = session
+    by_id = {c.id: c for c in result.candidates}
+    chosen = bundle.default_candidate
+    if pin and result.manifest.ok and sessions:
+        record, why_not = (None, "--repin") if repin else read_device(bundle.root, manifest_sha256=result.manifest.manifest_sha256,
+                                                                     candidates=list(sessions))
+        if record is not None:
+            chosen = record["chosen"]
+            result.pin = {"chosen": chosen, "why": record["why"], "reused": True, "path": str(bundle.root / DEVICE_JSON),
+                          "created": record.get("created")}
+            for cid, c in by_id.items():
+                c.latency = record["candidates"].get(cid, {}).get("latency")
+        else:
+            golden = {s: {"golden_ok": by_id[s].ok} for s in by_id}
+            x = {cid: np.ascontiguousarray(_load_golden(bundle.candidate(cid))["inputs"][:1].astype(np.float32)) for cid in sessions}
+            measured = bench_interleaved({cid: (lambda s=sessions[cid], v=x[cid]: s.run(v)) for cid in sessions},
+                                         rounds=rounds or DEFAULT_ROUNDS, iterations=iterations or DEFAULT_ITERATIONS)
+            picked, why = choose(measured, {cid: by_id[cid].compressed for cid in sessions}, {cid: True for cid in sessions})
+            chosen = picked or chosen
+            for cid, m in measured.items():
+                by_id[cid].latency = m
+                golden[cid]["latency"] = m
+            for cid, c in by_id.items():
+                if not c.ok:
+                    golden[cid]["why_not"] = c.why_failed()
+            threads_used = max((int(s.threads) for s in sessions.values()), default=0)
+            result.pin = {"chosen": chosen, "why": why, "reused": False, "path": str(bundle.root / DEVICE_JSON),
+                          "replaced_because": why_not}
+            try:
+                write_device(bundle.root, device_record(manifest_sha256=result.manifest.manifest_sha256, measured=measured,
+                                                        golden=golden, chosen=chosen, why=why, threads=threads_used))
+            except OSError as err:
+                result.pin["error"] = (f"could not write {bundle.root / DEVICE_JSON} ({err.strerror or err}); predict and serve "
+                                       f"will run the build's choice {bundle.default_candidate}")
+    elif not sessions:
+        pass
+    elif by_id[chosen].ok is False:
+        chosen = next(iter(sessions))
+    shown = by_id.get(chosen) or result.candidates[0]
+    result.artifact, result.golden = shown.artifact, shown.golden
     return result
 
 
 @dataclass
 class VerifiedBundle:
-    bundle: Bundle
+    bundle: Bundle  # the view of the candidate that runs (pinned, else the build's choice)
     session: InferenceSession
     manifest_sha256: str
     golden: GoldenCheck
+    pinned: bool = False
+    notice: str = ""  # one line to show once: which candidate runs and why
 
 
 def open_verified(path: str | Path, *, threads: int | None = None) -> VerifiedBundle:
-    """Load a bundle, check every hash and run its golden samples; raise :class:`BundleError` on the first problem.
+    """Load a bundle, check every hash, pick the candidate pinned for this box in device.json (else the build's
+    choice, with a notice saying so) and run its golden samples; raise :class:`BundleError` on the first problem.
 
     predict and serve start with this, so they never decide a single image with a bundle that verify would refuse.
     """
@@ -428,30 +670,53 @@ def open_verified(path: str | Path, *, threads: int | None = None) -> VerifiedBu
     if not manifest.ok:
         more = f" (and {len(manifest.problems) - 1} more)" if len(manifest.problems) > 1 else ""
         raise BundleError(f"bundle {bundle.root} fails its manifest: {manifest.problems[0]}{more}; run tlcompile verify {bundle.root}")
-    session = bundle.open_session(threads)
-    golden = check_golden(bundle, session=session)
+    record, why_not = read_device(bundle.root, manifest_sha256=manifest.manifest_sha256, candidates=bundle.candidates)
+    if record is not None:
+        cid, pinned = record["chosen"], True
+        notice = f"running {cid}, pinned for this CPU by tlcompile verify ({record.get('created', '?')})"
+    else:
+        cid, pinned = bundle.default_candidate, False
+        notice = f"running the build's choice {cid}: {why_not}"
+    view = bundle.candidate(cid)
+    session = view.open_session(threads)
+    golden = check_golden(view, session=session)
     if not golden.ok:
-        raise BundleError(f"bundle {bundle.root} fails its golden samples on this box: {golden.problems[0]}; run tlcompile verify {bundle.root}")
-    return VerifiedBundle(bundle=bundle, session=session, manifest_sha256=manifest.manifest_sha256, golden=golden)
+        raise BundleError(f"bundle {bundle.root} ({cid}) fails its golden samples on this box: {golden.problems[0]}; run tlcompile verify {bundle.root}")
+    return VerifiedBundle(bundle=view, session=session, manifest_sha256=manifest.manifest_sha256, golden=golden, pinned=pinned, notice=notice)
 
 
 def verify_lines(result: VerifyResult) -> list[str]:
-    """What ``tlcompile verify`` prints: the checks with their largest deviations, then PASS or FAIL with the reasons."""
-    m, g = result.manifest, result.golden
-    lines = [f"bundle {result.bundle}" + (f": {result.name}, artifact {result.artifact}" if result.name else "")]
+    """What ``tlcompile verify`` prints: the checks with their largest deviations, each candidate's golden parity and
+    latency here, the pin, then PASS or FAIL with the reasons."""
+    m = result.manifest
+    lines = [f"bundle {result.bundle}" + (f": {result.name}, {len(result.candidates)} candidate(s), build's choice "
+                                          f"{result.default_candidate}" if result.name else "")]
     lines.append(f"  files: {m.checked} listed in {MANIFEST_JSON}, "
                  + ("every sha256 matches" if m.ok else f"{len(m.problems)} problem(s)")
                  + (f" (manifest sha256 {m.manifest_sha256[:16]})" if m.manifest_sha256 else ""))
     lines += [f"    {p}" for p in m.problems]
-    if g is not None:
-        lines.append(f"  golden: {g.samples} samples on {g.runtime} ({g.exec_precision}, {g.threads} threads) on this box")
-        lines.append(f"    model:          max |Δlogit| {g.max_abs_logit_diff:.2e} (tolerance {g.tolerance_logit:.0e})")
-        lines.append(f"    normalisation:  max |Δinput| {g.max_abs_input_diff:.2e}")
-        lines.append(f"    preprocessing:  max |Δpixel| {g.max_abs_pixel_diff} (tolerance {g.tolerance_pixel}); "
-                     f"field of view as expected on {g.fov_agree}/{g.samples}")
-        lines.append(f"    decisions:      {g.decisions_agree}/{g.samples} match; max |ΔP(referable DR)| {g.max_abs_probability_diff:.2e}")
-        lines += [f"    {p}" for p in g.problems]
+    for c in result.candidates:
+        g = c.golden
+        verdict = "pass" if c.ok else "FAIL"
+        head = f"  {c.id}: golden {verdict}"
+        if g is not None and g.samples:
+            head += (f" on {g.runtime} ({g.exec_precision}, {g.threads} threads): max |Δlogit| {g.max_abs_logit_diff:.2e} "
+                     f"(tolerance {g.tolerance_logit:.0e}), decisions {g.decisions_agree}/{g.samples}, max |Δpixel| {g.max_abs_pixel_diff}")
+        if c.latency:
+            head += f"; p50 {c.latency['p50_ms']:.3f} ms, p90 {c.latency['p90_ms']:.3f} ms (spread {c.latency['p90_spread_ms']:.3f})"
+        lines.append(head)
+        lines += [f"    {p}" for p in c.problems + (g.problems if g else [])]
+    if result.pin:
+        p = result.pin
+        how = "kept from an earlier verify on this CPU (--repin re-measures)" if p.get("reused") else f"written to {p['path']}"
+        lines.append(f"  pinned: {p['chosen']}: {p['why']}; {how}")
+        if p.get("error"):
+            lines.append(f"    {p['error']}")
     lines += [f"  {p}" for p in result.problems]
-    reasons = result.problems + m.problems + (g.problems if g else [])
+    failing = [c for c in result.candidates if not c.ok]
+    if result.ok and failing:
+        lines.append(f"  {len(failing)} of {len(result.candidates)} candidates do not reproduce their golden outputs on this box "
+                     "and will not run here")
+    reasons = result.problems + m.problems + [f"{c.id}: {c.why_failed()}" for c in failing]
     lines.append("PASS" if result.ok else f"FAIL: {reasons[0] if reasons else 'no golden samples were run'}")
     return lines

@@ -232,7 +232,8 @@ class Service:
             record.update(status="error", error=str(err).splitlines()[0] if str(err) else type(err).__name__, error_type=type(err).__name__)
             error = True
         record.update(
-            bundle={"name": v.bundle.name, "artifact": v.bundle.artifact, "manifest_sha256": v.manifest_sha256},
+            bundle={"name": v.bundle.name, "artifact": v.bundle.artifact, "runtime": v.bundle.runtime, "candidate": v.bundle.candidate_id,
+                    "pinned": v.pinned, "manifest_sha256": v.manifest_sha256},
             processed_at=_now(),
             service_pid=os.getpid(),
         )
@@ -288,7 +289,8 @@ def serve(
     try:
         verified = open_verified(bundle_path, threads=threads)
         b = verified.bundle
-        log(f"serving {b.name} ({b.artifact}, {b.runtime} {verified.session.exec_precision}, threshold {b.threshold:.4f}; "
+        log(verified.notice)
+        log(f"serving {b.name} ({b.candidate_id}, {verified.session.exec_precision}, threshold {b.threshold:.4f}; "
             f"golden samples pass, max |Δlogit| {verified.golden.max_abs_logit_diff:.1e}): {watch} -> {out_dir}")
         service = Service(verified, watch, out_dir, settle=settle, log=log, once=once)
         pending = 0
