@@ -184,6 +184,62 @@ def test_verify_reports_every_damaged_or_added_file(bundle_copy):
     assert any(p.startswith("notes.txt: not in the manifest") for p in problems)
 
 
+def _reseal(bundle):
+    """What an attacker with write access does after editing a file: recompute the manifest's hashes."""
+    (bundle / "manifest.json").write_text(json.dumps({"files": manifest_entries(bundle)}))
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    # Out of range: refused when bundle.json is read, before any image is decided.
+    (lambda m: m["operating_point"].update(threshold=1.0), "operating_point.threshold 1.0; valid: a probability strictly between 0 and 1"),
+    (lambda m: m["operating_point"].update(threshold=0.0), "operating_point.threshold 0.0"),
+    (lambda m: m["operating_point"].update(temperature=float("inf")), "operating_point.temperature inf; valid: a finite number > 0"),
+    (lambda m: m["operating_point"].update(temperature=-1.0), "operating_point.temperature -1.0"),
+    (lambda m: m["preprocessing"].update(size=100000), "preprocessing.size is 100000; valid: an integer from 8 to 2048"),
+    (lambda m: m["preprocessing"].update(std=[0, 1, 1]), "preprocessing.std is [0, 1, 1]"),
+    # In range, but not the operating point the golden readings were stored with: the stored logits, read at the
+    # edited threshold, no longer give the stored readings.
+    (lambda m: m["operating_point"].update(threshold=0.999), "stored golden readings do not follow from the stored logits"),
+    (lambda m: m["operating_point"].update(temperature=m["operating_point"]["temperature"] * 50), "do not follow from the stored logits"),
+    (lambda m: [e.update(referral="no referral") for c in m["candidates"] for e in c["golden"]["expected"]], "do not follow"),
+])
+def test_verify_cannot_be_fooled_by_an_edited_operating_point(bundle_copy, run_cli, edit, expected):
+    """The attack: edit bundle.json (threshold 1.0 refers no one) and re-seal the manifest. verify used to recompute
+    the expected decisions from bundle.json itself and pass; now every stored expectation is checked."""
+    meta = json.loads((bundle_copy / "bundle.json").read_text())
+    edit(meta)
+    meta["golden"] = {**meta["golden"], **next(c for c in meta["candidates"] if c["id"] == meta["default_candidate"])["golden"]}
+    (bundle_copy / "bundle.json").write_text(json.dumps(meta))
+    _reseal(bundle_copy)
+    result = verify_bundle(bundle_copy, pin=False)
+    assert result.manifest.ok and not result.ok
+    assert expected in "\n".join(verify_lines(result))
+    cli = run_cli("predict", str(bundle_copy), str(bundle_copy / "golden" / "000.png"))
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing_key", "object_array"])
+def test_a_damaged_golden_npz_is_a_one_line_fail(bundle_copy, run_cli, damage):
+    path = bundle_copy / "golden" / "golden.npz"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"PK\x03\x04" + bytes(200))
+    else:
+        with np.load(path) as npz:
+            arrays = dict(npz)
+        if damage == "missing_key":
+            arrays.pop("inputs")
+        else:
+            arrays["logits"] = np.array([object()] * len(arrays["logits"]), dtype=object)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    _reseal(bundle_copy)
+    cli = run_cli("verify", str(bundle_copy))
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stdout + cli.stderr
+    assert cli.stdout.strip().splitlines()[-1].startswith("FAIL: ") and "golden" in cli.stdout.strip().splitlines()[-1]
+
+
 def test_golden_samples_catch_a_model_that_hashes_cleanly_but_computes_differently(bundle_copy):
     """The hash check cannot see a box whose runtime computes wrongly; the golden samples can. Scale the weights
     and re-seal the manifest, as a box with a broken kernel would behave, and verify must fail on the outputs."""

@@ -529,6 +529,7 @@ class CandidateCheck:
     golden: GoldenCheck | None = None
     latency: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)  # could not be opened or checked at all
+    damaged: bool = False  # a file of the bundle is unreadable or inconsistent (not: this box computes differently)
 
     @property
     def ok(self) -> bool:
@@ -552,9 +553,11 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        """Every hash matches, bundle.json is sound, and at least one candidate reproduces its golden outputs here
-        (one that does not is reported and never pinned: this box computes it differently)."""
-        return not self.problems and self.manifest.ok and any(c.ok for c in self.candidates)
+        """Every hash matches, bundle.json and every candidate's files are sound, and at least one candidate
+        reproduces its golden outputs here (one that does not is reported and never pinned: this box computes it
+        differently, or its runtime cannot run it here)."""
+        return (not self.problems and self.manifest.ok and not any(c.damaged for c in self.candidates)
+                and any(c.ok for c in self.candidates))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -582,7 +585,12 @@ def _check_candidate(bundle: Bundle, cid: str, threads: int | None) -> tuple[Can
         result.golden = check_golden(view, session=session)
     except TlcompileError as err:  # an unreadable model or golden file is a failed check, reported like the others
         result.problems.append(str(err))
+        # A file of the bundle that cannot be read is damage (verify fails); a runtime that cannot run the model on
+        # this box (RuntimeBackendError) only rules the candidate out here.
+        result.damaged = isinstance(err, (BundleError, UnsafeFileError))
         return result, None
+    if any("do not follow from the stored logits" in p for p in result.golden.problems):
+        result.damaged = True  # bundle.json's operating point or expectations were changed after the build
     return result, session
 
 
@@ -714,6 +722,7 @@ def verify_lines(result: VerifyResult) -> list[str]:
             lines.append(f"    {p['error']}")
     lines += [f"  {p}" for p in result.problems]
     failing = [c for c in result.candidates if not c.ok]
+    failing.sort(key=lambda c: not c.damaged)  # damage first: it is what fails the bundle
     if result.ok and failing:
         lines.append(f"  {len(failing)} of {len(result.candidates)} candidates do not reproduce their golden outputs on this box "
                      "and will not run here")
