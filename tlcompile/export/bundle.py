@@ -42,8 +42,11 @@ BUNDLE_PRECISION = "f32"
 # Preprocessing of the same PNG on two boxes may differ by a rounding step in the resize (SIMD Pillow builds);
 # more than that is a real difference. The decision check catches any difference that matters.
 GOLDEN_PIXEL_TOLERANCE = 1
-# int8 kernels differ between ISAs (VNNI vs AVX2 emulation, AMX): logits move by up to a few hundredths there.
-INT8_LOGIT_TOLERANCE = 0.05
+# int8 kernels differ between ISAs (AMX, AVX-512 VNNI, AVX2's VPMADDUBSW): the requantization rounds differently.
+# Measured on the quickstart, build box AMX against an emulated Haswell (AVX2): OpenVINO int8 0.010, pruned-int8 0.122;
+# ONNX Runtime 0 (its integer arithmetic is exact once no pair sum saturates). The same bound as the export's int8
+# parity against the fake-quantized model on every ISA (0.25).
+INT8_LOGIT_TOLERANCE = 0.25
 
 
 # --------------------------------------------------------------------------------------------- selection
