@@ -502,6 +502,8 @@ def stage_bundle(ctx: BuildContext, report: dict[str, Any]) -> BundleError | Non
             f"{record['golden_samples']} golden samples verified (max |Δlogit| {record['verify']['max_abs_logit_diff']:.1e}); "
             f"manifest sha256 {record['manifest_sha256'][:16]}; on the clinic's box, tlcompile verify pins the fastest there"
         )
+        if sel.get("noise"):
+            ctx.console.print(f"[yellow]bundle[/]: {sel['noise']}")
     report["bundle"] = record
     return error
 

@@ -502,18 +502,11 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
 def _choose_on_build_box(bundle: Bundle, selection: dict[str, Any]) -> str:
     """The build's default among several candidates: what ``tlcompile verify`` would pin on this box (the same
     interleaved measurement and noise rule), recorded in the selection."""
-    from tlcompile.runtime.bundle import _load_golden
-    from tlcompile.runtime.pinning import bench_interleaved, choose
+    from tlcompile.runtime.bundle import bench_and_choose
+    from tlcompile.runtime.pinning import load_average, noise_warning
 
-    runs, compressed = {}, {}
-    for cid in bundle.candidates:
-        view = bundle.candidate(cid)
-        session = view.open_session()
-        x = np.ascontiguousarray(_load_golden(view)["inputs"][:1].astype(np.float32))
-        runs[cid] = lambda s=session, v=x: s.run(v)
-        compressed[cid] = view.compressed
-    measured = bench_interleaved(runs)
-    chosen, why = choose(measured, compressed, {cid: True for cid in runs})
+    measured, chosen, why = bench_and_choose(bundle, {cid: bundle.candidate(cid).open_session() for cid in bundle.candidates})
     selection["measured_on_build_box"] = measured
+    selection["load_average"], selection["noise"] = load_average(), noise_warning(measured)
     selection["chosen_id"], selection["chosen"], selection["why"] = chosen, chosen.split("@")[0], why
     return chosen

@@ -33,7 +33,15 @@ from tlcompile.errors import BundleError, TlcompileError, UnsafeFileError
 from tlcompile.evaluate.metrics import referable_classes, softmax
 from tlcompile.io import sha256_file
 from tlcompile.runtime.inference import InferenceSession, open_session, predict_logits
-from tlcompile.runtime.pinning import DEVICE_JSON, bench_interleaved, choose, device_record, read_device, write_device
+from tlcompile.runtime.pinning import (
+    DEVICE_JSON,
+    bench_interleaved,
+    choose,
+    device_record,
+    noise_warning,
+    read_device,
+    write_device,
+)
 from tlcompile.runtime.preprocess import PreprocessSpec, prepare_image, to_input
 
 BUNDLE_FORMAT_VERSION = 2  # 2: several candidates (artifact@runtime), each with its golden logits
@@ -490,7 +498,7 @@ def check_golden(bundle: Bundle, *, threads: int | None = None, session: Inferen
         return check
     check.max_abs_logit_diff = float(np.abs(logits.astype(np.float64) - golden["logits"]).max())
     if not check.max_abs_logit_diff <= check.tolerance_logit:  # 'not <=' also catches NaN
-        check.problems.append(f"model outputs differ: max |Δlogit| {check.max_abs_logit_diff:.2e} > tolerance {check.tolerance_logit:.0e}")
+        check.problems.append(f"model outputs differ: max |Δlogit| {check.max_abs_logit_diff:.2e} > tolerance {check.tolerance_logit:g}")
 
     # 3. End to end from the camera-like frames: decode -> field of view -> resize -> model -> decision.
     prepared, fov = [], []
@@ -594,13 +602,26 @@ def _check_candidate(bundle: Bundle, cid: str, threads: int | None) -> tuple[Can
     return result, session
 
 
+def bench_and_choose(bundle: Bundle, sessions: dict[str, InferenceSession], *, rounds: int | None = None,
+                     iterations: int | None = None) -> tuple[dict[str, dict[str, Any]], str | None, str]:
+    """Bench the candidates' open sessions on a golden input, interleaved, and apply the pinning rule
+    (:func:`tlcompile.runtime.pinning.choose`): (measurements, the choice, why)."""
+    from tlcompile.runtime.pinning import DEFAULT_ITERATIONS, DEFAULT_ROUNDS
+
+    runs = {}
+    for cid, session in sessions.items():
+        x = np.ascontiguousarray(_load_golden(bundle.candidate(cid))["inputs"][:1].astype(np.float32))
+        runs[cid] = lambda s=session, v=x: s.run(v)
+    measured = bench_interleaved(runs, rounds=rounds or DEFAULT_ROUNDS, iterations=iterations or DEFAULT_ITERATIONS)
+    chosen, why = choose(measured, {cid: bundle.candidate(cid).compressed for cid in sessions}, dict.fromkeys(sessions, True))
+    return measured, chosen, why
+
+
 def verify_bundle(path: str | Path, *, threads: int | None = None, pin: bool = True, repin: bool = False,
                   rounds: int | None = None, iterations: int | None = None) -> VerifyResult:
     """Check every hash, then run every candidate's golden samples on this box's runtime; with ``pin``, bench the
     candidates that pass and pin the fastest in device.json (kept from an earlier run on this CPU unless ``repin``).
     Never raises for a bad bundle: every problem is collected (each naming its file) so one run tells the whole story."""
-    from tlcompile.runtime.pinning import DEFAULT_ITERATIONS, DEFAULT_ROUNDS
-
     result = VerifyResult(bundle=Path(path))
     result.manifest = check_manifest(Path(path) if Path(path).is_dir() else Path(path).parent)
     try:
@@ -623,15 +644,12 @@ def verify_bundle(path: str | Path, *, threads: int | None = None, pin: bool = T
         if record is not None:
             chosen = record["chosen"]
             result.pin = {"chosen": chosen, "why": record["why"], "reused": True, "path": str(bundle.root / DEVICE_JSON),
-                          "created": record.get("created")}
+                          "created": record.get("created"), "noise": record.get("noise")}
             for cid, c in by_id.items():
                 c.latency = record["candidates"].get(cid, {}).get("latency")
         else:
             golden = {s: {"golden_ok": by_id[s].ok} for s in by_id}
-            x = {cid: np.ascontiguousarray(_load_golden(bundle.candidate(cid))["inputs"][:1].astype(np.float32)) for cid in sessions}
-            measured = bench_interleaved({cid: (lambda s=sessions[cid], v=x[cid]: s.run(v)) for cid in sessions},
-                                         rounds=rounds or DEFAULT_ROUNDS, iterations=iterations or DEFAULT_ITERATIONS)
-            picked, why = choose(measured, {cid: by_id[cid].compressed for cid in sessions}, {cid: True for cid in sessions})
+            measured, picked, why = bench_and_choose(bundle, sessions, rounds=rounds, iterations=iterations)
             chosen = picked or chosen
             for cid, m in measured.items():
                 by_id[cid].latency = m
@@ -640,11 +658,12 @@ def verify_bundle(path: str | Path, *, threads: int | None = None, pin: bool = T
                 if not c.ok:
                     golden[cid]["why_not"] = c.why_failed()
             threads_used = max((int(s.threads) for s in sessions.values()), default=0)
+            noise = noise_warning(measured)
             result.pin = {"chosen": chosen, "why": why, "reused": False, "path": str(bundle.root / DEVICE_JSON),
-                          "replaced_because": why_not}
+                          "replaced_because": why_not, "noise": noise}
             try:
-                write_device(bundle.root, device_record(manifest_sha256=result.manifest.manifest_sha256, measured=measured,
-                                                        golden=golden, chosen=chosen, why=why, threads=threads_used))
+                write_device(bundle.root, device_record(manifest_sha256=result.manifest.manifest_sha256, candidates=golden,
+                                                        chosen=chosen, why=why, threads=threads_used, noise=noise))
             except OSError as err:
                 result.pin["error"] = (f"could not write {bundle.root / DEVICE_JSON} ({err.strerror or err}); predict and serve "
                                        f"will run the build's choice {bundle.default_candidate}")
@@ -709,7 +728,7 @@ def verify_lines(result: VerifyResult) -> list[str]:
         head = f"  {c.id}: golden {verdict}"
         if g is not None and g.samples:
             head += (f" on {g.runtime} ({g.exec_precision}, {g.threads} threads): max |Δlogit| {g.max_abs_logit_diff:.2e} "
-                     f"(tolerance {g.tolerance_logit:.0e}), decisions {g.decisions_agree}/{g.samples}, max |Δpixel| {g.max_abs_pixel_diff}")
+                     f"(tolerance {g.tolerance_logit:g}), decisions {g.decisions_agree}/{g.samples}, max |Δpixel| {g.max_abs_pixel_diff}")
         if c.latency:
             head += f"; p50 {c.latency['p50_ms']:.3f} ms, p90 {c.latency['p90_ms']:.3f} ms (spread {c.latency['p90_spread_ms']:.3f})"
         lines.append(head)
@@ -718,6 +737,8 @@ def verify_lines(result: VerifyResult) -> list[str]:
         p = result.pin
         how = "kept from an earlier verify on this CPU (--repin re-measures)" if p.get("reused") else f"written to {p['path']}"
         lines.append(f"  pinned: {p['chosen']}: {p['why']}; {how}")
+        if p.get("noise"):
+            lines.append(f"    note: {p['noise']}")
         if p.get("error"):
             lines.append(f"    {p['error']}")
     lines += [f"  {p}" for p in result.problems]

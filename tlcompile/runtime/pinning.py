@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -37,17 +38,21 @@ DEVICE_JSON = "device.json"
 DEVICE_FORMAT_VERSION = 1
 DEFAULT_ROUNDS = 5
 DEFAULT_ITERATIONS = 30
+DEFAULT_ROUND_SECONDS = 0.2
+# Noise above this share of the fastest p90 is worth a warning: the box was busy while it was measured.
+NOISY_SHARE = 0.2
 
 
 def bench_interleaved(runs: dict[str, Callable[[], Any]], *, rounds: int = DEFAULT_ROUNDS, iterations: int = DEFAULT_ITERATIONS,
-                      warmup: int = 5) -> dict[str, dict[str, Any]]:
-    """p50 / p90 (median over rounds) and their spread over ``rounds`` interleaved rounds of ``iterations`` calls each."""
+                      warmup: int = 5, min_seconds: float = DEFAULT_ROUND_SECONDS) -> dict[str, dict[str, Any]]:
+    """p50 / p90 (median over rounds) and their spread over ``rounds`` interleaved rounds of at least ``iterations``
+    calls and ``min_seconds`` each."""
     per_round: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for run in runs.values():  # first call and warm-up once, outside the rounds
         measure_latency(run, warmup=warmup, iterations=1)
     for _ in range(rounds):
         for name, run in runs.items():
-            per_round[name].append(measure_latency(run, warmup=1, iterations=iterations))
+            per_round[name].append(measure_latency(run, warmup=1, iterations=iterations, min_seconds=min_seconds))
     out = {}
     for name, results in per_round.items():
         p50s, p90s = np.array([r["p50"] for r in results]), np.array([r["p90"] for r in results])
@@ -101,18 +106,41 @@ def runtime_versions() -> dict[str, str | None]:
     return versions
 
 
-def device_record(*, manifest_sha256: str, measured: dict[str, dict[str, Any]], golden: dict[str, dict[str, Any]],
-                  chosen: str | None, why: str, threads: int) -> dict[str, Any]:
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover - not Unix
+        return None
+
+
+def noise_warning(measured: dict[str, dict[str, Any]]) -> str | None:
+    """A sentence when the p90 spread over the rounds is large against the fastest p90 (a busy box), else None."""
+    if not measured:
+        return None
+    best = min(m["p90_ms"] for m in measured.values())
+    worst = max(m["p90_spread_ms"] for m in measured.values())
+    if best > 0 and worst > NOISY_SHARE * best:
+        load = load_average()
+        return (f"latencies were noisy (p90 spread up to {worst:.2f} ms against a fastest p90 of {best:.2f} ms"
+                + (f"; load average {load[0]:.2f} on {os.cpu_count()} cores" if load else "")
+                + "): differences within the noise count as ties; on a quiet box, run tlcompile verify --repin")
+    return None
+
+
+def device_record(*, manifest_sha256: str, candidates: dict[str, dict[str, Any]], chosen: str | None, why: str,
+                  threads: int, noise: str | None = None) -> dict[str, Any]:
     return {
         "format_version": DEVICE_FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "bundle_manifest_sha256": manifest_sha256,
         "cpu": cpu_info(),
         "threads": threads,
+        "load_average": load_average(),
         "runtime_versions": runtime_versions(),
-        "candidates": {name: {**measured.get(name, {}), **golden.get(name, {})} for name in golden},
+        "candidates": candidates,
         "chosen": chosen,
         "why": why,
+        "noise": noise,
     }
 
 
