@@ -28,9 +28,11 @@ app = typer.Typer(
 recipe_app = typer.Typer(help="Recipe utilities.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: check a recipe's data; the synthetic fundus generator.", no_args_is_help=True)
 report_app = typer.Typer(help="Reports: render and merge.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Deployment bundles: make a signing key pair, sign a bundle.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 app.add_typer(report_app, name="report")
+app.add_typer(bundle_app, name="bundle")
 
 SetOption = Annotated[
     Optional[list[str]],  # noqa: UP045 - typer needs Optional here
@@ -201,6 +203,10 @@ def report_render(
 # The three commands a clinic's box runs: they import tlcompile.runtime only (never torch), after `pip install tlcompile`.
 BundleArgument = Annotated[Path, typer.Argument(help="The bundle folder a build wrote (BUILD_DIR/bundle).")]
 ThreadsOption = Annotated[Optional[int], typer.Option("--threads", help="Inference threads (default: all usable cores).", min=1)]  # noqa: UP045
+TrustOption = Annotated[
+    Optional[list[Path]],  # noqa: UP045
+    typer.Option("--trust", help="Public key (.pub from `tlcompile bundle keygen`): accept only a bundle this key signed (repeatable)."),
+]
 
 
 @app.command()
@@ -209,6 +215,7 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write one CSV row per image here.")] = None,  # noqa: UP045
     threads: ThreadsOption = None,
+    trust: TrustOption = None,
 ) -> None:
     """Referral decision, grade and P(referable DR) per image, with the bundle's preprocessing (verified first)."""
     from rich.table import Table
@@ -217,7 +224,7 @@ def predict(
     from tlcompile.runtime.predict import expand_inputs, predict_paths, write_results_csv
 
     paths = expand_inputs(images)
-    verified = open_verified(bundle, threads=threads)
+    verified = open_verified(bundle, threads=threads, trust=trust)
     b = verified.bundle
     results = predict_paths(b, verified.session, paths)
     table = Table(title=f"{b.name} ({b.artifact}, {b.runtime}): refer when P(referable DR) >= {b.threshold:.4f}")
@@ -243,11 +250,13 @@ def verify(
     bundle: BundleArgument,
     threads: ThreadsOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")] = False,
+    trust: TrustOption = None,
 ) -> None:
-    """Check every sha256 in the bundle's manifest and run its golden samples on this box: PASS or FAIL (exit 1)."""
+    """Check every sha256 in the bundle's manifest (and, with --trust, its signature) and run its golden samples on
+    this box: PASS or FAIL (exit 1)."""
     from tlcompile.runtime.bundle import verify_bundle, verify_lines
 
-    result = verify_bundle(bundle, threads=threads)
+    result = verify_bundle(bundle, threads=threads, trust=trust)
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(verify_lines(result)))
     if not result.ok:
         raise typer.Exit(1)
@@ -262,11 +271,12 @@ def serve(
     interval: Annotated[float, typer.Option(help="Seconds between looks at the folder.")] = 1.0,
     settle: Annotated[float, typer.Option(help="Seconds a file must stay unchanged before it is read (camera still writing).")] = 1.0,
     threads: ThreadsOption = None,
+    trust: TrustOption = None,
 ) -> None:
     """Watch a folder: one JSON record per new image (errors/ for unreadable files); restart-safe; Ctrl-C stops."""
     from tlcompile.runtime.serve import serve as run_serve
 
-    stats = run_serve(bundle, watch, out, once=once, interval=interval, settle=settle, threads=threads,
+    stats = run_serve(bundle, watch, out, once=once, interval=interval, settle=settle, threads=threads, trust=trust,
                       log=lambda line: print(line, flush=True))
     typer.echo(stats.summary())
 
@@ -294,6 +304,30 @@ def sweep(
     failed = [v["name"] for v in report["variants"] if not v["ok"]]
     if failed:
         raise TlcompileError(f"{len(failed)} of {len(report['variants'])} variants failed: {', '.join(failed)} (their errors are in sweep.md)")
+
+
+@bundle_app.command("keygen")
+def bundle_keygen(
+    out: Annotated[Path, typer.Option("--out", help="Folder for tlcompile-signing.key (0600) and tlcompile-signing.pub; existing files are never overwritten.")],
+) -> None:
+    """Make an Ed25519 key pair for signing bundles: keep the .key with whoever releases models, put the .pub on the boxes."""
+    from tlcompile.runtime.signing import keygen
+
+    private_path, public_path, kid = keygen(out)
+    typer.echo(f"key {kid}: private {private_path} (mode 0600; keep it off the boxes), public {public_path} (give it to verify/predict/serve --trust)")
+
+
+@bundle_app.command("sign")
+def bundle_sign(
+    bundle: BundleArgument,
+    key: Annotated[Path, typer.Option("--key", help="Private key file from `tlcompile bundle keygen`.")],
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an existing signature.json.")] = False,
+) -> None:
+    """Sign the bundle's manifest.json (which holds the sha256 of every bundle file): writes BUNDLE/signature.json."""
+    from tlcompile.runtime.signing import SIGNATURE_JSON, sign_bundle
+
+    record = sign_bundle(bundle, key, replace=replace)
+    typer.echo(f"signed {bundle / 'manifest.json'} (sha256 {record['manifest_sha256'][:16]}) with key {record['key_id']}: {bundle / SIGNATURE_JSON}")
 
 
 @recipe_app.command("schema")

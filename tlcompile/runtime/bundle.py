@@ -27,11 +27,15 @@ from tlcompile.evaluate.metrics import referable_classes, softmax
 from tlcompile.io import sha256_file
 from tlcompile.runtime.inference import InferenceSession, open_session, predict_logits
 from tlcompile.runtime.preprocess import PreprocessSpec, prepare_image, to_input
+from tlcompile.runtime.signing import SignatureCheck, check_signature
 
 BUNDLE_FORMAT_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 MANIFEST_JSON = "manifest.json"
 GOLDEN_NPZ = "golden/golden.npz"
+# Files a bundle may hold that manifest.json does not list: the signature (it signs the manifest, so it cannot be
+# in it) and what `tlcompile verify` records about this box. Neither can change a decision.
+UNLISTED_OK = frozenset({"signature.json", "device.json"})
 REFER, NO_REFERRAL, UNGRADABLE = "refer", "no referral", "ungradable"
 
 # bundle.json keys predict/verify/serve rely on, with the type each must have.
@@ -275,7 +279,7 @@ def check_manifest(root: str | Path) -> ManifestCheck:
         digest = sha256_file(path)
         if digest != expected.get("sha256"):
             result.problems.append(f"{rel}: sha256 {digest[:16]}... does not match the manifest's {str(expected.get('sha256'))[:16]}...")
-    listed = set(files) | {MANIFEST_JSON}
+    listed = set(files) | {MANIFEST_JSON} | UNLISTED_OK
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if rel not in listed:
@@ -373,11 +377,12 @@ class VerifyResult:
     artifact: str = ""
     manifest: ManifestCheck = field(default_factory=ManifestCheck)
     golden: GoldenCheck | None = None
+    signature: SignatureCheck = field(default_factory=SignatureCheck)
     problems: list[str] = field(default_factory=list)  # problems outside the two checks (unreadable bundle.json ...)
 
     @property
     def ok(self) -> bool:
-        return not self.problems and self.manifest.ok and self.golden is not None and self.golden.ok
+        return not self.problems and self.manifest.ok and self.signature.ok and self.golden is not None and self.golden.ok
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -387,22 +392,28 @@ class VerifyResult:
             "artifact": self.artifact,
             "manifest": {"ok": self.manifest.ok, "files_checked": self.manifest.checked, "sha256": self.manifest.manifest_sha256,
                          "problems": self.manifest.problems},
+            "signature": {**asdict(self.signature), "ok": self.signature.ok},
             "golden": None if self.golden is None else {**asdict(self.golden), "ok": self.golden.ok},
             "problems": self.problems,
         }
 
 
-def verify_bundle(path: str | Path, *, threads: int | None = None) -> VerifyResult:
-    """Check every hash, then run the golden samples on this box's runtime. Never raises for a bad bundle: every
-    problem is collected (each naming its file) so one run tells the whole story."""
+def verify_bundle(path: str | Path, *, threads: int | None = None, trust: list[str | Path] | None = None) -> VerifyResult:
+    """Check every hash (and, with ``trust``, that a trusted key signed the manifest), then run the golden samples
+    on this box's runtime. Never raises for a bad bundle: every problem is collected (each naming its file) so one
+    run tells the whole story; a bad ``trust`` key file is the user's mistake and raises."""
     result = VerifyResult(bundle=Path(path))
-    result.manifest = check_manifest(Path(path) if Path(path).is_dir() else Path(path).parent)
+    root = Path(path) if Path(path).is_dir() else Path(path).parent
+    result.signature = check_signature(root, trust)
+    result.manifest = check_manifest(root)
     try:
         bundle = load_bundle(path)
     except TlcompileError as err:
         result.problems.append(str(err))
         return result
     result.bundle, result.name, result.artifact = bundle.root, bundle.name, bundle.artifact
+    if not result.signature.ok:
+        return result  # a model nobody trusted is not even loaded on this box
     try:
         result.golden = check_golden(bundle, threads=threads)
     except TlcompileError as err:  # an unreadable model or golden file is a failed check, reported like the others
@@ -416,14 +427,19 @@ class VerifiedBundle:
     session: InferenceSession
     manifest_sha256: str
     golden: GoldenCheck
+    signed_by: str = ""  # the trusted key id that signed the manifest ("" without --trust)
 
 
-def open_verified(path: str | Path, *, threads: int | None = None) -> VerifiedBundle:
-    """Load a bundle, check every hash and run its golden samples; raise :class:`BundleError` on the first problem.
+def open_verified(path: str | Path, *, threads: int | None = None, trust: list[str | Path] | None = None) -> VerifiedBundle:
+    """Load a bundle, check every hash (and, with ``trust``, its signature) and run its golden samples; raise
+    :class:`BundleError` on the first problem.
 
     predict and serve start with this, so they never decide a single image with a bundle that verify would refuse.
     """
     bundle = load_bundle(path)
+    signature = check_signature(bundle.root, trust)
+    if not signature.ok:
+        raise BundleError(f"bundle {bundle.root} fails its signature check: {signature.problems[0]}; run tlcompile verify {bundle.root} --trust KEY")
     manifest = check_manifest(bundle.root)
     if not manifest.ok:
         more = f" (and {len(manifest.problems) - 1} more)" if len(manifest.problems) > 1 else ""
@@ -432,7 +448,8 @@ def open_verified(path: str | Path, *, threads: int | None = None) -> VerifiedBu
     golden = check_golden(bundle, session=session)
     if not golden.ok:
         raise BundleError(f"bundle {bundle.root} fails its golden samples on this box: {golden.problems[0]}; run tlcompile verify {bundle.root}")
-    return VerifiedBundle(bundle=bundle, session=session, manifest_sha256=manifest.manifest_sha256, golden=golden)
+    return VerifiedBundle(bundle=bundle, session=session, manifest_sha256=manifest.manifest_sha256, golden=golden,
+                          signed_by=signature.key_id if signature.valid else "")
 
 
 def verify_lines(result: VerifyResult) -> list[str]:
@@ -443,6 +460,12 @@ def verify_lines(result: VerifyResult) -> list[str]:
                  + ("every sha256 matches" if m.ok else f"{len(m.problems)} problem(s)")
                  + (f" (manifest sha256 {m.manifest_sha256[:16]})" if m.manifest_sha256 else ""))
     lines += [f"    {p}" for p in m.problems]
+    s = result.signature
+    if s.required:
+        lines.append(f"  signature: {'valid, by trusted key ' + s.key_id if s.valid else 'NOT valid'}")
+    else:
+        lines.append(f"  signature: {'signed by key ' + (s.key_id or '?') + ' (not checked: give --trust PUBKEY)' if s.present else 'none (unsigned bundle)'}")
+    lines += [f"    {p}" for p in s.problems]
     if g is not None:
         lines.append(f"  golden: {g.samples} samples on {g.runtime} ({g.exec_precision}, {g.threads} threads) on this box")
         lines.append(f"    model:          max |Δlogit| {g.max_abs_logit_diff:.2e} (tolerance {g.tolerance_logit:.0e})")
@@ -452,6 +475,6 @@ def verify_lines(result: VerifyResult) -> list[str]:
         lines.append(f"    decisions:      {g.decisions_agree}/{g.samples} match; max |ΔP(referable DR)| {g.max_abs_probability_diff:.2e}")
         lines += [f"    {p}" for p in g.problems]
     lines += [f"  {p}" for p in result.problems]
-    reasons = result.problems + m.problems + (g.problems if g else [])
+    reasons = result.problems + s.problems + m.problems + (g.problems if g else [])
     lines.append("PASS" if result.ok else f"FAIL: {reasons[0] if reasons else 'no golden samples were run'}")
     return lines

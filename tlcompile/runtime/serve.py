@@ -232,7 +232,8 @@ class Service:
             record.update(status="error", error=str(err).splitlines()[0] if str(err) else type(err).__name__, error_type=type(err).__name__)
             error = True
         record.update(
-            bundle={"name": v.bundle.name, "artifact": v.bundle.artifact, "manifest_sha256": v.manifest_sha256},
+            bundle={"name": v.bundle.name, "artifact": v.bundle.artifact, "manifest_sha256": v.manifest_sha256,
+                    **({"signed_by": v.signed_by} if v.signed_by else {})},
             processed_at=_now(),
             service_pid=os.getpid(),
         )
@@ -258,6 +259,7 @@ def serve(
     interval: float = 1.0,
     settle: float = 1.0,
     threads: int | None = None,
+    trust: list[str | Path] | None = None,
     log: Callable[[str], None] = print,
     stop: threading.Event | None = None,
 ) -> ServeStats:
@@ -286,10 +288,11 @@ def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
     try:
-        verified = open_verified(bundle_path, threads=threads)
+        verified = open_verified(bundle_path, threads=threads, trust=trust)
         b = verified.bundle
         log(f"serving {b.name} ({b.artifact}, {b.runtime} {verified.session.exec_precision}, threshold {b.threshold:.4f}; "
-            f"golden samples pass, max |Δlogit| {verified.golden.max_abs_logit_diff:.1e}): {watch} -> {out_dir}")
+            f"golden samples pass, max |Δlogit| {verified.golden.max_abs_logit_diff:.1e}"
+            + (f"; signed by trusted key {verified.signed_by}" if verified.signed_by else "") + f"): {watch} -> {out_dir}")
         service = Service(verified, watch, out_dir, settle=settle, log=log, once=once)
         pending = 0
         while not stop.is_set():
