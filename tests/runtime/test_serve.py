@@ -59,7 +59,12 @@ def test_serve_once_twenty_images_two_corrupt(tiny_build, tmp_path, fundus_image
         assert r["status"] == "ok" and r["referral"] == direct.referral
         assert r["referable_dr_probability"] == pytest.approx(direct.referable_dr_probability, abs=1e-6)
         assert r["size"] == (watch / r["file"]).stat().st_size and r["bundle"]["artifact"] == "fp32"
-    assert len(log) == 1 + 20 and "golden samples pass" in log[0]  # the partial and hidden files were left alone
+    decided = [line for line in log if "looks cut off" not in line]
+    assert len(decided) == 1 + 20 and "golden samples pass" in log[0]  # the partial and hidden files were left alone
+    # The truncated PNG looks like a frame still being written: retried (bounded), then recorded under its own name.
+    assert sum(line.startswith("bad_truncated.png: looks cut off") for line in log) == 3
+    assert json.loads((out / "errors" / "bad_truncated.png.json").read_text())["retries"] == 3
+    assert "retries" not in json.loads((out / "errors" / "bad_garbage.jpg.json").read_text())  # garbage: no retry
 
     before = _snapshot(out)
     again = serve(tiny_build.bundle, watch, once=True, settle=0, log=log.append)
