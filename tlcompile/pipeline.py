@@ -149,7 +149,7 @@ def stage_train(ctx: BuildContext) -> Artifact:
     else:
         tc, plan = r.train, r.effective_transfer()
         runs = len(plan.variants()) * plan.repeats
-        steps = -(-len(data.subset("train")[1]) // tc.batch_size)
+        steps = loop.steps_per_epoch(len(data.subset("train")[1]), tc.batch_size)
         with _progress(ctx.console) as progress:
             task = progress.add_task("train", total=runs * tc.epochs * steps, info="")
 
