@@ -221,9 +221,12 @@ def predict(
     from rich.table import Table
 
     from tlcompile.runtime.bundle import open_verified
-    from tlcompile.runtime.predict import expand_inputs, predict_paths, write_results_csv
+    from tlcompile.runtime.predict import check_csv_target, expand_inputs, predict_paths, write_results_csv
 
     paths = expand_inputs(images)
+    bundle_root = bundle.parent if bundle.name == "bundle.json" else bundle
+    if csv is not None:  # before anything is decided: a refused --csv costs nothing
+        check_csv_target(csv, inputs=paths, bundle_root=bundle_root)
     verified = open_verified(bundle, threads=threads, trust=trust)
     b = verified.bundle
     results = predict_paths(b, verified.session, paths)
@@ -237,7 +240,7 @@ def predict(
     console = _console()
     console.print(table)
     if csv is not None:
-        write_results_csv(results, csv)
+        write_results_csv(results, csv, inputs=paths, bundle_root=verified.bundle.root)
         console.print(f"wrote {csv}")
     failed = sum(r.error is not None for r in results)
     if failed:

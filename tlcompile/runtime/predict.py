@@ -97,6 +97,18 @@ def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): a file name such as
+# "=HYPERLINK(...).png" must arrive as text.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: a string starting with =, +, -, @, tab or CR gets a leading '."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def results_csv(results: Iterable[ImageResult]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -107,12 +119,35 @@ def results_csv(results: Iterable[ImageResult]) -> str:
             row["referable_dr_probability"] = f"{r.referable_dr_probability:.6f}"
         if r.grade_probability is not None:
             row["grade_probability"] = f"{r.grade_probability:.6f}"
-        writer.writerow(row)
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
     return buffer.getvalue()
 
 
-def write_results_csv(results: Iterable[ImageResult], path: str | Path) -> None:
+def check_csv_target(path: str | Path, *, inputs: Iterable[Path] = (), bundle_root: Path | None = None) -> Path:
+    """Refuse a --csv path that would replace a file that is not ours: an input image, anything inside the bundle,
+    or an existing file that is not a results CSV this command wrote (its first line is our header). Call it before
+    deciding anything, so a mistake costs nothing."""
     path = Path(path)
     if path.is_dir():
         raise TlcompileError(f"--csv '{path}' is a folder; give a file name such as results.csv")
+    target = path.resolve()
+    for item in inputs:
+        if Path(item).resolve() == target:
+            raise TlcompileError(f"--csv '{path}' is one of the input images ({item}); it would be overwritten; give another file name")
+    if bundle_root is not None and target.is_relative_to(Path(bundle_root).resolve()):
+        raise TlcompileError(f"--csv '{path}' is inside the bundle {bundle_root}; writing there would break it; give a file outside the bundle")
+    if path.exists() or path.is_symlink():
+        header = ",".join(CSV_COLUMNS)
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                first = f.readline(len(header) + 2).rstrip("\r\n")
+        except OSError as err:
+            raise TlcompileError(f"--csv '{path}' exists and cannot be read ({err.strerror or err}); give a new file name") from err
+        if first != header or path.is_symlink():
+            raise TlcompileError(f"--csv '{path}' exists and is not a results CSV of tlcompile predict; it is never overwritten; give a new file name")
+    return path
+
+
+def write_results_csv(results: Iterable[ImageResult], path: str | Path, *, inputs: Iterable[Path] = (), bundle_root: Path | None = None) -> None:
+    path = check_csv_target(path, inputs=inputs, bundle_root=bundle_root)
     atomic_write_text(path, results_csv(results))
