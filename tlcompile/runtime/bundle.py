@@ -112,7 +112,10 @@ class Bundle:
 
     @property
     def preprocessing(self) -> PreprocessSpec:
-        return PreprocessSpec.from_dict(self.meta["preprocessing"])
+        try:
+            return PreprocessSpec.from_dict(self.meta["preprocessing"])
+        except TlcompileError as err:  # out of range: a size that would allocate hundreds of GiB, a zero std ...
+            raise BundleError(f"{self.root / BUNDLE_JSON}: {err}") from err
 
     @property
     def threshold(self) -> float:
