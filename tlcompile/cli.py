@@ -235,7 +235,7 @@ def predict(
         table.add_column(col, justify="right" if col.startswith("P(") else "left")
     for r in results:
         prob = "-" if r.referable_dr_probability is None else f"{r.referable_dr_probability:.3f}"
-        note = r.error or ("no field of view found: retake or refer" if r.ungradable else "")
+        note = r.error or (r.ungradable_reason or "no field of view found: retake or refer" if r.ungradable else "")
         table.add_row(Path(r.file).name, r.referral or "ERROR", prob, *((r.grade_name or "-",) if b.task == "grade" else ()), note)
     console = _console()
     console.print(table)
