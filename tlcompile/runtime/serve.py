@@ -274,7 +274,7 @@ class Service:
         for name in set(self._seen) - present:
             del self._seen[name]
             self._retries.pop(name, None)
-        for mtime_ns, name, stat_key in sorted(ready):
+        for _mtime_ns, name, stat_key in sorted(ready):
             if stop.is_set():
                 break
             if not self._take(name, stat_key):
