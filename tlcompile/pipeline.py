@@ -502,11 +502,12 @@ def is_build_dir(path: Path) -> bool:
 
 
 def prepare_out_dir(out_dir: Path, *, resume: bool) -> None:
-    """Claim ``out_dir`` for a build, or refuse without touching anything.
+    """Check that a build may use ``out_dir``, or refuse without touching anything; creates it when missing.
 
-    A new or empty folder is claimed (the marker is written). A folder holding anything else is refused unless it
-    is a tlcompile build (it has the marker) and ``resume`` is set. A folder that is not a build is refused with
-    and without --resume, and the message never suggests --resume for it: it holds someone's files.
+    A new or empty folder is accepted (:func:`claim_out_dir` marks it once the build's preflight checks pass). A
+    folder holding anything else is refused unless it is a tlcompile build (it has the marker) and ``resume`` is set.
+    A folder that is not a build is refused with and without --resume, and the message never suggests --resume for
+    it: it holds someone's files.
     """
     if out_dir.is_symlink() and not out_dir.exists():
         raise TlcompileError(f"--out '{out_dir}' is a broken symbolic link; give a folder (nothing was changed)")
@@ -529,8 +530,13 @@ def prepare_out_dir(out_dir: Path, *, resume: bool) -> None:
             )
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / BUILD_MARKER, {"tlcompile_build": 1, "tlcompile_version": tlcompile.__version__,
-                                              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+
+
+def claim_out_dir(out_dir: Path) -> None:
+    """Mark a folder :func:`prepare_out_dir` accepted as this build's own (the first file the build writes)."""
+    if not is_build_dir(out_dir):
+        atomic_write_json(out_dir / BUILD_MARKER, {"tlcompile_build": 1, "tlcompile_version": tlcompile.__version__,
+                                                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
 
 
 def planned_stages(recipe: Recipe) -> list[str]:
@@ -600,11 +606,12 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
     prepare_out_dir(out_dir, resume=resume)
     torch.set_num_threads(max(1, default_threads() // (run.world_size if device.type == "cpu" else 1)))
     ctx = BuildContext(recipe=recipe, out_dir=out_dir, console=console, device=device, resume=resume)
-    if resume:
-        ctx.resume_plan = plan_resume(ctx)
     import yaml
 
     _timed(ctx, "train", lambda: preflight_transfer(ctx))  # before anything is written: a bad source leaves --out empty
+    claim_out_dir(out_dir)
+    if resume:
+        ctx.resume_plan = plan_resume(ctx)
     atomic_write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
     _timed(ctx, "data", lambda: stage_data(ctx))
     fp32 = _timed(ctx, "train", lambda: stage_train(ctx))

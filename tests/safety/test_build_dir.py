@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from tlcompile.errors import TlcompileError
-from tlcompile.pipeline import BUILD_MARKER, build, prepare_out_dir
+from tlcompile.pipeline import BUILD_MARKER, build, claim_out_dir, prepare_out_dir
 from tlcompile.recipe import validate_recipe_dict
 
 
@@ -63,6 +63,8 @@ def test_new_and_empty_folders_are_claimed_and_marked(tmp_path):
         if folder.name == "empty":
             folder.mkdir()
         prepare_out_dir(folder, resume=False)
+        assert folder.is_dir() and not any(folder.iterdir())  # nothing is written before the preflight checks
+        claim_out_dir(folder)
         marker = json.loads((folder / BUILD_MARKER).read_text())
         assert marker["tlcompile_build"] == 1
     # A marked build folder is refused without --resume (that advice is right here) and accepted with it.
