@@ -28,9 +28,11 @@ app = typer.Typer(
 recipe_app = typer.Typer(help="Recipe utilities.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: check a recipe's data; the synthetic fundus generator.", no_args_is_help=True)
 report_app = typer.Typer(help="Reports: render and merge.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Deployment bundles: make a signing key pair, sign a bundle.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 app.add_typer(report_app, name="report")
+app.add_typer(bundle_app, name="bundle")
 
 SetOption = Annotated[
     Optional[list[str]],  # noqa: UP045 - typer needs Optional here
@@ -201,6 +203,10 @@ def report_render(
 # The three commands a clinic's box runs: they import tlcompile.runtime only (never torch), after `pip install tlcompile`.
 BundleArgument = Annotated[Path, typer.Argument(help="The bundle folder a build wrote (BUILD_DIR/bundle).")]
 ThreadsOption = Annotated[Optional[int], typer.Option("--threads", help="Inference threads (default: all usable cores).", min=1)]  # noqa: UP045
+TrustOption = Annotated[
+    Optional[list[Path]],  # noqa: UP045
+    typer.Option("--trust", help="Public key (.pub from `tlcompile bundle keygen`): accept only a bundle this key signed (repeatable)."),
+]
 
 
 @app.command()
@@ -209,15 +215,19 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write one CSV row per image here.")] = None,  # noqa: UP045
     threads: ThreadsOption = None,
+    trust: TrustOption = None,
 ) -> None:
     """Referral decision, grade and P(referable DR) per image, with the bundle's preprocessing (verified first)."""
     from rich.table import Table
 
     from tlcompile.runtime.bundle import open_verified
-    from tlcompile.runtime.predict import expand_inputs, predict_paths, write_results_csv
+    from tlcompile.runtime.predict import check_csv_target, expand_inputs, predict_paths, write_results_csv
 
     paths = expand_inputs(images)
-    verified = open_verified(bundle, threads=threads)
+    bundle_root = bundle.parent if bundle.name == "bundle.json" else bundle
+    if csv is not None:  # before anything is decided: a refused --csv costs nothing
+        check_csv_target(csv, inputs=paths, bundle_root=bundle_root)
+    verified = open_verified(bundle, threads=threads, trust=trust)
     print(verified.notice, file=sys.stderr)
     b = verified.bundle
     results = predict_paths(b, verified.session, paths)
@@ -226,12 +236,12 @@ def predict(
         table.add_column(col, justify="right" if col.startswith("P(") else "left")
     for r in results:
         prob = "-" if r.referable_dr_probability is None else f"{r.referable_dr_probability:.3f}"
-        note = r.error or ("no field of view found: retake or refer" if r.ungradable else "")
+        note = r.error or (r.ungradable_reason or "no field of view found: retake or refer" if r.ungradable else "")
         table.add_row(Path(r.file).name, r.referral or "ERROR", prob, *((r.grade_name or "-",) if b.task == "grade" else ()), note)
     console = _console()
     console.print(table)
     if csv is not None:
-        write_results_csv(results, csv)
+        write_results_csv(results, csv, inputs=paths, bundle_root=verified.bundle.root)
         console.print(f"wrote {csv}")
     failed = sum(r.error is not None for r in results)
     if failed:
@@ -246,12 +256,14 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")] = False,
     repin: Annotated[bool, typer.Option("--repin", help="Bench the candidates again and re-pin, even if device.json already pins one for this CPU.")] = False,
     no_pin: Annotated[bool, typer.Option("--no-pin", help="Check only; do not bench the candidates or write device.json.")] = False,
+    trust: TrustOption = None,
 ) -> None:
-    """Check every sha256 in the bundle's manifest and run every candidate's golden samples on this box; bench those
-    that pass and pin the fastest for this CPU in BUNDLE/device.json (predict and serve run it): PASS or FAIL (exit 1)."""
+    """Check every sha256 in the bundle's manifest (and, with --trust, its signature) and run every candidate's golden
+    samples on this box; bench those that pass and pin the fastest for this CPU in BUNDLE/device.json (predict and
+    serve run it): PASS or FAIL (exit 1)."""
     from tlcompile.runtime.bundle import verify_bundle, verify_lines
 
-    result = verify_bundle(bundle, threads=threads, pin=not no_pin, repin=repin)
+    result = verify_bundle(bundle, threads=threads, pin=not no_pin, repin=repin, trust=trust)
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(verify_lines(result)))
     if not result.ok:
         raise typer.Exit(1)
@@ -266,11 +278,12 @@ def serve(
     interval: Annotated[float, typer.Option(help="Seconds between looks at the folder.")] = 1.0,
     settle: Annotated[float, typer.Option(help="Seconds a file must stay unchanged before it is read (camera still writing).")] = 1.0,
     threads: ThreadsOption = None,
+    trust: TrustOption = None,
 ) -> None:
     """Watch a folder: one JSON record per new image (errors/ for unreadable files); restart-safe; Ctrl-C stops."""
     from tlcompile.runtime.serve import serve as run_serve
 
-    stats = run_serve(bundle, watch, out, once=once, interval=interval, settle=settle, threads=threads,
+    stats = run_serve(bundle, watch, out, once=once, interval=interval, settle=settle, threads=threads, trust=trust,
                       log=lambda line: print(line, flush=True))
     typer.echo(stats.summary())
 
@@ -298,6 +311,30 @@ def sweep(
     failed = [v["name"] for v in report["variants"] if not v["ok"]]
     if failed:
         raise TlcompileError(f"{len(failed)} of {len(report['variants'])} variants failed: {', '.join(failed)} (their errors are in sweep.md)")
+
+
+@bundle_app.command("keygen")
+def bundle_keygen(
+    out: Annotated[Path, typer.Option("--out", help="Folder for tlcompile-signing.key (0600) and tlcompile-signing.pub; existing files are never overwritten.")],
+) -> None:
+    """Make an Ed25519 key pair for signing bundles: keep the .key with whoever releases models, put the .pub on the boxes."""
+    from tlcompile.runtime.signing import keygen
+
+    private_path, public_path, kid = keygen(out)
+    typer.echo(f"key {kid}: private {private_path} (mode 0600; keep it off the boxes), public {public_path} (give it to verify/predict/serve --trust)")
+
+
+@bundle_app.command("sign")
+def bundle_sign(
+    bundle: BundleArgument,
+    key: Annotated[Path, typer.Option("--key", help="Private key file from `tlcompile bundle keygen`.")],
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an existing signature.json.")] = False,
+) -> None:
+    """Sign the bundle's manifest.json (which holds the sha256 of every bundle file): writes BUNDLE/signature.json."""
+    from tlcompile.runtime.signing import SIGNATURE_JSON, sign_bundle
+
+    record = sign_bundle(bundle, key, replace=replace)
+    typer.echo(f"signed {bundle / 'manifest.json'} (sha256 {record['manifest_sha256'][:16]}) with key {record['key_id']}: {bundle / SIGNATURE_JSON}")
 
 
 @recipe_app.command("schema")

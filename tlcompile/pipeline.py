@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class BuildContext:
     transfer: dict[str, Any] | None = None  # report["transfer"]: the variant table, selection and source
     weight_source: Any = None  # models.pretrained.SourceWeights read by preflight_transfer, reused by stage_train
     bench_rows: list[dict[str, Any]] = field(default_factory=list)
+    resume_plan: dict[str, list[str]] | None = None  # --resume: the stage folders reused, redone and removed
 
     def stage_dir(self, name: str) -> Path:
         d = self.out_dir / name
@@ -147,7 +149,7 @@ def stage_train(ctx: BuildContext) -> Artifact:
     else:
         tc, plan = r.train, r.effective_transfer()
         runs = len(plan.variants()) * plan.repeats
-        steps = -(-len(data.subset("train")[1]) // tc.batch_size)
+        steps = loop.steps_per_epoch(len(data.subset("train")[1]), tc.batch_size)
         with _progress(ctx.console) as progress:
             task = progress.add_task("train", total=runs * tc.epochs * steps, info="")
 
@@ -531,15 +533,105 @@ def write_build_manifest(ctx: BuildContext) -> None:
     })
 
 
+# A build writes and deletes only inside a folder it owns: one it created (or found empty) and marked with this file.
+BUILD_MARKER = ".tlcompile-build.json"
+# Files and folders of a build that are derived from every stage and rewritten at its end.
+_BUILD_OUTPUTS = ("report.json", "report.md", "report.html", "manifest.json")
+_STAGE_FOLDER = re.compile(r"\d\d_[a-z]+")
+
+
+def is_build_dir(path: Path) -> bool:
+    """True for a folder a tlcompile build created (it holds the build marker as a regular file)."""
+    marker = path / BUILD_MARKER
+    return marker.is_file() and not marker.is_symlink()
+
+
 def prepare_out_dir(out_dir: Path, *, resume: bool) -> None:
+    """Check that a build may use ``out_dir``, or refuse without touching anything; creates it when missing.
+
+    A new or empty folder is accepted (:func:`claim_out_dir` marks it once the build's preflight checks pass). A
+    folder holding anything else is refused unless it is a tlcompile build (it has the marker) and ``resume`` is set.
+    A folder that is not a build is refused with and without --resume, and the message never suggests --resume for
+    it: it holds someone's files.
+    """
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise TlcompileError(f"--out '{out_dir}' is a broken symbolic link; give a folder (nothing was changed)")
     if out_dir.exists() and not out_dir.is_dir():
-        raise TlcompileError(f"--out '{out_dir}' is a file; give a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
-        raise TlcompileError(
-            f"output folder '{out_dir}' already holds a build; use --resume to continue it, or choose another --out "
-            "(nothing was changed)"
-        )
+        raise TlcompileError(f"--out '{out_dir}' is a file; give a folder (nothing was changed)")
+    try:
+        empty = not out_dir.exists() or not any(out_dir.iterdir())
+    except OSError as err:
+        raise TlcompileError(f"--out '{out_dir}': cannot read the folder ({err.strerror or err})") from err
+    if not empty:
+        if not is_build_dir(out_dir):
+            raise TlcompileError(
+                f"--out '{out_dir}' is not empty and is not a tlcompile build folder (no {BUILD_MARKER}); a build writes "
+                "only into a new or empty folder or one it made, so nothing was changed; choose a new --out"
+            )
+        if not resume:
+            raise TlcompileError(
+                f"output folder '{out_dir}' already holds a build; use --resume to continue it, or choose another --out "
+                "(nothing was changed)"
+            )
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def claim_out_dir(out_dir: Path) -> None:
+    """Mark a folder :func:`prepare_out_dir` accepted as this build's own (the first file the build writes)."""
+    if not is_build_dir(out_dir):
+        atomic_write_json(out_dir / BUILD_MARKER, {"tlcompile_build": 1, "tlcompile_version": tlcompile.__version__,
+                                                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+
+
+def planned_stages(recipe: Recipe) -> list[str]:
+    """The stage folders this recipe's build writes, in order."""
+    return ["01_data", "02_train", *(["03_prune"] if recipe.prune is not None else []),
+            *(["04_quantize"] if recipe.quantize is not None else []), "05_export", "06_bench"]
+
+
+def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
+    """Before a resumed build runs: keep each finished stage of this same recipe; clear every other stage folder
+    (finished under another recipe, unfinished, or not in this recipe at all) and the build-wide outputs, so that
+    nothing of an earlier recipe is mixed into this build or listed in its manifest.
+
+    The epoch checkpoints of an unfinished training stage are kept: each carries the recipe's fingerprint and is
+    only resumed by the same recipe. Returns what was reused, redone and removed, by stage folder."""
+    import shutil
+
+    planned = planned_stages(ctx.recipe)
+    plan: dict[str, list[str]] = {"reused": [], "redone": [], "removed": []}
+    for folder in sorted(p for p in ctx.out_dir.iterdir() if p.is_dir() and not p.is_symlink() and _STAGE_FOLDER.fullmatch(p.name)):
+        name = folder.name
+        if name not in planned:
+            shutil.rmtree(folder)
+            plan["removed"].append(f"{name} (not in this recipe)")
+            continue
+        marker = folder / "stage.json"
+        try:
+            record = json.loads(marker.read_text()) if marker.is_file() else None
+        except (OSError, ValueError):
+            record = None
+        if name != "06_bench" and isinstance(record, dict) and record.get("fingerprint") == ctx.stage_fingerprint(name):
+            plan["reused"].append(name)
+            continue
+        if name == "02_train" and record is None:
+            plan["redone"].append(f"{name} (unfinished: continues from its epoch checkpoint when it is this recipe's)")
+            continue
+        why = ("always measured again" if name == "06_bench" else "unfinished" if record is None
+               else "its recipe sections changed: " + ", ".join(STAGE_SECTIONS.get(name, ())))
+        shutil.rmtree(folder)
+        plan["redone"].append(f"{name} ({why})")
+    for rel in _BUILD_OUTPUTS:
+        path = ctx.out_dir / rel
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    if ctx.recipe.bundle.enabled is False and (ctx.out_dir / "bundle").is_dir():
+        shutil.rmtree(ctx.out_dir / "bundle")
+        plan["removed"].append("bundle (this recipe makes none)")
+    ctx.console.print("[bold]resume[/]: " + "; ".join(f"{k} {', '.join(v)}" for k, v in plan.items() if v) if any(plan.values())
+                      else "[bold]resume[/]: nothing to reuse")
+    return plan
 
 
 def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Console | None = None) -> BuildResult:
@@ -562,6 +654,9 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
     import yaml
 
     _timed(ctx, "train", lambda: preflight_transfer(ctx))  # before anything is written: a bad source leaves --out empty
+    claim_out_dir(out_dir)
+    if resume:
+        ctx.resume_plan = plan_resume(ctx)
     atomic_write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
     _timed(ctx, "data", lambda: stage_data(ctx))
     fp32 = _timed(ctx, "train", lambda: stage_train(ctx))

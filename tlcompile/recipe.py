@@ -23,6 +23,7 @@ from tlcompile.errors import RecipeError
 
 # Largest recipe file we read: a recipe is a few KiB; anything huge is a mistake (or an attack).
 MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 32  # sections nest 3-4 levels; deeper YAML is malformed (and deep enough would exhaust the stack)
 # model.pretrained file names we accept; anything else is most likely a typo of a keyword (e.g. 'imagnet').
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
@@ -31,6 +32,21 @@ class Section(BaseModel):
     """Base for every recipe section: unknown keys are errors, values are not coerced silently."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_other_types(cls, value: Any, info: Any) -> Any:
+        # pydantic's lax mode reads true as 1 (--set train.batch_size=true gave batch 1): a yes/no value is only
+        # accepted by a yes/no key.
+        if isinstance(value, bool) and info.field_name in cls.model_fields and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{value!r} is a YAML boolean (true/false/yes/no), not a valid value for this key")
+        return value
+
+
+def _admits_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_admits_bool(a) for a in get_args(annotation))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -699,10 +715,47 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise RecipeError(f"--set '{text}': '{key}' is not a key path; valid: dotted names such as train.lr")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        _check_events(raw, f"--set '{text}'")
+        value = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise RecipeError(f"--set '{text}': the value '{raw}' is not valid YAML ({err.problem})") from err
+        raise RecipeError(f"--set '{text}': the value '{raw}' is not valid YAML ({getattr(err, 'problem', None) or err})") from err
     return parts, value
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key_node.value}' appears twice in one section (lines {seen[key_node.value]} and {line}); keep one",
+                        key_node.start_mark)
+                seen[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_events(text: str, source: str) -> None:
+    """On the event stream (no recursion): refuse aliases (alias bombs) and nesting deeper than MAX_RECIPE_DEPTH
+    (the composer recurses per level, so a deep enough file would exhaust the stack). Syntax errors are left to
+    the loader, which reports them with their line."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise RecipeError(f"{source}: YAML aliases (*name) are not allowed in recipes; write the values out")
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_RECIPE_DEPTH:
+                    raise RecipeError(f"{source}: nested more than {MAX_RECIPE_DEPTH} levels deep (line {event.start_mark.line + 1}); "
+                                      "a recipe's sections nest a few levels")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError:
+        pass  # reported by the loader with its line
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -805,7 +858,7 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
         # model.pretrained is a weights file or build:DIR; like data.csv it is relative to the recipe file.
         prefix = "build:" if pretrained.startswith("build:") else ""
         path = Path(pretrained[len(prefix) :].strip()).expanduser()
-        model["pretrained"] = prefix + str(path if path.is_absolute() else (base_dir / path).resolve())
+        model["pretrained"] = prefix + str(path if path.is_absolute() else _resolve(base_dir / path, "model.pretrained"))
     data = raw.get("data")
     if not isinstance(data, dict):
         return
@@ -814,8 +867,17 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
         if isinstance(value, str) and value:
             path = Path(value).expanduser()
             if not path.is_absolute():
-                path = (base_dir / path).resolve()
+                path = _resolve(base_dir / path, f"data.{key}")
+            else:
+                _resolve(path, f"data.{key}")  # kept as written; a symbolic-link loop is refused now, in one line
             data[key] = str(path)
+
+
+def _resolve(path: Path, key: str) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as err:  # Python < 3.13 raises RuntimeError for a symbolic-link loop
+        raise RecipeError(f"{key} '{path}': cannot be resolved ({err}); a symbolic link in it points back at itself") from err
 
 
 def _check_paths_exist(recipe: Recipe, source: str) -> None:
@@ -836,6 +898,8 @@ def read_recipe_text(path: Path) -> str:
         raise RecipeError(f"{path}: no such recipe file")
     if path.is_dir():
         raise RecipeError(f"{path}: is a folder; give the path of a .yaml recipe file")
+    if not path.is_file():  # a FIFO would block for ever, /dev/zero never ends
+        raise RecipeError(f"{path}: is not a regular file (a device, pipe or socket); give the path of a .yaml recipe file")
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
         raise RecipeError(f"{path}: {size} bytes is too large for a recipe (limit {MAX_RECIPE_BYTES} bytes)")
@@ -847,16 +911,11 @@ def read_recipe_text(path: Path) -> str:
 
 def parse_recipe_yaml(text: str, source: str) -> dict[str, Any]:
     """Parse YAML safely (no Python objects); aliases are refused to defuse alias bombs."""
-    if "*" in text or "&" in text:
-        # Only anchors/aliases use these outside strings; check properly on the event stream.
-        try:
-            for event in yaml.parse(text, Loader=yaml.SafeLoader):
-                if isinstance(event, yaml.AliasEvent):
-                    raise RecipeError(f"{source}: YAML aliases (*name) are not allowed in recipes; write the values out")
-        except yaml.YAMLError:
-            pass  # reported below with its line
+    _check_events(text, source)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError as err:  # pragma: no cover - _check_events bounds the depth first
+        raise RecipeError(f"{source}: nested too deeply") from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

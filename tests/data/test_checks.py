@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import sys
 
 import numpy as np
@@ -79,6 +80,9 @@ def test_every_bad_file_is_reported_with_file_and_reason(bad_root):
     described = {p.id: p.describe() for p in report.problems}
     assert "image '" in described["ghost"] and described["ghost"].endswith("ghost.png' does not exist")
     assert "same content as 'ok05'" in described["copy_of_ok05"]
+    # Label problems name the image id as well as the CSV line (issue 20).
+    assert re.fullmatch(r"train\.csv line \d+ \(image id 'nine'\): label 9 is out of range; valid: DR grades 0-4", described["nine"])
+    assert "(image id 'nolabel'): has no label" in described["nolabel"] and "(image id 'nine_b')" in described["nine_b"]
     assert "different label (grades 1, 4)" in described["ok06"]
     assert "is 20x16 pixels, under data.min_image_side 32" in described["tiny"]
     assert "decompression" in described["bomb"] or "too large" in described["bomb"]

@@ -195,8 +195,8 @@ def _reseal(bundle):
     (lambda m: m["operating_point"].update(threshold=0.0), "operating_point.threshold 0.0"),
     (lambda m: m["operating_point"].update(temperature=float("inf")), "operating_point.temperature inf; valid: a finite number > 0"),
     (lambda m: m["operating_point"].update(temperature=-1.0), "operating_point.temperature -1.0"),
-    (lambda m: m["preprocessing"].update(size=100000), "preprocessing.size is 100000; valid: an integer from 8 to 2048"),
-    (lambda m: m["preprocessing"].update(std=[0, 1, 1]), "preprocessing.std is [0, 1, 1]"),
+    (lambda m: m["preprocessing"].update(size=100000), "preprocessing size 100000 is out of range"),
+    (lambda m: m["preprocessing"].update(std=[0, 1, 1]), "preprocessing std [0, 1, 1] is not valid"),
     # In range, but not the operating point the golden readings were stored with: the stored logits, read at the
     # edited threshold, no longer give the stored readings.
     (lambda m: m["operating_point"].update(threshold=0.999), "stored golden readings do not follow from the stored logits"),

@@ -61,7 +61,12 @@ def test_serve_once_twenty_images_two_corrupt(tiny_build, tmp_path, fundus_image
         assert r["size"] == (watch / r["file"]).stat().st_size and r["bundle"]["artifact"] == "fp32"
     # Which candidate runs and why (no device.json: the build's choice), the start line, one per image: the partial and
     # hidden files were left alone.
-    assert len(log) == 2 + 20 and log[0].startswith("running the build's choice") and "golden samples pass" in log[1]
+    decided = [line for line in log if "looks cut off" not in line]
+    assert len(decided) == 2 + 20 and log[0].startswith("running the build's choice") and "golden samples pass" in log[1]
+    # The truncated PNG looks like a frame still being written: retried (bounded), then recorded under its own name.
+    assert sum(line.startswith("bad_truncated.png: looks cut off") for line in log) == 3
+    assert json.loads((out / "errors" / "bad_truncated.png.json").read_text())["retries"] == 3
+    assert "retries" not in json.loads((out / "errors" / "bad_garbage.jpg.json").read_text())  # garbage: no retry
 
     before = _snapshot(out)
     again = serve(tiny_build.bundle, watch, once=True, settle=0, log=log.append)

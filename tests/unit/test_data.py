@@ -61,7 +61,8 @@ def test_csv_loader_errors_name_file_line_and_column(csv_dataset):
     with pytest.raises(DataError, match=r"line 42: image '.*ghost\.png' does not exist"):
         load_data(_csv_cfg(csv_dataset), seed=0)
     csv.write_text("id_code,diagnosis\nimg000,7\n")
-    with pytest.raises(DataError, match="line 2: label 7 is out of range"):
+    # The line and the image id, as the other problems name them (issue 20).
+    with pytest.raises(DataError, match=r"line 2 \(image id 'img000'\): label 7 is out of range"):
         load_data(_csv_cfg(csv_dataset), seed=0)
 
 

@@ -133,7 +133,7 @@ def finetune(
     # ran before in this process (an uninterrupted build and one resumed after training give the same pruned model).
     torch.manual_seed(int(np.random.default_rng([r.seed, zlib.crc32(label.encode()), start_epoch]).integers(2**31)))
     optimizer = loop.make_optimizer(model.parameters(), name=tc.optimizer, lr=lr, weight_decay=tc.weight_decay, momentum=tc.momentum)
-    steps = -(-len(x_tr) // tc.batch_size)
+    steps = loop.steps_per_epoch(len(x_tr), tc.batch_size)
     scheduler = loop.make_scheduler(optimizer, tc.model_copy(update={"schedule": "cosine"}), epochs, steps)
     first = judge(model)
     kept = {"epoch": start_epoch, "check": first, "state": copy.deepcopy(model.state_dict())}

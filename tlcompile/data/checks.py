@@ -64,7 +64,11 @@ class Problem:
     file: str | None = None
 
     def describe(self) -> str:
-        return f"{self.where}: image '{self.file}' {self.reason}" if self.file else f"{self.where}: {self.reason}"
+        if self.file:
+            return f"{self.where}: image '{self.file}' {self.reason}"
+        if self.id and f"'{self.id}'" not in self.reason:  # a label problem: name the image as well as the line
+            return f"{self.where} (image id '{self.id}'): {self.reason}"
+        return f"{self.where}: {self.reason}"
 
 
 class DataProblemsError(DataError):

@@ -43,17 +43,16 @@ from tlcompile.runtime.pinning import (
     write_device,
 )
 from tlcompile.runtime.preprocess import PreprocessSpec, prepare_image, to_input
+from tlcompile.runtime.signing import SignatureCheck, check_signature
 
 BUNDLE_FORMAT_VERSION = 2  # 2: several candidates (artifact@runtime), each with its golden logits
 BUNDLE_JSON = "bundle.json"
 MANIFEST_JSON = "manifest.json"
 GOLDEN_NPZ = "golden/golden.npz"
+# Files a bundle may hold that manifest.json does not list: the signature (it signs the manifest, so it cannot be
+# in it) and what `tlcompile verify` records about this box. Neither can change a decision.
+UNLISTED_OK = frozenset({"signature.json", DEVICE_JSON})
 REFER, NO_REFERRAL, UNGRADABLE = "refer", "no referral", "ungradable"
-# Files that live in a bundle folder without being listed in its manifest: written on the box after the build.
-UNLISTED_OK = {DEVICE_JSON}
-# Largest input side a bundle may ask for: a preprocessing spec beyond it is damage, not a model (it would allocate
-# size^2 x 3 x 4 bytes per image and more in the resize).
-MAX_INPUT_SIZE = 2048
 
 # bundle.json keys predict/verify/serve rely on, with the type each must have.
 _REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -129,7 +128,10 @@ class Bundle:
 
     @property
     def preprocessing(self) -> PreprocessSpec:
-        return PreprocessSpec.from_dict(self.meta["preprocessing"])
+        try:
+            return PreprocessSpec.from_dict(self.meta["preprocessing"])
+        except TlcompileError as err:  # out of range: a size that would allocate hundreds of GiB, a zero std ...
+            raise BundleError(f"{self.root / BUNDLE_JSON}: {err}") from err
 
     @property
     def threshold(self) -> float:
@@ -270,7 +272,7 @@ def load_bundle(path: str | Path) -> Bundle:
                           "(0 refers everyone, 1 no one)")
     if not (math.isfinite(bundle.temperature) and bundle.temperature > 0):
         raise BundleError(f"{meta_path}: operating_point.temperature {bundle.temperature}; valid: a finite number > 0")
-    _check_preprocessing(meta["preprocessing"], meta_path)
+    bundle.preprocessing  # noqa: B018 - raises BundleError now for an out-of-range spec (PreprocessSpec bounds it)
     _check_candidates(meta, meta_path)
     bundle.model_path  # noqa: B018 - raises UnsafeFileError now for an entry outside the bundle, not at first use
     if meta.get("candidates") and bundle.candidate(bundle.default_candidate).meta["model"] != meta["model"]:
@@ -281,31 +283,6 @@ def load_bundle(path: str | Path) -> Bundle:
         if view.runtime not in ("openvino", "onnxruntime"):
             raise BundleError(f"{meta_path}: candidate {cid}: model.runtime '{view.runtime}' is not valid; valid: openvino, onnxruntime")
     return bundle
-
-
-def _check_preprocessing(d: dict[str, Any], meta_path: Path) -> None:
-    """The preprocessing spec must describe an image a box can make: a bounded size, finite statistics."""
-    def bad(key: str, value: Any, valid: str) -> BundleError:
-        return BundleError(f"{meta_path}: preprocessing.{key} is {value!r}; valid: {valid}")
-
-    size = d.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= MAX_INPUT_SIZE:
-        raise bad("size", size, f"an integer from 8 to {MAX_INPUT_SIZE} (pixels)")
-    for key, low in (("mean", -math.inf), ("std", 0.0)):
-        value = d.get(key, [0.5, 0.5, 0.5])
-        if (not isinstance(value, list) or len(value) != 3
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > low for v in value)):
-            raise bad(key, value, "3 finite numbers" + (" > 0" if key == "std" else ""))
-    fov = d.get("fov_threshold", 0.12)
-    if not isinstance(fov, (int, float)) or isinstance(fov, bool) or not 0 < fov < 1:
-        raise bad("fov_threshold", fov, "a number between 0 and 1")
-    mask = d.get("circular_mask")
-    if mask is not None and (not isinstance(mask, (int, float)) or isinstance(mask, bool) or not 0 < mask <= 2):
-        raise bad("circular_mask", mask, "null or a number in (0, 2]")
-    try:
-        PreprocessSpec.from_dict(d)
-    except TypeError as err:
-        raise BundleError(f"{meta_path}: preprocessing is not a spec this tlcompile knows ({err})") from err
 
 
 def _check_candidates(meta: dict[str, Any], meta_path: Path) -> None:
@@ -557,6 +534,7 @@ class VerifyResult:
     candidates: list[CandidateCheck] = field(default_factory=list)
     default_candidate: str = ""
     pin: dict[str, Any] | None = None  # {chosen, why, reused, path, error}
+    signature: SignatureCheck = field(default_factory=SignatureCheck)
     problems: list[str] = field(default_factory=list)  # problems outside the checks (unreadable bundle.json ...)
 
     @property
@@ -564,7 +542,7 @@ class VerifyResult:
         """Every hash matches, bundle.json and every candidate's files are sound, and at least one candidate
         reproduces its golden outputs here (one that does not is reported and never pinned: this box computes it
         differently, or its runtime cannot run it here)."""
-        return (not self.problems and self.manifest.ok and not any(c.damaged for c in self.candidates)
+        return (not self.problems and self.manifest.ok and self.signature.ok and not any(c.damaged for c in self.candidates)
                 and any(c.ok for c in self.candidates))
 
     def to_dict(self) -> dict[str, Any]:
@@ -575,6 +553,7 @@ class VerifyResult:
             "artifact": self.artifact,
             "manifest": {"ok": self.manifest.ok, "files_checked": self.manifest.checked, "sha256": self.manifest.manifest_sha256,
                          "problems": self.manifest.problems},
+            "signature": {**asdict(self.signature), "ok": self.signature.ok},
             "golden": None if self.golden is None else {**asdict(self.golden), "ok": self.golden.ok},
             "default_candidate": self.default_candidate,
             "candidates": [{"id": c.id, "artifact": c.artifact, "runtime": c.runtime, "compressed": c.compressed, "ok": c.ok,
@@ -618,18 +597,25 @@ def bench_and_choose(bundle: Bundle, sessions: dict[str, InferenceSession], *, r
 
 
 def verify_bundle(path: str | Path, *, threads: int | None = None, pin: bool = True, repin: bool = False,
-                  rounds: int | None = None, iterations: int | None = None) -> VerifyResult:
-    """Check every hash, then run every candidate's golden samples on this box's runtime; with ``pin``, bench the
-    candidates that pass and pin the fastest in device.json (kept from an earlier run on this CPU unless ``repin``).
-    Never raises for a bad bundle: every problem is collected (each naming its file) so one run tells the whole story."""
+                  rounds: int | None = None, iterations: int | None = None, trust: list[str | Path] | None = None) -> VerifyResult:
+    """Check every hash (and, with ``trust``, that a trusted key signed the manifest), then run every candidate's
+    golden samples on this box's runtime; with ``pin``, bench the candidates that pass and pin the fastest in
+    device.json (kept from an earlier run on this CPU unless ``repin``). Never raises for a bad bundle: every problem is
+    collected (each naming its file) so one run tells the whole story; a bad ``trust`` key file is the user's mistake
+    and raises."""
     result = VerifyResult(bundle=Path(path))
-    result.manifest = check_manifest(Path(path) if Path(path).is_dir() else Path(path).parent)
+    root = Path(path) if Path(path).is_dir() else Path(path).parent
+    result.signature = check_signature(root, trust)
+    result.manifest = check_manifest(root)
     try:
         bundle = load_bundle(path)
     except TlcompileError as err:
         result.problems.append(str(err))
         return result
     result.bundle, result.name, result.default_candidate = bundle.root, bundle.name, bundle.default_candidate
+    result.artifact = bundle.artifact
+    if not result.signature.ok:
+        return result  # a model nobody trusted is not even loaded on this box
     sessions: dict[str, InferenceSession] = {}
     for cid in bundle.candidates:
         check, session = _check_candidate(bundle, cid, threads)
@@ -684,15 +670,20 @@ class VerifiedBundle:
     golden: GoldenCheck
     pinned: bool = False
     notice: str = ""  # one line to show once: which candidate runs and why
+    signed_by: str = ""  # the trusted key id that signed the manifest ("" without --trust)
 
 
-def open_verified(path: str | Path, *, threads: int | None = None) -> VerifiedBundle:
-    """Load a bundle, check every hash, pick the candidate pinned for this box in device.json (else the build's
-    choice, with a notice saying so) and run its golden samples; raise :class:`BundleError` on the first problem.
+def open_verified(path: str | Path, *, threads: int | None = None, trust: list[str | Path] | None = None) -> VerifiedBundle:
+    """Load a bundle, check every hash (and, with ``trust``, its signature), pick the candidate pinned for this box in
+    device.json (else the build's choice, with a notice saying so) and run its golden samples; raise
+    :class:`BundleError` on the first problem.
 
     predict and serve start with this, so they never decide a single image with a bundle that verify would refuse.
     """
     bundle = load_bundle(path)
+    signature = check_signature(bundle.root, trust)
+    if not signature.ok:
+        raise BundleError(f"bundle {bundle.root} fails its signature check: {signature.problems[0]}; run tlcompile verify {bundle.root} --trust KEY")
     manifest = check_manifest(bundle.root)
     if not manifest.ok:
         more = f" (and {len(manifest.problems) - 1} more)" if len(manifest.problems) > 1 else ""
@@ -709,7 +700,8 @@ def open_verified(path: str | Path, *, threads: int | None = None) -> VerifiedBu
     golden = check_golden(view, session=session)
     if not golden.ok:
         raise BundleError(f"bundle {bundle.root} ({cid}) fails its golden samples on this box: {golden.problems[0]}; run tlcompile verify {bundle.root}")
-    return VerifiedBundle(bundle=view, session=session, manifest_sha256=manifest.manifest_sha256, golden=golden, pinned=pinned, notice=notice)
+    return VerifiedBundle(bundle=view, session=session, manifest_sha256=manifest.manifest_sha256, golden=golden, pinned=pinned,
+                          notice=notice, signed_by=signature.key_id if signature.valid else "")
 
 
 def verify_lines(result: VerifyResult) -> list[str]:
@@ -722,6 +714,12 @@ def verify_lines(result: VerifyResult) -> list[str]:
                  + ("every sha256 matches" if m.ok else f"{len(m.problems)} problem(s)")
                  + (f" (manifest sha256 {m.manifest_sha256[:16]})" if m.manifest_sha256 else ""))
     lines += [f"    {p}" for p in m.problems]
+    s = result.signature
+    if s.required:
+        lines.append(f"  signature: {'valid, by trusted key ' + s.key_id if s.valid else 'NOT valid'}")
+    else:
+        lines.append(f"  signature: {'signed by key ' + (s.key_id or '?') + ' (not checked: give --trust PUBKEY)' if s.present else 'none (unsigned bundle)'}")
+    lines += [f"    {p}" for p in s.problems]
     for c in result.candidates:
         g = c.golden
         verdict = "pass" if c.ok else "FAIL"
@@ -747,6 +745,6 @@ def verify_lines(result: VerifyResult) -> list[str]:
     if result.ok and failing:
         lines.append(f"  {len(failing)} of {len(result.candidates)} candidates do not reproduce their golden outputs on this box "
                      "and will not run here")
-    reasons = result.problems + m.problems + [f"{c.id}: {c.why_failed()}" for c in failing]
+    reasons = result.problems + s.problems + m.problems + [f"{c.id}: {c.why_failed()}" for c in failing]
     lines.append("PASS" if result.ok else f"FAIL: {reasons[0] if reasons else 'no golden samples were run'}")
     return lines

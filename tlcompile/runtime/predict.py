@@ -2,7 +2,10 @@
 
 Every image goes through the bundle's own preprocessing spec and :func:`prepare_image`, the function the model
 was trained and validated with. An image where no field of view is found is flagged ungradable and gets no
-referral decision: the model was never validated on such frames, and a clinic should retake or refer them.
+referral decision: the model was never validated on such frames, and a clinic should retake or refer them. The
+same holds for a field that is not fundus-like (an ordinary photo: :func:`tlcompile.runtime.screen.not_fundus_reason`,
+``ungradable_reason`` says why), and a decoded image that looks damaged (a large flat block, how a decoder fills
+lost data) is an error, like a file that does not decode.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from tlcompile.errors import DataError, TlcompileError
 from tlcompile.io import atomic_write_text
 from tlcompile.runtime.bundle import UNGRADABLE, Bundle
 from tlcompile.runtime.inference import InferenceSession
-from tlcompile.runtime.preprocess import find_fov, load_rgb, prepare_image, to_input
+from tlcompile.runtime.preprocess import find_field, load_rgb, prepare_image, to_input
+from tlcompile.runtime.screen import damage_reason, not_fundus_reason
 
 CSV_COLUMNS = (
     "file", "referral", "referable_dr", "referable_dr_probability", "threshold", "grade", "grade_name",
-    "grade_probability", "ungradable", "fov_found", "error",
+    "grade_probability", "ungradable", "fov_found", "error", "ungradable_reason",
 )
 
 
@@ -44,6 +48,7 @@ class ImageResult:
     fov_found: bool | None = None
     error: str | None = None
     latency_ms: float | None = None  # preprocessing + inference on this box
+    ungradable_reason: str | None = None  # why no decision: no field of view, or not a fundus photograph
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,11 +59,15 @@ def predict_image(bundle: Bundle, session: InferenceSession, path: Path) -> Imag
     t0 = time.perf_counter()
     spec = bundle.preprocessing
     rgb = load_rgb(path, draft_size=spec.size * 2)
-    prepared, fov_found = prepare_image(rgb, spec)
-    if not spec.crop_fov:
-        # The bundle does not crop, so prepare_image did not look for the field of view; look here for the flag.
-        fov_found = find_fov(rgb, spec.fov_threshold) is not None
-    result = ImageResult(file=str(path), threshold=bundle.threshold, fov_found=fov_found, ungradable=not fov_found)
+    damaged = damage_reason(rgb)
+    if damaged:
+        raise DataError(f"{path}: {damaged}")
+    prepared, _ = prepare_image(rgb, spec)
+    found = find_field(rgb, spec.fov_threshold)  # the field prepare_image cropped to (also looked for without cropping)
+    reason = "no field of view found: retake or refer" if found is None else not_fundus_reason(rgb, found)
+    fov_found = reason is None
+    result = ImageResult(file=str(path), threshold=bundle.threshold, fov_found=fov_found, ungradable=not fov_found,
+                         ungradable_reason=reason)
     if fov_found:
         reading = bundle.interpret(session.run(to_input(prepared, spec)))[0]
         for key, value in reading.to_dict().items():
@@ -97,6 +106,18 @@ def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): a file name such as
+# "=HYPERLINK(...).png" must arrive as text.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: a string starting with =, +, -, @, tab or CR gets a leading '."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def results_csv(results: Iterable[ImageResult]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -107,12 +128,35 @@ def results_csv(results: Iterable[ImageResult]) -> str:
             row["referable_dr_probability"] = f"{r.referable_dr_probability:.6f}"
         if r.grade_probability is not None:
             row["grade_probability"] = f"{r.grade_probability:.6f}"
-        writer.writerow(row)
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
     return buffer.getvalue()
 
 
-def write_results_csv(results: Iterable[ImageResult], path: str | Path) -> None:
+def check_csv_target(path: str | Path, *, inputs: Iterable[Path] = (), bundle_root: Path | None = None) -> Path:
+    """Refuse a --csv path that would replace a file that is not ours: an input image, anything inside the bundle,
+    or an existing file that is not a results CSV this command wrote (its first line is our header). Call it before
+    deciding anything, so a mistake costs nothing."""
     path = Path(path)
     if path.is_dir():
         raise TlcompileError(f"--csv '{path}' is a folder; give a file name such as results.csv")
+    target = path.resolve()
+    for item in inputs:
+        if Path(item).resolve() == target:
+            raise TlcompileError(f"--csv '{path}' is one of the input images ({item}); it would be overwritten; give another file name")
+    if bundle_root is not None and target.is_relative_to(Path(bundle_root).resolve()):
+        raise TlcompileError(f"--csv '{path}' is inside the bundle {bundle_root}; writing there would break it; give a file outside the bundle")
+    if path.exists() or path.is_symlink():
+        header = ",".join(CSV_COLUMNS)
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                first = f.readline(len(header) + 2).rstrip("\r\n")
+        except OSError as err:
+            raise TlcompileError(f"--csv '{path}' exists and cannot be read ({err.strerror or err}); give a new file name") from err
+        if first != header or path.is_symlink():
+            raise TlcompileError(f"--csv '{path}' exists and is not a results CSV of tlcompile predict; it is never overwritten; give a new file name")
+    return path
+
+
+def write_results_csv(results: Iterable[ImageResult], path: str | Path, *, inputs: Iterable[Path] = (), bundle_root: Path | None = None) -> None:
+    path = check_csv_target(path, inputs=inputs, bundle_root=bundle_root)
     atomic_write_text(path, results_csv(results))

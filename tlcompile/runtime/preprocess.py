@@ -36,6 +36,18 @@ PREPROCESS_VERSION = 2
 BEN_GRAHAM_SIGMA_PER_RADIUS = 1 / 30
 # Grey that Ben Graham's local-average subtraction maps a flat region to (and the surround after it).
 BEN_GRAHAM_GREY = 128
+# The largest network input a spec may ask for: a bundle.json asking for 100000 px would otherwise allocate
+# hundreds of GiB per image. Recipes allow up to 1024.
+MAX_INPUT_SIZE = 4096
+# Decoding is bounded from the header, before a pixel is decompressed: a 630 KB PNG can claim 81 Mpx of 16-bit RGBA
+# (2 GB and 14 s to decode) while staying under Pillow's own pixel limit. Fundus cameras write up to ~24 Mpx.
+MAX_DECODE_PIXELS = 50_000_000
+MAX_DECODE_BYTES = 768 << 20
+# Peak bytes per pixel while decoding and converting to uint8 RGB, by Pillow mode (the decoded image, the conversions
+# read_image makes and the result); modes not listed count as the worst.
+_DECODE_BYTES_PER_PIXEL = {"1": 7, "L": 7, "P": 7, "RGB": 6, "YCbCr": 9, "CMYK": 10, "LAB": 9, "HSV": 9,
+                           "I;16": 23, "I;16B": 23, "I;16L": 23, "I": 25, "F": 25}
+_WORST_BYTES_PER_PIXEL = 24  # RGBA/LA/PA: the image, a uint16 RGBA copy, the product and the result
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,22 @@ class PreprocessSpec:
     # Radius (fraction of the field radius) outside which the image is blanked; None: no mask.
     circular_mask: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A spec arrives from bundle.json on the clinic's box: bound what it can make this box allocate or compute.
+        def finite(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not (isinstance(self.size, int) and not isinstance(self.size, bool) and 1 <= self.size <= MAX_INPUT_SIZE):
+            raise DataError(f"preprocessing size {self.size!r} is out of range; valid: a whole number of pixels from 1 to {MAX_INPUT_SIZE}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(finite(v) for v in values) or (name == "std" and min(values) <= 0):
+                raise DataError(f"preprocessing {name} {list(values)!r} is not valid; valid: three finite numbers" + (" > 0" if name == "std" else ""))
+        if not (finite(self.fov_threshold) and 0 <= self.fov_threshold < 1):
+            raise DataError(f"preprocessing fov_threshold {self.fov_threshold!r} is out of range; valid: 0 to 1")
+        if self.circular_mask is not None and not (finite(self.circular_mask) and 0 < self.circular_mask <= 4):
+            raise DataError(f"preprocessing circular_mask {self.circular_mask!r} is out of range; valid: null or a number in (0, 4]")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -241,6 +269,7 @@ def read_image(path: str | Path, *, draft_size: int | None = None, data: bytes |
             stored = (img.height, img.width)
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
+            check_decode_budget(img, path)
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # phone-based fundus cameras write the orientation in EXIF
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -264,6 +293,23 @@ def read_image(path: str | Path, *, draft_size: int | None = None, data: bytes |
         raise DataError(f"{path}: image is too large to decode safely ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot decode image ({err})") from err
+
+
+def decode_cost(img: Image.Image) -> tuple[int, int]:
+    """(pixels, peak bytes) decoding this image and converting it to RGB would take, from its header alone (after
+    a JPEG draft, which shrinks what is decoded)."""
+    pixels = int(img.width) * int(img.height) * max(1, int(getattr(img, "n_frames", 1) or 1) if img.format == "TIFF" else 1)
+    return pixels, pixels * _DECODE_BYTES_PER_PIXEL.get(img.mode, _WORST_BYTES_PER_PIXEL)
+
+
+def check_decode_budget(img: Image.Image, path: str | Path) -> None:
+    """Refuse, before decoding, an image whose header asks for more pixels or memory than any fundus photograph
+    needs (see MAX_DECODE_PIXELS, MAX_DECODE_BYTES)."""
+    pixels, cost = decode_cost(img)
+    if int(img.width) * int(img.height) > MAX_DECODE_PIXELS or cost > MAX_DECODE_BYTES:
+        raise DataError(f"{path}: image is too large to decode safely ({img.width}x{img.height} {img.mode}, about "
+                        f"{cost / (1 << 20):,.0f} MiB to decode; limits {MAX_DECODE_PIXELS / 1e6:.0f} Mpx and "
+                        f"{MAX_DECODE_BYTES >> 20} MiB); not a fundus photograph")
 
 
 def load_rgb(path: str | Path, *, draft_size: int | None = None, data: bytes | None = None) -> np.ndarray:

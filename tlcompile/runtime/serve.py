@@ -6,17 +6,25 @@ read. Each record carries the image's name, size, mtime and sha256, so after a c
 
 - an image whose record exists is not redone (same name and size+mtime, or same name and same content);
 - an image without a record is processed: a kill before the rename leaves no record, so nothing is lost;
-- a different image under a name already used (a camera counter reset) gets ``<name>.<sha256[:12]>.json``.
+- a different image under a name already used (a camera counter reset) gets ``<name>.<sha256[:12]>.json``;
+- a file rewritten in place with the same size and mtime is still seen as new: its inode and ctime change.
 
-A file is taken only once its size and mtime have stayed the same for ``settle`` seconds on this service's own
-clock, so a frame the camera is still writing is not read half-way (and a camera clock that is off does not
-matter). Hidden files and usual partial-download names are ignored; any other file gets a result or an error
-record, so an unexpected format is reported, never silently skipped. The input folder is never modified.
+A file is taken only once its size, mtime, inode and ctime have stayed the same for ``settle`` seconds on this
+service's own clock, so a frame the camera is still writing is not read half-way (and a camera clock that is off
+does not matter). A file that still fails as a truncated or empty image (a camera that paused longer than
+``settle``) is retried after it settles again, up to ``TRUNCATION_RETRIES`` times, before its error record is
+written; when it later decodes, its result goes under the normal name. Hidden files and usual partial-download
+names are ignored; any other file gets a result or an error record, so an unexpected format is reported, never
+silently skipped. Whatever goes wrong with one file (unreadable, a name too long for the records folder, a
+decoder failure) becomes that file's error record and the service goes on; only a failure to write its own
+records stops it, with one line. A record's name always fits: a long image name is shortened and given a hash of
+the full name (the record keeps the full name in ``file``). The input folder is never modified.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -39,6 +47,40 @@ PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".s
 ERRORS_DIR = "errors"
 LOCK_FILE = ".serve.lock"
 _COLLISION = re.compile(r"(?P<name>.+)\.[0-9a-f]{12}")
+# A record's file name must fit NAME_MAX (255 bytes on every common filesystem) with the collision suffix
+# (.<12 hex>), .json and atomic_path's temporary name around it (.<name>.<8 random>.tmp).
+MAX_STEM_BYTES = 160
+_KEEP_BYTES = 120
+TRUNCATION_RETRIES = 3  # a file that still looks cut off is retried this many times before its error record
+RETRY_MIN_WAIT = 0.5  # seconds a retried file must stay unchanged again (at least; --settle when longer)
+_TRUNCATION = re.compile(r"truncat|end of (file|stream|data)|premature end|unexpected end|broken data stream|\bEOF\b", re.IGNORECASE)
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"II*\x00", b"MM\x00*", b"BM")
+
+
+def record_stem(name: str) -> str:
+    """The record's file name without .json: the image name, or for a long name its first ~120 bytes (whole
+    characters) + '~' + 16 hex digits of the full name's sha256, so that every record name fits the filesystem."""
+    raw = os.fsencode(name)
+    if len(raw) <= MAX_STEM_BYTES:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    head = raw[:_KEEP_BYTES].decode("utf-8", errors="ignore")  # cut at a character boundary
+    return os.fsdecode(os.fsencode(head)) + "~" + digest
+
+
+def printable(name: str) -> str:
+    """A file name for the log: undecodable bytes and control characters escaped, so a name can neither crash the
+    print nor forge log lines."""
+    text = os.fsencode(name).decode("utf-8", errors="backslashreplace")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def looks_truncated(message: str, head: bytes, size: int) -> bool:
+    """An error a file still being written gives: empty, cut off mid-stream, or an image signature with nothing
+    decodable after it."""
+    if size == 0 or _TRUNCATION.search(message):
+        return True
+    return "not an image Pillow can read" in message and head.startswith(_IMAGE_MAGIC)
 
 
 @dataclass
@@ -59,17 +101,23 @@ class Ledger:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         self.errors_dir = out_dir / ERRORS_DIR
-        self.errors_dir.mkdir(parents=True, exist_ok=True)
         self._paths: dict[str, list[Path]] = {}
         self._keys: dict[Path, dict[str, Any]] = {}
-        for folder in (self.out_dir, self.errors_dir):
-            for path in folder.iterdir():
-                if path.name.startswith(".") and path.name.endswith(".tmp"):
-                    path.unlink()  # a write a kill interrupted; its image has no record and will be redone
-                elif path.suffix == ".json" and path.is_file():
-                    self._index(path)
+        try:
+            self.errors_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.out_dir, self.errors_dir):
+                for path in folder.iterdir():
+                    if path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file():
+                        path.unlink()  # a write a kill interrupted; its image has no record and will be redone
+                    elif path.suffix == ".json" and path.is_file():
+                        self._index(path)
+        except OSError as err:
+            where = err.filename or self.errors_dir
+            raise TlcompileError(f"cannot use the records folder: {where} ({err.strerror or err}); "
+                                 f"--out must be a folder this service can write, with a sub-folder {ERRORS_DIR}/") from err
 
     def _index(self, path: Path) -> None:
+        # Indexed by record stem; a record found under a name maps back to its image through its 'file' field.
         stem = path.name[: -len(".json")]
         self._paths.setdefault(stem, []).append(path)
         match = _COLLISION.fullmatch(stem)
@@ -78,30 +126,39 @@ class Ledger:
 
     def _records_for(self, name: str) -> list[dict[str, Any]]:
         records = []
-        for path in self._paths.get(name, []):
+        for path in self._paths.get(record_stem(name), []):
             if path not in self._keys:
                 try:
                     record = json.loads(path.read_text(encoding="utf-8"))
-                    self._keys[path] = {k: record.get(k) for k in ("file", "size", "mtime_ns", "sha256")}
+                    self._keys[path] = {k: record.get(k) for k in _KEY_FIELDS}
                 except (OSError, ValueError):
                     self._keys[path] = {}  # unreadable: matches nothing, so the image is decided again
             if self._keys[path].get("file") == name:
                 records.append(self._keys[path])
         return records
 
-    def done_by_stat(self, name: str, size: int, mtime_ns: int) -> bool:
-        return any(r["size"] == size and r["mtime_ns"] == mtime_ns for r in self._records_for(name))
+    def done_by_stat(self, name: str, size: int, mtime_ns: int, ino: int, ctime_ns: int) -> bool:
+        """A record of this very file: same size and mtime, and (records since inode/ctime were kept) the same
+        inode and ctime, so a rewrite in place that keeps size and mtime is not mistaken for done."""
+        return any(r.get("size") == size and r.get("mtime_ns") == mtime_ns
+                   and (r.get("ino") is None or (r.get("ino") == ino and r.get("ctime_ns") == ctime_ns))
+                   for r in self._records_for(name))
 
     def done_by_content(self, name: str, sha256: str) -> bool:
-        return any(r["sha256"] == sha256 for r in self._records_for(name))
+        return any(r.get("sha256") == sha256 for r in self._records_for(name))
 
     def write(self, record: dict[str, Any], *, error: bool) -> Path:
-        name, sha = record["file"], record["sha256"]
+        name = record["file"]
+        # Unreadable files have no sha256: their identity is the stat they were recorded under.
+        tag = record["sha256"] or hashlib.sha256(repr([record[k] for k in _KEY_FIELDS]).encode()).hexdigest()
         folder = self.errors_dir if error else self.out_dir
-        path = folder / f"{name}.json"
-        if (self.out_dir / path.name).exists() or (self.errors_dir / path.name).exists():
-            # Another image had this name before (its content differs, or it would count as done): keep both.
-            path = folder / f"{name}.{sha[:12]}.json"
+        stem = record_stem(name)
+        path = folder / f"{stem}.json"
+        if path.exists():
+            # Another image had this name before (its content differs, or it would count as done): keep both. An
+            # error record of a file that later decodes (the camera finished it) is in errors/, so its result still
+            # gets the normal name.
+            path = folder / f"{stem}.{tag[:12]}.json"
         try:
             atomic_write_json(path, record)
             path.chmod(0o644)  # read by the clinic's other systems, often as another user
@@ -111,14 +168,20 @@ class Ledger:
                 "unrecorded: fix the output folder and restart, the image will be decided then"
             ) from err
         self._index(path)
-        self._keys[path] = {k: record[k] for k in ("file", "size", "mtime_ns", "sha256")}
+        self._keys[path] = {k: record.get(k) for k in _KEY_FIELDS}
         return path
+
+
+_KEY_FIELDS = ("file", "size", "mtime_ns", "ino", "ctime_ns", "sha256")
 
 
 def _lock(out_dir: Path) -> Any:
     """Hold OUT/.serve.lock for the life of the process: two services writing one ledger would redo images.
     The OS drops the lock when the process dies, even by SIGKILL, so a restart is never blocked by a stale lock."""
-    handle = open(out_dir / LOCK_FILE, "a+")  # held open on purpose until serve() returns
+    try:
+        handle = open(out_dir / LOCK_FILE, "a+")  # held open on purpose until serve() returns
+    except OSError as err:
+        raise TlcompileError(f"cannot open {out_dir / LOCK_FILE} ({err.strerror or err}); --out must be a folder this service can write") from err
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: run without the guard
@@ -137,7 +200,12 @@ def _lock(out_dir: Path) -> Any:
 
 def _wanted(entry: os.DirEntry) -> bool:
     name = entry.name
-    return not name.startswith(".") and not name.lower().endswith(PARTIAL_SUFFIXES) and entry.is_file(follow_symlinks=True)
+    if name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES):
+        return False
+    try:
+        return entry.is_file(follow_symlinks=True)
+    except OSError:  # cannot even tell (a link into a folder we may not read): taken, and recorded as an error
+        return not entry.is_dir(follow_symlinks=False)
 
 
 def _now() -> str:
@@ -153,8 +221,10 @@ class Service:
         self._watch_error: str | None = None
         self.ledger = Ledger(out_dir)
         self.stats = ServeStats()
-        self._done: set[tuple[str, int, int]] = set()
-        self._seen: dict[str, tuple[int, int, float]] = {}  # name -> (size, mtime_ns, first seen on the monotonic clock)
+        self._done: set[tuple[str, int, int, int, int]] = set()
+        # name -> (stat key, first seen unchanged on the monotonic clock, seconds it must stay unchanged)
+        self._seen: dict[str, tuple[tuple[int, int, int, int], float, float]] = {}
+        self._retries: dict[str, int] = {}  # name -> truncation retries so far
 
     def poll(self, stop: threading.Event) -> int:
         """Decide every settled new image in the folder (oldest first); returns how many are still settling."""
@@ -178,50 +248,68 @@ class Service:
             try:
                 if not _wanted(entry):
                     continue
-                st = entry.stat(follow_symlinks=True)
+                try:
+                    st = entry.stat(follow_symlinks=True)
+                except FileNotFoundError:
+                    raise
+                except OSError:  # e.g. a link we may not follow: keyed by the link itself, recorded as an error
+                    st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:  # removed while we looked
                 continue
-            key = (entry.name, st.st_size, st.st_mtime_ns)
+            except OSError:
+                continue  # not even the directory entry can be read: nothing to key a record on; seen next poll
+            stat_key = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            key = (entry.name, *stat_key)
             present.add(entry.name)
             if key in self._done:
                 continue
             seen = self._seen.get(entry.name)
-            if seen is None or seen[:2] != key[1:]:
-                self._seen[entry.name] = (st.st_size, st.st_mtime_ns, now)
-                seen = self._seen[entry.name]
-            if now - seen[2] < self.settle:
+            if seen is None or seen[0] != stat_key:
+                wait = self.settle if seen is None or entry.name not in self._retries else max(self.settle, RETRY_MIN_WAIT)
+                self._seen[entry.name] = seen = (stat_key, now, wait)
+            if now - seen[1] < seen[2]:
                 pending += 1
                 continue
-            ready.append((st.st_mtime_ns, entry.name, st.st_size))
+            ready.append((st.st_mtime_ns, entry.name, stat_key))
         for name in set(self._seen) - present:
             del self._seen[name]
-        for mtime_ns, name, size in sorted(ready):
+            self._retries.pop(name, None)
+        for _mtime_ns, name, stat_key in sorted(ready):
             if stop.is_set():
                 break
-            self._take(name, size, mtime_ns)
+            if not self._take(name, stat_key):
+                pending += 1  # to be retried once it has settled again
         return pending
 
-    def _take(self, name: str, size: int, mtime_ns: int) -> None:
+    def _take(self, name: str, stat_key: tuple[int, int, int, int]) -> bool:
+        """Decide one file and write its record; False when it is left for a retry (it looked cut off)."""
         path = self.watch / name
-        key = (name, size, mtime_ns)
-        if self.ledger.done_by_stat(name, size, mtime_ns):
+        size, mtime_ns, ino, ctime_ns = stat_key
+        key = (name, *stat_key)
+        if self.ledger.done_by_stat(name, size, mtime_ns, ino, ctime_ns):
             self._done.add(key)
             self.stats.already_done += 1
-            return
-        try:
-            sha = sha256_file(path)
-        except FileNotFoundError:
-            return
-        if self.ledger.done_by_content(name, sha):
-            self._done.add(key)
-            self.stats.already_done += 1
-            return
-        record: dict[str, Any] = {"file": name, "path": str(path.resolve()), "size": size, "mtime_ns": mtime_ns, "sha256": sha}
+            return True
+        record: dict[str, Any] = {"file": name, "path": os.path.abspath(path), "size": size, "mtime_ns": mtime_ns,
+                                  "ino": ino, "ctime_ns": ctime_ns, "sha256": None}
         v = self.verified
-        # A bad frame must never stop the service: whatever deciding this one file raises becomes its error record.
-        # Writing the record stays outside the try: if the output folder is unwritable nothing can be recorded,
-        # and the service stops with that error rather than dropping images.
+        head = b""
+        # A bad frame must never stop the service: whatever reading or deciding this one file raises becomes its
+        # error record. Writing the record stays outside the try: if the output folder is unwritable nothing can be
+        # recorded, and the service stops with that error rather than dropping images.
         try:
+            try:
+                record["sha256"] = sha256_file(path)
+                with open(path, "rb") as f:
+                    head = f.read(16)
+            except FileNotFoundError:
+                return True  # removed before we read it: nothing to record
+            except OSError as err:
+                raise TlcompileError(f"{path}: cannot read the file ({err.strerror or err}); check its owner and permissions") from err
+            if self.ledger.done_by_content(name, record["sha256"]):
+                self._done.add(key)
+                self.stats.already_done += 1
+                return True
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise TlcompileError(f"{name}: '{path.suffix or '(none)'}' is not an image type this service reads; valid: {', '.join(IMAGE_EXTENSIONS)}")
             result = predict_image(v.bundle, v.session, path).to_dict()
@@ -229,25 +317,36 @@ class Service:
             record.update(status="ok", **result)
             error = False
         except Exception as err:  # broad on purpose: see above
-            record.update(status="error", error=str(err).splitlines()[0] if str(err) else type(err).__name__, error_type=type(err).__name__)
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            tries = self._retries.get(name, 0)
+            if isinstance(err, TlcompileError) and tries < TRUNCATION_RETRIES and looks_truncated(message, head, size):
+                self._retries[name] = tries + 1
+                self._seen[name] = (stat_key, time.monotonic(), max(self.settle, RETRY_MIN_WAIT))
+                self.log(f"{printable(name)}: looks cut off ({message}); retry {tries + 1} of {TRUNCATION_RETRIES} once it settles again")
+                return False
+            record.update(status="error", error=message, error_type=type(err).__name__)
+            if tries:
+                record["retries"] = tries
             error = True
         record.update(
             bundle={"name": v.bundle.name, "artifact": v.bundle.artifact, "runtime": v.bundle.runtime, "candidate": v.bundle.candidate_id,
-                    "pinned": v.pinned, "manifest_sha256": v.manifest_sha256},
+                    "pinned": v.pinned, "manifest_sha256": v.manifest_sha256, **({"signed_by": v.signed_by} if v.signed_by else {})},
             processed_at=_now(),
             service_pid=os.getpid(),
         )
         written = self.ledger.write(record, error=error)
         self._done.add(key)
+        self._retries.pop(name, None)
         if error:
             self.stats.errors += 1
-            self.log(f"{name}: ERROR {record['error']} -> {written}")
+            self.log(f"{printable(name)}: ERROR {printable(record['error'])} -> {printable(str(written))}")
         else:
             self.stats.results += 1
             detail = "" if record["referral"] == UNGRADABLE else f" (P(referable DR) {record['referable_dr_probability']:.3f}"
             if detail and record.get("grade_name"):
                 detail += f", grade {record['grade_name']}"
-            self.log(f"{name}: {record['referral']}{detail + ')' if detail else ''} -> {written}")
+            self.log(f"{printable(name)}: {record['referral']}{detail + ')' if detail else ''} -> {printable(str(written))}")
+        return True
 
 
 def serve(
@@ -259,6 +358,7 @@ def serve(
     interval: float = 1.0,
     settle: float = 1.0,
     threads: int | None = None,
+    trust: list[str | Path] | None = None,
     log: Callable[[str], None] = print,
     stop: threading.Event | None = None,
 ) -> ServeStats:
@@ -279,7 +379,10 @@ def serve(
         raise TlcompileError(f"--out '{out_dir}' is a file; give a folder for the result records")
     if out_dir.resolve() == watch.resolve():
         raise TlcompileError(f"--out '{out_dir}' is the watch folder; the records would be taken for images; give another folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TlcompileError(f"--out '{out_dir}': cannot create the records folder ({err.strerror or err})") from err
     lock = _lock(out_dir)
     stop = stop or threading.Event()
     previous: dict[int, Any] = {}
@@ -287,11 +390,12 @@ def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
     try:
-        verified = open_verified(bundle_path, threads=threads)
+        verified = open_verified(bundle_path, threads=threads, trust=trust)
         b = verified.bundle
         log(verified.notice)
         log(f"serving {b.name} ({b.candidate_id}, {verified.session.exec_precision}, threshold {b.threshold:.4f}; "
-            f"golden samples pass, max |Δlogit| {verified.golden.max_abs_logit_diff:.1e}): {watch} -> {out_dir}")
+            f"golden samples pass, max |Δlogit| {verified.golden.max_abs_logit_diff:.1e}"
+            + (f"; signed by trusted key {verified.signed_by}" if verified.signed_by else "") + f"): {watch} -> {out_dir}")
         service = Service(verified, watch, out_dir, settle=settle, log=log, once=once)
         pending = 0
         while not stop.is_set():

@@ -119,6 +119,22 @@ def distributed_context() -> tuple[int, int]:
     return 0, 1
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch over ``n`` samples. A last batch of a single sample is merged into the one before
+    it (one batch of ``batch_size + 1``): BatchNorm in training mode cannot normalise one image whose features are
+    1x1 (most models at small inputs), so 65 images at batch 32 give batches of 32 and 33. Deterministic, and every
+    image is still seen once per epoch."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if batch_size > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps one epoch of ``n`` samples takes (see :func:`batch_bounds`)."""
+    return len(batch_bounds(n, batch_size))
+
+
 def iterate_batches(
     images: np.ndarray,
     targets: np.ndarray,
@@ -152,8 +168,8 @@ def iterate_batches(
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     pin = device.type == "cuda"
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for start, end in batch_bounds(len(order), batch_size):
+        idx = order[start:end]
         host = torch.from_numpy(images[idx])
         if pin:  # page-locked host memory lets the copy overlap with compute
             host = host.pin_memory()

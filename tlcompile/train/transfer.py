@@ -142,7 +142,7 @@ def run_phases(
     all phases: after a kill, fit() skips the phases already done and continues the one that was running.
     """
     x_tr, y_tr = data.subset("train")
-    steps = -(-len(x_tr) // train.batch_size)
+    steps = loop.steps_per_epoch(len(x_tr), train.batch_size)
     weight = loop.class_weights(y_tr, data.num_classes).to(device) if data.balance == "weighted_loss" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     blocks = dict(model.blocks())

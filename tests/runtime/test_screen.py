@@ -1,0 +1,96 @@
+"""Non-fundus and damaged inputs (issue 20): ordinary photos are ungradable, zero-filled JPEGs are errors, and every
+fundus photograph, real or synthetic, still gets its decision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tlcompile.errors import DataError
+from tlcompile.runtime.preprocess import find_field
+from tlcompile.runtime.screen import damage_reason, not_fundus_reason
+
+CORPUS = Path(__file__).parents[1] / "corpus" / "images"
+EXPECTED = json.loads((CORPUS / "expected.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def session(tiny_build):
+    from tlcompile.runtime.bundle import load_bundle
+
+    bundle = load_bundle(tiny_build.bundle)
+    return bundle, bundle.open_session()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED), ids=sorted(EXPECTED))
+def test_image_corpus(name, session):
+    from tlcompile.runtime.predict import predict_image
+
+    bundle, sess = session
+    kind = EXPECTED[name]["expect"]
+    path = CORPUS / name
+    if kind == "no_decision":
+        try:
+            result = predict_image(bundle, sess, path)
+        except DataError as err:
+            assert "looks damaged" in str(err)
+        else:
+            assert result.referral == "ungradable" and result.ungradable_reason
+        return
+    if kind in ("damaged", "error"):
+        with pytest.raises(DataError) as info:
+            predict_image(bundle, sess, path)
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+        if kind == "damaged":
+            assert "looks damaged" in str(info.value)
+        return
+    result = predict_image(bundle, sess, path)
+    if kind == "not_fundus":  # before: "refer" with P = 1.0 and "field of view found"
+        assert result.referral == "ungradable" and result.ungradable and not result.fov_found
+        assert result.referable_dr_probability is None and result.ungradable_reason.startswith("not a fundus photograph")
+    else:
+        assert result.referral in ("refer", "no referral") and result.fov_found and result.ungradable_reason is None
+
+
+def test_real_fundus_photographs_at_full_size_pass_and_ordinary_photos_do_not():
+    skdata = pytest.importorskip("skimage.data")
+    for name in ("retina", "microaneurysms"):
+        rgb = getattr(skdata, name)()
+        rgb = np.repeat(rgb[:, :, None], 3, axis=2) if rgb.ndim == 2 else rgb
+        assert damage_reason(rgb) is None and not_fundus_reason(rgb, find_field(rgb)) is None, name
+    for name in ("chelsea", "astronaut", "rocket", "coffee"):
+        rgb = getattr(skdata, name)()
+        assert not_fundus_reason(rgb, find_field(rgb)) is not None, name
+
+
+def _flagged(images) -> list[str]:
+    out = []
+    for i, rgb in enumerate(images):
+        reason = damage_reason(rgb) or not_fundus_reason(rgb, find_field(rgb))
+        if reason:
+            out.append(f"{i}: {reason}")
+    return out
+
+
+@pytest.mark.parametrize("style", ["default", "camera_b"])
+def test_no_synthetic_fundus_image_is_newly_rejected(style):
+    """Every style, sizes from the tests' 48 px to camera-like 280 px, the hardest difficulty: none is flagged."""
+    from tlcompile.data.synthetic import generate
+
+    for size, n, difficulty in ((48, 60, 1.0), (60, 60, 0.5), (140, 60, 1.0), (280, 20, 0.3)):
+        images, _ = generate(n, seed=size, size=size, style=style, difficulty=difficulty)
+        assert _flagged(images) == [], (style, size)
+
+
+@pytest.mark.slow
+def test_the_quickstart_images_are_not_rejected():
+    """All 1,500 images the quickstart renders (so every test-split decision is unchanged): none is flagged."""
+    from tlcompile.data import synthetic
+    from tlcompile.recipe import load_recipe
+
+    r = load_recipe(Path(__file__).parents[2] / "recipes" / "quickstart.yaml")
+    images, _ = synthetic.generate(r.data.num_images, seed=r.seed, size=round(r.data.image_size * 1.25), style=r.data.style)
+    assert _flagged(images) == []

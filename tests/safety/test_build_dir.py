@@ -1,0 +1,124 @@
+"""A build writes and deletes only inside a folder it owns; --resume never mixes two recipes (issue 20, 3 and 4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from tlcompile.errors import TlcompileError
+from tlcompile.pipeline import BUILD_MARKER, build, claim_out_dir, prepare_out_dir
+from tlcompile.recipe import validate_recipe_dict
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def _users_folder(tmp_path: Path) -> Path:
+    """A folder that is not a build but looks a little like one: what --out must never touch."""
+    folder = tmp_path / "photos"
+    (folder / "bundle").mkdir(parents=True)
+    (folder / "bundle" / "model.xml").write_text("the user's own file")
+    (folder / "report.json").write_text('{"mine": true}')
+    (folder / "02_train").mkdir()
+    (folder / "02_train" / "notes.txt").write_text("not a stage")
+    return folder
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_folder_that_is_not_a_build_is_refused_and_left_untouched(tmp_path, resume):
+    folder = _users_folder(tmp_path)
+    before = _tree(folder)
+    with pytest.raises(TlcompileError) as info:
+        prepare_out_dir(folder, resume=resume)
+    message = str(info.value)
+    assert "not a tlcompile build folder" in message and "--resume" not in message and "\n" not in message
+    assert _tree(folder) == before
+
+
+def test_build_resume_out_on_a_users_folder_through_the_cli(tiny_recipe_dict, write_recipe, tmp_path, monkeypatch, capsys):
+    """The issue's example: `build --resume --out DIR` on a folder that is not a build removed DIR/bundle/ and
+    overwrote report.json. Now one line, exit 2, nothing changed."""
+    from tlcompile.cli import main
+
+    folder = _users_folder(tmp_path)
+    before = _tree(folder)
+    for extra in (["--resume"], []):
+        monkeypatch.setattr(sys, "argv", ["tlcompile", "build", str(write_recipe(tiny_recipe_dict)), "--out", str(folder), *extra])
+        with pytest.raises(SystemExit) as info:
+            main()
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "--resume" not in err, err
+        assert _tree(folder) == before
+
+
+def test_new_and_empty_folders_are_claimed_and_marked(tmp_path):
+    for folder in (tmp_path / "new" / "build", tmp_path / "empty"):
+        if folder.name == "empty":
+            folder.mkdir()
+        prepare_out_dir(folder, resume=False)
+        assert folder.is_dir() and not any(folder.iterdir())  # nothing is written before the preflight checks
+        claim_out_dir(folder)
+        marker = json.loads((folder / BUILD_MARKER).read_text())
+        assert marker["tlcompile_build"] == 1
+    # A marked build folder is refused without --resume (that advice is right here) and accepted with it.
+    with pytest.raises(TlcompileError, match="already holds a build; use --resume"):
+        prepare_out_dir(tmp_path / "empty", resume=False)
+    prepare_out_dir(tmp_path / "empty", resume=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TlcompileError, match="is a file"):
+        prepare_out_dir(tmp_path / "file", resume=True)
+    # A marker that is a symbolic link does not make a folder a build.
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "data.csv").write_text("x")
+    (tmp_path / "linked" / BUILD_MARKER).symlink_to(tmp_path / "empty" / BUILD_MARKER)
+    with pytest.raises(TlcompileError, match="not a tlcompile build folder"):
+        prepare_out_dir(tmp_path / "linked", resume=True)
+
+
+def test_resume_with_another_recipe_removes_stale_stages_and_says_what_it_reused(compress_like_recipe, tmp_path):
+    """The issue's example: a 32 px recipe resumed into a build of another size kept the old prune, quantize and
+    fp32.xml next to the new ones and listed them in the manifest. Now stale stages are removed, the manifest lists
+    only this recipe's files, and the build prints what it reused, redid and removed."""
+    out = tmp_path / "build"
+    first = validate_recipe_dict(compress_like_recipe)
+    build(first, out, console=Console(quiet=True))
+    assert (out / "03_prune").is_dir() and (out / "05_export" / "fp32.xml").is_file() and (out / "bundle").is_dir()
+
+    second = dict(compress_like_recipe)
+    second.pop("prune")
+    second["data"] = {**second["data"], "image_size": 32}
+    second["export"] = {**second["export"], "formats": ["onnx"]}
+    second["bench"] = {**second["bench"], "runtimes": ["onnxruntime"]}
+    second["bundle"] = {"enabled": False}
+    console = Console(record=True, width=300)
+    report = build(validate_recipe_dict(second), out, resume=True, console=console).report
+    printed = console.export_text()
+    assert "resume" in printed and "03_prune (not in this recipe)" in printed and "02_train (its recipe sections changed" in printed
+    assert not (out / "03_prune").exists() and not (out / "05_export" / "fp32.xml").exists() and not (out / "bundle").exists()
+    manifest = json.loads((out / "manifest.json").read_text())["files"]
+    assert not [f for f in manifest if f.startswith("03_prune/") or f.endswith(".xml") or ".openvino." in f]
+    assert report["preprocessing"]["size"] == 32 and {a["name"] for a in report["artifacts"]} == {"fp32"}
+    # Resumed again with the same recipe: every stage is reused.
+    console = Console(record=True, width=300)
+    build(validate_recipe_dict(second), out, resume=True, console=console)
+    printed = console.export_text()
+    assert "reused 01_data, 02_train, 05_export" in printed and "train: resumed from" in printed
+
+
+@pytest.fixture
+def compress_like_recipe(tiny_recipe_dict) -> dict:
+    r = dict(tiny_recipe_dict)
+    r["data"] = {**r["data"], "num_images": 80}
+    r["export"] = {**r["export"], "parity_images": 8}
+    r["evaluate"] = {"bootstrap_resamples": 100}
+    r["prune"] = {"ratio": 0.5, "steps": 1, "finetune_epochs": 1, "calibration_images": 16,
+                  "max_auc_drop": None, "max_sensitivity_drop": None, "max_specificity_drop": None}
+    r["bench"] = {**r["bench"], "runtimes": ["openvino", "onnxruntime"]}
+    return r
