@@ -585,11 +585,13 @@ class BundleConfig(Section):
     enabled: bool = Field(True, description="Write bundle/ (model, bundle.json, golden samples, manifest) at the end of the build.")
     select: Literal["fastest", "best_under_budget", "name"] = Field(
         "fastest",
-        description="Which artifact the bundle ships. Candidates are those measured on the bundle runtime that meet the "
-        "accuracy guard (compressed artifacts, judged on val), evaluate.endpoints and latency_budget_ms. fastest: the one "
-        "with the lowest p90 latency -- the guard is what makes a compressed model as good as fp32 -- ties to the higher "
-        "test AUC; best_under_budget: the highest test AUC (ties: the faster; note this chooses on the test split); "
-        "name: the artifact named by bundle.artifact, whatever it measured.",
+        description="The build's choice among the bundle's candidates (what predict and serve run until tlcompile verify pins "
+        "one for the clinic's CPU). Candidates are those measured on the bundle runtime(s) that meet the accuracy guard "
+        "(compressed artifacts, judged on val), evaluate.endpoints and latency_budget_ms. fastest: the lowest p90, measured "
+        "again on the build box in interleaved rounds, where a compressed one must beat the fastest fp32 one by more than "
+        "the noise -- the guard is what makes a compressed model as good as fp32; best_under_budget: the highest test AUC "
+        "(ties: the faster; note this chooses on the test split); name: the artifact named by bundle.artifact alone, "
+        "whatever it measured.",
     )
     artifact: str = Field("fp32", min_length=1, description="select: name: the artifact to bundle (fp32, pruned, int8, pruned-int8 ...).")
     latency_budget_ms: float | None = Field(

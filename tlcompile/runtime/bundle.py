@@ -624,7 +624,8 @@ def verify_bundle(path: str | Path, *, threads: int | None = None, pin: bool = T
             sessions[cid] = session
     by_id = {c.id: c for c in result.candidates}
     chosen = bundle.default_candidate
-    if pin and result.manifest.ok and sessions:
+    damaged = any(c.damaged for c in result.candidates)
+    if pin and result.manifest.ok and not damaged and sessions:  # a damaged bundle is never measured, nor pinned
         record, why_not = (None, "--repin") if repin else read_device(bundle.root, manifest_sha256=result.manifest.manifest_sha256,
                                                                      candidates=list(sessions))
         if record is not None:
@@ -653,10 +654,8 @@ def verify_bundle(path: str | Path, *, threads: int | None = None, pin: bool = T
             except OSError as err:
                 result.pin["error"] = (f"could not write {bundle.root / DEVICE_JSON} ({err.strerror or err}); predict and serve "
                                        f"will run the build's choice {bundle.default_candidate}")
-    elif not sessions:
-        pass
-    elif by_id[chosen].ok is False:
-        chosen = next(iter(sessions))
+    elif sessions and not by_id[chosen].ok:
+        chosen = next(iter(sessions))  # nothing pinned: show a candidate that passes here
     shown = by_id.get(chosen) or result.candidates[0]
     result.artifact, result.golden = shown.artifact, shown.golden
     return result
