@@ -141,6 +141,30 @@ def test_a_pin_for_another_bundle_or_cpu_is_not_used(bundle_copy):
     assert not result.pin["reused"] and "manifest changed" in result.pin["replaced_because"]
 
 
+def test_a_runtime_that_crashes_on_this_cpu_rules_out_that_candidate_only(bundle_copy, monkeypatch):
+    """OpenVINO's int8 kernels raised at inference on an emulated ARMv8.0 core (cortex-a72): verify must report that
+    candidate as failing here and go on, never end in a traceback."""
+    from tlcompile.runtime import inference
+
+    real_run = inference.OpenVINOSession.run
+
+    def crash(self, x):
+        raise RuntimeError("Exception from src/plugins/intel_cpu/src/node.cpp:1\n[CPU] Convolution node 'conv' object is not initialized")
+
+    monkeypatch.setattr(inference.OpenVINOSession, "run", crash)
+    result = verify_bundle(bundle_copy)
+    broken = next(c for c in result.candidates if c.id == "fp32@openvino")
+    assert not broken.ok and not broken.damaged and "is not initialized" in broken.problems[0]
+    assert result.ok and result.pin["chosen"] == "fp32@onnxruntime"
+    # predict/serve running that candidate (a pin made before the runtime broke): one line, not a traceback.
+    device = json.loads((bundle_copy / "device.json").read_text())
+    (bundle_copy / "device.json").write_text(json.dumps({**device, "chosen": "fp32@openvino"}))
+    with pytest.raises(BundleError, match="openvino failed running it on this box .*run tlcompile verify"):
+        open_verified(bundle_copy)
+    monkeypatch.setattr(inference.OpenVINOSession, "run", real_run)
+    assert open_verified(bundle_copy).bundle.candidate_id == "fp32@openvino"
+
+
 def test_choose_takes_a_compressed_candidate_only_when_it_wins_by_more_than_the_noise():
     from tlcompile.runtime.pinning import choose
 

@@ -576,6 +576,11 @@ def _check_candidate(bundle: Bundle, cid: str, threads: int | None) -> tuple[Can
         # this box (RuntimeBackendError) only rules the candidate out here.
         result.damaged = isinstance(err, (BundleError, UnsafeFileError))
         return result, None
+    except Exception as err:  # noqa: BLE001 - the runtime itself failed on this CPU (OpenVINO int8 on an ARMv8.0 core
+        # raised "Convolution node ... is not initialized" at inference): this candidate cannot run here, the others may.
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+        result.problems.append(f"{view.runtime} failed running {cid} on this box ({type(err).__name__}: {first})")
+        return result, None
     if any("do not follow from the stored logits" in p for p in result.golden.problems):
         result.damaged = True  # bundle.json's operating point or expectations were changed after the build
     return result, session
@@ -696,7 +701,14 @@ def open_verified(path: str | Path, *, threads: int | None = None, trust: list[s
         notice = f"running the build's choice {cid}: {why_not}"
     view = bundle.candidate(cid)
     session = view.open_session(threads)
-    golden = check_golden(view, session=session)
+    try:
+        golden = check_golden(view, session=session)
+    except TlcompileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the runtime failed on this CPU: one line, and what to do
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+        raise BundleError(f"bundle {bundle.root} ({cid}): {view.runtime} failed running it on this box ({type(err).__name__}: "
+                          f"{first}); run tlcompile verify {bundle.root} to pin a candidate that runs here") from err
     if not golden.ok:
         raise BundleError(f"bundle {bundle.root} ({cid}) fails its golden samples on this box: {golden.problems[0]}; run tlcompile verify {bundle.root}")
     return VerifiedBundle(bundle=view, session=session, manifest_sha256=manifest.manifest_sha256, golden=golden, pinned=pinned,
