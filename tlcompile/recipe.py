@@ -155,11 +155,11 @@ class DataConfig(Section):
         if value is None:
             return value
         if "{id}" not in value:
-            raise ValueError(f"'{value}' does not contain '{{id}}'; valid: a file name pattern such as '{{id}}.png'")
+            raise ValueError(f"{value!r} does not contain '{{id}}'; valid: a file name pattern such as '{{id}}.png'")
         try:
             value.format(id="x")
         except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"'{value}' has a placeholder other than {{id}} ({err}); valid: a pattern such as '{{id}}.png'") from err
+            raise ValueError(f"{value!r} has a placeholder other than {{id}} ({err}); valid: a pattern such as '{{id}}.png'") from err
         return value
 
     @field_validator("patient_regex")
@@ -170,9 +170,9 @@ class DataConfig(Section):
         try:
             pattern = re.compile(value)
         except re.error as err:
-            raise ValueError(f"'{value}' is not a regular expression ({err})") from err
+            raise ValueError(f"{value!r} is not a regular expression ({err})") from err
         if pattern.groups < 1:
-            raise ValueError(f"'{value}' has no group to take the patient id from; valid: e.g. '^(.+)_(left|right)$'")
+            raise ValueError(f"{value!r} has no group to take the patient id from; valid: e.g. '^(.+)_(left|right)$'")
         return value
 
     @field_validator("label_map", mode="before")
@@ -234,7 +234,7 @@ class ModelConfig(Section):
             return value
         if not value.lower().endswith(WEIGHT_FILE_SUFFIXES):
             raise ValueError(
-                f"'{value}' is not a weight source; valid: none, imagenet, build:DIR, or a weights file ending in "
+                f"{value!r} is not a weight source; valid: none, imagenet, build:DIR, or a weights file ending in "
                 f"{', '.join(WEIGHT_FILE_SUFFIXES)}"
             )
         return value
@@ -250,7 +250,7 @@ class ModelConfig(Section):
             return value
         known = list_models()
         if value not in known:
-            raise ValueError(f"'{value}' is not a known model; known: {', '.join(known)}")
+            raise ValueError(f"{value!r} is not a known model; known: {', '.join(known)}")
         return value
 
 
@@ -298,7 +298,7 @@ def check_transfer_init(value: str) -> str:
     k = value[len("partial:") :] if value.startswith("partial:") else None
     if value in ("pretrained", "random", "mean_var") or (k is not None and k.isdigit() and int(k) >= 1):
         return value
-    raise ValueError(f"'{value}' is not an init; valid: pretrained, random, mean_var, partial:K (keep the first K >= 1 blocks)")
+    raise ValueError(f"{value!r} is not an init; valid: pretrained, random, mean_var, partial:K (keep the first K >= 1 blocks)")
 
 
 class FinetuneConfig(Section):
