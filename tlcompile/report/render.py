@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from tlcompile.compress.guard import evidence_text
 from tlcompile.errors import TlcompileError
 
@@ -121,17 +119,18 @@ def artifact_cells(row: dict[str, Any]) -> list[str]:
 TERMINAL_COLUMNS = ("artifact", "runtime", "exec", "p50 ms", "p90 ms", "AUC", "sens", "spec", "MB", "|Δlogit|", "top-1 agree", "guard")
 
 
-def artifact_table(report: dict[str, Any]) -> Table:
+def artifact_table(report: dict[str, Any]):
+    """The build's closing table (terminal): never truncated; a narrow terminal gets one block per row."""
+    from tlcompile.report.terminal import FitTable
+
     op = report.get("operating_point", {})
-    table = Table(title=f"{report.get('name', 'build')}: test split, threshold {_num(op.get('threshold'))} locked on val")
     keep = [ROW_COLUMNS.index(c) for c in TERMINAL_COLUMNS]
-    for col in TERMINAL_COLUMNS:
-        table.add_column(col, justify="left" if col in ("artifact", "runtime", "exec") else "right", no_wrap=True)
+    table = FitTable(list(TERMINAL_COLUMNS), title=f"{report.get('name', 'build')}: test split, threshold {_num(op.get('threshold'))} locked on val",
+                     right={c for c in TERMINAL_COLUMNS if c not in ("artifact", "runtime", "exec", "guard")}, key=2)
     for row in report.get("artifacts", []):
         cells = artifact_cells(row)
         table.add_row(*[cells[i] for i in keep])
     return table
-
 
 # ---------------------------------------------------------------------------------------------- verdict
 @dataclass

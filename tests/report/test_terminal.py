@@ -1,0 +1,91 @@
+"""Terminal tables never truncate a name or a number: at 80 columns they drop empty columns or go vertical."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+
+from tlcompile.report.render import artifact_table
+from tlcompile.report.terminal import fit_table
+from tlcompile.runtime.bench import bench_table, mark_pareto
+
+
+def _render(renderable, width: int) -> str:
+    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
+    console.print(renderable)
+    return console.export_text()
+
+
+def _bench_rows() -> list[dict]:
+    rows = []
+    for name, runtime, p50 in (("pruned-int8", "onnxruntime", 0.6781), ("mobilenet_v3_small-int8", "openvino", 12.3456),
+                               ("fp32", "openvino", 2.8391)):
+        rows.append({"name": name, "runtime": runtime, "exec_precision": "u8" if "int8" in name else "bf16", "threads": 2, "batch": 1,
+                     "latency_ms": {"p50": p50, "p90": p50 * 1.31, "p99": p50 * 2}, "throughput_fps": 1000 / p50,
+                     "gmacs_per_s": 123.45, "peak_rss_mb": None, "metrics": {"auc": 0.98123}})
+    mark_pareto(rows)
+    return rows
+
+
+def _cells(rows: list[dict]) -> list[str]:
+    return [c for r in rows for c in (r["name"], r["runtime"], f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p90']:.2f}",
+                                      f"{r['throughput_fps']:.1f}", f"{r['metrics']['auc']:.3f}")]
+
+
+@pytest.mark.parametrize("width", [200, 80, 50])
+def test_bench_table_shows_every_name_and_number_whole(width):
+    rows = _bench_rows()
+    text = _render(bench_table(rows, title="tlcompile bench on Test CPU (ISA: AVX2)"), width)
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= width
+    words = set(re.split(r"[\s│┃]+", text))
+    for cell in _cells(rows):
+        assert cell in words, (cell, text)
+    # Every row measured no peak RSS: the column is dropped rather than shown empty.
+    assert "RSS MB" not in text
+    # The report's words: artifact (not model), Pareto "front".
+    assert "front" in text and "model " not in text
+    assert "artifact" in text or "┃" not in text  # the vertical layout heads each block with the artifact itself
+
+
+def test_narrow_terminals_get_one_block_per_row_wide_ones_a_table():
+    rows = _bench_rows()
+    wide, narrow = _render(bench_table(rows, title="t"), 200), _render(bench_table(rows, title="t"), 50)
+    assert "┃" in wide and "p50 ms" in wide.splitlines()[1]
+    assert "┃" not in narrow
+    block = narrow.split("mobilenet_v3_small-int8", 1)[1].split("fp32", 1)[0]
+    assert re.search(r"p50 ms\s+12\.35", block) and re.search(r"runtime\s+openvino", block)
+
+
+def test_report_terminal_table_at_80_columns(synthetic_report):
+    report = synthetic_report()
+    text = _render(artifact_table(report), 80)
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    for row in report["artifacts"]:
+        assert f"{row['latency_ms']['p50']:.2f}" in text and f"{row['metrics']['auc']:.3f}" in text
+    assert "reference" in text and "met" in text  # the glossary's guard words
+
+
+def test_wrap_columns_wrap_and_fixed_columns_never_shrink():
+    t = fit_table(["model", "params", "description"], [["mobilenet_v3_small", "2,542,856", "a long description " * 6]],
+                  right=["params"], wrap=["description"])
+    text = _render(t, 60)
+    assert "┃" in text and "mobilenet_v3_small" in text and "2,542,856" in text and "…" not in text
+
+
+def test_bench_cli_honours_columns(monkeypatch, tmp_path):
+    """`COLUMNS=80 tlcompile report merge` (which prints the bench table) fits 80 columns in a pipe, not 160."""
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"runs": [{"rows": _bench_rows()}]}))
+    env = {"COLUMNS": "80", "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(p for p in sys.path if p)}
+    out = subprocess.run([sys.executable, "-m", "tlcompile.cli", "report", "merge", str(results)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert max(len(line) for line in out.stdout.splitlines()) <= 80 and "…" not in out.stdout
+    assert "mobilenet_v3_small-int8" in out.stdout and "12.35" in out.stdout

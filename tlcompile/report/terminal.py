@@ -1,0 +1,92 @@
+"""Terminal tables that never truncate: a name you must type or a number you compare is shown whole or not at all.
+
+:class:`FitTable` is a rich renderable. At print time it drops the columns that are empty in every row ("" or "-"),
+lays the rest out as a table when every column fits the terminal at its natural width (columns marked ``wrap`` may
+wrap at spaces), and otherwise switches to a vertical layout: one block per row, one ``column: value`` line per cell.
+Only rich is imported, so the torch-free runtime commands can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
+EMPTY = ("", "-")
+
+
+@dataclass
+class FitTable:
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    title: str | None = None
+    right: set[str] = field(default_factory=set)  # right-aligned (numbers)
+    wrap: set[str] = field(default_factory=set)  # free text that may wrap at spaces (descriptions, notes)
+    key: int = 1  # leading columns that name a row: the heading of its block in the vertical layout
+    keep: set[str] = field(default_factory=set)  # shown even when empty
+
+    def add_row(self, *cells: str) -> None:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"{len(cells)} cells for {len(self.columns)} columns")
+        self.rows.append([str(c) for c in cells])
+
+    def shown_columns(self) -> list[int]:
+        """Indices of the columns with something in at least one row (all of them when there are no rows)."""
+        if not self.rows:
+            return list(range(len(self.columns)))
+        return [i for i, c in enumerate(self.columns)
+                if c in self.keep or i < self.key or any(r[i].strip() not in EMPTY for r in self.rows)]
+
+    def table(self) -> Table:
+        cols = self.shown_columns()
+        table = Table(title=self.title, show_edge=False, pad_edge=False)
+        for i in cols:
+            name = self.columns[i]
+            table.add_column(name, justify="right" if name in self.right else "left", no_wrap=name not in self.wrap,
+                             overflow="fold")
+        for r in self.rows:
+            table.add_row(*(r[i] for i in cols))
+        return table
+
+    def vertical(self) -> Iterable[Text | Table]:
+        """One block per row: its key cells as a heading, then a ``column  value`` grid (values wrap, never cut)."""
+        cols = self.shown_columns()
+        keys, rest = [i for i in cols if i < self.key], [i for i in cols if i >= self.key]
+        if self.title:
+            yield Text(self.title, style="italic")
+        for r in self.rows:
+            yield Text(" ".join(r[i] for i in keys) or "-", style="bold", overflow="fold")
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(no_wrap=True)
+            grid.add_column(overflow="fold")
+            for i in rest:
+                if r[i].strip() in EMPTY and self.columns[i] not in self.keep:
+                    continue
+                grid.add_row("  " + self.columns[i], r[i])
+            yield grid
+
+    def fits(self, console: Console, width: int) -> bool:
+        table = self.table()
+        # Measured unbounded: rich clamps a measurement to the width it is given.
+        return Measurement.get(console, console.options.update_width(100_000), table).minimum <= width
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self.fits(console, options.max_width):
+            yield self.table()
+        else:
+            yield from self.vertical()
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self.table())
+
+
+def fit_table(columns: Sequence[str], rows: Iterable[Sequence[str]], *, title: str | None = None, right: Iterable[str] = (),
+              wrap: Iterable[str] = (), key: int = 1) -> FitTable:
+    t = FitTable(list(columns), title=title, right=set(right), wrap=set(wrap), key=key)
+    for r in rows:
+        t.add_row(*r)
+    return t
