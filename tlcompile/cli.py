@@ -273,7 +273,12 @@ def bench(
     with console.status("benchmarking") as status:
         result = run_bench(list(paths or []), opts, data=data, on_row=lambda row: status.update(
             f"benchmarking: {row['name']} {row['runtime']} t={row['threads']} b={row['batch']}: p50 {row['latency_ms']['p50']:.2f} ms"))
-    console.print(bench_table(result["rows"], title=f"tlcompile bench on {result['host']['cpu']['model']} (ISA: {', '.join(result['host']['cpu']['isa']) or '-'})"))
+    from tlcompile.runtime.pinning import load_average
+
+    load = load_average()
+    console.print(bench_table(result["rows"], title=f"tlcompile bench on {result['host']['cpu']['model']} (ISA: {', '.join(result['host']['cpu']['isa']) or '-'}"
+                              + (f"; load average {load[0]:.2f} on {os.cpu_count()} cores" if load else "") + "): one run per row, "
+                              "no spread measured; on a busy box repeat it, or use tlcompile verify, which benches in rounds"))
     if out is not None:
         append_results(out, result)
         console.print(f"appended {len(result['rows'])} rows to {out}")
@@ -314,6 +319,14 @@ TrustOption = Annotated[
 ]
 
 
+def _model_card_disclaimer(meta: dict) -> str | None:
+    """One line from the bundle's model card: NOT for clinical use when it was trained on synthetic data."""
+    card = meta.get("model_card") or {}
+    if (card.get("data_provenance") or {}).get("source") == "synthetic":
+        return "note: this bundle was trained and tested on synthetic images only: a demonstration, NOT for clinical use"
+    return None
+
+
 @app.command()
 def predict(
     bundle: BundleArgument,
@@ -335,6 +348,9 @@ def predict(
     verified = open_verified(bundle, threads=threads, trust=trust)
     print(verified.notice, file=sys.stderr)
     b = verified.bundle
+    disclaimer = _model_card_disclaimer(b.meta)
+    if disclaimer:
+        print(disclaimer, file=sys.stderr)
     results = predict_paths(b, verified.session, paths)
     table = Table(title=f"{b.name} ({b.candidate_id}): refer when P(referable DR) >= {b.threshold:.4f}")
     for col in ("image", "referral", "P(referable DR)") + (("grade",) if b.task == "grade" else ()) + ("note",):

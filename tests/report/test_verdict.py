@@ -58,7 +58,7 @@ def test_a_test_drop_beyond_the_guard_limit_is_flagged_on_the_row_and_in_the_ver
     for row in report["artifacts"]:
         if row["name"] == "int8":
             row["test_flags"] = [{"metric": "sensitivity", "reference": "fp32", "drop": 0.033, "max_drop": 0.02, "text": "x"}]
-    page, md = render_html(report), render_markdown(report)
+    page, md = render_html(report).replace("<wbr>", ""), render_markdown(report)
     box = _verdict_block(page)
     assert '<dt class="bad">Flags</dt>' in box and "test sensitivity -3.3 pp vs fp32, beyond the guard&#x27;s limit of -2.0 pp" in box
     summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]

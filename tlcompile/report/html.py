@@ -50,9 +50,10 @@ nav a{color:#0b5cad;text-decoration:none;margin-right:14px;white-space:nowrap}
 .verdict dt{font-weight:600}.verdict dd{margin:0}
 .verdict .warn{color:#7d4e00}.verdict .bad{color:#b42318}.verdict dt.bad::before{content:"✖ "}.verdict dt.warn::before{content:"⚠ "}
 table{border-collapse:collapse;margin:10px 0 6px;font-size:13px;font-variant-numeric:tabular-nums;max-width:100%}
-th,td{border:1px solid #d0d7de;padding:4px 7px;text-align:right;white-space:normal;overflow-wrap:break-word;vertical-align:top}
+th,td{border:1px solid #d0d7de;padding:4px 7px;text-align:right;vertical-align:top}
+td{white-space:nowrap}th{white-space:normal}
 th{background:#eef1f4;text-align:center}td:first-child,td:nth-child(2){text-align:left;white-space:nowrap}
-td.text{text-align:left;min-width:14em}
+td.text{text-align:left;min-width:14em;white-space:normal;overflow-wrap:break-word}
 tr:nth-child(even) td{background:#fafbfc}.scroll{overflow-x:auto}
 td.pass{color:#116329;font-weight:600}td.fail,td.flag{color:#b42318;font-weight:600}
 caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0}
@@ -64,7 +65,7 @@ code{background:#eef1f4;padding:1px 4px;border-radius:3px}
 body{background:#fff;font-size:11px}main{max-width:none;padding:0}nav{display:none}
 .scroll{overflow:visible}table{font-size:8.5px;width:100%;page-break-inside:auto}th,td{padding:2px 3px}
 tr,figure,.verdict,.banner{break-inside:avoid}h2{break-after:avoid}details>*{display:block}
-td:first-child,td:nth-child(2){white-space:normal}
+td,td:first-child,td:nth-child(2){white-space:normal}
 }
 """
 
@@ -361,9 +362,14 @@ def _cell_class(text: str, header: str = "") -> str:
     return ' class="text"' if len(text) > 60 else ""
 
 
+def _cell_html(text: str) -> str:
+    """Escaped; a number cell may break only before its interval: ``0.982<wbr> (0.967–0.994)``."""
+    return html.escape(text).replace(" (", "<wbr> (")
+
+
 def _table(table: ReportTable) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
-    body = "".join("<tr>" + "".join(f"<td{_cell_class(c, h)}>{html.escape(c)}</td>" for c, h in zip(row, table.header, strict=False))
+    body = "".join("<tr>" + "".join(f"<td{_cell_class(c, h)}>{_cell_html(c)}</td>" for c, h in zip(row, table.header, strict=False))
                    + "</tr>" for row in table.rows)
     caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
     return f'<div class="scroll"><table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
