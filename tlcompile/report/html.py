@@ -64,7 +64,8 @@ code{background:#eef1f4;padding:1px 4px;border-radius:3px}
 @media print{
 body{background:#fff;font-size:11px}main{max-width:none;padding:0}nav{display:none}
 .scroll{overflow:visible}table{font-size:8.5px;width:100%;page-break-inside:auto}th,td{padding:2px 3px}
-tr,figure,.verdict,.banner{break-inside:avoid}h2{break-after:avoid}details>*{display:block}
+tr,figure,.banner{break-inside:avoid}h2{break-after:avoid}details>*{display:block}
+.verdict dl{display:block}.verdict dd{margin:0 0 4px 1.5em}
 td,td:first-child,td:nth-child(2){white-space:normal}
 }
 """
@@ -331,7 +332,8 @@ def plot_training(report: dict[str, Any]) -> str | None:
 PLOTS = (
     ("summary", plot_accuracy_latency, "AUC (left) and sensitivity at the locked threshold (right) against batch-1 latency; colour: "
      "artifact, marker: runtime; the star is the shipped candidate; grey: failed the accuracy guard (never on the front); "
-     "torch fake-quant rows are left out."),
+     "torch fake-quant rows are left out. Latency from the bench stage; the verdict quotes the bundle's interleaved "
+     "re-measurement, which can differ on a busy box."),
     ("screening", plot_roc, "ROC curves per runtime, zoomed to a false-positive rate of at most 0.2; the hollow marker is "
      "each artifact's operating point at the locked threshold."),
     ("confusion", plot_confusion, "Counts; colour is the share of each true class (row)."),

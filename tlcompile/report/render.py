@@ -219,7 +219,7 @@ def int8_speed_notes(report: dict[str, Any]) -> list[str]:
             how = "slower than" if a["p50"] >= b["p50"] else "not faster than"
             notes.append(f"int8 is {how} fp32 on {_runtime_name(runtime)} on this CPU (p50 {a['p50']:.2f} vs {b['p50']:.2f} ms"
                          + (f"; a difference within the noise of {noise:.2f} ms is a tie" if noise and a["p50"] < b["p50"] else "")
-                         + f"; {isa_text(isa)})")
+                         + (f"; {isa_text(isa)})" if not any("VNNI" in x for x in isa) else "; this CPU has VNNI)"))
     return notes
 
 
