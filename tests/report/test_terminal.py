@@ -24,11 +24,11 @@ def _render(renderable, width: int) -> str:
 
 def _bench_rows() -> list[dict]:
     rows = []
-    for name, runtime, p50 in (("pruned-int8", "onnxruntime", 0.6781), ("mobilenet_v3_small-int8", "openvino", 12.3456),
-                               ("fp32", "openvino", 2.8391)):
+    for name, runtime, p50, auc in (("pruned-int8", "onnxruntime", 0.6781, 0.97123), ("mobilenet_v3_small-int8", "openvino", 12.3456, 0.98299),
+                                    ("fp32", "openvino", 2.8391, 0.98123)):
         rows.append({"name": name, "runtime": runtime, "exec_precision": "u8" if "int8" in name else "bf16", "threads": 2, "batch": 1,
                      "latency_ms": {"p50": p50, "p90": p50 * 1.31, "p99": p50 * 2}, "throughput_fps": 1000 / p50,
-                     "gmacs_per_s": 123.45, "peak_rss_mb": None, "metrics": {"auc": 0.98123}})
+                     "gmacs_per_s": 100 / p50, "peak_rss_mb": None, "metrics": {"auc": auc}})
     mark_pareto(rows)
     return rows
 
@@ -38,13 +38,13 @@ def _cells(rows: list[dict]) -> list[str]:
                                       f"{r['throughput_fps']:.1f}", f"{r['metrics']['auc']:.3f}")]
 
 
-@pytest.mark.parametrize("width", [200, 80, 50])
+@pytest.mark.parametrize("width", [200, 80, 50, 30])
 def test_bench_table_shows_every_name_and_number_whole(width):
     rows = _bench_rows()
     text = _render(bench_table(rows, title="tlcompile bench on Test CPU (ISA: AVX2)"), width)
     assert "…" not in text
     assert max(len(line) for line in text.splitlines()) <= width
-    words = set(re.split(r"[\s│┃]+", text))
+    words = set(re.split(r"[\s│┃(),]+", text))
     for cell in _cells(rows):
         assert cell in words, (cell, text)
     # Every row measured no peak RSS: the column is dropped rather than shown empty.
@@ -54,11 +54,14 @@ def test_bench_table_shows_every_name_and_number_whole(width):
     assert "artifact" in text or "┃" not in text  # the vertical layout heads each block with the artifact itself
 
 
-def test_narrow_terminals_get_one_block_per_row_wide_ones_a_table():
+def test_narrow_terminals_get_a_compact_table_then_one_block_per_row():
     rows = _bench_rows()
-    wide, narrow = _render(bench_table(rows, title="t"), 200), _render(bench_table(rows, title="t"), 50)
-    assert "┃" in wide and "p50 ms" in wide.splitlines()[1]
-    assert "┃" not in narrow
+    wide, compact, narrow = (_render(bench_table(rows, title="t"), w) for w in (200, 80, 40))
+    assert "┃" in wide and "p50 ms" in wide.splitlines()[1] and "threads" in wide.splitlines()[1]
+    # 80 columns: no vertical rules, and what every row shares (2 threads, batch 1) is said once, in the title.
+    assert "┃" not in compact and "(threads 2, batch 1" in compact and "mobilenet_v3_small-int8" in compact
+    assert any(re.search(r"mobilenet_v3_small-int8\s+openvino\s+u8\s+12\.35\s+16\.17", line) for line in compact.splitlines())
+    assert "┃" not in narrow and not any(re.search(r"openvino\s+u8\s+12\.35", line) for line in narrow.splitlines())
     block = narrow.split("mobilenet_v3_small-int8", 1)[1].split("fp32", 1)[0]
     assert re.search(r"p50 ms\s+12\.35", block) and re.search(r"runtime\s+openvino", block)
 

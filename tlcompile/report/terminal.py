@@ -2,7 +2,9 @@
 
 :class:`FitTable` is a rich renderable. At print time it drops the columns that are empty in every row ("" or "-"),
 lays the rest out as a table when every column fits the terminal at its natural width (columns marked ``wrap`` may
-wrap at spaces), and otherwise switches to a vertical layout: one block per row, one ``column: value`` line per cell.
+wrap at spaces); if not, a compact table (no vertical rules, headers on two lines, and a column with the same value in
+every row said once in the title: "threads 2"); if that does not fit either, a vertical layout: one block per row,
+one ``column  value`` line per cell.
 Only rich is imported, so the torch-free runtime commands can use it.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from rich import box
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
 from rich.table import Table
@@ -41,12 +44,29 @@ class FitTable:
         return [i for i, c in enumerate(self.columns)
                 if c in self.keep or i < self.key or any(r[i].strip() not in EMPTY for r in self.rows)]
 
-    def table(self) -> Table:
+    def constant_columns(self) -> list[int]:
+        """Non-key columns holding the same non-empty value in every row (two rows or more)."""
+        if len(self.rows) < 2:
+            return []
+        return [i for i in self.shown_columns() if i >= self.key and self.columns[i] not in self.wrap
+                and self.rows[0][i].strip() not in EMPTY and all(r[i] == self.rows[0][i] for r in self.rows)]
+
+    def table(self, compact: bool = False) -> Table:
         cols = self.shown_columns()
-        table = Table(title=self.title, show_edge=False, pad_edge=False)
+        title = self.title
+        if compact:
+            constant = self.constant_columns()
+            if constant:
+                said = ", ".join(f"{self.columns[i]} {self.rows[0][i]}" for i in constant)
+                title = f"{title} ({said})" if title else said
+            cols = [i for i in cols if i not in constant]
+            table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, show_edge=False, pad_edge=False)
+        else:
+            table = Table(title=title, show_edge=False, pad_edge=False)
         for i in cols:
             name = self.columns[i]
-            table.add_column(name, justify="right" if name in self.right else "left", no_wrap=name not in self.wrap,
+            header = name.replace(" ", "\n") if compact and name not in self.wrap else name
+            table.add_column(header, justify="right" if name in self.right else "left", no_wrap=name not in self.wrap,
                              overflow="fold")
         for r in self.rows:
             table.add_row(*(r[i] for i in cols))
@@ -54,10 +74,12 @@ class FitTable:
 
     def vertical(self) -> Iterable[Text | Table]:
         """One block per row: its key cells as a heading, then a ``column  value`` grid (values wrap, never cut)."""
-        cols = self.shown_columns()
+        constant = self.constant_columns()
+        cols = [i for i in self.shown_columns() if i not in constant]
         keys, rest = [i for i in cols if i < self.key], [i for i in cols if i >= self.key]
-        if self.title:
-            yield Text(self.title, style="italic")
+        said = ", ".join(f"{self.columns[i]} {self.rows[0][i]}" for i in constant)
+        if self.title or said:
+            yield Text(" ".join(x for x in (self.title, f"({said})" if said else "") if x), style="italic")
         for r in self.rows:
             yield Text(" ".join(r[i] for i in keys) or "-", style="bold", overflow="fold")
             grid = Table.grid(padding=(0, 2))
@@ -69,16 +91,25 @@ class FitTable:
                 grid.add_row("  " + self.columns[i], r[i])
             yield grid
 
-    def fits(self, console: Console, width: int) -> bool:
-        table = self.table()
+    @staticmethod
+    def _fits(console: Console, table: Table, width: int) -> bool:
         # Measured unbounded: rich clamps a measurement to the width it is given.
         return Measurement.get(console, console.options.update_width(100_000), table).minimum <= width
 
+    def layout(self, console: Console, width: int) -> str:
+        """"table", "compact" or "vertical": the first that shows every cell whole in ``width`` columns."""
+        if self._fits(console, self.table(), width):
+            return "table"
+        if self._fits(console, self.table(compact=True), width):
+            return "compact"
+        return "vertical"
+
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        if self.fits(console, options.max_width):
-            yield self.table()
-        else:
+        layout = self.layout(console, options.max_width)
+        if layout == "vertical":
             yield from self.vertical()
+        else:
+            yield self.table(compact=layout == "compact")
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
         return Measurement.get(console, options, self.table())
