@@ -121,3 +121,21 @@ def test_no_bundle_says_nothing_ships(synthetic_report, bundle):
         report["bundle"] = bundle
     box = _verdict_block(render_html(report))
     assert '<dt class="bad">Ships</dt><dd class="bad">nothing: no bundle' in box
+
+
+def test_pareto_ranks_only_rows_that_could_ship(synthetic_report):
+    import copy
+
+    from tlcompile.report.render import pareto_rows
+
+    report = synthetic_report(guard_met=False)
+    fake = copy.deepcopy(next(r for r in report["artifacts"] if r["name"] == "int8"))
+    fake.update(runtime="torch", format="torch", latency_ms={"p50": 0.01, "p90": 0.02})
+    fake["metrics"]["auc"] = 0.999  # fastest and best: it would dominate everything if it were ranked
+    report["artifacts"].append(fake)
+    rows = {(r["name"], r["runtime"]): r for r in pareto_rows(report)}
+    assert rows[("int8", "torch")]["pareto"] is None  # fake-quant simulation: never deployed
+    assert rows[("int8", "openvino")]["pareto"] is None  # failed the guard: not ranked
+    assert rows[("fp32", "openvino")]["pareto"] is True  # the fastest row left that could ship
+    md = render_markdown(report)
+    assert "| int8 | torch |" in md  # still reported, only not ranked
