@@ -234,6 +234,14 @@ def _guard_failure_words(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _delta_words(measured: dict[str, Any] | None) -> str:
+    """``-3.3 pp (95% CI -6.5 to -0.8)``."""
+    if not measured or measured.get("value") is None:
+        return "-"
+    ci = measured.get("ci")
+    return pp(measured["value"]) + (f" (95% CI {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})" if ci else "")
+
+
 def name_of(cid: str) -> str:
     return cid.partition("@")[0]
 
@@ -334,10 +342,10 @@ def verdict(report: dict[str, Any]) -> Verdict:
         sens, spec = c.get("sensitivity"), c.get("specificity")
         fp32 = (rows.get(("fp32", runtime)) or {}).get("clinical") or {}
         if ref:
-            acc = (f"sensitivity {_with_ci(sens, percent=True)} against fp32's {_pct(fp32.get('sensitivity', {}).get('value'))} "
-                   f"(Δ {delta_pp(ref.get('delta_sensitivity'))}); specificity {_with_ci(spec, percent=True)} against "
-                   f"{_pct(fp32.get('specificity', {}).get('value'))} (Δ {delta_pp(ref.get('delta_specificity'))}); AUC "
-                   f"{_with_ci(c.get('auc'), percent=False)} (Δ {delta_pp(ref.get('delta_auc'))}); "
+            acc = (f"sensitivity {_with_ci(sens, percent=True)} against fp32's {_pct(fp32.get('sensitivity', {}).get('value'))}: "
+                   f"{_delta_words(ref.get('delta_sensitivity'))}; specificity {_with_ci(spec, percent=True)} against "
+                   f"{_pct(fp32.get('specificity', {}).get('value'))}: {_delta_words(ref.get('delta_specificity'))}; AUC "
+                   f"{_with_ci(c.get('auc'), percent=False)}: {_delta_words(ref.get('delta_auc'))}; "
                    f"{ref.get('missed_referable', 0)} referable eye(s) newly missed, {ref.get('newly_referred', 0)} newly referred")
         else:
             acc = (f"sensitivity {_with_ci(sens, percent=True)}, specificity {_with_ci(spec, percent=True)}, AUC "
