@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import re
 from typing import Any
 
@@ -189,6 +190,9 @@ def plot_roc(report: dict[str, Any]) -> str | None:
     colors, _, _ = _styles(rows)
     op_markers = {n: ARTIFACT_OP_MARKERS[i % len(ARTIFACT_OP_MARKERS)] for i, n in enumerate(colors)}
     groups = _by_runtime(rows)
+    # Zoomed to where screening operates, but never so far that an operating point falls outside.
+    fprs = [1 - r["clinical"]["specificity"]["value"] for r in rows if r["clinical"]["specificity"]["value"] is not None]
+    x_max = min(1.0, max([ROC_MAX_FPR, *(math.ceil((f + 0.03) * 20) / 20 for f in fprs)]))
     fig = _figure(4.3 * len(groups) + 0.6, 4.6)
     axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
     ymin = 1.0
@@ -206,12 +210,12 @@ def plot_roc(report: dict[str, Any]) -> str | None:
                         label=f"  point: sens {100 * sens:.1f}%, spec {100 * spec:.1f}%")
         ax.set_title(runtime)
         ax.set_xlabel("1 - specificity (false-positive rate)")
-        ax.set_xlim(-0.005, ROC_MAX_FPR)
+        ax.set_xlim(-0.005, x_max)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right", markerscale=0.6)
     axes[0].set_ylim(max(0.0, min(ymin - 0.25, 0.75)), 1.005)
     axes[0].set_ylabel("sensitivity")
-    fig.suptitle(f"ROC of referable DR, zoomed to FPR <= {ROC_MAX_FPR}; hollow markers: the operating point "
+    fig.suptitle(f"ROC of referable DR, zoomed to FPR <= {x_max:g}; hollow markers: the operating point "
                  f"(threshold {report.get('operating_point', {}).get('threshold', float('nan')):.3f})", fontsize=10)
     return _png(fig)
 
@@ -334,7 +338,8 @@ PLOTS = (
      "artifact, marker: runtime; the star is the shipped candidate; grey: failed the accuracy guard (never on the front); "
      "torch fake-quant rows are left out. Latency from the bench stage; the verdict quotes the bundle's interleaved "
      "re-measurement, which can differ on a busy box."),
-    ("screening", plot_roc, "ROC curves per runtime, zoomed to a false-positive rate of at most 0.2; the hollow marker is "
+    ("screening", plot_roc, "ROC curves per runtime, zoomed to a false-positive rate of 0.2 (further only to keep every operating "
+     "point in view); the hollow marker is "
      "each artifact's operating point at the locked threshold."),
     ("confusion", plot_confusion, "Counts; colour is the share of each true class (row)."),
     ("calibration", plot_calibration, "Reliability: observed referable rate against mean predicted probability per bin; "

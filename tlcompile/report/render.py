@@ -64,6 +64,7 @@ def delta_pp(measured: dict[str, Any] | None) -> str:
     return pp(measured["value"]) + (f" ({100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})" if ci else "")
 
 
+METRIC_WORDS = {"auc": "AUC"}
 DELTA_WORDS = {"delta_sensitivity": "sensitivity", "delta_specificity": "specificity", "delta_auc": "AUC"}
 
 
@@ -73,7 +74,7 @@ def row_flags(row: dict[str, Any]) -> list[str]:
     excludes 0, plus the referable test eyes it newly misses. Empty for fp32 and for rows with nothing to flag."""
     flags = []
     for f in row.get("test_flags") or []:
-        flags.append(f"test {f['metric']} {pp(-f['drop'])} vs {f['reference']}, beyond the guard's limit of "
+        flags.append(f"test {METRIC_WORDS.get(f['metric'], f['metric'])} {pp(-f['drop'])} vs {f['reference']}, beyond the guard's limit of "
                      f"{pp(-f['max_drop'])} (the guard judged val)")
     ref = (row.get("clinical") or {}).get("vs_reference")
     flagged_metrics = {f["metric"] for f in row.get("test_flags") or []}
@@ -230,7 +231,7 @@ def _guard_failure_words(row: dict[str, Any]) -> str:
         for metric in ("auc", "sensitivity", "specificity", "accuracy"):
             item = check.get(metric) or {}
             if item.get("max_drop") is not None and item.get("met") is False:
-                parts.append(f"val {metric} {pp(-item['drop'])} vs {check.get('against', 'fp32')} (limit {pp(-item['max_drop'])})")
+                parts.append(f"val {METRIC_WORDS.get(metric, metric)} {pp(-item['drop'])} vs {check.get('against', 'fp32')} (limit {pp(-item['max_drop'])})")
     return ", ".join(parts)
 
 
