@@ -61,6 +61,7 @@ def test_a_test_drop_beyond_the_guard_limit_is_flagged_on_the_row_and_in_the_ver
     page, md = render_html(report).replace("<wbr>", ""), render_markdown(report)
     box = _verdict_block(page)
     assert '<dt class="bad">Flags</dt>' in box and "test sensitivity -3.3 pp vs fp32, beyond the guard&#x27;s limit of -2.0 pp" in box
+    assert "(test split; the guard judged val)" in box
     summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
     line = next(x for x in summary.splitlines() if x.startswith("| int8 | openvino |"))
     assert "test sensitivity -3.3 pp vs fp32" in line.split("|")[-2]
@@ -73,7 +74,7 @@ def test_a_paired_ci_that_excludes_zero_is_flagged(synthetic_report):
     row["clinical"]["vs_reference"]["delta_sensitivity"] = {"value": -0.033, "ci": [-0.065, -0.008]}
     row["clinical"]["vs_reference"]["missed_referable"] = 4
     flags = row_flags(row)
-    assert any("sensitivity -3.3 pp (-6.5 to -0.8) vs fp32: the 95% CI excludes 0 (worse" in f for f in flags)
+    assert "test sensitivity: 95% CI of -3.3 pp (-6.5 to -0.8) vs fp32 excludes 0 (worse)" in flags
     assert any("4 referable test eye(s) newly missed" in f for f in flags)
     item = next(i for i in verdict(report).items if i.label == "Flags")
     assert item.level == "bad" and "excludes 0" in item.text
@@ -139,3 +140,14 @@ def test_pareto_ranks_only_rows_that_could_ship(synthetic_report):
     assert rows[("fp32", "openvino")]["pareto"] is True  # the fastest row left that could ship
     md = render_markdown(report)
     assert "| int8 | torch |" in md  # still reported, only not ranked
+
+
+def test_a_drop_just_beyond_the_limit_does_not_read_as_equal_to_it(synthetic_report):
+    report = synthetic_report()
+    row = next(r for r in report["artifacts"] if (r["name"], r["runtime"]) == ("int8", "onnxruntime"))
+    row["test_flags"] = [{"metric": "sensitivity", "reference": "fp32", "drop": 0.0204, "max_drop": 0.02, "text": "x"}]
+    assert "test sensitivity -2.04 pp vs fp32, beyond the guard's limit of -2.00 pp" in row_flags(row)[0]
+    # One item per metric: the limit and the CI of the same metric go together.
+    row["clinical"]["vs_reference"]["delta_sensitivity"] = {"value": -0.0204, "ci": [-0.05, -0.001]}
+    flags = row_flags(row)
+    assert sum("sensitivity" in f for f in flags) == 1 and "excludes 0 (worse)" in flags[0]

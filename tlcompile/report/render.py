@@ -68,28 +68,42 @@ METRIC_WORDS = {"auc": "AUC"}
 DELTA_WORDS = {"delta_sensitivity": "sensitivity", "delta_specificity": "specificity", "delta_auc": "AUC"}
 
 
+def _pp_against(value: float, limit: float) -> tuple[str, str]:
+    """A delta and its limit in points, with a second decimal where one decimal would show them equal."""
+    for digits in (1, 2, 3):
+        v, lim = format(100 * value, f"+.{digits}f"), format(100 * limit, f"+.{digits}f")
+        if v != lim:
+            break
+    return f"{v} {PP}", f"{lim} {PP}"
+
+
 def row_flags(row: dict[str, Any]) -> list[str]:
-    """What a reader must not miss about a compressed row's test split: a drop beyond the guard's own limits
-    (``test_flags``, judged against the model the guard compared it with) and a paired 95% CI against fp32 that
-    excludes 0, plus the referable test eyes it newly misses. Empty for fp32 and for rows with nothing to flag."""
+    """What a reader must not miss about a compressed row's test split, one item per metric: a drop beyond the guard's
+    own limits (``test_flags``, against the model the guard compared it with) and/or a paired 95% CI against fp32 that
+    excludes 0; then the referable test eyes it newly misses. Empty for fp32 and for rows with nothing to flag."""
+    ref = (row.get("clinical") or {}).get("vs_reference") or {}
+    beyond = {f["metric"]: f for f in row.get("test_flags") or []}
     flags = []
-    for f in row.get("test_flags") or []:
-        flags.append(f"test {METRIC_WORDS.get(f['metric'], f['metric'])} {pp(-f['drop'])} vs {f['reference']}, beyond the guard's limit of "
-                     f"{pp(-f['max_drop'])} (the guard judged val)")
-    ref = (row.get("clinical") or {}).get("vs_reference")
-    flagged_metrics = {f["metric"] for f in row.get("test_flags") or []}
     for key, word in DELTA_WORDS.items():
-        d = (ref or {}).get(key) or {}
+        metric = key.removeprefix("delta_")
+        f = beyond.pop(metric, None)
+        d = ref.get(key) or {}
         ci = d.get("ci")
-        if not ci or d.get("value") is None:
-            continue
-        if ci[1] < -1e-12 or ci[0] > 1e-12:
+        excludes = bool(ci) and d.get("value") is not None and (ci[1] < -1e-12 or ci[0] > 1e-12)
+        parts = []
+        if f:
+            value, limit = _pp_against(-f["drop"], -f["max_drop"])
+            parts.append(f"test {word} {value} vs {f['reference']}, beyond the guard's limit of {limit}")
+        if excludes:
             direction = "worse" if ci[1] < 0 else "better"
-            text = f"test {word} {delta_pp(d)} vs fp32: the 95% CI excludes 0 ({direction} than fp32)"
-            if word.lower() in flagged_metrics and direction == "worse":
-                text = f"test {word}: the 95% CI of {delta_pp(d)} vs fp32 excludes 0"
-            flags.append(text)
-    if flags and ref and ref.get("missed_referable"):
+            ci_text = f"95% CI of {delta_pp(d)} vs fp32 excludes 0 ({direction})"
+            parts.append(ci_text if f else f"test {word}: {ci_text}")
+        if parts:
+            flags.append("; ".join(parts))
+    for f in beyond.values():  # a guarded metric without a paired delta (accuracy)
+        value, limit = _pp_against(-f["drop"], -f["max_drop"])
+        flags.append(f"test {METRIC_WORDS.get(f['metric'], f['metric'])} {value} vs {f['reference']}, beyond the guard's limit of {limit}")
+    if flags and ref.get("missed_referable"):
         flags.append(f"{ref['missed_referable']} referable test eye(s) newly missed vs fp32")
     return flags
 
@@ -363,8 +377,9 @@ def verdict(report: dict[str, Any]) -> Verdict:
     flags = row_flags(row)
     if row.get("guard") and not row["guard"].get("met"):
         flags.insert(0, "it failed the accuracy guard on val and ships only because the recipe names it")
-    items.append(VerdictItem("Flags", "; ".join(flags) + "." if flags else "none: no test-split delta beyond the guard's limits "
-                             "and no paired CI against fp32 that excludes 0.", "bad" if flags else ""))
+    items.append(VerdictItem("Flags", "; ".join(flags) + " (test split; the guard judged val)." if flags else
+                             "none: no test-split delta beyond the guard's limits and no paired CI against fp32 that excludes 0.",
+                             "bad" if flags else ""))
     passed = _passed_over(report, chosen, rows)
     if passed:
         items.append(VerdictItem("Passed over", " ".join(passed)))
@@ -541,11 +556,11 @@ def _compression_section(report: dict[str, Any]) -> ReportSection:
         text.append("The accuracy guard is judged on the validation split at the locked operating point: each compression step "
                     "against the model it started from (a pruned-int8 model answers for its pruning and its quantization). "
                     "An artifact meets the guard only when every check does; the bundle never ships one that does not.")
-    flagged = [f"{r['name']} on {r['runtime']}: {'; '.join(row_flags(r))}" for r in report.get("artifacts", []) if row_flags(r)]
+    flagged = [[*_label(r), flag] for r in report.get("artifacts", []) for flag in row_flags(r)]
     if flagged:
         text.append("Flagged: on the test split, drops beyond the guard's own limits or paired CIs that exclude 0, whatever "
-                    "the guard (on val) said. Selection stays on val; read the test figures with this in mind. "
-                    + ". ".join(flagged) + ".")
+                    "the guard (judged on val) said. Selection stays on val; read the test figures with this in mind.")
+        tables.append(ReportTable(["artifact", "runtime", "flag (test split)"], flagged, "Flags"))
     if not rows:
         text.append("This build has only the fp32 model, so there is nothing to compare; add prune / quantize to the recipe.")
     return ReportSection("compression", "What compression cost", text, tables)
