@@ -132,12 +132,15 @@ def test_summary_numbers_are_the_report_json_numbers(synthetic_report):
 def test_the_accuracy_guard_is_shown_for_every_compressed_artifact(synthetic_report):
     failing = synthetic_report(guard_met=False)
     md, page = render_markdown(failing), render_html(failing).replace("<wbr>", "")
-    guard = md.split("**Accuracy guard (validation split, locked operating point)**", 1)[1].split("\n## ", 1)[0]
+    guard = md.split("**Accuracy guard (validation split, locked operating point)**", 1)[1].split("\n## ", 1)[0].split("**Accuracy guard:", 1)[0]
     line = next(x for x in guard.splitlines() if x.startswith("| int8 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1] == "vs fp32" and cells[2] == "0.948 (-0.2 pp, limit -1.0 pp) met"
     assert cells[4] == "0.800 (-10.0 pp, limit -5.0 pp) failed" and cells[6] == "failed"
-    assert "still failing: artifact kept and marked" in cells[8]
+    steps = md.split("**Accuracy guard: the steps taken, in order, before the verdict above**", 1)[1].split("\n## ", 1)[0]
+    step_rows = [[c.strip() for c in x.strip("|").split("|")] for x in steps.splitlines() if x.startswith("| int8 |")]
+    assert [r[1] for r in step_rows] == ["1", "2"] and "still failing: artifact kept and marked" in step_rows[1][2]
+    assert [r[3] for r in step_rows] == ["", "failed"]  # the verdict sits on the last step, not beside the first
     # One guard line per artifact (not per runtime), and the artifact tables say failed on both runtimes.
     assert guard.count("| int8 |") == 1
     artifacts = md.split("## Artifacts", 1)[1]

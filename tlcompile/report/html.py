@@ -370,8 +370,8 @@ def _cell_class(text: str, header: str = "") -> str:
 
 
 def _cell_html(text: str) -> str:
-    """Escaped; a number cell may break only before its interval: ``0.982<wbr> (0.967–0.994)``."""
-    return html.escape(text).replace(" (", "<wbr> (")
+    """Escaped; a number cell may break only before its interval and after a comma: ``0.982<wbr> (0.967–0.994)``."""
+    return html.escape(text).replace(" (", "<wbr> (").replace(", ", ",<wbr> ")
 
 
 def _table(table: ReportTable) -> str:

@@ -50,10 +50,10 @@ def pareto_cell(row: dict[str, Any]) -> str:
 
 
 def pp(x: float | None, *, signed: bool = True) -> str:
-    """A proportion difference in percentage points: ``-3.3 pp``."""
+    """A proportion difference in percentage points: ``-3.3 pp`` (never ``-0.0``)."""
     if x is None or (isinstance(x, float) and x != x):
         return "-"
-    return format(100 * x, "+.1f" if signed else ".1f") + f" {PP}"
+    return format(100 * x + 0.0 if round(100 * x, 1) != 0 else 0.0, "+.1f" if signed else ".1f") + f" {PP}"
 
 
 def delta_pp(measured: dict[str, Any] | None) -> str:
@@ -553,6 +553,9 @@ def _compression_section(report: dict[str, Any]) -> ReportSection:
     guard = guard_table(report)
     if guard:
         tables.append(guard)
+        steps = guard_steps_table(report)
+        if steps:
+            tables.append(steps)
         text.append("The accuracy guard is judged on the validation split at the locked operating point: each compression step "
                     "against the model it started from (a pruned-int8 model answers for its pruning and its quantization). "
                     "An artifact meets the guard only when every check does; the bundle never ships one that does not.")
@@ -578,24 +581,38 @@ def _guard_item(item: dict[str, Any] | None) -> str:
 
 def guard_table(report: dict[str, Any]) -> ReportTable | None:
     """The accuracy guard of every compressed artifact (once per artifact, one line per check), or None."""
-    header = ["artifact", "check", "val AUC", "val sensitivity", "val specificity", "val accuracy", "guard", "val cases",
-              "steps taken to reach this verdict"]
+    header = ["artifact", "check", "val AUC", "val sensitivity", "val specificity", "val accuracy", "guard", "val cases"]
     rows, seen = [], set()
     for row in report.get("artifacts", []):
         g = row.get("guard")
         if not g or row["name"] in seen:
             continue
         seen.add(row["name"])
-        actions = "; ".join(g.get("actions", [])) or "-"
         for i, check in enumerate(g.get("checks", [])):
             rows.append([row["name"] if i == 0 else "", f"vs {check.get('against', '-')}",
                          *(_guard_item(check.get(m)) for m in ("auc", "sensitivity", "specificity", "accuracy")),
                          (GUARD_MET if check.get("met") else GUARD_FAILED),
-                         evidence_text(check["evidence"]) if check.get("evidence") else "-",
-                         actions if i == len(g["checks"]) - 1 else ""])
+                         evidence_text(check["evidence"]) if check.get("evidence") else "-"])
     if not rows:
         return None
     return ReportTable(header, rows, "Accuracy guard (validation split, locked operating point)")
+
+
+def guard_steps_table(report: dict[str, Any]) -> ReportTable | None:
+    """What was done, in order, before each artifact's guard verdict (one row per step), or None when nothing was."""
+    rows, seen = [], set()
+    for row in report.get("artifacts", []):
+        g = row.get("guard")
+        if not g or row["name"] in seen:
+            continue
+        seen.add(row["name"])
+        verdict_word = GUARD_MET if g.get("met") else GUARD_FAILED
+        for i, action in enumerate(g.get("actions", []), start=1):
+            rows.append([row["name"], str(i), action, verdict_word if i == len(g["actions"]) else ""])
+    if not rows:
+        return None
+    return ReportTable(["artifact", "step", "what was done", "verdict after"], rows,
+                       "Accuracy guard: the steps taken, in order, before the verdict above")
 
 
 def _confusion_section(report: dict[str, Any]) -> ReportSection:
