@@ -92,3 +92,19 @@ def test_bench_cli_honours_columns(monkeypatch, tmp_path):
     assert out.returncode == 0, out.stderr
     assert max(len(line) for line in out.stdout.splitlines()) <= 80 and "…" not in out.stdout
     assert "mobilenet_v3_small-int8" in out.stdout and "12.35" in out.stdout
+
+
+def test_no_terminal_width_cuts_a_cell(synthetic_report):
+    """Every width from 20 to 160 columns: each cell of the build table is shown whole (rich's own minimum width counts
+    words even in no-wrap columns, so a table it says fits can still cut 'reference' to 'referenc')."""
+    from tlcompile.report.render import TERMINAL_COLUMNS, ROW_COLUMNS, artifact_cells
+
+    report = synthetic_report()
+    keep = [ROW_COLUMNS.index(c) for c in TERMINAL_COLUMNS]
+    cells = {artifact_cells(r)[i] for r in report["artifacts"] for i in keep} - {"", "-"}
+    for width in range(20, 161, 3):
+        text = _render(artifact_table(report), width)
+        assert max(len(line) for line in text.splitlines()) <= width, width
+        words = set(re.split(r"[\s│┃(),]+", text))
+        missing = [c for c in cells if c not in words]
+        assert not missing, (width, missing, text)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from rich import box
 from rich.console import Console, ConsoleOptions, RenderResult
+from rich.cells import cell_len
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
@@ -51,7 +52,8 @@ class FitTable:
         return [i for i in self.shown_columns() if i >= self.key and self.columns[i] not in self.wrap
                 and self.rows[0][i].strip() not in EMPTY and all(r[i] == self.rows[0][i] for r in self.rows)]
 
-    def table(self, compact: bool = False) -> Table:
+    def _plan(self, compact: bool) -> tuple[str | None, list[int], list[str], dict]:
+        """Title, column indices, headers and Table settings of the full or the compact layout."""
         cols = self.shown_columns()
         title = self.title
         if compact:
@@ -60,17 +62,40 @@ class FitTable:
                 said = ", ".join(f"{self.columns[i]} {self.rows[0][i]}" for i in constant)
                 title = f"{title} ({said})" if title else said
             cols = [i for i in cols if i not in constant]
-            table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, show_edge=False, pad_edge=False)
+            settings = {"box": box.SIMPLE_HEAD, "padding": (0, 1), "collapse_padding": True, "show_edge": False, "pad_edge": False}
         else:
-            table = Table(title=title, show_edge=False, pad_edge=False)
-        for i in cols:
+            settings = {"show_edge": False, "pad_edge": False}
+        headers = [self.columns[i].replace(" ", "\n") if compact and self.columns[i] not in self.wrap else self.columns[i] for i in cols]
+        return title, cols, headers, settings
+
+    def table(self, compact: bool = False) -> Table:
+        title, cols, headers, settings = self._plan(compact)
+        table = Table(title=title, **settings)
+        for i, header in zip(cols, headers, strict=True):
             name = self.columns[i]
-            header = name.replace(" ", "\n") if compact and name not in self.wrap else name
             table.add_column(header, justify="right" if name in self.right else "left", no_wrap=name not in self.wrap,
                              overflow="fold")
         for r in self.rows:
             table.add_row(*(r[i] for i in cols))
         return table
+
+    def required_width(self, console: Console, compact: bool = False) -> int:
+        """The narrowest width that shows every cell whole: a no-wrap column needs its longest line (header included),
+        a wrap column its longest word. rich's own minimum counts words even in no-wrap columns, so it is measured on
+        a probe table of one single-word row with those widths and the same borders and padding."""
+        _, cols, headers, settings = self._plan(compact)
+        probe = Table(**settings)
+        cells = []
+        for i, header in zip(cols, headers, strict=True):
+            texts = [header, *(r[i] for r in self.rows)]
+            if self.columns[i] in self.wrap:
+                need = max((cell_len(w) for t in texts for w in t.split()), default=1)
+            else:
+                need = max((cell_len(line) for t in texts for line in t.split("\n")), default=1)
+            probe.add_column("", no_wrap=True)
+            cells.append("x" * max(need, 1))
+        probe.add_row(*cells)
+        return Measurement.get(console, console.options.update_width(100_000), probe).maximum
 
     def vertical(self) -> Iterable[Text | Table]:
         """One block per row: its key cells as a heading, then a ``column  value`` grid (values wrap, never cut)."""
@@ -91,16 +116,11 @@ class FitTable:
                 grid.add_row("  " + self.columns[i], r[i])
             yield grid
 
-    @staticmethod
-    def _fits(console: Console, table: Table, width: int) -> bool:
-        # Measured unbounded: rich clamps a measurement to the width it is given.
-        return Measurement.get(console, console.options.update_width(100_000), table).minimum <= width
-
     def layout(self, console: Console, width: int) -> str:
         """"table", "compact" or "vertical": the first that shows every cell whole in ``width`` columns."""
-        if self._fits(console, self.table(), width):
+        if self.required_width(console) <= width:
             return "table"
-        if self._fits(console, self.table(compact=True), width):
+        if self.required_width(console, compact=True) <= width:
             return "compact"
         return "vertical"
 
