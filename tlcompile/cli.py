@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,7 +21,11 @@ from tlcompile.errors import TlcompileError
 
 app = typer.Typer(
     name="tlcompile",
-    help="Edge-deployment model compiler for diabetic-retinopathy screening: recipe in, measured artifacts out.",
+    help="Edge-deployment model compiler for diabetic-retinopathy screening: recipe in, measured artifacts out.\n\n"
+    "Words used everywhere: an artifact is one model variant (fp32, pruned, int8, pruned-int8); a runtime runs it "
+    "(openvino, onnxruntime; torch as the reference); a candidate is an artifact on a runtime (int8@openvino); the "
+    "accuracy guard's verdict is met, failed or reference; 'front' marks the Pareto front; deltas are new - fp32 in "
+    "percentage points (pp).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -41,21 +46,67 @@ SetOption = Annotated[
 
 
 def _console() -> Console:
-    # Logs and CI are not terminals: give tables room instead of rich's 80-column default.
+    # Logs and CI are not terminals: give tables room instead of rich's 80-column default, unless COLUMNS says how wide.
     console = Console(highlight=False)
-    if not console.is_terminal:
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
         console = Console(highlight=False, width=max(console.width, 160))
     return console
 
 
-@app.command()
+def _hide_flag_types() -> None:
+    """typer >= 0.20 shows ``<bool>`` beside every flag (``--help <bool>``); a flag takes no value, so show none."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - older typer shows no types
+        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_tlcompile", False):
+        return
+
+    def display_type_rich(self, ctx):  # noqa: ANN001, ANN202
+        return None if getattr(self, "is_flag", False) and not getattr(self, "metavar", None) else shown(self, ctx)
+
+    display_type_rich._tlcompile = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tlcompile import __version__
+
+        typer.echo(f"tlcompile {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)] = False,
+) -> None:
+    """The options before any command (--version)."""
+
+
+# The recipe's top-level sections, as tlcompile.recipe.Recipe declares them (a test keeps the two in step).
+RECIPE_SECTIONS = ("name", "seed", "data", "model", "train", "export", "bench", "evaluate", "bundle", "transfer", "prune", "quantize")
+BUILD_HELP = (
+    "Build a recipe: data -> train -> (prune, quantize) -> export -> bench -> report -> bundle.\n\n"
+    f"Recipe sections (YAML keys, all optional): {', '.join(RECIPE_SECTIONS)}. "
+    "data: source, split, preprocessing; model: arch, pretrained; evaluate: operating point, endpoints; "
+    "bundle: selection, candidates, intended use.\n\n"
+    "Every key with its type, default and description: tlcompile recipe schema. "
+    "Check a recipe without running it: tlcompile validate RECIPE. Example: recipes/quickstart.yaml."
+)
+
+
+@app.command(help=BUILD_HELP)
 def build(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: SetOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: runs/<name>-<time>).")] = None,  # noqa: UP045
     resume: Annotated[bool, typer.Option("--resume", help="Continue the build in --out, reusing finished stages.")] = False,
 ) -> None:
-    """Build a recipe: data -> train -> export -> bench -> report."""
     from tlcompile.recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
@@ -85,35 +136,89 @@ def validate(
     typer.echo(f"{recipe}: valid (name {r.name}, model {r.model.arch}, data {r.data.source}; sha256 {r.fingerprint()[:16]})")
 
 
+def _models_cache_key(size: int, num_classes: int) -> str:
+    """What the models table depends on: tlcompile, torch and torchvision versions, the model code, size and classes."""
+    import hashlib
+    from importlib import metadata
+
+    from tlcompile import __version__
+
+    h = hashlib.sha256(f"{__version__}|{size}|{num_classes}".encode())
+    for dist in ("torch", "torchvision"):
+        try:
+            h.update(f"|{dist}={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"|{dist}=none".encode())
+    for source in sorted((Path(__file__).parent / "models").glob("*.py")):
+        h.update(source.name.encode() + source.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def _models_cache_dir() -> Path:
+    root = os.environ.get("TLCOMPILE_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(root) / "tlcompile" if root else Path.home() / ".cache" / "tlcompile"
+
+
+def model_rows(size: int, num_classes: int, console: Console | None = None) -> list[dict]:
+    """Name, family, params, MACs, blocks and description of every registered model. Building ~25 models and counting
+    their MACs takes ~20 s, so the result is cached under ~/.cache/tlcompile (TLCOMPILE_CACHE), keyed by everything it
+    depends on (versions, the model code, size, classes): a hit needs no torch import at all."""
+    from tlcompile.io import atomic_write_json
+
+    path = _models_cache_dir() / f"models-{_models_cache_key(size, num_classes)}.json"
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(cached, list) and all(isinstance(r, dict) and {"model", "params", "macs"} <= set(r) for r in cached):
+            return cached
+    except (OSError, ValueError):
+        pass
+    from contextlib import nullcontext
+
+    with console.status("loading torch and the model registry") if console else nullcontext() as status:
+        from tlcompile.models import count_macs, count_params, get_model, list_models, model_info
+
+        rows = []
+        names = list_models()
+        for i, name in enumerate(names, start=1):
+            if status is not None:
+                status.update(f"counting parameters and MACs: {name} ({i}/{len(names)}; cached for next time)")
+            model = get_model(name, num_classes=num_classes)
+            info = model_info(name)
+            rows.append({"model": name, "family": info.family, "params": count_params(model), "macs": count_macs(model, size),
+                         "blocks": len(model.blocks()), "description": info.description})
+    try:
+        atomic_write_json(path, rows)
+    except OSError:  # a read-only home: list without caching
+        pass
+    return rows
+
+
 @app.command()
 def models(
     size: Annotated[int, typer.Option(help="Input size for the MACs column.", min=32, max=1024)] = 224,
     blocks: Annotated[Optional[str], typer.Option("--blocks", help="Show the transfer blocks of this model.")] = None,  # noqa: UP045
     num_classes: Annotated[int, typer.Option(help="Classes of the head.", min=1)] = 2,
 ) -> None:
-    """List the registered models with parameters and MACs."""
-    from rich.table import Table
-
-    from tlcompile.models import count_macs, count_params, get_model, list_models, model_info
+    """List the registered models with parameters and MACs (cached after the first run)."""
+    from tlcompile.report.terminal import FitTable
 
     console = _console()
     if blocks:
+        from tlcompile.models import get_model
+
         model = get_model(blocks, num_classes=num_classes)
-        table = Table(title=f"{blocks}: blocks (input -> output); unfreeze_last / partial:K count these")
-        for col in ("#", "block", "params"):
-            table.add_column(col)
+        table = FitTable(["#", "block", "params"], title=f"{blocks}: blocks (input -> output); unfreeze_last / partial:K count these",
+                         right={"#", "params"})
         for i, (name, module) in enumerate(model.blocks(), start=1):
             table.add_row(str(i), name, f"{sum(p.numel() for p in module.parameters()):,}")
         table.add_row("head", "classifier", f"{sum(p.numel() for p in model.get_classifier().parameters()):,}")
         console.print(table)
         return
-    table = Table(title=f"registered models ({num_classes} classes, MACs at {size} px)")
-    for col in ("model", "family", "params", "MMACs", "blocks", "description"):
-        table.add_column(col)
-    for name in list_models():
-        model = get_model(name, num_classes=num_classes)
-        info = model_info(name)
-        table.add_row(name, info.family, f"{count_params(model):,}", f"{count_macs(model, size) / 1e6:,.1f}", str(len(model.blocks())), info.description)
+    # The name (what --set model.arch= takes) is never cut; the description (which names the family) wraps.
+    table = FitTable(["model", "params", "MMACs", "blocks", "description"], title=f"registered models ({num_classes} classes, MACs at {size} px)",
+                     right={"params", "MMACs", "blocks"}, wrap={"description"})
+    for r in model_rows(size, num_classes, console):
+        table.add_row(r["model"], f"{r['params']:,}", f"{r['macs'] / 1e6:,.1f}", str(r["blocks"]), r["description"])
     console.print(table)
 
 
@@ -168,7 +273,12 @@ def bench(
     with console.status("benchmarking") as status:
         result = run_bench(list(paths or []), opts, data=data, on_row=lambda row: status.update(
             f"benchmarking: {row['name']} {row['runtime']} t={row['threads']} b={row['batch']}: p50 {row['latency_ms']['p50']:.2f} ms"))
-    console.print(bench_table(result["rows"], title=f"tlcompile bench on {result['host']['cpu']['model']} (ISA: {', '.join(result['host']['cpu']['isa']) or '-'})"))
+    from tlcompile.runtime.pinning import load_average
+
+    load = load_average()
+    console.print(bench_table(result["rows"], title=f"tlcompile bench on {result['host']['cpu']['model']} (ISA: {', '.join(result['host']['cpu']['isa']) or '-'}"
+                              + (f"; load average {load[0]:.2f} on {os.cpu_count()} cores" if load else "") + "): one run per row, "
+                              "no spread measured; on a busy box repeat it, or use tlcompile verify, which benches in rounds"))
     if out is not None:
         append_results(out, result)
         console.print(f"appended {len(result['rows'])} rows to {out}")
@@ -209,6 +319,14 @@ TrustOption = Annotated[
 ]
 
 
+def _model_card_disclaimer(meta: dict) -> str | None:
+    """One line from the bundle's model card: NOT for clinical use when it was trained on synthetic data."""
+    card = meta.get("model_card") or {}
+    if (card.get("data_provenance") or {}).get("source") == "synthetic":
+        return "note: this bundle was trained and tested on synthetic images only: a demonstration, NOT for clinical use"
+    return None
+
+
 @app.command()
 def predict(
     bundle: BundleArgument,
@@ -230,6 +348,9 @@ def predict(
     verified = open_verified(bundle, threads=threads, trust=trust)
     print(verified.notice, file=sys.stderr)
     b = verified.bundle
+    disclaimer = _model_card_disclaimer(b.meta)
+    if disclaimer:
+        print(disclaimer, file=sys.stderr)
     results = predict_paths(b, verified.session, paths)
     table = Table(title=f"{b.name} ({b.candidate_id}): refer when P(referable DR) >= {b.threshold:.4f}")
     for col in ("image", "referral", "P(referable DR)") + (("grade",) if b.task == "grade" else ()) + ("note",):

@@ -20,7 +20,7 @@ SECTIONS = ("summary", "operating-point", "screening", "compression", "confusion
             "transfer", "data", "training", "stages", "environment")
 # Where each plot must be: the accuracy-vs-latency scatter, ROC, confusion matrices, reliability, time per stage.
 PLOTTED = ("summary", "screening", "confusion", "calibration", "stages")
-VOID = {"meta", "img", "br", "hr", "link", "input"}
+VOID = {"meta", "img", "br", "hr", "link", "input", "wbr"}
 
 
 class _Structure(HTMLParser):
@@ -88,7 +88,7 @@ def test_markdown_and_html_carry_the_same_tables(synthetic_report, transfer_tabl
     md, page = render_markdown(report), render_html(report)
     sections = report_sections(report)
     assert [s.id for s in sections] == list(SECTIONS)
-    plain_page = re.sub(r'<td class="\w+">', "<td>", page)
+    plain_page = re.sub(r'<td class="\w+">', "<td>", page).replace("<wbr>", "")
     n_tables = 0
     for section in sections:
         assert f"## {section.title}" in md and f"<h2>{html.escape(section.title)}</h2>" in page
@@ -108,41 +108,45 @@ def test_summary_numbers_are_the_report_json_numbers(synthetic_report):
     rows = {(r["name"], r["runtime"]): r for r in report["artifacts"]}
     int8 = rows[("int8", "openvino")]["clinical"]
     auc, (lo, hi) = int8["auc"]["value"], int8["auc"]["ci"]
-    delta = int8["vs_reference"]["delta_auc"]
+    delta = int8["vs_reference"]["delta_sensitivity"]
     sens = int8["sensitivity"]
     line = next(x for x in md.splitlines() if x.startswith("| int8 | openvino | 1.50 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[3] == f"{auc:.3f} ({lo:.3f}–{hi:.3f})"
     assert cells[4] == f"{100 * sens['value']:.1f}% ({100 * sens['ci'][0]:.1f}–{100 * sens['ci'][1]:.1f})"
-    assert cells[6] == f"{delta['value']:+.3f} ({delta['ci'][0]:+.3f} to {delta['ci'][1]:+.3f})"
+    # Deltas: new - fp32 in percentage points, with the paired CI.
+    assert cells[6] == f"{100 * delta['value']:+.1f} pp ({100 * delta['ci'][0]:+.1f} to {100 * delta['ci'][1]:+.1f})"
     assert cells[7] == f"{100 * int8['vs_reference']['disagreement']['value']:.1f}%"
     assert cells[8] == "met"  # the accuracy guard on val
     assert cells[9] == ("PASS" if int8["endpoints"]["pass"] else "FAIL")
     # int8 on openvino is the fastest row, so it is on the Pareto front; int8 on onnxruntime is slower and no better.
-    assert cells[10] == "yes"
+    assert cells[10] == "front"
     fp32_line = next(x for x in md.splitlines() if x.startswith("| fp32 | openvino | 4.00 |"))
-    assert [c.strip() for c in fp32_line.strip("|").split("|")][8] == "ref"
+    assert [c.strip() for c in fp32_line.strip("|").split("|")][8] == "reference"
     slow = next(x for x in md.splitlines() if x.startswith("| int8 | onnxruntime |"))
-    assert slow.rstrip().endswith("|  |")
+    assert [c.strip() for c in slow.strip("|").split("|")][10] == ""
     # The operating point section shows the threshold the report holds.
     assert f"| threshold | {report['operating_point']['threshold']:.4f} |" in md
 
 
 def test_the_accuracy_guard_is_shown_for_every_compressed_artifact(synthetic_report):
     failing = synthetic_report(guard_met=False)
-    md, page = render_markdown(failing), render_html(failing)
-    guard = md.split("**Accuracy guard (validation split, locked operating point)**", 1)[1].split("\n## ", 1)[0]
+    md, page = render_markdown(failing), render_html(failing).replace("<wbr>", "")
+    guard = md.split("**Accuracy guard (validation split, locked operating point)**", 1)[1].split("\n## ", 1)[0].split("**Accuracy guard:", 1)[0]
     line = next(x for x in guard.splitlines() if x.startswith("| int8 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[1] == "vs fp32" and cells[2] == "0.948 (drop +0.002, limit 0.01) ok"
-    assert cells[4] == "0.800 (drop +0.100, limit 0.05) FAILED" and cells[6] == "FAILED"
-    assert "still failing: artifact kept and marked" in cells[7]
-    # One guard line per artifact (not per runtime), and the artifact tables say FAILED on both runtimes.
+    assert cells[1] == "vs fp32" and cells[2] == "0.948 (-0.2 pp, limit -1.0 pp) met"
+    assert cells[4] == "0.800 (-10.0 pp, limit -5.0 pp) failed" and cells[6] == "failed"
+    steps = md.split("**Accuracy guard: the steps taken, in order, before the verdict above**", 1)[1].split("\n## ", 1)[0]
+    step_rows = [[c.strip() for c in x.strip("|").split("|")] for x in steps.splitlines() if x.startswith("| int8 |")]
+    assert [r[1] for r in step_rows] == ["1", "2"] and "still failing: artifact kept and marked" in step_rows[1][2]
+    assert [r[3] for r in step_rows] == ["", "failed"]  # the verdict sits on the last step, not beside the first
+    # One guard line per artifact (not per runtime), and the artifact tables say failed on both runtimes.
     assert guard.count("| int8 |") == 1
     artifacts = md.split("## Artifacts", 1)[1]
-    assert sum(1 for x in artifacts.splitlines() if x.startswith("| int8 |") and x.rstrip().endswith("| FAILED |")) == 2
+    assert sum(1 for x in artifacts.splitlines() if x.startswith("| int8 |") and x.rstrip().endswith("| failed |")) == 2
     assert "Accuracy guard (validation split, locked operating point)" in page
-    assert '<td class="fail">0.800 (drop +0.100, limit 0.05) FAILED</td>' in page and '<td class="fail">FAILED</td>' in page
+    assert '<td class="fail">0.800 (-10.0 pp, limit -5.0 pp) failed</td>' in page and '<td class="fail">failed</td>' in page
     # A build without compression has no guard table.
     plain = synthetic_report()
     for row in plain["artifacts"]:

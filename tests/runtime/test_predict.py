@@ -35,6 +35,7 @@ def test_predict_and_verify_without_torch(bundle_copy, tmp_path, fundus_images, 
 
     cli = run_cli("predict", str(bundle_copy), str(folder), "--csv", str(out_csv), block_train_modules=True)
     assert "pinned for this CPU by tlcompile verify" in cli.stderr
+    assert "synthetic images only: a demonstration, NOT for clinical use" in cli.stderr  # the model card, on every run
     assert cli.returncode == 1, cli.stdout + cli.stderr  # two files could not be read
     assert "error: 2 of 8 images could not be read" in cli.stderr and "Traceback" not in cli.stderr
     assert cli.stdout.endswith("ATTEMPTED:\n"), cli.stdout  # torch & co. were not even tried

@@ -11,33 +11,64 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import re
 from typing import Any
 
 from tlcompile.errors import missing_dependency
-from tlcompile.report.render import ReportSection, ReportTable, pareto_rows, report_sections
+from tlcompile.report.render import (
+    GUARD_FAILED,
+    GUARD_MET,
+    ReportSection,
+    ReportTable,
+    Verdict,
+    fake_quant,
+    guard_cell,
+    pareto_rows,
+    report_sections,
+    verdict,
+)
 
-RUNTIME_COLORS = {"openvino": "#1f77b4", "onnxruntime": "#ff7f0e", "torch": "#2ca02c"}
-ARTIFACT_MARKERS = {"fp32": "o", "pruned": "s", "int8": "^", "pruned-int8": "D"}
-OTHER_MARKERS = ("v", "P", "X", "*", "h", "<", ">")
-OTHER_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+# One colour per artifact (every plot), one marker per runtime (latency plot).
+ARTIFACT_COLORS = {"fp32": "#1f77b4", "pruned": "#2ca02c", "int8": "#d62728", "pruned-int8": "#9467bd"}
+RUNTIME_MARKERS = {"openvino": "o", "onnxruntime": "s", "torch": "^"}
+ARTIFACT_OP_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h")
+OTHER_MARKERS = ("v", "P", "X", "h", "<", ">")
+OTHER_COLORS = ("#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 LINE_STYLES = ("-", "--", ":", "-.")
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1b1f24;margin:0;background:#f6f7f9}
-main{max-width:1240px;margin:0 auto;padding:24px 28px 60px;background:#fff}
-h1{font-size:26px;margin:0 0 4px}h2{font-size:20px;margin:36px 0 8px;padding-top:8px;border-top:1px solid #dde1e6}
-.meta{color:#57606a;font-size:13px}nav{margin:14px 0 4px;font-size:13px;line-height:1.9}
+main{max-width:1240px;margin:0 auto;padding:20px 28px 60px;background:#fff;box-sizing:border-box}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:20px;margin:36px 0 8px;padding-top:8px;border-top:1px solid #dde1e6}
+.meta{color:#57606a;font-size:13px}nav{margin:10px 0 4px;font-size:13px;line-height:1.9}
 nav a{color:#0b5cad;text-decoration:none;margin-right:14px;white-space:nowrap}
-table{border-collapse:collapse;margin:10px 0 6px;font-size:13px;font-variant-numeric:tabular-nums}
-th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:right;white-space:nowrap}
-th{background:#eef1f4;text-align:center}td:first-child,td:nth-child(2){text-align:left}
+.banner{margin:12px 0;padding:10px 14px;border-radius:6px;font-size:14px;border:2px solid #d4a72c;background:#fff8c5}
+.banner.bad{border-color:#b42318;background:#fdecea}
+.verdict{margin:10px 0 4px;padding:8px 16px 10px;border:2px solid #0b5cad;border-radius:6px;background:#f3f8ff}
+.verdict h2{margin:4px 0 6px;padding:0;border:0;font-size:19px}
+.verdict dl{display:grid;grid-template-columns:minmax(9em,max-content) 1fr;gap:3px 14px;margin:0;font-size:14px}
+.verdict dt{font-weight:600}.verdict dd{margin:0}
+.verdict .warn{color:#7d4e00}.verdict .bad{color:#b42318}.verdict dt.bad::before{content:"✖ "}.verdict dt.warn::before{content:"⚠ "}
+table{border-collapse:collapse;margin:10px 0 6px;font-size:13px;font-variant-numeric:tabular-nums;max-width:100%}
+th,td{border:1px solid #d0d7de;padding:4px 7px;text-align:right;vertical-align:top}
+td{white-space:nowrap}th{white-space:normal}
+th{background:#eef1f4;text-align:center}td:first-child,td:nth-child(2){text-align:left;white-space:nowrap}
+td.text{text-align:left;min-width:14em;white-space:normal;overflow-wrap:break-word}
 tr:nth-child(even) td{background:#fafbfc}.scroll{overflow-x:auto}
-td.pass{color:#116329;font-weight:600}td.fail{color:#b42318;font-weight:600}
+td.pass{color:#116329;font-weight:600}td.fail,td.flag{color:#b42318;font-weight:600}
 caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0}
 figure{margin:14px 0}figure img{max-width:100%;height:auto;border:1px solid #e5e8eb}
 figcaption{font-size:13px;color:#57606a}details{margin:8px 0}summary{cursor:pointer;color:#0b5cad}
 code{background:#eef1f4;padding:1px 4px;border-radius:3px}
+@page{size:A4 landscape;margin:10mm}
+@media print{
+body{background:#fff;font-size:11px}main{max-width:none;padding:0}nav{display:none}
+.scroll{overflow:visible}table{font-size:8.5px;width:100%;page-break-inside:auto}th,td{padding:2px 3px}
+tr,figure,.banner{break-inside:avoid}h2{break-after:avoid}details>*{display:block}
+.verdict dl{display:block}.verdict dd{margin:0 0 4px 1.5em}
+td,td:first-child,td:nth-child(2){white-space:normal}
+}
 """
 
 
@@ -57,50 +88,86 @@ def _png(fig) -> str:
 
 
 def _styles(rows: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-    """Stable marker and line style per artifact name and colour per runtime, so every plot reads the same way."""
+    """Stable colour per artifact, marker per runtime and line style per runtime, so every plot reads the same way."""
     names = list(dict.fromkeys(r["name"] for r in rows))
     runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
-    others = iter(OTHER_MARKERS * 4)
-    markers = {n: ARTIFACT_MARKERS.get(n) or next(others) for n in names}
-    lines = {n: LINE_STYLES[i % len(LINE_STYLES)] for i, n in enumerate(names)}
-    other_colors = iter(OTHER_COLORS * 4)
-    colors = {rt: RUNTIME_COLORS.get(rt) or next(other_colors) for rt in runtimes}
-    return markers, lines, colors
+    others = iter(OTHER_COLORS * 4)
+    colors = {n: ARTIFACT_COLORS.get(n) or next(others) for n in names}
+    other_markers = iter(OTHER_MARKERS * 4)
+    markers = {rt: RUNTIME_MARKERS.get(rt) or next(other_markers) for rt in runtimes}
+    lines = {rt: LINE_STYLES[i % len(LINE_STYLES)] for i, rt in enumerate(runtimes)}
+    return colors, markers, lines
 
 
-def _style_legend(ax, markers: dict[str, str], colors: dict[str, str], **kwargs) -> None:
+def _style_legend(ax, colors: dict[str, str], markers: dict[str, str], extra=(), **kwargs) -> None:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], marker=m, color="#444", linestyle="", label=n) for n, m in markers.items()]
-    handles += [Line2D([], [], marker="s", color=c, linestyle="", markersize=9, label=rt) for rt, c in colors.items()]
-    ax.legend(handles=handles, fontsize=8, **kwargs)
+    handles = [Line2D([], [], marker="s", color=c, linestyle="", markersize=9, label=n) for n, c in colors.items()]
+    handles += [Line2D([], [], marker=m, color="#444", linestyle="", label=rt) for rt, m in markers.items()]
+    ax.legend(handles=handles + list(extra), fontsize=8, **kwargs)
+
+
+def shipped_id(report: dict[str, Any]) -> str | None:
+    b = report.get("bundle") or {}
+    return b.get("default_candidate") or ((b.get("selection") or {}).get("chosen_id"))
+
+
+def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both (lower x, higher y), sorted by x."""
+    return sorted(p for p in points if not any(q != p and q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1]) for q in points))
 
 
 def plot_accuracy_latency(report: dict[str, Any]) -> str | None:
-    rows = [r for r in pareto_rows(report) if r.get("pareto") is not None]
+    """Two panels against p50: AUC and sensitivity at the locked threshold. Torch fake-quant rows are left out, rows that
+    failed the guard are grey and never on the front, the shipped candidate is a star."""
+    from matplotlib.lines import Line2D
+
+    rows = [r for r in pareto_rows(report) if not fake_quant(r) and (r.get("metrics") or {}).get("auc") is not None
+            and (r.get("latency_ms") or {}).get("p50") is not None]
     if not rows:
         return None
-    markers, _, colors = _styles(rows)
-    fig = _figure(8.5, 4.8)
-    ax = fig.add_subplot()
-    for r in rows:
-        lat, auc = r["latency_ms"]["p50"], r["metrics"]["auc"]
-        ci = (r.get("clinical") or {}).get("auc", {}).get("ci")
-        yerr = [[auc - ci[0]], [ci[1] - auc]] if ci else None
-        ax.errorbar([lat], [auc], yerr=yerr, marker=markers[r["name"]], color=colors[r["runtime"]], markersize=8,
-                    capsize=3, linestyle="", markeredgecolor="black" if r["pareto"] else colors[r["runtime"]])
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["latency_ms"]["p50"])
-    if front:
-        ax.plot([r["latency_ms"]["p50"] for r in front], [r["metrics"]["auc"] for r in front], color="black", linewidth=1.2,
-                linestyle="--", drawstyle="steps-post", label="Pareto front", zorder=0)
-    latencies = [r["latency_ms"]["p50"] for r in rows]
-    if min(latencies) > 0 and max(latencies) / min(latencies) > 20:
-        ax.set_xscale("log")
-    ax.set_xlabel("latency p50, batch 1 (ms)")
-    ax.set_ylabel("referable-DR AUC (test, 95% CI)")
-    ax.set_title("Accuracy vs latency: black-edged points are on the Pareto front")
-    ax.grid(alpha=0.3)
-    _style_legend(ax, markers, colors, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    colors, markers, _ = _styles(rows)
+    shipped = shipped_id(report)
+    fig = _figure(11.5, 4.6)
+    axes = fig.subplots(1, 2)
+    panels = (("auc", "referable-DR AUC (test, 95% CI)", False), ("sensitivity", "sensitivity at the locked threshold (test, 95% CI)", True))
+    for ax, (metric, label, percent) in zip(axes, panels, strict=True):
+        ok = []
+        for r in rows:
+            c = r.get("clinical") or {}
+            value = (c.get(metric) or {}).get("value", r["metrics"].get(metric))
+            if value is None:
+                continue
+            ci = (c.get(metric) or {}).get("ci")
+            scale = 100 if percent else 1
+            y = scale * value
+            yerr = [[y - scale * ci[0]], [scale * ci[1] - y]] if ci else None
+            failed = guard_cell(r) == GUARD_FAILED
+            color = "#b0b0b0" if failed else colors[r["name"]]
+            lat = r["latency_ms"]["p50"]
+            ax.errorbar([lat], [y], yerr=yerr, marker=markers[r["runtime"]], color=color, markersize=7, capsize=3, linestyle="",
+                        alpha=0.6 if failed else 1.0, zorder=2)
+            if f"{r['name']}@{r['runtime']}" == shipped:
+                ax.plot([lat], [y], marker="*", markersize=22, markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.6,
+                        linestyle="", zorder=3)
+                ax.annotate("shipped", (lat, y), textcoords="offset points", xytext=(10, 8), fontsize=8)
+            if not failed:
+                ok.append((lat, y))
+        front = _front(ok)
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], color="black", linewidth=1.0, linestyle="--", drawstyle="steps-post", zorder=1)
+        latencies = [r["latency_ms"]["p50"] for r in rows]
+        if min(latencies) > 0 and max(latencies) / min(latencies) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel("latency p50, batch 1 (ms)")
+        ax.set_ylabel(label if not percent else label.replace("sensitivity", "sensitivity %"))
+        ax.grid(alpha=0.3)
+    axes[0].set_title("AUC vs latency", fontsize=10)
+    axes[1].set_title("sensitivity at the locked threshold vs latency", fontsize=10)
+    extra = [Line2D([], [], color="black", linestyle="--", label="Pareto front"),
+             Line2D([], [], marker="*", markersize=12, markerfacecolor="none", markeredgecolor="black", linestyle="", label="shipped"),
+             Line2D([], [], marker="o", color="#b0b0b0", linestyle="", label=f"guard {GUARD_FAILED}")]
+    _style_legend(axes[1], colors, markers, extra, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
@@ -111,32 +178,45 @@ def _by_runtime(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+ROC_MAX_FPR = 0.2
+
+
 def plot_roc(report: dict[str, Any]) -> str | None:
-    rows = [r for r in report.get("artifacts", []) if r.get("clinical")]
+    """ROC per runtime, zoomed to FPR <= 0.2 where screening operates; one colour per artifact; the operating point of
+    each artifact as a large hollow marker of its own shape, so coinciding points stay visible."""
+    rows = [r for r in report.get("artifacts", []) if r.get("clinical") and not fake_quant(r)]
     if not rows:
         return None
-    markers, lines, colors = _styles(rows)
+    colors, _, _ = _styles(rows)
+    op_markers = {n: ARTIFACT_OP_MARKERS[i % len(ARTIFACT_OP_MARKERS)] for i, n in enumerate(colors)}
     groups = _by_runtime(rows)
-    fig = _figure(4.0 * len(groups) + 0.6, 4.3)
+    # Zoomed to where screening operates, but never so far that an operating point falls outside.
+    fprs = [1 - r["clinical"]["specificity"]["value"] for r in rows if r["clinical"]["specificity"]["value"] is not None]
+    x_max = min(1.0, max([ROC_MAX_FPR, *(math.ceil((f + 0.03) * 20) / 20 for f in fprs)]))
+    fig = _figure(4.3 * len(groups) + 0.6, 4.6)
     axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
+    ymin = 1.0
     for ax, (runtime, group) in zip(axes, groups.items(), strict=True):
-        ax.plot([0, 1], [0, 1], color="#bbb", linewidth=0.8)
-        for r in group:
+        for k, r in enumerate(group):
             c = r["clinical"]
-            ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], color=colors[runtime], linestyle=lines[r["name"]], linewidth=1.4,
+            fpr, tpr = c["roc"]["fpr"], c["roc"]["tpr"]
+            ax.plot(fpr, tpr, color=colors[r["name"]], linewidth=1.5, drawstyle="steps-post",
                     label=f"{r['name']} AUC {c['auc']['value']:.3f}" if c["auc"]["value"] is not None else r["name"])
             sens, spec = c["sensitivity"]["value"], c["specificity"]["value"]
             if sens is not None and spec is not None:
-                ax.plot([1 - spec], [sens], marker=markers[r["name"]], color=colors[runtime], markeredgecolor="black", markersize=8, linestyle="")
+                ymin = min(ymin, sens)
+                ax.plot([1 - spec], [sens], marker=op_markers[r["name"]], markersize=11 + 3 * (len(group) - 1 - k),
+                        markerfacecolor="none", markeredgecolor=colors[r["name"]], markeredgewidth=2, linestyle="", zorder=3,
+                        label=f"  point: sens {100 * sens:.1f}%, spec {100 * spec:.1f}%")
         ax.set_title(runtime)
-        ax.set_xlabel("1 - specificity")
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_aspect("equal")
+        ax.set_xlabel("1 - specificity (false-positive rate)")
+        ax.set_xlim(-0.005, x_max)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right", markerscale=0.6)
+    axes[0].set_ylim(max(0.0, min(ymin - 0.25, 0.75)), 1.005)
     axes[0].set_ylabel("sensitivity")
-    fig.suptitle(f"ROC of referable DR; markers: the operating point (threshold {report.get('operating_point', {}).get('threshold', float('nan')):.3f})")
+    fig.suptitle(f"ROC of referable DR, zoomed to FPR <= {x_max:g}; hollow markers: the operating point "
+                 f"(threshold {report.get('operating_point', {}).get('threshold', float('nan')):.3f})", fontsize=10)
     return _png(fig)
 
 
@@ -176,29 +256,42 @@ def plot_confusion(report: dict[str, Any]) -> str | None:
 
 
 def plot_calibration(report: dict[str, Any]) -> str | None:
-    rows = [r for r in report.get("artifacts", []) if r.get("clinical")]
+    """Reliability, one panel per artifact (its runtimes differ by rounding only, so they share the panel in one colour
+    and different line styles), above the number of test images in each bin."""
+    rows = [r for r in report.get("artifacts", []) if r.get("clinical") and not fake_quant(r)]
     if not rows:
         return None
-    markers, lines, colors = _styles(rows)
-    groups = _by_runtime(rows)
-    fig = _figure(4.0 * len(groups) + 0.6, 4.3)
-    axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
-    for ax, (runtime, group) in zip(axes, groups.items(), strict=True):
-        ax.plot([0, 1], [0, 1], color="#bbb", linewidth=0.8, label="perfect")
+    colors, _, lines = _styles(rows)
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_name.setdefault(r["name"], []).append(r)
+    fig = _figure(3.3 * len(by_name) + 0.6, 5.6)
+    axes = fig.subplots(2, len(by_name), squeeze=False, sharex=True, sharey="row", height_ratios=[3, 1.2])
+    for j, (name, group) in enumerate(by_name.items()):
+        ax, bars = axes[0][j], axes[1][j]
+        ax.plot([0, 1], [0, 1], color="#bbb", linewidth=0.8)
         for r in group:
             cal = r["clinical"]["calibration"]
             used = [b for b in cal["bins"] if b["n"]]
-            ax.plot([b["mean_predicted"] for b in used], [b["observed"] for b in used], marker=markers[r["name"]], color=colors[runtime],
-                    linestyle=lines[r["name"]], markeredgecolor="black", linewidth=1.2, label=f"{r['name']} ECE {cal['ece']:.3f}")
-        ax.set_title(runtime)
-        ax.set_xlabel("mean predicted P(referable)")
+            ax.plot([b["mean_predicted"] for b in used], [b["observed"] for b in used], marker="o", markersize=4, color=colors[name],
+                    linestyle=lines[r["runtime"]], linewidth=1.2, alpha=0.85, label=f"{r['runtime']} ECE {cal['ece']:.3f}")
+        bins = group[0]["clinical"]["calibration"]["bins"]
+        bars.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["n"] for b in bins], width=0.08, color=colors[name], alpha=0.8)
+        for b in bins:
+            bars.annotate(str(b["n"]), ((b["lo"] + b["hi"]) / 2, b["n"]), textcoords="offset points", xytext=(0, 1), ha="center", fontsize=7)
+        ax.set_title(name)
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_aspect("equal")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
-    axes[0].set_ylabel("observed referable rate")
-    fig.suptitle("Reliability of P(referable DR) on the test split (bins with images)")
+        ax.legend(fontsize=7, loc="upper left")
+        bars.set_yscale("symlog", linthresh=10)
+        bars.set_xlabel("mean predicted P(referable)", fontsize=8)
+        bars.margins(y=0.35)
+        bars.grid(axis="y", alpha=0.3)
+        bars.set_title(f"test images per bin ({group[0]['runtime']})", fontsize=8)
+    axes[0][0].set_ylabel("observed referable rate")
+    axes[1][0].set_ylabel("images")
+    fig.suptitle("Reliability of P(referable DR) on the test split", fontsize=10)
     return _png(fig)
 
 
@@ -241,10 +334,16 @@ def plot_training(report: dict[str, Any]) -> str | None:
 
 # (section id, plotting function, caption): where each plot goes.
 PLOTS = (
-    ("summary", plot_accuracy_latency, "Referable-DR AUC against batch-1 latency for every artifact and runtime."),
-    ("screening", plot_roc, "ROC curves per runtime; the marker is each artifact's operating point at the locked threshold."),
+    ("summary", plot_accuracy_latency, "AUC (left) and sensitivity at the locked threshold (right) against batch-1 latency; colour: "
+     "artifact, marker: runtime; the star is the shipped candidate; grey: failed the accuracy guard (never on the front); "
+     "torch fake-quant rows are left out. Latency from the bench stage; the verdict quotes the bundle's interleaved "
+     "re-measurement, which can differ on a busy box."),
+    ("screening", plot_roc, "ROC curves per runtime, zoomed to a false-positive rate of 0.2 (further only to keep every operating "
+     "point in view); the hollow marker is "
+     "each artifact's operating point at the locked threshold."),
     ("confusion", plot_confusion, "Counts; colour is the share of each true class (row)."),
-    ("calibration", plot_calibration, "Reliability: observed referable rate against mean predicted probability per bin."),
+    ("calibration", plot_calibration, "Reliability: observed referable rate against mean predicted probability per bin; "
+     "below, the number of test images in each bin (few images: a noisy point)."),
     ("training", plot_training, "Training loss and validation AUC per epoch."),
     ("stages", plot_stage_seconds, "Wall-clock time per build stage."),
 )
@@ -258,16 +357,27 @@ def _inline(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
 
 
-def _cell_class(text: str) -> str:
-    """Verdicts stand out: PASS / met (the accuracy guard) in green, FAIL / FAILED (also at the end of a guard cell) in red."""
-    if text.startswith("FAIL") or text.endswith(" FAILED"):
+def _cell_class(text: str, header: str = "") -> str:
+    """Verdicts stand out: PASS / met (the accuracy guard) in green, FAIL / failed (also at the end of a guard cell) and
+    test-split flags in red; long text cells wrap left-aligned."""
+    if text.startswith("FAIL") or text == GUARD_FAILED or text.endswith(f" {GUARD_FAILED}"):
         return ' class="fail"'
-    return ' class="pass"' if text.startswith("PASS") or text == "met" else ""
+    if header.startswith("flags") and text not in ("", "-"):
+        return ' class="flag"'
+    if text.startswith("PASS") or text == GUARD_MET:
+        return ' class="pass"'
+    return ' class="text"' if len(text) > 60 else ""
+
+
+def _cell_html(text: str) -> str:
+    """Escaped; a number cell may break only before its interval and after a comma: ``0.982<wbr> (0.967–0.994)``."""
+    return html.escape(text).replace(" (", "<wbr> (").replace(", ", ",<wbr> ")
 
 
 def _table(table: ReportTable) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
-    body = "".join("<tr>" + "".join(f"<td{_cell_class(c)}>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table.rows)
+    body = "".join("<tr>" + "".join(f"<td{_cell_class(c, h)}>{_cell_html(c)}</td>" for c, h in zip(row, table.header, strict=False))
+                   + "</tr>" for row in table.rows)
     caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
     return f'<div class="scroll"><table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
@@ -288,6 +398,13 @@ def _section(section: ReportSection, figures: list[tuple[str, str]]) -> str:
     return "\n".join(parts)
 
 
+def _verdict_html(v: Verdict) -> str:
+    """The intended-use banner and the verdict box, above the contents."""
+    items = "".join(f'<dt class="{i.level}">{_inline(i.label)}</dt><dd class="{i.level}">{_inline(i.text)}</dd>' for i in v.items)
+    return (f'<div class="banner {v.banner_level}" role="note" id="intended-use">{_inline(v.banner)}</div>\n'
+            f'<section id="verdict" class="verdict"><h2>Verdict</h2><dl>{items}</dl></section>')
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The whole report as one HTML document with inline CSS and inline PNG plots."""
     sections = report_sections(report)
@@ -301,9 +418,10 @@ def render_html(report: dict[str, Any]) -> str:
     meta = (f"Created {html.escape(str(report.get('created', '-')))} with tlcompile {html.escape(str(report.get('tlcompile_version', '-')))}; "
             f"recipe sha256 <code>{html.escape(str(report.get('recipe_sha256', ''))[:16])}</code>")
     body = "\n".join(_section(s, figures.get(s.id, [])) for s in sections)
+    top = _verdict_html(verdict(report))
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>tlcompile build: {name}</title><style>{CSS}</style></head>\n"
-        f"<body><main><h1>tlcompile build: {name}</h1><div class=\"meta\">{meta}</div><nav>{nav}</nav>\n{body}\n</main></body></html>\n"
+        f"<body><main><h1>tlcompile build: {name}</h1><div class=\"meta\">{meta}</div>\n{top}\n<nav>{nav}</nav>\n{body}\n</main></body></html>\n"
     )

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from tlcompile.compress.guard import evidence_text
 from tlcompile.errors import TlcompileError
 
@@ -32,12 +30,82 @@ ROW_COLUMNS = ("artifact", "runtime", "format", "exec", "threads", "p50 ms", "p9
                "top-1 agree", "guard")
 
 
+# The glossary (README "Words used"): the same words in the CLI, report.md, report.html and the README.
+GUARD_MET, GUARD_FAILED, GUARD_REFERENCE = "met", "failed", "reference"
+PARETO_MARK = "front"  # the cell of a row on the accuracy-vs-latency Pareto front; "" when not, "-" when not ranked
+PP = "pp"  # percentage points: every delta is new - fp32, in points (an AUC of 0.01 is 1 point)
+
+
 def guard_cell(row: dict[str, Any]) -> str:
-    """``met`` / ``FAILED`` for a compressed artifact (its accuracy guard on val), ``ref`` for the model it is judged against."""
+    """``met`` / ``failed`` for a compressed artifact (its accuracy guard on val), ``reference`` for the model it is
+    judged against."""
     g = row.get("guard")
     if not g:
-        return "ref" if row.get("name") == "fp32" else "-"
-    return "met" if g.get("met") else "FAILED"
+        return GUARD_REFERENCE if row.get("name") == "fp32" else "-"
+    return GUARD_MET if g.get("met") else GUARD_FAILED
+
+
+def pareto_cell(row: dict[str, Any]) -> str:
+    return {True: PARETO_MARK, False: "", None: "-"}[row.get("pareto")]
+
+
+def pp(x: float | None, *, signed: bool = True) -> str:
+    """A proportion difference in percentage points: ``-3.3 pp`` (never ``-0.0``)."""
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    return format(100 * x + 0.0 if round(100 * x, 1) != 0 else 0.0, "+.1f" if signed else ".1f") + f" {PP}"
+
+
+def delta_pp(measured: dict[str, Any] | None) -> str:
+    """``-3.3 pp (-6.5 to -0.8)``: a paired delta (new - fp32) with its 95% CI, in percentage points."""
+    if not measured or measured.get("value") is None:
+        return "-"
+    ci = measured.get("ci")
+    return pp(measured["value"]) + (f" ({100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})" if ci else "")
+
+
+METRIC_WORDS = {"auc": "AUC"}
+DELTA_WORDS = {"delta_sensitivity": "sensitivity", "delta_specificity": "specificity", "delta_auc": "AUC"}
+
+
+def _pp_against(value: float, limit: float) -> tuple[str, str]:
+    """A delta and its limit in points, with a second decimal where one decimal would show them equal."""
+    for digits in (1, 2, 3):
+        v, lim = format(100 * value, f"+.{digits}f"), format(100 * limit, f"+.{digits}f")
+        if v != lim:
+            break
+    return f"{v} {PP}", f"{lim} {PP}"
+
+
+def row_flags(row: dict[str, Any]) -> list[str]:
+    """What a reader must not miss about a compressed row's test split, one item per metric: a drop beyond the guard's
+    own limits (``test_flags``, against the model the guard compared it with) and/or a paired 95% CI against fp32 that
+    excludes 0; then the referable test eyes it newly misses. Empty for fp32 and for rows with nothing to flag."""
+    ref = (row.get("clinical") or {}).get("vs_reference") or {}
+    beyond = {f["metric"]: f for f in row.get("test_flags") or []}
+    flags = []
+    for key, word in DELTA_WORDS.items():
+        metric = key.removeprefix("delta_")
+        f = beyond.pop(metric, None)
+        d = ref.get(key) or {}
+        ci = d.get("ci")
+        excludes = bool(ci) and d.get("value") is not None and (ci[1] < -1e-12 or ci[0] > 1e-12)
+        parts = []
+        if f:
+            value, limit = _pp_against(-f["drop"], -f["max_drop"])
+            parts.append(f"test {word} {value} vs {f['reference']}, beyond the guard's limit of {limit}")
+        if excludes:
+            direction = "worse" if ci[1] < 0 else "better"
+            ci_text = f"95% CI of {delta_pp(d)} vs fp32 excludes 0 ({direction})"
+            parts.append(ci_text if f else f"test {word}: {ci_text}")
+        if parts:
+            flags.append("; ".join(parts))
+    for f in beyond.values():  # a guarded metric without a paired delta (accuracy)
+        value, limit = _pp_against(-f["drop"], -f["max_drop"])
+        flags.append(f"test {METRIC_WORDS.get(f['metric'], f['metric'])} {value} vs {f['reference']}, beyond the guard's limit of {limit}")
+    if flags and ref.get("missed_referable"):
+        flags.append(f"{ref['missed_referable']} referable test eye(s) newly missed vs fp32")
+    return flags
 
 
 def artifact_cells(row: dict[str, Any]) -> list[str]:
@@ -56,26 +124,275 @@ def artifact_cells(row: dict[str, Any]) -> list[str]:
         _num(m.get("accuracy")),
         _mb(row.get("size_bytes")),
         _num((row.get("macs") or 0) / 1e6, ".1f"),
-        _num(par.get("max_abs_diff"), ".1e") if par.get("reference") != "self" else "ref",
-        _num(par.get("top1_agreement"), ".1%") if par.get("reference") != "self" else "ref",
+        _num(par.get("max_abs_diff"), ".1e") if par.get("reference") != "self" else GUARD_REFERENCE,
+        _num(par.get("top1_agreement"), ".1%") if par.get("reference") != "self" else GUARD_REFERENCE,
         guard_cell(row),
     ]
 
 
 # The terminal shows the columns a person compares first; report.md carries them all.
-TERMINAL_COLUMNS = ("artifact", "runtime", "exec", "p50 ms", "p90 ms", "AUC", "sens", "spec", "MB", "|Δlogit|", "top-1 agree", "guard")
+# Size and parity (|Δlogit|, top-1 agreement) are in report.md/html: without them the table fits 80 columns whole.
+TERMINAL_COLUMNS = ("artifact", "runtime", "exec", "p50 ms", "p90 ms", "AUC", "sens", "spec", "guard")
 
 
-def artifact_table(report: dict[str, Any]) -> Table:
+def artifact_table(report: dict[str, Any]):
+    """The build's closing table (terminal): never truncated; a narrow terminal gets one block per row."""
+    from tlcompile.report.terminal import FitTable
+
     op = report.get("operating_point", {})
-    table = Table(title=f"{report.get('name', 'build')}: test split, threshold {_num(op.get('threshold'))} locked on val")
     keep = [ROW_COLUMNS.index(c) for c in TERMINAL_COLUMNS]
-    for col in TERMINAL_COLUMNS:
-        table.add_column(col, justify="left" if col in ("artifact", "runtime", "exec") else "right", no_wrap=True)
+    table = FitTable(list(TERMINAL_COLUMNS), title=f"{report.get('name', 'build')}: test split, threshold {_num(op.get('threshold'))} "
+                     "locked on val; size and parity in report.md",
+                     right={c for c in TERMINAL_COLUMNS if c not in ("artifact", "runtime", "exec", "guard")}, key=2)
     for row in report.get("artifacts", []):
         cells = artifact_cells(row)
         table.add_row(*[cells[i] for i in keep])
     return table
+
+# ---------------------------------------------------------------------------------------------- verdict
+@dataclass
+class VerdictItem:
+    label: str
+    text: str
+    level: str = ""  # "" | "warn" (read with care) | "bad" (a failure or a flag)
+
+
+@dataclass
+class Verdict:
+    """What shipped, what it costs, what it is for: the box at the top of report.md and report.html."""
+
+    banner: str
+    banner_level: str  # "bad" for synthetic data (not for clinical use), "warn" otherwise
+    items: list[VerdictItem]
+
+
+RUNTIME_NAMES = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime", "torch": "PyTorch"}
+
+
+def _runtime_name(runtime: str) -> str:
+    return RUNTIME_NAMES.get(runtime, runtime)
+
+
+def isa_text(isa: list[str]) -> str:
+    """``AVX2, AVX-512; no VNNI``: the ISA list, saying so when the CPU has no int8 dot-product instruction."""
+    if not isa:
+        return "ISA unknown"
+    return ", ".join(isa) + ("" if any("VNNI" in x for x in isa) else "; no VNNI")
+
+
+def banner_text(report: dict[str, Any]) -> tuple[str, str]:
+    """The intended use and the data provenance, from the recipe the build ran; synthetic data says NOT for clinical use."""
+    recipe = report.get("recipe") or {}
+    data = recipe.get("data") or {}
+    intended = (recipe.get("bundle") or {}).get("intended_use")
+    if not intended:
+        from tlcompile.recipe import DEFAULT_INTENDED_USE
+
+        intended = DEFAULT_INTENDED_USE
+    source = data.get("source")
+    images = report.get("data", {}).get("images") or data.get("num_images")
+    if source == "synthetic":
+        return (f"**Synthetic data: NOT for clinical use.** Trained and tested on {images or 'some'} images from tlcompile's "
+                f"built-in synthetic fundus generator, not photographs of patients; a demonstration of the pipeline. "
+                f"Intended use of a model built this way on real data: {intended}"), "bad"
+    where = f"{source} data" + (f" from {data['root']}" if data.get("root") else "") if source else "data of unknown origin"
+    return (f"**Intended use:** {intended} **Data:** {where}" + (f", {images} images" if images else "")
+            + ". Measured on this build's test split on the build box: re-validate on local images, camera and population "
+            "before clinical use."), "warn"
+
+
+def _measured(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return ((report.get("bundle") or {}).get("selection") or {}).get("measured_on_build_box") or {}
+
+
+def _latency_of(report: dict[str, Any], cid: str, rows: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any] | None:
+    """p50/p90 (and the p90 spread over rounds, when the bundle measured it) of a candidate ``name@runtime``."""
+    m = _measured(report).get(cid)
+    if m:
+        return {"p50": m.get("p50_ms"), "p90": m.get("p90_ms"), "spread": m.get("p90_spread_ms"), "p50_spread": m.get("p50_spread_ms"),
+                "rounds": m.get("rounds")}
+    name, _, runtime = cid.partition("@")
+    row = rows.get((name, runtime))
+    if not row:
+        return None
+    lat = row.get("latency_ms", {})
+    return {"p50": lat.get("p50"), "p90": lat.get("p90"), "spread": None, "p50_spread": None, "rounds": None}
+
+
+def int8_speed_notes(report: dict[str, Any]) -> list[str]:
+    """"int8 is not faster than fp32 on this CPU (ISA...)" for each runtime where the bench rows show it: int8's p50 is
+    not below fp32's by more than the measured p50 spread (0 when only one measurement exists)."""
+    rows = {(r["name"], r["runtime"]): r for r in report.get("artifacts", [])}
+    isa = report.get("environment", {}).get("cpu", {}).get("isa") or []
+    notes = []
+    for runtime in dict.fromkeys(r["runtime"] for r in report.get("artifacts", [])):
+        if runtime == "torch" or ("int8", runtime) not in rows or ("fp32", runtime) not in rows:
+            continue
+        a, b = _latency_of(report, f"int8@{runtime}", rows), _latency_of(report, f"fp32@{runtime}", rows)
+        if not a or not b or a["p50"] is None or b["p50"] is None:
+            continue
+        noise = max(a.get("p50_spread") or 0.0, b.get("p50_spread") or 0.0)
+        if b["p50"] - a["p50"] <= noise:
+            how = "slower than" if a["p50"] >= b["p50"] else "not faster than"
+            notes.append(f"int8 is {how} fp32 on {_runtime_name(runtime)} on this CPU (p50 {a['p50']:.2f} vs {b['p50']:.2f} ms"
+                         + (f"; a difference within the noise of {noise:.2f} ms is a tie" if noise and a["p50"] < b["p50"] else "")
+                         + (f"; {isa_text(isa)})" if not any("VNNI" in x for x in isa) else "; this CPU has VNNI)"))
+    return notes
+
+
+def _guard_failure_words(row: dict[str, Any]) -> str:
+    """``val sensitivity -9.8 pp vs fp32 (limit -2.0 pp)``: the failed checks of a row's guard, in plain words."""
+    parts = []
+    for check in (row.get("guard") or {}).get("checks", []):
+        for metric in ("auc", "sensitivity", "specificity", "accuracy"):
+            item = check.get(metric) or {}
+            if item.get("max_drop") is not None and item.get("met") is False:
+                parts.append(f"val {METRIC_WORDS.get(metric, metric)} {pp(-item['drop'])} vs {check.get('against', 'fp32')} (limit {pp(-item['max_drop'])})")
+    return ", ".join(parts)
+
+
+def _delta_words(measured: dict[str, Any] | None) -> str:
+    """``-3.3 pp (95% CI -6.5 to -0.8)``."""
+    if not measured or measured.get("value") is None:
+        return "-"
+    ci = measured.get("ci")
+    return pp(measured["value"]) + (f" (95% CI {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})" if ci else "")
+
+
+def name_of(cid: str) -> str:
+    return cid.partition("@")[0]
+
+
+def _passed_over(report: dict[str, Any], chosen: str, rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """One plain sentence per reason a candidate was not the build's choice."""
+    selection = (report.get("bundle") or {}).get("selection") or {}
+    chosen_lat = _latency_of(report, chosen, rows) or {}
+    failed_guard: dict[str, list[str]] = {}
+    other: list[str] = []
+    ties, slower = [], []
+    for c in selection.get("candidates", []):
+        cid = c.get("id") or f"{c['name']}@{c['runtime']}"
+        if cid == chosen:
+            continue
+        why = c.get("why_not")
+        row = rows.get((c["name"], c["runtime"]), {})
+        if c.get("guard_met") is False:
+            failed_guard.setdefault(c["name"], []).append(_runtime_name(c["runtime"]))
+            continue
+        if why:
+            other.append(f"{cid}: {why}")
+            continue
+        lat = _latency_of(report, cid, rows) or {}
+        if lat.get("p90") is None or chosen_lat.get("p90") is None:
+            continue
+        noise = max(lat.get("spread") or 0.0, chosen_lat.get("spread") or 0.0)
+        diff = chosen_lat["p90"] - lat["p90"]
+        if abs(diff) <= noise:
+            ties.append(f"{cid} ({lat['p90']:.2f} ms)")
+        elif diff < 0:
+            slower.append(f"{cid} ({lat['p90']:.2f} ms)")
+        else:
+            other.append(f"{cid}: faster by {diff:.2f} ms p90, more than the noise, yet not chosen ({selection.get('rule', '-')} rule)")
+        del row
+    out = []
+    for name, runtimes in failed_guard.items():
+        row = next((r for r in report.get("artifacts", []) if r["name"] == name and r.get("guard")), {})
+        steps = len((row.get("guard") or {}).get("actions", []))
+        words = _guard_failure_words(row)
+        out.append(f"{name} ({', '.join(runtimes)}) failed the accuracy guard" + (f": {words}" if words else "")
+                   + (f"; {steps} recovery step(s) did not fix it (guard table)" if steps else "") + "; not shippable.")
+    if ties:
+        out.append("A tie with the shipped one (p90 within the measured noise)" + (", which goes to the uncompressed model"
+                   if name_of(chosen) == "fp32" else "") + ": " + ", ".join(ties) + ".")
+    if slower:
+        out.append("Slower p90 on the build box: " + ", ".join(slower) + ".")
+    out += [o + "." for o in other]
+    return out
+
+
+def verdict(report: dict[str, Any]) -> Verdict:
+    """The verdict box: everything in it comes from report.json."""
+    banner, banner_level = banner_text(report)
+    items: list[VerdictItem] = []
+    rows = {(r["name"], r["runtime"]): r for r in report.get("artifacts", [])}
+    bundle = report.get("bundle") or {}
+    selection = bundle.get("selection") or {}
+    cpu = report.get("environment", {}).get("cpu", {})
+    chosen = bundle.get("default_candidate") or selection.get("chosen_id") or (
+        f"{bundle['artifact']}@{bundle['runtime']}" if bundle.get("artifact") and bundle.get("runtime") else None)
+    if not chosen:
+        reason = bundle.get("skipped") or bundle.get("error") or "the recipe makes none (bundle.enabled: false) or it was not written"
+        items.append(VerdictItem("Ships", f"nothing: no bundle ({reason}).", "bad"))
+        return Verdict(banner, banner_level, items)
+    name, _, runtime = chosen.partition("@")
+    row = rows.get((name, runtime), {})
+    n_cand = len(bundle.get("candidates") or [])
+    precision = bundle.get("precision") or row.get("exec_precision") or "-"
+    items.append(VerdictItem("Ships", (
+        f"**{name}** on **{_runtime_name(runtime)}** (candidate `{chosen}`, runs in {precision}), the build's choice by the "
+        f"'{selection.get('rule', '-')}' rule" + (f": {selection['why']}" if selection.get("why") else "") + "."
+        + (f" The bundle carries {n_cand} candidates; `tlcompile verify` on the clinic's box pins the fastest there." if n_cand > 1 else ""))))
+    lat = _latency_of(report, chosen, rows)
+    if lat and lat.get("p50") is not None:
+        load = selection.get("load_average")
+        speed = (f"p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms at batch 1 on {cpu.get('model', 'this CPU')} "
+                 f"({cpu.get('usable_cores', '?')} cores; {isa_text(cpu.get('isa') or [])})")
+        if lat.get("spread") is not None:
+            speed += f"; p90 spread over {lat.get('rounds') or '?'} rounds {lat['spread']:.2f} ms"
+        else:
+            speed += "; one measurement, no spread known"
+        if load:
+            speed += f"; load average {load[0]:.2f}"
+        noisy = bool(selection.get("noise")) or (lat.get("spread") is not None and lat["p90"] and lat["spread"] > 0.5 * lat["p90"])
+        if selection.get("noise"):
+            speed += f". {selection['noise'][0].upper()}{selection['noise'][1:]}"
+        elif noisy:
+            speed += (". The p90 spread is more than half the p90: a busy box; latency differences within the spread are "
+                      "ties; on a quiet box, run tlcompile verify --repin")
+        items.append(VerdictItem("Speed on the build box", speed + ".", "warn" if noisy else ""))
+    notes = int8_speed_notes(report)
+    if notes:
+        items.append(VerdictItem("int8", "; ".join(notes) + ".", "warn"))
+    c = row.get("clinical") or {}
+    if c:
+        ref = c.get("vs_reference")
+        sens, spec = c.get("sensitivity"), c.get("specificity")
+        fp32 = (rows.get(("fp32", runtime)) or {}).get("clinical") or {}
+        if ref:
+            acc = (f"sensitivity {_with_ci(sens, percent=True)} against fp32's {_pct(fp32.get('sensitivity', {}).get('value'))}: "
+                   f"{_delta_words(ref.get('delta_sensitivity'))}; specificity {_with_ci(spec, percent=True)} against "
+                   f"{_pct(fp32.get('specificity', {}).get('value'))}: {_delta_words(ref.get('delta_specificity'))}; AUC "
+                   f"{_with_ci(c.get('auc'), percent=False)}: {_delta_words(ref.get('delta_auc'))}; "
+                   f"{ref.get('missed_referable', 0)} referable eye(s) newly missed, {ref.get('newly_referred', 0)} newly referred")
+        else:
+            acc = (f"sensitivity {_with_ci(sens, percent=True)}, specificity {_with_ci(spec, percent=True)}, AUC "
+                   f"{_with_ci(c.get('auc'), percent=False)}; this is the fp32 model, the reference the others are judged against")
+        items.append(VerdictItem(f"Test split ({c.get('n', '-')} images, {c.get('referable', '-')} referable)",
+                                 acc + ". Deltas: new - fp32, percentage points, paired 95% CI."))
+        e = c.get("endpoints") or {}
+        if e.get("pass") is None:
+            items.append(VerdictItem("Endpoints", "none set in the recipe (evaluate.endpoints): no pass/fail claim is made.", "warn"))
+        else:
+            failed = [k for k, v in (e.get("checks") or {}).items() if not v.get("pass")]
+            items.append(VerdictItem("Endpoints", "PASS (" + ", ".join(e.get("checks", {})) + ")" if e["pass"]
+                                     else "FAIL: " + ", ".join(failed), "" if e["pass"] else "bad"))
+    flags = row_flags(row)
+    if row.get("guard") and not row["guard"].get("met"):
+        flags.insert(0, "it failed the accuracy guard on val and ships only because the recipe names it")
+    items.append(VerdictItem("Flags", "; ".join(flags) + " (test split; the guard judged val)." if flags else
+                             "none: no test-split delta beyond the guard's limits and no paired CI against fp32 that excludes 0.",
+                             "bad" if flags else ""))
+    passed = _passed_over(report, chosen, rows)
+    if passed:
+        items.append(VerdictItem("Passed over", " ".join(passed)))
+    return Verdict(banner, banner_level, items)
+
+
+def verdict_markdown(v: Verdict) -> list[str]:
+    out = ["> " + v.banner, "", "## Verdict", ""]
+    mark = {"": "", "warn": "⚠ ", "bad": "✖ "}
+    out += [f"- {mark[i.level]}**{i.label}:** {i.text}" for i in v.items]
+    return out
 
 
 # ------------------------------------------------------------------------------------- shared sections
@@ -123,12 +440,21 @@ def _label(row: dict[str, Any]) -> list[str]:
     return [row["name"], row["runtime"]]
 
 
+def fake_quant(row: dict[str, Any]) -> bool:
+    """A torch row of a quantized artifact: fake-quantized simulation, never deployed, slow by construction."""
+    return row.get("runtime") == "torch" and "int8" in str(row.get("name", ""))
+
+
 def pareto_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Copies of the artifact rows marked ``pareto`` (fastest p50 for its AUC), by the bench's own rule."""
+    """Copies of the artifact rows marked ``pareto`` (fastest p50 for its AUC), by the bench's own rule, ranked among
+    the rows that could ship: torch fake-quant rows and rows that failed the accuracy guard are not ranked (None)."""
     from tlcompile.runtime.bench import mark_pareto
 
     rows = [dict(r) for r in report.get("artifacts", [])]
-    mark_pareto(rows)
+    ranked = [r for r in rows if not fake_quant(r) and guard_cell(r) != GUARD_FAILED]
+    mark_pareto(ranked)
+    for r in rows:
+        r.setdefault("pareto", None)
     return rows
 
 
@@ -146,8 +472,12 @@ def _summary_section(report: dict[str, Any]) -> ReportSection:
         text.append(f"Intervals are {int(100 * ev.get('ci_level', 0.95))}% CIs: AUC by stratified bootstrap "
                     f"({ev.get('bootstrap_resamples')} resamples), proportions by the Wilson score interval; "
                     "deltas are paired against the fp32 row of the same runtime.")
+    text.append(f"Deltas are new - fp32 in percentage points ({PP}), with paired 95% CIs. Guard: {GUARD_MET} / {GUARD_FAILED} "
+                 f"on val, {GUARD_REFERENCE} for the model judged against. Pareto: {PARETO_MARK} when no other deployable "
+                 "row is both faster (p50) and at least as accurate (AUC); torch fake-quant rows and rows that failed the "
+                 "guard are not ranked. Flags: what the test split shows that the val guard did not.")
     header = ["artifact", "runtime", "p50 ms", "AUC (95% CI)", "sensitivity (95% CI)", "specificity (95% CI)",
-              "ΔAUC vs fp32 (95% CI)", "decisions changed", "guard (val)", "endpoints", "Pareto"]
+              f"Δsensitivity vs fp32 {PP} (95% CI)", "decisions changed", "guard (val)", "endpoints", "Pareto", "flags (test)"]
     table_rows = []
     for row in rows:
         c = row.get("clinical", {})
@@ -156,11 +486,12 @@ def _summary_section(report: dict[str, Any]) -> ReportSection:
             *_label(row), _num(row.get("latency_ms", {}).get("p50"), ".2f"),
             _with_ci(c.get("auc"), percent=False) if c else _num(row.get("metrics", {}).get("auc")),
             _with_ci(c.get("sensitivity"), percent=True), _with_ci(c.get("specificity"), percent=True),
-            _with_ci(ref.get("delta_auc"), percent=False, signed=True) if ref else "ref",
-            _pct(ref["disagreement"]["value"]) if ref else "ref",
-            guard_cell(row) + ("; test drop flagged" if row.get("test_flags") else ""),
+            delta_pp(ref.get("delta_sensitivity")) if ref else GUARD_REFERENCE,
+            _pct(ref["disagreement"]["value"]) if ref else GUARD_REFERENCE,
+            guard_cell(row),
             _verdict(c.get("endpoints", {}).get("pass")),
-            {True: "yes", False: "", None: "-"}[row.get("pareto")],
+            pareto_cell(row),
+            "; ".join(row_flags(row)) or "-",
         ])
     return ReportSection("summary", "Summary", text, [ReportTable(header, table_rows)])
 
@@ -206,7 +537,7 @@ def _screening_section(report: dict[str, Any]) -> ReportSection:
 
 
 def _compression_section(report: dict[str, Any]) -> ReportSection:
-    header = ["artifact", "runtime", "against", "ΔAUC (95% CI)", "Δsensitivity (95% CI)", "Δspecificity (95% CI)",
+    header = ["artifact", "runtime", "against", f"ΔAUC {PP} (95% CI)", f"Δsensitivity {PP} (95% CI)", f"Δspecificity {PP} (95% CI)",
               "referral changes (95% CI)", "newly referred", "no longer referred", "referable newly missed"]
     rows = []
     for row in report.get("artifacts", []):
@@ -214,56 +545,76 @@ def _compression_section(report: dict[str, Any]) -> ReportSection:
         if not ref:
             continue
         rows.append([*_label(row), str(ref.get("reference", "fp32")),
-                     _with_ci(ref["delta_auc"], percent=False, signed=True), _with_ci(ref["delta_sensitivity"], percent=True, signed=True),
-                     _with_ci(ref["delta_specificity"], percent=True, signed=True), _with_ci(ref["disagreement"], percent=True),
+                     delta_pp(ref["delta_auc"]), delta_pp(ref["delta_sensitivity"]),
+                     delta_pp(ref["delta_specificity"]), _with_ci(ref["disagreement"], percent=True),
                      str(ref["newly_referred"]), str(ref["no_longer_referred"]), str(ref["missed_referable"])])
-    text = ["Each compressed artifact against the fp32 model on the same runtime and the same test images: paired bootstrap "
-            "CIs (both scored on the same resamples) and the share of images whose referral decision changes."]
+    text = ["Each compressed artifact against the fp32 model on the same runtime and the same test images: deltas are new - fp32 "
+            f"in percentage points ({PP}; an AUC of 0.01 is 1 point) with paired bootstrap 95% CIs (both scored on the same "
+            "resamples), and the share of images whose referral decision changes."]
     tables = [ReportTable(header, rows)] if rows else []
     guard = guard_table(report)
     if guard:
         tables.append(guard)
+        steps = guard_steps_table(report)
+        if steps:
+            tables.append(steps)
         text.append("The accuracy guard is judged on the validation split at the locked operating point: each compression step "
                     "against the model it started from (a pruned-int8 model answers for its pruning and its quantization). "
                     "An artifact meets the guard only when every check does; the bundle never ships one that does not.")
-    flagged = [f"{r['name']} on {r['runtime']}: {f['text']}" for r in report.get("artifacts", []) for f in r.get("test_flags") or []]
+    flagged = [[*_label(r), flag] for r in report.get("artifacts", []) for flag in row_flags(r)]
     if flagged:
-        text.append("Flagged: on the test split these drops exceed the guard's own limits, although the guard (on val) was "
-                    "met. Selection stays on val; read the test figures with this in mind. " + "; ".join(flagged) + ".")
+        text.append("Flagged: on the test split, drops beyond the guard's own limits or paired CIs that exclude 0, whatever "
+                    "the guard (judged on val) said. Selection stays on val; read the test figures with this in mind.")
+        tables.append(ReportTable(["artifact", "runtime", "flag (test split)"], flagged, "Flags"))
     if not rows:
         text.append("This build has only the fp32 model, so there is nothing to compare; add prune / quantize to the recipe.")
     return ReportSection("compression", "What compression cost", text, tables)
 
 
 def _guard_item(item: dict[str, Any] | None) -> str:
-    """``0.962 (drop +0.002, limit 0.01) ok`` for one guarded metric."""
+    """``0.962 (-0.2 pp, limit -1.0 pp) met`` for one guarded metric: the delta is new - reference."""
     if not item or item.get("value") is None:
         return "-"
-    text = f"{item['value']:.3f} (drop {item['drop']:+.3f}" if item.get("drop") is not None else f"{item['value']:.3f} (drop -"
+    text = f"{item['value']:.3f} ({pp(-item['drop'])}" if item.get("drop") is not None else f"{item['value']:.3f} (-"
     if item.get("max_drop") is None:
         return text + ", no limit)"
-    return text + f", limit {item['max_drop']:g}) " + ("ok" if item.get("met") else "FAILED")
+    return text + f", limit {pp(-item['max_drop'])}) " + (GUARD_MET if item.get("met") else GUARD_FAILED)
 
 
 def guard_table(report: dict[str, Any]) -> ReportTable | None:
     """The accuracy guard of every compressed artifact (once per artifact, one line per check), or None."""
-    header = ["artifact", "check", "val AUC", "val sensitivity", "val specificity", "val accuracy", "guard", "val cases", "what was done"]
+    header = ["artifact", "check", "val AUC", "val sensitivity", "val specificity", "val accuracy", "guard", "val cases"]
     rows, seen = [], set()
     for row in report.get("artifacts", []):
         g = row.get("guard")
         if not g or row["name"] in seen:
             continue
         seen.add(row["name"])
-        actions = "; ".join(g.get("actions", [])) or "-"
         for i, check in enumerate(g.get("checks", [])):
             rows.append([row["name"] if i == 0 else "", f"vs {check.get('against', '-')}",
                          *(_guard_item(check.get(m)) for m in ("auc", "sensitivity", "specificity", "accuracy")),
-                         ("met" if check.get("met") else "FAILED"),
-                         evidence_text(check["evidence"]) if check.get("evidence") else "-",
-                         actions if i == len(g["checks"]) - 1 else ""])
+                         (GUARD_MET if check.get("met") else GUARD_FAILED),
+                         evidence_text(check["evidence"]) if check.get("evidence") else "-"])
     if not rows:
         return None
     return ReportTable(header, rows, "Accuracy guard (validation split, locked operating point)")
+
+
+def guard_steps_table(report: dict[str, Any]) -> ReportTable | None:
+    """What was done, in order, before each artifact's guard verdict (one row per step), or None when nothing was."""
+    rows, seen = [], set()
+    for row in report.get("artifacts", []):
+        g = row.get("guard")
+        if not g or row["name"] in seen:
+            continue
+        seen.add(row["name"])
+        verdict_word = GUARD_MET if g.get("met") else GUARD_FAILED
+        for i, action in enumerate(g.get("actions", []), start=1):
+            rows.append([row["name"], str(i), action, verdict_word if i == len(g["actions"]) else ""])
+    if not rows:
+        return None
+    return ReportTable(["artifact", "step", "what was done", "verdict after"], rows,
+                       "Accuracy guard: the steps taken, in order, before the verdict above")
 
 
 def _confusion_section(report: dict[str, Any]) -> ReportSection:
@@ -480,6 +831,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# tlcompile build: {report.get('name')}", ""]
     out.append(f"Created {report.get('created')} with tlcompile {report.get('tlcompile_version')}; recipe sha256 `{report.get('recipe_sha256', '')[:16]}`.")
+    out += [""] + verdict_markdown(verdict(report))
     for section in report_sections(report):
         out += ["", f"## {section.title}"]
         for paragraph in section.paragraphs:

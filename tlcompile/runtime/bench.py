@@ -416,44 +416,42 @@ def merge_results(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def bench_table(rows: list[dict[str, Any]], *, title: str):
-    """Rich table of bench rows: what ran, latency, throughput, memory, accuracy, Pareto and budget."""
-    from rich.table import Table
+    """Terminal table of bench rows: what ran, latency, throughput, memory, accuracy, Pareto and budget. Never truncates
+    (:class:`tlcompile.report.terminal.FitTable`): all-empty columns are dropped, and a narrow terminal gets one block
+    per row. The words are the report's: artifact, runtime, Pareto ``front``."""
+    from tlcompile.report.terminal import FitTable
 
     def num(v: Any, fmt: str) -> str:
         return "-" if v is None or (isinstance(v, float) and v != v) else format(v, fmt)
 
     hosts = {r.get("host") for r in rows}
-    table = Table(title=title)
     # p99, first inference, compile time, file size and sens/spec at the operating point are in the JSON (--out).
-    columns = ["model", "runtime", "exec", "thr", "batch", "p50 ms", "p90 ms", "img/s", "GMAC/s", "RSS MB", "AUC", "pareto"]
+    columns = ["artifact", "runtime", "exec", "threads", "batch", "p50 ms", "p90 ms", "img/s", "GMAC/s", "RSS MB", "AUC", "Pareto"]
     if any("e2e" in r for r in rows):
         columns.insert(8, "e2e ms")
     if any("within_budget" in r for r in rows):
         columns.append("budget")
     if len(hosts) > 1:
         columns.insert(0, "host")
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("host", "model", "runtime", "exec") else "right", no_wrap=col != "host")
+    table = FitTable(columns, title=title, right={c for c in columns if c not in ("host", "artifact", "runtime", "exec", "Pareto")},
+                     key=2 if len(hosts) > 1 else 1)
     for r in rows:
         m, lat = r.get("metrics") or {}, r["latency_ms"]
         cells = {
             "host": str(r.get("host", "")),
-            "model": r["name"],
+            "artifact": r["name"],
             "runtime": r["runtime"] + ("" if r.get("device", "CPU") == "CPU" else f"/{r['device']}"),
             "exec": str(r.get("exec_precision", "-")),
-            "thr": str(r.get("threads", "-")),
+            "threads": str(r.get("threads", "-")),
             "batch": str(r.get("batch", 1)),
             "p50 ms": num(lat.get("p50"), ".2f"),
             "p90 ms": num(lat.get("p90"), ".2f"),
-            "p99 ms": num(lat.get("p99"), ".2f"),
             "e2e ms": num((r.get("e2e") or {}).get("total_ms"), ".1f"),
             "img/s": num(r.get("throughput_fps"), ".1f"),
             "GMAC/s": num(r.get("gmacs_per_s"), ".1f"),
             "RSS MB": num(r.get("peak_rss_mb"), ".0f"),
             "AUC": num(m.get("auc"), ".3f"),
-            "sens": num(m.get("sensitivity"), ".3f"),
-            "spec": num(m.get("specificity"), ".3f"),
-            "pareto": {True: "*", False: "", None: "-"}[r.get("pareto")],
+            "Pareto": {True: "front", False: "", None: "-"}[r.get("pareto")],
             "budget": {True: "pass", False: "FAIL"}.get(r.get("within_budget"), "-"),
         }
         table.add_row(*[cells[c] for c in columns])

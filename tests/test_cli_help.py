@@ -1,0 +1,76 @@
+"""The CLI's own words: --version, build --help naming the recipe sections, no value types on flags, and a models
+list that is fast on the second run and shows every name whole."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from tlcompile import __version__
+from tlcompile.cli import RECIPE_SECTIONS, app, model_rows
+
+runner = CliRunner()
+
+
+def test_version():
+    out = runner.invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output.strip() == f"tlcompile {__version__}"
+
+
+def test_build_help_lists_every_recipe_section_and_points_to_the_schema(monkeypatch):
+    from tlcompile.recipe import Recipe
+
+    assert set(RECIPE_SECTIONS) == set(Recipe.model_fields)  # a new section must be named in the help too
+    monkeypatch.setenv("COLUMNS", "100")
+    text = " ".join(runner.invoke(app, ["build", "--help"]).output.split())
+    assert "tlcompile recipe schema" in text
+    for section in RECIPE_SECTIONS:
+        assert f" {section}," in text or f" {section}." in text, section
+
+
+@pytest.mark.parametrize("args", [["--help"], ["build", "--help"], ["bench", "--help"], ["verify", "--help"]])
+def test_flags_show_no_value_type(args):
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0 and "<bool>" not in out.output
+
+
+def test_models_are_cached_and_a_hit_needs_no_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLCOMPILE_CACHE", str(tmp_path))
+    import tlcompile.models as models
+
+    calls = []
+    real = models.count_macs
+
+    def counting(model, size):
+        calls.append(size)
+        return real(model, size)
+
+    monkeypatch.setattr(models, "count_macs", counting)
+    first = model_rows(64, 2)
+    assert len(calls) == len(models.list_models())
+    # The cached numbers are the real ones.
+    m = models.get_model("mobilenet_v3_small", num_classes=2)
+    row = next(r for r in first if r["model"] == "mobilenet_v3_small")
+    assert row["params"] == models.count_params(m) and row["macs"] == real(m, 64)
+    assert model_rows(64, 2) == first and len(calls) == len(models.list_models())  # a hit counts nothing
+    model_rows(96, 2)  # another size is another key
+    assert len(calls) == 2 * len(models.list_models())
+    # A hit in a process where torch cannot be imported, at 80 columns: every name whole.
+    code = ("import sys; sys.modules['torch'] = None; sys.argv = ['tlcompile', 'models', '--size', '64']; "
+            "from tlcompile.cli import main; main()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"TLCOMPILE_CACHE": str(tmp_path), "COLUMNS": "80", "PATH": "/usr/bin:/bin",
+                              "PYTHONPATH": ":".join(p for p in sys.path if p)})
+    assert out.returncode == 0, out.stderr
+    assert "…" not in out.stdout and max(len(line) for line in out.stdout.splitlines()) <= 80
+    for name in models.list_models():
+        assert name in out.stdout
+    # A damaged cache file is recomputed, not trusted.
+    for f in (tmp_path / "tlcompile").glob("models-*.json"):
+        f.write_text("{not json")
+    assert model_rows(64, 2) == first
+    assert json.loads(next((tmp_path / "tlcompile").glob("models-*.json")).read_text())
