@@ -581,15 +581,20 @@ def _guard_item(item: dict[str, Any] | None) -> str:
     return text + f", limit {pp(-item['max_drop'])}) " + (GUARD_MET if item.get("met") else GUARD_FAILED)
 
 
+def _guarded_artifacts(report: dict[str, Any]):
+    """(row, guard) once per compressed artifact (its rows on every runtime share one guard record)."""
+    seen = set()
+    for row in report.get("artifacts", []):
+        if row.get("guard") and row["name"] not in seen:
+            seen.add(row["name"])
+            yield row, row["guard"]
+
+
 def guard_table(report: dict[str, Any]) -> ReportTable | None:
     """The accuracy guard of every compressed artifact (once per artifact, one line per check), or None."""
     header = ["artifact", "check", "val AUC", "val sensitivity", "val specificity", "val accuracy", "guard", "val cases"]
-    rows, seen = [], set()
-    for row in report.get("artifacts", []):
-        g = row.get("guard")
-        if not g or row["name"] in seen:
-            continue
-        seen.add(row["name"])
+    rows = []
+    for row, g in _guarded_artifacts(report):
         for i, check in enumerate(g.get("checks", [])):
             rows.append([row["name"] if i == 0 else "", f"vs {check.get('against', '-')}",
                          *(_guard_item(check.get(m)) for m in ("auc", "sensitivity", "specificity", "accuracy")),
@@ -602,12 +607,8 @@ def guard_table(report: dict[str, Any]) -> ReportTable | None:
 
 def guard_steps_table(report: dict[str, Any]) -> ReportTable | None:
     """What was done, in order, before each artifact's guard verdict (one row per step), or None when nothing was."""
-    rows, seen = [], set()
-    for row in report.get("artifacts", []):
-        g = row.get("guard")
-        if not g or row["name"] in seen:
-            continue
-        seen.add(row["name"])
+    rows = []
+    for row, g in _guarded_artifacts(report):
         verdict_word = GUARD_MET if g.get("met") else GUARD_FAILED
         for i, action in enumerate(g.get("actions", []), start=1):
             rows.append([row["name"], str(i), action, verdict_word if i == len(g["actions"]) else ""])
