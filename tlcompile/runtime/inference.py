@@ -80,6 +80,14 @@ class OpenVINOSession:
         except Exception as err:  # OpenVINO raises RuntimeError subclasses with long C++ messages
             raise RuntimeBackendError(f"OpenVINO could not load '{self.path}' on {self.device}: {_ov_message(err)}") from err
         self._request = self._compiled.create_infer_request()
+        self._tensor = ov.Tensor
+        # run() hands the caller's array to the request without a copy when it is exactly what a static-shape
+        # model takes (bench rows: static batch); the request's own input tensor is put back after each call.
+        port = self._compiled.input(0)
+        static = port.get_partial_shape().is_static and port.get_element_type().is_static()
+        self._input_dtype = port.get_element_type().to_dtype() if static else None
+        self._input_shape = tuple(port.get_shape()) if static else None
+        self._own_input = self._request.get_input_tensor(0) if static else None
         self.properties = {
             "inference_precision_hint": _ov_type_name(self._compiled.get_property("INFERENCE_PRECISION_HINT")),
             "num_threads": int(self._compiled.get_property("INFERENCE_NUM_THREADS")) if "INFERENCE_NUM_THREADS" in config else 0,
@@ -101,8 +109,48 @@ class OpenVINOSession:
         return counts.most_common(1)[0][0]
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        self._request.infer({0: x})
-        return np.array(self._request.get_output_tensor(0).data, copy=True)
+        """Logits for ``x``: a new array the caller owns (the next call never overwrites it).
+
+        The per-call cost is what a latency yardstick on a ~2 ms model notices (benchmark_app times only the request,
+        with its input tensor filled beforehand). ``infer({0: x})`` copied the input into the request's tensor,
+        went through the Python data dispatcher, and built a dict of copied outputs that was then thrown away
+        before the output was copied again: ~130 us per call on a 2-core Xeon, where a bare ``infer()`` costs
+        ~45 us (now ~60 us in all). Here a float32, C-contiguous, writeable array of the compiled shape is wrapped in place
+        (``shared_memory=True``: no copy, as benchmark_app's preallocated tensor), the request runs with no
+        inputs to dispatch, and the one output is copied once. It stays a synchronous ``infer()``, as
+        benchmark_app's ``-api sync``: the graph then runs on the calling thread; start_async + wait runs it on
+        OpenVINO's pinned stream thread instead, which on a loaded 2-core box measured 3x faster than
+        benchmark_app, a yardstick off the other way.
+        The wrapper is made anew each call and the request's own tensor is put back afterwards: the request never
+        keeps a view of a caller's buffer that may change or be freed later. Anything else (dynamic-shape models,
+        other dtypes or shapes, strided or read-only arrays) takes the copying path, which casts and checks as
+        before.
+        """
+        request = self._request
+        if (
+            self._input_shape is not None
+            and type(x) is np.ndarray
+            and x.dtype == self._input_dtype
+            and x.shape == self._input_shape
+            and x.flags.c_contiguous
+            and x.flags.writeable
+            and x.flags.aligned
+        ):
+            request.set_input_tensor(self._tensor(x, shared_memory=True))
+            try:
+                request.infer()
+                return request.get_output_tensor(0).data.copy()
+            finally:
+                request.set_input_tensor(self._own_input)
+        try:
+            request.infer({0: x})
+        except Exception:
+            # The dispatcher resizes the request's tensor to the input before the model refuses a wrong shape;
+            # give it back the compiled shape so that the next call (and the restore above) still fits.
+            if self._own_input is not None and tuple(self._own_input.shape) != self._input_shape:
+                self._own_input.shape = list(self._input_shape)
+            raise
+        return request.get_output_tensor(0).data.copy()
 
     def throughput(self, x: np.ndarray, *, seconds: float) -> dict[str, float]:
         """Images/s with as many parallel requests as the device asks for (use with hint='THROUGHPUT')."""
@@ -159,6 +207,9 @@ class OnnxRuntimeSession:
             self.exec_precision = _onnx_precision(self.path)
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        # Already lean: ORT wraps a C-contiguous float32 array without copying it and returns a fresh output array.
+        # Measured per call on a ~0.3 ms model (2-core Xeon): run_with_ort_values +38 us, I/O binding +10 us,
+        # named outputs instead of None +0 us; so this stays as it is.
         return self._session.run(None, {self._input: x})[0]
 
 
