@@ -333,7 +333,7 @@ def flag_test_drops(rows: list[dict[str, Any]]) -> None:
                 continue
             if a - b > limit + 1e-12:
                 flags.append({"metric": metric, "reference": check["against"], "drop": round(a - b, 6), "max_drop": limit,
-                              "text": f"test {metric} drop {100 * (a - b):.1f} points vs {check['against']} (guard limit {100 * limit:.1f}; "
+                              "text": f"test {metric} {100 * (b - a):+.1f} pp vs {check['against']} (guard limit {-100 * limit:.1f} pp; "
                                       "the guard judged val)"})
         row["test_flags"] = flags
 

@@ -64,7 +64,7 @@ def test_guard_check_limits_and_nan():
     bad = guard.check(_metrics(0.88, sensitivity=0.85), ref, against="fp32", limits=limits)
     assert not bad["met"] and not bad["auc"]["met"] and not bad["sensitivity"]["met"]
     assert guard.excess(bad) == pytest.approx(0.01 + 0.03)
-    assert "val AUC drop +0.0200 (limit 0.01), val sensitivity drop +0.0500 (limit 0.02)" == guard.describe(bad)
+    assert "val AUC -2.00 pp (limit -1.00 pp), val sensitivity -5.00 pp (limit -2.00 pp)" == guard.describe(bad)
     exact = guard.check(_metrics(0.89), ref, against="fp32", limits=limits)
     assert exact["met"]  # a drop equal to the limit is within it
     nan = guard.check(_metrics(math.nan), ref, against="fp32", limits=limits)

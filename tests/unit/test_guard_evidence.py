@@ -45,6 +45,6 @@ def test_a_test_drop_beyond_the_guards_limits_is_flagged_on_the_row():
     flag_test_drops(rows)
     flags = rows[1]["test_flags"]
     assert [f["metric"] for f in flags] == ["sensitivity"] and flags[0]["drop"] == 0.033
-    assert "test sensitivity drop 3.3 points vs fp32 (guard limit 2.0" in flags[0]["text"]
+    assert "test sensitivity -3.3 pp vs fp32 (guard limit -2.0 pp" in flags[0]["text"]
     assert rows[3]["test_flags"] == []  # 0.9 points: within the limit
     assert "test_flags" not in rows[0]  # fp32 has no guard

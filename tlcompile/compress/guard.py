@@ -64,14 +64,14 @@ def evidence(reference_logits: np.ndarray, logits: np.ndarray, targets: np.ndarr
 
 
 def evidence_text(e: dict[str, Any]) -> str:
-    """``3 of 46 referable val eyes newly missed (1 newly caught); 2 of 179 non-referable newly referred; AUC drop 95% CI ...``"""
+    """``3 of 46 referable val eyes newly missed (1 newly caught); 2 of 179 non-referable newly referred; ΔAUC 95% CI ...``"""
     text = (f"{e['referable_newly_missed']} of {e['referable']} referable val eyes newly missed"
             + (f" ({e['referable_newly_caught']} newly caught)" if e["referable_newly_caught"] else "")
             + f"; {e['non_referable_newly_referred']} of {e['non_referable']} non-referable newly referred"
             + (f" ({e['non_referable_no_longer_referred']} no longer)" if e["non_referable_no_longer_referred"] else ""))
     if e.get("auc_drop_ci95"):
-        lo, hi = e["auc_drop_ci95"]
-        text += f"; AUC drop 95% CI {lo:+.4f} to {hi:+.4f}"
+        lo, hi = e["auc_drop_ci95"]  # of the drop (reference - new); shown as the change new - reference, in points
+        text += f"; ΔAUC 95% CI {-100 * hi:+.2f} to {-100 * lo:+.2f} pp"
     return text
 
 
@@ -111,14 +111,15 @@ def excess(result: dict[str, Any]) -> float:
 
 
 def describe(result: dict[str, Any]) -> str:
-    """``val AUC drop +0.0123 (limit 0.01), sensitivity drop ...`` for the limited metrics."""
+    """``val AUC -1.23 pp (limit -1.00 pp), val sensitivity -5.43 pp (limit -2.00 pp)`` for the limited metrics: the
+    change new - reference in percentage points, the report's one sign convention."""
     parts = []
     for metric in GUARD_METRICS:
         item = result[metric]
         if item["max_drop"] is not None:
-            drop = "n/a" if item["drop"] is None else f"{item['drop']:+.4f}"
+            delta = "n/a" if item["drop"] is None else f"{-100 * item['drop']:+.2f} pp"
             name = "AUC" if metric == "auc" else metric
-            parts.append(f"val {name} drop {drop} (limit {item['max_drop']})")
+            parts.append(f"val {name} {delta} (limit {-100 * item['max_drop']:.2f} pp)")
     text = ", ".join(parts) or "no limit set"
     if result.get("evidence"):
         text += f" [{evidence_text(result['evidence'])}]"
