@@ -276,9 +276,13 @@ def bench(
     from tlcompile.runtime.pinning import load_average
 
     load = load_average()
-    console.print(bench_table(result["rows"], title=f"tlcompile bench on {result['host']['cpu']['model']} (ISA: {', '.join(result['host']['cpu']['isa']) or '-'}"
-                              + (f"; load average {load[0]:.2f} on {os.cpu_count()} cores" if load else "") + "): one run per row, "
-                              "no spread measured; on a busy box repeat it, or use tlcompile verify, which benches in rounds"))
+    rows = result["rows"]
+    unstable = [f"{r['name']}/{r['runtime']}" for r in rows if not (r.get("stability") or {}).get("stable", True)]
+    rounds = sorted({(r.get("stability") or {}).get("rounds", 1) for r in rows})
+    noise = (f"p90 NOT stable after {max(rounds)} rounds for {', '.join(unstable)} (spread > 10% of p90): the box is busy, "
+             "compare with care" if unstable else f"p90 stable within 10% over {min(rounds)}-{max(rounds)} rounds per row")
+    console.print(bench_table(rows, title=f"tlcompile bench on {result['host']['cpu']['model']} (ISA: {', '.join(result['host']['cpu']['isa']) or '-'}"
+                              + (f"; load average {load[0]:.2f} on {os.cpu_count()} cores" if load else "") + f"): {noise}"))
     if out is not None:
         append_results(out, result)
         console.print(f"appended {len(result['rows'])} rows to {out}")

@@ -178,3 +178,23 @@ def test_accuracy_on_a_folder_of_grades(tiny_build, tmp_path):
     rows = run_bench([tiny_build], BenchOptions(runtimes=["onnxruntime"], iterations=2, warmup=0), data=tmp_path)["rows"]
     assert rows[0]["metrics"]["n"] == 15 and rows[0]["metrics_source"] == "bench --data"
     assert 0.0 <= rows[0]["metrics"]["auc"] <= 1.0
+
+
+def test_latency_is_measured_in_rounds_until_the_p90_spread_is_small():
+    import time as _time
+
+    from tlcompile.runtime.bench import BenchOptions, measure_in_rounds
+
+    steady = BenchOptions(iterations=5, warmup=1, min_rounds=3, max_rounds=6, stable_spread=0.5)
+    latency, stability = measure_in_rounds(lambda: _time.sleep(0.002), steady)
+    assert stability["rounds"] == 3 and stability["stable"] and latency["p90"] >= 2.0
+    # A box that gets busier every round never settles: all rounds are used and the row says it is not stable.
+    calls = {"n": 0}
+
+    def slower_each_round():
+        calls["n"] += 1
+        _time.sleep(0.001 * (1 + calls["n"] // 6))
+
+    _, stability = measure_in_rounds(slower_each_round, BenchOptions(iterations=5, warmup=1, min_rounds=2, max_rounds=4,
+                                                                     stable_spread=0.05))
+    assert stability["rounds"] == 4 and not stability["stable"] and stability["p90_spread_share"] > 0.05

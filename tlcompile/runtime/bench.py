@@ -188,6 +188,11 @@ class BenchOptions:
     budget_ms: float | None = None
     e2e: bool = False
     e2e_images: list[Path] = field(default_factory=list)
+    # Latency is measured in rounds until the p90 spread over them is within ``stable_spread`` of the median p90
+    # (at least ``min_rounds``, at most ``max_rounds``); the row says how stable it got.
+    min_rounds: int = 3
+    max_rounds: int = 7
+    stable_spread: float = 0.10
 
 
 def _runtimes_for(target: BenchTarget, requested: list[str] | None) -> list[str]:
@@ -218,7 +223,7 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
     session = open_session(path, runtime, threads=threads, precision=precision, device=opts.device,
                            hint=opts.hint.upper(), static_batch=batch)
     compile_ms = (time.perf_counter() - t0) * 1e3
-    latency = measure_latency(lambda: session.run(x), warmup=opts.warmup, iterations=opts.iterations, min_seconds=opts.duration or 0.0)
+    latency, stability = measure_in_rounds(lambda: session.run(x), opts)
     throughput = batch * 1e3 / latency["mean"]
     streams = None
     if opts.hint == "throughput" and hasattr(session, "throughput"):
@@ -242,6 +247,7 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
         "first_inference_ms": round(latency["first_ms"], 3),
         "compile_ms": round(compile_ms, 1),
         "iterations": latency["iterations"],
+        "stability": stability,
         "throughput_fps": round(throughput, 2),
         "streams": streams,
         "peak_rss_mb": _peak_rss_mb(),
@@ -269,6 +275,25 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
         row["budget_ms"] = opts.budget_ms
         row["within_budget"] = bool(row["latency_ms"]["p90"] <= opts.budget_ms)
     return row
+
+
+def measure_in_rounds(run, opts: BenchOptions) -> tuple[dict[str, float], dict[str, Any]]:
+    """Latency in rounds: repeat until the p90 spread over the rounds (max - min) is within ``opts.stable_spread`` of
+    their median p90, or ``opts.max_rounds`` is reached. Returns the median of each percentile over the rounds (the
+    first-call time of the first round) and the stability record: rounds, p90 spread (ms and share), whether stable."""
+    rounds = [measure_latency(run, warmup=opts.warmup, iterations=opts.iterations, min_seconds=opts.duration or 0.0)]
+    while True:
+        p90s = np.array([r["p90"] for r in rounds])
+        spread = float(p90s.max() - p90s.min())
+        share = spread / float(np.median(p90s)) if np.median(p90s) > 0 else 0.0
+        enough = len(rounds) >= opts.min_rounds
+        if (enough and share <= opts.stable_spread) or len(rounds) >= opts.max_rounds:
+            break
+        rounds.append(measure_latency(run, warmup=1, iterations=opts.iterations, min_seconds=opts.duration or 0.0))
+    latency = {k: float(np.median([r[k] for r in rounds])) for k in ("p50", "p90", "p99", "mean", "min")}
+    latency.update(first_ms=rounds[0]["first_ms"], iterations=int(sum(r["iterations"] for r in rounds)))
+    return latency, {"rounds": len(rounds), "p90_spread_ms": round(spread, 4), "p90_spread_share": round(share, 4),
+                     "stable": bool(share <= opts.stable_spread)}
 
 
 def measure_end_to_end(session, spec: PreprocessSpec, images: list[Path], warmup: int, iterations: int) -> dict[str, Any]:
@@ -426,9 +451,9 @@ def bench_table(rows: list[dict[str, Any]], *, title: str):
 
     hosts = {r.get("host") for r in rows}
     # p99, first inference, compile time, file size and sens/spec at the operating point are in the JSON (--out).
-    columns = ["artifact", "runtime", "exec", "threads", "batch", "p50 ms", "p90 ms", "img/s", "GMAC/s", "RSS MB", "AUC", "Pareto"]
+    columns = ["artifact", "runtime", "exec", "threads", "batch", "p50 ms", "p90 ms", "±p90", "img/s", "GMAC/s", "RSS MB", "AUC", "Pareto"]
     if any("e2e" in r for r in rows):
-        columns.insert(8, "e2e ms")
+        columns.insert(9, "e2e ms")
     if any("within_budget" in r for r in rows):
         columns.append("budget")
     if len(hosts) > 1:
@@ -446,6 +471,8 @@ def bench_table(rows: list[dict[str, Any]], *, title: str):
             "batch": str(r.get("batch", 1)),
             "p50 ms": num(lat.get("p50"), ".2f"),
             "p90 ms": num(lat.get("p90"), ".2f"),
+            # The p90 spread over the measurement rounds; '!' marks a row that never got within 10% (a busy box).
+            "±p90": num((r.get("stability") or {}).get("p90_spread_ms"), ".2f") + ("" if (r.get("stability") or {}).get("stable", True) else "!"),
             "e2e ms": num((r.get("e2e") or {}).get("total_ms"), ".1f"),
             "img/s": num(r.get("throughput_fps"), ".1f"),
             "GMAC/s": num(r.get("gmacs_per_s"), ".1f"),
