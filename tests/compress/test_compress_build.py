@@ -241,7 +241,7 @@ def test_a_failing_guard_gets_more_qat_epochs_then_fp32_layers(tiny_data, calibr
     [art] = stages.stage_quantize(ctx, [fp32])
     g, c = art.metadata["guard"], art.metadata["compression"]
     assert calls == ["sensitivity"] and g["met"]
-    assert "1 more QAT epochs" in g["actions"][0] and "limit 0.01" in g["actions"][0]
+    assert "1 more QAT epochs" in g["actions"][0] and "val AUC -50.00 pp (limit -1.00 pp)" in g["actions"][0]
     assert "kept the 2 most sensitive layers in FP32" in g["actions"][1]
     assert len(c["fp32_layers"]) == 2 and len(c["sensitivity"]) == 5
     assert len(c["final"]["history"]) == 1  # the model kept is the second attempt's (one QAT epoch)

@@ -71,7 +71,7 @@ def evidence_text(e: dict[str, Any]) -> str:
             + (f" ({e['non_referable_no_longer_referred']} no longer)" if e["non_referable_no_longer_referred"] else ""))
     if e.get("auc_drop_ci95"):
         lo, hi = e["auc_drop_ci95"]  # of the drop (reference - new); shown as the change new - reference, in points
-        text += f"; ΔAUC 95% CI {-100 * hi:+.2f} to {-100 * lo:+.2f} pp"
+        text += f"; ΔAUC 95% CI {-100 * hi + 0.0:+.2f} to {-100 * lo + 0.0:+.2f} pp"
     return text
 
 
@@ -117,7 +117,7 @@ def describe(result: dict[str, Any]) -> str:
     for metric in GUARD_METRICS:
         item = result[metric]
         if item["max_drop"] is not None:
-            delta = "n/a" if item["drop"] is None else f"{-100 * item['drop']:+.2f} pp"
+            delta = "n/a" if item["drop"] is None else f"{-100 * item['drop'] + 0.0:+.2f} pp"  # + 0.0: no "-0.00"
             name = "AUC" if metric == "auc" else metric
             parts.append(f"val {name} {delta} (limit {-100 * item['max_drop']:.2f} pp)")
     text = ", ".join(parts) or "no limit set"
