@@ -77,7 +77,21 @@ def test_checkpoint_of_another_recipe_is_not_resumed(tmp_path):
 # Timings, and what is derived from them: the bundle selection's p90, and the bundle manifest's hash (bundle.json
 # records the measured latency and its creation time).
 TIMING_KEYS = {"created", "latency_ms", "stage_seconds", "wall_s", "seconds", "first_ms", "first_inference_ms", "compile_ms",
-               "iterations", "throughput_fps", "gmacs_per_s", "peak_rss_mb", "e2e", "p90_ms", "manifest_sha256"}
+               "iterations", "throughput_fps", "gmacs_per_s", "peak_rss_mb", "e2e", "p90_ms", "manifest_sha256",
+               "measured_on_build_box", "load_average", "noise", "stability"}
+# With several candidates the build's default among them is measured too (interleaved rounds on the build box).
+BUNDLE_CHOICE_KEYS = {"default_candidate", "artifact", "runtime", "verify"}
+SELECTION_CHOICE_KEYS = {"chosen", "chosen_id", "why"}
+
+
+def _strip_report(report):
+    report = _strip_timings(report)
+    bundle = report.get("bundle") or {}
+    for key in BUNDLE_CHOICE_KEYS:
+        bundle.pop(key, None)
+    for key in SELECTION_CHOICE_KEYS:
+        (bundle.get("selection") or {}).pop(key, None)
+    return report
 
 
 def _strip_timings(obj):
@@ -110,7 +124,7 @@ def test_two_seeded_builds_are_identical(build_recipe, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert _sha(a / "02_train" / "fp32.pt") == _sha(b / "02_train" / "fp32.pt")
     ra, rb = (json.loads((p / "report.json").read_text()) for p in (a, b))
-    assert _strip_timings(ra) == _strip_timings(rb)
+    assert _strip_report(ra) == _strip_report(rb)
 
 
 def _kill_when(recipe: Path, out: Path, marker: str, timeout: float = 300) -> None:
@@ -138,4 +152,4 @@ def test_killed_build_resumes_to_the_same_result(build_recipe, tmp_path, marker)
     subprocess.run(_build_cmd(build_recipe, out, "--resume"), check=True, capture_output=True, timeout=600)
     assert _sha(out / "02_train" / "fp32.pt") == _sha(reference / "02_train" / "fp32.pt")
     r_ref, r_out = (json.loads((p / "report.json").read_text()) for p in (reference, out))
-    assert _strip_timings(r_ref) == _strip_timings(r_out)
+    assert _strip_report(r_ref) == _strip_report(r_out)

@@ -453,7 +453,9 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
             })
         draft = Bundle(root=root, meta={**meta, "candidates": candidates, "golden": {}})
         views = {c["id"]: draft.candidate(c["id"]) for c in candidates}
-        shared, own = _write_golden(draft, views, selection["chosen_id"], data, rows, out_dir, cfg.golden_samples)
+        # The golden frames are drawn on the first candidate's scores (a fixed order), not on the build's choice, which
+        # can be a latency measurement: the same recipe gives the same golden files.
+        shared, own = _write_golden(draft, views, candidates[0]["id"], data, rows, out_dir, cfg.golden_samples)
         for c in candidates:
             c["golden"] = {**c["golden"], **own[c["id"]]}
         default = selection["chosen_id"]
