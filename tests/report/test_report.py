@@ -247,3 +247,14 @@ def test_md_cells_escape_pipes():
 
     assert _md_table(["a|b"], [["x|y"]]).splitlines()[2] == "| x\\|y |"
     assert re.search(r"\| a\\\|b \|", _md_table(["a|b"], []))
+
+
+def test_the_accuracy_latency_plot_draws_an_estimate_outside_its_bootstrap_ci():
+    """On a tiny test split a percentile bootstrap CI need not contain the point estimate (found: a 40-image sweep
+    variant crashed in matplotlib on negative error bars); the plot must still be drawn."""
+    from tlcompile.report.html import plot_accuracy_latency
+
+    row = {"name": "fp32", "runtime": "onnxruntime", "format": "onnx", "precision": "fp32", "latency_ms": {"p50": 1.0, "p90": 1.2},
+           "metrics": {"auc": 0.50, "sensitivity": 0.4}, "clinical": {"auc": {"value": 0.50, "ci": [0.55, 0.9]},
+                                                                       "sensitivity": {"value": 0.4, "ci": [0.1, 0.35]}}}
+    assert plot_accuracy_latency({"artifacts": [row]})

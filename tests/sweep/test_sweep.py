@@ -58,11 +58,16 @@ def test_four_variant_local_ray_sweep(tiny_recipe_dict, write_recipe, tmp_path, 
 def test_a_failing_variant_does_not_stop_the_others(tmp_path, write_recipe, tiny_recipe_dict):
     from PIL import Image
 
+    from tlcompile.data.synthetic import generate
+
     images = tmp_path / "images"
     images.mkdir()
     rows = ["id_code,diagnosis"]
-    for i in range(40):
-        Image.new("RGB", (40, 40), (150, 60 + i, 30)).save(images / f"i{i}.png")
+    # Fundus-like frames: the data checks refuse a blank frame (no field of view), so plain colour squares would fail
+    # both variants for the wrong reason.
+    frames, _ = generate(40, seed=0, size=48)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(images / f"i{i}.png")
         rows.append(f"i{i},{i % 5}")
     (tmp_path / "ok.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "broken.csv").write_text("\n".join([*rows, "ghost,2"]) + "\n")  # names an image that is not there

@@ -141,7 +141,8 @@ def plot_accuracy_latency(report: dict[str, Any]) -> str | None:
             ci = (c.get(metric) or {}).get("ci")
             scale = 100 if percent else 1
             y = scale * value
-            yerr = [[y - scale * ci[0]], [scale * ci[1] - y]] if ci else None
+            # A percentile bootstrap CI need not contain the point estimate on a tiny test split: clamp the bars at 0.
+            yerr = [[max(0.0, y - scale * ci[0])], [max(0.0, scale * ci[1] - y)]] if ci else None
             failed = guard_cell(r) == GUARD_FAILED
             color = "#b0b0b0" if failed else colors[r["name"]]
             lat = r["latency_ms"]["p50"]
