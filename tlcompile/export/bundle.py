@@ -300,10 +300,10 @@ def _pick_golden(scores: np.ndarray, threshold: float, count: int, margin: float
 
 
 def _write_golden(root: Bundle, views: dict[str, Bundle], default: str, data: DataModule, rows: dict[str, dict[str, Any]],
-                  out_dir: Path, count: int) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+                  out_dir: Path, count: int) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     """Golden samples shared by every candidate: the frames (PNG) and prepared inputs once, each candidate's logits
-    and readings beside them. Returns the shared golden record and, per candidate, its own part (logits key, expected
-    readings, tolerance, margin)."""
+    and readings beside them. Returns the shared golden record, per candidate its own part (logits key, expected
+    readings, tolerance, margin), and the open sessions (for the build's own choice among the candidates)."""
     bundle = views[default]
     spec = bundle.preprocessing
     test_images, _ = data.subset("test")
@@ -371,7 +371,7 @@ def _write_golden(root: Bundle, views: dict[str, Bundle], default: str, data: Da
                                 "smallest": float(min(abs(rs[k].referable_dr_probability - view.threshold) for k in final))},
             "produced_with": {"runtime": sessions[cid].runtime, "exec_precision": sessions[cid].exec_precision},
         }
-    return shared, own
+    return shared, own, sessions
 
 
 # ------------------------------------------------------------------------------------------------ write
@@ -455,12 +455,13 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
         views = {c["id"]: draft.candidate(c["id"]) for c in candidates}
         # The golden frames are drawn on the first candidate's scores (a fixed order), not on the build's choice, which
         # can be a latency measurement: the same recipe gives the same golden files.
-        shared, own = _write_golden(draft, views, candidates[0]["id"], data, rows, out_dir, cfg.golden_samples)
+        shared, own, sessions = _write_golden(draft, views, candidates[0]["id"], data, rows, out_dir, cfg.golden_samples)
         for c in candidates:
             c["golden"] = {**c["golden"], **own[c["id"]]}
         default = selection["chosen_id"]
         if cfg.select == "fastest" and len(candidates) > 1:
-            default = _choose_on_build_box(Bundle(root=root, meta={**meta, "candidates": candidates, "golden": shared}), selection)
+            default = _choose_on_build_box(Bundle(root=root, meta={**meta, "candidates": candidates, "golden": shared}), selection,
+                                           sessions)
         chosen = next(c for c in candidates if c["id"] == default)
         meta.update({"artifact": chosen["artifact"], "model": chosen["model"], "measured": chosen["measured"],
                      "endpoints": {**meta["endpoints"], **chosen["endpoints"]},
@@ -501,13 +502,13 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
     }
 
 
-def _choose_on_build_box(bundle: Bundle, selection: dict[str, Any]) -> str:
+def _choose_on_build_box(bundle: Bundle, selection: dict[str, Any], sessions: dict[str, Any]) -> str:
     """The build's default among several candidates: what ``tlcompile verify`` would pin on this box (the same
     interleaved measurement and noise rule), recorded in the selection."""
     from tlcompile.runtime.bundle import bench_and_choose
     from tlcompile.runtime.pinning import load_average, noise_warning
 
-    measured, chosen, why = bench_and_choose(bundle, {cid: bundle.candidate(cid).open_session() for cid in bundle.candidates})
+    measured, chosen, why = bench_and_choose(bundle, sessions)
     selection["measured_on_build_box"] = measured
     selection["load_average"], selection["noise"] = load_average(), noise_warning(measured)
     selection["chosen_id"], selection["chosen"], selection["why"] = chosen, chosen.split("@")[0], why

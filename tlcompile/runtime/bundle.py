@@ -34,6 +34,8 @@ from tlcompile.evaluate.metrics import referable_classes, softmax
 from tlcompile.io import sha256_file
 from tlcompile.runtime.inference import InferenceSession, open_session, predict_logits
 from tlcompile.runtime.pinning import (
+    DEFAULT_ITERATIONS,
+    DEFAULT_ROUNDS,
     DEVICE_JSON,
     bench_interleaved,
     choose,
@@ -390,6 +392,7 @@ class GoldenCheck:
     max_abs_probability_diff: float = math.nan  # golden PNG end to end, referable-DR probability
     fov_agree: int = 0
     decisions_agree: int = 0
+    readings_inconsistent: int = 0  # stored readings that do not follow from the stored logits at bundle.json's operating point
     tolerance_logit: float = 0.0
     tolerance_pixel: int = 0
     runtime: str = ""
@@ -455,7 +458,7 @@ def check_golden(bundle: Bundle, *, threads: int | None = None, session: Inferen
 
     # 0. bundle.json's operating point reproduces the stored readings from the stored logits.
     from_stored = bundle.interpret(golden["logits"])
-    mismatched = sum(not _same_reading(a, e, 1e-6) for a, e in zip(from_stored, stored, strict=True))
+    mismatched = check.readings_inconsistent = sum(not _same_reading(a, e, 1e-6) for a, e in zip(from_stored, stored, strict=True))
     if mismatched:
         check.problems.append(f"{mismatched} of {check.samples} stored golden readings do not follow from the stored logits at "
                               f"bundle.json's threshold {bundle.threshold:.6g} / temperature {bundle.temperature:.6g}: "
@@ -581,7 +584,7 @@ def _check_candidate(bundle: Bundle, cid: str, threads: int | None) -> tuple[Can
         first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
         result.problems.append(f"{view.runtime} failed running {cid} on this box ({type(err).__name__}: {first})")
         return result, None
-    if any("do not follow from the stored logits" in p for p in result.golden.problems):
+    if result.golden.readings_inconsistent:
         result.damaged = True  # bundle.json's operating point or expectations were changed after the build
     return result, session
 
@@ -590,12 +593,9 @@ def bench_and_choose(bundle: Bundle, sessions: dict[str, InferenceSession], *, r
                      iterations: int | None = None) -> tuple[dict[str, dict[str, Any]], str | None, str]:
     """Bench the candidates' open sessions on a golden input, interleaved, and apply the pinning rule
     (:func:`tlcompile.runtime.pinning.choose`): (measurements, the choice, why)."""
-    from tlcompile.runtime.pinning import DEFAULT_ITERATIONS, DEFAULT_ROUNDS
-
-    runs = {}
-    for cid, session in sessions.items():
-        x = np.ascontiguousarray(_load_golden(bundle.candidate(cid))["inputs"][:1].astype(np.float32))
-        runs[cid] = lambda s=session, v=x: s.run(v)
+    # Every candidate shares the golden frames and their network inputs: one read of golden.npz serves them all.
+    x = np.ascontiguousarray(_load_golden(bundle.candidate(next(iter(sessions))))["inputs"][:1].astype(np.float32))
+    runs = {cid: (lambda s=session: s.run(x)) for cid, session in sessions.items()}
     measured = bench_interleaved(runs, rounds=rounds or DEFAULT_ROUNDS, iterations=iterations or DEFAULT_ITERATIONS)
     chosen, why = choose(measured, {cid: bundle.candidate(cid).compressed for cid in sessions}, dict.fromkeys(sessions, True))
     return measured, chosen, why
@@ -640,21 +640,21 @@ def verify_bundle(path: str | Path, *, threads: int | None = None, pin: bool = T
             for cid, c in by_id.items():
                 c.latency = record["candidates"].get(cid, {}).get("latency")
         else:
-            golden = {s: {"golden_ok": by_id[s].ok} for s in by_id}
+            records = {cid: {"golden_ok": c.ok} for cid, c in by_id.items()}
             measured, picked, why = bench_and_choose(bundle, sessions, rounds=rounds, iterations=iterations)
             chosen = picked or chosen
             for cid, m in measured.items():
                 by_id[cid].latency = m
-                golden[cid]["latency"] = m
+                records[cid]["latency"] = m
             for cid, c in by_id.items():
                 if not c.ok:
-                    golden[cid]["why_not"] = c.why_failed()
+                    records[cid]["why_not"] = c.why_failed()
             threads_used = max((int(s.threads) for s in sessions.values()), default=0)
             noise = noise_warning(measured)
             result.pin = {"chosen": chosen, "why": why, "reused": False, "path": str(bundle.root / DEVICE_JSON),
                           "replaced_because": why_not, "noise": noise}
             try:
-                write_device(bundle.root, device_record(manifest_sha256=result.manifest.manifest_sha256, candidates=golden,
+                write_device(bundle.root, device_record(manifest_sha256=result.manifest.manifest_sha256, candidates=records,
                                                         chosen=chosen, why=why, threads=threads_used, noise=noise))
             except OSError as err:
                 result.pin["error"] = (f"could not write {bundle.root / DEVICE_JSON} ({err.strerror or err}); predict and serve "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import platform
 from collections.abc import Callable
@@ -169,7 +168,3 @@ def read_device(root: Path, *, manifest_sha256: str, candidates: list[str]) -> t
     if chosen not in candidates:
         return None, f"{path}: pins '{chosen}', which is not a candidate of this bundle; run tlcompile verify --repin"
     return record, ""
-
-
-def finite(x: Any) -> float:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else math.inf
