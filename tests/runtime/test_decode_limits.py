@@ -30,7 +30,7 @@ def png_header_bomb(width: int, height: int, bit_depth: int, color_type: int) ->
             + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
-def _refused_cheaply(path, *, seconds: float = 1.0, peak_mb: float = 64) -> str:
+def _refused_cheaply(path, *, seconds: float = 5.0, peak_mb: float = 64) -> str:
     tracemalloc.start()
     t0 = time.perf_counter()
     try:
