@@ -51,8 +51,8 @@ def test_tiny_build_end_to_end(tiny_recipe_dict, write_recipe, tmp_path, monkeyp
 def test_build_manifest_lists_every_file(tiny_recipe_dict, tmp_path):
     from rich.console import Console
 
+    from tlcompile.build import build
     from tlcompile.io import sha256_file
-    from tlcompile.pipeline import build
     from tlcompile.recipe import validate_recipe_dict
     from tlcompile.runtime.bundle import check_manifest
 

@@ -113,7 +113,7 @@ def build(
     if resume and out is None:
         raise TlcompileError("--resume needs --out naming the build folder to continue")
     out = out or Path("runs") / f"{r.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    from tlcompile.pipeline import build as run_build
+    from tlcompile.build import build as run_build
     from tlcompile.report.render import artifact_table
 
     console = _console()

@@ -76,3 +76,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def atomic_save_npz(path: str | Path, arrays: dict[str, Any]) -> Path:
+    """``np.savez_compressed`` of ``arrays`` to ``path``, atomically."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    atomic_write_with(path, write)
+    return Path(path)
+
+
+def atomic_save_npy(path: str | Path, array: Any) -> Path:
+    """``np.save`` of ``array`` to ``path``, atomically."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+            np.save(f, array)
+
+    atomic_write_with(path, write)
+    return Path(path)

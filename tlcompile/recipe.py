@@ -619,18 +619,6 @@ class BundleConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------------ top
-# What each build stage reads, and so what a --resume must find unchanged to reuse it (stages not listed depend on
-# the whole recipe). Cumulative: a stage depends on everything its inputs were made from. prune and quantize read
-# `evaluate` through the operating point locked on val (their guard judges decisions at it).
-_DATA = ("seed", "data")
-_TRAIN = (*_DATA, "model", "transfer", "train")
-_PRUNE = (*_TRAIN, "evaluate", "prune")
-_QUANTIZE = (*_PRUNE, "quantize")
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "01_data": _DATA, "02_train": _TRAIN, "03_prune": _PRUNE, "04_quantize": _QUANTIZE, "05_export": (*_QUANTIZE, "export"),
-}
-
-
 class Recipe(Section):
     name: str = Field("build", min_length=1, max_length=100, description="Name of the build (used in reports).")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data generation, splits, initialisation and training order.")
@@ -701,7 +689,8 @@ class Recipe(Section):
 
     def fingerprint(self, sections: tuple[str, ...] | None = None) -> str:
         """sha256 of the resolved recipe (or of the listed top-level ``sections`` only): two builds with the same
-        fingerprint did the same thing. :data:`STAGE_SECTIONS` lists what each build stage depends on."""
+        fingerprint did the same thing. Each build stage declares the sections it reads (``SECTIONS`` in
+        :mod:`tlcompile.build.stages`): their fingerprint is what --resume compares."""
         resolved = self.to_yaml_dict()
         if sections is not None:
             resolved = {key: resolved.get(key) for key in sections}

@@ -60,7 +60,7 @@ def _run_variant(recipe_path: str, overrides: list[str], out_dir: str, threads: 
     try:
         from rich.console import Console
 
-        from tlcompile.pipeline import build
+        from tlcompile.build import build
 
         recipe = load_recipe(recipe_path, overrides)
         with open(os.devnull, "w") as devnull:

@@ -25,7 +25,7 @@ from tlcompile.runtime.bench import (
 def tiny_build(tmp_path_factory):
     from rich.console import Console as _Console
 
-    from tlcompile.pipeline import build
+    from tlcompile.build import build
     from tlcompile.recipe import validate_recipe_dict
 
     recipe = validate_recipe_dict({

@@ -9,7 +9,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from tlcompile.pipeline import Artifact, BuildContext, build
+from tlcompile.build import build
+from tlcompile.build.context import Artifact, BuildContext, StageRun
 from tlcompile.recipe import validate_recipe_dict
 from tlcompile.runtime.cpuinfo import cpu_info
 
@@ -125,6 +126,7 @@ def _ctx(tiny_data, tmp_path, quantize: dict | None = None, prune: dict | None =
                                    **({"quantize": quantize} if quantize else {}), **({"prune": prune} if prune else {})})
     ctx = BuildContext(recipe=recipe, out_dir=tmp_path, console=Console(quiet=True), device=torch.device("cpu"), data=tiny_data)
     ctx.operating_point = {"threshold": 0.5, "temperature": 1.0}
+    ctx.stage = StageRun(folder=tmp_path)  # what the build loop gives a running stage
     return ctx
 
 
@@ -136,18 +138,18 @@ def _check(met: bool, auc: float = 0.9) -> dict:
 
 def test_finetuning_keeps_the_state_the_guard_prefers_and_can_freeze_bn_statistics(tiny_data, calibration_inputs, tmp_path):
     from tests.compress.conftest import settled
-    from tlcompile.compress import stages
+    from tlcompile.build import tuning
 
     ctx = _ctx(tiny_data, tmp_path)
     model = settled("cbr_small", calibration_inputs)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     verdicts = iter([_check(True), _check(False, auc=0.99)])  # the starting state meets the guard, the epoch does not
-    tuned = stages.finetune(ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True)
+    tuned = tuning.finetune(ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True)
     assert tuned["best_epoch"] == 0 and tuned["check"]["met"] and len(tuned["history"]) == 1
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # the better-AUC epoch was not kept
 
     verdicts = iter([_check(False), _check(True, auc=0.8)])
-    tuned = stages.finetune(ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True)
+    tuned = tuning.finetune(ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True)
     assert tuned["best_epoch"] == 1
     state = model.state_dict()
     assert not torch.equal(state["features.layer1.conv.weight"], start["features.layer1.conv.weight"])  # trained ...
@@ -158,7 +160,7 @@ def test_finetuning_keeps_the_state_the_guard_prefers_and_can_freeze_bn_statisti
 def test_pruning_does_not_depend_on_what_ran_before_in_the_process(tiny_data, calibration_inputs, tmp_path):
     """Fine-tuning seeds the global RNG (dropout): a build resumed after training prunes exactly as an uninterrupted one."""
     from tests.compress.conftest import settled
-    from tlcompile.compress import stages
+    from tlcompile.build.stages import prune
 
     ctx = _ctx(tiny_data, tmp_path, prune={"steps": 1, "finetune_epochs": 1, "calibration_images": 16, "recovery_epochs": 0})
     # MobileNetV3's classifier has dropout (cbr_small has none, so it could not show the difference).
@@ -166,7 +168,7 @@ def test_pruning_does_not_depend_on_what_ran_before_in_the_process(tiny_data, ca
     states, losses = [], []
     for warm_up in (0, 7):
         torch.rand(warm_up)  # a different history of the global RNG
-        model, record = stages._prune_channels(ctx, fp32)
+        model, record = prune._prune_channels(ctx, fp32)
         states.append(model.state_dict())
         losses.append([h["loss"] for h in record["compression"]["steps"][0]["finetune"]["history"]])
     assert losses[0] == losses[1]  # the training itself, not only the state kept (which may be the untrained one)
@@ -178,7 +180,9 @@ def test_a_guard_failing_on_decisions_alone_is_realigned_by_the_classifier_bias(
     import copy
 
     from tests.compress.conftest import settled
-    from tlcompile.compress import guard, stages
+    from tlcompile.build import tuning
+    from tlcompile.compress import guard
+    from tlcompile.compress.realign import shift_referable_bias
     from tlcompile.evaluate.metrics import referable_score
     from tlcompile.train import loop
 
@@ -187,44 +191,46 @@ def test_a_guard_failing_on_decisions_alone_is_realigned_by_the_classifier_bias(
     val_x, _ = ctx.data.subset("val")
     scores = referable_score(loop.predict(fp32, val_x, ctx.data.spec, device=ctx.device))
     ctx.operating_point = {"threshold": float(np.median(scores)), "temperature": 1.0}
-    reference = stages.split_metrics(ctx, fp32, "val")
-    judge = stages.make_judge(ctx, reference, against="fp32", limits=guard.limits_of(ctx.recipe.prune))
+    reference = tuning.split_metrics(ctx, fp32, "val")
+    judge = tuning.make_judge(ctx, reference, against="fp32", limits=guard.limits_of(ctx.recipe.prune))
     moved = copy.deepcopy(fp32)
-    stages.shift_referable_bias(moved, 20.0)  # every image referred: specificity collapses, the AUC does not move
+    shift_referable_bias(moved, 20.0)  # every image referred: specificity collapses, the AUC does not move
     check = judge(moved)
     assert check["auc"]["met"] and not check["met"]
     actions: list[str] = []
-    after = stages._realign(ctx, ctx.recipe.prune, moved, reference, judge, check, actions)
+    after = tuning.realign(ctx, ctx.recipe.prune, moved, reference, judge, check, actions)
     assert after["met"] and after["auc"]["value"] == check["auc"]["value"]
     assert len(actions) == 1 and "referable bias was shifted by" in actions[0]
     # Switched off by the recipe, nothing is done.
     off = ctx.recipe.prune.model_copy(update={"realign": False})
     again = copy.deepcopy(fp32)
-    stages.shift_referable_bias(again, 20.0)
-    assert stages._realign(ctx, off, again, reference, judge, judge(again), []) == judge(again)
+    shift_referable_bias(again, 20.0)
+    assert tuning.realign(ctx, off, again, reference, judge, judge(again), []) == judge(again)
     # The same remedy on an NNCF int8 model (the quantize stage's first remedy): its classifier bias moves too.
     from tlcompile.compress.quantize import fold_batchnorm, quantize_ptq
 
     folded = copy.deepcopy(fp32)
     fold_batchnorm(folded)
     int8 = quantize_ptq(folded, ctx.data.subset("train")[0][:16], ctx.data.spec, device=ctx.device)
-    stages.shift_referable_bias(int8, 20.0)
+    shift_referable_bias(int8, 20.0)
     quantized_check = judge(int8)
     assert not quantized_check["met"]
     quantized_actions: list[str] = []
     cfg = validate_recipe_dict({"quantize": {}}).quantize
-    assert stages._realign(ctx, cfg, int8, reference, judge, quantized_check, quantized_actions)["met"]
+    assert tuning.realign(ctx, cfg, int8, reference, judge, quantized_check, quantized_actions)["met"]
     assert len(quantized_actions) == 1
 
 
 def test_a_failing_guard_gets_more_qat_epochs_then_fp32_layers(tiny_data, calibration_inputs, tmp_path, monkeypatch):
     from tests.compress.conftest import settled
-    from tlcompile.compress import stages
+    from tlcompile.build.loop import run_stage
+    from tlcompile.build.stages import quantize as stage
+    from tlcompile.compress import guard
     from tlcompile.compress.quantize import quantizer_hooks
 
     ctx = _ctx(tiny_data, tmp_path, {"epochs": 1, "recovery_epochs": 1, "fp32_fallback_layers": 2, "calibration_images": 16, "distill": False})
     fp32 = Artifact(name="fp32", module=settled("cbr_small", calibration_inputs), precision="fp32", lineage="fp32")
-    real_check, real_sensitivity, calls = stages.guard.check, stages.layer_sensitivity, []
+    real_check, real_sensitivity, calls = guard.check, stage.layer_sensitivity, []
 
     def strict_check(candidate, reference, **kwargs):  # fails, as a real big drop would, until layers are kept in FP32
         result = real_check(candidate, reference, **kwargs)
@@ -236,9 +242,9 @@ def test_a_failing_guard_gets_more_qat_epochs_then_fp32_layers(tiny_data, calibr
         calls.append("sensitivity")
         return real_sensitivity(*args, **kwargs)
 
-    monkeypatch.setattr(stages.guard, "check", strict_check)
-    monkeypatch.setattr(stages, "layer_sensitivity", sensitivity)
-    [art] = stages.stage_quantize(ctx, [fp32])
+    monkeypatch.setattr(guard, "check", strict_check)
+    monkeypatch.setattr(stage, "layer_sensitivity", sensitivity)
+    [_, art] = run_stage(ctx, stage.STAGE, [fp32])  # as the build loop runs it: in 04_quantize, with stage.json
     g, c = art.metadata["guard"], art.metadata["compression"]
     assert calls == ["sensitivity"] and g["met"]
     assert "1 more QAT epochs" in g["actions"][0] and "val AUC -50.00 pp (limit -1.00 pp)" in g["actions"][0]

@@ -121,7 +121,7 @@ def test_realignment_restores_the_reference_decisions_and_keeps_the_ranking(clas
 
 @pytest.mark.parametrize("arch,classes", [("cbr_tiny", 2), ("mobilenet_v3_small", 5)])
 def test_the_bias_shift_moves_the_referable_log_odds_exactly(arch, classes):
-    from tlcompile.compress.stages import shift_referable_bias
+    from tlcompile.compress.realign import shift_referable_bias
     from tlcompile.models import get_model
 
     torch.manual_seed(0)

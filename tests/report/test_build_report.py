@@ -14,7 +14,7 @@ from tlcompile.evaluate.clinical import clinical_evaluation
 
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory):
-    from tlcompile.pipeline import build
+    from tlcompile.build import build
     from tlcompile.recipe import validate_recipe_dict
 
     recipe = {

@@ -33,7 +33,7 @@ def tiny_build(tmp_path_factory) -> TinyBuild:
     """A tiny build (120 synthetic images at 48 px, cbr_small, 1 epoch) with its bundle, built once per session."""
     from rich.console import Console
 
-    from tlcompile.pipeline import build
+    from tlcompile.build import build
     from tlcompile.recipe import validate_recipe_dict
 
     recipe = validate_recipe_dict({

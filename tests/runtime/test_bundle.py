@@ -448,17 +448,19 @@ def test_a_bundle_that_cannot_be_made_is_recorded_after_the_report(tiny_build, t
     import torch
     from rich.console import Console
 
+    from tlcompile.build.context import BuildContext, StageRun
+    from tlcompile.build.stages import bundle
     from tlcompile.data.datamodule import load_data
-    from tlcompile.pipeline import BuildContext, stage_bundle
 
     recipe = tiny_build.recipe.model_copy(update={"bundle": tiny_build.recipe.bundle.model_copy(update={"latency_budget_ms": 1e-6})})
     before = {p: p.read_bytes() for p in tiny_build.bundle.rglob("*") if p.is_file()}
     ctx = BuildContext(recipe=recipe, out_dir=tiny_build.out_dir, console=Console(file=None, quiet=True), device=torch.device("cpu"),
                        data=load_data(recipe.data, seed=recipe.seed))
-    report = copy.deepcopy(tiny_build.report)
-    error = stage_bundle(ctx, report)
+    ctx.report, ctx.stage = copy.deepcopy(tiny_build.report), StageRun(folder=tiny_build.out_dir)
+    assert bundle.run(ctx, []) == []
+    error = ctx.bundle_error
     assert isinstance(error, BundleError) and "budget 1e-06 ms" in str(error)
-    assert report["bundle"] == {"error": str(error)}
+    assert ctx.report["bundle"] == {"error": str(error)}
     assert {p: p.read_bytes() for p in tiny_build.bundle.rglob("*") if p.is_file()} == before
 
 

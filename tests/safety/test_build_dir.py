@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from tlcompile.build import build
+from tlcompile.build.outdir import BUILD_MARKER, claim_out_dir, prepare_out_dir
 from tlcompile.errors import TlcompileError
-from tlcompile.pipeline import BUILD_MARKER, build, claim_out_dir, prepare_out_dir
 from tlcompile.recipe import validate_recipe_dict
 
 

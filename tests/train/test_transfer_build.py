@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 
 from tests.train.conftest import fake_build
-from tlcompile.pipeline import build
+from tlcompile.build import build
 from tlcompile.recipe import load_recipe
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tlcompile.build.stages.bench import flag_test_drops
 from tlcompile.compress.guard import evidence, evidence_text
-from tlcompile.pipeline import flag_test_drops
 
 
 def _logits(p_referable: np.ndarray) -> np.ndarray:

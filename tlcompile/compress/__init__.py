@@ -8,7 +8,9 @@
   NNCF config + state_dict and rebuilt with ``nncf.torch.load_from_config``.
 - :mod:`~tlcompile.compress.distill`: knowledge distillation from the FP32 model (KL on softened logits + CE).
 - :mod:`~tlcompile.compress.guard`: the accuracy guard, an AUC / accuracy drop on val against a reference model.
-- :mod:`~tlcompile.compress.stages`: the build's ``03_prune`` and ``04_quantize`` stages.
+- :mod:`~tlcompile.compress.realign`: shifting a model's referable log-odds back onto the locked operating point.
+
+The build's stages that use these (``03_prune``, ``04_quantize``) live in :mod:`tlcompile.build.stages`.
 
 This package is in the training half (torch, torch-pruning, nncf); heavy imports happen inside functions where
 they are optional, and a missing one names the extra to install.

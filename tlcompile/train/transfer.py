@@ -31,7 +31,7 @@ from tlcompile.errors import ModelError, TrainError
 from tlcompile.models import freeze, get_model, mean_var_init_, reinit_, set_train_mode, unfreeze
 from tlcompile.models.pretrained import SourceWeights, apply_source_weights, load_weight_source
 from tlcompile.models.registry import TlModel
-from tlcompile.recipe import STAGE_SECTIONS, FinetuneConfig, Recipe, TrainConfig, TransferConfig, TransferVariant
+from tlcompile.recipe import FinetuneConfig, Recipe, TrainConfig, TransferConfig, TransferVariant
 from tlcompile.train import loop
 
 # Columns of the report's transfer table (report["transfer"]["rows"] has these keys, and more).
@@ -309,13 +309,15 @@ def run_transfer(
     on_epoch: EpochCallback | None = None,
     on_step: Callable[[float], None] | None = None,
     checkpoint_dir: Path | None = None,
+    checkpoint_tag: str = "",
 ) -> TransferOutcome:
     """Train every variant (main first, then ``compare``) over ``repeats`` seeds; keep the best mean val AUC.
 
     Every run sees the same data, epochs and batch size; run r of every variant uses seed ``recipe.seed + r``
     for its init, batch order and augmentation, so variants differ only in init and strategy. Test AUC is
     measured for the table but never used to choose. With ``checkpoint_dir`` every run saves an epoch checkpoint
-    there (:func:`checkpoint_paths`), so a killed build continues each run where it stopped.
+    there (:func:`checkpoint_paths`), so a killed build continues each run where it stopped; ``checkpoint_tag`` (the
+    build passes its train stage's recipe fingerprint) keeps a checkpoint of another recipe from being continued.
     """
     transfer = recipe.effective_transfer()
     if source is None and needs_source(recipe):
@@ -336,7 +338,7 @@ def run_transfer(
             if checkpoint_dir is not None:
                 # Tagged with the recipe, variant and seed: a checkpoint of anything else is never continued.
                 checkpoint = loop.EpochCheckpoint(checkpoint_paths(recipe, checkpoint_dir)[(variant.name, seed)],
-                                                  tag=f"{recipe.fingerprint(STAGE_SECTIONS['02_train'])}:{variant.name}:{seed}")
+                                                  tag=f"{checkpoint_tag}:{variant.name}:{seed}")
             try:
                 run = train_variant(variant, recipe, data, source, seed=seed, device=device,
                                     on_epoch=(lambda rec, label=label: on_epoch(label, rec)) if on_epoch else None, on_step=on_step,

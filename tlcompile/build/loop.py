@@ -1,0 +1,199 @@
+"""``build(recipe, out_dir)``: run the stages of :data:`STAGES` in order and write the report.
+
+The loop owns what every stage would otherwise repeat: it skips stages the recipe does not ask for, gives each its
+numbered folder and its --resume record (``ctx.stage``), writes ``stage.json`` with the fingerprint of the recipe
+sections the stage reads, times it, and stops torchrun workers once training is done. A stage only does its work:
+``run(ctx, artifacts) -> artifacts`` (:class:`tlcompile.build.context.Stage`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from tlcompile.build.context import Artifact, BuildContext, Stage, StageRun
+from tlcompile.build.outdir import claim_out_dir, prepare_out_dir
+from tlcompile.build.stages import bench, bundle, data, export, prune, quantize, report, train
+from tlcompile.data.datamodule import DataModule
+from tlcompile.errors import TlcompileError
+from tlcompile.io import atomic_write_json, atomic_write_text
+from tlcompile.recipe import Recipe
+from tlcompile.runtime.inference import default_threads
+from tlcompile.train import loop as train_loop
+
+# The stages, in the order they run. A stage whose ``wanted(recipe)`` is false is skipped (prune, quantize, bundle).
+STAGES: list[Stage] = [data.STAGE, train.STAGE, prune.STAGE, quantize.STAGE, export.STAGE, bench.STAGE,
+                       report.STAGE, bundle.STAGE]
+# Files of a build that are derived from every stage and rewritten at its end.
+BUILD_OUTPUTS = ("report.json", "report.md", "report.html", "manifest.json")
+_STAGE_FOLDER = re.compile(r"\d\d_[a-z]+")
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    report: dict[str, Any]
+
+
+def planned_stages(recipe: Recipe) -> list[Stage]:
+    """The stages this recipe's build runs, in order."""
+    return [stage for stage in STAGES if stage.wanted(recipe)]
+
+
+def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Console | None = None) -> BuildResult:
+    """Run the whole recipe into ``out_dir``; returns the report (also written as report.json/report.md)."""
+    console = console or Console()
+    out_dir = Path(out_dir)
+    from tlcompile.train import distributed
+
+    run, device = distributed.setup(train_loop.resolve_device(recipe.train.device))
+    if run.enabled and resume:
+        raise TlcompileError("--resume is not supported under torchrun yet; resume the build in a single process, or "
+                             "start it again")
+    if run.rank > 0:
+        # Workers train their shard and write nothing into the build folder: rank 0 owns every file.
+        import tempfile
+
+        out_dir, console = Path(tempfile.mkdtemp(prefix=f"tlcompile-rank{run.rank}-")), Console(quiet=True)
+    prepare_out_dir(out_dir, resume=resume)
+    torch.set_num_threads(max(1, default_threads() // (run.world_size if device.type == "cpu" else 1)))
+    stages = planned_stages(recipe)
+    ctx = BuildContext(recipe=recipe, out_dir=out_dir, console=console, device=device, resume=resume,
+                       stages={s.folder: s for s in STAGES if s.folder})
+    import yaml
+
+    for stage in stages:  # before anything is written: a bad source leaves --out empty
+        if stage.preflight is not None:
+            _timed(ctx, stage, lambda s=stage: s.preflight(ctx))
+    claim_out_dir(out_dir)
+    if resume:
+        ctx.resume_plan = plan_resume(ctx)
+    atomic_write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
+    artifacts: list[Artifact] = []
+    workers_running = run.enabled
+    for stage in stages:
+        if workers_running and not stage.all_ranks:  # training is done: every rank syncs; the workers stop here
+            distributed.barrier(run)
+            distributed.teardown(run)
+            workers_running = False
+            if run.rank > 0:
+                shutil.rmtree(out_dir, ignore_errors=True)
+                return BuildResult(out_dir=out_dir, report={})
+        artifacts = run_stage(ctx, stage, artifacts)
+    write_outputs(ctx)
+    if ctx.bundle_error is not None:
+        raise ctx.bundle_error
+    return BuildResult(out_dir=out_dir, report=ctx.report)
+
+
+def run_stage(ctx: BuildContext, stage: Stage, artifacts: list[Artifact]) -> list[Artifact]:
+    """Run one stage: its folder and resume record on ``ctx.stage``, its stage.json afterwards, its time."""
+    if stage.folder is not None:
+        folder = ctx.out_dir / stage.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        ctx.stage = StageRun(folder=folder, done=ctx.stage_done(stage.folder) if stage.reusable else None)
+    else:
+        ctx.stage = StageRun(folder=ctx.out_dir)
+    reported = bool(ctx.report)  # stages after the report is assembled add their time to it (bundle)
+    artifacts = _timed(ctx, stage, lambda: stage.run(ctx, artifacts))
+    if reported:
+        ctx.report.setdefault("stage_seconds", {})[stage.name] = round(ctx.stage_seconds[stage.name], 2)
+    if stage.folder is not None and ctx.stage.record is not None:
+        ctx.finish_stage(stage.folder, ctx.stage.record)
+        for path in ctx.stage.cleanup:  # the record now stands for them
+            path.unlink(missing_ok=True)
+    ctx.stage = None
+    return artifacts
+
+
+def _timed(ctx: BuildContext, stage: Stage, fn: Any) -> Any:
+    t0 = time.perf_counter()
+    out = fn()
+    ctx.stage_seconds[stage.name] = ctx.stage_seconds.get(stage.name, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def write_outputs(ctx: BuildContext) -> None:
+    """report.json, report.md / report.html and the build's manifest.json: written last, from every stage."""
+    from tlcompile.report.render import write_reports
+
+    atomic_write_json(ctx.out_dir / "report.json", ctx.report)
+    write_reports(ctx.report, ctx.out_dir)
+    write_build_manifest(ctx)
+
+
+def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
+    """Before a resumed build runs: keep each finished stage of this same recipe; clear every other stage folder
+    (finished under another recipe, unfinished, or not in this recipe at all) and the build-wide outputs, so that
+    nothing of an earlier recipe is mixed into this build or listed in its manifest.
+
+    The epoch checkpoints of an unfinished training stage are kept: each carries the recipe's fingerprint and is
+    only resumed by the same recipe. Returns what was reused, redone and removed, by stage folder."""
+    planned = {stage.folder: stage for stage in planned_stages(ctx.recipe) if stage.folder}
+    plan: dict[str, list[str]] = {"reused": [], "redone": [], "removed": []}
+    folders = sorted(p for p in ctx.out_dir.iterdir()
+                     if p.is_dir() and not p.is_symlink() and _STAGE_FOLDER.fullmatch(p.name))
+    for folder in folders:
+        name = folder.name
+        if name not in planned:
+            shutil.rmtree(folder)
+            plan["removed"].append(f"{name} (not in this recipe)")
+            continue
+        stage = planned[name]
+        marker = folder / "stage.json"
+        try:
+            record = json.loads(marker.read_text()) if marker.is_file() else None
+        except (OSError, ValueError):
+            record = None
+        if stage.reusable and isinstance(record, dict) and record.get("fingerprint") == ctx.stage_fingerprint(name):
+            plan["reused"].append(name)
+            continue
+        if stage.keeps_partial and record is None:
+            plan["redone"].append(f"{name} (unfinished: continues from its epoch checkpoint when it is this recipe's)")
+            continue
+        why = ("always measured again" if not stage.reusable else "unfinished" if record is None
+               else "its recipe sections changed: " + ", ".join(stage.sections or ()))
+        shutil.rmtree(folder)
+        plan["redone"].append(f"{name} ({why})")
+    for rel in BUILD_OUTPUTS:
+        path = ctx.out_dir / rel
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    if ctx.recipe.bundle.enabled is False and (ctx.out_dir / "bundle").is_dir():
+        shutil.rmtree(ctx.out_dir / "bundle")
+        plan["removed"].append("bundle (this recipe makes none)")
+    ctx.console.print("[bold]resume[/]: " + "; ".join(f"{k} {', '.join(v)}" for k, v in plan.items() if v)
+                      if any(plan.values()) else "[bold]resume[/]: nothing to reuse")
+    return plan
+
+
+def input_list_sha256(data_module: DataModule) -> str:
+    """sha256 of the input file list: every image's id, grade, split and (for files) path and size, in a fixed
+    order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i, image_id in enumerate(data_module.ids):
+        path = data_module.paths[i] if i < len(data_module.paths) else ""
+        size = Path(path).stat().st_size if path and Path(path).is_file() else ""
+        h.update(f"{image_id}\t{data_module.grades[i]}\t{data_module.split[i]}\t{path}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def write_build_manifest(ctx: BuildContext) -> None:
+    """manifest.json of the whole build, in the bundle's format: sha256 and size of every file, plus the inputs."""
+    from tlcompile.runtime.bundle import manifest_entries
+
+    atomic_write_json(ctx.out_dir / "manifest.json", {
+        "files": manifest_entries(ctx.out_dir),
+        "inputs": {"images": len(ctx.data.ids), "list_sha256": input_list_sha256(ctx.data)},
+        "recipe_sha256": ctx.recipe.fingerprint(),
+    })
