@@ -50,7 +50,7 @@ class Backend:
         return self.session is not None
 
     def model_files(self, path: str | Path) -> list[Path]:
-        """The file(s) making up the model whose entry file is ``path``: x.xml -> [x.xml, x.bin]; x.onnx -> [x.onnx]."""
+        """The file(s) making up the model whose entry file is ``path``: x.xml -> x.xml, x.bin; x.onnx -> x.onnx."""
         path = Path(path)
         return [path, *(path.with_suffix(s) for s in self.suffixes[1:])]
 
@@ -65,7 +65,8 @@ class Backend:
 
     def session_class(self) -> Any:
         if self.session is None:
-            raise RuntimeBackendError(f"runtime '{self.name}' cannot open files; valid here: {', '.join(FILE_RUNTIMES)}")
+            valid = ", ".join(FILE_RUNTIMES)
+            raise RuntimeBackendError(f"runtime '{self.name}' cannot open files; valid here: {valid}")
         module, _, cls = self.session.partition(":")
         return getattr(importlib.import_module(module), cls)
 
