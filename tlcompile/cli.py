@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from tlcompile.errors import TlcompileError
+from tlcompile.runtime.backends import FILE_RUNTIMES, MODEL_SUFFIXES, RUNTIMES
 
 app = typer.Typer(
     name="tlcompile",
@@ -232,10 +233,16 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
+_BENCH_PATHS_HELP = f"Build folders, bundles or {'/'.join(MODEL_SUFFIXES)} files (default: the latest build in runs/)."
+_BENCH_RUNTIME_HELP = f"{' | '.join(FILE_RUNTIMES)} (repeatable; default: each file's own)."
+
+
 @app.command()
 def bench(
-    paths: Annotated[Optional[list[Path]], typer.Argument(help="Build folders, bundles or .xml/.onnx files (default: the latest build in runs/).")] = None,  # noqa: UP045
-    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", "-r", help="openvino | onnxruntime (repeatable; default: each file's own).")] = None,  # noqa: UP045
+    paths: Annotated[Optional[list[Path]], typer.Argument(help=_BENCH_PATHS_HELP)] = None,  # noqa: UP045
+    runtime: Annotated[
+        Optional[list[str]], typer.Option("--runtime", "-r", help=_BENCH_RUNTIME_HELP)  # noqa: UP045
+    ] = None,
     device: Annotated[str, typer.Option(help="OpenVINO device: CPU, GPU, NPU, AUTO.")] = "CPU",
     threads: Annotated[str, typer.Option(help="Thread counts to sweep, e.g. 1,2,4 (default: all cores).")] = "",
     batch: Annotated[str, typer.Option(help="Batch sizes to sweep, e.g. 1,8.")] = "1",
@@ -251,6 +258,7 @@ def bench(
     out: Annotated[Optional[Path], typer.Option("--out", help="Append the results to this JSON file.")] = None,  # noqa: UP045
 ) -> None:
     """Measure latency, throughput, memory and accuracy of exported models on this machine (torch-free)."""
+    from tlcompile.benchdata import eval_set_loader, synthetic_camera_images
     from tlcompile.runtime.bench import BenchOptions, append_results, bench_table, run_bench
     from tlcompile.runtime.inference import default_threads
 
@@ -259,8 +267,10 @@ def bench(
         if value is not None and value not in valid[option]:
             raise TlcompileError(f"--{option} '{value}' is not valid; valid: {', '.join(valid[option])}")
     for r in runtime or []:
-        if r not in ("openvino", "onnxruntime"):
-            raise TlcompileError(f"--runtime '{r}' is not valid; valid: openvino, onnxruntime (torch rows come from the build)")
+        if r not in FILE_RUNTIMES:
+            eager = ", ".join(x for x in RUNTIMES if x not in FILE_RUNTIMES)
+            raise TlcompileError(f"--runtime '{r}' is not valid; valid: {', '.join(FILE_RUNTIMES)} "
+                                 f"({eager} rows come from the build)")
     for image in e2e_image or []:
         if not image.is_file():
             raise TlcompileError(f"--e2e-image '{image}' does not exist")
@@ -271,7 +281,9 @@ def bench(
     )
     console = _console()
     with console.status("benchmarking") as status:
-        result = run_bench(list(paths or []), opts, data=data, on_row=lambda row: status.update(
+        if opts.e2e and not opts.e2e_images:
+            opts.e2e_images = synthetic_camera_images(Path(os.environ.get("TMPDIR", "/tmp")) / "tlcompile-e2e")
+        result = run_bench(list(paths or []), opts, eval_sets=eval_set_loader(data), on_row=lambda row: status.update(
             f"benchmarking: {row['name']} {row['runtime']} t={row['threads']} b={row['batch']}: p50 {row['latency_ms']['p50']:.2f} ms"))
     from tlcompile.runtime.pinning import load_average
 

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlcompile.errors import RecipeError
+from tlcompile.runtime.backends import backend
 
 # Largest recipe file we read: a recipe is a few KiB; anything huge is a mistake (or an attack).
 MAX_RECIPE_BYTES = 1 << 20
@@ -675,7 +676,7 @@ class Recipe(Section):
         # The bundle ships a measured export: its runtime must have been exported to and benched, or there is nothing to ship.
         runtime = self.bundle.runtime
         if self.bundle.enabled and runtime != "auto":
-            fmt = "onnx" if runtime == "onnxruntime" else "openvino"
+            fmt = backend(runtime).format
             if fmt not in self.export.formats or runtime not in self.bench.runtimes:
                 raise ValueError(
                     f"bundle.runtime '{runtime}' needs '{fmt}' in export.formats and '{runtime}' in bench.runtimes (the bundle "

@@ -9,6 +9,7 @@ import sys
 import pytest
 from rich.console import Console
 
+from tlcompile.benchdata import eval_set_loader
 from tlcompile.runtime.bench import (
     BenchError,
     BenchOptions,
@@ -83,7 +84,8 @@ def test_precision_is_what_ran(tiny_build):
 
 def test_accuracy_through_runtime_with_data(tiny_build):
     recipe = tiny_build / "recipe.resolved.yaml"
-    rows = run_bench([tiny_build], BenchOptions(runtimes=["onnxruntime"], iterations=2, warmup=0), data=recipe)["rows"]
+    opts = BenchOptions(runtimes=["onnxruntime"], iterations=2, warmup=0)
+    rows = run_bench([tiny_build], opts, eval_sets=eval_set_loader(recipe))["rows"]
     report = json.loads((tiny_build / "report.json").read_text())
     build_row = next(r for r in report["artifacts"] if r["runtime"] == "onnxruntime")
     # Same data, same split, same runtime, same threshold: the same AUC as the build measured.
@@ -93,7 +95,7 @@ def test_accuracy_through_runtime_with_data(tiny_build):
 
 
 def test_end_to_end_on_camera_size_jpeg(tiny_build, tmp_path):
-    from tlcompile.runtime.bench import synthetic_camera_images
+    from tlcompile.benchdata import synthetic_camera_images
 
     images = synthetic_camera_images(tmp_path, count=1, width=800, height=600)
     rows = run_bench([tiny_build], BenchOptions(runtimes=["openvino"], iterations=5, warmup=1, e2e=True, e2e_images=images))["rows"]
@@ -152,7 +154,8 @@ def test_cli_option_errors(args, expected, tiny_build, capsys, monkeypatch):
 def test_bundle_is_benched_as_it_deploys(tiny_build):
     bundle = tiny_build / "bundle"
     meta = json.loads((bundle / "bundle.json").read_text())
-    rows = run_bench([bundle], BenchOptions(iterations=2, warmup=0), data=tiny_build / "recipe.resolved.yaml")["rows"]
+    recipe = tiny_build / "recipe.resolved.yaml"
+    rows = run_bench([bundle], BenchOptions(iterations=2, warmup=0), eval_sets=eval_set_loader(recipe))["rows"]
     # One row per candidate the box may pin (the tiny build's fp32 on both runtimes).
     assert sorted(f"{r['name']}@{r['runtime']}" for r in rows) == sorted(c["id"] for c in meta["candidates"])
     row = next(r for r in rows if r["runtime"] == meta["model"]["runtime"])
@@ -175,7 +178,8 @@ def test_accuracy_on_a_folder_of_grades(tiny_build, tmp_path):
         (tmp_path / str(grade)).mkdir()
         for i in range(3):
             Image.fromarray(render_fundus(grade, np.random.default_rng([grade, i]), size=96)).save(tmp_path / str(grade) / f"{i}.png")
-    rows = run_bench([tiny_build], BenchOptions(runtimes=["onnxruntime"], iterations=2, warmup=0), data=tmp_path)["rows"]
+    opts = BenchOptions(runtimes=["onnxruntime"], iterations=2, warmup=0)
+    rows = run_bench([tiny_build], opts, eval_sets=eval_set_loader(tmp_path))["rows"]
     assert rows[0]["metrics"]["n"] == 15 and rows[0]["metrics_source"] == "bench --data"
     assert 0.0 <= rows[0]["metrics"]["auc"] <= 1.0
 

@@ -35,8 +35,9 @@ from tlcompile.data.sources import SPLIT_NAMES, Listing, list_records
 from tlcompile.data.splits import SPLITS, stratified_split
 from tlcompile.errors import DataError
 from tlcompile.recipe import DataConfig
-from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, prepare_image
+from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, prepare_image, targets_for
 
+# IMAGE_EXTENSIONS and targets_for live on the runtime side (predict, serve and bench use them without this module).
 __all__ = ["IMAGE_EXTENSIONS", "DataModule", "check_data", "class_names_for", "load_data", "preprocess_spec", "targets_for"]
 
 REFERABLE_CLASS_NAMES = ("non-referable", "referable")
@@ -47,12 +48,6 @@ MAX_DECODE_THREADS = 8
 
 def class_names_for(task: str) -> tuple[str, ...]:
     return REFERABLE_CLASS_NAMES if task == "referable" else GRADE_CLASS_NAMES
-
-
-def targets_for(grades: np.ndarray, task: str) -> np.ndarray:
-    """DR grades -> training targets for the task (referable DR is grade >= 2: moderate NPDR or worse)."""
-    grades = np.asarray(grades, dtype=np.int64)
-    return (grades >= 2).astype(np.int64) if task == "referable" else grades
 
 
 def preprocess_spec(cfg: DataConfig) -> PreprocessSpec:

@@ -25,6 +25,7 @@ from tlcompile.data.datamodule import DataModule
 from tlcompile.errors import BundleError
 from tlcompile.io import atomic_write_json, sha256_file
 from tlcompile.recipe import Recipe
+from tlcompile.runtime.backends import SHIPPABLE_RUNTIMES, backend, model_files
 from tlcompile.runtime.bundle import (
     BUNDLE_FORMAT_VERSION,
     BUNDLE_JSON,
@@ -37,7 +38,6 @@ from tlcompile.runtime.bundle import (
 from tlcompile.runtime.inference import predict_logits
 from tlcompile.runtime.preprocess import prepare_image, resize, to_input
 
-BUNDLE_RUNTIMES = {"openvino": "openvino", "onnxruntime": "onnx"}  # runtime -> export format it runs
 BUNDLE_PRECISION = "f32"
 # Preprocessing of the same PNG on two boxes may differ by a rounding step in the resize (SIMD Pillow builds);
 # more than that is a real difference. The decision check catches any difference that matters.
@@ -57,7 +57,7 @@ def bundle_runtimes(report: dict[str, Any], recipe: Recipe) -> list[str]:
     if wanted != "auto":
         return [wanted]
     measured = {row["runtime"] for row in report.get("artifacts", [])}
-    return [r for r in BUNDLE_RUNTIMES if r in measured]
+    return [r for r in SHIPPABLE_RUNTIMES if r in measured]
 
 
 def bundle_runtime(report: dict[str, Any], recipe: Recipe) -> str | None:
@@ -377,7 +377,7 @@ def _write_golden(root: Bundle, views: dict[str, Bundle], default: str, data: Da
 # ------------------------------------------------------------------------------------------------ write
 def _copy_model(row: dict[str, Any], out_dir: Path, root: Path) -> tuple[str, list[str]]:
     source = out_dir / row["path"]
-    files = [source] + ([source.with_suffix(".bin")] if source.suffix == ".xml" else [])
+    files = model_files(source)  # x.xml: x.xml and x.bin
     (root / "model").mkdir(exist_ok=True)
     for f in files:
         if not f.is_file():
@@ -445,7 +445,7 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
                 "id": cid,
                 "artifact": {**{k: r.get(k) for k in ("name", "precision", "lineage", "format", "params", "macs", "size_bytes")},
                              "compressed": r["name"] != "fp32"},
-                "model": {"runtime": r["runtime"], "precision": BUNDLE_PRECISION, "format": BUNDLE_RUNTIMES[r["runtime"]],
+                "model": {"runtime": r["runtime"], "precision": BUNDLE_PRECISION, "format": backend(r["runtime"]).format,
                           "entry": entry, "files": files},
                 "measured": _measured(r, env),
                 "endpoints": {"result": (r.get("clinical") or {}).get("endpoints"), "met": _endpoints_pass(r)},

@@ -12,6 +12,7 @@ from torch import nn
 
 from tlcompile.errors import ExportError
 from tlcompile.io import atomic_path
+from tlcompile.runtime.backends import backend
 from tlcompile.runtime.inference import open_session, predict_logits
 
 
@@ -57,14 +58,15 @@ def export_openvino(model: nn.Module | Path, path: Path, *, image_size: int) -> 
     except Exception as err:
         raise ExportError(f"OpenVINO conversion failed: {str(err).splitlines()[0]}") from err
     path.parent.mkdir(parents=True, exist_ok=True)
-    # save_model writes the .xml and .bin together; write into temporary names and rename both.
-    tmp_xml = path.with_name(f".{path.stem}.tmp.xml")
+    # save_model writes the .xml and .bin together; write into temporary names and rename them, the .xml last.
+    ir = backend("openvino")
+    tmp_xml = path.with_name(f".{path.stem}.tmp{ir.suffix}")
     try:
         ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=False)
-        tmp_xml.with_suffix(".bin").replace(path.with_suffix(".bin"))
-        tmp_xml.replace(path)
+        for tmp, final in reversed(list(zip(ir.model_files(tmp_xml), ir.model_files(path), strict=True))):
+            tmp.replace(final)
     finally:
-        for leftover in (tmp_xml, tmp_xml.with_suffix(".bin")):
+        for leftover in ir.model_files(tmp_xml):
             leftover.unlink(missing_ok=True)
     return path
 

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,18 @@ import numpy as np
 from tlcompile.errors import TlcompileError
 from tlcompile.evaluate.metrics import classification_metrics
 from tlcompile.io import atomic_write_json
+from tlcompile.runtime.backends import FILE_RUNTIMES, FORMATS, MODEL_SUFFIXES, RUNTIMES, backend, format_of, size_bytes
 from tlcompile.runtime.cpuinfo import cpu_info
 from tlcompile.runtime.inference import default_threads, open_session, predict_logits
 from tlcompile.runtime.latency import measure_latency
-from tlcompile.runtime.preprocess import PreprocessSpec, load_rgb, prepare_image, to_input
+from tlcompile.runtime.preprocess import PreprocessSpec, load_rgb, prepare_image, targets_for, to_input
 
-FILE_RUNTIME = {".xml": "openvino", ".onnx": "onnxruntime"}
+# The model files bench takes and the formats it reads from a build report: those a runtime session opens.
+FILE_FORMATS = tuple(backend(r).format for r in FILE_RUNTIMES)  # ('openvino', 'onnx')
+_SUFFIXES_SLASH = " / ".join(MODEL_SUFFIXES)  # '.xml / .onnx'
+_SUFFIXES_OR = " or ".join(MODEL_SUFFIXES)  # '.xml or .onnx'
+# (images, DR grades) to score a model on, prepared with the spec it is given (``--data``; see tlcompile.benchdata).
+EvalSetLoader = Callable[[PreprocessSpec], tuple[np.ndarray, np.ndarray]]
 
 
 class BenchError(TlcompileError):
@@ -38,7 +45,7 @@ class BenchTarget:
     """One model file to measure, with what the build knew about it."""
 
     name: str
-    files: dict[str, Path]  # format ('openvino' | 'onnx') -> model file
+    files: dict[str, Path]  # format (backends.FORMATS: 'openvino' | 'onnx') -> model file
     precision: str = "unknown"
     spec: PreprocessSpec | None = None
     threshold: float | None = None
@@ -52,7 +59,7 @@ class BenchTarget:
     @property
     def path(self) -> Path:
         """The file that describes the model's input (IR preferred)."""
-        return self.files.get("openvino") or self.files["onnx"]
+        return next(self.files[f] for f in FORMATS if f in self.files)
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -77,7 +84,7 @@ def targets_from_build(build_dir: Path) -> list[BenchTarget]:
     temperature = report.get("operating_point", {}).get("temperature") or 1.0
     targets: dict[str, BenchTarget] = {}
     for row in report.get("artifacts", []):
-        if row.get("format") not in ("onnx", "openvino"):
+        if row.get("format") not in FILE_FORMATS:
             continue
         target = targets.setdefault(
             row["name"],
@@ -100,7 +107,7 @@ def targets_from_bundle(bundle_dir: Path) -> list[BenchTarget]:
         targets: dict[str, BenchTarget] = {}
         for c in listed:
             artifact, model = c["artifact"], c["model"]
-            files = {_format_of(bundle_dir / f): bundle_dir / f for f in model["files"] if Path(f).suffix in FILE_RUNTIME}
+            files = {format_of(f): bundle_dir / f for f in model["files"] if Path(f).suffix in MODEL_SUFFIXES}
             target = targets.setdefault(artifact.get("name", "bundle"), BenchTarget(
                 name=artifact.get("name", "bundle"), files={}, precision=artifact.get("precision", "unknown"),
                 spec=_spec_from(meta.get("preprocessing")), threshold=op.get("threshold"), temperature=op.get("temperature") or 1.0,
@@ -110,12 +117,8 @@ def targets_from_bundle(bundle_dir: Path) -> list[BenchTarget]:
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise BenchError(f"{bundle_dir / 'bundle.json'}: cannot read the bundle ({err})") from err
     if not any(t.files for t in targets.values()):
-        raise BenchError(f"{bundle_dir}: the bundle holds no .xml or .onnx model")
+        raise BenchError(f"{bundle_dir}: the bundle holds no {_SUFFIXES_OR} model")
     return list(targets.values())
-
-
-def _format_of(path: Path) -> str:
-    return "openvino" if path.suffix == ".xml" else "onnx"
 
 
 def discover_targets(paths: list[Path]) -> list[BenchTarget]:
@@ -127,12 +130,14 @@ def discover_targets(paths: list[Path]) -> list[BenchTarget]:
             targets += targets_from_build(path)
         elif path.is_dir() and (path / "bundle.json").is_file():
             targets += targets_from_bundle(path)
-        elif path.is_file() and path.suffix in FILE_RUNTIME:
-            targets.append(BenchTarget(name=path.stem, files={_format_of(path): path}, source=str(path)))
+        elif path.is_file() and path.suffix in MODEL_SUFFIXES:
+            targets.append(BenchTarget(name=path.stem, files={format_of(path): path}, source=str(path)))
         elif not path.exists():
-            raise BenchError(f"'{path}' does not exist; give a build folder, a bundle folder, or a .xml / .onnx file")
+            raise BenchError(f"'{path}' does not exist; give a build folder, a bundle folder, or a {_SUFFIXES_SLASH} "
+                             "file")
         else:
-            raise BenchError(f"'{path}' is not a build folder (report.json), a bundle (bundle.json), or a .xml / .onnx model")
+            raise BenchError(f"'{path}' is not a build folder (report.json), a bundle (bundle.json), or a "
+                             f"{_SUFFIXES_SLASH} model")
     return targets
 
 
@@ -197,23 +202,25 @@ class BenchOptions:
 
 def _runtimes_for(target: BenchTarget, requested: list[str] | None) -> list[str]:
     """Each runtime the target has a file for: OpenVINO runs IR (or ONNX), ONNX Runtime runs ONNX."""
-    available = [r for r in ("openvino", "onnxruntime") if _path_for(target, r) is not None]
+    available = [r for r in FILE_RUNTIMES if _path_for(target, r) is not None]
     if not requested:
         return available
     for runtime in requested:
-        if runtime == "torch":
-            raise BenchError("--runtime torch is not available in `tlcompile bench` (the edge box has no torch); the build report has torch rows")
+        if runtime in RUNTIMES and not backend(runtime).opens_files:  # torch: the build's eager rows
+            raise BenchError(f"--runtime {runtime} is not available in `tlcompile bench` (the edge box has no "
+                             f"{backend(runtime).package}); the build report has {runtime} rows")
     return [r for r in requested if r in available]
 
 
 def _path_for(target: BenchTarget, runtime: str) -> Path | None:
-    if runtime == "onnxruntime":
-        return target.files.get("onnx")
-    return target.files.get("openvino") or target.files.get("onnx")
+    return backend(runtime).file_for(target.files)
 
 
-def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: BenchOptions, eval_set=None) -> dict[str, Any]:
-    """One row: latency percentiles, throughput, first inference, peak RSS, GMAC/s, accuracy if data is given."""
+def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: BenchOptions,
+            eval_set: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """One row: latency percentiles, throughput, first inference, peak RSS, GMAC/s, accuracy if data is given.
+
+    ``eval_set``: (images prepared with the target's spec, DR grades), as a :data:`EvalSetLoader` returns them."""
     path = _path_for(target, runtime)
     size = _input_size(target)
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
@@ -231,13 +238,13 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
         throughput, streams = tp["fps"], tp["streams"]
     row: dict[str, Any] = {
         "name": target.name,
-        "format": "openvino" if path.suffix == ".xml" else "onnx",
+        "format": format_of(path),
         "precision": target.precision,
         "path": str(path),
         "source": target.source,
         "lineage": target.lineage,
         "runtime": runtime,
-        "device": opts.device if runtime == "openvino" else "CPU",
+        "device": opts.device if backend(runtime).devices else "CPU",
         "threads": session.threads,
         "batch": batch,
         "hint": opts.hint,
@@ -251,7 +258,7 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
         "throughput_fps": round(throughput, 2),
         "streams": streams,
         "peak_rss_mb": _peak_rss_mb(),
-        "size_bytes": path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" and path.with_suffix(".bin").is_file() else 0),
+        "size_bytes": size_bytes(path),
         "macs": target.macs,
         "gmacs_per_s": round(target.macs * batch / (latency["p50"] / 1e3) / 1e9, 2) if target.macs else None,
     }
@@ -260,8 +267,6 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
         logits = predict_logits(open_session(path, runtime, threads=threads, precision=precision, device=opts.device), to_input(images, target.spec or PreprocessSpec(size=size)))
         if target.threshold is None:
             raise BenchError(f"{target.path}: no locked operating point is known for this model; bench its build folder or bundle to get accuracy")
-        from tlcompile.data.datamodule import targets_for
-
         targets = targets_for(labels, "referable" if logits.shape[1] == 2 else "grade")
         m = classification_metrics(logits / target.temperature, targets, target.threshold)
         row["metrics"] = {k: m[k] for k in ("auc", "sensitivity", "specificity", "accuracy", "threshold", "n")}
@@ -319,55 +324,6 @@ def measure_end_to_end(session, spec: PreprocessSpec, images: list[Path], warmup
     return out
 
 
-def synthetic_camera_images(folder: Path, *, count: int = 3, width: int = 2048, height: int = 1536, seed: int = 0) -> list[Path]:
-    """Camera-size fundus JPEGs (the generator's field of view on a 4:3 black frame), for end-to-end timing."""
-    from PIL import Image
-
-    from tlcompile.data.synthetic import render_fundus
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"camera_{width}x{height}_{i}.jpg"
-        if not path.is_file():
-            fundus = render_fundus(2 + i % 3, np.random.default_rng([seed, i]), size=height)
-            frame = np.zeros((height, width, 3), np.uint8)
-            x0 = (width - height) // 2
-            frame[:, x0 : x0 + height] = fundus
-            Image.fromarray(frame).save(path, quality=92)
-        paths.append(path)
-    return paths
-
-
-# ----------------------------------------------------------------------------------- accuracy inputs
-def load_eval_set(data: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
-    """``--data``: a recipe YAML (its test split, built exactly as in the build) or a folder of grade sub-folders.
-
-    Returns (preprocessed images, DR grades); the images are prepared with exactly the model's preprocessing.
-    """
-    from tlcompile.data.datamodule import load_data
-
-    if data.is_file() and data.suffix in (".yaml", ".yml"):
-        from tlcompile.recipe import load_recipe
-
-        cfg = load_recipe(data)
-        dm = load_data(cfg.data, seed=cfg.seed)
-        theirs, ours = {**dm.spec.to_dict(), "extra": {}}, {**spec.to_dict(), "extra": {}}
-        if theirs != ours:
-            diff = ", ".join(f"{k}: {theirs[k]} vs {ours[k]}" for k in ours if theirs.get(k) != ours[k])
-            raise BenchError(f"--data {data}: its preprocessing differs from the model's ({diff})")
-        test = dm.split == "test"
-        return dm.images[test], dm.grades[test]
-    if data.is_dir():
-        from tlcompile.recipe import DataConfig
-
-        cfg = DataConfig(source="folder", root=data, image_size=spec.size, crop_fov=spec.crop_fov, ben_graham=spec.ben_graham,
-                         circular_mask=spec.circular_mask)
-        dm = load_data(cfg, seed=0)
-        return dm.images, dm.grades
-    raise BenchError(f"--data '{data}': give a recipe .yaml (its test split is used) or a folder with sub-folders 0..4")
-
-
 # ----------------------------------------------------------------------------------------- analysis
 def mark_pareto(rows: list[dict[str, Any]]) -> None:
     """A row is on the accuracy-vs-latency Pareto front when no other row is both faster (p50) and at least as
@@ -388,19 +344,22 @@ def host_record() -> dict[str, Any]:
     return {"hostname": platform.node(), "cpu": cpu_info(), "platform": platform.platform(), "pid": os.getpid()}
 
 
-def run_bench(paths: list[Path], opts: BenchOptions, *, data: Path | None = None, on_row=None) -> dict[str, Any]:
+def run_bench(paths: list[Path], opts: BenchOptions, *, eval_sets: EvalSetLoader | None = None,
+              on_row=None) -> dict[str, Any]:
+    """Every row of every target. ``eval_sets``: accuracy through the runtime (``--data``), one set per input size;
+    ``opts.e2e`` needs ``opts.e2e_images`` (camera photos; the CLI renders synthetic ones when none are given)."""
     targets = discover_targets(paths)
     if opts.e2e and not opts.e2e_images:
-        opts.e2e_images = synthetic_camera_images(Path(os.environ.get("TMPDIR", "/tmp")) / "tlcompile-e2e")
-    eval_sets: dict[int, Any] = {}
+        raise BenchError("end-to-end timing (--e2e) needs camera images (e2e_images); none were given")
+    loaded: dict[int, Any] = {}
     rows = []
     for target in targets:
         eval_set = None
-        if data is not None:
+        if eval_sets is not None:
             spec = target.spec or PreprocessSpec(size=_input_size(target))
-            eval_set = eval_sets.get(spec.size)
+            eval_set = loaded.get(spec.size)
             if eval_set is None:
-                eval_set = eval_sets[spec.size] = load_eval_set(data, spec)
+                eval_set = loaded[spec.size] = eval_sets(spec)
         for runtime in _runtimes_for(target, opts.runtimes):
             for threads in opts.threads:
                 for batch in opts.batches:

@@ -32,6 +32,7 @@ import numpy as np
 from tlcompile.errors import BundleError, TlcompileError, UnsafeFileError
 from tlcompile.evaluate.metrics import referable_classes, softmax
 from tlcompile.io import sha256_file
+from tlcompile.runtime.backends import SHIPPABLE_RUNTIMES
 from tlcompile.runtime.inference import InferenceSession, open_session, predict_logits
 from tlcompile.runtime.pinning import (
     DEFAULT_ITERATIONS,
@@ -265,8 +266,9 @@ def load_bundle(path: str | Path) -> Bundle:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise BundleError(f"{meta_path}: key '{key}' is {value!r}; expected {_kind_name(kind)}")
     bundle = Bundle(root=root, meta=meta)
-    if bundle.runtime not in ("openvino", "onnxruntime"):
-        raise BundleError(f"{meta_path}: model.runtime '{bundle.runtime}' is not valid; valid: openvino, onnxruntime")
+    if bundle.runtime not in SHIPPABLE_RUNTIMES:
+        raise BundleError(f"{meta_path}: model.runtime '{bundle.runtime}' is not valid; "
+                          f"valid: {', '.join(SHIPPABLE_RUNTIMES)}")
     if bundle.task not in ("referable", "grade") or len(bundle.class_names) != (2 if bundle.task == "referable" else 5):
         raise BundleError(f"{meta_path}: task '{bundle.task}' with {len(bundle.class_names)} class names; valid: referable (2), grade (5)")
     if not (0.0 < bundle.threshold < 1.0):  # 'not' also catches NaN
@@ -282,8 +284,9 @@ def load_bundle(path: str | Path) -> Bundle:
     for cid in bundle.candidates:  # raises UnsafeFileError now for an entry outside the bundle, not at first use
         view = bundle.candidate(cid)
         view.model_path  # noqa: B018
-        if view.runtime not in ("openvino", "onnxruntime"):
-            raise BundleError(f"{meta_path}: candidate {cid}: model.runtime '{view.runtime}' is not valid; valid: openvino, onnxruntime")
+        if view.runtime not in SHIPPABLE_RUNTIMES:
+            raise BundleError(f"{meta_path}: candidate {cid}: model.runtime '{view.runtime}' is not valid; "
+                              f"valid: {', '.join(SHIPPABLE_RUNTIMES)}")
     return bundle
 
 

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from tlcompile.errors import RuntimeBackendError, missing_dependency
+from tlcompile.runtime.backends import FILE_RUNTIMES, RUNTIMES, backend, backend_for_format, format_of
 from tlcompile.runtime.safefiles import check_onnx_external_data
 
-RUNTIMES = ("openvino", "onnxruntime", "torch")
 # Ops whose runtime precision says what the heavy compute ran in.
 _COMPUTE_OPS = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
 _OV_PRECISION = {"auto": None, "f32": "f32", "bf16": "bf16", "f16": "f16"}
@@ -57,6 +57,11 @@ class OpenVINOSession:
     runtime: str = "openvino"
     exec_precision: str = ""
     properties: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: Path, *, threads: int, precision: str = "auto", device: str = "CPU", hint: str = "LATENCY",
+             static_batch: int | None = None) -> OpenVINOSession:
+        return cls(path=path, threads=threads, precision=precision, device=device, hint=hint, static_batch=static_batch)
 
     def __post_init__(self) -> None:
         try:
@@ -188,6 +193,11 @@ class OnnxRuntimeSession:
     runtime: str = "onnxruntime"
     exec_precision: str = ""
 
+    @classmethod
+    def open(cls, path: Path, *, threads: int, **_: Any) -> OnnxRuntimeSession:
+        """ORT's CPU provider runs the graph as stored: precision, device, hint and batch do not apply."""
+        return cls(path=path, threads=threads)
+
     def __post_init__(self) -> None:
         try:
             import onnxruntime as ort
@@ -233,20 +243,24 @@ def open_session(
     hint: str = "LATENCY",
     static_batch: int | None = None,
 ) -> InferenceSession:
-    """Open a model file on a runtime: .xml on openvino, .onnx on onnxruntime (openvino also reads .onnx)."""
+    """Open a model file on a runtime: .xml on openvino, .onnx on onnxruntime (openvino also reads .onnx).
+
+    The runtime's row in :mod:`tlcompile.runtime.backends` names its session class, imported here (not before).
+    """
     path = Path(path)
     threads = threads or default_threads()
     if not path.is_file():
         raise RuntimeBackendError(f"model file '{path}' does not exist")
-    if path.suffix == ".onnx":
+    if format_of(path) == "onnx":  # external data outside the model's folder is refused
         check_onnx_external_data(path)
-    if runtime == "openvino":
-        return OpenVINOSession(path=path, threads=threads, precision=precision, device=device, hint=hint, static_batch=static_batch)
-    if runtime == "onnxruntime":
-        if path.suffix != ".onnx":
-            raise RuntimeBackendError(f"onnxruntime needs an .onnx file, got '{path.name}'")
-        return OnnxRuntimeSession(path=path, threads=threads)
-    raise RuntimeBackendError(f"runtime '{runtime}' cannot open files; valid here: openvino, onnxruntime")
+    row = backend(runtime) if runtime in RUNTIMES else None
+    if row is None or not row.opens_files:
+        raise RuntimeBackendError(f"runtime '{runtime}' cannot open files; valid here: {', '.join(FILE_RUNTIMES)}")
+    if not row.any_file and format_of(path) not in row.reads:
+        wanted = " or ".join(backend_for_format(f).suffix for f in row.reads)
+        raise RuntimeBackendError(f"{row.name} needs an {wanted} file, got '{path.name}'")
+    return row.session_class().open(path, threads=threads, precision=precision, device=device, hint=hint,
+                                    static_batch=static_batch)
 
 
 def predict_logits(session: InferenceSession, x: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -58,13 +58,14 @@ def visible_isa() -> list[str]:
 
 
 def parity_rows(reference: Path, models: list[Path], threads: int = 1) -> list[dict[str, Any]]:
+    from tlcompile.runtime.backends import backend_for_file, backend_for_format
     from tlcompile.runtime.inference import open_session, predict_logits
 
     with np.load(reference, allow_pickle=False) as ref:
         inputs, expected = ref["inputs"].astype(np.float32), ref["logits"].astype(np.float64)
     rows = []
     for path in models:
-        runtime = "openvino" if path.suffix == ".xml" else "onnxruntime"
+        runtime = (backend_for_file(path) or backend_for_format("onnx")).name  # x.xml: openvino, else onnxruntime
         session = open_session(path, runtime, threads=threads, precision="f32")
         logits = predict_logits(session, inputs).astype(np.float64)
         rows.append({

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from tlcompile.io import atomic_write_json
+from tlcompile.runtime.backends import SHIPPABLE_RUNTIMES, backend
 from tlcompile.runtime.cpuinfo import cpu_info
 from tlcompile.runtime.latency import measure_latency
 
@@ -97,7 +98,7 @@ def choose(measured: dict[str, dict[str, Any]], compressed: dict[str, bool], pas
 
 def runtime_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for module in ("openvino", "onnxruntime", "numpy"):
+    for module in (*(backend(r).package for r in SHIPPABLE_RUNTIMES), "numpy"):
         try:
             versions[module] = __import__(module).__version__
         except ImportError:

@@ -18,12 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tlcompile.data.datamodule import IMAGE_EXTENSIONS
 from tlcompile.errors import DataError, TlcompileError
 from tlcompile.io import atomic_write_text
 from tlcompile.runtime.bundle import UNGRADABLE, Bundle
 from tlcompile.runtime.inference import InferenceSession
-from tlcompile.runtime.preprocess import find_field, load_rgb, prepare_image, to_input
+from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, find_field, load_rgb, prepare_image, to_input
 from tlcompile.runtime.screen import damage_reason, not_fundus_reason
 
 CSV_COLUMNS = (

@@ -239,18 +239,12 @@ def crop_square(rgb: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
     return out
 
 
-def crop_to_fov(rgb: np.ndarray, threshold: float = 0.12) -> tuple[np.ndarray, bool]:
-    """The square around the field of view (black where the frame clips it); the padded frame when none is found.
-    Returns (image, fov_found)."""
-    found = find_field(rgb, threshold)
-    top, left, side = _square_window(rgb.shape[0], rgb.shape[1], found, crop_fov=True)
-    return crop_square(rgb, top, left, side), found is not None
+def targets_for(grades: np.ndarray, task: str) -> np.ndarray:
+    """DR grades -> training targets for the task (referable DR is grade >= 2: moderate NPDR or worse).
 
-
-def pad_square(rgb: np.ndarray) -> np.ndarray:
-    """Pad to a square with black, centred."""
-    top, left, side = _square_window(rgb.shape[0], rgb.shape[1], None, crop_fov=False)
-    return crop_square(rgb, top, left, side)
+    Here, not in the data module, because ``tlcompile bench --data`` scores a model against grades on the box."""
+    grades = np.asarray(grades, dtype=np.int64)
+    return (grades >= 2).astype(np.int64) if task == "referable" else grades
 
 
 # ----------------------------------------------------------------------------------------------- decoding

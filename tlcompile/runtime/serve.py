@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlcompile.data.datamodule import IMAGE_EXTENSIONS
 from tlcompile.errors import TlcompileError
 from tlcompile.io import atomic_write_json, sha256_file
 from tlcompile.runtime.bundle import UNGRADABLE, VerifiedBundle, open_verified
 from tlcompile.runtime.predict import predict_image
+from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS
 
 # Names a camera or a copy tool uses while a file is still being written; such files are left alone.
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".swp", ".lock")
