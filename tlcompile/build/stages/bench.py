@@ -5,7 +5,6 @@ it so every clinical number can be recomputed. Measured again on every build, al
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,11 +15,10 @@ from tlcompile.evaluate.clinical import add_clinical_to_rows
 from tlcompile.evaluate.metrics import classification_metrics
 from tlcompile.io import atomic_save_npy, atomic_write_json
 from tlcompile.models import count_macs, count_params
-from tlcompile.runtime.inference import default_threads, open_session, predict_logits
+from tlcompile.runtime.backends import backend, size_bytes
+from tlcompile.runtime.inference import default_threads, predict_logits
 from tlcompile.runtime.latency import measure_latency
 from tlcompile.runtime.preprocess import to_input
-
-RUNTIME_FORMAT = {"openvino": "openvino", "onnxruntime": "onnx", "torch": "torch"}
 
 
 def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
@@ -37,17 +35,18 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
             params = count_params(art.module)
             macs = count_macs(art.module, data.spec.size)
             for runtime in r.bench.runtimes:
-                fmt = RUNTIME_FORMAT[runtime]
+                row = backend(runtime)
+                fmt = row.format
                 path = art.files.get(fmt)
                 if path is None:
                     ctx.console.print(f"[yellow]bench[/]: no {fmt} export of {art.name}; add it to export.formats "
                                       f"for a {runtime} row")
                     continue
                 with ctx.console.status(f"[bold]bench[/]: {art.name} on {runtime}"):
-                    if runtime == "torch":
+                    if row.opens_files:
+                        session = row.open_session(path, threads=threads, precision=r.bench.precision)
+                    else:  # the eager torch row: the module in memory
                         session = _torch_session(art.module, threads)
-                    else:
-                        session = open_session(path, runtime, threads=threads, precision=r.bench.precision)
                     logits = predict_logits(session, test_inputs)
                     latency = measure_latency(lambda s=session: s.run(one), warmup=r.bench.warmup,
                                               iterations=r.bench.iterations)
@@ -58,7 +57,7 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
                     "format": fmt,
                     "precision": art.precision,
                     "path": str(path.relative_to(ctx.out_dir)),
-                    "size_bytes": _file_size(path),
+                    "size_bytes": size_bytes(path),
                     "params": params,
                     "macs": macs,
                     "runtime": runtime,
@@ -146,13 +145,6 @@ def add_clinical_evaluation(ctx: BuildContext, rows: list[dict[str, Any]], test_
         endpoints=e.endpoints.model_dump(exclude={"rule"}), endpoint_rule=e.endpoints.rule,
         resamples=e.bootstrap_resamples, seed=bootstrap_seed(ctx), calibration_bins=e.calibration_bins,
     )
-
-
-def _file_size(path: Path) -> int:
-    size = path.stat().st_size
-    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
-        size += path.with_suffix(".bin").stat().st_size
-    return size
 
 
 STAGE = Stage(name="bench", folder="06_bench", sections=None, run=run, reusable=False)

@@ -14,10 +14,10 @@ from tlcompile.build.context import Artifact, BuildContext, Stage
 from tlcompile.build.stages import quantize
 from tlcompile.export.exporters import check_parity, export_onnx, export_openvino
 from tlcompile.io import atomic_save_npz, atomic_write_json
+from tlcompile.runtime.backends import backend_for_format
 from tlcompile.runtime.preprocess import to_input
 
 SECTIONS = (*quantize.SECTIONS, "export")
-FORMAT_SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "torch": ".pt"}
 
 
 def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
@@ -32,12 +32,12 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
             reference = module(torch.from_numpy(inputs)).numpy()
         references[f"logits_{art.name}"] = reference
         for fmt in r.export.formats:
-            path = folder / f"{art.name}{FORMAT_SUFFIX[fmt]}"
+            path = folder / f"{art.name}{backend_for_format(fmt).suffix}"
             if not (done and path.is_file()):
                 with ctx.console.status(f"[bold]export[/]: {art.name} -> {fmt}"):
                     _export(art, module, path, fmt, ctx)
             art.files[fmt] = path
-            runtime = "onnxruntime" if fmt == "onnx" else "openvino"
+            runtime = backend_for_format(fmt).name
             art.parity[fmt] = check_parity(reference, path, runtime, inputs)
             records[f"{art.name}.{fmt}"] = art.parity[fmt]
             p = art.parity[fmt]
