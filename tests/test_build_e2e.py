@@ -54,7 +54,7 @@ def test_build_manifest_lists_every_file(tiny_recipe_dict, tmp_path):
     from tlcompile.build import build
     from tlcompile.io import sha256_file
     from tlcompile.recipe import validate_recipe_dict
-    from tlcompile.runtime.bundle import check_manifest
+    from tlcompile.runtime.manifest import check_manifest
 
     tiny_recipe_dict["bench"]["runtimes"] = ["onnxruntime"]
     tiny_recipe_dict["export"]["formats"] = ["onnx"]

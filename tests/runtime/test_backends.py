@@ -67,7 +67,7 @@ def test_torch_rows_open_no_files(tmp_path):
     with pytest.raises(RuntimeBackendError, match="runtime 'torch' cannot open files; valid here: openvino, onnxruntime"):
         open_session(path, "torch")
     with pytest.raises(RuntimeBackendError, match="onnxruntime needs an .onnx file, got 'fp32.pt'"):
-        backend("onnxruntime").open_session(path)
+        open_session(path, "onnxruntime")
 
 
 def test_the_recipe_lists_the_table():

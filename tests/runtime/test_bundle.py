@@ -12,15 +12,8 @@ import pytest
 
 from tlcompile.errors import BundleError, UnsafeFileError
 from tlcompile.io import sha256_file
-from tlcompile.runtime.bundle import (
-    Bundle,
-    check_manifest,
-    load_bundle,
-    manifest_entries,
-    open_verified,
-    verify_bundle,
-    verify_lines,
-)
+from tlcompile.runtime.bundle import Bundle, load_bundle, open_verified, verify_bundle, verify_lines
+from tlcompile.runtime.manifest import check_manifest, manifest_entries
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tlcompile.runtime.bundle import manifest_entries, verify_bundle
+from tlcompile.runtime.bundle import verify_bundle
+from tlcompile.runtime.manifest import manifest_entries
 from tlcompile.runtime.signing import keygen, sign_bundle
 
 CORPUS = sorted((Path(__file__).parents[1] / "corpus" / "bundles").glob("*.json"))

@@ -88,7 +88,8 @@ def test_preprocessing_specs_are_bounded(key, value):
 
 
 def test_a_bundle_asking_for_100000_px_fails_verify_without_allocating(bundle_copy):
-    from tlcompile.runtime.bundle import manifest_entries, verify_bundle
+    from tlcompile.runtime.bundle import verify_bundle
+    from tlcompile.runtime.manifest import manifest_entries
 
     meta = json.loads((bundle_copy / "bundle.json").read_text())
     meta["preprocessing"]["size"] = 100000

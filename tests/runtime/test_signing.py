@@ -8,7 +8,8 @@ import stat
 import pytest
 
 from tlcompile.errors import BundleError
-from tlcompile.runtime.bundle import check_manifest, manifest_entries, open_verified, verify_bundle
+from tlcompile.runtime.bundle import open_verified, verify_bundle
+from tlcompile.runtime.manifest import check_manifest, manifest_entries
 from tlcompile.runtime.serve import serve
 from tlcompile.runtime.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, SigningError, keygen, sign_bundle
 

@@ -190,7 +190,7 @@ def input_list_sha256(data_module: DataModule) -> str:
 
 def write_build_manifest(ctx: BuildContext) -> None:
     """manifest.json of the whole build, in the bundle's format: sha256 and size of every file, plus the inputs."""
-    from tlcompile.runtime.bundle import manifest_entries
+    from tlcompile.runtime.manifest import manifest_entries
 
     atomic_write_json(ctx.out_dir / "manifest.json", {
         "files": manifest_entries(ctx.out_dir),

@@ -30,12 +30,11 @@ from tlcompile.runtime.bundle import (
     BUNDLE_FORMAT_VERSION,
     BUNDLE_JSON,
     GOLDEN_NPZ,
-    MANIFEST_JSON,
     Bundle,
-    manifest_entries,
     verify_bundle,
 )
 from tlcompile.runtime.inference import predict_logits
+from tlcompile.runtime.manifest import MANIFEST_JSON, manifest_entries
 from tlcompile.runtime.preprocess import prepare_image, resize, to_input
 
 BUNDLE_PRECISION = "f32"

@@ -3,8 +3,8 @@ files a model of that format is made of, and how a model file is opened on it.
 
 Every other module reads this table (recipes, exports, the build's bench rows, bundles, ``tlcompile bench``, the
 clinic-box runtime), so adding a runtime is a row here plus its session class. Importing this module loads no
-runtime package: :meth:`Backend.open_session` imports the session class (and with it openvino / onnxruntime) when
-a model is opened.
+runtime package: :func:`tlcompile.runtime.inference.open_session` imports the row's session class (and with it
+openvino / onnxruntime) when a model is opened.
 
 Never imports torch (the ``torch`` row describes the build's eager bench rows; it opens no files).
 """
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from tlcompile.errors import RuntimeBackendError
 
 if TYPE_CHECKING:
-    from tlcompile.runtime.inference import InferenceSession
+    pass
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,6 @@ class Backend:
             raise RuntimeBackendError(f"runtime '{self.name}' cannot open files; valid here: {valid}")
         module, _, cls = self.session.partition(":")
         return getattr(importlib.import_module(module), cls)
-
-    def open_session(self, path: str | Path, *, threads: int | None = None, precision: str = "auto",
-                     **options: Any) -> InferenceSession:
-        """Open ``path`` on this runtime (options: device, hint, static_batch; see :func:`inference.open_session`)."""
-        from tlcompile.runtime.inference import open_session
-
-        return open_session(path, self.name, threads=threads, precision=precision, **options)
 
 
 BACKENDS: tuple[Backend, ...] = (

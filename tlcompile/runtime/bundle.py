@@ -31,9 +31,9 @@ import numpy as np
 
 from tlcompile.errors import BundleError, TlcompileError, UnsafeFileError
 from tlcompile.evaluate.metrics import referable_classes, softmax
-from tlcompile.io import sha256_file
 from tlcompile.runtime.backends import SHIPPABLE_RUNTIMES
 from tlcompile.runtime.inference import InferenceSession, open_session, predict_logits
+from tlcompile.runtime.manifest import MANIFEST_JSON, ManifestCheck, check_manifest, inside
 from tlcompile.runtime.pinning import (
     DEFAULT_ITERATIONS,
     DEFAULT_ROUNDS,
@@ -50,11 +50,7 @@ from tlcompile.runtime.signing import SignatureCheck, check_signature
 
 BUNDLE_FORMAT_VERSION = 2  # 2: several candidates (artifact@runtime), each with its golden logits
 BUNDLE_JSON = "bundle.json"
-MANIFEST_JSON = "manifest.json"
 GOLDEN_NPZ = "golden/golden.npz"
-# Files a bundle may hold that manifest.json does not list: the signature (it signs the manifest, so it cannot be
-# in it) and what `tlcompile verify` records about this box. Neither can change a decision.
-UNLISTED_OK = frozenset({"signature.json", DEVICE_JSON})
 REFER, NO_REFERRAL, UNGRADABLE = "refer", "no referral", "ungradable"
 
 # bundle.json keys predict/verify/serve rely on, with the type each must have.
@@ -84,15 +80,6 @@ def _lookup(meta: dict[str, Any], dotted: str) -> Any:
             raise KeyError(dotted)
         node = node[part]
     return node
-
-
-def _inside(root: Path, relpath: str, source: str) -> Path:
-    """``root / relpath``, refusing absolute paths and '..' that would read outside the bundle."""
-    rel = Path(relpath)
-    path = (root / rel).resolve()
-    if rel.is_absolute() or not path.is_relative_to(root.resolve()):
-        raise UnsafeFileError(f"{source}: '{relpath}' points outside the bundle folder {root}; a bundle only names its own files")
-    return path
 
 
 @dataclass(frozen=True)
@@ -156,7 +143,7 @@ class Bundle:
 
     @property
     def model_path(self) -> Path:
-        return _inside(self.root, self.meta["model"]["entry"], f"{self.root / BUNDLE_JSON}: model.entry")
+        return inside(self.root, self.meta["model"]["entry"], f"{self.root / BUNDLE_JSON}: model.entry")
 
     @property
     def artifact(self) -> str:
@@ -318,71 +305,6 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join({"int": "an integer", "float": "a number", "str": "a string", "list": "a list", "dict": "an object"}[k.__name__] for k in kinds)
 
 
-# ---------------------------------------------------------------------------------------------- manifest
-def manifest_entries(root: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under ``root`` except manifest.json, keyed by POSIX relative path."""
-    entries = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel != MANIFEST_JSON and rel not in UNLISTED_OK:
-            entries[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    return entries
-
-
-@dataclass
-class ManifestCheck:
-    checked: int = 0
-    problems: list[str] = field(default_factory=list)  # one line each, naming the file
-    manifest_sha256: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems and self.checked > 0
-
-
-def check_manifest(root: str | Path) -> ManifestCheck:
-    """Every file the manifest lists is present with its size and sha256; no file is there that it does not list."""
-    root = Path(root)
-    result = ManifestCheck()
-    manifest_path = root / MANIFEST_JSON
-    if not manifest_path.is_file():
-        result.problems.append(f"{MANIFEST_JSON}: missing; without it nothing in the bundle can be trusted")
-        return result
-    result.manifest_sha256 = sha256_file(manifest_path)
-    try:
-        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not an object")
-    except (ValueError, KeyError, TypeError) as err:
-        result.problems.append(f"{MANIFEST_JSON}: not a valid manifest ({err})")
-        return result
-    for rel, expected in sorted(files.items()):
-        try:
-            path = _inside(root, rel, str(manifest_path))
-        except UnsafeFileError as err:
-            result.problems.append(str(err))
-            continue
-        result.checked += 1
-        if not isinstance(expected, dict):
-            result.problems.append(f"{rel}: the manifest entry is {expected!r}, not {{'sha256', 'size'}}")
-            continue
-        if not path.is_file():
-            result.problems.append(f"{rel}: missing")
-            continue
-        size = path.stat().st_size
-        if size != expected.get("size"):
-            result.problems.append(f"{rel}: size {size} bytes, manifest says {expected.get('size')}")
-        digest = sha256_file(path)
-        if digest != expected.get("sha256"):
-            result.problems.append(f"{rel}: sha256 {digest[:16]}... does not match the manifest's {str(expected.get('sha256'))[:16]}...")
-    listed = set(files) | {MANIFEST_JSON} | UNLISTED_OK
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel not in listed:
-            result.problems.append(f"{rel}: not in the manifest (a file was added to the bundle after the build)")
-    return result
-
-
 # ------------------------------------------------------------------------------------------------ golden
 @dataclass
 class GoldenCheck:
@@ -409,7 +331,7 @@ class GoldenCheck:
 
 
 def _load_golden(bundle: Bundle) -> dict[str, np.ndarray]:
-    path = _inside(bundle.root, bundle.meta["golden"]["file"], f"{bundle.root / BUNDLE_JSON}: golden.file")
+    path = inside(bundle.root, bundle.meta["golden"]["file"], f"{bundle.root / BUNDLE_JSON}: golden.file")
     key = bundle.meta["golden"].get("logits_key", "logits")
     try:
         # allow_pickle=False: a bundle arrives from elsewhere, and a pickled object array could run code.
@@ -486,7 +408,7 @@ def check_golden(bundle: Bundle, *, threads: int | None = None, session: Inferen
     # 3. End to end from the camera-like frames: decode -> field of view -> resize -> model -> decision.
     prepared, fov = [], []
     for rel in bundle.meta["golden"]["images"]:
-        image, found = prepare_image(_inside(bundle.root, rel, f"{bundle.root / BUNDLE_JSON}: golden.images"), spec)
+        image, found = prepare_image(inside(bundle.root, rel, f"{bundle.root / BUNDLE_JSON}: golden.images"), spec)
         prepared.append(image)
         fov.append(found)
     prepared_here = np.stack(prepared)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from tlcompile.errors import BundleError, TlcompileError
 from tlcompile.io import atomic_write_json
+from tlcompile.runtime.manifest import MANIFEST_JSON, SIGNATURE_JSON, check_manifest
 
-SIGNATURE_JSON = "signature.json"
 SIGNATURE_FORMAT = 1
 PRIVATE_KEY_NAME = "tlcompile-signing.key"
 PUBLIC_KEY_NAME = "tlcompile-signing.pub"
@@ -154,8 +154,6 @@ def sign_bundle(bundle_dir: str | Path, key_path: str | Path, *, replace: bool =
     Signs only a bundle whose manifest check passes now (signing a damaged bundle would vouch for it).
     An existing signature is replaced only with ``replace``.
     """
-    from tlcompile.runtime.bundle import MANIFEST_JSON, check_manifest
-
     root = Path(bundle_dir)
     if not root.is_dir():
         raise BundleError(f"bundle '{root}' is not a folder; give the bundle/ folder a build wrote (BUILD_DIR/bundle)")
@@ -201,8 +199,6 @@ class SignatureCheck:
 def check_signature(bundle_dir: str | Path, trusted: list[str | Path] | None = None) -> SignatureCheck:
     """Check ``signature.json`` against the trusted public keys (paths). Without trusted keys the signature is
     reported (present, key id) but not required. Never raises for a bad bundle; problems are one line each."""
-    from tlcompile.runtime.bundle import MANIFEST_JSON
-
     _, _, InvalidSignature = _crypto()
     root = Path(bundle_dir)
     keys = [load_public_key(p) for p in (trusted or [])]  # a bad --trust file is the user's mistake: raise

@@ -16,7 +16,7 @@ from tlcompile.evaluate.metrics import classification_metrics
 from tlcompile.io import atomic_save_npy, atomic_write_json
 from tlcompile.models import count_macs, count_params
 from tlcompile.runtime.backends import backend, size_bytes
-from tlcompile.runtime.inference import default_threads, predict_logits
+from tlcompile.runtime.inference import default_threads, open_session, predict_logits
 from tlcompile.runtime.latency import measure_latency
 from tlcompile.runtime.preprocess import to_input
 
@@ -44,7 +44,7 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
                     continue
                 with ctx.console.status(f"[bold]bench[/]: {art.name} on {runtime}"):
                     if row.opens_files:
-                        session = row.open_session(path, threads=threads, precision=r.bench.precision)
+                        session = open_session(path, runtime, threads=threads, precision=r.bench.precision)
                     else:  # the eager torch row: the module in memory
                         session = _torch_session(art.module, threads)
                     logits = predict_logits(session, test_inputs)
