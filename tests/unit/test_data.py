@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcompile.data.datamodule import load_data, targets_for
+from tlcompile.data.datamodule import load_data
 from tlcompile.data.splits import stratified_split
 from tlcompile.errors import DataError
 from tlcompile.recipe import DataConfig
+from tlcompile.runtime.preprocess import targets_for
 
 
 def _fundus_png(path, grade: int, size: int = 80, index: int = 0) -> None:

@@ -19,6 +19,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,11 +35,10 @@ from tlcompile.data.checks import (
 from tlcompile.data.sources import SPLIT_NAMES, Listing, list_records
 from tlcompile.data.splits import SPLITS, stratified_split
 from tlcompile.errors import DataError
-from tlcompile.recipe import DataConfig
-from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, prepare_image, targets_for
+from tlcompile.runtime.preprocess import PreprocessSpec, prepare_image, targets_for
 
-# IMAGE_EXTENSIONS and targets_for live on the runtime side (predict, serve and bench use them without this module).
-__all__ = ["IMAGE_EXTENSIONS", "DataModule", "check_data", "class_names_for", "load_data", "preprocess_spec", "targets_for"]
+if TYPE_CHECKING:  # the recipe imports this package to validate layouts: a type-only import keeps them acyclic
+    from tlcompile.recipe import DataConfig
 
 REFERABLE_CLASS_NAMES = ("non-referable", "referable")
 GRADE_CLASS_NAMES = GRADE_NAMES
