@@ -316,9 +316,9 @@ def report_render(
 
 @report_app.command("schema")
 def report_schema(
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write it to this new file instead of stdout.")] = None,  # noqa: UP045
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write it to a new file.")] = None,  # noqa: UP045
 ) -> None:
-    """Print the JSON Schema of report.json, the contract other tools read (pydantic models: tlcompile.report.schema)."""
+    """Print the JSON Schema of report.json, the contract other tools read (models: tlcompile.report.schema)."""
     from tlcompile.report.schema import report_json_schema
 
     text = json.dumps(report_json_schema(), indent=2) + "\n"

@@ -12,6 +12,7 @@ import pytest
 
 from tlcompile.errors import BundleError, UnsafeFileError
 from tlcompile.io import sha256_file
+from tlcompile.report.schema import validate_report
 from tlcompile.runtime.bundle import (
     Bundle,
     check_manifest,
@@ -459,6 +460,7 @@ def test_a_bundle_that_cannot_be_made_is_recorded_after_the_report(tiny_build, t
     error = stage_bundle(ctx, report)
     assert isinstance(error, BundleError) and "budget 1e-06 ms" in str(error)
     assert report["bundle"] == {"error": str(error)}
+    validate_report(json.loads(json.dumps(report)))  # the error form of report["bundle"] is part of the contract
     assert {p: p.read_bytes() for p in tiny_build.bundle.rglob("*") if p.is_file()} == before
 
 

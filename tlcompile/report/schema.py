@@ -305,7 +305,7 @@ class ChannelPrune(_Strict):
     steps: list[ChannelPruneStep]
     params: list[int] = Field(description="[before, after]")
     macs: list[int] = Field(description="[before, after]")
-    widths: dict[str, list[int]] = Field(description="Layer -> [width before, width after], for the layers that changed.")
+    widths: dict[str, list[int]] = Field(description="Layer -> [width before, width after], where it changed.")
     kept_whole: list[str]
     calibration_images: int
     batchnorm: str
@@ -383,7 +383,8 @@ class Quantize(_Strict):
 
 def _compression_kind(value: Any) -> str | None:
     method = value.get("method") if isinstance(value, dict) else getattr(value, "method", None)
-    return {"channel": "channel prune", "magnitude": "magnitude prune", "ptq": "quantize", "qat": "quantize"}.get(method)
+    tags = {"channel": "channel prune", "magnitude": "magnitude prune", "ptq": "quantize", "qat": "quantize"}
+    return tags.get(method)
 
 
 Compression = Annotated[
@@ -631,7 +632,7 @@ class Selection(_Strict):
     chosen_id: str
     ranked_by: str
     candidates: list[SelectionCandidate]
-    measured_on_build_box: dict[str, MeasuredOnBuildBox] = Field(None, description="Candidate id -> interleaved latency.")
+    measured_on_build_box: dict[str, MeasuredOnBuildBox] = Field(None, description="Candidate id -> its latency.")
     load_average: list[float] | None = Field(None, description="Absent, or null where the OS has none.")
     noise: str | None = Field(None, description="Absent, or null when the measurement was not noisy.")
     why: str = Field(None)
@@ -757,7 +758,7 @@ class Report(_Strict):
 # ------------------------------------------------------------------------------------------------ validation
 def _path(loc: tuple[Any, ...], data: Any) -> str:
     """The error location as a path into the data (``artifacts.3.guard.checks.0.met``), without the union tags
-    pydantic puts in it (a tag -- "bundle error", "quantize" ... -- is a step that is not a key or index of the data)."""
+    pydantic puts in it (a tag -- "bundle error", "quantize" ... -- is a step that is no key or index of the data)."""
     parts: list[str] = []
     node = data
     for i, step in enumerate(loc):
@@ -789,9 +790,14 @@ def validate_report(obj: Any) -> Report:
         return Report.model_validate(obj)
     except ValidationError as err:
         errors = err.errors()
-        first = errors[0]
+        first, hint = errors[0], ""
+        if first["type"] == "missing":  # a misspelt key is missing under its own name and unknown under the other
+            parent = first["loc"][:-1]
+            unknown = next((e for e in errors if e["type"] == "extra_forbidden" and e["loc"][:-1] == parent), None)
+            if unknown is not None:
+                first, hint = unknown, f"; '{first['loc'][-1]}' is missing: misspelt?"
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise ReportSchemaError(f"report.json: {_path(first['loc'], obj)}: {_problem(first)}{more}") from err
+        raise ReportSchemaError(f"report.json: {_path(first['loc'], obj)}: {_problem(first)}{hint}{more}") from err
 
 
 def report_json_schema() -> dict[str, Any]:
