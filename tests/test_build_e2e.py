@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tlcompile.report.schema import validate_report
+
 
 def test_tiny_build_end_to_end(tiny_recipe_dict, write_recipe, tmp_path, monkeypatch, capsys):
     from tlcompile.cli import main
@@ -20,6 +22,7 @@ def test_tiny_build_end_to_end(tiny_recipe_dict, write_recipe, tmp_path, monkeyp
     assert "fp32" in printed and "report.json" in printed
 
     report = json.loads((out / "report.json").read_text())
+    validate_report(report)  # the typed contract, bundle included
     rows = {(a["name"], a["runtime"]): a for a in report["artifacts"]}
     assert set(rows) == {("fp32", "openvino"), ("fp32", "onnxruntime"), ("fp32", "torch")}
     for row in rows.values():

@@ -326,6 +326,27 @@ def report_render(
         typer.echo(f"wrote {path}")
 
 
+@report_app.command("schema")
+def report_schema(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write it to a new file.")] = None,  # noqa: UP045
+) -> None:
+    """Print the JSON Schema of report.json, the contract other tools read (models: tlcompile.report.schema)."""
+    from tlcompile.report.schema import report_json_schema
+
+    text = json.dumps(report_json_schema(), indent=2) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        with open(out, "x", encoding="utf-8") as f:  # "x": never overwrite
+            f.write(text)
+    except FileExistsError as err:
+        raise TlcompileError(f"--out '{out}' already exists; give a new file name (nothing was written)") from err
+    except OSError as err:
+        raise TlcompileError(f"--out '{out}': cannot write it ({err.strerror or err})") from err
+    typer.echo(f"wrote {out}")
+
+
 # The three commands a clinic's box runs: they import tlcompile.runtime only (never torch), after `pip install tlcompile`.
 BundleArgument = Annotated[Path, typer.Argument(help="The bundle folder a build wrote (BUILD_DIR/bundle).")]
 ThreadsOption = Annotated[Optional[int], typer.Option("--threads", help="Inference threads (default: all usable cores).", min=1)]  # noqa: UP045

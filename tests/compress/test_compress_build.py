@@ -12,6 +12,7 @@ from rich.console import Console
 from tlcompile.build import build
 from tlcompile.build.context import Artifact, BuildContext, StageRun
 from tlcompile.recipe import validate_recipe_dict
+from tlcompile.report.schema import validate_report
 from tlcompile.runtime.cpuinfo import cpu_info
 
 
@@ -40,6 +41,7 @@ def _build(recipe_dict: dict, out):
 def test_prune_and_quantize_build_end_to_end(compress_recipe, tmp_path):
     out = tmp_path / "build"
     _, report = _build(compress_recipe, out)
+    validate_report(json.loads((out / "report.json").read_text()))  # guard and compression records included
     rows = {(a["name"], a["runtime"]): a for a in report["artifacts"]}
     names = ("fp32", "pruned", "int8", "pruned-int8")
     assert set(rows) == {(n, rt) for n in names for rt in ("openvino", "onnxruntime")}

@@ -115,3 +115,28 @@ def transfer_table():
 @pytest.fixture
 def transfer_rows():
     return copy.deepcopy(TRANSFER_ROWS)
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory):
+    """A tiny real build (onnxruntime and torch rows, temperature scaling, an endpoint, no bundle): (folder, report)."""
+    from rich.console import Console
+
+    from tlcompile.build import build
+    from tlcompile.recipe import validate_recipe_dict
+
+    recipe = {
+        "name": "tiny-clinical",
+        "seed": 3,
+        "data": {"source": "synthetic", "num_images": 100, "image_size": 40, "split": {"val": 0.25, "test": 0.3}},
+        "model": {"arch": "cbr_small"},
+        "train": {"epochs": 1, "batch_size": 32},
+        "export": {"formats": ["onnx"], "parity_images": 8},
+        "bench": {"runtimes": ["onnxruntime", "torch"], "warmup": 1, "iterations": 2},
+        "evaluate": {"operating_point": "sensitivity", "target_sensitivity": 0.8, "temperature_scaling": True,
+                     "bootstrap_resamples": 200, "endpoints": {"min_specificity": 0.01}},
+        "bundle": {"enabled": False},
+    }
+    out = tmp_path_factory.mktemp("build") / "b"
+    result = build(validate_recipe_dict(recipe), out, console=Console(quiet=True))
+    return out, result.report

@@ -97,7 +97,8 @@ def test_bench_cli_honours_columns(monkeypatch, tmp_path):
 def test_no_terminal_width_cuts_a_cell(synthetic_report):
     """Every width from 20 to 160 columns: each cell of the build table is shown whole (rich's own minimum width counts
     words even in no-wrap columns, so a table it says fits can still cut 'reference' to 'referenc')."""
-    from tlcompile.report.render import ROW_COLUMNS, TERMINAL_COLUMNS, artifact_cells
+    from tlcompile.report.render import TERMINAL_COLUMNS
+    from tlcompile.report.sections import ROW_COLUMNS, artifact_cells
 
     report = synthetic_report()
     keep = [ROW_COLUMNS.index(c) for c in TERMINAL_COLUMNS]

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from tlcompile.report.html import render_html
-from tlcompile.report.render import render_markdown, row_flags, verdict
+from tlcompile.report.render import render_markdown
+from tlcompile.report.sections import row_flags, verdict
 
 
 def _with_bundle(report: dict, chosen: str = "int8@openvino", measured: dict | None = None) -> dict:
@@ -127,7 +128,7 @@ def test_no_bundle_says_nothing_ships(synthetic_report, bundle):
 def test_pareto_ranks_only_rows_that_could_ship(synthetic_report):
     import copy
 
-    from tlcompile.report.render import pareto_rows
+    from tlcompile.report.sections import pareto_rows
 
     report = synthetic_report(guard_met=False)
     fake = copy.deepcopy(next(r for r in report["artifacts"] if r["name"] == "int8"))

@@ -12,6 +12,7 @@ import pytest
 
 from tlcompile.errors import BundleError, UnsafeFileError
 from tlcompile.io import sha256_file
+from tlcompile.report.schema import validate_report
 from tlcompile.runtime.bundle import Bundle, load_bundle, open_verified, verify_bundle, verify_lines
 from tlcompile.runtime.manifest import check_manifest, manifest_entries
 
@@ -454,6 +455,7 @@ def test_a_bundle_that_cannot_be_made_is_recorded_after_the_report(tiny_build, t
     error = ctx.bundle_error
     assert isinstance(error, BundleError) and "budget 1e-06 ms" in str(error)
     assert ctx.report["bundle"] == {"error": str(error)}
+    validate_report(json.loads(json.dumps(ctx.report)))  # the error form of report["bundle"] is part of the contract
     assert {p: p.read_bytes() for p in tiny_build.bundle.rglob("*") if p.is_file()} == before
 
 

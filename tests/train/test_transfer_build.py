@@ -10,6 +10,7 @@ from rich.console import Console
 from tests.train.conftest import fake_build
 from tlcompile.build import build
 from tlcompile.recipe import load_recipe
+from tlcompile.report.schema import validate_report
 
 
 def test_build_from_a_source_build_with_a_comparison(tmp_path, write_recipe) -> None:
@@ -30,6 +31,7 @@ def test_build_from_a_source_build_with_a_comparison(tmp_path, write_recipe) -> 
     out = tmp_path / "out"
     report = build(recipe, out, console=Console(quiet=True)).report
 
+    validate_report(json.loads((out / "report.json").read_text()))  # the transfer table and its source included
     transfer = report["transfer"]
     assert [r["variant"] for r in transfer["rows"]] == ["pretrained/two_phase", "random/scratch"]
     assert transfer["source"]["kind"] == "build" and transfer["source"]["build"] == str(tmp_path / "source")

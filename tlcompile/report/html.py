@@ -16,14 +16,12 @@ import re
 from typing import Any
 
 from tlcompile.errors import missing_dependency
-from tlcompile.report.render import (
-    GUARD_FAILED,
-    GUARD_MET,
+from tlcompile.report.format import GUARD_FAILED, GUARD_MET, guard_cell
+from tlcompile.report.sections import (
     ReportSection,
     ReportTable,
     Verdict,
     fake_quant,
-    guard_cell,
     pareto_rows,
     report_sections,
     verdict,
