@@ -201,7 +201,7 @@ def models(
     num_classes: Annotated[int, typer.Option(help="Classes of the head.", min=1)] = 2,
 ) -> None:
     """List the registered models with parameters and MACs (cached after the first run)."""
-    from tlcompile.report.terminal import FitTable
+    from tlcompile.runtime.terminal import FitTable
 
     console = _console()
     if blocks:

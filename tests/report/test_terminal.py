@@ -12,8 +12,8 @@ import pytest
 from rich.console import Console
 
 from tlcompile.report.render import artifact_table
-from tlcompile.report.terminal import fit_table
 from tlcompile.runtime.bench import bench_table, mark_pareto
+from tlcompile.runtime.terminal import fit_table
 
 
 def _render(renderable, width: int) -> str:

@@ -22,7 +22,7 @@ TERMINAL_COLUMNS = ("artifact", "runtime", "exec", "p50 ms", "p90 ms", "AUC", "s
 
 def artifact_table(report: dict[str, Any]):
     """The build's closing table (terminal): never truncated; a narrow terminal gets one block per row."""
-    from tlcompile.report.terminal import FitTable
+    from tlcompile.runtime.terminal import FitTable
 
     op = report.get("operating_point", {})
     keep = [ROW_COLUMNS.index(c) for c in TERMINAL_COLUMNS]

@@ -401,9 +401,9 @@ def merge_results(paths: list[Path]) -> list[dict[str, Any]]:
 
 def bench_table(rows: list[dict[str, Any]], *, title: str):
     """Terminal table of bench rows: what ran, latency, throughput, memory, accuracy, Pareto and budget. Never truncates
-    (:class:`tlcompile.report.terminal.FitTable`): all-empty columns are dropped, and a narrow terminal gets one block
+    (:class:`tlcompile.runtime.terminal.FitTable`): all-empty columns are dropped, and a narrow terminal gets one block
     per row. The words are the report's: artifact, runtime, Pareto ``front``."""
-    from tlcompile.report.terminal import FitTable
+    from tlcompile.runtime.terminal import FitTable
 
     def num(v: Any, fmt: str) -> str:
         return "-" if v is None or (isinstance(v, float) and v != v) else format(v, fmt)
