@@ -22,8 +22,13 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
+# ruff (style, line length 120, unused imports and variables), ruff format, the import contracts in pyproject.toml
+# (lint-imports: the clinic-box half never imports the build half or torch; no cycles), and vulture (unused code).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/vulture
 
 clean:
 	rm -rf runs .pytest_cache
