@@ -162,14 +162,14 @@ def run_phases(
             if on_epoch:
                 on_epoch(record)
 
-        result, best_state = loop.fit(
-            model, (x_tr, y_tr), data.subset("val"), data.spec,
+        settings = loop.FitSettings(
             epochs=phase.epochs, batch_size=train.batch_size, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-            seed=seed, device=device, augment_batches=train.augment, set_train_mode=set_train_mode,
-            on_epoch=labelled, on_step=on_step, start_epoch=epoch, result=result, best_state=best_state,
-            sample_weights=data.sample_weights("train"), checkpoint=checkpoint, amp=train.amp, channels_last=train.channels_last,
-            precise_bn=train.precise_bn,
+            seed=seed, device=device, augment_batches=train.augment, set_train_mode=set_train_mode, start_epoch=epoch,
+            amp=train.amp, channels_last=train.channels_last, sample_weights=data.sample_weights("train"),
+            precise_bn=train.precise_bn, checkpoint=checkpoint,
         )
+        result, best_state = loop.fit(model, (x_tr, y_tr), data.subset("val"), data.spec, settings,
+                                      loop.FitCallbacks(on_epoch=labelled, on_step=on_step), previous=(result, best_state))
         epoch += phase.epochs
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is not None and saved["epoch"] == epoch:
