@@ -154,14 +154,15 @@ def finetune(
             progress.update(task, info=f"epoch {rec['epoch']} loss {rec['loss']:.3f} val AUC {rec['val_auc']:.3f}"
                             + ("" if check["met"] else " (guard not met)"))
 
-        result, _ = loop.fit(
-            model, (x_tr, y_tr), data.subset("val"), data.spec, epochs=epochs, batch_size=tc.batch_size,
-            optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, seed=r.seed, device=ctx.device,
-            augment_batches=tc.augment, on_epoch=on_epoch, on_step=lambda _loss: progress.advance(task),
-            start_epoch=start_epoch, set_train_mode=_train_with_frozen_bn_stats if freeze_bn_stats else None,
+        settings = loop.FitSettings(
+            epochs=epochs, batch_size=tc.batch_size, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+            seed=r.seed, device=ctx.device, augment_batches=tc.augment, start_epoch=start_epoch,
+            set_train_mode=_train_with_frozen_bn_stats if freeze_bn_stats else None,
             # data.balance as in training; fp32 arithmetic (no train.amp): fake-quantizers and masks want full precision.
             sample_weights=data.sample_weights("train"),
         )
+        result, _ = loop.fit(model, (x_tr, y_tr), data.subset("val"), data.spec, settings,
+                             loop.FitCallbacks(on_epoch=on_epoch, on_step=lambda _loss: progress.advance(task)))
     model.load_state_dict(kept["state"])
     model.eval()
     return {"history": result.history, "best_epoch": kept["epoch"], "check": kept["check"]}
