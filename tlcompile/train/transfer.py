@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tlcompile.errors import ModelError, TrainError
+from tlcompile.evaluate.metrics import round_finite
 from tlcompile.models import freeze, get_model, mean_var_init_, reinit_, set_train_mode, unfreeze
 from tlcompile.models.pretrained import SourceWeights, apply_source_weights, load_weight_source
 from tlcompile.models.registry import TlModel
@@ -263,11 +264,7 @@ def train_variant(
     x_test, y_test = data.subset("test")
     test_auc = loop.validation_auc(loop.predict(model, x_test, data.spec, device=device), y_test)
     return VariantRun(variant=variant, seed=seed, model=model, result=result, phases=phase_records, init_record=init_record,
-                      val_auc=_round(result.best_val_auc), test_auc=_round(test_auc))
-
-
-def _round(x: float) -> float | None:
-    return round(float(x), 4) if _finite(x) else None
+                      val_auc=round_finite(result.best_val_auc, digits=4), test_auc=round_finite(test_auc, digits=4))
 
 
 def needs_source(recipe: Recipe) -> bool:
