@@ -1,7 +1,7 @@
 """Supervised training: small plain functions (idea: torchvision references/classification/train.py).
 
-Data lives in memory as preprocessed uint8 (N, S, S, 3) arrays; batches are normalised here with the same
-mean/std as :func:`tlcompile.runtime.preprocess.to_input`, so training sees what the runtime will feed.
+Data lives in memory as preprocessed uint8 (N, S, S, 3) arrays; :func:`iterate_batches` normalises batches with the
+same mean/std as :func:`tlcompile.runtime.preprocess.to_input`, so training sees what the runtime will feed.
 """
 
 from __future__ import annotations
@@ -30,14 +30,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainError("train.device is 'cuda' but no CUDA device is available here; valid: cpu, auto")
     return torch.device(name)
-
-
-def normalise(batch_uint8: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W); same arithmetic as runtime.preprocess.to_input."""
-    x = batch_uint8.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
