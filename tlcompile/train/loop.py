@@ -83,9 +83,8 @@ def precise_batchnorm(
     weights; the model is left in eval mode. Returns how many layers were re-estimated.
 
     The momentum average that training keeps mixes statistics of weights from many steps ago; on small data sets it
-    can be far from what the final weights produce (the quickstart's MobileNetV3: val AUC 0.964 with the training
-    statistics, 0.997 after this). Layers that training leaves alone (frozen blocks, BN frozen for fine-tuning) are
-    not touched.
+    can be far from what the final weights produce (the README gives the quickstart's AUC with and without this).
+    Layers that training leaves alone (frozen blocks, BN frozen for fine-tuning) are not touched.
     """
     (set_train_mode or nn.Module.train)(model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
