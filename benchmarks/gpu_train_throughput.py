@@ -56,9 +56,10 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    loop.fit(model, (x, y), val, spec, epochs=args.epochs, batch_size=args.batch, optimizer=optimizer, scheduler=scheduler,
-             loss_fn=torch.nn.CrossEntropyLoss(), seed=0, device=device, on_epoch=on_epoch, amp=args.amp,
-             channels_last=args.channels_last)
+    settings = loop.FitSettings(epochs=args.epochs, batch_size=args.batch, optimizer=optimizer, scheduler=scheduler,
+                                loss_fn=torch.nn.CrossEntropyLoss(), seed=0, device=device, amp=args.amp,
+                                channels_last=args.channels_last)
+    loop.fit(model, (x, y), val, spec, settings, loop.FitCallbacks(on_epoch=on_epoch))
     wall = time.perf_counter() - t0
     steady = seconds[1:] or seconds
     rate = args.images / float(np.median(steady))

@@ -9,7 +9,6 @@ and the others go on. The merged report has every artifact row of every variant 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import time
@@ -154,7 +153,3 @@ def render_sweep_markdown(report: dict[str, Any]) -> str:
             f"{num((r.get('size_bytes') or 0) / 1e6, '.2f')} | {'*' if r.get('pareto') else ''} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def load_sweep(path: Path) -> dict[str, Any]:
-    return json.loads((path / "sweep.json").read_text())

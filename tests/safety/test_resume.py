@@ -41,9 +41,10 @@ def _fit(tmp_path, *, kill_after: int | None = None, checkpoint: bool = True):
             raise _Killed
 
     ckpt = loop.EpochCheckpoint(tmp_path / "epoch.pt", tag="t") if checkpoint else None
-    result, best = loop.fit(model, (x, y), (x[:16], y[:16]), PreprocessSpec(size=32), epochs=3, batch_size=16, optimizer=opt,
-                            scheduler=sched, loss_fn=torch.nn.CrossEntropyLoss(), seed=0, device=torch.device("cpu"),
-                            on_epoch=on_epoch, checkpoint=ckpt)
+    settings = loop.FitSettings(epochs=3, batch_size=16, optimizer=opt, scheduler=sched, loss_fn=torch.nn.CrossEntropyLoss(),
+                                seed=0, device=torch.device("cpu"), checkpoint=ckpt)
+    result, best = loop.fit(model, (x, y), (x[:16], y[:16]), PreprocessSpec(size=32), settings,
+                            loop.FitCallbacks(on_epoch=on_epoch))
     return model, result, best
 
 

@@ -232,10 +232,10 @@ def test_without_a_transfer_section_training_is_plain_scratch_training(tiny_data
     optimizer = loop.make_optimizer(model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay, momentum=tc.momentum)
     x_tr, y_tr = tiny_data.subset("train")
     scheduler = loop.make_scheduler(optimizer, tc, tc.epochs, -(-len(x_tr) // tc.batch_size))
-    result, best_state = loop.fit(model, (x_tr, y_tr), tiny_data.subset("val"), tiny_data.spec, epochs=tc.epochs,
-                                  batch_size=tc.batch_size, optimizer=optimizer, scheduler=scheduler,
-                                  loss_fn=nn.CrossEntropyLoss(), seed=0, device=CPU, augment_batches=tc.augment,
-                                  precise_bn=tc.precise_bn)
+    settings = loop.FitSettings(epochs=tc.epochs, batch_size=tc.batch_size, optimizer=optimizer, scheduler=scheduler,
+                                loss_fn=nn.CrossEntropyLoss(), seed=0, device=CPU, augment_batches=tc.augment,
+                                precise_bn=tc.precise_bn)
+    result, best_state = loop.fit(model, (x_tr, y_tr), tiny_data.subset("val"), tiny_data.spec, settings)
     assert [r["loss"] for r in outcome.training["history"]] == [r["loss"] for r in result.history]
     assert _same(outcome.model.state_dict(), best_state)
 

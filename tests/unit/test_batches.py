@@ -44,6 +44,7 @@ def test_65_training_images_at_batch_32_train_a_model_with_1x1_batchnorm():
     model = get_model("mobilenet_v3_small", num_classes=2)
     opt = loop.make_optimizer(model.parameters(), name="adamw", lr=1e-3)
     sched = loop.make_scheduler(opt, TrainConfig(), 1, loop.steps_per_epoch(65, 32))
-    result, _ = loop.fit(model, (x, y), (x[:16], y[:16]), PreprocessSpec(size=32), epochs=1, batch_size=32, optimizer=opt,
-                         scheduler=sched, loss_fn=torch.nn.CrossEntropyLoss(), seed=0, device=torch.device("cpu"))
+    settings = loop.FitSettings(epochs=1, batch_size=32, optimizer=opt, scheduler=sched, loss_fn=torch.nn.CrossEntropyLoss(),
+                                seed=0, device=torch.device("cpu"))
+    result, _ = loop.fit(model, (x, y), (x[:16], y[:16]), PreprocessSpec(size=32), settings)
     assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])

@@ -10,10 +10,12 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 from tlcompile.evaluate.metrics import (
     binary_metrics,
     classification_metrics,
+    logsumexp,
     operating_point,
     referable_score,
     roc_auc,
     roc_curve,
+    round_finite,
 )
 
 
@@ -63,3 +65,15 @@ def test_grade_logits_give_referable_score():
     assert referable_score(logits) == pytest.approx([0.3, 0.8])
     m = classification_metrics(logits, np.array([0, 3]), threshold=0.5)
     assert m["auc"] == 1.0 and m["sensitivity"] == 1.0 and m["accuracy"] == 1.0
+
+
+def test_round_finite_rounds_finite_values_and_maps_the_rest_to_none() -> None:
+    assert round_finite(0.123456789) == 0.123457
+    assert round_finite(np.float32(0.5), digits=4) == 0.5 and type(round_finite(np.float64(0.25))) is float
+    assert round_finite(0.123456789, digits=None) == 0.123456789
+    assert [round_finite(x) for x in (None, float("nan"), float("inf"), -np.inf)] == [None] * 4
+
+
+def test_logsumexp_is_stable_for_large_logits() -> None:
+    z = np.array([[1000.0, 1000.0], [0.0, np.log(3.0)]])
+    np.testing.assert_allclose(logsumexp(z), [1000.0 + np.log(2.0), np.log(4.0)])

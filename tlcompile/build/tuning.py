@@ -24,6 +24,7 @@ from tlcompile.build.context import BuildContext, progress
 from tlcompile.compress import guard
 from tlcompile.compress.distill import distillation
 from tlcompile.compress.realign import shift_referable_bias
+from tlcompile.evaluate.metrics import round_finite
 from tlcompile.train import loop
 
 Judge = Callable[[torch.nn.Module], dict[str, Any]]
@@ -69,7 +70,7 @@ def f3(x: float | None) -> str:
 
 
 def rounded(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (round(v, 6) if math.isfinite(v) else None) for k, v in metrics.items()}
+    return {k: round_finite(v) for k, v in metrics.items()}
 
 
 def finetune(
@@ -122,14 +123,15 @@ def finetune(
             bar.update(task, info=f"epoch {rec['epoch']} loss {rec['loss']:.3f} val AUC {rec['val_auc']:.3f}"
                             + ("" if check["met"] else " (guard not met)"))
 
-        result, _ = loop.fit(
-            model, (x_tr, y_tr), data.subset("val"), data.spec, epochs=epochs, batch_size=tc.batch_size,
-            optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, seed=r.seed, device=ctx.device,
-            augment_batches=tc.augment, on_epoch=on_epoch, on_step=lambda _loss: bar.advance(task),
-            start_epoch=start_epoch, set_train_mode=_train_with_frozen_bn_stats if freeze_bn_stats else None,
+        settings = loop.FitSettings(
+            epochs=epochs, batch_size=tc.batch_size, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+            seed=r.seed, device=ctx.device, augment_batches=tc.augment, start_epoch=start_epoch,
+            set_train_mode=_train_with_frozen_bn_stats if freeze_bn_stats else None,
             # data.balance as in training; fp32 arithmetic (no train.amp): fake-quantizers and masks want full precision.
             sample_weights=data.sample_weights("train"),
         )
+        result, _ = loop.fit(model, (x_tr, y_tr), data.subset("val"), data.spec, settings,
+                             loop.FitCallbacks(on_epoch=on_epoch, on_step=lambda _loss: bar.advance(task)))
     model.load_state_dict(kept["state"])
     model.eval()
     return {"history": result.history, "best_epoch": kept["epoch"], "check": kept["check"]}

@@ -19,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from tlcompile.evaluate.metrics import binary_metrics, referable_classes, referable_score, referable_truth, roc_auc
+from tlcompile.evaluate.metrics import (
+    binary_metrics,
+    logsumexp,
+    referable_classes,
+    referable_score,
+    referable_truth,
+    roc_auc,
+    round_finite,
+)
 
 GUARD_METRICS = ("auc", "sensitivity", "specificity", "accuracy")
 
@@ -90,7 +98,8 @@ def check(candidate: dict[str, float], reference: dict[str, float], *, against: 
     for metric in GUARD_METRICS:
         ref, value, limit = reference[metric], candidate[metric], limits.get(metric)
         drop = ref - value
-        item: dict[str, Any] = {"reference": _r(ref), "value": _r(value), "drop": _r(drop), "max_drop": limit}
+        item: dict[str, Any] = {"reference": round_finite(ref), "value": round_finite(value), "drop": round_finite(drop),
+                                "max_drop": limit}
         if limit is not None:
             item["met"] = bool(math.isfinite(drop) and drop <= limit + 1e-12)
             met = met and item["met"]
@@ -126,10 +135,6 @@ def describe(result: dict[str, Any]) -> str:
     return text
 
 
-def _r(x: float) -> float | None:
-    return round(float(x), 6) if math.isfinite(x) else None
-
-
 def summarize(checks: list[dict[str, Any]], actions: list[str]) -> dict[str, Any]:
     """The guard record of an artifact: met when every check is met."""
     return {"met": all(c["met"] for c in checks), "checks": checks, "actions": actions}
@@ -139,12 +144,7 @@ def referable_log_odds(logits: np.ndarray, temperature: float = 1.0) -> np.ndarr
     """log(p / (1 - p)) of P(referable) = softmax(logits / T) summed over the referable classes (exact for 2 or 5 classes)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     ref = referable_classes(z.shape[1])
-    return _logsumexp(z[:, ref]) - _logsumexp(z[:, : ref.start])
-
-
-def _logsumexp(z: np.ndarray) -> np.ndarray:
-    top = z.max(axis=1)
-    return top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+    return logsumexp(z[:, ref]) - logsumexp(z[:, : ref.start])
 
 
 def realignment_shift(logits: np.ndarray, targets: np.ndarray, reference: dict[str, float], *, threshold: float,

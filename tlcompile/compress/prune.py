@@ -84,10 +84,7 @@ def apply_channel_plan(model: nn.Module, plan: dict[str, Any], *, source: str = 
                 module.bias = _resized(module.bias, (module.out_features,))
         elif kind == "norm" and isinstance(module, _BatchNorm):
             module.num_features = n = spec["num_features"]
-            for attr in ("weight", "bias"):
-                if getattr(module, attr) is not None:
-                    setattr(module, attr, _resized(getattr(module, attr), (n,)))
-            for attr in ("running_mean", "running_var"):
+            for attr in ("weight", "bias", "running_mean", "running_var"):
                 if getattr(module, attr) is not None:
                     setattr(module, attr, _resized(getattr(module, attr), (n,)))
         else:

@@ -126,9 +126,9 @@ def quantize_ptq(
 
     ``overflow_fix='enable'`` (NNCF's OverflowFix for every layer) keeps each weight within 7 bits ([-64, 63]): on a CPU
     without VNNI the runtimes' int8 kernels add pairs of u8 x s8 products in int16 (AVX2's VPMADDUBSW) and
-    255 x 127 x 2 saturates there, 255 x 64 x 2 does not. Measured on the quickstart under an emulated AVX2 CPU
-    (tlcompile.runtime.isa_emulation): max |Δlogit| against the fake-quantized model 0.77 (ONNX Runtime) and 0.91
-    (OpenVINO) with NNCF's default (first layer only), against 0.11 on AMX.
+    255 x 127 x 2 saturates there, 255 x 64 x 2 does not. With NNCF's default (first layer only) the int8 files of
+    the quickstart drifted far from the fake-quantized model under an emulated AVX2 CPU
+    (tlcompile.runtime.isa_emulation), unlike on AMX; the README's int8 section has the figures.
     """
     nncf = import_nncf()
     from nncf.quantization.advanced_parameters import (

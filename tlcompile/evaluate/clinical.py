@@ -27,11 +27,13 @@ import numpy as np
 
 from tlcompile.evaluate.metrics import (
     binary_metrics,
+    logsumexp,
     operating_point,
     referable_score,
     referable_truth,
     roc_auc,
     roc_curve,
+    round_finite,
 )
 
 CI_LEVEL = 0.95
@@ -197,11 +199,6 @@ def calibration_summary(truth: np.ndarray, prob: np.ndarray, bins: int = 10) -> 
     return {"ece": expected_calibration_error(truth, prob, bins), "brier": brier_score(truth, prob), "bins": reliability_bins(truth, prob, bins)}
 
 
-def _logsumexp(z: np.ndarray) -> np.ndarray:
-    peak = z.max(axis=1, keepdims=True)
-    return (peak + np.log(np.exp(z - peak).sum(axis=1, keepdims=True)))[:, 0]
-
-
 def referable_nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the referable-DR truth under P(referable) from softmax(logits / temperature).
 
@@ -211,9 +208,9 @@ def referable_nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 
     z = np.asarray(logits, dtype=np.float64) / temperature
     first_referable = 1 if z.shape[1] == 2 else 2
     truth = referable_truth(targets, z.shape[1]).astype(bool)
-    total = _logsumexp(z)
-    log_referable = _logsumexp(z[:, first_referable:]) - total
-    log_non_referable = _logsumexp(z[:, :first_referable]) - total
+    total = logsumexp(z)
+    log_referable = logsumexp(z[:, first_referable:]) - total
+    log_non_referable = logsumexp(z[:, :first_referable]) - total
     return float(-np.where(truth, log_referable, log_non_referable).mean())
 
 
@@ -278,9 +275,9 @@ def lock_operating_point(
         "val": {
             "n": int(truth.size),
             "referable": int(truth.sum()),
-            "auc": _finite_or_none(roc_auc(truth, score)),
-            "sensitivity": _finite_or_none(at_threshold["sensitivity"]),
-            "specificity": _finite_or_none(at_threshold["specificity"]),
+            "auc": round_finite(roc_auc(truth, score), digits=None),
+            "sensitivity": round_finite(at_threshold["sensitivity"], digits=None),
+            "specificity": round_finite(at_threshold["specificity"], digits=None),
             "nll_before": referable_nll(val_logits, val_targets, 1.0),
             "nll_after": referable_nll(val_logits, val_targets, temperature),
         },
@@ -329,7 +326,7 @@ def clinical_evaluation(
         "referable": int(truth.sum()),
         "threshold": float(threshold),
         "temperature": float(temperature),
-        "auc": {"value": _finite_or_none(roc_auc(truth, score)), "ci": None},
+        "auc": {"value": round_finite(roc_auc(truth, score), digits=None), "ci": None},
         "sensitivity": proportion(tp, tp + fn),
         "specificity": proportion(tn, tn + fp),
         "ppv": proportion(tp, tp + fp),
@@ -345,7 +342,8 @@ def clinical_evaluation(
     if grading:
         predicted_grade = logits.argmax(axis=1)
         out["grading"] = {
-            "qwk": {"value": _finite_or_none(quadratic_weighted_kappa(targets, predicted_grade, num_classes)), "ci": None},
+            "qwk": {"value": round_finite(quadratic_weighted_kappa(targets, predicted_grade, num_classes), digits=None),
+                    "ci": None},
             "confusion": confusion_matrix(targets, predicted_grade, num_classes).tolist(),
             "accuracy": float((predicted_grade == targets).mean()) if targets.size else None,
         }
@@ -414,12 +412,8 @@ def judge_endpoints(clinical: dict[str, Any], endpoints: dict[str, float | None]
     return {"rule": rule, "checks": checks, "pass": all(c["pass"] for c in checks.values()) if checks else None}
 
 
-def _finite_or_none(x: Any) -> float | None:
-    return float(x) if x is not None and np.isfinite(x) else None
-
-
 def _difference(a: Any, b: Any) -> float | None:
-    a, b = _finite_or_none(a), _finite_or_none(b)
+    a, b = round_finite(a, digits=None), round_finite(b, digits=None)
     return None if a is None or b is None else a - b
 
 

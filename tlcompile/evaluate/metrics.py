@@ -6,6 +6,7 @@ grades >= 2, so both tasks give a referable-DR score and AUC means the same thin
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,23 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def logsumexp(z: np.ndarray) -> np.ndarray:
+    """log(sum(exp(z))) of each row of a 2-D array, shifted by the row maximum so large logits do not overflow."""
+    peak = z.max(axis=1, keepdims=True)
+    return (peak + np.log(np.exp(z - peak).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def round_finite(x: Any, digits: int | None = 6) -> float | None:
+    """``x`` as a float rounded to ``digits`` (``None``: not rounded), or None when ``x`` is None, NaN or infinite:
+    the form a metric takes in JSON records (a NaN AUC of a one-class split becomes null)."""
+    if x is None:
+        return None
+    value = float(x)
+    if not math.isfinite(value):
+        return None
+    return value if digits is None else round(value, digits)
 
 
 def referable_classes(num_classes: int) -> slice:

@@ -1,7 +1,7 @@
 """Supervised training: small plain functions (idea: torchvision references/classification/train.py).
 
-Data lives in memory as preprocessed uint8 (N, S, S, 3) arrays; batches are normalised here with the same
-mean/std as :func:`tlcompile.runtime.preprocess.to_input`, so training sees what the runtime will feed.
+Data lives in memory as preprocessed uint8 (N, S, S, 3) arrays; :func:`iterate_batches` normalises batches with the
+same mean/std as :func:`tlcompile.runtime.preprocess.to_input`, so training sees what the runtime will feed.
 """
 
 from __future__ import annotations
@@ -30,14 +30,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainError("train.device is 'cuda' but no CUDA device is available here; valid: cpu, auto")
     return torch.device(name)
-
-
-def normalise(batch_uint8: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W); same arithmetic as runtime.preprocess.to_input."""
-    x = batch_uint8.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -91,9 +83,8 @@ def precise_batchnorm(
     weights; the model is left in eval mode. Returns how many layers were re-estimated.
 
     The momentum average that training keeps mixes statistics of weights from many steps ago; on small data sets it
-    can be far from what the final weights produce (the quickstart's MobileNetV3: val AUC 0.964 with the training
-    statistics, 0.997 after this). Layers that training leaves alone (frozen blocks, BN frozen for fine-tuning) are
-    not touched.
+    can be far from what the final weights produce (the README gives the quickstart's AUC with and without this).
+    Layers that training leaves alone (frozen blocks, BN frozen for fine-tuning) are not touched.
     """
     (set_train_mode or nn.Module.train)(model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
@@ -301,56 +292,78 @@ class EpochCheckpoint:
         save_state(self.path, {**state, "tag": self.tag})
 
 
+@dataclass(frozen=True)
+class FitSettings:
+    """How :func:`fit` trains: what one call of it runs (a phase of a run), all but the model, data and callbacks.
+
+    ``start_epoch``: the epoch number this call begins at (0-based; later phases of one run continue the count).
+    ``set_train_mode``: puts the model in training mode (default ``nn.Module.train``; e.g. keep BatchNorm frozen).
+    ``amp``: 'bf16' or 'fp16' autocast, or 'none'. ``sample_weights`` (data.balance: weighted_sampler): each epoch
+    draws its indices with replacement by these weights instead of a permutation. ``precise_bn`` > 0: after each
+    epoch, before validation, the BatchNorm statistics of the layers training updates are re-estimated exactly on
+    that many un-augmented training images (:func:`precise_batchnorm`). ``checkpoint``: save the state after every
+    epoch and continue from it (see :func:`fit`).
+    """
+
+    epochs: int
+    batch_size: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    seed: int
+    device: torch.device
+    augment_batches: bool = True
+    set_train_mode: Callable[[nn.Module], None] | None = None
+    start_epoch: int = 0
+    amp: str = "none"
+    channels_last: bool = False
+    sample_weights: np.ndarray | None = None
+    precise_bn: int = 0
+    checkpoint: EpochCheckpoint | None = None
+
+
+@dataclass(frozen=True)
+class FitCallbacks:
+    """What :func:`fit` calls while it trains: ``on_epoch`` with each epoch's record (epoch, loss, val_auc, lr,
+    seconds; it may add keys, they land in the history), ``on_step`` with each step's loss."""
+
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+    on_step: Callable[[float], None] | None = None
+
+
 def fit(
     model: nn.Module,
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
     spec: PreprocessSpec,
+    settings: FitSettings,
+    callbacks: FitCallbacks | None = None,
     *,
-    epochs: int,
-    batch_size: int,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    seed: int,
-    device: torch.device,
-    augment_batches: bool = True,
-    set_train_mode: Callable[[nn.Module], None] | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    on_step: Callable[[float], None] | None = None,
-    start_epoch: int = 0,
-    result: FitResult | None = None,
-    best_state: dict[str, torch.Tensor] | None = None,
-    checkpoint: EpochCheckpoint | None = None,
-    amp: str = "none",
-    channels_last: bool = False,
-    sample_weights: np.ndarray | None = None,
-    precise_bn: int = 0,
+    previous: tuple[FitResult, dict[str, torch.Tensor] | None] | None = None,
 ) -> tuple[FitResult, dict[str, torch.Tensor]]:
-    """Train epochs ``start_epoch .. start_epoch + epochs - 1``, evaluating val AUC after each; returns the history
-    and the best state_dict. Several calls may continue one run (phases), passing ``result`` and ``best_state`` on.
+    """Train epochs ``start_epoch .. start_epoch + epochs - 1`` (``settings``), evaluating val AUC after each;
+    returns the history and the best state_dict. Several calls may continue one run (phases), passing the
+    ``previous`` call's (result, best state) on.
 
-    ``on_epoch`` receives each epoch's record (epoch, loss, val_auc, lr, seconds) for progress bars.
     Shuffling and augmentation draw from generators seeded by (seed, epoch), so a resumed run replays exactly.
-    With ``checkpoint``, the state is saved after every epoch and, when a saved state is further along than
-    ``start_epoch``, training continues from it (a phase that had already finished is skipped).
-    ``precise_bn`` > 0: after each epoch, before validation, the BatchNorm statistics of the layers training updates
-    are re-estimated exactly on that many un-augmented training images (:func:`precise_batchnorm`).
+    With ``settings.checkpoint``, the state is saved after every epoch and, when a saved state is further along
+    than ``start_epoch``, training continues from it (a phase that had already finished is skipped).
     Under torchrun (an initialised process group) the model is wrapped in DistributedDataParallel, each rank
     trains on its shard with ``batch_size / world`` images per step, and only rank 0 writes the checkpoint.
     """
-    result = result or FitResult()
-    first_epoch = start_epoch
-    saved = checkpoint.load() if checkpoint else None
-    if saved is not None and saved["epoch"] > start_epoch:
+    s, cb = settings, callbacks or FitCallbacks()
+    result, best_state = previous or (FitResult(), None)
+    first_epoch = s.start_epoch
+    saved = s.checkpoint.load() if s.checkpoint else None
+    if saved is not None and saved["epoch"] > s.start_epoch:
         result = FitResult(**saved["result"])
         best_state = saved["best_state"]
-        if saved["epoch"] >= start_epoch + epochs:
+        if saved["epoch"] >= s.start_epoch + s.epochs:
             return result, best_state
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
+        s.optimizer.load_state_dict(saved["optimizer"])
+        if s.scheduler is not None:
+            s.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
         first_epoch = saved["epoch"]
     else:
@@ -359,39 +372,40 @@ def fit(
     x_tr, y_tr = train
     x_val, y_val = val
     rank, world = distributed_context()
-    if channels_last:
+    if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_model: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         # Wrapped per call: phases change which parameters train, and DDP fixes its set at construction.
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        train_model = DistributedDataParallel(model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(s.device.type) if s.amp == "fp16" else None
     if scaler is not None and saved is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
     # The same images on every rank and every epoch: the statistics agree without communication.
-    bn_images = x_tr[precise_bn_indices(precise_bn, len(x_tr), seed)] if precise_bn else None
-    for epoch in range(first_epoch, start_epoch + epochs):
+    bn_images = x_tr[precise_bn_indices(s.precise_bn, len(x_tr), s.seed)] if s.precise_bn else None
+    for epoch in range(first_epoch, s.start_epoch + s.epochs):
         e0 = time.perf_counter()
-        rng = np.random.default_rng([seed, epoch])
+        rng = np.random.default_rng([s.seed, epoch])
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         batches = iterate_batches(
-            x_tr, y_tr, spec, batch_size=max(1, batch_size // world), device=device, shuffle=True, rng=rng, generator=gen,
-            augment_batches=augment_batches, shard=(rank, world), channels_last=channels_last, sample_weights=sample_weights,
+            x_tr, y_tr, spec, batch_size=max(1, s.batch_size // world), device=s.device, shuffle=True, rng=rng,
+            generator=gen, augment_batches=s.augment_batches, shard=(rank, world), channels_last=s.channels_last,
+            sample_weights=s.sample_weights,
         )
-        loss = train_one_epoch(train_model, batches, optimizer, scheduler, loss_fn, set_train_mode=set_train_mode, on_step=on_step,
-                               amp=amp, scaler=scaler)
+        loss = train_one_epoch(train_model, batches, s.optimizer, s.scheduler, s.loss_fn,
+                               set_train_mode=s.set_train_mode, on_step=cb.on_step, amp=s.amp, scaler=scaler)
         if bn_images is not None:
-            precise_batchnorm(model, bn_images, spec, device=device, batch_size=batch_size, set_train_mode=set_train_mode,
-                              channels_last=channels_last)
-        val_logits = predict(model, x_val, spec, device=device)
+            precise_batchnorm(model, bn_images, spec, device=s.device, batch_size=s.batch_size,
+                              set_train_mode=s.set_train_mode, channels_last=s.channels_last)
+        val_logits = predict(model, x_val, spec, device=s.device)
         auc = validation_auc(val_logits, y_val)
         record = {
             "epoch": epoch + 1,
             "loss": round(loss, 6),
             "val_auc": round(auc, 6),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": s.optimizer.param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - e0, 3),
         }
         if world > 1:
@@ -401,14 +415,14 @@ def fit(
         if best_state is None or (not math.isnan(auc) and (math.isnan(result.best_val_auc) or auc > result.best_val_auc)):
             result.best_val_auc, result.best_epoch = auc, epoch + 1
             best_state = copy.deepcopy(model.state_dict())
-        if on_epoch:
-            on_epoch(record)
-        if checkpoint and rank == 0:
-            checkpoint.save({
+        if cb.on_epoch:
+            cb.on_epoch(record)
+        if s.checkpoint and rank == 0:
+            s.checkpoint.save({
                 "epoch": epoch + 1,
                 "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                "optimizer": s.optimizer.state_dict(),
+                "scheduler": s.scheduler.state_dict() if s.scheduler is not None else {},
                 "best_state": best_state,
                 "result": {**vars(result), "wall_s": result.wall_s + time.perf_counter() - t0},
                 "torch_rng": torch.get_rng_state(),

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tlcompile.errors import ModelError, TrainError
+from tlcompile.evaluate.metrics import round_finite
 from tlcompile.models import freeze, get_model, mean_var_init_, reinit_, set_train_mode, unfreeze
 from tlcompile.models.pretrained import SourceWeights, apply_source_weights, load_weight_source
 from tlcompile.models.registry import TlModel
@@ -162,14 +163,14 @@ def run_phases(
             if on_epoch:
                 on_epoch(record)
 
-        result, best_state = loop.fit(
-            model, (x_tr, y_tr), data.subset("val"), data.spec,
+        settings = loop.FitSettings(
             epochs=phase.epochs, batch_size=train.batch_size, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-            seed=seed, device=device, augment_batches=train.augment, set_train_mode=set_train_mode,
-            on_epoch=labelled, on_step=on_step, start_epoch=epoch, result=result, best_state=best_state,
-            sample_weights=data.sample_weights("train"), checkpoint=checkpoint, amp=train.amp, channels_last=train.channels_last,
-            precise_bn=train.precise_bn,
+            seed=seed, device=device, augment_batches=train.augment, set_train_mode=set_train_mode, start_epoch=epoch,
+            amp=train.amp, channels_last=train.channels_last, sample_weights=data.sample_weights("train"),
+            precise_bn=train.precise_bn, checkpoint=checkpoint,
         )
+        result, best_state = loop.fit(model, (x_tr, y_tr), data.subset("val"), data.spec, settings,
+                                      loop.FitCallbacks(on_epoch=labelled, on_step=on_step), previous=(result, best_state))
         epoch += phase.epochs
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is not None and saved["epoch"] == epoch:
@@ -263,11 +264,7 @@ def train_variant(
     x_test, y_test = data.subset("test")
     test_auc = loop.validation_auc(loop.predict(model, x_test, data.spec, device=device), y_test)
     return VariantRun(variant=variant, seed=seed, model=model, result=result, phases=phase_records, init_record=init_record,
-                      val_auc=_round(result.best_val_auc), test_auc=_round(test_auc))
-
-
-def _round(x: float) -> float | None:
-    return round(float(x), 4) if _finite(x) else None
+                      val_auc=round_finite(result.best_val_auc, digits=4), test_auc=round_finite(test_auc, digits=4))
 
 
 def needs_source(recipe: Recipe) -> bool:
