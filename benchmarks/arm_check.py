@@ -93,7 +93,10 @@ def cmd_cpuinfo(args: argparse.Namespace) -> int:
     root = Path(args.root)
     features = hwcap_features()
     if platform.machine() != "aarch64" or not features:
-        print(f"cpuinfo: run this under qemu-aarch64 (machine {platform.machine()}, hwcaps {features or 'none'})", file=sys.stderr)
+        print(
+            f"cpuinfo: run this under qemu-aarch64 (machine {platform.machine()}, hwcaps {features or 'none'})",
+            file=sys.stderr,
+        )
         return 2
     midr = QEMU_MIDR.get(args.cpu, QEMU_MIDR["max"])
     (root / "proc").mkdir(parents=True, exist_ok=True)
@@ -130,8 +133,15 @@ def cmd_apt_sources(args: argparse.Namespace) -> int:
                     k, _, v = o.partition("=")
                     opts[k] = v
                 parts = [parts[0], *parts[end + 1 :]]
-            stanzas.append({"Types": "deb", "URIs": parts[1], "Suites": parts[2], "Components": " ".join(parts[3:]),
-                            "Signed-By": opts.get("signed-by", "")})
+            stanzas.append(
+                {
+                    "Types": "deb",
+                    "URIs": parts[1],
+                    "Suites": parts[2],
+                    "Components": " ".join(parts[3:]),
+                    "Signed-By": opts.get("signed-by", ""),
+                }
+            )
     for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
         for block in path.read_text().split("\n\n"):
             fields: dict[str, str] = {}
@@ -192,13 +202,26 @@ def bundle_candidates(meta: dict[str, Any]) -> list[dict[str, Any]]:
     listed = meta.get("candidates")
     if not isinstance(listed, list) or not listed:
         artifact = meta.get("artifact", {}).get("name", "?")
-        listed = [{"id": meta.get("candidate_id") or f"{artifact}@{meta['model']['runtime']}", "model": meta["model"], "golden": {}}]
+        listed = [
+            {
+                "id": meta.get("candidate_id") or f"{artifact}@{meta['model']['runtime']}",
+                "model": meta["model"],
+                "golden": {},
+            }
+        ]
     out = []
     for c in listed:
         golden = {**meta["golden"], **c.get("golden", {})}
-        out.append({"id": c["id"], "entry": c["model"]["entry"], "runtime": c["model"]["runtime"],
-                    "precision": c["model"].get("precision", "f32"), "tolerance": float(golden["tolerance"]["max_abs_logit"]),
-                    "expected": golden.get("expected", [])})
+        out.append(
+            {
+                "id": c["id"],
+                "entry": c["model"]["entry"],
+                "runtime": c["model"]["runtime"],
+                "precision": c["model"].get("precision", "f32"),
+                "tolerance": float(golden["tolerance"]["max_abs_logit"]),
+                "expected": golden.get("expected", []),
+            }
+        )
     return out
 
 
@@ -232,11 +255,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         inputs = work / "inputs" / f"bundle{n}.npy"
         np.save(inputs, x)
         cands = bundle_candidates(meta)
-        bundles.append({"index": n, "root": str(root), "name": meta.get("name", "?"), "format_version": meta.get("format_version"),
-                        "default_candidate": meta.get("default_candidate") or cands[0]["id"],
-                        "candidates": [{k: c[k] for k in ("id", "entry", "runtime", "precision", "tolerance")} for c in cands],
-                        "golden_images": [str(root / p) for p in meta["golden"]["images"]], "inputs": str(inputs),
-                        "input_shape": list(x.shape)})
+        bundles.append(
+            {
+                "index": n,
+                "root": str(root),
+                "name": meta.get("name", "?"),
+                "format_version": meta.get("format_version"),
+                "default_candidate": meta.get("default_candidate") or cands[0]["id"],
+                "candidates": [{k: c[k] for k in ("id", "entry", "runtime", "precision", "tolerance")} for c in cands],
+                "golden_images": [str(root / p) for p in meta["golden"]["images"]],
+                "inputs": str(inputs),
+                "input_shape": list(x.shape),
+            }
+        )
         candidates = [((root / c["entry"]).resolve(), f"bundle{n}:{c['entry']}", c) for c in cands]
         build = root.parent
         for export_dir in sorted(p for p in build.glob("[0-9][0-9]_export") if p.is_dir()):
@@ -246,23 +277,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
             digest = _sha256(path)
             if digest not in seen:
                 fmt = "onnx" if path.suffix == ".onnx" else "openvino"
-                seen[digest] = {"label": label, "also": [], "path": str(path), "format": fmt, "quantized": _quantized(path),
-                                "inputs": str(inputs), "bundle": n, "sha256": digest, "candidates": []}
+                seen[digest] = {
+                    "label": label,
+                    "also": [],
+                    "path": str(path),
+                    "format": fmt,
+                    "quantized": _quantized(path),
+                    "inputs": str(inputs),
+                    "bundle": n,
+                    "sha256": digest,
+                    "candidates": [],
+                }
                 models.append(seen[digest])
             elif label != seen[digest]["label"]:  # a bundle's model is a copy of an exported one: run it once
                 seen[digest]["also"].append(label)
             if cand is not None:
-                seen[digest]["candidates"].append({"id": f"bundle{n}:{cand['id']}", "runtime": cand["runtime"],
-                                                   "tolerance": cand["tolerance"]})
+                seen[digest]["candidates"].append(
+                    {"id": f"bundle{n}:{cand['id']}", "runtime": cand["runtime"], "tolerance": cand["tolerance"]}
+                )
     plan = {"work": str(work.resolve()), "bundles": bundles, "models": models}
     (work / "plan.json").write_text(json.dumps(plan, indent=2))
     for b in bundles:
-        print(f"  bundle{b['index']}: {b['root']}: {b['name']}, format {b['format_version']}, {len(b['golden_images'])} golden "
-              f"images; candidates {', '.join(c['id'] for c in b['candidates'])} (build's choice {b['default_candidate']})")
+        print(
+            f"  bundle{b['index']}: {b['root']}: {b['name']}, format {b['format_version']}, {len(b['golden_images'])} golden "
+            f"images; candidates {', '.join(c['id'] for c in b['candidates'])} (build's choice {b['default_candidate']})"
+        )
     print("  model files, each run on both machines with its bundle's golden inputs and their mirror images:")
     for m in models:
         names = " = ".join([m["label"], *m["also"]])
-        role = ", ".join(f"candidate {c['id']} (tolerance {c['tolerance']:g})" for c in m["candidates"]) or "not in a bundle"
+        role = (
+            ", ".join(f"candidate {c['id']} (tolerance {c['tolerance']:g})" for c in m["candidates"])
+            or "not in a bundle"
+        )
         print(f"  {names}: {m['format']}, {'quantized' if m['quantized'] else 'fp32'}; {role}")
     return 0
 
@@ -310,7 +356,9 @@ def _ov_probe(core: Any, path: str, x: Any, threads: int, hint: str | None) -> d
         "logits": np.concatenate(outs, axis=0).tolist(),
         "precision_hint": hint_value.to_string() if hasattr(hint_value, "to_string") else str(hint_value),
         "exec_precision": compute.most_common(1)[0][0] if compute else "?",
-        "ops": [[layer, prec, n, dict(prims[(layer, prec)].most_common())] for (layer, prec), n in sorted(counts.items())],
+        "ops": [
+            [layer, prec, n, dict(prims[(layer, prec)].most_common())] for (layer, prec), n in sorted(counts.items())
+        ],
         "lowered": lowered,
     }
 
@@ -350,7 +398,12 @@ def _ort_probe(path: str, x: Any, threads: int, work: Path) -> dict[str, Any]:
         nodes[ev["name"]] = (a.get("op_name", "?"), dtype, a.get("provider", "?"))
     counts = Counter((op, dtype) for op, dtype, _ in nodes.values())
     providers = Counter(p for _, _, p in nodes.values())
-    quantized_kernels = sum(n for (op, dtype), n in counts.items() if set(dtype.split("/")) & _ORT_QUANT_TYPES and op.startswith(("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantize")))
+    quantized_kernels = sum(
+        n
+        for (op, dtype), n in counts.items()
+        if set(dtype.split("/")) & _ORT_QUANT_TYPES
+        and op.startswith(("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantize"))
+    )
     return {
         "logits": logits.tolist(),
         "precision_hint": "-",
@@ -360,7 +413,11 @@ def _ort_probe(path: str, x: Any, threads: int, work: Path) -> dict[str, Any]:
 
 
 def _machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"machine": platform.machine(), "platform": platform.platform(), "python": sys.version.split()[0]}
+    info: dict[str, Any] = {
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
     try:
         from tlcompile.runtime.cpuinfo import cpu_info  # torch-free; what tlcompile itself reports about this box
 
@@ -408,7 +465,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 else:
                     row.update(_ort_probe(m["path"], x, args.threads, work))
             except Exception as err:  # noqa: BLE001 - a model that cannot run here is a result
-                row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+                row["error"] = (
+                    f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+                )
             out["results"].append(row)
             state = row.get("error") or f"ran in {row['exec_precision']} (precision hint {row['precision_hint']})"
             print(f"  {m['label']}: {runtime} {row['config']}: {state}", flush=True)
@@ -446,8 +505,10 @@ def cmd_predict_check(args: argparse.Namespace) -> int:
             max_dp = max(max_dp, abs(float(row["referable_dr_probability"]) - exp["referable_dr_probability"]))
     if not expected:
         problems.append(f"bundle.json has no golden expected decisions for {cid}")
-    line = (f"  predict ran {cid}: {len(got)} images; {len(expected) - len(problems)}/{len(expected)} decisions as the build's "
-            f"golden samples; max |ΔP(referable DR)| vs build {max_dp:.2e}")
+    line = (
+        f"  predict ran {cid}: {len(got)} images; {len(expected) - len(problems)}/{len(expected)} decisions as the build's "
+        f"golden samples; max |ΔP(referable DR)| vs build {max_dp:.2e}"
+    )
     if args.reference:
         ref_root = Path(args.reference_bundle) if args.reference_bundle else root
         ref_cid = chosen_candidate(resolve_bundle(ref_root), meta)
@@ -455,9 +516,18 @@ def cmd_predict_check(args: argparse.Namespace) -> int:
             line += f"; x86 predict ran {ref_cid} (pinned there), so the two are not compared image by image"
         else:
             ref = _read_csv(Path(args.reference))
-            common = [n for n in got if n in ref and got[n].get("referable_dr_probability") and ref[n].get("referable_dr_probability")]
-            dp = max((abs(float(got[n]["referable_dr_probability"]) - float(ref[n]["referable_dr_probability"])) for n in common),
-                     default=float("nan"))
+            common = [
+                n
+                for n in got
+                if n in ref and got[n].get("referable_dr_probability") and ref[n].get("referable_dr_probability")
+            ]
+            dp = max(
+                (
+                    abs(float(got[n]["referable_dr_probability"]) - float(ref[n]["referable_dr_probability"]))
+                    for n in common
+                ),
+                default=float("nan"),
+            )
             same = sum(got[n]["referral"] == ref[n]["referral"] for n in common)
             line += f"; vs x86 predict ({ref_cid}): {same}/{len(common)} same referral, max |ΔP| {dp:.2e}"
     print(line)
@@ -499,13 +569,18 @@ def _roles(model: dict[str, Any], runtime: str, config: str) -> list[dict[str, A
 def _file_tolerance(plan: dict[str, Any], model: dict[str, Any]) -> float:
     """For a row that is not a candidate: the golden tolerance its bundle gives candidates of the same kind (fp32 or
     quantized), else tlcompile's defaults."""
-    same_kind = [c["tolerance"] for m in plan["models"] if m.get("bundle") == model.get("bundle")
-                 and m.get("quantized") == model.get("quantized") for c in m.get("candidates", [])]
+    same_kind = [
+        c["tolerance"]
+        for m in plan["models"]
+        if m.get("bundle") == model.get("bundle") and m.get("quantized") == model.get("quantized")
+        for c in m.get("candidates", [])
+    ]
     return min(same_kind) if same_kind else INT8_TOLERANCE if model.get("quantized") else FP32_TOLERANCE
 
 
-def compare(plan: dict[str, Any], x86: dict[str, Any], arm: dict[str, Any], running: set[str],
-            strict: bool) -> tuple[list[list[str]], list[str], list[str]]:
+def compare(
+    plan: dict[str, Any], x86: dict[str, Any], arm: dict[str, Any], running: set[str], strict: bool
+) -> tuple[list[list[str]], list[str], list[str]]:
     """One row per model file and runtime configuration: ARM against x86 on the same inputs.
 
     Roles: 'runs' is the candidate predict runs on this ARM box (verify's pin): beyond its golden tolerance the check
@@ -548,9 +623,19 @@ def compare(plan: dict[str, Any], x86: dict[str, Any], arm: dict[str, Any], runn
         vs = "x86 f32 hint" if default_row else "x86, same"
         if default_row and same and "error" not in same and d is not None:
             vs += f" ({_max_abs(r['logits'], same['logits']):.1e} vs x86 {same['precision_hint']} hint)"
-        rows.append([r["model"], label, r.get("exec_precision", "-"), base.get("exec_precision", "-"),
-                     f"{d:.2e}" if d is not None else "ERROR", vs, f"{tol:g}",
-                     _top1(r["logits"], base["logits"]) if d is not None else "-", f"{role}: {verdict}"])
+        rows.append(
+            [
+                r["model"],
+                label,
+                r.get("exec_precision", "-"),
+                base.get("exec_precision", "-"),
+                f"{d:.2e}" if d is not None else "ERROR",
+                vs,
+                f"{tol:g}",
+                _top1(r["logits"], base["logits"]) if d is not None else "-",
+                f"{role}: {verdict}",
+            ]
+        )
     return rows, failures, warnings
 
 
@@ -578,12 +663,18 @@ def cmd_report(args: argparse.Namespace) -> int:
             ovc = m.get("openvino_cpu", {})
             tci = m.get("tlcompile_cpu_info", {})
             isa = ",".join(tci.get("isa", [])) if isinstance(tci, dict) else tci
-            print(f"  {who}: platform.machine() {m['machine']}; python {m['python']}; numpy {m['numpy_version']}, "
-                  f"onnxruntime {m['onnxruntime_version']}, openvino {m['openvino_version']}, Pillow {m['PIL_version']}")
-            print(f"       tlcompile cpu_info: machine {tci.get('machine') if isinstance(tci, dict) else '?'}, model "
-                  f"'{tci.get('model') if isinstance(tci, dict) else '?'}', isa [{isa}]")
-            print(f"       OpenVINO CPU: '{ovc.get('device_name', '?')}'; default INFERENCE_PRECISION_HINT "
-                  f"{ovc.get('default_inference_precision_hint', '?')}; capabilities {','.join(ovc.get('optimization_capabilities', []))}")
+            print(
+                f"  {who}: platform.machine() {m['machine']}; python {m['python']}; numpy {m['numpy_version']}, "
+                f"onnxruntime {m['onnxruntime_version']}, openvino {m['openvino_version']}, Pillow {m['PIL_version']}"
+            )
+            print(
+                f"       tlcompile cpu_info: machine {tci.get('machine') if isinstance(tci, dict) else '?'}, model "
+                f"'{tci.get('model') if isinstance(tci, dict) else '?'}', isa [{isa}]"
+            )
+            print(
+                f"       OpenVINO CPU: '{ovc.get('device_name', '?')}'; default INFERENCE_PRECISION_HINT "
+                f"{ovc.get('default_inference_precision_hint', '?')}; capabilities {','.join(ovc.get('optimization_capabilities', []))}"
+            )
             if m.get("hwcaps"):
                 print(f"       hwcaps (AT_HWCAP/AT_HWCAP2): {' '.join(m['hwcaps'])}")
         for e in arm.get("errors", []):
@@ -591,12 +682,31 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         running = _running(plan, cpu)
         rows, failures, warnings = compare(plan, x86, arm, running, args.strict)
-        print(f"\n-- parity: the same model file and inputs on ARM ({cpu}) vs x86: max |Δlogit| over "
-              f"{plan['bundles'][0]['input_shape'][0]} inputs (golden + mirrored), batch 1 --")
-        print(_table(["model file", "runtime", "ARM ran", "x86 ran", "max|Δlogit|", "ARM vs", "tolerance", "top-1", "role: result"], rows))
-        print(f"  runs: the candidate verify pinned on this ARM box, which predict runs ({', '.join(sorted(running))}); candidate: "
-              "another candidate of the bundle, in the configuration the bundle runs it with; both held to their golden "
-              "tolerance. info: reported only (tolerance a bundle would give the file).")
+        print(
+            f"\n-- parity: the same model file and inputs on ARM ({cpu}) vs x86: max |Δlogit| over "
+            f"{plan['bundles'][0]['input_shape'][0]} inputs (golden + mirrored), batch 1 --"
+        )
+        print(
+            _table(
+                [
+                    "model file",
+                    "runtime",
+                    "ARM ran",
+                    "x86 ran",
+                    "max|Δlogit|",
+                    "ARM vs",
+                    "tolerance",
+                    "top-1",
+                    "role: result",
+                ],
+                rows,
+            )
+        )
+        print(
+            f"  runs: the candidate verify pinned on this ARM box, which predict runs ({', '.join(sorted(running))}); candidate: "
+            "another candidate of the bundle, in the configuration the bundle runs it with; both held to their golden "
+            "tolerance. info: reported only (tolerance a bundle would give the file)."
+        )
 
         print(f"\n-- ops that ran on ARM ({cpu}): (layer or op type, runtime precision) -> count --")
         for r in arm["results"]:
@@ -606,7 +716,10 @@ def cmd_report(args: argparse.Namespace) -> int:
                 continue
             print(f"{head}: precision hint {r['precision_hint']}; compute ops in {r['exec_precision']}")
             if r["runtime"] == "openvino":
-                table = [[op, prec, str(n), ", ".join(f"{k} x{v}" for k, v in prims.items())] for op, prec, n, prims in r["ops"]]
+                table = [
+                    [op, prec, str(n), ", ".join(f"{k} x{v}" for k, v in prims.items())]
+                    for op, prec, n, prims in r["ops"]
+                ]
                 print(_table(["layerType", "runtimePrecision", "count", "primitiveType"], table, indent="      "))
                 if r.get("lowered"):
                     print(f"      not in f32 despite the f32 hint: {'; '.join(r['lowered'])}")
@@ -618,10 +731,16 @@ def cmd_report(args: argparse.Namespace) -> int:
             if "error" in r:
                 print(f"  {r['model']} on {r['runtime']} {r['config']}: ERROR {r['error']}")
                 continue
-            compute = [f"{op}:{prec} x{n}" for op, prec, n, _ in r["ops"]
-                       if op in _OV_COMPUTE or op.startswith(("Conv", "QLinear", "QGemm", "Gemm", "MatMul", "FusedConv"))]
-            print(f"  {r['model']} on {r['runtime']}" + (f", {r['config']} hint" if r["runtime"] == "openvino" else "")
-                  + f": hint {r['precision_hint']}: {', '.join(compute)}")
+            compute = [
+                f"{op}:{prec} x{n}"
+                for op, prec, n, _ in r["ops"]
+                if op in _OV_COMPUTE or op.startswith(("Conv", "QLinear", "QGemm", "Gemm", "MatMul", "FusedConv"))
+            ]
+            print(
+                f"  {r['model']} on {r['runtime']}"
+                + (f", {r['config']} hint" if r["runtime"] == "openvino" else "")
+                + f": hint {r['precision_hint']}: {', '.join(compute)}"
+            )
         passed = sum(1 for r in rows if r[-1].endswith(": PASS"))
         if warnings:
             print(f"\nwarnings ({cpu}):")
@@ -634,8 +753,11 @@ def cmd_report(args: argparse.Namespace) -> int:
                 print(f"  {f}")
         else:
             unreproduced = sum(1 for r in rows if r[-1] == "candidate: WARN")
-            print(f"\nparity on ARM ({cpu}): PASS ({passed} bundle-candidate comparison(s) within golden tolerance"
-                  + (f"; {unreproduced} other candidate(s) not reproducible here, see warnings" if unreproduced else "") + ")")
+            print(
+                f"\nparity on ARM ({cpu}): PASS ({passed} bundle-candidate comparison(s) within golden tolerance"
+                + (f"; {unreproduced} other candidate(s) not reproducible here, see warnings" if unreproduced else "")
+                + ")"
+            )
     return status
 
 
@@ -668,7 +790,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("plan")
     s.add_argument("x86")
     s.add_argument("arm", nargs="+")
-    s.add_argument("--strict", action="store_true", help="fail on any bundle candidate beyond tolerance, not only the pinned one")
+    s.add_argument(
+        "--strict", action="store_true", help="fail on any bundle candidate beyond tolerance, not only the pinned one"
+    )
     s.set_defaults(fn=cmd_report)
     args = p.parse_args(argv)
     return args.fn(args)

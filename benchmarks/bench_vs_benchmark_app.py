@@ -84,10 +84,29 @@ def _exec_graph_precision(path: Path) -> str:
     return counts.most_common(1)[0][0] if counts else "?"
 
 
-def benchmark_app(xml: Path, *, size: int, iterations: int, precision: str, input_type: str, exec_graph: Path | None = None) -> dict:
+def benchmark_app(
+    xml: Path, *, size: int, iterations: int, precision: str, input_type: str, exec_graph: Path | None = None
+) -> dict:
     """benchmark_app's median/min latency (ms), threads, streams and (with ``exec_graph``) execution precision."""
-    cmd = [_benchmark_app(), "-m", str(xml), "-d", "CPU", "-hint", "latency", "-api", "sync", "-niter", str(iterations),
-           "-shape", f"[1,3,{size},{size}]", "-infer_precision", precision, "-ip", input_type]
+    cmd = [
+        _benchmark_app(),
+        "-m",
+        str(xml),
+        "-d",
+        "CPU",
+        "-hint",
+        "latency",
+        "-api",
+        "sync",
+        "-niter",
+        str(iterations),
+        "-shape",
+        f"[1,3,{size},{size}]",
+        "-infer_precision",
+        precision,
+        "-ip",
+        input_type,
+    ]
     if exec_graph is not None:
         cmd += ["-exec_graph_path", str(exec_graph)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -111,7 +130,9 @@ def benchmark_app(xml: Path, *, size: int, iterations: int, precision: str, inpu
 
 def ours(xml: Path, *, threads: int, batch: int, iterations: int, precision: str) -> dict:
     """A `tlcompile bench` row, measured exactly as the CLI measures it."""
-    opts = BenchOptions(runtimes=["openvino"], threads=[threads], batches=[batch], precision=precision, iterations=iterations, warmup=20)
+    opts = BenchOptions(
+        runtimes=["openvino"], threads=[threads], batches=[batch], precision=precision, iterations=iterations, warmup=20
+    )
     return measure(BenchTarget(name=xml.stem, files={"openvino": xml}), "openvino", threads, batch, opts)
 
 
@@ -132,8 +153,11 @@ def same_calls(xml: Path, *, size: int, threads: int, iterations: int, precision
         session.run(x)
         walls.append((time.perf_counter() - t) * 1e3)
         lats.append(session._request.latency)
-    props = {**session.properties, "exec": session.exec_precision,
-             "pinning": bool(session._compiled.get_property("ENABLE_CPU_PINNING"))}
+    props = {
+        **session.properties,
+        "exec": session.exec_precision,
+        "pinning": bool(session._compiled.get_property("ENABLE_CPU_PINNING")),
+    }
     gap_us = statistics.median(w - lat for w, lat in zip(walls, lats, strict=True)) * 1e3
     return gap_us, statistics.median(walls) / statistics.median(lats), props
 
@@ -149,8 +173,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (each gives one ratio per model)")
     parser.add_argument("--precision", default="f32", choices=["f32", "bf16"])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--ba-input", default="f32", choices=["f32", "u8"], help="benchmark_app's input element type (-ip)")
-    parser.add_argument("--ir-dir", type=Path, help="keep the exported IRs here and reuse them (default: a temporary folder)")
+    parser.add_argument(
+        "--ba-input", default="f32", choices=["f32", "u8"], help="benchmark_app's input element type (-ip)"
+    )
+    parser.add_argument(
+        "--ir-dir", type=Path, help="keep the exported IRs here and reuse them (default: a temporary folder)"
+    )
     parser.add_argument("--sweep", action="store_true", help="add a thread x batch sweep of mobilenet_v3_large")
     args = parser.parse_args()
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
@@ -158,9 +186,13 @@ def main() -> None:
     cpu = cpu_info()
     import openvino as ov
 
-    print(f"CPU {cpu['model']}; {cpu['usable_cores']} usable / {cpu['logical_cores']} logical cores; ISA {', '.join(cpu['isa']) or '-'}")
-    print(f"OpenVINO {ov.__version__}; requested precision {args.precision}; {args.size} px, batch 1; "
-          f"benchmark_app input {args.ba_input}; {args.iterations} iterations x {args.repeats} rounds; load average {load()} (1/5/15 min)")
+    print(
+        f"CPU {cpu['model']}; {cpu['usable_cores']} usable / {cpu['logical_cores']} logical cores; ISA {', '.join(cpu['isa']) or '-'}"
+    )
+    print(
+        f"OpenVINO {ov.__version__}; requested precision {args.precision}; {args.size} px, batch 1; "
+        f"benchmark_app input {args.ba_input}; {args.iterations} iterations x {args.repeats} rounds; load average {load()} (1/5/15 min)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.ir_dir or Path(tmp)
@@ -170,9 +202,17 @@ def main() -> None:
         # What each side really runs: exec precision of the compute ops, threads, streams; and our wrapper's cost.
         config, overhead, same = {}, {}, {}
         for arch, xml in xmls.items():
-            ba = benchmark_app(xml, size=args.size, iterations=20, precision=args.precision, input_type=args.ba_input,
-                               exec_graph=Path(tmp) / f"{arch}_exec.xml")
-            overhead[arch], same[arch], mine = same_calls(xml, size=args.size, threads=threads, iterations=args.iterations, precision=args.precision)
+            ba = benchmark_app(
+                xml,
+                size=args.size,
+                iterations=20,
+                precision=args.precision,
+                input_type=args.ba_input,
+                exec_graph=Path(tmp) / f"{arch}_exec.xml",
+            )
+            overhead[arch], same[arch], mine = same_calls(
+                xml, size=args.size, threads=threads, iterations=args.iterations, precision=args.precision
+            )
             config[arch] = (mine, ba)
 
         ratios: dict[str, list[float]] = {m: [] for m in models}
@@ -187,9 +227,17 @@ def main() -> None:
                 got = {}
                 for side in sides:
                     if side == "ours":
-                        got[side] = ours(xml, threads=threads, batch=1, iterations=args.iterations, precision=args.precision)["latency_ms"]
+                        got[side] = ours(
+                            xml, threads=threads, batch=1, iterations=args.iterations, precision=args.precision
+                        )["latency_ms"]
                     else:
-                        got[side] = benchmark_app(xml, size=args.size, iterations=args.iterations, precision=args.precision, input_type=args.ba_input)
+                        got[side] = benchmark_app(
+                            xml,
+                            size=args.size,
+                            iterations=args.iterations,
+                            precision=args.precision,
+                            input_type=args.ba_input,
+                        )
                 a[arch].append(got["ours"]["p50"])
                 b[arch].append(got["ba"]["median"])
                 ratios[arch].append(got["ours"]["p50"] / got["ba"]["median"])
@@ -197,21 +245,31 @@ def main() -> None:
         loads.append(load())
 
         print("\n## tlcompile bench p50 vs benchmark_app median (batch 1, LATENCY hint, interleaved rounds)")
-        print("| model | exec ours / BA | threads x streams ours / BA | tlcompile p50 ms (rounds) | benchmark_app median ms (rounds) "
-              "| ratio median | ratio spread | min-latency ratio | same-call ratio | wrapper us/call |")
+        print(
+            "| model | exec ours / BA | threads x streams ours / BA | tlcompile p50 ms (rounds) | benchmark_app median ms (rounds) "
+            "| ratio median | ratio spread | min-latency ratio | same-call ratio | wrapper us/call |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for arch in models:
             mine, ba = config[arch]
-            alike = mine["num_threads"] == ba["threads"] and mine["num_streams"] == ba["streams"] and mine["exec"] == ba["exec"]
-            print(f"| {arch} | {mine['exec']} / {ba['exec']} | {mine['num_threads']}x{mine['num_streams']} / {ba['threads']}x{ba['streams']}"
-                  f"{'' if alike else ' MISMATCH'} | {', '.join(f'{v:.2f}' for v in a[arch])} | {', '.join(f'{v:.2f}' for v in b[arch])} "
-                  f"| {statistics.median(ratios[arch]):.3f} | {spread(ratios[arch])} | {statistics.median(mins[arch]):.3f} | {same[arch]:.3f} "
-                  f"| {overhead[arch]:.0f} |")
+            alike = (
+                mine["num_threads"] == ba["threads"]
+                and mine["num_streams"] == ba["streams"]
+                and mine["exec"] == ba["exec"]
+            )
+            print(
+                f"| {arch} | {mine['exec']} / {ba['exec']} | {mine['num_threads']}x{mine['num_streams']} / {ba['threads']}x{ba['streams']}"
+                f"{'' if alike else ' MISMATCH'} | {', '.join(f'{v:.2f}' for v in a[arch])} | {', '.join(f'{v:.2f}' for v in b[arch])} "
+                f"| {statistics.median(ratios[arch]):.3f} | {spread(ratios[arch])} | {statistics.median(mins[arch]):.3f} | {same[arch]:.3f} "
+                f"| {overhead[arch]:.0f} |"
+            )
         print(f"\nLoad average (1/5/15 min) at the start of each round and at the end: {'; '.join(loads)}")
-        print("ratio = our p50 / benchmark_app median in the same round; spread = min-max over rounds; min-latency ratio = "
-              "median over rounds of our min / benchmark_app's min (less sensitive to load); same-call ratio = median "
-              "session.run wall time / median OpenVINO request latency (what benchmark_app times) over the same calls, "
-              "immune to load drift; wrapper us/call = median of (session.run wall time - request latency).")
+        print(
+            "ratio = our p50 / benchmark_app median in the same round; spread = min-max over rounds; min-latency ratio = "
+            "median over rounds of our min / benchmark_app's min (less sensitive to load); same-call ratio = median "
+            "session.run wall time / median OpenVINO request latency (what benchmark_app times) over the same calls, "
+            "immune to load drift; wrapper us/call = median of (session.run wall time - request latency)."
+        )
 
         if args.sweep:
             arch = "mobilenet_v3_large" if "mobilenet_v3_large" in xmls else models[0]
@@ -219,8 +277,16 @@ def main() -> None:
             print("| threads | batch | p50 ms | p90 ms | img/s |\n|---|---|---|---|---|")
             for t in range(1, threads + 1):
                 for batch in (1, 4, 8):
-                    row = ours(xmls[arch], threads=t, batch=batch, iterations=max(20, args.iterations // 2), precision=args.precision)
-                    print(f"| {t} | {batch} | {row['latency_ms']['p50']:.2f} | {row['latency_ms']['p90']:.2f} | {row['throughput_fps']:.0f} |")
+                    row = ours(
+                        xmls[arch],
+                        threads=t,
+                        batch=batch,
+                        iterations=max(20, args.iterations // 2),
+                        precision=args.precision,
+                    )
+                    print(
+                        f"| {t} | {batch} | {row['latency_ms']['p50']:.2f} | {row['latency_ms']['p90']:.2f} | {row['throughput_fps']:.0f} |"
+                    )
 
 
 if __name__ == "__main__":

@@ -94,12 +94,16 @@ def prepare(arch: str, images: np.ndarray, spec, folder: Path, *, seed: int) -> 
     return out
 
 
-def measure(arch: str, files: dict[str, object], one: np.ndarray, *, threads: int, rounds: int, burst: int) -> dict[str, object]:
+def measure(
+    arch: str, files: dict[str, object], one: np.ndarray, *, threads: int, rounds: int, burst: int
+) -> dict[str, object]:
     # OpenVINO compiled for a static batch of 1, as deployed and as benchmark_app does (faster kernels than dynamic).
     sessions = {
         "ov_f32": open_session(files["fp32_xml"], "openvino", threads=threads, precision="f32", static_batch=1),
         "ov_int8": open_session(files["int8_xml"], "openvino", threads=threads, precision="f32", static_batch=1),
-        "ov_pruned_int8": open_session(files["pruned_int8_xml"], "openvino", threads=threads, precision="f32", static_batch=1),
+        "ov_pruned_int8": open_session(
+            files["pruned_int8_xml"], "openvino", threads=threads, precision="f32", static_batch=1
+        ),
         "ort_fp32": open_session(files["fp32_onnx"], "onnxruntime", threads=threads),
         "ort_int8": open_session(files["int8_onnx"], "onnxruntime", threads=threads),
     }
@@ -140,32 +144,61 @@ def verdict(name: str, value: float) -> str:
 
 def print_table(rows: list[dict[str, object]], header: str) -> None:
     print(header)
-    cols = ("model", "OV f32 ms", "OV int8 ms", "int8/f32", "pruned+int8 ms", "torch eager ms", "eager/pr-int8",
-            "int8/pr-int8", "ORT fp32 ms", "ORT int8 ms", "ORT int8/fp32")
+    cols = (
+        "model",
+        "OV f32 ms",
+        "OV int8 ms",
+        "int8/f32",
+        "pruned+int8 ms",
+        "torch eager ms",
+        "eager/pr-int8",
+        "int8/pr-int8",
+        "ORT fp32 ms",
+        "ORT int8 ms",
+        "ORT int8/fp32",
+    )
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
         p = r["p50_ms"]
-        print("| " + " | ".join([
-            r["model"], f"{p['ov_f32']:.2f}", f"{p['ov_int8']:.2f}", f"{r['ov_int8_vs_f32']:.2f} {verdict('ov_int8_vs_f32', r['ov_int8_vs_f32'])}",
-            f"{p['ov_pruned_int8']:.2f}", f"{p['torch_eager']:.2f}",
-            f"{r['pruned_int8_vs_eager']:.1f}x {verdict('pruned_int8_vs_eager', r['pruned_int8_vs_eager'])}",
-            f"{r['pruned_int8_vs_int8']:.2f}x {verdict('pruned_int8_vs_int8', r['pruned_int8_vs_int8'])}",
-            f"{p['ort_fp32']:.2f}", f"{p['ort_int8']:.2f}", f"{r['ort_int8_vs_fp32']:.2f} {verdict('ort_int8_vs_fp32', r['ort_int8_vs_fp32'])}",
-        ]) + " |")
+        print(
+            "| "
+            + " | ".join(
+                [
+                    r["model"],
+                    f"{p['ov_f32']:.2f}",
+                    f"{p['ov_int8']:.2f}",
+                    f"{r['ov_int8_vs_f32']:.2f} {verdict('ov_int8_vs_f32', r['ov_int8_vs_f32'])}",
+                    f"{p['ov_pruned_int8']:.2f}",
+                    f"{p['torch_eager']:.2f}",
+                    f"{r['pruned_int8_vs_eager']:.1f}x {verdict('pruned_int8_vs_eager', r['pruned_int8_vs_eager'])}",
+                    f"{r['pruned_int8_vs_int8']:.2f}x {verdict('pruned_int8_vs_int8', r['pruned_int8_vs_int8'])}",
+                    f"{p['ort_fp32']:.2f}",
+                    f"{p['ort_int8']:.2f}",
+                    f"{r['ort_int8_vs_fp32']:.2f} {verdict('ort_int8_vs_fp32', r['ort_int8_vs_fp32'])}",
+                ]
+            )
+            + " |"
+        )
     print()
-    print("targets: OV int8/f32 <= 0.35; pruned+int8 >= 8x torch eager FP32 and >= 2.5x unpruned int8 (OpenVINO); ORT int8/fp32 < 0.8")
+    print(
+        "targets: OV int8/f32 <= 0.35; pruned+int8 >= 8x torch eager FP32 and >= 2.5x unpruned int8 (OpenVINO); ORT int8/fp32 < 0.8"
+    )
     for r in rows:
         e = r["exec_precision"]
-        print(f"{r['model']}: MACs {r['macs'] / 1e6:,.0f}M -> {r['pruned_macs'] / 1e6:,.0f}M pruned; OpenVINO ran "
-              f"f32={e['ov_f32']}, int8={e['ov_int8']}, pruned+int8={e['ov_pruned_int8']}; int8 ONNX: {r['int8_onnx_rewrite']}")
+        print(
+            f"{r['model']}: MACs {r['macs'] / 1e6:,.0f}M -> {r['pruned_macs'] / 1e6:,.0f}M pruned; OpenVINO ran "
+            f"f32={e['ov_f32']}, int8={e['ov_int8']}, pruned+int8={e['ov_pruned_int8']}; int8 ONNX: {r['int8_onnx_rewrite']}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["cbr_small", "mobilenet_v2", "resnet18"])
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=64, help="synthetic fundus images for BN statistics and calibration")
+    parser.add_argument(
+        "--images", type=int, default=64, help="synthetic fundus images for BN statistics and calibration"
+    )
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per session")
     parser.add_argument("--burst", type=int, default=5, help="timed calls per session per round")
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all usable cores)")
@@ -175,7 +208,9 @@ def main() -> None:
     threads = args.threads or default_threads()
     data = load_data(DataConfig(num_images=max(args.images, 20), image_size=args.size), seed=args.seed)
     images = data.images[: args.images]
-    one = np.ascontiguousarray(next(input_batches(images[:1], data.spec, batch_size=1, device=torch.device("cpu")))[0].numpy())
+    one = np.ascontiguousarray(
+        next(input_batches(images[:1], data.spec, batch_size=1, device=torch.device("cpu")))[0].numpy()
+    )
     cpu = cpu_info()
     rows = []
     with tempfile.TemporaryDirectory(prefix="tlcompile-compression-") as tmp:
@@ -185,13 +220,25 @@ def main() -> None:
             row = measure(arch, files, one, threads=threads, rounds=args.rounds, burst=args.burst)
             row["load_average"] = os.getloadavg()
             rows.append(row)
-            print(f"{arch}: measured in {time.perf_counter() - t0:.0f} s, load average {row['load_average'][0]:.2f}", flush=True)
+            print(
+                f"{arch}: measured in {time.perf_counter() - t0:.0f} s, load average {row['load_average'][0]:.2f}",
+                flush=True,
+            )
     load = os.getloadavg()
-    header = (f"\nbatch 1, {args.size} px, {threads} threads, p50 of {args.rounds} x {args.burst} interleaved calls; "
-              f"CPU {cpu.get('model', platform.processor())}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
+    header = (
+        f"\nbatch 1, {args.size} px, {threads} threads, p50 of {args.rounds} x {args.burst} interleaved calls; "
+        f"CPU {cpu.get('model', platform.processor())}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
+    )
     print_table(rows, header)
     if args.json:
-        args.json.write_text(json.dumps({"size": args.size, "threads": threads, "cpu": cpu, "load_average": load, "rows": rows}, indent=2, default=str) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"size": args.size, "threads": threads, "cpu": cpu, "load_average": load, "rows": rows},
+                indent=2,
+                default=str,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

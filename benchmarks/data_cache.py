@@ -79,7 +79,9 @@ def main() -> None:
     write_camera_jpegs(args.folder, args.images)
     files = sorted((args.folder / "train_images").glob("*.jpeg"))[: args.images]
     mb = sum(p.stat().st_size for p in files) / 1e6
-    print(f"{len(files)} JPEGs of {WIDTH}x{HEIGHT} ({mb:.0f} MB) in {args.folder} (ready in {time.perf_counter() - t0:.0f} s)")
+    print(
+        f"{len(files)} JPEGs of {WIDTH}x{HEIGHT} ({mb:.0f} MB) in {args.folder} (ready in {time.perf_counter() - t0:.0f} s)"
+    )
 
     cache = Path(tempfile.mkdtemp(prefix="tlcompile-cache-"))
     try:
@@ -92,14 +94,22 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
 
     n = len(files)
-    print(f"\nload_data, {n} images -> {args.size} px, {default_threads()} decode threads; load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (noisy: shared machine)\n")
+    print(
+        f"\nload_data, {n} images -> {args.size} px, {default_threads()} decode threads; load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (noisy: shared machine)\n"
+    )
     print("| pass | data time (s) | ms / image | cache hits / decoded |")
     print("|---|---:|---:|---:|")
     print(f"| no cache | {no_cache:.2f} | {1e3 * no_cache / n:.1f} | - |")
-    print(f"| epoch 1 (empty cache) | {cold:.2f} | {1e3 * cold / n:.1f} | {cold_stats['hits']} / {cold_stats['misses']} |")
-    print(f"| epoch 2 (warm cache) | {warm:.2f} | {1e3 * warm / n:.1f} | {warm_stats['hits']} / {warm_stats['misses']} |")
-    print(f"\nepoch 2 vs epoch 1: {cold / warm:.1f}x faster; cache size {entries:.1f} MB ({1e3 * entries / n:.0f} kB / image)")
+    print(
+        f"| epoch 1 (empty cache) | {cold:.2f} | {1e3 * cold / n:.1f} | {cold_stats['hits']} / {cold_stats['misses']} |"
+    )
+    print(
+        f"| epoch 2 (warm cache) | {warm:.2f} | {1e3 * warm / n:.1f} | {warm_stats['hits']} / {warm_stats['misses']} |"
+    )
+    print(
+        f"\nepoch 2 vs epoch 1: {cold / warm:.1f}x faster; cache size {entries:.1f} MB ({1e3 * entries / n:.0f} kB / image)"
+    )
 
 
 if __name__ == "__main__":

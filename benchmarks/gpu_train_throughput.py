@@ -56,28 +56,50 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    settings = loop.FitSettings(epochs=args.epochs, batch_size=args.batch, optimizer=optimizer, scheduler=scheduler,
-                                loss_fn=torch.nn.CrossEntropyLoss(), seed=0, device=device, amp=args.amp,
-                                channels_last=args.channels_last)
+    settings = loop.FitSettings(
+        epochs=args.epochs,
+        batch_size=args.batch,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        seed=0,
+        device=device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+    )
     loop.fit(model, (x, y), val, spec, settings, loop.FitCallbacks(on_epoch=on_epoch))
     wall = time.perf_counter() - t0
     steady = seconds[1:] or seconds
     rate = args.images / float(np.median(steady))
     row = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "arch": args.arch, "size": args.size, "batch": args.batch, "amp": args.amp,
-        "channels_last": args.channels_last, "gmacs_forward": round(count_macs(model.cpu(), args.size) / 1e9, 3),
-        "images_per_epoch": args.images, "epoch_seconds": [round(s, 2) for s in seconds],
-        "train_images_per_s": round(rate, 1), "wall_s": round(wall, 1),
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-        "dataset_images": args.dataset_images, "dataset_epoch_minutes": round(args.dataset_images / rate / 60, 2),
+        "torch": torch.__version__,
+        "arch": args.arch,
+        "size": args.size,
+        "batch": args.batch,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+        "gmacs_forward": round(count_macs(model.cpu(), args.size) / 1e9, 3),
+        "images_per_epoch": args.images,
+        "epoch_seconds": [round(s, 2) for s in seconds],
+        "train_images_per_s": round(rate, 1),
+        "wall_s": round(wall, 1),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if device.type == "cuda"
+        else None,
+        "dataset_images": args.dataset_images,
+        "dataset_epoch_minutes": round(args.dataset_images / rate / 60, 2),
     }
-    print(f"{row['device']}, torch {row['torch']}: {args.arch} at {args.size} px ({row['gmacs_forward']} GMACs forward), batch "
-          f"{args.batch}, amp {args.amp}, channels_last {args.channels_last}")
+    print(
+        f"{row['device']}, torch {row['torch']}: {args.arch} at {args.size} px ({row['gmacs_forward']} GMACs forward), batch "
+        f"{args.batch}, amp {args.amp}, channels_last {args.channels_last}"
+    )
     print(f"epochs of {args.images} images: {', '.join(f'{s:.2f} s' for s in seconds)} (first = warm-up)")
-    print(f"training throughput {rate:,.0f} images/s (val pass of {args.batch} images included); an epoch of "
-          f"{args.dataset_images:,} images: {row['dataset_epoch_minutes']:.2f} min of device time; peak GPU memory "
-          f"{row['peak_gpu_memory_gib']} GiB")
+    print(
+        f"training throughput {rate:,.0f} images/s (val pass of {args.batch} images included); an epoch of "
+        f"{args.dataset_images:,} images: {row['dataset_epoch_minutes']:.2f} min of device time; peak GPU memory "
+        f"{row['peak_gpu_memory_gib']} GiB"
+    )
     if args.json:
         args.json.write_text(json.dumps(row, indent=2))
 

@@ -26,7 +26,19 @@ def test_tiny_build_end_to_end(tiny_recipe_dict, write_recipe, tmp_path, monkeyp
     rows = {(a["name"], a["runtime"]): a for a in report["artifacts"]}
     assert set(rows) == {("fp32", "openvino"), ("fp32", "onnxruntime"), ("fp32", "torch")}
     for row in rows.values():
-        for key in ("format", "precision", "path", "size_bytes", "params", "macs", "threads", "exec_precision", "latency_ms", "metrics", "parity"):
+        for key in (
+            "format",
+            "precision",
+            "path",
+            "size_bytes",
+            "params",
+            "macs",
+            "threads",
+            "exec_precision",
+            "latency_ms",
+            "metrics",
+            "parity",
+        ):
             assert key in row, key
         assert (out / row["path"]).is_file()
         assert row["latency_ms"]["p50"] > 0 and row["latency_ms"]["p90"] >= row["latency_ms"]["p50"]
@@ -38,7 +50,14 @@ def test_tiny_build_end_to_end(tiny_recipe_dict, write_recipe, tmp_path, monkeyp
     # The same test images through three runtimes give the same AUC to rounding.
     aucs = [r["metrics"]["auc"] for r in rows.values()]
     assert max(aucs) - min(aucs) < 0.02
-    for name in ("recipe.resolved.yaml", "report.md", "01_data/splits.csv", "02_train/fp32.pt", "05_export/fp32.onnx", "05_export/fp32.xml"):
+    for name in (
+        "recipe.resolved.yaml",
+        "report.md",
+        "01_data/splits.csv",
+        "02_train/fp32.pt",
+        "05_export/fp32.onnx",
+        "05_export/fp32.xml",
+    ):
         assert (out / name).is_file(), name
     assert "| fp32 | openvino |" in (out / "report.md").read_text()
 
@@ -84,7 +103,9 @@ def test_both_onnx_exporters_agree_with_torch(exporter, tmp_path):
     torch.manual_seed(0)
     model = get_model("cbr_small", num_classes=2).eval()
     path = export_onnx(model, tmp_path / "m.onnx", image_size=32, exporter=exporter)
-    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)  # batch 3: the batch axis is dynamic
+    x = (
+        np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    )  # batch 3: the batch axis is dynamic
     with torch.no_grad():
         reference = model(torch.from_numpy(x)).numpy()
     parity = check_parity(reference, path, "onnxruntime", x)

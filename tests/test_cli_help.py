@@ -60,11 +60,22 @@ def test_models_are_cached_and_a_hit_needs_no_torch(tmp_path, monkeypatch):
     model_rows(96, 2)  # another size is another key
     assert len(calls) == 2 * len(models.list_models())
     # A hit in a process where torch cannot be imported, at 80 columns: every name whole.
-    code = ("import sys; sys.modules['torch'] = None; sys.argv = ['tlcompile', 'models', '--size', '64']; "
-            "from tlcompile.cli import main; main()")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={"TLCOMPILE_CACHE": str(tmp_path), "COLUMNS": "80", "PATH": "/usr/bin:/bin",
-                              "PYTHONPATH": ":".join(p for p in sys.path if p)})
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.argv = ['tlcompile', 'models', '--size', '64']; "
+        "from tlcompile.cli import main; main()"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "TLCOMPILE_CACHE": str(tmp_path),
+            "COLUMNS": "80",
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": ":".join(p for p in sys.path if p),
+        },
+    )
     assert out.returncode == 0, out.stderr
     assert "…" not in out.stdout and max(len(line) for line in out.stdout.splitlines()) <= 80
     for name in models.list_models():

@@ -16,8 +16,9 @@ from tlcompile.runtime.bench import BenchError, EvalSetLoader
 from tlcompile.runtime.preprocess import PreprocessSpec
 
 
-def synthetic_camera_images(folder: Path, *, count: int = 3, width: int = 2048, height: int = 1536,
-                            seed: int = 0) -> list[Path]:
+def synthetic_camera_images(
+    folder: Path, *, count: int = 3, width: int = 2048, height: int = 1536, seed: int = 0
+) -> list[Path]:
     """Camera-size fundus JPEGs (the generator's field of view on a 4:3 black frame), for end-to-end timing."""
     from PIL import Image
 
@@ -58,8 +59,14 @@ def load_eval_set(data: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndar
     if data.is_dir():
         from tlcompile.recipe import DataConfig
 
-        cfg = DataConfig(source="folder", root=data, image_size=spec.size, crop_fov=spec.crop_fov,
-                         ben_graham=spec.ben_graham, circular_mask=spec.circular_mask)
+        cfg = DataConfig(
+            source="folder",
+            root=data,
+            image_size=spec.size,
+            crop_fov=spec.crop_fov,
+            ben_graham=spec.ben_graham,
+            circular_mask=spec.circular_mask,
+        )
         dm = load_data(cfg, seed=0)
         return dm.images, dm.grades
     raise BenchError(f"--data '{data}': give a recipe .yaml (its test split is used) or a folder with sub-folders 0..4")

@@ -27,7 +27,9 @@ def load_state(path: str | Path) -> dict[str, Any]:
         try:
             from safetensors.torch import load_file
         except ImportError as err:
-            raise ModelError(f"{path}: reading .safetensors needs the 'safetensors' package (pip install safetensors)") from err
+            raise ModelError(
+                f"{path}: reading .safetensors needs the 'safetensors' package (pip install safetensors)"
+            ) from err
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as err:  # safetensors raises SafetensorError / OSError for corrupt headers

@@ -84,13 +84,28 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
 ) -> None:
     """The options before any command (--version)."""
 
 
 # The recipe's top-level sections, as tlcompile.recipe.Recipe declares them (a test keeps the two in step).
-RECIPE_SECTIONS = ("name", "seed", "data", "model", "train", "export", "bench", "evaluate", "bundle", "transfer", "prune", "quantize")
+RECIPE_SECTIONS = (
+    "name",
+    "seed",
+    "data",
+    "model",
+    "train",
+    "export",
+    "bench",
+    "evaluate",
+    "bundle",
+    "transfer",
+    "prune",
+    "quantize",
+)
 BUILD_HELP = (
     "Build a recipe: data -> train -> (prune, quantize) -> export -> bench -> report -> bundle.\n\n"
     f"Recipe sections (YAML keys, all optional): {', '.join(RECIPE_SECTIONS)}. "
@@ -105,8 +120,12 @@ BUILD_HELP = (
 def build(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: SetOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: runs/<name>-<time>).")] = None,  # noqa: UP045
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the build in --out, reusing finished stages.")] = False,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Output folder (default: runs/<name>-<time>).")  # noqa: UP045
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the build in --out, reusing finished stages.")
+    ] = False,
 ) -> None:
     from tlcompile.recipe import load_recipe
 
@@ -134,7 +153,9 @@ def validate(
     from tlcompile.recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    typer.echo(f"{recipe}: valid (name {r.name}, model {r.model.arch}, data {r.data.source}; sha256 {r.fingerprint()[:16]})")
+    typer.echo(
+        f"{recipe}: valid (name {r.name}, model {r.model.arch}, data {r.data.source}; sha256 {r.fingerprint()[:16]})"
+    )
 
 
 def _models_cache_key(size: int, num_classes: int) -> str:
@@ -169,7 +190,9 @@ def model_rows(size: int, num_classes: int, console: Console | None = None) -> l
     path = _models_cache_dir() / f"models-{_models_cache_key(size, num_classes)}.json"
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(cached, list) and all(isinstance(r, dict) and {"model", "params", "macs"} <= set(r) for r in cached):
+        if isinstance(cached, list) and all(
+            isinstance(r, dict) and {"model", "params", "macs"} <= set(r) for r in cached
+        ):
             return cached
     except (OSError, ValueError):
         pass
@@ -185,8 +208,16 @@ def model_rows(size: int, num_classes: int, console: Console | None = None) -> l
                 status.update(f"counting parameters and MACs: {name} ({i}/{len(names)}; cached for next time)")
             model = get_model(name, num_classes=num_classes)
             info = model_info(name)
-            rows.append({"model": name, "family": info.family, "params": count_params(model), "macs": count_macs(model, size),
-                         "blocks": len(model.blocks()), "description": info.description})
+            rows.append(
+                {
+                    "model": name,
+                    "family": info.family,
+                    "params": count_params(model),
+                    "macs": count_macs(model, size),
+                    "blocks": len(model.blocks()),
+                    "description": info.description,
+                }
+            )
     try:
         atomic_write_json(path, rows)
     except OSError:  # a read-only home: list without caching
@@ -208,16 +239,23 @@ def models(
         from tlcompile.models import get_model
 
         model = get_model(blocks, num_classes=num_classes)
-        table = FitTable(["#", "block", "params"], title=f"{blocks}: blocks (input -> output); unfreeze_last / partial:K count these",
-                         right={"#", "params"})
+        table = FitTable(
+            ["#", "block", "params"],
+            title=f"{blocks}: blocks (input -> output); unfreeze_last / partial:K count these",
+            right={"#", "params"},
+        )
         for i, (name, module) in enumerate(model.blocks(), start=1):
             table.add_row(str(i), name, f"{sum(p.numel() for p in module.parameters()):,}")
         table.add_row("head", "classifier", f"{sum(p.numel() for p in model.get_classifier().parameters()):,}")
         console.print(table)
         return
     # The name (what --set model.arch= takes) is never cut; the description (which names the family) wraps.
-    table = FitTable(["model", "params", "MMACs", "blocks", "description"], title=f"registered models ({num_classes} classes, MACs at {size} px)",
-                     right={"params", "MMACs", "blocks"}, wrap={"description"})
+    table = FitTable(
+        ["model", "params", "MMACs", "blocks", "description"],
+        title=f"registered models ({num_classes} classes, MACs at {size} px)",
+        right={"params", "MMACs", "blocks"},
+        wrap={"description"},
+    )
     for r in model_rows(size, num_classes, console):
         table.add_row(r["model"], f"{r['params']:,}", f"{r['macs'] / 1e6:,.1f}", str(r["blocks"]), r["description"])
     console.print(table)
@@ -246,15 +284,36 @@ def bench(
     device: Annotated[str, typer.Option(help="OpenVINO device: CPU, GPU, NPU, AUTO.")] = "CPU",
     threads: Annotated[str, typer.Option(help="Thread counts to sweep, e.g. 1,2,4 (default: all cores).")] = "",
     batch: Annotated[str, typer.Option(help="Batch sizes to sweep, e.g. 1,8.")] = "1",
-    precision: Annotated[Optional[str], typer.Option(help="OpenVINO execution precision: auto | f32 | bf16 | f16 (default: what the build benched / the bundle deploys with).")] = None,  # noqa: UP045
-    hint: Annotated[str, typer.Option(help="latency | throughput (throughput runs parallel requests/streams).")] = "latency",
+    precision: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="OpenVINO execution precision: auto | f32 | bf16 | f16 (default: what the build benched / the bundle deploys with)."
+        ),
+    ] = None,
+    hint: Annotated[
+        str, typer.Option(help="latency | throughput (throughput runs parallel requests/streams).")
+    ] = "latency",
     iterations: Annotated[int, typer.Option(help="Timed inferences per row (at least).", min=1)] = 100,
-    duration: Annotated[Optional[float], typer.Option(help="Time each row for at least this many seconds.", min=0)] = None,  # noqa: UP045
+    duration: Annotated[
+        Optional[float], typer.Option(help="Time each row for at least this many seconds.", min=0)  # noqa: UP045
+    ] = None,
     warmup: Annotated[int, typer.Option(help="Untimed inferences first.", min=0)] = 10,
-    data: Annotated[Optional[Path], typer.Option(help="Accuracy through the runtime: a recipe .yaml (its test split) or a folder of grade sub-folders.")] = None,  # noqa: UP045
-    budget_ms: Annotated[Optional[float], typer.Option("--budget-ms", help="Latency budget: pass/fail on p90.", min=0)] = None,  # noqa: UP045
-    e2e: Annotated[bool, typer.Option("--e2e", help="Also time decode + fundus crop + resize + inference on camera-size JPEGs.")] = False,
-    e2e_image: Annotated[Optional[list[Path]], typer.Option("--e2e-image", help="Camera images for --e2e (default: synthetic 2048x1536 JPEGs).")] = None,  # noqa: UP045
+    data: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="Accuracy through the runtime: a recipe .yaml (its test split) or a folder of grade sub-folders."
+        ),
+    ] = None,
+    budget_ms: Annotated[
+        Optional[float], typer.Option("--budget-ms", help="Latency budget: pass/fail on p90.", min=0)  # noqa: UP045
+    ] = None,
+    e2e: Annotated[
+        bool, typer.Option("--e2e", help="Also time decode + fundus crop + resize + inference on camera-size JPEGs.")
+    ] = False,
+    e2e_image: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option("--e2e-image", help="Camera images for --e2e (default: synthetic 2048x1536 JPEGs)."),
+    ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Append the results to this JSON file.")] = None,  # noqa: UP045
 ) -> None:
     """Measure latency, throughput, memory and accuracy of exported models on this machine (torch-free)."""
@@ -269,32 +328,58 @@ def bench(
     for r in runtime or []:
         if r not in FILE_RUNTIMES:
             eager = ", ".join(x for x in RUNTIMES if x not in FILE_RUNTIMES)
-            raise TlcompileError(f"--runtime '{r}' is not valid; valid: {', '.join(FILE_RUNTIMES)} "
-                                 f"({eager} rows come from the build)")
+            raise TlcompileError(
+                f"--runtime '{r}' is not valid; valid: {', '.join(FILE_RUNTIMES)} ({eager} rows come from the build)"
+            )
     for image in e2e_image or []:
         if not image.is_file():
             raise TlcompileError(f"--e2e-image '{image}' does not exist")
     opts = BenchOptions(
-        runtimes=runtime or None, device=device, threads=_int_list(threads, "--threads") if threads else [default_threads()],
-        batches=_int_list(batch, "--batch"), precision=precision, hint=hint, iterations=iterations, duration=duration,
-        warmup=warmup, budget_ms=budget_ms, e2e=e2e or bool(e2e_image), e2e_images=list(e2e_image or []),
+        runtimes=runtime or None,
+        device=device,
+        threads=_int_list(threads, "--threads") if threads else [default_threads()],
+        batches=_int_list(batch, "--batch"),
+        precision=precision,
+        hint=hint,
+        iterations=iterations,
+        duration=duration,
+        warmup=warmup,
+        budget_ms=budget_ms,
+        e2e=e2e or bool(e2e_image),
+        e2e_images=list(e2e_image or []),
     )
     console = _console()
     with console.status("benchmarking") as status:
         if opts.e2e and not opts.e2e_images:
             opts.e2e_images = synthetic_camera_images(Path(os.environ.get("TMPDIR", "/tmp")) / "tlcompile-e2e")
-        result = run_bench(list(paths or []), opts, eval_sets=eval_set_loader(data), on_row=lambda row: status.update(
-            f"benchmarking: {row['name']} {row['runtime']} t={row['threads']} b={row['batch']}: p50 {row['latency_ms']['p50']:.2f} ms"))
+        result = run_bench(
+            list(paths or []),
+            opts,
+            eval_sets=eval_set_loader(data),
+            on_row=lambda row: status.update(
+                f"benchmarking: {row['name']} {row['runtime']} t={row['threads']} b={row['batch']}: p50 {row['latency_ms']['p50']:.2f} ms"
+            ),
+        )
     from tlcompile.runtime.pinning import load_average
 
     load = load_average()
     rows = result["rows"]
     unstable = [f"{r['name']}/{r['runtime']}" for r in rows if not (r.get("stability") or {}).get("stable", True)]
     rounds = sorted({(r.get("stability") or {}).get("rounds", 1) for r in rows})
-    noise = (f"p90 NOT stable after {max(rounds)} rounds for {', '.join(unstable)} (spread > 10% of p90): the box is busy, "
-             "compare with care" if unstable else f"p90 stable within 10% over {min(rounds)}-{max(rounds)} rounds per row")
-    console.print(bench_table(rows, title=f"tlcompile bench on {result['host']['cpu']['model']} (ISA: {', '.join(result['host']['cpu']['isa']) or '-'}"
-                              + (f"; load average {load[0]:.2f} on {os.cpu_count()} cores" if load else "") + f"): {noise}"))
+    noise = (
+        f"p90 NOT stable after {max(rounds)} rounds for {', '.join(unstable)} (spread > 10% of p90): the box is busy, "
+        "compare with care"
+        if unstable
+        else f"p90 stable within 10% over {min(rounds)}-{max(rounds)} rounds per row"
+    )
+    console.print(
+        bench_table(
+            rows,
+            title=f"tlcompile bench on {result['host']['cpu']['model']} (ISA: {', '.join(result['host']['cpu']['isa']) or '-'}"
+            + (f"; load average {load[0]:.2f} on {os.cpu_count()} cores" if load else "")
+            + f"): {noise}",
+        )
+    )
     if out is not None:
         append_results(out, result)
         console.print(f"appended {len(result['rows'])} rows to {out}")
@@ -349,10 +434,15 @@ def report_schema(
 
 # The three commands a clinic's box runs: they import tlcompile.runtime only (never torch), after `pip install tlcompile`.
 BundleArgument = Annotated[Path, typer.Argument(help="The bundle folder a build wrote (BUILD_DIR/bundle).")]
-ThreadsOption = Annotated[Optional[int], typer.Option("--threads", help="Inference threads (default: all usable cores).", min=1)]  # noqa: UP045
+ThreadsOption = Annotated[
+    Optional[int], typer.Option("--threads", help="Inference threads (default: all usable cores).", min=1)  # noqa: UP045
+]
 TrustOption = Annotated[
     Optional[list[Path]],  # noqa: UP045
-    typer.Option("--trust", help="Public key (.pub from `tlcompile bundle keygen`): accept only a bundle this key signed (repeatable)."),
+    typer.Option(
+        "--trust",
+        help="Public key (.pub from `tlcompile bundle keygen`): accept only a bundle this key signed (repeatable).",
+    ),
 ]
 
 
@@ -360,7 +450,9 @@ def _model_card_disclaimer(meta: dict) -> str | None:
     """One line from the bundle's model card: NOT for clinical use when it was trained on synthetic data."""
     card = meta.get("model_card") or {}
     if (card.get("data_provenance") or {}).get("source") == "synthetic":
-        return "note: this bundle was trained and tested on synthetic images only: a demonstration, NOT for clinical use"
+        return (
+            "note: this bundle was trained and tested on synthetic images only: a demonstration, NOT for clinical use"
+        )
     return None
 
 
@@ -395,7 +487,9 @@ def predict(
     for r in results:
         prob = "-" if r.referable_dr_probability is None else f"{r.referable_dr_probability:.3f}"
         note = r.error or (r.ungradable_reason or "no field of view found: retake or refer" if r.ungradable else "")
-        table.add_row(Path(r.file).name, r.referral or "ERROR", prob, *((r.grade_name or "-",) if b.task == "grade" else ()), note)
+        table.add_row(
+            Path(r.file).name, r.referral or "ERROR", prob, *((r.grade_name or "-",) if b.task == "grade" else ()), note
+        )
     console = _console()
     console.print(table)
     if csv is not None:
@@ -412,8 +506,15 @@ def verify(
     bundle: BundleArgument,
     threads: ThreadsOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")] = False,
-    repin: Annotated[bool, typer.Option("--repin", help="Bench the candidates again and re-pin, even if device.json already pins one for this CPU.")] = False,
-    no_pin: Annotated[bool, typer.Option("--no-pin", help="Check only; do not bench the candidates or write device.json.")] = False,
+    repin: Annotated[
+        bool,
+        typer.Option(
+            "--repin", help="Bench the candidates again and re-pin, even if device.json already pins one for this CPU."
+        ),
+    ] = False,
+    no_pin: Annotated[
+        bool, typer.Option("--no-pin", help="Check only; do not bench the candidates or write device.json.")
+    ] = False,
     trust: TrustOption = None,
 ) -> None:
     """Check every sha256 in the bundle's manifest (and, with --trust, its signature) and run every candidate's golden
@@ -430,29 +531,50 @@ def verify(
 @app.command()
 def serve(
     bundle: BundleArgument,
-    watch: Annotated[Path, typer.Option("--watch", help="Folder the fundus camera writes images into (never modified).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the JSON records (default: WATCH/results).")] = None,  # noqa: UP045
+    watch: Annotated[
+        Path, typer.Option("--watch", help="Folder the fundus camera writes images into (never modified).")
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Folder for the JSON records (default: WATCH/results).")  # noqa: UP045
+    ] = None,
     once: Annotated[bool, typer.Option("--once", help="Decide the images there now, then exit.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between looks at the folder.")] = 1.0,
-    settle: Annotated[float, typer.Option(help="Seconds a file must stay unchanged before it is read (camera still writing).")] = 1.0,
+    settle: Annotated[
+        float, typer.Option(help="Seconds a file must stay unchanged before it is read (camera still writing).")
+    ] = 1.0,
     threads: ThreadsOption = None,
     trust: TrustOption = None,
 ) -> None:
     """Watch a folder: one JSON record per new image (errors/ for unreadable files); restart-safe; Ctrl-C stops."""
     from tlcompile.runtime.serve import serve as run_serve
 
-    stats = run_serve(bundle, watch, out, once=once, interval=interval, settle=settle, threads=threads, trust=trust,
-                      log=lambda line: print(line, flush=True))
+    stats = run_serve(
+        bundle,
+        watch,
+        out,
+        once=once,
+        interval=interval,
+        settle=settle,
+        threads=threads,
+        trust=trust,
+        log=lambda line: print(line, flush=True),
+    )
     typer.echo(stats.summary())
 
 
 @app.command()
 def sweep(
     recipe: Annotated[Path, typer.Argument(help="Base recipe YAML file.")],
-    grid: Annotated[list[str], typer.Option("--grid", "-g", help="key.path=v1,v2 (repeatable); every combination is built.")],
+    grid: Annotated[
+        list[str], typer.Option("--grid", "-g", help="key.path=v1,v2 (repeatable); every combination is built.")
+    ],
     set_: SetOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Sweep folder (default: runs/sweep-<name>-<time>).")] = None,  # noqa: UP045
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: a local Ray).")] = None,  # noqa: UP045
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Sweep folder (default: runs/sweep-<name>-<time>).")  # noqa: UP045
+    ] = None,
+    address: Annotated[
+        Optional[str], typer.Option("--address", help="Ray cluster address (default: a local Ray).")  # noqa: UP045
+    ] = None,
     cpus_per_variant: Annotated[int, typer.Option(help="CPU cores reserved (and threads used) per build.", min=1)] = 1,
 ) -> None:
     """Build every combination of --grid values on Ray; merge all rows into one report with the Pareto front."""
@@ -462,24 +584,43 @@ def sweep(
     base = load_recipe(recipe, set_ or [])
     out = out or Path("runs") / f"sweep-{base.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     console = _console()
-    report = run_sweep(recipe, grid, out_dir=out, base_overrides=set_ or [], address=address, cpus_per_variant=cpus_per_variant,
-                       on_done=lambda v, o: console.print(f"{v.name}: {'done' if o['ok'] else 'FAILED: ' + o['error']} ({o.get('wall_s', 0):.0f} s)"))
+    report = run_sweep(
+        recipe,
+        grid,
+        out_dir=out,
+        base_overrides=set_ or [],
+        address=address,
+        cpus_per_variant=cpus_per_variant,
+        on_done=lambda v, o: console.print(
+            f"{v.name}: {'done' if o['ok'] else 'FAILED: ' + o['error']} ({o.get('wall_s', 0):.0f} s)"
+        ),
+    )
     console.print(render_sweep_markdown(report))
     console.print(f"sweep report: {out / 'sweep.json'}, {out / 'sweep.md'}")
     failed = [v["name"] for v in report["variants"] if not v["ok"]]
     if failed:
-        raise TlcompileError(f"{len(failed)} of {len(report['variants'])} variants failed: {', '.join(failed)} (their errors are in sweep.md)")
+        raise TlcompileError(
+            f"{len(failed)} of {len(report['variants'])} variants failed: {', '.join(failed)} (their errors are in sweep.md)"
+        )
 
 
 @bundle_app.command("keygen")
 def bundle_keygen(
-    out: Annotated[Path, typer.Option("--out", help="Folder for tlcompile-signing.key (0600) and tlcompile-signing.pub; existing files are never overwritten.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Folder for tlcompile-signing.key (0600) and tlcompile-signing.pub; existing files are never overwritten.",
+        ),
+    ],
 ) -> None:
     """Make an Ed25519 key pair for signing bundles: keep the .key with whoever releases models, put the .pub on the boxes."""
     from tlcompile.runtime.signing import keygen
 
     private_path, public_path, kid = keygen(out)
-    typer.echo(f"key {kid}: private {private_path} (mode 0600; keep it off the boxes), public {public_path} (give it to verify/predict/serve --trust)")
+    typer.echo(
+        f"key {kid}: private {private_path} (mode 0600; keep it off the boxes), public {public_path} (give it to verify/predict/serve --trust)"
+    )
 
 
 @bundle_app.command("sign")
@@ -492,7 +633,9 @@ def bundle_sign(
     from tlcompile.runtime.signing import SIGNATURE_JSON, sign_bundle
 
     record = sign_bundle(bundle, key, replace=replace)
-    typer.echo(f"signed {bundle / 'manifest.json'} (sha256 {record['manifest_sha256'][:16]}) with key {record['key_id']}: {bundle / SIGNATURE_JSON}")
+    typer.echo(
+        f"signed {bundle / 'manifest.json'} (sha256 {record['manifest_sha256'][:16]}) with key {record['key_id']}: {bundle / SIGNATURE_JSON}"
+    )
 
 
 @recipe_app.command("schema")
@@ -505,13 +648,20 @@ def recipe_schema() -> None:
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write an APTOS-style folder here (train.csv + train_images/).")] = None,  # noqa: UP045
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Write an APTOS-style folder here (train.csv + train_images/).")  # noqa: UP045
+    ] = None,
     n: Annotated[int, typer.Option("--n", help="Number of images.", min=1)] = 100,
     size: Annotated[int, typer.Option(help="Image side in pixels.", min=32, max=4096)] = 256,
     seed: Annotated[int, typer.Option(help="Seed.", min=0)] = 0,
-    difficulty: Annotated[Optional[float], typer.Option(help="0 (obvious) .. 1 (subtle); default: the generator's.", min=0, max=1)] = None,  # noqa: UP045
+    difficulty: Annotated[
+        Optional[float], typer.Option(help="0 (obvious) .. 1 (subtle); default: the generator's.", min=0, max=1)  # noqa: UP045
+    ] = None,
     style: Annotated[str, typer.Option(help="Camera look.")] = "default",
-    preview: Annotated[Optional[Path], typer.Option("--preview", help="Write a PNG grid, one row per grade, beside a real retina photo.")] = None,  # noqa: UP045
+    preview: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--preview", help="Write a PNG grid, one row per grade, beside a real retina photo."),
+    ] = None,
 ) -> None:
     """Generate synthetic fundus images with DR grades 0-4."""
     from tlcompile.data import synthetic
@@ -539,7 +689,9 @@ def data_synth(
 def data_check(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (its data section is checked).")],
     set_: SetOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Also write data_check.json and problems.csv into this folder.")] = None,  # noqa: UP045
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Also write data_check.json and problems.csv into this folder.")  # noqa: UP045
+    ] = None,
 ) -> None:
     """Check a recipe's data alone: images per grade, sizes, patients, split, and every bad file with its reason.
     Exits 1 when problems are found."""
@@ -565,6 +717,7 @@ def main() -> None:
     except TlcompileError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+
 
 if __name__ == "__main__":
     main()

@@ -58,10 +58,14 @@ class MissingDependencyError(TlcompileError):
     """An optional dependency is not installed; the message names the extra to install."""
 
 
-def missing_dependency(package: str, extra: str | None = "train", err: BaseException | None = None) -> MissingDependencyError:
+def missing_dependency(
+    package: str, extra: str | None = "train", err: BaseException | None = None
+) -> MissingDependencyError:
     """Build the error for an import that failed; use as ``raise missing_dependency("torch") from err``.
 
     ``extra=None`` for the core dependencies (the runtime half), which plain ``pip install tlcompile`` brings.
     """
     how = f"pip install 'tlcompile[{extra}]'" if extra else "pip install tlcompile"
-    return MissingDependencyError(f"this needs '{package}', which is not installed; install it with: {how}" + (f" ({err})" if err else ""))
+    return MissingDependencyError(
+        f"this needs '{package}', which is not installed; install it with: {how}" + (f" ({err})" if err else "")
+    )

@@ -39,7 +39,11 @@ class Section(BaseModel):
     def _no_booleans_for_other_types(cls, value: Any, info: Any) -> Any:
         # pydantic's lax mode reads true as 1 (--set train.batch_size=true gave batch 1): a yes/no value is only
         # accepted by a yes/no key.
-        if isinstance(value, bool) and info.field_name in cls.model_fields and not _admits_bool(cls.model_fields[info.field_name].annotation):
+        if (
+            isinstance(value, bool)
+            and info.field_name in cls.model_fields
+            and not _admits_bool(cls.model_fields[info.field_name].annotation)
+        ):
             raise ValueError(f"{value!r} is a YAML boolean (true/false/yes/no), not a valid value for this key")
         return value
 
@@ -52,7 +56,9 @@ def _admits_bool(annotation: Any) -> bool:
 
 # ----------------------------------------------------------------------------------------------- data
 class SplitConfig(Section):
-    val: float = Field(0.15, gt=0, lt=1, description="Fraction of images held out for validation (model selection, operating point).")
+    val: float = Field(
+        0.15, gt=0, lt=1, description="Fraction of images held out for validation (model selection, operating point)."
+    )
     test: float = Field(0.2, gt=0, lt=1, description="Fraction of images held out for the final test metrics.")
     column: str | None = Field(
         None,
@@ -82,11 +88,15 @@ class DataConfig(Section):
         "image_column, label_column, path_template, optional patient_column or patient_regex).",
     )
     root: Path | None = Field(
-        None, description="Dataset folder of a layout preset (relative to the recipe file); data.csv / data.images override where the preset looks."
+        None,
+        description="Dataset folder of a layout preset (relative to the recipe file); data.csv / data.images override where the preset looks.",
     )
     num_images: int = Field(1500, ge=20, le=200_000, description="Synthetic source: how many images to generate.")
     difficulty: float | None = Field(
-        None, ge=0, le=1, description="Synthetic source: lesion subtlety and nuisance strength (None = generator default)."
+        None,
+        ge=0,
+        le=1,
+        description="Synthetic source: lesion subtlety and nuisance strength (None = generator default).",
     )
     style: str = Field("default", description="Synthetic source: camera look (default, camera_b).")
     image_size: int = Field(112, ge=32, le=1024, description="Side of the square network input in pixels.")
@@ -98,18 +108,29 @@ class DataConfig(Section):
         description="train/val/test: stratified by label and grouped by patient (both eyes of a patient in one split), "
         "fixed by the seed; or read from a CSV column.",
     )
-    csv: Path | None = Field(None, description="The label CSV (relative to the recipe file): needed by the csv source; overrides a preset's.")
+    csv: Path | None = Field(
+        None, description="The label CSV (relative to the recipe file): needed by the csv source; overrides a preset's."
+    )
     images: Path | None = Field(
         None,
         description="Folder holding the images (relative to the recipe file); default: the preset's folder under "
         "data.root (csv source: data.root, else the CSV's folder). folder source: the folder with one sub-folder per class.",
     )
-    image_column: str | None = Field(None, min_length=1, description="CSV column holding the image id or file name (None: the preset's; csv source: id_code).")
-    label_column: str | None = Field(None, min_length=1, description="CSV column holding the label (None: the preset's; csv source: diagnosis).")
-    path_template: str | None = Field(
-        None, description="File name of an image from its id, e.g. '{id}.png' or 'images/{id}.jpeg' (None: the preset's; csv source: '{id}.png')."
+    image_column: str | None = Field(
+        None,
+        min_length=1,
+        description="CSV column holding the image id or file name (None: the preset's; csv source: id_code).",
     )
-    patient_column: str | None = Field(None, min_length=1, description="CSV column holding the patient id (eyes of one patient share a split).")
+    label_column: str | None = Field(
+        None, min_length=1, description="CSV column holding the label (None: the preset's; csv source: diagnosis)."
+    )
+    path_template: str | None = Field(
+        None,
+        description="File name of an image from its id, e.g. '{id}.png' or 'images/{id}.jpeg' (None: the preset's; csv source: '{id}.png').",
+    )
+    patient_column: str | None = Field(
+        None, min_length=1, description="CSV column holding the patient id (eyes of one patient share a split)."
+    )
     patient_regex: str | None = Field(
         None,
         min_length=1,
@@ -135,7 +156,10 @@ class DataConfig(Section):
         "written beside splits.csv; an image is never replaced by a black one.",
     )
     min_image_side: int | None = Field(
-        None, ge=1, le=100_000, description="Images whose shorter side is below this many pixels are reported as too small (None: data.image_size)."
+        None,
+        ge=1,
+        le=100_000,
+        description="Images whose shorter side is below this many pixels are reported as too small (None: data.image_size).",
     )
     cache: Path | None = Field(
         None,
@@ -144,10 +168,14 @@ class DataConfig(Section):
     )
     crop_fov: bool = Field(True, description="Crop the black surround to the circular field of view before resizing.")
     ben_graham: bool = Field(
-        False, description="Ben Graham's local-average colour subtraction: 4 x (image - Gaussian blur, sigma = field radius / 30) + 128."
+        False,
+        description="Ben Graham's local-average colour subtraction: 4 x (image - Gaussian blur, sigma = field radius / 30) + 128.",
     )
     circular_mask: float | None = Field(
-        None, gt=0, le=1, description="Blank outside a circle of this fraction of the field radius (Ben Graham used 0.9); None: no mask."
+        None,
+        gt=0,
+        le=1,
+        description="Blank outside a circle of this fraction of the field radius (Ben Graham used 0.9); None: no mask.",
     )
 
     @field_validator("path_template")
@@ -160,7 +188,9 @@ class DataConfig(Section):
         try:
             value.format(id="x")
         except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"{value!r} has a placeholder other than {{id}} ({err}); valid: a pattern such as '{{id}}.png'") from err
+            raise ValueError(
+                f"{value!r} has a placeholder other than {{id}} ({err}); valid: a pattern such as '{{id}}.png'"
+            ) from err
         return value
 
     @field_validator("patient_regex")
@@ -195,16 +225,30 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _paths_for_source(self) -> DataConfig:
         if self.source == "csv" and self.csv is None:
-            raise ValueError("source 'csv' needs data.csv (the label file); data.images (the image folder) defaults to the CSV's folder")
-        if self.source in ("aptos", "eyepacs", "idrid", "messidor") and self.root is None and (self.csv is None or self.images is None):
-            raise ValueError(f"source '{self.source}' needs data.root (the dataset folder), or both data.csv and data.images")
+            raise ValueError(
+                "source 'csv' needs data.csv (the label file); data.images (the image folder) defaults to the CSV's folder"
+            )
+        if (
+            self.source in ("aptos", "eyepacs", "idrid", "messidor")
+            and self.root is None
+            and (self.csv is None or self.images is None)
+        ):
+            raise ValueError(
+                f"source '{self.source}' needs data.root (the dataset folder), or both data.csv and data.images"
+            )
         if self.source == "folder" and self.root is None and self.images is None:
-            raise ValueError("source 'folder' needs data.root (a folder with one sub-folder per class: 0..4 or data.label_map's names)")
+            raise ValueError(
+                "source 'folder' needs data.root (a folder with one sub-folder per class: 0..4 or data.label_map's names)"
+            )
         if self.patient_column is not None and self.patient_regex is not None:
             raise ValueError("give data.patient_column or data.patient_regex, not both")
-        if self.source in ("synthetic", "folder") and (self.patient_column is not None or self.split.column is not None):
-            raise ValueError(f"source '{self.source}' has no label CSV: data.patient_column and data.split.column need a CSV "
-                             "source (aptos, eyepacs, idrid, messidor, csv)")
+        if self.source in ("synthetic", "folder") and (
+            self.patient_column is not None or self.split.column is not None
+        ):
+            raise ValueError(
+                f"source '{self.source}' has no label CSV: data.patient_column and data.split.column need a CSV "
+                "source (aptos, eyepacs, idrid, messidor, csv)"
+            )
         if self.source == "synthetic":
             from tlcompile.data.synthetic import FUNDUS_STYLES
 
@@ -231,7 +275,9 @@ class ModelConfig(Section):
             return value
         if value.startswith("build:"):
             if not value[len("build:") :].strip():
-                raise ValueError("'build:' names no folder; valid: build:DIR, the --out folder of an earlier tlcompile build")
+                raise ValueError(
+                    "'build:' names no folder; valid: build:DIR, the --out folder of an earlier tlcompile build"
+                )
             return value
         if not value.lower().endswith(WEIGHT_FILE_SUFFIXES):
             raise ValueError(
@@ -257,7 +303,9 @@ class ModelConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- train
 class TrainConfig(Section):
-    epochs: int = Field(10, ge=1, le=1000, description="Training epochs; the epoch with the best validation AUC is kept.")
+    epochs: int = Field(
+        10, ge=1, le=1000, description="Training epochs; the epoch with the best validation AUC is kept."
+    )
     batch_size: int = Field(32, ge=1, le=4096, description="Mini-batch size.")
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Optimizer.")
     lr: float = Field(0.002, gt=0, le=10, description="Peak learning rate.")
@@ -267,13 +315,20 @@ class TrainConfig(Section):
     step_size: int = Field(5, ge=1, description="step schedule: epochs between decays.")
     gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor.")
     augment: bool = Field(True, description="Random flips and brightness jitter during training.")
-    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where to train: auto picks cuda when available.")
-    amp: Literal["none", "bf16", "fp16"] = Field(
-        "none", description="Mixed-precision training: bf16 (autocast; GPUs from Ampere, recent CPUs) or fp16 (autocast + gradient scaler)."
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "auto", description="Where to train: auto picks cuda when available."
     )
-    channels_last: bool = Field(False, description="NHWC memory layout for the model and batches (faster convolutions on tensor-core GPUs).")
+    amp: Literal["none", "bf16", "fp16"] = Field(
+        "none",
+        description="Mixed-precision training: bf16 (autocast; GPUs from Ampere, recent CPUs) or fp16 (autocast + gradient scaler).",
+    )
+    channels_last: bool = Field(
+        False, description="NHWC memory layout for the model and batches (faster convolutions on tensor-core GPUs)."
+    )
     precise_bn: int = Field(
-        512, ge=0, le=1_000_000,
+        512,
+        ge=0,
+        le=1_000_000,
         description="After every epoch, re-estimate the BatchNorm statistics exactly on this many un-augmented training "
         "images (a fixed seeded subset; 0 = keep the momentum average training leaves). On small data the momentum "
         "average can be far off: the quickstart's test AUC was 0.951 with it, 0.982 with exact statistics.",
@@ -299,22 +354,37 @@ def check_transfer_init(value: str) -> str:
     k = value[len("partial:") :] if value.startswith("partial:") else None
     if value in ("pretrained", "random", "mean_var") or (k is not None and k.isdigit() and int(k) >= 1):
         return value
-    raise ValueError(f"{value!r} is not an init; valid: pretrained, random, mean_var, partial:K (keep the first K >= 1 blocks)")
+    raise ValueError(
+        f"{value!r} is not an init; valid: pretrained, random, mean_var, partial:K (keep the first K >= 1 blocks)"
+    )
 
 
 class FinetuneConfig(Section):
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimizer of two_phase's phase two (the seed advises SGD on a pretrained base).")
-    lr: float = Field(0.001, gt=0, le=10, description="Learning rate of phase two: small, so the unfrozen pretrained blocks move little.")
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="Optimizer of two_phase's phase two (the seed advises SGD on a pretrained base)."
+    )
+    lr: float = Field(
+        0.001,
+        gt=0,
+        le=10,
+        description="Learning rate of phase two: small, so the unfrozen pretrained blocks move little.",
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of phase two.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="Weight decay of phase two.")
 
 
 class TransferVariant(Section):
-    name: str | None = Field(None, min_length=1, max_length=60, description="Row name in the transfer table (default: init/strategy).")
+    name: str | None = Field(
+        None, min_length=1, max_length=60, description="Row name in the transfer table (default: init/strategy)."
+    )
     init: str = Field(description=INIT_DESCRIPTION)
     strategy: TransferStrategy = Field(description=STRATEGY_DESCRIPTION)
-    head_epochs: int | None = Field(None, ge=1, le=1000, description="two_phase: epochs of phase one (None: transfer.head_epochs).")
-    unfreeze_last: int | None = Field(None, ge=1, le=1000, description="two_phase: blocks unfrozen in phase two (None: transfer.unfreeze_last).")
+    head_epochs: int | None = Field(
+        None, ge=1, le=1000, description="two_phase: epochs of phase one (None: transfer.head_epochs)."
+    )
+    unfreeze_last: int | None = Field(
+        None, ge=1, le=1000, description="two_phase: blocks unfrozen in phase two (None: transfer.unfreeze_last)."
+    )
 
     @field_validator("init")
     @classmethod
@@ -325,20 +395,33 @@ class TransferVariant(Section):
 class TransferConfig(Section):
     init: str = Field("pretrained", description=INIT_DESCRIPTION)
     strategy: TransferStrategy = Field("two_phase", description=STRATEGY_DESCRIPTION)
-    head_epochs: int = Field(2, ge=1, le=1000, description="two_phase: epochs training only the classifier before any block is unfrozen.")
-    unfreeze_last: int = Field(1, ge=1, le=1000, description="two_phase: how many of the last blocks train in phase two (with the classifier).")
+    head_epochs: int = Field(
+        2, ge=1, le=1000, description="two_phase: epochs training only the classifier before any block is unfrozen."
+    )
+    unfreeze_last: int = Field(
+        1, ge=1, le=1000, description="two_phase: how many of the last blocks train in phase two (with the classifier)."
+    )
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="two_phase: optimizer of phase two.")
     freeze_bn_stats: bool = Field(
-        True, description="Frozen blocks keep their BatchNorm running statistics (eval mode); false lets them adapt to the new data."
+        True,
+        description="Frozen blocks keep their BatchNorm running statistics (eval mode); false lets them adapt to the new data.",
     )
     compare: list[TransferVariant] = Field(
         default_factory=list,
         description="Variants trained and evaluated exactly like the main one (same data, seeds, epochs); the best on "
         "val goes on to compression and the report gets a transfer table.",
     )
-    repeats: int = Field(1, ge=1, le=20, description="Train every variant with this many seeds (seed, seed+1, ...); the table gives mean and sd.")
+    repeats: int = Field(
+        1,
+        ge=1,
+        le=20,
+        description="Train every variant with this many seeds (seed, seed+1, ...); the table gives mean and sd.",
+    )
     target_val_auc: float | None = Field(
-        None, gt=0, le=1, description="Val AUC counted as reached for epochs_to_target; None = 0.95 x the best val AUC of any run."
+        None,
+        gt=0,
+        le=1,
+        description="Val AUC counted as reached for epochs_to_target; None = 0.95 x the best val AUC of any run.",
     )
 
     @field_validator("init")
@@ -348,14 +431,20 @@ class TransferConfig(Section):
 
     def variants(self) -> list[TransferVariant]:
         """The main variant (this section's init/strategy) followed by ``compare``, each with its row name set."""
-        main = TransferVariant(init=self.init, strategy=self.strategy, head_epochs=self.head_epochs, unfreeze_last=self.unfreeze_last)
+        main = TransferVariant(
+            init=self.init, strategy=self.strategy, head_epochs=self.head_epochs, unfreeze_last=self.unfreeze_last
+        )
         out = []
         for v in [main, *self.compare]:
-            out.append(v.model_copy(update={
-                "name": v.name or f"{v.init}/{v.strategy}",
-                "head_epochs": v.head_epochs or self.head_epochs,
-                "unfreeze_last": v.unfreeze_last or self.unfreeze_last,
-            }))
+            out.append(
+                v.model_copy(
+                    update={
+                        "name": v.name or f"{v.init}/{v.strategy}",
+                        "head_epochs": v.head_epochs or self.head_epochs,
+                        "unfreeze_last": v.unfreeze_last or self.unfreeze_last,
+                    }
+                )
+            )
         return out
 
     @model_validator(mode="after")
@@ -363,7 +452,9 @@ class TransferConfig(Section):
         seen: set[str] = set()
         for i, v in enumerate(self.variants()):
             if v.name in seen:
-                raise ValueError(f"compare.{i - 1}: a variant named '{v.name}' is already in the table; valid: give it its own name, e.g. name: {v.name}-2")
+                raise ValueError(
+                    f"compare.{i - 1}: a variant named '{v.name}' is already in the table; valid: give it its own name, e.g. name: {v.name}-2"
+                )
             seen.add(v.name)
         return self
 
@@ -373,17 +464,25 @@ class GuardLimits(Section):
     """The accuracy guard of a compression step, judged on val against the model it was made from."""
 
     max_auc_drop: float | None = Field(
-        0.01, ge=0, le=1, description="Guard: largest allowed val AUC drop against the model compressed (None = not limited)."
+        0.01,
+        ge=0,
+        le=1,
+        description="Guard: largest allowed val AUC drop against the model compressed (None = not limited).",
     )
     max_sensitivity_drop: float | None = Field(
-        0.02, ge=0, le=1,
+        0.02,
+        ge=0,
+        le=1,
         description="Guard: largest allowed drop of val sensitivity at the locked operating point (the referrals that are kept).",
     )
     max_specificity_drop: float | None = Field(
         0.05, ge=0, le=1, description="Guard: largest allowed drop of val specificity at the locked operating point."
     )
     max_accuracy_drop: float | None = Field(
-        None, ge=0, le=1, description="Guard: largest allowed drop of the share of right referral decisions (locked operating point) on val."
+        None,
+        ge=0,
+        le=1,
+        description="Guard: largest allowed drop of the share of right referral decisions (locked operating point) on val.",
     )
     realign: bool = Field(
         True,
@@ -400,9 +499,15 @@ class PruneConfig(GuardLimits):
         "and faster; magnitude: unstructured (NNCF) -- single weights are zeroed, the file compresses but dense CPU "
         "kernels do not get faster.",
     )
-    ratio: float = Field(0.5, gt=0, lt=1, description="channel: fraction of each layer's output channels removed; magnitude: fraction of weights zeroed.")
+    ratio: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="channel: fraction of each layer's output channels removed; magnitude: fraction of weights zeroed.",
+    )
     importance: Literal["l2", "taylor"] = Field(
-        "l2", description="channel: how channels are ranked -- l2: weight magnitude; taylor: |weight x gradient| on the calibration images."
+        "l2",
+        description="channel: how channels are ranked -- l2: weight magnitude; taylor: |weight x gradient| on the calibration images.",
     )
     scope: Literal["local", "global"] = Field(
         "local",
@@ -419,27 +524,50 @@ class PruneConfig(GuardLimits):
         description="Blocks or module paths kept whole (never pruned); the classifier is always kept.",
     )
     max_layer_ratio: float = Field(
-        0.8, gt=0, lt=1,
+        0.8,
+        gt=0,
+        lt=1,
         description="channel, global scope: no layer loses more than this fraction of its channels (where it binds, the network loses less than `ratio`).",
     )
     round_to: int | None = Field(
-        8, ge=1, le=128, description="channel: round kept channel counts to a multiple of this (SIMD-friendly widths); None = exact."
+        8,
+        ge=1,
+        le=128,
+        description="channel: round kept channel counts to a multiple of this (SIMD-friendly widths); None = exact.",
     )
-    steps: int = Field(2, ge=1, le=20, description="Prune in this many equal steps (ratio/steps each), fine-tuning after each.")
-    finetune_epochs: int = Field(2, ge=0, le=1000, description="Fine-tuning epochs after each pruning step (0 = BatchNorm adaptation only).")
-    lr: float = Field(0.0005, gt=0, le=10, description="Peak learning rate of the fine-tuning (cosine over each step's epochs).")
+    steps: int = Field(
+        2, ge=1, le=20, description="Prune in this many equal steps (ratio/steps each), fine-tuning after each."
+    )
+    finetune_epochs: int = Field(
+        2, ge=0, le=1000, description="Fine-tuning epochs after each pruning step (0 = BatchNorm adaptation only)."
+    )
+    lr: float = Field(
+        0.0005, gt=0, le=10, description="Peak learning rate of the fine-tuning (cosine over each step's epochs)."
+    )
     distill: bool = Field(
         False,
         description="Fine-tune with knowledge distillation from the unpruned FP32 model (KL on softened logits plus "
         "cross-entropy) instead of cross-entropy alone. Off by default: a teacher whose logits barely move between "
         "images (an under-trained or badly calibrated FP32 model) teaches the pruned net almost nothing.",
     )
-    distill_temperature: float = Field(2.0, gt=0, le=100, description="prune.distill: softmax temperature of teacher and student logits.")
-    distill_alpha: float = Field(0.5, ge=0, le=1, description="prune.distill: weight of the KL term; 1 - alpha weighs the cross-entropy on labels.")
+    distill_temperature: float = Field(
+        2.0, gt=0, le=100, description="prune.distill: softmax temperature of teacher and student logits."
+    )
+    distill_alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="prune.distill: weight of the KL term; 1 - alpha weighs the cross-entropy on labels.",
+    )
     calibration_images: int = Field(
         300, ge=8, le=100_000, description="Stratified training images for BatchNorm adaptation and Taylor importance."
     )
-    recovery_epochs: int = Field(2, ge=0, le=1000, description="When the guard fails: extra fine-tuning epochs before the artifact is marked as failing it.")
+    recovery_epochs: int = Field(
+        2,
+        ge=0,
+        le=1000,
+        description="When the guard fails: extra fine-tuning epochs before the artifact is marked as failing it.",
+    )
 
     @field_validator("layer_ratios")
     @classmethod
@@ -453,9 +581,13 @@ class PruneConfig(GuardLimits):
     def _channel_options_need_channel_method(self) -> PruneConfig:
         # NNCF's magnitude pruning ranks single weights by |w|: there is no Taylor ranking or per-layer ratio to honour.
         if self.method == "magnitude" and self.importance != "l2":
-            raise ValueError(f"importance '{self.importance}' applies to method channel only; valid with magnitude: l2 (the default)")
+            raise ValueError(
+                f"importance '{self.importance}' applies to method channel only; valid with magnitude: l2 (the default)"
+            )
         if self.method == "magnitude" and self.layer_ratios:
-            raise ValueError("layer_ratios applies to method channel only; valid with magnitude: one ratio (and scope local/global)")
+            raise ValueError(
+                "layer_ratios applies to method channel only; valid with magnitude: one ratio (and scope local/global)"
+            )
         return self
 
 
@@ -465,9 +597,21 @@ class QuantizeConfig(GuardLimits):
         description="ptq: NNCF post-training quantization on the calibration images; qat: PTQ as the start, then "
         "quantization-aware training for `epochs`.",
     )
-    epochs: int = Field(2, ge=1, le=1000, description="qat: quantization-aware training epochs (the best on val is kept; PTQ counts as epoch 0).")
-    lr: float = Field(0.0001, gt=0, le=1, description="qat: peak learning rate (cosine); small, the weights only settle onto the int8 grid.")
-    calibration_images: int = Field(300, ge=8, le=100_000, description="Stratified training images for the activation ranges.")
+    epochs: int = Field(
+        2,
+        ge=1,
+        le=1000,
+        description="qat: quantization-aware training epochs (the best on val is kept; PTQ counts as epoch 0).",
+    )
+    lr: float = Field(
+        0.0001,
+        gt=0,
+        le=1,
+        description="qat: peak learning rate (cosine); small, the weights only settle onto the int8 grid.",
+    )
+    calibration_images: int = Field(
+        300, ge=8, le=100_000, description="Stratified training images for the activation ranges."
+    )
     overflow_fix: Literal["enable", "first_layer", "disable"] = Field(
         "enable",
         description="NNCF's OverflowFix: weights of these layers use 7 of their 8 bits. CPUs without VNNI (AVX2, AVX-512 "
@@ -477,30 +621,41 @@ class QuantizeConfig(GuardLimits):
         "(only for boxes known to have VNNI or AMX, or ARM).",
     )
     distill: bool = Field(
-        True, description="qat: knowledge distillation from the FP32 model being quantized (KL on softened logits plus cross-entropy)."
+        True,
+        description="qat: knowledge distillation from the FP32 model being quantized (KL on softened logits plus cross-entropy).",
     )
     distill_temperature: float = Field(
-        1.0, gt=0, le=100, description="qat distillation: softmax temperature; 1 matches the probabilities the operating point was locked on."
+        1.0,
+        gt=0,
+        le=100,
+        description="qat distillation: softmax temperature; 1 matches the probabilities the operating point was locked on.",
     )
     distill_alpha: float = Field(
-        1.0, ge=0, le=1,
+        1.0,
+        ge=0,
+        le=1,
         description="qat distillation: weight of the KL term (1 - alpha weighs the cross-entropy on labels). 1 by default: "
         "QAT should reproduce the FP32 model's scores; label cross-entropy re-calibrates them and moves the referral "
         "decisions at the locked threshold (measured: int8 val sensitivity -0.60 at alpha 0.5, +0.03 at alpha 1).",
     )
     keep_fp32: list[str] = Field(
-        default_factory=list, description="Module paths or blocks kept in FP32 from the start (NNCF ignored scope), e.g. [features.layer1]."
+        default_factory=list,
+        description="Module paths or blocks kept in FP32 from the start (NNCF ignored scope), e.g. [features.layer1].",
     )
     recovery_epochs: int = Field(2, ge=0, le=1000, description="When the guard fails: extra QAT epochs (first remedy).")
     fp32_fallback_layers: int = Field(
-        2, ge=0, le=100, description="When the guard still fails: keep this many most sensitive layers in FP32 and quantize again (second remedy; 0 = off)."
+        2,
+        ge=0,
+        le=100,
+        description="When the guard still fails: keep this many most sensitive layers in FP32 and quantize again (second remedy; 0 = off).",
     )
 
 
 # --------------------------------------------------------------------------------------------- export
 class ExportConfig(Section):
     formats: list[Literal["onnx", "openvino"]] = Field(
-        default_factory=lambda: ["onnx", "openvino"], description="Export formats; each is checked against the torch model."
+        default_factory=lambda: ["onnx", "openvino"],
+        description="Export formats; each is checked against the torch model.",
     )
     opset: int = Field(18, ge=13, le=23, description="ONNX opset version (the torchscript exporter caps it at 20).")
     onnx_exporter: Literal["torchscript", "dynamo"] = Field(
@@ -509,13 +664,16 @@ class ExportConfig(Section):
         "dynamo: the torch.export-based exporter (about 30x slower on these CNNs).",
     )
     parity_images: int = Field(64, ge=1, le=10_000, description="Real validation images used for the parity check.")
-    parity_max_abs_diff: float = Field(1e-3, gt=0, description="Largest allowed |logit difference| when the runtime executes in f32.")
+    parity_max_abs_diff: float = Field(
+        1e-3, gt=0, description="Largest allowed |logit difference| when the runtime executes in f32."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bench
 class BenchConfig(Section):
     runtimes: list[Literal["openvino", "onnxruntime", "torch"]] = Field(
-        default_factory=lambda: ["openvino", "onnxruntime", "torch"], description="Runtimes to measure every artifact on."
+        default_factory=lambda: ["openvino", "onnxruntime", "torch"],
+        description="Runtimes to measure every artifact on.",
     )
     threads: int | None = Field(None, ge=1, le=1024, description="Inference threads; None = all cores of this machine.")
     precision: Literal["auto", "f32", "bf16", "f16"] = Field(
@@ -530,10 +688,16 @@ class BenchConfig(Section):
 # ------------------------------------------------------------------------------------------- evaluate
 class EndpointsConfig(Section):
     min_sensitivity: float | None = Field(
-        None, gt=0, le=1, description="Referable-DR sensitivity every artifact must reach at the locked operating point (e.g. 0.85)."
+        None,
+        gt=0,
+        le=1,
+        description="Referable-DR sensitivity every artifact must reach at the locked operating point (e.g. 0.85).",
     )
     min_specificity: float | None = Field(
-        None, gt=0, le=1, description="Referable-DR specificity every artifact must reach at the locked operating point (e.g. 0.825)."
+        None,
+        gt=0,
+        le=1,
+        description="Referable-DR specificity every artifact must reach at the locked operating point (e.g. 0.825).",
     )
     min_auc: float | None = Field(None, gt=0, le=1, description="Referable-DR AUC every artifact must reach.")
     rule: Literal["point_estimate", "ci_lower_bound"] = Field(
@@ -550,15 +714,27 @@ class EvaluateConfig(Section):
         "sensitivity + specificity - 1; sensitivity takes the highest threshold reaching target_sensitivity.",
     )
     target_sensitivity: float | None = Field(
-        None, gt=0, lt=1, description="operating_point sensitivity: the validation sensitivity to reach, e.g. 0.87 (what IDx-DR's pivotal trial reported)."
+        None,
+        gt=0,
+        lt=1,
+        description="operating_point sensitivity: the validation sensitivity to reach, e.g. 0.87 (what IDx-DR's pivotal trial reported).",
     )
-    endpoints: EndpointsConfig = Field(default_factory=EndpointsConfig, description="Pass/fail targets judged for every artifact on the test split.")
+    endpoints: EndpointsConfig = Field(
+        default_factory=EndpointsConfig, description="Pass/fail targets judged for every artifact on the test split."
+    )
     temperature_scaling: bool = Field(
-        False, description="Fit a softmax temperature on the FP32 model's validation logits and use it for every artifact's P(referable)."
+        False,
+        description="Fit a softmax temperature on the FP32 model's validation logits and use it for every artifact's P(referable).",
     )
-    bootstrap_resamples: int = Field(2000, ge=100, le=100_000, description="Bootstrap resamples for the AUC, kappa and paired-delta 95% CIs.")
-    calibration_bins: int = Field(10, ge=2, le=100, description="Equal-width probability bins of the ECE and the reliability plot.")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Seed of the bootstrap resamples; None = the recipe's seed.")
+    bootstrap_resamples: int = Field(
+        2000, ge=100, le=100_000, description="Bootstrap resamples for the AUC, kappa and paired-delta 95% CIs."
+    )
+    calibration_bins: int = Field(
+        10, ge=2, le=100, description="Equal-width probability bins of the ECE and the reliability plot."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="Seed of the bootstrap resamples; None = the recipe's seed."
+    )
 
     @model_validator(mode="after")
     def _target_sensitivity_with_its_method(self) -> EvaluateConfig:
@@ -583,7 +759,9 @@ DEFAULT_INTENDED_USE = (
 
 
 class BundleConfig(Section):
-    enabled: bool = Field(True, description="Write bundle/ (model, bundle.json, golden samples, manifest) at the end of the build.")
+    enabled: bool = Field(
+        True, description="Write bundle/ (model, bundle.json, golden samples, manifest) at the end of the build."
+    )
     select: Literal["fastest", "best_under_budget", "name"] = Field(
         "fastest",
         description="The build's choice among the bundle's candidates (what predict and serve run until tlcompile verify pins "
@@ -594,9 +772,13 @@ class BundleConfig(Section):
         "(ties: the faster; note this chooses on the test split); name: the artifact named by bundle.artifact alone, "
         "whatever it measured.",
     )
-    artifact: str = Field("fp32", min_length=1, description="select: name: the artifact to bundle (fp32, pruned, int8, pruned-int8 ...).")
+    artifact: str = Field(
+        "fp32", min_length=1, description="select: name: the artifact to bundle (fp32, pruned, int8, pruned-int8 ...)."
+    )
     latency_budget_ms: float | None = Field(
-        None, gt=0, description="select: fastest / best_under_budget: the largest p90 batch-1 latency (ms, as benched) allowed; None = no budget."
+        None,
+        gt=0,
+        description="select: fastest / best_under_budget: the largest p90 batch-1 latency (ms, as benched) allowed; None = no budget.",
     )
     runtime: Literal["auto", "openvino", "onnxruntime"] = Field(
         "auto",
@@ -612,26 +794,39 @@ class BundleConfig(Section):
         "good on val); all: every one that meets them; chosen: only the build's choice. select: name always ships one.",
     )
     golden_samples: int = Field(
-        8, ge=1, le=64,
+        8,
+        ge=1,
+        le=64,
         description="Test-split images shipped in the bundle with their expected outputs, for tlcompile verify on the box "
         "(they travel with the bundle: use de-identified data).",
     )
-    intended_use: str = Field(DEFAULT_INTENDED_USE, min_length=1, max_length=4000, description="Model-card intended use, written into bundle.json.")
+    intended_use: str = Field(
+        DEFAULT_INTENDED_USE,
+        min_length=1,
+        max_length=4000,
+        description="Model-card intended use, written into bundle.json.",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ top
 class Recipe(Section):
     name: str = Field("build", min_length=1, max_length=100, description="Name of the build (used in reports).")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data generation, splits, initialisation and training order.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed for data generation, splits, initialisation and training order."
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset, preprocessing and split.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Architecture and source weights.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Supervised training.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export formats and parity checks.")
     bench: BenchConfig = Field(default_factory=BenchConfig, description="Latency and accuracy measurement.")
     evaluate: EvaluateConfig = Field(
-        default_factory=EvaluateConfig, description="Clinical evaluation: operating point, endpoints, 95% CIs and calibration."
+        default_factory=EvaluateConfig,
+        description="Clinical evaluation: operating point, endpoints, 95% CIs and calibration.",
     )
-    bundle: BundleConfig = Field(default_factory=BundleConfig, description="The deployment bundle: which artifact, runtime, golden samples, model card.")
+    bundle: BundleConfig = Field(
+        default_factory=BundleConfig,
+        description="The deployment bundle: which artifact, runtime, golden samples, model card.",
+    )
     transfer: TransferConfig | None = Field(
         None,
         description="Transfer learning: init, strategy, phases and an optional comparison of variants. None: train from "
@@ -639,7 +834,8 @@ class Recipe(Section):
     )
     prune: PruneConfig | None = Field(None, description="Pruning after training (artifact 'pruned'); None: no pruning.")
     quantize: QuantizeConfig | None = Field(
-        None, description="INT8 quantization of the trained (and pruned) model (artifacts 'int8', 'pruned-int8'); None: FP32 only."
+        None,
+        description="INT8 quantization of the trained (and pruned) model (artifacts 'int8', 'pruned-int8'); None: FP32 only.",
     )
 
     def effective_transfer(self) -> TransferConfig:
@@ -653,7 +849,11 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _transfer_fits_model_and_train(self) -> Recipe:
         transfer = self.effective_transfer()
-        implicit = "" if self.transfer is not None else " (the default when model.pretrained is set and there is no transfer section)"
+        implicit = (
+            ""
+            if self.transfer is not None
+            else " (the default when model.pretrained is set and there is no transfer section)"
+        )
         for i, v in enumerate(transfer.variants()):
             key = "transfer" if i == 0 else f"transfer.compare.{i - 1}"
             if v.init != "random" and self.model.pretrained == "none":
@@ -662,7 +862,9 @@ class Recipe(Section):
                     "imagenet, a weights file or build:DIR, or init: random"
                 )
             if v.strategy == "scratch" and v.init != "random":
-                raise ValueError(f"{key}: strategy scratch trains from a random init, not '{v.init}'; valid: init: random, or strategy: full")
+                raise ValueError(
+                    f"{key}: strategy scratch trains from a random init, not '{v.init}'; valid: init: random, or strategy: full"
+                )
             if v.strategy == "two_phase" and v.head_epochs >= self.train.epochs:
                 raise ValueError(
                     f"{key}: two_phase{implicit} trains {v.head_epochs} head epochs, leaving none of train.epochs = "
@@ -710,7 +912,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         _check_events(raw, f"--set '{text}'")
         value = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise RecipeError(f"--set '{text}': the value '{raw}' is not valid YAML ({getattr(err, 'problem', None) or err})") from err
+        raise RecipeError(
+            f"--set '{text}': the value '{raw}' is not valid YAML ({getattr(err, 'problem', None) or err})"
+        ) from err
     return parts, value
 
 
@@ -724,8 +928,11 @@ class _RecipeLoader(yaml.SafeLoader):
                 line = key_node.start_mark.line + 1
                 if key_node.value in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key '{key_node.value}' appears twice in one section (lines {seen[key_node.value]} and {line}); keep one",
-                        key_node.start_mark)
+                        None,
+                        None,
+                        f"key '{key_node.value}' appears twice in one section (lines {seen[key_node.value]} and {line}); keep one",
+                        key_node.start_mark,
+                    )
                 seen[key_node.value] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -742,8 +949,10 @@ def _check_events(text: str, source: str) -> None:
             if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
                 depth += 1
                 if depth > MAX_RECIPE_DEPTH:
-                    raise RecipeError(f"{source}: nested more than {MAX_RECIPE_DEPTH} levels deep (line {event.start_mark.line + 1}); "
-                                      "a recipe's sections nest a few levels")
+                    raise RecipeError(
+                        f"{source}: nested more than {MAX_RECIPE_DEPTH} levels deep (line {event.start_mark.line + 1}); "
+                        "a recipe's sections nest a few levels"
+                    )
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1
     except yaml.YAMLError:
@@ -850,7 +1059,9 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
         # model.pretrained is a weights file or build:DIR; like data.csv it is relative to the recipe file.
         prefix = "build:" if pretrained.startswith("build:") else ""
         path = Path(pretrained[len(prefix) :].strip()).expanduser()
-        model["pretrained"] = prefix + str(path if path.is_absolute() else _resolve(base_dir / path, "model.pretrained"))
+        model["pretrained"] = prefix + str(
+            path if path.is_absolute() else _resolve(base_dir / path, "model.pretrained")
+        )
     data = raw.get("data")
     if not isinstance(data, dict):
         return
@@ -869,7 +1080,9 @@ def _resolve(path: Path, key: str) -> Path:
     try:
         return path.resolve()
     except (RuntimeError, OSError) as err:  # Python < 3.13 raises RuntimeError for a symbolic-link loop
-        raise RecipeError(f"{key} '{path}': cannot be resolved ({err}); a symbolic link in it points back at itself") from err
+        raise RecipeError(
+            f"{key} '{path}': cannot be resolved ({err}); a symbolic link in it points back at itself"
+        ) from err
 
 
 def _check_paths_exist(recipe: Recipe, source: str) -> None:
@@ -891,7 +1104,9 @@ def read_recipe_text(path: Path) -> str:
     if path.is_dir():
         raise RecipeError(f"{path}: is a folder; give the path of a .yaml recipe file")
     if not path.is_file():  # a FIFO would block for ever, /dev/zero never ends
-        raise RecipeError(f"{path}: is not a regular file (a device, pipe or socket); give the path of a .yaml recipe file")
+        raise RecipeError(
+            f"{path}: is not a regular file (a device, pipe or socket); give the path of a .yaml recipe file"
+        )
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
         raise RecipeError(f"{path}: {size} bytes is too large for a recipe (limit {MAX_RECIPE_BYTES} bytes)")
@@ -916,7 +1131,9 @@ def parse_recipe_yaml(text: str, source: str) -> dict[str, Any]:
     if raw is None:
         raise RecipeError(f"{source}: the recipe is empty; start from recipes/quickstart.yaml")
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: the top level must be a mapping of sections (name, data, model, ...), not {type(raw).__name__}")
+        raise RecipeError(
+            f"{source}: the top level must be a mapping of sections (name, data, model, ...), not {type(raw).__name__}"
+        )
     return raw
 
 
@@ -943,4 +1160,3 @@ def validate_recipe_dict(raw: dict[str, Any], source: str = "recipe", text: str 
 def recipe_json_schema() -> dict[str, Any]:
     """JSON Schema of the recipe, for editors (yaml-language-server)."""
     return Recipe.model_json_schema()
-

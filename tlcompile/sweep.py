@@ -64,9 +64,19 @@ def _run_variant(recipe_path: str, overrides: list[str], out_dir: str, threads: 
         recipe = load_recipe(recipe_path, overrides)
         with open(os.devnull, "w") as devnull:
             result = build(recipe, Path(out_dir), console=Console(file=devnull))
-        return {"ok": True, "out_dir": out_dir, "wall_s": time.perf_counter() - started, "rows": result.report["artifacts"]}
+        return {
+            "ok": True,
+            "out_dir": out_dir,
+            "wall_s": time.perf_counter() - started,
+            "rows": result.report["artifacts"],
+        }
     except Exception as err:  # isolate the failure: the sweep reports it and goes on
-        return {"ok": False, "out_dir": out_dir, "wall_s": time.perf_counter() - started, "error": f"{type(err).__name__}: {err}".splitlines()[0]}
+        return {
+            "ok": False,
+            "out_dir": out_dir,
+            "wall_s": time.perf_counter() - started,
+            "error": f"{type(err).__name__}: {err}".splitlines()[0],
+        }
 
 
 def run_sweep(
@@ -82,7 +92,9 @@ def run_sweep(
     try:
         import ray
     except ImportError as err:
-        raise MissingDependencyError("tlcompile sweep runs on Ray, which is not installed; install it with: pip install 'tlcompile[sweep]'") from err
+        raise MissingDependencyError(
+            "tlcompile sweep runs on Ray, which is not installed; install it with: pip install 'tlcompile[sweep]'"
+        ) from err
     base_overrides = list(base_overrides or [])
     variants = variants_of(parse_grid(grid))
     for v in variants:  # validate every variant before anything runs
@@ -93,12 +105,22 @@ def run_sweep(
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 **({} if address else {"num_cpus": os.cpu_count()}))
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            **({} if address else {"num_cpus": os.cpu_count()}),
+        )
     try:
         task = ray.remote(num_cpus=cpus_per_variant, max_retries=0)(_run_variant)
         pending = {
-            task.remote(str(recipe_path.resolve()), [*base_overrides, *v.overrides], str((out_dir / v.name).resolve()), cpus_per_variant): v
+            task.remote(
+                str(recipe_path.resolve()),
+                [*base_overrides, *v.overrides],
+                str((out_dir / v.name).resolve()),
+                cpus_per_variant,
+            ): v
             for v in variants
         }
         results: dict[str, dict[str, Any]] = {}
@@ -108,7 +130,11 @@ def run_sweep(
             try:
                 outcome = ray.get(done[0])
             except Exception as err:  # the worker itself died (e.g. out of memory)
-                outcome = {"ok": False, "out_dir": str(out_dir / variant.name), "error": f"{type(err).__name__}: {err}".splitlines()[0]}
+                outcome = {
+                    "ok": False,
+                    "out_dir": str(out_dir / variant.name),
+                    "error": f"{type(err).__name__}: {err}".splitlines()[0],
+                }
             results[variant.name] = {"overrides": list(variant.overrides), **outcome}
             if on_done:
                 on_done(variant, outcome)
@@ -118,7 +144,9 @@ def run_sweep(
     return write_sweep_report(out_dir, recipe_path, variants, results)
 
 
-def write_sweep_report(out_dir: Path, recipe_path: Path, variants: list[Variant], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def write_sweep_report(
+    out_dir: Path, recipe_path: Path, variants: list[Variant], results: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     from tlcompile.runtime.bench import mark_pareto
 
     rows = []
@@ -129,7 +157,9 @@ def write_sweep_report(out_dir: Path, recipe_path: Path, variants: list[Variant]
     mark_pareto(rows)
     report = {
         "recipe": str(recipe_path),
-        "variants": [{"name": v.name, **{k: val for k, val in results[v.name].items() if k != "rows"}} for v in variants],
+        "variants": [
+            {"name": v.name, **{k: val for k, val in results[v.name].items() if k != "rows"}} for v in variants
+        ],
         "rows": rows,
     }
     atomic_write_json(out_dir / "sweep.json", report)
@@ -143,8 +173,14 @@ def render_sweep_markdown(report: dict[str, Any]) -> str:
 
     lines = [f"# Sweep of {report['recipe']}", "", "| variant | status | wall s |", "|---|---|---|"]
     for v in report["variants"]:
-        lines.append(f"| {v['name']} | {'ok' if v['ok'] else 'FAILED: ' + v.get('error', '')} | {num(v.get('wall_s'), '.0f')} |")
-    lines += ["", "| variant | artifact | runtime | exec | p50 ms | AUC | sens | spec | MB | Pareto |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {v['name']} | {'ok' if v['ok'] else 'FAILED: ' + v.get('error', '')} | {num(v.get('wall_s'), '.0f')} |"
+        )
+    lines += [
+        "",
+        "| variant | artifact | runtime | exec | p50 ms | AUC | sens | spec | MB | Pareto |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
         m = r.get("metrics", {})
         lines.append(

@@ -29,14 +29,16 @@ def tiny_build(tmp_path_factory):
     from tlcompile.build import build
     from tlcompile.recipe import validate_recipe_dict
 
-    recipe = validate_recipe_dict({
-        "name": "benchtiny",
-        "data": {"num_images": 80, "image_size": 32, "split": {"val": 0.25, "test": 0.25}},
-        "model": {"arch": "cbr_small"},
-        "train": {"epochs": 1},
-        "export": {"parity_images": 8},
-        "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 2},
-    })
+    recipe = validate_recipe_dict(
+        {
+            "name": "benchtiny",
+            "data": {"num_images": 80, "image_size": 32, "split": {"val": 0.25, "test": 0.25}},
+            "model": {"arch": "cbr_small"},
+            "train": {"epochs": 1},
+            "export": {"parity_images": 8},
+            "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 2},
+        }
+    )
     out = tmp_path_factory.mktemp("bench") / "build"
     build(recipe, out, console=_Console(quiet=True))
     return out
@@ -49,9 +51,28 @@ TORCH_BLOCKED = "import sys; sys.modules['torch'] = None; sys.modules['torchvisi
 def test_bench_runs_without_torch(tiny_build, tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-c", TORCH_BLOCKED, "bench", str(tiny_build), "--iterations", "5", "--warmup", "1", "--threads", "1,2",
-         "--batch", "1,2", "--budget-ms", "1000", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            TORCH_BLOCKED,
+            "bench",
+            str(tiny_build),
+            "--iterations",
+            "5",
+            "--warmup",
+            "1",
+            "--threads",
+            "1,2",
+            "--batch",
+            "1,2",
+            "--budget-ms",
+            "1000",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     runs = read_results(out)["runs"]
@@ -70,8 +91,24 @@ def test_bench_runs_without_torch(tiny_build, tmp_path):
         assert r["metrics"]["auc"] is not None and r["metrics_source"] == "build test split"
     assert runs[0]["host"]["cpu"]["usable_cores"] >= 1
     # --out appends: a second run keeps the first.
-    proc = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, "bench", str(tiny_build / "05_export" / "fp32.onnx"),
-                           "--iterations", "3", "--warmup", "0", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TORCH_BLOCKED,
+            "bench",
+            str(tiny_build / "05_export" / "fp32.onnx"),
+            "--iterations",
+            "3",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(read_results(out)["runs"]) == 2
     assert "torch" not in proc.stderr.lower() or "error" not in proc.stderr.lower()
@@ -98,7 +135,9 @@ def test_end_to_end_on_camera_size_jpeg(tiny_build, tmp_path):
     from tlcompile.benchdata import synthetic_camera_images
 
     images = synthetic_camera_images(tmp_path, count=1, width=800, height=600)
-    rows = run_bench([tiny_build], BenchOptions(runtimes=["openvino"], iterations=5, warmup=1, e2e=True, e2e_images=images))["rows"]
+    rows = run_bench(
+        [tiny_build], BenchOptions(runtimes=["openvino"], iterations=5, warmup=1, e2e=True, e2e_images=images)
+    )["rows"]
     e2e = rows[0]["e2e"]
     assert e2e["image_size"] == [800, 600]
     assert e2e["total_ms"] >= e2e["infer_ms"] > 0 and e2e["decode_ms"] > 0
@@ -115,7 +154,21 @@ def test_pareto_front():
 
 def test_merge_recomputes_the_front(tmp_path):
     def run(p50, auc, host):
-        return {"runs": [{"rows": [{"name": "m", "runtime": "openvino", "host": host, "latency_ms": {"p50": p50}, "metrics": {"auc": auc}}]}]}
+        return {
+            "runs": [
+                {
+                    "rows": [
+                        {
+                            "name": "m",
+                            "runtime": "openvino",
+                            "host": host,
+                            "latency_ms": {"p50": p50},
+                            "metrics": {"auc": auc},
+                        }
+                    ]
+                }
+            ]
+        }
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(run(1.0, 0.8, "box-a")))
@@ -138,8 +191,15 @@ def test_bad_inputs_are_clear(tmp_path):
         read_results(tmp_path / "r.json")
 
 
-@pytest.mark.parametrize("args, expected", [(["--threads", "0"], "--threads '0'"), (["--threads", "a"], "--threads 'a'"),
-                                            (["--precision", "int4"], "--precision 'int4'"), (["--runtime", "torch"], "--runtime 'torch'")])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--threads", "0"], "--threads '0'"),
+        (["--threads", "a"], "--threads 'a'"),
+        (["--precision", "int4"], "--precision 'int4'"),
+        (["--runtime", "torch"], "--runtime 'torch'"),
+    ],
+)
 def test_cli_option_errors(args, expected, tiny_build, capsys, monkeypatch):
     from tlcompile.cli import main
 
@@ -161,8 +221,11 @@ def test_bundle_is_benched_as_it_deploys(tiny_build):
     row = next(r for r in rows if r["runtime"] == meta["model"]["runtime"])
     assert row["runtime"] == meta["model"]["runtime"] and row["requested_precision"] == meta["model"]["precision"]
     # Accuracy through the bundle's runtime, at the bundle's threshold and temperature, equals what the build measured.
-    build_row = next(r for r in json.loads((tiny_build / "report.json").read_text())["artifacts"]
-                     if r["name"] == meta["artifact"]["name"] and r["runtime"] == row["runtime"])
+    build_row = next(
+        r
+        for r in json.loads((tiny_build / "report.json").read_text())["artifacts"]
+        if r["name"] == meta["artifact"]["name"] and r["runtime"] == row["runtime"]
+    )
     assert row["metrics"]["threshold"] == pytest.approx(meta["operating_point"]["threshold"])
     if row["exec_precision"] == build_row["exec_precision"]:
         assert row["metrics"]["auc"] == pytest.approx(build_row["metrics"]["auc"], abs=1e-6)
@@ -177,7 +240,9 @@ def test_accuracy_on_a_folder_of_grades(tiny_build, tmp_path):
     for grade in range(5):
         (tmp_path / str(grade)).mkdir()
         for i in range(3):
-            Image.fromarray(render_fundus(grade, np.random.default_rng([grade, i]), size=96)).save(tmp_path / str(grade) / f"{i}.png")
+            Image.fromarray(render_fundus(grade, np.random.default_rng([grade, i]), size=96)).save(
+                tmp_path / str(grade) / f"{i}.png"
+            )
     opts = BenchOptions(runtimes=["onnxruntime"], iterations=2, warmup=0)
     rows = run_bench([tiny_build], opts, eval_sets=eval_set_loader(tmp_path))["rows"]
     assert rows[0]["metrics"]["n"] == 15 and rows[0]["metrics_source"] == "bench --data"
@@ -194,8 +259,15 @@ def test_latency_is_measured_in_rounds_until_the_p90_spread_is_small(monkeypatch
 
         def fake_measure_latency(run, warmup, iterations, min_seconds=0.0):
             p90 = next(feed)
-            return {"p50": p90 * 0.9, "p90": p90, "p99": p90 * 1.1, "mean": p90 * 0.95, "min": p90 * 0.8,
-                    "first_ms": 50.0, "iterations": iterations}
+            return {
+                "p50": p90 * 0.9,
+                "p90": p90,
+                "p99": p90 * 1.1,
+                "mean": p90 * 0.95,
+                "min": p90 * 0.8,
+                "first_ms": 50.0,
+                "iterations": iterations,
+            }
 
         return fake_measure_latency
 
@@ -211,6 +283,7 @@ def test_latency_is_measured_in_rounds_until_the_p90_spread_is_small(monkeypatch
     assert abs(stability["p90_spread_share"] - 0.05 / 2.02) < 1e-3
     # A box that gets busier every round never settles: all rounds are used and the row says it is not stable.
     monkeypatch.setattr(bench_module, "measure_latency", scripted([1.0, 1.2, 1.4, 1.6, 1.8]))
-    _, stability = measure_in_rounds(lambda: None, BenchOptions(iterations=5, warmup=1, min_rounds=2, max_rounds=4,
-                                                                stable_spread=0.05))
+    _, stability = measure_in_rounds(
+        lambda: None, BenchOptions(iterations=5, warmup=1, min_rounds=2, max_rounds=4, stable_spread=0.05)
+    )
     assert stability["rounds"] == 4 and not stability["stable"] and stability["p90_spread_share"] > 0.05

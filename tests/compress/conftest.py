@@ -12,7 +12,9 @@ from tlcompile.recipe import DataConfig, SplitConfig
 @pytest.fixture(scope="session")
 def tiny_data():
     """64 synthetic fundus images at 32 px, referable task, split 32/16/16."""
-    cfg = DataConfig(source="synthetic", num_images=64, image_size=32, task="referable", split=SplitConfig(val=0.25, test=0.25))
+    cfg = DataConfig(
+        source="synthetic", num_images=64, image_size=32, task="referable", split=SplitConfig(val=0.25, test=0.25)
+    )
     return load_data(cfg, seed=0)
 
 

@@ -46,8 +46,12 @@ def test_prune_and_quantize_build_end_to_end(compress_recipe, tmp_path):
     names = ("fp32", "pruned", "int8", "pruned-int8")
     assert set(rows) == {(n, rt) for n in names for rt in ("openvino", "onnxruntime")}
     lineage = {n: rows[(n, "openvino")]["lineage"] for n in names}
-    assert lineage == {"fp32": "fp32", "pruned": "fp32 <- pruned-channel-0.5", "int8": "fp32 <- qat-int8",
-                       "pruned-int8": "fp32 <- pruned-channel-0.5 <- qat-int8"}
+    assert lineage == {
+        "fp32": "fp32",
+        "pruned": "fp32 <- pruned-channel-0.5",
+        "int8": "fp32 <- qat-int8",
+        "pruned-int8": "fp32 <- pruned-channel-0.5 <- qat-int8",
+    }
     fp32, pruned, int8, pruned_int8 = (rows[(n, "openvino")] for n in names)
     # Channels were physically removed: a quarter of the work and weights is left; the file is smaller too.
     assert pruned["macs"] < 0.3 * fp32["macs"] and pruned_int8["macs"] == pruned["macs"]
@@ -66,11 +70,25 @@ def test_prune_and_quantize_build_end_to_end(compress_recipe, tmp_path):
     assert [c["against"] for c in pruned_int8["guard"]["checks"]] == ["fp32", "pruned"]
     assert int8["compression"]["ptq"]["test"]["auc"] is not None and int8["compression"]["batchnorm_folded"] == 4
     # QAT distils the model it quantizes (the guard's reference), not always the unpruned FP32 model.
-    assert int8["compression"]["distill"]["teacher"] == "fp32" and pruned_int8["compression"]["distill"]["teacher"] == "pruned"
-    assert pruned["compression"]["widths"] == {"features.layer1.conv": [32, 16], "features.layer2.conv": [64, 32],
-                                               "features.layer3.conv": [128, 64], "features.layer4.conv": [256, 128]}
-    for rel in ("03_prune/architecture.json", "03_prune/pruned.pt", "04_quantize/int8.nncf.json", "04_quantize/int8.pt",
-                "04_quantize/pruned-int8.nncf.json", "05_export/pruned-int8.onnx", "05_export/pruned-int8.xml"):
+    assert (
+        int8["compression"]["distill"]["teacher"] == "fp32"
+        and pruned_int8["compression"]["distill"]["teacher"] == "pruned"
+    )
+    assert pruned["compression"]["widths"] == {
+        "features.layer1.conv": [32, 16],
+        "features.layer2.conv": [64, 32],
+        "features.layer3.conv": [128, 64],
+        "features.layer4.conv": [256, 128],
+    }
+    for rel in (
+        "03_prune/architecture.json",
+        "03_prune/pruned.pt",
+        "04_quantize/int8.nncf.json",
+        "04_quantize/int8.pt",
+        "04_quantize/pruned-int8.nncf.json",
+        "05_export/pruned-int8.onnx",
+        "05_export/pruned-int8.xml",
+    ):
         assert (out / rel).is_file(), rel
     assert {"prune", "quantize"} <= set(report["stage_seconds"])
 
@@ -81,7 +99,10 @@ def test_a_resumed_build_rebuilds_the_compressed_models_from_their_files(compres
     recipe, report = _build(compress_recipe, out)
     rows = {(a["name"], a["runtime"]): a for a in report["artifacts"]}
     # The compressed models are rebuilt from architecture.json / NNCF config + state_dict, not recomputed.
-    saved = {p: (out / p).stat().st_mtime_ns for p in ("03_prune/pruned.pt", "04_quantize/int8.pt", "04_quantize/pruned-int8.pt")}
+    saved = {
+        p: (out / p).stat().st_mtime_ns
+        for p in ("03_prune/pruned.pt", "04_quantize/int8.pt", "04_quantize/pruned-int8.pt")
+    }
     again = build(recipe, out, resume=True, console=Console(quiet=True)).report
     assert {p: (out / p).stat().st_mtime_ns for p in saved} == saved
     rows2 = {(a["name"], a["runtime"]): a for a in again["artifacts"]}
@@ -124,9 +145,17 @@ def _build_resumed(recipe_dict: dict, out):
 
 
 def _ctx(tiny_data, tmp_path, quantize: dict | None = None, prune: dict | None = None) -> BuildContext:
-    recipe = validate_recipe_dict({"data": {"num_images": 64, "image_size": 32}, "train": {"epochs": 1, "batch_size": 16},
-                                   **({"quantize": quantize} if quantize else {}), **({"prune": prune} if prune else {})})
-    ctx = BuildContext(recipe=recipe, out_dir=tmp_path, console=Console(quiet=True), device=torch.device("cpu"), data=tiny_data)
+    recipe = validate_recipe_dict(
+        {
+            "data": {"num_images": 64, "image_size": 32},
+            "train": {"epochs": 1, "batch_size": 16},
+            **({"quantize": quantize} if quantize else {}),
+            **({"prune": prune} if prune else {}),
+        }
+    )
+    ctx = BuildContext(
+        recipe=recipe, out_dir=tmp_path, console=Console(quiet=True), device=torch.device("cpu"), data=tiny_data
+    )
     ctx.operating_point = {"threshold": 0.5, "temperature": 1.0}
     ctx.stage = StageRun(folder=tmp_path)  # what the build loop gives a running stage
     return ctx
@@ -135,10 +164,20 @@ def _ctx(tiny_data, tmp_path, quantize: dict | None = None, prune: dict | None =
 def _check(met: bool, auc: float = 0.9) -> dict:
     item = {"reference": 0.9, "value": auc, "drop": 0.9 - auc, "max_drop": 0.01, "met": met}
     none = {"reference": 0.5, "value": 0.5, "drop": 0.0, "max_drop": None}
-    return {"against": "fp32", "split": "val", "auc": item, "sensitivity": none, "specificity": none, "accuracy": none, "met": met}
+    return {
+        "against": "fp32",
+        "split": "val",
+        "auc": item,
+        "sensitivity": none,
+        "specificity": none,
+        "accuracy": none,
+        "met": met,
+    }
 
 
-def test_finetuning_keeps_the_state_the_guard_prefers_and_can_freeze_bn_statistics(tiny_data, calibration_inputs, tmp_path):
+def test_finetuning_keeps_the_state_the_guard_prefers_and_can_freeze_bn_statistics(
+    tiny_data, calibration_inputs, tmp_path
+):
     from tests.compress.conftest import settled
     from tlcompile.build import tuning
 
@@ -146,12 +185,16 @@ def test_finetuning_keeps_the_state_the_guard_prefers_and_can_freeze_bn_statisti
     model = settled("cbr_small", calibration_inputs)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     verdicts = iter([_check(True), _check(False, auc=0.99)])  # the starting state meets the guard, the epoch does not
-    tuned = tuning.finetune(ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True)
+    tuned = tuning.finetune(
+        ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True
+    )
     assert tuned["best_epoch"] == 0 and tuned["check"]["met"] and len(tuned["history"]) == 1
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # the better-AUC epoch was not kept
 
     verdicts = iter([_check(False), _check(True, auc=0.8)])
-    tuned = tuning.finetune(ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True)
+    tuned = tuning.finetune(
+        ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True
+    )
     assert tuned["best_epoch"] == 1
     state = model.state_dict()
     assert not torch.equal(state["features.layer1.conv.weight"], start["features.layer1.conv.weight"])  # trained ...
@@ -164,9 +207,13 @@ def test_pruning_does_not_depend_on_what_ran_before_in_the_process(tiny_data, ca
     from tests.compress.conftest import settled
     from tlcompile.build.stages import prune
 
-    ctx = _ctx(tiny_data, tmp_path, prune={"steps": 1, "finetune_epochs": 1, "calibration_images": 16, "recovery_epochs": 0})
+    ctx = _ctx(
+        tiny_data, tmp_path, prune={"steps": 1, "finetune_epochs": 1, "calibration_images": 16, "recovery_epochs": 0}
+    )
     # MobileNetV3's classifier has dropout (cbr_small has none, so it could not show the difference).
-    fp32 = Artifact(name="fp32", module=settled("mobilenet_v3_small", calibration_inputs), precision="fp32", lineage="fp32")
+    fp32 = Artifact(
+        name="fp32", module=settled("mobilenet_v3_small", calibration_inputs), precision="fp32", lineage="fp32"
+    )
     states, losses = [], []
     for warm_up in (0, 7):
         torch.rand(warm_up)  # a different history of the global RNG
@@ -177,7 +224,9 @@ def test_pruning_does_not_depend_on_what_ran_before_in_the_process(tiny_data, ca
     assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
 
 
-def test_a_guard_failing_on_decisions_alone_is_realigned_by_the_classifier_bias(tiny_data, calibration_inputs, tmp_path):
+def test_a_guard_failing_on_decisions_alone_is_realigned_by_the_classifier_bias(
+    tiny_data, calibration_inputs, tmp_path
+):
     """A pruned model that ranks like fp32 but scores everyone higher: the bias shift restores the val decisions."""
     import copy
 
@@ -230,7 +279,11 @@ def test_a_failing_guard_gets_more_qat_epochs_then_fp32_layers(tiny_data, calibr
     from tlcompile.compress import guard
     from tlcompile.compress.quantize import quantizer_hooks
 
-    ctx = _ctx(tiny_data, tmp_path, {"epochs": 1, "recovery_epochs": 1, "fp32_fallback_layers": 2, "calibration_images": 16, "distill": False})
+    ctx = _ctx(
+        tiny_data,
+        tmp_path,
+        {"epochs": 1, "recovery_epochs": 1, "fp32_fallback_layers": 2, "calibration_images": 16, "distill": False},
+    )
     fp32 = Artifact(name="fp32", module=settled("cbr_small", calibration_inputs), precision="fp32", lineage="fp32")
     real_check, real_sensitivity, calls = guard.check, stage.layer_sensitivity, []
 

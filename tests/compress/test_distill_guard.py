@@ -20,7 +20,9 @@ def test_distillation_loss_is_ce_plus_scaled_kl():
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
     y = torch.randint(0, 2, (8,), generator=g)
-    assert torch.isclose(distillation_loss(student, teacher, y, temperature=3.0, alpha=0.0), F.cross_entropy(student, y))
+    assert torch.isclose(
+        distillation_loss(student, teacher, y, temperature=3.0, alpha=0.0), F.cross_entropy(student, y)
+    )
     assert distillation_loss(teacher, teacher, y, temperature=3.0, alpha=1.0).abs() < 1e-6  # student == teacher
     t = 3.0
     p_t = F.softmax(teacher / t, dim=1)
@@ -103,20 +105,31 @@ def test_realignment_restores_the_reference_decisions_and_keeps_the_ranking(clas
     threshold = 0.5
     reference = guard.val_metrics(reference_logits, targets, threshold=threshold)
     limits = {"auc": 0.01, "sensitivity": 0.02, "specificity": 0.05, "accuracy": None}
-    before = guard.check(guard.val_metrics(moved, targets, threshold=threshold), reference, against="fp32", limits=limits)
+    before = guard.check(
+        guard.val_metrics(moved, targets, threshold=threshold), reference, against="fp32", limits=limits
+    )
     assert before["auc"]["met"] and not before["specificity"]["met"]  # same ranking, more people referred
     delta = guard.realignment_shift(moved, targets, reference, threshold=threshold, temperature=1.0, limits=limits)
     assert -1.5 - 0.5 < delta < 0  # it undoes (part of) the shift that was added ...
     # ... and no smaller shift would do: it is the least change that brings the decisions within the limits.
     smaller = moved.copy()
     smaller[:, 1 if classes == 2 else slice(2, None)] += delta * 0.9
-    assert not guard.check(guard.val_metrics(smaller, targets, threshold=threshold), reference, against="fp32", limits=limits)["met"]
+    assert not guard.check(
+        guard.val_metrics(smaller, targets, threshold=threshold), reference, against="fp32", limits=limits
+    )["met"]
     fixed = moved.copy()
     fixed[:, 1 if classes == 2 else slice(2, None)] += delta
-    after = guard.check(guard.val_metrics(fixed, targets, threshold=threshold), reference, against="fp32", limits=limits)
+    after = guard.check(
+        guard.val_metrics(fixed, targets, threshold=threshold), reference, against="fp32", limits=limits
+    )
     assert after["met"] and after["auc"]["value"] == pytest.approx(before["auc"]["value"], abs=1e-12)
     # A model whose decisions already match is not moved.
-    assert guard.realignment_shift(reference_logits, targets, reference, threshold=threshold, temperature=1.0, limits=limits) == 0.0
+    assert (
+        guard.realignment_shift(
+            reference_logits, targets, reference, threshold=threshold, temperature=1.0, limits=limits
+        )
+        == 0.0
+    )
 
 
 @pytest.mark.parametrize("arch,classes", [("cbr_tiny", 2), ("mobilenet_v3_small", 5)])
@@ -131,7 +144,9 @@ def test_the_bias_shift_moves_the_referable_log_odds_exactly(arch, classes):
         before = model(x).numpy()
         shift_referable_bias(model, 0.7, temperature=2.0)
         after = model(x).numpy()
-    np.testing.assert_allclose(guard.referable_log_odds(after, 2.0) - guard.referable_log_odds(before, 2.0), 0.7, atol=1e-5)
+    np.testing.assert_allclose(
+        guard.referable_log_odds(after, 2.0) - guard.referable_log_odds(before, 2.0), 0.7, atol=1e-5
+    )
 
 
 def test_recipe_sections_validate_with_one_line_errors():
@@ -141,12 +156,17 @@ def test_recipe_sections_validate_with_one_line_errors():
     for raw, message in [
         ({"prune": {"ratio": 1.0}}, "prune.ratio"),
         ({"prune": {"method": "filter"}}, "'filter' is not valid"),
-        ({"prune": {"method": "magnitude", "importance": "taylor"}}, "importance 'taylor' applies to method channel only"),
+        (
+            {"prune": {"method": "magnitude", "importance": "taylor"}},
+            "importance 'taylor' applies to method channel only",
+        ),
         ({"prune": {"layer_ratios": {"layer4": 0}}}, "layer_ratios['layer4'] = 0"),
         ({"quantize": {"epochs": 0}}, "quantize.epochs"),
         ({"quantize": {"max_auc_drop": -0.1}}, "quantize.max_auc_drop"),
         ({"quantize": {"bits": 4}}, "unknown key 'bits'; valid keys here: calibration_images"),
     ]:
-        with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")) as info:
+        with pytest.raises(
+            RecipeError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+        ) as info:
             validate_recipe_dict(raw)
         assert "\n" not in str(info.value)

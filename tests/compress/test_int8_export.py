@@ -47,25 +47,36 @@ def _ort_ops(path, tmp_path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
 
 
-@pytest.mark.parametrize(("arch", "convs"), [
-    ("cbr_small", 4),
-    pytest.param("mobilenet_v2", 52, marks=pytest.mark.slow),  # depthwise convs and residual adds
-])
-def test_int8_onnx_is_u8s8_qdq_that_onnxruntime_runs_as_qlinear_kernels(arch, convs, tmp_path, tiny_data, calibration_inputs, request):
+@pytest.mark.parametrize(
+    ("arch", "convs"),
+    [
+        ("cbr_small", 4),
+        pytest.param("mobilenet_v2", 52, marks=pytest.mark.slow),  # depthwise convs and residual adds
+    ],
+)
+def test_int8_onnx_is_u8s8_qdq_that_onnxruntime_runs_as_qlinear_kernels(
+    arch, convs, tmp_path, tiny_data, calibration_inputs, request
+):
     q = request.getfixturevalue("cbr_int8") if arch == "cbr_small" else _int8(arch, tiny_data, calibration_inputs)
     path = tmp_path / "int8.onnx"
     info = export_int8(q, path, "onnx", image_size=32)
     assert info["weights_prequantized"] == convs + 1  # every conv and the classifier
     graph = onnx.load(str(path)).graph
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    inits.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
+    inits.update(
+        {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    )
     for node in graph.node:
         if node.op_type == "QuantizeLinear":  # only activations are quantized at run time, all as uint8
             assert node.input[0] not in inits and inits[node.input[2]].dtype == np.uint8
-    constant_dq = Counter(inits[n.input[0]].dtype.name for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
+    constant_dq = Counter(
+        inits[n.input[0]].dtype.name for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    )
     assert constant_dq == {"int8": convs + 1, "int32": 1}  # int8 weights; the classifier's bias as int32 (QGemm)
     ops = _ort_ops(path, tmp_path)
-    assert ops["QLinearConv"] == convs and ops["Conv"] == 0 and ops.get("FusedConv", 0) == 0  # no conv fell back to float
+    assert (
+        ops["QLinearConv"] == convs and ops["Conv"] == 0 and ops.get("FusedConv", 0) == 0
+    )  # no conv fell back to float
     assert ops["QGemm"] == 1 and ops["Gemm"] == 0
     if arch == "mobilenet_v2":
         assert ops["QLinearAdd"] == 10
@@ -83,10 +94,15 @@ def test_int8_onnx_is_u8s8_qdq_that_onnxruntime_runs_as_qlinear_kernels(arch, co
     assert (logits.argmax(1) == reference.argmax(1))[clear].all()
 
 
-@pytest.mark.parametrize(("arch", "counts"), [
-    ("cbr_small", {"activations_to_uint8": 1, "weights_prequantized": 5}),  # the signed network input; 4 convs + fc
-    pytest.param("mobilenet_v2", {"activations_to_uint8": 28, "weights_prequantized": 53}, marks=pytest.mark.slow),  # residuals
-])
+@pytest.mark.parametrize(
+    ("arch", "counts"),
+    [
+        ("cbr_small", {"activations_to_uint8": 1, "weights_prequantized": 5}),  # the signed network input; 4 convs + fc
+        pytest.param(
+            "mobilenet_v2", {"activations_to_uint8": 28, "weights_prequantized": 53}, marks=pytest.mark.slow
+        ),  # residuals
+    ],
+)
 def test_the_uint8_and_weight_rewrite_is_exact(arch, counts, tmp_path, tiny_data, calibration_inputs, request):
     q = request.getfixturevalue("cbr_int8") if arch == "cbr_small" else _int8(arch, tiny_data, calibration_inputs)
     raw = tmp_path / "raw.onnx"
@@ -126,7 +142,12 @@ def test_mobilenet_v3_dequantizes_no_weight_at_run_time(tmp_path, tiny_data, cal
     shutil.copy(raw, path)
     finalize_qdq(exact, for_onnxruntime=False)
     info = finalize_qdq(path)
-    assert info == {"activations_to_uint8": 46, "weights_prequantized": 36, "gemm_bias_int32": 2, "weights_dequantized": 18}
+    assert info == {
+        "activations_to_uint8": 46,
+        "weights_prequantized": 36,
+        "gemm_bias_int32": 2,
+        "weights_dequantized": 18,
+    }
     ops = _ort_ops(path, tmp_path)
     # Every conv whose output NNCF quantizes is fused (ReLU blocks, depthwise included, and the projections); the 18
     # Conv+HardSwish and the 18 squeeze-excitation convs (float in the torch model too) run as float convs.

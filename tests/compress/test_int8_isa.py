@@ -43,11 +43,16 @@ def int8_files(tiny_data, calibration_inputs, tmp_path_factory):
 def _int8_conv_weights(path) -> list[np.ndarray]:
     graph = onnx.load(str(path)).graph
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    return [inits[n.input[0]] for n in graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8]
+    return [
+        inits[n.input[0]]
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8
+    ]
 
 
-def test_int8_weights_fit_in_7_bits_so_avx2_pair_sums_cannot_saturate(int8_files, tiny_data, calibration_inputs, tmp_path):
+def test_int8_weights_fit_in_7_bits_so_avx2_pair_sums_cannot_saturate(
+    int8_files, tiny_data, calibration_inputs, tmp_path
+):
     """VPMADDUBSW adds two u8 x s8 products into int16: 255 * 127 * 2 = 64770 overflows 32767, 255 * 64 * 2 = 32640
     does not. With OverflowFix on every layer (the recipe default) no stored weight leaves [-64, 64]."""
     weights = _int8_conv_weights(int8_files / "int8.onnx")
@@ -66,7 +71,9 @@ def _assert_parity(rows, folder, where: str) -> None:
     for row in rows:
         # 4% of the largest logit: the overflow-fixed files stay within ~2% on every ISA; NNCF's default (first layer
         # only) gave 9% here under the emulated AVX2 CPU (0.058 of 0.64), and ~1 logit on the quickstart.
-        assert row["max_abs_diff"] <= 0.04 * scale and row["top1_agreement"] >= 0.99, f"{where}: {row} (largest logit {scale:.3f})"
+        assert row["max_abs_diff"] <= 0.04 * scale and row["top1_agreement"] >= 0.99, (
+            f"{where}: {row} (largest logit {scale:.3f})"
+        )
 
 
 def test_int8_parity_on_this_cpu(int8_files):
@@ -74,7 +81,9 @@ def test_int8_parity_on_this_cpu(int8_files):
     _assert_parity(rows, int8_files, f"this CPU ({ISA})")
 
 
-@pytest.mark.skipif(not qemu_available(), reason="qemu-x86_64 (Debian: qemu-user) is needed to emulate an AVX2-only CPU")
+@pytest.mark.skipif(
+    not qemu_available(), reason="qemu-x86_64 (Debian: qemu-user) is needed to emulate an AVX2-only CPU"
+)
 def test_int8_parity_on_an_emulated_avx2_only_cpu(int8_files):
     """Both runtimes pick their int8 kernels from CPUID; under qemu's Haswell model they take the AVX2 (VPMADDUBSW)
     paths whatever this machine has. Before the overflow fix, the quickstart's int8 files moved by 0.77 (ONNX Runtime)

@@ -95,7 +95,9 @@ def test_global_scope_prunes_unevenly_within_the_per_layer_cap():
 def test_taylor_importance_uses_gradients(tiny_data, calibration_inputs):
     x, y = tiny_data.subset("train")
     model = settled("cbr_small", calibration_inputs)
-    pruner = ChannelPruner(model, PruneConfig(ratio=0.25, steps=1, importance="taylor", round_to=None), torch.zeros(1, 3, 32, 32))
+    pruner = ChannelPruner(
+        model, PruneConfig(ratio=0.25, steps=1, importance="taylor", round_to=None), torch.zeros(1, 3, 32, 32)
+    )
     with pytest.raises(ValueError, match="gradient"):
         pruner.step()
     batches = list(input_batches(x, tiny_data.spec, batch_size=16, device=torch.device("cpu"), targets=y))

@@ -98,11 +98,17 @@ def test_layer_sensitivity_ranks_every_quantized_layer_and_restores_the_quantize
     x, _ = tiny_data.subset("train")
     spec, cpu = tiny_data.spec, torch.device("cpu")
     layers = compute_layers(q, torch.zeros(1, 3, 32, 32))
-    assert set(layers) == {"features/layer1/conv/conv2d/0", "features/layer2/conv/conv2d/0", "features/layer3/conv/conv2d/0",
-                           "features/layer4/conv/conv2d/0", "fc/linear/0"}
+    assert set(layers) == {
+        "features/layer1/conv/conv2d/0",
+        "features/layer2/conv/conv2d/0",
+        "features/layer3/conv/conv2d/0",
+        "features/layer4/conv/conv2d/0",
+        "fc/linear/0",
+    }
     # Each layer owns its weight quantizer and the activation quantizer feeding it (through the max-pool).
     assert layers["features/layer2/conv/conv2d/0"] == sorted(
-        ["pre_hooks.features/layer2/conv/conv2d/0__1.0", "post_hooks.features/layer1/relu/relu_/0__0.0"])
+        ["pre_hooks.features/layer2/conv/conv2d/0__1.0", "post_hooks.features/layer1/relu/relu_/0__0.0"]
+    )
     assert "post_hooks.x__0.0" in layers["features/layer1/conv/conv2d/0"]  # the network input
     before = loop.predict(q, x, spec, device=cpu)
     ranking = layer_sensitivity(q, loop.predict(base, x, spec, device=cpu), x, spec, device=cpu)

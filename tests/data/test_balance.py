@@ -15,16 +15,31 @@ def _imbalanced(balance: str, n: int = 400, positives: int = 40) -> DataModule:
     targets = np.zeros(n, np.int64)
     targets[:positives] = 1
     return DataModule(
-        images=np.zeros((n, 4, 4, 3), np.uint8), grades=targets * 2, targets=targets, ids=[str(i) for i in range(n)],
-        patients=[str(i) for i in range(n)], split=np.array(["train"] * n), spec=PreprocessSpec(size=4), task="referable",
-        class_names=("non-referable", "referable"), balance=balance,
+        images=np.zeros((n, 4, 4, 3), np.uint8),
+        grades=targets * 2,
+        targets=targets,
+        ids=[str(i) for i in range(n)],
+        patients=[str(i) for i in range(n)],
+        split=np.array(["train"] * n),
+        spec=PreprocessSpec(size=4),
+        task="referable",
+        class_names=("non-referable", "referable"),
+        balance=balance,
     )
 
 
 def _drawn_positive_share(dm: DataModule, seed: int) -> float:
     x, y = dm.subset("train")
-    batches = loop.iterate_batches(x, y, dm.spec, batch_size=64, device=torch.device("cpu"), shuffle=True,
-                                   rng=np.random.default_rng(seed), sample_weights=dm.sample_weights("train"))
+    batches = loop.iterate_batches(
+        x,
+        y,
+        dm.spec,
+        batch_size=64,
+        device=torch.device("cpu"),
+        shuffle=True,
+        rng=np.random.default_rng(seed),
+        sample_weights=dm.sample_weights("train"),
+    )
     drawn = torch.cat([yb for _, yb in batches]).numpy()
     assert drawn.size == len(y)  # an epoch is still len(train) images
     return float(drawn.mean())

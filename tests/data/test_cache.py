@@ -43,10 +43,19 @@ def test_key_follows_file_content_and_preprocessing(aptos_root, tmp_path):
     # Another preprocessing lives in its own folder.
     ben = load_data(_cfg(aptos_root, cache, ben_graham=True), seed=0)
     assert ben.report.cache["misses"] == 30
-    keys = {spec_key(preprocess_spec(c)) for c in (_cfg(aptos_root, cache), _cfg(aptos_root, cache, ben_graham=True),
-                                                    _cfg(aptos_root, cache, image_size=48), _cfg(aptos_root, cache, crop_fov=False))}
+    keys = {
+        spec_key(preprocess_spec(c))
+        for c in (
+            _cfg(aptos_root, cache),
+            _cfg(aptos_root, cache, ben_graham=True),
+            _cfg(aptos_root, cache, image_size=48),
+            _cfg(aptos_root, cache, crop_fov=False),
+        )
+    }
     assert len(keys) == 4
-    assert {p.name for p in cache.iterdir()} == {spec_key(preprocess_spec(_cfg(aptos_root, cache, ben_graham=b))) for b in (False, True)}
+    assert {p.name for p in cache.iterdir()} == {
+        spec_key(preprocess_spec(_cfg(aptos_root, cache, ben_graham=b))) for b in (False, True)
+    }
 
 
 def test_damaged_entry_is_decoded_again(aptos_root, tmp_path):

@@ -49,11 +49,24 @@ def bad_root(tmp_path):
         save(images / f"{name}.png", fundus(200 + len(name), 0))
     write_csv(root / "train.csv", ["id_code", "diagnosis"], rows)
     expected = {
-        "trunc_jpeg": "truncated", "trunc_png": "truncated", "zero": "empty", "text": "not_image", "html": "not_image",
-        "broken_png": "corrupt", "bomb": "too_large", "tiny": "too_small", "lens_cap": "no_fov",
-        "copy_of_ok05": "duplicate_image", "copy_of_ok06": "duplicate_image", "ok06": "duplicate_image",
-        "ghost": "missing", "ok07": "duplicate_id", "nine": "label_out_of_range", "nine_b": "label_invalid",
-        "nolabel": "label_missing", "": "no_id",
+        "trunc_jpeg": "truncated",
+        "trunc_png": "truncated",
+        "zero": "empty",
+        "text": "not_image",
+        "html": "not_image",
+        "broken_png": "corrupt",
+        "bomb": "too_large",
+        "tiny": "too_small",
+        "lens_cap": "no_fov",
+        "copy_of_ok05": "duplicate_image",
+        "copy_of_ok06": "duplicate_image",
+        "ok06": "duplicate_image",
+        "ghost": "missing",
+        "ok07": "duplicate_id",
+        "nine": "label_out_of_range",
+        "nine_b": "label_invalid",
+        "nolabel": "label_missing",
+        "": "no_id",
     }
     return root, expected
 
@@ -81,7 +94,9 @@ def test_every_bad_file_is_reported_with_file_and_reason(bad_root):
     assert "image '" in described["ghost"] and described["ghost"].endswith("ghost.png' does not exist")
     assert "same content as 'ok05'" in described["copy_of_ok05"]
     # Label problems name the image id as well as the CSV line (issue 20).
-    assert re.fullmatch(r"train\.csv line \d+ \(image id 'nine'\): label 9 is out of range; valid: DR grades 0-4", described["nine"])
+    assert re.fullmatch(
+        r"train\.csv line \d+ \(image id 'nine'\): label 9 is out of range; valid: DR grades 0-4", described["nine"]
+    )
     assert "(image id 'nolabel'): has no label" in described["nolabel"] and "(image id 'nine_b')" in described["nine_b"]
     assert "different label (grades 1, 4)" in described["ok06"]
     assert "is 20x16 pixels, under data.min_image_side 32" in described["tiny"]
@@ -89,7 +104,10 @@ def test_every_bad_file_is_reported_with_file_and_reason(bad_root):
     assert report.used == GOOD - 2  # ok06 (conflicting copy) and ok07 (duplicate rows) are out
     # Sizes of every file that decoded: the good ones but ok07 (its rows disagree, so it is never read), two copies,
     # the tiny one and the black frame.
-    assert report.sizes["images"] == GOOD + 3 and report.sizes["most_common"][0] == {"size": "72x60", "images": GOOD + 2}
+    assert report.sizes["images"] == GOOD + 3 and report.sizes["most_common"][0] == {
+        "size": "72x60",
+        "images": GOOD + 2,
+    }
 
 
 def test_skip_leaves_exactly_the_problem_images_out(bad_root, tmp_path):
@@ -141,7 +159,9 @@ def test_data_check_command(bad_root, aptos_root, write_recipe, tmp_path, monkey
 
     code, out = run(str(recipe), "--set", f"data.root={root}", "--out", str(tmp_path / "check"))
     assert code == 1
-    assert ("problems: missing 1, empty 1, not_image 2, truncated 2, corrupt 1, too_large 1, too_small 1, no_fov 1, duplicate_image 3, "
-            "duplicate_id 2, no_id 1, label_missing 1, label_invalid 1, label_out_of_range 1") in out
+    assert (
+        "problems: missing 1, empty 1, not_image 2, truncated 2, corrupt 1, too_large 1, too_small 1, no_fov 1, duplicate_image 3, "
+        "duplicate_id 2, no_id 1, label_missing 1, label_invalid 1, label_out_of_range 1"
+    ) in out
     assert "truncated: train.csv line 42: image '" in out and "trunc_jpeg.png' is truncated" in out
     assert (tmp_path / "check" / "problems.csv").is_file()

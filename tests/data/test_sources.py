@@ -113,7 +113,11 @@ def test_messidor_leaves_out_ungradable_and_finds_other_extensions(tmp_path):
         stored = f"IM{i:06d}.tif" if i == 7 else name
         save(root / "IMAGES" / stored, fundus(i, i % 5))
         rows.append([name, grade, 0, gradable])
-    write_csv(root / "messidor_data.csv", ["image_id", "adjudicated_dr_grade", "adjudicated_dme", "adjudicated_gradable"], rows)
+    write_csv(
+        root / "messidor_data.csv",
+        ["image_id", "adjudicated_dr_grade", "adjudicated_dme", "adjudicated_gradable"],
+        rows,
+    )
     dm = load_data(_cfg(source="messidor", root=root), seed=0)
     assert len(dm.ids) == 22 and "IM000003.png" not in dm.ids
     assert dm.paths[dm.ids.index("IM000007.png")].endswith("IM000007.tif")
@@ -148,8 +152,16 @@ def test_generic_csv_with_patient_column_template_and_split_column(tmp_path):
         save(tmp_path / "photos" / f"{i}.jpg", fundus(i, i % 5))
         rows.append([f"{i}", f"R{i % 5}", patient, split.upper() if i == 0 else split])
     write_csv(tmp_path / "labels.csv", ["file", "grade", "patient", "set"], rows)
-    cfg = _cfg(source="csv", csv=tmp_path / "labels.csv", image_column="file", label_column="grade", path_template="photos/{id}.jpg",
-               patient_column="patient", split={"column": "set"}, label_map={f"R{g}": g for g in range(5)})
+    cfg = _cfg(
+        source="csv",
+        csv=tmp_path / "labels.csv",
+        image_column="file",
+        label_column="grade",
+        path_template="photos/{id}.jpg",
+        patient_column="patient",
+        split={"column": "set"},
+        label_map={f"R{g}": g for g in range(5)},
+    )
     dm = load_data(cfg, seed=0)
     assert len(dm.ids) == 30 and dm.patients[:4] == ["P0", "P0", "P0", "P1"]
     assert dm.split[:3].tolist() == ["train"] * 3 and dm.split[12:15].tolist() == ["val"] * 3
@@ -170,7 +182,10 @@ def test_patient_regex_on_generic_csv(tmp_path):
         save(tmp_path / "im" / f"pt{i // 2}-{'OD' if i % 2 else 'OS'}.png", fundus(i, i % 5))
         rows.append([f"pt{i // 2}-{'OD' if i % 2 else 'OS'}", i % 5])
     write_csv(tmp_path / "l.csv", ["id_code", "diagnosis"], rows)
-    dm = load_data(_cfg(source="csv", csv=tmp_path / "l.csv", images=tmp_path / "im", patient_regex=r"^(?P<patient>pt\d+)-O[DS]$"), seed=0)
+    dm = load_data(
+        _cfg(source="csv", csv=tmp_path / "l.csv", images=tmp_path / "im", patient_regex=r"^(?P<patient>pt\d+)-O[DS]$"),
+        seed=0,
+    )
     assert len(set(dm.patients)) == 12 and _leaked_patients(dm.patients, dm.split) == 0
 
 
@@ -220,14 +235,23 @@ def test_recipe_paths_and_preset_errors(tmp_path, aptos_root, write_recipe):
     cases = [
         ({"source": "aptos"}, "needs data.root"),
         ({"source": "aptos", "root": str(tmp_path / "nope")}, "data.root: '"),
-        ({"source": "eyepacs", "root": str(aptos_root)}, "has no label CSV of the eyepacs layout (looked for 'trainLabels.csv')"),
-        ({"source": "csv", "csv": str(aptos_root / "train.csv"), "patient_regex": "([a-z"}, "is not a regular expression"),
+        (
+            {"source": "eyepacs", "root": str(aptos_root)},
+            "has no label CSV of the eyepacs layout (looked for 'trainLabels.csv')",
+        ),
+        (
+            {"source": "csv", "csv": str(aptos_root / "train.csv"), "patient_regex": "([a-z"},
+            "is not a regular expression",
+        ),
         ({"source": "csv", "csv": str(aptos_root / "train.csv"), "patient_regex": "a.*"}, "has no group"),
         ({"source": "aptos", "root": str(aptos_root), "label_map": {"R9": 9}}, "'R9' maps to 9"),
         ({"source": "folder", "root": str(aptos_root), "patient_column": "p"}, "need a CSV source"),
         ({"source": "aptos", "root": str(aptos_root), "on_error": "ignore"}, "data.on_error"),
         ({"source": "aptos", "root": str(aptos_root), "balance": "oversample"}, "data.balance"),
-        ({"source": "aptos", "root": str(aptos_root), "path_template": "{id}_{eye}.png"}, "placeholder other than {id}"),
+        (
+            {"source": "aptos", "root": str(aptos_root), "path_template": "{id}_{eye}.png"},
+            "placeholder other than {id}",
+        ),
     ]
     for data, expected in cases:
         with pytest.raises(RecipeError) as info:

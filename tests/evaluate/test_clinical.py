@@ -35,7 +35,9 @@ from tlcompile.evaluate.clinical import (
 from tlcompile.evaluate.metrics import binary_metrics, referable_score, roc_auc
 
 
-def binary_logits(truth: np.ndarray, rng: np.random.Generator, separation: float = 2.0, noise: float = 1.0) -> np.ndarray:
+def binary_logits(
+    truth: np.ndarray, rng: np.random.Generator, separation: float = 2.0, noise: float = 1.0
+) -> np.ndarray:
     """Two-class logits whose log-odds are a noisy function of the truth."""
     return np.c_[np.zeros(truth.size), separation * (truth - 0.5) + rng.normal(scale=noise, size=truth.size)]
 
@@ -108,7 +110,9 @@ def test_weighted_auc_equals_auc_of_the_materialised_resample():
 
 def test_weighted_rate():
     hit = np.array([1, 0, 1, 1])
-    assert weighted_rate(hit, np.array([[1, 1, 1, 1], [0, 2, 1, 1], [0, 0, 0, 0]])) == pytest.approx([0.75, 0.5, np.nan], nan_ok=True)
+    assert weighted_rate(hit, np.array([[1, 1, 1, 1], [0, 2, 1, 1], [0, 0, 0, 0]])) == pytest.approx(
+        [0.75, 0.5, np.nan], nan_ok=True
+    )
 
 
 def test_percentile_interval_ignores_nan_and_needs_two_values():
@@ -127,7 +131,9 @@ def test_auc_bootstrap_ci_covers_the_true_auc_about_95_percent():
     for _ in range(150):
         score = np.r_[rng.normal(d, 1, n_pos), rng.normal(0, 1, n_neg)]
         logits = np.c_[np.zeros(truth.size), score]
-        ci = clinical_evaluation(logits, truth, threshold=0.5, resamples=400, seed=int(rng.integers(1 << 30)))["auc"]["ci"]
+        ci = clinical_evaluation(logits, truth, threshold=0.5, resamples=400, seed=int(rng.integers(1 << 30)))["auc"][
+            "ci"
+        ]
         covered.append(ci[0] <= true_auc <= ci[1])
         widths.append(ci[1] - ci[0])
     assert 0.88 <= np.mean(covered) <= 0.99
@@ -154,7 +160,9 @@ def test_identical_models_have_zero_deltas_and_no_disagreement():
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 2, 120)
     logits = binary_logits(truth, rng)
-    ref = clinical_evaluation(logits, truth, threshold=0.5, reference_logits=logits.copy(), resamples=300)["vs_reference"]
+    ref = clinical_evaluation(logits, truth, threshold=0.5, reference_logits=logits.copy(), resamples=300)[
+        "vs_reference"
+    ]
     for key in ("delta_auc", "delta_sensitivity", "delta_specificity"):
         assert ref[key]["value"] == 0.0 and ref[key]["ci"] == [0.0, 0.0]
     assert ref["disagreement"]["value"] == 0.0 and ref["disagreement"]["k"] == 0
@@ -173,8 +181,13 @@ def test_paired_deltas_count_flips_and_are_tighter_than_unpaired():
     assert ref["newly_referred"] == int((refer & ~fp32_refer).sum())
     assert ref["no_longer_referred"] == int((~refer & fp32_refer).sum())
     assert ref["missed_referable"] == int((~refer & fp32_refer & (truth == 1)).sum())
-    assert ref["delta_auc"]["value"] == pytest.approx(roc_auc(truth, referable_score(compressed)) - roc_auc(truth, referable_score(fp32)))
-    sens = binary_metrics(truth, referable_score(compressed), 0.5)["sensitivity"] - binary_metrics(truth, referable_score(fp32), 0.5)["sensitivity"]
+    assert ref["delta_auc"]["value"] == pytest.approx(
+        roc_auc(truth, referable_score(compressed)) - roc_auc(truth, referable_score(fp32))
+    )
+    sens = (
+        binary_metrics(truth, referable_score(compressed), 0.5)["sensitivity"]
+        - binary_metrics(truth, referable_score(fp32), 0.5)["sensitivity"]
+    )
     assert ref["delta_sensitivity"]["value"] == pytest.approx(sens)
     lo, hi = ref["delta_auc"]["ci"]
     assert lo <= ref["delta_auc"]["value"] <= hi
@@ -188,7 +201,9 @@ def test_a_worse_model_has_a_negative_delta_auc_interval():
     truth = rng.integers(0, 2, 400)
     fp32 = binary_logits(truth, rng, separation=3.0, noise=0.8)
     broken = fp32 + rng.normal(scale=3.0, size=fp32.shape)
-    ci = clinical_evaluation(broken, truth, threshold=0.5, reference_logits=fp32, resamples=500)["vs_reference"]["delta_auc"]["ci"]
+    ci = clinical_evaluation(broken, truth, threshold=0.5, reference_logits=fp32, resamples=500)["vs_reference"][
+        "delta_auc"
+    ]["ci"]
     assert ci[1] < 0
 
 
@@ -214,7 +229,9 @@ def test_kappa_and_confusion_match_sklearn():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 5, 300)
     pred = np.clip(y + rng.integers(-1, 2, 300), 0, 4)
-    assert quadratic_weighted_kappa(y, pred, 5) == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"), abs=1e-12)
+    assert quadratic_weighted_kappa(y, pred, 5) == pytest.approx(
+        cohen_kappa_score(y, pred, weights="quadratic"), abs=1e-12
+    )
     assert np.array_equal(confusion_matrix(y, pred, 5), sk_confusion_matrix(y, pred, labels=range(5)))
     assert quadratic_weighted_kappa(y, y, 5) == 1.0
 
@@ -252,7 +269,9 @@ def test_referable_nll_matches_log_loss():
     assert referable_nll(logits, truth) == pytest.approx(log_loss(truth, referable_score(logits)), abs=1e-9)
     grades = rng.integers(0, 5, 100)
     glogits = rng.normal(size=(100, 5))
-    assert referable_nll(glogits, grades, 2.0) == pytest.approx(log_loss(grades >= 2, referable_score(glogits / 2.0)), abs=1e-9)
+    assert referable_nll(glogits, grades, 2.0) == pytest.approx(
+        log_loss(grades >= 2, referable_score(glogits / 2.0)), abs=1e-9
+    )
     assert np.isfinite(referable_nll(logits * 1e4, truth))  # confident logits do not overflow
 
 
@@ -298,7 +317,10 @@ def test_operating_point_reaches_the_target_sensitivity_on_val():
     assert binary_metrics(truth, referable_score(logits), op["threshold"])["sensitivity"] == op["val"]["sensitivity"]
     youden = lock_operating_point(logits, truth)
     assert youden["method"] == "youden" and youden["target_sensitivity"] is None
-    assert youden["val"]["sensitivity"] + youden["val"]["specificity"] >= op["val"]["sensitivity"] + op["val"]["specificity"]
+    assert (
+        youden["val"]["sensitivity"] + youden["val"]["specificity"]
+        >= op["val"]["sensitivity"] + op["val"]["specificity"]
+    )
 
 
 def test_temperature_does_not_change_binary_decisions():
@@ -309,21 +331,31 @@ def test_temperature_does_not_change_binary_decisions():
     plain = lock_operating_point(logits, truth, method="sensitivity", target_sensitivity=0.9)
     scaled = lock_operating_point(logits, truth, method="sensitivity", target_sensitivity=0.9, temperature_scaling=True)
     assert scaled["temperature"] > 2
-    assert scaled["val"]["sensitivity"] == plain["val"]["sensitivity"] and scaled["val"]["specificity"] == plain["val"]["specificity"]
+    assert (
+        scaled["val"]["sensitivity"] == plain["val"]["sensitivity"]
+        and scaled["val"]["specificity"] == plain["val"]["specificity"]
+    )
     assert scaled["val"]["nll_after"] < scaled["val"]["nll_before"]
 
 
 # ------------------------------------------------------------------------------------------- endpoints
 def test_endpoints_point_estimate_and_ci_lower_bound():
-    clinical = {"sensitivity": {"value": 0.872, "ci": [0.818, 0.912]}, "specificity": {"value": 0.907, "ci": [0.883, 0.927]},
-                "auc": {"value": 0.93, "ci": [0.9, 0.95]}}
+    clinical = {
+        "sensitivity": {"value": 0.872, "ci": [0.818, 0.912]},
+        "specificity": {"value": 0.907, "ci": [0.883, 0.927]},
+        "auc": {"value": 0.93, "ci": [0.9, 0.95]},
+    }
     endpoints = {"min_sensitivity": 0.85, "min_specificity": 0.825, "min_auc": None}
     point = judge_endpoints(clinical, endpoints, "point_estimate")
     assert point["pass"] is True and set(point["checks"]) == {"min_sensitivity", "min_specificity"}
     strict = judge_endpoints(clinical, endpoints, "ci_lower_bound")
     assert strict["checks"]["min_sensitivity"]["pass"] is False and strict["checks"]["min_specificity"]["pass"] is True
     assert strict["pass"] is False
-    assert judge_endpoints(clinical, {"min_sensitivity": None}, "point_estimate") == {"rule": "point_estimate", "checks": {}, "pass": None}
+    assert judge_endpoints(clinical, {"min_sensitivity": None}, "point_estimate") == {
+        "rule": "point_estimate",
+        "checks": {},
+        "pass": None,
+    }
     undefined = judge_endpoints({"sensitivity": {"value": None, "ci": None}}, {"min_sensitivity": 0.5})
     assert undefined["pass"] is False
     with pytest.raises(ValueError, match="unknown endpoint"):
@@ -336,8 +368,7 @@ def test_rows_are_paired_with_fp32_of_the_same_runtime():
     fp32 = binary_logits(truth, rng)
     rows = [{"name": n, "runtime": rt} for n in ("fp32", "int8") for rt in ("openvino", "onnxruntime")]
     logits = [fp32, fp32 + 1e-7, fp32 + rng.normal(scale=0.5, size=fp32.shape), fp32 + 1e-7]
-    add_clinical_to_rows(rows, logits, truth, threshold=0.5,
-                         endpoints={"min_sensitivity": 0.99}, resamples=200)
+    add_clinical_to_rows(rows, logits, truth, threshold=0.5, endpoints={"min_sensitivity": 0.99}, resamples=200)
     assert "vs_reference" not in rows[0]["clinical"] and "vs_reference" not in rows[1]["clinical"]
     assert rows[2]["clinical"]["vs_reference"]["reference"] == "fp32 on openvino"
     assert rows[3]["clinical"]["vs_reference"]["reference"] == "fp32 on onnxruntime"
@@ -351,7 +382,9 @@ def test_rows_are_paired_with_fp32_of_the_same_runtime():
 
 
 def test_clinical_module_imports_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; import tlcompile.evaluate.clinical as c; "
-            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]; print('ok')")
+    code = (
+        "import sys; sys.modules['torch'] = None; import tlcompile.evaluate.clinical as c; "
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

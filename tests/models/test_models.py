@@ -103,9 +103,13 @@ def test_bad_num_classes_is_a_model_error(num_classes: object) -> None:
 
 
 def test_builder_arguments_are_checked() -> None:
-    with pytest.raises(ModelError, match=r"'resnet18' does not accept the arguments \['dropout'\]; it accepts: only num_classes"):
+    with pytest.raises(
+        ModelError, match=r"'resnet18' does not accept the arguments \['dropout'\]; it accepts: only num_classes"
+    ):
         get_model("resnet18", num_classes=2, dropout=0.5)
-    with pytest.raises(ModelError, match=r"'mobilenet_v2' does not accept the arguments \['widht'\]; it accepts: dropout"):
+    with pytest.raises(
+        ModelError, match=r"'mobilenet_v2' does not accept the arguments \['widht'\]; it accepts: dropout"
+    ):
         get_model("mobilenet_v2", num_classes=2, widht=0.5)
     model = get_model("mobilenet_v3_small", num_classes=2, dropout=0.5)
     assert model.net.classifier[2].p == 0.5

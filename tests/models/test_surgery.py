@@ -179,7 +179,9 @@ def test_reinit_linear_uses_pytorch_default_init() -> None:
         linear.bias.fill_(5.0)
     reinit_(linear, generator=torch.Generator().manual_seed(0))
     bound = 1.0 / math.sqrt(400)  # kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    assert linear.weight.abs().max() <= bound and linear.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert linear.weight.abs().max() <= bound and linear.weight.std().item() == pytest.approx(
+        bound / math.sqrt(3), rel=0.05
+    )
     assert linear.bias.abs().max() <= bound
     first = linear.weight.detach().clone()
     reinit_(linear, generator=torch.Generator().manual_seed(0))

@@ -20,7 +20,12 @@ def test_operating_point_and_evaluation_settings_are_recorded(tiny_build):
     assert 0.05 <= op["temperature"] <= 20 and op["val"]["nll_after"] <= op["val"]["nll_before"] + 1e-12
     ev = report["evaluation"]
     assert ev["bootstrap_resamples"] == 200 and ev["bootstrap_seed"] == 3 and ev["ci_level"] == 0.95
-    assert ev["endpoints"] == {"min_sensitivity": None, "min_specificity": 0.01, "min_auc": None, "rule": "point_estimate"}
+    assert ev["endpoints"] == {
+        "min_sensitivity": None,
+        "min_specificity": 0.01,
+        "min_auc": None,
+        "rule": "point_estimate",
+    }
     assert json.loads((out / "report.json").read_text())["operating_point"] == op
 
 
@@ -33,9 +38,25 @@ def test_every_row_has_clinical_metrics_reproducible_from_saved_logits(tiny_buil
         clinical = row["clinical"]
         logits = np.load(out / row["logits_path"])
         assert logits.shape == (targets.size, 2) and clinical["n"] == targets.size
-        again = clinical_evaluation(logits, targets, threshold=op["threshold"], temperature=op["temperature"],
-                                    resamples=ev["bootstrap_resamples"], seed=ev["bootstrap_seed"], calibration_bins=ev["calibration_bins"])
-        for key in ("auc", "sensitivity", "specificity", "ppv", "npv", "referral_confusion", "calibration", "calibration_unscaled"):
+        again = clinical_evaluation(
+            logits,
+            targets,
+            threshold=op["threshold"],
+            temperature=op["temperature"],
+            resamples=ev["bootstrap_resamples"],
+            seed=ev["bootstrap_seed"],
+            calibration_bins=ev["calibration_bins"],
+        )
+        for key in (
+            "auc",
+            "sensitivity",
+            "specificity",
+            "ppv",
+            "npv",
+            "referral_confusion",
+            "calibration",
+            "calibration_unscaled",
+        ):
             assert clinical[key] == json.loads(json.dumps(again[key])), key
         # The contract's metrics and the clinical block judge the same threshold and temperature.
         assert row["metrics"]["sensitivity"] == pytest.approx(clinical["sensitivity"]["value"])

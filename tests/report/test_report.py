@@ -17,8 +17,21 @@ from tlcompile.report.render import render_markdown
 from tlcompile.report.sections import records_table, report_sections
 
 # Every section the issue asks for, by anchor id (grading only for 5 grades).
-SECTIONS = ("summary", "operating-point", "screening", "compression", "confusion", "calibration", "endpoints", "artifacts",
-            "transfer", "data", "training", "stages", "environment")
+SECTIONS = (
+    "summary",
+    "operating-point",
+    "screening",
+    "compression",
+    "confusion",
+    "calibration",
+    "endpoints",
+    "artifacts",
+    "transfer",
+    "data",
+    "training",
+    "stages",
+    "environment",
+)
 # Where each plot must be: the accuracy-vs-latency scatter, ROC, confusion matrices, reliability, time per stage.
 PLOTTED = ("summary", "screening", "confusion", "calibration", "stages")
 VOID = {"meta", "img", "br", "hr", "link", "input", "wbr"}
@@ -133,12 +146,18 @@ def test_summary_numbers_are_the_report_json_numbers(synthetic_report):
 def test_the_accuracy_guard_is_shown_for_every_compressed_artifact(synthetic_report):
     failing = synthetic_report(guard_met=False)
     md, page = render_markdown(failing), render_html(failing).replace("<wbr>", "")
-    guard = md.split("**Accuracy guard (validation split, locked operating point)**", 1)[1].split("\n## ", 1)[0].split("**Accuracy guard:", 1)[0]
+    guard = (
+        md.split("**Accuracy guard (validation split, locked operating point)**", 1)[1]
+        .split("\n## ", 1)[0]
+        .split("**Accuracy guard:", 1)[0]
+    )
     line = next(x for x in guard.splitlines() if x.startswith("| int8 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1] == "vs fp32" and cells[2] == "0.948 (-0.2 pp, limit -1.0 pp) met"
     assert cells[4] == "0.800 (-10.0 pp, limit -5.0 pp) failed" and cells[6] == "failed"
-    steps = md.split("**Accuracy guard: the steps taken, in order, before the verdict above**", 1)[1].split("\n## ", 1)[0]
+    steps = md.split("**Accuracy guard: the steps taken, in order, before the verdict above**", 1)[1].split("\n## ", 1)[
+        0
+    ]
     step_rows = [[c.strip() for c in x.strip("|").split("|")] for x in steps.splitlines() if x.startswith("| int8 |")]
     assert [r[1] for r in step_rows] == ["1", "2"] and "still failing: artifact kept and marked" in step_rows[1][2]
     assert [r[3] for r in step_rows] == ["", "failed"]  # the verdict sits on the last step, not beside the first
@@ -147,7 +166,10 @@ def test_the_accuracy_guard_is_shown_for_every_compressed_artifact(synthetic_rep
     artifacts = md.split("## Artifacts", 1)[1]
     assert sum(1 for x in artifacts.splitlines() if x.startswith("| int8 |") and x.rstrip().endswith("| failed |")) == 2
     assert "Accuracy guard (validation split, locked operating point)" in page
-    assert '<td class="fail">0.800 (-10.0 pp, limit -5.0 pp) failed</td>' in page and '<td class="fail">failed</td>' in page
+    assert (
+        '<td class="fail">0.800 (-10.0 pp, limit -5.0 pp) failed</td>' in page
+        and '<td class="fail">failed</td>' in page
+    )
     # A build without compression has no guard table.
     plain = synthetic_report()
     for row in plain["artifacts"]:
@@ -158,7 +180,9 @@ def test_the_accuracy_guard_is_shown_for_every_compressed_artifact(synthetic_rep
 def test_endpoint_verdicts_are_highlighted(synthetic_report):
     report = synthetic_report(endpoints={"min_sensitivity": 0.99, "min_specificity": 0.1})
     page, md = render_html(report), render_markdown(report)
-    assert page.count('<td class="fail">FAIL') >= 4 and '<td class="pass">PASS' in page  # sensitivity fails, specificity passes
+    assert (
+        page.count('<td class="fail">FAIL') >= 4 and '<td class="pass">PASS' in page
+    )  # sensitivity fails, specificity passes
     assert "| min_sensitivity 0.99 | min_specificity 0.1 | all |" in md
     none_set = synthetic_report(endpoints={"min_sensitivity": None})
     assert "The recipe sets no endpoints" in render_markdown(none_set)
@@ -186,7 +210,9 @@ def test_transfer_comparison_in_its_several_shapes(synthetic_report, transfer_ta
     assert "selected: partial:2" in md and "runs" not in md.split("## Transfer comparison")[1].split("## Data")[0]
     lines, table = records_table({"note": "x", "variants": transfer_rows})
     assert lines == ["note: x"] and table.header[0] == "variant" and table.rows[0][0] == "scratch"
-    lines, table = records_table({"scratch": {"test_auc": {"mean": 0.7, "sd": 0.02}}, "full": {"test_auc": {"mean": 0.8, "sd": 0.01}}})
+    lines, table = records_table(
+        {"scratch": {"test_auc": {"mean": 0.7, "sd": 0.02}}, "full": {"test_auc": {"mean": 0.8, "sd": 0.01}}}
+    )
     assert table.header == ["name", "test_auc"] and table.rows[1] == ["full", "0.8 ± 0.01"]
 
 
@@ -211,7 +237,9 @@ def test_a_report_without_clinical_metrics_still_renders(synthetic_report):
     assert '<section id="summary">' in page and "data:image/png;base64," in page  # the scatter needs only the contract
 
 
-def test_report_render_command_rewrites_md_and_html_from_report_json_alone(synthetic_report, tmp_path, monkeypatch, capsys):
+def test_report_render_command_rewrites_md_and_html_from_report_json_alone(
+    synthetic_report, tmp_path, monkeypatch, capsys
+):
     from tlcompile.cli import main
 
     report = synthetic_report()
@@ -226,11 +254,14 @@ def test_report_render_command_rewrites_md_and_html_from_report_json_alone(synth
     assert "report.html" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("setup", "message"), [
-    (lambda d: None, "has no report.json"),
-    (lambda d: (d / "report.json").write_text("{not json"), "not valid JSON"),
-    (lambda d: (d / "report.json").write_text("[1, 2]"), "not a tlcompile report"),
-])
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: None, "has no report.json"),
+        (lambda d: (d / "report.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "report.json").write_text("[1, 2]"), "not a tlcompile report"),
+    ],
+)
 def test_report_render_errors_are_one_line(setup, message, tmp_path, monkeypatch, capsys):
     from tlcompile.cli import main
 
@@ -255,11 +286,16 @@ def test_the_accuracy_latency_plot_draws_an_estimate_outside_its_bootstrap_ci():
     variant crashed in matplotlib on negative error bars); the plot must still be drawn."""
     from tlcompile.report.html import plot_accuracy_latency
 
-    row = {"name": "fp32", "runtime": "onnxruntime", "format": "onnx", "precision": "fp32", "latency_ms": {"p50": 1.0, "p90": 1.2},
-           "metrics": {"auc": 0.50, "sensitivity": 0.4}, "clinical": {"auc": {"value": 0.50, "ci": [0.55, 0.9]},
-                                                                       "sensitivity": {"value": 0.4, "ci": [0.1, 0.35]}}}
+    row = {
+        "name": "fp32",
+        "runtime": "onnxruntime",
+        "format": "onnx",
+        "precision": "fp32",
+        "latency_ms": {"p50": 1.0, "p90": 1.2},
+        "metrics": {"auc": 0.50, "sensitivity": 0.4},
+        "clinical": {"auc": {"value": 0.50, "ci": [0.55, 0.9]}, "sensitivity": {"value": 0.4, "ci": [0.1, 0.35]}},
+    }
     assert plot_accuracy_latency({"artifacts": [row]})
-
 
 
 def test_the_report_modules_import_one_way():
@@ -267,7 +303,9 @@ def test_the_report_modules_import_one_way():
     number formatting imports nothing (torch-free code may use it)."""
     import subprocess
 
-    for code in ("import sys, tlcompile.report.html; assert 'tlcompile.report.render' not in sys.modules",
-                 "import sys, tlcompile.report.format; loaded = {m for m in sys.modules if m.startswith('tlcompile')}; "
-                 "assert loaded == {'tlcompile', 'tlcompile.report', 'tlcompile.report.format'}, loaded"):
+    for code in (
+        "import sys, tlcompile.report.html; assert 'tlcompile.report.render' not in sys.modules",
+        "import sys, tlcompile.report.format; loaded = {m for m in sys.modules if m.startswith('tlcompile')}; "
+        "assert loaded == {'tlcompile', 'tlcompile.report', 'tlcompile.report.format'}, loaded",
+    ):
         subprocess.run([sys.executable, "-c", code], check=True)

@@ -71,27 +71,41 @@ def _set(path: str, value):
     return change
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (_set("artifact", []), r"^report.json: artifact: unknown key"),
-    (lambda r: r["operating_point"].pop("temperature"),
-     r"^report.json: operating_point.temperature: required key is missing$"),
-    (_set("artifacts.0.metrics.auc", "0.91"), r"artifacts.0.metrics.auc: input should be a valid number \(got '0.91"),
-    (_set("artifacts.0.clinical.grading", None), r"artifacts.0.clinical.grading: "),  # absent, never null
-    (_set("artifacts.1.parity.n", 8), r"artifacts.1.parity.n: unknown key"),  # a torch row: parity with itself
-    (_set("data.counts.test.referable", 1.5), r"data.counts.test.referable: input should be a valid integer"),
-    (_set("bundle", {"error": "no artifact meets the endpoints", "skipped": "x"}), r"^report.json: bundle.skipped: "),
-    (_set("artifacts.0.compression", {"method": "int4"}), r"artifacts.0.compression: method must be channel, "),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_set("artifact", []), r"^report.json: artifact: unknown key"),
+        (
+            lambda r: r["operating_point"].pop("temperature"),
+            r"^report.json: operating_point.temperature: required key is missing$",
+        ),
+        (
+            _set("artifacts.0.metrics.auc", "0.91"),
+            r"artifacts.0.metrics.auc: input should be a valid number \(got '0.91",
+        ),
+        (_set("artifacts.0.clinical.grading", None), r"artifacts.0.clinical.grading: "),  # absent, never null
+        (_set("artifacts.1.parity.n", 8), r"artifacts.1.parity.n: unknown key"),  # a torch row: parity with itself
+        (_set("data.counts.test.referable", 1.5), r"data.counts.test.referable: input should be a valid integer"),
+        (
+            _set("bundle", {"error": "no artifact meets the endpoints", "skipped": "x"}),
+            r"^report.json: bundle.skipped: ",
+        ),
+        (_set("artifacts.0.compression", {"method": "int4"}), r"artifacts.0.compression: method must be channel, "),
+    ],
+)
 def test_a_bad_key_or_value_is_named_by_its_path(real_report, change, message):
     change(real_report)
     with pytest.raises(ReportSchemaError, match=message):
         validate_report(real_report)
 
 
-@pytest.mark.parametrize("bundle", [
-    {"error": "bundle: no artifact on openvino meets the accuracy guard, evaluate.endpoints and ... (...)"},
-    {"skipped": "no openvino or onnxruntime row in the bench to ship; add one to bench.runtimes"},
-])
+@pytest.mark.parametrize(
+    "bundle",
+    [
+        {"error": "bundle: no artifact on openvino meets the accuracy guard, evaluate.endpoints and ... (...)"},
+        {"skipped": "no openvino or onnxruntime row in the bench to ship; add one to bench.runtimes"},
+    ],
+)
 def test_the_bundle_that_could_not_be_made_or_was_skipped_is_typed(real_report, bundle):
     """The two forms stage_bundle records instead of a bundle (the error form is also checked on a real failure in
     tests/runtime/test_bundle.py)."""
@@ -100,9 +114,11 @@ def test_the_bundle_that_could_not_be_made_or_was_skipped_is_typed(real_report, 
 
 
 def test_the_schema_module_is_torch_free():
-    code = ("import sys, tlcompile.report.schema; heavy = {'torch', 'numpy', 'tlcompile.recipe', 'tlcompile.compress', "
-            "'tlcompile.train', 'tlcompile.data', 'tlcompile.models', 'tlcompile.export'} & set(sys.modules); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, tlcompile.report.schema; heavy = {'torch', 'numpy', 'tlcompile.recipe', 'tlcompile.compress', "
+        "'tlcompile.train', 'tlcompile.data', 'tlcompile.models', 'tlcompile.export'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

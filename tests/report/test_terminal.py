@@ -24,18 +24,42 @@ def _render(renderable, width: int) -> str:
 
 def _bench_rows() -> list[dict]:
     rows = []
-    for name, runtime, p50, auc in (("pruned-int8", "onnxruntime", 0.6781, 0.97123), ("mobilenet_v3_small-int8", "openvino", 12.3456, 0.98299),
-                                    ("fp32", "openvino", 2.8391, 0.98123)):
-        rows.append({"name": name, "runtime": runtime, "exec_precision": "u8" if "int8" in name else "bf16", "threads": 2, "batch": 1,
-                     "latency_ms": {"p50": p50, "p90": p50 * 1.31, "p99": p50 * 2}, "throughput_fps": 1000 / p50,
-                     "gmacs_per_s": 100 / p50, "peak_rss_mb": None, "metrics": {"auc": auc}})
+    for name, runtime, p50, auc in (
+        ("pruned-int8", "onnxruntime", 0.6781, 0.97123),
+        ("mobilenet_v3_small-int8", "openvino", 12.3456, 0.98299),
+        ("fp32", "openvino", 2.8391, 0.98123),
+    ):
+        rows.append(
+            {
+                "name": name,
+                "runtime": runtime,
+                "exec_precision": "u8" if "int8" in name else "bf16",
+                "threads": 2,
+                "batch": 1,
+                "latency_ms": {"p50": p50, "p90": p50 * 1.31, "p99": p50 * 2},
+                "throughput_fps": 1000 / p50,
+                "gmacs_per_s": 100 / p50,
+                "peak_rss_mb": None,
+                "metrics": {"auc": auc},
+            }
+        )
     mark_pareto(rows)
     return rows
 
 
 def _cells(rows: list[dict]) -> list[str]:
-    return [c for r in rows for c in (r["name"], r["runtime"], f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p90']:.2f}",
-                                      f"{r['throughput_fps']:.1f}", f"{r['metrics']['auc']:.3f}")]
+    return [
+        c
+        for r in rows
+        for c in (
+            r["name"],
+            r["runtime"],
+            f"{r['latency_ms']['p50']:.2f}",
+            f"{r['latency_ms']['p90']:.2f}",
+            f"{r['throughput_fps']:.1f}",
+            f"{r['metrics']['auc']:.3f}",
+        )
+    ]
 
 
 @pytest.mark.parametrize("width", [200, 80, 50, 30])
@@ -60,7 +84,9 @@ def test_narrow_terminals_get_a_compact_table_then_one_block_per_row():
     assert "┃" in wide and "p50 ms" in wide.splitlines()[1] and "threads" in wide.splitlines()[1]
     # 80 columns: no vertical rules, and what every row shares (2 threads, batch 1) is said once, in the title.
     assert "┃" not in compact and "(threads 2, batch 1" in compact and "mobilenet_v3_small-int8" in compact
-    assert any(re.search(r"mobilenet_v3_small-int8\s+openvino\s+u8\s+12\.35\s+16\.17", line) for line in compact.splitlines())
+    assert any(
+        re.search(r"mobilenet_v3_small-int8\s+openvino\s+u8\s+12\.35\s+16\.17", line) for line in compact.splitlines()
+    )
     assert "┃" not in narrow and not any(re.search(r"openvino\s+u8\s+12\.35", line) for line in narrow.splitlines())
     block = narrow.split("mobilenet_v3_small-int8", 1)[1].split("fp32", 1)[0]
     assert re.search(r"p50 ms\s+12\.35", block) and re.search(r"runtime\s+openvino", block)
@@ -76,8 +102,12 @@ def test_report_terminal_table_at_80_columns(synthetic_report):
 
 
 def test_wrap_columns_wrap_and_fixed_columns_never_shrink():
-    t = fit_table(["model", "params", "description"], [["mobilenet_v3_small", "2,542,856", "a long description " * 6]],
-                  right=["params"], wrap=["description"])
+    t = fit_table(
+        ["model", "params", "description"],
+        [["mobilenet_v3_small", "2,542,856", "a long description " * 6]],
+        right=["params"],
+        wrap=["description"],
+    )
     text = _render(t, 60)
     assert "┃" in text and "mobilenet_v3_small" in text and "2,542,856" in text and "…" not in text
 
@@ -87,8 +117,13 @@ def test_bench_cli_honours_columns(monkeypatch, tmp_path):
     results = tmp_path / "r.json"
     results.write_text(json.dumps({"runs": [{"rows": _bench_rows()}]}))
     env = {"COLUMNS": "80", "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(p for p in sys.path if p)}
-    out = subprocess.run([sys.executable, "-m", "tlcompile.cli", "report", "merge", str(results)], capture_output=True, text=True,
-                         env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "tlcompile.cli", "report", "merge", str(results)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert max(len(line) for line in out.stdout.splitlines()) <= 80 and "…" not in out.stdout
     assert "mobilenet_v3_small-int8" in out.stdout and "12.35" in out.stdout

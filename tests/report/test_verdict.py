@@ -14,15 +14,43 @@ from tlcompile.report.sections import row_flags, verdict
 def _with_bundle(report: dict, chosen: str = "int8@openvino", measured: dict | None = None) -> dict:
     """A report.json ``bundle`` record of the shape the bundle stage writes (several candidates, the build's choice)."""
     name, _, runtime = chosen.partition("@")
-    cands = [{"id": f"{r['name']}@{r['runtime']}", "name": r["name"], "runtime": r["runtime"], "p90_ms": r["latency_ms"]["p90"],
-              "auc": r["metrics"]["auc"], "guard_met": (r.get("guard") or {}).get("met"), "endpoints_pass": None, "eligible": True,
-              "why_not": None, "in_bundle": True} for r in report["artifacts"]]
-    report["bundle"] = {"path": "bundle", "artifact": name, "runtime": runtime, "precision": "i8", "default_candidate": chosen,
-                        "candidates": [c["id"] for c in cands],
-                        "selection": {"rule": "fastest", "chosen_id": chosen, "chosen": name, "why": "the fastest p90",
-                                      "candidates": cands, "measured_on_build_box": measured or {}, "noise": None,
-                                      "load_average": [1.5, 1.4, 1.3]}}
-    report["recipe"] = {"data": {"source": "synthetic", "num_images": 400}, "bundle": {"intended_use": "Aid to DR screening."}}
+    cands = [
+        {
+            "id": f"{r['name']}@{r['runtime']}",
+            "name": r["name"],
+            "runtime": r["runtime"],
+            "p90_ms": r["latency_ms"]["p90"],
+            "auc": r["metrics"]["auc"],
+            "guard_met": (r.get("guard") or {}).get("met"),
+            "endpoints_pass": None,
+            "eligible": True,
+            "why_not": None,
+            "in_bundle": True,
+        }
+        for r in report["artifacts"]
+    ]
+    report["bundle"] = {
+        "path": "bundle",
+        "artifact": name,
+        "runtime": runtime,
+        "precision": "i8",
+        "default_candidate": chosen,
+        "candidates": [c["id"] for c in cands],
+        "selection": {
+            "rule": "fastest",
+            "chosen_id": chosen,
+            "chosen": name,
+            "why": "the fastest p90",
+            "candidates": cands,
+            "measured_on_build_box": measured or {},
+            "noise": None,
+            "load_average": [1.5, 1.4, 1.3],
+        },
+    }
+    report["recipe"] = {
+        "data": {"source": "synthetic", "num_images": 400},
+        "bundle": {"intended_use": "Aid to DR screening."},
+    }
     return report
 
 
@@ -40,7 +68,12 @@ def test_html_opens_on_the_banner_and_the_verdict(synthetic_report):
     banner_at, verdict_at = body.find('id="intended-use"'), body.find('id="verdict"')
     assert 0 <= banner_at < verdict_at < body.find("<nav>") < body.find('<section id="summary">')
     banner = re.search(r'<div class="banner (\w+)"[^>]*>(.*?)</div>', body, re.S)
-    assert banner and banner.group(1) == "bad" and "NOT for clinical use" in banner.group(2) and "Aid to DR screening." in banner.group(2)
+    assert (
+        banner
+        and banner.group(1) == "bad"
+        and "NOT for clinical use" in banner.group(2)
+        and "Aid to DR screening." in banner.group(2)
+    )
     box = _verdict_block(page)
     assert "<strong>int8</strong> on <strong>OpenVINO</strong>" in box and "int8@openvino" in box
     assert "Test split" in box and "sensitivity" in box and "specificity" in box
@@ -58,10 +91,15 @@ def test_a_test_drop_beyond_the_guard_limit_is_flagged_on_the_row_and_in_the_ver
     assert "none: no test-split delta" in _verdict_block(clean)
     for row in report["artifacts"]:
         if row["name"] == "int8":
-            row["test_flags"] = [{"metric": "sensitivity", "reference": "fp32", "drop": 0.033, "max_drop": 0.02, "text": "x"}]
+            row["test_flags"] = [
+                {"metric": "sensitivity", "reference": "fp32", "drop": 0.033, "max_drop": 0.02, "text": "x"}
+            ]
     page, md = render_html(report).replace("<wbr>", ""), render_markdown(report)
     box = _verdict_block(page)
-    assert '<dt class="bad">Flags</dt>' in box and "test sensitivity -3.3 pp vs fp32, beyond the guard&#x27;s limit of -2.0 pp" in box
+    assert (
+        '<dt class="bad">Flags</dt>' in box
+        and "test sensitivity -3.3 pp vs fp32, beyond the guard&#x27;s limit of -2.0 pp" in box
+    )
     assert "(test split; the guard judged val)" in box
     summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
     line = next(x for x in summary.splitlines() if x.startswith("| int8 | openvino |"))
@@ -98,12 +136,17 @@ def test_int8_that_is_not_faster_says_so_with_the_isa(synthetic_report):
 
 
 def test_a_latency_difference_within_the_noise_is_a_tie(synthetic_report):
-    measured = {"int8@openvino": {"p50_ms": 1.5, "p90_ms": 2.0, "p90_spread_ms": 0.5, "p50_spread_ms": 0.1, "rounds": 5},
-                "fp32@openvino": {"p50_ms": 1.7, "p90_ms": 2.3, "p90_spread_ms": 0.4, "p50_spread_ms": 0.1, "rounds": 5},
-                "fp32@onnxruntime": {"p50_ms": 5.0, "p90_ms": 6.0, "p90_spread_ms": 0.2, "p50_spread_ms": 0.1, "rounds": 5}}
+    measured = {
+        "int8@openvino": {"p50_ms": 1.5, "p90_ms": 2.0, "p90_spread_ms": 0.5, "p50_spread_ms": 0.1, "rounds": 5},
+        "fp32@openvino": {"p50_ms": 1.7, "p90_ms": 2.3, "p90_spread_ms": 0.4, "p50_spread_ms": 0.1, "rounds": 5},
+        "fp32@onnxruntime": {"p50_ms": 5.0, "p90_ms": 6.0, "p90_spread_ms": 0.2, "p50_spread_ms": 0.1, "rounds": 5},
+    }
     report = _with_bundle(synthetic_report(), measured=measured)
     items = {i.label: i for i in verdict(report).items}
-    assert "p50 1.50 ms, p90 2.00 ms" in items["Speed on the build box"].text and "spread over 5 rounds 0.50 ms" in items["Speed on the build box"].text
+    assert (
+        "p50 1.50 ms, p90 2.00 ms" in items["Speed on the build box"].text
+        and "spread over 5 rounds 0.50 ms" in items["Speed on the build box"].text
+    )
     passed = items["Passed over"].text
     assert "A tie with the shipped one (p90 within the measured noise): fp32@openvino (2.30 ms)" in passed
     assert "Slower p90 on the build box: " in passed and "fp32@onnxruntime (6.00 ms)" in passed
@@ -112,8 +155,10 @@ def test_a_latency_difference_within_the_noise_is_a_tie(synthetic_report):
 def test_a_guard_failure_is_passed_over_in_plain_words(synthetic_report):
     report = _with_bundle(synthetic_report(guard_met=False), chosen="fp32@openvino")
     passed = next(i for i in verdict(report).items if i.label == "Passed over").text
-    assert ("int8 (OpenVINO, ONNX Runtime) failed the accuracy guard: val specificity -10.0 pp vs fp32 (limit -5.0 pp); "
-            "2 recovery step(s) did not fix it (guard table); not shippable.") in passed
+    assert (
+        "int8 (OpenVINO, ONNX Runtime) failed the accuracy guard: val specificity -10.0 pp vs fp32 (limit -5.0 pp); "
+        "2 recovery step(s) did not fix it (guard table); not shippable."
+    ) in passed
 
 
 @pytest.mark.parametrize("bundle", [None, {"skipped": "no OpenVINO or ONNX Runtime row"}])

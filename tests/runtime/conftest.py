@@ -36,19 +36,21 @@ def tiny_build(tmp_path_factory) -> TinyBuild:
     from tlcompile.build import build
     from tlcompile.recipe import validate_recipe_dict
 
-    recipe = validate_recipe_dict({
-        "name": "tiny-bundle",
-        "seed": 0,
-        "data": {"source": "synthetic", "num_images": 120, "image_size": 48, "split": {"val": 0.2, "test": 0.25}},
-        "model": {"arch": "cbr_small"},
-        # A small learning rate keeps the 1-epoch model's probabilities off 0 and 1, so golden samples with a
-        # decision margin exist (a saturated model would put every case on the threshold).
-        "train": {"epochs": 1, "batch_size": 32, "lr": 0.0003},
-        "export": {"formats": ["onnx", "openvino"], "parity_images": 16},
-        "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 3},
-        "evaluate": {"bootstrap_resamples": 200},
-        "bundle": {"golden_samples": 6},
-    })
+    recipe = validate_recipe_dict(
+        {
+            "name": "tiny-bundle",
+            "seed": 0,
+            "data": {"source": "synthetic", "num_images": 120, "image_size": 48, "split": {"val": 0.2, "test": 0.25}},
+            "model": {"arch": "cbr_small"},
+            # A small learning rate keeps the 1-epoch model's probabilities off 0 and 1, so golden samples with a
+            # decision margin exist (a saturated model would put every case on the threshold).
+            "train": {"epochs": 1, "batch_size": 32, "lr": 0.0003},
+            "export": {"formats": ["onnx", "openvino"], "parity_images": 16},
+            "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 3},
+            "evaluate": {"bootstrap_resamples": 200},
+            "bundle": {"golden_samples": 6},
+        }
+    )
     out = tmp_path_factory.mktemp("tiny-build") / "build"
     result = build(recipe, out, console=Console(file=io.StringIO(), width=200))
     return TinyBuild(out_dir=out, report=result.report, recipe=recipe)

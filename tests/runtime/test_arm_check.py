@@ -34,42 +34,97 @@ def test_cpuinfo_text_reads_back_as_the_emulated_cpu():
     fields = dict(line.split(":", 1) for line in blocks[1].splitlines())
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     assert fields["processor"] == "1" and fields["Features"] == "fp asimd asimddp"
-    assert (fields["CPU implementer"], fields["CPU variant"], fields["CPU part"], fields["CPU revision"]) == ("0x41", "0x4", "0xd0b", "1")
+    assert (fields["CPU implementer"], fields["CPU variant"], fields["CPU part"], fields["CPU revision"]) == (
+        "0x41",
+        "0x4",
+        "0xd0b",
+        "1",
+    )
 
 
 def test_bundle_candidates_format_1_and_2():
     arm = _helper()
-    golden = {"file": "golden/golden.npz", "images": [], "tolerance": {"max_abs_logit": 1e-3}, "expected": [{"referral": "refer"}]}
+    golden = {
+        "file": "golden/golden.npz",
+        "images": [],
+        "tolerance": {"max_abs_logit": 1e-3},
+        "expected": [{"referral": "refer"}],
+    }
     v1 = {"artifact": {"name": "fp32"}, "model": {"runtime": "openvino", "entry": "model/fp32.xml"}, "golden": golden}
     (c,) = arm.bundle_candidates(v1)
-    assert (c["id"], c["entry"], c["tolerance"], c["expected"]) == ("fp32@openvino", "model/fp32.xml", 1e-3, [{"referral": "refer"}])
-    v2 = {**v1, "candidates": [
-        {"id": "fp32@openvino", "model": {"runtime": "openvino", "entry": "model/fp32.xml"}, "golden": {}},
-        {"id": "int8@onnxruntime", "model": {"runtime": "onnxruntime", "entry": "model/int8.onnx"},
-         "golden": {"tolerance": {"max_abs_logit": 0.05}, "expected": [{"referral": "no referral"}]}},
-    ]}
+    assert (c["id"], c["entry"], c["tolerance"], c["expected"]) == (
+        "fp32@openvino",
+        "model/fp32.xml",
+        1e-3,
+        [{"referral": "refer"}],
+    )
+    v2 = {
+        **v1,
+        "candidates": [
+            {"id": "fp32@openvino", "model": {"runtime": "openvino", "entry": "model/fp32.xml"}, "golden": {}},
+            {
+                "id": "int8@onnxruntime",
+                "model": {"runtime": "onnxruntime", "entry": "model/int8.onnx"},
+                "golden": {"tolerance": {"max_abs_logit": 0.05}, "expected": [{"referral": "no referral"}]},
+            },
+        ],
+    }
     cands = {c["id"]: c for c in arm.bundle_candidates(v2)}
     assert cands["fp32@openvino"]["tolerance"] == 1e-3
-    assert cands["int8@onnxruntime"]["tolerance"] == 0.05 and cands["int8@onnxruntime"]["expected"] == [{"referral": "no referral"}]
+    assert cands["int8@onnxruntime"]["tolerance"] == 0.05 and cands["int8@onnxruntime"]["expected"] == [
+        {"referral": "no referral"}
+    ]
 
 
 def _probe(rows):
-    return {"machine": {}, "results": [
-        {"model": m, "runtime": rt, "config": cfg, "logits": logits, "exec_precision": "f32", "precision_hint": "f32", "ops": []}
-        for m, rt, cfg, logits in rows
-    ]}
+    return {
+        "machine": {},
+        "results": [
+            {
+                "model": m,
+                "runtime": rt,
+                "config": cfg,
+                "logits": logits,
+                "exec_precision": "f32",
+                "precision_hint": "f32",
+                "ops": [],
+            }
+            for m, rt, cfg, logits in rows
+        ],
+    }
 
 
 def test_compare_fails_the_pinned_candidate_warns_for_the_others_and_reports_default_precision():
     arm = _helper()
-    plan = {"bundles": [], "models": [
-        {"label": "fp32.xml", "quantized": False, "candidates": [{"id": "b0:fp32@openvino", "runtime": "openvino", "tolerance": 1e-3}]},
-        {"label": "int8.xml", "quantized": True, "candidates": [{"id": "b0:int8@openvino", "runtime": "openvino", "tolerance": 0.05}]},
-    ]}
-    x86 = _probe([("fp32.xml", "openvino", "f32", [[0.0, 1.0]]), ("fp32.xml", "openvino", "default", [[0.0, 1.0]]),
-                  ("int8.xml", "openvino", "f32", [[0.0, 1.0]])])
-    ok = _probe([("fp32.xml", "openvino", "f32", [[0.0, 1.0005]]), ("fp32.xml", "openvino", "default", [[0.0, 1.01]]),
-                 ("int8.xml", "openvino", "f32", [[0.0, 1.06]])])
+    plan = {
+        "bundles": [],
+        "models": [
+            {
+                "label": "fp32.xml",
+                "quantized": False,
+                "candidates": [{"id": "b0:fp32@openvino", "runtime": "openvino", "tolerance": 1e-3}],
+            },
+            {
+                "label": "int8.xml",
+                "quantized": True,
+                "candidates": [{"id": "b0:int8@openvino", "runtime": "openvino", "tolerance": 0.05}],
+            },
+        ],
+    }
+    x86 = _probe(
+        [
+            ("fp32.xml", "openvino", "f32", [[0.0, 1.0]]),
+            ("fp32.xml", "openvino", "default", [[0.0, 1.0]]),
+            ("int8.xml", "openvino", "f32", [[0.0, 1.0]]),
+        ]
+    )
+    ok = _probe(
+        [
+            ("fp32.xml", "openvino", "f32", [[0.0, 1.0005]]),
+            ("fp32.xml", "openvino", "default", [[0.0, 1.01]]),
+            ("int8.xml", "openvino", "f32", [[0.0, 1.06]]),
+        ]
+    )
     rows, failures, warnings = arm.compare(plan, x86, ok, running={"b0:fp32@openvino"}, strict=False)
     assert [r[-1] for r in rows] == ["runs: PASS", "info: over", "candidate: WARN"]
     assert not failures and len(warnings) == 2

@@ -64,7 +64,9 @@ def test_torch_rows_open_no_files(tmp_path):
 
     path = tmp_path / "fp32.pt"
     path.write_bytes(b"weights")
-    with pytest.raises(RuntimeBackendError, match="runtime 'torch' cannot open files; valid here: openvino, onnxruntime"):
+    with pytest.raises(
+        RuntimeBackendError, match="runtime 'torch' cannot open files; valid here: openvino, onnxruntime"
+    ):
         open_session(path, "torch")
     with pytest.raises(RuntimeBackendError, match="onnxruntime needs an .onnx file, got 'fp32.pt'"):
         open_session(path, "onnxruntime")
@@ -84,7 +86,9 @@ def test_the_recipe_lists_the_table():
 
 
 def test_importing_the_table_loads_no_runtime():
-    code = ("import sys; import tlcompile.runtime.backends; "
-            "print(sorted(m for m in ('openvino', 'onnxruntime', 'numpy', 'torch') if m in sys.modules))")
+    code = (
+        "import sys; import tlcompile.runtime.backends; "
+        "print(sorted(m for m in ('openvino', 'onnxruntime', 'numpy', 'torch') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

@@ -29,12 +29,18 @@ def _flip_byte(path, offset=None):
 def test_bundle_json_carries_what_the_box_needs(tiny_build):
     meta = json.loads((tiny_build.bundle / "bundle.json").read_text())
     report = tiny_build.report
-    row = next(r for r in report["artifacts"] if r["name"] == meta["artifact"]["name"] and r["runtime"] == meta["model"]["runtime"])
+    row = next(
+        r
+        for r in report["artifacts"]
+        if r["name"] == meta["artifact"]["name"] and r["runtime"] == meta["model"]["runtime"]
+    )
 
     # runtime: auto ships the artifact on both runtimes; the top level describes the build's choice among them.
     assert [c["id"] for c in meta["candidates"]] == ["fp32@openvino", "fp32@onnxruntime"]
     assert {c["id"]: c["model"]["files"] for c in meta["candidates"]} == {
-        "fp32@openvino": ["model/fp32.xml", "model/fp32.bin"], "fp32@onnxruntime": ["model/fp32.onnx"]}
+        "fp32@openvino": ["model/fp32.xml", "model/fp32.bin"],
+        "fp32@onnxruntime": ["model/fp32.onnx"],
+    }
     assert meta["default_candidate"] == f"fp32@{meta['model']['runtime']}" and meta["model"]["precision"] == "f32"
     assert meta["model"] == next(c for c in meta["candidates"] if c["id"] == meta["default_candidate"])["model"]
     assert meta["input"]["size"] == 48 and meta["input"]["shape"] == [None, 3, 48, 48]
@@ -52,7 +58,9 @@ def test_bundle_json_carries_what_the_box_needs(tiny_build):
     assert card["intended_use"].startswith("Aid to screening for referable diabetic retinopathy")
     assert card["recipe_sha256"] == report["recipe_sha256"] == tiny_build.recipe.fingerprint()
     splits = card["data_provenance"]["splits"]
-    assert {k: v["images"] for k, v in splits.items()} == {k: sum(c.values()) for k, c in report["data"]["counts"].items()}
+    assert {k: v["images"] for k, v in splits.items()} == {
+        k: sum(c.values()) for k, c in report["data"]["counts"].items()
+    }
     assert all(HEX64.fullmatch(v["ids_sha256"]) for v in splits.values())
     assert len({v["ids_sha256"] for v in splits.values()}) == 3
     assert card["data_provenance"]["splits_csv_sha256"] == sha256_file(tiny_build.out_dir / "01_data" / "splits.csv")
@@ -74,7 +82,10 @@ def test_manifest_hashes_every_file_and_report_records_the_bundle(tiny_build):
     on_disk = sorted(p.relative_to(tiny_build.bundle).as_posix() for p in tiny_build.bundle.rglob("*") if p.is_file())
     assert sorted(manifest) == [p for p in on_disk if p != "manifest.json"]
     for rel, entry in manifest.items():
-        assert entry == {"sha256": sha256_file(tiny_build.bundle / rel), "size": (tiny_build.bundle / rel).stat().st_size}
+        assert entry == {
+            "sha256": sha256_file(tiny_build.bundle / rel),
+            "size": (tiny_build.bundle / rel).stat().st_size,
+        }
     record = tiny_build.report["bundle"]
     assert record["artifact"] == "fp32" and record["runtime"] in ("openvino", "onnxruntime")
     assert sorted(record["candidates"]) == ["fp32@onnxruntime", "fp32@openvino"]
@@ -117,7 +128,11 @@ def test_verify_passes_on_the_build_box_and_pins_a_candidate(bundle_copy, run_cl
     assert cli.stdout.strip().endswith("PASS") and "every sha256 matches" in cli.stdout and "max |Δlogit|" in cli.stdout
     assert "kept from an earlier verify on this CPU" in cli.stdout
     cli = run_cli("verify", str(bundle_copy), "--repin")
-    assert cli.returncode == 0 and "written to" in cli.stdout and json.loads((bundle_copy / "device.json").read_text())["created"]
+    assert (
+        cli.returncode == 0
+        and "written to" in cli.stdout
+        and json.loads((bundle_copy / "device.json").read_text())["created"]
+    )
 
 
 def test_a_pin_for_another_bundle_or_cpu_is_not_used(bundle_copy):
@@ -143,7 +158,9 @@ def test_a_runtime_that_crashes_on_this_cpu_rules_out_that_candidate_only(bundle
     real_run = inference.OpenVINOSession.run
 
     def crash(self, x):
-        raise RuntimeError("Exception from src/plugins/intel_cpu/src/node.cpp:1\n[CPU] Convolution node 'conv' object is not initialized")
+        raise RuntimeError(
+            "Exception from src/plugins/intel_cpu/src/node.cpp:1\n[CPU] Convolution node 'conv' object is not initialized"
+        )
 
     monkeypatch.setattr(inference.OpenVINOSession, "run", crash)
     result = verify_bundle(bundle_copy)
@@ -174,7 +191,9 @@ def test_choose_takes_a_compressed_candidate_only_when_it_wins_by_more_than_the_
     chosen, why = choose({"fp32@ort": m(2.23, 0.1), "int8@ov": m(1.99, 0.5), "pruned@ort": m(0.8, 0.2)}, compressed, ok)
     assert chosen == "pruned@ort" and "more than the noise" in why
     # A candidate that failed its golden samples here is never chosen, however fast.
-    chosen, _ = choose({"fp32@ort": m(2.23, 0.1), "pruned@ort": m(0.8, 0.2)}, compressed, {"fp32@ort": True, "pruned@ort": False})
+    chosen, _ = choose(
+        {"fp32@ort": m(2.23, 0.1), "pruned@ort": m(0.8, 0.2)}, compressed, {"fp32@ort": True, "pruned@ort": False}
+    )
     assert chosen == "fp32@ort"
     assert choose({"int8@ov": m(1.0, 0.1)}, compressed, {"int8@ov": False})[0] is None
 
@@ -207,26 +226,47 @@ def _reseal(bundle):
     (bundle / "manifest.json").write_text(json.dumps({"files": manifest_entries(bundle)}))
 
 
-@pytest.mark.parametrize(("edit", "expected"), [
-    # Out of range: refused when bundle.json is read, before any image is decided.
-    (lambda m: m["operating_point"].update(threshold=1.0), "operating_point.threshold 1.0; valid: a probability strictly between 0 and 1"),
-    (lambda m: m["operating_point"].update(threshold=0.0), "operating_point.threshold 0.0"),
-    (lambda m: m["operating_point"].update(temperature=float("inf")), "operating_point.temperature inf; valid: a finite number > 0"),
-    (lambda m: m["operating_point"].update(temperature=-1.0), "operating_point.temperature -1.0"),
-    (lambda m: m["preprocessing"].update(size=100000), "preprocessing size 100000 is out of range"),
-    (lambda m: m["preprocessing"].update(std=[0, 1, 1]), "preprocessing std [0, 1, 1] is not valid"),
-    # In range, but not the operating point the golden readings were stored with: the stored logits, read at the
-    # edited threshold, no longer give the stored readings.
-    (lambda m: m["operating_point"].update(threshold=0.999), "stored golden readings do not follow from the stored logits"),
-    (lambda m: m["operating_point"].update(temperature=m["operating_point"]["temperature"] * 50), "do not follow from the stored logits"),
-    (lambda m: [e.update(referral="no referral") for c in m["candidates"] for e in c["golden"]["expected"]], "do not follow"),
-])
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        # Out of range: refused when bundle.json is read, before any image is decided.
+        (
+            lambda m: m["operating_point"].update(threshold=1.0),
+            "operating_point.threshold 1.0; valid: a probability strictly between 0 and 1",
+        ),
+        (lambda m: m["operating_point"].update(threshold=0.0), "operating_point.threshold 0.0"),
+        (
+            lambda m: m["operating_point"].update(temperature=float("inf")),
+            "operating_point.temperature inf; valid: a finite number > 0",
+        ),
+        (lambda m: m["operating_point"].update(temperature=-1.0), "operating_point.temperature -1.0"),
+        (lambda m: m["preprocessing"].update(size=100000), "preprocessing size 100000 is out of range"),
+        (lambda m: m["preprocessing"].update(std=[0, 1, 1]), "preprocessing std [0, 1, 1] is not valid"),
+        # In range, but not the operating point the golden readings were stored with: the stored logits, read at the
+        # edited threshold, no longer give the stored readings.
+        (
+            lambda m: m["operating_point"].update(threshold=0.999),
+            "stored golden readings do not follow from the stored logits",
+        ),
+        (
+            lambda m: m["operating_point"].update(temperature=m["operating_point"]["temperature"] * 50),
+            "do not follow from the stored logits",
+        ),
+        (
+            lambda m: [e.update(referral="no referral") for c in m["candidates"] for e in c["golden"]["expected"]],
+            "do not follow",
+        ),
+    ],
+)
 def test_verify_cannot_be_fooled_by_an_edited_operating_point(bundle_copy, run_cli, edit, expected):
     """The attack: edit bundle.json (threshold 1.0 refers no one) and re-seal the manifest. verify used to recompute
     the expected decisions from bundle.json itself and pass; now every stored expectation is checked."""
     meta = json.loads((bundle_copy / "bundle.json").read_text())
     edit(meta)
-    meta["golden"] = {**meta["golden"], **next(c for c in meta["candidates"] if c["id"] == meta["default_candidate"])["golden"]}
+    meta["golden"] = {
+        **meta["golden"],
+        **next(c for c in meta["candidates"] if c["id"] == meta["default_candidate"])["golden"],
+    }
     (bundle_copy / "bundle.json").write_text(json.dumps(meta))
     _reseal(bundle_copy)
     result = verify_bundle(bundle_copy, pin=False)
@@ -268,7 +308,9 @@ def test_golden_samples_catch_a_model_that_hashes_cleanly_but_computes_different
     for data in ET.parse(bundle_copy / "model" / "fp32.xml").iter("data"):  # f32 constants only: shapes stay valid
         if data.get("element_type") == "f32" and data.get("offset") is not None:
             start, size = int(data.get("offset")), int(data.get("size"))
-            blob[start : start + size] = (np.frombuffer(blob[start : start + size], np.float32) * np.float32(1.5)).tobytes()
+            blob[start : start + size] = (
+                np.frombuffer(blob[start : start + size], np.float32) * np.float32(1.5)
+            ).tobytes()
     weights.write_bytes(bytes(blob))
     (bundle_copy / "manifest.json").write_text(json.dumps({"files": manifest_entries(bundle_copy)}))
     result = verify_bundle(bundle_copy)
@@ -284,8 +326,13 @@ def test_golden_samples_catch_a_model_that_hashes_cleanly_but_computes_different
     (bundle_copy / "device.json").unlink()
     meta = json.loads((bundle_copy / "bundle.json").read_text())
     only = next(c for c in meta["candidates"] if c["id"] == "fp32@openvino")
-    meta.update(candidates=[only], default_candidate=only["id"], model=only["model"], artifact=only["artifact"],
-                golden={**meta["golden"], **only["golden"]})
+    meta.update(
+        candidates=[only],
+        default_candidate=only["id"],
+        model=only["model"],
+        artifact=only["artifact"],
+        golden={**meta["golden"], **only["golden"]},
+    )
     (bundle_copy / "bundle.json").write_text(json.dumps(meta))
     (bundle_copy / "manifest.json").write_text(json.dumps({"files": manifest_entries(bundle_copy)}))
     result = verify_bundle(bundle_copy)
@@ -328,13 +375,20 @@ def test_load_bundle_errors_name_the_problem(tmp_path, bundle_copy):
 
 # ------------------------------------------------------------------------------------------ decisions
 def _bundle(class_names, threshold, temperature=1.0):
-    return Bundle(root=None, meta={"class_names": class_names, "operating_point": {"threshold": threshold, "temperature": temperature}})
+    return Bundle(
+        root=None,
+        meta={"class_names": class_names, "operating_point": {"threshold": threshold, "temperature": temperature}},
+    )
 
 
 def test_interpret_referable_task_at_the_threshold():
     b = _bundle(["non-referable", "referable"], threshold=0.5)
     readings = b.interpret(np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
-    assert [r.referral for r in readings] == ["refer", "refer", "no referral"]  # p == threshold refers, as in the metrics
+    assert [r.referral for r in readings] == [
+        "refer",
+        "refer",
+        "no referral",
+    ]  # p == threshold refers, as in the metrics
     assert readings[1].referable_dr_probability == pytest.approx(1 / (1 + np.exp(-1)))
     assert all(r.grade is None for r in readings)
     # A temperature flattens the probability; the threshold lives on the same scale.
@@ -355,9 +409,14 @@ def test_interpret_five_grades_sums_referable_grades():
 
 # ------------------------------------------------------------------------------------------ selection
 def _row(name, runtime="openvino", auc=0.9, p90=5.0, endpoints_pass=None, checks=None, guard_met=None):
-    row = {"name": name, "runtime": runtime, "precision": "fp32" if name == "fp32" else "int8", "metrics": {"auc": auc},
-           "latency_ms": {"p50": p90 * 0.8, "p90": p90},
-           "clinical": {"endpoints": {"pass": endpoints_pass, "checks": checks or {}}}}
+    row = {
+        "name": name,
+        "runtime": runtime,
+        "precision": "fp32" if name == "fp32" else "int8",
+        "metrics": {"auc": auc},
+        "latency_ms": {"p50": p90 * 0.8, "p90": p90},
+        "clinical": {"endpoints": {"pass": endpoints_pass, "checks": checks or {}}},
+    }
     if guard_met is not None:
         row["guard"] = {"met": guard_met, "checks": [], "actions": []}
     return row
@@ -373,13 +432,17 @@ def test_select_best_under_budget_that_meets_the_endpoints():
     from tlcompile.export.bundle import bundle_runtime, select_artifact
 
     miss = {"min_sensitivity": {"pass": False}}
-    report = {"artifacts": [
-        _row("fp32", auc=0.93, p90=9.0, endpoints_pass=True),
-        _row("pruned", auc=0.95, p90=4.0, endpoints_pass=False, checks=miss),  # best AUC, misses the endpoints
-        _row("int8", auc=0.91, p90=3.0, endpoints_pass=True),
-        _row("pruned-int8", auc=0.91, p90=2.0, endpoints_pass=True),
-        _row("fp32", runtime="onnxruntime", auc=0.99, p90=1.0, endpoints_pass=True),  # another runtime: not a candidate
-    ]}
+    report = {
+        "artifacts": [
+            _row("fp32", auc=0.93, p90=9.0, endpoints_pass=True),
+            _row("pruned", auc=0.95, p90=4.0, endpoints_pass=False, checks=miss),  # best AUC, misses the endpoints
+            _row("int8", auc=0.91, p90=3.0, endpoints_pass=True),
+            _row("pruned-int8", auc=0.91, p90=2.0, endpoints_pass=True),
+            _row(
+                "fp32", runtime="onnxruntime", auc=0.99, p90=1.0, endpoints_pass=True
+            ),  # another runtime: not a candidate
+        ]
+    }
     assert bundle_runtime(report, _recipe()) == "openvino"
     row, record = select_artifact(report, _recipe(select="best_under_budget"), "openvino")
     assert row["name"] == "fp32" and record["chosen"] == "fp32"
@@ -392,7 +455,9 @@ def test_select_best_under_budget_that_meets_the_endpoints():
     # By name: shipped even though it misses the endpoints (and bundle.json says so).
     row, _ = select_artifact(report, _recipe(select="name", artifact="pruned"), "openvino")
     assert row["name"] == "pruned"
-    with pytest.raises(BundleError, match="bundle.artifact 'int4' was not benched on openvino; artifacts of this build: fp32, int8"):
+    with pytest.raises(
+        BundleError, match="bundle.artifact 'int4' was not benched on openvino; artifacts of this build: fp32, int8"
+    ):
         select_artifact(report, _recipe(select="name", artifact="int4"), "openvino")
     assert bundle_runtime({"artifacts": [_row("fp32", runtime="torch")]}, _recipe()) is None
 
@@ -400,17 +465,26 @@ def test_select_best_under_budget_that_meets_the_endpoints():
 def test_select_fastest_never_ships_an_artifact_that_fails_the_accuracy_guard():
     from tlcompile.export.bundle import select_artifact
 
-    report = {"artifacts": [
-        _row("fp32", auc=0.95, p90=9.0),
-        _row("pruned", auc=0.97, p90=3.0, guard_met=False),  # faster and a higher test AUC, but its referrals moved on val
-        _row("int8", auc=0.94, p90=4.0, guard_met=True),
-        _row("pruned-int8", auc=0.97, p90=2.0, guard_met=False),  # answers for its pruning too
-    ]}
+    report = {
+        "artifacts": [
+            _row("fp32", auc=0.95, p90=9.0),
+            _row(
+                "pruned", auc=0.97, p90=3.0, guard_met=False
+            ),  # faster and a higher test AUC, but its referrals moved on val
+            _row("int8", auc=0.94, p90=4.0, guard_met=True),
+            _row("pruned-int8", auc=0.97, p90=2.0, guard_met=False),  # answers for its pruning too
+        ]
+    }
     row, record = select_artifact(report, _recipe(), "openvino")  # the default rule is fastest
     assert record["rule"] == "fastest" and row["name"] == "int8"
     why = {c["name"]: c["why_not"] for c in record["candidates"]}
     assert why["pruned"] == why["pruned-int8"] == "fails the accuracy guard on val" and why["int8"] is None
-    assert {c["name"]: c["guard_met"] for c in record["candidates"]} == {"fp32": None, "pruned": False, "int8": True, "pruned-int8": False}
+    assert {c["name"]: c["guard_met"] for c in record["candidates"]} == {
+        "fp32": None,
+        "pruned": False,
+        "int8": True,
+        "pruned-int8": False,
+    }
     # best_under_budget filters on the guard too; it then ranks by test AUC.
     row, _ = select_artifact(report, _recipe(select="best_under_budget"), "openvino")
     assert row["name"] == "fp32"
@@ -419,7 +493,9 @@ def test_select_fastest_never_ships_an_artifact_that_fails_the_accuracy_guard():
         select_artifact(report, _recipe(latency_budget_ms=3.5), "openvino")
     # By name it is shipped anyway, and the record says it failed the guard.
     row, record = select_artifact(report, _recipe(select="name", artifact="pruned"), "openvino")
-    assert row["name"] == "pruned" and next(c for c in record["candidates"] if c["name"] == "pruned")["guard_met"] is False
+    assert (
+        row["name"] == "pruned" and next(c for c in record["candidates"] if c["name"] == "pruned")["guard_met"] is False
+    )
     # Equal p90 (to 0.01 ms): the higher test AUC wins.
     tie = {"artifacts": [_row("fp32", auc=0.95, p90=2.001), _row("int8", auc=0.94, p90=2.0, guard_met=True)]}
     assert select_artifact(tie, _recipe(), "openvino")[0]["name"] == "fp32"
@@ -429,7 +505,9 @@ def test_recipe_rejects_a_bundle_runtime_that_was_not_built(write_recipe):
     from tlcompile.errors import RecipeError
     from tlcompile.recipe import load_recipe
 
-    path = write_recipe({"export": {"formats": ["onnx"]}, "bench": {"runtimes": ["onnxruntime"]}, "bundle": {"runtime": "openvino"}})
+    path = write_recipe(
+        {"export": {"formats": ["onnx"]}, "bench": {"runtimes": ["onnxruntime"]}, "bundle": {"runtime": "openvino"}}
+    )
     with pytest.raises(RecipeError, match="bundle.runtime 'openvino' needs 'openvino' in export.formats"):
         load_recipe(path)
     with pytest.raises(RecipeError, match="bundle.select"):
@@ -446,10 +524,17 @@ def test_a_bundle_that_cannot_be_made_is_recorded_after_the_report(tiny_build, t
     from tlcompile.build.stages import bundle
     from tlcompile.data.datamodule import load_data
 
-    recipe = tiny_build.recipe.model_copy(update={"bundle": tiny_build.recipe.bundle.model_copy(update={"latency_budget_ms": 1e-6})})
+    recipe = tiny_build.recipe.model_copy(
+        update={"bundle": tiny_build.recipe.bundle.model_copy(update={"latency_budget_ms": 1e-6})}
+    )
     before = {p: p.read_bytes() for p in tiny_build.bundle.rglob("*") if p.is_file()}
-    ctx = BuildContext(recipe=recipe, out_dir=tiny_build.out_dir, console=Console(file=None, quiet=True), device=torch.device("cpu"),
-                       data=load_data(recipe.data, seed=recipe.seed))
+    ctx = BuildContext(
+        recipe=recipe,
+        out_dir=tiny_build.out_dir,
+        console=Console(file=None, quiet=True),
+        device=torch.device("cpu"),
+        data=load_data(recipe.data, seed=recipe.seed),
+    )
     ctx.report, ctx.stage = copy.deepcopy(tiny_build.report), StageRun(folder=tiny_build.out_dir)
     assert bundle.run(ctx, []) == []
     error = ctx.bundle_error
@@ -468,11 +553,18 @@ def test_onnxruntime_bundle_by_name_replaces_the_previous_bundle(tiny_build, tmp
     out = Path(shutil.copytree(tiny_build.out_dir, tmp_path / "build"))
     cfg = tiny_build.recipe.bundle.model_copy(update={"runtime": "onnxruntime", "select": "name", "artifact": "fp32"})
     recipe = tiny_build.recipe.model_copy(update={"bundle": cfg})
-    record = write_bundle(copy.deepcopy(tiny_build.report), out_dir=out, data=load_data(recipe.data, seed=recipe.seed), recipe=recipe)
+    record = write_bundle(
+        copy.deepcopy(tiny_build.report), out_dir=out, data=load_data(recipe.data, seed=recipe.seed), recipe=recipe
+    )
     assert (record["runtime"], record["artifact"], record["selection"]["rule"]) == ("onnxruntime", "fp32", "name")
     meta = json.loads((out / "bundle" / "bundle.json").read_text())
-    assert meta["model"] == {"runtime": "onnxruntime", "precision": "f32", "format": "onnx", "entry": "model/fp32.onnx",
-                             "files": ["model/fp32.onnx"]}
+    assert meta["model"] == {
+        "runtime": "onnxruntime",
+        "precision": "f32",
+        "format": "onnx",
+        "entry": "model/fp32.onnx",
+        "files": ["model/fp32.onnx"],
+    }
     assert not (out / "bundle" / "model" / "fp32.xml").exists() and not list(out.glob(".bundle*"))
     result = verify_bundle(out / "bundle")
     assert result.ok and result.golden.runtime == "onnxruntime" and result.golden.max_abs_logit_diff <= 1e-6

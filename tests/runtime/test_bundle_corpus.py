@@ -46,7 +46,9 @@ def _apply(bundle: Path, step: dict, keys: dict) -> None:
         manifest["files"][step["path"]] = {"sha256": "0" * 64, "size": 1}
         (bundle / "manifest.json").write_text(json.dumps(manifest))
     elif op == "reseal":  # what an attacker with write access does: a manifest that matches the files again
-        (bundle / "manifest.json").write_text(json.dumps({"format_version": 1, "files": manifest_entries(bundle)}, indent=2))
+        (bundle / "manifest.json").write_text(
+            json.dumps({"format_version": 1, "files": manifest_entries(bundle)}, indent=2)
+        )
     elif op == "sign":
         sign_bundle(bundle, keys[step["key"]][0], replace=True)
     else:
@@ -65,6 +67,11 @@ def test_bundle_corpus(case, bundle_copy, keys):
     result = verify_bundle(bundle_copy, trust=[keys[k][1] for k in spec["trust"]])
     assert result.ok == spec["ok"], result.to_dict()
     if spec["problem"]:
-        everything = result.problems + result.signature.problems + result.manifest.problems + (result.golden.problems if result.golden else [])
+        everything = (
+            result.problems
+            + result.signature.problems
+            + result.manifest.problems
+            + (result.golden.problems if result.golden else [])
+        )
         assert any(spec["problem"] in p for p in everything), everything
         assert all("\n" not in p for p in everything)

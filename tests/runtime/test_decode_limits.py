@@ -19,6 +19,7 @@ from tlcompile.runtime.preprocess import MAX_DECODE_PIXELS, PreprocessSpec, load
 
 def png_header_bomb(width: int, height: int, bit_depth: int, color_type: int) -> bytes:
     """A valid PNG of zeros: tiny on disk, width x height pixels when decoded (color_type 6 = RGBA, 2 = RGB, 0 = grey)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -26,8 +27,12 @@ def png_header_bomb(width: int, height: int, bit_depth: int, color_type: int) ->
     row = b"\x00" * (1 + width * channels * bit_depth // 8)
     compressor = zlib.compressobj(9)
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def _refused_cheaply(path, *, seconds: float = 5.0, peak_mb: float = 64) -> str:
@@ -53,12 +58,15 @@ def test_the_issues_81_mpx_16_bit_rgba_png_is_refused_from_its_header(tmp_path):
     assert message.startswith(f"{path}: image is too large to decode safely (9000x9000") and "\n" not in message
 
 
-@pytest.mark.parametrize(("width", "height", "bit_depth", "color_type"), [
-    (7200, 7200, 8, 2),   # RGB, just over the pixel limit
-    (6000, 6000, 8, 6),   # RGBA 36 Mpx: under the pixel limit, over the memory limit
-    (7100, 7100, 16, 0),  # 16-bit grey
-    (60000, 900, 8, 0),   # a strip
-])
+@pytest.mark.parametrize(
+    ("width", "height", "bit_depth", "color_type"),
+    [
+        (7200, 7200, 8, 2),  # RGB, just over the pixel limit
+        (6000, 6000, 8, 6),  # RGBA 36 Mpx: under the pixel limit, over the memory limit
+        (7100, 7100, 16, 0),  # 16-bit grey
+        (60000, 900, 8, 0),  # a strip
+    ],
+)
 def test_the_class_of_header_bombs_is_refused(tmp_path, width, height, bit_depth, color_type):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header_bomb(width, height, bit_depth, color_type))
@@ -78,8 +86,19 @@ def test_a_camera_size_jpeg_is_still_read_through_its_draft(tmp_path):
         load_rgb(path)  # without a draft the whole frame would be decoded
 
 
-@pytest.mark.parametrize(("key", "value"), [("size", 100000), ("size", 0), ("size", True), ("size", 2.5), ("std", [0, 1, 1]),
-                                             ("mean", [float("nan"), 0, 0]), ("fov_threshold", 7), ("circular_mask", -1)])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("size", 100000),
+        ("size", 0),
+        ("size", True),
+        ("size", 2.5),
+        ("std", [0, 1, 1]),
+        ("mean", [float("nan"), 0, 0]),
+        ("fov_threshold", 7),
+        ("circular_mask", -1),
+    ],
+)
 def test_preprocessing_specs_are_bounded(key, value):
     spec = PreprocessSpec(size=64).to_dict()
     spec[key] = value

@@ -16,8 +16,18 @@ from pathlib import Path
 import tlcompile.evaluate
 import tlcompile.runtime
 
-FORBIDDEN = ("torch", "torchvision", "tlcompile.data", "tlcompile.recipe", "tlcompile.models", "tlcompile.train",
-             "tlcompile.compress", "tlcompile.export", "tlcompile.pipeline", "tlcompile.build")
+FORBIDDEN = (
+    "torch",
+    "torchvision",
+    "tlcompile.data",
+    "tlcompile.recipe",
+    "tlcompile.models",
+    "tlcompile.train",
+    "tlcompile.compress",
+    "tlcompile.export",
+    "tlcompile.pipeline",
+    "tlcompile.build",
+)
 
 
 def _modules() -> list[str]:

@@ -89,7 +89,9 @@ def test_five_grade_bundle_reports_the_grade(tiny_build, tmp_path, fundus_images
     meta = json.loads((tiny_build.bundle / "bundle.json").read_text())
     meta.update(task="grade", class_names=["no DR", "mild", "moderate", "severe", "proliferative"])
     meta["operating_point"]["threshold"] = 0.5
-    result = predict_image(Bundle(root=tiny_build.bundle, meta=meta), _FiveGradeSession(), fundus_images(tmp_path, 1)[0])
+    result = predict_image(
+        Bundle(root=tiny_build.bundle, meta=meta), _FiveGradeSession(), fundus_images(tmp_path, 1)[0]
+    )
     assert (result.grade, result.grade_name) == (3, "severe")
     assert result.grade_probability == pytest.approx(0.5, abs=1e-6)
     assert result.referable_dr_probability == pytest.approx(0.8, abs=1e-6) and result.referral == "refer"

@@ -22,7 +22,9 @@ def test_csv_onto_an_input_photo_is_refused_and_the_photo_kept(tiny_build, tmp_p
     photos = fundus_images(tmp_path / "in", 2)
     before = _sha(photos[1])
     cli = run_cli("predict", str(tiny_build.bundle), *map(str, photos), "--csv", str(photos[1]))
-    assert cli.returncode == 2 and "is one of the input images" in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+    assert (
+        cli.returncode == 2 and "is one of the input images" in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+    )
     assert _sha(photos[1]) == before
     # The same photo reached through a folder argument and a symbolic link is caught too.
     link = tmp_path / "link.png"
@@ -57,7 +59,7 @@ def test_an_existing_file_is_replaced_only_when_it_is_a_results_csv(tiny_build, 
     assert out.read_text().splitlines()[0] == ",".join(CSV_COLUMNS)
 
 
-@pytest.mark.parametrize("name", ["=HYPERLINK(\"x\").png", "+1+1.png", "-2.png", "@SUM(A1).png", "\tx.png"])
+@pytest.mark.parametrize("name", ['=HYPERLINK("x").png', "+1+1.png", "-2.png", "@SUM(A1).png", "\tx.png"])
 def test_cells_that_start_like_a_formula_are_escaped(name, tiny_build, tmp_path, fundus_images, monkeypatch):
     rows = list(csv.DictReader(results_csv([ImageResult(file=name, error=name + ": cannot decode")]).splitlines()))
     assert rows[0]["file"] == "'" + name and rows[0]["error"].startswith("'")

@@ -50,7 +50,9 @@ def test_image_corpus(name, session):
     result = predict_image(bundle, sess, path)
     if kind == "not_fundus":  # before: "refer" with P = 1.0 and "field of view found"
         assert result.referral == "ungradable" and result.ungradable and not result.fov_found
-        assert result.referable_dr_probability is None and result.ungradable_reason.startswith("not a fundus photograph")
+        assert result.referable_dr_probability is None and result.ungradable_reason.startswith(
+            "not a fundus photograph"
+        )
     else:
         assert result.referral in ("refer", "no referral") and result.fov_found and result.ungradable_reason is None
 
@@ -92,5 +94,7 @@ def test_the_quickstart_images_are_not_rejected():
     from tlcompile.recipe import load_recipe
 
     r = load_recipe(Path(__file__).parents[2] / "recipes" / "quickstart.yaml")
-    images, _ = synthetic.generate(r.data.num_images, seed=r.seed, size=round(r.data.image_size * 1.25), style=r.data.style)
+    images, _ = synthetic.generate(
+        r.data.num_images, seed=r.seed, size=round(r.data.image_size * 1.25), style=r.data.style
+    )
     assert _flagged(images) == []

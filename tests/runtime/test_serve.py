@@ -19,8 +19,10 @@ from tlcompile.runtime.serve import _lock, serve
 
 
 def _records(out: Path) -> dict[str, list[dict]]:
-    return {kind: [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-            for kind, folder in (("results", out), ("errors", out / "errors"))}
+    return {
+        kind: [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        for kind, folder in (("results", out), ("errors", out / "errors"))
+    }
 
 
 def _snapshot(out: Path) -> dict[Path, tuple[bytes, int, int]]:
@@ -62,7 +64,9 @@ def test_serve_once_twenty_images_two_corrupt(tiny_build, tmp_path, fundus_image
     # Which candidate runs and why (no device.json: the build's choice), the start line, one per image: the partial and
     # hidden files were left alone.
     decided = [line for line in log if "looks cut off" not in line]
-    assert len(decided) == 2 + 20 and log[0].startswith("running the build's choice") and "golden samples pass" in log[1]
+    assert (
+        len(decided) == 2 + 20 and log[0].startswith("running the build's choice") and "golden samples pass" in log[1]
+    )
     # The truncated PNG looks like a frame still being written: retried (bounded), then recorded under its own name.
     assert sum(line.startswith("bad_truncated.png: looks cut off") for line in log) == 3
     assert json.loads((out / "errors" / "bad_truncated.png.json").read_text())["retries"] == 3
@@ -83,7 +87,19 @@ def test_kill_and_restart_loses_nothing_and_redoes_nothing(tiny_build, tmp_path,
     batch_a, batch_b = good[:9] + bad[:1], good[9:] + bad[1:]
     for path in batch_a:
         os.replace(path, watch / path.name)  # a rename: the camera's file appears whole
-    command = [sys.executable, "-m", "tlcompile.cli", "serve", str(tiny_build.bundle), "--watch", str(watch), "--out", str(out), "--interval", "0.05"]
+    command = [
+        sys.executable,
+        "-m",
+        "tlcompile.cli",
+        "serve",
+        str(tiny_build.bundle),
+        "--watch",
+        str(watch),
+        "--out",
+        str(out),
+        "--interval",
+        "0.05",
+    ]
 
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen([*command, "--settle", "3"], stdout=log, stderr=subprocess.STDOUT)
@@ -118,7 +134,9 @@ def test_kill_and_restart_loses_nothing_and_redoes_nothing(tiny_build, tmp_path,
 
     records = _records(out)
     assert len(records["results"]) == 18 and len(records["errors"]) == 2
-    assert sorted(r["file"] for r in records["results"] + records["errors"]) == sorted(p.name for p in watch.iterdir() if p.is_file())
+    assert sorted(r["file"] for r in records["results"] + records["errors"]) == sorted(
+        p.name for p in watch.iterdir() if p.is_file()
+    )
     for path, (data, inode, mtime_ns) in before.items():  # batch A's records: not rewritten, not even touched
         assert (path.read_bytes(), path.stat().st_ino, path.stat().st_mtime_ns) == (data, inode, mtime_ns)
     by_file = {r["file"]: r for r in records["results"] + records["errors"]}

@@ -16,8 +16,10 @@ from tlcompile.runtime.serve import MAX_STEM_BYTES, TRUNCATION_RETRIES, record_s
 
 
 def _records(out: Path) -> dict[str, list[dict]]:
-    return {kind: [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-            for kind, folder in (("results", out), ("errors", out / "errors"))}
+    return {
+        kind: [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        for kind, folder in (("results", out), ("errors", out / "errors"))
+    }
 
 
 def _quiet(_line: str) -> None:
@@ -34,7 +36,9 @@ def test_record_names_always_fit():
     assert record_stem("é" * 118 + ".png") != record_stem("é" * 118 + ".jpg")  # the hash tells long names apart
 
 
-def test_long_odd_and_unreadable_names_become_records_and_serve_goes_on(tiny_build, tmp_path, fundus_images, monkeypatch):
+def test_long_odd_and_unreadable_names_become_records_and_serve_goes_on(
+    tiny_build, tmp_path, fundus_images, monkeypatch
+):
     """The issue's cases: a 237-byte UTF-8 name made serve exit at every start; an unreadable file crashed it with a
     traceback at every start. Now each is that file's record, the other images are decided, and a restart redoes
     nothing."""
@@ -49,7 +53,9 @@ def test_long_odd_and_unreadable_names_become_records_and_serve_goes_on(tiny_bui
     locked = watch / "locked.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(locked)
     locked.chmod(0o000)
-    if os.geteuid() == 0:  # root reads anything: make reading this one file fail as it would for another user's 0600 file
+    if (
+        os.geteuid() == 0
+    ):  # root reads anything: make reading this one file fail as it would for another user's 0600 file
         real = serve_module.sha256_file
 
         def deny(path, *args, **kwargs):
@@ -104,8 +110,11 @@ def test_half_written_camera_file_is_retried_and_recorded_under_its_name(tiny_bu
     path.write_bytes(data[: len(data) // 2])
     log: list[str] = []
     stop = threading.Event()
-    thread = threading.Thread(target=serve, args=(tiny_build.bundle, watch, tmp_path / "out"),
-                              kwargs={"settle": 0.1, "interval": 0.05, "log": log.append, "stop": stop})
+    thread = threading.Thread(
+        target=serve,
+        args=(tiny_build.bundle, watch, tmp_path / "out"),
+        kwargs={"settle": 0.1, "interval": 0.05, "log": log.append, "stop": stop},
+    )
     thread.start()
     try:
         deadline = time.monotonic() + 60

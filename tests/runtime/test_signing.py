@@ -25,7 +25,9 @@ def keys(tmp_path_factory):
 
 def _reseal(bundle):
     """What an attacker with write access does after changing a file: regenerate the manifest."""
-    (bundle / "manifest.json").write_text(json.dumps({"format_version": 1, "files": manifest_entries(bundle)}, indent=2))
+    (bundle / "manifest.json").write_text(
+        json.dumps({"format_version": 1, "files": manifest_entries(bundle)}, indent=2)
+    )
 
 
 def test_keygen_writes_a_private_key_0600_and_never_overwrites(tmp_path, run_cli):
@@ -65,7 +67,9 @@ def test_signed_bundle_passes_verify_predict_and_serve_under_trust(bundle_copy, 
     pred = run_cli("predict", str(bundle_copy), *map(str, images), "--trust", str(public))
     assert pred.returncode == 0, pred.stderr
     assert open_verified(bundle_copy, trust=[public]).signed_by == kid
-    stats = serve(bundle_copy, tmp_path / "in", tmp_path / "records", once=True, settle=0, trust=[public], log=lambda _: None)
+    stats = serve(
+        bundle_copy, tmp_path / "in", tmp_path / "records", once=True, settle=0, trust=[public], log=lambda _: None
+    )
     assert stats.results == 2
     assert json.loads(next((tmp_path / "records").glob("*.json")).read_text())["bundle"]["signed_by"] == kid
 
@@ -92,7 +96,9 @@ def test_tampered_signed_bundle_fails_even_when_the_attacker_reseals_the_manifes
     assert "not a valid signature file" in verify_bundle(bundle_copy, trust=[public]).signature.problems[0]
 
 
-def test_unsigned_bundle_under_trust_fails_and_predict_serve_refuse(bundle_copy, keys, tmp_path, run_cli, fundus_images):
+def test_unsigned_bundle_under_trust_fails_and_predict_serve_refuse(
+    bundle_copy, keys, tmp_path, run_cli, fundus_images
+):
     _, public, kid = keys["ours"]
     result = verify_bundle(bundle_copy, trust=[public])
     assert not result.ok and "unsigned" in result.signature.problems[0] and kid in result.signature.problems[0]
@@ -100,7 +106,9 @@ def test_unsigned_bundle_under_trust_fails_and_predict_serve_refuse(bundle_copy,
     pred = run_cli("predict", str(bundle_copy), str(images[0]), "--trust", str(public))
     assert pred.returncode == 2 and "fails its signature check" in pred.stderr and "Traceback" not in pred.stderr
     with pytest.raises(BundleError, match="unsigned"):
-        serve(bundle_copy, tmp_path / "in", tmp_path / "records", once=True, settle=0, trust=[public], log=lambda _: None)
+        serve(
+            bundle_copy, tmp_path / "in", tmp_path / "records", once=True, settle=0, trust=[public], log=lambda _: None
+        )
     assert not list((tmp_path / "records").glob("*.json"))
 
 
@@ -133,7 +141,10 @@ def test_key_and_sign_mistakes_are_one_line(bundle_copy, keys, tmp_path, run_cli
     for args, message in cases:
         cli = run_cli(*args)
         assert cli.returncode == 2, (args, cli.stdout, cli.stderr)
-        assert message in cli.stderr and len(cli.stderr.strip().splitlines()) == 1 and "Traceback" not in cli.stderr, (args, cli.stderr)
+        assert message in cli.stderr and len(cli.stderr.strip().splitlines()) == 1 and "Traceback" not in cli.stderr, (
+            args,
+            cli.stderr,
+        )
     # A damaged bundle is not signed: signing would vouch for it.
     (bundle_copy / "notes.txt").write_text("added")
     cli = run_cli("bundle", "sign", str(bundle_copy), "--key", str(private))

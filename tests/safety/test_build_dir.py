@@ -17,8 +17,10 @@ from tlcompile.recipe import validate_recipe_dict
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _users_folder(tmp_path: Path) -> Path:
@@ -43,7 +45,9 @@ def test_a_folder_that_is_not_a_build_is_refused_and_left_untouched(tmp_path, re
     assert _tree(folder) == before
 
 
-def test_build_resume_out_on_a_users_folder_through_the_cli(tiny_recipe_dict, write_recipe, tmp_path, monkeypatch, capsys):
+def test_build_resume_out_on_a_users_folder_through_the_cli(
+    tiny_recipe_dict, write_recipe, tmp_path, monkeypatch, capsys
+):
     """The issue's example: `build --resume --out DIR` on a folder that is not a build removed DIR/bundle/ and
     overwrote report.json. Now one line, exit 2, nothing changed."""
     from tlcompile.cli import main
@@ -51,7 +55,9 @@ def test_build_resume_out_on_a_users_folder_through_the_cli(tiny_recipe_dict, wr
     folder = _users_folder(tmp_path)
     before = _tree(folder)
     for extra in (["--resume"], []):
-        monkeypatch.setattr(sys, "argv", ["tlcompile", "build", str(write_recipe(tiny_recipe_dict)), "--out", str(folder), *extra])
+        monkeypatch.setattr(
+            sys, "argv", ["tlcompile", "build", str(write_recipe(tiny_recipe_dict)), "--out", str(folder), *extra]
+        )
         with pytest.raises(SystemExit) as info:
             main()
         err = capsys.readouterr().err
@@ -101,8 +107,16 @@ def test_resume_with_another_recipe_removes_stale_stages_and_says_what_it_reused
     console = Console(record=True, width=300)
     report = build(validate_recipe_dict(second), out, resume=True, console=console).report
     printed = console.export_text()
-    assert "resume" in printed and "03_prune (not in this recipe)" in printed and "02_train (its recipe sections changed" in printed
-    assert not (out / "03_prune").exists() and not (out / "05_export" / "fp32.xml").exists() and not (out / "bundle").exists()
+    assert (
+        "resume" in printed
+        and "03_prune (not in this recipe)" in printed
+        and "02_train (its recipe sections changed" in printed
+    )
+    assert (
+        not (out / "03_prune").exists()
+        and not (out / "05_export" / "fp32.xml").exists()
+        and not (out / "bundle").exists()
+    )
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     assert not [f for f in manifest if f.startswith("03_prune/") or f.endswith(".xml") or ".openvino." in f]
     assert report["preprocessing"]["size"] == 32 and {a["name"] for a in report["artifacts"]} == {"fp32"}
@@ -119,7 +133,14 @@ def compress_like_recipe(tiny_recipe_dict) -> dict:
     r["data"] = {**r["data"], "num_images": 80}
     r["export"] = {**r["export"], "parity_images": 8}
     r["evaluate"] = {"bootstrap_resamples": 100}
-    r["prune"] = {"ratio": 0.5, "steps": 1, "finetune_epochs": 1, "calibration_images": 16,
-                  "max_auc_drop": None, "max_sensitivity_drop": None, "max_specificity_drop": None}
+    r["prune"] = {
+        "ratio": 0.5,
+        "steps": 1,
+        "finetune_epochs": 1,
+        "calibration_images": 16,
+        "max_auc_drop": None,
+        "max_sensitivity_drop": None,
+        "max_specificity_drop": None,
+    }
     r["bench"] = {**r["bench"], "runtimes": ["openvino", "onnxruntime"]}
     return r

@@ -66,7 +66,13 @@ def test_python_tag_never_runs(tmp_path):
 VALID = {
     "name": "fuzz",
     "seed": 1,
-    "data": {"source": "synthetic", "num_images": 100, "image_size": 64, "task": "referable", "split": {"val": 0.2, "test": 0.2}},
+    "data": {
+        "source": "synthetic",
+        "num_images": 100,
+        "image_size": 64,
+        "task": "referable",
+        "split": {"val": 0.2, "test": 0.2},
+    },
     "model": {"arch": "cbr_small", "pretrained": "none"},
     "train": {"epochs": 2, "batch_size": 16, "optimizer": "sgd", "lr": 0.01, "schedule": "step"},
     "export": {"formats": ["onnx"]},
@@ -83,13 +89,22 @@ def _paths(d, prefix=()):
 
 PATHS = list(_paths(VALID))
 values = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True), st.text(max_size=20),
-    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutations=st.lists(st.tuples(st.sampled_from(PATHS), st.sampled_from(["set", "delete", "extra"]), values), min_size=1, max_size=4))
+@given(
+    mutations=st.lists(
+        st.tuples(st.sampled_from(PATHS), st.sampled_from(["set", "delete", "extra"]), values), min_size=1, max_size=4
+    )
+)
 def test_random_mutations_never_raise_anything_but_recipe_error(mutations):
     d = copy.deepcopy(VALID)
     for path, action, value in mutations:

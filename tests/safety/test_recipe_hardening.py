@@ -31,7 +31,9 @@ def recipe(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("override", ["train.batch_size=true", "train.lr=yes", "train.epochs=false", "data.image_size=on"])
+@pytest.mark.parametrize(
+    "override", ["train.batch_size=true", "train.lr=yes", "train.epochs=false", "data.image_size=on"]
+)
 def test_set_boolean_is_not_a_number(recipe, override, capsys, monkeypatch):
     err = _one_line(capsys, monkeypatch, "validate", str(recipe), "--set", override)
     assert override.split("=")[0] in err and "YAML boolean" in err
@@ -55,7 +57,9 @@ def test_deep_nesting_in_a_file_and_in_set(tmp_path, recipe, capsys, monkeypatch
     path = tmp_path / "deep.yaml"
     path.write_text("name: deep\ndata: " + "{a: " * 20000 + "1" + "}" * 20000 + "\n")
     assert "nested more than" in _one_line(capsys, monkeypatch, "validate", str(path))
-    assert "nested more than" in _one_line(capsys, monkeypatch, "validate", str(recipe), "--set", "data.x=" + "[" * 20000 + "]" * 20000)
+    assert "nested more than" in _one_line(
+        capsys, monkeypatch, "validate", str(recipe), "--set", "data.x=" + "[" * 20000 + "]" * 20000
+    )
 
 
 def test_symlink_loop_as_data_root(tmp_path, capsys, monkeypatch):

@@ -41,10 +41,19 @@ def _fit(tmp_path, *, kill_after: int | None = None, checkpoint: bool = True):
             raise _Killed
 
     ckpt = loop.EpochCheckpoint(tmp_path / "epoch.pt", tag="t") if checkpoint else None
-    settings = loop.FitSettings(epochs=3, batch_size=16, optimizer=opt, scheduler=sched, loss_fn=torch.nn.CrossEntropyLoss(),
-                                seed=0, device=torch.device("cpu"), checkpoint=ckpt)
-    result, best = loop.fit(model, (x, y), (x[:16], y[:16]), PreprocessSpec(size=32), settings,
-                            loop.FitCallbacks(on_epoch=on_epoch))
+    settings = loop.FitSettings(
+        epochs=3,
+        batch_size=16,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        seed=0,
+        device=torch.device("cpu"),
+        checkpoint=ckpt,
+    )
+    result, best = loop.fit(
+        model, (x, y), (x[:16], y[:16]), PreprocessSpec(size=32), settings, loop.FitCallbacks(on_epoch=on_epoch)
+    )
     return model, result, best
 
 
@@ -77,9 +86,27 @@ def test_checkpoint_of_another_recipe_is_not_resumed(tmp_path):
 # ------------------------------------------------------------------------------ whole builds (subprocess)
 # Timings, and what is derived from them: the bundle selection's p90, and the bundle manifest's hash (bundle.json
 # records the measured latency and its creation time).
-TIMING_KEYS = {"created", "latency_ms", "stage_seconds", "wall_s", "seconds", "first_ms", "first_inference_ms", "compile_ms",
-               "iterations", "throughput_fps", "gmacs_per_s", "peak_rss_mb", "e2e", "p90_ms", "manifest_sha256",
-               "measured_on_build_box", "load_average", "noise", "stability"}
+TIMING_KEYS = {
+    "created",
+    "latency_ms",
+    "stage_seconds",
+    "wall_s",
+    "seconds",
+    "first_ms",
+    "first_inference_ms",
+    "compile_ms",
+    "iterations",
+    "throughput_fps",
+    "gmacs_per_s",
+    "peak_rss_mb",
+    "e2e",
+    "p90_ms",
+    "manifest_sha256",
+    "measured_on_build_box",
+    "load_average",
+    "noise",
+    "stability",
+}
 # With several candidates the build's default among them is measured too (interleaved rounds on the build box).
 BUNDLE_CHOICE_KEYS = {"default_candidate", "artifact", "runtime", "verify"}
 SELECTION_CHOICE_KEYS = {"chosen", "chosen_id", "why"}

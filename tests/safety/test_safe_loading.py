@@ -66,9 +66,13 @@ def _onnx_with_external(folder, location: str):
     for key, value in (("location", location), ("offset", "0"), ("length", "4")):
         entry = w.external_data.add()
         entry.key, entry.value = key, value
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = folder / "model.onnx"
     path.write_bytes(model.SerializeToString())

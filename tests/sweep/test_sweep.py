@@ -19,7 +19,10 @@ def test_grid_expands_to_every_combination():
     assert len({v.name for v in variants}) == 4
 
 
-@pytest.mark.parametrize("grid, message", [(["prune.ratio"], "expected key.path=value1"), (["a=1", "a=2"], "given twice"), ([], "at least one")])
+@pytest.mark.parametrize(
+    "grid, message",
+    [(["prune.ratio"], "expected key.path=value1"), (["a=1", "a=2"], "given twice"), ([], "at least one")],
+)
 def test_bad_grids(grid, message):
     with pytest.raises(RecipeError, match=message):
         parse_grid(grid)
@@ -38,8 +41,21 @@ def test_four_variant_local_ray_sweep(tiny_recipe_dict, write_recipe, tmp_path, 
 
     tiny_recipe_dict["bench"]["runtimes"] = ["openvino", "onnxruntime"]
     out = tmp_path / "sweep"
-    monkeypatch.setattr(sys, "argv", ["tlcompile", "sweep", str(write_recipe(tiny_recipe_dict)), "--grid", "model.arch=cbr_small,cbr_tiny",
-                                      "--grid", "data.image_size=32,48", "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "tlcompile",
+            "sweep",
+            str(write_recipe(tiny_recipe_dict)),
+            "--grid",
+            "model.arch=cbr_small,cbr_tiny",
+            "--grid",
+            "data.image_size=32,48",
+            "--out",
+            str(out),
+        ],
+    )
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code == 0, capsys.readouterr().err

@@ -15,7 +15,9 @@ from tlcompile.recipe import DataConfig, SplitConfig
 @pytest.fixture(scope="session")
 def tiny_data():
     """48 synthetic fundus images at 32 px, referable task (2 classes), split 24/12/12."""
-    cfg = DataConfig(source="synthetic", num_images=48, image_size=32, task="referable", split=SplitConfig(val=0.25, test=0.25))
+    cfg = DataConfig(
+        source="synthetic", num_images=48, image_size=32, task="referable", split=SplitConfig(val=0.25, test=0.25)
+    )
     return load_data(cfg, seed=0)
 
 
@@ -47,7 +49,14 @@ def fake_build(folder, arch: str, task: str, *, with_report: bool) -> dict[str, 
     recipe = {"name": "source", "model": {"arch": arch}, "data": {"task": task}}
     (folder / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe))
     if with_report:
-        names = ["no DR", "mild", "moderate", "severe", "proliferative"] if task == "grade" else ["non-referable", "referable"]
-        (folder / "report.json").write_text(json.dumps({"name": "source", "recipe": recipe, "class_names": names,
-                                                        "task": task, "recipe_sha256": "ab" * 32}))
+        names = (
+            ["no DR", "mild", "moderate", "severe", "proliferative"]
+            if task == "grade"
+            else ["non-referable", "referable"]
+        )
+        (folder / "report.json").write_text(
+            json.dumps(
+                {"name": "source", "recipe": recipe, "class_names": names, "task": task, "recipe_sha256": "ab" * 32}
+            )
+        )
     return state

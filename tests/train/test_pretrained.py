@@ -51,8 +51,13 @@ def test_imagenet_weights_in_torch_home_load_offline(torch_home, offline) -> Non
     (torch_home / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(imagenet, torch_home / "hub" / "checkpoints" / HUB_FILE)
 
-    model, record = initialise_model("mobilenet_v3_small", 2, "pretrained",
-                                     load_weight_source("imagenet", get_model("mobilenet_v3_small", num_classes=2)), seed=0)
+    model, record = initialise_model(
+        "mobilenet_v3_small",
+        2,
+        "pretrained",
+        load_weight_source("imagenet", get_model("mobilenet_v3_small", num_classes=2)),
+        seed=0,
+    )
     loaded = record["source"]
     state = model.state_dict()
     trunk = [k for k in imagenet if not k.startswith("classifier.3.")]
@@ -67,7 +72,9 @@ def test_imagenet_weights_in_torch_home_load_offline(torch_home, offline) -> Non
 
 def test_imagenet_provenance_flags_a_file_that_is_not_torchvisions(torch_home, offline) -> None:
     (torch_home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), torch_home / "hub" / "checkpoints" / HUB_FILE)
+    torch.save(
+        torchvision.models.mobilenet_v3_small(weights=None).state_dict(), torch_home / "hub" / "checkpoints" / HUB_FILE
+    )
     source = load_weight_source("imagenet", get_model("mobilenet_v3_small", num_classes=2))
     p = source.provenance()
     assert p["kind"] == "imagenet" and p["sha256_prefix_expected"] == "047dcff4" and p["sha256_matches"] is False
@@ -86,10 +93,16 @@ def test_missing_imagenet_file_is_one_clear_line(torch_home, offline) -> None:
     assert "MobileNet_V3_Small_Weights.IMAGENET1K_V1" in msg
 
 
-def test_missing_imagenet_file_fails_the_build_before_any_work(torch_home, offline, tiny_recipe_dict, write_recipe, tmp_path, monkeypatch, capsys) -> None:
+def test_missing_imagenet_file_fails_the_build_before_any_work(
+    torch_home, offline, tiny_recipe_dict, write_recipe, tmp_path, monkeypatch, capsys
+) -> None:
     from tlcompile.cli import main
 
-    recipe = {**tiny_recipe_dict, "model": {"arch": "mobilenet_v3_small", "pretrained": "imagenet"}, "train": {"epochs": 3}}
+    recipe = {
+        **tiny_recipe_dict,
+        "model": {"arch": "mobilenet_v3_small", "pretrained": "imagenet"},
+        "train": {"epochs": 3},
+    }
     out = tmp_path / "build"
     monkeypatch.setattr(sys, "argv", ["tlcompile", "build", str(write_recipe(recipe)), "--out", str(out)])
     with pytest.raises(SystemExit) as info:
@@ -112,8 +125,11 @@ class _Payload:
 def test_weight_file_with_pickled_objects_is_refused(tmp_path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"fc.weight": torch.zeros(2, 256), "extra": _Payload()}, path)
-    with pytest.raises(UnsafeFileError, match=r"^model\.pretrained '.*evil\.pt': .*evil\.pt: refused: not a plain state_dict "
-                       r".*Unsupported global: GLOBAL [a-z_.]*_Payload"):
+    with pytest.raises(
+        UnsafeFileError,
+        match=r"^model\.pretrained '.*evil\.pt': .*evil\.pt: refused: not a plain state_dict "
+        r".*Unsupported global: GLOBAL [a-z_.]*_Payload",
+    ):
         load_weight_source(str(path), get_model("cbr_small", num_classes=2))
 
 
@@ -130,7 +146,9 @@ def test_weight_files_state_dict_checkpoint_and_safetensors(tmp_path) -> None:
 
     report = apply_source_weights(model, load_weight_source(str(tmp_path / "ckpt.pth"), model))
     assert report["key_rule"] == "strip module." and report["classifier_loaded"]
-    assert report["missing_keys"] == ["features.layer4.bn.running_var"] and report["unexpected_keys"] == ["aux_head.weight"]
+    assert report["missing_keys"] == ["features.layer4.bn.running_var"] and report["unexpected_keys"] == [
+        "aux_head.weight"
+    ]
     assert torch.equal(model.features.layer1.conv.weight, state["features.layer1.conv.weight"])
 
     fresh = get_model("cbr_small", num_classes=2)
@@ -141,8 +159,14 @@ def test_weight_files_state_dict_checkpoint_and_safetensors(tmp_path) -> None:
 
 def test_weights_of_another_architecture_are_refused(tmp_path) -> None:
     torch.save(source_like("cbr_tiny", 2), tmp_path / "tiny.pt")
-    with pytest.raises(ModelError, match=r"tensors do not fit cbr_small \(features.layer1.conv.weight: \(64, 3, 5, 5\) vs \(32, 3, 7, 7\)"):
-        apply_source_weights(get_model("cbr_small", num_classes=2), load_weight_source(str(tmp_path / "tiny.pt"), get_model("cbr_small", num_classes=2)))
+    with pytest.raises(
+        ModelError,
+        match=r"tensors do not fit cbr_small \(features.layer1.conv.weight: \(64, 3, 5, 5\) vs \(32, 3, 7, 7\)",
+    ):
+        apply_source_weights(
+            get_model("cbr_small", num_classes=2),
+            load_weight_source(str(tmp_path / "tiny.pt"), get_model("cbr_small", num_classes=2)),
+        )
     torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other.pt")
     model = get_model("cbr_small", num_classes=2)
     with pytest.raises(ModelError, match="none of its 1 tensors matches cbr_small"):
@@ -178,7 +202,9 @@ def test_build_source_errors(tmp_path) -> None:
     with pytest.raises(WeightsNotFoundError, match=r"02_train/fp32.pt' is missing.*--resume"):
         load_weight_source(f"build:{tmp_path / 'unfinished'}", model)
     fake_build(tmp_path / "mobile", "mobilenet_v3_small", "referable", with_report=True)
-    with pytest.raises(ModelError, match=r"built with model.arch mobilenet_v3_small.*valid: model.arch: mobilenet_v3_small"):
+    with pytest.raises(
+        ModelError, match=r"built with model.arch mobilenet_v3_small.*valid: model.arch: mobilenet_v3_small"
+    ):
         load_weight_source(f"build:{tmp_path / 'mobile'}", model)
 
 
@@ -186,11 +212,15 @@ def test_build_source_errors(tmp_path) -> None:
 def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path) -> None:
     (tmp_path / "recipes").mkdir()
     path = tmp_path / "recipes" / "r.yaml"
-    path.write_text(yaml.safe_dump({"model": {"arch": "cbr_small", "pretrained": "build:../runs/src"}, "train": {"epochs": 3}}))
+    path.write_text(
+        yaml.safe_dump({"model": {"arch": "cbr_small", "pretrained": "build:../runs/src"}, "train": {"epochs": 3}})
+    )
     assert load_recipe(path).model.pretrained == f"build:{tmp_path / 'runs' / 'src'}"
-    assert load_recipe(path, ["model.pretrained=w/source.safetensors"]).model.pretrained == str(tmp_path / "recipes" / "w" / "source.safetensors")
+    assert load_recipe(path, ["model.pretrained=w/source.safetensors"]).model.pretrained == str(
+        tmp_path / "recipes" / "w" / "source.safetensors"
+    )
     assert load_recipe(path, ["model.pretrained=imagenet"]).model.pretrained == "imagenet"
-    assert os.path.isabs(load_recipe(path, [f"model.pretrained=build:{tmp_path}"]).model.pretrained[len("build:"):])
+    assert os.path.isabs(load_recipe(path, [f"model.pretrained=build:{tmp_path}"]).model.pretrained[len("build:") :])
 
 
 @pytest.mark.parametrize(
@@ -198,17 +228,47 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path) -> None:
     [
         ({"model": {"pretrained": "imagnet"}}, "'imagnet' is not a weight source; valid: none, imagenet, build:DIR"),
         ({"model": {"pretrained": "build:"}}, "'build:' names no folder"),
-        ({"transfer": {"init": "mean_var", "strategy": "full"}}, "transfer.init 'mean_var' needs source weights but model.pretrained is none"),
-        ({"model": {"pretrained": "imagenet"}, "transfer": {"init": "pretrained", "strategy": "scratch"}}, "strategy scratch trains from a random init"),
-        ({"model": {"pretrained": "imagenet"}, "train": {"epochs": 2}}, "two_phase (the default when model.pretrained is set"),
+        (
+            {"transfer": {"init": "mean_var", "strategy": "full"}},
+            "transfer.init 'mean_var' needs source weights but model.pretrained is none",
+        ),
+        (
+            {"model": {"pretrained": "imagenet"}, "transfer": {"init": "pretrained", "strategy": "scratch"}},
+            "strategy scratch trains from a random init",
+        ),
+        (
+            {"model": {"pretrained": "imagenet"}, "train": {"epochs": 2}},
+            "two_phase (the default when model.pretrained is set",
+        ),
         ({"model": {"pretrained": "imagenet"}, "transfer": {"init": "partial:0"}}, "'partial:0' is not an init"),
-        ({"model": {"pretrained": "imagenet"}, "transfer": {"init": "partial:two"}}, "valid: pretrained, random, mean_var, partial:K"),
-        ({"model": {"pretrained": "imagenet"}, "transfer": {"compare": [{"init": "random", "strategy": "scratch", "head_epoch": 1}]}},
-         "transfer.compare.0.head_epoch: unknown key 'head_epoch'; valid keys here: head_epochs, init, name, strategy, unfreeze_last"),
-        ({"model": {"pretrained": "imagenet"}, "transfer": {"compare": [{"init": "pretrained", "strategy": "two_phase"}]}},
-         "a variant named 'pretrained/two_phase' is already in the table"),
-        ({"transfer": {"init": "random", "strategy": "scratch", "compare": [{"init": "partial:2", "strategy": "full"}]}},
-         "transfer.compare.0.init 'partial:2' needs source weights"),
+        (
+            {"model": {"pretrained": "imagenet"}, "transfer": {"init": "partial:two"}},
+            "valid: pretrained, random, mean_var, partial:K",
+        ),
+        (
+            {
+                "model": {"pretrained": "imagenet"},
+                "transfer": {"compare": [{"init": "random", "strategy": "scratch", "head_epoch": 1}]},
+            },
+            "transfer.compare.0.head_epoch: unknown key 'head_epoch'; valid keys here: head_epochs, init, name, strategy, unfreeze_last",
+        ),
+        (
+            {
+                "model": {"pretrained": "imagenet"},
+                "transfer": {"compare": [{"init": "pretrained", "strategy": "two_phase"}]},
+            },
+            "a variant named 'pretrained/two_phase' is already in the table",
+        ),
+        (
+            {
+                "transfer": {
+                    "init": "random",
+                    "strategy": "scratch",
+                    "compare": [{"init": "partial:2", "strategy": "full"}],
+                }
+            },
+            "transfer.compare.0.init 'partial:2' needs source weights",
+        ),
         ({"transfer": {"init": "random", "strategy": "scratch", "repeats": 0}}, "transfer.repeats"),
     ],
 )

@@ -85,7 +85,9 @@ def test_two_phase_switches_parameter_groups_and_optimizer_at_head_epochs(tiny_d
     model, _ = initialise_model("cbr_small", 2, "pretrained", _source("cbr_small", 2), seed=0)
     train = _train_cfg(epochs=4, optimizer="adamw", lr=0.01)
     variant = TransferVariant(name="v", init="pretrained", strategy="two_phase", head_epochs=2, unfreeze_last=2)
-    phases = plan_phases(variant, train, FinetuneConfig(optimizer="sgd", lr=0.003, momentum=0.9), [n for n, _ in model.blocks()])
+    phases = plan_phases(
+        variant, train, FinetuneConfig(optimizer="sgd", lr=0.003, momentum=0.9), [n for n, _ in model.blocks()]
+    )
     assert [(p.name, p.epochs, p.trainable_blocks, p.optimizer, p.lr) for p in phases] == [
         ("head", 2, (), "adamw", 0.01),
         ("finetune", 2, ("layer3", "layer4"), "sgd", 0.003),
@@ -116,9 +118,13 @@ def test_two_phase_switches_parameter_groups_and_optimizer_at_head_epochs(tiny_d
 
 def test_plan_phases_checks_unfreeze_last_against_the_blocks() -> None:
     variant = TransferVariant(name="v", init="pretrained", strategy="two_phase", head_epochs=1, unfreeze_last=5)
-    with pytest.raises(ModelError, match=r"unfreeze_last 5 but the model has 4 blocks \(layer1, layer2, layer3, layer4\)"):
+    with pytest.raises(
+        ModelError, match=r"unfreeze_last 5 but the model has 4 blocks \(layer1, layer2, layer3, layer4\)"
+    ):
         plan_phases(variant, _train_cfg(epochs=3), FinetuneConfig(), ["layer1", "layer2", "layer3", "layer4"])
-    full = plan_phases(TransferVariant(init="random", strategy="scratch"), _train_cfg(epochs=3), FinetuneConfig(), ["a", "b"])
+    full = plan_phases(
+        TransferVariant(init="random", strategy="scratch"), _train_cfg(epochs=3), FinetuneConfig(), ["a", "b"]
+    )
     assert [(p.name, p.epochs, p.trainable_blocks) for p in full] == [("full", 3, ("a", "b"))]
 
 
@@ -131,7 +137,12 @@ def _moments(t: torch.Tensor) -> tuple[float, float]:
 def test_mean_var_matches_each_source_layers_mean_and_std_but_not_its_values() -> None:
     source = _source("cbr_small", 5)
     model, record = initialise_model("cbr_small", 5, "mean_var", source, seed=0)
-    assert record["source"]["classifier_loaded"] and record["redrawn_blocks"] == ["layer1", "layer2", "layer3", "layer4"]
+    assert record["source"]["classifier_loaded"] and record["redrawn_blocks"] == [
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+    ]
     state = model.state_dict()
     layers = [k for k in state if k.endswith("weight") and state[k].dim() > 1]
     assert layers == [f"features.layer{i}.conv.weight" for i in range(1, 5)] + ["fc.weight"]
@@ -150,7 +161,11 @@ def test_mean_var_matches_each_source_layers_mean_and_std_but_not_its_values() -
         assert (state[key] == source.state_dict[key]).float().mean() < 1e-3, key
         corr = np.corrcoef(state[key].flatten().numpy(), source.state_dict[key].flatten().numpy())[0, 1]
         assert abs(corr) < 0.05, (key, corr)
-    assert held_to_one_percent == ["features.layer2.conv.weight", "features.layer3.conv.weight", "features.layer4.conv.weight"]
+    assert held_to_one_percent == [
+        "features.layer2.conv.weight",
+        "features.layer3.conv.weight",
+        "features.layer4.conv.weight",
+    ]
     for key in state:  # BatchNorm parameters and running statistics are the source's
         if ".bn." in key:
             assert torch.equal(state[key], source.state_dict[key]), key
@@ -172,7 +187,11 @@ def test_partial_keeps_exactly_the_first_k_blocks_and_reinitialises_the_rest(arc
         for ours, theirs in zip(block.modules(), ref_block.modules(), strict=True):
             if isinstance(ours, nn.modules.batchnorm._BatchNorm):  # reset as a fresh model's
                 assert torch.all(ours.weight == 1) and torch.all(ours.bias == 0), name
-                assert torch.all(ours.running_mean == 0) and torch.all(ours.running_var == 1) and int(ours.num_batches_tracked) == 0
+                assert (
+                    torch.all(ours.running_mean == 0)
+                    and torch.all(ours.running_var == 1)
+                    and int(ours.num_batches_tracked) == 0
+                )
             elif isinstance(ours, (nn.Conv2d, nn.Linear)):  # every conv / linear weight re-drawn
                 assert (ours.weight == theirs.weight).float().mean() < 1e-3, name
                 redrawn += 1
@@ -186,7 +205,10 @@ def test_partial_keeps_exactly_the_first_k_blocks_and_reinitialises_the_rest(arc
 def test_partial_classifier_is_fresh_even_when_it_would_fit() -> None:
     source = _source("cbr_small", 2)
     model, _ = initialise_model("cbr_small", 2, "partial:4", source, seed=0)
-    assert _same(_snapshot(model.features), {k[len("features."):]: v for k, v in source.state_dict.items() if k.startswith("features.")})
+    assert _same(
+        _snapshot(model.features),
+        {k[len("features.") :]: v for k, v in source.state_dict.items() if k.startswith("features.")},
+    )
     assert not torch.equal(model.fc.weight, source.state_dict["fc.weight"])
 
 
@@ -202,7 +224,12 @@ def test_same_seed_same_init() -> None:
 
 # ------------------------------------------------------------------------------------------ compare
 def test_epochs_to_target() -> None:
-    history = [{"epoch": 1, "val_auc": 0.6}, {"epoch": 2, "val_auc": float("nan")}, {"epoch": 3, "val_auc": 0.81}, {"epoch": 4, "val_auc": 0.9}]
+    history = [
+        {"epoch": 1, "val_auc": 0.6},
+        {"epoch": 2, "val_auc": float("nan")},
+        {"epoch": 3, "val_auc": 0.81},
+        {"epoch": 4, "val_auc": 0.9},
+    ]
     assert epochs_to_target(history, 0.8) == 3
     assert epochs_to_target(history, 0.95) is None
     assert epochs_to_target(history, None) is None
@@ -210,7 +237,8 @@ def test_epochs_to_target() -> None:
 
 def _recipe(tmp_path, transfer: dict | None, *, epochs: int = 2, pretrained: str = "none"):
     raw = {
-        "name": "t", "seed": 0,
+        "name": "t",
+        "seed": 0,
         "data": {"source": "synthetic", "num_images": 48, "image_size": 32, "split": {"val": 0.25, "test": 0.25}},
         "model": {"arch": "cbr_small", "pretrained": pretrained},
         "train": {"epochs": epochs, "batch_size": 12, "lr": 0.01},
@@ -229,12 +257,22 @@ def test_without_a_transfer_section_training_is_plain_scratch_training(tiny_data
     torch.manual_seed(0)
     model = get_model("cbr_small", num_classes=2)
     tc = recipe.train
-    optimizer = loop.make_optimizer(model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay, momentum=tc.momentum)
+    optimizer = loop.make_optimizer(
+        model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay, momentum=tc.momentum
+    )
     x_tr, y_tr = tiny_data.subset("train")
     scheduler = loop.make_scheduler(optimizer, tc, tc.epochs, -(-len(x_tr) // tc.batch_size))
-    settings = loop.FitSettings(epochs=tc.epochs, batch_size=tc.batch_size, optimizer=optimizer, scheduler=scheduler,
-                                loss_fn=nn.CrossEntropyLoss(), seed=0, device=CPU, augment_batches=tc.augment,
-                                precise_bn=tc.precise_bn)
+    settings = loop.FitSettings(
+        epochs=tc.epochs,
+        batch_size=tc.batch_size,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=nn.CrossEntropyLoss(),
+        seed=0,
+        device=CPU,
+        augment_batches=tc.augment,
+        precise_bn=tc.precise_bn,
+    )
     result, best_state = loop.fit(model, (x_tr, y_tr), tiny_data.subset("val"), tiny_data.spec, settings)
     assert [r["loss"] for r in outcome.training["history"]] == [r["loss"] for r in result.history]
     assert _same(outcome.model.state_dict(), best_state)
@@ -251,11 +289,22 @@ def test_precise_batchnorm_sets_the_exact_statistics_and_leaves_frozen_layers_al
         m.train()
         m.features.layer1.eval()
 
-    assert loop.precise_batchnorm(model, x_tr, tiny_data.spec, device=CPU, batch_size=len(x_tr), set_train_mode=freeze_layer1) == 3
+    assert (
+        loop.precise_batchnorm(
+            model, x_tr, tiny_data.spec, device=CPU, batch_size=len(x_tr), set_train_mode=freeze_layer1
+        )
+        == 3
+    )
     assert torch.equal(frozen.running_mean, before[0]) and torch.equal(frozen.running_var, before[1])
     # layer2's statistics are now exactly those of its input over the images (one batch: mean and unbiased variance).
-    inputs = torch.cat([xb for xb, _ in loop.iterate_batches(x_tr, np.zeros(len(x_tr), dtype=np.int64), tiny_data.spec,
-                                                               batch_size=len(x_tr), device=CPU)])
+    inputs = torch.cat(
+        [
+            xb
+            for xb, _ in loop.iterate_batches(
+                x_tr, np.zeros(len(x_tr), dtype=np.int64), tiny_data.spec, batch_size=len(x_tr), device=CPU
+            )
+        ]
+    )
     with torch.no_grad():
         feature = model.features.layer2.conv(model.features.layer1(inputs))
     bn = model.features.layer2.bn
@@ -268,7 +317,10 @@ def test_compare_trains_variants_identically_and_selects_on_val(tiny_data, tmp_p
     weights = tmp_path / "source.pt"
     torch.save(source_like("cbr_small", 5), weights)
     transfer = {
-        "init": "random", "strategy": "scratch", "head_epochs": 1, "repeats": 2,
+        "init": "random",
+        "strategy": "scratch",
+        "head_epochs": 1,
+        "repeats": 2,
         "compare": [
             {"name": "scratch again", "init": "random", "strategy": "scratch"},
             {"init": "pretrained", "strategy": "two_phase"},
@@ -284,7 +336,12 @@ def test_compare_trains_variants_identically_and_selects_on_val(tiny_data, tmp_p
     rows = {r["variant"]: r for r in table["rows"]}
     # The same variant under two names is trained identically: same seeds, same data, same batches, same numbers.
     for a, b in zip(rows["random/scratch"]["runs"], rows["scratch again"]["runs"], strict=True):
-        assert (a["seed"], a["val_auc"], a["test_auc"], a["best_epoch"]) == (b["seed"], b["val_auc"], b["test_auc"], b["best_epoch"])
+        assert (a["seed"], a["val_auc"], a["test_auc"], a["best_epoch"]) == (
+            b["seed"],
+            b["val_auc"],
+            b["test_auc"],
+            b["best_epoch"],
+        )
     assert [r["seed"] for r in rows["pretrained/two_phase"]["runs"]] == [0, 1]
     # Mean and sd over the seeds are what the runs say.
     for row in table["rows"]:
@@ -297,9 +354,13 @@ def test_compare_trains_variants_identically_and_selects_on_val(tiny_data, tmp_p
     winner = table["rows"][int(np.argmax(means))]
     assert table["selected"] == winner["variant"] == outcome.training["variant"] and winner["selected"]
     best_run = max(winner["runs"], key=lambda r: r["val_auc"])
-    assert outcome.training["seed"] == best_run["seed"] and math.isclose(outcome.training["best_val_auc"], best_run["val_auc"], abs_tol=1e-4)
+    assert outcome.training["seed"] == best_run["seed"] and math.isclose(
+        outcome.training["best_val_auc"], best_run["val_auc"], abs_tol=1e-4
+    )
     assert table["source"]["file"] == str(weights) and table["source"]["tensors"] == len(source_like("cbr_small", 5))
-    assert table["target_val_auc"] == pytest.approx(0.95 * max(r["val_auc"] for row in table["rows"] for r in row["runs"]), abs=1e-4)
+    assert table["target_val_auc"] == pytest.approx(
+        0.95 * max(r["val_auc"] for row in table["rows"] for r in row["runs"]), abs=1e-4
+    )
     # The selected model is the selected run's best epoch: its val AUC reproduces.
     x_val, y_val = tiny_data.subset("val")
     auc = loop.validation_auc(loop.predict(outcome.model, x_val, tiny_data.spec), y_val)
@@ -316,7 +377,12 @@ class _Killed(Exception):
 def test_a_killed_comparison_resumes_every_run_where_it_stopped(tiny_data, tmp_path) -> None:
     weights = tmp_path / "source.pt"
     torch.save(source_like("cbr_small", 2), weights)
-    transfer = {"init": "pretrained", "strategy": "two_phase", "head_epochs": 1, "compare": [{"init": "random", "strategy": "scratch"}]}
+    transfer = {
+        "init": "pretrained",
+        "strategy": "two_phase",
+        "head_epochs": 1,
+        "compare": [{"init": "random", "strategy": "scratch"}],
+    }
     recipe = _recipe(tmp_path, transfer, epochs=3, pretrained=str(weights))
     reference = run_transfer(recipe, tiny_data, device=CPU)
 
@@ -331,13 +397,25 @@ def test_a_killed_comparison_resumes_every_run_where_it_stopped(tiny_data, tmp_p
     assert paths[("pretrained/two_phase", 0)].is_file() and not paths[("random/scratch", 0)].exists()
 
     epochs_run: list[tuple[str, int]] = []
-    resumed = run_transfer(recipe, tiny_data, device=CPU, checkpoint_dir=folder, on_epoch=lambda label, rec: epochs_run.append((label, rec["epoch"])))
+    resumed = run_transfer(
+        recipe,
+        tiny_data,
+        device=CPU,
+        checkpoint_dir=folder,
+        on_epoch=lambda label, rec: epochs_run.append((label, rec["epoch"])),
+    )
     # The kill came before epoch 2 was checkpointed: the head phase (epoch 1) is not run again, the fine-tuning
     # phase starts from its weights, and the result is the uninterrupted one, bit for bit.
-    assert epochs_run == [("pretrained/two_phase", 2), ("pretrained/two_phase", 3), ("random/scratch", 1), ("random/scratch", 2),
-                          ("random/scratch", 3)]
+    assert epochs_run == [
+        ("pretrained/two_phase", 2),
+        ("pretrained/two_phase", 3),
+        ("random/scratch", 1),
+        ("random/scratch", 2),
+        ("random/scratch", 3),
+    ]
     assert _same(resumed.model.state_dict(), reference.model.state_dict())
     strip = ("wall_s", "wall_s_sd", "runs")
-    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed.table["rows"]] == \
-        [{k: v for k, v in r.items() if k not in strip} for r in reference.table["rows"]]
+    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed.table["rows"]] == [
+        {k: v for k, v in r.items() if k not in strip} for r in reference.table["rows"]
+    ]
     assert [h["phase"] for h in resumed.training["history"]] == [h["phase"] for h in reference.training["history"]]

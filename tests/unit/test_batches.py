@@ -12,9 +12,18 @@ from tlcompile.runtime.preprocess import PreprocessSpec
 from tlcompile.train import loop
 
 
-@pytest.mark.parametrize(("n", "batch", "sizes"), [
-    (65, 32, [32, 33]), (64, 32, [32, 32]), (33, 32, [33]), (1, 32, [1]), (2, 1, [1, 1]), (97, 32, [32, 32, 33]), (31, 32, [31]),
-])
+@pytest.mark.parametrize(
+    ("n", "batch", "sizes"),
+    [
+        (65, 32, [32, 33]),
+        (64, 32, [32, 32]),
+        (33, 32, [33]),
+        (1, 32, [1]),
+        (2, 1, [1, 1]),
+        (97, 32, [32, 32, 33]),
+        (31, 32, [31]),
+    ],
+)
 def test_a_last_batch_of_one_is_merged_into_the_one_before(n, batch, sizes):
     bounds = loop.batch_bounds(n, batch)
     assert [end - start for start, end in bounds] == sizes
@@ -27,8 +36,17 @@ def test_every_training_image_once_per_epoch_and_deterministic():
     runs = []
     for _ in range(2):
         rng = np.random.default_rng(3)
-        batches = list(loop.iterate_batches(images, targets, PreprocessSpec(size=8), batch_size=32, device=torch.device("cpu"),
-                                            shuffle=True, rng=rng))
+        batches = list(
+            loop.iterate_batches(
+                images,
+                targets,
+                PreprocessSpec(size=8),
+                batch_size=32,
+                device=torch.device("cpu"),
+                shuffle=True,
+                rng=rng,
+            )
+        )
         assert [len(y) for _, y in batches] == [32, 33]
         runs.append(torch.cat([y for _, y in batches]).tolist())
     assert sorted(runs[0]) == list(range(65)) and runs[0] == runs[1]
@@ -44,7 +62,14 @@ def test_65_training_images_at_batch_32_train_a_model_with_1x1_batchnorm():
     model = get_model("mobilenet_v3_small", num_classes=2)
     opt = loop.make_optimizer(model.parameters(), name="adamw", lr=1e-3)
     sched = loop.make_scheduler(opt, TrainConfig(), 1, loop.steps_per_epoch(65, 32))
-    settings = loop.FitSettings(epochs=1, batch_size=32, optimizer=opt, scheduler=sched, loss_fn=torch.nn.CrossEntropyLoss(),
-                                seed=0, device=torch.device("cpu"))
+    settings = loop.FitSettings(
+        epochs=1,
+        batch_size=32,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        seed=0,
+        device=torch.device("cpu"),
+    )
     result, _ = loop.fit(model, (x, y), (x[:16], y[:16]), PreprocessSpec(size=32), settings)
     assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])

@@ -24,24 +24,44 @@ def test_evidence_counts_the_eyes_whose_decision_changed():
     lo, hi = e["auc_drop_ci95"]
     assert lo <= hi and -1 <= lo and hi <= 1
     text = evidence_text(e)
-    assert text.startswith("2 of 5 referable val eyes newly missed (1 newly caught); 1 of 5 non-referable newly referred")
+    assert text.startswith(
+        "2 of 5 referable val eyes newly missed (1 newly caught); 1 of 5 non-referable newly referred"
+    )
     # The same model against itself: nothing flipped, and the AUC drop CI is exactly 0.
     same = evidence(reference, reference, targets, threshold=0.5, resamples=50)
     assert same["decisions_changed"] == 0 and same["auc_drop_ci95"] == [0.0, 0.0]
 
 
 def _row(name, runtime, sens, spec, auc=0.95, against=None, limit=0.02):
-    row = {"name": name, "runtime": runtime, "metrics": {"auc": auc, "sensitivity": sens, "specificity": spec, "accuracy": 0.9}}
+    row = {
+        "name": name,
+        "runtime": runtime,
+        "metrics": {"auc": auc, "sensitivity": sens, "specificity": spec, "accuracy": 0.9},
+    }
     if against:
         item = {"max_drop": limit}
-        row["guard"] = {"met": True, "checks": [{"against": against, "auc": {"max_drop": 0.01}, "sensitivity": item,
-                                                 "specificity": {"max_drop": 0.05}, "accuracy": {"max_drop": None}}]}
+        row["guard"] = {
+            "met": True,
+            "checks": [
+                {
+                    "against": against,
+                    "auc": {"max_drop": 0.01},
+                    "sensitivity": item,
+                    "specificity": {"max_drop": 0.05},
+                    "accuracy": {"max_drop": None},
+                }
+            ],
+        }
     return row
 
 
 def test_a_test_drop_beyond_the_guards_limits_is_flagged_on_the_row():
-    rows = [_row("fp32", "openvino", 0.919, 0.95), _row("int8", "openvino", 0.886, 0.95, against="fp32"),
-            _row("fp32", "onnxruntime", 0.919, 0.95), _row("int8", "onnxruntime", 0.910, 0.95, against="fp32")]
+    rows = [
+        _row("fp32", "openvino", 0.919, 0.95),
+        _row("int8", "openvino", 0.886, 0.95, against="fp32"),
+        _row("fp32", "onnxruntime", 0.919, 0.95),
+        _row("int8", "onnxruntime", 0.910, 0.95, against="fp32"),
+    ]
     flag_test_drops(rows)
     flags = rows[1]["test_flags"]
     assert [f["metric"] for f in flags] == ["sensitivity"] and flags[0]["drop"] == 0.033

@@ -114,7 +114,16 @@ def _bigger_notch(rgb):
 @pytest.mark.parametrize(
     "name, transform, dx, dy",
     [
-        ("dark", lambda im: (im.astype(np.float32) * 0.12 + np.random.default_rng(0).normal(0, 1.5, im.shape)).clip(0, 255).astype(np.uint8), 0, 0),
+        (
+            "dark",
+            lambda im: (
+                (im.astype(np.float32) * 0.12 + np.random.default_rng(0).normal(0, 1.5, im.shape))
+                .clip(0, 255)
+                .astype(np.uint8)
+            ),
+            0,
+            0,
+        ),
         ("clipped top and bottom", lambda im: im[250:1300], 0, -250),
         ("clipped at the top only", lambda im: im[400:], 0, -400),
         ("clipped left and right", lambda im: im[:, 120:1250], -120, 0),
@@ -200,9 +209,11 @@ def test_sixteen_bit_and_transparent_images_are_converted(tmp_path):
 
 
 def test_preprocessing_and_data_checks_import_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-            "import tlcompile.runtime.preprocess, tlcompile.data.checks, tlcompile.data.sources, tlcompile.data.cache\n"
-            "import tlcompile.data.datamodule\n"
-            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]")
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+        "import tlcompile.runtime.preprocess, tlcompile.data.checks, tlcompile.data.sources, tlcompile.data.cache\n"
+        "import tlcompile.data.datamodule\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

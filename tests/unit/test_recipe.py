@@ -166,5 +166,8 @@ def test_eyepacs_gpu_recipe_is_valid(tmp_path):
 
     (tmp_path / "trainLabels.csv").write_text("image,level\n")
     (tmp_path / "train").mkdir()
-    r = load_recipe(REPO / "recipes" / "eyepacs-referable-mobilenetv3.yaml", [f"data.root={tmp_path}", f"data.cache={tmp_path / 'c'}"])
+    r = load_recipe(
+        REPO / "recipes" / "eyepacs-referable-mobilenetv3.yaml",
+        [f"data.root={tmp_path}", f"data.cache={tmp_path / 'c'}"],
+    )
     assert (r.train.device, r.train.amp, r.train.channels_last, r.data.image_size) == ("cuda", "bf16", True, 512)

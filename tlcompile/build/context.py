@@ -77,7 +77,9 @@ class BuildContext:
     console: Console
     device: torch.device
     resume: bool = False
-    stages: dict[str, Stage] = field(default_factory=dict)  # folder -> stage: whose sections a folder's fingerprint uses
+    stages: dict[str, Stage] = field(
+        default_factory=dict
+    )  # folder -> stage: whose sections a folder's fingerprint uses
     stage: StageRun | None = None  # the running stage's folder and resume record (set by the loop)
     data: DataModule | None = None
     threshold: float = 0.5
@@ -106,10 +108,14 @@ class BuildContext:
             record = json.loads(marker.read_text())
         except (OSError, ValueError):
             return None
-        return record if isinstance(record, dict) and record.get("fingerprint") == self.stage_fingerprint(folder) else None
+        return (
+            record if isinstance(record, dict) and record.get("fingerprint") == self.stage_fingerprint(folder) else None
+        )
 
     def finish_stage(self, folder: str, record: dict[str, Any]) -> None:
-        atomic_write_json(self.out_dir / folder / "stage.json", {"fingerprint": self.stage_fingerprint(folder), **record})
+        atomic_write_json(
+            self.out_dir / folder / "stage.json", {"fingerprint": self.stage_fingerprint(folder), **record}
+        )
 
 
 def progress(console: Console) -> Progress:

@@ -30,8 +30,16 @@ from tlcompile.runtime.inference import default_threads
 from tlcompile.train import loop as train_loop
 
 # The stages, in the order they run. A stage whose ``wanted(recipe)`` is false is skipped (prune, quantize, bundle).
-STAGES: list[Stage] = [data.STAGE, train.STAGE, prune.STAGE, quantize.STAGE, export.STAGE, bench.STAGE,
-                       report.STAGE, bundle.STAGE]
+STAGES: list[Stage] = [
+    data.STAGE,
+    train.STAGE,
+    prune.STAGE,
+    quantize.STAGE,
+    export.STAGE,
+    bench.STAGE,
+    report.STAGE,
+    bundle.STAGE,
+]
 # Files of a build that are derived from every stage and rewritten at its end.
 BUILD_OUTPUTS = ("report.json", "report.md", "report.html", "manifest.json")
 _STAGE_FOLDER = re.compile(r"\d\d_[a-z]+")
@@ -56,8 +64,9 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
 
     run, device = distributed.setup(train_loop.resolve_device(recipe.train.device))
     if run.enabled and resume:
-        raise TlcompileError("--resume is not supported under torchrun yet; resume the build in a single process, or "
-                             "start it again")
+        raise TlcompileError(
+            "--resume is not supported under torchrun yet; resume the build in a single process, or start it again"
+        )
     if run.rank > 0:
         # Workers train their shard and write nothing into the build folder: rank 0 owns every file.
         import tempfile
@@ -66,8 +75,14 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
     prepare_out_dir(out_dir, resume=resume)
     torch.set_num_threads(max(1, default_threads() // (run.world_size if device.type == "cpu" else 1)))
     stages = planned_stages(recipe)
-    ctx = BuildContext(recipe=recipe, out_dir=out_dir, console=console, device=device, resume=resume,
-                       stages={s.folder: s for s in STAGES if s.folder})
+    ctx = BuildContext(
+        recipe=recipe,
+        out_dir=out_dir,
+        console=console,
+        device=device,
+        resume=resume,
+        stages={s.folder: s for s in STAGES if s.folder},
+    )
     import yaml
 
     for stage in stages:  # before anything is written: a bad source leaves --out empty
@@ -139,8 +154,9 @@ def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
     only resumed by the same recipe. Returns what was reused, redone and removed, by stage folder."""
     planned = {stage.folder: stage for stage in planned_stages(ctx.recipe) if stage.folder}
     plan: dict[str, list[str]] = {"reused": [], "redone": [], "removed": []}
-    folders = sorted(p for p in ctx.out_dir.iterdir()
-                     if p.is_dir() and not p.is_symlink() and _STAGE_FOLDER.fullmatch(p.name))
+    folders = sorted(
+        p for p in ctx.out_dir.iterdir() if p.is_dir() and not p.is_symlink() and _STAGE_FOLDER.fullmatch(p.name)
+    )
     for folder in folders:
         name = folder.name
         if name not in planned:
@@ -159,8 +175,13 @@ def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
         if stage.keeps_partial and record is None:
             plan["redone"].append(f"{name} (unfinished: continues from its epoch checkpoint when it is this recipe's)")
             continue
-        why = ("always measured again" if not stage.reusable else "unfinished" if record is None
-               else "its recipe sections changed: " + ", ".join(stage.sections or ()))
+        why = (
+            "always measured again"
+            if not stage.reusable
+            else "unfinished"
+            if record is None
+            else "its recipe sections changed: " + ", ".join(stage.sections or ())
+        )
         shutil.rmtree(folder)
         plan["redone"].append(f"{name} ({why})")
     for rel in BUILD_OUTPUTS:
@@ -170,8 +191,11 @@ def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
     if ctx.recipe.bundle.enabled is False and (ctx.out_dir / "bundle").is_dir():
         shutil.rmtree(ctx.out_dir / "bundle")
         plan["removed"].append("bundle (this recipe makes none)")
-    ctx.console.print("[bold]resume[/]: " + "; ".join(f"{k} {', '.join(v)}" for k, v in plan.items() if v)
-                      if any(plan.values()) else "[bold]resume[/]: nothing to reuse")
+    ctx.console.print(
+        "[bold]resume[/]: " + "; ".join(f"{k} {', '.join(v)}" for k, v in plan.items() if v)
+        if any(plan.values())
+        else "[bold]resume[/]: nothing to reuse"
+    )
     return plan
 
 
@@ -192,8 +216,11 @@ def write_build_manifest(ctx: BuildContext) -> None:
     """manifest.json of the whole build, in the bundle's format: sha256 and size of every file, plus the inputs."""
     from tlcompile.runtime.manifest import manifest_entries
 
-    atomic_write_json(ctx.out_dir / "manifest.json", {
-        "files": manifest_entries(ctx.out_dir),
-        "inputs": {"images": len(ctx.data.ids), "list_sha256": input_list_sha256(ctx.data)},
-        "recipe_sha256": ctx.recipe.fingerprint(),
-    })
+    atomic_write_json(
+        ctx.out_dir / "manifest.json",
+        {
+            "files": manifest_entries(ctx.out_dir),
+            "inputs": {"images": len(ctx.data.ids), "list_sha256": input_list_sha256(ctx.data)},
+            "recipe_sha256": ctx.recipe.fingerprint(),
+        },
+    )

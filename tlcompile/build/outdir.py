@@ -55,5 +55,11 @@ def prepare_out_dir(out_dir: Path, *, resume: bool) -> None:
 def claim_out_dir(out_dir: Path) -> None:
     """Mark a folder :func:`prepare_out_dir` accepted as this build's own (the first file the build writes)."""
     if not is_build_dir(out_dir):
-        atomic_write_json(out_dir / BUILD_MARKER, {"tlcompile_build": 1, "tlcompile_version": tlcompile.__version__,
-                                                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        atomic_write_json(
+            out_dir / BUILD_MARKER,
+            {
+                "tlcompile_build": 1,
+                "tlcompile_version": tlcompile.__version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+        )

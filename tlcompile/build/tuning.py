@@ -41,8 +41,14 @@ def split_metrics(ctx: BuildContext, model: torch.nn.Module, split: str) -> dict
     return guard.val_metrics(logits, y, threshold=ctx.threshold, temperature=temperature(ctx))
 
 
-def make_judge(ctx: BuildContext, reference: dict[str, float], *, against: str, limits: dict[str, float | None],
-               reference_model: torch.nn.Module | None = None) -> Judge:
+def make_judge(
+    ctx: BuildContext,
+    reference: dict[str, float],
+    *,
+    against: str,
+    limits: dict[str, float | None],
+    reference_model: torch.nn.Module | None = None,
+) -> Judge:
     """``judge(model)`` -> the guard check of ``model`` on val against ``reference``; with ``reference_model``, the
     check also carries its evidence in cases (eyes newly missed / referred, a CI of the AUC drop: guard.evidence)."""
     x, y = ctx.data.subset("val")
@@ -53,7 +59,9 @@ def make_judge(ctx: BuildContext, reference: dict[str, float], *, against: str, 
         metrics = guard.val_metrics(logits, y, threshold=ctx.threshold, temperature=temperature(ctx))
         result = guard.check(metrics, reference, against=against, limits=limits)
         if ref_logits is not None:
-            result["evidence"] = guard.evidence(ref_logits, logits, y, threshold=ctx.threshold, temperature=temperature(ctx))
+            result["evidence"] = guard.evidence(
+                ref_logits, logits, y, threshold=ctx.threshold, temperature=temperature(ctx)
+            )
         return result
 
     return judge
@@ -101,7 +109,9 @@ def finetune(
     # Dropout draws from the global RNG: seed it from (seed, label, start epoch) so the result does not depend on what
     # ran before in this process (an uninterrupted build and one resumed after training give the same pruned model).
     torch.manual_seed(int(np.random.default_rng([r.seed, zlib.crc32(label.encode()), start_epoch]).integers(2**31)))
-    optimizer = loop.make_optimizer(model.parameters(), name=tc.optimizer, lr=lr, weight_decay=tc.weight_decay, momentum=tc.momentum)
+    optimizer = loop.make_optimizer(
+        model.parameters(), name=tc.optimizer, lr=lr, weight_decay=tc.weight_decay, momentum=tc.momentum
+    )
     steps = loop.steps_per_epoch(len(x_tr), tc.batch_size)
     scheduler = loop.make_scheduler(optimizer, tc.model_copy(update={"schedule": "cosine"}), epochs, steps)
     first = judge(model)
@@ -110,7 +120,9 @@ def finetune(
         if teacher is not None:
             loss_fn = stack.enter_context(distillation(model, teacher, temperature=distill[0], alpha=distill[1]))
         else:
-            weight = loop.class_weights(y_tr, data.num_classes).to(ctx.device) if data.balance == "weighted_loss" else None
+            weight = (
+                loop.class_weights(y_tr, data.num_classes).to(ctx.device) if data.balance == "weighted_loss" else None
+            )
             loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
         bar = stack.enter_context(progress(ctx.console))
         task = bar.add_task(label, total=epochs * steps, info="")
@@ -120,18 +132,34 @@ def finetune(
             rec["guard_met"] = check["met"]
             if rank(check) > rank(kept["check"]):
                 kept.update(epoch=rec["epoch"], check=check, state=copy.deepcopy(model.state_dict()))
-            bar.update(task, info=f"epoch {rec['epoch']} loss {rec['loss']:.3f} val AUC {rec['val_auc']:.3f}"
-                            + ("" if check["met"] else " (guard not met)"))
+            bar.update(
+                task,
+                info=f"epoch {rec['epoch']} loss {rec['loss']:.3f} val AUC {rec['val_auc']:.3f}"
+                + ("" if check["met"] else " (guard not met)"),
+            )
 
         settings = loop.FitSettings(
-            epochs=epochs, batch_size=tc.batch_size, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-            seed=r.seed, device=ctx.device, augment_batches=tc.augment, start_epoch=start_epoch,
+            epochs=epochs,
+            batch_size=tc.batch_size,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            seed=r.seed,
+            device=ctx.device,
+            augment_batches=tc.augment,
+            start_epoch=start_epoch,
             set_train_mode=_train_with_frozen_bn_stats if freeze_bn_stats else None,
             # data.balance as in training; fp32 arithmetic (no train.amp): fake-quantizers and masks want full precision.
             sample_weights=data.sample_weights("train"),
         )
-        result, _ = loop.fit(model, (x_tr, y_tr), data.subset("val"), data.spec, settings,
-                             loop.FitCallbacks(on_epoch=on_epoch, on_step=lambda _loss: bar.advance(task)))
+        result, _ = loop.fit(
+            model,
+            (x_tr, y_tr),
+            data.subset("val"),
+            data.spec,
+            settings,
+            loop.FitCallbacks(on_epoch=on_epoch, on_step=lambda _loss: bar.advance(task)),
+        )
     model.load_state_dict(kept["state"])
     model.eval()
     return {"history": result.history, "best_epoch": kept["epoch"], "check": kept["check"]}
@@ -144,28 +172,41 @@ def _train_with_frozen_bn_stats(model: torch.nn.Module) -> None:
             module.eval()
 
 
-def realign(ctx: BuildContext, cfg: Any, model: torch.nn.Module, reference: dict[str, float], judge: Judge,
-             check: dict[str, Any], actions: list[str]) -> dict[str, Any]:
+def realign(
+    ctx: BuildContext,
+    cfg: Any,
+    model: torch.nn.Module,
+    reference: dict[str, float],
+    judge: Judge,
+    check: dict[str, Any],
+    actions: list[str],
+) -> dict[str, Any]:
     """When the guard fails on the referral decisions but not on AUC: re-align the operating point (see
     :func:`guard.realignment_shift`), keep it only if the guard ranks it higher, and say what was done.
     ``cfg`` is the recipe section (prune / quantize) with the limits and the ``realign`` switch."""
-    decisions_failed = any(check[m]["max_drop"] is not None and not check[m].get("met", True)
-                           for m in ("sensitivity", "specificity", "accuracy"))
+    decisions_failed = any(
+        check[m]["max_drop"] is not None and not check[m].get("met", True)
+        for m in ("sensitivity", "specificity", "accuracy")
+    )
     if check["met"] or not cfg.realign or not decisions_failed or not check["auc"].get("met", True):
         return check
     x, y = ctx.data.subset("val")
     logits = loop.predict(model, x, ctx.data.spec, device=ctx.device)
     limits = guard.limits_of(cfg)
-    delta = guard.realignment_shift(logits, y, reference, threshold=ctx.threshold, temperature=temperature(ctx), limits=limits)
+    delta = guard.realignment_shift(
+        logits, y, reference, threshold=ctx.threshold, temperature=temperature(ctx), limits=limits
+    )
     if delta == 0.0:
         return check
     before = guard.describe(check)
     shift_referable_bias(model, delta, temperature=temperature(ctx))
     after = judge(model)
     if rank(after) > rank(check):
-        actions.append(f"guard failed on the referral decisions with the AUC within its limit ({before}): the scores had moved "
-                       f"against the locked threshold, so the classifier's referable bias was shifted by {delta:+.3f} log-odds "
-                       f"(ranking unchanged) -> {guard.describe(after)}")
+        actions.append(
+            f"guard failed on the referral decisions with the AUC within its limit ({before}): the scores had moved "
+            f"against the locked threshold, so the classifier's referable bias was shifted by {delta:+.3f} log-odds "
+            f"(ranking unchanged) -> {guard.describe(after)}"
+        )
         return after
     shift_referable_bias(model, -delta, temperature=temperature(ctx))
     return check

@@ -39,7 +39,9 @@ def calibration_indices(targets: np.ndarray, count: int, *, seed: int) -> np.nda
         elif quota.sum() > count and quota[c] > 1:
             quota[c] -= 1
         i += 1
-    chosen = [rng.choice(np.flatnonzero(targets == cls), size=q, replace=False) for cls, q in zip(classes, quota, strict=True)]
+    chosen = [
+        rng.choice(np.flatnonzero(targets == cls), size=q, replace=False) for cls, q in zip(classes, quota, strict=True)
+    ]
     return np.sort(np.concatenate(chosen))
 
 
@@ -51,7 +53,12 @@ def calibration_set(data, count: int, *, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 def input_batches(
-    images: np.ndarray, spec: PreprocessSpec, *, batch_size: int, device: torch.device, targets: np.ndarray | None = None
+    images: np.ndarray,
+    spec: PreprocessSpec,
+    *,
+    batch_size: int,
+    device: torch.device,
+    targets: np.ndarray | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised (N, 3, S, S) float batches (no augmentation) with their targets, in order."""
     targets = np.zeros(len(images), dtype=np.int64) if targets is None else targets

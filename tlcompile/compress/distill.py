@@ -18,12 +18,20 @@ from torch import nn
 
 
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *, temperature: float, alpha: float
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
 ) -> torch.Tensor:
     """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE; logits (N, C), targets (N,)."""
     t = float(temperature)
     soft = F.kl_div(
-        F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean", log_target=True
+        F.log_softmax(student_logits / t, dim=1),
+        F.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
     )
     hard = F.cross_entropy(student_logits, targets)
     return alpha * t * t * soft + (1.0 - alpha) * hard
@@ -48,7 +56,9 @@ class Distiller:
         with torch.no_grad():
             teacher_logits = self.teacher(self._inputs)
         self._inputs = None
-        return distillation_loss(student_logits, teacher_logits, targets, temperature=self.temperature, alpha=self.alpha)
+        return distillation_loss(
+            student_logits, teacher_logits, targets, temperature=self.temperature, alpha=self.alpha
+        )
 
 
 @contextmanager

@@ -32,18 +32,33 @@ from tlcompile.evaluate.metrics import (
 GUARD_METRICS = ("auc", "sensitivity", "specificity", "accuracy")
 
 
-def val_metrics(logits: np.ndarray, targets: np.ndarray, *, threshold: float, temperature: float = 1.0) -> dict[str, float]:
+def val_metrics(
+    logits: np.ndarray, targets: np.ndarray, *, threshold: float, temperature: float = 1.0
+) -> dict[str, float]:
     """AUC, and sensitivity / specificity / accuracy of the referral decision at the locked operating point."""
     logits = np.asarray(logits, dtype=np.float64)
     truth = referable_truth(targets, logits.shape[1])
     score = referable_score(logits / temperature)
     m = binary_metrics(truth, score, threshold)
     accuracy = (m["tp"] + m["tn"]) / truth.size if truth.size else math.nan
-    return {"auc": roc_auc(truth, score), "sensitivity": m["sensitivity"], "specificity": m["specificity"], "accuracy": accuracy}
+    return {
+        "auc": roc_auc(truth, score),
+        "sensitivity": m["sensitivity"],
+        "specificity": m["specificity"],
+        "accuracy": accuracy,
+    }
 
 
-def evidence(reference_logits: np.ndarray, logits: np.ndarray, targets: np.ndarray, *, threshold: float, temperature: float = 1.0,
-             resamples: int = 500, seed: int = 0) -> dict[str, Any]:
+def evidence(
+    reference_logits: np.ndarray,
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    threshold: float,
+    temperature: float = 1.0,
+    resamples: int = 500,
+    seed: int = 0,
+) -> dict[str, Any]:
     """What a guard verdict rests on, in cases rather than rates: how many referable val eyes the compressed model
     newly misses (or newly catches) against the reference at the locked threshold, how many non-referable ones it newly
     refers, and a paired stratified-bootstrap 95% CI of the AUC drop. With 46 referable val eyes one flip is a 2.2-point
@@ -51,7 +66,10 @@ def evidence(reference_logits: np.ndarray, logits: np.ndarray, targets: np.ndarr
     from tlcompile.evaluate.clinical import percentile_interval, stratified_resample_counts, weighted_auc
 
     truth = referable_truth(targets, np.asarray(logits).shape[1]).astype(bool)
-    ref_score, score = referable_score(np.asarray(reference_logits, np.float64) / temperature), referable_score(np.asarray(logits, np.float64) / temperature)
+    ref_score, score = (
+        referable_score(np.asarray(reference_logits, np.float64) / temperature),
+        referable_score(np.asarray(logits, np.float64) / temperature),
+    )
     ref_refer, refer = ref_score >= threshold, score >= threshold
     drops = []
     if truth.any() and (~truth).any():
@@ -73,10 +91,12 @@ def evidence(reference_logits: np.ndarray, logits: np.ndarray, targets: np.ndarr
 
 def evidence_text(e: dict[str, Any]) -> str:
     """``3 of 46 referable val eyes newly missed (1 newly caught); 2 of 179 non-referable newly referred; ΔAUC 95% CI ...``"""
-    text = (f"{e['referable_newly_missed']} of {e['referable']} referable val eyes newly missed"
-            + (f" ({e['referable_newly_caught']} newly caught)" if e["referable_newly_caught"] else "")
-            + f"; {e['non_referable_newly_referred']} of {e['non_referable']} non-referable newly referred"
-            + (f" ({e['non_referable_no_longer_referred']} no longer)" if e["non_referable_no_longer_referred"] else ""))
+    text = (
+        f"{e['referable_newly_missed']} of {e['referable']} referable val eyes newly missed"
+        + (f" ({e['referable_newly_caught']} newly caught)" if e["referable_newly_caught"] else "")
+        + f"; {e['non_referable_newly_referred']} of {e['non_referable']} non-referable newly referred"
+        + (f" ({e['non_referable_no_longer_referred']} no longer)" if e["non_referable_no_longer_referred"] else "")
+    )
     if e.get("auc_drop_ci95"):
         lo, hi = e["auc_drop_ci95"]  # of the drop (reference - new); shown as the change new - reference, in points
         text += f"; ΔAUC 95% CI {-100 * hi + 0.0:+.2f} to {-100 * lo + 0.0:+.2f} pp"
@@ -88,7 +108,9 @@ def limits_of(cfg: Any) -> dict[str, float | None]:
     return {metric: getattr(cfg, f"max_{metric}_drop") for metric in GUARD_METRICS}
 
 
-def check(candidate: dict[str, float], reference: dict[str, float], *, against: str, limits: dict[str, float | None]) -> dict[str, Any]:
+def check(
+    candidate: dict[str, float], reference: dict[str, float], *, against: str, limits: dict[str, float | None]
+) -> dict[str, Any]:
     """One guard check: ``candidate`` vs ``reference`` val metrics under ``limits``.
 
     A NaN metric (one class missing from val) cannot show a drop within a limit and fails that limit.
@@ -98,8 +120,12 @@ def check(candidate: dict[str, float], reference: dict[str, float], *, against: 
     for metric in GUARD_METRICS:
         ref, value, limit = reference[metric], candidate[metric], limits.get(metric)
         drop = ref - value
-        item: dict[str, Any] = {"reference": round_finite(ref), "value": round_finite(value), "drop": round_finite(drop),
-                                "max_drop": limit}
+        item: dict[str, Any] = {
+            "reference": round_finite(ref),
+            "value": round_finite(value),
+            "drop": round_finite(drop),
+            "max_drop": limit,
+        }
         if limit is not None:
             item["met"] = bool(math.isfinite(drop) and drop <= limit + 1e-12)
             met = met and item["met"]
@@ -147,8 +173,15 @@ def referable_log_odds(logits: np.ndarray, temperature: float = 1.0) -> np.ndarr
     return logsumexp(z[:, ref]) - logsumexp(z[:, : ref.start])
 
 
-def realignment_shift(logits: np.ndarray, targets: np.ndarray, reference: dict[str, float], *, threshold: float,
-                      temperature: float, limits: dict[str, float | None]) -> float:
+def realignment_shift(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    reference: dict[str, float],
+    *,
+    threshold: float,
+    temperature: float,
+    limits: dict[str, float | None],
+) -> float:
     """The log-odds shift of the referable score that best restores the reference's val decisions at ``threshold``.
 
     A compressed model can rank as well as the reference (same AUC) while its scores sit higher or lower, so that at
@@ -173,7 +206,9 @@ def realignment_shift(logits: np.ndarray, targets: np.ndarray, reference: dict[s
             limit = limits.get(metric)
             if limit is not None:
                 over += max(0.0, reference[metric] - value - limit)
-        distance = 0.0 if over == 0 else round(abs(sens - reference["sensitivity"]) + abs(spec - reference["specificity"]), 12)
+        distance = (
+            0.0 if over == 0 else round(abs(sens - reference["sensitivity"]) + abs(spec - reference["specificity"]), 12)
+        )
         key = (round(over, 12), distance, abs(delta))
         if best_key is None or key < best_key:
             best, best_key = float(delta), key

@@ -45,7 +45,12 @@ def channel_plan(model: nn.Module) -> dict[str, Any]:
     layers: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
         if isinstance(module, _ConvNd):
-            layers[name] = {"kind": "conv", "in_channels": module.in_channels, "out_channels": module.out_channels, "groups": module.groups}
+            layers[name] = {
+                "kind": "conv",
+                "in_channels": module.in_channels,
+                "out_channels": module.out_channels,
+                "groups": module.groups,
+            }
         elif isinstance(module, nn.Linear):
             layers[name] = {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features}
         elif isinstance(module, _BatchNorm):
@@ -69,10 +74,16 @@ def apply_channel_plan(model: nn.Module, plan: dict[str, Any], *, source: str = 
     for name, spec in plan["layers"].items():
         module = modules.get(name)
         if module is None:
-            raise CompressionError(f"{source}: layer '{name}' is not in model {getattr(model, 'arch', type(model).__name__)}; the plan belongs to another architecture")
+            raise CompressionError(
+                f"{source}: layer '{name}' is not in model {getattr(model, 'arch', type(model).__name__)}; the plan belongs to another architecture"
+            )
         kind = spec["kind"]
         if kind == "conv" and isinstance(module, _ConvNd):
-            module.in_channels, module.out_channels, module.groups = spec["in_channels"], spec["out_channels"], spec["groups"]
+            module.in_channels, module.out_channels, module.groups = (
+                spec["in_channels"],
+                spec["out_channels"],
+                spec["groups"],
+            )
             shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
             module.weight = _resized(module.weight, shape)
             if module.bias is not None:
@@ -88,17 +99,23 @@ def apply_channel_plan(model: nn.Module, plan: dict[str, Any], *, source: str = 
                 if getattr(module, attr) is not None:
                     setattr(module, attr, _resized(getattr(module, attr), (n,)))
         else:
-            raise CompressionError(f"{source}: layer '{name}' is a {type(module).__name__} in the model but '{kind}' in the plan")
+            raise CompressionError(
+                f"{source}: layer '{name}' is a {type(module).__name__} in the model but '{kind}' in the plan"
+            )
 
 
-def build_pruned_model(plan: dict[str, Any], state_dict: dict[str, torch.Tensor], *, source: str = "architecture.json") -> TlModel:
+def build_pruned_model(
+    plan: dict[str, Any], state_dict: dict[str, torch.Tensor], *, source: str = "architecture.json"
+) -> TlModel:
     """The registry model narrowed to ``plan`` with ``state_dict`` loaded (strict)."""
     model = get_model(plan["arch"], num_classes=plan["num_classes"])
     apply_channel_plan(model, plan, source=source)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
-        raise CompressionError(f"{source}: the saved weights do not fit the pruned architecture: {str(err).splitlines()[0]}") from err
+        raise CompressionError(
+            f"{source}: the saved weights do not fit the pruned architecture: {str(err).splitlines()[0]}"
+        ) from err
     return model
 
 
@@ -147,9 +164,13 @@ class ChannelPruner:
         self.cfg = cfg
         self.example_input = example_input
         kept = [model.get_classifier()] + [m for _, m in resolve_layers(model, cfg.keep, key="prune.keep")]
-        ratios = {m: cfg.layer_ratios[name] for name, m in resolve_layers(model, cfg.layer_ratios, key="prune.layer_ratios")}
+        ratios = {
+            m: cfg.layer_ratios[name] for name, m in resolve_layers(model, cfg.layer_ratios, key="prune.layer_ratios")
+        }
         importance = (
-            tp.importance.GroupTaylorImportance() if cfg.importance == "taylor" else tp.importance.GroupMagnitudeImportance(p=2)
+            tp.importance.GroupTaylorImportance()
+            if cfg.importance == "taylor"
+            else tp.importance.GroupMagnitudeImportance(p=2)
         )
         try:
             self.pruner = tp.pruner.MetaPruner(
@@ -241,7 +262,9 @@ def _check_forward(model: TlModel, example_input: torch.Tensor) -> None:
     model.train(was_training)
     expected = (example_input.shape[0], model.num_classes)
     if tuple(out.shape) != expected:
-        raise CompressionError(f"after pruning {model.arch} outputs {tuple(out.shape)}, not {expected}; this model cannot be channel-pruned as configured")
+        raise CompressionError(
+            f"after pruning {model.arch} outputs {tuple(out.shape)}, not {expected}; this model cannot be channel-pruned as configured"
+        )
 
 
 # ------------------------------------------------------------------------------------------- BatchNorm
@@ -260,7 +283,11 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
 def magnitude_mode(scope: str):
     import nncf
 
-    return nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_GLOBAL if scope == "global" else nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_LOCAL
+    return (
+        nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_GLOBAL
+        if scope == "global"
+        else nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_LOCAL
+    )
 
 
 def magnitude_schedule(cfg: PruneConfig) -> dict[int, float]:

@@ -37,8 +37,16 @@ from tlcompile.models.registry import TlModel
 from tlcompile.runtime.preprocess import PreprocessSpec
 
 # Op types whose weights NNCF quantizes: the layers a sensitivity ranking and an FP32 fallback talk about.
-_COMPUTE_METATYPES = ("PTConv1dMetatype", "PTConv2dMetatype", "PTConv3dMetatype", "PTDepthwiseConv1dSubtype",
-                      "PTDepthwiseConv2dSubtype", "PTDepthwiseConv3dSubtype", "PTLinearMetatype", "PTMatMulMetatype")
+_COMPUTE_METATYPES = (
+    "PTConv1dMetatype",
+    "PTConv2dMetatype",
+    "PTConv3dMetatype",
+    "PTDepthwiseConv1dSubtype",
+    "PTDepthwiseConv2dSubtype",
+    "PTDepthwiseConv3dSubtype",
+    "PTLinearMetatype",
+    "PTMatMulMetatype",
+)
 
 
 def import_nncf():
@@ -81,7 +89,11 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BatchNorm):
             continue
         source = node.args[0] if node.args else None
-        if not (isinstance(source, torch.fx.Node) and source.op == "call_module" and isinstance(modules.get(source.target), _ConvNd)):
+        if not (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and isinstance(modules.get(source.target), _ConvNd)
+        ):
             continue
         if len(source.users) != 1 or modules[source.target].transposed:
             continue
@@ -155,7 +167,9 @@ def quantize_ptq(
             ),
         )
     except Exception as err:  # NNCF raises its own and plain errors from tracing
-        raise CompressionError(f"NNCF quantization of {getattr(model, 'arch', type(model).__name__)} failed: {type(err).__name__}: {err}") from err
+        raise CompressionError(
+            f"NNCF quantization of {getattr(model, 'arch', type(model).__name__)} failed: {type(err).__name__}: {err}"
+        ) from err
 
 
 def quantizer_hooks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -180,7 +194,11 @@ def quantizer_summary(model: nn.Module) -> dict[str, Any]:
         else:
             activations += 1
             per_channel_act += int(q.per_channel)
-    return {"weight_quantizers": weights, "activation_quantizers": activations, "per_channel_activations": per_channel_act}
+    return {
+        "weight_quantizers": weights,
+        "activation_quantizers": activations,
+        "per_channel_activations": per_channel_act,
+    }
 
 
 # ------------------------------------------------------------------------------------------- save / load
@@ -204,7 +222,9 @@ def load_quantized(fp32_model: TlModel, config_path: Path, weights_path: Path, *
         model = nncf.torch.load_from_config(fp32_model.to(device).eval(), config)
         model.load_state_dict(state, strict=True)
     except Exception as err:
-        raise CompressionError(f"{config_path}: cannot rebuild the int8 model: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+        raise CompressionError(
+            f"{config_path}: cannot rebuild the int8 model: {type(err).__name__}: {str(err).splitlines()[0]}"
+        ) from err
     return model.eval()
 
 

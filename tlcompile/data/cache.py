@@ -58,10 +58,14 @@ class PreprocessCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             marker = self.folder / "spec.json"
             if not marker.is_file():  # for people looking in the folder: which preprocessing these are
-                self._write_bytes(marker, json.dumps({"preprocess_version": PREPROCESS_VERSION, **spec.to_dict()}, indent=2).encode())
+                self._write_bytes(
+                    marker, json.dumps({"preprocess_version": PREPROCESS_VERSION, **spec.to_dict()}, indent=2).encode()
+                )
         except OSError as err:
-            raise DataError(f"data.cache: cannot use '{root}' for the preprocessed-image cache ({err.strerror or err}); "
-                            "give a writable folder, or remove data.cache") from err
+            raise DataError(
+                f"data.cache: cannot use '{root}' for the preprocessed-image cache ({err.strerror or err}); "
+                "give a writable folder, or remove data.cache"
+            ) from err
 
     def _entry(self, content_sha256: str) -> Path:
         return self.folder / content_sha256[:2] / f"{content_sha256}.npz"
@@ -90,14 +94,20 @@ class PreprocessCache:
 
     def put(self, content_sha256: str, image: np.ndarray, fov_found: bool, stored_hw: tuple[int, int]) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, image=np.ascontiguousarray(image, dtype=np.uint8), fov_found=np.bool_(fov_found),
-                 stored_hw=np.asarray(stored_hw, dtype=np.int64))
+        np.savez(
+            buffer,
+            image=np.ascontiguousarray(image, dtype=np.uint8),
+            fov_found=np.bool_(fov_found),
+            stored_hw=np.asarray(stored_hw, dtype=np.int64),
+        )
         path = self._entry(content_sha256)
         try:
             path.parent.mkdir(exist_ok=True)
             self._write_bytes(path, buffer.getvalue())
         except OSError as err:
-            raise DataError(f"data.cache: cannot write '{path}' ({err.strerror or err}); free space, or remove data.cache") from err
+            raise DataError(
+                f"data.cache: cannot write '{path}' ({err.strerror or err}); free space, or remove data.cache"
+            ) from err
 
     @staticmethod
     def _write_bytes(path: Path, data: bytes) -> None:

@@ -104,7 +104,12 @@ def _decode_problem(err: DataError) -> tuple[str, str]:
 
 
 def inspect_file(
-    path: Path, spec: PreprocessSpec, *, where: str, image_id: str | None = None, min_side: int = 1,
+    path: Path,
+    spec: PreprocessSpec,
+    *,
+    where: str,
+    image_id: str | None = None,
+    min_side: int = 1,
     cache: PreprocessCache | None = None,
 ) -> Inspected:
     """Read, hash, decode and preprocess one image file (or take it from ``cache``); any problem is returned, not
@@ -136,15 +141,24 @@ def inspect_file(
         out = Inspected(image=image, fov_found=found, stored_hw=stored_hw, sha256=sha)
     h, w = out.stored_hw
     if min(h, w) < min_side:
-        out.problem = Problem("too_small", where, f"is {w}x{h} pixels, under data.min_image_side {min_side}", id=image_id, file=str(path))
+        out.problem = Problem(
+            "too_small", where, f"is {w}x{h} pixels, under data.min_image_side {min_side}", id=image_id, file=str(path)
+        )
     elif not out.fov_found:
-        out.problem = Problem("no_fov", where, "has no field of view (black, blank or lens-cap frame)", id=image_id, file=str(path))
+        out.problem = Problem(
+            "no_fov", where, "has no field of view (black, blank or lens-cap frame)", id=image_id, file=str(path)
+        )
     return out
 
 
 def dataset_problems(
-    ids: list[str], wheres: list[str], files: list[str], grades: list[int], digests: list[str | None],
-    patients: list[str], splits: list[str | None],
+    ids: list[str],
+    wheres: list[str],
+    files: list[str],
+    grades: list[int],
+    digests: list[str | None],
+    patients: list[str],
+    splits: list[str | None],
 ) -> dict[int, Problem]:
     """Problems that only show across images: byte-identical photographs under several ids (all of them when their
     labels disagree, else every copy after the first), and a patient in more than one split of a split column."""
@@ -161,12 +175,22 @@ def dataset_problems(
         if len(labels) > 1:
             for i in same:
                 others = ", ".join(f"'{ids[j]}'" for j in same if j != i)
-                found[i] = Problem("duplicate_image", wheres[i], f"has the same content as {others} with a different label "
-                                   f"(grades {', '.join(map(str, labels))})", id=ids[i], file=files[i])
+                found[i] = Problem(
+                    "duplicate_image",
+                    wheres[i],
+                    f"has the same content as {others} with a different label (grades {', '.join(map(str, labels))})",
+                    id=ids[i],
+                    file=files[i],
+                )
         else:
             for i in same[1:]:
-                found[i] = Problem("duplicate_image", wheres[i], f"has the same content as '{ids[first]}' ({wheres[first]})",
-                                   id=ids[i], file=files[i])
+                found[i] = Problem(
+                    "duplicate_image",
+                    wheres[i],
+                    f"has the same content as '{ids[first]}' ({wheres[first]})",
+                    id=ids[i],
+                    file=files[i],
+                )
     if any(s is not None for s in splits):
         by_patient: dict[str, list[int]] = defaultdict(list)
         for i, patient in enumerate(patients):
@@ -176,9 +200,14 @@ def dataset_problems(
             names = sorted({splits[i] for i in members})
             if len(names) > 1:
                 for i in members:
-                    found[i] = Problem("patient_in_two_splits", wheres[i], f"belongs to patient '{patient}', whose images are in "
-                                       f"{' and '.join(names)} (split column); put all of a patient's images in one split",
-                                       id=ids[i], file=files[i])
+                    found[i] = Problem(
+                        "patient_in_two_splits",
+                        wheres[i],
+                        f"belongs to patient '{patient}', whose images are in "
+                        f"{' and '.join(names)} (split column); put all of a patient's images in one split",
+                        id=ids[i],
+                        file=files[i],
+                    )
     return found
 
 
@@ -188,15 +217,24 @@ def size_distribution(stored_hw: list[tuple[int, int]]) -> dict[str, Any]:
         return {"images": 0}
     hw = np.asarray(stored_hw, dtype=np.int64)
     short = hw.min(axis=1)
-    bands = {"<512": int((short < 512).sum()), "512-1023": int(((short >= 512) & (short < 1024)).sum()),
-             "1024-2047": int(((short >= 1024) & (short < 2048)).sum()), ">=2048": int((short >= 2048).sum())}
+    bands = {
+        "<512": int((short < 512).sum()),
+        "512-1023": int(((short >= 512) & (short < 1024)).sum()),
+        "1024-2047": int(((short >= 1024) & (short < 2048)).sum()),
+        ">=2048": int((short >= 2048).sum()),
+    }
     common = Counter(f"{w}x{h}" for h, w in stored_hw).most_common(5)
 
     def stats(v: np.ndarray) -> dict[str, int]:
         return {"min": int(v.min()), "median": int(np.median(v)), "max": int(v.max())}
 
-    return {"images": len(stored_hw), "width": stats(hw[:, 1]), "height": stats(hw[:, 0]), "short_side": bands,
-            "most_common": [{"size": s, "images": n} for s, n in common]}
+    return {
+        "images": len(stored_hw),
+        "width": stats(hw[:, 1]),
+        "height": stats(hw[:, 0]),
+        "short_side": bands,
+        "most_common": [{"size": s, "images": n} for s, n in common],
+    }
 
 
 @dataclass
@@ -251,27 +289,37 @@ class DataReport:
         more = f" (and {len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
         where = f"; the full list: {problems_csv}" if problems_csv else "; `tlcompile data check RECIPE` lists them all"
         n = len(self.problems)
-        return (f"{n} data problem{'s' if n != 1 else ''} in {self.location} (data.on_error: fail): {shown}{more}{where}; "
-                "fix or remove those images, or set data.on_error: skip to leave exactly them out")
+        return (
+            f"{n} data problem{'s' if n != 1 else ''} in {self.location} (data.on_error: fail): {shown}{more}{where}; "
+            "fix or remove those images, or set data.on_error: skip to leave exactly them out"
+        )
 
     def summary_lines(self, max_problems: int = 50) -> list[str]:
         """The human summary `tlcompile data check` prints."""
-        lines = [f"data: {self.location}",
-                 f"images: {self.listed} listed, {self.used} usable, {len(self.problems)} with problems, {len(self.excluded)} left out on purpose"]
+        lines = [
+            f"data: {self.location}",
+            f"images: {self.listed} listed, {self.used} usable, {len(self.problems)} with problems, {len(self.excluded)} left out on purpose",
+        ]
         if self.grades:
             lines.append("per grade: " + ", ".join(f"{k} {v}" for k, v in self.grades.items()))
         s = self.sizes
         if s.get("images"):
             common = ", ".join(f"{c['size']} ({c['images']})" for c in s["most_common"][:3])
-            lines.append(f"image size (w x h): min {s['width']['min']}x{s['height']['min']}, median {s['width']['median']}x"
-                         f"{s['height']['median']}, max {s['width']['max']}x{s['height']['max']}; commonest {common}")
+            lines.append(
+                f"image size (w x h): min {s['width']['min']}x{s['height']['min']}, median {s['width']['median']}x"
+                f"{s['height']['median']}, max {s['width']['max']}x{s['height']['max']}; commonest {common}"
+            )
             lines.append("shorter side: " + ", ".join(f"{k} px {v}" for k, v in s["short_side"].items()))
         if self.patients:
             p = self.patients
-            lines.append(f"patients: {p['patients']} ({p['rule']}); {p['with_several_images']} with more than one image")
+            lines.append(
+                f"patients: {p['patients']} ({p['rule']}); {p['with_several_images']} with more than one image"
+            )
         if self.splits:
             per = ", ".join(f"{name} {n}" for name, n in self.splits["images"].items())
-            lines.append(f"split ({self.splits['method']}): {per}; patients in more than one split: {self.splits['patients_in_two_splits']}")
+            lines.append(
+                f"split ({self.splits['method']}): {per}; patients in more than one split: {self.splits['patients_in_two_splits']}"
+            )
         if self.cache:
             lines.append(f"cache: {self.cache['hits']} hits, {self.cache['misses']} decoded ({self.cache['folder']})")
         lines.extend(f"note: {n}" for n in self.notes)

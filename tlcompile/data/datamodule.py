@@ -52,7 +52,9 @@ def class_names_for(task: str) -> tuple[str, ...]:
 
 def preprocess_spec(cfg: DataConfig) -> PreprocessSpec:
     """The preprocessing a data section asks for (saved in reports and bundles; the runtime repeats it)."""
-    return PreprocessSpec(size=cfg.image_size, crop_fov=cfg.crop_fov, ben_graham=cfg.ben_graham, circular_mask=cfg.circular_mask)
+    return PreprocessSpec(
+        size=cfg.image_size, crop_fov=cfg.crop_fov, ben_graham=cfg.ben_graham, circular_mask=cfg.circular_mask
+    )
 
 
 @dataclass
@@ -145,9 +147,13 @@ def _read_files(cfg: DataConfig, spec: PreprocessSpec) -> _Read:
     file_problems = {i: x.problem for i, x in enumerate(inspected) if x.problem is not None}
     readable = [i for i in range(len(records)) if i not in file_problems]
     cross = dataset_problems(
-        [records[i].id for i in readable], [records[i].where for i in readable], [str(records[i].path) for i in readable],
-        [records[i].grade for i in readable], [inspected[i].sha256 for i in readable],
-        [records[i].patient for i in readable], [records[i].split for i in readable],
+        [records[i].id for i in readable],
+        [records[i].where for i in readable],
+        [str(records[i].path) for i in readable],
+        [records[i].grade for i in readable],
+        [inspected[i].sha256 for i in readable],
+        [records[i].patient for i in readable],
+        [records[i].split for i in readable],
     )
     cross_problems = {readable[j]: p for j, p in cross.items()}
     bad = file_problems.keys() | cross_problems.keys()
@@ -158,23 +164,32 @@ def _read_files(cfg: DataConfig, spec: PreprocessSpec) -> _Read:
         label_csv=str(listing.layout.csv) if listing.layout.csv is not None else None,
         images_folder=str(listing.layout.images),
         listed=len(records) + len(listing.problems) + len(listing.excluded),
-        problems=[*listing.problems, *(file_problems[i] for i in sorted(file_problems)),
-                  *(cross_problems[i] for i in sorted(cross_problems))],
+        problems=[
+            *listing.problems,
+            *(file_problems[i] for i in sorted(file_problems)),
+            *(cross_problems[i] for i in sorted(cross_problems)),
+        ],
         excluded=listing.excluded,
         notes=list(listing.notes),
         sizes=size_distribution([x.stored_hw for x in inspected if x.stored_hw is not None]),
         cache=cache.stats() if cache is not None else None,
     )
-    return _Read(listing=listing, inspected=inspected, keep=[i for i in range(len(records)) if i not in bad], report=report)
+    return _Read(
+        listing=listing, inspected=inspected, keep=[i for i in range(len(records)) if i not in bad], report=report
+    )
 
 
-def _split_for(cfg: DataConfig, targets: np.ndarray, patients: list[str], column_splits: list[str | None], seed: int) -> np.ndarray:
+def _split_for(
+    cfg: DataConfig, targets: np.ndarray, patients: list[str], column_splits: list[str | None], seed: int
+) -> np.ndarray:
     if cfg.split.column is not None:
         split = np.asarray(column_splits, dtype=object).astype(str)
         empty = [name for name in SPLIT_NAMES if not np.any(split == name)]
         if empty:
-            raise DataError(f"data.split.column '{cfg.split.column}' gives no usable image to the {' and '.join(empty)} split; "
-                            "valid: every split (train, val, test) named on at least one row")
+            raise DataError(
+                f"data.split.column '{cfg.split.column}' gives no usable image to the {' and '.join(empty)} split; "
+                "valid: every split (train, val, test) named on at least one row"
+            )
         return split
     return stratified_split(targets, val=cfg.split.val, test=cfg.split.test, seed=seed, groups=patients)
 
@@ -195,8 +210,10 @@ def _describe_split(cfg: DataConfig, split: np.ndarray, patients: list[str], see
 def _assemble(cfg: DataConfig, seed: int, spec: PreprocessSpec, read: _Read) -> DataModule:
     records = [read.listing.records[i] for i in read.keep]
     if not records:
-        raise DataError(f"{read.report.location}: no usable images ({len(read.report.problems)} with problems, "
-                        f"{len(read.report.excluded)} left out on purpose)")
+        raise DataError(
+            f"{read.report.location}: no usable images ({len(read.report.problems)} with problems, "
+            f"{len(read.report.excluded)} left out on purpose)"
+        )
     images = np.stack([read.inspected[i].image for i in read.keep])
     grades = np.asarray([r.grade for r in records], dtype=np.int64)
     targets = targets_for(grades, cfg.task)
@@ -224,8 +241,11 @@ def _complete_report(report: DataReport, cfg: DataConfig, dm: DataModule, seed: 
     counts = Counter(int(g) for g in dm.grades)
     report.grades = {f"{g} {GRADE_NAMES[g]}": counts[g] for g in range(5)}
     per_patient = Counter(dm.patients)
-    report.patients = {"patients": len(per_patient), "rule": patient_rule,
-                       "with_several_images": sum(1 for n in per_patient.values() if n > 1)}
+    report.patients = {
+        "patients": len(per_patient),
+        "rule": patient_rule,
+        "with_several_images": sum(1 for n in per_patient.values() if n > 1),
+    }
     report.splits = _describe_split(cfg, dm.split, dm.patients, seed)
 
 
@@ -283,7 +303,8 @@ def _load_synthetic(cfg: DataConfig, spec: PreprocessSpec, seed: int) -> DataMod
     report = DataReport(
         source="synthetic",
         location=f"synthetic: {cfg.num_images} generated images (seed {seed}, style {cfg.style}, {raw_size} px)",
-        on_error=cfg.on_error, listed=cfg.num_images,
+        on_error=cfg.on_error,
+        listed=cfg.num_images,
         sizes=size_distribution([(raw_size, raw_size)] * cfg.num_images),
     )
     dm = DataModule(

@@ -58,19 +58,43 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "aptos": Preset("APTOS 2019: train.csv (id_code, diagnosis) + train_images/<id_code>.png",
-                    ("train.csv",), ("train_images",), "id_code", "diagnosis", "{id}.png"),
-    "eyepacs": Preset("Kaggle EyePACS 2015: trainLabels.csv (image, level) + <image>.jpeg (in train/ or the root)",
-                      ("trainLabels.csv",), ("train", ""), "image", "level", "{id}.jpeg",
-                      patient_regex=r"^(.+)_(?:left|right)$"),
-    "idrid": Preset("IDRiD disease grading: the grading CSV (Image name, Retinopathy grade) + <Image name>.jpg",
-                    ("2. Groundtruths/a. IDRiD_Disease Grading_Training Labels.csv",
-                     "a. IDRiD_Disease Grading_Training Labels.csv"),
-                    ("1. Original Images/a. Training Set", "a. Training Set", ""),
-                    "Image name", "Retinopathy grade", "{id}.jpg"),
-    "messidor": Preset("Messidor-2: messidor_data.csv (image_id, adjudicated_dr_grade) + IMAGES/<image_id>",
-                       ("messidor_data.csv",), ("IMAGES", "images", ""), "image_id", "adjudicated_dr_grade", "{id}",
-                       gradable_column="adjudicated_gradable"),
+    "aptos": Preset(
+        "APTOS 2019: train.csv (id_code, diagnosis) + train_images/<id_code>.png",
+        ("train.csv",),
+        ("train_images",),
+        "id_code",
+        "diagnosis",
+        "{id}.png",
+    ),
+    "eyepacs": Preset(
+        "Kaggle EyePACS 2015: trainLabels.csv (image, level) + <image>.jpeg (in train/ or the root)",
+        ("trainLabels.csv",),
+        ("train", ""),
+        "image",
+        "level",
+        "{id}.jpeg",
+        patient_regex=r"^(.+)_(?:left|right)$",
+    ),
+    "idrid": Preset(
+        "IDRiD disease grading: the grading CSV (Image name, Retinopathy grade) + <Image name>.jpg",
+        (
+            "2. Groundtruths/a. IDRiD_Disease Grading_Training Labels.csv",
+            "a. IDRiD_Disease Grading_Training Labels.csv",
+        ),
+        ("1. Original Images/a. Training Set", "a. Training Set", ""),
+        "Image name",
+        "Retinopathy grade",
+        "{id}.jpg",
+    ),
+    "messidor": Preset(
+        "Messidor-2: messidor_data.csv (image_id, adjudicated_dr_grade) + IMAGES/<image_id>",
+        ("messidor_data.csv",),
+        ("IMAGES", "images", ""),
+        "image_id",
+        "adjudicated_dr_grade",
+        "{id}",
+        gradable_column="adjudicated_gradable",
+    ),
     "csv": Preset("a label CSV (data.csv) + an image folder", (), ("",), "id_code", "diagnosis", "{id}.png"),
     "folder": Preset("one sub-folder per class (0..4 or data.label_map's names)", (), ("",), None, None, "{id}"),
 }
@@ -123,7 +147,7 @@ class Listing:
 def _first_existing(root: Path, candidates: tuple[str, ...], want_dir: bool) -> Path | None:
     for rel in candidates:
         path = root / rel if rel else root
-        if (path.is_dir() if want_dir else path.is_file()):
+        if path.is_dir() if want_dir else path.is_file():
             return path
     return None
 
@@ -148,8 +172,10 @@ def resolve_layout(cfg: DataConfig) -> Layout:
             csv_path = _first_existing(root, preset.csv, want_dir=False) if root is not None else None
             if csv_path is None:
                 looked = ", ".join(f"'{c}'" for c in preset.csv)
-                raise DataError(f"data.root: '{root}' has no label CSV of the {cfg.source} layout (looked for {looked}); "
-                                "set data.csv to the label file")
+                raise DataError(
+                    f"data.root: '{root}' has no label CSV of the {cfg.source} layout (looked for {looked}); "
+                    "set data.csv to the label file"
+                )
 
     if cfg.images is not None:
         images = Path(cfg.images)
@@ -159,8 +185,10 @@ def resolve_layout(cfg: DataConfig) -> Layout:
         found = _first_existing(root, preset.images, want_dir=True)
         if found is None:
             looked = ", ".join(f"'{c}'" for c in preset.images)
-            raise DataError(f"data.root: '{root}' has no image folder of the {cfg.source} layout (looked for {looked}); "
-                            "set data.images to the folder holding the images")
+            raise DataError(
+                f"data.root: '{root}' has no image folder of the {cfg.source} layout (looked for {looked}); "
+                "set data.images to the folder holding the images"
+            )
         images = found
     else:  # csv source without root or images: the images sit beside the CSV
         images = csv_path.parent
@@ -197,7 +225,11 @@ def parse_grade(raw: str, label_map: dict[str, int | None]) -> tuple[str, int | 
                 pass
         if key in label_map:
             grade = label_map[key]
-            return ("ok", grade, "") if grade is not None else ("excluded", None, f"label '{text}' is mapped to null in data.label_map")
+            return (
+                ("ok", grade, "")
+                if grade is not None
+                else ("excluded", None, f"label '{text}' is mapped to null in data.label_map")
+            )
         if not text:
             return "label_missing", None, "has no label"
         keys = ", ".join(f"'{k}'" for k in label_map)
@@ -207,7 +239,11 @@ def parse_grade(raw: str, label_map: dict[str, int | None]) -> tuple[str, int | 
     try:
         number = float(text)
     except ValueError:
-        return "label_invalid", None, f"label '{text}' is not a number; valid: DR grades 0-4 (map other labels with data.label_map)"
+        return (
+            "label_invalid",
+            None,
+            f"label '{text}' is not a number; valid: DR grades 0-4 (map other labels with data.label_map)",
+        )
     if not number.is_integer():
         return "label_invalid", None, f"label '{text}' is not a whole number; valid: DR grades 0-4"
     grade = int(number)
@@ -343,15 +379,24 @@ def _list_csv(layout: Layout) -> Listing:
             labels = {(rows[j][1].get(layout.label_column) or "").strip() for j in same}
             first_line = rows[same[0]][0]
             if i != same[0]:
-                listing.problems.append(Problem("duplicate_id", where, f"id '{image_id}' is also on line {first_line}", id=image_id))
+                listing.problems.append(
+                    Problem("duplicate_id", where, f"id '{image_id}' is also on line {first_line}", id=image_id)
+                )
                 continue
             if len(labels) > 1:
-                listing.problems.append(Problem(
-                    "duplicate_id", where,
-                    f"id '{image_id}' appears {len(same)} times with different labels ({', '.join(sorted(labels))})", id=image_id))
+                listing.problems.append(
+                    Problem(
+                        "duplicate_id",
+                        where,
+                        f"id '{image_id}' appears {len(same)} times with different labels ({', '.join(sorted(labels))})",
+                        id=image_id,
+                    )
+                )
                 continue
         if layout.gradable_column and (row.get(layout.gradable_column) or "").strip() == "0":
-            listing.excluded.append({"id": image_id, "where": where, "reason": f"ungradable ({layout.gradable_column} 0)"})
+            listing.excluded.append(
+                {"id": image_id, "where": where, "reason": f"ungradable ({layout.gradable_column} 0)"}
+            )
             continue
         status, grade, reason = parse_grade(raw_label, layout.label_map)
         if status == "excluded":
@@ -364,9 +409,15 @@ def _list_csv(layout: Layout) -> Listing:
         if layout.split_column:
             split = (row.get(layout.split_column) or "").strip().lower()
             if split not in SPLIT_NAMES:
-                listing.problems.append(Problem(
-                    "split_invalid", where, f"split '{row.get(layout.split_column, '')}' in column '{layout.split_column}' "
-                    "is not train, val or test", id=image_id))
+                listing.problems.append(
+                    Problem(
+                        "split_invalid",
+                        where,
+                        f"split '{row.get(layout.split_column, '')}' in column '{layout.split_column}' "
+                        "is not train, val or test",
+                        id=image_id,
+                    )
+                )
                 continue
         path = layout.images / layout.path_template.format(id=image_id)
         if not path.is_file():
@@ -376,21 +427,36 @@ def _list_csv(layout: Layout) -> Listing:
                 continue
             found_elsewhere.append(f"'{other.name}' for '{path.name}'")
             path = other
-        listing.records.append(Record(id=image_id, path=path, label=raw_label.strip(), grade=grade,
-                                      patient=patient_of(image_id, image_id, row), where=where, split=split))
+        listing.records.append(
+            Record(
+                id=image_id,
+                path=path,
+                label=raw_label.strip(),
+                grade=grade,
+                patient=patient_of(image_id, image_id, row),
+                where=where,
+                split=split,
+            )
+        )
     if found_elsewhere:
-        listing.notes.append(f"{len(found_elsewhere)} images found under another extension or letter case "
-                             f"(e.g. {', '.join(found_elsewhere[:2])})")
+        listing.notes.append(
+            f"{len(found_elsewhere)} images found under another extension or letter case "
+            f"(e.g. {', '.join(found_elsewhere[:2])})"
+        )
     if (note := patient_of.note()) is not None:
         listing.notes.append(note)
     # Every file a row names (usable or not), against what the image folder holds.
     named = {(layout.images / layout.path_template.format(id=i)).resolve() for i in by_id if i}
     named |= {r.path.resolve() for r in listing.records}
     if layout.images.is_dir() and "/" not in layout.path_template:
-        unlisted = [p for p in layout.images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.resolve() not in named]
+        unlisted = [
+            p for p in layout.images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.resolve() not in named
+        ]
         if unlisted:
-            listing.notes.append(f"{len(unlisted)} image files in {layout.images} are not named in {name} (not used; "
-                                 f"e.g. {', '.join(sorted(p.name for p in unlisted)[:3])})")
+            listing.notes.append(
+                f"{len(unlisted)} image files in {layout.images} are not named in {name} (not used; "
+                f"e.g. {', '.join(sorted(p.name for p in unlisted)[:3])})"
+            )
     return listing
 
 
@@ -422,19 +488,35 @@ def _list_folder(layout: Layout) -> Listing:
             elif status != "ok":
                 listing.problems.append(Problem(status, where, reason, id=image_id, file=str(path)))
             else:
-                listing.records.append(Record(id=image_id, path=path, label=folder.name, grade=grade,
-                                              patient=patient_of(image_id, path.stem), where=where))
+                listing.records.append(
+                    Record(
+                        id=image_id,
+                        path=path,
+                        label=folder.name,
+                        grade=grade,
+                        patient=patient_of(image_id, path.stem),
+                        where=where,
+                    )
+                )
     if class_folders == 0:
-        valid = "data.label_map's keys: " + ", ".join(layout.label_map) if layout.label_map else "0, 1, 2, 3, 4 (or map other names with data.label_map)"
-        raise DataError(f"{root}: no class sub-folders; valid names: {valid}"
-                        + (f"; found: {', '.join(ignored_folders)}" if ignored_folders else ""))
+        valid = (
+            "data.label_map's keys: " + ", ".join(layout.label_map)
+            if layout.label_map
+            else "0, 1, 2, 3, 4 (or map other names with data.label_map)"
+        )
+        raise DataError(
+            f"{root}: no class sub-folders; valid names: {valid}"
+            + (f"; found: {', '.join(ignored_folders)}" if ignored_folders else "")
+        )
     if ignored_folders:
         listing.notes.append(f"sub-folders that are not classes were ignored: {', '.join(ignored_folders)}")
     top_level = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if top_level:
         listing.notes.append(f"{len(top_level)} images directly in {root} (not in a class folder) were ignored")
     if other_files:
-        listing.notes.append(f"{len(other_files)} files without an image extension were ignored (e.g. {', '.join(other_files[:3])})")
+        listing.notes.append(
+            f"{len(other_files)} files without an image extension were ignored (e.g. {', '.join(other_files[:3])})"
+        )
     if (note := patient_of.note()) is not None:
         listing.notes.append(note)
     return listing

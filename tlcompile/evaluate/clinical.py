@@ -79,7 +79,9 @@ def percentile_interval(samples: np.ndarray, level: float = CI_LEVEL) -> list[fl
 
 
 # --------------------------------------------------------------------------------------- bootstrap
-def stratified_resample_counts(truth: np.ndarray, resamples: int, seed: int, chunk: int = BOOTSTRAP_CHUNK) -> Iterator[np.ndarray]:
+def stratified_resample_counts(
+    truth: np.ndarray, resamples: int, seed: int, chunk: int = BOOTSTRAP_CHUNK
+) -> Iterator[np.ndarray]:
     """Yield (b, n) matrices: how often each case appears in each bootstrap resample.
 
     Positives and negatives are resampled within their class (stratified), so the class counts of every resample
@@ -93,10 +95,13 @@ def stratified_resample_counts(truth: np.ndarray, resamples: int, seed: int, chu
         b = min(chunk, resamples - start)
         # One uniform per draw, filled row by row from the stream, so the resamples do not depend on the chunk size.
         u = rng.random((b, n))
-        draws = np.concatenate([
-            positives[(u[:, : positives.size] * positives.size).astype(np.int64)],
-            negatives[(u[:, positives.size :] * negatives.size).astype(np.int64)],
-        ], axis=1)
+        draws = np.concatenate(
+            [
+                positives[(u[:, : positives.size] * positives.size).astype(np.int64)],
+                negatives[(u[:, positives.size :] * negatives.size).astype(np.int64)],
+            ],
+            axis=1,
+        )
         counts = np.bincount((draws + (n * np.arange(b))[:, None]).ravel(), minlength=b * n)
         yield counts.reshape(b, n)
 
@@ -152,7 +157,9 @@ def _qwk_from_confusion(observed: np.ndarray) -> np.ndarray:
     expected = observed.sum(axis=2)[:, :, None] * observed.sum(axis=1)[:, None, :] / safe_total[:, None, None]
     disagreement_expected = (weights * expected).sum(axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(disagreement_expected > 0, 1 - (weights * observed).sum(axis=(1, 2)) / disagreement_expected, np.nan)
+        return np.where(
+            disagreement_expected > 0, 1 - (weights * observed).sum(axis=(1, 2)) / disagreement_expected, np.nan
+        )
 
 
 def quadratic_weighted_kappa(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
@@ -176,13 +183,15 @@ def reliability_bins(truth: np.ndarray, prob: np.ndarray, bins: int = 10) -> lis
     sum_t = np.bincount(which, weights=t, minlength=bins)
     out = []
     for b in range(bins):
-        out.append({
-            "lo": b / bins,
-            "hi": (b + 1) / bins,
-            "n": int(n[b]),
-            "mean_predicted": float(sum_p[b] / n[b]) if n[b] else None,
-            "observed": float(sum_t[b] / n[b]) if n[b] else None,
-        })
+        out.append(
+            {
+                "lo": b / bins,
+                "hi": (b + 1) / bins,
+                "n": int(n[b]),
+                "mean_predicted": float(sum_p[b] / n[b]) if n[b] else None,
+                "observed": float(sum_t[b] / n[b]) if n[b] else None,
+            }
+        )
     return out
 
 
@@ -196,7 +205,11 @@ def expected_calibration_error(truth: np.ndarray, prob: np.ndarray, bins: int = 
 
 
 def calibration_summary(truth: np.ndarray, prob: np.ndarray, bins: int = 10) -> dict[str, Any]:
-    return {"ece": expected_calibration_error(truth, prob, bins), "brier": brier_score(truth, prob), "bins": reliability_bins(truth, prob, bins)}
+    return {
+        "ece": expected_calibration_error(truth, prob, bins),
+        "brier": brier_score(truth, prob),
+        "bins": reliability_bins(truth, prob, bins),
+    }
 
 
 def referable_nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:
@@ -214,7 +227,9 @@ def referable_nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 
     return float(-np.where(truth, log_referable, log_non_referable).mean())
 
 
-def fit_temperature(logits: np.ndarray, targets: np.ndarray, *, low: float = 0.05, high: float = 20.0, iterations: int = 60) -> float:
+def fit_temperature(
+    logits: np.ndarray, targets: np.ndarray, *, low: float = 0.05, high: float = 20.0, iterations: int = 60
+) -> float:
     """Temperature T on [low, high] minimising the validation :func:`referable_nll` (Guo et al. 2017, on P(referable)).
 
     A log-spaced scan brackets the minimum, then golden-section search on log T refines it: for 2 classes the NLL is
@@ -342,8 +357,10 @@ def clinical_evaluation(
     if grading:
         predicted_grade = logits.argmax(axis=1)
         out["grading"] = {
-            "qwk": {"value": round_finite(quadratic_weighted_kappa(targets, predicted_grade, num_classes), digits=None),
-                    "ci": None},
+            "qwk": {
+                "value": round_finite(quadratic_weighted_kappa(targets, predicted_grade, num_classes), digits=None),
+                "ci": None,
+            },
             "confusion": confusion_matrix(targets, predicted_grade, num_classes).tolist(),
             "accuracy": float((predicted_grade == targets).mean()) if targets.size else None,
         }
@@ -358,29 +375,53 @@ def clinical_evaluation(
         changed = refer != reference_refer
         reference = {
             "delta_auc": {"value": _difference(out["auc"]["value"], roc_auc(truth, reference_score)), "ci": None},
-            "delta_sensitivity": {"value": _difference(refer[truth].mean() if tp + fn else None, reference_refer[truth].mean() if tp + fn else None), "ci": None},
-            "delta_specificity": {"value": _difference((~refer[~truth]).mean() if tn + fp else None, (~reference_refer[~truth]).mean() if tn + fp else None), "ci": None},
+            "delta_sensitivity": {
+                "value": _difference(
+                    refer[truth].mean() if tp + fn else None, reference_refer[truth].mean() if tp + fn else None
+                ),
+                "ci": None,
+            },
+            "delta_specificity": {
+                "value": _difference(
+                    (~refer[~truth]).mean() if tn + fp else None, (~reference_refer[~truth]).mean() if tn + fp else None
+                ),
+                "ci": None,
+            },
             "disagreement": proportion(int(changed.sum()), truth.size),
             "newly_referred": int((refer & ~reference_refer).sum()),
             "no_longer_referred": int((~refer & reference_refer).sum()),
-            "missed_referable": int((~refer & reference_refer & truth).sum()),  # referable cases FP32 caught and this one misses
+            "missed_referable": int(
+                (~refer & reference_refer & truth).sum()
+            ),  # referable cases FP32 caught and this one misses
         }
         out["vs_reference"] = reference
 
     # One pass over the resamples scores every bootstrap statistic on the same resampled cases.
-    samples: dict[str, list[np.ndarray]] = {"auc": [], "qwk": [], "delta_auc": [], "delta_sensitivity": [], "delta_specificity": []}
+    samples: dict[str, list[np.ndarray]] = {
+        "auc": [],
+        "qwk": [],
+        "delta_auc": [],
+        "delta_sensitivity": [],
+        "delta_specificity": [],
+    }
     if resamples > 0 and truth.any() and (~truth).any():
         for counts in stratified_resample_counts(truth, resamples, seed):
             auc = weighted_auc(truth, score, counts)
             samples["auc"].append(auc)
             if grading:
-                confusion = _group_sums(counts.astype(np.float64), targets * num_classes + predicted_grade, num_classes * num_classes)
+                confusion = _group_sums(
+                    counts.astype(np.float64), targets * num_classes + predicted_grade, num_classes * num_classes
+                )
                 samples["qwk"].append(_qwk_from_confusion(confusion.reshape(-1, num_classes, num_classes)))
             if reference is not None:
                 samples["delta_auc"].append(auc - weighted_auc(truth, reference_score, counts))
                 pos, neg = counts[:, truth], counts[:, ~truth]
-                samples["delta_sensitivity"].append(weighted_rate(refer[truth], pos) - weighted_rate(reference_refer[truth], pos))
-                samples["delta_specificity"].append(weighted_rate(~refer[~truth], neg) - weighted_rate(~reference_refer[~truth], neg))
+                samples["delta_sensitivity"].append(
+                    weighted_rate(refer[truth], pos) - weighted_rate(reference_refer[truth], pos)
+                )
+                samples["delta_specificity"].append(
+                    weighted_rate(~refer[~truth], neg) - weighted_rate(~reference_refer[~truth], neg)
+                )
         out["auc"]["ci"] = percentile_interval(np.concatenate(samples["auc"]))
         if grading:
             out["grading"]["qwk"]["ci"] = percentile_interval(np.concatenate(samples["qwk"]))
@@ -390,7 +431,9 @@ def clinical_evaluation(
     return out
 
 
-def judge_endpoints(clinical: dict[str, Any], endpoints: dict[str, float | None], rule: str = "point_estimate") -> dict[str, Any]:
+def judge_endpoints(
+    clinical: dict[str, Any], endpoints: dict[str, float | None], rule: str = "point_estimate"
+) -> dict[str, Any]:
     """Pass/fail of each endpoint set in the recipe (``min_sensitivity: 0.85`` ...) for one artifact.
 
     rule ``point_estimate`` compares the measured value (as IDx-DR's pivotal trial reported its endpoints);
@@ -408,7 +451,12 @@ def judge_endpoints(clinical: dict[str, Any], endpoints: dict[str, float | None]
         measured = clinical[ENDPOINT_METRICS[key]]
         value, ci = measured.get("value"), measured.get("ci")
         judged = value if rule == "point_estimate" else (ci[0] if ci else None)
-        checks[key] = {"target": float(target), "value": value, "ci_low": ci[0] if ci else None, "pass": judged is not None and judged >= target}
+        checks[key] = {
+            "target": float(target),
+            "value": value,
+            "ci_low": ci[0] if ci else None,
+            "pass": judged is not None and judged >= target,
+        }
     return {"rule": rule, "checks": checks, "pass": all(c["pass"] for c in checks.values()) if checks else None}
 
 
@@ -437,7 +485,11 @@ def add_clinical_to_rows(
     so the deltas measure what compression cost on that runtime rather than a runtime difference; a runtime with
     no reference row falls back to the first reference row there is.
     """
-    references = [(row, logits) for row, logits in zip(rows, row_logits, strict=True) if row["name"] == reference_name and logits is not None]
+    references = [
+        (row, logits)
+        for row, logits in zip(rows, row_logits, strict=True)
+        if row["name"] == reference_name and logits is not None
+    ]
     for row, logits in zip(rows, row_logits, strict=True):
         if logits is None:
             continue
@@ -445,8 +497,14 @@ def add_clinical_to_rows(
         if row["name"] != reference_name and references:
             reference = next((ref for ref in references if ref[0]["runtime"] == row["runtime"]), references[0])
         clinical = clinical_evaluation(
-            logits, targets, threshold=threshold, temperature=temperature, reference_logits=reference[1] if reference else None,
-            resamples=resamples, seed=seed, calibration_bins=calibration_bins,
+            logits,
+            targets,
+            threshold=threshold,
+            temperature=temperature,
+            reference_logits=reference[1] if reference else None,
+            resamples=resamples,
+            seed=seed,
+            calibration_bins=calibration_bins,
         )
         if reference is not None:
             clinical["vs_reference"]["reference"] = f"{reference[0]['name']} on {reference[0]['runtime']}"

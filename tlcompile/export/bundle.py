@@ -85,13 +85,15 @@ def _guard_met(row: dict[str, Any]) -> bool | None:
 
 RANKED_BY = {
     "fastest": "p90 latency (every candidate is within the accuracy guard of fp32), then test AUC; with several "
-               "candidates the default is re-measured on the build box and a compressed one must win by more than the noise",
+    "candidates the default is re-measured on the build box and a compressed one must win by more than the noise",
     "best_under_budget": "test AUC, then p90 latency",
     "name": "name",
 }
 
 
-def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str | list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def select_artifact(
+    report: dict[str, Any], recipe: Recipe, runtime: str | list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The report row to bundle and a record of why (every candidate with the reason it was or was not taken).
 
     ``fastest`` and ``best_under_budget`` consider only artifacts that meet the accuracy guard (judged on val against
@@ -120,9 +122,19 @@ def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str | list[
                 why_not.append(f"misses endpoints {', '.join(failed)}")
             if cfg.latency_budget_ms is not None and not (p90 is not None and p90 <= cfg.latency_budget_ms):
                 why_not.append(f"p90 {p90} ms > budget {cfg.latency_budget_ms} ms")
-        candidates.append({"id": candidate_id(row), "name": row["name"], "runtime": row["runtime"], "p90_ms": p90,
-                           "auc": row.get("metrics", {}).get("auc"), "guard_met": guarded, "endpoints_pass": verdict,
-                           "eligible": not why_not, "why_not": "; ".join(why_not) or None})
+        candidates.append(
+            {
+                "id": candidate_id(row),
+                "name": row["name"],
+                "runtime": row["runtime"],
+                "p90_ms": p90,
+                "auc": row.get("metrics", {}).get("auc"),
+                "guard_met": guarded,
+                "endpoints_pass": verdict,
+                "eligible": not why_not,
+                "why_not": "; ".join(why_not) or None,
+            }
+        )
     eligible = [(row, c) for row, c in zip(rows, candidates, strict=True) if c["eligible"]]
     if not eligible:
         if cfg.select == "name":
@@ -130,7 +142,10 @@ def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str | list[
                 f"bundle.artifact '{cfg.artifact}' was not benched on {shown}; artifacts of this build: "
                 f"{', '.join(sorted({r['name'] for r in rows}))}"
             )
-        reasons = "; ".join(f"{c['name']}" + (f" on {c['runtime']}" if len(runtimes) > 1 else "") + f": {c['why_not']}" for c in candidates)
+        reasons = "; ".join(
+            f"{c['name']}" + (f" on {c['runtime']}" if len(runtimes) > 1 else "") + f": {c['why_not']}"
+            for c in candidates
+        )
         raise BundleError(
             f"bundle: no artifact on {shown} meets the accuracy guard, evaluate.endpoints and bundle.latency_budget_ms "
             f"({reasons}); report.json was written. Relax the endpoints or the budget, or set bundle.select: name to ship one anyway"
@@ -145,14 +160,22 @@ def select_artifact(report: dict[str, Any], recipe: Recipe, runtime: str | list[
         row, chosen = eligible[0]
     else:  # highest test AUC; ties go to the faster artifact
         row, chosen = max(eligible, key=lambda pair: (_finite(pair[1]["auc"]), -p90_of(pair[1])))
-    record = {"rule": cfg.select, "runtime": shown, "latency_budget_ms": cfg.latency_budget_ms, "chosen": chosen["name"],
-              "chosen_id": chosen["id"], "ranked_by": RANKED_BY[cfg.select], "candidates": candidates}
+    record = {
+        "rule": cfg.select,
+        "runtime": shown,
+        "latency_budget_ms": cfg.latency_budget_ms,
+        "chosen": chosen["name"],
+        "chosen_id": chosen["id"],
+        "ranked_by": RANKED_BY[cfg.select],
+        "candidates": candidates,
+    }
     return row, record
 
 
 def _val_quality(row: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[float, ...] | None:
     """(val AUC, sensitivity, specificity) at the locked operating point, from the guard records (the fp32 model's
     is the reference of any check against it); None when the report does not have them."""
+
     def triple(d: dict[str, Any], key: str) -> tuple[float, ...] | None:
         values = [d.get(m, {}).get(key) for m in ("auc", "sensitivity", "specificity")]
         return tuple(values) if all(isinstance(v, (int, float)) for v in values) else None
@@ -190,7 +213,9 @@ def bundle_candidates(report: dict[str, Any], recipe: Recipe, selection: dict[st
     return kept
 
 
-def _non_dominated(selection: dict[str, Any], rows: dict[str, dict[str, Any]], chosen: dict[str, Any]) -> list[dict[str, Any]]:
+def _non_dominated(
+    selection: dict[str, Any], rows: dict[str, dict[str, Any]], chosen: dict[str, Any]
+) -> list[dict[str, Any]]:
     eligible = [rows[c["id"]] for c in selection["candidates"] if c["eligible"]]
     all_rows = list(rows.values())
     kept = []
@@ -203,14 +228,19 @@ def _non_dominated(selection: dict[str, Any], rows: dict[str, dict[str, Any]], c
             qb = _val_quality(b, all_rows)
             if qa is None or qb is None or b.get("macs") is None or a.get("macs") is None:
                 continue
-            if b["macs"] <= a["macs"] and all(x >= y for x, y in zip(qb, qa, strict=True)) and (b["macs"] < a["macs"] or qb != qa):
+            if (
+                b["macs"] <= a["macs"]
+                and all(x >= y for x, y in zip(qb, qa, strict=True))
+                and (b["macs"] < a["macs"] or qb != qa)
+            ):
                 dominated = True
                 break
         if not dominated or a is chosen:
             kept.append(a)
         else:
             next(c for c in selection["candidates"] if c["id"] == candidate_id(a))["why_not"] = (
-                "dominated: another candidate on the same runtime and precision has no more MACs and is as good on val")
+                "dominated: another candidate on the same runtime and precision has no more MACs and is as good on val"
+            )
     return kept
 
 
@@ -231,12 +261,20 @@ def split_hashes(data: DataModule) -> dict[str, dict[str, Any]]:
 
 def data_provenance(data: DataModule, recipe: Recipe, out_dir: Path) -> dict[str, Any]:
     d = recipe.data
-    provenance: dict[str, Any] = {"source": d.source, "task": d.task, "images": len(data.ids), "counts": data.counts(),
-                                  "split_fractions": {"val": d.split.val, "test": d.split.test}, "split_seed": recipe.seed,
-                                  "splits": split_hashes(data)}
+    provenance: dict[str, Any] = {
+        "source": d.source,
+        "task": d.task,
+        "images": len(data.ids),
+        "counts": data.counts(),
+        "split_fractions": {"val": d.split.val, "test": d.split.test},
+        "split_seed": recipe.seed,
+        "splits": split_hashes(data),
+    }
     if d.source == "synthetic":
-        provenance["description"] = (f"tlcompile's built-in synthetic fundus generator (seed {recipe.seed}, style {d.style}, "
-                                     f"difficulty {d.difficulty if d.difficulty is not None else 'default'}): no patient data")
+        provenance["description"] = (
+            f"tlcompile's built-in synthetic fundus generator (seed {recipe.seed}, style {d.style}, "
+            f"difficulty {d.difficulty if d.difficulty is not None else 'default'}): no patient data"
+        )
     else:
         provenance["images_folder"] = str(d.images)
         if d.source == "csv":
@@ -260,8 +298,10 @@ def _limitations(recipe: Recipe, row: dict[str, Any], endpoints_set: bool) -> li
     notes = []
     if recipe.data.source == "synthetic":
         notes.append("Trained and tested on synthetic images only: a demonstration, NOT for clinical use.")
-    notes.append("Measured values are from this build's test split on the build box; re-validate on local images, camera "
-                 "and population before clinical use.")
+    notes.append(
+        "Measured values are from this build's test split on the build box; re-validate on local images, camera "
+        "and population before clinical use."
+    )
     if not endpoints_set:
         notes.append("The recipe set no endpoints (evaluate.endpoints): no pass/fail claim is made.")
     elif _endpoints_pass(row) is False:
@@ -298,8 +338,15 @@ def _pick_golden(scores: np.ndarray, threshold: float, count: int, margin: float
     return np.sort(ordered[picks])
 
 
-def _write_golden(root: Bundle, views: dict[str, Bundle], default: str, data: DataModule, rows: dict[str, dict[str, Any]],
-                  out_dir: Path, count: int) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+def _write_golden(
+    root: Bundle,
+    views: dict[str, Bundle],
+    default: str,
+    data: DataModule,
+    rows: dict[str, dict[str, Any]],
+    out_dir: Path,
+    count: int,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     """Golden samples shared by every candidate: the frames (PNG) and prepared inputs once, each candidate's logits
     and readings beside them. Returns the shared golden record, per candidate its own part (logits key, expected
     readings, tolerance, margin), and the open sessions (for the build's own choice among the candidates)."""
@@ -317,7 +364,9 @@ def _write_golden(root: Bundle, views: dict[str, Bundle], default: str, data: Da
     else:
         test_logits = predict_logits(sessions[default], to_input(test_images, spec))
     scores = np.array([r.referable_dr_probability for r in bundle.interpret(test_logits)])
-    margins = {cid: view.meta["golden"]["tolerance"]["max_abs_logit"] / (2 * view.temperature) for cid, view in views.items()}
+    margins = {
+        cid: view.meta["golden"]["tolerance"]["max_abs_logit"] / (2 * view.temperature) for cid, view in views.items()
+    }
     pool = _pick_golden(scores, bundle.threshold, 4 * count, max(margins.values()))
 
     # The bench may have run in another precision (bf16) and on the un-framed image, so the final choice is made on
@@ -366,8 +415,10 @@ def _write_golden(root: Bundle, views: dict[str, Bundle], default: str, data: Da
             "expected": [{"image": rel, **rs[k].to_dict()} for rel, k in zip(images, final, strict=True)],
             "tolerance": view.meta["golden"]["tolerance"],
             # Below the required margin only when every score of a model sits on the threshold (a degenerate model).
-            "decision_margin": {"required": margins[cid],
-                                "smallest": float(min(abs(rs[k].referable_dr_probability - view.threshold) for k in final))},
+            "decision_margin": {
+                "required": margins[cid],
+                "smallest": float(min(abs(rs[k].referable_dr_probability - view.threshold) for k in final)),
+            },
             "produced_with": {"runtime": sessions[cid].runtime, "exec_precision": sessions[cid].exec_precision},
         }
     return shared, own, sessions
@@ -391,7 +442,11 @@ def _tolerance(row: dict[str, Any], recipe: Recipe) -> float:
 
 
 def _measured(row: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-    return {"split": "test", "on_cpu": env.get("cpu"), **{k: v for k, v in row.items() if k not in ("path", "logits_path")}}
+    return {
+        "split": "test",
+        "on_cpu": env.get("cpu"),
+        **{k: v for k, v in row.items() if k not in ("path", "logits_path")},
+    }
 
 
 def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, recipe: Recipe) -> dict[str, Any] | None:
@@ -410,13 +465,19 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
         "format_version": BUNDLE_FORMAT_VERSION,
         "name": report.get("name", recipe.name),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "input": {"name": "input", "shape": [None, 3, data.spec.size, data.spec.size], "layout": "NCHW", "dtype": "float32",
-                  "channels": "RGB", "size": data.spec.size},
+        "input": {
+            "name": "input",
+            "shape": [None, 3, data.spec.size, data.spec.size],
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": "RGB",
+            "size": data.spec.size,
+        },
         "preprocessing": report.get("preprocessing", data.spec.to_dict()),
         "task": report.get("task", data.task),
         "class_names": list(report.get("class_names", data.class_names)),
         "referable_dr": "DR grade >= 2 (moderate NPDR or worse); P(referable DR) = softmax(logits / temperature), "
-                        + ("p[referable]" if data.num_classes == 2 else "summed over grades 2-4"),
+        + ("p[referable]" if data.num_classes == 2 else "summed over grades 2-4"),
         "operating_point": report["operating_point"],
         "endpoints": {"targets": endpoint_targets},
         "selection": selection,
@@ -440,34 +501,61 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
         candidates = []
         for cid, r in rows.items():
             entry, files = _copy_model(r, out_dir, root)
-            candidates.append({
-                "id": cid,
-                "artifact": {**{k: r.get(k) for k in ("name", "precision", "lineage", "format", "params", "macs", "size_bytes")},
-                             "compressed": r["name"] != "fp32"},
-                "model": {"runtime": r["runtime"], "precision": BUNDLE_PRECISION, "format": backend(r["runtime"]).format,
-                          "entry": entry, "files": files},
-                "measured": _measured(r, env),
-                "endpoints": {"result": (r.get("clinical") or {}).get("endpoints"), "met": _endpoints_pass(r)},
-                "golden": {"tolerance": {"max_abs_logit": _tolerance(r, recipe), "max_abs_pixel": GOLDEN_PIXEL_TOLERANCE}},
-            })
+            candidates.append(
+                {
+                    "id": cid,
+                    "artifact": {
+                        **{
+                            k: r.get(k)
+                            for k in ("name", "precision", "lineage", "format", "params", "macs", "size_bytes")
+                        },
+                        "compressed": r["name"] != "fp32",
+                    },
+                    "model": {
+                        "runtime": r["runtime"],
+                        "precision": BUNDLE_PRECISION,
+                        "format": backend(r["runtime"]).format,
+                        "entry": entry,
+                        "files": files,
+                    },
+                    "measured": _measured(r, env),
+                    "endpoints": {"result": (r.get("clinical") or {}).get("endpoints"), "met": _endpoints_pass(r)},
+                    "golden": {
+                        "tolerance": {"max_abs_logit": _tolerance(r, recipe), "max_abs_pixel": GOLDEN_PIXEL_TOLERANCE}
+                    },
+                }
+            )
         draft = Bundle(root=root, meta={**meta, "candidates": candidates, "golden": {}})
         views = {c["id"]: draft.candidate(c["id"]) for c in candidates}
         # The golden frames are drawn on the first candidate's scores (a fixed order), not on the build's choice, which
         # can be a latency measurement: the same recipe gives the same golden files.
-        shared, own, sessions = _write_golden(draft, views, candidates[0]["id"], data, rows, out_dir, cfg.golden_samples)
+        shared, own, sessions = _write_golden(
+            draft, views, candidates[0]["id"], data, rows, out_dir, cfg.golden_samples
+        )
         for c in candidates:
             c["golden"] = {**c["golden"], **own[c["id"]]}
         default = selection["chosen_id"]
         if cfg.select == "fastest" and len(candidates) > 1:
-            default = _choose_on_build_box(Bundle(root=root, meta={**meta, "candidates": candidates, "golden": shared}), selection,
-                                           sessions)
+            default = _choose_on_build_box(
+                Bundle(root=root, meta={**meta, "candidates": candidates, "golden": shared}), selection, sessions
+            )
         chosen = next(c for c in candidates if c["id"] == default)
-        meta.update({"artifact": chosen["artifact"], "model": chosen["model"], "measured": chosen["measured"],
-                     "endpoints": {**meta["endpoints"], **chosen["endpoints"]},
-                     "golden": {**shared, **chosen["golden"]}, "default_candidate": default, "candidates": candidates})
+        meta.update(
+            {
+                "artifact": chosen["artifact"],
+                "model": chosen["model"],
+                "measured": chosen["measured"],
+                "endpoints": {**meta["endpoints"], **chosen["endpoints"]},
+                "golden": {**shared, **chosen["golden"]},
+                "default_candidate": default,
+                "candidates": candidates,
+            }
+        )
         meta["model_card"]["limitations"] = _limitations(recipe, rows[default], endpoints_set)
         atomic_write_json(root / BUNDLE_JSON, meta)
-        atomic_write_json(root / MANIFEST_JSON, {"format_version": BUNDLE_FORMAT_VERSION, "files": manifest_entries(root)})
+        atomic_write_json(
+            root / MANIFEST_JSON, {"format_version": BUNDLE_FORMAT_VERSION, "files": manifest_entries(root)}
+        )
         for path in root.rglob("*"):  # temporary files are private (0600); a bundle is copied and read by others
             path.chmod(0o755 if path.is_dir() else 0o644)
         root.chmod(0o755)
@@ -475,7 +563,9 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
         failing = [c for c in check.candidates if not c.ok]
         if not check.ok or failing:  # a bug, not a user mistake: the bundle was just written on this very box
             problems = check.problems + check.manifest.problems + [f"{c.id}: {c.why_failed()}" for c in failing]
-            raise BundleError(f"bundle: the freshly written bundle fails verify on the build box: {'; '.join(problems)}")
+            raise BundleError(
+                f"bundle: the freshly written bundle fails verify on the build box: {'; '.join(problems)}"
+            )
         final = out_dir / "bundle"
         old = out_dir / f".bundle.old-{root.name}"
         if final.exists():
@@ -496,8 +586,12 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
         "manifest_sha256": check.manifest.manifest_sha256,
         "selection": selection,
         "golden_samples": g.samples,
-        "verify": {"passed": True, "max_abs_logit_diff": g.max_abs_logit_diff, "max_abs_pixel_diff": g.max_abs_pixel_diff,
-                   "candidates": {c.id: {"max_abs_logit_diff": c.golden.max_abs_logit_diff} for c in check.candidates}},
+        "verify": {
+            "passed": True,
+            "max_abs_logit_diff": g.max_abs_logit_diff,
+            "max_abs_pixel_diff": g.max_abs_pixel_diff,
+            "candidates": {c.id: {"max_abs_logit_diff": c.golden.max_abs_logit_diff} for c in check.candidates},
+        },
     }
 
 

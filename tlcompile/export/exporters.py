@@ -16,7 +16,9 @@ from tlcompile.runtime.backends import backend
 from tlcompile.runtime.inference import open_session, predict_logits
 
 
-def export_onnx(model: nn.Module, path: Path, *, image_size: int, opset: int = 18, exporter: str = "torchscript") -> Path:
+def export_onnx(
+    model: nn.Module, path: Path, *, image_size: int, opset: int = 18, exporter: str = "torchscript"
+) -> Path:
     """Write ``path`` (.onnx, one file, dynamic batch axis, input 'input' NCHW float32, output 'logits').
 
     The TorchScript exporter is the default: it is ~30x faster than the dynamo exporter on these CNNs and is the
@@ -28,10 +30,19 @@ def export_onnx(model: nn.Module, path: Path, *, image_size: int, opset: int = 1
         warnings.simplefilter("ignore")
         try:
             if exporter == "dynamo":
-                how = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=4096)},), "opset_version": opset,
-                       "dynamo": True, "external_data": False, "verbose": False}
+                how = {
+                    "dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=4096)},),
+                    "opset_version": opset,
+                    "dynamo": True,
+                    "external_data": False,
+                    "verbose": False,
+                }
             else:  # the TorchScript exporter stops at opset 20
-                how = {"dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}, "opset_version": min(opset, 20), "dynamo": False}
+                how = {
+                    "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}},
+                    "opset_version": min(opset, 20),
+                    "dynamo": False,
+                }
             torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=["logits"], **how)
         except Exception as err:
             raise ExportError(f"ONNX export of {type(model).__name__} failed: {str(err).splitlines()[0]}") from err

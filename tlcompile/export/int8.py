@@ -164,7 +164,9 @@ def _uint8_activations_and_int8_weights(graph, path: Path) -> dict[str, int]:
             continue
         followers = g.consumers.get(node.output[0], [])
         if not followers or any(f.op_type != "DequantizeLinear" for f in followers):
-            raise ExportError(f"{path}: QuantizeLinear '{node.name}' is not followed by DequantizeLinear only; not a QDQ graph")
+            raise ExportError(
+                f"{path}: QuantizeLinear '{node.name}' is not followed by DequantizeLinear only; not a QDQ graph"
+            )
         x, scale, zero_point = (g.constants.get(name) for name in node.input[:3])
         if scale is None or zero_point is None:
             continue
@@ -183,7 +185,9 @@ def _uint8_activations_and_int8_weights(graph, path: Path) -> dict[str, int]:
             drop.append(node)
             weights_prequantized += 1
         elif zero_point.dtype == np.int8 and zero_point.size == 1:
-            name = g.add_constant((zero_point.astype(np.int16) + 128).astype(np.uint8), f"{node.output[0]}_zero_point_u8")
+            name = g.add_constant(
+                (zero_point.astype(np.int16) + 128).astype(np.uint8), f"{node.output[0]}_zero_point_u8"
+            )
             node.input[2] = name
             for follower in followers:
                 follower.input[2] = name
@@ -201,7 +205,11 @@ def _flatten_before_dequantize(graph) -> int:
         if flatten.op_type != "Flatten":
             continue
         dequantize = g.made_by(flatten.input[0], "DequantizeLinear")
-        if dequantize is None or g.only_consumer(dequantize.output[0], "Flatten") is None or g.per_tensor(dequantize) is None:
+        if (
+            dequantize is None
+            or g.only_consumer(dequantize.output[0], "Flatten") is None
+            or g.per_tensor(dequantize) is None
+        ):
             continue
         flat, out = f"{flatten.output[0]}_quantized", flatten.output[0]
         flatten.input[0], flatten.output[0] = dequantize.input[0], flat
@@ -239,8 +247,11 @@ def _quantize_gemm_bias(graph) -> int:
             continue
         quantized = np.clip(np.rint(bias / scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
         name = f"{gemm.input[2]}_int32"
-        inputs = [g.add_constant(quantized, name), g.add_constant(scale.astype(np.float32), f"{name}_scale"),
-                  g.add_constant(np.zeros(bias.shape, dtype=np.int32), f"{name}_zero_point")]
+        inputs = [
+            g.add_constant(quantized, name),
+            g.add_constant(scale.astype(np.float32), f"{name}_scale"),
+            g.add_constant(np.zeros(bias.shape, dtype=np.int32), f"{name}_zero_point"),
+        ]
         dequantize = helper.make_node("DequantizeLinear", inputs, [f"{name}_dq"], name=f"{name}_DQ", axis=0)
         graph.node.insert(list(graph.node).index(gemm), dequantize)
         gemm.input[2] = f"{name}_dq"
@@ -272,8 +283,12 @@ def _dequantize_unfused_weights(graph) -> int:
         # QGemm may output float, with no bias or a quantized one (rewrite 3).
         dequantize = g.made_by(node.input[0], "DequantizeLinear")
         has_bias = len(node.input) > 2 and node.input[2]
-        return (node.op_type == "Gemm" and dequantize is not None and g.per_tensor(dequantize) is not None
-                and (not has_bias or g.made_by(node.input[2], "DequantizeLinear") is not None))
+        return (
+            node.op_type == "Gemm"
+            and dequantize is not None
+            and g.per_tensor(dequantize) is not None
+            and (not has_bias or g.made_by(node.input[2], "DequantizeLinear") is not None)
+        )
 
     for dequantize in list(graph.node):
         if dequantize.op_type != "DequantizeLinear" or dequantize.input[0] not in g.constants:
@@ -293,7 +308,9 @@ def _dequantize_unfused_weights(graph) -> int:
         if scale.size > 1:
             shape[axis] = scale.size
         # As DequantizeLinear computes it: float32((q - zp)) * float32(scale).
-        value = (q.astype(np.int32) - zero_point.astype(np.int32).reshape(shape)).astype(np.float32) * scale.astype(np.float32).reshape(shape)
+        value = (q.astype(np.int32) - zero_point.astype(np.int32).reshape(shape)).astype(np.float32) * scale.astype(
+            np.float32
+        ).reshape(shape)
         name = g.add_constant(value.astype(np.float32), f"{dequantize.output[0]}_float")
         for user in users:
             for i, inp in enumerate(user.input):

@@ -90,7 +90,9 @@ class CBRNet(TlModel):
     default_size=224,
 )
 def cbr_large_t(*, num_classes: int) -> CBRNet:
-    return CBRNet(arch="cbr_large_t", num_classes=num_classes, channels=(32, 64, 128, 256, 512), kernel_size=7, pooled_layers=4)
+    return CBRNet(
+        arch="cbr_large_t", num_classes=num_classes, channels=(32, 64, 128, 256, 512), kernel_size=7, pooled_layers=4
+    )
 
 
 @register_model(
@@ -100,7 +102,9 @@ def cbr_large_t(*, num_classes: int) -> CBRNet:
     default_size=224,
 )
 def cbr_large_w(*, num_classes: int) -> CBRNet:
-    return CBRNet(arch="cbr_large_w", num_classes=num_classes, channels=(64, 128, 256, 512), kernel_size=7, pooled_layers=4)
+    return CBRNet(
+        arch="cbr_large_w", num_classes=num_classes, channels=(64, 128, 256, 512), kernel_size=7, pooled_layers=4
+    )
 
 
 @register_model(
@@ -110,7 +114,9 @@ def cbr_large_w(*, num_classes: int) -> CBRNet:
     default_size=224,
 )
 def cbr_small(*, num_classes: int) -> CBRNet:
-    return CBRNet(arch="cbr_small", num_classes=num_classes, channels=(32, 64, 128, 256), kernel_size=7, pooled_layers=4)
+    return CBRNet(
+        arch="cbr_small", num_classes=num_classes, channels=(32, 64, 128, 256), kernel_size=7, pooled_layers=4
+    )
 
 
 @register_model(
@@ -120,4 +126,6 @@ def cbr_small(*, num_classes: int) -> CBRNet:
     default_size=224,
 )
 def cbr_tiny(*, num_classes: int) -> CBRNet:
-    return CBRNet(arch="cbr_tiny", num_classes=num_classes, channels=(64, 128, 256, 512), kernel_size=5, pooled_layers=4)
+    return CBRNet(
+        arch="cbr_tiny", num_classes=num_classes, channels=(64, 128, 256, 512), kernel_size=5, pooled_layers=4
+    )

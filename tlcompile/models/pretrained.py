@@ -52,8 +52,16 @@ class SourceWeights:
 
     def provenance(self) -> dict[str, Any]:
         """What the report records about the source (no tensors)."""
-        return {"spec": self.spec, "kind": self.kind, "file": str(self.file), "sha256": self.sha256,
-                "arch": self.arch, "num_classes": self.num_classes, "tensors": len(self.state_dict), **self.details}
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "file": str(self.file),
+            "sha256": self.sha256,
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "tensors": len(self.state_dict),
+            **self.details,
+        }
 
 
 def source_kind(spec: str) -> str:
@@ -91,7 +99,7 @@ def _read_imagenet(spec: str, model: TlModel) -> SourceWeights:
         raise WeightsNotFoundError(
             f"model.pretrained 'imagenet': the ImageNet weights of {model.arch} are not on this machine: expected the file "
             f"'{path.name}' in the folder '{path.parent}' ($TORCH_HOME is {torch_home or 'unset: ~/.cache/torch'}); "
-            f"nothing is downloaded during a build: download {url} (or run python -c \"import torchvision; "
+            f'nothing is downloaded during a build: download {url} (or run python -c "import torchvision; '
             f"torchvision.models.get_weight('{enum}').get_state_dict()\" on a machine with internet) and copy the file "
             "into that folder, or set model.pretrained: none"
         )
@@ -99,9 +107,22 @@ def _read_imagenet(spec: str, model: TlModel) -> SourceWeights:
     digest = sha256_file(path)
     # torchvision names its files <name>-<first hex digits of sha256>.pth; a mismatch means another file.
     expected = path.stem.rsplit("-", 1)[-1]
-    details = {"url": url, "weights": enum, "sha256_prefix_expected": expected, "sha256_matches": digest.startswith(expected)}
-    return SourceWeights(spec=spec, kind="imagenet", file=path, state_dict=state, sha256=digest, arch=model.arch,
-                         num_classes=1000, details=details)
+    details = {
+        "url": url,
+        "weights": enum,
+        "sha256_prefix_expected": expected,
+        "sha256_matches": digest.startswith(expected),
+    }
+    return SourceWeights(
+        spec=spec,
+        kind="imagenet",
+        file=path,
+        state_dict=state,
+        sha256=digest,
+        arch=model.arch,
+        num_classes=1000,
+        details=details,
+    )
 
 
 def _read_file(spec: str) -> SourceWeights:
@@ -109,14 +130,17 @@ def _read_file(spec: str) -> SourceWeights:
     where = f"model.pretrained '{spec}'"
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"{where}: no such file" + (" (it is a folder; for an earlier build write build:DIR)" if path.is_dir() else "")
+            f"{where}: no such file"
+            + (" (it is a folder; for an earlier build write build:DIR)" if path.is_dir() else "")
             + "; valid: none, imagenet, a .pt/.pth/.safetensors state_dict file, or build:DIR"
         )
-    return SourceWeights(spec=spec, kind="file", file=path, state_dict=_read_state_dict(path, where), sha256=sha256_file(path))
+    return SourceWeights(
+        spec=spec, kind="file", file=path, state_dict=_read_state_dict(path, where), sha256=sha256_file(path)
+    )
 
 
 def _read_build(spec: str) -> SourceWeights:
-    folder = Path(spec[len("build:"):])
+    folder = Path(spec[len("build:") :])
     where = f"model.pretrained '{spec}'"
     if not folder.is_dir():
         raise WeightsNotFoundError(
@@ -129,8 +153,16 @@ def _read_build(spec: str) -> SourceWeights:
             f"finish it with tlcompile build SOURCE.yaml --out {folder} --resume"
         )
     arch, num_classes, details = _build_metadata(folder, where)
-    return SourceWeights(spec=spec, kind="build", file=checkpoint, state_dict=_read_state_dict(checkpoint, where),
-                         sha256=sha256_file(checkpoint), arch=arch, num_classes=num_classes, details=details)
+    return SourceWeights(
+        spec=spec,
+        kind="build",
+        file=checkpoint,
+        state_dict=_read_state_dict(checkpoint, where),
+        sha256=sha256_file(checkpoint),
+        arch=arch,
+        num_classes=num_classes,
+        details=details,
+    )
 
 
 def _build_metadata(folder: Path, where: str) -> tuple[str, int, dict[str, Any]]:
@@ -141,17 +173,32 @@ def _build_metadata(folder: Path, where: str) -> tuple[str, int, dict[str, Any]]
             report = json.loads(report_path.read_text(encoding="utf-8"))
             recipe = report["recipe"]
             class_names = list(report["class_names"])
-            return recipe["model"]["arch"], len(class_names), {
-                "build": str(folder), "build_name": report.get("name"), "build_recipe_sha256": report.get("recipe_sha256"),
-                "task": report.get("task"), "class_names": class_names,
-            }
+            return (
+                recipe["model"]["arch"],
+                len(class_names),
+                {
+                    "build": str(folder),
+                    "build_name": report.get("name"),
+                    "build_recipe_sha256": report.get("recipe_sha256"),
+                    "task": report.get("task"),
+                    "class_names": class_names,
+                },
+            )
         if recipe_path.is_file():
             recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
             task = recipe["data"]["task"]
-            return recipe["model"]["arch"], TASK_NUM_CLASSES[task], {"build": str(folder), "build_name": recipe.get("name"), "task": task}
+            return (
+                recipe["model"]["arch"],
+                TASK_NUM_CLASSES[task],
+                {"build": str(folder), "build_name": recipe.get("name"), "task": task},
+            )
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as err:
-        raise ModelError(f"{where}: cannot read the source build's arch and classes from {folder} ({type(err).__name__}: {err})") from err
-    raise ModelError(f"{where}: '{folder}' has neither report.json nor recipe.resolved.yaml, so its arch and classes are unknown")
+        raise ModelError(
+            f"{where}: cannot read the source build's arch and classes from {folder} ({type(err).__name__}: {err})"
+        ) from err
+    raise ModelError(
+        f"{where}: '{folder}' has neither report.json nor recipe.resolved.yaml, so its arch and classes are unknown"
+    )
 
 
 def _read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
@@ -177,8 +224,10 @@ def _tensors_of(obj: Any, path: Path, where: str) -> dict[str, torch.Tensor]:
                 if nested:
                     return nested
         keys = ", ".join(map(str, list(obj)[:8]))
-        raise ModelError(f"{where}: '{path}' holds a dict without tensors (keys: {keys}); valid: a state_dict or a checkpoint "
-                         f"with one under {', '.join(NESTED_STATE_KEYS)}")
+        raise ModelError(
+            f"{where}: '{path}' holds a dict without tensors (keys: {keys}); valid: a state_dict or a checkpoint "
+            f"with one under {', '.join(NESTED_STATE_KEYS)}"
+        )
     raise ModelError(f"{where}: '{path}' holds a {type(obj).__name__}, not a state_dict; save model.state_dict()")
 
 
@@ -205,11 +254,16 @@ def load_weight_source(spec: str, model: TlModel) -> SourceWeights:
 # ------------------------------------------------------------------------------------------- loading
 def _key_candidates(keys: list[str]) -> dict[str, dict[str, str]]:
     """Ways a source key may map to a model key: as is, without DataParallel's 'module.', with or without 'net.'."""
-    def strip(prefix: str):
-        return lambda k: k[len(prefix):] if k.startswith(prefix) else k
 
-    rules = {"as is": lambda k: k, "strip module.": strip("module."), "add net.": lambda k: "net." + strip("module.")(k),
-             "strip net.": strip("net.")}
+    def strip(prefix: str):
+        return lambda k: k[len(prefix) :] if k.startswith(prefix) else k
+
+    rules = {
+        "as is": lambda k: k,
+        "strip module.": strip("module."),
+        "add net.": lambda k: "net." + strip("module.")(k),
+        "strip net.": strip("net."),
+    }
     return {name: {k: rule(k) for k in keys} for name, rule in rules.items()}
 
 
@@ -235,11 +289,15 @@ def apply_source_weights(model: TlModel, source: SourceWeights) -> dict[str, Any
     classifier_prefix = model._classifier_path + "."
     classifier_keys = [k for k in target if k.startswith(classifier_prefix)]
     mismatched = [k for k in matched if renamed[k].shape != target[k].shape]
-    classifier_adapted = any(k.startswith(classifier_prefix) for k in mismatched) or not all(k in renamed for k in classifier_keys)
+    classifier_adapted = any(k.startswith(classifier_prefix) for k in mismatched) or not all(
+        k in renamed for k in classifier_keys
+    )
     others = [k for k in mismatched if not k.startswith(classifier_prefix)]
     if others:
         shapes = "; ".join(f"{k}: {tuple(renamed[k].shape)} vs {tuple(target[k].shape)}" for k in others[:3])
-        raise ModelError(f"{where}: {len(others)} tensors do not fit {model.arch} ({shapes}); valid: weights of the same architecture")
+        raise ModelError(
+            f"{where}: {len(others)} tensors do not fit {model.arch} ({shapes}); valid: weights of the same architecture"
+        )
     to_load = {k: renamed[k] for k in matched if not (classifier_adapted and k.startswith(classifier_prefix))}
     result = model.load_state_dict(to_load, strict=False)
     missing = [k for k in result.missing_keys if not (classifier_adapted and k.startswith(classifier_prefix))]
@@ -253,8 +311,11 @@ def apply_source_weights(model: TlModel, source: SourceWeights) -> dict[str, Any
         "key_rule": rule,
         "missing_keys": sorted(missing),
         "unexpected_keys": unexpected,
-        "classifier": (f"adapted: source {source_classes} classes -> fresh {model.num_classes}-class classifier"
-                       if classifier_adapted else "loaded from the source"),
+        "classifier": (
+            f"adapted: source {source_classes} classes -> fresh {model.num_classes}-class classifier"
+            if classifier_adapted
+            else "loaded from the source"
+        ),
         "classifier_loaded": not classifier_adapted,
         "classifier_keys_not_loaded": sorted(k for k in classifier_keys if classifier_adapted and k in renamed),
     }

@@ -36,7 +36,9 @@ def _as_modules(modules: Modules) -> list[nn.Module]:
     for item in out:
         if not isinstance(item, nn.Module):
             hint = " (model.blocks() gives (name, module) pairs: pass [m for _, m in model.blocks()])"
-            raise TypeError(f"expected nn.Module objects, got {type(item).__name__}" + (hint if isinstance(item, tuple) else ""))
+            raise TypeError(
+                f"expected nn.Module objects, got {type(item).__name__}" + (hint if isinstance(item, tuple) else "")
+            )
     return out
 
 

@@ -139,7 +139,13 @@ class ResNet(TorchvisionModel):
     def blocks(self) -> list[tuple[str, nn.Module]]:
         net = self.net
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        return [("stem", stem), ("layer1", net.layer1), ("layer2", net.layer2), ("layer3", net.layer3), ("layer4", net.layer4)]
+        return [
+            ("stem", stem),
+            ("layer1", net.layer1),
+            ("layer2", net.layer2),
+            ("layer3", net.layer3),
+            ("layer4", net.layer4),
+        ]
 
 
 @register_model(
@@ -192,7 +198,10 @@ def mobilenet_v3_large(*, num_classes: int, dropout: float = 0.2) -> MobileNetV3
 )
 def efficientnet_b0(*, num_classes: int, dropout: float = 0.2) -> EfficientNet:
     return EfficientNet(
-        arch="efficientnet_b0", num_classes=num_classes, weights_enum="EfficientNet_B0_Weights.IMAGENET1K_V1", dropout=dropout
+        arch="efficientnet_b0",
+        num_classes=num_classes,
+        weights_enum="EfficientNet_B0_Weights.IMAGENET1K_V1",
+        dropout=dropout,
     )
 
 

@@ -112,7 +112,11 @@ def shipped_id(report: dict[str, Any]) -> str | None:
 
 def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both (lower x, higher y), sorted by x."""
-    return sorted(p for p in points if not any(q != p and q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1]) for q in points))
+    return sorted(
+        p
+        for p in points
+        if not any(q != p and q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1]) for q in points)
+    )
 
 
 def plot_accuracy_latency(report: dict[str, Any]) -> str | None:
@@ -120,15 +124,23 @@ def plot_accuracy_latency(report: dict[str, Any]) -> str | None:
     failed the guard are grey and never on the front, the shipped candidate is a star."""
     from matplotlib.lines import Line2D
 
-    rows = [r for r in pareto_rows(report) if not fake_quant(r) and (r.get("metrics") or {}).get("auc") is not None
-            and (r.get("latency_ms") or {}).get("p50") is not None]
+    rows = [
+        r
+        for r in pareto_rows(report)
+        if not fake_quant(r)
+        and (r.get("metrics") or {}).get("auc") is not None
+        and (r.get("latency_ms") or {}).get("p50") is not None
+    ]
     if not rows:
         return None
     colors, markers, _ = _styles(rows)
     shipped = shipped_id(report)
     fig = _figure(11.5, 4.6)
     axes = fig.subplots(1, 2)
-    panels = (("auc", "referable-DR AUC (test, 95% CI)", False), ("sensitivity", "sensitivity at the locked threshold (test, 95% CI)", True))
+    panels = (
+        ("auc", "referable-DR AUC (test, 95% CI)", False),
+        ("sensitivity", "sensitivity at the locked threshold (test, 95% CI)", True),
+    )
     for ax, (metric, label, percent) in zip(axes, panels, strict=True):
         ok = []
         for r in rows:
@@ -144,17 +156,44 @@ def plot_accuracy_latency(report: dict[str, Any]) -> str | None:
             failed = guard_cell(r) == GUARD_FAILED
             color = "#b0b0b0" if failed else colors[r["name"]]
             lat = r["latency_ms"]["p50"]
-            ax.errorbar([lat], [y], yerr=yerr, marker=markers[r["runtime"]], color=color, markersize=7, capsize=3, linestyle="",
-                        alpha=0.6 if failed else 1.0, zorder=2)
+            ax.errorbar(
+                [lat],
+                [y],
+                yerr=yerr,
+                marker=markers[r["runtime"]],
+                color=color,
+                markersize=7,
+                capsize=3,
+                linestyle="",
+                alpha=0.6 if failed else 1.0,
+                zorder=2,
+            )
             if f"{r['name']}@{r['runtime']}" == shipped:
-                ax.plot([lat], [y], marker="*", markersize=22, markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.6,
-                        linestyle="", zorder=3)
+                ax.plot(
+                    [lat],
+                    [y],
+                    marker="*",
+                    markersize=22,
+                    markerfacecolor="none",
+                    markeredgecolor="black",
+                    markeredgewidth=1.6,
+                    linestyle="",
+                    zorder=3,
+                )
                 ax.annotate("shipped", (lat, y), textcoords="offset points", xytext=(10, 8), fontsize=8)
             if not failed:
                 ok.append((lat, y))
         front = _front(ok)
         if front:
-            ax.plot([p[0] for p in front], [p[1] for p in front], color="black", linewidth=1.0, linestyle="--", drawstyle="steps-post", zorder=1)
+            ax.plot(
+                [p[0] for p in front],
+                [p[1] for p in front],
+                color="black",
+                linewidth=1.0,
+                linestyle="--",
+                drawstyle="steps-post",
+                zorder=1,
+            )
         latencies = [r["latency_ms"]["p50"] for r in rows]
         if min(latencies) > 0 and max(latencies) / min(latencies) > 20:
             ax.set_xscale("log")
@@ -163,9 +202,20 @@ def plot_accuracy_latency(report: dict[str, Any]) -> str | None:
         ax.grid(alpha=0.3)
     axes[0].set_title("AUC vs latency", fontsize=10)
     axes[1].set_title("sensitivity at the locked threshold vs latency", fontsize=10)
-    extra = [Line2D([], [], color="black", linestyle="--", label="Pareto front"),
-             Line2D([], [], marker="*", markersize=12, markerfacecolor="none", markeredgecolor="black", linestyle="", label="shipped"),
-             Line2D([], [], marker="o", color="#b0b0b0", linestyle="", label=f"guard {GUARD_FAILED}")]
+    extra = [
+        Line2D([], [], color="black", linestyle="--", label="Pareto front"),
+        Line2D(
+            [],
+            [],
+            marker="*",
+            markersize=12,
+            markerfacecolor="none",
+            markeredgecolor="black",
+            linestyle="",
+            label="shipped",
+        ),
+        Line2D([], [], marker="o", color="#b0b0b0", linestyle="", label=f"guard {GUARD_FAILED}"),
+    ]
     _style_legend(axes[1], colors, markers, extra, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
@@ -190,7 +240,9 @@ def plot_roc(report: dict[str, Any]) -> str | None:
     op_markers = {n: ARTIFACT_OP_MARKERS[i % len(ARTIFACT_OP_MARKERS)] for i, n in enumerate(colors)}
     groups = _by_runtime(rows)
     # Zoomed to where screening operates, but never so far that an operating point falls outside.
-    fprs = [1 - r["clinical"]["specificity"]["value"] for r in rows if r["clinical"]["specificity"]["value"] is not None]
+    fprs = [
+        1 - r["clinical"]["specificity"]["value"] for r in rows if r["clinical"]["specificity"]["value"] is not None
+    ]
     x_max = min(1.0, max([ROC_MAX_FPR, *(math.ceil((f + 0.03) * 20) / 20 for f in fprs)]))
     fig = _figure(4.3 * len(groups) + 0.6, 4.6)
     axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
@@ -199,14 +251,29 @@ def plot_roc(report: dict[str, Any]) -> str | None:
         for k, r in enumerate(group):
             c = r["clinical"]
             fpr, tpr = c["roc"]["fpr"], c["roc"]["tpr"]
-            ax.plot(fpr, tpr, color=colors[r["name"]], linewidth=1.5, drawstyle="steps-post",
-                    label=f"{r['name']} AUC {c['auc']['value']:.3f}" if c["auc"]["value"] is not None else r["name"])
+            ax.plot(
+                fpr,
+                tpr,
+                color=colors[r["name"]],
+                linewidth=1.5,
+                drawstyle="steps-post",
+                label=f"{r['name']} AUC {c['auc']['value']:.3f}" if c["auc"]["value"] is not None else r["name"],
+            )
             sens, spec = c["sensitivity"]["value"], c["specificity"]["value"]
             if sens is not None and spec is not None:
                 ymin = min(ymin, sens)
-                ax.plot([1 - spec], [sens], marker=op_markers[r["name"]], markersize=11 + 3 * (len(group) - 1 - k),
-                        markerfacecolor="none", markeredgecolor=colors[r["name"]], markeredgewidth=2, linestyle="", zorder=3,
-                        label=f"  point: sens {100 * sens:.1f}%, spec {100 * spec:.1f}%")
+                ax.plot(
+                    [1 - spec],
+                    [sens],
+                    marker=op_markers[r["name"]],
+                    markersize=11 + 3 * (len(group) - 1 - k),
+                    markerfacecolor="none",
+                    markeredgecolor=colors[r["name"]],
+                    markeredgewidth=2,
+                    linestyle="",
+                    zorder=3,
+                    label=f"  point: sens {100 * sens:.1f}%, spec {100 * spec:.1f}%",
+                )
         ax.set_title(runtime)
         ax.set_xlabel("1 - specificity (false-positive rate)")
         ax.set_xlim(-0.005, x_max)
@@ -214,8 +281,11 @@ def plot_roc(report: dict[str, Any]) -> str | None:
         ax.legend(fontsize=7, loc="lower right", markerscale=0.6)
     axes[0].set_ylim(max(0.0, min(ymin - 0.25, 0.75)), 1.005)
     axes[0].set_ylabel("sensitivity")
-    fig.suptitle(f"ROC of referable DR, zoomed to FPR <= {x_max:g}; hollow markers: the operating point "
-                 f"(threshold {report.get('operating_point', {}).get('threshold', float('nan')):.3f})", fontsize=10)
+    fig.suptitle(
+        f"ROC of referable DR, zoomed to FPR <= {x_max:g}; hollow markers: the operating point "
+        f"(threshold {report.get('operating_point', {}).get('threshold', float('nan')):.3f})",
+        fontsize=10,
+    )
     return _png(fig)
 
 
@@ -240,11 +310,21 @@ def plot_confusion(report: dict[str, Any]) -> str | None:
             c = row["clinical"]
             matrix = c["grading"]["confusion"] if grading else c["referral_confusion"]
             totals = [max(sum(line), 1) for line in matrix]
-            share = [[v / t for v in line] for line, t in zip(matrix, totals, strict=True)]  # row-normalised: recall of each true class
+            share = [
+                [v / t for v in line] for line, t in zip(matrix, totals, strict=True)
+            ]  # row-normalised: recall of each true class
             ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
             for a, line in enumerate(matrix):
                 for b, v in enumerate(line):
-                    ax.text(b, a, str(v), ha="center", va="center", fontsize=9, color="white" if share[a][b] > 0.6 else "black")
+                    ax.text(
+                        b,
+                        a,
+                        str(v),
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="white" if share[a][b] > 0.6 else "black",
+                    )
             ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30 if grading else 0)
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
             ax.set_title(f"{name} / {runtime}", fontsize=9)
@@ -272,12 +352,30 @@ def plot_calibration(report: dict[str, Any]) -> str | None:
         for r in group:
             cal = r["clinical"]["calibration"]
             used = [b for b in cal["bins"] if b["n"]]
-            ax.plot([b["mean_predicted"] for b in used], [b["observed"] for b in used], marker="o", markersize=4, color=colors[name],
-                    linestyle=lines[r["runtime"]], linewidth=1.2, alpha=0.85, label=f"{r['runtime']} ECE {cal['ece']:.3f}")
+            ax.plot(
+                [b["mean_predicted"] for b in used],
+                [b["observed"] for b in used],
+                marker="o",
+                markersize=4,
+                color=colors[name],
+                linestyle=lines[r["runtime"]],
+                linewidth=1.2,
+                alpha=0.85,
+                label=f"{r['runtime']} ECE {cal['ece']:.3f}",
+            )
         bins = group[0]["clinical"]["calibration"]["bins"]
-        bars.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["n"] for b in bins], width=0.08, color=colors[name], alpha=0.8)
+        bars.bar(
+            [(b["lo"] + b["hi"]) / 2 for b in bins], [b["n"] for b in bins], width=0.08, color=colors[name], alpha=0.8
+        )
         for b in bins:
-            bars.annotate(str(b["n"]), ((b["lo"] + b["hi"]) / 2, b["n"]), textcoords="offset points", xytext=(0, 1), ha="center", fontsize=7)
+            bars.annotate(
+                str(b["n"]),
+                ((b["lo"] + b["hi"]) / 2, b["n"]),
+                textcoords="offset points",
+                xytext=(0, 1),
+                ha="center",
+                fontsize=7,
+            )
         ax.set_title(name)
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
@@ -333,16 +431,28 @@ def plot_training(report: dict[str, Any]) -> str | None:
 
 # (section id, plotting function, caption): where each plot goes.
 PLOTS = (
-    ("summary", plot_accuracy_latency, "AUC (left) and sensitivity at the locked threshold (right) against batch-1 latency; colour: "
-     "artifact, marker: runtime; the star is the shipped candidate; grey: failed the accuracy guard (never on the front); "
-     "torch fake-quant rows are left out. Latency from the bench stage; the verdict quotes the bundle's interleaved "
-     "re-measurement, which can differ on a busy box."),
-    ("screening", plot_roc, "ROC curves per runtime, zoomed to a false-positive rate of 0.2 (further only to keep every operating "
-     "point in view); the hollow marker is "
-     "each artifact's operating point at the locked threshold."),
+    (
+        "summary",
+        plot_accuracy_latency,
+        "AUC (left) and sensitivity at the locked threshold (right) against batch-1 latency; colour: "
+        "artifact, marker: runtime; the star is the shipped candidate; grey: failed the accuracy guard (never on the front); "
+        "torch fake-quant rows are left out. Latency from the bench stage; the verdict quotes the bundle's interleaved "
+        "re-measurement, which can differ on a busy box.",
+    ),
+    (
+        "screening",
+        plot_roc,
+        "ROC curves per runtime, zoomed to a false-positive rate of 0.2 (further only to keep every operating "
+        "point in view); the hollow marker is "
+        "each artifact's operating point at the locked threshold.",
+    ),
     ("confusion", plot_confusion, "Counts; colour is the share of each true class (row)."),
-    ("calibration", plot_calibration, "Reliability: observed referable rate against mean predicted probability per bin; "
-     "below, the number of test images in each bin (few images: a noisy point)."),
+    (
+        "calibration",
+        plot_calibration,
+        "Reliability: observed referable rate against mean predicted probability per bin; "
+        "below, the number of test images in each bin (few images: a noisy point).",
+    ),
     ("training", plot_training, "Training loss and validation AUC per epoch."),
     ("stages", plot_stage_seconds, "Wall-clock time per build stage."),
 )
@@ -375,8 +485,12 @@ def _cell_html(text: str) -> str:
 
 def _table(table: ReportTable) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
-    body = "".join("<tr>" + "".join(f"<td{_cell_class(c, h)}>{_cell_html(c)}</td>" for c, h in zip(row, table.header, strict=False))
-                   + "</tr>" for row in table.rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td{_cell_class(c, h)}>{_cell_html(c)}</td>" for c, h in zip(row, table.header, strict=False))
+        + "</tr>"
+        for row in table.rows
+    )
     caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
     return f'<div class="scroll"><table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
@@ -391,17 +505,23 @@ def _section(section: ReportSection, figures: list[tuple[str, str]]) -> str:
     else:
         parts += tables
     for caption, png in figures:
-        parts.append(f'<figure><img alt="{html.escape(section.title)}" src="data:image/png;base64,{png}">'
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append(
+            f'<figure><img alt="{html.escape(section.title)}" src="data:image/png;base64,{png}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     parts.append("</section>")
     return "\n".join(parts)
 
 
 def _verdict_html(v: Verdict) -> str:
     """The intended-use banner and the verdict box, above the contents."""
-    items = "".join(f'<dt class="{i.level}">{_inline(i.label)}</dt><dd class="{i.level}">{_inline(i.text)}</dd>' for i in v.items)
-    return (f'<div class="banner {v.banner_level}" role="note" id="intended-use">{_inline(v.banner)}</div>\n'
-            f'<section id="verdict" class="verdict"><h2>Verdict</h2><dl>{items}</dl></section>')
+    items = "".join(
+        f'<dt class="{i.level}">{_inline(i.label)}</dt><dd class="{i.level}">{_inline(i.text)}</dd>' for i in v.items
+    )
+    return (
+        f'<div class="banner {v.banner_level}" role="note" id="intended-use">{_inline(v.banner)}</div>\n'
+        f'<section id="verdict" class="verdict"><h2>Verdict</h2><dl>{items}</dl></section>'
+    )
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -414,13 +534,15 @@ def render_html(report: dict[str, Any]) -> str:
             figures.setdefault(section_id, []).append((caption, png))
     name = html.escape(str(report.get("name", "build")))
     nav = "\n".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in sections)  # whitespace lets the links wrap
-    meta = (f"Created {html.escape(str(report.get('created', '-')))} with tlcompile {html.escape(str(report.get('tlcompile_version', '-')))}; "
-            f"recipe sha256 <code>{html.escape(str(report.get('recipe_sha256', ''))[:16])}</code>")
+    meta = (
+        f"Created {html.escape(str(report.get('created', '-')))} with tlcompile {html.escape(str(report.get('tlcompile_version', '-')))}; "
+        f"recipe sha256 <code>{html.escape(str(report.get('recipe_sha256', ''))[:16])}</code>"
+    )
     body = "\n".join(_section(s, figures.get(s.id, [])) for s in sections)
     top = _verdict_html(verdict(report))
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>tlcompile build: {name}</title><style>{CSS}</style></head>\n"
-        f"<body><main><h1>tlcompile build: {name}</h1><div class=\"meta\">{meta}</div>\n{top}\n<nav>{nav}</nav>\n{body}\n</main></body></html>\n"
+        f'<body><main><h1>tlcompile build: {name}</h1><div class="meta">{meta}</div>\n{top}\n<nav>{nav}</nav>\n{body}\n</main></body></html>\n'
     )

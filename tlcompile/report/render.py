@@ -26,9 +26,13 @@ def artifact_table(report: dict[str, Any]):
 
     op = report.get("operating_point", {})
     keep = [ROW_COLUMNS.index(c) for c in TERMINAL_COLUMNS]
-    table = FitTable(list(TERMINAL_COLUMNS), title=f"{report.get('name', 'build')}: test split, threshold {num(op.get('threshold'))} "
-                     "locked on val; size and parity in report.md",
-                     right={c for c in TERMINAL_COLUMNS if c not in ("artifact", "runtime", "exec", "guard")}, key=2)
+    table = FitTable(
+        list(TERMINAL_COLUMNS),
+        title=f"{report.get('name', 'build')}: test split, threshold {num(op.get('threshold'))} "
+        "locked on val; size and parity in report.md",
+        right={c for c in TERMINAL_COLUMNS if c not in ("artifact", "runtime", "exec", "guard")},
+        key=2,
+    )
     for row in report.get("artifacts", []):
         cells = artifact_cells(row)
         table.add_row(*[cells[i] for i in keep])
@@ -55,7 +59,9 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# tlcompile build: {report.get('name')}", ""]
-    out.append(f"Created {report.get('created')} with tlcompile {report.get('tlcompile_version')}; recipe sha256 `{report.get('recipe_sha256', '')[:16]}`.")
+    out.append(
+        f"Created {report.get('created')} with tlcompile {report.get('tlcompile_version')}; recipe sha256 `{report.get('recipe_sha256', '')[:16]}`."
+    )
     out += [""] + verdict_markdown(verdict(report))
     for section in report_sections(report):
         out += ["", f"## {section.title}"]
@@ -76,13 +82,17 @@ def load_report(build_dir: Path) -> dict[str, Any]:
     if not build_dir.is_dir():
         raise TlcompileError(f"'{build_dir}' is not a folder; give a build folder (the --out of `tlcompile build`)")
     if not path.is_file():
-        raise TlcompileError(f"'{build_dir}' has no report.json; give a build folder whose build finished (the --out of `tlcompile build`)")
+        raise TlcompileError(
+            f"'{build_dir}' has no report.json; give a build folder whose build finished (the --out of `tlcompile build`)"
+        )
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise TlcompileError(f"{path}: not valid JSON ({err}); re-run the build to write it again") from err
     if not isinstance(report, dict) or not isinstance(report.get("artifacts"), list):
-        raise TlcompileError(f"{path}: not a tlcompile report (no 'artifacts' list); give the report.json a build wrote")
+        raise TlcompileError(
+            f"{path}: not a tlcompile report (no 'artifacts' list); give the report.json a build wrote"
+        )
     return report
 
 

@@ -388,10 +388,14 @@ def _compression_kind(value: Any) -> str | None:
 
 
 Compression = Annotated[
-    Annotated[ChannelPrune, Tag("channel prune")] | Annotated[MagnitudePrune, Tag("magnitude prune")]
+    Annotated[ChannelPrune, Tag("channel prune")]
+    | Annotated[MagnitudePrune, Tag("magnitude prune")]
     | Annotated[Quantize, Tag("quantize")],
-    Discriminator(_compression_kind, custom_error_type="compression_method",
-                  custom_error_message="method must be channel, magnitude, ptq or qat"),
+    Discriminator(
+        _compression_kind,
+        custom_error_type="compression_method",
+        custom_error_message="method must be channel, magnitude, ptq or qat",
+    ),
 ]
 
 
@@ -682,7 +686,8 @@ def _bundle_kind(value: Any) -> str:
 
 
 BundleRecord = Annotated[
-    Annotated[Bundle, Tag("bundle written")] | Annotated[BundleFailed, Tag("bundle error")]
+    Annotated[Bundle, Tag("bundle written")]
+    | Annotated[BundleFailed, Tag("bundle error")]
     | Annotated[BundleSkipped, Tag("bundle skipped")],
     Discriminator(_bundle_kind),
 ]

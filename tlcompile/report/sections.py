@@ -28,9 +28,24 @@ from tlcompile.report.format import (
     with_ci,
 )
 
-ROW_COLUMNS = ("artifact", "runtime", "format", "exec", "threads", "p50 ms", "p90 ms", "AUC", "sens", "spec", "acc", "MB", "MMACs", "|Δlogit|",
-               "top-1 agree", "guard")
-
+ROW_COLUMNS = (
+    "artifact",
+    "runtime",
+    "format",
+    "exec",
+    "threads",
+    "p50 ms",
+    "p90 ms",
+    "AUC",
+    "sens",
+    "spec",
+    "acc",
+    "MB",
+    "MMACs",
+    "|Δlogit|",
+    "top-1 agree",
+    "guard",
+)
 
 
 METRIC_WORDS = {"auc": "AUC"}
@@ -71,7 +86,9 @@ def row_flags(row: dict[str, Any]) -> list[str]:
             flags.append("; ".join(parts))
     for f in beyond.values():  # a guarded metric without a paired delta (accuracy)
         value, limit = _pp_against(-f["drop"], -f["max_drop"])
-        flags.append(f"test {METRIC_WORDS.get(f['metric'], f['metric'])} {value} vs {f['reference']}, beyond the guard's limit of {limit}")
+        flags.append(
+            f"test {METRIC_WORDS.get(f['metric'], f['metric'])} {value} vs {f['reference']}, beyond the guard's limit of {limit}"
+        )
     if flags and ref.get("missed_referable"):
         flags.append(f"{ref['missed_referable']} referable test eye(s) newly missed vs fp32")
     return flags
@@ -142,13 +159,20 @@ def banner_text(report: dict[str, Any]) -> tuple[str, str]:
     source = data.get("source")
     images = report.get("data", {}).get("images") or data.get("num_images")
     if source == "synthetic":
-        return (f"**Synthetic data: NOT for clinical use.** Trained and tested on {images or 'some'} images from tlcompile's "
-                f"built-in synthetic fundus generator, not photographs of patients; a demonstration of the pipeline. "
-                f"Intended use of a model built this way on real data: {intended}"), "bad"
-    where = f"{source} data" + (f" from {data['root']}" if data.get("root") else "") if source else "data of unknown origin"
-    return (f"**Intended use:** {intended} **Data:** {where}" + (f", {images} images" if images else "")
-            + ". Measured on this build's test split on the build box: re-validate on local images, camera and population "
-            "before clinical use."), "warn"
+        return (
+            f"**Synthetic data: NOT for clinical use.** Trained and tested on {images or 'some'} images from tlcompile's "
+            f"built-in synthetic fundus generator, not photographs of patients; a demonstration of the pipeline. "
+            f"Intended use of a model built this way on real data: {intended}"
+        ), "bad"
+    where = (
+        f"{source} data" + (f" from {data['root']}" if data.get("root") else "") if source else "data of unknown origin"
+    )
+    return (
+        f"**Intended use:** {intended} **Data:** {where}"
+        + (f", {images} images" if images else "")
+        + ". Measured on this build's test split on the build box: re-validate on local images, camera and population "
+        "before clinical use."
+    ), "warn"
 
 
 def _measured(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -159,8 +183,13 @@ def _latency_of(report: dict[str, Any], cid: str, rows: dict[tuple[str, str], di
     """p50/p90 (and the p90 spread over rounds, when the bundle measured it) of a candidate ``name@runtime``."""
     m = _measured(report).get(cid)
     if m:
-        return {"p50": m.get("p50_ms"), "p90": m.get("p90_ms"), "spread": m.get("p90_spread_ms"), "p50_spread": m.get("p50_spread_ms"),
-                "rounds": m.get("rounds")}
+        return {
+            "p50": m.get("p50_ms"),
+            "p90": m.get("p90_ms"),
+            "spread": m.get("p90_spread_ms"),
+            "p50_spread": m.get("p50_spread_ms"),
+            "rounds": m.get("rounds"),
+        }
     name, _, runtime = cid.partition("@")
     row = rows.get((name, runtime))
     if not row:
@@ -170,7 +199,7 @@ def _latency_of(report: dict[str, Any], cid: str, rows: dict[tuple[str, str], di
 
 
 def int8_speed_notes(report: dict[str, Any]) -> list[str]:
-    """"int8 is not faster than fp32 on this CPU (ISA...)" for each runtime where the bench rows show it: int8's p50 is
+    """ "int8 is not faster than fp32 on this CPU (ISA...)" for each runtime where the bench rows show it: int8's p50 is
     not below fp32's by more than the measured p50 spread (0 when only one measurement exists)."""
     rows = {(r["name"], r["runtime"]): r for r in report.get("artifacts", [])}
     isa = report.get("environment", {}).get("cpu", {}).get("isa") or []
@@ -184,9 +213,15 @@ def int8_speed_notes(report: dict[str, Any]) -> list[str]:
         noise = max(a.get("p50_spread") or 0.0, b.get("p50_spread") or 0.0)
         if b["p50"] - a["p50"] <= noise:
             how = "slower than" if a["p50"] >= b["p50"] else "not faster than"
-            notes.append(f"int8 is {how} fp32 on {_runtime_name(runtime)} on this CPU (p50 {a['p50']:.2f} vs {b['p50']:.2f} ms"
-                         + (f"; a difference within the noise of {noise:.2f} ms is a tie" if noise and a["p50"] < b["p50"] else "")
-                         + (f"; {isa_text(isa)})" if not any("VNNI" in x for x in isa) else "; this CPU has VNNI)"))
+            notes.append(
+                f"int8 is {how} fp32 on {_runtime_name(runtime)} on this CPU (p50 {a['p50']:.2f} vs {b['p50']:.2f} ms"
+                + (
+                    f"; a difference within the noise of {noise:.2f} ms is a tie"
+                    if noise and a["p50"] < b["p50"]
+                    else ""
+                )
+                + (f"; {isa_text(isa)})" if not any("VNNI" in x for x in isa) else "; this CPU has VNNI)")
+            )
     return notes
 
 
@@ -197,7 +232,9 @@ def _guard_failure_words(row: dict[str, Any]) -> str:
         for metric in ("auc", "sensitivity", "specificity", "accuracy"):
             item = check.get(metric) or {}
             if item.get("max_drop") is not None and item.get("met") is False:
-                parts.append(f"val {METRIC_WORDS.get(metric, metric)} {pp(-item['drop'])} vs {check.get('against', 'fp32')} (limit {pp(-item['max_drop'])})")
+                parts.append(
+                    f"val {METRIC_WORDS.get(metric, metric)} {pp(-item['drop'])} vs {check.get('against', 'fp32')} (limit {pp(-item['max_drop'])})"
+                )
     return ", ".join(parts)
 
 
@@ -242,18 +279,29 @@ def _passed_over(report: dict[str, Any], chosen: str, rows: dict[tuple[str, str]
         elif diff < 0:
             slower.append(f"{cid} ({lat['p90']:.2f} ms)")
         else:
-            other.append(f"{cid}: faster by {diff:.2f} ms p90, more than the noise, yet not chosen ({selection.get('rule', '-')} rule)")
+            other.append(
+                f"{cid}: faster by {diff:.2f} ms p90, more than the noise, yet not chosen ({selection.get('rule', '-')} rule)"
+            )
         del row
     out = []
     for name, runtimes in failed_guard.items():
         row = next((r for r in report.get("artifacts", []) if r["name"] == name and r.get("guard")), {})
         steps = len((row.get("guard") or {}).get("actions", []))
         words = _guard_failure_words(row)
-        out.append(f"{name} ({', '.join(runtimes)}) failed the accuracy guard" + (f": {words}" if words else "")
-                   + (f"; {steps} recovery step(s) did not fix it (guard table)" if steps else "") + "; not shippable.")
+        out.append(
+            f"{name} ({', '.join(runtimes)}) failed the accuracy guard"
+            + (f": {words}" if words else "")
+            + (f"; {steps} recovery step(s) did not fix it (guard table)" if steps else "")
+            + "; not shippable."
+        )
     if ties:
-        out.append("A tie with the shipped one (p90 within the measured noise)" + (", which goes to the uncompressed model"
-                   if name_of(chosen) == "fp32" else "") + ": " + ", ".join(ties) + ".")
+        out.append(
+            "A tie with the shipped one (p90 within the measured noise)"
+            + (", which goes to the uncompressed model" if name_of(chosen) == "fp32" else "")
+            + ": "
+            + ", ".join(ties)
+            + "."
+        )
     if slower:
         out.append("Slower p90 on the build box: " + ", ".join(slower) + ".")
     out += [o + "." for o in other]
@@ -268,37 +316,62 @@ def verdict(report: dict[str, Any]) -> Verdict:
     bundle = report.get("bundle") or {}
     selection = bundle.get("selection") or {}
     cpu = report.get("environment", {}).get("cpu", {})
-    chosen = bundle.get("default_candidate") or selection.get("chosen_id") or (
-        f"{bundle['artifact']}@{bundle['runtime']}" if bundle.get("artifact") and bundle.get("runtime") else None)
+    chosen = (
+        bundle.get("default_candidate")
+        or selection.get("chosen_id")
+        or (f"{bundle['artifact']}@{bundle['runtime']}" if bundle.get("artifact") and bundle.get("runtime") else None)
+    )
     if not chosen:
-        reason = bundle.get("skipped") or bundle.get("error") or "the recipe makes none (bundle.enabled: false) or it was not written"
+        reason = (
+            bundle.get("skipped")
+            or bundle.get("error")
+            or "the recipe makes none (bundle.enabled: false) or it was not written"
+        )
         items.append(VerdictItem("Ships", f"nothing: no bundle ({reason}).", "bad"))
         return Verdict(banner, banner_level, items)
     name, _, runtime = chosen.partition("@")
     row = rows.get((name, runtime), {})
     n_cand = len(bundle.get("candidates") or [])
     precision = bundle.get("precision") or row.get("exec_precision") or "-"
-    items.append(VerdictItem("Ships", (
-        f"**{name}** on **{_runtime_name(runtime)}** (candidate `{chosen}`, runs in {precision}), the build's choice by the "
-        f"'{selection.get('rule', '-')}' rule" + (f": {selection['why']}" if selection.get("why") else "") + "."
-        + (f" The bundle carries {n_cand} candidates; `tlcompile verify` on the clinic's box pins the fastest there." if n_cand > 1 else ""))))
+    items.append(
+        VerdictItem(
+            "Ships",
+            (
+                f"**{name}** on **{_runtime_name(runtime)}** (candidate `{chosen}`, runs in {precision}), the build's choice by the "
+                f"'{selection.get('rule', '-')}' rule"
+                + (f": {selection['why']}" if selection.get("why") else "")
+                + "."
+                + (
+                    f" The bundle carries {n_cand} candidates; `tlcompile verify` on the clinic's box pins the fastest there."
+                    if n_cand > 1
+                    else ""
+                )
+            ),
+        )
+    )
     lat = _latency_of(report, chosen, rows)
     if lat and lat.get("p50") is not None:
         load = selection.get("load_average")
-        speed = (f"p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms at batch 1 on {cpu.get('model', 'this CPU')} "
-                 f"({cpu.get('usable_cores', '?')} cores; {isa_text(cpu.get('isa') or [])})")
+        speed = (
+            f"p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms at batch 1 on {cpu.get('model', 'this CPU')} "
+            f"({cpu.get('usable_cores', '?')} cores; {isa_text(cpu.get('isa') or [])})"
+        )
         if lat.get("spread") is not None:
             speed += f"; p90 spread over {lat.get('rounds') or '?'} rounds {lat['spread']:.2f} ms"
         else:
             speed += "; one measurement, no spread known"
         if load:
             speed += f"; load average {load[0]:.2f}"
-        noisy = bool(selection.get("noise")) or (lat.get("spread") is not None and lat["p90"] and lat["spread"] > 0.5 * lat["p90"])
+        noisy = bool(selection.get("noise")) or (
+            lat.get("spread") is not None and lat["p90"] and lat["spread"] > 0.5 * lat["p90"]
+        )
         if selection.get("noise"):
             speed += f". {selection['noise'][0].upper()}{selection['noise'][1:]}"
         elif noisy:
-            speed += (". The p90 spread is more than half the p90: a busy box; latency differences within the spread are "
-                      "ties; on a quiet box, run tlcompile verify --repin")
+            speed += (
+                ". The p90 spread is more than half the p90: a busy box; latency differences within the spread are "
+                "ties; on a quiet box, run tlcompile verify --repin"
+            )
         items.append(VerdictItem("Speed on the build box", speed + ".", "warn" if noisy else ""))
     notes = int8_speed_notes(report)
     if notes:
@@ -309,34 +382,56 @@ def verdict(report: dict[str, Any]) -> Verdict:
         sens, spec = c.get("sensitivity"), c.get("specificity")
         fp32 = (rows.get(("fp32", runtime)) or {}).get("clinical") or {}
         if ref:
-            acc = (f"sensitivity {with_ci(sens, percent=True)} against fp32's {pct(fp32.get('sensitivity', {}).get('value'))}: "
-                   f"{_delta_words(ref.get('delta_sensitivity'))}; specificity {with_ci(spec, percent=True)} against "
-                   f"{pct(fp32.get('specificity', {}).get('value'))}: {_delta_words(ref.get('delta_specificity'))}; AUC "
-                   f"{with_ci(c.get('auc'), percent=False)}: {_delta_words(ref.get('delta_auc'))}; "
-                   f"{ref.get('missed_referable', 0)} referable eye(s) newly missed, {ref.get('newly_referred', 0)} newly referred")
+            acc = (
+                f"sensitivity {with_ci(sens, percent=True)} against fp32's {pct(fp32.get('sensitivity', {}).get('value'))}: "
+                f"{_delta_words(ref.get('delta_sensitivity'))}; specificity {with_ci(spec, percent=True)} against "
+                f"{pct(fp32.get('specificity', {}).get('value'))}: {_delta_words(ref.get('delta_specificity'))}; AUC "
+                f"{with_ci(c.get('auc'), percent=False)}: {_delta_words(ref.get('delta_auc'))}; "
+                f"{ref.get('missed_referable', 0)} referable eye(s) newly missed, {ref.get('newly_referred', 0)} newly referred"
+            )
         else:
-            acc = (f"sensitivity {with_ci(sens, percent=True)}, specificity {with_ci(spec, percent=True)}, AUC "
-                   f"{with_ci(c.get('auc'), percent=False)}; this is the fp32 model, the reference the others are judged against")
-        items.append(VerdictItem(f"Test split ({c.get('n', '-')} images, {c.get('referable', '-')} referable)",
-                                 acc + ". Deltas: new - fp32, percentage points, paired 95% CI."))
+            acc = (
+                f"sensitivity {with_ci(sens, percent=True)}, specificity {with_ci(spec, percent=True)}, AUC "
+                f"{with_ci(c.get('auc'), percent=False)}; this is the fp32 model, the reference the others are judged against"
+            )
+        items.append(
+            VerdictItem(
+                f"Test split ({c.get('n', '-')} images, {c.get('referable', '-')} referable)",
+                acc + ". Deltas: new - fp32, percentage points, paired 95% CI.",
+            )
+        )
         e = c.get("endpoints") or {}
         if e.get("pass") is None:
-            items.append(VerdictItem("Endpoints", "none set in the recipe (evaluate.endpoints): no pass/fail claim is made.", "warn"))
+            items.append(
+                VerdictItem(
+                    "Endpoints", "none set in the recipe (evaluate.endpoints): no pass/fail claim is made.", "warn"
+                )
+            )
         else:
             failed = [k for k, v in (e.get("checks") or {}).items() if not v.get("pass")]
-            items.append(VerdictItem("Endpoints", "PASS (" + ", ".join(e.get("checks", {})) + ")" if e["pass"]
-                                     else "FAIL: " + ", ".join(failed), "" if e["pass"] else "bad"))
+            items.append(
+                VerdictItem(
+                    "Endpoints",
+                    "PASS (" + ", ".join(e.get("checks", {})) + ")" if e["pass"] else "FAIL: " + ", ".join(failed),
+                    "" if e["pass"] else "bad",
+                )
+            )
     flags = row_flags(row)
     if row.get("guard") and not row["guard"].get("met"):
         flags.insert(0, "it failed the accuracy guard on val and ships only because the recipe names it")
-    items.append(VerdictItem("Flags", "; ".join(flags) + " (test split; the guard judged val)." if flags else
-                             "none: no test-split delta beyond the guard's limits and no paired CI against fp32 that excludes 0.",
-                             "bad" if flags else ""))
+    items.append(
+        VerdictItem(
+            "Flags",
+            "; ".join(flags) + " (test split; the guard judged val)."
+            if flags
+            else "none: no test-split delta beyond the guard's limits and no paired CI against fp32 that excludes 0.",
+            "bad" if flags else "",
+        )
+    )
     passed = _passed_over(report, chosen, rows)
     if passed:
         items.append(VerdictItem("Passed over", " ".join(passed)))
     return Verdict(banner, banner_level, items)
-
 
 
 # ------------------------------------------------------------------------------------- shared sections
@@ -355,6 +450,7 @@ class ReportSection:
     title: str
     paragraphs: list[str] = field(default_factory=list)
     tables: list[ReportTable] = field(default_factory=list)
+
 
 def _verdict(passed: bool | None) -> str:
     return {True: "PASS", False: "FAIL", None: "-"}[passed]
@@ -393,30 +489,50 @@ def _summary_section(report: dict[str, Any]) -> ReportSection:
         f"with the {op.get('model', 'fp32')} model.",
     ]
     if ev:
-        text.append(f"Intervals are {int(100 * ev.get('ci_level', 0.95))}% CIs: AUC by stratified bootstrap "
-                    f"({ev.get('bootstrap_resamples')} resamples), proportions by the Wilson score interval; "
-                    "deltas are paired against the fp32 row of the same runtime.")
-    text.append(f"Deltas are new - fp32 in percentage points ({PP}), with paired 95% CIs. Guard: {GUARD_MET} / {GUARD_FAILED} "
-                 f"on val, {GUARD_REFERENCE} for the model judged against. Pareto: {PARETO_MARK} when no other deployable "
-                 "row is both faster (p50) and at least as accurate (AUC); torch fake-quant rows and rows that failed the "
-                 "guard are not ranked. Flags: what the test split shows that the val guard did not.")
-    header = ["artifact", "runtime", "p50 ms", "AUC (95% CI)", "sensitivity (95% CI)", "specificity (95% CI)",
-              f"Δsensitivity vs fp32 {PP} (95% CI)", "decisions changed", "guard (val)", "endpoints", "Pareto", "flags (test)"]
+        text.append(
+            f"Intervals are {int(100 * ev.get('ci_level', 0.95))}% CIs: AUC by stratified bootstrap "
+            f"({ev.get('bootstrap_resamples')} resamples), proportions by the Wilson score interval; "
+            "deltas are paired against the fp32 row of the same runtime."
+        )
+    text.append(
+        f"Deltas are new - fp32 in percentage points ({PP}), with paired 95% CIs. Guard: {GUARD_MET} / {GUARD_FAILED} "
+        f"on val, {GUARD_REFERENCE} for the model judged against. Pareto: {PARETO_MARK} when no other deployable "
+        "row is both faster (p50) and at least as accurate (AUC); torch fake-quant rows and rows that failed the "
+        "guard are not ranked. Flags: what the test split shows that the val guard did not."
+    )
+    header = [
+        "artifact",
+        "runtime",
+        "p50 ms",
+        "AUC (95% CI)",
+        "sensitivity (95% CI)",
+        "specificity (95% CI)",
+        f"Δsensitivity vs fp32 {PP} (95% CI)",
+        "decisions changed",
+        "guard (val)",
+        "endpoints",
+        "Pareto",
+        "flags (test)",
+    ]
     table_rows = []
     for row in rows:
         c = row.get("clinical", {})
         ref = c.get("vs_reference")
-        table_rows.append([
-            *_label(row), num(row.get("latency_ms", {}).get("p50"), ".2f"),
-            with_ci(c.get("auc"), percent=False) if c else num(row.get("metrics", {}).get("auc")),
-            with_ci(c.get("sensitivity"), percent=True), with_ci(c.get("specificity"), percent=True),
-            delta_pp(ref.get("delta_sensitivity")) if ref else GUARD_REFERENCE,
-            pct(ref["disagreement"]["value"]) if ref else GUARD_REFERENCE,
-            guard_cell(row),
-            _verdict(c.get("endpoints", {}).get("pass")),
-            pareto_cell(row),
-            "; ".join(row_flags(row)) or "-",
-        ])
+        table_rows.append(
+            [
+                *_label(row),
+                num(row.get("latency_ms", {}).get("p50"), ".2f"),
+                with_ci(c.get("auc"), percent=False) if c else num(row.get("metrics", {}).get("auc")),
+                with_ci(c.get("sensitivity"), percent=True),
+                with_ci(c.get("specificity"), percent=True),
+                delta_pp(ref.get("delta_sensitivity")) if ref else GUARD_REFERENCE,
+                pct(ref["disagreement"]["value"]) if ref else GUARD_REFERENCE,
+                guard_cell(row),
+                _verdict(c.get("endpoints", {}).get("pass")),
+                pareto_cell(row),
+                "; ".join(row_flags(row)) or "-",
+            ]
+        )
     return ReportSection("summary", "Summary", text, [ReportTable(header, table_rows)])
 
 
@@ -433,15 +549,25 @@ def _operating_point_words(op: dict[str, Any]) -> str:
 def _operating_point_section(report: dict[str, Any]) -> ReportSection:
     op = report.get("operating_point", {})
     val = op.get("val", {})
-    text = [f"Method: {_operating_point_words(op)}. The threshold applies to P(referable DR) = softmax(logits / T) summed over "
-            "the referable classes; T is the temperature below (1 = no temperature scaling)."]
-    rows = [["threshold", num(op.get("threshold"), ".4f")], ["method", str(op.get("method", "-"))],
-            ["target sensitivity", num(op.get("target_sensitivity"), ".3f")], ["temperature T", num(op.get("temperature"), ".3f")],
-            ["locked on", f"{op.get('locked_on', '-')} split, {op.get('model', '-')} model"]]
+    text = [
+        f"Method: {_operating_point_words(op)}. The threshold applies to P(referable DR) = softmax(logits / T) summed over "
+        "the referable classes; T is the temperature below (1 = no temperature scaling)."
+    ]
+    rows = [
+        ["threshold", num(op.get("threshold"), ".4f")],
+        ["method", str(op.get("method", "-"))],
+        ["target sensitivity", num(op.get("target_sensitivity"), ".3f")],
+        ["temperature T", num(op.get("temperature"), ".3f")],
+        ["locked on", f"{op.get('locked_on', '-')} split, {op.get('model', '-')} model"],
+    ]
     if val:
-        rows += [["val images (referable)", f"{val.get('n', '-')} ({val.get('referable', '-')})"], ["val AUC", num(val.get("auc"))],
-                 ["val sensitivity at threshold", pct(val.get("sensitivity"))], ["val specificity at threshold", pct(val.get("specificity"))],
-                 ["val NLL before / after T", f"{num(val.get('nll_before'), '.4f')} / {num(val.get('nll_after'), '.4f')}"]]
+        rows += [
+            ["val images (referable)", f"{val.get('n', '-')} ({val.get('referable', '-')})"],
+            ["val AUC", num(val.get("auc"))],
+            ["val sensitivity at threshold", pct(val.get("sensitivity"))],
+            ["val specificity at threshold", pct(val.get("specificity"))],
+            ["val NLL before / after T", f"{num(val.get('nll_before'), '.4f')} / {num(val.get('nll_after'), '.4f')}"],
+        ]
     return ReportSection("operating-point", "Operating point", text, [ReportTable(["setting", "value"], rows)])
 
 
@@ -453,28 +579,64 @@ def _screening_section(report: dict[str, Any]) -> ReportSection:
         if not c:
             continue
         (tn, fp), (fn, tp) = c["referral_confusion"]
-        rows.append([*_label(row), *(with_ci(c[k], percent=True) + f" [{c[k]['k']}/{c[k]['n']}]" for k in ("sensitivity", "specificity", "ppv", "npv")),
-                     str(tp), str(fn), str(fp), str(tn)])
-    text = ["Referable DR on the test split at the locked threshold; 95% Wilson CIs, [cases/denominator]. "
-            "The ROC curves mark each artifact's operating point."]
-    return ReportSection("screening", "Screening performance at the operating point", text, [ReportTable(header, rows)] if rows else [])
+        rows.append(
+            [
+                *_label(row),
+                *(
+                    with_ci(c[k], percent=True) + f" [{c[k]['k']}/{c[k]['n']}]"
+                    for k in ("sensitivity", "specificity", "ppv", "npv")
+                ),
+                str(tp),
+                str(fn),
+                str(fp),
+                str(tn),
+            ]
+        )
+    text = [
+        "Referable DR on the test split at the locked threshold; 95% Wilson CIs, [cases/denominator]. "
+        "The ROC curves mark each artifact's operating point."
+    ]
+    return ReportSection(
+        "screening", "Screening performance at the operating point", text, [ReportTable(header, rows)] if rows else []
+    )
 
 
 def _compression_section(report: dict[str, Any]) -> ReportSection:
-    header = ["artifact", "runtime", "against", f"ΔAUC {PP} (95% CI)", f"Δsensitivity {PP} (95% CI)", f"Δspecificity {PP} (95% CI)",
-              "referral changes (95% CI)", "newly referred", "no longer referred", "referable newly missed"]
+    header = [
+        "artifact",
+        "runtime",
+        "against",
+        f"ΔAUC {PP} (95% CI)",
+        f"Δsensitivity {PP} (95% CI)",
+        f"Δspecificity {PP} (95% CI)",
+        "referral changes (95% CI)",
+        "newly referred",
+        "no longer referred",
+        "referable newly missed",
+    ]
     rows = []
     for row in report.get("artifacts", []):
         ref = row.get("clinical", {}).get("vs_reference")
         if not ref:
             continue
-        rows.append([*_label(row), str(ref.get("reference", "fp32")),
-                     delta_pp(ref["delta_auc"]), delta_pp(ref["delta_sensitivity"]),
-                     delta_pp(ref["delta_specificity"]), with_ci(ref["disagreement"], percent=True),
-                     str(ref["newly_referred"]), str(ref["no_longer_referred"]), str(ref["missed_referable"])])
-    text = ["Each compressed artifact against the fp32 model on the same runtime and the same test images: deltas are new - fp32 "
-            f"in percentage points ({PP}; an AUC of 0.01 is 1 point) with paired bootstrap 95% CIs (both scored on the same "
-            "resamples), and the share of images whose referral decision changes."]
+        rows.append(
+            [
+                *_label(row),
+                str(ref.get("reference", "fp32")),
+                delta_pp(ref["delta_auc"]),
+                delta_pp(ref["delta_sensitivity"]),
+                delta_pp(ref["delta_specificity"]),
+                with_ci(ref["disagreement"], percent=True),
+                str(ref["newly_referred"]),
+                str(ref["no_longer_referred"]),
+                str(ref["missed_referable"]),
+            ]
+        )
+    text = [
+        "Each compressed artifact against the fp32 model on the same runtime and the same test images: deltas are new - fp32 "
+        f"in percentage points ({PP}; an AUC of 0.01 is 1 point) with paired bootstrap 95% CIs (both scored on the same "
+        "resamples), and the share of images whose referral decision changes."
+    ]
     tables = [ReportTable(header, rows)] if rows else []
     guard = guard_table(report)
     if guard:
@@ -482,16 +644,22 @@ def _compression_section(report: dict[str, Any]) -> ReportSection:
         steps = guard_steps_table(report)
         if steps:
             tables.append(steps)
-        text.append("The accuracy guard is judged on the validation split at the locked operating point: each compression step "
-                    "against the model it started from (a pruned-int8 model answers for its pruning and its quantization). "
-                    "An artifact meets the guard only when every check does; the bundle never ships one that does not.")
+        text.append(
+            "The accuracy guard is judged on the validation split at the locked operating point: each compression step "
+            "against the model it started from (a pruned-int8 model answers for its pruning and its quantization). "
+            "An artifact meets the guard only when every check does; the bundle never ships one that does not."
+        )
     flagged = [[*_label(r), flag] for r in report.get("artifacts", []) for flag in row_flags(r)]
     if flagged:
-        text.append("Flagged: on the test split, drops beyond the guard's own limits or paired CIs that exclude 0, whatever "
-                    "the guard (judged on val) said. Selection stays on val; read the test figures with this in mind.")
+        text.append(
+            "Flagged: on the test split, drops beyond the guard's own limits or paired CIs that exclude 0, whatever "
+            "the guard (judged on val) said. Selection stays on val; read the test figures with this in mind."
+        )
         tables.append(ReportTable(["artifact", "runtime", "flag (test split)"], flagged, "Flags"))
     if not rows:
-        text.append("This build has only the fp32 model, so there is nothing to compare; add prune / quantize to the recipe.")
+        text.append(
+            "This build has only the fp32 model, so there is nothing to compare; add prune / quantize to the recipe."
+        )
     return ReportSection("compression", "What compression cost", text, tables)
 
 
@@ -516,14 +684,28 @@ def _guarded_artifacts(report: dict[str, Any]):
 
 def guard_table(report: dict[str, Any]) -> ReportTable | None:
     """The accuracy guard of every compressed artifact (once per artifact, one line per check), or None."""
-    header = ["artifact", "check", "val AUC", "val sensitivity", "val specificity", "val accuracy", "guard", "val cases"]
+    header = [
+        "artifact",
+        "check",
+        "val AUC",
+        "val sensitivity",
+        "val specificity",
+        "val accuracy",
+        "guard",
+        "val cases",
+    ]
     rows = []
     for row, g in _guarded_artifacts(report):
         for i, check in enumerate(g.get("checks", [])):
-            rows.append([row["name"] if i == 0 else "", f"vs {check.get('against', '-')}",
-                         *(_guard_item(check.get(m)) for m in ("auc", "sensitivity", "specificity", "accuracy")),
-                         (GUARD_MET if check.get("met") else GUARD_FAILED),
-                         evidence_text(check["evidence"]) if check.get("evidence") else "-"])
+            rows.append(
+                [
+                    row["name"] if i == 0 else "",
+                    f"vs {check.get('against', '-')}",
+                    *(_guard_item(check.get(m)) for m in ("auc", "sensitivity", "specificity", "accuracy")),
+                    (GUARD_MET if check.get("met") else GUARD_FAILED),
+                    evidence_text(check["evidence"]) if check.get("evidence") else "-",
+                ]
+            )
     if not rows:
         return None
     return ReportTable(header, rows, "Accuracy guard (validation split, locked operating point)")
@@ -538,8 +720,11 @@ def guard_steps_table(report: dict[str, Any]) -> ReportTable | None:
             rows.append([row["name"], str(i), action, verdict_word if i == len(g["actions"]) else ""])
     if not rows:
         return None
-    return ReportTable(["artifact", "step", "what was done", "verdict after"], rows,
-                       "Accuracy guard: the steps taken, in order, before the verdict above")
+    return ReportTable(
+        ["artifact", "step", "what was done", "verdict after"],
+        rows,
+        "Accuracy guard: the steps taken, in order, before the verdict above",
+    )
 
 
 def _confusion_section(report: dict[str, Any]) -> ReportSection:
@@ -553,11 +738,28 @@ def _confusion_section(report: dict[str, Any]) -> ReportSection:
         caption = f"{row['name']} on {row['runtime']}"
         if c.get("grading"):
             matrix = c["grading"]["confusion"]
-            tables.append(ReportTable(["truth \\ predicted", *grades], [[g, *map(str, counts)] for g, counts in zip(grades, matrix, strict=True)],
-                                      caption=f"{caption}: DR grade"))
-        tables.append(ReportTable(["truth \\ decision", "not referred", "referred"],
-                                  [["non-referable", str(tn), str(fp)], ["referable", str(fn), str(tp)]], caption=f"{caption}: referral"))
-    text = ["Rows are the truth, columns the model's decision" + (" (argmax grade, and referral at the threshold)." if _first_clinical(report).get("grading") else " at the threshold.")]
+            tables.append(
+                ReportTable(
+                    ["truth \\ predicted", *grades],
+                    [[g, *map(str, counts)] for g, counts in zip(grades, matrix, strict=True)],
+                    caption=f"{caption}: DR grade",
+                )
+            )
+        tables.append(
+            ReportTable(
+                ["truth \\ decision", "not referred", "referred"],
+                [["non-referable", str(tn), str(fp)], ["referable", str(fn), str(tp)]],
+                caption=f"{caption}: referral",
+            )
+        )
+    text = [
+        "Rows are the truth, columns the model's decision"
+        + (
+            " (argmax grade, and referral at the threshold)."
+            if _first_clinical(report).get("grading")
+            else " at the threshold."
+        )
+    ]
     return ReportSection("confusion", "Confusion matrices", text, tables)
 
 
@@ -569,8 +771,12 @@ def _grading_section(report: dict[str, Any]) -> ReportSection | None:
             rows.append([*_label(row), with_ci(g["qwk"], percent=False), pct(g.get("accuracy"))])
     if not rows:
         return None
-    return ReportSection("grading", "Five-grade agreement", ["Quadratic weighted kappa of the argmax grade (stratified bootstrap 95% CI)."],
-                         [ReportTable(["artifact", "runtime", "quadratic weighted kappa (95% CI)", "grade accuracy"], rows)])
+    return ReportSection(
+        "grading",
+        "Five-grade agreement",
+        ["Quadratic weighted kappa of the argmax grade (stratified bootstrap 95% CI)."],
+        [ReportTable(["artifact", "runtime", "quadratic weighted kappa (95% CI)", "grade accuracy"], rows)],
+    )
 
 
 def _calibration_section(report: dict[str, Any]) -> ReportSection:
@@ -587,10 +793,16 @@ def _calibration_section(report: dict[str, Any]) -> ReportSection:
             un = c.get("calibration_unscaled", {})
             cells += [num(un.get("ece"), ".4f"), num(un.get("brier"), ".4f")]
         rows.append(cells)
-    text = [f"Calibration of P(referable DR) on the test split: expected calibration error over "
-            f"{report.get('evaluation', {}).get('calibration_bins', 10)} equal-width bins, and the Brier score; lower is better."]
-    text.append(f"Temperature scaling is on: T = {num(op.get('temperature'))}, fitted on the fp32 model's validation logits and "
-                "used for every artifact." if scaled else "Temperature scaling is off (evaluate.temperature_scaling).")
+    text = [
+        f"Calibration of P(referable DR) on the test split: expected calibration error over "
+        f"{report.get('evaluation', {}).get('calibration_bins', 10)} equal-width bins, and the Brier score; lower is better."
+    ]
+    text.append(
+        f"Temperature scaling is on: T = {num(op.get('temperature'))}, fitted on the fp32 model's validation logits and "
+        "used for every artifact."
+        if scaled
+        else "Temperature scaling is off (evaluate.temperature_scaling)."
+    )
     return ReportSection("calibration", "Calibration", text, [ReportTable(header, rows)] if rows else [])
 
 
@@ -598,8 +810,14 @@ def _endpoints_section(report: dict[str, Any]) -> ReportSection:
     endpoints = report.get("evaluation", {}).get("endpoints", {})
     targets = {k: v for k, v in endpoints.items() if k != "rule" and v is not None}
     if not targets:
-        return ReportSection("endpoints", "Endpoints", ["The recipe sets no endpoints (evaluate.endpoints.min_sensitivity, "
-                                                        "min_specificity, min_auc), so nothing is judged pass/fail."])
+        return ReportSection(
+            "endpoints",
+            "Endpoints",
+            [
+                "The recipe sets no endpoints (evaluate.endpoints.min_sensitivity, "
+                "min_specificity, min_auc), so nothing is judged pass/fail."
+            ],
+        )
     rule = endpoints.get("rule", "point_estimate")
     header = ["artifact", "runtime", *(f"{k} {v}" for k, v in targets.items()), "all"]
     rows = []
@@ -614,14 +832,24 @@ def _endpoints_section(report: dict[str, Any]) -> ReportSection:
             cells.append(f"{_verdict(check.get('pass'))} ({num(shown)})")
         rows.append([*cells, _verdict(e.get("pass"))])
     judged = "the measured value" if rule == "point_estimate" else "the lower 95% confidence bound"
-    return ReportSection("endpoints", "Endpoints", [f"Each endpoint is judged on {judged} (rule {rule}), shown in brackets."],
-                         [ReportTable(header, rows)])
+    return ReportSection(
+        "endpoints",
+        "Endpoints",
+        [f"Each endpoint is judged on {judged} (rule {rule}), shown in brackets."],
+        [ReportTable(header, rows)],
+    )
 
 
 def _artifacts_section(report: dict[str, Any]) -> ReportSection:
-    return ReportSection("artifacts", "Artifacts", ["Every artifact on every runtime: latency at batch 1, size, MACs and parity with "
-                                                    "the torch model it was exported from."],
-                         [ReportTable(list(ROW_COLUMNS), [artifact_cells(r) for r in report.get("artifacts", [])])])
+    return ReportSection(
+        "artifacts",
+        "Artifacts",
+        [
+            "Every artifact on every runtime: latency at batch 1, size, MACs and parity with "
+            "the torch model it was exported from."
+        ],
+        [ReportTable(list(ROW_COLUMNS), [artifact_cells(r) for r in report.get("artifacts", [])])],
+    )
 
 
 def _cell(value: Any) -> str:
@@ -647,11 +875,16 @@ def records_table(records: Any) -> tuple[list[str], ReportTable | None]:
     lines: list[str] = []
     columns: list[str] = []
     if isinstance(records, dict):
-        listed = next((k for k, v in records.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)), None)
+        listed = next(
+            (k for k, v in records.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)), None
+        )
         if listed is not None:
             columns = [str(c) for c in records.get("columns") or [] if isinstance(c, str)]
-            lines = [f"{k}: {_cell(v)}" for k, v in records.items() if k not in (listed, "columns") and v is not None
-                     and (not isinstance(v, (list, dict)) or k == "source")]
+            lines = [
+                f"{k}: {_cell(v)}"
+                for k, v in records.items()
+                if k not in (listed, "columns") and v is not None and (not isinstance(v, (list, dict)) or k == "source")
+            ]
             records = records[listed]
         elif records and all(isinstance(v, dict) for v in records.values()):
             records = [{"name": k, **v} for k, v in records.items()]
@@ -665,7 +898,9 @@ def records_table(records: Any) -> tuple[list[str], ReportTable | None]:
 
     def cell(r: dict[str, Any], c: str) -> str:
         sd = r.get(f"{c}_sd")
-        return _cell(r.get(c)) + (f" ± {num(sd, '.2g')}" if isinstance(sd, (int, float)) and r.get(c) is not None else "")
+        return _cell(r.get(c)) + (
+            f" ± {num(sd, '.2g')}" if isinstance(sd, (int, float)) and r.get(c) is not None else ""
+        )
 
     return lines, ReportTable(columns, [[cell(r, c) for c in columns] for r in records])
 
@@ -673,11 +908,21 @@ def records_table(records: Any) -> tuple[list[str], ReportTable | None]:
 def _transfer_section(report: dict[str, Any]) -> ReportSection:
     transfer = report.get("transfer")
     if not transfer:
-        return ReportSection("transfer", "Transfer comparison", ["This build compared no transfer strategies (the recipe has no transfer "
-                                                                 "comparison), so there is no table."])
+        return ReportSection(
+            "transfer",
+            "Transfer comparison",
+            [
+                "This build compared no transfer strategies (the recipe has no transfer "
+                "comparison), so there is no table."
+            ],
+        )
     lines, table = records_table(transfer)
-    return ReportSection("transfer", "Transfer comparison", ["Each variant trained and evaluated identically; the best on validation "
-                                                             "went on to compression.", *lines], [table] if table else [])
+    return ReportSection(
+        "transfer",
+        "Transfer comparison",
+        ["Each variant trained and evaluated identically; the best on validation went on to compression.", *lines],
+        [table] if table else [],
+    )
 
 
 def _data_section(report: dict[str, Any]) -> ReportSection | None:
@@ -685,7 +930,12 @@ def _data_section(report: dict[str, Any]) -> ReportSection | None:
     if not counts:
         return None
     classes = report.get("class_names", [])
-    return ReportSection("data", "Data", [], [ReportTable(["split", *classes], [[s, *[str(c.get(k, 0)) for k in classes]] for s, c in counts.items()])])
+    return ReportSection(
+        "data",
+        "Data",
+        [],
+        [ReportTable(["split", *classes], [[s, *[str(c.get(k, 0)) for k in classes]] for s, c in counts.items()])],
+    )
 
 
 def _training_section(report: dict[str, Any]) -> ReportSection | None:
@@ -693,12 +943,32 @@ def _training_section(report: dict[str, Any]) -> ReportSection | None:
     if not training.get("history"):
         return None
     return ReportSection(
-        "training", "Training",
-        [f"Best epoch {training.get('best_epoch')} (val AUC {num(training.get('best_val_auc'))}), {training.get('wall_s')} s"
-         + (f" on {training['device']}, autocast {training.get('amp', 'none')}, channels_last "
-            f"{'on' if training.get('channels_last') else 'off'}." if training.get("device") else ".")],
-        [ReportTable(["epoch", "loss", "val AUC", "lr", "s"],
-                     [[str(h["epoch"]), num(h["loss"], ".4f"), num(h["val_auc"]), num(h["lr"], ".2e"), num(h["seconds"], ".1f")] for h in training["history"]])],
+        "training",
+        "Training",
+        [
+            f"Best epoch {training.get('best_epoch')} (val AUC {num(training.get('best_val_auc'))}), {training.get('wall_s')} s"
+            + (
+                f" on {training['device']}, autocast {training.get('amp', 'none')}, channels_last "
+                f"{'on' if training.get('channels_last') else 'off'}."
+                if training.get("device")
+                else "."
+            )
+        ],
+        [
+            ReportTable(
+                ["epoch", "loss", "val AUC", "lr", "s"],
+                [
+                    [
+                        str(h["epoch"]),
+                        num(h["loss"], ".4f"),
+                        num(h["val_auc"]),
+                        num(h["lr"], ".2e"),
+                        num(h["seconds"], ".1f"),
+                    ]
+                    for h in training["history"]
+                ],
+            )
+        ],
     )
 
 
@@ -706,19 +976,32 @@ def _stages_section(report: dict[str, Any]) -> ReportSection:
     seconds = report.get("stage_seconds", {})
     total = sum(seconds.values()) or 1.0
     rows = [[k, num(v, ".1f"), pct(v / total)] for k, v in seconds.items()]
-    return ReportSection("stages", "Time per stage", [f"Wall-clock seconds of each build stage; {num(sum(seconds.values()), '.1f')} s in all."],
-                         [ReportTable(["stage", "seconds", "share"], rows)] if rows else [])
+    return ReportSection(
+        "stages",
+        "Time per stage",
+        [f"Wall-clock seconds of each build stage; {num(sum(seconds.values()), '.1f')} s in all."],
+        [ReportTable(["stage", "seconds", "share"], rows)] if rows else [],
+    )
 
 
 def _environment_section(report: dict[str, Any]) -> ReportSection:
     env = report.get("environment", {})
     cpu = env.get("cpu", {})
-    rows = [[k, str(env[k])] for k in ("tlcompile", "python", "torch", "openvino", "onnxruntime", "platform") if k in env]
-    rows += [["CPU", str(cpu.get("model", "-"))], ["cores (usable / logical)", f"{cpu.get('usable_cores', '-')} / {cpu.get('logical_cores', '-')}"],
-             ["ISA", ", ".join(cpu.get("isa", [])) or "-"]]
+    rows = [
+        [k, str(env[k])] for k in ("tlcompile", "python", "torch", "openvino", "onnxruntime", "platform") if k in env
+    ]
+    rows += [
+        ["CPU", str(cpu.get("model", "-"))],
+        ["cores (usable / logical)", f"{cpu.get('usable_cores', '-')} / {cpu.get('logical_cores', '-')}"],
+        ["ISA", ", ".join(cpu.get("isa", [])) or "-"],
+    ]
     rows += [["recipe sha256", str(report.get("recipe_sha256", "-"))], ["created", str(report.get("created", "-"))]]
-    return ReportSection("environment", "Environment", ["Where this build ran; latency depends on the CPU and its instruction sets."],
-                         [ReportTable(["item", "value"], rows)])
+    return ReportSection(
+        "environment",
+        "Environment",
+        ["Where this build ran; latency depends on the CPU and its instruction sets."],
+        [ReportTable(["item", "value"], rows)],
+    )
 
 
 def report_sections(report: dict[str, Any]) -> list[ReportSection]:

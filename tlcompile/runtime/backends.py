@@ -72,14 +72,38 @@ class Backend:
 
 
 BACKENDS: tuple[Backend, ...] = (
-    Backend(name="openvino", label="OpenVINO", format="openvino", suffixes=(".xml", ".bin"), package="openvino",
-            shippable=True, reads=("openvino", "onnx"), session="tlcompile.runtime.inference:OpenVINOSession",
-            any_file=True, devices=True),
-    Backend(name="onnxruntime", label="ONNX Runtime", format="onnx", suffixes=(".onnx",), package="onnxruntime",
-            shippable=True, reads=("onnx",), session="tlcompile.runtime.inference:OnnxRuntimeSession"),
+    Backend(
+        name="openvino",
+        label="OpenVINO",
+        format="openvino",
+        suffixes=(".xml", ".bin"),
+        package="openvino",
+        shippable=True,
+        reads=("openvino", "onnx"),
+        session="tlcompile.runtime.inference:OpenVINOSession",
+        any_file=True,
+        devices=True,
+    ),
+    Backend(
+        name="onnxruntime",
+        label="ONNX Runtime",
+        format="onnx",
+        suffixes=(".onnx",),
+        package="onnxruntime",
+        shippable=True,
+        reads=("onnx",),
+        session="tlcompile.runtime.inference:OnnxRuntimeSession",
+    ),
     # The build's eager reference rows: the in-memory torch module (weights saved as .pt), never shipped.
-    Backend(name="torch", label="PyTorch", format="torch", suffixes=(".pt",), package="torch", shippable=False,
-            reads=("torch",)),
+    Backend(
+        name="torch",
+        label="PyTorch",
+        format="torch",
+        suffixes=(".pt",),
+        package="torch",
+        shippable=False,
+        reads=("torch",),
+    ),
 )
 
 RUNTIMES: tuple[str, ...] = tuple(b.name for b in BACKENDS)  # ('openvino', 'onnxruntime', 'torch')

@@ -50,7 +50,9 @@ class BenchTarget:
     spec: PreprocessSpec | None = None
     threshold: float | None = None
     temperature: float = 1.0  # locked with the threshold on the FP32 model's val split (temperature scaling)
-    run_precision: str = "auto"  # OpenVINO precision the build benched / the bundle deploys with (--precision overrides)
+    run_precision: str = (
+        "auto"  # OpenVINO precision the build benched / the bundle deploys with (--precision overrides)
+    )
     macs: int | None = None
     lineage: str = ""
     source: str = ""
@@ -66,7 +68,9 @@ class BenchTarget:
 def latest_build(root: Path = Path("runs")) -> Path:
     builds = [p.parent for p in root.glob("*/report.json")] if root.is_dir() else []
     if not builds:
-        raise BenchError(f"no PATH given and no build found under '{root}/' (a folder with report.json); give a build folder, bundle or model file")
+        raise BenchError(
+            f"no PATH given and no build found under '{root}/' (a folder with report.json); give a build folder, bundle or model file"
+        )
     return max(builds, key=lambda p: (p / "report.json").stat().st_mtime)
 
 
@@ -88,8 +92,18 @@ def targets_from_build(build_dir: Path) -> list[BenchTarget]:
             continue
         target = targets.setdefault(
             row["name"],
-            BenchTarget(name=row["name"], files={}, precision=row.get("precision", "unknown"), spec=spec, threshold=threshold,
-                        temperature=temperature, run_precision=report.get("recipe", {}).get("bench", {}).get("precision", "auto"), macs=row.get("macs"), lineage=row.get("lineage", ""), source=str(build_dir)),
+            BenchTarget(
+                name=row["name"],
+                files={},
+                precision=row.get("precision", "unknown"),
+                spec=spec,
+                threshold=threshold,
+                temperature=temperature,
+                run_precision=report.get("recipe", {}).get("bench", {}).get("precision", "auto"),
+                macs=row.get("macs"),
+                lineage=row.get("lineage", ""),
+                source=str(build_dir),
+            ),
         )
         target.files[row["format"]] = build_dir / row["path"]
         target.build_metrics[row["runtime"]] = row.get("metrics", {})
@@ -108,11 +122,23 @@ def targets_from_bundle(bundle_dir: Path) -> list[BenchTarget]:
         for c in listed:
             artifact, model = c["artifact"], c["model"]
             files = {format_of(f): bundle_dir / f for f in model["files"] if Path(f).suffix in MODEL_SUFFIXES}
-            target = targets.setdefault(artifact.get("name", "bundle"), BenchTarget(
-                name=artifact.get("name", "bundle"), files={}, precision=artifact.get("precision", "unknown"),
-                spec=_spec_from(meta.get("preprocessing")), threshold=op.get("threshold"), temperature=op.get("temperature") or 1.0,
-                run_precision=model.get("precision", "auto") if model.get("precision") in ("auto", "f32", "bf16", "f16") else "auto",
-                macs=artifact.get("macs"), lineage=artifact.get("lineage", ""), source=str(bundle_dir)))
+            target = targets.setdefault(
+                artifact.get("name", "bundle"),
+                BenchTarget(
+                    name=artifact.get("name", "bundle"),
+                    files={},
+                    precision=artifact.get("precision", "unknown"),
+                    spec=_spec_from(meta.get("preprocessing")),
+                    threshold=op.get("threshold"),
+                    temperature=op.get("temperature") or 1.0,
+                    run_precision=model.get("precision", "auto")
+                    if model.get("precision") in ("auto", "f32", "bf16", "f16")
+                    else "auto",
+                    macs=artifact.get("macs"),
+                    lineage=artifact.get("lineage", ""),
+                    source=str(bundle_dir),
+                ),
+            )
             target.files.update(files)
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise BenchError(f"{bundle_dir / 'bundle.json'}: cannot read the bundle ({err})") from err
@@ -133,11 +159,13 @@ def discover_targets(paths: list[Path]) -> list[BenchTarget]:
         elif path.is_file() and path.suffix in MODEL_SUFFIXES:
             targets.append(BenchTarget(name=path.stem, files={format_of(path): path}, source=str(path)))
         elif not path.exists():
-            raise BenchError(f"'{path}' does not exist; give a build folder, a bundle folder, or a {_SUFFIXES_SLASH} "
-                             "file")
+            raise BenchError(
+                f"'{path}' does not exist; give a build folder, a bundle folder, or a {_SUFFIXES_SLASH} file"
+            )
         else:
-            raise BenchError(f"'{path}' is not a build folder (report.json), a bundle (bundle.json), or a "
-                             f"{_SUFFIXES_SLASH} model")
+            raise BenchError(
+                f"'{path}' is not a build folder (report.json), a bundle (bundle.json), or a {_SUFFIXES_SLASH} model"
+            )
     return targets
 
 
@@ -150,7 +178,9 @@ def _input_size(target: BenchTarget) -> int:
     shape = ov.Core().read_model(str(target.path)).inputs[0].get_partial_shape()
     dims = [d.get_length() if d.is_static else None for d in shape]
     if len(dims) != 4 or dims[2] is None:
-        raise BenchError(f"{target.path}: cannot tell the input size from shape {shape}; bench a build folder or bundle instead")
+        raise BenchError(
+            f"{target.path}: cannot tell the input size from shape {shape}; bench a build folder or bundle instead"
+        )
     return int(dims[2])
 
 
@@ -207,8 +237,10 @@ def _runtimes_for(target: BenchTarget, requested: list[str] | None) -> list[str]
         return available
     for runtime in requested:
         if runtime in RUNTIMES and not backend(runtime).opens_files:  # torch: the build's eager rows
-            raise BenchError(f"--runtime {runtime} is not available in `tlcompile bench` (the edge box has no "
-                             f"{backend(runtime).package}); the build report has {runtime} rows")
+            raise BenchError(
+                f"--runtime {runtime} is not available in `tlcompile bench` (the edge box has no "
+                f"{backend(runtime).package}); the build report has {runtime} rows"
+            )
     return [r for r in requested if r in available]
 
 
@@ -216,8 +248,14 @@ def _path_for(target: BenchTarget, runtime: str) -> Path | None:
     return backend(runtime).file_for(target.files)
 
 
-def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: BenchOptions,
-            eval_set: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+def measure(
+    target: BenchTarget,
+    runtime: str,
+    threads: int,
+    batch: int,
+    opts: BenchOptions,
+    eval_set: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """One row: latency percentiles, throughput, first inference, peak RSS, GMAC/s, accuracy if data is given.
 
     ``eval_set``: (images prepared with the target's spec, DR grades), as a :data:`EvalSetLoader` returns them."""
@@ -227,8 +265,15 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
     precision = opts.precision or target.run_precision
     _reset_peak_rss()
     t0 = time.perf_counter()
-    session = open_session(path, runtime, threads=threads, precision=precision, device=opts.device,
-                           hint=opts.hint.upper(), static_batch=batch)
+    session = open_session(
+        path,
+        runtime,
+        threads=threads,
+        precision=precision,
+        device=opts.device,
+        hint=opts.hint.upper(),
+        static_batch=batch,
+    )
     compile_ms = (time.perf_counter() - t0) * 1e3
     latency, stability = measure_in_rounds(lambda: session.run(x), opts)
     throughput = batch * 1e3 / latency["mean"]
@@ -264,9 +309,14 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
     }
     if eval_set is not None:
         images, labels = eval_set
-        logits = predict_logits(open_session(path, runtime, threads=threads, precision=precision, device=opts.device), to_input(images, target.spec or PreprocessSpec(size=size)))
+        logits = predict_logits(
+            open_session(path, runtime, threads=threads, precision=precision, device=opts.device),
+            to_input(images, target.spec or PreprocessSpec(size=size)),
+        )
         if target.threshold is None:
-            raise BenchError(f"{target.path}: no locked operating point is known for this model; bench its build folder or bundle to get accuracy")
+            raise BenchError(
+                f"{target.path}: no locked operating point is known for this model; bench its build folder or bundle to get accuracy"
+            )
         targets = targets_for(labels, "referable" if logits.shape[1] == 2 else "grade")
         m = classification_metrics(logits / target.temperature, targets, target.threshold)
         row["metrics"] = {k: m[k] for k in ("auc", "sensitivity", "specificity", "accuracy", "threshold", "n")}
@@ -275,7 +325,13 @@ def measure(target: BenchTarget, runtime: str, threads: int, batch: int, opts: B
         row["metrics"] = target.build_metrics[runtime]
         row["metrics_source"] = "build test split"
     if opts.e2e and batch == 1:  # the box handles one photo at a time
-        row["e2e"] = measure_end_to_end(session, target.spec or PreprocessSpec(size=size), opts.e2e_images, opts.warmup, max(5, opts.iterations // 5))
+        row["e2e"] = measure_end_to_end(
+            session,
+            target.spec or PreprocessSpec(size=size),
+            opts.e2e_images,
+            opts.warmup,
+            max(5, opts.iterations // 5),
+        )
     if opts.budget_ms is not None:
         row["budget_ms"] = opts.budget_ms
         row["within_budget"] = bool(row["latency_ms"]["p90"] <= opts.budget_ms)
@@ -297,11 +353,17 @@ def measure_in_rounds(run, opts: BenchOptions) -> tuple[dict[str, float], dict[s
         rounds.append(measure_latency(run, warmup=1, iterations=opts.iterations, min_seconds=opts.duration or 0.0))
     latency = {k: float(np.median([r[k] for r in rounds])) for k in ("p50", "p90", "p99", "mean", "min")}
     latency.update(first_ms=rounds[0]["first_ms"], iterations=int(sum(r["iterations"] for r in rounds)))
-    return latency, {"rounds": len(rounds), "p90_spread_ms": round(spread, 4), "p90_spread_share": round(share, 4),
-                     "stable": bool(share <= opts.stable_spread)}
+    return latency, {
+        "rounds": len(rounds),
+        "p90_spread_ms": round(spread, 4),
+        "p90_spread_share": round(share, 4),
+        "stable": bool(share <= opts.stable_spread),
+    }
 
 
-def measure_end_to_end(session, spec: PreprocessSpec, images: list[Path], warmup: int, iterations: int) -> dict[str, Any]:
+def measure_end_to_end(
+    session, spec: PreprocessSpec, images: list[Path], warmup: int, iterations: int
+) -> dict[str, Any]:
     """What the box really does per photo: decode the JPEG, crop the field of view, resize, normalise, infer."""
     times: dict[str, list[float]] = {"decode_ms": [], "preprocess_ms": [], "infer_ms": [], "total_ms": []}
     for i in range(warmup + iterations):
@@ -315,7 +377,12 @@ def measure_end_to_end(session, spec: PreprocessSpec, images: list[Path], warmup
         session.run(x)
         t3 = time.perf_counter()
         if i >= warmup:
-            for key, value in (("decode_ms", t1 - t0), ("preprocess_ms", t2 - t1), ("infer_ms", t3 - t2), ("total_ms", t3 - t0)):
+            for key, value in (
+                ("decode_ms", t1 - t0),
+                ("preprocess_ms", t2 - t1),
+                ("infer_ms", t3 - t2),
+                ("total_ms", t3 - t0),
+            ):
                 times[key].append(value * 1e3)
     out = {key: round(float(np.percentile(v, 50)), 3) for key, v in times.items()}
     out["total_p90_ms"] = round(float(np.percentile(times["total_ms"], 90)), 3)
@@ -334,7 +401,9 @@ def mark_pareto(rows: list[dict[str, Any]]) -> None:
     for r in ranked:
         lat, auc = r["latency_ms"]["p50"], r["metrics"]["auc"]
         r["pareto"] = not any(
-            o is not r and o["latency_ms"]["p50"] <= lat and o["metrics"]["auc"] >= auc
+            o is not r
+            and o["latency_ms"]["p50"] <= lat
+            and o["metrics"]["auc"] >= auc
             and (o["latency_ms"]["p50"] < lat or o["metrics"]["auc"] > auc)
             for o in ranked
         )
@@ -344,8 +413,9 @@ def host_record() -> dict[str, Any]:
     return {"hostname": platform.node(), "cpu": cpu_info(), "platform": platform.platform(), "pid": os.getpid()}
 
 
-def run_bench(paths: list[Path], opts: BenchOptions, *, eval_sets: EvalSetLoader | None = None,
-              on_row=None) -> dict[str, Any]:
+def run_bench(
+    paths: list[Path], opts: BenchOptions, *, eval_sets: EvalSetLoader | None = None, on_row=None
+) -> dict[str, Any]:
     """Every row of every target. ``eval_sets``: accuracy through the runtime (``--data``), one set per input size;
     ``opts.e2e`` needs ``opts.e2e_images`` (camera photos; the CLI renders synthetic ones when none are given)."""
     targets = discover_targets(paths)
@@ -388,7 +458,9 @@ def read_results(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as err:
         raise BenchError(f"'{path}': not a bench results file ({err})") from err
     if not isinstance(obj, dict) or not isinstance(obj.get("runs"), list):
-        raise BenchError(f"'{path}': not a bench results file (expected {{\"runs\": [...]}} written by tlcompile bench --out)")
+        raise BenchError(
+            f"'{path}': not a bench results file (expected {{\"runs\": [...]}} written by tlcompile bench --out)"
+        )
     return obj
 
 
@@ -410,15 +482,33 @@ def bench_table(rows: list[dict[str, Any]], *, title: str):
 
     hosts = {r.get("host") for r in rows}
     # p99, first inference, compile time, file size and sens/spec at the operating point are in the JSON (--out).
-    columns = ["artifact", "runtime", "exec", "threads", "batch", "p50 ms", "p90 ms", "±p90", "img/s", "GMAC/s", "RSS MB", "AUC", "Pareto"]
+    columns = [
+        "artifact",
+        "runtime",
+        "exec",
+        "threads",
+        "batch",
+        "p50 ms",
+        "p90 ms",
+        "±p90",
+        "img/s",
+        "GMAC/s",
+        "RSS MB",
+        "AUC",
+        "Pareto",
+    ]
     if any("e2e" in r for r in rows):
         columns.insert(9, "e2e ms")
     if any("within_budget" in r for r in rows):
         columns.append("budget")
     if len(hosts) > 1:
         columns.insert(0, "host")
-    table = FitTable(columns, title=title, right={c for c in columns if c not in ("host", "artifact", "runtime", "exec", "Pareto")},
-                     key=2 if len(hosts) > 1 else 1)
+    table = FitTable(
+        columns,
+        title=title,
+        right={c for c in columns if c not in ("host", "artifact", "runtime", "exec", "Pareto")},
+        key=2 if len(hosts) > 1 else 1,
+    )
     for r in rows:
         m, lat = r.get("metrics") or {}, r["latency_ms"]
         cells = {
@@ -431,7 +521,8 @@ def bench_table(rows: list[dict[str, Any]], *, title: str):
             "p50 ms": num(lat.get("p50"), ".2f"),
             "p90 ms": num(lat.get("p90"), ".2f"),
             # The p90 spread over the measurement rounds; '!' marks a row that never got within 10% (a busy box).
-            "±p90": num((r.get("stability") or {}).get("p90_spread_ms"), ".2f") + ("" if (r.get("stability") or {}).get("stable", True) else "!"),
+            "±p90": num((r.get("stability") or {}).get("p90_spread_ms"), ".2f")
+            + ("" if (r.get("stability") or {}).get("stable", True) else "!"),
             "e2e ms": num((r.get("e2e") or {}).get("total_ms"), ".1f"),
             "img/s": num(r.get("throughput_fps"), ".1f"),
             "GMAC/s": num(r.get("gmacs_per_s"), ".1f"),

@@ -182,8 +182,14 @@ class Bundle:
             return self
         for c in listed:
             if c["id"] == cid:
-                meta = {**self.meta, "artifact": c["artifact"], "model": c["model"], "measured": c.get("measured", {}),
-                        "golden": {**self.meta["golden"], **c["golden"]}, "candidate_id": cid}
+                meta = {
+                    **self.meta,
+                    "artifact": c["artifact"],
+                    "model": c["model"],
+                    "measured": c.get("measured", {}),
+                    "golden": {**self.meta["golden"], **c["golden"]},
+                    "candidate_id": cid,
+                }
                 return Bundle(root=self.root, meta=meta)
         raise BundleError(f"{self.root / BUNDLE_JSON}: no candidate '{cid}'; candidates: {', '.join(self.candidates)}")
 
@@ -211,14 +217,16 @@ class Bundle:
         for i in range(p.shape[0]):
             refer = bool(score[i] >= self.threshold)
             grade = int(p[i].argmax()) if five_grades else None
-            readings.append(Reading(
-                referral=REFER if refer else NO_REFERRAL,
-                referable_dr=refer,
-                referable_dr_probability=float(score[i]),
-                grade=grade,
-                grade_name=self.class_names[grade] if grade is not None else None,
-                grade_probability=float(p[i, grade]) if grade is not None else None,
-            ))
+            readings.append(
+                Reading(
+                    referral=REFER if refer else NO_REFERRAL,
+                    referable_dr=refer,
+                    referable_dr_probability=float(score[i]),
+                    grade=grade,
+                    grade_name=self.class_names[grade] if grade is not None else None,
+                    grade_probability=float(p[i, grade]) if grade is not None else None,
+                )
+            )
         return readings
 
 
@@ -230,13 +238,17 @@ def load_bundle(path: str | Path) -> Bundle:
     if not root.is_dir():
         raise BundleError(f"bundle '{path}' is not a folder; give the bundle/ folder a build wrote (BUILD_DIR/bundle)")
     if not meta_path.is_file():
-        raise BundleError(f"bundle '{root}' has no {BUNDLE_JSON}; give the bundle/ folder a build wrote (BUILD_DIR/bundle)")
+        raise BundleError(
+            f"bundle '{root}' has no {BUNDLE_JSON}; give the bundle/ folder a build wrote (BUILD_DIR/bundle)"
+        )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise BundleError(f"{meta_path}: not UTF-8 text; the bundle is damaged (run tlcompile verify)") from err
     except json.JSONDecodeError as err:
-        raise BundleError(f"{meta_path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); the bundle is damaged") from err
+        raise BundleError(
+            f"{meta_path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); the bundle is damaged"
+        ) from err
     if not isinstance(meta, dict):
         raise BundleError(f"{meta_path}: the top level must be an object, not {type(meta).__name__}")
     version = meta.get("format_version")
@@ -249,31 +261,42 @@ def load_bundle(path: str | Path) -> Bundle:
         try:
             value = _lookup(meta, key)
         except KeyError as err:
-            raise BundleError(f"{meta_path}: key '{key}' is missing; the bundle is damaged or not from tlcompile") from err
+            raise BundleError(
+                f"{meta_path}: key '{key}' is missing; the bundle is damaged or not from tlcompile"
+            ) from err
         if not isinstance(value, kind) or isinstance(value, bool):
             raise BundleError(f"{meta_path}: key '{key}' is {value!r}; expected {_kind_name(kind)}")
     bundle = Bundle(root=root, meta=meta)
     if bundle.runtime not in SHIPPABLE_RUNTIMES:
-        raise BundleError(f"{meta_path}: model.runtime '{bundle.runtime}' is not valid; "
-                          f"valid: {', '.join(SHIPPABLE_RUNTIMES)}")
+        raise BundleError(
+            f"{meta_path}: model.runtime '{bundle.runtime}' is not valid; valid: {', '.join(SHIPPABLE_RUNTIMES)}"
+        )
     if bundle.task not in ("referable", "grade") or len(bundle.class_names) != (2 if bundle.task == "referable" else 5):
-        raise BundleError(f"{meta_path}: task '{bundle.task}' with {len(bundle.class_names)} class names; valid: referable (2), grade (5)")
+        raise BundleError(
+            f"{meta_path}: task '{bundle.task}' with {len(bundle.class_names)} class names; valid: referable (2), grade (5)"
+        )
     if not (0.0 < bundle.threshold < 1.0):  # 'not' also catches NaN
-        raise BundleError(f"{meta_path}: operating_point.threshold {bundle.threshold}; valid: a probability strictly between 0 and 1 "
-                          "(0 refers everyone, 1 no one)")
+        raise BundleError(
+            f"{meta_path}: operating_point.threshold {bundle.threshold}; valid: a probability strictly between 0 and 1 "
+            "(0 refers everyone, 1 no one)"
+        )
     if not (math.isfinite(bundle.temperature) and bundle.temperature > 0):
         raise BundleError(f"{meta_path}: operating_point.temperature {bundle.temperature}; valid: a finite number > 0")
     bundle.preprocessing  # noqa: B018 - raises BundleError now for an out-of-range spec (PreprocessSpec bounds it)
     _check_candidates(meta, meta_path)
     bundle.model_path  # noqa: B018 - raises UnsafeFileError now for an entry outside the bundle, not at first use
     if meta.get("candidates") and bundle.candidate(bundle.default_candidate).meta["model"] != meta["model"]:
-        raise BundleError(f"{meta_path}: model and the default candidate {bundle.default_candidate}'s model disagree; the bundle is damaged")
+        raise BundleError(
+            f"{meta_path}: model and the default candidate {bundle.default_candidate}'s model disagree; the bundle is damaged"
+        )
     for cid in bundle.candidates:  # raises UnsafeFileError now for an entry outside the bundle, not at first use
         view = bundle.candidate(cid)
         view.model_path  # noqa: B018
         if view.runtime not in SHIPPABLE_RUNTIMES:
-            raise BundleError(f"{meta_path}: candidate {cid}: model.runtime '{view.runtime}' is not valid; "
-                              f"valid: {', '.join(SHIPPABLE_RUNTIMES)}")
+            raise BundleError(
+                f"{meta_path}: candidate {cid}: model.runtime '{view.runtime}' is not valid; "
+                f"valid: {', '.join(SHIPPABLE_RUNTIMES)}"
+            )
     return bundle
 
 
@@ -297,12 +320,17 @@ def _check_candidates(meta: dict[str, Any], meta_path: Path) -> None:
     if len(set(ids)) != len(ids):
         raise BundleError(f"{meta_path}: candidate ids repeat: {', '.join(ids)}")
     if meta.get("default_candidate") not in ids:
-        raise BundleError(f"{meta_path}: default_candidate {meta.get('default_candidate')!r} is not one of the candidates ({', '.join(ids)})")
+        raise BundleError(
+            f"{meta_path}: default_candidate {meta.get('default_candidate')!r} is not one of the candidates ({', '.join(ids)})"
+        )
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({"int": "an integer", "float": "a number", "str": "a string", "list": "a list", "dict": "an object"}[k.__name__] for k in kinds)
+    return " or ".join(
+        {"int": "an integer", "float": "a number", "str": "a string", "list": "a list", "dict": "an object"}[k.__name__]
+        for k in kinds
+    )
 
 
 # ------------------------------------------------------------------------------------------------ golden
@@ -317,7 +345,9 @@ class GoldenCheck:
     max_abs_probability_diff: float = math.nan  # golden PNG end to end, referable-DR probability
     fov_agree: int = 0
     decisions_agree: int = 0
-    readings_inconsistent: int = 0  # stored readings that do not follow from the stored logits at bundle.json's operating point
+    readings_inconsistent: int = (
+        0  # stored readings that do not follow from the stored logits at bundle.json's operating point
+    )
     tolerance_logit: float = 0.0
     tolerance_pixel: int = 0
     runtime: str = ""
@@ -344,26 +374,40 @@ def _load_golden(bundle: Bundle) -> dict[str, np.ndarray]:
         raise BundleError(f"{path}: golden array {err} is missing; the bundle is damaged") from err
     # A damaged archive fails in many ways (bad zip, truncated member, bad deflate stream, bad header): all are damage.
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise BundleError(f"{path}: cannot read the golden samples ({type(err).__name__}: {str(err)[:120]}); the bundle is damaged") from err
+        raise BundleError(
+            f"{path}: cannot read the golden samples ({type(err).__name__}: {str(err)[:120]}); the bundle is damaged"
+        ) from err
     n = golden["logits"].shape[0] if golden["logits"].ndim else 0
-    if not n or any(v.ndim == 0 or v.shape[0] != n for v in golden.values()) or len(bundle.meta["golden"]["images"]) != n:
+    if (
+        not n
+        or any(v.ndim == 0 or v.shape[0] != n for v in golden.values())
+        or len(bundle.meta["golden"]["images"]) != n
+    ):
         raise BundleError(f"{path}: golden arrays and golden.images in bundle.json disagree in length")
     if golden["logits"].ndim != 2 or not np.all(np.isfinite(golden["logits"])):
-        raise BundleError(f"{path}: golden logits of {bundle.candidate_id} are not a finite (N, classes) array; the bundle is damaged")
+        raise BundleError(
+            f"{path}: golden logits of {bundle.candidate_id} are not a finite (N, classes) array; the bundle is damaged"
+        )
     return golden
 
 
 def _expected_readings(bundle: Bundle, n: int) -> list[dict[str, Any]]:
     expected = bundle.meta["golden"].get("expected")
     if not isinstance(expected, list) or len(expected) != n or not all(isinstance(e, dict) for e in expected):
-        raise BundleError(f"{bundle.root / BUNDLE_JSON}: golden.expected of {bundle.candidate_id} must list one stored reading per golden image")
+        raise BundleError(
+            f"{bundle.root / BUNDLE_JSON}: golden.expected of {bundle.candidate_id} must list one stored reading per golden image"
+        )
     return expected
 
 
 def _same_reading(a: Reading, e: dict[str, Any], tolerance: float) -> bool:
     p = e.get("referable_dr_probability")
-    return (a.referral == e.get("referral") and a.grade == e.get("grade") and isinstance(p, (int, float))
-            and abs(a.referable_dr_probability - p) <= tolerance)
+    return (
+        a.referral == e.get("referral")
+        and a.grade == e.get("grade")
+        and isinstance(p, (int, float))
+        and abs(a.referable_dr_probability - p) <= tolerance
+    )
 
 
 def check_golden(bundle: Bundle, *, threads: int | None = None, session: InferenceSession | None = None) -> GoldenCheck:
@@ -383,11 +427,15 @@ def check_golden(bundle: Bundle, *, threads: int | None = None, session: Inferen
 
     # 0. bundle.json's operating point reproduces the stored readings from the stored logits.
     from_stored = bundle.interpret(golden["logits"])
-    mismatched = check.readings_inconsistent = sum(not _same_reading(a, e, 1e-6) for a, e in zip(from_stored, stored, strict=True))
+    mismatched = check.readings_inconsistent = sum(
+        not _same_reading(a, e, 1e-6) for a, e in zip(from_stored, stored, strict=True)
+    )
     if mismatched:
-        check.problems.append(f"{mismatched} of {check.samples} stored golden readings do not follow from the stored logits at "
-                              f"bundle.json's threshold {bundle.threshold:.6g} / temperature {bundle.temperature:.6g}: "
-                              "the operating point or the expected outputs were changed after the build")
+        check.problems.append(
+            f"{mismatched} of {check.samples} stored golden readings do not follow from the stored logits at "
+            f"bundle.json's threshold {bundle.threshold:.6g} / temperature {bundle.temperature:.6g}: "
+            "the operating point or the expected outputs were changed after the build"
+        )
 
     # 1. Normalisation: the stored prepared images give the stored network inputs.
     check.max_abs_input_diff = float(np.abs(to_input(golden["prepared"], spec) - golden["inputs"]).max())
@@ -399,11 +447,15 @@ def check_golden(bundle: Bundle, *, threads: int | None = None, session: Inferen
     check.runtime, check.exec_precision, check.threads = session.runtime, session.exec_precision, int(session.threads)
     logits = predict_logits(session, golden["inputs"].astype(np.float32))
     if logits.shape != golden["logits"].shape:
-        check.problems.append(f"the model returns logits of shape {logits.shape}; the stored ones are {golden['logits'].shape}")
+        check.problems.append(
+            f"the model returns logits of shape {logits.shape}; the stored ones are {golden['logits'].shape}"
+        )
         return check
     check.max_abs_logit_diff = float(np.abs(logits.astype(np.float64) - golden["logits"]).max())
     if not check.max_abs_logit_diff <= check.tolerance_logit:  # 'not <=' also catches NaN
-        check.problems.append(f"model outputs differ: max |Δlogit| {check.max_abs_logit_diff:.2e} > tolerance {check.tolerance_logit:g}")
+        check.problems.append(
+            f"model outputs differ: max |Δlogit| {check.max_abs_logit_diff:.2e} > tolerance {check.tolerance_logit:g}"
+        )
 
     # 3. End to end from the camera-like frames: decode -> field of view -> resize -> model -> decision.
     prepared, fov = [], []
@@ -413,21 +465,31 @@ def check_golden(bundle: Bundle, *, threads: int | None = None, session: Inferen
         fov.append(found)
     prepared_here = np.stack(prepared)
     if prepared_here.shape != golden["prepared"].shape:
-        check.problems.append(f"preprocessing gives images of shape {prepared_here.shape[1:]}; the stored ones are {golden['prepared'].shape[1:]}")
+        check.problems.append(
+            f"preprocessing gives images of shape {prepared_here.shape[1:]}; the stored ones are {golden['prepared'].shape[1:]}"
+        )
         return check
     check.max_abs_pixel_diff = int(np.abs(prepared_here.astype(np.int16) - golden["prepared"].astype(np.int16)).max())
     if check.max_abs_pixel_diff > check.tolerance_pixel:
-        check.problems.append(f"preprocessing differs: max |Δpixel| {check.max_abs_pixel_diff} > tolerance {check.tolerance_pixel}")
+        check.problems.append(
+            f"preprocessing differs: max |Δpixel| {check.max_abs_pixel_diff} > tolerance {check.tolerance_pixel}"
+        )
     check.fov_agree = int((np.asarray(fov) == golden["fov_found"].astype(bool)).sum())
     if check.fov_agree != check.samples:
-        check.problems.append(f"field of view found differently on {check.samples - check.fov_agree} of {check.samples} golden images")
+        check.problems.append(
+            f"field of view found differently on {check.samples - check.fov_agree} of {check.samples} golden images"
+        )
     here = bundle.interpret(predict_logits(session, to_input(prepared_here, spec)))
-    check.max_abs_probability_diff = max(abs(a.referable_dr_probability - float(e.get("referable_dr_probability", math.nan)))
-                                         for a, e in zip(here, stored, strict=True))
+    check.max_abs_probability_diff = max(
+        abs(a.referable_dr_probability - float(e.get("referable_dr_probability", math.nan)))
+        for a, e in zip(here, stored, strict=True)
+    )
     check.decisions_agree = sum(_same_reading(a, e, p_tolerance) for a, e in zip(here, stored, strict=True))
     if check.decisions_agree != check.samples:
-        check.problems.append(f"{check.samples - check.decisions_agree} of {check.samples} golden readings on this box differ from "
-                              f"the stored ones (referral, grade, or P(referable DR) by more than {p_tolerance:.1e})")
+        check.problems.append(
+            f"{check.samples - check.decisions_agree} of {check.samples} golden readings on this box differ from "
+            f"the stored ones (referral, grade, or P(referable DR) by more than {p_tolerance:.1e})"
+        )
     return check
 
 
@@ -470,8 +532,13 @@ class VerifyResult:
         """Every hash matches, bundle.json and every candidate's files are sound, and at least one candidate
         reproduces its golden outputs here (one that does not is reported and never pinned: this box computes it
         differently, or its runtime cannot run it here)."""
-        return (not self.problems and self.manifest.ok and self.signature.ok and not any(c.damaged for c in self.candidates)
-                and any(c.ok for c in self.candidates))
+        return (
+            not self.problems
+            and self.manifest.ok
+            and self.signature.ok
+            and not any(c.damaged for c in self.candidates)
+            and any(c.ok for c in self.candidates)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -479,14 +546,28 @@ class VerifyResult:
             "passed": self.ok,
             "name": self.name,
             "artifact": self.artifact,
-            "manifest": {"ok": self.manifest.ok, "files_checked": self.manifest.checked, "sha256": self.manifest.manifest_sha256,
-                         "problems": self.manifest.problems},
+            "manifest": {
+                "ok": self.manifest.ok,
+                "files_checked": self.manifest.checked,
+                "sha256": self.manifest.manifest_sha256,
+                "problems": self.manifest.problems,
+            },
             "signature": {**asdict(self.signature), "ok": self.signature.ok},
             "golden": None if self.golden is None else {**asdict(self.golden), "ok": self.golden.ok},
             "default_candidate": self.default_candidate,
-            "candidates": [{"id": c.id, "artifact": c.artifact, "runtime": c.runtime, "compressed": c.compressed, "ok": c.ok,
-                            "golden": None if c.golden is None else {**asdict(c.golden), "ok": c.golden.ok},
-                            "latency": c.latency, "problems": c.problems} for c in self.candidates],
+            "candidates": [
+                {
+                    "id": c.id,
+                    "artifact": c.artifact,
+                    "runtime": c.runtime,
+                    "compressed": c.compressed,
+                    "ok": c.ok,
+                    "golden": None if c.golden is None else {**asdict(c.golden), "ok": c.golden.ok},
+                    "latency": c.latency,
+                    "problems": c.problems,
+                }
+                for c in self.candidates
+            ],
             "pin": self.pin,
             "problems": self.problems,
         }
@@ -514,20 +595,31 @@ def _check_candidate(bundle: Bundle, cid: str, threads: int | None) -> tuple[Can
     return result, session
 
 
-def bench_and_choose(bundle: Bundle, sessions: dict[str, InferenceSession], *, rounds: int | None = None,
-                     iterations: int | None = None) -> tuple[dict[str, dict[str, Any]], str | None, str]:
+def bench_and_choose(
+    bundle: Bundle, sessions: dict[str, InferenceSession], *, rounds: int | None = None, iterations: int | None = None
+) -> tuple[dict[str, dict[str, Any]], str | None, str]:
     """Bench the candidates' open sessions on a golden input, interleaved, and apply the pinning rule
     (:func:`tlcompile.runtime.pinning.choose`): (measurements, the choice, why)."""
     # Every candidate shares the golden frames and their network inputs: one read of golden.npz serves them all.
     x = np.ascontiguousarray(_load_golden(bundle.candidate(next(iter(sessions))))["inputs"][:1].astype(np.float32))
     runs = {cid: (lambda s=session: s.run(x)) for cid, session in sessions.items()}
     measured = bench_interleaved(runs, rounds=rounds or DEFAULT_ROUNDS, iterations=iterations or DEFAULT_ITERATIONS)
-    chosen, why = choose(measured, {cid: bundle.candidate(cid).compressed for cid in sessions}, dict.fromkeys(sessions, True))
+    chosen, why = choose(
+        measured, {cid: bundle.candidate(cid).compressed for cid in sessions}, dict.fromkeys(sessions, True)
+    )
     return measured, chosen, why
 
 
-def verify_bundle(path: str | Path, *, threads: int | None = None, pin: bool = True, repin: bool = False,
-                  rounds: int | None = None, iterations: int | None = None, trust: list[str | Path] | None = None) -> VerifyResult:
+def verify_bundle(
+    path: str | Path,
+    *,
+    threads: int | None = None,
+    pin: bool = True,
+    repin: bool = False,
+    rounds: int | None = None,
+    iterations: int | None = None,
+    trust: list[str | Path] | None = None,
+) -> VerifyResult:
     """Check every hash (and, with ``trust``, that a trusted key signed the manifest), then run every candidate's
     golden samples on this box's runtime; with ``pin``, bench the candidates that pass and pin the fastest in
     device.json (kept from an earlier run on this CPU unless ``repin``). Never raises for a bad bundle: every problem is
@@ -556,12 +648,21 @@ def verify_bundle(path: str | Path, *, threads: int | None = None, pin: bool = T
     chosen = bundle.default_candidate
     damaged = any(c.damaged for c in result.candidates)
     if pin and result.manifest.ok and not damaged and sessions:  # a damaged bundle is never measured, nor pinned
-        record, why_not = (None, "--repin") if repin else read_device(bundle.root, manifest_sha256=result.manifest.manifest_sha256,
-                                                                     candidates=list(sessions))
+        record, why_not = (
+            (None, "--repin")
+            if repin
+            else read_device(bundle.root, manifest_sha256=result.manifest.manifest_sha256, candidates=list(sessions))
+        )
         if record is not None:
             chosen = record["chosen"]
-            result.pin = {"chosen": chosen, "why": record["why"], "reused": True, "path": str(bundle.root / DEVICE_JSON),
-                          "created": record.get("created"), "noise": record.get("noise")}
+            result.pin = {
+                "chosen": chosen,
+                "why": record["why"],
+                "reused": True,
+                "path": str(bundle.root / DEVICE_JSON),
+                "created": record.get("created"),
+                "noise": record.get("noise"),
+            }
             for cid, c in by_id.items():
                 c.latency = record["candidates"].get(cid, {}).get("latency")
         else:
@@ -576,14 +677,31 @@ def verify_bundle(path: str | Path, *, threads: int | None = None, pin: bool = T
                     records[cid]["why_not"] = c.why_failed()
             threads_used = max((int(s.threads) for s in sessions.values()), default=0)
             noise = noise_warning(measured)
-            result.pin = {"chosen": chosen, "why": why, "reused": False, "path": str(bundle.root / DEVICE_JSON),
-                          "replaced_because": why_not, "noise": noise}
+            result.pin = {
+                "chosen": chosen,
+                "why": why,
+                "reused": False,
+                "path": str(bundle.root / DEVICE_JSON),
+                "replaced_because": why_not,
+                "noise": noise,
+            }
             try:
-                write_device(bundle.root, device_record(manifest_sha256=result.manifest.manifest_sha256, candidates=records,
-                                                        chosen=chosen, why=why, threads=threads_used, noise=noise))
+                write_device(
+                    bundle.root,
+                    device_record(
+                        manifest_sha256=result.manifest.manifest_sha256,
+                        candidates=records,
+                        chosen=chosen,
+                        why=why,
+                        threads=threads_used,
+                        noise=noise,
+                    ),
+                )
             except OSError as err:
-                result.pin["error"] = (f"could not write {bundle.root / DEVICE_JSON} ({err.strerror or err}); predict and serve "
-                                       f"will run the build's choice {bundle.default_candidate}")
+                result.pin["error"] = (
+                    f"could not write {bundle.root / DEVICE_JSON} ({err.strerror or err}); predict and serve "
+                    f"will run the build's choice {bundle.default_candidate}"
+                )
     elif sessions and not by_id[chosen].ok:
         chosen = next(iter(sessions))  # nothing pinned: show a candidate that passes here
     shown = by_id.get(chosen) or result.candidates[0]
@@ -602,7 +720,9 @@ class VerifiedBundle:
     signed_by: str = ""  # the trusted key id that signed the manifest ("" without --trust)
 
 
-def open_verified(path: str | Path, *, threads: int | None = None, trust: list[str | Path] | None = None) -> VerifiedBundle:
+def open_verified(
+    path: str | Path, *, threads: int | None = None, trust: list[str | Path] | None = None
+) -> VerifiedBundle:
     """Load a bundle, check every hash (and, with ``trust``, its signature), pick the candidate pinned for this box in
     device.json (else the build's choice, with a notice saying so) and run its golden samples; raise
     :class:`BundleError` on the first problem.
@@ -612,11 +732,15 @@ def open_verified(path: str | Path, *, threads: int | None = None, trust: list[s
     bundle = load_bundle(path)
     signature = check_signature(bundle.root, trust)
     if not signature.ok:
-        raise BundleError(f"bundle {bundle.root} fails its signature check: {signature.problems[0]}; run tlcompile verify {bundle.root} --trust KEY")
+        raise BundleError(
+            f"bundle {bundle.root} fails its signature check: {signature.problems[0]}; run tlcompile verify {bundle.root} --trust KEY"
+        )
     manifest = check_manifest(bundle.root)
     if not manifest.ok:
         more = f" (and {len(manifest.problems) - 1} more)" if len(manifest.problems) > 1 else ""
-        raise BundleError(f"bundle {bundle.root} fails its manifest: {manifest.problems[0]}{more}; run tlcompile verify {bundle.root}")
+        raise BundleError(
+            f"bundle {bundle.root} fails its manifest: {manifest.problems[0]}{more}; run tlcompile verify {bundle.root}"
+        )
     record, why_not = read_device(bundle.root, manifest_sha256=manifest.manifest_sha256, candidates=bundle.candidates)
     if record is not None:
         cid, pinned = record["chosen"], True
@@ -632,44 +756,71 @@ def open_verified(path: str | Path, *, threads: int | None = None, trust: list[s
         raise
     except Exception as err:  # noqa: BLE001 - the runtime failed on this CPU: one line, and what to do
         first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
-        raise BundleError(f"bundle {bundle.root} ({cid}): {view.runtime} failed running it on this box ({type(err).__name__}: "
-                          f"{first}); run tlcompile verify {bundle.root} to pin a candidate that runs here") from err
+        raise BundleError(
+            f"bundle {bundle.root} ({cid}): {view.runtime} failed running it on this box ({type(err).__name__}: "
+            f"{first}); run tlcompile verify {bundle.root} to pin a candidate that runs here"
+        ) from err
     if not golden.ok:
-        raise BundleError(f"bundle {bundle.root} ({cid}) fails its golden samples on this box: {golden.problems[0]}; run tlcompile verify {bundle.root}")
-    return VerifiedBundle(bundle=view, session=session, manifest_sha256=manifest.manifest_sha256, golden=golden, pinned=pinned,
-                          notice=notice, signed_by=signature.key_id if signature.valid else "")
+        raise BundleError(
+            f"bundle {bundle.root} ({cid}) fails its golden samples on this box: {golden.problems[0]}; run tlcompile verify {bundle.root}"
+        )
+    return VerifiedBundle(
+        bundle=view,
+        session=session,
+        manifest_sha256=manifest.manifest_sha256,
+        golden=golden,
+        pinned=pinned,
+        notice=notice,
+        signed_by=signature.key_id if signature.valid else "",
+    )
 
 
 def verify_lines(result: VerifyResult) -> list[str]:
     """What ``tlcompile verify`` prints: the checks with their largest deviations, each candidate's golden parity and
     latency here, the pin, then PASS or FAIL with the reasons."""
     m = result.manifest
-    lines = [f"bundle {result.bundle}" + (f": {result.name}, {len(result.candidates)} candidate(s), build's choice "
-                                          f"{result.default_candidate}" if result.name else "")]
-    lines.append(f"  files: {m.checked} listed in {MANIFEST_JSON}, "
-                 + ("every sha256 matches" if m.ok else f"{len(m.problems)} problem(s)")
-                 + (f" (manifest sha256 {m.manifest_sha256[:16]})" if m.manifest_sha256 else ""))
+    lines = [
+        f"bundle {result.bundle}"
+        + (
+            f": {result.name}, {len(result.candidates)} candidate(s), build's choice {result.default_candidate}"
+            if result.name
+            else ""
+        )
+    ]
+    lines.append(
+        f"  files: {m.checked} listed in {MANIFEST_JSON}, "
+        + ("every sha256 matches" if m.ok else f"{len(m.problems)} problem(s)")
+        + (f" (manifest sha256 {m.manifest_sha256[:16]})" if m.manifest_sha256 else "")
+    )
     lines += [f"    {p}" for p in m.problems]
     s = result.signature
     if s.required:
         lines.append(f"  signature: {'valid, by trusted key ' + s.key_id if s.valid else 'NOT valid'}")
     else:
-        lines.append(f"  signature: {'signed by key ' + (s.key_id or '?') + ' (not checked: give --trust PUBKEY)' if s.present else 'none (unsigned bundle)'}")
+        lines.append(
+            f"  signature: {'signed by key ' + (s.key_id or '?') + ' (not checked: give --trust PUBKEY)' if s.present else 'none (unsigned bundle)'}"
+        )
     lines += [f"    {p}" for p in s.problems]
     for c in result.candidates:
         g = c.golden
         verdict = "pass" if c.ok else "FAIL"
         head = f"  {c.id}: golden {verdict}"
         if g is not None and g.samples:
-            head += (f" on {g.runtime} ({g.exec_precision}, {g.threads} threads): max |Δlogit| {g.max_abs_logit_diff:.2e} "
-                     f"(tolerance {g.tolerance_logit:g}), decisions {g.decisions_agree}/{g.samples}, max |Δpixel| {g.max_abs_pixel_diff}")
+            head += (
+                f" on {g.runtime} ({g.exec_precision}, {g.threads} threads): max |Δlogit| {g.max_abs_logit_diff:.2e} "
+                f"(tolerance {g.tolerance_logit:g}), decisions {g.decisions_agree}/{g.samples}, max |Δpixel| {g.max_abs_pixel_diff}"
+            )
         if c.latency:
             head += f"; p50 {c.latency['p50_ms']:.3f} ms, p90 {c.latency['p90_ms']:.3f} ms (spread {c.latency['p90_spread_ms']:.3f})"
         lines.append(head)
         lines += [f"    {p}" for p in c.problems + (g.problems if g else [])]
     if result.pin:
         p = result.pin
-        how = "kept from an earlier verify on this CPU (--repin re-measures)" if p.get("reused") else f"written to {p['path']}"
+        how = (
+            "kept from an earlier verify on this CPU (--repin re-measures)"
+            if p.get("reused")
+            else f"written to {p['path']}"
+        )
         lines.append(f"  pinned: {p['chosen']}: {p['why']}; {how}")
         if p.get("noise"):
             lines.append(f"    note: {p['noise']}")
@@ -679,8 +830,10 @@ def verify_lines(result: VerifyResult) -> list[str]:
     failing = [c for c in result.candidates if not c.ok]
     failing.sort(key=lambda c: not c.damaged)  # damage first: it is what fails the bundle
     if result.ok and failing:
-        lines.append(f"  {len(failing)} of {len(result.candidates)} candidates do not reproduce their golden outputs on this box "
-                     "and will not run here")
+        lines.append(
+            f"  {len(failing)} of {len(result.candidates)} candidates do not reproduce their golden outputs on this box "
+            "and will not run here"
+        )
     reasons = result.problems + s.problems + m.problems + [f"{c.id}: {c.why_failed()}" for c in failing]
     lines.append("PASS" if result.ok else f"FAIL: {reasons[0] if reasons else 'no golden samples were run'}")
     return lines

@@ -59,8 +59,16 @@ class OpenVINOSession:
     properties: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: Path, *, threads: int, precision: str = "auto", device: str = "CPU", hint: str = "LATENCY",
-             static_batch: int | None = None) -> OpenVINOSession:
+    def open(
+        cls,
+        path: Path,
+        *,
+        threads: int,
+        precision: str = "auto",
+        device: str = "CPU",
+        hint: str = "LATENCY",
+        static_batch: int | None = None,
+    ) -> OpenVINOSession:
         return cls(path=path, threads=threads, precision=precision, device=device, hint=hint, static_batch=static_batch)
 
     def __post_init__(self) -> None:
@@ -83,7 +91,9 @@ class OpenVINOSession:
                 model.reshape([self.static_batch, *[d.get_length() for d in shape[1:]]])
             self._compiled = core.compile_model(model, self.device, config)
         except Exception as err:  # OpenVINO raises RuntimeError subclasses with long C++ messages
-            raise RuntimeBackendError(f"OpenVINO could not load '{self.path}' on {self.device}: {_ov_message(err)}") from err
+            raise RuntimeBackendError(
+                f"OpenVINO could not load '{self.path}' on {self.device}: {_ov_message(err)}"
+            ) from err
         self._request = self._compiled.create_infer_request()
         self._tensor = ov.Tensor
         # run() hands the caller's array to the request without a copy when it is exactly what a static-shape
@@ -95,7 +105,9 @@ class OpenVINOSession:
         self._own_input = self._request.get_input_tensor(0) if static else None
         self.properties = {
             "inference_precision_hint": _ov_type_name(self._compiled.get_property("INFERENCE_PRECISION_HINT")),
-            "num_threads": int(self._compiled.get_property("INFERENCE_NUM_THREADS")) if "INFERENCE_NUM_THREADS" in config else 0,
+            "num_threads": int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
+            if "INFERENCE_NUM_THREADS" in config
+            else 0,
             "num_streams": int(self._compiled.get_property("NUM_STREAMS")),
             "performance_hint": str(self._compiled.get_property("PERFORMANCE_HINT")),
         }
@@ -177,7 +189,11 @@ class OpenVINOSession:
 
 def _ov_message(err: BaseException) -> str:
     """OpenVINO's first line is a source location ("Exception from src/..."); the reason is the last real line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith(("Exception from", "Check "))]
+    lines = [
+        line.strip()
+        for line in str(err).splitlines()
+        if line.strip() and not line.strip().startswith(("Exception from", "Check "))
+    ]
     return lines[-1][:300] if lines else str(err)[:300]
 
 
@@ -230,7 +246,11 @@ def _onnx_precision(path: Path) -> str:
     model file finds them without parsing.
     """
     data = Path(path).read_bytes()
-    return "int8" if any(op in data for op in (b"QuantizeLinear", b"QLinearConv", b"ConvInteger", b"MatMulInteger")) else "f32"
+    return (
+        "int8"
+        if any(op in data for op in (b"QuantizeLinear", b"QLinearConv", b"ConvInteger", b"MatMulInteger"))
+        else "f32"
+    )
 
 
 def open_session(
@@ -259,8 +279,9 @@ def open_session(
     if not row.any_file and format_of(path) not in row.reads:
         wanted = " or ".join(backend_for_format(f).suffix for f in row.reads)
         raise RuntimeBackendError(f"{row.name} needs an {wanted} file, got '{path.name}'")
-    return row.session_class().open(path, threads=threads, precision=precision, device=device, hint=hint,
-                                    static_batch=static_batch)
+    return row.session_class().open(
+        path, threads=threads, precision=precision, device=device, hint=hint, static_batch=static_batch
+    )
 
 
 def predict_logits(session: InferenceSession, x: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -38,8 +38,18 @@ def run_emulated(cpu: str, reference: Path, models: list[Path], *, timeout: floa
     """Run :func:`parity_rows` for ``models`` in a child process under ``qemu-x86_64 -cpu cpu``; its rows."""
     if not qemu_available():
         raise RuntimeError(f"{QEMU} is not installed (Debian: apt-get install qemu-user); it emulates the {cpu} CPU")
-    cmd = [shutil.which(QEMU), "-cpu", cpu, sys.executable, "-m", "tlcompile.runtime.isa_emulation", "--cpu", cpu,
-           str(reference), *map(str, models)]
+    cmd = [
+        shutil.which(QEMU),
+        "-cpu",
+        cpu,
+        sys.executable,
+        "-m",
+        "tlcompile.runtime.isa_emulation",
+        "--cpu",
+        cpu,
+        str(reference),
+        *map(str, models),
+    ]
     env = {**os.environ, EMULATED_ENV: cpu}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -68,12 +78,18 @@ def parity_rows(reference: Path, models: list[Path], threads: int = 1) -> list[d
         runtime = (backend_for_file(path) or backend_for_format("onnx")).name  # x.xml: openvino, else onnxruntime
         session = open_session(path, runtime, threads=threads, precision="f32")
         logits = predict_logits(session, inputs).astype(np.float64)
-        rows.append({
-            "file": str(path), "runtime": runtime, "exec_precision": session.exec_precision,
-            "emulated_cpu": os.environ.get(EMULATED_ENV), "runtime_capabilities": visible_isa(),
-            "max_abs_diff": float(np.abs(logits - expected).max()),
-            "top1_agreement": float((logits.argmax(1) == expected.argmax(1)).mean()), "n": int(len(inputs)),
-        })
+        rows.append(
+            {
+                "file": str(path),
+                "runtime": runtime,
+                "exec_precision": session.exec_precision,
+                "emulated_cpu": os.environ.get(EMULATED_ENV),
+                "runtime_capabilities": visible_isa(),
+                "max_abs_diff": float(np.abs(logits - expected).max()),
+                "top1_agreement": float((logits.argmax(1) == expected.argmax(1)).mean()),
+                "n": int(len(inputs)),
+            }
+        )
     return rows
 
 

@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 
 
-def measure_latency(run: Callable[[], Any], *, warmup: int = 10, iterations: int = 50, min_seconds: float = 0.0) -> dict[str, float]:
+def measure_latency(
+    run: Callable[[], Any], *, warmup: int = 10, iterations: int = 50, min_seconds: float = 0.0
+) -> dict[str, float]:
     """Time ``run()``: the first call separately (first-inference time), then ``warmup`` untimed calls, then at
     least ``iterations`` timed calls (and at least ``min_seconds`` of them). Returns p50/p90/p99/mean/min ms."""
     t0 = time.perf_counter()

@@ -26,7 +26,9 @@ def inside(root: Path, relpath: str, source: str) -> Path:
     rel = Path(relpath)
     path = (root / rel).resolve()
     if rel.is_absolute() or not path.is_relative_to(root.resolve()):
-        raise UnsafeFileError(f"{source}: '{relpath}' points outside the bundle folder {root}; a bundle only names its own files")
+        raise UnsafeFileError(
+            f"{source}: '{relpath}' points outside the bundle folder {root}; a bundle only names its own files"
+        )
     return path
 
 
@@ -85,7 +87,9 @@ def check_manifest(root: str | Path) -> ManifestCheck:
             result.problems.append(f"{rel}: size {size} bytes, manifest says {expected.get('size')}")
         digest = sha256_file(path)
         if digest != expected.get("sha256"):
-            result.problems.append(f"{rel}: sha256 {digest[:16]}... does not match the manifest's {str(expected.get('sha256'))[:16]}...")
+            result.problems.append(
+                f"{rel}: sha256 {digest[:16]}... does not match the manifest's {str(expected.get('sha256'))[:16]}..."
+            )
     listed = set(files) | {MANIFEST_JSON} | UNLISTED_OK
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()

@@ -43,8 +43,14 @@ DEFAULT_ROUND_SECONDS = 0.2
 NOISY_SHARE = 0.2
 
 
-def bench_interleaved(runs: dict[str, Callable[[], Any]], *, rounds: int = DEFAULT_ROUNDS, iterations: int = DEFAULT_ITERATIONS,
-                      warmup: int = 5, min_seconds: float = DEFAULT_ROUND_SECONDS) -> dict[str, dict[str, Any]]:
+def bench_interleaved(
+    runs: dict[str, Callable[[], Any]],
+    *,
+    rounds: int = DEFAULT_ROUNDS,
+    iterations: int = DEFAULT_ITERATIONS,
+    warmup: int = 5,
+    min_seconds: float = DEFAULT_ROUND_SECONDS,
+) -> dict[str, dict[str, Any]]:
     """p50 / p90 (median over rounds) and their spread over ``rounds`` interleaved rounds of at least ``iterations``
     calls and ``min_seconds`` each."""
     per_round: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
@@ -67,7 +73,9 @@ def bench_interleaved(runs: dict[str, Callable[[], Any]], *, rounds: int = DEFAU
     return out
 
 
-def choose(measured: dict[str, dict[str, Any]], compressed: dict[str, bool], passed: dict[str, bool]) -> tuple[str | None, str]:
+def choose(
+    measured: dict[str, dict[str, Any]], compressed: dict[str, bool], passed: dict[str, bool]
+) -> tuple[str | None, str]:
     """The candidate to pin and why (see the module docstring). ``compressed[name]``: not the fp32 artifact."""
     ok = [n for n in measured if passed.get(n)]
     if not ok:
@@ -75,7 +83,10 @@ def choose(measured: dict[str, dict[str, Any]], compressed: dict[str, bool], pas
     fastest = min(ok, key=lambda n: (measured[n]["p90_ms"], n))
     baselines = [n for n in ok if not compressed.get(n)]
     if not baselines:
-        return fastest, f"fastest p90 ({measured[fastest]['p90_ms']:.3f} ms); the bundle has no fp32 candidate to compare with"
+        return (
+            fastest,
+            f"fastest p90 ({measured[fastest]['p90_ms']:.3f} ms); the bundle has no fp32 candidate to compare with",
+        )
     base = min(baselines, key=lambda n: (measured[n]["p90_ms"], n))
     b = measured[base]
     better = []
@@ -87,13 +98,21 @@ def choose(measured: dict[str, dict[str, Any]], compressed: dict[str, bool], pas
             better.append(n)
     if not better:
         near = [n for n in ok if compressed.get(n) and measured[n]["p90_ms"] < b["p90_ms"]]
-        tie = (f"; {', '.join(near)} measured faster, but by less than the noise (p90 spread over "
-               f"{b['rounds']} rounds), a tie that goes to the uncompressed model") if near else ""
+        tie = (
+            (
+                f"; {', '.join(near)} measured faster, but by less than the noise (p90 spread over "
+                f"{b['rounds']} rounds), a tie that goes to the uncompressed model"
+            )
+            if near
+            else ""
+        )
         return base, f"fastest fp32 candidate: p90 {b['p90_ms']:.3f} ms (spread {b['p90_spread_ms']:.3f}){tie}"
     pick = min(better, key=lambda n: (measured[n]["p90_ms"], n))
     m = measured[pick]
-    return pick, (f"p90 {m['p90_ms']:.3f} ms against the fastest fp32 candidate {base}'s {b['p90_ms']:.3f} ms: faster by "
-                  f"{b['p90_ms'] - m['p90_ms']:.3f} ms, more than the noise ({max(m['p90_spread_ms'], b['p90_spread_ms']):.3f} ms)")
+    return pick, (
+        f"p90 {m['p90_ms']:.3f} ms against the fastest fp32 candidate {base}'s {b['p90_ms']:.3f} ms: faster by "
+        f"{b['p90_ms'] - m['p90_ms']:.3f} ms, more than the noise ({max(m['p90_spread_ms'], b['p90_spread_ms']):.3f} ms)"
+    )
 
 
 def runtime_versions() -> dict[str, str | None]:
@@ -121,14 +140,23 @@ def noise_warning(measured: dict[str, dict[str, Any]]) -> str | None:
     worst = max(m["p90_spread_ms"] for m in measured.values())
     if best > 0 and worst > NOISY_SHARE * best:
         load = load_average()
-        return (f"latencies were noisy (p90 spread up to {worst:.2f} ms against a fastest p90 of {best:.2f} ms"
-                + (f"; load average {load[0]:.2f} on {os.cpu_count()} cores" if load else "")
-                + "): differences within the noise count as ties; on a quiet box, run tlcompile verify --repin")
+        return (
+            f"latencies were noisy (p90 spread up to {worst:.2f} ms against a fastest p90 of {best:.2f} ms"
+            + (f"; load average {load[0]:.2f} on {os.cpu_count()} cores" if load else "")
+            + "): differences within the noise count as ties; on a quiet box, run tlcompile verify --repin"
+        )
     return None
 
 
-def device_record(*, manifest_sha256: str, candidates: dict[str, dict[str, Any]], chosen: str | None, why: str,
-                  threads: int, noise: str | None = None) -> dict[str, Any]:
+def device_record(
+    *,
+    manifest_sha256: str,
+    candidates: dict[str, dict[str, Any]],
+    chosen: str | None,
+    why: str,
+    threads: int,
+    noise: str | None = None,
+) -> dict[str, Any]:
     return {
         "format_version": DEVICE_FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -162,7 +190,10 @@ def read_device(root: Path, *, manifest_sha256: str, candidates: list[str]) -> t
     except (OSError, ValueError, KeyError, TypeError):
         return None, f"{path}: not a readable pin; run tlcompile verify --repin"
     if sha != manifest_sha256:
-        return None, f"{path}: pinned for another version of this bundle (manifest changed); run tlcompile verify --repin"
+        return (
+            None,
+            f"{path}: pinned for another version of this bundle (manifest changed); run tlcompile verify --repin",
+        )
     here = cpu_info()["model"]
     if cpu != here:
         return None, f"{path}: pinned on another CPU ({cpu}, this is {here}); run tlcompile verify --repin"

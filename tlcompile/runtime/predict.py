@@ -26,8 +26,18 @@ from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, find_field, load_rgb,
 from tlcompile.runtime.screen import damage_reason, not_fundus_reason
 
 CSV_COLUMNS = (
-    "file", "referral", "referable_dr", "referable_dr_probability", "threshold", "grade", "grade_name",
-    "grade_probability", "ungradable", "fov_found", "error", "ungradable_reason",
+    "file",
+    "referral",
+    "referable_dr",
+    "referable_dr_probability",
+    "threshold",
+    "grade",
+    "grade_name",
+    "grade_probability",
+    "ungradable",
+    "fov_found",
+    "error",
+    "ungradable_reason",
 )
 
 
@@ -65,8 +75,13 @@ def predict_image(bundle: Bundle, session: InferenceSession, path: Path) -> Imag
     found = find_field(rgb, spec.fov_threshold)  # the field prepare_image cropped to (also looked for without cropping)
     reason = "no field of view found: retake or refer" if found is None else not_fundus_reason(rgb, found)
     fov_found = reason is None
-    result = ImageResult(file=str(path), threshold=bundle.threshold, fov_found=fov_found, ungradable=not fov_found,
-                         ungradable_reason=reason)
+    result = ImageResult(
+        file=str(path),
+        threshold=bundle.threshold,
+        fov_found=fov_found,
+        ungradable=not fov_found,
+        ungradable_reason=reason,
+    )
     if fov_found:
         reading = bundle.interpret(session.run(to_input(prepared, spec)))[0]
         for key, value in reading.to_dict().items():
@@ -94,7 +109,11 @@ def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            found = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )
             if not found:
                 raise DataError(f"{path}: no image files in this folder (extensions: {', '.join(IMAGE_EXTENSIONS)})")
             paths.extend(found)
@@ -141,21 +160,31 @@ def check_csv_target(path: str | Path, *, inputs: Iterable[Path] = (), bundle_ro
     target = path.resolve()
     for item in inputs:
         if Path(item).resolve() == target:
-            raise TlcompileError(f"--csv '{path}' is one of the input images ({item}); it would be overwritten; give another file name")
+            raise TlcompileError(
+                f"--csv '{path}' is one of the input images ({item}); it would be overwritten; give another file name"
+            )
     if bundle_root is not None and target.is_relative_to(Path(bundle_root).resolve()):
-        raise TlcompileError(f"--csv '{path}' is inside the bundle {bundle_root}; writing there would break it; give a file outside the bundle")
+        raise TlcompileError(
+            f"--csv '{path}' is inside the bundle {bundle_root}; writing there would break it; give a file outside the bundle"
+        )
     if path.exists() or path.is_symlink():
         header = ",".join(CSV_COLUMNS)
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
                 first = f.readline(len(header) + 2).rstrip("\r\n")
         except OSError as err:
-            raise TlcompileError(f"--csv '{path}' exists and cannot be read ({err.strerror or err}); give a new file name") from err
+            raise TlcompileError(
+                f"--csv '{path}' exists and cannot be read ({err.strerror or err}); give a new file name"
+            ) from err
         if first != header or path.is_symlink():
-            raise TlcompileError(f"--csv '{path}' exists and is not a results CSV of tlcompile predict; it is never overwritten; give a new file name")
+            raise TlcompileError(
+                f"--csv '{path}' exists and is not a results CSV of tlcompile predict; it is never overwritten; give a new file name"
+            )
     return path
 
 
-def write_results_csv(results: Iterable[ImageResult], path: str | Path, *, inputs: Iterable[Path] = (), bundle_root: Path | None = None) -> None:
+def write_results_csv(
+    results: Iterable[ImageResult], path: str | Path, *, inputs: Iterable[Path] = (), bundle_root: Path | None = None
+) -> None:
     path = check_csv_target(path, inputs=inputs, bundle_root=bundle_root)
     atomic_write_text(path, results_csv(results))

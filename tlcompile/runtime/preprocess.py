@@ -45,8 +45,21 @@ MAX_DECODE_PIXELS = 50_000_000
 MAX_DECODE_BYTES = 768 << 20
 # Peak bytes per pixel while decoding and converting to uint8 RGB, by Pillow mode (the decoded image, the conversions
 # read_image makes and the result); modes not listed count as the worst.
-_DECODE_BYTES_PER_PIXEL = {"1": 7, "L": 7, "P": 7, "RGB": 6, "YCbCr": 9, "CMYK": 10, "LAB": 9, "HSV": 9,
-                           "I;16": 23, "I;16B": 23, "I;16L": 23, "I": 25, "F": 25}
+_DECODE_BYTES_PER_PIXEL = {
+    "1": 7,
+    "L": 7,
+    "P": 7,
+    "RGB": 6,
+    "YCbCr": 9,
+    "CMYK": 10,
+    "LAB": 9,
+    "HSV": 9,
+    "I;16": 23,
+    "I;16B": 23,
+    "I;16L": 23,
+    "I": 25,
+    "F": 25,
+}
 _WORST_BYTES_PER_PIXEL = 24  # RGBA/LA/PA: the image, a uint16 RGBA copy, the product and the result
 
 
@@ -73,15 +86,22 @@ class PreprocessSpec:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
         if not (isinstance(self.size, int) and not isinstance(self.size, bool) and 1 <= self.size <= MAX_INPUT_SIZE):
-            raise DataError(f"preprocessing size {self.size!r} is out of range; valid: a whole number of pixels from 1 to {MAX_INPUT_SIZE}")
+            raise DataError(
+                f"preprocessing size {self.size!r} is out of range; valid: a whole number of pixels from 1 to {MAX_INPUT_SIZE}"
+            )
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) != 3 or not all(finite(v) for v in values) or (name == "std" and min(values) <= 0):
-                raise DataError(f"preprocessing {name} {list(values)!r} is not valid; valid: three finite numbers" + (" > 0" if name == "std" else ""))
+                raise DataError(
+                    f"preprocessing {name} {list(values)!r} is not valid; valid: three finite numbers"
+                    + (" > 0" if name == "std" else "")
+                )
         if not (finite(self.fov_threshold) and 0 <= self.fov_threshold < 1):
             raise DataError(f"preprocessing fov_threshold {self.fov_threshold!r} is out of range; valid: 0 to 1")
         if self.circular_mask is not None and not (finite(self.circular_mask) and 0 < self.circular_mask <= 4):
-            raise DataError(f"preprocessing circular_mask {self.circular_mask!r} is out of range; valid: null or a number in (0, 4]")
+            raise DataError(
+                f"preprocessing circular_mask {self.circular_mask!r} is out of range; valid: null or a number in (0, 4]"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -200,7 +220,8 @@ def find_field(rgb: np.ndarray, threshold: float = 0.12) -> FieldOfView | None:
         plausible = (
             octants >= 3  # an arc of at least ~90 degrees: enough to pin the centre
             and 0.15 * min(h, w) <= r <= 0.75 * max(h, w)
-            and -0.1 * w <= cx <= 1.1 * w and -0.1 * h <= cy <= 1.1 * h
+            and -0.1 * w <= cx <= 1.1 * w
+            and -0.1 * h <= cy <= 1.1 * h
         )
         if plausible:
             return FieldOfView(cx=float(cx), cy=float(cy), radius=float(r), fitted=True)
@@ -248,7 +269,9 @@ def targets_for(grades: np.ndarray, task: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- decoding
-def read_image(path: str | Path, *, draft_size: int | None = None, data: bytes | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+def read_image(
+    path: str | Path, *, draft_size: int | None = None, data: bytes | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode an image file to uint8 RGB; returns (rgb, (height, width) as stored in the file).
 
     Grayscale, palette, 16-bit and CMYK images are converted; transparency is composited on black (outside the field
@@ -292,7 +315,9 @@ def read_image(path: str | Path, *, draft_size: int | None = None, data: bytes |
 def decode_cost(img: Image.Image) -> tuple[int, int]:
     """(pixels, peak bytes) decoding this image and converting it to RGB would take, from its header alone (after
     a JPEG draft, which shrinks what is decoded)."""
-    pixels = int(img.width) * int(img.height) * max(1, int(getattr(img, "n_frames", 1) or 1) if img.format == "TIFF" else 1)
+    pixels = (
+        int(img.width) * int(img.height) * max(1, int(getattr(img, "n_frames", 1) or 1) if img.format == "TIFF" else 1)
+    )
     return pixels, pixels * _DECODE_BYTES_PER_PIXEL.get(img.mode, _WORST_BYTES_PER_PIXEL)
 
 
@@ -301,9 +326,11 @@ def check_decode_budget(img: Image.Image, path: str | Path) -> None:
     needs (see MAX_DECODE_PIXELS, MAX_DECODE_BYTES)."""
     pixels, cost = decode_cost(img)
     if int(img.width) * int(img.height) > MAX_DECODE_PIXELS or cost > MAX_DECODE_BYTES:
-        raise DataError(f"{path}: image is too large to decode safely ({img.width}x{img.height} {img.mode}, about "
-                        f"{cost / (1 << 20):,.0f} MiB to decode; limits {MAX_DECODE_PIXELS / 1e6:.0f} Mpx and "
-                        f"{MAX_DECODE_BYTES >> 20} MiB); not a fundus photograph")
+        raise DataError(
+            f"{path}: image is too large to decode safely ({img.width}x{img.height} {img.mode}, about "
+            f"{cost / (1 << 20):,.0f} MiB to decode; limits {MAX_DECODE_PIXELS / 1e6:.0f} Mpx and "
+            f"{MAX_DECODE_BYTES >> 20} MiB); not a fundus photograph"
+        )
 
 
 def load_rgb(path: str | Path, *, draft_size: int | None = None, data: bytes | None = None) -> np.ndarray:
@@ -379,7 +406,11 @@ def prepare_image(image: np.ndarray | str | Path, spec: PreprocessSpec) -> tuple
         # the square that came from the frame (the black fill beyond a clipped edge is not fundus).
         scale = spec.size / side
         if found is not None:
-            cx, cy, radius = (found.cx - left + 0.5) * scale - 0.5, (found.cy - top + 0.5) * scale - 0.5, found.radius * scale
+            cx, cy, radius = (
+                (found.cx - left + 0.5) * scale - 0.5,
+                (found.cy - top + 0.5) * scale - 0.5,
+                found.radius * scale,
+            )
         else:
             cx = cy = (spec.size - 1) / 2
             radius = spec.size / 2

@@ -49,7 +49,9 @@ def check_onnx_external_data(path: str | Path) -> list[Path]:
             raise UnsafeFileError(f"{path}: external data location '{location}' leaves the model's folder; refused")
         target = folder / rel
         if target.is_symlink():
-            raise UnsafeFileError(f"{path}: external data '{location}' is a symlink; refused (copy the file into the model's folder)")
+            raise UnsafeFileError(
+                f"{path}: external data '{location}' is a symlink; refused (copy the file into the model's folder)"
+            )
         resolved = target.resolve()
         if folder not in resolved.parents:
             raise UnsafeFileError(f"{path}: external data '{location}' resolves outside the model's folder; refused")

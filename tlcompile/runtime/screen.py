@@ -50,13 +50,18 @@ def damage_reason(rgb: np.ndarray) -> str | None:
         return None
     h, w = small.shape[:2]
     centre = small[: h - p, : w - p]
-    repeated = ((centre == small[: h - p, p:]).all(axis=2) & (centre == small[p:, : w - p]).all(axis=2)
-                & (centre.max(axis=2) >= FLAT_MIN_BRIGHTNESS))
+    repeated = (
+        (centre == small[: h - p, p:]).all(axis=2)
+        & (centre == small[p:, : w - p]).all(axis=2)
+        & (centre.max(axis=2) >= FLAT_MIN_BRIGHTNESS)
+    )
     fraction = float(repeated.sum()) / (h * w)
     if fraction <= MAX_FLAT_FRACTION:
         return None
-    return (f"the image looks damaged: {fraction:.0%} of it is flat or one block repeated exactly (how a decoder fills "
-            "data lost from a file); retake or resend it")
+    return (
+        f"the image looks damaged: {fraction:.0%} of it is flat or one block repeated exactly (how a decoder fills "
+        "data lost from a file); retake or resend it"
+    )
 
 
 def not_fundus_reason(rgb: np.ndarray, found: FieldOfView | None) -> str | None:
@@ -79,11 +84,15 @@ def not_fundus_reason(rgb: np.ndarray, found: FieldOfView | None) -> str | None:
         surround = float(np.percentile(lum[outside], 90))
         limit = max(SURROUND_DARK[0], SURROUND_DARK[1] * float(np.median(lum[inside])))
         if surround > limit:
-            return (f"not a fundus photograph: the area around the round field is not dark (brightness {surround:.0f}, "
-                    f"limit {limit:.0f}); retake or refer")
+            return (
+                f"not a fundus photograph: the area around the round field is not dark (brightness {surround:.0f}, "
+                f"limit {limit:.0f}); retake or refer"
+            )
     r, g, b = small[inside].astype(np.float64).mean(axis=0)
     blue_limit = MAX_BLUE_PER_RED[0] if surrounded else MAX_BLUE_PER_RED[1]
     if max(r, g, b) - min(r, g, b) >= MONOCHROME_CHROMA and (r < MIN_RED_PER_GREEN * g or r < b or b > blue_limit * r):
-        return (f"not a fundus photograph: the field's mean colour (R {r:.0f}, G {g:.0f}, B {b:.0f}) is not red-dominant "
-                f"with little blue (B/R {b / max(r, 1e-9):.2f}, limit {blue_limit}); retake or refer")
+        return (
+            f"not a fundus photograph: the field's mean colour (R {r:.0f}, G {g:.0f}, B {b:.0f}) is not red-dominant "
+            f"with little blue (B/R {b / max(r, 1e-9):.2f}, limit {blue_limit}); retake or refer"
+        )
     return None

@@ -53,7 +53,9 @@ MAX_STEM_BYTES = 160
 _KEEP_BYTES = 120
 TRUNCATION_RETRIES = 3  # a file that still looks cut off is retried this many times before its error record
 RETRY_MIN_WAIT = 0.5  # seconds a retried file must stay unchanged again (at least; --settle when longer)
-_TRUNCATION = re.compile(r"truncat|end of (file|stream|data)|premature end|unexpected end|broken data stream|\bEOF\b", re.IGNORECASE)
+_TRUNCATION = re.compile(
+    r"truncat|end of (file|stream|data)|premature end|unexpected end|broken data stream|\bEOF\b", re.IGNORECASE
+)
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"II*\x00", b"MM\x00*", b"BM")
 
 
@@ -91,8 +93,10 @@ class ServeStats:
     pending: int = 0  # files still settling when the service stopped
 
     def summary(self) -> str:
-        return (f"{self.results} results and {self.errors} error records written; {self.already_done} images already done"
-                + (f"; {self.pending} still being written (picked up next time)" if self.pending else ""))
+        return (
+            f"{self.results} results and {self.errors} error records written; {self.already_done} images already done"
+            + (f"; {self.pending} still being written (picked up next time)" if self.pending else "")
+        )
 
 
 class Ledger:
@@ -113,8 +117,10 @@ class Ledger:
                         self._index(path)
         except OSError as err:
             where = err.filename or self.errors_dir
-            raise TlcompileError(f"cannot use the records folder: {where} ({err.strerror or err}); "
-                                 f"--out must be a folder this service can write, with a sub-folder {ERRORS_DIR}/") from err
+            raise TlcompileError(
+                f"cannot use the records folder: {where} ({err.strerror or err}); "
+                f"--out must be a folder this service can write, with a sub-folder {ERRORS_DIR}/"
+            ) from err
 
     def _index(self, path: Path) -> None:
         # Indexed by record stem; a record found under a name maps back to its image through its 'file' field.
@@ -140,9 +146,12 @@ class Ledger:
     def done_by_stat(self, name: str, size: int, mtime_ns: int, ino: int, ctime_ns: int) -> bool:
         """A record of this very file: same size and mtime, and (records since inode/ctime were kept) the same
         inode and ctime, so a rewrite in place that keeps size and mtime is not mistaken for done."""
-        return any(r.get("size") == size and r.get("mtime_ns") == mtime_ns
-                   and (r.get("ino") is None or (r.get("ino") == ino and r.get("ctime_ns") == ctime_ns))
-                   for r in self._records_for(name))
+        return any(
+            r.get("size") == size
+            and r.get("mtime_ns") == mtime_ns
+            and (r.get("ino") is None or (r.get("ino") == ino and r.get("ctime_ns") == ctime_ns))
+            for r in self._records_for(name)
+        )
 
     def done_by_content(self, name: str, sha256: str) -> bool:
         return any(r.get("sha256") == sha256 for r in self._records_for(name))
@@ -181,7 +190,9 @@ def _lock(out_dir: Path) -> Any:
     try:
         handle = open(out_dir / LOCK_FILE, "a+")  # held open on purpose until serve() returns
     except OSError as err:
-        raise TlcompileError(f"cannot open {out_dir / LOCK_FILE} ({err.strerror or err}); --out must be a folder this service can write") from err
+        raise TlcompileError(
+            f"cannot open {out_dir / LOCK_FILE} ({err.strerror or err}); --out must be a folder this service can write"
+        ) from err
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: run without the guard
@@ -190,7 +201,9 @@ def _lock(out_dir: Path) -> Any:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         handle.close()
-        raise TlcompileError(f"another tlcompile serve is already writing into '{out_dir}' (it holds {out_dir / LOCK_FILE}); stop it first") from err
+        raise TlcompileError(
+            f"another tlcompile serve is already writing into '{out_dir}' (it holds {out_dir / LOCK_FILE}); stop it first"
+        ) from err
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -215,9 +228,24 @@ def _now() -> str:
 class Service:
     """One watch folder, one output folder, one verified bundle; :meth:`poll` does one pass."""
 
-    def __init__(self, verified: VerifiedBundle, watch: Path, out_dir: Path, *, settle: float, log: Callable[[str], None],
-                 once: bool = False) -> None:
-        self.verified, self.watch, self.out_dir, self.settle, self.log, self.once = verified, watch, out_dir, settle, log, once
+    def __init__(
+        self,
+        verified: VerifiedBundle,
+        watch: Path,
+        out_dir: Path,
+        *,
+        settle: float,
+        log: Callable[[str], None],
+        once: bool = False,
+    ) -> None:
+        self.verified, self.watch, self.out_dir, self.settle, self.log, self.once = (
+            verified,
+            watch,
+            out_dir,
+            settle,
+            log,
+            once,
+        )
         self._watch_error: str | None = None
         self.ledger = Ledger(out_dir)
         self.stats = ServeStats()
@@ -265,7 +293,9 @@ class Service:
                 continue
             seen = self._seen.get(entry.name)
             if seen is None or seen[0] != stat_key:
-                wait = self.settle if seen is None or entry.name not in self._retries else max(self.settle, RETRY_MIN_WAIT)
+                wait = (
+                    self.settle if seen is None or entry.name not in self._retries else max(self.settle, RETRY_MIN_WAIT)
+                )
                 self._seen[entry.name] = seen = (stat_key, now, wait)
             if now - seen[1] < seen[2]:
                 pending += 1
@@ -290,8 +320,15 @@ class Service:
             self._done.add(key)
             self.stats.already_done += 1
             return True
-        record: dict[str, Any] = {"file": name, "path": os.path.abspath(path), "size": size, "mtime_ns": mtime_ns,
-                                  "ino": ino, "ctime_ns": ctime_ns, "sha256": None}
+        record: dict[str, Any] = {
+            "file": name,
+            "path": os.path.abspath(path),
+            "size": size,
+            "mtime_ns": mtime_ns,
+            "ino": ino,
+            "ctime_ns": ctime_ns,
+            "sha256": None,
+        }
         v = self.verified
         head = b""
         # A bad frame must never stop the service: whatever reading or deciding this one file raises becomes its
@@ -305,13 +342,17 @@ class Service:
             except FileNotFoundError:
                 return True  # removed before we read it: nothing to record
             except OSError as err:
-                raise TlcompileError(f"{path}: cannot read the file ({err.strerror or err}); check its owner and permissions") from err
+                raise TlcompileError(
+                    f"{path}: cannot read the file ({err.strerror or err}); check its owner and permissions"
+                ) from err
             if self.ledger.done_by_content(name, record["sha256"]):
                 self._done.add(key)
                 self.stats.already_done += 1
                 return True
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise TlcompileError(f"{name}: '{path.suffix or '(none)'}' is not an image type this service reads; valid: {', '.join(IMAGE_EXTENSIONS)}")
+                raise TlcompileError(
+                    f"{name}: '{path.suffix or '(none)'}' is not an image type this service reads; valid: {', '.join(IMAGE_EXTENSIONS)}"
+                )
             result = predict_image(v.bundle, v.session, path).to_dict()
             result.pop("file")
             record.update(status="ok", **result)
@@ -322,15 +363,24 @@ class Service:
             if isinstance(err, TlcompileError) and tries < TRUNCATION_RETRIES and looks_truncated(message, head, size):
                 self._retries[name] = tries + 1
                 self._seen[name] = (stat_key, time.monotonic(), max(self.settle, RETRY_MIN_WAIT))
-                self.log(f"{printable(name)}: looks cut off ({message}); retry {tries + 1} of {TRUNCATION_RETRIES} once it settles again")
+                self.log(
+                    f"{printable(name)}: looks cut off ({message}); retry {tries + 1} of {TRUNCATION_RETRIES} once it settles again"
+                )
                 return False
             record.update(status="error", error=message, error_type=type(err).__name__)
             if tries:
                 record["retries"] = tries
             error = True
         record.update(
-            bundle={"name": v.bundle.name, "artifact": v.bundle.artifact, "runtime": v.bundle.runtime, "candidate": v.bundle.candidate_id,
-                    "pinned": v.pinned, "manifest_sha256": v.manifest_sha256, **({"signed_by": v.signed_by} if v.signed_by else {})},
+            bundle={
+                "name": v.bundle.name,
+                "artifact": v.bundle.artifact,
+                "runtime": v.bundle.runtime,
+                "candidate": v.bundle.candidate_id,
+                "pinned": v.pinned,
+                "manifest_sha256": v.manifest_sha256,
+                **({"signed_by": v.signed_by} if v.signed_by else {}),
+            },
             processed_at=_now(),
             service_pid=os.getpid(),
         )
@@ -342,10 +392,16 @@ class Service:
             self.log(f"{printable(name)}: ERROR {printable(record['error'])} -> {printable(str(written))}")
         else:
             self.stats.results += 1
-            detail = "" if record["referral"] == UNGRADABLE else f" (P(referable DR) {record['referable_dr_probability']:.3f}"
+            detail = (
+                ""
+                if record["referral"] == UNGRADABLE
+                else f" (P(referable DR) {record['referable_dr_probability']:.3f}"
+            )
             if detail and record.get("grade_name"):
                 detail += f", grade {record['grade_name']}"
-            self.log(f"{printable(name)}: {record['referral']}{detail + ')' if detail else ''} -> {printable(str(written))}")
+            self.log(
+                f"{printable(name)}: {record['referral']}{detail + ')' if detail else ''} -> {printable(str(written))}"
+            )
         return True
 
 
@@ -378,7 +434,9 @@ def serve(
     if out_dir.exists() and not out_dir.is_dir():
         raise TlcompileError(f"--out '{out_dir}' is a file; give a folder for the result records")
     if out_dir.resolve() == watch.resolve():
-        raise TlcompileError(f"--out '{out_dir}' is the watch folder; the records would be taken for images; give another folder")
+        raise TlcompileError(
+            f"--out '{out_dir}' is the watch folder; the records would be taken for images; give another folder"
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -393,9 +451,12 @@ def serve(
         verified = open_verified(bundle_path, threads=threads, trust=trust)
         b = verified.bundle
         log(verified.notice)
-        log(f"serving {b.name} ({b.candidate_id}, {verified.session.exec_precision}, threshold {b.threshold:.4f}; "
+        log(
+            f"serving {b.name} ({b.candidate_id}, {verified.session.exec_precision}, threshold {b.threshold:.4f}; "
             f"golden samples pass, max |Δlogit| {verified.golden.max_abs_logit_diff:.1e}"
-            + (f"; signed by trusted key {verified.signed_by}" if verified.signed_by else "") + f"): {watch} -> {out_dir}")
+            + (f"; signed by trusted key {verified.signed_by}" if verified.signed_by else "")
+            + f"): {watch} -> {out_dir}"
+        )
         service = Service(verified, watch, out_dir, settle=settle, log=log, once=once)
         pending = 0
         while not stop.is_set():

@@ -65,9 +65,13 @@ def _read_key_file(path: Path, what: str, option: str) -> bytes:
     if not path.exists():
         raise SigningError(f"{option} '{path}': no such file; give the {what} file `tlcompile bundle keygen` wrote")
     if not path.is_file():
-        raise SigningError(f"{option} '{path}' is not a regular file; give the {what} file `tlcompile bundle keygen` wrote")
+        raise SigningError(
+            f"{option} '{path}' is not a regular file; give the {what} file `tlcompile bundle keygen` wrote"
+        )
     if path.stat().st_size > _MAX_KEY_FILE:
-        raise SigningError(f"{option} '{path}' is {path.stat().st_size} bytes, not a key file; give the {what} (PEM) file")
+        raise SigningError(
+            f"{option} '{path}' is {path.stat().st_size} bytes, not a key file; give the {what} (PEM) file"
+        )
     try:
         return path.read_bytes()
     except OSError as err:
@@ -82,10 +86,14 @@ def load_private_key(path: str | Path):
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as err:
-        raise SigningError(f"--key '{path}': not an unencrypted PEM private key ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                           "give the .key file `tlcompile bundle keygen` wrote") from err
+        raise SigningError(
+            f"--key '{path}': not an unencrypted PEM private key ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            "give the .key file `tlcompile bundle keygen` wrote"
+        ) from err
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise SigningError(f"--key '{path}': a {type(key).__name__.lstrip('_')} key; valid: an Ed25519 private key (tlcompile bundle keygen)")
+        raise SigningError(
+            f"--key '{path}': a {type(key).__name__.lstrip('_')} key; valid: an Ed25519 private key (tlcompile bundle keygen)"
+        )
     return key
 
 
@@ -95,14 +103,20 @@ def load_public_key(path: str | Path, option: str = "--trust"):
     path = Path(path)
     data = _read_key_file(path, "public key", option)
     if b"PRIVATE KEY" in data:
-        raise SigningError(f"{option} '{path}' holds a private key; give the public key (.pub) and keep the private one off the box")
+        raise SigningError(
+            f"{option} '{path}' holds a private key; give the public key (.pub) and keep the private one off the box"
+        )
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as err:
-        raise SigningError(f"{option} '{path}': not a PEM public key ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                           "give the .pub file `tlcompile bundle keygen` wrote") from err
+        raise SigningError(
+            f"{option} '{path}': not a PEM public key ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            "give the .pub file `tlcompile bundle keygen` wrote"
+        ) from err
     if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise SigningError(f"{option} '{path}': a {type(key).__name__.lstrip('_')} key; valid: an Ed25519 public key (tlcompile bundle keygen)")
+        raise SigningError(
+            f"{option} '{path}': a {type(key).__name__.lstrip('_')} key; valid: an Ed25519 public key (tlcompile bundle keygen)"
+        )
     return key
 
 
@@ -129,11 +143,17 @@ def keygen(out_dir: str | Path) -> tuple[Path, Path, str]:
     private_path, public_path = out_dir / PRIVATE_KEY_NAME, out_dir / PUBLIC_KEY_NAME
     for path in (private_path, public_path):
         if path.exists() or path.is_symlink():
-            raise SigningError(f"--out '{out_dir}': {path.name} already exists; a key is never overwritten; give another folder")
+            raise SigningError(
+                f"--out '{out_dir}': {path.name} already exists; a key is never overwritten; give another folder"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     key = ed25519.Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     try:
         _write_new(private_path, private_pem, 0o600)
         try:
@@ -142,7 +162,9 @@ def keygen(out_dir: str | Path) -> tuple[Path, Path, str]:
             private_path.unlink(missing_ok=True)  # ours, written a moment ago: no pair, no half pair
             raise
     except FileExistsError as err:
-        raise SigningError(f"--out '{out_dir}': {Path(err.filename).name} appeared while writing; a key is never overwritten") from err
+        raise SigningError(
+            f"--out '{out_dir}': {Path(err.filename).name} appeared while writing; a key is never overwritten"
+        ) from err
     except OSError as err:
         raise SigningError(f"--out '{out_dir}': cannot write the key pair ({err.strerror or err})") from err
     return private_path, public_path, key_id(key.public_key())
@@ -164,7 +186,9 @@ def sign_bundle(bundle_dir: str | Path, key_path: str | Path, *, replace: bool =
         raise BundleError(f"bundle {root} fails its manifest, so it is not signed: {manifest.problems[0]}{more}")
     sig_path = root / SIGNATURE_JSON
     if (sig_path.exists() or sig_path.is_symlink()) and not replace:
-        raise SigningError(f"bundle {root} is already signed ({sig_path}); add --replace to sign it again with this key")
+        raise SigningError(
+            f"bundle {root} is already signed ({sig_path}); add --replace to sign it again with this key"
+        )
     data = (root / MANIFEST_JSON).read_bytes()
     record = {
         "format": SIGNATURE_FORMAT,
@@ -206,8 +230,10 @@ def check_signature(bundle_dir: str | Path, trusted: list[str | Path] | None = N
     sig_path = root / SIGNATURE_JSON
     if not sig_path.exists() and not sig_path.is_symlink():
         if check.required:
-            check.problems.append(f"{SIGNATURE_JSON}: missing; the bundle is unsigned and --trust requires a signature by "
-                                  f"key {', '.join(check.trusted_key_ids)} (tlcompile bundle sign)")
+            check.problems.append(
+                f"{SIGNATURE_JSON}: missing; the bundle is unsigned and --trust requires a signature by "
+                f"key {', '.join(check.trusted_key_ids)} (tlcompile bundle sign)"
+            )
         return check
     check.present = True
     try:
@@ -219,7 +245,9 @@ def check_signature(bundle_dir: str | Path, trusted: list[str | Path] | None = N
         if not isinstance(record, dict):
             raise ValueError("the top level is not an object")
         if record.get("algorithm") != "ed25519" or record.get("signed_file") != MANIFEST_JSON:
-            raise ValueError(f"algorithm {record.get('algorithm')!r} over {record.get('signed_file')!r}; valid: ed25519 over {MANIFEST_JSON}")
+            raise ValueError(
+                f"algorithm {record.get('algorithm')!r} over {record.get('signed_file')!r}; valid: ed25519 over {MANIFEST_JSON}"
+            )
         signature = base64.b64decode(str(record.get("signature", "")), validate=True)
         check.key_id = str(record.get("key_id", ""))
     except (OSError, ValueError, UnicodeDecodeError) as err:
@@ -240,9 +268,13 @@ def check_signature(bundle_dir: str | Path, trusted: list[str | Path] | None = N
         check.valid, check.key_id = True, key_id(key)
         return check
     if check.key_id and check.key_id not in check.trusted_key_ids:
-        check.problems.append(f"{SIGNATURE_JSON}: signed by key {check.key_id}, which is not trusted here (trusted: "
-                              f"{', '.join(check.trusted_key_ids)}); the bundle was not signed by your programme's key")
+        check.problems.append(
+            f"{SIGNATURE_JSON}: signed by key {check.key_id}, which is not trusted here (trusted: "
+            f"{', '.join(check.trusted_key_ids)}); the bundle was not signed by your programme's key"
+        )
     else:
-        check.problems.append(f"{SIGNATURE_JSON}: the signature does not match {MANIFEST_JSON} under key "
-                              f"{', '.join(check.trusted_key_ids)}; the manifest was changed after signing")
+        check.problems.append(
+            f"{SIGNATURE_JSON}: the signature does not match {MANIFEST_JSON} under key "
+            f"{', '.join(check.trusted_key_ids)}; the manifest was changed after signing"
+        )
     return check

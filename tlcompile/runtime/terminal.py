@@ -42,15 +42,24 @@ class FitTable:
         """Indices of the columns with something in at least one row (all of them when there are no rows)."""
         if not self.rows:
             return list(range(len(self.columns)))
-        return [i for i, c in enumerate(self.columns)
-                if c in self.keep or i < self.key or any(r[i].strip() not in EMPTY for r in self.rows)]
+        return [
+            i
+            for i, c in enumerate(self.columns)
+            if c in self.keep or i < self.key or any(r[i].strip() not in EMPTY for r in self.rows)
+        ]
 
     def constant_columns(self) -> list[int]:
         """Non-key columns holding the same non-empty value in every row (two rows or more)."""
         if len(self.rows) < 2:
             return []
-        return [i for i in self.shown_columns() if i >= self.key and self.columns[i] not in self.wrap
-                and self.rows[0][i].strip() not in EMPTY and all(r[i] == self.rows[0][i] for r in self.rows)]
+        return [
+            i
+            for i in self.shown_columns()
+            if i >= self.key
+            and self.columns[i] not in self.wrap
+            and self.rows[0][i].strip() not in EMPTY
+            and all(r[i] == self.rows[0][i] for r in self.rows)
+        ]
 
     def _plan(self, compact: bool) -> tuple[str | None, list[int], list[str], dict]:
         """Title, column indices, headers and Table settings of the full or the compact layout."""
@@ -62,10 +71,19 @@ class FitTable:
                 said = ", ".join(f"{self.columns[i]} {self.rows[0][i]}" for i in constant)
                 title = f"{title} ({said})" if title else said
             cols = [i for i in cols if i not in constant]
-            settings = {"box": box.SIMPLE_HEAD, "padding": (0, 1), "collapse_padding": True, "show_edge": False, "pad_edge": False}
+            settings = {
+                "box": box.SIMPLE_HEAD,
+                "padding": (0, 1),
+                "collapse_padding": True,
+                "show_edge": False,
+                "pad_edge": False,
+            }
         else:
             settings = {"show_edge": False, "pad_edge": False}
-        headers = [self.columns[i].replace(" ", "\n") if compact and self.columns[i] not in self.wrap else self.columns[i] for i in cols]
+        headers = [
+            self.columns[i].replace(" ", "\n") if compact and self.columns[i] not in self.wrap else self.columns[i]
+            for i in cols
+        ]
         return title, cols, headers, settings
 
     def table(self, compact: bool = False) -> Table:
@@ -73,8 +91,12 @@ class FitTable:
         table = Table(title=title, **settings)
         for i, header in zip(cols, headers, strict=True):
             name = self.columns[i]
-            table.add_column(header, justify="right" if name in self.right else "left", no_wrap=name not in self.wrap,
-                             overflow="fold")
+            table.add_column(
+                header,
+                justify="right" if name in self.right else "left",
+                no_wrap=name not in self.wrap,
+                overflow="fold",
+            )
         for r in self.rows:
             table.add_row(*(r[i] for i in cols))
         return table
@@ -117,7 +139,7 @@ class FitTable:
             yield grid
 
     def layout(self, console: Console, width: int) -> str:
-        """"table", "compact" or "vertical": the first that shows every cell whole in ``width`` columns."""
+        """ "table", "compact" or "vertical": the first that shows every cell whole in ``width`` columns."""
         if self.required_width(console) <= width:
             return "table"
         if self.required_width(console, compact=True) <= width:
@@ -135,8 +157,15 @@ class FitTable:
         return Measurement.get(console, options, self.table())
 
 
-def fit_table(columns: Sequence[str], rows: Iterable[Sequence[str]], *, title: str | None = None, right: Iterable[str] = (),
-              wrap: Iterable[str] = (), key: int = 1) -> FitTable:
+def fit_table(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    title: str | None = None,
+    right: Iterable[str] = (),
+    wrap: Iterable[str] = (),
+    key: int = 1,
+) -> FitTable:
     t = FitTable(list(columns), title=title, right=set(right), wrap=set(wrap), key=key)
     for r in rows:
         t.add_row(*r)

@@ -37,7 +37,9 @@ def setup(device: torch.device) -> tuple[DistributedRun, torch.device]:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise TrainError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices; start fewer processes per node")
+            raise TrainError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices; start fewer processes per node"
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():

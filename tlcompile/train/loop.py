@@ -87,10 +87,23 @@ def precise_batchnorm(
     Layers that training leaves alone (frozen blocks, BN frozen for fine-tuning) are not touched.
     """
     (set_train_mode or nn.Module.train)(model)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
     model.eval()
-    batches = (xb for xb, _ in iterate_batches(images, np.zeros(len(images), dtype=np.int64), spec, batch_size=batch_size,
-                                               device=device, channels_last=channels_last))
+    batches = (
+        xb
+        for xb, _ in iterate_batches(
+            images,
+            np.zeros(len(images), dtype=np.int64),
+            spec,
+            batch_size=batch_size,
+            device=device,
+            channels_last=channels_last,
+        )
+    )
     return reestimate_batchnorm(model, norms, batches)
 
 
@@ -173,7 +186,9 @@ def iterate_batches(
         yield xb, torch.from_numpy(targets[idx]).to(device, non_blocking=pin)
 
 
-def make_optimizer(params, *, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
+def make_optimizer(
+    params, *, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9
+) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise TrainError("no trainable parameters: every layer is frozen")
@@ -186,9 +201,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: i
     """Per-step schedule: cosine decays to zero over all steps; step decays by gamma every step_size epochs."""
     total = max(1, epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
     if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.gamma ** ((s // steps_per_epoch) // cfg.step_size))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: cfg.gamma ** ((s // steps_per_epoch) // cfg.step_size)
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
@@ -219,10 +238,14 @@ def train_one_epoch(
     total, count = 0.0, 0
     for xb, yb in batches:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=xb.device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp in AMP_DTYPES):
+        with torch.autocast(
+            device_type=xb.device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp in AMP_DTYPES
+        ):
             loss = loss_fn(model(xb).float(), yb)
         if not torch.isfinite(loss):
-            raise TrainError(f"the training loss became {loss.item()}; lower train.lr (now {optimizer.param_groups[0]['lr']:.3g})")
+            raise TrainError(
+                f"the training loss became {loss.item()}; lower train.lr (now {optimizer.param_groups[0]['lr']:.3g})"
+            )
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -240,7 +263,14 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, *, batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
+def predict(
+    model: nn.Module,
+    images: np.ndarray,
+    spec: PreprocessSpec,
+    *,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+) -> np.ndarray:
     """Logits (N, C) as numpy for preprocessed uint8 images, in eval mode."""
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -390,15 +420,40 @@ def fit(
         rng = np.random.default_rng([s.seed, epoch])
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         batches = iterate_batches(
-            x_tr, y_tr, spec, batch_size=max(1, s.batch_size // world), device=s.device, shuffle=True, rng=rng,
-            generator=gen, augment_batches=s.augment_batches, shard=(rank, world), channels_last=s.channels_last,
+            x_tr,
+            y_tr,
+            spec,
+            batch_size=max(1, s.batch_size // world),
+            device=s.device,
+            shuffle=True,
+            rng=rng,
+            generator=gen,
+            augment_batches=s.augment_batches,
+            shard=(rank, world),
+            channels_last=s.channels_last,
             sample_weights=s.sample_weights,
         )
-        loss = train_one_epoch(train_model, batches, s.optimizer, s.scheduler, s.loss_fn,
-                               set_train_mode=s.set_train_mode, on_step=cb.on_step, amp=s.amp, scaler=scaler)
+        loss = train_one_epoch(
+            train_model,
+            batches,
+            s.optimizer,
+            s.scheduler,
+            s.loss_fn,
+            set_train_mode=s.set_train_mode,
+            on_step=cb.on_step,
+            amp=s.amp,
+            scaler=scaler,
+        )
         if bn_images is not None:
-            precise_batchnorm(model, bn_images, spec, device=s.device, batch_size=s.batch_size,
-                              set_train_mode=s.set_train_mode, channels_last=s.channels_last)
+            precise_batchnorm(
+                model,
+                bn_images,
+                spec,
+                device=s.device,
+                batch_size=s.batch_size,
+                set_train_mode=s.set_train_mode,
+                channels_last=s.channels_last,
+            )
         val_logits = predict(model, x_val, spec, device=s.device)
         auc = validation_auc(val_logits, y_val)
         record = {
@@ -412,21 +467,25 @@ def fit(
             record["world_size"] = world  # loss is rank 0's shard mean; gradients were averaged over all ranks
         result.history.append(record)
         # Strictly better wins (ties keep the earlier epoch); a NaN AUC (one class in val) never beats a real one.
-        if best_state is None or (not math.isnan(auc) and (math.isnan(result.best_val_auc) or auc > result.best_val_auc)):
+        if best_state is None or (
+            not math.isnan(auc) and (math.isnan(result.best_val_auc) or auc > result.best_val_auc)
+        ):
             result.best_val_auc, result.best_epoch = auc, epoch + 1
             best_state = copy.deepcopy(model.state_dict())
         if cb.on_epoch:
             cb.on_epoch(record)
         if s.checkpoint and rank == 0:
-            s.checkpoint.save({
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": s.optimizer.state_dict(),
-                "scheduler": s.scheduler.state_dict() if s.scheduler is not None else {},
-                "best_state": best_state,
-                "result": {**vars(result), "wall_s": result.wall_s + time.perf_counter() - t0},
-                "torch_rng": torch.get_rng_state(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
-            })
+            s.checkpoint.save(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": s.optimizer.state_dict(),
+                    "scheduler": s.scheduler.state_dict() if s.scheduler is not None else {},
+                    "best_state": best_state,
+                    "result": {**vars(result), "wall_s": result.wall_s + time.perf_counter() - t0},
+                    "torch_rng": torch.get_rng_state(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                }
+            )
     result.wall_s += time.perf_counter() - t0
     return result, best_state

@@ -56,13 +56,27 @@ class Phase:
     weight_decay: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "epochs": self.epochs, "trainable_blocks": list(self.trainable_blocks),
-                "optimizer": self.optimizer, "lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
+        return {
+            "name": self.name,
+            "epochs": self.epochs,
+            "trainable_blocks": list(self.trainable_blocks),
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+        }
 
 
-def plan_phases(variant: TransferVariant, train: TrainConfig, finetune: FinetuneConfig, block_names: list[str]) -> list[Phase]:
+def plan_phases(
+    variant: TransferVariant, train: TrainConfig, finetune: FinetuneConfig, block_names: list[str]
+) -> list[Phase]:
     """The phases of one variant over ``train.epochs`` epochs, for a model with these blocks (input -> output)."""
-    base = {"optimizer": train.optimizer, "lr": train.lr, "momentum": train.momentum, "weight_decay": train.weight_decay}
+    base = {
+        "optimizer": train.optimizer,
+        "lr": train.lr,
+        "momentum": train.momentum,
+        "weight_decay": train.weight_decay,
+    }
     if variant.strategy in ("full", "scratch"):
         return [Phase("full", train.epochs, tuple(block_names), **base)]
     if variant.strategy == "linear_probe":
@@ -74,11 +88,20 @@ def plan_phases(variant: TransferVariant, train: TrainConfig, finetune: Finetune
             f"({', '.join(block_names)}); valid: 1 .. {len(block_names)}"
         )
     if head_epochs >= train.epochs:
-        raise TrainError(f"transfer variant '{variant.name}': head_epochs {head_epochs} leaves no fine-tuning epoch of train.epochs {train.epochs}")
+        raise TrainError(
+            f"transfer variant '{variant.name}': head_epochs {head_epochs} leaves no fine-tuning epoch of train.epochs {train.epochs}"
+        )
     return [
         Phase("head", head_epochs, (), **base),
-        Phase("finetune", train.epochs - head_epochs, tuple(block_names[-k:]), finetune.optimizer, finetune.lr,
-              finetune.momentum, finetune.weight_decay),
+        Phase(
+            "finetune",
+            train.epochs - head_epochs,
+            tuple(block_names[-k:]),
+            finetune.optimizer,
+            finetune.lr,
+            finetune.momentum,
+            finetune.weight_decay,
+        ),
     ]
 
 
@@ -87,7 +110,9 @@ def partial_blocks(init: str) -> int | None:
     return int(init.split(":", 1)[1]) if init.startswith("partial:") else None
 
 
-def initialise_model(arch: str, num_classes: int, init: str, source: SourceWeights | None, *, seed: int) -> tuple[TlModel, dict[str, Any]]:
+def initialise_model(
+    arch: str, num_classes: int, init: str, source: SourceWeights | None, *, seed: int
+) -> tuple[TlModel, dict[str, Any]]:
     """Build ``arch`` with ``num_classes`` logits and initialise it as ``init`` says; returns the model and what was done.
 
     The same seed gives the same model: the fresh init draws from the global RNG seeded here, re-drawn layers
@@ -112,7 +137,9 @@ def initialise_model(arch: str, num_classes: int, init: str, source: SourceWeigh
         record["redrawn_blocks"] = names
     elif (k := partial_blocks(init)) is not None:
         if k > len(blocks):
-            raise ModelError(f"transfer init '{init}': {arch} has {len(blocks)} blocks ({', '.join(names)}); valid: partial:1 .. partial:{len(blocks)}")
+            raise ModelError(
+                f"transfer init '{init}': {arch} has {len(blocks)} blocks ({', '.join(names)}); valid: partial:1 .. partial:{len(blocks)}"
+            )
         for _, block in blocks[k:]:
             reinit_(block, generator=generator)
         # Transfusion's partial reuse keeps only the lower layers: the classifier is new even when it would fit.
@@ -151,26 +178,61 @@ def run_phases(
     for phase in phases:
         freeze(model, freeze_bn_stats=freeze_bn_stats)
         unfreeze([blocks[name] for name in phase.trainable_blocks] + [model.get_classifier()])
-        optimizer = loop.make_optimizer(model.parameters(), name=phase.optimizer, lr=phase.lr,
-                                        weight_decay=phase.weight_decay, momentum=phase.momentum)
+        optimizer = loop.make_optimizer(
+            model.parameters(),
+            name=phase.optimizer,
+            lr=phase.lr,
+            weight_decay=phase.weight_decay,
+            momentum=phase.momentum,
+        )
         scheduler = loop.make_scheduler(optimizer, train, phase.epochs, steps)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        records.append({**phase.to_dict(), "first_epoch": epoch + 1, "last_epoch": epoch + phase.epochs, "trainable_params": trainable})
+        records.append(
+            {
+                **phase.to_dict(),
+                "first_epoch": epoch + 1,
+                "last_epoch": epoch + phase.epochs,
+                "trainable_params": trainable,
+            }
+        )
 
-        def labelled(record: dict[str, Any], phase: Phase = phase, optimizer: torch.optim.Optimizer = optimizer, trainable: int = trainable) -> None:
+        def labelled(
+            record: dict[str, Any],
+            phase: Phase = phase,
+            optimizer: torch.optim.Optimizer = optimizer,
+            trainable: int = trainable,
+        ) -> None:
             # The record is the one fit() keeps in its history, so the labels land there too.
             record.update(phase=phase.name, optimizer=type(optimizer).__name__.lower(), trainable_params=trainable)
             if on_epoch:
                 on_epoch(record)
 
         settings = loop.FitSettings(
-            epochs=phase.epochs, batch_size=train.batch_size, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-            seed=seed, device=device, augment_batches=train.augment, set_train_mode=set_train_mode, start_epoch=epoch,
-            amp=train.amp, channels_last=train.channels_last, sample_weights=data.sample_weights("train"),
-            precise_bn=train.precise_bn, checkpoint=checkpoint,
+            epochs=phase.epochs,
+            batch_size=train.batch_size,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            seed=seed,
+            device=device,
+            augment_batches=train.augment,
+            set_train_mode=set_train_mode,
+            start_epoch=epoch,
+            amp=train.amp,
+            channels_last=train.channels_last,
+            sample_weights=data.sample_weights("train"),
+            precise_bn=train.precise_bn,
+            checkpoint=checkpoint,
         )
-        result, best_state = loop.fit(model, (x_tr, y_tr), data.subset("val"), data.spec, settings,
-                                      loop.FitCallbacks(on_epoch=labelled, on_step=on_step), previous=(result, best_state))
+        result, best_state = loop.fit(
+            model,
+            (x_tr, y_tr),
+            data.subset("val"),
+            data.spec,
+            settings,
+            loop.FitCallbacks(on_epoch=labelled, on_step=on_step),
+            previous=(result, best_state),
+        )
         epoch += phase.epochs
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is not None and saved["epoch"] == epoch:
@@ -256,15 +318,31 @@ def train_variant(
     model.to(device)
     phases = plan_phases(variant, recipe.train, transfer.finetune, [name for name, _ in model.blocks()])
     result, best_state, phase_records = run_phases(
-        model, phases, data, recipe.train, seed=seed, device=device, freeze_bn_stats=transfer.freeze_bn_stats,
-        on_epoch=on_epoch, on_step=on_step, checkpoint=checkpoint,
+        model,
+        phases,
+        data,
+        recipe.train,
+        seed=seed,
+        device=device,
+        freeze_bn_stats=transfer.freeze_bn_stats,
+        on_epoch=on_epoch,
+        on_step=on_step,
+        checkpoint=checkpoint,
     )
     model.load_state_dict(best_state)
     model.eval()
     x_test, y_test = data.subset("test")
     test_auc = loop.validation_auc(loop.predict(model, x_test, data.spec, device=device), y_test)
-    return VariantRun(variant=variant, seed=seed, model=model, result=result, phases=phase_records, init_record=init_record,
-                      val_auc=round_finite(result.best_val_auc, digits=4), test_auc=round_finite(test_auc, digits=4))
+    return VariantRun(
+        variant=variant,
+        seed=seed,
+        model=model,
+        result=result,
+        phases=phase_records,
+        init_record=init_record,
+        val_auc=round_finite(result.best_val_auc, digits=4),
+        test_auc=round_finite(test_auc, digits=4),
+    )
 
 
 def needs_source(recipe: Recipe) -> bool:
@@ -288,8 +366,10 @@ def check_transfer_plan(recipe: Recipe, num_classes: int) -> SourceWeights | Non
         plan_phases(v, recipe.train, transfer.finetune, names)
         k = partial_blocks(v.init)
         if k is not None and k > len(names):
-            raise ModelError(f"transfer variant '{v.name}': init {v.init} but {recipe.model.arch} has {len(names)} blocks "
-                             f"({', '.join(names)}); valid: partial:1 .. partial:{len(names)}")
+            raise ModelError(
+                f"transfer variant '{v.name}': init {v.init} but {recipe.model.arch} has {len(names)} blocks "
+                f"({', '.join(names)}); valid: partial:1 .. partial:{len(names)}"
+            )
     source = load_source(recipe, model)
     if source is not None:
         apply_source_weights(model, source)  # raises now if the weights do not fit this arch
@@ -334,12 +414,22 @@ def run_transfer(
             checkpoint = None
             if checkpoint_dir is not None:
                 # Tagged with the recipe, variant and seed: a checkpoint of anything else is never continued.
-                checkpoint = loop.EpochCheckpoint(checkpoint_paths(recipe, checkpoint_dir)[(variant.name, seed)],
-                                                  tag=f"{checkpoint_tag}:{variant.name}:{seed}")
+                checkpoint = loop.EpochCheckpoint(
+                    checkpoint_paths(recipe, checkpoint_dir)[(variant.name, seed)],
+                    tag=f"{checkpoint_tag}:{variant.name}:{seed}",
+                )
             try:
-                run = train_variant(variant, recipe, data, source, seed=seed, device=device,
-                                    on_epoch=(lambda rec, label=label: on_epoch(label, rec)) if on_epoch else None, on_step=on_step,
-                                    checkpoint=checkpoint)
+                run = train_variant(
+                    variant,
+                    recipe,
+                    data,
+                    source,
+                    seed=seed,
+                    device=device,
+                    on_epoch=(lambda rec, label=label: on_epoch(label, rec)) if on_epoch else None,
+                    on_step=on_step,
+                    checkpoint=checkpoint,
+                )
             except TrainError as err:
                 if not comparing:
                     raise
@@ -348,7 +438,9 @@ def run_transfer(
                 log(f"transfer: {label} failed: {err}")
             runs[variant.name].append(run)
             if run.error is None:
-                log(f"transfer: {label}: val AUC {_fmt(run.val_auc)}, test AUC {_fmt(run.test_auc)} ({run.result.wall_s:.0f} s)")
+                log(
+                    f"transfer: {label}: val AUC {_fmt(run.val_auc)}, test AUC {_fmt(run.test_auc)} ({run.result.wall_s:.0f} s)"
+                )
         # Select on the mean val AUC over seeds; within the chosen variant, its best val run goes on.
         # A variant with a failed seed cannot be chosen; one without a val AUC (a single-class val split) only if
         # nothing else can.
@@ -360,7 +452,9 @@ def run_transfer(
             if run is not best:
                 run.model = None  # free the weights of runs that can no longer be selected
     if best is None:
-        raise TrainError("transfer: no variant produced a validation AUC; see the errors above (lower train.lr, or check the data)")
+        raise TrainError(
+            "transfer: no variant produced a validation AUC; see the errors above (lower train.lr, or check the data)"
+        )
     training = {
         "history": best.result.history,
         "best_epoch": best.result.best_epoch,
@@ -395,15 +489,19 @@ def checkpoint_paths(recipe: Recipe, folder: Path) -> dict[tuple[str, int], Path
 def _log_source(source: SourceWeights, recipe: Recipe, num_classes: int, log: Callable[[str], None]) -> None:
     probe = get_model(recipe.model.arch, num_classes=num_classes)
     loaded = apply_source_weights(probe, source)
-    log(f"transfer: source {source.kind} {source.file} ({loaded['loaded']}/{loaded['model_tensors']} tensors, "
-        f"missing {len(loaded['missing_keys'])}, unexpected {len(loaded['unexpected_keys'])}; classifier {loaded['classifier']})")
+    log(
+        f"transfer: source {source.kind} {source.file} ({loaded['loaded']}/{loaded['model_tensors']} tensors, "
+        f"missing {len(loaded['missing_keys'])}, unexpected {len(loaded['unexpected_keys'])}; classifier {loaded['classifier']})"
+    )
     for kind in ("missing_keys", "unexpected_keys"):
         if loaded[kind]:
             shown = ", ".join(loaded[kind][:5]) + (" ..." if len(loaded[kind]) > 5 else "")
             log(f"transfer: {kind.replace('_', ' ')}: {shown}")
     if source.details.get("sha256_matches") is False:
-        log(f"transfer: warning: {source.file.name} does not hash to the sha256 prefix in its name "
-            f"({source.details['sha256_prefix_expected']}); it is not the file torchvision published")
+        log(
+            f"transfer: warning: {source.file.name} does not hash to the sha256 prefix in its name "
+            f"({source.details['sha256_prefix_expected']}); it is not the file torchvision published"
+        )
 
 
 def _fmt(x: float | None, sd: float | None = None, digits: int = 3) -> str:
@@ -412,7 +510,9 @@ def _fmt(x: float | None, sd: float | None = None, digits: int = 3) -> str:
     return f"{x:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
-def transfer_table(runs: dict[str, list[VariantRun]], transfer: TransferConfig, best: VariantRun, source: SourceWeights | None) -> dict[str, Any]:
+def transfer_table(
+    runs: dict[str, list[VariantRun]], transfer: TransferConfig, best: VariantRun, source: SourceWeights | None
+) -> dict[str, Any]:
     """report["transfer"]: one row per variant (mean and sd over seeds), the target, the selection and the source."""
     best_vals = [run.val_auc for rs in runs.values() for run in rs if run.val_auc is not None]
     if transfer.target_val_auc is not None:
@@ -455,13 +555,15 @@ def table_cells(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             to_target = _fmt(row["epochs_to_target"], row["epochs_to_target_sd"], 1)
         else:
             to_target = f"not reached ({reached}/{n})" if reached < n else "-"
-        rows.append([
-            row["variant"] + (" *" if row["selected"] else ""),
-            row["init"],
-            row["strategy"],
-            _fmt(row["val_auc"], row["val_auc_sd"]),
-            _fmt(row["test_auc"], row["test_auc_sd"]),
-            to_target,
-            _fmt(row["wall_s"], row["wall_s_sd"], 0),
-        ])
+        rows.append(
+            [
+                row["variant"] + (" *" if row["selected"] else ""),
+                row["init"],
+                row["strategy"],
+                _fmt(row["val_auc"], row["val_auc_sd"]),
+                _fmt(row["test_auc"], row["test_auc_sd"]),
+                to_target,
+                _fmt(row["wall_s"], row["wall_s_sd"], 0),
+            ]
+        )
     return header, rows

@@ -38,11 +38,21 @@ def main() -> None:
         expected[name] = {"expect": kind, "why": why}
 
     for name in ("chelsea", "astronaut", "rocket", "coffee"):
-        put(f"photo-{name}.jpg", _jpeg(getattr(data, name)(), 192), "not_fundus", f"skimage.data.{name}(): an ordinary photo")
+        put(
+            f"photo-{name}.jpg",
+            _jpeg(getattr(data, name)(), 192),
+            "not_fundus",
+            f"skimage.data.{name}(): an ordinary photo",
+        )
     put("fundus-retina.jpg", _jpeg(data.retina(), 256), "fundus", "skimage.data.retina(): a real fundus photograph")
     buffer = io.BytesIO()
     Image.fromarray(data.microaneurysms()).save(buffer, format="PNG")
-    put("fundus-microaneurysms.png", buffer.getvalue(), "fundus", "skimage.data.microaneurysms(): a real red-free fundus crop")
+    put(
+        "fundus-microaneurysms.png",
+        buffer.getvalue(),
+        "fundus",
+        "skimage.data.microaneurysms(): a real red-free fundus crop",
+    )
     images, _ = generate(2, seed=20, size=192)
     put("fundus-synthetic.jpg", _jpeg(images[0], 192, quality=90), "fundus", "the synthetic generator")
     for fraction in (0.3, 0.7):
@@ -51,8 +61,12 @@ def main() -> None:
         payload[start:-2] = bytes(len(payload) - 2 - start)  # the case: data zeroed, end-of-image marker kept
         # 70% (the case) is found damaged at any decode scale; 30% at full scale, and at the small draft scale
         # a bundle of 48 px decodes it with, its grey band makes the field's surround not dark: no decision either way.
-        put(f"damaged-zeroed-{int(fraction * 100)}.jpg", bytes(payload), "damaged" if fraction > 0.5 else "no_decision",
-            f"a fundus JPEG with its last {fraction:.0%} zeroed: decodes grey")
+        put(
+            f"damaged-zeroed-{int(fraction * 100)}.jpg",
+            bytes(payload),
+            "damaged" if fraction > 0.5 else "no_decision",
+            f"a fundus JPEG with its last {fraction:.0%} zeroed: decodes grey",
+        )
     buffer = io.BytesIO()
     Image.fromarray(images[1]).save(buffer, format="PNG")
     put("damaged-truncated.png", buffer.getvalue()[: len(buffer.getvalue()) // 2], "error", "a PNG cut in half")

@@ -39,8 +39,9 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
                 fmt = row.format
                 path = art.files.get(fmt)
                 if path is None:
-                    ctx.console.print(f"[yellow]bench[/]: no {fmt} export of {art.name}; add it to export.formats "
-                                      f"for a {runtime} row")
+                    ctx.console.print(
+                        f"[yellow]bench[/]: no {fmt} export of {art.name}; add it to export.formats for a {runtime} row"
+                    )
                     continue
                 with ctx.console.status(f"[bold]bench[/]: {art.name} on {runtime}"):
                     if row.opens_files:
@@ -48,31 +49,39 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
                     else:  # the eager torch row: the module in memory
                         session = _torch_session(art.module, threads)
                     logits = predict_logits(session, test_inputs)
-                    latency = measure_latency(lambda s=session: s.run(one), warmup=r.bench.warmup,
-                                              iterations=r.bench.iterations)
+                    latency = measure_latency(
+                        lambda s=session: s.run(one), warmup=r.bench.warmup, iterations=r.bench.iterations
+                    )
                 metrics = classification_metrics(logits / ctx.operating_point["temperature"], y_test, ctx.threshold)
                 logits_path = atomic_save_npy(folder / "logits" / f"{art.name}.{runtime}.npy", logits)
-                rows.append({
-                    "name": art.name,
-                    "format": fmt,
-                    "precision": art.precision,
-                    "path": str(path.relative_to(ctx.out_dir)),
-                    "size_bytes": size_bytes(path),
-                    "params": params,
-                    "macs": macs,
-                    "runtime": runtime,
-                    "threads": session.threads,
-                    "exec_precision": session.exec_precision,
-                    "latency_ms": {k: round(v, 4) for k, v in latency.items()
-                                   if k in ("p50", "p90", "p99", "mean", "first_ms")},
-                    "metrics": {k: metrics[k]
-                                for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "threshold", "n")},
-                    "parity": art.parity.get(fmt, {"max_abs_diff": 0.0, "top1_agreement": 1.0, "reference": "self"}),
-                    "lineage": art.lineage,
-                    "logits_path": str(logits_path.relative_to(ctx.out_dir)),
-                    # Compressed artifacts: the accuracy guard on val (met / checks / actions) and what compression did.
-                    **{k: art.metadata[k] for k in ("guard", "compression") if k in art.metadata},
-                })
+                rows.append(
+                    {
+                        "name": art.name,
+                        "format": fmt,
+                        "precision": art.precision,
+                        "path": str(path.relative_to(ctx.out_dir)),
+                        "size_bytes": size_bytes(path),
+                        "params": params,
+                        "macs": macs,
+                        "runtime": runtime,
+                        "threads": session.threads,
+                        "exec_precision": session.exec_precision,
+                        "latency_ms": {
+                            k: round(v, 4) for k, v in latency.items() if k in ("p50", "p90", "p99", "mean", "first_ms")
+                        },
+                        "metrics": {
+                            k: metrics[k]
+                            for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "threshold", "n")
+                        },
+                        "parity": art.parity.get(
+                            fmt, {"max_abs_diff": 0.0, "top1_agreement": 1.0, "reference": "self"}
+                        ),
+                        "lineage": art.lineage,
+                        "logits_path": str(logits_path.relative_to(ctx.out_dir)),
+                        # Compressed artifacts: the accuracy guard on val (met / checks / actions) and what compression did.
+                        **{k: art.metadata[k] for k in ("guard", "compression") if k in art.metadata},
+                    }
+                )
         for art in artifacts:
             art.module.to(ctx.device)
     finally:
@@ -125,10 +134,16 @@ def flag_test_drops(rows: list[dict[str, Any]]) -> None:
             if limit is None or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
                 continue
             if a - b > limit + 1e-12:
-                flags.append({"metric": metric, "reference": check["against"], "drop": round(a - b, 6),
-                              "max_drop": limit,
-                              "text": f"test {metric} {100 * (b - a):+.1f} pp vs {check['against']} (guard limit "
-                                      f"{-100 * limit:.1f} pp; the guard judged val)"})
+                flags.append(
+                    {
+                        "metric": metric,
+                        "reference": check["against"],
+                        "drop": round(a - b, 6),
+                        "max_drop": limit,
+                        "text": f"test {metric} {100 * (b - a):+.1f} pp vs {check['against']} (guard limit "
+                        f"{-100 * limit:.1f} pp; the guard judged val)",
+                    }
+                )
         row["test_flags"] = flags
 
 
@@ -141,9 +156,16 @@ def add_clinical_evaluation(ctx: BuildContext, rows: list[dict[str, Any]], test_
     e, op = ctx.recipe.evaluate, ctx.operating_point
     logits = [np.load(ctx.out_dir / row["logits_path"]) if row.get("logits_path") else None for row in rows]
     add_clinical_to_rows(
-        rows, logits, test_targets, threshold=op["threshold"], temperature=op["temperature"],
-        endpoints=e.endpoints.model_dump(exclude={"rule"}), endpoint_rule=e.endpoints.rule,
-        resamples=e.bootstrap_resamples, seed=bootstrap_seed(ctx), calibration_bins=e.calibration_bins,
+        rows,
+        logits,
+        test_targets,
+        threshold=op["threshold"],
+        temperature=op["temperature"],
+        endpoints=e.endpoints.model_dump(exclude={"rule"}),
+        endpoint_rule=e.endpoints.rule,
+        resamples=e.bootstrap_resamples,
+        seed=bootstrap_seed(ctx),
+        calibration_bins=e.calibration_bins,
     )
 
 

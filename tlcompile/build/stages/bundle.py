@@ -28,14 +28,18 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
 
 def _say(ctx: BuildContext, record: dict) -> None:
     sel = record.get("selection", {})
-    passed_over = [f"{c['id']} ({c['why_not']})" for c in sel.get("candidates", [])
-                   if c.get("why_not") and sel.get("rule") != "name"]
+    passed_over = [
+        f"{c['id']} ({c['why_not']})"
+        for c in sel.get("candidates", [])
+        if c.get("why_not") and sel.get("rule") != "name"
+    ]
     why = f": {sel['why']}" if sel.get("why") else f" ({sel.get('ranked_by')})"
     ctx.console.print(
         f"[bold]bundle[/]: {ctx.out_dir / record['path']}: {len(record['candidates'])} candidate(s) for the box to "
         f"choose from ({', '.join(record['candidates'])}); build's choice {record['default_candidate']} "
         f"({record['precision']}), by select: {sel.get('rule')}{why}"
-        + (f"; passed over: {', '.join(passed_over)}" if passed_over else "") + "; "
+        + (f"; passed over: {', '.join(passed_over)}" if passed_over else "")
+        + "; "
         f"{record['golden_samples']} golden samples verified (max |Δlogit| "
         f"{record['verify']['max_abs_logit_diff']:.1e}); manifest sha256 {record['manifest_sha256'][:16]}; on the "
         "clinic's box, tlcompile verify pins the fastest there"

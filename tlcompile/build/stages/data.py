@@ -18,15 +18,24 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         ctx.data = load_data(d, seed=ctx.recipe.seed, report_dir=folder)
     ctx.data.write_splits_csv(folder / "splits.csv")
     report = ctx.data.report
-    summary = {"counts": ctx.data.counts(), "preprocessing": ctx.data.spec.to_dict(), "task": d.task,
-               "class_names": list(ctx.data.class_names), "fov_not_found": int((~ctx.data.fov_found).sum()),
-               "balance": d.balance, "problems_skipped": len(report.problems) if report else 0,
-               "patients_in_two_splits": report.splits.get("patients_in_two_splits") if report else None}
+    summary = {
+        "counts": ctx.data.counts(),
+        "preprocessing": ctx.data.spec.to_dict(),
+        "task": d.task,
+        "class_names": list(ctx.data.class_names),
+        "fov_not_found": int((~ctx.data.fov_found).sum()),
+        "balance": d.balance,
+        "problems_skipped": len(report.problems) if report else 0,
+        "patients_in_two_splits": report.splits.get("patients_in_two_splits") if report else None,
+    }
     atomic_write_json(folder / "summary.json", summary)
     ctx.stage.record = {"images": len(ctx.data.ids)}
     counts = ", ".join(f"{k} {sum(v.values())}" for k, v in summary["counts"].items())
-    skipped = (f"; {summary['problems_skipped']} problem images left out (01_data/problems.csv)"
-               if summary["problems_skipped"] else "")
+    skipped = (
+        f"; {summary['problems_skipped']} problem images left out (01_data/problems.csv)"
+        if summary["problems_skipped"]
+        else ""
+    )
     ctx.console.print(f"[bold]data[/]: {len(ctx.data.ids)} images ({counts}); task {d.task}{skipped}")
     return artifacts
 

@@ -74,8 +74,12 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         + (f" ({'; '.join(g['actions'])})" if g["actions"] else "")
     )
     pruned = Artifact(
-        name="pruned", module=model, precision="fp32", lineage=f"fp32 <- pruned-{cfg.method}-{cfg.ratio:g}",
-        files={"torch": weights}, metadata={"compression": record["compression"], "guard": record["guard"]},
+        name="pruned",
+        module=model,
+        precision="fp32",
+        lineage=f"fp32 <- pruned-{cfg.method}-{cfg.ratio:g}",
+        files={"torch": weights},
+        metadata={"compression": record["compression"], "guard": record["guard"]},
     )
     return [*artifacts, pruned]
 
@@ -100,12 +104,20 @@ def _start(ctx: BuildContext, fp32: Artifact) -> _Start:
     judge = make_judge(ctx, reference, against="fp32", limits=guard.limits_of(cfg), reference_model=fp32.module)
     cal_x, cal_y = calibration_set(data, cfg.calibration_images, seed=ctx.recipe.seed)
     bn_batches = [xb for xb, _ in input_batches(cal_x, data.spec, batch_size=BN_BATCH, device=ctx.device)]
-    return _Start(teacher=fp32.module.eval() if cfg.distill else None, reference=reference, judge=judge,
-                  cal_x=cal_x, cal_y=cal_y, bn_batches=bn_batches, example=example)
+    return _Start(
+        teacher=fp32.module.eval() if cfg.distill else None,
+        reference=reference,
+        judge=judge,
+        cal_x=cal_x,
+        cal_y=cal_y,
+        bn_batches=bn_batches,
+        example=example,
+    )
 
 
-def _prune_in_steps(ctx: BuildContext, model: torch.nn.Module, prune_step: PruneStep,
-                    start: _Start) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _prune_in_steps(
+    ctx: BuildContext, model: torch.nn.Module, prune_step: PruneStep, start: _Start
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The pruning schedule both methods share: ``prune_step(k)`` prunes step k (BatchNorm re-estimated); each step
     is then fine-tuned (BN statistics frozen) and judged. On a failing guard: re-align the operating point (when only
     the decisions moved), then ``recovery_epochs`` more fine-tuning (re-aligned again after it). Returns the step
@@ -115,8 +127,18 @@ def _prune_in_steps(ctx: BuildContext, model: torch.nn.Module, prune_step: Prune
     judge, reference = start.judge, start.reference
 
     def tune(epochs: int, label: str, start_epoch: int = 0) -> dict[str, Any]:
-        return finetune(ctx, model, epochs=epochs, lr=cfg.lr, label=label, judge=judge, teacher=start.teacher,
-                        distill=distill, freeze_bn_stats=True, start_epoch=start_epoch)
+        return finetune(
+            ctx,
+            model,
+            epochs=epochs,
+            lr=cfg.lr,
+            label=label,
+            judge=judge,
+            teacher=start.teacher,
+            distill=distill,
+            freeze_bn_stats=True,
+            start_epoch=start_epoch,
+        )
 
     steps, check = [], None
     for k in range(1, cfg.steps + 1):
@@ -130,25 +152,32 @@ def _prune_in_steps(ctx: BuildContext, model: torch.nn.Module, prune_step: Prune
             check = judge(model)
         step["val"] = rounded(split_metrics(ctx, model, "val"))
         steps.append(step)
-        ctx.console.print(f"[bold]prune[/]: step {k}: {says}, val AUC {f3(step['val_after_pruning']['auc'])} "
-                          f"after pruning + BN adaptation -> {f3(step['val']['auc'])} after fine-tuning")
+        ctx.console.print(
+            f"[bold]prune[/]: step {k}: {says}, val AUC {f3(step['val_after_pruning']['auc'])} "
+            f"after pruning + BN adaptation -> {f3(step['val']['auc'])} after fine-tuning"
+        )
 
     actions: list[str] = []
     check = realign(ctx, cfg, model, reference, judge, check, actions)
     if not check["met"] and cfg.recovery_epochs > 0:
         before = guard.describe(check)
         check = tune(cfg.recovery_epochs, "prune: recovery", start_epoch=cfg.finetune_epochs)["check"]
-        actions.append(f"guard failed ({before}): fine-tuned {cfg.recovery_epochs} more epochs -> "
-                       f"{guard.describe(check)}")
+        actions.append(
+            f"guard failed ({before}): fine-tuned {cfg.recovery_epochs} more epochs -> {guard.describe(check)}"
+        )
         check = realign(ctx, cfg, model, reference, judge, check, actions)
     if not check["met"]:
-        actions.append("still failing: artifact kept and marked as not meeting the guard"
-                       + ("" if cfg.recovery_epochs else " (prune.recovery_epochs is 0)"))
+        actions.append(
+            "still failing: artifact kept and marked as not meeting the guard"
+            + ("" if cfg.recovery_epochs else " (prune.recovery_epochs is 0)")
+        )
     return steps, guard.summarize([check], actions)
 
 
 def _distill_record(cfg: Any) -> dict[str, Any] | None:
-    return {"teacher": "fp32", "temperature": cfg.distill_temperature, "alpha": cfg.distill_alpha} if cfg.distill else None
+    return (
+        {"teacher": "fp32", "temperature": cfg.distill_temperature, "alpha": cfg.distill_alpha} if cfg.distill else None
+    )
 
 
 def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -162,8 +191,11 @@ def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module,
 
     def prune_step(k: int) -> tuple[dict[str, Any], str]:
         with ctx.console.status(f"[bold]prune[/]: step {k}/{cfg.steps} ({cfg.importance} importance)"):
-            gradients = (input_batches(start.cal_x, data.spec, batch_size=BN_BATCH, device=ctx.device,
-                                       targets=start.cal_y) if cfg.importance == "taylor" else None)
+            gradients = (
+                input_batches(start.cal_x, data.spec, batch_size=BN_BATCH, device=ctx.device, targets=start.cal_y)
+                if cfg.importance == "taylor"
+                else None
+            )
             pruner.step(gradient_batches=gradients)
             adapt_batchnorm(model, start.bn_batches)
         macs = count_macs(model, size)
@@ -172,11 +204,19 @@ def _prune_channels(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module,
     steps, record_guard = _prune_in_steps(ctx, model, prune_step, start)
     after = channel_plan(model)
     compression = {
-        "method": "channel", "library": "torch-pruning", "ratio": cfg.ratio, "importance": cfg.importance,
-        "scope": cfg.scope, "steps": steps, "params": [params0, count_params(model)],
-        "macs": [macs0, count_macs(model, size)], "widths": pruned_widths(before, after),
-        "kept_whole": ["classifier", *cfg.keep], "calibration_images": len(start.cal_x),
-        "batchnorm": "re-estimated after each step, frozen while fine-tuning", "distill": _distill_record(cfg),
+        "method": "channel",
+        "library": "torch-pruning",
+        "ratio": cfg.ratio,
+        "importance": cfg.importance,
+        "scope": cfg.scope,
+        "steps": steps,
+        "params": [params0, count_params(model)],
+        "macs": [macs0, count_macs(model, size)],
+        "widths": pruned_widths(before, after),
+        "kept_whole": ["classifier", *cfg.keep],
+        "calibration_images": len(start.cal_x),
+        "batchnorm": "re-estimated after each step, frozen while fine-tuning",
+        "distill": _distill_record(cfg),
         "val": {"fp32": rounded(start.reference), "pruned": rounded(split_metrics(ctx, model, "val"))},
     }
     return model, {"compression": compression, "guard": record_guard}
@@ -197,18 +237,25 @@ def _prune_magnitude(ctx: BuildContext, fp32: Artifact) -> tuple[torch.nn.Module
     steps, record_guard = _prune_in_steps(ctx, wrapped, prune_step, start)
     model = strip_magnitude_pruning(wrapped, fp32.module.arch, fp32.module.num_classes).eval()
     compression = {
-        "method": "magnitude", "library": "nncf", "ratio": cfg.ratio, "scope": cfg.scope, "steps": steps,
+        "method": "magnitude",
+        "library": "nncf",
+        "ratio": cfg.ratio,
+        "scope": cfg.scope,
+        "steps": steps,
         "params": [count_params(fp32.module), count_params(model)],
         "macs": [count_macs(fp32.module, size), count_macs(model, size)],
         "sparsity": weight_sparsity(model),
         "weights_gzip_bytes": [compressed_weight_bytes(fp32.module), compressed_weight_bytes(model)],
         "latency_note": "zeroed weights keep their dense shape: CPU runtimes run dense kernels, so expect no speed-up; "
-                        "the gain is the compressed size",
-        "calibration_images": len(start.cal_x), "batchnorm": "re-estimated after each step, frozen while fine-tuning",
+        "the gain is the compressed size",
+        "calibration_images": len(start.cal_x),
+        "batchnorm": "re-estimated after each step, frozen while fine-tuning",
         "distill": _distill_record(cfg),
         "val": {"fp32": rounded(start.reference), "pruned": rounded(split_metrics(ctx, model, "val"))},
     }
     return model, {"compression": compression, "guard": record_guard}
 
 
-STAGE = Stage(name="prune", folder="03_prune", sections=SECTIONS, run=run, wanted=lambda recipe: recipe.prune is not None)
+STAGE = Stage(
+    name="prune", folder="03_prune", sections=SECTIONS, run=run, wanted=lambda recipe: recipe.prune is not None
+)

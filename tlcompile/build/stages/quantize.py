@@ -61,11 +61,23 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         lineage = f"{src.lineage} <- {cfg.method}-int8" + (f" ({len(fp32_layers)} layers fp32)" if fp32_layers else "")
         guard_record = record["guard"]
         if src.metadata.get("guard"):  # pruned-int8 answers for its pruning too
-            guard_record = {**guard.summarize(src.metadata["guard"]["checks"] + record["guard"]["checks"],
-                                              src.metadata["guard"]["actions"] + record["guard"]["actions"]),
-                            "vs_fp32": record["guard"]["vs_fp32"]}
-        out.append(Artifact(name=name, module=model, precision="int8", lineage=lineage, files={"torch": weights},
-                            metadata={"compression": record["compression"], "guard": guard_record}))
+            guard_record = {
+                **guard.summarize(
+                    src.metadata["guard"]["checks"] + record["guard"]["checks"],
+                    src.metadata["guard"]["actions"] + record["guard"]["actions"],
+                ),
+                "vs_fp32": record["guard"]["vs_fp32"],
+            }
+        out.append(
+            Artifact(
+                name=name,
+                module=model,
+                precision="int8",
+                lineage=lineage,
+                files={"torch": weights},
+                metadata={"compression": record["compression"], "guard": guard_record},
+            )
+        )
     atomic_write_json(folder / "quantize.json", records)
     ctx.stage.record = {"artifacts": records}
     return [*artifacts, *out]
@@ -99,12 +111,26 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
 
     def attempt(fp32_layers: list[str], label: str) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
         with ctx.console.status(f"[bold]quantize[/]: {name}: NNCF PTQ on {len(cal_x)} calibration images"):
-            model = quantize_ptq(copy.deepcopy(base), cal_x, data.spec, device=ctx.device,
-                                 ignored_scope=keep_fp32_scope(base, cfg.keep_fp32, fp32_layers), overflow_fix=cfg.overflow_fix)
+            model = quantize_ptq(
+                copy.deepcopy(base),
+                cal_x,
+                data.spec,
+                device=ctx.device,
+                ignored_scope=keep_fp32_scope(base, cfg.keep_fp32, fp32_layers),
+                overflow_fix=cfg.overflow_fix,
+            )
         ptq = {"val": rounded(split_metrics(ctx, model, "val")), "test": rounded(split_metrics(ctx, model, "test"))}
         if cfg.method == "qat":
-            tuned = finetune(ctx, model, epochs=cfg.epochs, lr=cfg.lr, label=f"quantize: {label}", judge=judge,
-                             teacher=teacher, distill=distill)
+            tuned = finetune(
+                ctx,
+                model,
+                epochs=cfg.epochs,
+                lr=cfg.lr,
+                label=f"quantize: {label}",
+                judge=judge,
+                teacher=teacher,
+                distill=distill,
+            )
         else:
             tuned = {"history": [], "best_epoch": 0, "check": judge(model)}
         return model, ptq, tuned
@@ -113,11 +139,25 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
     tuned["check"] = realign(ctx, cfg, model, reference, judge, tuned["check"], actions)
     if not tuned["check"]["met"] and cfg.method == "qat" and cfg.recovery_epochs > 0:
         before = guard.describe(tuned["check"])
-        more = finetune(ctx, model, epochs=cfg.recovery_epochs, lr=cfg.lr, label=f"quantize: {name} recovery",
-                        judge=judge, teacher=teacher, distill=distill, start_epoch=cfg.epochs)
-        tuned = {"history": tuned["history"] + more["history"], "check": more["check"],
-                 "best_epoch": more["best_epoch"] if more["best_epoch"] > cfg.epochs else tuned["best_epoch"]}
-        actions.append(f"guard failed ({before}): {cfg.recovery_epochs} more QAT epochs -> {guard.describe(tuned['check'])}")
+        more = finetune(
+            ctx,
+            model,
+            epochs=cfg.recovery_epochs,
+            lr=cfg.lr,
+            label=f"quantize: {name} recovery",
+            judge=judge,
+            teacher=teacher,
+            distill=distill,
+            start_epoch=cfg.epochs,
+        )
+        tuned = {
+            "history": tuned["history"] + more["history"],
+            "check": more["check"],
+            "best_epoch": more["best_epoch"] if more["best_epoch"] > cfg.epochs else tuned["best_epoch"],
+        }
+        actions.append(
+            f"guard failed ({before}): {cfg.recovery_epochs} more QAT epochs -> {guard.describe(tuned['check'])}"
+        )
         tuned["check"] = realign(ctx, cfg, model, reference, judge, tuned["check"], actions)
     fp32_layers: list[str] = []
     sensitivity: list[dict[str, Any]] = []
@@ -132,25 +172,43 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
         realigned: list[str] = []
         tuned2["check"] = realign(ctx, cfg, model2, reference, judge, tuned2["check"], realigned)
         better = rank(tuned2["check"]) > rank(tuned["check"])
-        actions.append(f"guard failed ({before}): kept the {len(chosen)} most sensitive layers in FP32 via NNCF's "
-                       f"ignored scope ({', '.join(chosen)}) and quantized again -> {guard.describe(tuned2['check'])}"
-                       + ("" if better else "; the first model was closer and is kept"))
+        actions.append(
+            f"guard failed ({before}): kept the {len(chosen)} most sensitive layers in FP32 via NNCF's "
+            f"ignored scope ({', '.join(chosen)}) and quantized again -> {guard.describe(tuned2['check'])}"
+            + ("" if better else "; the first model was closer and is kept")
+        )
         if better:
             actions += realigned
             model, ptq, tuned, fp32_layers = model2, ptq2, tuned2, chosen
     if not tuned["check"]["met"]:
         actions.append("still failing: artifact kept and marked as not meeting the guard")
-    final = {"val": rounded(split_metrics(ctx, model, "val")), "test": rounded(split_metrics(ctx, model, "test")),
-             "kept_epoch": tuned["best_epoch"], "history": tuned["history"]}
+    final = {
+        "val": rounded(split_metrics(ctx, model, "val")),
+        "test": rounded(split_metrics(ctx, model, "test")),
+        "kept_epoch": tuned["best_epoch"],
+        "history": tuned["history"],
+    }
     fp32_val = split_metrics(ctx, fp32.module, "val")
     record_guard = guard.summarize([tuned["check"]], actions)
     record_guard["vs_fp32"] = {f"{m}_drop": _delta(fp32_val[m], final["val"][m]) for m in guard.GUARD_METRICS}
     compression = {
-        "method": cfg.method, "library": "nncf", "source": src.name, "calibration_images": len(cal_x),
-        "batchnorm_folded": len(folded), "quantizers": quantizer_summary(model), "keep_fp32": list(cfg.keep_fp32),
-        "fp32_layers": fp32_layers, "sensitivity": sensitivity[:10],
-        "distill": ({"teacher": src.name, "temperature": cfg.distill_temperature, "alpha": cfg.distill_alpha} if teacher is not None else None),
-        "ptq": ptq, "final": final, "reference_val": rounded(reference),
+        "method": cfg.method,
+        "library": "nncf",
+        "source": src.name,
+        "calibration_images": len(cal_x),
+        "batchnorm_folded": len(folded),
+        "quantizers": quantizer_summary(model),
+        "keep_fp32": list(cfg.keep_fp32),
+        "fp32_layers": fp32_layers,
+        "sensitivity": sensitivity[:10],
+        "distill": (
+            {"teacher": src.name, "temperature": cfg.distill_temperature, "alpha": cfg.distill_alpha}
+            if teacher is not None
+            else None
+        ),
+        "ptq": ptq,
+        "final": final,
+        "reference_val": rounded(reference),
         "kept": "qat" if cfg.method == "qat" and tuned["best_epoch"] > 0 else "ptq",
     }
     return model, {"compression": compression, "guard": record_guard}
@@ -160,5 +218,6 @@ def _delta(a: float, b: float | None) -> float | None:
     return round(a - b, 6) if b is not None and math.isfinite(a) else None
 
 
-STAGE = Stage(name="quantize", folder="04_quantize", sections=SECTIONS, run=run,
-              wanted=lambda recipe: recipe.quantize is not None)
+STAGE = Stage(
+    name="quantize", folder="04_quantize", sections=SECTIONS, run=run, wanted=lambda recipe: recipe.quantize is not None
+)

@@ -82,8 +82,11 @@ def environment() -> dict[str, Any]:
         "cpu": cpu_info(),
     }
     if torch.cuda.is_available():  # what trained the model, where a GPU did
-        env["cuda"] = {"version": torch.version.cuda, "device": torch.cuda.get_device_name(0),
-                       "count": torch.cuda.device_count()}
+        env["cuda"] = {
+            "version": torch.version.cuda,
+            "device": torch.cuda.get_device_name(0),
+            "count": torch.cuda.device_count(),
+        }
     return env
 
 

@@ -53,13 +53,21 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
             task = bar.add_task("train", total=runs * tc.epochs * steps, info="")
 
             def on_epoch(label: str, rec: dict[str, Any]) -> None:
-                bar.update(task, info=f"{label + ': ' if runs > 1 else ''}epoch {rec['epoch']}/{tc.epochs} "
-                           f"loss {rec['loss']:.3f} val AUC {rec['val_auc']:.3f}")
+                bar.update(
+                    task,
+                    info=f"{label + ': ' if runs > 1 else ''}epoch {rec['epoch']}/{tc.epochs} "
+                    f"loss {rec['loss']:.3f} val AUC {rec['val_auc']:.3f}",
+                )
 
             outcome = transfer.run_transfer(
-                r, data_module, device=ctx.device, source=ctx.weight_source,
-                log=lambda msg: ctx.console.print(msg, markup=False), on_epoch=on_epoch,
-                on_step=lambda _loss: bar.advance(task), checkpoint_dir=folder,
+                r,
+                data_module,
+                device=ctx.device,
+                source=ctx.weight_source,
+                log=lambda msg: ctx.console.print(msg, markup=False),
+                on_epoch=on_epoch,
+                on_step=lambda _loss: bar.advance(task),
+                checkpoint_dir=folder,
                 checkpoint_tag=ctx.stage_fingerprint(FOLDER),
             )
         model = outcome.model
@@ -73,8 +81,10 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         # stage.json stands for the epoch checkpoints (tens of MB each) once the loop has written it.
         ctx.stage.cleanup = list(transfer.checkpoint_paths(r, folder).values())
         t = ctx.training
-        ctx.console.print(f"[bold]train[/]: {t['variant']}, best epoch {t['best_epoch']}, "
-                          f"val AUC {t['best_val_auc']:.3f} ({t['wall_s']:.0f} s)")
+        ctx.console.print(
+            f"[bold]train[/]: {t['variant']}, best epoch {t['best_epoch']}, "
+            f"val AUC {t['best_val_auc']:.3f} ({t['wall_s']:.0f} s)"
+        )
     model.eval()
     lock_fp32_operating_point(ctx, model)
     return [*artifacts, Artifact(name="fp32", module=model, precision="fp32", lineage="fp32", files={"torch": ckpt})]
@@ -86,16 +96,23 @@ def lock_fp32_operating_point(ctx: BuildContext, model: torch.nn.Module) -> None
     e = ctx.recipe.evaluate
     x_val, y_val = ctx.data.subset("val")
     val_logits = loop.predict(model, x_val, ctx.data.spec, device=ctx.device)
-    locked = lock_operating_point(val_logits, y_val, method=e.operating_point, target_sensitivity=e.target_sensitivity,
-                                  temperature_scaling=e.temperature_scaling)
+    locked = lock_operating_point(
+        val_logits,
+        y_val,
+        method=e.operating_point,
+        target_sensitivity=e.target_sensitivity,
+        temperature_scaling=e.temperature_scaling,
+    )
     ctx.operating_point = {**locked, "locked_on": "val", "model": "fp32"}
     ctx.threshold = locked["threshold"]
 
 
 def _transfer_table(table: dict[str, Any]) -> Table:
     header, rows = transfer.table_cells(table)
-    out = Table(title=f"transfer: {table['repeats']} seed(s) per variant; * = best mean val AUC, goes on "
-                f"(epochs to val AUC {table['target_val_auc']})")
+    out = Table(
+        title=f"transfer: {table['repeats']} seed(s) per variant; * = best mean val AUC, goes on "
+        f"(epochs to val AUC {table['target_val_auc']})"
+    )
     for col in header:
         out.add_column(col, justify="left" if col in ("variant", "init", "strategy") else "right", no_wrap=True)
     for row in rows:
@@ -103,5 +120,6 @@ def _transfer_table(table: dict[str, Any]) -> Table:
     return out
 
 
-STAGE = Stage(name="train", folder=FOLDER, sections=SECTIONS, run=run, preflight=preflight, all_ranks=True,
-              keeps_partial=True)
+STAGE = Stage(
+    name="train", folder=FOLDER, sections=SECTIONS, run=run, preflight=preflight, all_ranks=True, keeps_partial=True
+)
