@@ -1,0 +1,40 @@
+"""Names vulture (make lint) cannot see used, each with the reason it is not dead code.
+
+vulture reads ``paths`` in pyproject.toml's [tool.vulture], this file included: a name written here counts as used.
+"""
+
+from tlcompile import recipe
+from tlcompile.data import checks, synthetic
+from tlcompile.models import zoo
+from tlcompile.runtime import bundle, inference, predict, preprocess, terminal
+
+# Dataclass fields written to JSON with dataclasses.asdict (data_check.json, verify / predict records).
+checks.DataReport.label_csv
+checks.DataReport.images_folder
+bundle.Reading.referable_dr
+bundle.GoldenCheck.max_abs_probability_diff
+predict.ImageResult.referable_dr
+predict.ImageResult.latency_ms
+
+# Recipe fields read by name: the guard's limits (guard.limits_of: getattr(cfg, f"max_{metric}_drop")) and the
+# endpoints (EvaluateConfig.endpoints.model_dump() into evaluate.clinical).
+recipe.GuardLimits.max_auc_drop
+recipe.GuardLimits.max_sensitivity_drop
+recipe.GuardLimits.max_specificity_drop
+recipe.GuardLimits.max_accuracy_drop
+recipe.EndpointsConfig.min_sensitivity
+recipe.EndpointsConfig.min_specificity
+recipe.EndpointsConfig.min_auc
+
+# ONNX Runtime's SessionOptions (runtime/inference.py): set here, read by onnxruntime.
+_ = inference
+_.intra_op_num_threads
+_.inter_op_num_threads
+_.graph_optimization_level
+_.log_severity_level
+
+# Public helpers the package offers beside the ones it calls itself (each has its own tests).
+synthetic.sample_grades  # the generator's grades without rendering a single image
+preprocess.find_fov  # the field-of-view box prepare_image crops to
+terminal.fit_table  # FitTable from header + rows in one call
+zoo.TorchvisionModel.torchvision_name  # which torchvision builder a zoo model wraps
