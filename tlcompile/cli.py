@@ -287,7 +287,8 @@ def bench(
     precision: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
-            help="OpenVINO execution precision: auto | f32 | bf16 | f16 (default: what the build benched / the bundle deploys with)."
+            help="OpenVINO execution precision: auto | f32 | bf16 | f16 (default: what the build benched / the bundle "
+            "deploys with)."
         ),
     ] = None,
     hint: Annotated[
@@ -357,7 +358,8 @@ def bench(
             opts,
             eval_sets=eval_set_loader(data),
             on_row=lambda row: status.update(
-                f"benchmarking: {row['name']} {row['runtime']} t={row['threads']} b={row['batch']}: p50 {row['latency_ms']['p50']:.2f} ms"
+                f"benchmarking: {row['name']} {row['runtime']} t={row['threads']} b={row['batch']}: p50 "
+                f"{row['latency_ms']['p50']:.2f} ms"
             ),
         )
     from tlcompile.runtime.pinning import load_average
@@ -375,7 +377,8 @@ def bench(
     console.print(
         bench_table(
             rows,
-            title=f"tlcompile bench on {result['host']['cpu']['model']} (ISA: {', '.join(result['host']['cpu']['isa']) or '-'}"
+            title=f"tlcompile bench on {result['host']['cpu']['model']} "
+            f"(ISA: {', '.join(result['host']['cpu']['isa']) or '-'}"
             + (f"; load average {load[0]:.2f} on {os.cpu_count()} cores" if load else "")
             + f"): {noise}",
         )
@@ -432,7 +435,8 @@ def report_schema(
     typer.echo(f"wrote {out}")
 
 
-# The three commands a clinic's box runs: they import tlcompile.runtime only (never torch), after `pip install tlcompile`.
+# The three commands a clinic's box runs: they import tlcompile.runtime only (never torch), after
+# `pip install tlcompile`.
 BundleArgument = Annotated[Path, typer.Argument(help="The bundle folder a build wrote (BUILD_DIR/bundle).")]
 ThreadsOption = Annotated[
     Optional[int], typer.Option("--threads", help="Inference threads (default: all usable cores).", min=1)  # noqa: UP045
@@ -600,7 +604,8 @@ def sweep(
     failed = [v["name"] for v in report["variants"] if not v["ok"]]
     if failed:
         raise TlcompileError(
-            f"{len(failed)} of {len(report['variants'])} variants failed: {', '.join(failed)} (their errors are in sweep.md)"
+            f"{len(failed)} of {len(report['variants'])} variants failed: {', '.join(failed)} (their errors are in "
+            "sweep.md)"
         )
 
 
@@ -610,16 +615,19 @@ def bundle_keygen(
         Path,
         typer.Option(
             "--out",
-            help="Folder for tlcompile-signing.key (0600) and tlcompile-signing.pub; existing files are never overwritten.",
+            help="Folder for tlcompile-signing.key (0600) and tlcompile-signing.pub; existing files are never "
+            "overwritten.",
         ),
     ],
 ) -> None:
-    """Make an Ed25519 key pair for signing bundles: keep the .key with whoever releases models, put the .pub on the boxes."""
+    """Make an Ed25519 key pair for signing bundles: keep the .key with whoever releases models, put the .pub on \
+the boxes."""
     from tlcompile.runtime.signing import keygen
 
     private_path, public_path, kid = keygen(out)
     typer.echo(
-        f"key {kid}: private {private_path} (mode 0600; keep it off the boxes), public {public_path} (give it to verify/predict/serve --trust)"
+        f"key {kid}: private {private_path} (mode 0600; keep it off the boxes), public {public_path} (give it to "
+        "verify/predict/serve --trust)"
     )
 
 
@@ -634,7 +642,8 @@ def bundle_sign(
 
     record = sign_bundle(bundle, key, replace=replace)
     typer.echo(
-        f"signed {bundle / 'manifest.json'} (sha256 {record['manifest_sha256'][:16]}) with key {record['key_id']}: {bundle / SIGNATURE_JSON}"
+        f"signed {bundle / 'manifest.json'} (sha256 {record['manifest_sha256'][:16]}) with key {record['key_id']}: "
+        f"{bundle / SIGNATURE_JSON}"
     )
 
 
@@ -711,7 +720,8 @@ def data_check(
 
 def main() -> None:
     """Console-script entry point. Typer (click) handles usage errors and Ctrl-C itself; a user mistake raised by
-    the library prints one line on stderr and exits with its code (2); anything else is a bug and keeps its traceback."""
+    the library prints one line on stderr and exits with its code (2); anything else is a bug and keeps its
+    traceback."""
     try:
         app()
     except TlcompileError as err:

@@ -89,7 +89,8 @@ class DataConfig(Section):
     )
     root: Path | None = Field(
         None,
-        description="Dataset folder of a layout preset (relative to the recipe file); data.csv / data.images override where the preset looks.",
+        description="Dataset folder of a layout preset (relative to the recipe file); data.csv / data.images override "
+        "where the preset looks.",
     )
     num_images: int = Field(1500, ge=20, le=200_000, description="Synthetic source: how many images to generate.")
     difficulty: float | None = Field(
@@ -114,7 +115,8 @@ class DataConfig(Section):
     images: Path | None = Field(
         None,
         description="Folder holding the images (relative to the recipe file); default: the preset's folder under "
-        "data.root (csv source: data.root, else the CSV's folder). folder source: the folder with one sub-folder per class.",
+        "data.root (csv source: data.root, else the CSV's folder). folder source: the folder with one sub-folder per "
+        "class.",
     )
     image_column: str | None = Field(
         None,
@@ -126,7 +128,8 @@ class DataConfig(Section):
     )
     path_template: str | None = Field(
         None,
-        description="File name of an image from its id, e.g. '{id}.png' or 'images/{id}.jpeg' (None: the preset's; csv source: '{id}.png').",
+        description="File name of an image from its id, e.g. '{id}.png' or 'images/{id}.jpeg' (None: the preset's; "
+        "csv source: '{id}.png').",
     )
     patient_column: str | None = Field(
         None, min_length=1, description="CSV column holding the patient id (eyes of one patient share a split)."
@@ -134,9 +137,9 @@ class DataConfig(Section):
     patient_regex: str | None = Field(
         None,
         min_length=1,
-        description="Regular expression whose first group (or group 'patient') is the patient id, searched in the image "
-        "id (folder source: the file name without extension), e.g. '^(.+)_(left|right)$'. Without patient_column or "
-        "patient_regex (and no preset rule), each image is its own patient.",
+        description="Regular expression whose first group (or group 'patient') is the patient id, searched in the "
+        "image id (folder source: the file name without extension), e.g. '^(.+)_(left|right)$'. Without "
+        "patient_column or patient_regex (and no preset rule), each image is its own patient.",
     )
     label_map: dict[str, int | None] = Field(
         default_factory=dict,
@@ -159,7 +162,8 @@ class DataConfig(Section):
         None,
         ge=1,
         le=100_000,
-        description="Images whose shorter side is below this many pixels are reported as too small (None: data.image_size).",
+        description="Images whose shorter side is below this many pixels are reported as too small (None: "
+        "data.image_size).",
     )
     cache: Path | None = Field(
         None,
@@ -169,7 +173,8 @@ class DataConfig(Section):
     crop_fov: bool = Field(True, description="Crop the black surround to the circular field of view before resizing.")
     ben_graham: bool = Field(
         False,
-        description="Ben Graham's local-average colour subtraction: 4 x (image - Gaussian blur, sigma = field radius / 30) + 128.",
+        description="Ben Graham's local-average colour subtraction: 4 x (image - Gaussian blur, sigma = field radius "
+        "/ 30) + 128.",
     )
     circular_mask: float | None = Field(
         None,
@@ -226,7 +231,8 @@ class DataConfig(Section):
     def _paths_for_source(self) -> DataConfig:
         if self.source == "csv" and self.csv is None:
             raise ValueError(
-                "source 'csv' needs data.csv (the label file); data.images (the image folder) defaults to the CSV's folder"
+                "source 'csv' needs data.csv (the label file); data.images (the image folder) defaults to the CSV's "
+                "folder"
             )
         if (
             self.source in ("aptos", "eyepacs", "idrid", "messidor")
@@ -238,7 +244,8 @@ class DataConfig(Section):
             )
         if self.source == "folder" and self.root is None and self.images is None:
             raise ValueError(
-                "source 'folder' needs data.root (a folder with one sub-folder per class: 0..4 or data.label_map's names)"
+                "source 'folder' needs data.root (a folder with one sub-folder per class: 0..4 or data.label_map's "
+                "names)"
             )
         if self.patient_column is not None and self.patient_regex is not None:
             raise ValueError("give data.patient_column or data.patient_regex, not both")
@@ -262,9 +269,9 @@ class ModelConfig(Section):
     arch: str = Field("mobilenet_v3_small", description="Registered model name; `tlcompile models` lists them.")
     pretrained: str = Field(
         "none",
-        description="Source weights: none (random init); imagenet (torchvision weights from $TORCH_HOME/hub/checkpoints, "
-        "never downloaded); a weights file (.pt/.pth/.bin/.safetensors state_dict); build:DIR (the FP32 checkpoint of an "
-        "earlier tlcompile build). Paths are relative to the recipe file.",
+        description="Source weights: none (random init); imagenet (torchvision weights from "
+        "$TORCH_HOME/hub/checkpoints, never downloaded); a weights file (.pt/.pth/.bin/.safetensors state_dict); "
+        "build:DIR (the FP32 checkpoint of an earlier tlcompile build). Paths are relative to the recipe file.",
     )
 
     @field_validator("pretrained")
@@ -320,7 +327,8 @@ class TrainConfig(Section):
     )
     amp: Literal["none", "bf16", "fp16"] = Field(
         "none",
-        description="Mixed-precision training: bf16 (autocast; GPUs from Ampere, recent CPUs) or fp16 (autocast + gradient scaler).",
+        description="Mixed-precision training: bf16 (autocast; GPUs from Ampere, recent CPUs) or fp16 (autocast + "
+        "gradient scaler).",
     )
     channels_last: bool = Field(
         False, description="NHWC memory layout for the model and batches (faster convolutions on tensor-core GPUs)."
@@ -329,9 +337,9 @@ class TrainConfig(Section):
         512,
         ge=0,
         le=1_000_000,
-        description="After every epoch, re-estimate the BatchNorm statistics exactly on this many un-augmented training "
-        "images (a fixed seeded subset; 0 = keep the momentum average training leaves). On small data the momentum "
-        "average can be far off: the quickstart's test AUC was 0.951 with it, 0.982 with exact statistics.",
+        description="After every epoch, re-estimate the BatchNorm statistics exactly on this many un-augmented "
+        "training images (a fixed seeded subset; 0 = keep the momentum average training leaves). On small data the "
+        "momentum average can be far off: the quickstart's test AUC was 0.951 with it, 0.982 with exact statistics.",
     )
 
 
@@ -404,7 +412,8 @@ class TransferConfig(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="two_phase: optimizer of phase two.")
     freeze_bn_stats: bool = Field(
         True,
-        description="Frozen blocks keep their BatchNorm running statistics (eval mode); false lets them adapt to the new data.",
+        description="Frozen blocks keep their BatchNorm running statistics (eval mode); false lets them adapt to the "
+        "new data.",
     )
     compare: list[TransferVariant] = Field(
         default_factory=list,
@@ -453,7 +462,8 @@ class TransferConfig(Section):
         for i, v in enumerate(self.variants()):
             if v.name in seen:
                 raise ValueError(
-                    f"compare.{i - 1}: a variant named '{v.name}' is already in the table; valid: give it its own name, e.g. name: {v.name}-2"
+                    f"compare.{i - 1}: a variant named '{v.name}' is already in the table; valid: give it its own "
+                    f"name, e.g. name: {v.name}-2"
                 )
             seen.add(v.name)
         return self
@@ -473,7 +483,8 @@ class GuardLimits(Section):
         0.02,
         ge=0,
         le=1,
-        description="Guard: largest allowed drop of val sensitivity at the locked operating point (the referrals that are kept).",
+        description="Guard: largest allowed drop of val sensitivity at the locked operating point (the referrals that "
+        "are kept).",
     )
     max_specificity_drop: float | None = Field(
         0.05, ge=0, le=1, description="Guard: largest allowed drop of val specificity at the locked operating point."
@@ -482,22 +493,24 @@ class GuardLimits(Section):
         None,
         ge=0,
         le=1,
-        description="Guard: largest allowed drop of the share of right referral decisions (locked operating point) on val.",
+        description="Guard: largest allowed drop of the share of right referral decisions (locked operating point) on "
+        "val.",
     )
     realign: bool = Field(
         True,
-        description="When the guard fails on the referral decisions (sensitivity/specificity at the locked threshold) while "
-        "the AUC is within its limit: shift the classifier's referable bias so the compressed model's val decisions match "
-        "the reference's again (the ranking, hence the AUC, is unchanged). The first remedy, tried again after the others.",
+        description="When the guard fails on the referral decisions (sensitivity/specificity at the locked threshold) "
+        "while the AUC is within its limit: shift the classifier's referable bias so the compressed model's val "
+        "decisions match the reference's again (the ranking, hence the AUC, is unchanged). The first remedy, tried "
+        "again after the others.",
     )
 
 
 class PruneConfig(GuardLimits):
     method: Literal["channel", "magnitude"] = Field(
         "channel",
-        description="channel: structured (torch-pruning) -- whole channels are removed, so the exported graph is smaller "
-        "and faster; magnitude: unstructured (NNCF) -- single weights are zeroed, the file compresses but dense CPU "
-        "kernels do not get faster.",
+        description="channel: structured (torch-pruning) -- whole channels are removed, so the exported graph is "
+        "smaller and faster; magnitude: unstructured (NNCF) -- single weights are zeroed, the file compresses but "
+        "dense CPU kernels do not get faster.",
     )
     ratio: float = Field(
         0.5,
@@ -507,7 +520,8 @@ class PruneConfig(GuardLimits):
     )
     importance: Literal["l2", "taylor"] = Field(
         "l2",
-        description="channel: how channels are ranked -- l2: weight magnitude; taylor: |weight x gradient| on the calibration images.",
+        description="channel: how channels are ranked -- l2: weight magnitude; taylor: |weight x gradient| on the "
+        "calibration images.",
     )
     scope: Literal["local", "global"] = Field(
         "local",
@@ -516,8 +530,8 @@ class PruneConfig(GuardLimits):
     )
     layer_ratios: dict[str, float] = Field(
         default_factory=dict,
-        description="channel: per-layer ratios overriding `ratio`, keyed by block name (`tlcompile models --blocks ARCH`) "
-        "or module path, e.g. {layer4: 0.7}.",
+        description="channel: per-layer ratios overriding `ratio`, keyed by block name (`tlcompile models --blocks "
+        "ARCH`) or module path, e.g. {layer4: 0.7}.",
     )
     keep: list[str] = Field(
         default_factory=list,
@@ -527,7 +541,8 @@ class PruneConfig(GuardLimits):
         0.8,
         gt=0,
         lt=1,
-        description="channel, global scope: no layer loses more than this fraction of its channels (where it binds, the network loses less than `ratio`).",
+        description="channel, global scope: no layer loses more than this fraction of its channels (where it binds, "
+        "the network loses less than `ratio`).",
     )
     round_to: int | None = Field(
         8,
@@ -614,29 +629,32 @@ class QuantizeConfig(GuardLimits):
     )
     overflow_fix: Literal["enable", "first_layer", "disable"] = Field(
         "enable",
-        description="NNCF's OverflowFix: weights of these layers use 7 of their 8 bits. CPUs without VNNI (AVX2, AVX-512 "
-        "without VNNI) sum u8 x s8 products in pairs into int16 (VPMADDUBSW), which saturates with full 8-bit weights and "
-        "moved int8 logits by ~1 on an AVX2 box; 7-bit weights cannot overflow there, so the int8 model computes the same "
-        "on every x86 ISA (QAT trains on the 7-bit grid). first_layer: NNCF's default; disable: full 8-bit everywhere "
-        "(only for boxes known to have VNNI or AMX, or ARM).",
+        description="NNCF's OverflowFix: weights of these layers use 7 of their 8 bits. CPUs without VNNI (AVX2, "
+        "AVX-512 without VNNI) sum u8 x s8 products in pairs into int16 (VPMADDUBSW), which saturates with full 8-bit "
+        "weights and moved int8 logits by ~1 on an AVX2 box; 7-bit weights cannot overflow there, so the int8 model "
+        "computes the same on every x86 ISA (QAT trains on the 7-bit grid). first_layer: NNCF's default; disable: "
+        "full 8-bit everywhere (only for boxes known to have VNNI or AMX, or ARM).",
     )
     distill: bool = Field(
         True,
-        description="qat: knowledge distillation from the FP32 model being quantized (KL on softened logits plus cross-entropy).",
+        description="qat: knowledge distillation from the FP32 model being quantized (KL on softened logits plus "
+        "cross-entropy).",
     )
     distill_temperature: float = Field(
         1.0,
         gt=0,
         le=100,
-        description="qat distillation: softmax temperature; 1 matches the probabilities the operating point was locked on.",
+        description="qat distillation: softmax temperature; 1 matches the probabilities the operating point was "
+        "locked on.",
     )
     distill_alpha: float = Field(
         1.0,
         ge=0,
         le=1,
-        description="qat distillation: weight of the KL term (1 - alpha weighs the cross-entropy on labels). 1 by default: "
-        "QAT should reproduce the FP32 model's scores; label cross-entropy re-calibrates them and moves the referral "
-        "decisions at the locked threshold (measured: int8 val sensitivity -0.60 at alpha 0.5, +0.03 at alpha 1).",
+        description="qat distillation: weight of the KL term (1 - alpha weighs the cross-entropy on labels). 1 by "
+        "default: QAT should reproduce the FP32 model's scores; label cross-entropy re-calibrates them and moves the "
+        "referral decisions at the locked threshold (measured: int8 val sensitivity -0.60 at alpha 0.5, +0.03 at "
+        "alpha 1).",
     )
     keep_fp32: list[str] = Field(
         default_factory=list,
@@ -647,7 +665,8 @@ class QuantizeConfig(GuardLimits):
         2,
         ge=0,
         le=100,
-        description="When the guard still fails: keep this many most sensitive layers in FP32 and quantize again (second remedy; 0 = off).",
+        description="When the guard still fails: keep this many most sensitive layers in FP32 and quantize again "
+        "(second remedy; 0 = off).",
     )
 
 
@@ -660,8 +679,8 @@ class ExportConfig(Section):
     opset: int = Field(18, ge=13, le=23, description="ONNX opset version (the torchscript exporter caps it at 20).")
     onnx_exporter: Literal["torchscript", "dynamo"] = Field(
         "torchscript",
-        description="torchscript: torch.onnx's TorchScript exporter (fast; the path NNCF documents for quantized models); "
-        "dynamo: the torch.export-based exporter (about 30x slower on these CNNs).",
+        description="torchscript: torch.onnx's TorchScript exporter (fast; the path NNCF documents for quantized "
+        "models); dynamo: the torch.export-based exporter (about 30x slower on these CNNs).",
     )
     parity_images: int = Field(64, ge=1, le=10_000, description="Real validation images used for the parity check.")
     parity_max_abs_diff: float = Field(
@@ -717,14 +736,16 @@ class EvaluateConfig(Section):
         None,
         gt=0,
         lt=1,
-        description="operating_point sensitivity: the validation sensitivity to reach, e.g. 0.87 (what IDx-DR's pivotal trial reported).",
+        description="operating_point sensitivity: the validation sensitivity to reach, e.g. 0.87 (what IDx-DR's "
+        "pivotal trial reported).",
     )
     endpoints: EndpointsConfig = Field(
         default_factory=EndpointsConfig, description="Pass/fail targets judged for every artifact on the test split."
     )
     temperature_scaling: bool = Field(
         False,
-        description="Fit a softmax temperature on the FP32 model's validation logits and use it for every artifact's P(referable).",
+        description="Fit a softmax temperature on the FP32 model's validation logits and use it for every artifact's "
+        "P(referable).",
     )
     bootstrap_resamples: int = Field(
         2000, ge=100, le=100_000, description="Bootstrap resamples for the AUC, kappa and paired-delta 95% CIs."
@@ -743,8 +764,9 @@ class EvaluateConfig(Section):
             raise ValueError("operating_point 'sensitivity' needs target_sensitivity; valid: a fraction such as 0.87")
         if self.operating_point != "sensitivity" and self.target_sensitivity is not None:
             raise ValueError(
-                f"target_sensitivity is {self.target_sensitivity} but operating_point is '{self.operating_point}', which ignores it; "
-                "valid: operating_point: sensitivity with target_sensitivity, or drop target_sensitivity"
+                f"target_sensitivity is {self.target_sensitivity} but operating_point is '{self.operating_point}', "
+                "which ignores it; valid: operating_point: sensitivity with target_sensitivity, or drop "
+                "target_sensitivity"
             )
         return self
 
@@ -764,13 +786,13 @@ class BundleConfig(Section):
     )
     select: Literal["fastest", "best_under_budget", "name"] = Field(
         "fastest",
-        description="The build's choice among the bundle's candidates (what predict and serve run until tlcompile verify pins "
-        "one for the clinic's CPU). Candidates are those measured on the bundle runtime(s) that meet the accuracy guard "
-        "(compressed artifacts, judged on val), evaluate.endpoints and latency_budget_ms. fastest: the lowest p90, measured "
-        "again on the build box in interleaved rounds, where a compressed one must beat the fastest fp32 one by more than "
-        "the noise -- the guard is what makes a compressed model as good as fp32; best_under_budget: the highest test AUC "
-        "(ties: the faster; note this chooses on the test split); name: the artifact named by bundle.artifact alone, "
-        "whatever it measured.",
+        description="The build's choice among the bundle's candidates (what predict and serve run until tlcompile "
+        "verify pins one for the clinic's CPU). Candidates are those measured on the bundle runtime(s) that meet the "
+        "accuracy guard (compressed artifacts, judged on val), evaluate.endpoints and latency_budget_ms. fastest: the "
+        "lowest p90, measured again on the build box in interleaved rounds, where a compressed one must beat the "
+        "fastest fp32 one by more than the noise -- the guard is what makes a compressed model as good as fp32; "
+        "best_under_budget: the highest test AUC (ties: the faster; note this chooses on the test split); name: the "
+        "artifact named by bundle.artifact alone, whatever it measured.",
     )
     artifact: str = Field(
         "fp32", min_length=1, description="select: name: the artifact to bundle (fp32, pruned, int8, pruned-int8 ...)."
@@ -778,27 +800,29 @@ class BundleConfig(Section):
     latency_budget_ms: float | None = Field(
         None,
         gt=0,
-        description="select: fastest / best_under_budget: the largest p90 batch-1 latency (ms, as benched) allowed; None = no budget.",
+        description="select: fastest / best_under_budget: the largest p90 batch-1 latency (ms, as benched) allowed; "
+        "None = no budget.",
     )
     runtime: Literal["auto", "openvino", "onnxruntime"] = Field(
         "auto",
-        description="Runtime(s) of the bundle's candidates (their model files follow: OpenVINO IR or ONNX); auto = every "
-        "runtime that was exported and benched, compared on the box by tlcompile verify. Models execute in f32 (not bf16), "
-        "the precision the golden samples are checked in.",
+        description="Runtime(s) of the bundle's candidates (their model files follow: OpenVINO IR or ONNX); auto = "
+        "every runtime that was exported and benched, compared on the box by tlcompile verify. Models execute in f32 "
+        "(not bf16), the precision the golden samples are checked in.",
     )
     candidates: Literal["non_dominated", "all", "chosen"] = Field(
         "non_dominated",
-        description="Which artifacts the bundle carries for tlcompile verify to choose from on the clinic's box (it benches "
-        "them there and pins the fastest that reproduces its golden outputs, in device.json). non_dominated: every one that "
-        "meets the guard, endpoints and budget, less those beaten on every CPU (same runtime and precision, fewer MACs, as "
-        "good on val); all: every one that meets them; chosen: only the build's choice. select: name always ships one.",
+        description="Which artifacts the bundle carries for tlcompile verify to choose from on the clinic's box (it "
+        "benches them there and pins the fastest that reproduces its golden outputs, in device.json). non_dominated: "
+        "every one that meets the guard, endpoints and budget, less those beaten on every CPU (same runtime and "
+        "precision, fewer MACs, as good on val); all: every one that meets them; chosen: only the build's choice. "
+        "select: name always ships one.",
     )
     golden_samples: int = Field(
         8,
         ge=1,
         le=64,
-        description="Test-split images shipped in the bundle with their expected outputs, for tlcompile verify on the box "
-        "(they travel with the bundle: use de-identified data).",
+        description="Test-split images shipped in the bundle with their expected outputs, for tlcompile verify on the "
+        "box (they travel with the bundle: use de-identified data).",
     )
     intended_use: str = Field(
         DEFAULT_INTENDED_USE,
@@ -829,13 +853,14 @@ class Recipe(Section):
     )
     transfer: TransferConfig | None = Field(
         None,
-        description="Transfer learning: init, strategy, phases and an optional comparison of variants. None: train from "
-        "scratch, or two_phase from model.pretrained when it is set.",
+        description="Transfer learning: init, strategy, phases and an optional comparison of variants. None: train "
+        "from scratch, or two_phase from model.pretrained when it is set.",
     )
     prune: PruneConfig | None = Field(None, description="Pruning after training (artifact 'pruned'); None: no pruning.")
     quantize: QuantizeConfig | None = Field(
         None,
-        description="INT8 quantization of the trained (and pruned) model (artifacts 'int8', 'pruned-int8'); None: FP32 only.",
+        description="INT8 quantization of the trained (and pruned) model (artifacts 'int8', 'pruned-int8'); None: "
+        "FP32 only.",
     )
 
     def effective_transfer(self) -> TransferConfig:
@@ -863,7 +888,8 @@ class Recipe(Section):
                 )
             if v.strategy == "scratch" and v.init != "random":
                 raise ValueError(
-                    f"{key}: strategy scratch trains from a random init, not '{v.init}'; valid: init: random, or strategy: full"
+                    f"{key}: strategy scratch trains from a random init, not '{v.init}'; valid: init: random, or "
+                    "strategy: full"
                 )
             if v.strategy == "two_phase" and v.head_epochs >= self.train.epochs:
                 raise ValueError(
@@ -875,14 +901,15 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _bundle_runtime_is_built(self) -> Recipe:
-        # The bundle ships a measured export: its runtime must have been exported to and benched, or there is nothing to ship.
+        # The bundle ships a measured export: its runtime must have been exported to and benched, or there is nothing
+        # to ship.
         runtime = self.bundle.runtime
         if self.bundle.enabled and runtime != "auto":
             fmt = backend(runtime).format
             if fmt not in self.export.formats or runtime not in self.bench.runtimes:
                 raise ValueError(
-                    f"bundle.runtime '{runtime}' needs '{fmt}' in export.formats and '{runtime}' in bench.runtimes (the bundle "
-                    "ships a measured export); valid: add them, or bundle.runtime: auto"
+                    f"bundle.runtime '{runtime}' needs '{fmt}' in export.formats and '{runtime}' in bench.runtimes "
+                    "(the bundle ships a measured export); valid: add them, or bundle.runtime: auto"
                 )
         return self
 
@@ -930,7 +957,8 @@ class _RecipeLoader(yaml.SafeLoader):
                     raise yaml.constructor.ConstructorError(
                         None,
                         None,
-                        f"key '{key_node.value}' appears twice in one section (lines {seen[key_node.value]} and {line}); keep one",
+                        f"key '{key_node.value}' appears twice in one section (lines {seen[key_node.value]} and "
+                        f"{line}); keep one",
                         key_node.start_mark,
                     )
                 seen[key_node.value] = line
@@ -950,8 +978,8 @@ def _check_events(text: str, source: str) -> None:
                 depth += 1
                 if depth > MAX_RECIPE_DEPTH:
                     raise RecipeError(
-                        f"{source}: nested more than {MAX_RECIPE_DEPTH} levels deep (line {event.start_mark.line + 1}); "
-                        "a recipe's sections nest a few levels"
+                        f"{source}: nested more than {MAX_RECIPE_DEPTH} levels deep (line "
+                        f"{event.start_mark.line + 1}); a recipe's sections nest a few levels"
                     )
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1

@@ -28,7 +28,8 @@ class Variant:
 
 
 def parse_grid(grid: list[str]) -> list[tuple[str, list[str]]]:
-    """``["prune.ratio=0.3,0.5", "model.arch=a,b"]`` -> [("prune.ratio", ["0.3", "0.5"]), ("model.arch", ["a", "b"])]."""
+    """``["prune.ratio=0.3,0.5", "model.arch=a,b"]`` ->
+    [("prune.ratio", ["0.3", "0.5"]), ("model.arch", ["a", "b"])]."""
     axes = []
     for item in grid:
         key, sep, values = item.partition("=")
@@ -184,8 +185,9 @@ def render_sweep_markdown(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         m = r.get("metrics", {})
         lines.append(
-            f"| {r['variant']} | {r['name']} | {r['runtime']} | {r.get('exec_precision', '-')} | {num(r['latency_ms'].get('p50'), '.2f')} | "
-            f"{num(m.get('auc'), '.3f')} | {num(m.get('sensitivity'), '.3f')} | {num(m.get('specificity'), '.3f')} | "
+            f"| {r['variant']} | {r['name']} | {r['runtime']} | {r.get('exec_precision', '-')} | "
+            f"{num(r['latency_ms'].get('p50'), '.2f')} | {num(m.get('auc'), '.3f')} | "
+            f"{num(m.get('sensitivity'), '.3f')} | {num(m.get('specificity'), '.3f')} | "
             f"{num((r.get('size_bytes') or 0) / 1e6, '.2f')} | {'*' if r.get('pareto') else ''} |"
         )
     return "\n".join(lines) + "\n"

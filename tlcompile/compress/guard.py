@@ -90,7 +90,8 @@ def evidence(
 
 
 def evidence_text(e: dict[str, Any]) -> str:
-    """``3 of 46 referable val eyes newly missed (1 newly caught); 2 of 179 non-referable newly referred; ΔAUC 95% CI ...``"""
+    """``3 of 46 referable val eyes newly missed (1 newly caught); 2 of 179 non-referable newly referred;
+    ΔAUC 95% CI ...``"""
     text = (
         f"{e['referable_newly_missed']} of {e['referable']} referable val eyes newly missed"
         + (f" ({e['referable_newly_caught']} newly caught)" if e["referable_newly_caught"] else "")
@@ -167,7 +168,8 @@ def summarize(checks: list[dict[str, Any]], actions: list[str]) -> dict[str, Any
 
 
 def referable_log_odds(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """log(p / (1 - p)) of P(referable) = softmax(logits / T) summed over the referable classes (exact for 2 or 5 classes)."""
+    """log(p / (1 - p)) of P(referable) = softmax(logits / T) summed over the referable classes (exact for 2 or 5
+    classes)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     ref = referable_classes(z.shape[1])
     return logsumexp(z[:, ref]) - logsumexp(z[:, : ref.start])

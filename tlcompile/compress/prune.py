@@ -75,7 +75,8 @@ def apply_channel_plan(model: nn.Module, plan: dict[str, Any], *, source: str = 
         module = modules.get(name)
         if module is None:
             raise CompressionError(
-                f"{source}: layer '{name}' is not in model {getattr(model, 'arch', type(model).__name__)}; the plan belongs to another architecture"
+                f"{source}: layer '{name}' is not in model {getattr(model, 'arch', type(model).__name__)}; the plan "
+                "belongs to another architecture"
             )
         kind = spec["kind"]
         if kind == "conv" and isinstance(module, _ConvNd):
@@ -140,7 +141,8 @@ def resolve_layers(model: TlModel, names: Iterable[str], *, key: str) -> list[tu
         if module is None or name == "":
             raise CompressionError(
                 f"{key}: '{name}' is neither a block nor a module of {model.arch}; valid: a block name "
-                f"({', '.join(blocks)}) or a module path such as '{next(n for n, m in model.named_modules() if isinstance(m, _ConvNd))}'"
+                f"({', '.join(blocks)}) or a module path such as "
+                f"'{next(n for n, m in model.named_modules() if isinstance(m, _ConvNd))}'"
             )
         out.append((name, module))
     return out
@@ -187,8 +189,9 @@ class ChannelPruner:
             )
         except Exception as err:  # torch-pruning raises plain Python errors from deep inside its tracer
             raise CompressionError(
-                f"channel pruning cannot analyse {model.arch}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
-                "valid: prune.method magnitude (unstructured), or prune.keep listing the blocks it fails on"
+                f"channel pruning cannot analyse {model.arch}: {type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}; valid: prune.method magnitude (unstructured), or "
+                "prune.keep listing the blocks it fails on"
             ) from err
         self.steps_done = 0
 
@@ -263,7 +266,8 @@ def _check_forward(model: TlModel, example_input: torch.Tensor) -> None:
     expected = (example_input.shape[0], model.num_classes)
     if tuple(out.shape) != expected:
         raise CompressionError(
-            f"after pruning {model.arch} outputs {tuple(out.shape)}, not {expected}; this model cannot be channel-pruned as configured"
+            f"after pruning {model.arch} outputs {tuple(out.shape)}, not {expected}; this model cannot be "
+            "channel-pruned as configured"
         )
 
 

@@ -298,7 +298,8 @@ class DataReport:
         """The human summary `tlcompile data check` prints."""
         lines = [
             f"data: {self.location}",
-            f"images: {self.listed} listed, {self.used} usable, {len(self.problems)} with problems, {len(self.excluded)} left out on purpose",
+            f"images: {self.listed} listed, {self.used} usable, {len(self.problems)} with problems, "
+            f"{len(self.excluded)} left out on purpose",
         ]
         if self.grades:
             lines.append("per grade: " + ", ".join(f"{k} {v}" for k, v in self.grades.items()))
@@ -318,7 +319,8 @@ class DataReport:
         if self.splits:
             per = ", ".join(f"{name} {n}" for name, n in self.splits["images"].items())
             lines.append(
-                f"split ({self.splits['method']}): {per}; patients in more than one split: {self.splits['patients_in_two_splits']}"
+                f"split ({self.splits['method']}): {per}; patients in more than one split: "
+                f"{self.splits['patients_in_two_splits']}"
             )
         if self.cache:
             lines.append(f"cache: {self.cache['hits']} hits, {self.cache['misses']} decoded ({self.cache['folder']})")

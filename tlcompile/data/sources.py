@@ -3,18 +3,19 @@
 A preset (``data.source``) knows one layout under ``data.root``; ``data.csv`` / ``data.images`` and the column keys
 override any part of it:
 
-=========  ==============================================  =========================  ======================  ==========
-source     label CSV (first found under root)              columns (image, label)     image file               patient
-=========  ==============================================  =========================  ======================  ==========
-aptos      train.csv                                       id_code, diagnosis         train_images/{id}.png    (none)
-eyepacs    trainLabels.csv                                 image, level               train/{id}.jpeg          before _left/_right
-idrid      2. Groundtruths/a. IDRiD_Disease Grading_       Image name,                1. Original Images/      (none)
-           Training Labels.csv (or that name in root)      Retinopathy grade          a. Training Set/{id}.jpg
-messidor   messidor_data.csv (Messidor-2, Krause et al.)   image_id,                  IMAGES/{id}              (none)
+=========  ==============================================  ======================  ======================  ==========
+source     label CSV (first found under root)              columns (image, label)  image file               patient
+=========  ==============================================  ======================  ======================  ==========
+aptos      train.csv                                       id_code, diagnosis      train_images/{id}.png    (none)
+eyepacs    trainLabels.csv                                 image, level            train/{id}.jpeg          before
+                                                                                                            _left/_right
+idrid      2. Groundtruths/a. IDRiD_Disease Grading_       Image name,             1. Original Images/      (none)
+           Training Labels.csv (or that name in root)      Retinopathy grade       a. Training Set/{id}.jpg
+messidor   messidor_data.csv (Messidor-2, Krause et al.)   image_id,               IMAGES/{id}              (none)
                                                            adjudicated_dr_grade
 folder     -- one sub-folder per class (0..4, or data.label_map's names) --
-csv        data.csv                                        id_code, diagnosis         {id}.png                 optional
-=========  ==============================================  =========================  ======================  ==========
+csv        data.csv                                        id_code, diagnosis      {id}.png                 optional
+=========  ==============================================  ======================  ======================  ==========
 
 Reading never stops at the first bad row: every row that cannot become a usable record is a :class:`Problem`
 (with its CSV line), so ``tlcompile data check`` can list them all. Decoding the images is not done here (see
@@ -388,7 +389,8 @@ def _list_csv(layout: Layout) -> Listing:
                     Problem(
                         "duplicate_id",
                         where,
-                        f"id '{image_id}' appears {len(same)} times with different labels ({', '.join(sorted(labels))})",
+                        f"id '{image_id}' appears {len(same)} times with different labels "
+                        f"({', '.join(sorted(labels))})",
                         id=image_id,
                     )
                 )

@@ -44,7 +44,8 @@ ENDPOINT_METRICS = {"min_sensitivity": "sensitivity", "min_specificity": "specif
 CI_METHODS = {
     "auc": "stratified percentile bootstrap",
     "sensitivity, specificity, ppv, npv, disagreement": "Wilson score interval",
-    "delta_auc, delta_sensitivity, delta_specificity": "paired stratified percentile bootstrap (same resamples as the FP32 row)",
+    "delta_auc, delta_sensitivity, delta_specificity": "paired stratified percentile bootstrap "
+    "(same resamples as the FP32 row)",
     "qwk": "stratified percentile bootstrap",
 }
 

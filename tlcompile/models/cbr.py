@@ -29,7 +29,8 @@ from tlcompile.models.registry import TlModel, register_model
 
 
 class CBRLayer(nn.Sequential):
-    """conv(k x k, bias=False, 'same') -> BN -> ReLU [-> MaxPool 3x3/2, pad 1]: (N, C_in, H, W) -> (N, C_out, H', W')."""
+    """conv(k x k, bias=False, 'same') -> BN -> ReLU [-> MaxPool 3x3/2, pad 1]:
+    (N, C_in, H, W) -> (N, C_out, H', W')."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, pool: bool) -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict(
@@ -86,7 +87,8 @@ class CBRNet(TlModel):
 @register_model(
     "cbr_large_t",
     family="cbr",
-    description="Transfusion CBR-LargeT: 7x7 convs 32-64-128-256-512, max-pool after the first four (8.5M params, 5.3 GMACs at 224 px)",
+    description="Transfusion CBR-LargeT: 7x7 convs 32-64-128-256-512, max-pool after the first four (8.5M params, 5.3 "
+    "GMACs at 224 px)",
     default_size=224,
 )
 def cbr_large_t(*, num_classes: int) -> CBRNet:
@@ -98,7 +100,8 @@ def cbr_large_t(*, num_classes: int) -> CBRNet:
 @register_model(
     "cbr_large_w",
     family="cbr",
-    description="Transfusion CBR-LargeW: 7x7 convs 64-128-256-512, max-pool after each (8.4M params, 15.6 GMACs at 224 px)",
+    description="Transfusion CBR-LargeW: 7x7 convs 64-128-256-512, max-pool after each (8.4M params, 15.6 GMACs at "
+    "224 px)",
     default_size=224,
 )
 def cbr_large_w(*, num_classes: int) -> CBRNet:
@@ -110,7 +113,8 @@ def cbr_large_w(*, num_classes: int) -> CBRNet:
 @register_model(
     "cbr_small",
     family="cbr",
-    description="Transfusion CBR-Small: 7x7 convs 32-64-128-256, max-pool after each (2.1M params, 4.0 GMACs at 224 px)",
+    description="Transfusion CBR-Small: 7x7 convs 32-64-128-256, max-pool after each (2.1M params, 4.0 GMACs at 224 "
+    "px)",
     default_size=224,
 )
 def cbr_small(*, num_classes: int) -> CBRNet:
@@ -122,7 +126,8 @@ def cbr_small(*, num_classes: int) -> CBRNet:
 @register_model(
     "cbr_tiny",
     family="cbr",
-    description="Transfusion CBR-Tiny: 5x5 convs 64-128-256-512, max-pool after each (4.3M params, 7.9 GMACs at 224 px)",
+    description="Transfusion CBR-Tiny: 5x5 convs 64-128-256-512, max-pool after each (4.3M params, 7.9 GMACs at 224 "
+    "px)",
     default_size=224,
 )
 def cbr_tiny(*, num_classes: int) -> CBRNet:

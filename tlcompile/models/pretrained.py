@@ -97,8 +97,9 @@ def _read_imagenet(spec: str, model: TlModel) -> SourceWeights:
     if not path.is_file():
         torch_home = os.environ.get("TORCH_HOME")
         raise WeightsNotFoundError(
-            f"model.pretrained 'imagenet': the ImageNet weights of {model.arch} are not on this machine: expected the file "
-            f"'{path.name}' in the folder '{path.parent}' ($TORCH_HOME is {torch_home or 'unset: ~/.cache/torch'}); "
+            f"model.pretrained 'imagenet': the ImageNet weights of {model.arch} are not on this machine: expected "
+            f"the file '{path.name}' in the folder '{path.parent}' ($TORCH_HOME is "
+            f"{torch_home or 'unset: ~/.cache/torch'}); "
             f'nothing is downloaded during a build: download {url} (or run python -c "import torchvision; '
             f"torchvision.models.get_weight('{enum}').get_state_dict()\" on a machine with internet) and copy the file "
             "into that folder, or set model.pretrained: none"
@@ -144,7 +145,8 @@ def _read_build(spec: str) -> SourceWeights:
     where = f"model.pretrained '{spec}'"
     if not folder.is_dir():
         raise WeightsNotFoundError(
-            f"{where}: no build folder '{folder}'; build the source task first (tlcompile build SOURCE.yaml --out {folder})"
+            f"{where}: no build folder '{folder}'; build the source task first (tlcompile build SOURCE.yaml --out "
+            f"{folder})"
         )
     checkpoint = folder / BUILD_CHECKPOINT
     if not checkpoint.is_file():
@@ -296,7 +298,8 @@ def apply_source_weights(model: TlModel, source: SourceWeights) -> dict[str, Any
     if others:
         shapes = "; ".join(f"{k}: {tuple(renamed[k].shape)} vs {tuple(target[k].shape)}" for k in others[:3])
         raise ModelError(
-            f"{where}: {len(others)} tensors do not fit {model.arch} ({shapes}); valid: weights of the same architecture"
+            f"{where}: {len(others)} tensors do not fit {model.arch} ({shapes}); valid: weights of the same "
+            "architecture"
         )
     to_load = {k: renamed[k] for k in matched if not (classifier_adapted and k.startswith(classifier_prefix))}
     result = model.load_state_dict(to_load, strict=False)

@@ -5,7 +5,8 @@ and a torchvision ImageNet state_dict loads into ``model.net``. Models are alway
 ``weights=None`` (random init, nothing downloaded); the transfer-learning code loads the ImageNet weights
 from the torch hub cache. It finds the file from ``model.torchvision_weights_enum``::
 
-    weights = torchvision.models.get_weight(model.torchvision_weights_enum)  # e.g. MobileNet_V3_Small_Weights.IMAGENET1K_V1
+    # e.g. MobileNet_V3_Small_Weights.IMAGENET1K_V1
+    weights = torchvision.models.get_weight(model.torchvision_weights_enum)
     filename = os.path.basename(weights.url)  # in $TORCH_HOME/hub/checkpoints/
 
 torchvision builds the head with ``num_classes`` outputs and keeps its default head structure; only the

@@ -36,7 +36,8 @@ OTHER_COLORS = ("#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 LINE_STYLES = ("-", "--", ":", "-.")
 
 CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1b1f24;margin:0;background:#f6f7f9}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1b1f24;margin:0;\
+background:#f6f7f9}
 main{max-width:1240px;margin:0 auto;padding:20px 28px 60px;background:#fff;box-sizing:border-box}
 h1{font-size:24px;margin:0 0 4px}h2{font-size:20px;margin:36px 0 8px;padding-top:8px;border-top:1px solid #dde1e6}
 .meta{color:#57606a;font-size:13px}nav{margin:10px 0 4px;font-size:13px;line-height:1.9}
@@ -47,7 +48,8 @@ nav a{color:#0b5cad;text-decoration:none;margin-right:14px;white-space:nowrap}
 .verdict h2{margin:4px 0 6px;padding:0;border:0;font-size:19px}
 .verdict dl{display:grid;grid-template-columns:minmax(9em,max-content) 1fr;gap:3px 14px;margin:0;font-size:14px}
 .verdict dt{font-weight:600}.verdict dd{margin:0}
-.verdict .warn{color:#7d4e00}.verdict .bad{color:#b42318}.verdict dt.bad::before{content:"✖ "}.verdict dt.warn::before{content:"⚠ "}
+.verdict .warn{color:#7d4e00}.verdict .bad{color:#b42318}.verdict dt.bad::before{content:"✖ "}\
+.verdict dt.warn::before{content:"⚠ "}
 table{border-collapse:collapse;margin:10px 0 6px;font-size:13px;font-variant-numeric:tabular-nums;max-width:100%}
 th,td{border:1px solid #d0d7de;padding:4px 7px;text-align:right;vertical-align:top}
 td{white-space:nowrap}th{white-space:normal}
@@ -120,8 +122,8 @@ def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def plot_accuracy_latency(report: dict[str, Any]) -> str | None:
-    """Two panels against p50: AUC and sensitivity at the locked threshold. Torch fake-quant rows are left out, rows that
-    failed the guard are grey and never on the front, the shipped candidate is a star."""
+    """Two panels against p50: AUC and sensitivity at the locked threshold. Torch fake-quant rows are left out, rows
+    that failed the guard are grey and never on the front, the shipped candidate is a star."""
     from matplotlib.lines import Line2D
 
     rows = [
@@ -434,10 +436,10 @@ PLOTS = (
     (
         "summary",
         plot_accuracy_latency,
-        "AUC (left) and sensitivity at the locked threshold (right) against batch-1 latency; colour: "
-        "artifact, marker: runtime; the star is the shipped candidate; grey: failed the accuracy guard (never on the front); "
-        "torch fake-quant rows are left out. Latency from the bench stage; the verdict quotes the bundle's interleaved "
-        "re-measurement, which can differ on a busy box.",
+        "AUC (left) and sensitivity at the locked threshold (right) against batch-1 latency; colour: artifact, "
+        "marker: runtime; the star is the shipped candidate; grey: failed the accuracy guard (never on the front); "
+        "torch fake-quant rows are left out. Latency from the bench stage; the verdict quotes the bundle's "
+        "interleaved re-measurement, which can differ on a busy box.",
     ),
     (
         "screening",
@@ -535,8 +537,9 @@ def render_html(report: dict[str, Any]) -> str:
     name = html.escape(str(report.get("name", "build")))
     nav = "\n".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in sections)  # whitespace lets the links wrap
     meta = (
-        f"Created {html.escape(str(report.get('created', '-')))} with tlcompile {html.escape(str(report.get('tlcompile_version', '-')))}; "
-        f"recipe sha256 <code>{html.escape(str(report.get('recipe_sha256', ''))[:16])}</code>"
+        f"Created {html.escape(str(report.get('created', '-')))} with tlcompile "
+        f"{html.escape(str(report.get('tlcompile_version', '-')))}; recipe sha256 "
+        f"<code>{html.escape(str(report.get('recipe_sha256', ''))[:16])}</code>"
     )
     body = "\n".join(_section(s, figures.get(s.id, [])) for s in sections)
     top = _verdict_html(verdict(report))
@@ -544,5 +547,6 @@ def render_html(report: dict[str, Any]) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>tlcompile build: {name}</title><style>{CSS}</style></head>\n"
-        f'<body><main><h1>tlcompile build: {name}</h1><div class="meta">{meta}</div>\n{top}\n<nav>{nav}</nav>\n{body}\n</main></body></html>\n'
+        f'<body><main><h1>tlcompile build: {name}</h1><div class="meta">{meta}</div>\n'
+        f"{top}\n<nav>{nav}</nav>\n{body}\n</main></body></html>\n"
     )

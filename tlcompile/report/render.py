@@ -60,7 +60,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# tlcompile build: {report.get('name')}", ""]
     out.append(
-        f"Created {report.get('created')} with tlcompile {report.get('tlcompile_version')}; recipe sha256 `{report.get('recipe_sha256', '')[:16]}`."
+        f"Created {report.get('created')} with tlcompile {report.get('tlcompile_version')}; recipe sha256 "
+        f"`{report.get('recipe_sha256', '')[:16]}`."
     )
     out += [""] + verdict_markdown(verdict(report))
     for section in report_sections(report):
@@ -83,7 +84,8 @@ def load_report(build_dir: Path) -> dict[str, Any]:
         raise TlcompileError(f"'{build_dir}' is not a folder; give a build folder (the --out of `tlcompile build`)")
     if not path.is_file():
         raise TlcompileError(
-            f"'{build_dir}' has no report.json; give a build folder whose build finished (the --out of `tlcompile build`)"
+            f"'{build_dir}' has no report.json; give a build folder whose build finished (the --out of `tlcompile "
+            "build`)"
         )
     try:
         report = json.loads(path.read_text(encoding="utf-8"))

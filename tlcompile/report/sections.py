@@ -87,7 +87,8 @@ def row_flags(row: dict[str, Any]) -> list[str]:
     for f in beyond.values():  # a guarded metric without a paired delta (accuracy)
         value, limit = _pp_against(-f["drop"], -f["max_drop"])
         flags.append(
-            f"test {METRIC_WORDS.get(f['metric'], f['metric'])} {value} vs {f['reference']}, beyond the guard's limit of {limit}"
+            f"test {METRIC_WORDS.get(f['metric'], f['metric'])} {value} vs {f['reference']}, beyond the guard's limit "
+            f"of {limit}"
         )
     if flags and ref.get("missed_referable"):
         flags.append(f"{ref['missed_referable']} referable test eye(s) newly missed vs fp32")
@@ -148,7 +149,8 @@ def isa_text(isa: list[str]) -> str:
 
 
 def banner_text(report: dict[str, Any]) -> tuple[str, str]:
-    """The intended use and the data provenance, from the recipe the build ran; synthetic data says NOT for clinical use."""
+    """The intended use and the data provenance, from the recipe the build ran; synthetic data says NOT for clinical
+    use."""
     recipe = report.get("recipe") or {}
     data = recipe.get("data") or {}
     intended = (recipe.get("bundle") or {}).get("intended_use")
@@ -160,9 +162,9 @@ def banner_text(report: dict[str, Any]) -> tuple[str, str]:
     images = report.get("data", {}).get("images") or data.get("num_images")
     if source == "synthetic":
         return (
-            f"**Synthetic data: NOT for clinical use.** Trained and tested on {images or 'some'} images from tlcompile's "
-            f"built-in synthetic fundus generator, not photographs of patients; a demonstration of the pipeline. "
-            f"Intended use of a model built this way on real data: {intended}"
+            f"**Synthetic data: NOT for clinical use.** Trained and tested on {images or 'some'} images from "
+            "tlcompile's built-in synthetic fundus generator, not photographs of patients; a demonstration of the "
+            f"pipeline. Intended use of a model built this way on real data: {intended}"
         ), "bad"
     where = (
         f"{source} data" + (f" from {data['root']}" if data.get("root") else "") if source else "data of unknown origin"
@@ -233,7 +235,8 @@ def _guard_failure_words(row: dict[str, Any]) -> str:
             item = check.get(metric) or {}
             if item.get("max_drop") is not None and item.get("met") is False:
                 parts.append(
-                    f"val {METRIC_WORDS.get(metric, metric)} {pp(-item['drop'])} vs {check.get('against', 'fp32')} (limit {pp(-item['max_drop'])})"
+                    f"val {METRIC_WORDS.get(metric, metric)} {pp(-item['drop'])} vs {check.get('against', 'fp32')} "
+                    f"(limit {pp(-item['max_drop'])})"
                 )
     return ", ".join(parts)
 
@@ -280,7 +283,8 @@ def _passed_over(report: dict[str, Any], chosen: str, rows: dict[tuple[str, str]
             slower.append(f"{cid} ({lat['p90']:.2f} ms)")
         else:
             other.append(
-                f"{cid}: faster by {diff:.2f} ms p90, more than the noise, yet not chosen ({selection.get('rule', '-')} rule)"
+                f"{cid}: faster by {diff:.2f} ms p90, more than the noise, yet not chosen "
+                f"({selection.get('rule', '-')} rule)"
             )
         del row
     out = []
@@ -337,12 +341,13 @@ def verdict(report: dict[str, Any]) -> Verdict:
         VerdictItem(
             "Ships",
             (
-                f"**{name}** on **{_runtime_name(runtime)}** (candidate `{chosen}`, runs in {precision}), the build's choice by the "
-                f"'{selection.get('rule', '-')}' rule"
+                f"**{name}** on **{_runtime_name(runtime)}** (candidate `{chosen}`, runs in {precision}), the build's "
+                f"choice by the '{selection.get('rule', '-')}' rule"
                 + (f": {selection['why']}" if selection.get("why") else "")
                 + "."
                 + (
-                    f" The bundle carries {n_cand} candidates; `tlcompile verify` on the clinic's box pins the fastest there."
+                    f" The bundle carries {n_cand} candidates; `tlcompile verify` on the clinic's box pins the fastest "
+                    "there."
                     if n_cand > 1
                     else ""
                 )
@@ -383,16 +388,18 @@ def verdict(report: dict[str, Any]) -> Verdict:
         fp32 = (rows.get(("fp32", runtime)) or {}).get("clinical") or {}
         if ref:
             acc = (
-                f"sensitivity {with_ci(sens, percent=True)} against fp32's {pct(fp32.get('sensitivity', {}).get('value'))}: "
-                f"{_delta_words(ref.get('delta_sensitivity'))}; specificity {with_ci(spec, percent=True)} against "
-                f"{pct(fp32.get('specificity', {}).get('value'))}: {_delta_words(ref.get('delta_specificity'))}; AUC "
-                f"{with_ci(c.get('auc'), percent=False)}: {_delta_words(ref.get('delta_auc'))}; "
-                f"{ref.get('missed_referable', 0)} referable eye(s) newly missed, {ref.get('newly_referred', 0)} newly referred"
+                f"sensitivity {with_ci(sens, percent=True)} against fp32's "
+                f"{pct(fp32.get('sensitivity', {}).get('value'))}: {_delta_words(ref.get('delta_sensitivity'))}; "
+                f"specificity {with_ci(spec, percent=True)} against {pct(fp32.get('specificity', {}).get('value'))}: "
+                f"{_delta_words(ref.get('delta_specificity'))}; AUC {with_ci(c.get('auc'), percent=False)}: "
+                f"{_delta_words(ref.get('delta_auc'))}; {ref.get('missed_referable', 0)} referable eye(s) newly "
+                f"missed, {ref.get('newly_referred', 0)} newly referred"
             )
         else:
             acc = (
                 f"sensitivity {with_ci(sens, percent=True)}, specificity {with_ci(spec, percent=True)}, AUC "
-                f"{with_ci(c.get('auc'), percent=False)}; this is the fp32 model, the reference the others are judged against"
+                f"{with_ci(c.get('auc'), percent=False)}; this is the fp32 model, the reference the others are judged "
+                "against"
             )
         items.append(
             VerdictItem(
@@ -550,8 +557,8 @@ def _operating_point_section(report: dict[str, Any]) -> ReportSection:
     op = report.get("operating_point", {})
     val = op.get("val", {})
     text = [
-        f"Method: {_operating_point_words(op)}. The threshold applies to P(referable DR) = softmax(logits / T) summed over "
-        "the referable classes; T is the temperature below (1 = no temperature scaling)."
+        f"Method: {_operating_point_words(op)}. The threshold applies to P(referable DR) = softmax(logits / T) summed "
+        "over the referable classes; T is the temperature below (1 = no temperature scaling)."
     ]
     rows = [
         ["threshold", num(op.get("threshold"), ".4f")],
@@ -633,9 +640,9 @@ def _compression_section(report: dict[str, Any]) -> ReportSection:
             ]
         )
     text = [
-        "Each compressed artifact against the fp32 model on the same runtime and the same test images: deltas are new - fp32 "
-        f"in percentage points ({PP}; an AUC of 0.01 is 1 point) with paired bootstrap 95% CIs (both scored on the same "
-        "resamples), and the share of images whose referral decision changes."
+        "Each compressed artifact against the fp32 model on the same runtime and the same test images: deltas are new "
+        f"- fp32 in percentage points ({PP}; an AUC of 0.01 is 1 point) with paired bootstrap 95% CIs (both scored on "
+        "the same resamples), and the share of images whose referral decision changes."
     ]
     tables = [ReportTable(header, rows)] if rows else []
     guard = guard_table(report)
@@ -794,12 +801,13 @@ def _calibration_section(report: dict[str, Any]) -> ReportSection:
             cells += [num(un.get("ece"), ".4f"), num(un.get("brier"), ".4f")]
         rows.append(cells)
     text = [
-        f"Calibration of P(referable DR) on the test split: expected calibration error over "
-        f"{report.get('evaluation', {}).get('calibration_bins', 10)} equal-width bins, and the Brier score; lower is better."
+        "Calibration of P(referable DR) on the test split: expected calibration error over "
+        f"{report.get('evaluation', {}).get('calibration_bins', 10)} equal-width bins, and the Brier score; lower is "
+        "better."
     ]
     text.append(
-        f"Temperature scaling is on: T = {num(op.get('temperature'))}, fitted on the fp32 model's validation logits and "
-        "used for every artifact."
+        f"Temperature scaling is on: T = {num(op.get('temperature'))}, fitted on the fp32 model's validation logits "
+        "and used for every artifact."
         if scaled
         else "Temperature scaling is off (evaluate.temperature_scaling)."
     )
@@ -946,7 +954,8 @@ def _training_section(report: dict[str, Any]) -> ReportSection | None:
         "training",
         "Training",
         [
-            f"Best epoch {training.get('best_epoch')} (val AUC {num(training.get('best_val_auc'))}), {training.get('wall_s')} s"
+            f"Best epoch {training.get('best_epoch')} (val AUC {num(training.get('best_val_auc'))}), "
+            f"{training.get('wall_s')} s"
             + (
                 f" on {training['device']}, autocast {training.get('amp', 'none')}, channels_last "
                 f"{'on' if training.get('channels_last') else 'off'}."

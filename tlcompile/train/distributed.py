@@ -38,7 +38,8 @@ def setup(device: torch.device) -> tuple[DistributedRun, torch.device]:
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise TrainError(
-                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices; start fewer processes per node"
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices; start fewer processes per "
+                "node"
             )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

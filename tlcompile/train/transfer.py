@@ -89,7 +89,8 @@ def plan_phases(
         )
     if head_epochs >= train.epochs:
         raise TrainError(
-            f"transfer variant '{variant.name}': head_epochs {head_epochs} leaves no fine-tuning epoch of train.epochs {train.epochs}"
+            f"transfer variant '{variant.name}': head_epochs {head_epochs} leaves no fine-tuning epoch of train.epochs "
+            f"{train.epochs}"
         )
     return [
         Phase("head", head_epochs, (), **base),
@@ -113,7 +114,8 @@ def partial_blocks(init: str) -> int | None:
 def initialise_model(
     arch: str, num_classes: int, init: str, source: SourceWeights | None, *, seed: int
 ) -> tuple[TlModel, dict[str, Any]]:
-    """Build ``arch`` with ``num_classes`` logits and initialise it as ``init`` says; returns the model and what was done.
+    """Build ``arch`` with ``num_classes`` logits and initialise it as ``init`` says; returns the model and what was
+    done.
 
     The same seed gives the same model: the fresh init draws from the global RNG seeded here, re-drawn layers
     (mean_var, partial) from a generator seeded with ``seed``.
@@ -138,7 +140,8 @@ def initialise_model(
     elif (k := partial_blocks(init)) is not None:
         if k > len(blocks):
             raise ModelError(
-                f"transfer init '{init}': {arch} has {len(blocks)} blocks ({', '.join(names)}); valid: partial:1 .. partial:{len(blocks)}"
+                f"transfer init '{init}': {arch} has {len(blocks)} blocks ({', '.join(names)}); valid: partial:1 .. "
+                f"partial:{len(blocks)}"
             )
         for _, block in blocks[k:]:
             reinit_(block, generator=generator)
@@ -350,7 +353,8 @@ def needs_source(recipe: Recipe) -> bool:
 
 
 def load_source(recipe: Recipe, model: TlModel) -> SourceWeights | None:
-    """Read ``model.pretrained`` once for all variants (None when no variant uses it); ``model`` is one of the recipe's."""
+    """Read ``model.pretrained`` once for all variants (None when no variant uses it); ``model`` is one of the
+    recipe's."""
     return load_weight_source(recipe.model.pretrained, model) if needs_source(recipe) else None
 
 
@@ -439,7 +443,8 @@ def run_transfer(
             runs[variant.name].append(run)
             if run.error is None:
                 log(
-                    f"transfer: {label}: val AUC {_fmt(run.val_auc)}, test AUC {_fmt(run.test_auc)} ({run.result.wall_s:.0f} s)"
+                    f"transfer: {label}: val AUC {_fmt(run.val_auc)}, test AUC {_fmt(run.test_auc)} "
+                    f"({run.result.wall_s:.0f} s)"
                 )
         # Select on the mean val AUC over seeds; within the chosen variant, its best val run goes on.
         # A variant with a failed seed cannot be chosen; one without a val AUC (a single-class val split) only if
@@ -490,8 +495,9 @@ def _log_source(source: SourceWeights, recipe: Recipe, num_classes: int, log: Ca
     probe = get_model(recipe.model.arch, num_classes=num_classes)
     loaded = apply_source_weights(probe, source)
     log(
-        f"transfer: source {source.kind} {source.file} ({loaded['loaded']}/{loaded['model_tensors']} tensors, "
-        f"missing {len(loaded['missing_keys'])}, unexpected {len(loaded['unexpected_keys'])}; classifier {loaded['classifier']})"
+        f"transfer: source {source.kind} {source.file} ({loaded['loaded']}/{loaded['model_tensors']} tensors, missing "
+        f"{len(loaded['missing_keys'])}, unexpected {len(loaded['unexpected_keys'])}; classifier "
+        f"{loaded['classifier']})"
     )
     for kind in ("missing_keys", "unexpected_keys"):
         if loaded[kind]:
