@@ -299,8 +299,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     (work / "plan.json").write_text(json.dumps(plan, indent=2))
     for b in bundles:
         print(
-            f"  bundle{b['index']}: {b['root']}: {b['name']}, format {b['format_version']}, {len(b['golden_images'])} golden "
-            f"images; candidates {', '.join(c['id'] for c in b['candidates'])} (build's choice {b['default_candidate']})"
+            f"  bundle{b['index']}: {b['root']}: {b['name']}, format {b['format_version']}, "
+            f"{len(b['golden_images'])} golden images; candidates {', '.join(c['id'] for c in b['candidates'])} "
+            f"(build's choice {b['default_candidate']})"
         )
     print("  model files, each run on both machines with its bundle's golden inputs and their mirror images:")
     for m in models:
@@ -506,7 +507,8 @@ def cmd_predict_check(args: argparse.Namespace) -> int:
     if not expected:
         problems.append(f"bundle.json has no golden expected decisions for {cid}")
     line = (
-        f"  predict ran {cid}: {len(got)} images; {len(expected) - len(problems)}/{len(expected)} decisions as the build's "
+        f"  predict ran {cid}: {len(got)} images; "
+        f"{len(expected) - len(problems)}/{len(expected)} decisions as the build's "
         f"golden samples; max |ΔP(referable DR)| vs build {max_dp:.2e}"
     )
     if args.reference:
@@ -673,7 +675,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             )
             print(
                 f"       OpenVINO CPU: '{ovc.get('device_name', '?')}'; default INFERENCE_PRECISION_HINT "
-                f"{ovc.get('default_inference_precision_hint', '?')}; capabilities {','.join(ovc.get('optimization_capabilities', []))}"
+                f"{ovc.get('default_inference_precision_hint', '?')}; capabilities "
+                f"{','.join(ovc.get('optimization_capabilities', []))}"
             )
             if m.get("hwcaps"):
                 print(f"       hwcaps (AT_HWCAP/AT_HWCAP2): {' '.join(m['hwcaps'])}")
@@ -703,7 +706,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             )
         )
         print(
-            f"  runs: the candidate verify pinned on this ARM box, which predict runs ({', '.join(sorted(running))}); candidate: "
+            "  runs: the candidate verify pinned on this ARM box, "
+            f"which predict runs ({', '.join(sorted(running))}); candidate: "
             "another candidate of the bundle, in the configuration the bundle runs it with; both held to their golden "
             "tolerance. info: reported only (tolerance a bundle would give the file)."
         )

@@ -187,11 +187,13 @@ def main() -> None:
     import openvino as ov
 
     print(
-        f"CPU {cpu['model']}; {cpu['usable_cores']} usable / {cpu['logical_cores']} logical cores; ISA {', '.join(cpu['isa']) or '-'}"
+        f"CPU {cpu['model']}; {cpu['usable_cores']} usable / {cpu['logical_cores']} logical cores; "
+        f"ISA {', '.join(cpu['isa']) or '-'}"
     )
     print(
         f"OpenVINO {ov.__version__}; requested precision {args.precision}; {args.size} px, batch 1; "
-        f"benchmark_app input {args.ba_input}; {args.iterations} iterations x {args.repeats} rounds; load average {load()} (1/5/15 min)"
+        f"benchmark_app input {args.ba_input}; {args.iterations} iterations x {args.repeats} rounds; "
+        f"load average {load()} (1/5/15 min)"
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -246,7 +248,8 @@ def main() -> None:
 
         print("\n## tlcompile bench p50 vs benchmark_app median (batch 1, LATENCY hint, interleaved rounds)")
         print(
-            "| model | exec ours / BA | threads x streams ours / BA | tlcompile p50 ms (rounds) | benchmark_app median ms (rounds) "
+            "| model | exec ours / BA | threads x streams ours / BA | tlcompile p50 ms (rounds) "
+            "| benchmark_app median ms (rounds) "
             "| ratio median | ratio spread | min-latency ratio | same-call ratio | wrapper us/call |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|")
@@ -258,14 +261,18 @@ def main() -> None:
                 and mine["exec"] == ba["exec"]
             )
             print(
-                f"| {arch} | {mine['exec']} / {ba['exec']} | {mine['num_threads']}x{mine['num_streams']} / {ba['threads']}x{ba['streams']}"
-                f"{'' if alike else ' MISMATCH'} | {', '.join(f'{v:.2f}' for v in a[arch])} | {', '.join(f'{v:.2f}' for v in b[arch])} "
-                f"| {statistics.median(ratios[arch]):.3f} | {spread(ratios[arch])} | {statistics.median(mins[arch]):.3f} | {same[arch]:.3f} "
+                f"| {arch} | {mine['exec']} / {ba['exec']} | "
+                f"{mine['num_threads']}x{mine['num_streams']} / {ba['threads']}x{ba['streams']}"
+                f"{'' if alike else ' MISMATCH'} | {', '.join(f'{v:.2f}' for v in a[arch])} | "
+                f"{', '.join(f'{v:.2f}' for v in b[arch])} "
+                f"| {statistics.median(ratios[arch]):.3f} | {spread(ratios[arch])} | "
+                f"{statistics.median(mins[arch]):.3f} | {same[arch]:.3f} "
                 f"| {overhead[arch]:.0f} |"
             )
         print(f"\nLoad average (1/5/15 min) at the start of each round and at the end: {'; '.join(loads)}")
         print(
-            "ratio = our p50 / benchmark_app median in the same round; spread = min-max over rounds; min-latency ratio = "
+            "ratio = our p50 / benchmark_app median in the same round; spread = min-max over rounds; "
+            "min-latency ratio = "
             "median over rounds of our min / benchmark_app's min (less sensitive to load); same-call ratio = median "
             "session.run wall time / median OpenVINO request latency (what benchmark_app times) over the same calls, "
             "immune to load drift; wrapper us/call = median of (session.run wall time - request latency)."
@@ -285,7 +292,8 @@ def main() -> None:
                         precision=args.precision,
                     )
                     print(
-                        f"| {t} | {batch} | {row['latency_ms']['p50']:.2f} | {row['latency_ms']['p90']:.2f} | {row['throughput_fps']:.0f} |"
+                        f"| {t} | {batch} | {row['latency_ms']['p50']:.2f} | {row['latency_ms']['p90']:.2f} | "
+                        f"{row['throughput_fps']:.0f} |"
                     )
 
 

@@ -182,13 +182,15 @@ def print_table(rows: list[dict[str, object]], header: str) -> None:
         )
     print()
     print(
-        "targets: OV int8/f32 <= 0.35; pruned+int8 >= 8x torch eager FP32 and >= 2.5x unpruned int8 (OpenVINO); ORT int8/fp32 < 0.8"
+        "targets: OV int8/f32 <= 0.35; pruned+int8 >= 8x torch eager FP32 and "
+        ">= 2.5x unpruned int8 (OpenVINO); ORT int8/fp32 < 0.8"
     )
     for r in rows:
         e = r["exec_precision"]
         print(
             f"{r['model']}: MACs {r['macs'] / 1e6:,.0f}M -> {r['pruned_macs'] / 1e6:,.0f}M pruned; OpenVINO ran "
-            f"f32={e['ov_f32']}, int8={e['ov_int8']}, pruned+int8={e['ov_pruned_int8']}; int8 ONNX: {r['int8_onnx_rewrite']}"
+            f"f32={e['ov_f32']}, int8={e['ov_int8']}, pruned+int8={e['ov_pruned_int8']}; "
+            f"int8 ONNX: {r['int8_onnx_rewrite']}"
         )
 
 

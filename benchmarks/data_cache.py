@@ -80,7 +80,8 @@ def main() -> None:
     files = sorted((args.folder / "train_images").glob("*.jpeg"))[: args.images]
     mb = sum(p.stat().st_size for p in files) / 1e6
     print(
-        f"{len(files)} JPEGs of {WIDTH}x{HEIGHT} ({mb:.0f} MB) in {args.folder} (ready in {time.perf_counter() - t0:.0f} s)"
+        f"{len(files)} JPEGs of {WIDTH}x{HEIGHT} ({mb:.0f} MB) "
+        f"in {args.folder} (ready in {time.perf_counter() - t0:.0f} s)"
     )
 
     cache = Path(tempfile.mkdtemp(prefix="tlcompile-cache-"))
@@ -108,7 +109,8 @@ def main() -> None:
         f"| epoch 2 (warm cache) | {warm:.2f} | {1e3 * warm / n:.1f} | {warm_stats['hits']} / {warm_stats['misses']} |"
     )
     print(
-        f"\nepoch 2 vs epoch 1: {cold / warm:.1f}x faster; cache size {entries:.1f} MB ({1e3 * entries / n:.0f} kB / image)"
+        f"\nepoch 2 vs epoch 1: {cold / warm:.1f}x faster; "
+        f"cache size {entries:.1f} MB ({1e3 * entries / n:.0f} kB / image)"
     )
 
 

@@ -91,7 +91,8 @@ def main() -> None:
         "dataset_epoch_minutes": round(args.dataset_images / rate / 60, 2),
     }
     print(
-        f"{row['device']}, torch {row['torch']}: {args.arch} at {args.size} px ({row['gmacs_forward']} GMACs forward), batch "
+        f"{row['device']}, torch {row['torch']}: {args.arch} at {args.size} px "
+        f"({row['gmacs_forward']} GMACs forward), batch "
         f"{args.batch}, amp {args.amp}, channels_last {args.channels_last}"
     )
     print(f"epochs of {args.images} images: {', '.join(f'{s:.2f} s' for s in seconds)} (first = warm-up)")

@@ -45,7 +45,10 @@ def tiny_build(tmp_path_factory):
 
 
 # Block torch before tlcompile is imported, as on an edge box where only `pip install tlcompile` ran.
-TORCH_BLOCKED = "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; from tlcompile.cli import main; sys.argv = ['tlcompile'] + sys.argv[1:]; main()"
+TORCH_BLOCKED = (
+    "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
+    "from tlcompile.cli import main; sys.argv = ['tlcompile'] + sys.argv[1:]; main()"
+)
 
 
 def test_bench_runs_without_torch(tiny_build, tmp_path):

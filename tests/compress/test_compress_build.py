@@ -203,7 +203,8 @@ def test_finetuning_keeps_the_state_the_guard_prefers_and_can_freeze_bn_statisti
 
 
 def test_pruning_does_not_depend_on_what_ran_before_in_the_process(tiny_data, calibration_inputs, tmp_path):
-    """Fine-tuning seeds the global RNG (dropout): a build resumed after training prunes exactly as an uninterrupted one."""
+    """Fine-tuning seeds the global RNG (dropout): a build resumed after training prunes exactly as an uninterrupted
+    one."""
     from tests.compress.conftest import settled
     from tlcompile.build.stages import prune
 

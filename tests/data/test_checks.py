@@ -160,7 +160,8 @@ def test_data_check_command(bad_root, aptos_root, write_recipe, tmp_path, monkey
     code, out = run(str(recipe), "--set", f"data.root={root}", "--out", str(tmp_path / "check"))
     assert code == 1
     assert (
-        "problems: missing 1, empty 1, not_image 2, truncated 2, corrupt 1, too_large 1, too_small 1, no_fov 1, duplicate_image 3, "
+        "problems: missing 1, empty 1, not_image 2, truncated 2, corrupt 1, too_large 1, too_small 1, "
+        "no_fov 1, duplicate_image 3, "
         "duplicate_id 2, no_id 1, label_missing 1, label_invalid 1, label_out_of_range 1"
     ) in out
     assert "truncated: train.csv line 42: image '" in out and "trunc_jpeg.png' is truncated" in out

@@ -28,7 +28,8 @@ def _logits(grades: np.ndarray, task: str, rng: np.random.Generator, noise: floa
 
 
 def make_guard(met: bool) -> dict:
-    """The guard record of the int8 rows, from the real guard check (val metrics made up; specificity fails when not met)."""
+    """The guard record of the int8 rows, from the real guard check (val metrics made up; specificity fails when not
+    met)."""
     from tlcompile.compress import guard
 
     reference = {"auc": 0.95, "sensitivity": 0.90, "specificity": 0.90, "accuracy": 0.90}

@@ -1,4 +1,5 @@
-"""A tiny build: clinical metrics land in report.json, are reproducible from the saved logits, and the reports render."""
+"""A tiny build: clinical metrics land in report.json, are reproducible from the saved logits, and the reports
+render."""
 
 from __future__ import annotations
 

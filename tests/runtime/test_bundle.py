@@ -159,7 +159,8 @@ def test_a_runtime_that_crashes_on_this_cpu_rules_out_that_candidate_only(bundle
 
     def crash(self, x):
         raise RuntimeError(
-            "Exception from src/plugins/intel_cpu/src/node.cpp:1\n[CPU] Convolution node 'conv' object is not initialized"
+            "Exception from src/plugins/intel_cpu/src/node.cpp:1\n"
+            "[CPU] Convolution node 'conv' object is not initialized"
         )
 
     monkeypatch.setattr(inference.OpenVINOSession, "run", crash)
@@ -571,7 +572,8 @@ def test_onnxruntime_bundle_by_name_replaces_the_previous_bundle(tiny_build, tmp
 
 
 def test_golden_margin_bounds_the_probability_change():
-    """The margin rule of the golden samples: moving every logit by at most d moves P(referable DR) by at most d/(2T)."""
+    """The margin rule of the golden samples: moving every logit by at most d moves P(referable DR) by at most
+    d/(2T)."""
     rng = np.random.default_rng(0)
     for classes in (["non-referable", "referable"], ["no DR", "mild", "moderate", "severe", "proliferative"]):
         for temperature in (0.5, 1.0, 2.0):

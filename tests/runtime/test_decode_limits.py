@@ -18,7 +18,8 @@ from tlcompile.runtime.preprocess import MAX_DECODE_PIXELS, PreprocessSpec, load
 
 
 def png_header_bomb(width: int, height: int, bit_depth: int, color_type: int) -> bytes:
-    """A valid PNG of zeros: tiny on disk, width x height pixels when decoded (color_type 6 = RGBA, 2 = RGB, 0 = grey)."""
+    """A valid PNG of zeros: tiny on disk, width x height pixels when decoded (color_type 6 = RGBA, 2 = RGB,
+    0 = grey)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)

@@ -250,7 +250,8 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path) -> None:
                 "model": {"pretrained": "imagenet"},
                 "transfer": {"compare": [{"init": "random", "strategy": "scratch", "head_epoch": 1}]},
             },
-            "transfer.compare.0.head_epoch: unknown key 'head_epoch'; valid keys here: head_epochs, init, name, strategy, unfreeze_last",
+            "transfer.compare.0.head_epoch: unknown key 'head_epoch'; "
+            "valid keys here: head_epochs, init, name, strategy, unfreeze_last",
         ),
         (
             {

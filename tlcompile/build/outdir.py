@@ -40,12 +40,14 @@ def prepare_out_dir(out_dir: Path, *, resume: bool) -> None:
     if not empty:
         if not is_build_dir(out_dir):
             raise TlcompileError(
-                f"--out '{out_dir}' is not empty and is not a tlcompile build folder (no {BUILD_MARKER}); a build writes "
+                f"--out '{out_dir}' is not empty and is not a tlcompile build folder "
+                f"(no {BUILD_MARKER}); a build writes "
                 "only into a new or empty folder or one it made, so nothing was changed; choose a new --out"
             )
         if not resume:
             raise TlcompileError(
-                f"output folder '{out_dir}' already holds a build; use --resume to continue it, or choose another --out "
+                f"output folder '{out_dir}' already holds a build; use --resume to continue it, "
+                "or choose another --out "
                 "(nothing was changed)"
             )
         return

@@ -149,7 +149,8 @@ def finetune(
             augment_batches=tc.augment,
             start_epoch=start_epoch,
             set_train_mode=_train_with_frozen_bn_stats if freeze_bn_stats else None,
-            # data.balance as in training; fp32 arithmetic (no train.amp): fake-quantizers and masks want full precision.
+            # data.balance as in training; fp32 arithmetic (no train.amp): fake-quantizers and masks want full
+            # precision.
             sample_weights=data.sample_weights("train"),
         )
         result, _ = loop.fit(

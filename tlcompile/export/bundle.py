@@ -148,7 +148,8 @@ def select_artifact(
         )
         raise BundleError(
             f"bundle: no artifact on {shown} meets the accuracy guard, evaluate.endpoints and bundle.latency_budget_ms "
-            f"({reasons}); report.json was written. Relax the endpoints or the budget, or set bundle.select: name to ship one anyway"
+            f"({reasons}); report.json was written. "
+            "Relax the endpoints or the budget, or set bundle.select: name to ship one anyway"
         )
 
     def p90_of(c: dict[str, Any]) -> float:
@@ -329,8 +330,9 @@ def _pick_golden(scores: np.ndarray, threshold: float, count: int, margin: float
 
     With ``margin`` = d / (2 T) for a logit tolerance d and temperature T, a box that passes the logit check cannot flip
     a golden decision: moving every logit by at most d moves P(referable DR) by at most d / (2 T), because the
-    gradient of p_S = sum over S of softmax(z / T) has an L1 norm of 2 p_S (1 - p_S) / T <= 1 / (2 T). Fewer samples are taken rather than one that could
-    (only a model whose every score sits on the threshold gets near-threshold samples)."""
+    gradient of p_S = sum over S of softmax(z / T) has an L1 norm of 2 p_S (1 - p_S) / T <= 1 / (2 T). Fewer samples
+    are taken rather than one that could (only a model whose every score sits on the threshold gets near-threshold
+    samples)."""
     away = np.flatnonzero(np.abs(scores - threshold) >= margin)
     pool = away if away.size else np.arange(scores.size)
     ordered = pool[np.argsort(scores[pool], kind="mergesort")]

@@ -69,7 +69,8 @@ def latest_build(root: Path = Path("runs")) -> Path:
     builds = [p.parent for p in root.glob("*/report.json")] if root.is_dir() else []
     if not builds:
         raise BenchError(
-            f"no PATH given and no build found under '{root}/' (a folder with report.json); give a build folder, bundle or model file"
+            f"no PATH given and no build found under '{root}/' (a folder with report.json); "
+            "give a build folder, bundle or model file"
         )
     return max(builds, key=lambda p: (p / "report.json").stat().st_mtime)
 
@@ -315,7 +316,8 @@ def measure(
         )
         if target.threshold is None:
             raise BenchError(
-                f"{target.path}: no locked operating point is known for this model; bench its build folder or bundle to get accuracy"
+                f"{target.path}: no locked operating point is known for this model; "
+                "bench its build folder or bundle to get accuracy"
             )
         targets = targets_for(labels, "referable" if logits.shape[1] == 2 else "grade")
         m = classification_metrics(logits / target.temperature, targets, target.threshold)

@@ -273,7 +273,8 @@ def load_bundle(path: str | Path) -> Bundle:
         )
     if bundle.task not in ("referable", "grade") or len(bundle.class_names) != (2 if bundle.task == "referable" else 5):
         raise BundleError(
-            f"{meta_path}: task '{bundle.task}' with {len(bundle.class_names)} class names; valid: referable (2), grade (5)"
+            f"{meta_path}: task '{bundle.task}' with {len(bundle.class_names)} class names; "
+            "valid: referable (2), grade (5)"
         )
     if not (0.0 < bundle.threshold < 1.0):  # 'not' also catches NaN
         raise BundleError(
@@ -287,7 +288,8 @@ def load_bundle(path: str | Path) -> Bundle:
     bundle.model_path  # noqa: B018 - raises UnsafeFileError now for an entry outside the bundle, not at first use
     if meta.get("candidates") and bundle.candidate(bundle.default_candidate).meta["model"] != meta["model"]:
         raise BundleError(
-            f"{meta_path}: model and the default candidate {bundle.default_candidate}'s model disagree; the bundle is damaged"
+            f"{meta_path}: model and the default candidate {bundle.default_candidate}'s model disagree; "
+            "the bundle is damaged"
         )
     for cid in bundle.candidates:  # raises UnsafeFileError now for an entry outside the bundle, not at first use
         view = bundle.candidate(cid)
@@ -321,7 +323,8 @@ def _check_candidates(meta: dict[str, Any], meta_path: Path) -> None:
         raise BundleError(f"{meta_path}: candidate ids repeat: {', '.join(ids)}")
     if meta.get("default_candidate") not in ids:
         raise BundleError(
-            f"{meta_path}: default_candidate {meta.get('default_candidate')!r} is not one of the candidates ({', '.join(ids)})"
+            f"{meta_path}: default_candidate {meta.get('default_candidate')!r} is not one of the candidates "
+            f"({', '.join(ids)})"
         )
 
 
@@ -395,7 +398,8 @@ def _expected_readings(bundle: Bundle, n: int) -> list[dict[str, Any]]:
     expected = bundle.meta["golden"].get("expected")
     if not isinstance(expected, list) or len(expected) != n or not all(isinstance(e, dict) for e in expected):
         raise BundleError(
-            f"{bundle.root / BUNDLE_JSON}: golden.expected of {bundle.candidate_id} must list one stored reading per golden image"
+            f"{bundle.root / BUNDLE_JSON}: golden.expected of {bundle.candidate_id} "
+            "must list one stored reading per golden image"
         )
     return expected
 
@@ -466,7 +470,8 @@ def check_golden(bundle: Bundle, *, threads: int | None = None, session: Inferen
     prepared_here = np.stack(prepared)
     if prepared_here.shape != golden["prepared"].shape:
         check.problems.append(
-            f"preprocessing gives images of shape {prepared_here.shape[1:]}; the stored ones are {golden['prepared'].shape[1:]}"
+            f"preprocessing gives images of shape {prepared_here.shape[1:]}; "
+            f"the stored ones are {golden['prepared'].shape[1:]}"
         )
         return check
     check.max_abs_pixel_diff = int(np.abs(prepared_here.astype(np.int16) - golden["prepared"].astype(np.int16)).max())
@@ -586,7 +591,8 @@ def _check_candidate(bundle: Bundle, cid: str, threads: int | None) -> tuple[Can
         result.damaged = isinstance(err, (BundleError, UnsafeFileError))
         return result, None
     except Exception as err:  # noqa: BLE001 - the runtime itself failed on this CPU (OpenVINO int8 on an ARMv8.0 core
-        # raised "Convolution node ... is not initialized" at inference): this candidate cannot run here, the others may.
+        # raised "Convolution node ... is not initialized" at inference): this candidate cannot run here,
+        # the others may.
         first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
         result.problems.append(f"{view.runtime} failed running {cid} on this box ({type(err).__name__}: {first})")
         return result, None
@@ -733,7 +739,8 @@ def open_verified(
     signature = check_signature(bundle.root, trust)
     if not signature.ok:
         raise BundleError(
-            f"bundle {bundle.root} fails its signature check: {signature.problems[0]}; run tlcompile verify {bundle.root} --trust KEY"
+            f"bundle {bundle.root} fails its signature check: {signature.problems[0]}; "
+            f"run tlcompile verify {bundle.root} --trust KEY"
         )
     manifest = check_manifest(bundle.root)
     if not manifest.ok:
@@ -762,7 +769,8 @@ def open_verified(
         ) from err
     if not golden.ok:
         raise BundleError(
-            f"bundle {bundle.root} ({cid}) fails its golden samples on this box: {golden.problems[0]}; run tlcompile verify {bundle.root}"
+            f"bundle {bundle.root} ({cid}) fails its golden samples on this box: {golden.problems[0]}; "
+            f"run tlcompile verify {bundle.root}"
         )
     return VerifiedBundle(
         bundle=view,
@@ -798,7 +806,12 @@ def verify_lines(result: VerifyResult) -> list[str]:
         lines.append(f"  signature: {'valid, by trusted key ' + s.key_id if s.valid else 'NOT valid'}")
     else:
         lines.append(
-            f"  signature: {'signed by key ' + (s.key_id or '?') + ' (not checked: give --trust PUBKEY)' if s.present else 'none (unsigned bundle)'}"
+            "  signature: "
+            + (
+                "signed by key " + (s.key_id or "?") + " (not checked: give --trust PUBKEY)"
+                if s.present
+                else "none (unsigned bundle)"
+            )
         )
     lines += [f"    {p}" for p in s.problems]
     for c in result.candidates:
@@ -808,10 +821,14 @@ def verify_lines(result: VerifyResult) -> list[str]:
         if g is not None and g.samples:
             head += (
                 f" on {g.runtime} ({g.exec_precision}, {g.threads} threads): max |Δlogit| {g.max_abs_logit_diff:.2e} "
-                f"(tolerance {g.tolerance_logit:g}), decisions {g.decisions_agree}/{g.samples}, max |Δpixel| {g.max_abs_pixel_diff}"
+                f"(tolerance {g.tolerance_logit:g}), decisions {g.decisions_agree}/{g.samples}, "
+                f"max |Δpixel| {g.max_abs_pixel_diff}"
             )
         if c.latency:
-            head += f"; p50 {c.latency['p50_ms']:.3f} ms, p90 {c.latency['p90_ms']:.3f} ms (spread {c.latency['p90_spread_ms']:.3f})"
+            head += (
+                f"; p50 {c.latency['p50_ms']:.3f} ms, p90 {c.latency['p90_ms']:.3f} ms "
+                f"(spread {c.latency['p90_spread_ms']:.3f})"
+            )
         lines.append(head)
         lines += [f"    {p}" for p in c.problems + (g.problems if g else [])]
     if result.pin:
@@ -831,7 +848,8 @@ def verify_lines(result: VerifyResult) -> list[str]:
     failing.sort(key=lambda c: not c.damaged)  # damage first: it is what fails the bundle
     if result.ok and failing:
         lines.append(
-            f"  {len(failing)} of {len(result.candidates)} candidates do not reproduce their golden outputs on this box "
+            f"  {len(failing)} of {len(result.candidates)} candidates "
+            "do not reproduce their golden outputs on this box "
             "and will not run here"
         )
     reasons = result.problems + s.problems + m.problems + [f"{c.id}: {c.why_failed()}" for c in failing]

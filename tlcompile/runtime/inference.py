@@ -132,8 +132,8 @@ class OpenVINOSession:
         with its input tensor filled beforehand). ``infer({0: x})`` copied the input into the request's tensor,
         went through the Python data dispatcher, and built a dict of copied outputs that was then thrown away
         before the output was copied again: ~130 us per call on a 2-core Xeon, where a bare ``infer()`` costs
-        ~45 us (now ~60 us in all). Here a float32, C-contiguous, writeable array of the compiled shape is wrapped in place
-        (``shared_memory=True``: no copy, as benchmark_app's preallocated tensor), the request runs with no
+        ~45 us (now ~60 us in all). Here a float32, C-contiguous, writeable array of the compiled shape is wrapped in
+        place (``shared_memory=True``: no copy, as benchmark_app's preallocated tensor), the request runs with no
         inputs to dispatch, and the one output is copied once. It stays a synchronous ``infer()``, as
         benchmark_app's ``-api sync``: the graph then runs on the calling thread; start_async + wait runs it on
         OpenVINO's pinned stream thread instead, which on a loaded 2-core box measured 3x faster than

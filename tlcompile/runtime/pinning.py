@@ -111,7 +111,8 @@ def choose(
     m = measured[pick]
     return pick, (
         f"p90 {m['p90_ms']:.3f} ms against the fastest fp32 candidate {base}'s {b['p90_ms']:.3f} ms: faster by "
-        f"{b['p90_ms'] - m['p90_ms']:.3f} ms, more than the noise ({max(m['p90_spread_ms'], b['p90_spread_ms']):.3f} ms)"
+        f"{b['p90_ms'] - m['p90_ms']:.3f} ms, more than the noise "
+        f"({max(m['p90_spread_ms'], b['p90_spread_ms']):.3f} ms)"
     )
 
 

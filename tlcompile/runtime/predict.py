@@ -165,7 +165,8 @@ def check_csv_target(path: str | Path, *, inputs: Iterable[Path] = (), bundle_ro
             )
     if bundle_root is not None and target.is_relative_to(Path(bundle_root).resolve()):
         raise TlcompileError(
-            f"--csv '{path}' is inside the bundle {bundle_root}; writing there would break it; give a file outside the bundle"
+            f"--csv '{path}' is inside the bundle {bundle_root}; writing there would break it; "
+            "give a file outside the bundle"
         )
     if path.exists() or path.is_symlink():
         header = ",".join(CSV_COLUMNS)
@@ -178,7 +179,8 @@ def check_csv_target(path: str | Path, *, inputs: Iterable[Path] = (), bundle_ro
             ) from err
         if first != header or path.is_symlink():
             raise TlcompileError(
-                f"--csv '{path}' exists and is not a results CSV of tlcompile predict; it is never overwritten; give a new file name"
+                f"--csv '{path}' exists and is not a results CSV of tlcompile predict; it is never overwritten; "
+                "give a new file name"
             )
     return path
 

@@ -87,7 +87,8 @@ class PreprocessSpec:
 
         if not (isinstance(self.size, int) and not isinstance(self.size, bool) and 1 <= self.size <= MAX_INPUT_SIZE):
             raise DataError(
-                f"preprocessing size {self.size!r} is out of range; valid: a whole number of pixels from 1 to {MAX_INPUT_SIZE}"
+                f"preprocessing size {self.size!r} is out of range; "
+                f"valid: a whole number of pixels from 1 to {MAX_INPUT_SIZE}"
             )
         for name in ("mean", "std"):
             values = getattr(self, name)

@@ -173,7 +173,8 @@ class Ledger:
             path.chmod(0o644)  # read by the clinic's other systems, often as another user
         except OSError as err:
             raise TlcompileError(
-                f"cannot write the record of {name} into {folder} ({err.strerror or err}); stopped so that no image goes "
+                f"cannot write the record of {name} into {folder} ({err.strerror or err}); "
+                "stopped so that no image goes "
                 "unrecorded: fix the output folder and restart, the image will be decided then"
             ) from err
         self._index(path)
@@ -202,7 +203,8 @@ def _lock(out_dir: Path) -> Any:
     except OSError as err:
         handle.close()
         raise TlcompileError(
-            f"another tlcompile serve is already writing into '{out_dir}' (it holds {out_dir / LOCK_FILE}); stop it first"
+            f"another tlcompile serve is already writing into '{out_dir}' (it holds {out_dir / LOCK_FILE}); "
+            "stop it first"
         ) from err
     handle.seek(0)
     handle.truncate()
@@ -351,7 +353,8 @@ class Service:
                 return True
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise TlcompileError(
-                    f"{name}: '{path.suffix or '(none)'}' is not an image type this service reads; valid: {', '.join(IMAGE_EXTENSIONS)}"
+                    f"{name}: '{path.suffix or '(none)'}' is not an image type this service reads; "
+                    f"valid: {', '.join(IMAGE_EXTENSIONS)}"
                 )
             result = predict_image(v.bundle, v.session, path).to_dict()
             result.pop("file")
@@ -364,7 +367,8 @@ class Service:
                 self._retries[name] = tries + 1
                 self._seen[name] = (stat_key, time.monotonic(), max(self.settle, RETRY_MIN_WAIT))
                 self.log(
-                    f"{printable(name)}: looks cut off ({message}); retry {tries + 1} of {TRUNCATION_RETRIES} once it settles again"
+                    f"{printable(name)}: looks cut off ({message}); retry {tries + 1} of {TRUNCATION_RETRIES} "
+                    "once it settles again"
                 )
                 return False
             record.update(status="error", error=message, error_type=type(err).__name__)

@@ -87,12 +87,14 @@ def load_private_key(path: str | Path):
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as err:
         raise SigningError(
-            f"--key '{path}': not an unencrypted PEM private key ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            f"--key '{path}': not an unencrypted PEM private key "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
             "give the .key file `tlcompile bundle keygen` wrote"
         ) from err
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise SigningError(
-            f"--key '{path}': a {type(key).__name__.lstrip('_')} key; valid: an Ed25519 private key (tlcompile bundle keygen)"
+            f"--key '{path}': a {type(key).__name__.lstrip('_')} key; "
+            "valid: an Ed25519 private key (tlcompile bundle keygen)"
         )
     return key
 
@@ -110,12 +112,14 @@ def load_public_key(path: str | Path, option: str = "--trust"):
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as err:
         raise SigningError(
-            f"{option} '{path}': not a PEM public key ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            f"{option} '{path}': not a PEM public key "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
             "give the .pub file `tlcompile bundle keygen` wrote"
         ) from err
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise SigningError(
-            f"{option} '{path}': a {type(key).__name__.lstrip('_')} key; valid: an Ed25519 public key (tlcompile bundle keygen)"
+            f"{option} '{path}': a {type(key).__name__.lstrip('_')} key; "
+            "valid: an Ed25519 public key (tlcompile bundle keygen)"
         )
     return key
 
@@ -246,7 +250,8 @@ def check_signature(bundle_dir: str | Path, trusted: list[str | Path] | None = N
             raise ValueError("the top level is not an object")
         if record.get("algorithm") != "ed25519" or record.get("signed_file") != MANIFEST_JSON:
             raise ValueError(
-                f"algorithm {record.get('algorithm')!r} over {record.get('signed_file')!r}; valid: ed25519 over {MANIFEST_JSON}"
+                f"algorithm {record.get('algorithm')!r} over {record.get('signed_file')!r}; "
+                f"valid: ed25519 over {MANIFEST_JSON}"
             )
         signature = base64.b64decode(str(record.get("signature", "")), validate=True)
         check.key_id = str(record.get("key_id", ""))

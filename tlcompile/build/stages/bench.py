@@ -78,7 +78,8 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
                         ),
                         "lineage": art.lineage,
                         "logits_path": str(logits_path.relative_to(ctx.out_dir)),
-                        # Compressed artifacts: the accuracy guard on val (met / checks / actions) and what compression did.
+                        # Compressed artifacts: the accuracy guard on val (met / checks / actions) and what
+                        # compression did.
                         **{k: art.metadata[k] for k in ("guard", "compression") if k in art.metadata},
                     }
                 )

@@ -87,8 +87,10 @@ def _print_quantize(ctx: BuildContext, name: str, record: dict[str, Any]) -> Non
     c, g = record["compression"], record["guard"]
     ptq, final = c["ptq"], c["final"]
     ctx.console.print(
-        f"[bold]quantize[/]: {name}: val AUC PTQ {f3(ptq['val']['auc'])} -> {c['method'].upper()} {f3(final['val']['auc'])} "
-        f"(reference {f3(g['checks'][0]['auc']['reference'])}), test AUC PTQ {f3(ptq['test']['auc'])} -> {f3(final['test']['auc'])}; "
+        f"[bold]quantize[/]: {name}: val AUC PTQ {f3(ptq['val']['auc'])} "
+        f"-> {c['method'].upper()} {f3(final['val']['auc'])} "
+        f"(reference {f3(g['checks'][0]['auc']['reference'])}), "
+        f"test AUC PTQ {f3(ptq['test']['auc'])} -> {f3(final['test']['auc'])}; "
         f"kept {c['kept']}; guard "
         + ("[green]met[/]" if g["met"] else f"[red]NOT met[/]: {guard.describe(g['checks'][0])}")
         + (f" ({'; '.join(g['actions'])})" if g["actions"] else "")
@@ -101,7 +103,8 @@ def _quantize(ctx: BuildContext, src: Artifact, fp32: Artifact, name: str) -> tu
     base = copy.deepcopy(src.module).eval()
     unfreeze([base])
     folded = fold_batchnorm(base)
-    # The teacher is the model being quantized: QAT is to reproduce it (the guard's reference), not to re-learn the task.
+    # The teacher is the model being quantized: QAT is to reproduce it (the guard's reference), not to re-learn
+    # the task.
     teacher = src.module.eval() if cfg.distill and cfg.method == "qat" else None
     distill = (cfg.distill_temperature, cfg.distill_alpha)
     reference = split_metrics(ctx, src.module, "val")
