@@ -653,8 +653,7 @@ class QuantizeConfig(GuardLimits):
         le=1,
         description="qat distillation: weight of the KL term (1 - alpha weighs the cross-entropy on labels). 1 by "
         "default: QAT should reproduce the FP32 model's scores; label cross-entropy re-calibrates them and moves the "
-        "referral decisions at the locked threshold (measured: int8 val sensitivity -0.60 at alpha 0.5, +0.03 at "
-        "alpha 1).",
+        "referral decisions at the locked threshold (the README's compression section has the measurement).",
     )
     keep_fp32: list[str] = Field(
         default_factory=list,

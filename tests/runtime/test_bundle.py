@@ -430,7 +430,7 @@ def _recipe(**bundle):
 
 
 def test_select_best_under_budget_that_meets_the_endpoints():
-    from tlcompile.export.bundle import bundle_runtime, select_artifact
+    from tlcompile.export.bundle import bundle_runtimes, select_artifact
 
     miss = {"min_sensitivity": {"pass": False}}
     report = {
@@ -444,7 +444,7 @@ def test_select_best_under_budget_that_meets_the_endpoints():
             ),  # another runtime: not a candidate
         ]
     }
-    assert bundle_runtime(report, _recipe()) == "openvino"
+    assert bundle_runtimes(report, _recipe()) == ["openvino"]
     row, record = select_artifact(report, _recipe(select="best_under_budget"), "openvino")
     assert row["name"] == "fp32" and record["chosen"] == "fp32"
     row, record = select_artifact(report, _recipe(select="best_under_budget", latency_budget_ms=5.0), "openvino")
@@ -460,7 +460,7 @@ def test_select_best_under_budget_that_meets_the_endpoints():
         BundleError, match="bundle.artifact 'int4' was not benched on openvino; artifacts of this build: fp32, int8"
     ):
         select_artifact(report, _recipe(select="name", artifact="int4"), "openvino")
-    assert bundle_runtime({"artifacts": [_row("fp32", runtime="torch")]}, _recipe()) is None
+    assert bundle_runtimes({"artifacts": [_row("fp32", runtime="torch")]}, _recipe()) == []
 
 
 def test_select_fastest_never_ships_an_artifact_that_fails_the_accuracy_guard():

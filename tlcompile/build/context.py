@@ -91,7 +91,6 @@ class BuildContext:
     bench_rows: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)  # report.json, assembled after the bench
     bundle_error: Exception | None = None  # a bundle that could not be made: raised once the report is written
-    resume_plan: dict[str, list[str]] | None = None  # --resume: the stage folders reused, redone and removed
 
     def stage_fingerprint(self, folder: str) -> str:
         """The fingerprint of the recipe sections the stage in ``folder`` reads: a change elsewhere (bench, bundle, a

@@ -90,7 +90,7 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
             _timed(ctx, stage, lambda s=stage: s.preflight(ctx))
     claim_out_dir(out_dir)
     if resume:
-        ctx.resume_plan = plan_resume(ctx)
+        plan_resume(ctx)
     atomic_write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
     artifacts: list[Artifact] = []
     workers_running = run.enabled

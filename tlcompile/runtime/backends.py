@@ -154,8 +154,3 @@ def model_files(path: str | Path) -> list[Path]:
 def size_bytes(path: str | Path) -> int:
     """Bytes on disk of a model: its entry file plus the companions that exist (x.xml + x.bin)."""
     return sum(f.stat().st_size for f in model_files(path)[1:] if f.is_file()) + Path(path).stat().st_size
-
-
-def suffix_list(runtimes: tuple[str, ...] = FILE_RUNTIMES, sep: str = " / ") -> str:
-    """'.xml / .onnx': the entry-file suffixes of these runtimes' formats, for messages."""
-    return sep.join(backend(r).suffix for r in runtimes)
