@@ -169,8 +169,7 @@ def write_sweep_report(
 
 
 def render_sweep_markdown(report: dict[str, Any]) -> str:
-    def num(x: Any, fmt: str) -> str:
-        return "-" if x is None or (isinstance(x, float) and x != x) else format(x, fmt)
+    from tlcompile.runtime.terminal import num
 
     lines = [f"# Sweep of {report['recipe']}", "", "| variant | status | wall s |", "|---|---|---|"]
     for v in report["variants"]:

@@ -1,33 +1,19 @@
 """How the report writes numbers and verdict words: one place for report.md, report.html and the terminal table.
 
-Pure text formatting of values read from report.json; it imports nothing, so torch-free code (the runtime's bench
-table) can use it too.
+Pure text formatting of values read from report.json. The number-or-dash formatter itself, :func:`num`, lives in
+:mod:`tlcompile.runtime.terminal`, so that torch-free tables (the runtime's bench) and the training side use it too.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from tlcompile.runtime.terminal import MISSING, is_missing, num
+
 # The glossary (README "Words used"): the same words in the CLI, report.md, report.html and the README.
 GUARD_MET, GUARD_FAILED, GUARD_REFERENCE = "met", "failed", "reference"
 PARETO_MARK = "front"  # the cell of a row on the accuracy-vs-latency Pareto front; "" when not, "-" when not ranked
 PP = "pp"  # percentage points: every delta is new - fp32, in points (an AUC of 0.01 is 1 point)
-MISSING = "-"  # what a cell shows for a value that is absent, None or NaN
-
-
-def _missing(x: Any) -> bool:
-    return x is None or (isinstance(x, float) and x != x)
-
-
-def num(x: Any, fmt: str = ".3f", *, sd: Any = None) -> str:
-    """``format(x, fmt)``, or ``-`` for None and NaN; with an ``sd`` (not None or NaN), `` ± sd`` in ``fmt`` too.
-
-    The one number-or-dash formatter: ``num(0.91234)`` -> ``0.912``, ``num(None)`` -> ``-``,
-    ``num(2.5, ".1f", sd=0.25)`` -> ``2.5 ± 0.2``.
-    """
-    if _missing(x):
-        return MISSING
-    return format(x, fmt) + ("" if _missing(sd) else f" ± {format(sd, fmt)}")
 
 
 def mb(n: int | None) -> str:
@@ -42,7 +28,7 @@ def pct(x: Any) -> str:
 
 def pp(x: float | None, *, signed: bool = True) -> str:
     """A proportion difference in percentage points: ``-3.3 pp`` (never ``-0.0``)."""
-    if _missing(x):
+    if is_missing(x):
         return MISSING
     return format(100 * x + 0.0 if round(100 * x, 1) != 0 else 0.0, "+.1f" if signed else ".1f") + f" {PP}"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tlcompile.errors import TlcompileError
-from tlcompile.report.format import num
 from tlcompile.report.sections import ROW_COLUMNS, Verdict, artifact_cells, report_sections, verdict
+from tlcompile.runtime.terminal import num
 
 # The terminal shows the columns a person compares first; report.md carries them all.
 # Size and parity (|Δlogit|, top-1 agreement) are in report.md/html: without them the table fits 80 columns whole.

@@ -21,12 +21,12 @@ from tlcompile.report.format import (
     delta_pp,
     guard_cell,
     mb,
-    num,
     pareto_cell,
     pct,
     pp,
     with_ci,
 )
+from tlcompile.runtime.terminal import num
 
 ROW_COLUMNS = (
     "artifact",

@@ -477,10 +477,7 @@ def bench_table(rows: list[dict[str, Any]], *, title: str):
     """Terminal table of bench rows: what ran, latency, throughput, memory, accuracy, Pareto and budget. Never truncates
     (:class:`tlcompile.runtime.terminal.FitTable`): all-empty columns are dropped, and a narrow terminal gets one block
     per row. The words are the report's: artifact, runtime, Pareto ``front``."""
-    from tlcompile.runtime.terminal import FitTable
-
-    def num(v: Any, fmt: str) -> str:
-        return "-" if v is None or (isinstance(v, float) and v != v) else format(v, fmt)
+    from tlcompile.runtime.terminal import FitTable, num
 
     hosts = {r.get("host") for r in rows}
     # p99, first inference, compile time, file size and sens/spec at the operating point are in the JSON (--out).

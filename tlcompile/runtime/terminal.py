@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from rich import box
 from rich.cells import cell_len
@@ -19,6 +20,25 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
+
+MISSING = "-"  # what a cell shows for a value that is absent, None or NaN
+
+
+def is_missing(x: Any) -> bool:
+    """None or NaN: a value a table shows as :data:`MISSING`."""
+    return x is None or (isinstance(x, float) and x != x)
+
+
+def num(x: Any, fmt: str = ".3f", *, sd: Any = None) -> str:
+    """``format(x, fmt)``, or ``-`` for None and NaN; with an ``sd`` (not None or NaN), `` ± sd`` in ``fmt`` too.
+
+    The one number-or-dash formatter: ``num(0.91234)`` -> ``0.912``, ``num(None)`` -> ``-``,
+    ``num(2.5, ".1f", sd=0.25)`` -> ``2.5 ± 0.2``.
+    """
+    if is_missing(x):
+        return MISSING
+    return format(x, fmt) + ("" if is_missing(sd) else f" ± {format(sd, fmt)}")
+
 
 EMPTY = ("", "-")
 

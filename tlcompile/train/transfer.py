@@ -33,6 +33,7 @@ from tlcompile.models import freeze, get_model, mean_var_init_, reinit_, set_tra
 from tlcompile.models.pretrained import SourceWeights, apply_source_weights, load_weight_source
 from tlcompile.models.registry import TlModel
 from tlcompile.recipe import FinetuneConfig, Recipe, TrainConfig, TransferConfig, TransferVariant
+from tlcompile.runtime.terminal import num
 from tlcompile.train import loop
 
 # Columns of the report's transfer table (report["transfer"]["rows"] has these keys, and more).
@@ -511,9 +512,7 @@ def _log_source(source: SourceWeights, recipe: Recipe, num_classes: int, log: Ca
 
 
 def _fmt(x: float | None, sd: float | None = None, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+    return num(x, f".{digits}f", sd=sd)
 
 
 def transfer_table(
