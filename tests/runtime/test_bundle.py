@@ -444,7 +444,7 @@ def test_select_best_under_budget_that_meets_the_endpoints():
             ),  # another runtime: not a candidate
         ]
     }
-    assert bundle_runtimes(report, _recipe()) == ["openvino"]
+    assert bundle_runtimes(report, _recipe()) == ["openvino", "onnxruntime"]  # auto: every runtime benched
     row, record = select_artifact(report, _recipe(select="best_under_budget"), "openvino")
     assert row["name"] == "fp32" and record["chosen"] == "fp32"
     row, record = select_artifact(report, _recipe(select="best_under_budget", latency_budget_ms=5.0), "openvino")
