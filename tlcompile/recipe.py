@@ -78,14 +78,16 @@ class SplitConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["synthetic", "aptos", "eyepacs", "idrid", "messidor", "folder", "csv"] = Field(
+    source: Literal["synthetic", "aptos", "eyepacs", "idrid", "messidor", "folder", "csv", "dicom"] = Field(
         "synthetic",
         description="synthetic: built-in fundus generator. Layout presets under data.root: aptos (train.csv id_code,"
         "diagnosis + train_images/<id>.png); eyepacs (trainLabels.csv image,level + train/<image>.jpeg; the patient is "
         "the part before _left/_right); idrid (the IDRiD grading CSV 'Image name','Retinopathy grade' + <id>.jpg); "
         "messidor (Messidor-2 messidor_data.csv image_id,adjudicated_dr_grade + IMAGES/; ungradable rows left out); "
         "folder (one sub-folder per class: 0..4 or data.label_map's names); csv (any label CSV: data.csv with "
-        "image_column, label_column, path_template, optional patient_column or patient_regex).",
+        "image_column, label_column, path_template, optional patient_column or patient_regex); dicom (labels.csv "
+        "file,grade keyed by SOPInstanceUID or file name + a folder of .dcm files; the patient is the DICOM PatientID, "
+        "pseudonymised; needs tlcompile[dicom]).",
     )
     root: Path | None = Field(
         None,
@@ -235,7 +237,7 @@ class DataConfig(Section):
                 "folder"
             )
         if (
-            self.source in ("aptos", "eyepacs", "idrid", "messidor")
+            self.source in ("aptos", "eyepacs", "idrid", "messidor", "dicom")
             and self.root is None
             and (self.csv is None or self.images is None)
         ):
