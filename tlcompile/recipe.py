@@ -833,6 +833,23 @@ class BundleConfig(Section):
     )
 
 
+class MlflowConfig(Section):
+    uri: str = Field(
+        min_length=1,
+        description="MLflow tracking URI: a local store such as 'file:./mlruns' (relative to where the build runs), "
+        "or a server such as 'http://mlflow.team:5000'. Needs tlcompile[tracking].",
+    )
+    experiment: str = Field("tlcompile", min_length=1, description="MLflow experiment the build's run goes into.")
+
+
+class TrackingConfig(Section):
+    mlflow: MlflowConfig | None = Field(
+        None,
+        description="Log the build to MLflow: the resolved recipe as params, per-epoch training metrics, stage times, "
+        "each artifact row's key metrics, and report + bundle as artifacts; a sweep logs its variants as child runs.",
+    )
+
+
 # ------------------------------------------------------------------------------------------------ top
 class Recipe(Section):
     name: str = Field("build", min_length=1, max_length=100, description="Name of the build (used in reports).")
@@ -862,6 +879,12 @@ class Recipe(Section):
         None,
         description="INT8 quantization of the trained (and pruned) model (artifacts 'int8', 'pruned-int8'); None: "
         "FP32 only.",
+    )
+
+    tracking: TrackingConfig | None = Field(
+        None,
+        description="Where the build is logged for the team (MLflow); None: nowhere. Changes no stage and no "
+        "fingerprint: where results are logged is not what was built.",
     )
 
     def effective_transfer(self) -> TransferConfig:
@@ -915,14 +938,18 @@ class Recipe(Section):
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:
-        """The resolved recipe as plain YAML/JSON types (paths as strings)."""
-        return json.loads(self.model_dump_json())
+        """The resolved recipe as plain YAML/JSON types (paths as strings); ``tracking`` only when it is set."""
+        resolved = json.loads(self.model_dump_json())
+        if resolved.get("tracking") is None:
+            resolved.pop("tracking", None)
+        return resolved
 
     def fingerprint(self, sections: tuple[str, ...] | None = None) -> str:
         """sha256 of the resolved recipe (or of the listed top-level ``sections`` only): two builds with the same
         fingerprint did the same thing. Each build stage declares the sections it reads (``SECTIONS`` in
         :mod:`tlcompile.build.stages`): their fingerprint is what --resume compares."""
         resolved = self.to_yaml_dict()
+        resolved.pop("tracking", None)  # where the build is logged does not change what it built
         if sections is not None:
             resolved = {key: resolved.get(key) for key in sections}
         return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
