@@ -105,12 +105,13 @@ RECIPE_SECTIONS = (
     "transfer",
     "prune",
     "quantize",
+    "tracking",
 )
 BUILD_HELP = (
     "Build a recipe: data -> train -> (prune, quantize) -> export -> bench -> report -> bundle.\n\n"
     f"Recipe sections (YAML keys, all optional): {', '.join(RECIPE_SECTIONS)}. "
     "data: source, split, preprocessing; model: arch, pretrained; evaluate: operating point, endpoints; "
-    "bundle: selection, candidates, intended use.\n\n"
+    "bundle: selection, candidates, intended use; tracking: MLflow.\n\n"
     "Every key with its type, default and description: tlcompile recipe schema. "
     "Check a recipe without running it: tlcompile validate RECIPE. Example: recipes/quickstart.yaml."
 )
