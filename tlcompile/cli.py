@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -105,12 +105,13 @@ RECIPE_SECTIONS = (
     "transfer",
     "prune",
     "quantize",
+    "tracking",
 )
 BUILD_HELP = (
     "Build a recipe: data -> train -> (prune, quantize) -> export -> bench -> report -> bundle.\n\n"
     f"Recipe sections (YAML keys, all optional): {', '.join(RECIPE_SECTIONS)}. "
     "data: source, split, preprocessing; model: arch, pretrained; evaluate: operating point, endpoints; "
-    "bundle: selection, candidates, intended use.\n\n"
+    "bundle: selection, candidates, intended use; tracking: MLflow.\n\n"
     "Every key with its type, default and description: tlcompile recipe schema. "
     "Check a recipe without running it: tlcompile validate RECIPE. Example: recipes/quickstart.yaml."
 )
@@ -450,6 +451,16 @@ TrustOption = Annotated[
 ]
 
 
+FhirUrlOption = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--fhir-url",
+        help="POST each FHIR Bundle (a transaction) to this FHIR server base URL, through an outbox folder that keeps "
+        "every unsent one for the next run (implies --fhir; predict's default folder: ./fhir).",
+    ),
+]
+
+
 def _model_card_disclaimer(meta: dict) -> str | None:
     """One line from the bundle's model card: NOT for clinical use when it was trained on synthetic data."""
     card = meta.get("model_card") or {}
@@ -467,6 +478,11 @@ def predict(
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write one CSV row per image here.")] = None,  # noqa: UP045
     threads: ThreadsOption = None,
     trust: TrustOption = None,
+    fhir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--fhir", help="Also write one FHIR R4B Bundle (DiagnosticReport + Observations) per image here."),
+    ] = None,
+    fhir_url: FhirUrlOption = None,
 ) -> None:
     """Referral decision, grade and P(referable DR) per image, with the bundle's preprocessing (verified first)."""
     from rich.table import Table
@@ -499,10 +515,28 @@ def predict(
     if csv is not None:
         write_results_csv(results, csv, inputs=paths, bundle_root=verified.bundle.root)
         console.print(f"wrote {csv}")
+    unsent = _write_fhir(verified, results, fhir, fhir_url, console) if fhir is not None or fhir_url else 0
     failed = sum(r.error is not None for r in results)
     if failed:
         print(f"error: {failed} of {len(results)} images could not be read (see the note column)", file=sys.stderr)
         raise typer.Exit(1)
+    if unsent:
+        raise typer.Exit(1)
+
+
+def _write_fhir(verified: Any, results: list, folder: Path | None, url: str | None, console: Any) -> int:
+    """predict --fhir: one FHIR bundle per decided image; returns how many still wait in the outbox."""
+    import datetime as dt
+
+    from tlcompile.runtime.fhir import FhirOutput, model_identity
+
+    folder = folder if folder is not None else Path("fhir")
+    out = FhirOutput(folder, model_identity(verified), url=url, log=lambda line: print(line, file=sys.stderr))
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    written = sum(bool(out.write({**r.to_dict(), "processed_at": now})) for r in results)
+    left = out.flush(final=True)
+    console.print(f"wrote {written} FHIR bundles to {folder}" + (f"; sent {out.sent} to {url}" if url else ""))
+    return left
 
 
 @app.command()
@@ -548,9 +582,24 @@ def serve(
     ] = 1.0,
     threads: ThreadsOption = None,
     trust: TrustOption = None,
+    fhir: Annotated[
+        bool, typer.Option("--fhir", help="Also write one FHIR R4B Bundle per decided image into OUT/fhir/.")
+    ] = False,
+    fhir_url: FhirUrlOption = None,
 ) -> None:
     """Watch a folder: one JSON record per new image (errors/ for unreadable files); restart-safe; Ctrl-C stops."""
     from tlcompile.runtime.serve import serve as run_serve
+
+    outputs = []
+    if fhir or fhir_url:
+        from tlcompile.runtime.fhir import FhirOutput, model_identity
+
+        def fhir_output(verified: Any, out_dir: Path) -> FhirOutput:
+            return FhirOutput(
+                out_dir / "fhir", model_identity(verified), url=fhir_url, log=lambda line: print(line, flush=True)
+            )
+
+        outputs.append(fhir_output)
 
     stats = run_serve(
         bundle,
@@ -562,6 +611,7 @@ def serve(
         threads=threads,
         trust=trust,
         log=lambda line: print(line, flush=True),
+        outputs=outputs,
     )
     typer.echo(stats.summary())
 

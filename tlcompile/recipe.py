@@ -78,14 +78,16 @@ class SplitConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["synthetic", "aptos", "eyepacs", "idrid", "messidor", "folder", "csv"] = Field(
+    source: Literal["synthetic", "aptos", "eyepacs", "idrid", "messidor", "folder", "csv", "dicom"] = Field(
         "synthetic",
         description="synthetic: built-in fundus generator. Layout presets under data.root: aptos (train.csv id_code,"
         "diagnosis + train_images/<id>.png); eyepacs (trainLabels.csv image,level + train/<image>.jpeg; the patient is "
         "the part before _left/_right); idrid (the IDRiD grading CSV 'Image name','Retinopathy grade' + <id>.jpg); "
         "messidor (Messidor-2 messidor_data.csv image_id,adjudicated_dr_grade + IMAGES/; ungradable rows left out); "
         "folder (one sub-folder per class: 0..4 or data.label_map's names); csv (any label CSV: data.csv with "
-        "image_column, label_column, path_template, optional patient_column or patient_regex).",
+        "image_column, label_column, path_template, optional patient_column or patient_regex); dicom (labels.csv "
+        "file,grade keyed by SOPInstanceUID or file name + a folder of .dcm files; the patient is the DICOM PatientID, "
+        "pseudonymised; needs tlcompile[dicom]).",
     )
     root: Path | None = Field(
         None,
@@ -235,7 +237,7 @@ class DataConfig(Section):
                 "folder"
             )
         if (
-            self.source in ("aptos", "eyepacs", "idrid", "messidor")
+            self.source in ("aptos", "eyepacs", "idrid", "messidor", "dicom")
             and self.root is None
             and (self.csv is None or self.images is None)
         ):
@@ -831,6 +833,23 @@ class BundleConfig(Section):
     )
 
 
+class MlflowConfig(Section):
+    uri: str = Field(
+        min_length=1,
+        description="MLflow tracking URI: a local store such as 'file:./mlruns' (relative to where the build runs), "
+        "or a server such as 'http://mlflow.team:5000'. Needs tlcompile[tracking].",
+    )
+    experiment: str = Field("tlcompile", min_length=1, description="MLflow experiment the build's run goes into.")
+
+
+class TrackingConfig(Section):
+    mlflow: MlflowConfig | None = Field(
+        None,
+        description="Log the build to MLflow: the resolved recipe as params, per-epoch training metrics, stage times, "
+        "each artifact row's key metrics, and report + bundle as artifacts; a sweep logs its variants as child runs.",
+    )
+
+
 # ------------------------------------------------------------------------------------------------ top
 class Recipe(Section):
     name: str = Field("build", min_length=1, max_length=100, description="Name of the build (used in reports).")
@@ -860,6 +879,12 @@ class Recipe(Section):
         None,
         description="INT8 quantization of the trained (and pruned) model (artifacts 'int8', 'pruned-int8'); None: "
         "FP32 only.",
+    )
+
+    tracking: TrackingConfig | None = Field(
+        None,
+        description="Where the build is logged for the team (MLflow); None: nowhere. Changes no stage and no "
+        "fingerprint: where results are logged is not what was built.",
     )
 
     def effective_transfer(self) -> TransferConfig:
@@ -913,14 +938,18 @@ class Recipe(Section):
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:
-        """The resolved recipe as plain YAML/JSON types (paths as strings)."""
-        return json.loads(self.model_dump_json())
+        """The resolved recipe as plain YAML/JSON types (paths as strings); ``tracking`` only when it is set."""
+        resolved = json.loads(self.model_dump_json())
+        if resolved.get("tracking") is None:
+            resolved.pop("tracking", None)
+        return resolved
 
     def fingerprint(self, sections: tuple[str, ...] | None = None) -> str:
         """sha256 of the resolved recipe (or of the listed top-level ``sections`` only): two builds with the same
         fingerprint did the same thing. Each build stage declares the sections it reads (``SECTIONS`` in
         :mod:`tlcompile.build.stages`): their fingerprint is what --resume compares."""
         resolved = self.to_yaml_dict()
+        resolved.pop("tracking", None)  # where the build is logged does not change what it built
         if sections is not None:
             resolved = {key: resolved.get(key) for key in sections}
         return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()

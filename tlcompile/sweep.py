@@ -53,8 +53,11 @@ def variants_of(axes: list[tuple[str, list[str]]]) -> list[Variant]:
     return out
 
 
-def _run_variant(recipe_path: str, overrides: list[str], out_dir: str, threads: int) -> dict[str, Any]:
-    """Body of one Ray task: an ordinary build; errors come back as data so one failure never stops the sweep."""
+def _run_variant(
+    recipe_path: str, overrides: list[str], out_dir: str, threads: int, tracking_parent: str | None = None
+) -> dict[str, Any]:
+    """Body of one Ray task: an ordinary build (with tracking, a child run of the sweep's MLflow run); errors come
+    back as data so one failure never stops the sweep."""
     os.environ["TLCOMPILE_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
     try:
@@ -64,7 +67,7 @@ def _run_variant(recipe_path: str, overrides: list[str], out_dir: str, threads: 
 
         recipe = load_recipe(recipe_path, overrides)
         with open(os.devnull, "w") as devnull:
-            result = build(recipe, Path(out_dir), console=Console(file=devnull))
+            result = build(recipe, Path(out_dir), console=Console(file=devnull), tracking_parent=tracking_parent)
         return {
             "ok": True,
             "out_dir": out_dir,
@@ -103,6 +106,9 @@ def run_sweep(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RecipeError(f"sweep output folder '{out_dir}' is not empty; choose another --out (nothing was changed)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    from tlcompile.tracking import start_parent_run
+
+    parent = start_parent_run(load_recipe(recipe_path, base_overrides), f"sweep {recipe_path.stem}")
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -121,6 +127,7 @@ def run_sweep(
                 [*base_overrides, *v.overrides],
                 str((out_dir / v.name).resolve()),
                 cpus_per_variant,
+                parent[1] if parent else None,
             ): v
             for v in variants
         }
@@ -142,7 +149,13 @@ def run_sweep(
     finally:
         if started_here:
             ray.shutdown()
-    return write_sweep_report(out_dir, recipe_path, variants, results)
+    report = write_sweep_report(out_dir, recipe_path, variants, results)
+    if parent is not None:  # the variants' runs are its children; the merged report is its artifact
+        client, run_id = parent
+        for name in ("sweep.json", "sweep.md"):
+            client.log_artifact(run_id, str(out_dir / name))
+        client.set_terminated(run_id, "FINISHED" if all(r.get("ok") for r in results.values()) else "FAILED")
+    return report
 
 
 def write_sweep_report(

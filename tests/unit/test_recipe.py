@@ -34,7 +34,7 @@ BROKEN = [
     ("split-over-one", "data.split.test", 1.5, "data.split.test"),
     ("unknown-optimizer", "train.optimizer", "rmsprop", "train.optimizer"),
     ("unknown-task", "data.task", "glaucoma", "data.task"),
-    ("unknown-source", "data.source", "dicom", "data.source"),
+    ("unknown-source", "data.source", "nifti", "data.source"),
     ("image-size-too-small", "data.image_size", 8, "data.image_size"),
     ("csv-without-paths", "data.source", "csv", "data"),
     ("bad-template", "data.path_template", "image.png", "data.path_template"),

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tlcompile.data.datamodule import DataModule
 from tlcompile.io import atomic_write_json
 from tlcompile.recipe import Recipe
+from tlcompile.tracking import Tracker
 
 
 @dataclass
@@ -91,6 +92,7 @@ class BuildContext:
     bench_rows: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)  # report.json, assembled after the bench
     bundle_error: Exception | None = None  # a bundle that could not be made: raised once the report is written
+    tracker: Tracker = field(default_factory=Tracker)  # MLflow (recipe tracking.mlflow) or nothing; see tracking.py
 
     def stage_fingerprint(self, folder: str) -> str:
         """The fingerprint of the recipe sections the stage in ``folder`` reads: a change elsewhere (bench, bundle, a

@@ -27,6 +27,7 @@ from tlcompile.errors import TlcompileError
 from tlcompile.io import atomic_write_json, atomic_write_text
 from tlcompile.recipe import Recipe
 from tlcompile.runtime.inference import default_threads
+from tlcompile.tracking import tracker_for
 from tlcompile.train import loop as train_loop
 
 # The stages, in the order they run. A stage whose ``wanted(recipe)`` is false is skipped (prune, quantize, bundle).
@@ -56,8 +57,16 @@ def planned_stages(recipe: Recipe) -> list[Stage]:
     return [stage for stage in STAGES if stage.wanted(recipe)]
 
 
-def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Console | None = None) -> BuildResult:
-    """Run the whole recipe into ``out_dir``; returns the report (also written as report.json/report.md)."""
+def build(
+    recipe: Recipe,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    console: Console | None = None,
+    tracking_parent: str | None = None,
+) -> BuildResult:
+    """Run the whole recipe into ``out_dir``; returns the report (also written as report.json/report.md).
+    ``tracking_parent``: the MLflow run this build's run is a child of (a sweep's)."""
     console = console or Console()
     out_dir = Path(out_dir)
     from tlcompile.train import distributed
@@ -83,6 +92,10 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
         resume=resume,
         stages={s.folder: s for s in STAGES if s.folder},
     )
+    if run.rank == 0:  # workers log nothing: rank 0 owns the run as it owns every file
+        ctx.tracker = tracker_for(
+            recipe, parent_run_id=tracking_parent, log=lambda line: console.print(line, markup=False)
+        )
     import yaml
 
     for stage in stages:  # before anything is written: a bad source leaves --out empty
@@ -94,16 +107,22 @@ def build(recipe: Recipe, out_dir: Path, *, resume: bool = False, console: Conso
     atomic_write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
     artifacts: list[Artifact] = []
     workers_running = run.enabled
-    for stage in stages:
-        if workers_running and not stage.all_ranks:  # training is done: every rank syncs; the workers stop here
-            distributed.barrier(run)
-            distributed.teardown(run)
-            workers_running = False
-            if run.rank > 0:
-                shutil.rmtree(out_dir, ignore_errors=True)
-                return BuildResult(out_dir=out_dir, report={})
-        artifacts = run_stage(ctx, stage, artifacts)
-    write_outputs(ctx)
+    ctx.tracker.start(recipe, out_dir)
+    try:
+        for stage in stages:
+            if workers_running and not stage.all_ranks:  # training is done: every rank syncs; the workers stop here
+                distributed.barrier(run)
+                distributed.teardown(run)
+                workers_running = False
+                if run.rank > 0:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                    return BuildResult(out_dir=out_dir, report={})
+            artifacts = run_stage(ctx, stage, artifacts)
+        write_outputs(ctx)
+    except BaseException as err:
+        ctx.tracker.fail(err)
+        raise
+    ctx.tracker.finish(ctx.report, out_dir)
     if ctx.bundle_error is not None:
         raise ctx.bundle_error
     return BuildResult(out_dir=out_dir, report=ctx.report)
@@ -119,6 +138,7 @@ def run_stage(ctx: BuildContext, stage: Stage, artifacts: list[Artifact]) -> lis
         ctx.stage = StageRun(folder=ctx.out_dir)
     reported = bool(ctx.report)  # stages after the report is assembled add their time to it (bundle)
     artifacts = _timed(ctx, stage, lambda: stage.run(ctx, artifacts))
+    ctx.tracker.stage(stage.name, ctx.stage_seconds[stage.name])
     if reported:
         ctx.report.setdefault("stage_seconds", {})[stage.name] = round(ctx.stage_seconds[stage.name], 2)
     if stage.folder is not None and ctx.stage.record is not None:

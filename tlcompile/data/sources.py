@@ -15,6 +15,8 @@ messidor   messidor_data.csv (Messidor-2, Krause et al.)   image_id,            
                                                            adjudicated_dr_grade
 folder     -- one sub-folder per class (0..4, or data.label_map's names) --
 csv        data.csv                                        id_code, diagnosis      {id}.png                 optional
+dicom      labels.csv                                      file, grade             dicom/*.dcm: the         PatientID
+                                                                                   SOPInstanceUID or name   (hashed)
 =========  ==============================================  ======================  ======================  ==========
 
 Reading never stops at the first bad row: every row that cannot become a usable record is a :class:`Problem`
@@ -25,8 +27,10 @@ Reading never stops at the first bad row: every row that cannot become a usable 
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,6 +99,15 @@ PRESETS: dict[str, Preset] = {
         "adjudicated_dr_grade",
         "{id}",
         gradable_column="adjudicated_gradable",
+    ),
+    "dicom": Preset(
+        "DICOM: labels.csv (file, grade; file = a SOPInstanceUID or a file name) + a folder of .dcm files; the patient "
+        "is the DICOM PatientID (pseudonymised)",
+        ("labels.csv",),
+        ("dicom", "images", ""),
+        "file",
+        "grade",
+        "{id}",
     ),
     "csv": Preset("a label CSV (data.csv) + an image folder", (), ("",), "id_code", "diagnosis", "{id}.png"),
     "folder": Preset("one sub-folder per class (0..4 or data.label_map's names)", (), ("",), None, None, "{id}"),
@@ -343,7 +356,13 @@ class _FolderIndex:
         return None
 
 
-def _list_csv(layout: Layout) -> Listing:
+def _list_csv(
+    layout: Layout,
+    locate: Callable[[str], Path | None] | None = None,
+    patient_for: Callable[[Path], str | None] | None = None,
+) -> Listing:
+    """The records a label CSV names. ``locate`` finds an id's file instead of the path template; ``patient_for``
+    gives a file's patient instead of the patient rule (the dicom source: its header's PatientID)."""
     csv_path = layout.csv
     header, rows = _read_csv_rows(csv_path)
     wanted = [("data.image_column", layout.image_column), ("data.label_column", layout.label_column)]
@@ -422,7 +441,10 @@ def _list_csv(layout: Layout) -> Listing:
                 )
                 continue
         path = layout.images / layout.path_template.format(id=image_id)
-        if not path.is_file():
+        located = locate(image_id) if locate is not None else None
+        if located is not None:
+            path = located
+        elif not path.is_file():
             other = index.find(path)
             if other is None:
                 listing.problems.append(Problem("missing", where, "does not exist", id=image_id, file=str(path)))
@@ -435,7 +457,7 @@ def _list_csv(layout: Layout) -> Listing:
                 path=path,
                 label=raw_label.strip(),
                 grade=grade,
-                patient=patient_of(image_id, image_id, row),
+                patient=(patient_for(path) if patient_for is not None else None) or patient_of(image_id, image_id, row),
                 where=where,
                 split=split,
             )
@@ -524,7 +546,46 @@ def _list_folder(layout: Layout) -> Listing:
     return listing
 
 
+# ----------------------------------------------------------------------------------------------- dicom
+def pseudonym(patient_id: str) -> str:
+    """The patient key a DICOM PatientID becomes: grouping by it splits by patient exactly as the ID would, and the
+    ID itself never reaches splits.csv, the build report or a log."""
+    return "patient-" + hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:16]
+
+
+def _list_dicom(layout: Layout) -> Listing:
+    """A label CSV keyed by SOPInstanceUID or file name, over a folder of DICOM files whose headers (read without
+    pixel data) give each file's SOPInstanceUID and patient."""
+    from tlcompile.runtime.dicom import DICOM_EXTENSIONS, read_header
+
+    by_key: dict[str, Path] = {}
+    patients: dict[Path, str | None] = {}
+    unreadable = 0
+    for path in sorted(layout.images.iterdir()):
+        if path.suffix.lower() not in DICOM_EXTENSIONS or not path.is_file():
+            continue
+        by_key.setdefault(path.name, path)
+        by_key.setdefault(path.stem, path)
+        try:
+            header = read_header(path)
+        except DataError:
+            unreadable += 1  # named by file name, it is still listed; decoding reports what is wrong with it
+            continue
+        uid = str(header.get("SOPInstanceUID") or "").strip()
+        if uid:
+            by_key.setdefault(uid, path)
+        patient_id = str(header.get("PatientID") or "").strip()
+        patients[path] = pseudonym(patient_id) if patient_id else None
+    listing = _list_csv(layout, locate=by_key.get, patient_for=patients.get)
+    listing.patient_rule = "DICOM PatientID (pseudonymised with sha256; images without one are their own patient)"
+    if unreadable:
+        listing.notes.append(f"{unreadable} .dcm files in {layout.images} have no readable DICOM header")
+    return listing
+
+
 def list_records(cfg: DataConfig) -> Listing:
     """Every image the data section names, with its grade and patient; rows that cannot be used are problems."""
     layout = resolve_layout(cfg)
-    return _list_folder(layout) if layout.source == "folder" else _list_csv(layout)
+    if layout.source == "folder":
+        return _list_folder(layout)
+    return _list_dicom(layout) if layout.source == "dicom" else _list_csv(layout)

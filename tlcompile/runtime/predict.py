@@ -22,7 +22,7 @@ from tlcompile.errors import DataError, TlcompileError
 from tlcompile.io import atomic_write_text
 from tlcompile.runtime.bundle import UNGRADABLE, Bundle
 from tlcompile.runtime.inference import InferenceSession
-from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, find_field, load_rgb, prepare_image, to_input
+from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, find_field, prepare_image, read_input, to_input
 from tlcompile.runtime.screen import damage_reason, not_fundus_reason
 
 CSV_COLUMNS = (
@@ -58,16 +58,22 @@ class ImageResult:
     error: str | None = None
     latency_ms: float | None = None  # preprocessing + inference on this box
     ungradable_reason: str | None = None  # why no decision: no field of view, or not a fundus photograph
+    # A DICOM input's header fields (patient_id, laterality, acquired_at, ...): for the clinic record (serve's JSON,
+    # FHIR), never printed. Absent from to_dict() for other files.
+    dicom: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["dicom"] is None:
+            del d["dicom"]
+        return d
 
 
 def predict_image(bundle: Bundle, session: InferenceSession, path: Path) -> ImageResult:
     """Decide one image. Raises :class:`DataError` (naming the file) when it cannot be decoded."""
     t0 = time.perf_counter()
     spec = bundle.preprocessing
-    rgb = load_rgb(path, draft_size=spec.size * 2)
+    rgb, source = read_input(path, draft_size=spec.size * 2)  # the input hook: image or DICOM -> RGB + metadata
     damaged = damage_reason(rgb)
     if damaged:
         raise DataError(f"{path}: {damaged}")
@@ -81,6 +87,7 @@ def predict_image(bundle: Bundle, session: InferenceSession, path: Path) -> Imag
         fov_found=fov_found,
         ungradable=not fov_found,
         ungradable_reason=reason,
+        dicom=source,
     )
     if fov_found:
         reading = bundle.interpret(session.run(to_input(prepared, spec)))[0]

@@ -26,10 +26,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlcompile.errors import DataError
+from tlcompile.runtime import dicom
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *dicom.DICOM_EXTENSIONS)
 #: Bumped whenever prepare_image's arithmetic changes, so cached preprocessed images of the old code are not reused.
 PREPROCESS_VERSION = 2
 # Ben Graham (Kaggle DR 2015) blurred with sigma = radius / 30 at a field radius of 300 px; we keep the ratio.
@@ -282,6 +283,9 @@ def read_image(
     truncated, oversized or non-image files.
     """
     path = Path(path)
+    if dicom.is_dicom(path):  # DICOM (.dcm): pydicom and its decoders, see tlcompile.runtime.dicom
+        rgb = read_input(path, data=data)[0]
+        return rgb, rgb.shape[:2]
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as img:
             stored = (img.height, img.width)
@@ -332,6 +336,17 @@ def check_decode_budget(img: Image.Image, path: str | Path) -> None:
             f"{cost / (1 << 20):,.0f} MiB to decode; limits {MAX_DECODE_PIXELS / 1e6:.0f} Mpx and "
             f"{MAX_DECODE_BYTES >> 20} MiB); not a fundus photograph"
         )
+
+
+def read_input(
+    path: str | Path, *, draft_size: int | None = None, data: bytes | None = None
+) -> tuple[np.ndarray, dict | None]:
+    """An input file -> (uint8 RGB, its DICOM header fields or None): what predict and serve read. A DICOM file's
+    fields (patient ID, laterality, acquisition time) are for the clinic record only, never for logs."""
+    if dicom.is_dicom(path):
+        found = dicom.read_dicom(path, data=data, max_pixels=MAX_DECODE_PIXELS)
+        return found.rgb, found.meta
+    return read_image(path, draft_size=draft_size, data=data)[0], None
 
 
 def load_rgb(path: str | Path, *, draft_size: int | None = None, data: bytes | None = None) -> np.ndarray:

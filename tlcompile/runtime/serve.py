@@ -31,7 +31,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,6 +239,7 @@ class Service:
         settle: float,
         log: Callable[[str], None],
         once: bool = False,
+        outputs: Sequence[Any] = (),
     ) -> None:
         self.verified, self.watch, self.out_dir, self.settle, self.log, self.once = (
             verified,
@@ -255,6 +256,8 @@ class Service:
         # name -> (stat key, first seen unchanged on the monotonic clock, seconds it must stay unchanged)
         self._seen: dict[str, tuple[tuple[int, int, int, int], float, float]] = {}
         self._retries: dict[str, int] = {}  # name -> truncation retries so far
+        # Extra outputs per record (e.g. runtime.fhir.FhirOutput): write(record) -> fields added to the record.
+        self.outputs = list(outputs)
 
     def poll(self, stop: threading.Event) -> int:
         """Decide every settled new image in the folder (oldest first); returns how many are still settling."""
@@ -388,6 +391,8 @@ class Service:
             processed_at=_now(),
             service_pid=os.getpid(),
         )
+        for output in self.outputs:  # before the record: a crash in between redoes the image, never loses an output
+            record.update(output.write(record))
         written = self.ledger.write(record, error=error)
         self._done.add(key)
         self._retries.pop(name, None)
@@ -421,11 +426,14 @@ def serve(
     trust: list[str | Path] | None = None,
     log: Callable[[str], None] = print,
     stop: threading.Event | None = None,
+    outputs: Sequence[Callable[[VerifiedBundle, Path], Any]] = (),
 ) -> ServeStats:
     """Watch ``watch`` and write one record per image into ``out_dir`` (default WATCH/results).
 
     ``once``: decide what is there (waiting for files still being written to settle) and return. Otherwise poll
     every ``interval`` seconds until SIGINT/SIGTERM or ``stop`` is set; the image being decided is finished first.
+    ``outputs``: factories (verified bundle, out_dir) -> extra per-record outputs with ``write(record)`` and
+    ``flush(final=)`` (FHIR: runtime/fhir.py).
     """
     watch = Path(watch)
     if not watch.is_dir():
@@ -461,10 +469,13 @@ def serve(
             + (f"; signed by trusted key {verified.signed_by}" if verified.signed_by else "")
             + f"): {watch} -> {out_dir}"
         )
-        service = Service(verified, watch, out_dir, settle=settle, log=log, once=once)
+        extra = [make(verified, out_dir) for make in outputs]
+        service = Service(verified, watch, out_dir, settle=settle, log=log, once=once, outputs=extra)
         pending = 0
         while not stop.is_set():
             pending = service.poll(stop)
+            for output in extra:
+                output.flush(final=once and pending == 0)
             if once and pending == 0:
                 break
             # Sleep on the event, so SIGTERM ends the wait at once; --once only waits for files to settle.

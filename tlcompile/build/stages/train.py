@@ -53,6 +53,7 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
             task = bar.add_task("train", total=runs * tc.epochs * steps, info="")
 
             def on_epoch(label: str, rec: dict[str, Any]) -> None:
+                ctx.tracker.epoch(label, rec)
                 bar.update(
                     task,
                     info=f"{label + ': ' if runs > 1 else ''}epoch {rec['epoch']}/{tc.epochs} "

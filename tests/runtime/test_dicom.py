@@ -1,0 +1,95 @@
+"""DICOM input: what predict and serve do with each kind of DICOM file a camera folder can hold; the patient ID
+reaches the record, never the terminal or the log."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pydicom")
+
+from tests.runtime.dicom_files import PATIENT_ID, write_test_set  # noqa: E402
+from tlcompile.errors import DataError  # noqa: E402
+from tlcompile.runtime.preprocess import read_image, read_input  # noqa: E402
+
+ERRORS = {
+    "bad_modality": "modality 'CT' is not Ophthalmic Photography (OP)",
+    "no_pixels": "has no pixel data",
+    "multi_frame": "has 2 frames",
+    "truncated": "truncated",
+}
+
+
+def _has_decoder(kind: str) -> bool:
+    mod = {"jpeg": "libjpeg", "jpeg2000": "openjpeg"}.get(kind)
+    if mod is None:
+        return True
+    try:
+        __import__(mod)
+        return True
+    except ImportError:
+        return False
+
+
+def test_each_dicom_kind_decodes_or_says_why(tmp_path):
+    files = write_test_set(tmp_path)
+    reference, meta = read_input(files["uncompressed"])
+    assert reference.shape == (96, 96, 3) and reference.dtype == np.uint8
+    assert meta["patient_id"] == PATIENT_ID and meta["laterality"] == "R"
+    assert meta["acquired_at"] == "2024-03-11T09:30:15" and meta["modality"] == "OP"
+    for kind in ("jpeg", "jpeg2000"):
+        if not _has_decoder(kind):
+            continue
+        rgb, meta = read_input(files[kind])
+        # JPEG baseline (YBR_FULL_422, converted to RGB by pydicom) is lossy; JPEG 2000 lossless is exact.
+        diff = np.abs(rgb.astype(int) - reference.astype(int)).mean()
+        assert diff < (4 if kind == "jpeg" else 0.01), (kind, diff)
+        assert meta["patient_id"] == PATIENT_ID
+    assert read_image(files["uncompressed"])[1] == (96, 96)  # the training path reads DICOM too
+    for kind, message in ERRORS.items():
+        with pytest.raises(DataError) as err:
+            read_input(files[kind])
+        text = str(err.value)
+        assert text.startswith(f"{files[kind]}: ") and message in text, text
+        assert PATIENT_ID not in text
+
+
+def test_predict_dicom_folder_without_torch(bundle_copy, tmp_path, run_cli):
+    """predict takes .dcm files from a folder on a box without torch: a decision for each photograph, an error row
+    for each other DICOM object, and the patient ID nowhere on the terminal."""
+    files = write_test_set(tmp_path / "camera")
+    out_csv = tmp_path / "out.csv"
+    camera = str(tmp_path / "camera")
+    cli = run_cli("predict", str(bundle_copy), camera, "--csv", str(out_csv), block_train_modules=True)
+    assert cli.returncode == 1, cli.stdout + cli.stderr  # the four broken files
+    assert "Traceback" not in cli.stderr and cli.stdout.endswith("ATTEMPTED:\n")
+    assert PATIENT_ID not in cli.stdout + cli.stderr
+    rows = {row["file"]: row for row in csv.DictReader(out_csv.open())}
+    assert set(rows) == {str(p) for p in files.values()}
+    for kind in ("uncompressed", "jpeg", "jpeg2000"):
+        if _has_decoder(kind):
+            assert rows[str(files[kind])]["referral"] in ("refer", "no referral", "ungradable"), rows[str(files[kind])]
+            assert rows[str(files[kind])]["error"] == ""
+    for kind, message in ERRORS.items():
+        assert message in rows[str(files[kind])]["error"]
+    assert PATIENT_ID not in out_csv.read_text()  # the CSV keeps its columns; the patient goes to records and FHIR
+
+
+def test_serve_records_carry_the_dicom_fields_but_the_log_does_not(tiny_build, tmp_path):
+    from tlcompile.runtime.serve import serve
+
+    watch = tmp_path / "camera"
+    files = write_test_set(watch)
+    lines: list[str] = []
+    stats = serve(tiny_build.bundle, watch, tmp_path / "out", once=True, settle=0, log=lines.append)
+    assert stats.results == 3 and stats.errors == 4, (stats, lines)
+    assert PATIENT_ID not in "\n".join(lines)
+    record = json.loads((tmp_path / "out" / "jpeg_baseline.dcm.json").read_text())
+    assert record["dicom"]["patient_id"] == PATIENT_ID and record["dicom"]["laterality"] == "R"
+    assert record["dicom"]["acquired_at"] == "2024-03-11T09:30:15"
+    for kind, message in ERRORS.items():
+        error = json.loads((tmp_path / "out" / "errors" / f"{files[kind].name}.json").read_text())
+        assert error["status"] == "error" and message in error["error"]

@@ -1,0 +1,175 @@
+"""FHIR out: validated R4B bundles per decided image, written exactly once, and POSTed through an outbox that loses
+nothing when the server fails."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+pytest.importorskip("fhir.resources")
+pytest.importorskip("pydicom")
+
+from tests.runtime.dicom_files import PATIENT_ID, write_test_set  # noqa: E402
+from tlcompile.runtime.fhir import FhirOutput, model_identity, report_bundle  # noqa: E402
+
+MODEL = {"name": "tiny", "sha256": "cd" * 32, "version": "fp32@openvino", "built_by": "tlcompile 0.1.0"}
+
+
+def _record(**extra):
+    return {
+        "file": "eye.dcm",
+        "sha256": "ab" * 32,
+        "referral": "refer",
+        "referable_dr_probability": 0.83,
+        "threshold": 0.41,
+        "grade": 3,
+        "grade_name": "severe NPDR",
+        "ungradable": False,
+        "processed_at": "2024-03-11T10:00:00.000+00:00",
+        "dicom": {"patient_id": PATIENT_ID, "laterality": "L", "acquired_at": "2024-03-11T09:30:15"},
+        **extra,
+    }
+
+
+def test_report_bundle_validates_and_carries_codes_model_and_patient():
+    from fhir.resources.R4B.bundle import Bundle
+
+    bundle = report_bundle(_record(), MODEL)
+    Bundle.model_validate(bundle)  # round trip: what was written validates again
+    by_type = {}
+    for entry in bundle["entry"]:
+        by_type.setdefault(entry["resource"]["resourceType"], []).append(entry["resource"])
+        assert entry["request"]["method"] == "PUT"  # idempotent: a retried POST replaces, never duplicates
+    report = by_type["DiagnosticReport"][0]
+    assert report["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "104212-6",
+        "display": "Views screening for diabetic retinopathy of Eyes",
+    }
+    assert report["subject"]["identifier"]["value"] == PATIENT_ID and report["status"] == "preliminary"
+    assert len(report["result"]) == 4 == len(by_type["Observation"])  # referral, P, grade, gradability
+    grade = next(o for o in by_type["Observation"] if o["code"]["coding"][0].get("code") == "71490-7")  # left eye
+    assert grade["valueCodeableConcept"]["coding"][0]["code"] == "LA18646-2"  # severe NPDR
+    assert grade["bodySite"]["coding"][0]["code"] == "8966001"
+    assert grade["effectiveDateTime"].startswith("2024-03-11T09:30:15")  # with this box's timezone added
+    device = by_type["Device"][0]
+    assert device["identifier"][0]["value"] == MODEL["sha256"] and device["deviceName"][0]["name"] == "tiny"
+    # Same image, same model: same ids (exactly once); no grade on a referable-task bundle.
+    again = report_bundle(_record(grade=None, grade_name=None), MODEL)
+    assert again["id"] == bundle["id"] and len(again["entry"]) == 5
+
+
+class _FlakyFhirServer:
+    """A FHIR endpoint on 127.0.0.1 that answers 503 to the first ``fail_first`` POSTs, then 200."""
+
+    def __init__(self, fail_first: int) -> None:
+        self.fail_first, self.attempts, self.received = fail_first, 0, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.attempts += 1
+                if outer.attempts <= outer.fail_first:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                outer.received.append(json.loads(body)["id"])
+                self.send_response(200)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.end_headers()
+                self.wfile.write(b'{"resourceType": "Bundle", "type": "transaction-response"}')
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_serve_fhir_url_delivers_each_record_exactly_once_after_failures(tiny_build, tmp_path):
+    from tlcompile.runtime.serve import serve
+
+    watch = tmp_path / "camera"
+    write_test_set(watch)
+    out = tmp_path / "out"
+    lines: list[str] = []
+
+    def fhir(url):
+        return lambda verified, out_dir: FhirOutput(
+            out_dir / "fhir", model_identity(verified), url=url, log=lines.append, backoff=0.02, attempts=6
+        )
+
+    with _FlakyFhirServer(fail_first=4) as server:
+        stats = serve(tiny_build.bundle, watch, out, once=True, settle=0, log=lines.append, outputs=[fhir(server.url)])
+        assert stats.results == 3 and stats.errors == 4
+        assert server.attempts >= 4 + 3 and len(server.received) == 3 == len(set(server.received))
+        assert any("failed (HTTP 503)" in line for line in lines)
+        assert PATIENT_ID not in "\n".join(lines)
+        sent = sorted((out / "fhir" / "sent").glob("*.json"))
+        assert len(sent) == 3 and not list((out / "fhir" / "outbox").glob("*.json"))
+        assert {p.stem for p in sent} == set(server.received)
+        record = json.loads((out / "jpeg_baseline.dcm.json").read_text())
+        assert record["fhir"].startswith("fhir/outbox/") and (out / record["fhir"].replace("outbox", "sent")).is_file()
+        # A restart finds every image done: nothing is written or sent again.
+        serve(tiny_build.bundle, watch, out, once=True, settle=0, log=lines.append, outputs=[fhir(server.url)])
+        assert len(server.received) == 3
+
+
+def test_outbox_keeps_what_the_server_refused_and_sends_it_next_run(tiny_build, tmp_path):
+    from tlcompile.runtime.serve import serve
+
+    watch = tmp_path / "camera"
+    write_test_set(watch)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    with _FlakyFhirServer(fail_first=10_000) as down:  # the record system is down all run
+        serve(
+            tiny_build.bundle,
+            watch,
+            out,
+            once=True,
+            settle=0,
+            log=lines.append,
+            outputs=[
+                lambda v, o: FhirOutput(
+                    o / "fhir", model_identity(v), url=down.url, log=lines.append, backoff=0.01, attempts=2
+                )
+            ],
+        )
+    assert len(list((out / "fhir" / "outbox").glob("*.json"))) == 3
+    assert any("wait in" in line for line in lines)
+    with _FlakyFhirServer(fail_first=1) as up:
+        out_fhir = FhirOutput(out / "fhir", MODEL, url=up.url, log=lines.append, backoff=0.01)
+        assert out_fhir.flush(final=True) == 0 and len(up.received) == 3 == len(set(up.received))
+
+
+def test_predict_fhir_writes_each_bundle_once_without_torch(bundle_copy, tmp_path, run_cli):
+    camera = tmp_path / "camera"
+    write_test_set(camera)
+    fhir_dir = tmp_path / "fhir"
+    for _ in range(2):  # the second run finds every bundle written: no duplicates
+        cli = run_cli("predict", str(bundle_copy), str(camera), "--fhir", str(fhir_dir), block_train_modules=True)
+        assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr  # the four broken DICOM files
+        assert "wrote 3 FHIR bundles" in cli.stdout and cli.stdout.endswith("ATTEMPTED:\n")
+        assert PATIENT_ID not in cli.stdout + cli.stderr
+    files = sorted(fhir_dir.glob("*.json"))
+    assert len(files) == 3
+    from fhir.resources.R4B.bundle import Bundle
+
+    for path in files:
+        bundle = Bundle.model_validate_json(path.read_text())
+        report = bundle.entry[0].resource
+        assert report.subject.identifier.value == PATIENT_ID

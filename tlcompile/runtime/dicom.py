@@ -1,0 +1,162 @@
+"""DICOM input: a fundus camera's Ophthalmic Photography object -> uint8 RGB + what the clinic record needs.
+
+pydicom reads the file (``pip install 'tlcompile[dicom]'``); compressed pixel data is decoded by the plugins it
+finds: pylibjpeg-libjpeg (JPEG baseline/extended/lossless), pylibjpeg-openjpeg (JPEG 2000) or Pillow. YBR_FULL and
+YBR_FULL_422 are converted to RGB by pydicom itself. Nothing here parses DICOM by hand.
+
+Only a single-frame colour photograph of modality OP (Ophthalmic Photography) is accepted: any other object gets a
+:class:`DataError` that says what it is (another modality, no pixel data, several frames, a monochrome or
+unconvertible photometric interpretation), so predict and serve record it as an error instead of deciding it.
+
+Privacy: :class:`DicomInput.meta` carries the patient ID, laterality and acquisition time for the clinic record
+(serve's JSON records, FHIR). Error messages name the file only, never a value from the header that identifies
+the patient, and callers must not print ``meta``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlcompile.errors import DataError, MissingDependencyError
+
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+OPHTHALMIC_PHOTOGRAPHY = "OP"
+# Photometric interpretations pydicom hands back as RGB (the YBR ones it converts; JPEG 2000's ICT/RCT the decoder).
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+_INSTALL = "DICOM input needs pydicom and its JPEG decoders; install them with: pip install 'tlcompile[dicom]'"
+
+
+@dataclass(frozen=True)
+class DicomInput:
+    rgb: np.ndarray  # uint8 HxWx3
+    meta: dict[str, Any]  # patient_id, laterality, acquired_at, sop_instance_uid, ... (for the clinic record only)
+
+
+def is_dicom(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in DICOM_EXTENSIONS
+
+
+def _pydicom(path: str | Path | None = None) -> Any:
+    """pydicom, or an error: per file (DataError, so that file gets an error record) when ``path`` is given."""
+    try:
+        import pydicom
+    except ImportError as err:
+        raise (DataError(f"{path}: {_INSTALL}") if path is not None else MissingDependencyError(_INSTALL)) from err
+    return pydicom
+
+
+def _text(ds: Any, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _acquired_at(ds: Any) -> str | None:
+    """ISO 8601 acquisition time: AcquisitionDateTime, else AcquisitionDate+Time, else ContentDate+Time."""
+    from pydicom.valuerep import DA, DT, TM
+
+    try:
+        if (raw := _text(ds, "AcquisitionDateTime")) is not None:
+            return DT(raw).isoformat()
+        for date_key, time_key in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
+            if (date := _text(ds, date_key)) is not None:
+                day = DA(date)
+                clock = _text(ds, time_key)
+                return _dt.datetime.combine(day, TM(clock)).isoformat() if clock else day.isoformat()
+    except (ValueError, TypeError):
+        return None  # a malformed date is not worth refusing the photograph for
+    return None
+
+
+def header_meta(ds: Any) -> dict[str, Any]:
+    """The fields the clinic record carries. ``patient_id`` identifies a person: records and FHIR only."""
+    laterality = _text(ds, "ImageLaterality") or _text(ds, "Laterality")
+    return {
+        "patient_id": _text(ds, "PatientID"),
+        "laterality": laterality.upper() if laterality else None,  # R, L (B both, U unpaired)
+        "acquired_at": _acquired_at(ds),
+        "sop_instance_uid": _text(ds, "SOPInstanceUID"),
+        "study_instance_uid": _text(ds, "StudyInstanceUID"),
+        "modality": _text(ds, "Modality"),
+        "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")) or None
+        if getattr(ds, "file_meta", None) is not None
+        else None,
+    }
+
+
+def read_header(path: str | Path) -> Any:
+    """The dataset without its pixel data (for listing a training folder); DataError when it is not DICOM."""
+    pydicom = _pydicom()
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: DICOM file not found") from err
+    except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: not a DICOM file pydicom can read ({type(err).__name__})") from err
+
+
+def read_dicom(path: str | Path, *, data: bytes | None = None, max_pixels: int | None = None) -> DicomInput:
+    """Decode one DICOM fundus photograph to uint8 RGB with its header fields. Raises :class:`DataError` naming the
+    file (and what it is instead) for anything that is not a single-frame colour OP image; ``max_pixels`` refuses a
+    header that asks for more before anything is decompressed."""
+    pydicom = _pydicom(path)
+    source: Any = io.BytesIO(data) if data is not None else path
+    try:
+        ds = pydicom.dcmread(source)
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: image file not found") from err
+    except pydicom.errors.InvalidDicomError as err:
+        raise DataError(f"{path}: not a DICOM file (no DICM preamble; empty, wrong format or corrupt)") from err
+    except EOFError as err:
+        raise DataError(f"{path}: DICOM file is truncated (unexpected end of file in the header)") from err
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{path}: cannot read the DICOM header ({type(err).__name__}: {err})") from err
+    modality = _text(ds, "Modality")
+    if modality != OPHTHALMIC_PHOTOGRAPHY:
+        raise DataError(
+            f"{path}: DICOM modality '{modality or '(none)'}' is not Ophthalmic Photography "
+            f"({OPHTHALMIC_PHOTOGRAPHY}); not a fundus photograph"
+        )
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DataError(f"{path}: DICOM object has no pixel data (a report or a header only); not a photograph")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames != 1:
+        raise DataError(f"{path}: DICOM image has {frames} frames; valid: a single-frame fundus photograph")
+    photometric = _text(ds, "PhotometricInterpretation") or "(none)"
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if samples != 3 or photometric not in _COLOUR:
+        raise DataError(
+            f"{path}: DICOM photometric interpretation {photometric} with {samples} sample(s) per pixel is not a "
+            f"colour photograph this reader converts; valid: {', '.join(_COLOUR)} with 3 samples"
+        )
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if max_pixels is not None and rows * cols > max_pixels:
+        raise DataError(
+            f"{path}: image is too large to decode safely ({cols}x{rows}; limit {max_pixels / 1e6:.0f} Mpx); "
+            "not a fundus photograph"
+        )
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    syntax_name = getattr(syntax, "name", None) or str(syntax or "unknown transfer syntax")
+    try:
+        arr = ds.pixel_array  # YBR_FULL / YBR_FULL_422 come back as RGB
+    except NotImplementedError as err:
+        raise DataError(f"{path}: no decoder for {syntax_name} ({_INSTALL})") from err
+    except (EOFError, ValueError, RuntimeError, OSError, KeyError, TypeError, AttributeError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        cut = re.search(r"less than expected|shorter|end of|truncat", message, re.IGNORECASE)
+        what = "is truncated" if cut else "cannot be decoded"
+        raise DataError(f"{path}: DICOM pixel data {what} ({syntax_name}: {message})") from err
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DataError(f"{path}: decoded DICOM pixel data has shape {arr.shape}; valid: rows x columns x 3")
+    if arr.dtype != np.uint8:
+        bits = int(ds.get("BitsStored") or 8)
+        peak = float((1 << bits) - 1) if 0 < bits <= 16 else float(arr.max() or 1)
+        arr = np.clip(arr.astype(np.float64) * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+    return DicomInput(rgb=np.ascontiguousarray(arr), meta=header_meta(ds))

@@ -1,0 +1,185 @@
+"""Experiment tracking for the team: a build (or a sweep's variants, as child runs) logged to MLflow.
+
+The build loop holds a :class:`Tracker` on its context and calls it at fixed points: :meth:`Tracker.start` once the
+output folder is claimed (params: the resolved recipe, flattened), :meth:`Tracker.epoch` from the train stage's
+``on_epoch`` (per-epoch metrics), :meth:`Tracker.stage` after each stage (its seconds), :meth:`Tracker.finish` after
+the report is written (each artifact row's key metrics; report.json/md/html, manifest.json and the bundle folder as
+artifacts), :meth:`Tracker.fail` when the build raises. Without ``tracking.mlflow`` the tracker does nothing.
+
+Tracking never decides a build's fate: an MLflow failure (a server down, a store not writable) is printed once and
+tracking stops for that build; the build goes on. MLflow is imported here only (``pip install
+'tlcompile[tracking]'``): the clinic box's install never carries it. Nothing from the data's patients is logged:
+params are the recipe, metrics are aggregates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from tlcompile.errors import MissingDependencyError
+from tlcompile.recipe import Recipe
+
+_PARAM_VALUE_MAX = 500  # MLflow's limit was 250 before 2.x (6000 since): stay within every server's
+_BATCH = 100  # params / metrics per log_batch call (MLflow's limit for params)
+_NAME = re.compile(r"[^A-Za-z0-9_\-. /]+")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{'train': {'lr': 0.001}} -> {'train.lr': '0.001'}; lists and None as JSON; long values cut (with '...')."""
+    out: dict[str, str] = {}
+    if isinstance(tree, dict) and tree:
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    text = json.dumps(tree) if not isinstance(tree, str) else tree
+    out[prefix or "value"] = text if len(text) <= _PARAM_VALUE_MAX else text[: _PARAM_VALUE_MAX - 3] + "..."
+    return out
+
+
+def metric_name(*parts: Any) -> str:
+    return "/".join(_NAME.sub("-", str(p)) for p in parts if p not in (None, ""))
+
+
+class Tracker:
+    """Does nothing: the build's tracker when the recipe tracks nowhere."""
+
+    run_id: str | None = None
+
+    def start(self, recipe: Recipe, out_dir: Path) -> None: ...
+
+    def epoch(self, label: str, record: dict[str, Any]) -> None: ...
+
+    def stage(self, name: str, seconds: float) -> None: ...
+
+    def finish(self, report: dict[str, Any], out_dir: Path) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+
+def _client(uri: str) -> Any:
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError as err:
+        raise MissingDependencyError(
+            "recipe tracking.mlflow needs MLflow; install it with: pip install 'tlcompile[tracking]'"
+        ) from err
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 refuses a file store unless asked: a local file: store is what a laptop or a CI job needs.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: Any, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found is not None else client.create_experiment(name)
+
+
+class MlflowTracker(Tracker):
+    """One MLflow run per build (a child run under ``parent_run_id`` in a sweep), through MlflowClient only (no
+    global 'active run' state, so builds in one process never mix)."""
+
+    def __init__(self, uri: str, experiment: str, *, parent_run_id: str | None = None, log: Any = print) -> None:
+        self.client = _client(uri)  # a missing MLflow stops the build before anything is written
+        self.uri, self.experiment, self.parent_run_id, self.log = uri, experiment, parent_run_id, log
+        self.run_id = None
+        self._step: dict[str, int] = {}
+
+    def _guard(self, what: str, fn: Any) -> None:
+        if self.client is None:
+            return
+        try:
+            fn()
+        except Exception as err:  # broad on purpose: tracking must never fail the build
+            self.log(f"tracking: MLflow {what} failed ({type(err).__name__}: {err}); the build goes on untracked")
+            self.client = None
+
+    def _metrics(self, values: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, step)
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ]
+        for i in range(0, len(metrics), _BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + _BATCH])
+
+    def start(self, recipe: Recipe, out_dir: Path) -> None:
+        def go() -> None:
+            from mlflow.entities import Param
+
+            tags = {"tlcompile.out_dir": str(Path(out_dir).resolve()), "tlcompile.recipe_sha256": recipe.fingerprint()}
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            run = self.client.create_run(experiment_id(self.client, self.experiment), run_name=recipe.name, tags=tags)
+            self.run_id = run.info.run_id
+            params = [Param(k, v) for k, v in flatten(recipe.to_yaml_dict()).items() if not k.startswith("tracking.")]
+            for i in range(0, len(params), _BATCH):
+                self.client.log_batch(self.run_id, params=params[i : i + _BATCH])
+            self.log(f"tracking: MLflow run {self.run_id} in experiment '{self.experiment}' ({self.uri})")
+
+        self._guard("start", go)
+
+    def epoch(self, label: str, record: dict[str, Any]) -> None:
+        step = int(record.get("epoch", self._step.get(label, 0) + 1))
+        self._step[label] = step
+        values = {metric_name("train", label, k): v for k, v in record.items() if k != "epoch"}
+        self._guard("epoch metrics", lambda: self._metrics(values, step))
+
+    def stage(self, name: str, seconds: float) -> None:
+        self._guard("stage time", lambda: self._metrics({metric_name("stage_seconds", name): seconds}))
+
+    def finish(self, report: dict[str, Any], out_dir: Path) -> None:
+        def go() -> None:
+            values: dict[str, float] = {}
+            for row in report.get("artifacts", []):
+                key = metric_name(row.get("name"), row.get("runtime"))
+                for metric, value in (row.get("metrics") or {}).items():
+                    if metric in ("auc", "sensitivity", "specificity", "accuracy", "ece", "brier", "kappa"):
+                        values[metric_name(key, metric)] = value
+                for q in ("p50", "p90"):
+                    values[metric_name(key, f"latency_{q}_ms")] = (row.get("latency_ms") or {}).get(q)
+                values[metric_name(key, "size_mb")] = (row.get("size_bytes") or 0) / 1e6
+            self._metrics(values)
+            for name in ("report.json", "report.md", "report.html", "manifest.json"):
+                if (Path(out_dir) / name).is_file():
+                    self.client.log_artifact(self.run_id, str(Path(out_dir) / name))
+            if (Path(out_dir) / "bundle").is_dir():
+                self.client.log_artifacts(self.run_id, str(Path(out_dir) / "bundle"), "bundle")
+            self.client.set_terminated(self.run_id, "FINISHED")
+
+        if self.run_id is not None:
+            self._guard("finish", go)
+
+    def fail(self, error: BaseException) -> None:
+        def go() -> None:
+            self.client.set_tag(self.run_id, "tlcompile.error", f"{type(error).__name__}: {error}"[:500])
+            self.client.set_terminated(self.run_id, "FAILED")
+
+        if self.run_id is not None:
+            self._guard("fail", go)
+
+
+def tracker_for(recipe: Recipe, *, parent_run_id: str | None = None, log: Any = print) -> Tracker:
+    """The build's tracker: MLflow when the recipe names it, else one that does nothing."""
+    cfg = recipe.tracking.mlflow if recipe.tracking is not None else None
+    if cfg is None:
+        return Tracker()
+    return MlflowTracker(cfg.uri, cfg.experiment, parent_run_id=parent_run_id, log=log)
+
+
+def start_parent_run(recipe: Recipe, name: str) -> tuple[Any, str] | None:
+    """A sweep's parent run (its variants are child runs); None when the recipe tracks nowhere."""
+    cfg = recipe.tracking.mlflow if recipe.tracking is not None else None
+    if cfg is None:
+        return None
+    client = _client(cfg.uri)
+    run = client.create_run(experiment_id(client, cfg.experiment), run_name=name, tags={"tlcompile.kind": "sweep"})
+    return client, run.info.run_id
