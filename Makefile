@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tlcompile-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[train,dev,sweep]'
+	$(PY) -m pip install --quiet -e '.[train,dev,sweep,dicom,fhir,tracking]'
 	touch $(STAMP)
 
 quickstart: $(STAMP)
