@@ -257,8 +257,10 @@ def find_field(rgb: np.ndarray, threshold: float = 0.12) -> FieldOfView | None:
     mask = small > cut
     # Rows/columns where a meaningful run of the field is present (ignores isolated hot pixels and thin text).
     min_run = max(2, int(0.02 * min(hs, ws)))
-    rows = np.flatnonzero(mask.sum(axis=1) >= min_run)
-    cols = np.flatnonzero(mask.sum(axis=0) >= min_run)
+    # Counted in uint16 when no count can overflow it: 4x less memory traffic than summing bools into int64.
+    counter = np.uint16 if max(hs, ws) < 1 << 16 else np.int64
+    rows = np.flatnonzero(mask.view(np.uint8).sum(axis=1, dtype=counter) >= min_run)
+    cols = np.flatnonzero(mask.view(np.uint8).sum(axis=0, dtype=counter) >= min_run)
     if rows.size == 0 or cols.size == 0:
         return None
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
@@ -507,5 +509,11 @@ def to_input(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         x = x[None]
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
-    x = x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+    # The same float32 operations as (x / 255 - mean) / std, in place in one contiguous buffer (no temporaries).
+    out = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+    if out is x or np.shares_memory(out, x):
+        out = out.copy()  # a float32 NCHW input: never modify the caller's array
+    np.divide(out, np.float32(255.0), out=out)
+    np.subtract(out, mean, out=out)
+    np.divide(out, std, out=out)
+    return out
