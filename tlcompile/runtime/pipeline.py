@@ -4,7 +4,9 @@
 numpy on whole arrays, hashing the file), so worker threads overlap it across cores while the calling thread runs
 the model (one inference request is not safe to share between threads) and writes the results in input order.
 At most ``2 x workers`` photos are in flight, so memory stays bounded whatever the backlog: each holds one decoded,
-draft-scaled image and one network input. With one worker nothing runs in another thread (the behaviour before).
+draft-scaled image and one network input (a non-JPEG file is decoded at full size: the decode budget,
+``preprocess.MAX_DECODE_BYTES``, then applies per worker). With one worker nothing runs in another thread (the
+behaviour before).
 """
 
 from __future__ import annotations
