@@ -117,9 +117,35 @@ def test_histogram_levels_match_numpy_percentile_and_median():
     samples += [rng.integers(0, 256, (n, 1), dtype=np.uint8) for n in range(2, 40)]
     samples += [np.minimum(rng.exponential(30, (101, 99)), 255).astype(np.uint8) for _ in range(20)]
     for lum in samples:
-        counts = preprocess._histogram(lum)
+        counts = preprocess.histogram(lum)
         assert preprocess._levels(lum, counts) == (float(np.percentile(lum, 1)), float(np.percentile(lum, 99)))
         for level in (-1.0, 0.0, 3.5, 8.0, 100.25, 254.0, 255.0):
             above = lum[lum > level]
             expected = float(np.median(above)) if above.size else None
             assert preprocess._median_above(lum, counts, level) == expected, (lum.shape, level)
+
+
+def test_distance_masks_match_hypot_on_and_near_the_circle():
+    """screen._within decides by the squared distance only where the side is certain; pixels exactly on the circle
+    (integer centre and radius: 3-4-5 triangles) and within rounding of it get np.hypot's own answer."""
+    h, w = 120, 160
+    yy, xx = np.ogrid[:h, :w]
+    for step, cx, cy, radius in ((1, 80.0, 60.0, 50.0), (1, 80.0, 60.0, 5.0), (2, 79.5, 60.25, 47.3), (3, 0.1, 0.2, 0)):
+        dx, dy = xx * step - cx, yy * step - cy
+        reference = np.hypot(dx, dy)
+        d2 = dy * dy + dx * dx
+        for r in (radius, 0.95 * radius, 1.05 * radius, np.nextafter(radius, 0), np.nextafter(radius, 1e9)):
+            assert np.array_equal(screen._within(d2, dx, dy, r, inner=True), reference <= r)
+            assert np.array_equal(screen._within(d2, dx, dy, r, inner=False), reference >= r)
+
+
+def test_masked_histogram_statistics_match_numpy():
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        lum = np.minimum(rng.exponential(40, (67, 91)), 255).astype(np.uint8)
+        mask = rng.random(lum.shape) < rng.uniform(0.01, 0.9)
+        if not mask.any():
+            continue
+        counts = preprocess.histogram(lum, mask)
+        assert preprocess.percentile_of_histogram(counts, 90) == float(np.percentile(lum[mask], 90))
+        assert preprocess.median_of_histogram(counts) == float(np.median(lum[mask]))

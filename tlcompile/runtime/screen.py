@@ -19,7 +19,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from tlcompile.runtime.preprocess import FieldOfView, luminance
+from tlcompile.runtime.preprocess import (
+    FieldOfView,
+    histogram,
+    luminance,
+    median_of_histogram,
+    percentile_of_histogram,
+)
 
 # A pixel counts as 'repeated' when it equals the pixels REPEAT_PERIOD to its right and below exactly and is not
 # near black: true of flat fill and of any pattern of JPEG blocks (8x8, or 16x16 MCUs with chroma subsampling,
@@ -49,6 +55,21 @@ def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     for c in range(1, a.shape[2]):
         same &= a[:, :, c] == b[:, :, c]
     return same
+
+
+def _within(d2: np.ndarray, dx: np.ndarray, dy: np.ndarray, radius: float, *, inner: bool) -> np.ndarray:
+    """``np.hypot(dx, dy) <= radius`` (``inner``) or ``>= radius``, from the squared distance ``d2`` where that is
+    certain: a pixel further than a relative 1e-9 from the circle is on the same side whichever way it is rounded
+    (hypot is within an ulp, d2 within a few); only the pixels in that thin band get the exact hypot."""
+    r2 = radius * radius
+    low, high = r2 * (1 - 1e-9), r2 * (1 + 1e-9)
+    result = d2 <= low if inner else d2 >= high
+    band = np.flatnonzero((d2 > low) & (d2 < high))
+    if band.size:
+        iy, ix = np.unravel_index(band, d2.shape)
+        dist = np.hypot(dx[0, ix], dy[iy, 0])
+        result[iy, ix] = dist <= radius if inner else dist >= radius
+    return result
 
 
 def damage_reason(rgb: np.ndarray) -> str | None:
@@ -81,30 +102,36 @@ def not_fundus_reason(rgb: np.ndarray, found: FieldOfView | None) -> str | None:
     rgb = np.asarray(rgb)
     small, step = _grid(rgb)
     h, w = small.shape[:2]
-    # The same distances as over a full np.mgrid, from an open grid broadcast (no two h x w index arrays).
+    # The same distances as np.hypot over a full np.mgrid (what decided before), without the h x w hypot: see _within.
     yy, xx = np.ogrid[:h, :w]
-    dist = np.hypot(xx * step - found.cx, yy * step - found.cy)
-    inside = dist <= 0.95 * found.radius
+    dx, dy = xx * step - found.cx, yy * step - found.cy
+    d2 = dy * dy + dx * dx
+    inside = _within(d2, dx, dy, 0.95 * found.radius, inner=True)
     n_inside = np.count_nonzero(inside)
     if n_inside < 16:
         return None
-    outside = dist >= 1.05 * found.radius
+    outside = _within(d2, dx, dy, 1.05 * found.radius, inner=False)
     surrounded = found.fitted and np.count_nonzero(outside) / outside.size >= MIN_SURROUND_FRACTION
+    exact = small.dtype == np.uint8 and small.ndim == 3 and small.shape[2] == 3  # else numpy's own statistics
     if surrounded:
         lum = luminance(small)
-        surround = float(np.percentile(lum[outside], 90))
-        limit = max(SURROUND_DARK[0], SURROUND_DARK[1] * float(np.median(lum[inside])))
+        if exact:  # the same floats as np.percentile / np.median, from histograms of the selected pixels
+            surround = percentile_of_histogram(histogram(lum, outside), 90)
+            limit = max(SURROUND_DARK[0], SURROUND_DARK[1] * (median_of_histogram(histogram(lum, inside)) or 0.0))
+        else:
+            surround = float(np.percentile(lum[outside], 90))
+            limit = max(SURROUND_DARK[0], SURROUND_DARK[1] * float(np.median(lum[inside])))
         if surround > limit:
             return (
                 f"not a fundus photograph: the area around the round field is not dark (brightness {surround:.0f}, "
                 f"limit {limit:.0f}); retake or refer"
             )
-    # Sums of uint8 values are exact in float64 in any order, so per-channel integer sums give the mean bit for bit.
-    r, g, b = (
-        (float(small[:, :, c][inside].sum(dtype=np.int64)) / n_inside for c in range(3))
-        if small.dtype == np.uint8
-        else small[inside].astype(np.float64).mean(axis=0)
-    )
+    if exact:
+        # Sums of uint8 values are exact in any order, so integer sums per channel give the mean bit for bit (numpy
+        # sums in float64, exactly, then divides by the count, as here).
+        r, g, b = (float(small[:, :, c][inside].sum(dtype=np.int64)) / n_inside for c in range(3))
+    else:
+        r, g, b = small[inside].astype(np.float64).mean(axis=0)
     blue_limit = MAX_BLUE_PER_RED[0] if surrounded else MAX_BLUE_PER_RED[1]
     if max(r, g, b) - min(r, g, b) >= MONOCHROME_CHROMA and (r < MIN_RED_PER_GREEN * g or r < b or b > blue_limit * r):
         return (
