@@ -38,3 +38,7 @@ synthetic.sample_grades  # the generator's grades without rendering a single ima
 preprocess.find_fov  # the field-of-view box prepare_image crops to
 terminal.fit_table  # FitTable from header + rows in one call
 zoo.TorchvisionModel.torchvision_name  # which torchvision builder a zoo model wraps
+
+# The one-photo form of prepare_photo + decide: the library's entry point for a single image (tests compare serve's
+# records against it); predict and serve run the two halves in a pipeline.
+predict.predict_image

@@ -442,6 +442,14 @@ BundleArgument = Annotated[Path, typer.Argument(help="The bundle folder a build 
 ThreadsOption = Annotated[
     Optional[int], typer.Option("--threads", help="Inference threads (default: all usable cores).", min=1)  # noqa: UP045
 ]
+WorkersOption = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--workers",
+        help="Threads that read, decode and preprocess photos ahead of the model, results kept in order "
+        "(default: one per usable core, up to 4; 1: one photo at a time).",
+    ),
+]
 TrustOption = Annotated[
     Optional[list[Path]],  # noqa: UP045
     typer.Option(
@@ -477,6 +485,7 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write one CSV row per image here.")] = None,  # noqa: UP045
     threads: ThreadsOption = None,
+    workers: WorkersOption = None,
     trust: TrustOption = None,
     fhir: Annotated[
         Optional[Path],  # noqa: UP045
@@ -488,8 +497,10 @@ def predict(
     from rich.table import Table
 
     from tlcompile.runtime.bundle import open_verified
+    from tlcompile.runtime.pipeline import check_workers
     from tlcompile.runtime.predict import check_csv_target, expand_inputs, predict_paths, write_results_csv
 
+    workers = check_workers(workers)
     paths = expand_inputs(images)
     bundle_root = bundle.parent if bundle.name == "bundle.json" else bundle
     if csv is not None:  # before anything is decided: a refused --csv costs nothing
@@ -500,7 +511,7 @@ def predict(
     disclaimer = _model_card_disclaimer(b.meta)
     if disclaimer:
         print(disclaimer, file=sys.stderr)
-    results = predict_paths(b, verified.session, paths)
+    results = predict_paths(b, verified.session, paths, workers=workers)
     table = Table(title=f"{b.name} ({b.candidate_id}): refer when P(referable DR) >= {b.threshold:.4f}")
     for col in ("image", "referral", "P(referable DR)") + (("grade",) if b.task == "grade" else ()) + ("note",):
         table.add_column(col, justify="right" if col.startswith("P(") else "left")
@@ -581,6 +592,7 @@ def serve(
         float, typer.Option(help="Seconds a file must stay unchanged before it is read (camera still writing).")
     ] = 1.0,
     threads: ThreadsOption = None,
+    workers: WorkersOption = None,
     trust: TrustOption = None,
     fhir: Annotated[
         bool, typer.Option("--fhir", help="Also write one FHIR R4B Bundle per decided image into OUT/fhir/.")
@@ -609,6 +621,7 @@ def serve(
         interval=interval,
         settle=settle,
         threads=threads,
+        workers=workers,
         trust=trust,
         log=lambda line: print(line, flush=True),
         outputs=outputs,

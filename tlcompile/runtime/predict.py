@@ -18,11 +18,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tlcompile.errors import DataError, TlcompileError
 from tlcompile.io import atomic_write_text
 from tlcompile.runtime.bundle import UNGRADABLE, Bundle
 from tlcompile.runtime.inference import InferenceSession
-from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, find_field, prepare_image, read_input, to_input
+from tlcompile.runtime.pipeline import check_workers, ordered
+from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, prepare_with_field, read_input, to_input
 from tlcompile.runtime.screen import damage_reason, not_fundus_reason
 
 CSV_COLUMNS = (
@@ -69,16 +72,26 @@ class ImageResult:
         return d
 
 
-def predict_image(bundle: Bundle, session: InferenceSession, path: Path) -> ImageResult:
-    """Decide one image. Raises :class:`DataError` (naming the file) when it cannot be decoded."""
+@dataclass
+class PreparedImage:
+    """One photo read, checked and preprocessed, waiting for the model: ``x`` is its network input, None when it is
+    ungradable (``result`` then holds the whole outcome)."""
+
+    result: ImageResult
+    x: np.ndarray | None
+    seconds: float  # spent preparing it (decode, checks, preprocessing)
+
+
+def prepare_photo(bundle: Bundle, path: Path) -> PreparedImage:
+    """Everything before the model: decode, damage and fundus checks, the bundle's preprocessing. Safe to run in
+    several threads at once. Raises :class:`DataError` (naming the file) when it cannot be decoded."""
     t0 = time.perf_counter()
     spec = bundle.preprocessing
     rgb, source = read_input(path, draft_size=spec.size * 2)  # the input hook: image or DICOM -> RGB + metadata
     damaged = damage_reason(rgb)
     if damaged:
         raise DataError(f"{path}: {damaged}")
-    prepared, _ = prepare_image(rgb, spec)
-    found = find_field(rgb, spec.fov_threshold)  # the field prepare_image cropped to (also looked for without cropping)
+    prepared, found = prepare_with_field(rgb, spec)  # the field it cropped to (also looked for without cropping)
     reason = "no field of view found: retake or refer" if found is None else not_fundus_reason(rgb, found)
     fov_found = reason is None
     result = ImageResult(
@@ -89,24 +102,48 @@ def predict_image(bundle: Bundle, session: InferenceSession, path: Path) -> Imag
         ungradable_reason=reason,
         dicom=source,
     )
-    if fov_found:
-        reading = bundle.interpret(session.run(to_input(prepared, spec)))[0]
+    x = to_input(prepared, spec) if fov_found else None
+    if x is None:
+        result.referral = UNGRADABLE
+    return PreparedImage(result=result, x=x, seconds=time.perf_counter() - t0)
+
+
+def decide(bundle: Bundle, session: InferenceSession, prepared: PreparedImage) -> ImageResult:
+    """The model's reading of a prepared photo (one thread at a time: a session's request is not shared)."""
+    t0 = time.perf_counter()
+    result = prepared.result
+    if prepared.x is not None:
+        reading = bundle.interpret(session.run(prepared.x))[0]
         for key, value in reading.to_dict().items():
             setattr(result, key, value)
-    else:
-        result.referral = UNGRADABLE
-    result.latency_ms = round((time.perf_counter() - t0) * 1e3, 3)
+    result.latency_ms = round((prepared.seconds + time.perf_counter() - t0) * 1e3, 3)
     return result
 
 
-def predict_paths(bundle: Bundle, session: InferenceSession, paths: Iterable[Path]) -> list[ImageResult]:
-    """Decide every image; an unreadable file gets a result with ``error`` set and the others go on."""
+def predict_image(bundle: Bundle, session: InferenceSession, path: Path) -> ImageResult:
+    """Decide one image. Raises :class:`DataError` (naming the file) when it cannot be decoded."""
+    return decide(bundle, session, prepare_photo(bundle, path))
+
+
+def _prepare_or_error(bundle: Bundle, path: Path) -> PreparedImage | DataError:
+    try:
+        return prepare_photo(bundle, path)
+    except DataError as err:
+        return err
+
+
+def predict_paths(
+    bundle: Bundle, session: InferenceSession, paths: Iterable[Path], *, workers: int | None = 1
+) -> list[ImageResult]:
+    """Decide every image, in the order given; an unreadable file gets a result with ``error`` set and the others go
+    on. ``workers`` (None: one per core, see :func:`tlcompile.runtime.pipeline.default_workers`) threads decode and
+    preprocess ahead while this thread runs the model."""
     results = []
-    for path in paths:
-        try:
-            results.append(predict_image(bundle, session, path))
-        except DataError as err:
-            results.append(ImageResult(file=str(path), error=str(err)))
+    for path, prepared in ordered(lambda p: _prepare_or_error(bundle, p), paths, check_workers(workers)):
+        if isinstance(prepared, DataError):
+            results.append(ImageResult(file=str(path), error=str(prepared)))
+        else:
+            results.append(decide(bundle, session, prepared))
     return results
 
 

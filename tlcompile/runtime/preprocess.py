@@ -143,8 +143,15 @@ class FieldOfView:
         return top, bottom, left, right
 
 
-def _luminance(rgb: np.ndarray) -> np.ndarray:
-    return rgb.max(axis=2) if rgb.ndim == 3 else rgb
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """max(R, G, B) per pixel. Equal to ``rgb.max(axis=2)``, but that reduces over a 3-long inner axis one pixel at a
+    time (4 ms on a 500x375 image); the element-wise maximum of the channel planes takes 0.1 ms."""
+    if rgb.ndim != 3:
+        return rgb
+    lum = rgb[:, :, 0]
+    for c in range(1, rgb.shape[2]):
+        lum = np.maximum(lum, rgb[:, :, c])
+    return lum if rgb.shape[2] > 1 else lum.copy()
 
 
 def _fit_circle(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[float, float, float, np.ndarray] | None:
@@ -172,6 +179,67 @@ def _fit_circle(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[float, 
     return cx, cy, r, keep
 
 
+def histogram(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray | None:
+    """256-bin histogram per channel (uint8 (H, W) or (H, W, 3); 256 or 768 counts) of the pixels where ``mask``
+    (bool (H, W)) is set, or None for other dtypes/shapes. Pillow's C loop: no copy of the selected pixels, half the
+    time of ``np.bincount`` (which widens every pixel to int64 first)."""
+    if values.dtype != np.uint8 or not (values.ndim == 2 or (values.ndim == 3 and values.shape[2] == 3)):
+        return None
+    image = Image.fromarray(np.ascontiguousarray(values))
+    pil_mask = None if mask is None else Image.fromarray(np.ascontiguousarray(mask, dtype=bool).view(np.uint8))
+    return np.asarray(image.histogram(pil_mask), dtype=np.int64)
+
+
+def _levels(lum: np.ndarray, counts: np.ndarray | None) -> tuple[float, float]:
+    """(1st, 99th) percentile of the luminance, exactly as ``np.percentile`` gives them (method 'linear'), read from
+    the histogram when there is one instead of partitioning the image twice."""
+    if counts is None:
+        return float(np.percentile(lum, 1)), float(np.percentile(lum, 99))
+    return percentile_of_histogram(counts, 1), percentile_of_histogram(counts, 99)
+
+
+def _order_statistic(cumulative: np.ndarray, k: int) -> int:
+    """The k-th smallest value (0-based) of the sample whose cumulative histogram (from value 0) this is."""
+    return int(np.searchsorted(cumulative, k, side="right"))
+
+
+def percentile_of_histogram(counts: np.ndarray, q: float) -> float:
+    """``np.percentile(sample, q)`` (method 'linear') of a non-empty sample of whole numbers given by its histogram,
+    with numpy's own arithmetic: the virtual index (n-1) * q/100 in float64 and its lerp
+    (``numpy.lib._function_base_impl._lerp``), so the float is the same to the last bit."""
+    cumulative = np.cumsum(counts)
+    n = int(cumulative[-1])
+    virtual = (n - 1) * (np.float64(q) / 100)
+    below = int(np.floor(virtual))
+    a = np.float64(_order_statistic(cumulative, below))
+    b = np.float64(_order_statistic(cumulative, min(below + 1, n - 1)))
+    t = virtual - below
+    diff = b - a
+    return float(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+
+
+def median_of_histogram(counts: np.ndarray, first: int = 0) -> float | None:
+    """``np.median`` of the sample given by its histogram (bin i holds value first + i); None when it is empty."""
+    cumulative = np.cumsum(counts)
+    n = int(cumulative[-1]) if cumulative.size else 0
+    if n == 0:
+        return None
+    # np.median: the mean of the two middle values (the middle one twice when n is odd), in float64.
+    lo = first + _order_statistic(cumulative, (n - 1) // 2)
+    hi = first + _order_statistic(cumulative, n // 2)
+    return float((np.float64(lo) + np.float64(hi)) / 2)
+
+
+def _median_above(lum: np.ndarray, counts: np.ndarray | None, level: float) -> float | None:
+    """``np.median(lum[lum > level])``, None when no pixel is above; from the histogram when there is one (no
+    copy, no partition)."""
+    if counts is None:
+        above = lum[lum > level]
+        return float(np.median(above)) if above.size else None
+    first = max(0, math.floor(level) + 1)  # the smallest whole value > level
+    return median_of_histogram(counts[first:], first)
+
+
 def find_field(rgb: np.ndarray, threshold: float = 0.12) -> FieldOfView | None:
     """The circular field of view, or None (a black or blank frame).
 
@@ -180,24 +248,27 @@ def find_field(rgb: np.ndarray, threshold: float = 0.12) -> FieldOfView | None:
     (the first and last field pixel of every row and column, except where the field runs into the frame) are fitted
     with a circle, robust to outliers; with too little edge visible the bounding box gives the circle.
     """
-    lum = _luminance(np.asarray(rgb))
-    h, w = lum.shape
+    rgb = np.asarray(rgb)
+    h, w = rgb.shape[:2]
     # Camera-size images are fitted on a strided grid: sub-pixel accuracy is not needed for a crop.
     step = max(1, min(h, w) // 512)
-    small = lum[::step, ::step]
+    small = luminance(rgb[::step, ::step])  # the same pixels as striding the full luminance, at 1/step^2 the work
     hs, ws = small.shape
-    bright = float(np.percentile(small, 99))
+    counts = histogram(small)
+    black, bright = _levels(small, counts)
     if bright < 8:  # an all-black (or nearly) frame
         return None
-    black = float(np.percentile(small, 1))
-    above = small[small > black + 8]
-    field_level = float(np.median(above)) if above.size else bright
+    field_level = _median_above(small, counts, black + 8)
+    if field_level is None:
+        field_level = bright
     cut = max(6.0, black + 4.0, black + threshold * (field_level - black))
     mask = small > cut
     # Rows/columns where a meaningful run of the field is present (ignores isolated hot pixels and thin text).
     min_run = max(2, int(0.02 * min(hs, ws)))
-    rows = np.flatnonzero(mask.sum(axis=1) >= min_run)
-    cols = np.flatnonzero(mask.sum(axis=0) >= min_run)
+    # Counted in uint16 when no count can overflow it: 4x less memory traffic than summing bools into int64.
+    counter = np.uint16 if max(hs, ws) < 1 << 16 else np.int64
+    rows = np.flatnonzero(mask.view(np.uint8).sum(axis=1, dtype=counter) >= min_run)
+    cols = np.flatnonzero(mask.view(np.uint8).sum(axis=0, dtype=counter) >= min_run)
     if rows.size == 0 or cols.size == 0:
         return None
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
@@ -407,6 +478,13 @@ def prepare_image(image: np.ndarray | str | Path, spec: PreprocessSpec) -> tuple
     The field of view is always looked for (``fov_found`` is meaningful even without cropping); with
     ``spec.crop_fov`` the square around it is what gets resized, otherwise the whole frame padded square.
     """
+    out, found = prepare_with_field(image, spec)
+    return out, found is not None
+
+
+def prepare_with_field(image: np.ndarray | str | Path, spec: PreprocessSpec) -> tuple[np.ndarray, FieldOfView | None]:
+    """:func:`prepare_image`, returning the field of view it found (None: none) instead of only whether it found
+    one, so a caller that needs the field (``predict``'s fundus check) does not search for it a second time."""
     rgb = load_rgb(image, draft_size=spec.draft_size) if isinstance(image, (str, Path)) else np.asarray(image)
     if rgb.ndim == 2:
         rgb = np.repeat(rgb[:, :, None], 3, axis=2)
@@ -443,7 +521,7 @@ def prepare_image(image: np.ndarray | str | Path, spec: PreprocessSpec) -> tuple
         if spec.circular_mask is not None:
             background = BEN_GRAHAM_GREY if spec.ben_graham else 0
             out = np.where(_disc(spec.size, cx, cy, spec.circular_mask * radius)[:, :, None], out, np.uint8(background))
-    return np.ascontiguousarray(out, dtype=np.uint8), found is not None
+    return np.ascontiguousarray(out, dtype=np.uint8), found
 
 
 def to_input(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -453,5 +531,11 @@ def to_input(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         x = x[None]
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
-    x = x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+    # The same float32 operations as (x / 255 - mean) / std, in place in one contiguous buffer (no temporaries).
+    out = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+    if out is x or np.shares_memory(out, x):
+        out = out.copy()  # a float32 NCHW input: never modify the caller's array
+    np.divide(out, np.float32(255.0), out=out)
+    np.subtract(out, mean, out=out)
+    np.divide(out, std, out=out)
+    return out

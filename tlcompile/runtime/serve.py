@@ -31,7 +31,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,8 @@ from typing import Any
 from tlcompile.errors import TlcompileError
 from tlcompile.io import atomic_write_json, sha256_file
 from tlcompile.runtime.bundle import UNGRADABLE, VerifiedBundle, open_verified
-from tlcompile.runtime.predict import predict_image
+from tlcompile.runtime.pipeline import check_workers, ordered
+from tlcompile.runtime.predict import PreparedImage, decide, prepare_photo
 from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS
 
 # Names a camera or a copy tool uses while a file is still being written; such files are left alone.
@@ -227,6 +228,19 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
+@dataclass
+class _Read:
+    """What a worker found for one file: removed, already done (same content), prepared for the model, or an
+    error to record."""
+
+    sha256: str | None = None
+    head: bytes = b""
+    gone: bool = False
+    done: bool = False
+    prepared: PreparedImage | None = None
+    error: Exception | None = None
+
+
 class Service:
     """One watch folder, one output folder, one verified bundle; :meth:`poll` does one pass."""
 
@@ -240,6 +254,7 @@ class Service:
         log: Callable[[str], None],
         once: bool = False,
         outputs: Sequence[Any] = (),
+        workers: int = 1,
     ) -> None:
         self.verified, self.watch, self.out_dir, self.settle, self.log, self.once = (
             verified,
@@ -249,6 +264,9 @@ class Service:
             log,
             once,
         )
+        self.workers = workers
+        # The ledger is read by the workers (has this content a record?) and written by the service's thread.
+        self._ledger_lock = threading.Lock()
         self._watch_error: str | None = None
         self.ledger = Ledger(out_dir)
         self.stats = ServeStats()
@@ -309,19 +327,67 @@ class Service:
         for name in set(self._seen) - present:
             del self._seen[name]
             self._retries.pop(name, None)
-        for _mtime_ns, name, stat_key in sorted(ready):
-            if stop.is_set():
-                break
-            if not self._take(name, stat_key):
+        for (name, stat_key), read in ordered(self._read, self._not_done(sorted(ready)), self.workers, stop=stop):
+            if not self._take(name, stat_key, read):
                 pending += 1  # to be retried once it has settled again
         return pending
 
-    def _take(self, name: str, stat_key: tuple[int, int, int, int]) -> bool:
-        """Decide one file and write its record; False when it is left for a retry (it looked cut off)."""
+    def _not_done(
+        self, ready: list[tuple[int, str, tuple[int, int, int, int]]]
+    ) -> Iterator[tuple[str, tuple[int, int, int, int]]]:
+        """The settled files (oldest first) that have no record under the same name and stat; consumed in this
+        thread as workers free up, so the ledger is only ever read and written here (or under its lock)."""
+        for _mtime_ns, name, stat_key in ready:
+            size, mtime_ns, ino, ctime_ns = stat_key
+            with self._ledger_lock:
+                done = self.ledger.done_by_stat(name, size, mtime_ns, ino, ctime_ns)
+            if done:
+                self._done.add((name, *stat_key))
+                self.stats.already_done += 1
+                continue
+            yield name, stat_key
+
+    def _read(self, item: tuple[str, tuple[int, int, int, int]]) -> _Read:
+        """Hash, check and preprocess one file; runs in a worker thread, so it changes no state of the service and
+        returns whatever goes wrong instead of raising it."""
+        name, stat_key = item
+        path = self.watch / name
+        read = _Read()
+        try:
+            try:
+                read.sha256 = sha256_file(path)
+                with open(path, "rb") as f:
+                    read.head = f.read(16)
+            except FileNotFoundError:
+                read.gone = True  # removed before we read it: nothing to record
+                return read
+            except OSError as err:
+                raise TlcompileError(
+                    f"{path}: cannot read the file ({err.strerror or err}); check its owner and permissions"
+                ) from err
+            with self._ledger_lock:
+                read.done = self.ledger.done_by_content(name, read.sha256)
+            if read.done:
+                return read
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise TlcompileError(
+                    f"{name}: '{path.suffix or '(none)'}' is not an image type this service reads; "
+                    f"valid: {', '.join(IMAGE_EXTENSIONS)}"
+                )
+            read.prepared = prepare_photo(self.verified.bundle, path)
+        except Exception as err:  # broad on purpose: any failure is this file's error record (see _take)
+            read.error = err
+        return read
+
+    def _take(self, name: str, stat_key: tuple[int, int, int, int], read: _Read) -> bool:
+        """Decide one file read by :meth:`_read` and write its record; False when it is left for a retry (it looked
+        cut off). Runs in the service's own thread, one file at a time, in the order the files were taken."""
         path = self.watch / name
         size, mtime_ns, ino, ctime_ns = stat_key
         key = (name, *stat_key)
-        if self.ledger.done_by_stat(name, size, mtime_ns, ino, ctime_ns):
+        if read.gone:
+            return True
+        if read.done:
             self._done.add(key)
             self.stats.already_done += 1
             return True
@@ -332,34 +398,18 @@ class Service:
             "mtime_ns": mtime_ns,
             "ino": ino,
             "ctime_ns": ctime_ns,
-            "sha256": None,
+            "sha256": read.sha256,
         }
         v = self.verified
-        head = b""
-        # A bad frame must never stop the service: whatever reading or deciding this one file raises becomes its
+        head = read.head
+        # A bad frame must never stop the service: whatever reading or deciding this one file raised becomes its
         # error record. Writing the record stays outside the try: if the output folder is unwritable nothing can be
         # recorded, and the service stops with that error rather than dropping images.
         try:
-            try:
-                record["sha256"] = sha256_file(path)
-                with open(path, "rb") as f:
-                    head = f.read(16)
-            except FileNotFoundError:
-                return True  # removed before we read it: nothing to record
-            except OSError as err:
-                raise TlcompileError(
-                    f"{path}: cannot read the file ({err.strerror or err}); check its owner and permissions"
-                ) from err
-            if self.ledger.done_by_content(name, record["sha256"]):
-                self._done.add(key)
-                self.stats.already_done += 1
-                return True
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise TlcompileError(
-                    f"{name}: '{path.suffix or '(none)'}' is not an image type this service reads; "
-                    f"valid: {', '.join(IMAGE_EXTENSIONS)}"
-                )
-            result = predict_image(v.bundle, v.session, path).to_dict()
+            if read.error is not None:
+                raise read.error
+            assert read.prepared is not None
+            result = decide(v.bundle, v.session, read.prepared).to_dict()
             result.pop("file")
             record.update(status="ok", **result)
             error = False
@@ -393,7 +443,8 @@ class Service:
         )
         for output in self.outputs:  # before the record: a crash in between redoes the image, never loses an output
             record.update(output.write(record))
-        written = self.ledger.write(record, error=error)
+        with self._ledger_lock:
+            written = self.ledger.write(record, error=error)
         self._done.add(key)
         self._retries.pop(name, None)
         if error:
@@ -423,6 +474,7 @@ def serve(
     interval: float = 1.0,
     settle: float = 1.0,
     threads: int | None = None,
+    workers: int | None = None,
     trust: list[str | Path] | None = None,
     log: Callable[[str], None] = print,
     stop: threading.Event | None = None,
@@ -431,10 +483,13 @@ def serve(
     """Watch ``watch`` and write one record per image into ``out_dir`` (default WATCH/results).
 
     ``once``: decide what is there (waiting for files still being written to settle) and return. Otherwise poll
-    every ``interval`` seconds until SIGINT/SIGTERM or ``stop`` is set; the image being decided is finished first.
+    every ``interval`` seconds until SIGINT/SIGTERM or ``stop`` is set; the images already being read (at most
+    2 x ``workers``) are finished and recorded first. ``workers``: threads that hash, decode and preprocess a
+    backlog ahead of the model (None: one per core, up to 4); records are still written one at a time, in order.
     ``outputs``: factories (verified bundle, out_dir) -> extra per-record outputs with ``write(record)`` and
     ``flush(final=)`` (FHIR: runtime/fhir.py).
     """
+    workers = check_workers(workers)
     watch = Path(watch)
     if not watch.is_dir():
         raise TlcompileError(f"--watch '{watch}' is not a folder; give the folder the camera writes images into")
@@ -470,7 +525,7 @@ def serve(
             + f"): {watch} -> {out_dir}"
         )
         extra = [make(verified, out_dir) for make in outputs]
-        service = Service(verified, watch, out_dir, settle=settle, log=log, once=once, outputs=extra)
+        service = Service(verified, watch, out_dir, settle=settle, log=log, once=once, outputs=extra, workers=workers)
         pending = 0
         while not stop.is_set():
             pending = service.poll(stop)

@@ -1,0 +1,447 @@
+"""FROZEN REFERENCE: tlcompile/runtime/preprocess.py of commit ba6566d (PREPROCESS_VERSION 2), before the speed-up.
+
+Never edit this file: tests/unit/test_preprocess_identity.py checks that the runtime's faster code gives
+bit-identical pixels, fields of view and screening verdicts to this one. The original docstring follows.
+
+Fundus preprocessing shared by training and the deployed runtime (numpy + Pillow, never torch).
+
+What was validated is what runs on the device: the training data module and ``tlcompile predict`` both call
+:func:`prepare_image` and :func:`to_input`:
+
+    decode -> RGB (grayscale, palette, 16-bit and RGBA converted) -> find the circular field of view
+    -> crop a square around it (black where the field is clipped by the frame) -> resize
+    -> optional Ben Graham local-average subtraction -> optional circular mask        (prepare_image)
+    uint8 HWC -> normalised float32 NCHW                                                (to_input)
+
+The field of view is found by fitting a circle to its edge, not by a bounding box, so a field clipped by the
+frame (top and bottom cut off, as many cameras do), the small notch many cameras leave on the rim, and text burnt
+into a corner do not move the crop; the threshold follows the image's own black and field levels, so dark
+(under-exposed) photographs are found too.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tlcompile.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: Bumped whenever prepare_image's arithmetic changes, so cached preprocessed images of the old code are not reused.
+PREPROCESS_VERSION = 2
+# Ben Graham (Kaggle DR 2015) blurred with sigma = radius / 30 at a field radius of 300 px; we keep the ratio.
+BEN_GRAHAM_SIGMA_PER_RADIUS = 1 / 30
+# Grey that Ben Graham's local-average subtraction maps a flat region to (and the surround after it).
+BEN_GRAHAM_GREY = 128
+# The largest network input a spec may ask for: a bundle.json asking for 100000 px would otherwise allocate
+# hundreds of GiB per image. Recipes allow up to 1024.
+MAX_INPUT_SIZE = 4096
+# Decoding is bounded from the header, before a pixel is decompressed: a 630 KB PNG can claim 81 Mpx of 16-bit RGBA
+# (2 GB and 14 s to decode) while staying under Pillow's own pixel limit. Fundus cameras write up to ~24 Mpx.
+MAX_DECODE_PIXELS = 50_000_000
+MAX_DECODE_BYTES = 768 << 20
+# Peak bytes per pixel while decoding and converting to uint8 RGB, by Pillow mode (the decoded image, the conversions
+# read_image makes and the result); modes not listed count as the worst.
+_DECODE_BYTES_PER_PIXEL = {
+    "1": 7,
+    "L": 7,
+    "P": 7,
+    "RGB": 6,
+    "YCbCr": 9,
+    "CMYK": 10,
+    "LAB": 9,
+    "HSV": 9,
+    "I;16": 23,
+    "I;16B": 23,
+    "I;16L": 23,
+    "I": 25,
+    "F": 25,
+}
+_WORST_BYTES_PER_PIXEL = 24  # RGBA/LA/PA: the image, a uint16 RGBA copy, the product and the result
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Everything needed to turn a camera image into a network input; saved in reports and bundles."""
+
+    size: int
+    crop_fov: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # A pixel belongs to the field of view when max(R,G,B) rises this fraction of the way from the black level
+    # to the field's median brightness.
+    fov_threshold: float = 0.12
+    # Ben Graham's local-average colour subtraction: 4 x (image - Gaussian blur) + 128 inside the field.
+    ben_graham: bool = False
+    # Radius (fraction of the field radius) outside which the image is blanked; None: no mask.
+    circular_mask: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A spec arrives from bundle.json on the clinic's box: bound what it can make this box allocate or compute.
+        def finite(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not (isinstance(self.size, int) and not isinstance(self.size, bool) and 1 <= self.size <= MAX_INPUT_SIZE):
+            raise DataError(
+                f"preprocessing size {self.size!r} is out of range; "
+                f"valid: a whole number of pixels from 1 to {MAX_INPUT_SIZE}"
+            )
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(finite(v) for v in values) or (name == "std" and min(values) <= 0):
+                raise DataError(
+                    f"preprocessing {name} {list(values)!r} is not valid; valid: three finite numbers"
+                    + (" > 0" if name == "std" else "")
+                )
+        if not (finite(self.fov_threshold) and 0 <= self.fov_threshold < 1):
+            raise DataError(f"preprocessing fov_threshold {self.fov_threshold!r} is out of range; valid: 0 to 1")
+        if self.circular_mask is not None and not (finite(self.circular_mask) and 0 < self.circular_mask <= 4):
+            raise DataError(
+                f"preprocessing circular_mask {self.circular_mask!r} is out of range; valid: null or a number in (0, 4]"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d.get("mean", IMAGENET_MEAN)), tuple(d.get("std", IMAGENET_STD))
+        return cls(**d)
+
+    @property
+    def draft_size(self) -> int:
+        """Side the JPEG decoder may scale down to while decoding: twice the input, so the crop keeps detail."""
+        return self.size * 2
+
+
+# ------------------------------------------------------------------------------------------ field of view
+@dataclass(frozen=True)
+class FieldOfView:
+    """The circular field of view in the image's pixel coordinates (x to the right, y down; pixel centres at
+    integers). ``fitted``: the circle was fitted to the visible edge; False: too little edge was visible (the field
+    fills the frame) and the circle is the bounding box's."""
+
+    cx: float
+    cy: float
+    radius: float
+    fitted: bool
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right) of the field inside the frame; exclusive ends."""
+        top = max(0, math.floor(self.cy - self.radius + 0.5))
+        bottom = min(height, math.ceil(self.cy + self.radius + 0.5))
+        left = max(0, math.floor(self.cx - self.radius + 0.5))
+        right = min(width, math.ceil(self.cx + self.radius + 0.5))
+        return top, bottom, left, right
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb.max(axis=2) if rgb.ndim == 3 else rgb
+
+
+def _fit_circle(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[float, float, float, np.ndarray] | None:
+    """Algebraic (Kasa) least-squares circle through edge points, refitted without outliers (a notch, text, a
+    lash or a reflex that reaches the rim). Returns (cx, cy, r, inliers) or None when the points do not fit one."""
+    keep = np.ones(x.size, dtype=bool)
+    for _ in range(6):
+        xs, ys = x[keep], y[keep]
+        if xs.size < 12:
+            return None
+        a = np.stack([xs, ys, np.ones_like(xs)], axis=1)
+        sol, *_ = np.linalg.lstsq(a, -(xs * xs + ys * ys), rcond=None)
+        cx, cy = -sol[0] / 2, -sol[1] / 2
+        r2 = cx * cx + cy * cy - sol[2]
+        if not r2 > 0:
+            return None
+        r = math.sqrt(r2)
+        residual = np.abs(np.hypot(x - cx, y - cy) - r)
+        # Robust spread of the inliers (MAD); the floor keeps a perfect circle from rejecting pixel jitter.
+        spread = 1.4826 * float(np.median(residual[keep]))
+        new_keep = residual <= max(tolerance, 3.0 * spread)
+        if np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    return cx, cy, r, keep
+
+
+def find_field(rgb: np.ndarray, threshold: float = 0.12) -> FieldOfView | None:
+    """The circular field of view, or None (a black or blank frame).
+
+    The field is the set of pixels brighter than a threshold set between the image's black level (1st percentile)
+    and the field's median brightness, so under-exposed photos are found as well as bright ones. Its edge points
+    (the first and last field pixel of every row and column, except where the field runs into the frame) are fitted
+    with a circle, robust to outliers; with too little edge visible the bounding box gives the circle.
+    """
+    lum = _luminance(np.asarray(rgb))
+    h, w = lum.shape
+    # Camera-size images are fitted on a strided grid: sub-pixel accuracy is not needed for a crop.
+    step = max(1, min(h, w) // 512)
+    small = lum[::step, ::step]
+    hs, ws = small.shape
+    bright = float(np.percentile(small, 99))
+    if bright < 8:  # an all-black (or nearly) frame
+        return None
+    black = float(np.percentile(small, 1))
+    above = small[small > black + 8]
+    field_level = float(np.median(above)) if above.size else bright
+    cut = max(6.0, black + 4.0, black + threshold * (field_level - black))
+    mask = small > cut
+    # Rows/columns where a meaningful run of the field is present (ignores isolated hot pixels and thin text).
+    min_run = max(2, int(0.02 * min(hs, ws)))
+    rows = np.flatnonzero(mask.sum(axis=1) >= min_run)
+    cols = np.flatnonzero(mask.sum(axis=0) >= min_run)
+    if rows.size == 0 or cols.size == 0:
+        return None
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    if (bottom - top) * (right - left) < 0.03 * small.size:
+        return None
+
+    # Edge points half a pixel outside the first/last field pixel (where the step from black is), in full-size pixels.
+    row_mask, col_mask = mask[rows], mask[:, cols]
+    first_x = row_mask.argmax(axis=1)
+    last_x = ws - 1 - row_mask[:, ::-1].argmax(axis=1)
+    first_y = col_mask.argmax(axis=0)
+    last_y = hs - 1 - col_mask[::-1, :].argmax(axis=0)
+    xs = [first_x[first_x > 0] - 0.5, last_x[last_x < ws - 1] + 0.5, cols[first_y > 0], cols[last_y < hs - 1]]
+    ys = [rows[first_x > 0], rows[last_x < ws - 1], first_y[first_y > 0] - 0.5, last_y[last_y < hs - 1] + 0.5]
+    x = np.concatenate(xs).astype(np.float64) * step
+    y = np.concatenate(ys).astype(np.float64) * step
+    fit = _fit_circle(x, y, tolerance=1.5 * step + 1.0) if x.size >= 12 else None
+    if fit is not None:
+        cx, cy, r, inliers = fit
+        angles = np.arctan2(y[inliers] - cy, x[inliers] - cx)
+        octants = np.unique(np.floor((angles + np.pi) / (np.pi / 4)).astype(int) % 8).size
+        plausible = (
+            octants >= 3  # an arc of at least ~90 degrees: enough to pin the centre
+            and 0.15 * min(h, w) <= r <= 0.75 * max(h, w)
+            and -0.1 * w <= cx <= 1.1 * w
+            and -0.1 * h <= cy <= 1.1 * h
+        )
+        if plausible:
+            return FieldOfView(cx=float(cx), cy=float(cy), radius=float(r), fitted=True)
+    # The bounding box: its longer side is the diameter (a field clipped top and bottom keeps its full width).
+    t, b, lft, rgt = top * step, min(h, bottom * step), left * step, min(w, right * step)
+    return FieldOfView(cx=(lft + rgt - 1) / 2, cy=(t + b - 1) / 2, radius=max(b - t, rgt - lft) / 2, fitted=False)
+
+
+def find_fov(rgb: np.ndarray, threshold: float = 0.12) -> tuple[int, int, int, int] | None:
+    """Bounding box (top, bottom, left, right; exclusive ends) of the field of view inside the frame, or None."""
+    found = find_field(rgb, threshold)
+    if found is None:
+        return None
+    h, w = np.asarray(rgb).shape[:2]
+    return found.box(h, w)
+
+
+def _square_window(height: int, width: int, found: FieldOfView | None, crop_fov: bool) -> tuple[int, int, int]:
+    """(top, left, side) of the square taken from the image: around the field when cropping, else the padded frame."""
+    if crop_fov and found is not None:
+        side = max(1, round(2 * found.radius))
+        return round(found.cy - (side - 1) / 2), round(found.cx - (side - 1) / 2), side
+    side = max(height, width)
+    return -((side - height) // 2), -((side - width) // 2), side
+
+
+def crop_square(rgb: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
+    """The ``side`` x ``side`` square at (top, left); parts outside the frame are black."""
+    h, w = rgb.shape[:2]
+    if top == 0 and left == 0 and side == h == w:
+        return rgb
+    out = np.zeros((side, side, 3), dtype=rgb.dtype)
+    y0, y1, x0, x1 = max(0, top), min(h, top + side), max(0, left), min(w, left + side)
+    if y1 > y0 and x1 > x0:
+        out[y0 - top : y1 - top, x0 - left : x1 - left] = rgb[y0:y1, x0:x1]
+    return out
+
+
+def targets_for(grades: np.ndarray, task: str) -> np.ndarray:
+    """DR grades -> training targets for the task (referable DR is grade >= 2: moderate NPDR or worse).
+
+    Here, not in the data module, because ``tlcompile bench --data`` scores a model against grades on the box."""
+    grades = np.asarray(grades, dtype=np.int64)
+    return (grades >= 2).astype(np.int64) if task == "referable" else grades
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+def read_image(
+    path: str | Path, *, draft_size: int | None = None, data: bytes | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image file to uint8 RGB; returns (rgb, (height, width) as stored in the file).
+
+    Grayscale, palette, 16-bit and CMYK images are converted; transparency is composited on black (outside the field
+    of view); the EXIF orientation is applied. ``draft_size`` lets the JPEG decoder scale down while decoding (much
+    faster for camera-size images). ``data``: the file's bytes already read (``path`` then only names it in errors).
+    Pillow's decompression-bomb limit stays in force. Raises :class:`DataError` naming the file for missing, empty,
+    truncated, oversized or non-image files.
+    """
+    path = Path(path)
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
+            stored = (img.height, img.width)
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            check_decode_budget(img, path)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # phone-based fundus cameras write the orientation in EXIF
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16-bit grayscale: scale to 8 bits instead of letting convert() clip everything above 255 to white.
+                wide = np.asarray(img, dtype=np.float64)
+                peak = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
+                gray = np.clip(wide * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(gray[:, :, None], 3, axis=2), stored
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)
+                rgb = (rgba[:, :, :3] * rgba[:, :, 3:] + 127) // 255  # composite on black
+                return rgb.astype(np.uint8), stored
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            return np.asarray(img, dtype=np.uint8), stored
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: image file not found") from err
+    except UnidentifiedImageError as err:
+        raise DataError(f"{path}: not an image Pillow can read (empty, wrong format or corrupt)") from err
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: image is too large to decode safely ({err})") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot decode image ({err})") from err
+
+
+def decode_cost(img: Image.Image) -> tuple[int, int]:
+    """(pixels, peak bytes) decoding this image and converting it to RGB would take, from its header alone (after
+    a JPEG draft, which shrinks what is decoded)."""
+    pixels = (
+        int(img.width) * int(img.height) * max(1, int(getattr(img, "n_frames", 1) or 1) if img.format == "TIFF" else 1)
+    )
+    return pixels, pixels * _DECODE_BYTES_PER_PIXEL.get(img.mode, _WORST_BYTES_PER_PIXEL)
+
+
+def check_decode_budget(img: Image.Image, path: str | Path) -> None:
+    """Refuse, before decoding, an image whose header asks for more pixels or memory than any fundus photograph
+    needs (see MAX_DECODE_PIXELS, MAX_DECODE_BYTES)."""
+    pixels, cost = decode_cost(img)
+    if int(img.width) * int(img.height) > MAX_DECODE_PIXELS or cost > MAX_DECODE_BYTES:
+        raise DataError(
+            f"{path}: image is too large to decode safely ({img.width}x{img.height} {img.mode}, about "
+            f"{cost / (1 << 20):,.0f} MiB to decode; limits {MAX_DECODE_PIXELS / 1e6:.0f} Mpx and "
+            f"{MAX_DECODE_BYTES >> 20} MiB); not a fundus photograph"
+        )
+
+
+def load_rgb(path: str | Path, *, draft_size: int | None = None, data: bytes | None = None) -> np.ndarray:
+    """Decode an image file to uint8 RGB (see :func:`read_image`)."""
+    return read_image(path, draft_size=draft_size, data=data)[0]
+
+
+def resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return rgb
+    img = Image.fromarray(rgb)
+    return np.asarray(img.resize((size, size), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------- contrast and masking
+def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of a float32 (H, W, C) array with zeros outside (the caller normalises)."""
+    radius = max(1, math.ceil(3 * sigma))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).astype(np.float32)
+    taps /= taps.sum()
+    for axis in (0, 1):
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(x, pad)
+        out = np.zeros_like(x)
+        n = x.shape[axis]
+        for i, weight in enumerate(taps):
+            out += weight * (padded[i : i + n] if axis == 0 else padded[:, i : i + n])
+        x = out
+    return x
+
+
+def ben_graham(rgb: np.ndarray, field_mask: np.ndarray, field_radius: float) -> np.ndarray:
+    """Ben Graham's local-average colour subtraction, 4 x (image - local average) + 128, inside the field.
+
+    The local average is a Gaussian (sigma = field radius / 30) taken over field pixels only (normalised
+    convolution), so the black surround does not leak in and leave the bright ring the plain blur gives at the rim.
+    Outside the field the result is the neutral grey 128.
+    """
+    sigma = max(0.5, field_radius * BEN_GRAHAM_SIGMA_PER_RADIUS)
+    m = field_mask.astype(np.float32)[:, :, None]
+    stacked = np.concatenate([rgb.astype(np.float32) * m, m], axis=2)
+    blurred = _gaussian_blur(stacked, sigma)
+    local = blurred[:, :, :3] / np.maximum(blurred[:, :, 3:], 1e-6)
+    out = 4.0 * (rgb.astype(np.float32) - local) + BEN_GRAHAM_GREY
+    out = np.where(m > 0, out, BEN_GRAHAM_GREY)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _disc(size: int, cx: float, cy: float, radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= radius * radius
+
+
+def prepare_image(image: np.ndarray | str | Path, spec: PreprocessSpec) -> tuple[np.ndarray, bool]:
+    """Camera image (array or file) -> (uint8 (size, size, 3), fov_found).
+
+    The field of view is always looked for (``fov_found`` is meaningful even without cropping); with
+    ``spec.crop_fov`` the square around it is what gets resized, otherwise the whole frame padded square.
+    """
+    rgb = load_rgb(image, draft_size=spec.draft_size) if isinstance(image, (str, Path)) else np.asarray(image)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[:, :, None], 3, axis=2)
+    if rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or min(rgb.shape[:2]) < 1:
+        raise DataError(f"image array has shape {rgb.shape}; expected (H, W, 3) RGB")
+    rgb = rgb[:, :, :3].astype(np.uint8, copy=False)
+    h, w = rgb.shape[:2]
+    found = find_field(rgb, spec.fov_threshold)
+    top, left, side = _square_window(h, w, found, spec.crop_fov)
+    out = resize(crop_square(rgb, top, left, side), spec.size)
+    if spec.ben_graham or spec.circular_mask is not None:
+        # The field in output pixels: the fitted circle (or the inscribed one when none was found), cut to the part of
+        # the square that came from the frame (the black fill beyond a clipped edge is not fundus).
+        scale = spec.size / side
+        if found is not None:
+            cx, cy, radius = (
+                (found.cx - left + 0.5) * scale - 0.5,
+                (found.cy - top + 0.5) * scale - 0.5,
+                found.radius * scale,
+            )
+        else:
+            cx = cy = (spec.size - 1) / 2
+            radius = spec.size / 2
+        # One pixel in from the edge: resizing blends the black surround into the rim pixels, which the 4x contrast
+        # of Ben Graham's subtraction would turn into a dark outline.
+        field_mask = _disc(spec.size, cx, cy, radius - 1.0)
+        frame = np.zeros((spec.size, spec.size), dtype=bool)
+        y0, y1 = max(0, round(-top * scale) + 1), min(spec.size, round((h - top) * scale) - 1)
+        x0, x1 = max(0, round(-left * scale) + 1), min(spec.size, round((w - left) * scale) - 1)
+        frame[y0:y1, x0:x1] = True
+        field_mask &= frame
+        if spec.ben_graham:
+            out = ben_graham(out, field_mask, radius)
+        if spec.circular_mask is not None:
+            background = BEN_GRAHAM_GREY if spec.ben_graham else 0
+            out = np.where(_disc(spec.size, cx, cy, spec.circular_mask * radius)[:, :, None], out, np.uint8(background))
+    return np.ascontiguousarray(out, dtype=np.uint8), found is not None
+
+
+def to_input(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 (N, H, W, 3) or (H, W, 3) -> float32 (N, 3, H, W), scaled to [0, 1] and normalised."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[None]
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    x = x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)

@@ -1,0 +1,151 @@
+"""The faster preprocessing and screening give bit-identical results to the frozen PREPROCESS_VERSION 2 code.
+
+Every bundle's golden check and every cached training image depends on prepare_image's exact pixels, so speed-ups
+must not move a single grey level: the same decoded image must give the same field of view (float for float), the
+same prepared uint8 image, the same network input and the same screening verdicts (damage, not-fundus) as the
+reference copies in tests/unit/preprocess_v2_reference.py and screen_v2_reference.py.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.unit import preprocess_v2_reference as ref
+from tests.unit import screen_v2_reference as ref_screen
+from tlcompile.runtime import preprocess, screen
+from tlcompile.runtime.preprocess import PreprocessSpec
+
+skimage_data = pytest.importorskip("skimage.data")
+
+SPECS = (
+    PreprocessSpec(size=112),
+    PreprocessSpec(size=224),
+    PreprocessSpec(size=64, crop_fov=False),
+    PreprocessSpec(size=96, ben_graham=True, circular_mask=0.9),
+    PreprocessSpec(size=48, fov_threshold=0.3, circular_mask=1.0),
+)
+
+
+def _field(found):
+    return None if found is None else asdict(found)
+
+
+def _jpeg_decoded(rgb: np.ndarray, size: tuple[int, int], draft: int, quality: int = 92) -> np.ndarray:
+    """``rgb`` upscaled onto a black camera frame of ``size`` (w, h), saved as JPEG and decoded as predict does."""
+    w, h = size
+    side = min(w, h)
+    frame = Image.new("RGB", (w, h))
+    frame.paste(Image.fromarray(rgb).resize((side, side), Image.BICUBIC), ((w - side) // 2, (h - side) // 2))
+    buffer = io.BytesIO()
+    frame.save(buffer, format="JPEG", quality=quality)
+    data = buffer.getvalue()
+    decoded = preprocess.load_rgb("frame.jpg", draft_size=draft, data=data)
+    assert np.array_equal(decoded, ref.load_rgb("frame.jpg", draft_size=draft, data=data))  # decoding is unchanged
+    return decoded
+
+
+def _synthetic(size: int, seed: int) -> np.ndarray:
+    from tlcompile.data.synthetic import generate
+
+    images, _ = generate(3, seed=seed, size=size)
+    return images[seed % 3]
+
+
+def _cases() -> list[tuple[str, np.ndarray]]:
+    retina = skimage_data.retina()
+    rng = np.random.default_rng(0)
+    cases = [
+        ("skimage retina 1411 px", retina),
+        ("skimage retina as a 4000x3000 JPEG, draft 224", _jpeg_decoded(retina, (4000, 3000), 224)),
+        ("skimage retina as a 2048x1536 JPEG, draft 448", _jpeg_decoded(retina, (2048, 1536), 448)),
+        ("skimage retina 1100x1411 (clipped top and bottom)", retina[150:1250]),
+        ("skimage retina, dark (under-exposed)", (retina // 6).astype(np.uint8)),
+        ("skimage microaneurysms (grayscale)", skimage_data.microaneurysms()),
+        ("skimage astronaut (not fundus)", skimage_data.astronaut()),
+        ("skimage chelsea (not fundus)", skimage_data.chelsea()),
+        ("black frame", np.zeros((300, 400, 3), np.uint8)),
+        ("flat grey (damaged)", np.full((600, 800, 3), 128, np.uint8)),
+        ("random noise", rng.integers(0, 256, (257, 311, 3), dtype=np.uint8)),
+        ("1x1 pixel", np.full((1, 1, 3), 200, np.uint8)),
+        ("RGBA", np.dstack([_synthetic(96, 1), np.full((96, 96), 255, np.uint8)])),
+    ]
+    for size in (32, 96, 224, 512, 1100):
+        for seed in (0, 1):
+            cases.append((f"synthetic fundus {size} px seed {seed}", _synthetic(size, seed)))
+    camera = np.zeros((1536, 2048, 3), np.uint8)
+    camera[:, 256:1792] = _synthetic(1536, 2)
+    cases.append(("synthetic camera frame 2048x1536", camera))
+    cases.append(("synthetic camera frame as a 4000x3000 JPEG, draft 224", _jpeg_decoded(camera, (4000, 3000), 224)))
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name,rgb", CASES, ids=[name for name, _ in CASES])
+def test_field_and_prepared_pixels_are_bit_identical(name, rgb):
+    assert _field(preprocess.find_field(rgb)) == _field(ref.find_field(rgb)), name
+    for spec in SPECS:
+        ours, found = preprocess.prepare_with_field(rgb, spec)
+        theirs, theirs_found = ref.prepare_image(rgb, ref.PreprocessSpec(**spec.to_dict()))
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), (name, spec)
+        assert (found is not None) == theirs_found
+        assert preprocess.prepare_image(rgb, spec)[1] == theirs_found
+        assert np.array_equal(preprocess.to_input(ours, spec), ref.to_input(theirs, spec))
+
+
+@pytest.mark.parametrize("name,rgb", CASES, ids=[name for name, _ in CASES])
+def test_screening_verdicts_are_identical(name, rgb):
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        return  # predict screens the decoded RGB image only
+    assert screen.damage_reason(rgb) == ref_screen.damage_reason(rgb), name
+    found = preprocess.find_field(rgb)
+    assert screen.not_fundus_reason(rgb, found) == ref_screen.not_fundus_reason(rgb, ref.find_field(rgb)), name
+
+
+def test_histogram_levels_match_numpy_percentile_and_median():
+    """The histogram shortcuts give np.percentile's and np.median's floats exactly (odd and even counts, ties,
+    one pixel, values at the ends of the range)."""
+    rng = np.random.default_rng(1)
+    samples = [np.array([[v]], np.uint8) for v in (0, 7, 255)]
+    samples += [rng.integers(lo, hi, shape, dtype=np.uint8) for lo, hi, shape in ((0, 256, (17, 23)), (0, 3, (2, 1)))]
+    samples += [rng.integers(0, 256, (n, 1), dtype=np.uint8) for n in range(2, 40)]
+    samples += [np.minimum(rng.exponential(30, (101, 99)), 255).astype(np.uint8) for _ in range(20)]
+    for lum in samples:
+        counts = preprocess.histogram(lum)
+        assert preprocess._levels(lum, counts) == (float(np.percentile(lum, 1)), float(np.percentile(lum, 99)))
+        for level in (-1.0, 0.0, 3.5, 8.0, 100.25, 254.0, 255.0):
+            above = lum[lum > level]
+            expected = float(np.median(above)) if above.size else None
+            assert preprocess._median_above(lum, counts, level) == expected, (lum.shape, level)
+
+
+def test_distance_masks_match_hypot_on_and_near_the_circle():
+    """screen._within decides by the squared distance only where the side is certain; pixels exactly on the circle
+    (integer centre and radius: 3-4-5 triangles) and within rounding of it get np.hypot's own answer."""
+    h, w = 120, 160
+    yy, xx = np.ogrid[:h, :w]
+    for step, cx, cy, radius in ((1, 80.0, 60.0, 50.0), (1, 80.0, 60.0, 5.0), (2, 79.5, 60.25, 47.3), (3, 0.1, 0.2, 0)):
+        dx, dy = xx * step - cx, yy * step - cy
+        reference = np.hypot(dx, dy)
+        d2 = dy * dy + dx * dx
+        for r in (radius, 0.95 * radius, 1.05 * radius, np.nextafter(radius, 0), np.nextafter(radius, 1e9)):
+            assert np.array_equal(screen._within(d2, dx, dy, r, inner=True), reference <= r)
+            assert np.array_equal(screen._within(d2, dx, dy, r, inner=False), reference >= r)
+
+
+def test_masked_histogram_statistics_match_numpy():
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        lum = np.minimum(rng.exponential(40, (67, 91)), 255).astype(np.uint8)
+        mask = rng.random(lum.shape) < rng.uniform(0.01, 0.9)
+        if not mask.any():
+            continue
+        counts = preprocess.histogram(lum, mask)
+        assert preprocess.percentile_of_histogram(counts, 90) == float(np.percentile(lum[mask], 90))
+        assert preprocess.median_of_histogram(counts) == float(np.median(lum[mask]))

@@ -1,0 +1,88 @@
+"""A bounded, ordered pipeline for a backlog of photos: read/decode/preprocess in worker threads, decide in order.
+
+``predict`` and ``serve`` spend most of each photo in work that releases the GIL (Pillow's JPEG decoder and resize,
+numpy on whole arrays, hashing the file), so worker threads overlap it across cores while the calling thread runs
+the model (one inference request is not safe to share between threads) and writes the results in input order.
+At most ``2 x workers`` photos are in flight, so memory stays bounded whatever the backlog: each holds one decoded,
+draft-scaled image and one network input (a non-JPEG file is decoded at full size: the decode budget,
+``preprocess.MAX_DECODE_BYTES``, then applies per worker). With one worker nothing runs in another thread (the
+behaviour before).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from tlcompile.errors import TlcompileError
+from tlcompile.runtime.inference import default_threads
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MAX_WORKERS = 64
+# More workers than this rarely helps: decoding a draft-scaled JPEG is ~10x the model's time per photo here, and
+# every worker holds its photo's arrays in memory.
+DEFAULT_MAX_WORKERS = 4
+IN_FLIGHT_PER_WORKER = 2
+
+
+def default_workers() -> int:
+    """One worker per usable core (affinity and TLCOMPILE_NUM_THREADS respected), at most DEFAULT_MAX_WORKERS."""
+    return max(1, min(DEFAULT_MAX_WORKERS, default_threads()))
+
+
+def check_workers(workers: int | None, source: str = "--workers") -> int:
+    """``workers`` (None: :func:`default_workers`), refused with one line when out of range."""
+    if workers is None:
+        return default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise TlcompileError(
+            f"{source} {workers!r} is out of range; valid: a whole number of worker threads from 1 to {MAX_WORKERS}"
+        )
+    return workers
+
+
+def ordered(
+    fn: Callable[[T], R], items: Iterable[T], workers: int, *, stop: threading.Event | None = None
+) -> Iterator[tuple[T, R]]:
+    """``(item, fn(item))`` for each item, in the order of ``items``, with ``fn`` run in up to ``workers`` threads.
+
+    ``fn`` must not raise (return its error instead): a result is handed out only when its turn comes, so an
+    exception would be reported out of order. ``items`` is consumed lazily in the calling thread, as room frees up.
+    Once ``stop`` is set no new item is started; those already started are finished and handed out (their work is
+    not lost, and the caller records them). Leaving the loop early cancels what has not started and waits for what
+    has.
+    """
+    if workers <= 1:
+        for item in items:
+            if stop is not None and stop.is_set():
+                return
+            yield item, fn(item)
+        return
+    source = iter(items)
+    window: deque[tuple[T, Future[R]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tlcompile-worker") as pool:
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and len(window) < IN_FLIGHT_PER_WORKER * workers:
+                    if stop is not None and stop.is_set():
+                        exhausted = True
+                        break
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    window.append((item, pool.submit(fn, item)))
+                if not window:
+                    return
+                item, future = window.popleft()
+                yield item, future.result()
+        finally:
+            for _, future in window:
+                future.cancel()
