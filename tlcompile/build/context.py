@@ -91,6 +91,8 @@ class BuildContext:
     bench_rows: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)  # report.json, assembled after the bench
     bundle_error: Exception | None = None  # a bundle that could not be made: raised once the report is written
+    # (split, weights digest) -> logits of a plain torch model: build/tuning.py's split_logits
+    logits_cache: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def stage_fingerprint(self, folder: str) -> str:
         """The fingerprint of the recipe sections the stage in ``folder`` reads: a change elsewhere (bench, bundle, a
