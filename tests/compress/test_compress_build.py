@@ -315,3 +315,35 @@ def test_a_failing_guard_gets_more_qat_epochs_then_fp32_layers(tiny_data, calibr
     # The record is saved for resume and the report.
     saved = json.loads((tmp_path / "04_quantize" / "quantize.json").read_text())
     assert saved["int8"]["compression"]["fp32_layers"] == c["fp32_layers"]
+
+
+def test_reference_logits_are_computed_once_per_weights_and_never_for_an_nncf_model(
+    tiny_data, calibration_inputs, tmp_path, monkeypatch
+):
+    from tests.compress.conftest import settled
+    from tlcompile.build import tuning
+    from tlcompile.compress.quantize import fold_batchnorm, quantize_ptq
+
+    ctx = _ctx(tiny_data, tmp_path)
+    calls = []
+    predict = tuning.loop.predict
+    monkeypatch.setattr(tuning.loop, "predict", lambda model, *a, **k: calls.append(model) or predict(model, *a, **k))
+    model = settled("cbr_small", calibration_inputs)
+    first = tuning.split_logits(ctx, model, "val")
+    first[:] = 0.0  # a caller's copy: the cache is not changed through it
+    again = tuning.split_logits(ctx, model, "val")
+    assert len(calls) == 1 and np.array_equal(again, predict(model, *ctx.data.subset("val")[:1], ctx.data.spec))
+    tuning.split_metrics(ctx, model, "val")
+    tuning.make_judge(ctx, tuning.split_metrics(ctx, model, "val"), against="fp32", limits={}, reference_model=model)
+    assert len(calls) == 1
+    tuning.split_logits(ctx, model, "test")  # another split
+    with torch.no_grad():
+        model.get_classifier().bias.add_(1.0)  # changed weights: a new key
+    changed = tuning.split_logits(ctx, model, "val")
+    assert len(calls) == 3 and not np.allclose(changed, again)
+    folded = settled("cbr_small", calibration_inputs)
+    fold_batchnorm(folded)
+    int8 = quantize_ptq(folded, ctx.data.subset("train")[0][:16], ctx.data.spec, device=ctx.device)
+    tuning.split_logits(ctx, int8, "val")
+    tuning.split_logits(ctx, int8, "val")
+    assert len(calls) == 5

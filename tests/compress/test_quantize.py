@@ -122,3 +122,30 @@ def test_layer_sensitivity_ranks_every_quantized_layer_and_restores_the_quantize
 def test_a_model_without_batchnorm_folds_nothing():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     assert fold_batchnorm(model) == []
+
+
+def test_calibration_batches_are_equal_sized_and_keep_every_image_in_order(tiny_data):
+    from tlcompile.compress.calibration import equal_batches
+
+    x, _ = tiny_data.subset("train")
+    images = x[:31]
+    batches = equal_batches(images, tiny_data.spec, batch_size=12, device=torch.device("cpu"))
+    assert [len(b) for b in batches] == [11, 10, 10]  # ceil(31 / 12) = 3 batches, sizes within one
+    whole = next(
+        loop.iterate_batches(images, images[:, 0, 0, 0], tiny_data.spec, batch_size=31, device=torch.device("cpu"))
+    )[0]
+    assert torch.equal(torch.cat(batches), whole)
+
+
+def test_batched_calibration_gives_the_statistics_of_one_image_per_item(tiny_data, calibration_inputs, monkeypatch):
+    """Batches only make statistics collection faster: activation ranges (mean of per-image minima / maxima) and fast
+    bias correction's channel means come out as with one image per NNCF item, up to float summation order."""
+    from tlcompile.compress import quantize
+
+    _, batched = _ptq("cbr_small", tiny_data, calibration_inputs, images=32)
+    monkeypatch.setattr(quantize, "CALIBRATION_BATCH", 1)
+    _, single = _ptq("cbr_small", tiny_data, calibration_inputs, images=32)
+    a, b = batched.state_dict(), single.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-4, atol=1e-6), name

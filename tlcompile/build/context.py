@@ -93,6 +93,8 @@ class BuildContext:
     report: dict[str, Any] = field(default_factory=dict)  # report.json, assembled after the bench
     bundle_error: Exception | None = None  # a bundle that could not be made: raised once the report is written
     tracker: Tracker = field(default_factory=Tracker)  # MLflow (recipe tracking.mlflow) or nothing; see tracking.py
+    # (split, weights digest) -> logits of a plain torch model: build/tuning.py's split_logits
+    logits_cache: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def stage_fingerprint(self, folder: str) -> str:
         """The fingerprint of the recipe sections the stage in ``folder`` reads: a change elsewhere (bench, bundle, a

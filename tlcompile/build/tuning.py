@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
+import sys
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -34,10 +36,40 @@ def temperature(ctx: BuildContext) -> float:
     return float(ctx.operating_point.get("temperature", 1.0)) if ctx.operating_point else 1.0
 
 
+def _weights_digest(model: torch.nn.Module) -> str | None:
+    """A digest of a plain torch model's class, parameter and buffer names, shapes and values; None for an NNCF model
+    (whether its quantizers are enabled is not in its state_dict, so equal weights need not mean equal outputs)."""
+    if "nncf" in sys.modules:  # no model carries NNCF hooks before nncf is imported (and it is slow to import)
+        from tlcompile.compress.quantize import quantizer_hooks
+
+        if quantizer_hooks(model):
+            return None
+    h = hashlib.blake2b(type(model).__qualname__.encode(), digest_size=20)
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def split_logits(ctx: BuildContext, model: torch.nn.Module, split: str) -> np.ndarray:
+    """Eval-mode logits of ``model`` on a split. The reference models (fp32, pruned) are predicted on val by the
+    operating-point lock, each compression stage's reference and judge and the int8 records: a plain torch model's
+    logits are kept per (split, weights digest), so each is computed once per build; a changed weight is a new key."""
+    x, _ = ctx.data.subset(split)
+    digest = _weights_digest(model)
+    key = (split, digest or "")
+    if digest is None or key not in ctx.logits_cache:
+        logits = loop.predict(model, x, ctx.data.spec, device=ctx.device)
+        if digest is None:
+            return logits
+        ctx.logits_cache[key] = logits
+    return ctx.logits_cache[key].copy()
+
+
 def split_metrics(ctx: BuildContext, model: torch.nn.Module, split: str) -> dict[str, float]:
     """AUC, and sensitivity / specificity / accuracy at the locked operating point, of a torch model on a split."""
-    x, y = ctx.data.subset(split)
-    logits = loop.predict(model, x, ctx.data.spec, device=ctx.device)
+    _, y = ctx.data.subset(split)
+    logits = split_logits(ctx, model, split)
     return guard.val_metrics(logits, y, threshold=ctx.threshold, temperature=temperature(ctx))
 
 
@@ -52,7 +84,7 @@ def make_judge(
     """``judge(model)`` -> the guard check of ``model`` on val against ``reference``; with ``reference_model``, the
     check also carries its evidence in cases (eyes newly missed / referred, a CI of the AUC drop: guard.evidence)."""
     x, y = ctx.data.subset("val")
-    ref_logits = None if reference_model is None else loop.predict(reference_model, x, ctx.data.spec, device=ctx.device)
+    ref_logits = None if reference_model is None else split_logits(ctx, reference_model, "val")
 
     def judge(model: torch.nn.Module) -> dict[str, Any]:
         logits = loop.predict(model, x, ctx.data.spec, device=ctx.device)

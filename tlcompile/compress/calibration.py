@@ -65,9 +65,12 @@ def input_batches(
     yield from loop.iterate_batches(images, targets, spec, batch_size=batch_size, device=device)
 
 
-def nncf_dataset(images: np.ndarray, spec: PreprocessSpec, *, batch_size: int, device: torch.device):
-    """An ``nncf.Dataset`` of normalised input tensors (NNCF iterates it once per statistics pass)."""
-    import nncf
-
-    batches = [xb for xb, _ in input_batches(images, spec, batch_size=batch_size, device=device)]
-    return nncf.Dataset(batches)
+def equal_batches(
+    images: np.ndarray, spec: PreprocessSpec, *, batch_size: int, device: torch.device
+) -> list[torch.Tensor]:
+    """Normalised input batches of all ``images`` in order, ``ceil(n / batch_size)`` of them and of equal size (sizes
+    differ by at most one when ``batch_size`` does not divide ``n``): a statistic that NNCF averages per batch then
+    weighs every image alike."""
+    count = max(1, -(-len(images) // max(1, batch_size)))
+    chunks = [idx for idx in np.array_split(np.arange(len(images)), count) if len(idx)]
+    return [next(input_batches(images[idx], spec, batch_size=len(idx), device=device))[0] for idx in chunks]

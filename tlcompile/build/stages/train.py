@@ -12,6 +12,7 @@ from rich.table import Table
 
 from tlcompile.build.context import Artifact, BuildContext, Stage, progress
 from tlcompile.build.stages import data
+from tlcompile.build.tuning import split_logits
 from tlcompile.checkpoint import load_state, save_state
 from tlcompile.data.datamodule import class_names_for
 from tlcompile.evaluate.clinical import lock_operating_point
@@ -95,8 +96,8 @@ def lock_fp32_operating_point(ctx: BuildContext, model: torch.nn.Module) -> None
     """Lock the referral threshold (and temperature) on the FP32 model's validation split; every artifact is judged
     at it."""
     e = ctx.recipe.evaluate
-    x_val, y_val = ctx.data.subset("val")
-    val_logits = loop.predict(model, x_val, ctx.data.spec, device=ctx.device)
+    _, y_val = ctx.data.subset("val")
+    val_logits = split_logits(ctx, model, "val")
     locked = lock_operating_point(
         val_logits,
         y_val,
