@@ -91,6 +91,10 @@ def test_two_nodes_on_loopback_match_single_process(tiny_recipe_dict, write_reci
     tiny_recipe_dict["data"]["num_images"] = 200
     tiny_recipe_dict["bench"]["runtimes"] = ["onnxruntime"]
     recipe = write_recipe(tiny_recipe_dict)
+    # The nodes read the training store (data.store: disk; one cache: both "nodes" are this machine, so one builds
+    # it and the other waits for it); the single-process build holds its images in memory.
+    tiny_recipe_dict["data"].update(store="disk", cache=str(tmp_path / "cache"))
+    nodes_recipe = write_recipe(tiny_recipe_dict, "nodes.yaml")
     single, ddp = tmp_path / "single", tmp_path / "nodes"
     subprocess.run(
         [sys.executable, "-m", "tlcompile.cli", "build", str(recipe), "--out", str(single)],
@@ -121,7 +125,7 @@ def test_two_nodes_on_loopback_match_single_process(tiny_recipe_dict, write_reci
                 "-m",
                 "tlcompile.cli",
                 "build",
-                str(recipe),
+                str(nodes_recipe),
                 "--out",
                 str(ddp),
             ],
@@ -143,4 +147,5 @@ def test_two_nodes_on_loopback_match_single_process(tiny_recipe_dict, write_reci
                 proc.wait()
     assert [p.returncode for p in nodes] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
     assert_matches_single_process(single, ddp)
-    assert not list(tmp_path.glob("tlcompile-rank*"))  # rank 1's scratch folder is its own (a temp dir), removed
+    # One writer: the same files as the single-process build, nothing of rank 1's beside them.
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())

@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,21 @@ class StoreWriter:
             raise DataError(f"data.store: '{self.path}' got {self.written} rows of {self.rows}")
 
 
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (a lock file beside what is built): torchrun ranks of one node, or sweep variants,
+    loading the same data build it once; the others wait, then reuse it."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build_split_store(
     folder: Path,
     split: np.ndarray,
@@ -74,6 +91,18 @@ def build_split_store(
 ) -> dict[str, np.memmap]:
     """Write (or reuse) ``folder``'s split files from ``row(i)`` over the record indices in order; return them
     memory-mapped. Written into a temporary folder renamed into place, so a reader never sees half a store."""
+    with _locked(folder.parent / f".{folder.name}.lock"):
+        return _build_split_store(folder, split, row, shape, meta, progress)
+
+
+def _build_split_store(
+    folder: Path,
+    split: np.ndarray,
+    row: Callable[[int], np.ndarray],
+    shape: tuple[int, int, int],
+    meta: dict,
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, np.memmap]:
     if (folder / "store.json").is_file():
         try:
             return {name: open_split(folder / f"{name}.npy") for name in SPLIT_FILES}
@@ -90,14 +119,13 @@ def build_split_store(
         for w in writers.values():
             w.close()
         (tmp / "store.json").write_text(json.dumps({**meta, "rows": {k: w.rows for k, w in writers.items()}}))
-        if folder.exists():  # a damaged store of the same key
-            import shutil
-
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        if (folder / "store.json").is_file():  # another machine sharing the cache finished the same store meanwhile
+            shutil.rmtree(tmp)
+        else:
+            if folder.exists():  # a damaged or unfinished store of the same key
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {name: open_split(folder / f"{name}.npy") for name in SPLIT_FILES}
@@ -115,6 +143,18 @@ def fill_generated(
 
     Filled a chunk at a time; ``<path>.done`` records the chunks written (with their grades), so a killed fill
     continues where it stopped. ``draw(range)`` yields (prepared image, grade, fov_found) for those indices."""
+    with _locked(path.with_suffix(".lock")):
+        return _fill_generated(path, n, shape, draw, chunk, progress)
+
+
+def _fill_generated(
+    path: Path,
+    n: int,
+    shape: tuple[int, int, int],
+    draw: Callable[[range], Iterable[tuple[np.ndarray, int, bool]]],
+    chunk: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
     done_path = path.with_suffix(".done.json")
     grades = np.zeros(n, np.int64)
     fov = np.zeros(n, bool)
