@@ -96,3 +96,23 @@ def test_store_choice_is_not_part_of_the_fingerprint(tiny_recipe_dict, write_rec
     b = load_recipe(write_recipe(tiny_recipe_dict), ["data.store=disk", "data.cache=c", "data.loader_workers=4"])
     c = load_recipe(write_recipe(tiny_recipe_dict), ["data.cache=c"])
     assert b.fingerprint() == c.fingerprint() != a.fingerprint()  # the cache folder counts; where images wait does not
+
+
+def test_a_killed_store_build_is_rebuilt_and_its_leftovers_removed(tmp_path):
+    split = np.array(["train", "val", "train", "test", "train"])
+    rows = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    folder = tmp_path / "store" / "k"
+    (tmp_path / "store" / ".k.12345").mkdir(parents=True)  # what a SIGKILL mid-build leaves
+
+    def interrupted(i):
+        if i == 3:
+            raise KeyboardInterrupt
+        return rows[i]
+
+    with pytest.raises(KeyboardInterrupt):
+        store.build_split_store(folder, split, interrupted, (2, 2, 3), {})
+    assert not folder.exists()
+    built = store.build_split_store(folder, split, lambda i: rows[i], (2, 2, 3), {})
+    assert [p.name for p in (tmp_path / "store").iterdir() if p.is_dir()] == ["k"]
+    for name in SPLITS:
+        assert np.array_equal(built[name], rows[split == name])

@@ -92,6 +92,9 @@ def build_split_store(
     """Write (or reuse) ``folder``'s split files from ``row(i)`` over the record indices in order; return them
     memory-mapped. Written into a temporary folder renamed into place, so a reader never sees half a store."""
     with _locked(folder.parent / f".{folder.name}.lock"):
+        for stale in folder.parent.glob(f".{folder.name}.*"):  # the temporary folder of a killed build
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         return _build_split_store(folder, split, row, shape, meta, progress)
 
 
