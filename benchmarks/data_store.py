@@ -1,15 +1,15 @@
 """data.store: disk against data.store: memory: a build's peak memory vs the data set's size, training throughput,
 and how fast the store is built.
 
-    .venv/bin/python benchmarks/data_store.py rss [--sizes 1000,2000,4000] [--px 128]
+    .venv/bin/python benchmarks/data_store.py rss [--sizes 1000,2000,4000] [--px 96]
     .venv/bin/python benchmarks/data_store.py throughput [--images 512] [--px 384]
     .venv/bin/python benchmarks/data_store.py build-rate [--images 256] [--px 384]
 
-rss: one 2-epoch ``tlcompile build`` (synthetic images, cbr_small, onnxruntime only) per size and store, in a
-subprocess; memory sampled every 0.2 s over the build's whole process tree (loader and generator processes included):
-peak anonymous memory (RssAnon: what the build itself holds) and peak resident (VmRSS, adds the pages of memory-mapped
-store files, which are page cache the kernel takes back under pressure). The store is written before the timed build
-(a first build of the same data), so the build measured reads it as later builds and sweep variants do.
+rss: one 2-epoch ``tlcompile build`` (synthetic images, cbr_small, onnxruntime only, one thread) per size and store,
+in a subprocess; memory sampled every 0.2 s over the build's whole process tree (loader and generator processes
+included): peak anonymous memory (RssAnon: what the build itself holds) and peak resident (VmRSS, adds the pages of
+memory-mapped store files, which are page cache the kernel takes back under pressure). The store is written before
+the measured build (by ``load_data`` of the same recipe), so the build reads it as later builds and sweep variants do.
 
 throughput: training images/s (mobilenet_v3_small, batch 32, forward + backward + step) from an in-memory array and
 from the store with 0 and 2 loader processes, alternated in one process so the ratios share the machine's load.
@@ -86,7 +86,7 @@ def _recipe(folder: Path, n: int, px: int, store: str) -> Path:
 
 
 def _build(recipe: Path, out: Path) -> tuple[float, int, int]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TLCOMPILE_NUM_THREADS": os.environ.get("TLCOMPILE_NUM_THREADS", "1")}
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tlcompile.cli", "build", str(recipe), "--out", str(out)],
@@ -104,6 +104,14 @@ def _build(recipe: Path, out: Path) -> tuple[float, int, int]:
     return time.perf_counter() - t0, peak_anon, peak_rss
 
 
+def _write_store(recipe: Path) -> None:
+    code = (
+        "import sys; from tlcompile.recipe import load_recipe; from tlcompile.data.datamodule import load_data; "
+        "r = load_recipe(sys.argv[1]); load_data(r.data, seed=r.seed)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(recipe)], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def rss(sizes: list[int], px: int) -> None:
     print(f"2-epoch builds, synthetic {px} px, cbr_small; CPU {_isa()}; {_load()}")
     print("| images | dataset MB (uint8) | store | wall s | peak anon MB | peak RSS MB |")
@@ -114,7 +122,7 @@ def rss(sizes: list[int], px: int) -> None:
             for store in ("memory", "disk"):
                 recipe = _recipe(folder, n, px, store)
                 if store == "disk":  # write the store first: the build measured reads it
-                    _build(recipe, folder / f"warm-{n}")
+                    _write_store(recipe)
                 wall, anon, peak = _build(recipe, folder / f"{store}-{n}")
                 mb = n * px * px * 3 / 1e6
                 print(f"| {n} | {mb:.0f} | {store} | {wall:.0f} | {anon / 1e6:.0f} | {peak / 1e6:.0f} |", flush=True)
@@ -193,7 +201,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     a = sub.add_parser("rss")
     a.add_argument("--sizes", default="1000,2000,4000")
-    a.add_argument("--px", type=int, default=128)
+    a.add_argument("--px", type=int, default=96)
     b = sub.add_parser("throughput")
     b.add_argument("--images", type=int, default=512)
     b.add_argument("--px", type=int, default=384)
