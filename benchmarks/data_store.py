@@ -2,14 +2,17 @@
 and how fast the store is built.
 
     .venv/bin/python benchmarks/data_store.py rss [--sizes 1000,2000,4000] [--px 96]
+    .venv/bin/python benchmarks/data_store.py rss-data [--sizes 1000,2000,4000] [--px 96]
     .venv/bin/python benchmarks/data_store.py throughput [--images 512] [--px 384]
     .venv/bin/python benchmarks/data_store.py build-rate [--images 256] [--px 384]
 
 rss: one 2-epoch ``tlcompile build`` (synthetic images, cbr_small, onnxruntime only, one thread) per size and store,
 in a subprocess; memory sampled every 0.2 s over the build's whole process tree (loader and generator processes
-included): peak anonymous memory (RssAnon: what the build itself holds) and peak resident (VmRSS, adds the pages of
-memory-mapped store files, which are page cache the kernel takes back under pressure). The store is written before
-the measured build (by ``load_data`` of the same recipe), so the build reads it as later builds and sweep variants do.
+included): peak anonymous memory (Pss_Anon: what the build itself holds, pages shared with forked loaders counted
+once) and peak Pss (adds the pages of memory-mapped store files: page cache the kernel takes back under pressure).
+The store is written before the measured build (by ``load_data`` of the same recipe), so the build reads it as later
+builds and sweep variants do.
+rss-data: the same, for the data path alone (load, 2 epochs of training batches, the val/test passes; no model).
 
 throughput: training images/s (mobilenet_v3_small, batch 32, forward + backward + step) from an in-memory array and
 from the store with 0 and 2 loader processes, alternated in one process so the ratios share the machine's load.
@@ -46,25 +49,40 @@ def _isa() -> str:
 
 
 def _tree_memory(pid: int) -> tuple[int, int]:
-    """(sum of RssAnon, sum of VmRSS) in bytes over ``pid`` and its descendants."""
+    """(anonymous, all) proportional set size in bytes over ``pid`` and its descendants (Pss_Anon, Pss of
+    smaps_rollup): pages a forked loader process shares with its parent are counted once, not once per process."""
     import psutil
 
-    anon = rss = 0
+    anon = pss = 0
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return 0, 0
     for p in procs:
         try:
-            status = Path(f"/proc/{p.pid}/status").read_text()
+            rollup = Path(f"/proc/{p.pid}/smaps_rollup").read_text()
         except OSError:
             continue
-        for line in status.splitlines():
-            if line.startswith("RssAnon:"):
+        for line in rollup.splitlines():
+            if line.startswith("Pss_Anon:"):
                 anon += int(line.split()[1]) * 1024
-            elif line.startswith("VmRSS:"):
-                rss += int(line.split()[1]) * 1024
-    return anon, rss
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1]) * 1024
+    return anon, pss
+
+
+def _peak_of(cmd: list[str], env: dict) -> tuple[float, int, int, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    peak_anon = peak_all = 0
+    while proc.poll() is None:
+        anon, allm = _tree_memory(proc.pid)
+        peak_anon, peak_all = max(peak_anon, anon), max(peak_all, allm)
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed: {err[-2000:]}")
+    return time.perf_counter() - t0, peak_anon, peak_all, out
 
 
 def _recipe(folder: Path, n: int, px: int, store: str) -> Path:
@@ -196,6 +214,50 @@ def build_rate(n: int, px: int) -> None:
     print(_load())
 
 
+_DATA_PATH = """
+import sys, numpy as np, torch
+from pathlib import Path
+from tlcompile.data.datamodule import load_data
+from tlcompile.recipe import DataConfig
+from tlcompile.train.loop import iterate_batches
+n, px, store, cache = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+kw = dict(source="synthetic", num_images=n, image_size=px)
+if store == "disk":
+    kw.update(store="disk", cache=Path(cache))
+dm = load_data(DataConfig(**kw), seed=0)
+if sys.argv[5] == "train":
+    for epoch in range(2):  # what training reads: 2 shuffled epochs, then every val and test image in batches
+        x, y = dm.subset("train")
+        workers = 2 if store == "disk" else 0
+        for xb, yb in iterate_batches(x, y, dm.spec, batch_size=32, device=torch.device("cpu"), shuffle=True,
+                                      rng=np.random.default_rng([0, epoch]), loader_workers=workers):
+            pass
+        for name in ("val", "test"):
+            x, y = dm.subset(name)
+            for xb, yb in iterate_batches(x, y, dm.spec, batch_size=64, device=torch.device("cpu")):
+                pass
+"""
+
+
+def rss_data(sizes: list[int], px: int) -> None:
+    """The data path alone (load_data, then 2 epochs of training batches and the val/test passes), per size/store."""
+    print(f"data path: load + 2 epochs of batches + val/test passes, synthetic {px} px; CPU {_isa()}; {_load()}")
+    print("| images | dataset MB (uint8) | store | wall s | peak anon MB (Pss_Anon) | peak Pss MB |")
+    print("|---|---|---|---|---|---|")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TLCOMPILE_NUM_THREADS": os.environ.get("TLCOMPILE_NUM_THREADS", "1")}
+    with tempfile.TemporaryDirectory(prefix="tlstore") as tmp:
+        for n in sizes:
+            for store in ("memory", "disk"):
+                args = [sys.executable, "-c", _DATA_PATH, str(n), str(px), store, tmp]
+                if store == "disk":  # the store is written first: later builds read it
+                    _peak_of([*args, "load"], env)
+                wall, anon, allm, _ = _peak_of([*args, "train"], env)
+                mb = n * px * px * 3 / 1e6
+                print(f"| {n} | {mb:.0f} | {store} | {wall:.0f} | {anon / 1e6:.0f} | {allm / 1e6:.0f} |", flush=True)
+        disk = sum(f.stat().st_size for f in Path(tmp).rglob("*.npy"))
+        print(f"disk: {disk / 1e6:.0f} MB of .npy for {sum(sizes)} images (generated file + split store); {_load()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -205,12 +267,17 @@ def main() -> None:
     b = sub.add_parser("throughput")
     b.add_argument("--images", type=int, default=512)
     b.add_argument("--px", type=int, default=384)
+    d = sub.add_parser("rss-data")
+    d.add_argument("--sizes", default="1000,2000,4000")
+    d.add_argument("--px", type=int, default=96)
     c = sub.add_parser("build-rate")
     c.add_argument("--images", type=int, default=256)
     c.add_argument("--px", type=int, default=384)
     args = parser.parse_args()
     if args.what == "rss":
         rss([int(v) for v in args.sizes.split(",")], args.px)
+    elif args.what == "rss-data":
+        rss_data([int(v) for v in args.sizes.split(",")], args.px)
     elif args.what == "throughput":
         throughput(args.images, args.px)
     else:
