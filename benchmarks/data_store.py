@@ -228,7 +228,7 @@ dm = load_data(DataConfig(**kw), seed=0)
 if sys.argv[5] == "train":
     for epoch in range(2):  # what training reads: 2 shuffled epochs, then every val and test image in batches
         x, y = dm.subset("train")
-        workers = 2 if store == "disk" else 0
+        workers = int(sys.argv[6])
         for xb, yb in iterate_batches(x, y, dm.spec, batch_size=32, device=torch.device("cpu"), shuffle=True,
                                       rng=np.random.default_rng([0, epoch]), loader_workers=workers):
             pass
@@ -239,9 +239,9 @@ if sys.argv[5] == "train":
 """
 
 
-def rss_data(sizes: list[int], px: int) -> None:
+def rss_data(sizes: list[int], px: int, workers: int) -> None:
     """The data path alone (load_data, then 2 epochs of training batches and the val/test passes), per size/store."""
-    print(f"data path: load + 2 epochs of batches + val/test passes, synthetic {px} px; CPU {_isa()}; {_load()}")
+    print(f"data path: load + 2 epochs + val/test passes, {px} px, {workers} loader processes; CPU {_isa()}; {_load()}")
     print("| images | dataset MB (uint8) | store | wall s | peak anon MB (Pss_Anon) | peak Pss MB |")
     print("|---|---|---|---|---|---|")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TLCOMPILE_NUM_THREADS": os.environ.get("TLCOMPILE_NUM_THREADS", "1")}
@@ -250,8 +250,8 @@ def rss_data(sizes: list[int], px: int) -> None:
             for store in ("memory", "disk"):
                 args = [sys.executable, "-c", _DATA_PATH, str(n), str(px), store, tmp]
                 if store == "disk":  # the store is written first: later builds read it
-                    _peak_of([*args, "load"], env)
-                wall, anon, allm, _ = _peak_of([*args, "train"], env)
+                    _peak_of([*args, "load", "0"], env)
+                wall, anon, allm, _ = _peak_of([*args, "train", str(workers)], env)
                 mb = n * px * px * 3 / 1e6
                 print(f"| {n} | {mb:.0f} | {store} | {wall:.0f} | {anon / 1e6:.0f} | {allm / 1e6:.0f} |", flush=True)
         disk = sum(f.stat().st_size for f in Path(tmp).rglob("*.npy"))
@@ -270,6 +270,7 @@ def main() -> None:
     d = sub.add_parser("rss-data")
     d.add_argument("--sizes", default="1000,2000,4000")
     d.add_argument("--px", type=int, default=96)
+    d.add_argument("--workers", type=int, default=0, help="data.loader_workers of the disk runs")
     c = sub.add_parser("build-rate")
     c.add_argument("--images", type=int, default=256)
     c.add_argument("--px", type=int, default=384)
@@ -277,7 +278,7 @@ def main() -> None:
     if args.what == "rss":
         rss([int(v) for v in args.sizes.split(",")], args.px)
     elif args.what == "rss-data":
-        rss_data([int(v) for v in args.sizes.split(",")], args.px)
+        rss_data([int(v) for v in args.sizes.split(",")], args.px, args.workers)
     elif args.what == "throughput":
         throughput(args.images, args.px)
     else:

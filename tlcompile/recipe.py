@@ -176,15 +176,16 @@ class DataConfig(Section):
         "memory",
         description="Where the preprocessed images live while the build runs. memory: one array in RAM (RAM grows with "
         "the data set). disk: one uint8 file per split under data.cache (needed), written once and reused by later "
-        "builds, checks and sweeps of the same images and preprocessing; training reads it a batch at a time with "
-        "data.loader_workers processes, so RAM follows the batch. Both give the same checkpoints byte for byte.",
+        "builds, checks and sweeps of the same images and preprocessing; training reads it a batch at a time (with "
+        "data.loader_workers processes). Both give the same checkpoints byte for byte.",
     )
     loader_workers: int = Field(
-        2,
+        0,
         ge=0,
         le=64,
         description="data.store: disk: processes reading training batches from the store ahead of the model (0: the "
-        "training process reads them itself).",
+        "training process reads them itself: measured flat memory; forked loaders each add memory and, on a 2-core "
+        "box, compete with training).",
     )
     crop_fov: bool = Field(True, description="Crop the black surround to the circular field of view before resizing.")
     ben_graham: bool = Field(
