@@ -54,6 +54,10 @@ class BundleError(TlcompileError):
     """A deployment bundle is missing files, has bad hashes, or fails its golden samples."""
 
 
+class ClusterError(TlcompileError):
+    """A Ray cluster (``tlcompile sweep --address``) cannot be reached or joined."""
+
+
 class MissingDependencyError(TlcompileError):
     """An optional dependency is not installed; the message names the extra to install."""
 

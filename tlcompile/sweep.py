@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlcompile.errors import MissingDependencyError, RecipeError
+from tlcompile.errors import ClusterError, MissingDependencyError, RecipeError
 from tlcompile.io import atomic_write_json, atomic_write_text
 from tlcompile.recipe import load_recipe
 
@@ -83,6 +83,69 @@ def _run_variant(
         }
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The cluster a sweep joins: ``--address``, else ``RAY_ADDRESS``, else None (a local Ray of this machine's cores).
+    ``local`` means a local Ray whatever ``RAY_ADDRESS`` says."""
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip()
+    return None if address in ("", "local") else address
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``host:port``, ``ray://host:port`` or ``[v6]:port`` -> (host, port); None for forms Ray resolves itself
+    (``auto``)."""
+    match = re.fullmatch(r"(?:[a-z]+://)?\[?([^\[\]]+?)\]?:(\d{1,5})/?", address)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why nothing answers at ``address`` (a TCP connect to its GCS port), or None when something listens.
+
+    Asked first because Ray's own attempt to reach a cluster that is not there retries for minutes."""
+    import socket
+
+    hp = _host_port(address)
+    if hp is None:
+        return None if address == "auto" else "expected host:port, e.g. 127.0.0.1:6379"
+    try:
+        with socket.create_connection(hp, timeout=timeout_s):
+            return None
+    except OSError as err:
+        return err.strerror or type(err).__name__
+
+
+def connect(ray: Any, address: str | None) -> None:
+    """Start a local Ray, or join the running cluster at ``address`` (``--address`` / ``RAY_ADDRESS``).
+
+    Joining works as ``ray start`` started it, loopback included: ``ray start`` turns token authentication on when
+    this machine has a Ray token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), but a driver
+    given an explicit address does not, and its calls are then refused (retried until a ``ConnectionError`` naming the
+    node's interface address, not the one given). So the same rule is applied here before joining; a token sent to a
+    cluster without authentication is ignored. Any failure is one :class:`ClusterError` line naming the address.
+    """
+    address = cluster_address(address)
+    quiet = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
+    if address is None:
+        ray.init(num_cpus=os.cpu_count(), **quiet)
+        return
+    hint = "start one with: ray start --head --port PORT, and pass --address HOST:PORT (or set RAY_ADDRESS)"
+    why = _unreachable(address)
+    if why is not None:
+        raise ClusterError(f"--address {address}: no Ray cluster answers there ({why}); {hint}")
+    try:  # Ray's own rule for `ray start` and auto-detected clusters (a private module: absent in other versions)
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:
+        pass
+    else:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    try:
+        ray.init(address=address, **quiet)
+    except Exception as err:  # ConnectionError, RuntimeError, AuthenticationError...: one line, no traceback
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        if err.__cause__ is not None:
+            reason += f" ({str(err.__cause__).splitlines()[0] if str(err.__cause__) else type(err.__cause__).__name__})"
+        raise ClusterError(f"--address {address}: cannot join the Ray cluster there: {reason}; {hint}") from err
+
+
 def run_sweep(
     recipe_path: Path,
     grid: list[str],
@@ -105,21 +168,14 @@ def run_sweep(
         load_recipe(recipe_path, [*base_overrides, *v.overrides])
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RecipeError(f"sweep output folder '{out_dir}' is not empty; choose another --out (nothing was changed)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from tlcompile.tracking import start_parent_run
-
-    parent = start_parent_run(load_recipe(recipe_path, base_overrides), f"sweep {recipe_path.stem}")
-
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            logging_level="ERROR",
-            log_to_driver=False,
-            **({} if address else {"num_cpus": os.cpu_count()}),
-        )
+    if started_here:  # before anything is written: a cluster that cannot be joined leaves no trace
+        connect(ray, address)
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from tlcompile.tracking import start_parent_run
+
+        parent = start_parent_run(load_recipe(recipe_path, base_overrides), f"sweep {recipe_path.stem}")
         task = ray.remote(num_cpus=cpus_per_variant, max_retries=0)(_run_variant)
         pending = {
             task.remote(

@@ -9,6 +9,7 @@ sections the stage reads, times it, and stops torchrun workers once training is 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -82,7 +83,9 @@ def build(
 
         out_dir, console = Path(tempfile.mkdtemp(prefix=f"tlcompile-rank{run.rank}-")), Console(quiet=True)
     prepare_out_dir(out_dir, resume=resume)
-    torch.set_num_threads(max(1, default_threads() // (run.world_size if device.type == "cpu" else 1)))
+    # The cores of this node are shared by its own ranks (torchrun's LOCAL_WORLD_SIZE), not by every rank of every node.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", run.world_size)) if run.enabled else 1
+    torch.set_num_threads(max(1, default_threads() // (local_world if device.type == "cpu" else 1)))
     stages = planned_stages(recipe)
     ctx = BuildContext(
         recipe=recipe,

@@ -40,4 +40,4 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     return artifacts
 
 
-STAGE = Stage(name="data", folder="01_data", sections=SECTIONS, run=run)
+STAGE = Stage(name="data", folder="01_data", sections=SECTIONS, run=run, all_ranks=True)  # every rank loads its data
