@@ -104,21 +104,23 @@ class BuildContext:
 
     def stage_done(self, folder: str) -> dict[str, Any] | None:
         """The saved stage record when resuming and it belongs to this same recipe, else None."""
-        marker = self.out_dir / folder / "stage.json"
-        if not (self.resume and marker.is_file()):
-            return None
-        try:
-            record = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            return None
-        return (
-            record if isinstance(record, dict) and record.get("fingerprint") == self.stage_fingerprint(folder) else None
-        )
+        record = read_stage_record(self.out_dir / folder) if self.resume else None
+        return record if record is not None and record.get("fingerprint") == self.stage_fingerprint(folder) else None
 
     def finish_stage(self, folder: str, record: dict[str, Any]) -> None:
         atomic_write_json(
             self.out_dir / folder / "stage.json", {"fingerprint": self.stage_fingerprint(folder), **record}
         )
+
+
+def read_stage_record(folder: Path) -> dict[str, Any] | None:
+    """``folder/stage.json`` as written by a finished stage, or None (missing, unreadable or not a record)."""
+    marker = folder / "stage.json"
+    try:
+        record = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def progress(console: Console) -> Progress:

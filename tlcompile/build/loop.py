@@ -8,7 +8,6 @@ sections the stage reads, times it, and stops torchrun workers once training is 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from tlcompile.build.context import Artifact, BuildContext, Stage, StageRun
+from tlcompile.build.context import Artifact, BuildContext, Stage, StageRun, read_stage_record
 from tlcompile.build.outdir import claim_out_dir, prepare_out_dir
 from tlcompile.build.stages import bench, bundle, data, export, prune, quantize, report, train
 from tlcompile.data.datamodule import DataModule
@@ -187,12 +186,8 @@ def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
             plan["removed"].append(f"{name} (not in this recipe)")
             continue
         stage = planned[name]
-        marker = folder / "stage.json"
-        try:
-            record = json.loads(marker.read_text()) if marker.is_file() else None
-        except (OSError, ValueError):
-            record = None
-        if stage.reusable and isinstance(record, dict) and record.get("fingerprint") == ctx.stage_fingerprint(name):
+        record = read_stage_record(folder)
+        if stage.reusable and record is not None and record.get("fingerprint") == ctx.stage_fingerprint(name):
             plan["reused"].append(name)
             continue
         if stage.keeps_partial and record is None:

@@ -153,4 +153,5 @@ def model_files(path: str | Path) -> list[Path]:
 
 def size_bytes(path: str | Path) -> int:
     """Bytes on disk of a model: its entry file plus the companions that exist (x.xml + x.bin)."""
-    return sum(f.stat().st_size for f in model_files(path)[1:] if f.is_file()) + Path(path).stat().st_size
+    row = backend_for_file(path)
+    return row.size_bytes(path) if row else Path(path).stat().st_size

@@ -29,6 +29,7 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     one = np.ascontiguousarray(test_inputs[:1])
     previous_threads = torch.get_num_threads()
     rows: list[dict[str, Any]] = []
+    row_logits: list[np.ndarray] = []  # the test logits of each row, in order (also saved beside bench.json)
     try:
         torch.set_num_threads(threads)
         for art in artifacts:
@@ -49,6 +50,7 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
                     else:  # the eager torch row: the module in memory
                         session = _torch_session(art.module, threads)
                     logits = predict_logits(session, test_inputs)
+                    row_logits.append(logits)
                     latency = measure_latency(
                         lambda s=session: s.run(one), warmup=r.bench.warmup, iterations=r.bench.iterations
                     )
@@ -89,7 +91,7 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         torch.set_num_threads(previous_threads)
     atomic_save_npy(folder / "logits" / "test_targets.npy", y_test)
     with ctx.console.status("[bold]evaluate[/]: bootstrap CIs, paired deltas vs fp32, calibration"):
-        add_clinical_evaluation(ctx, rows, y_test)
+        add_clinical_evaluation(ctx, rows, row_logits, y_test)
     flag_test_drops(rows)
     ctx.bench_rows = rows
     atomic_write_json(folder / "bench.json", rows)
@@ -152,10 +154,12 @@ def bootstrap_seed(ctx: BuildContext) -> int:
     return ctx.recipe.seed if ctx.recipe.evaluate.seed is None else ctx.recipe.evaluate.seed
 
 
-def add_clinical_evaluation(ctx: BuildContext, rows: list[dict[str, Any]], test_targets: np.ndarray) -> None:
-    """Add ``clinical`` to every bench row from its saved test logits, at the locked operating point."""
+def add_clinical_evaluation(
+    ctx: BuildContext, rows: list[dict[str, Any]], logits: list[np.ndarray], test_targets: np.ndarray
+) -> None:
+    """Add ``clinical`` to every bench row from its test logits (the ones saved beside it), at the locked operating
+    point."""
     e, op = ctx.recipe.evaluate, ctx.operating_point
-    logits = [np.load(ctx.out_dir / row["logits_path"]) if row.get("logits_path") else None for row in rows]
     add_clinical_to_rows(
         rows,
         logits,
