@@ -55,7 +55,7 @@ def load_eval_set(data: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndar
             diff = ", ".join(f"{k}: {theirs[k]} vs {ours[k]}" for k in ours if theirs.get(k) != ours[k])
             raise BenchError(f"--data {data}: its preprocessing differs from the model's ({diff})")
         test = dm.split == "test"
-        return dm.images[test], dm.grades[test]
+        return np.asarray(dm.subset("test")[0]), dm.grades[test]  # data.store: disk too
     if data.is_dir():
         from tlcompile.recipe import DataConfig
 

@@ -640,7 +640,12 @@ def sweep(
         Optional[Path], typer.Option("--out", "-o", help="Sweep folder (default: runs/sweep-<name>-<time>).")  # noqa: UP045
     ] = None,
     address: Annotated[
-        Optional[str], typer.Option("--address", help="Ray cluster address (default: a local Ray).")  # noqa: UP045
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--address",
+            help="host:port of a running Ray cluster (`ray start --head --port PORT`); default: RAY_ADDRESS, else a "
+            "local Ray. 'local' forces a local Ray.",
+        ),
     ] = None,
     cpus_per_variant: Annotated[int, typer.Option(help="CPU cores reserved (and threads used) per build.", min=1)] = 1,
 ) -> None:

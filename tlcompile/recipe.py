@@ -172,6 +172,21 @@ class DataConfig(Section):
         description="Folder for the preprocessed-image cache, keyed by file content and preprocessing (relative to the "
         "recipe file): later builds and checks read it instead of decoding the photographs again. None: no cache.",
     )
+    store: Literal["memory", "disk"] = Field(
+        "memory",
+        description="Where the preprocessed images live while the build runs. memory: one array in RAM (RAM grows with "
+        "the data set). disk: one uint8 file per split under data.cache (needed), written once and reused by later "
+        "builds, checks and sweeps of the same images and preprocessing; training reads it a batch at a time (with "
+        "data.loader_workers processes). Both give the same checkpoints byte for byte.",
+    )
+    loader_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="data.store: disk: processes reading training batches from the store ahead of the model (0: the "
+        "training process reads them itself: measured flat memory; forked loaders each add memory and, on a 2-core "
+        "box, compete with training).",
+    )
     crop_fov: bool = Field(True, description="Crop the black surround to the circular field of view before resizing.")
     ben_graham: bool = Field(
         False,
@@ -231,6 +246,11 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _paths_for_source(self) -> DataConfig:
+        if self.store == "disk" and self.cache is None:
+            raise ValueError(
+                "data.store: disk needs data.cache (the folder the store is written to, e.g. cache: .tlcache); or use "
+                "data.store: memory"
+            )
         if self.source == "csv" and self.csv is None:
             raise ValueError(
                 "source 'csv' needs data.csv (the label file); data.images (the image folder) defaults to the CSV's "
@@ -950,6 +970,8 @@ class Recipe(Section):
         :mod:`tlcompile.build.stages`): their fingerprint is what --resume compares."""
         resolved = self.to_yaml_dict()
         resolved.pop("tracking", None)  # where the build is logged does not change what it built
+        for key in ("store", "loader_workers"):  # nor where its images wait (the same arrays either way)
+            (resolved.get("data") or {}).pop(key, None)
         if sections is not None:
             resolved = {key: resolved.get(key) for key in sections}
         return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()

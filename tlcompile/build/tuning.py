@@ -184,6 +184,7 @@ def finetune(
             # data.balance as in training; fp32 arithmetic (no train.amp): fake-quantizers and masks want full
             # precision.
             sample_weights=data.sample_weights("train"),
+            loader_workers=data.loader_workers,
         )
         result, _ = loop.fit(
             model,

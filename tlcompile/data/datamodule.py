@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,10 @@ from tlcompile.errors import DataError
 from tlcompile.runtime.preprocess import PreprocessSpec, prepare_image, targets_for
 
 if TYPE_CHECKING:  # the recipe imports this package to validate layouts: a type-only import keeps them acyclic
+    from tlcompile.data.cache import PreprocessCache
     from tlcompile.recipe import DataConfig
+
+Progress = Callable[[str, int, int], None] | None  # (what, done, total): reading and store building report through it
 
 REFERABLE_CLASS_NAMES = ("non-referable", "referable")
 GRADE_CLASS_NAMES = GRADE_NAMES
@@ -61,7 +65,7 @@ def preprocess_spec(cfg: DataConfig) -> PreprocessSpec:
 class DataModule:
     """Preprocessed images and labels with their split; arrays are aligned by index."""
 
-    images: np.ndarray  # (N, S, S, 3) uint8, already cropped and resized
+    images: np.ndarray | None  # (N, S, S, 3) uint8, already cropped and resized; None with split_images
     grades: np.ndarray  # (N,) int64 DR grade 0-4
     targets: np.ndarray  # (N,) int64 task target
     ids: list[str]
@@ -74,6 +78,9 @@ class DataModule:
     balance: str = "none"  # data.balance: none | weighted_sampler | weighted_loss
     paths: list[str] = field(default_factory=list)  # source file of each image; empty for generated data
     report: DataReport | None = None
+    # data.store: disk: each split's images, memory-mapped from the store (rows = images[split == name], in order)
+    split_images: dict[str, np.ndarray] | None = None
+    loader_workers: int = 0  # data.loader_workers: processes reading training batches from split_images
 
     @property
     def num_classes(self) -> int:
@@ -84,6 +91,8 @@ class DataModule:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}")
         mask = self.split == name
+        if self.split_images is not None:
+            return self.split_images[name], self.targets[mask]
         return self.images[mask], self.targets[mask]
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -122,9 +131,10 @@ class _Read:
     inspected: list[Inspected]
     keep: list[int]  # indices into listing.records of the images without problems
     report: DataReport
+    cache: PreprocessCache | None = None
 
 
-def _read_files(cfg: DataConfig, spec: PreprocessSpec) -> _Read:
+def _read_files(cfg: DataConfig, spec: PreprocessSpec, progress: Progress = None) -> _Read:
     from tlcompile.runtime.inference import default_threads
 
     listing = list_records(cfg)
@@ -136,13 +146,22 @@ def _read_files(cfg: DataConfig, spec: PreprocessSpec) -> _Read:
         cache = PreprocessCache(cfg.cache, spec)
     min_side = cfg.min_image_side or cfg.image_size
 
+    on_disk = cfg.store == "disk"
+
     def inspect(i: int) -> Inspected:
         r = records[i]
-        return inspect_file(r.path, spec, where=r.where, image_id=r.id, min_side=min_side, cache=cache)
+        x = inspect_file(r.path, spec, where=r.where, image_id=r.id, min_side=min_side, cache=cache)
+        if on_disk:  # the pixels are in the cache entry now; the store is assembled from the entries later
+            x.image = None
+        return x
 
     workers = max(1, min(MAX_DECODE_THREADS, default_threads(), len(records)))
+    inspected: list[Inspected] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        inspected = list(pool.map(inspect, range(len(records))))
+        for x in pool.map(inspect, range(len(records))):
+            inspected.append(x)
+            if progress is not None:
+                progress("reading", len(inspected), len(records))
 
     file_problems = {i: x.problem for i, x in enumerate(inspected) if x.problem is not None}
     readable = [i for i in range(len(records)) if i not in file_problems]
@@ -175,7 +194,11 @@ def _read_files(cfg: DataConfig, spec: PreprocessSpec) -> _Read:
         cache=cache.stats() if cache is not None else None,
     )
     return _Read(
-        listing=listing, inspected=inspected, keep=[i for i in range(len(records)) if i not in bad], report=report
+        listing=listing,
+        inspected=inspected,
+        keep=[i for i in range(len(records)) if i not in bad],
+        report=report,
+        cache=cache,
     )
 
 
@@ -207,19 +230,27 @@ def _describe_split(cfg: DataConfig, split: np.ndarray, patients: list[str], see
     }
 
 
-def _assemble(cfg: DataConfig, seed: int, spec: PreprocessSpec, read: _Read) -> DataModule:
+def _assemble(
+    cfg: DataConfig, seed: int, spec: PreprocessSpec, read: _Read, *, store: bool = True, progress: Progress = None
+) -> DataModule:
+    """``store=False`` (data checks): with data.store: disk the split is drawn but no store is written."""
     records = [read.listing.records[i] for i in read.keep]
     if not records:
         raise DataError(
             f"{read.report.location}: no usable images ({len(read.report.problems)} with problems, "
             f"{len(read.report.excluded)} left out on purpose)"
         )
-    images = np.stack([read.inspected[i].image for i in read.keep])
+    on_disk = cfg.store == "disk"
+    images = None if on_disk else np.stack([read.inspected[i].image for i in read.keep])
     grades = np.asarray([r.grade for r in records], dtype=np.int64)
     targets = targets_for(grades, cfg.task)
     patients = [r.patient for r in records]
     split = _split_for(cfg, targets, patients, [r.split for r in records], seed)
+    split_images = None
+    if on_disk and store:
+        split_images = _file_store(spec, read, split, progress)
     return DataModule(
+        split_images=split_images,
         images=images,
         grades=grades,
         targets=targets,
@@ -233,6 +264,38 @@ def _assemble(cfg: DataConfig, seed: int, spec: PreprocessSpec, read: _Read) -> 
         balance=cfg.balance,
         paths=[str(r.path) for r in records],
         report=read.report,
+    )
+
+
+def _file_store(spec: PreprocessSpec, read: _Read, split: np.ndarray, progress: Progress) -> dict[str, np.ndarray]:
+    """The split files of ``data.store: disk`` for images read from files: rows copied from the cache entries."""
+    from tlcompile.data.cache import spec_key
+    from tlcompile.data.store import build_split_store, store_key
+
+    cache = read.cache
+    assert cache is not None  # the recipe refuses data.store: disk without data.cache
+    shas = [read.inspected[i].sha256 or "" for i in read.keep]
+    key = store_key(spec_key(spec), shas, [str(s) for s in split])
+
+    def row(j: int) -> np.ndarray:
+        entry = cache.get(shas[j])
+        if entry is not None:
+            return entry.image
+        # The entry went missing or was damaged since it was read: read the photograph again.
+        record = read.listing.records[read.keep[j]]
+        again = inspect_file(record.path, spec, where=record.where, image_id=record.id, min_side=1, cache=cache)
+        if again.image is None:
+            raise DataError(f"data.store: '{record.path}' could not be read again for the store ({again.problem})")
+        return again.image
+
+    size = spec.size
+    return build_split_store(
+        cache.folder / "store" / key,
+        split,
+        row,
+        (size, size, 3),
+        {"images": len(shas), "spec": spec.to_dict()},
+        progress=None if progress is None else lambda d, t: progress("writing the store", d, t),
     )
 
 
@@ -250,7 +313,7 @@ def _complete_report(report: DataReport, cfg: DataConfig, dm: DataModule, seed: 
 
 
 # -------------------------------------------------------------------------------------------------- API
-def load_data(cfg: DataConfig, *, seed: int, report_dir: Path | None = None) -> DataModule:
+def load_data(cfg: DataConfig, *, seed: int, report_dir: Path | None = None, progress: Progress = None) -> DataModule:
     """Build the data module for a recipe's data section.
 
     File sources are checked as they are read; with ``data.on_error: fail`` any problem raises
@@ -259,16 +322,17 @@ def load_data(cfg: DataConfig, *, seed: int, report_dir: Path | None = None) -> 
     """
     spec = preprocess_spec(cfg)
     if cfg.source == "synthetic":
-        dm = _load_synthetic(cfg, spec, seed)
+        dm = _load_synthetic(cfg, spec, seed, progress)
     else:
-        read = _read_files(cfg, spec)
+        read = _read_files(cfg, spec, progress)
         if read.report.problems and cfg.on_error == "fail":
             csv_path = read.report.write(report_dir)[1] if report_dir is not None else None
             raise DataProblemsError(read.report.failure_message(csv_path), read.report)
-        dm = _assemble(cfg, seed, spec, read)
+        dm = _assemble(cfg, seed, spec, read, progress=progress)
         _complete_report(read.report, cfg, dm, seed, read.listing.patient_rule)
     if report_dir is not None and dm.report is not None:
         dm.report.write(report_dir)
+    dm.loader_workers = cfg.loader_workers
     return dm
 
 
@@ -280,7 +344,7 @@ def check_data(cfg: DataConfig, *, seed: int) -> DataReport:
         return _load_synthetic(cfg, spec, seed).report
     read = _read_files(cfg, spec)
     try:
-        dm = _assemble(cfg, seed, spec, read)
+        dm = _assemble(cfg, seed, spec, read, store=False)
     except DataError as err:  # too few usable images to split: the problems above say why
         read.report.notes.append(f"no split could be drawn: {err}")
         return read.report
@@ -288,18 +352,98 @@ def check_data(cfg: DataConfig, *, seed: int) -> DataReport:
     return read.report
 
 
-def _load_synthetic(cfg: DataConfig, spec: PreprocessSpec, seed: int) -> DataModule:
+def _draw_prepared(args: tuple) -> list[tuple[np.ndarray, int, bool]]:
+    """One chunk of generated images, preprocessed (a process pool's task: picklable arguments, module-level)."""
+    from tlcompile.data import synthetic
+
+    indices, seed, raw_size, difficulty, style, spec = args
+    out = []
+    for i in indices:
+        image, grade = synthetic.generate_one(seed, i, size=raw_size, difficulty=difficulty, style=style)
+        prepared, found = prepare_image(image, spec)
+        out.append((prepared, int(grade), bool(found)))
+    return out
+
+
+def _generated_store(
+    cfg: DataConfig, spec: PreprocessSpec, seed: int, raw_size: int, difficulty: float, progress: Progress
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """data.store: disk for generated images: every image drawn and preprocessed once, across processes, into the
+    cache (keyed by the generator's arguments and the preprocessing); returns (record-order file, grades, fov)."""
+    import hashlib
+    import json
+    from multiprocessing import get_context
+
+    from tlcompile.data import store
+    from tlcompile.data.cache import PreprocessCache
+    from tlcompile.runtime.inference import default_threads
+
+    cache = PreprocessCache(cfg.cache, spec)  # type: ignore[arg-type]  # the recipe requires data.cache here
+    what = {"n": cfg.num_images, "seed": seed, "raw": raw_size, "difficulty": difficulty, "style": cfg.style}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache.folder / "synthetic" / f"{key}.npy"
+    size = spec.size
+    workers = max(1, min(default_threads(), cfg.num_images // 64 or 1))
+    chunk = 256
+    pool = get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+
+        def draw(indices: range):
+            parts = [indices[k : k + 16] for k in range(0, len(indices), 16)]
+            tasks = [(list(p), seed, raw_size, difficulty, cfg.style, spec) for p in parts]
+            results = pool.imap(_draw_prepared, tasks) if pool is not None else map(_draw_prepared, tasks)
+            for part in results:
+                yield from part
+
+        grades, fov = store.fill_generated(
+            path,
+            cfg.num_images,
+            (size, size, 3),
+            draw,
+            chunk=chunk,
+            progress=None if progress is None else lambda d, t: progress("generating", d, t),
+        )
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return path, grades, fov
+
+
+def _load_synthetic(cfg: DataConfig, spec: PreprocessSpec, seed: int, progress: Progress = None) -> DataModule:
     from tlcompile.data import synthetic
 
     # Render larger than the input with the field of view wandering in the frame, then preprocess like
     # a camera image, so the crop is exercised exactly as in deployment.
     raw_size = int(round(cfg.image_size * 1.25))
     difficulty = synthetic.DEFAULT_DIFFICULTY if cfg.difficulty is None else cfg.difficulty
-    raw, grades = synthetic.generate(cfg.num_images, seed=seed, size=raw_size, difficulty=difficulty, style=cfg.style)
-    prepared = [prepare_image(img, spec) for img in raw]
     ids = [f"syn{seed}_{i:06d}" for i in range(cfg.num_images)]
-    targets = targets_for(grades, cfg.task)
-    split = stratified_split(targets, val=cfg.split.val, test=cfg.split.test, seed=seed, groups=ids)
+    split_images = None
+    if cfg.store == "disk":
+        path, grades, fov_found = _generated_store(cfg, spec, seed, raw_size, difficulty, progress)
+        targets = targets_for(grades, cfg.task)
+        split = stratified_split(targets, val=cfg.split.val, test=cfg.split.test, seed=seed, groups=ids)
+        from tlcompile.data.store import RowReader, build_split_store, store_key
+
+        reader = RowReader(path)
+        split_images = build_split_store(
+            path.parent.parent / "store" / store_key(path.stem, ids, [str(s) for s in split]),
+            split,
+            lambda i: reader.read([i])[0],
+            (spec.size, spec.size, 3),
+            {"images": cfg.num_images, "generated": path.name},
+            progress=None if progress is None else lambda d, t: progress("writing the store", d, t),
+        )
+        images = None
+    else:
+        raw, grades = synthetic.generate(
+            cfg.num_images, seed=seed, size=raw_size, difficulty=difficulty, style=cfg.style
+        )
+        prepared = [prepare_image(img, spec) for img in raw]
+        images = np.stack([p[0] for p in prepared])
+        fov_found = np.array([p[1] for p in prepared], dtype=bool)
+        targets = targets_for(grades, cfg.task)
+        split = stratified_split(targets, val=cfg.split.val, test=cfg.split.test, seed=seed, groups=ids)
     report = DataReport(
         source="synthetic",
         location=f"synthetic: {cfg.num_images} generated images (seed {seed}, style {cfg.style}, {raw_size} px)",
@@ -308,7 +452,8 @@ def _load_synthetic(cfg: DataConfig, spec: PreprocessSpec, seed: int) -> DataMod
         sizes=size_distribution([(raw_size, raw_size)] * cfg.num_images),
     )
     dm = DataModule(
-        images=np.stack([p[0] for p in prepared]),
+        images=images,
+        split_images=split_images,
         grades=np.asarray(grades, dtype=np.int64),
         targets=targets,
         ids=ids,
@@ -317,7 +462,7 @@ def _load_synthetic(cfg: DataConfig, spec: PreprocessSpec, seed: int) -> DataMod
         spec=spec,
         task=cfg.task,
         class_names=class_names_for(cfg.task),
-        fov_found=np.array([p[1] for p in prepared], dtype=bool),
+        fov_found=np.asarray(fov_found, dtype=bool),
         balance=cfg.balance,
         report=report,
     )

@@ -789,6 +789,22 @@ def generate(
     return images, grades
 
 
+def generate_one(
+    seed: int, index: int, *, size: int = 128, difficulty: float = DEFAULT_DIFFICULTY, style: str = "default"
+) -> tuple[np.ndarray, int]:
+    """Image ``index`` of :func:`generate` (any ``n`` above ``index``, the same other arguments) and its grade: lets a
+    caller draw the images in any order, or across processes, with the same result."""
+    _check_style(style)
+    return _draw_one(
+        _check_seed(seed),
+        index,
+        _check_grade_probs(DEFAULT_GRADE_PROBS),
+        _check_size(size),
+        _check_difficulty(difficulty),
+        style,
+    )
+
+
 def write_aptos(
     out_dir: str | pathlib.Path,
     n: int,

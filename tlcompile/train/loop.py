@@ -153,8 +153,10 @@ def iterate_batches(
     shard: tuple[int, int] = (0, 1),
     channels_last: bool = False,
     sample_weights: np.ndarray | None = None,
+    loader_workers: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised float batches from uint8 images.
+    """Normalised float batches from uint8 images (an array, or a split of the disk store: then read by
+    ``loader_workers`` processes, a batch at a time).
 
     ``shard=(rank, world)``: every rank draws the same permutation and takes every world-th sample, cut to a
     multiple of ``world`` so all ranks run the same number of steps (DDP needs that); with ``batch_size`` per rank
@@ -172,9 +174,16 @@ def iterate_batches(
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     pin = device.type == "cuda"
-    for start, end in batch_bounds(len(order), batch_size):
+    bounds = batch_bounds(len(order), batch_size)
+    from tlcompile.data.store import read_batches, store_path
+
+    path = store_path(images)
+    if path is not None:  # data.store: disk: the same rows, read a batch at a time by loader processes
+        hosts = read_batches(path, [order[start:end] for start, end in bounds], loader_workers)
+    else:
+        hosts = (torch.from_numpy(images[order[start:end]]) for start, end in bounds)
+    for (start, end), host in zip(bounds, hosts, strict=True):
         idx = order[start:end]
-        host = torch.from_numpy(images[idx])
         if pin:  # page-locked host memory lets the copy overlap with compute
             host = host.pin_memory()
         xb = host.to(device, non_blocking=pin).permute(0, 3, 1, 2).to(torch.float32) / 255.0
@@ -350,6 +359,7 @@ class FitSettings:
     sample_weights: np.ndarray | None = None
     precise_bn: int = 0
     checkpoint: EpochCheckpoint | None = None
+    loader_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -432,6 +442,7 @@ def fit(
             shard=(rank, world),
             channels_last=s.channels_last,
             sample_weights=s.sample_weights,
+            loader_workers=s.loader_workers,
         )
         loss = train_one_epoch(
             train_model,

@@ -225,6 +225,7 @@ def run_phases(
             amp=train.amp,
             channels_last=train.channels_last,
             sample_weights=data.sample_weights("train"),
+            loader_workers=data.loader_workers,
             precise_bn=train.precise_bn,
             checkpoint=checkpoint,
         )

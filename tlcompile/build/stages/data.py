@@ -12,10 +12,15 @@ SECTIONS = ("seed", "data")
 def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     d = ctx.recipe.data
     folder = ctx.stage.folder
-    with ctx.console.status(f"[bold]data[/]: loading {d.source} images ({d.image_size} px)"):
+    with ctx.console.status(f"[bold]data[/]: loading {d.source} images ({d.image_size} px)") as status:
+
+        def progress(what: str, done: int, total: int) -> None:
+            if done == total or done % 64 == 0:
+                status.update(f"[bold]data[/]: {what}: {done}/{total} images ({d.image_size} px)")
+
         # The data check report (data_check.json, problems.csv) lands beside splits.csv, also when problems stop the
         # build.
-        ctx.data = load_data(d, seed=ctx.recipe.seed, report_dir=folder)
+        ctx.data = load_data(d, seed=ctx.recipe.seed, report_dir=folder, progress=progress)
     ctx.data.write_splits_csv(folder / "splits.csv")
     report = ctx.data.report
     summary = {

@@ -1,0 +1,118 @@
+"""data.store: disk: each split's images as one file, the same arrays in the same order as in memory, written once
+and reused, continued after a kill, read a batch at a time (also by loader processes) with the same batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tlcompile.data import store
+from tlcompile.data.datamodule import load_data
+from tlcompile.errors import RecipeError
+from tlcompile.recipe import DataConfig, load_recipe
+from tlcompile.train.loop import iterate_batches
+
+SPLITS = ("train", "val", "test")
+
+
+def _same_splits(a, b) -> None:
+    for name in SPLITS:
+        xa, ya = a.subset(name)
+        xb, yb = b.subset(name)
+        assert np.array_equal(np.asarray(xa), np.asarray(xb)) and np.array_equal(ya, yb), name
+    assert np.array_equal(a.split, b.split) and np.array_equal(a.fov_found, b.fov_found)
+
+
+def test_generated_store_matches_memory_and_is_reused(tmp_path, monkeypatch):
+    kw = {"source": "synthetic", "num_images": 90, "image_size": 32}
+    memory = load_data(DataConfig(**kw), seed=3)
+    disk = load_data(DataConfig(**kw, store="disk", cache=tmp_path / "c"), seed=3)
+    assert disk.images is None and store.store_path(disk.subset("train")[0]) is not None
+    _same_splits(memory, disk)
+    # A later build of the same data reads the store: nothing is generated or written again.
+    monkeypatch.setattr("tlcompile.data.datamodule._draw_prepared", lambda args: pytest.fail("generated again"))
+    monkeypatch.setattr("tlcompile.data.store.StoreWriter", lambda *a: pytest.fail("store written again"))
+    _same_splits(memory, load_data(DataConfig(**kw, store="disk", cache=tmp_path / "c"), seed=3))
+
+
+def test_file_store_matches_memory_and_keeps_on_error(aptos_root, tmp_path):
+    (aptos_root / "train_images" / "a003.png").write_bytes(b"not a png")  # one unreadable file
+    kw = {"source": "aptos", "root": aptos_root, "image_size": 32, "on_error": "skip"}
+    memory = load_data(DataConfig(**kw), seed=0)
+    disk = load_data(DataConfig(**kw, store="disk", cache=tmp_path / "c"), seed=0)
+    assert "a003" not in disk.ids and disk.ids == memory.ids and len(disk.report.problems) == 1
+    _same_splits(memory, disk)
+
+
+def test_a_killed_generation_continues(tmp_path):
+    calls = []
+
+    def draw(indices):
+        calls.append(indices.start)
+        if indices.start == 8 and len(calls) == 2:
+            raise KeyboardInterrupt  # killed in the second chunk
+        for i in indices:
+            yield np.full((4, 4, 3), i, np.uint8), i % 5, True
+
+    path = tmp_path / "gen.npy"
+    with pytest.raises(KeyboardInterrupt):
+        store.fill_generated(path, 20, (4, 4, 3), draw, chunk=8)
+    grades, _ = store.fill_generated(path, 20, (4, 4, 3), draw, chunk=8)
+    assert calls == [0, 8, 8, 16]  # the first chunk was not drawn again
+    assert grades.tolist() == [i % 5 for i in range(20)]
+    assert np.array_equal(np.load(path)[:, 0, 0, 0], np.arange(20))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_from_the_store_equal_batches_from_memory(tmp_path, workers):
+    kw = {"source": "synthetic", "num_images": 80, "image_size": 32}
+    memory = load_data(DataConfig(**kw), seed=1)
+    disk = load_data(DataConfig(**kw, store="disk", cache=tmp_path / "c"), seed=1)
+
+    def batches(dm, **extra):
+        x, y = dm.subset("train")
+        rng = np.random.default_rng([0, 1])
+        gen = torch.Generator().manual_seed(5)
+        return list(
+            iterate_batches(x, y, memory.spec, batch_size=8, device=torch.device("cpu"), shuffle=True, rng=rng,
+                            generator=gen, augment_batches=True, **extra)
+        )  # fmt: skip
+
+    a, b = batches(memory), batches(disk, loader_workers=workers)
+    assert len(a) == len(b) and all(
+        torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True)
+    )
+
+
+def test_disk_store_needs_a_cache_folder(tiny_recipe_dict, write_recipe):
+    tiny_recipe_dict["data"]["store"] = "disk"
+    with pytest.raises(RecipeError, match="data.store: disk needs data.cache"):
+        load_recipe(write_recipe(tiny_recipe_dict))
+
+
+def test_store_choice_is_not_part_of_the_fingerprint(tiny_recipe_dict, write_recipe):
+    a = load_recipe(write_recipe(tiny_recipe_dict))
+    b = load_recipe(write_recipe(tiny_recipe_dict), ["data.store=disk", "data.cache=c", "data.loader_workers=4"])
+    c = load_recipe(write_recipe(tiny_recipe_dict), ["data.cache=c"])
+    assert b.fingerprint() == c.fingerprint() != a.fingerprint()  # the cache folder counts; where images wait does not
+
+
+def test_a_killed_store_build_is_rebuilt_and_its_leftovers_removed(tmp_path):
+    split = np.array(["train", "val", "train", "test", "train"])
+    rows = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    folder = tmp_path / "store" / "k"
+    (tmp_path / "store" / ".k.12345").mkdir(parents=True)  # what a SIGKILL mid-build leaves
+
+    def interrupted(i):
+        if i == 3:
+            raise KeyboardInterrupt
+        return rows[i]
+
+    with pytest.raises(KeyboardInterrupt):
+        store.build_split_store(folder, split, interrupted, (2, 2, 3), {})
+    assert not folder.exists()
+    built = store.build_split_store(folder, split, lambda i: rows[i], (2, 2, 3), {})
+    assert [p.name for p in (tmp_path / "store").iterdir() if p.is_dir()] == ["k"]
+    for name in SPLITS:
+        assert np.array_equal(built[name], rows[split == name])
