@@ -265,8 +265,10 @@ def read_batches(path: str, batches: list[np.ndarray], workers: int):
         return
     from torch.utils.data import DataLoader
 
+    # Spawned, not forked: a fork copies a process whose OpenMP/oneDNN/OpenVINO thread pools are running, which is
+    # undefined behaviour for those libraries; a spawned worker imports only this module and reads with pread.
     loader = DataLoader(
         _Batches(reader, batches), batch_size=None, shuffle=False, num_workers=min(workers, len(batches) or 1),
-        prefetch_factor=2,
+        prefetch_factor=2, multiprocessing_context="spawn",
     )  # fmt: skip
     yield from loader
