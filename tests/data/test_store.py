@@ -3,6 +3,8 @@ and reused, continued after a kill, read a batch at a time (also by loader proce
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -79,10 +81,14 @@ def test_batches_from_the_store_equal_batches_from_memory(tmp_path, workers):
                             generator=gen, augment_batches=True, **extra)
         )  # fmt: skip
 
+    before = signal.getsignal(signal.SIGCHLD)
     a, b = batches(memory), batches(disk, loader_workers=workers)
     assert len(a) == len(b) and all(
         torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True)
     )
+    # No process-wide SIGCHLD handler is left behind (torch's DataLoader leaves one; with OpenVINO's dangling
+    # alternate signal stack, the next child process to exit then crashed the build: see store.read_batches).
+    assert signal.getsignal(signal.SIGCHLD) == before
 
 
 def test_disk_store_needs_a_cache_folder(tiny_recipe_dict, write_recipe):

@@ -205,7 +205,7 @@ def _header_size(path: Path) -> int:
 
 class RowReader:
     """Reads rows of a ``.npy`` store with ``os.pread`` into a fresh array: no memory map, so what a worker process
-    holds is the batch it returns. Picklable (path and layout only) for DataLoader workers."""
+    holds is the batch it returns. Picklable (path and layout only) for reader processes."""
 
     def __init__(self, path: str | Path) -> None:
         arr = open_split(Path(path))
@@ -238,37 +238,37 @@ def store_path(images: np.ndarray) -> str | None:
     return None
 
 
-class _Batches:
-    """Map-style dataset of whole batches (``batch_size=None`` in the DataLoader): item k is batch k's rows."""
-
-    def __init__(self, reader: RowReader, batches: list[np.ndarray]) -> None:
-        self.reader, self.batches = reader, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, k: int):
-        import torch
-
-        return torch.from_numpy(self.reader.read(self.batches[k]))
+def _read_rows(reader: RowReader, idx: np.ndarray) -> np.ndarray:
+    return reader.read(idx)
 
 
 def read_batches(path: str, batches: list[np.ndarray], workers: int):
     """uint8 tensors of ``batches`` (row indices) from the store at ``path``, in order: read by ``workers``
-    DataLoader processes, each a few batches ahead (0: read here). Only the batches in flight are in memory."""
+    processes, at most two batches per process ahead (0: read here). Only the batches in flight are in memory.
+
+    Not torch's DataLoader: it installs a process-wide SIGCHLD handler that stays after training, and OpenVINO's CPU
+    plugin can leave the thread's alternate signal stack pointing at memory it has unmapped (each compiled model
+    installs one and restores the one before it when destroyed, so models destroyed out of order leave a dangling
+    one). The next child process to exit (any subprocess of the build) then has the kernel kill the build with
+    SIGSEGV while delivering SIGCHLD. A plain process pool installs no handler."""
+    import torch
+
     reader = RowReader(path)
     if workers <= 0:
-        import torch
-
         for idx in batches:
             yield torch.from_numpy(reader.read(idx))
         return
-    from torch.utils.data import DataLoader
+    from collections import deque
+    from multiprocessing import get_context
 
     # Spawned, not forked: a fork copies a process whose OpenMP/oneDNN/OpenVINO thread pools are running, which is
     # undefined behaviour for those libraries; a spawned worker imports only this module and reads with pread.
-    loader = DataLoader(
-        _Batches(reader, batches), batch_size=None, shuffle=False, num_workers=min(workers, len(batches) or 1),
-        prefetch_factor=2, multiprocessing_context="spawn",
-    )  # fmt: skip
-    yield from loader
+    with get_context("spawn").Pool(min(workers, len(batches) or 1)) as pool:
+        pending: deque = deque()
+        ahead = 2 * workers
+        for idx in batches:
+            pending.append(pool.apply_async(_read_rows, (reader, idx)))
+            if len(pending) >= ahead:
+                yield torch.from_numpy(pending.popleft().get())
+        while pending:
+            yield torch.from_numpy(pending.popleft().get())
