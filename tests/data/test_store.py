@@ -122,3 +122,25 @@ def test_a_killed_store_build_is_rebuilt_and_its_leftovers_removed(tmp_path):
     assert [p.name for p in (tmp_path / "store").iterdir() if p.is_dir()] == ["k"]
     for name in SPLITS:
         assert np.array_equal(built[name], rows[split == name])
+
+
+def test_lazy_inputs_give_the_same_logits_without_a_float_copy_of_the_split(tmp_path):
+    from tlcompile.runtime.inference import predict_logits
+    from tlcompile.runtime.preprocess import LazyInputs, PreprocessSpec, to_input
+
+    spec = PreprocessSpec(size=16)
+    images = np.random.default_rng(0).integers(0, 256, (70, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "s.npy", images)
+    mapped = store.open_split(tmp_path / "s.npy")
+    lazy = LazyInputs(mapped, spec)
+    assert lazy.shape == (70, 3, 16, 16) and len(lazy) == 70
+    assert np.array_equal(lazy[30:64], to_input(images[30:64], spec))
+
+    class Sums:  # a session whose output is a function of each input alone
+        def run(self, x):
+            seen.append(len(x))
+            return x.reshape(len(x), -1).sum(axis=1, keepdims=True)
+
+    seen: list[int] = []
+    assert np.array_equal(predict_logits(Sums(), lazy), predict_logits(Sums(), to_input(images, spec)))
+    assert max(seen) == 32  # converted and run a batch at a time

@@ -35,7 +35,7 @@ from tlcompile.runtime.bundle import (
 )
 from tlcompile.runtime.inference import predict_logits
 from tlcompile.runtime.manifest import MANIFEST_JSON, manifest_entries
-from tlcompile.runtime.preprocess import prepare_image, resize, to_input
+from tlcompile.runtime.preprocess import LazyInputs, prepare_image, resize, to_input
 
 BUNDLE_PRECISION = "f32"
 # Preprocessing of the same PNG on two boxes may differ by a rounding step in the resize (SIMD Pillow builds);
@@ -358,7 +358,7 @@ def _write_golden(
     if saved is not None and saved.is_file() and np.load(saved).shape[0] == test_images.shape[0]:
         test_logits = np.load(saved)
     else:
-        test_logits = predict_logits(sessions[default], to_input(test_images, spec))
+        test_logits = predict_logits(sessions[default], LazyInputs(test_images, spec))
     scores = np.array([r.referable_dr_probability for r in bundle.interpret(test_logits)])
     margins = {
         cid: view.meta["golden"]["tolerance"]["max_abs_logit"] / (2 * view.temperature) for cid, view in views.items()

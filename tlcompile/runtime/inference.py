@@ -10,13 +10,16 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from tlcompile.errors import RuntimeBackendError, missing_dependency
 from tlcompile.runtime.backends import FILE_RUNTIMES, RUNTIMES, backend, backend_for_format, format_of
 from tlcompile.runtime.safefiles import check_onnx_external_data
+
+if TYPE_CHECKING:
+    from tlcompile.runtime.preprocess import LazyInputs
 
 # Ops whose runtime precision says what the heavy compute ran in.
 _COMPUTE_OPS = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
@@ -284,7 +287,7 @@ def open_session(
     )
 
 
-def predict_logits(session: InferenceSession, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def predict_logits(session: InferenceSession, x: np.ndarray | LazyInputs, batch_size: int = 32) -> np.ndarray:
     """Logits for many inputs through a session, in batches (models are exported with a dynamic batch axis)."""
     outs = [session.run(np.ascontiguousarray(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)]
     return np.concatenate(outs, axis=0)

@@ -539,3 +539,24 @@ def to_input(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     np.subtract(out, mean, out=out)
     np.divide(out, std, out=out)
     return out
+
+
+class LazyInputs:
+    """The network inputs of a stack of uint8 images, made a slice at a time: ``inputs[i:j]`` is
+    ``to_input(images[i:j], spec)`` (the same floats: to_input works image by image). A whole split, a memory map
+    of the disk store included, is never held as float32 (4x its uint8 size); :func:`predict_logits
+    <tlcompile.runtime.inference.predict_logits>` reads it in batches."""
+
+    def __init__(self, images: np.ndarray, spec: PreprocessSpec) -> None:
+        self.images, self.spec = images, spec
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        n, h, w = self.images.shape[:3]
+        return (n, 3, h, w)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        return to_input(self.images[key], self.spec)

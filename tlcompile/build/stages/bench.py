@@ -18,14 +18,14 @@ from tlcompile.models import count_macs, count_params
 from tlcompile.runtime.backends import backend, size_bytes
 from tlcompile.runtime.inference import default_threads, open_session, predict_logits
 from tlcompile.runtime.latency import measure_latency
-from tlcompile.runtime.preprocess import to_input
+from tlcompile.runtime.preprocess import LazyInputs
 
 
 def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     r, data, folder = ctx.recipe, ctx.data, ctx.stage.folder
     threads = r.bench.threads or default_threads()
     x_test, y_test = data.subset("test")
-    test_inputs = to_input(x_test, data.spec)
+    test_inputs = LazyInputs(x_test, data.spec)  # converted a batch at a time
     one = np.ascontiguousarray(test_inputs[:1])
     previous_threads = torch.get_num_threads()
     rows: list[dict[str, Any]] = []
