@@ -2,7 +2,8 @@
 and how fast the store is built.
 
     .venv/bin/python benchmarks/data_store.py rss [--sizes 1000,2000,4000] [--px 96]
-    .venv/bin/python benchmarks/data_store.py rss-data [--sizes 1000,2000,4000] [--px 96]
+    .venv/bin/python benchmarks/data_store.py rss-data [--sizes 1000,2000,4000] [--px 96] [--workers 2]
+        [--distinct 64] [--memory-max 8000]
     .venv/bin/python benchmarks/data_store.py throughput [--images 512] [--px 384]
     .venv/bin/python benchmarks/data_store.py build-rate [--images 256] [--px 384]
 
@@ -221,6 +222,17 @@ from tlcompile.data.datamodule import load_data
 from tlcompile.recipe import DataConfig
 from tlcompile.train.loop import iterate_batches
 n, px, store, cache = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+distinct = int(sys.argv[7])
+if distinct:  # image i is a copy of image i % distinct: the generator's cost left out, every row still preprocessed
+    from tlcompile.data import synthetic
+    drawn, draw = {}, synthetic._draw_one
+    def _tiled(seed, index, *args):
+        key = index % distinct
+        if key not in drawn:
+            drawn[key] = draw(seed, key, *args)
+        image, grade = drawn[key]
+        return image.copy(), grade
+    synthetic._draw_one = _tiled
 kw = dict(source="synthetic", num_images=n, image_size=px)
 if store == "disk":
     kw.update(store="disk", cache=Path(cache))
@@ -239,19 +251,25 @@ if sys.argv[5] == "train":
 """
 
 
-def rss_data(sizes: list[int], px: int, workers: int) -> None:
-    """The data path alone (load_data, then 2 epochs of training batches and the val/test passes), per size/store."""
-    print(f"data path: load + 2 epochs + val/test passes, {px} px, {workers} loader processes; CPU {_isa()}; {_load()}")
+def rss_data(sizes: list[int], px: int, workers: int, distinct: int = 0, memory_max: int = 10**9) -> None:
+    """The data path alone (load_data, then 2 epochs of training batches and the val/test passes), per size/store.
+    ``distinct`` > 0: image i is a copy of generated image i % distinct (rendering 20k images at 480 px takes hours
+    on 2 cores; memory does not depend on the pixels). ``memory_max``: no in-RAM run above this many images."""
+    tiled = f", images tiled from {distinct} distinct" if distinct else ""
+    print(f"data path: load + 2 epochs + val/test passes, {px} px, {workers} loader processes{tiled}; CPU {_isa()}; "
+          f"{_load()}")  # fmt: skip
     print("| images | dataset MB (uint8) | store | wall s | peak anon MB (Pss_Anon) | peak Pss MB |")
     print("|---|---|---|---|---|---|")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TLCOMPILE_NUM_THREADS": os.environ.get("TLCOMPILE_NUM_THREADS", "1")}
     with tempfile.TemporaryDirectory(prefix="tlstore") as tmp:
         for n in sizes:
             for store in ("memory", "disk"):
+                if store == "memory" and n > memory_max:
+                    continue
                 args = [sys.executable, "-c", _DATA_PATH, str(n), str(px), store, tmp]
                 if store == "disk":  # the store is written first: later builds read it
-                    _peak_of([*args, "load", "0"], env)
-                wall, anon, allm, _ = _peak_of([*args, "train", str(workers)], env)
+                    _peak_of([*args, "load", "0", str(distinct)], env)
+                wall, anon, allm, _ = _peak_of([*args, "train", str(workers), str(distinct)], env)
                 mb = n * px * px * 3 / 1e6
                 print(f"| {n} | {mb:.0f} | {store} | {wall:.0f} | {anon / 1e6:.0f} | {allm / 1e6:.0f} |", flush=True)
         disk = sum(f.stat().st_size for f in Path(tmp).rglob("*.npy"))
@@ -271,6 +289,8 @@ def main() -> None:
     d.add_argument("--sizes", default="1000,2000,4000")
     d.add_argument("--px", type=int, default=96)
     d.add_argument("--workers", type=int, default=0, help="data.loader_workers of the disk runs")
+    d.add_argument("--distinct", type=int, default=0, help="tile the images from this many generated ones (0: all)")
+    d.add_argument("--memory-max", type=int, default=10**9, help="no in-RAM run above this many images")
     c = sub.add_parser("build-rate")
     c.add_argument("--images", type=int, default=256)
     c.add_argument("--px", type=int, default=384)
@@ -278,7 +298,7 @@ def main() -> None:
     if args.what == "rss":
         rss([int(v) for v in args.sizes.split(",")], args.px)
     elif args.what == "rss-data":
-        rss_data([int(v) for v in args.sizes.split(",")], args.px, args.workers)
+        rss_data([int(v) for v in args.sizes.split(",")], args.px, args.workers, args.distinct, args.memory_max)
     elif args.what == "throughput":
         throughput(args.images, args.px)
     else:

@@ -79,6 +79,8 @@ def test_sweep_joins_a_separately_started_loopback_cluster(tiny_recipe_dict, wri
             assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
         tiny_recipe_dict["bench"]["runtimes"] = ["onnxruntime"]
+        cache = tmp_path / "cache"  # both variants train from one disk store: the first writes it, the other reads it
+        tiny_recipe_dict["data"].update(store="disk", cache=str(cache))
         out = tmp_path / "sweep"
         proc = subprocess.run(
             [sys.executable, "-m", "tlcompile.cli", "sweep", str(write_recipe(tiny_recipe_dict)), "--grid",
@@ -91,6 +93,14 @@ def test_sweep_joins_a_separately_started_loopback_cluster(tiny_recipe_dict, wri
         for v, epochs in zip(report["variants"], (1, 2), strict=True):
             built = json.loads((out / v["name"] / "report.json").read_text())
             assert len(built["training"]["history"]) == epochs
+        stores = [
+            json.loads((out / v["name"] / "01_data" / "summary.json").read_text())["store"] for v in report["variants"]
+        ]
+        assert (
+            stores[0]
+            and stores[0] == stores[1]
+            and [str(p) for p in cache.glob("*/store/*") if p.is_dir()] == [stores[0]]
+        )
     finally:
         os.killpg(head.pid, signal.SIGINT)  # `ray start --block` stops its processes on SIGINT
         try:

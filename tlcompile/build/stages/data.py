@@ -32,6 +32,7 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         "balance": d.balance,
         "problems_skipped": len(report.problems) if report else 0,
         "patients_in_two_splits": report.splits.get("patients_in_two_splits") if report else None,
+        "store": _store_folder(ctx.data.split_images),
     }
     atomic_write_json(folder / "summary.json", summary)
     ctx.stage.record = {"images": len(ctx.data.ids)}
@@ -43,6 +44,16 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     )
     ctx.console.print(f"[bold]data[/]: {len(ctx.data.ids)} images ({counts}); task {d.task}{skipped}")
     return artifacts
+
+
+def _store_folder(split_images: dict | None) -> str | None:
+    """The disk store's folder the build reads (data.store: disk), None for data held in memory."""
+    from pathlib import Path
+
+    from tlcompile.data.store import store_path
+
+    path = store_path(split_images["train"]) if split_images else None
+    return str(Path(path).parent) if path else None
 
 
 STAGE = Stage(name="data", folder="01_data", sections=SECTIONS, run=run, all_ranks=True)  # every rank loads its data
