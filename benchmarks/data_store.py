@@ -182,18 +182,18 @@ def throughput(n: int, px: int, rounds: int = 3) -> None:
                 seen += len(yb)
             return seen / (time.perf_counter() - t0)
 
-        runs = {"memory": [], "disk, 0 loader processes": [], "disk, 2 loader processes": []}
-        for _ in range(rounds):
-            runs["memory"].append(epoch(memory, 0))
-            runs["disk, 0 loader processes"].append(epoch(disk, 0))
-            runs["disk, 2 loader processes"].append(epoch(disk, 2))
+        sources = {"memory": (memory, 0), "disk, 0 loader processes": (disk, 0), "disk, 2 loader processes": (disk, 2)}
+        runs: dict[str, list[float]] = {name: [] for name in sources}
+        epoch(memory, 0)  # warm-up: first-call allocations and kernels
+        for r in range(rounds):  # ABC, CBA, ...: a load that drifts over a round weighs on every source alike
+            for name in list(sources) if r % 2 == 0 else list(sources)[::-1]:
+                runs[name].append(epoch(*sources[name]))
     print(f"training img/s, mobilenet_v3_small, {px} px, batch 32, {n} images; CPU {_isa()}; {_load()}")
-    base = float(np.median(runs["memory"]))
-    print(f"| images from | img/s (median of {rounds}) | vs memory |")
+    print(f"| images from | img/s (median of {rounds}) | vs memory (median of the {rounds} rounds' ratios) |")
     print("|---|---|---|")
     for name, values in runs.items():
-        med = float(np.median(values))
-        print(f"| {name} | {med:.1f} | {med / base:.2f} |")
+        ratios = [v / m for v, m in zip(values, runs["memory"], strict=True)]
+        print(f"| {name} | {float(np.median(values)):.1f} | {float(np.median(ratios)):.2f} |")
 
 
 def build_rate(n: int, px: int) -> None:
@@ -285,6 +285,7 @@ def main() -> None:
     b = sub.add_parser("throughput")
     b.add_argument("--images", type=int, default=512)
     b.add_argument("--px", type=int, default=384)
+    b.add_argument("--rounds", type=int, default=4)
     d = sub.add_parser("rss-data")
     d.add_argument("--sizes", default="1000,2000,4000")
     d.add_argument("--px", type=int, default=96)
@@ -300,7 +301,7 @@ def main() -> None:
     elif args.what == "rss-data":
         rss_data([int(v) for v in args.sizes.split(",")], args.px, args.workers, args.distinct, args.memory_max)
     elif args.what == "throughput":
-        throughput(args.images, args.px)
+        throughput(args.images, args.px, args.rounds)
     else:
         build_rate(args.images, args.px)
 
