@@ -117,6 +117,22 @@ class OpenVINOSession:
         self.threads = self.properties["num_threads"] or self.threads
         self.exec_precision = self._runtime_precision()
 
+    def close(self) -> None:
+        """Destroy the compiled model now (not whenever the garbage collector does) and repair the thread's
+        alternate signal stack that OpenVINO may have left dangling (see :mod:`tlcompile.runtime.sigstack`)."""
+        for name in ("_own_input", "_request", "_compiled"):
+            self.__dict__.pop(name, None)
+        from tlcompile.runtime.sigstack import repair_signal_stack
+
+        repair_signal_stack()
+
+    def __del__(self) -> None:
+        if "_compiled" in self.__dict__:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - at interpreter exit the imports may be gone; nothing to repair then
+                pass
+
     def _runtime_precision(self) -> str:
         """Most common precision of the compute ops in the compiled (runtime) graph, e.g. 'u8', 'bf16', 'f32'."""
         counts: Counter[str] = Counter()
