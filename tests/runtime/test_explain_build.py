@@ -1,0 +1,29 @@
+"""The build's explain stage (build/stages/explain.py) and the report's heatmap section, on the shared tiny build."""
+
+from __future__ import annotations
+
+import json
+
+from tlcompile.report.schema import validate_report
+from tlcompile.runtime import explain
+
+
+def test_build_reports_heatmaps_and_the_pointing_game(tiny_build):
+    out = tiny_build.out_dir
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    ex = report["explain"]
+    assert ex["method"] == explain.DEFAULT_METHOD and ex["runtime"] in ("openvino", "onnxruntime")
+    assert ex["ms_per_image"]["n"] >= len(ex["examples"]) > 0 and ex["ms_per_image"]["median"] > 0
+    grades = [e["grade"] for e in ex["examples"]]
+    assert grades == sorted(grades) and max(grades.count(g) for g in set(grades)) <= 2  # a few per grade
+    for e in ex["examples"]:
+        assert explain.is_ours(out / e["file"])
+    assert explain.is_ours(out / ex["sheet"])
+    game = ex["pointing_game"]  # synthetic data: played on the referable test images
+    assert game["n"] > 0 and 0.0 <= game["hit_rate"]["value"] <= 1.0 and 0.0 < game["chance"]["value"] < 1.0
+    assert "explain" in report["stage_seconds"]
+    md = (out / "report.md").read_text()
+    assert "## Heatmaps" in md and "uniformly at random (chance)" in md and f"]({ex['sheet']})" in md
+    html = (out / "report.html").read_text()
+    assert '<section id="explain">' in html and html.count("data:image/png;base64,") >= 2
