@@ -81,7 +81,7 @@ def explain_figures(report: dict[str, Any], build_dir: Path | None) -> list[tupl
     if not path.is_file():
         return []
     caption = (
-        "A few test images per grade: the picture the model saw, and the same with the heat (red: covering it lowers "
-        "P(referable DR) most); the ring marks the peak."
+        "A few test images per grade: the picture the model saw, and the same with the heat (red: where the picture "
+        "raises P(referable DR) most); the ring marks the peak."
     )
     return [(caption, base64.b64encode(path.read_bytes()).decode("ascii"))]
