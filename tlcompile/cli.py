@@ -514,7 +514,7 @@ def predict(
     if explain is not None:  # likewise a refused --explain target
         from tlcompile.runtime.explain import check_explain_dir, explain_targets
 
-        targets = explain_targets(paths, check_explain_dir(explain, bundle_root=bundle_root))
+        targets = explain_targets(paths, check_explain_dir(explain, bundle_root=bundle_root, inputs=images))
     verified = open_verified(bundle, threads=threads, trust=trust)
     print(verified.notice, file=sys.stderr)
     b = verified.bundle

@@ -129,6 +129,8 @@ def test_overlay_written_atomically_never_over_a_foreign_file(tmp_path):
 def test_explain_targets_same_stem_two_folders_and_refusals(tmp_path):
     out = explain.check_explain_dir(tmp_path / "ex")
     a, b = tmp_path / "left" / "eye.png", tmp_path / "right" / "eye.jpg"
+    a.parent.mkdir()
+    b.parent.mkdir()
     targets = explain.explain_targets([a, b], out)
     assert targets[a].name == "eye.explain.png"
     assert targets[b].name.startswith("eye.") and targets[b].name.endswith(".explain.png") and targets[b] != targets[a]
@@ -137,6 +139,8 @@ def test_explain_targets_same_stem_two_folders_and_refusals(tmp_path):
         explain.explain_targets([a], out)
     with pytest.raises(TlcompileError, match="is a file"):
         explain.check_explain_dir(out / "eye.explain.png")
+    with pytest.raises(TlcompileError, match="is a folder of input images"):
+        explain.check_explain_dir(tmp_path / "left", inputs=[tmp_path / "right", tmp_path / "left"])
     with pytest.raises(TlcompileError, match="inside the bundle"):
         explain.check_explain_dir(tmp_path / "bundle" / "ex", bundle_root=tmp_path / "bundle")
 

@@ -14,7 +14,7 @@ def test_build_reports_heatmaps_and_the_pointing_game(tiny_build):
     validate_report(report)
     ex = report["explain"]
     assert ex["method"] == explain.DEFAULT_METHOD and ex["runtime"] in ("openvino", "onnxruntime")
-    assert ex["ms_per_image"]["n"] >= len(ex["examples"]) > 0 and ex["ms_per_image"]["median"] > 0
+    assert ex["latency_ms"]["n"] >= len(ex["examples"]) > 0 and ex["latency_ms"]["median"] > 0
     grades = [e["grade"] for e in ex["examples"]]
     assert grades == sorted(grades) and max(grades.count(g) for g in set(grades)) <= 2  # a few per grade
     for e in ex["examples"]:

@@ -30,7 +30,7 @@ def explain_section(report: dict[str, Any]) -> tuple[str, str, list[str], list[T
         return None
     if "skipped" in ex:
         return "explain", "Heatmaps", [f"Skipped: {ex['skipped']}."], []
-    ms = ex["ms_per_image"]
+    ms = ex["latency_ms"]
     paragraphs = [
         f"Where the shipped model ({ex['candidate']}, {ex['threads']} threads) looked: {ex['method_detail']}. The same "
         "method `tlcompile predict --explain` and `serve --explain` run on the clinic's box, on the deployed runtime "

@@ -756,7 +756,7 @@ class Explain(_Strict):
     candidate: str
     runtime: str
     threads: int
-    ms_per_image: ExplainTiming
+    latency_ms: ExplainTiming = Field(description="Per explained image (the heatmap alone), on the build box.")
     examples: list[ExplainExample]
     sheet: str | None
     pointing_game: PointingGame | None

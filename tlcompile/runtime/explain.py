@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,16 +122,18 @@ def occlusion_map(
     if starts[-1] + patch < size:
         starts.append(size - patch)
     boxes = [(t, lft) for t in starts for lft in starts]
-    batch_x = np.repeat(x, len(boxes), axis=0)
-    for k, (t, lft) in enumerate(boxes):
-        batch_x[k, :, t : t + patch, lft : lft + patch] = fill[0, :, t : t + patch, lft : lft + patch]
     base = _scores(session, x, temperature, batch)[0]
-    drops = base - _scores(session, batch_x, temperature, batch)
     heat = np.zeros((size, size), np.float64)
     count = np.zeros((size, size), np.float64)
-    for k, (t, lft) in enumerate(boxes):
-        heat[t : t + patch, lft : lft + patch] += drops[k]
-        count[t : t + patch, lft : lft + patch] += 1
+    for first in range(0, len(boxes), batch):  # one batch of patched inputs in memory at a time
+        chunk = boxes[first : first + batch]
+        batch_x = np.repeat(x, len(chunk), axis=0)
+        for k, (t, lft) in enumerate(chunk):
+            batch_x[k, :, t : t + patch, lft : lft + patch] = fill[0, :, t : t + patch, lft : lft + patch]
+        drops = base - _scores(session, batch_x, temperature, batch)
+        for k, (t, lft) in enumerate(chunk):
+            heat[t : t + patch, lft : lft + patch] += drops[k]
+            count[t : t + patch, lft : lft + patch] += 1
     return (heat / np.maximum(count, 1)).astype(np.float32)
 
 
@@ -146,22 +149,31 @@ def rise_map(
     keep: float = RISE_KEEP,
     seed: int = 0,
 ) -> np.ndarray:
-    """RISE (Petsiuk et al. 2018): heat (H, W) = E[score | pixel kept] - E[score], over random smooth masks."""
+    """RISE (Petsiuk et al. 2018): heat (H, W) = E[score | pixel kept] - E[score], over random smooth masks.
+
+    Computed one batch of masks at a time (memory stays at one batch of inputs whatever the input size): with
+    A = sum of score x mask, B = sum of masks and S = sum of scores, heat = (A - (S / masks) B) / B."""
     size = x.shape[-1]
     rng = np.random.default_rng(seed)
     cell = math.ceil(size / grid)
     up = (grid + 1) * cell
     fill = _fill(to_crop(x, spec), spec)
-    m = np.empty((masks, size, size), np.float32)
-    for i in range(masks):
-        coarse = (rng.random((grid + 1, grid + 1)) < keep).astype(np.float32)
-        big = np.asarray(Image.fromarray(coarse, "F").resize((up, up), Image.BILINEAR))
-        dy, dx = rng.integers(0, cell, 2)
-        m[i] = big[dy : dy + size, dx : dx + size]
-    mm = m[:, None]
-    scores = _scores(session, x * mm + fill * (1.0 - mm), temperature, batch)
-    weights = scores - scores.mean()
-    heat = np.tensordot(weights, m, axes=1) / np.maximum(m.sum(axis=0), 1e-6)
+    weighted = np.zeros((size, size), np.float64)
+    covered = np.zeros((size, size), np.float64)
+    total = 0.0
+    for first in range(0, masks, batch):
+        m = np.empty((min(batch, masks - first), size, size), np.float32)
+        for i in range(m.shape[0]):
+            coarse = (rng.random((grid + 1, grid + 1)) < keep).astype(np.float32)
+            big = np.asarray(Image.fromarray(coarse, "F").resize((up, up), Image.BILINEAR))
+            dy, dx = rng.integers(0, cell, 2)
+            m[i] = big[dy : dy + size, dx : dx + size]
+        mm = m[:, None]
+        scores = _scores(session, x * mm + fill * (1.0 - mm), temperature, batch)
+        weighted += np.tensordot(scores, m, axes=1)
+        covered += m.sum(axis=0)
+        total += float(scores.sum())
+    heat = (weighted - (total / masks) * covered) / np.maximum(covered, 1e-6)
     return heat.astype(np.float32)
 
 
@@ -420,11 +432,20 @@ class Explainer:
         return target.name
 
 
-def check_explain_dir(folder: str | Path, *, bundle_root: Path | None = None) -> Path:
-    """The --explain folder: created when missing; refused when it is a file or inside the bundle."""
+def check_explain_dir(
+    folder: str | Path, *, bundle_root: Path | None = None, inputs: Iterable[str | Path] = ()
+) -> Path:
+    """The --explain folder: created when missing; refused when it is a file, inside the bundle, or a folder of input
+    images (its PNGs would be taken for photos by the next run over that folder)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise TlcompileError(f"--explain '{folder}' is a file; give a folder for the heatmap PNGs")
+    for item in inputs:
+        if Path(item).is_dir() and Path(item).resolve() == folder.resolve():
+            raise TlcompileError(
+                f"--explain '{folder}' is a folder of input images; the heatmaps would be read as photos next time; "
+                "give another folder"
+            )
     if bundle_root is not None and folder.resolve().is_relative_to(Path(bundle_root).resolve()):
         raise TlcompileError(
             f"--explain '{folder}' is inside the bundle {bundle_root}; writing there would break it; "

@@ -97,7 +97,7 @@ def explain_build(ctx: BuildContext, record: dict[str, Any]) -> dict[str, Any]:
         "candidate": bundle.candidate_id,
         "runtime": bundle.runtime,
         "threads": int(session.threads),
-        "ms_per_image": {
+        "latency_ms": {
             "median": round(float(np.median(ms)), 2) if ms else None,
             "p90": round(float(np.percentile(ms, 90)), 2) if ms else None,
             "n": len(ms),
@@ -160,7 +160,7 @@ def _contact_sheet(folder: Any, examples: list[dict[str, Any]]) -> Any:
 
 
 def _say(ctx: BuildContext, rec: dict[str, Any]) -> None:
-    msg = f"[bold]explain[/]: {rec['method']} heatmaps on {rec['candidate']}, {rec['ms_per_image']['median']} ms/image"
+    msg = f"[bold]explain[/]: {rec['method']} heatmaps on {rec['candidate']}, {rec['latency_ms']['median']} ms/image"
     g = rec.get("pointing_game")
     if g and g["n"]:
         msg += (
