@@ -178,15 +178,18 @@ def test_predict_explain_without_torch(bundle_copy, tmp_path, fundus_images, run
     assert (ex / f"{good[0].stem}.explain.png").read_text() == "not ours"
 
 
-def test_serve_explain_writes_beside_the_record(tiny_build, tmp_path, fundus_images):
-    from tlcompile.runtime.serve import serve
-
+def test_serve_explain_writes_beside_the_record(bundle_copy, tmp_path, fundus_images, run_cli):
+    """serve --explain (the CLI, without the [train] extras): a PNG beside each gradable image's record, named in it;
+    an ungradable frame's record says none."""
     watch, out = tmp_path / "watch", tmp_path / "out"
     good = fundus_images(watch, 2)
     Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(watch / "lens_cap.png")
-    stats = serve(tiny_build.bundle, watch, out, once=True, settle=0, log=lambda _: None, explain=True)
-    assert stats.results == 3 and stats.errors == 0
+    args = ("serve", str(bundle_copy), "--watch", str(watch), "--out", str(out), "--once", "--settle", "0")
+    cli = run_cli(*args, "--explain", block_train_modules=True)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert cli.stdout.endswith("ATTEMPTED:\n"), cli.stdout
     for path in good:
         record = json.loads((out / f"{path.name}.json").read_text())
         assert record["explanation"] == f"{path.name}.explain.png" and explain.is_ours(out / record["explanation"])
     assert json.loads((out / "lens_cap.png.json").read_text())["explanation"] is None
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.name}.explain.png" for p in good)
