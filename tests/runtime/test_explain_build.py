@@ -27,3 +27,4 @@ def test_build_reports_heatmaps_and_the_pointing_game(tiny_build):
     assert "## Heatmaps" in md and "uniformly at random (chance)" in md and f"]({ex['sheet']})" in md
     html = (out / "report.html").read_text()
     assert '<section id="explain">' in html and html.count("data:image/png;base64,") >= 2
+    assert "![heatmaps" not in html  # the markdown image is a figure in the HTML

@@ -501,7 +501,8 @@ def _table(table: ReportTable) -> str:
 
 def _section(section: ReportSection, figures: list[tuple[str, str]]) -> str:
     parts = [f'<section id="{section.id}"><h2>{html.escape(section.title)}</h2>']
-    parts += [f"<p>{_inline(p)}</p>" for p in section.paragraphs]
+    # A markdown image (report.md's link to a picture in the build folder) is embedded here as a figure instead.
+    parts += [f"<p>{_inline(p)}</p>" for p in section.paragraphs if not p.startswith("![")]
     tables = [_table(t) for t in section.tables]
     # With a plot drawn from them, the per-artifact confusion tables fold away: the plot is what a reader scans.
     if figures and section.id == "confusion" and tables:
