@@ -28,3 +28,26 @@ def test_build_reports_heatmaps_and_the_pointing_game(tiny_build):
     html = (out / "report.html").read_text()
     assert '<section id="explain">' in html and html.count("data:image/png;base64,") >= 2
     assert "![heatmaps" not in html  # the markdown image is a figure in the HTML
+
+
+def test_heatmap_section_without_lesion_positions_or_bundle():
+    from tlcompile.report.sections import report_sections
+
+    no_lesions = {
+        "method": "rise",
+        "method_detail": "RISE",
+        "candidate": "fp32@openvino",
+        "runtime": "openvino",
+        "threads": 2,
+        "latency_ms": {"median": 300.0, "p90": 320.0, "n": 4},
+        "examples": [],
+        "sheet": None,
+        "pointing_game": None,
+        "pointing_note": "not played: no lesion positions for these images",
+    }
+    for record, words in (
+        (no_lesions, "Pointing game not played"),
+        ({"skipped": "no bundle was made: nothing deployed to explain"}, "Skipped: no bundle"),
+    ):
+        sections = {s.id: s for s in report_sections({"explain": record})}
+        assert any(words in p for p in sections["explain"].paragraphs)

@@ -25,12 +25,11 @@ from tlcompile.runtime.preprocess import prepare_image, to_input
 
 FOLDER = "07_explain"
 PER_GRADE = 2  # heatmaps shown per DR grade in the report
-POINTING_MAX = 60  # referable test images the pointing game is played on (the first, in data order)
 SHEET = "heatmaps.png"
 
 
 def _wanted(recipe: Any) -> bool:
-    return bool(recipe.bundle.enabled)
+    return bool(recipe.bundle.enabled) and recipe.bundle.explain_images > 0
 
 
 def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
@@ -56,7 +55,8 @@ def explain_build(ctx: BuildContext, record: dict[str, Any]) -> dict[str, Any]:
     test = [i for i in np.flatnonzero(dm.split == "test") if dm.fov_found.size == 0 or dm.fov_found[i]]
     shown = {g: [i for i in test if dm.grades[i] == g][:PER_GRADE] for g in range(5)}
     lesions = _lesion_source(ctx)
-    pointing = [i for i in test if dm.grades[i] >= 2][:POINTING_MAX] if lesions else []
+    # the first referable test images, in data order (recipe bundle.explain_images)
+    pointing = [i for i in test if dm.grades[i] >= 2][: ctx.recipe.bundle.explain_images] if lesions else []
     tolerance = xai.tolerance_px(spec.size)
     batch = xai.batch_size_of(bundle.meta)
 
