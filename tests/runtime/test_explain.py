@@ -193,3 +193,32 @@ def test_serve_explain_writes_beside_the_record(bundle_copy, tmp_path, fundus_im
         assert record["explanation"] == f"{path.name}.explain.png" and explain.is_ours(out / record["explanation"])
     assert json.loads((out / "lens_cap.png.json").read_text())["explanation"] is None
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.name}.explain.png" for p in good)
+
+
+def test_serve_explain_redo_and_same_name_new_content(tiny_build, tmp_path, fundus_images):
+    """A redo after a crash (heatmap written, record not) replaces its own heatmap; a new photo under an old name gets
+    its own heatmap beside its own record, the earlier one untouched."""
+    import shutil
+
+    from tlcompile.runtime.serve import serve
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    first, second = fundus_images(tmp_path / "camera", 2)
+    watch.mkdir()
+    shutil.copy(first, watch / "eye.png")
+
+    def run():
+        serve(tiny_build.bundle, watch, out, once=True, settle=0, log=lambda _: None, explain=True)
+        return sorted(p.name for p in out.glob("*.png"))
+
+    assert run() == ["eye.png.explain.png"]
+    (out / "eye.png.json").unlink()  # killed after the heatmap, before the record
+    assert run() == ["eye.png.explain.png"]
+    assert json.loads((out / "eye.png.json").read_text())["explanation"] == "eye.png.explain.png"
+    before = (out / "eye.png.explain.png").read_bytes()
+    (watch / "eye.png").unlink()
+    shutil.copy(second, watch / "eye.png")  # the camera reuses the name for another photo
+    pngs = run()
+    assert len(pngs) == 2 and (out / "eye.png.explain.png").read_bytes() == before
+    newer = [json.loads(p.read_text()) for p in out.glob("eye.png.*.json")]
+    assert len(newer) == 1 and newer[0]["explanation"] in pngs and newer[0]["explanation"] != "eye.png.explain.png"

@@ -340,13 +340,18 @@ def overlay(crop: np.ndarray, heat: np.ndarray, field: np.ndarray, *, scale: int
     return out
 
 
-def is_ours(path: Path) -> bool:
-    """A file this module wrote (its PNG carries our text chunk): the only kind a later run may replace."""
+def mark_of(path: Path) -> str | None:
+    """What an overlay of ours says it explains (its PNG text chunk); None for any other file."""
     try:
         with Image.open(path) as img:
-            return img.format == "PNG" and PNG_MARK_KEY in getattr(img, "text", {})
+            return getattr(img, "text", {}).get(PNG_MARK_KEY) if img.format == "PNG" else None
     except Exception:  # not an image, unreadable: not ours
-        return False
+        return None
+
+
+def is_ours(path: Path) -> bool:
+    """A file this module wrote (its PNG carries our text chunk): the only kind a later run may replace."""
+    return mark_of(path) is not None
 
 
 def write_overlay(image: Image.Image, path: Path, *, source: str) -> None:
@@ -360,8 +365,11 @@ def write_overlay(image: Image.Image, path: Path, *, source: str) -> None:
         )
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_MARK_KEY, source[:500])
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+    try:
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=info)
+    except OSError as err:
+        raise TlcompileError(f"cannot write the heatmap '{path}' ({err.strerror or err}); check the folder") from err
 
 
 # ------------------------------------------------------------------------------------------- explainer
@@ -410,9 +418,9 @@ class Explainer:
         self.batch = batch_size_of(bundle.meta)
         self.ms: list[float] = []  # heatmap time per explained image, this run
 
-    def write(self, prepared: PreparedImage, target: Path) -> str | None:
+    def write(self, prepared: PreparedImage, target: Path, *, source: str | None = None) -> str | None:
         """Explain a decided image into ``target`` (refused when it holds a file not ours); returns the PNG's name,
-        None for an ungradable image."""
+        None for an ungradable image. ``source`` (default: the image's path) is written into the PNG."""
         if prepared.x is None:
             return None
         result = prepared.result
@@ -428,7 +436,7 @@ class Explainer:
         prob = result.referable_dr_probability
         caption = f"{result.referral}" + (f"  P(referable DR) {prob:.3f}" if prob is not None else "")
         caption += f"  {self.method} heat max {float(e.heat[e.field].max()):+.3f}"
-        write_overlay(overlay(e.crop, e.heat, e.field, caption=caption), target, source=result.file)
+        write_overlay(overlay(e.crop, e.heat, e.field, caption=caption), target, source=source or result.file)
         return target.name
 
 

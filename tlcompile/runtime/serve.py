@@ -475,15 +475,16 @@ class Service:
     def _explain(self, name: str, read: _Read) -> dict[str, Any]:
         """The heatmap beside the record: ``<record stem>.explain.png``, or with the content's hash when another image
         had that name before. A failure costs the heatmap, never the decision."""
-        from tlcompile.runtime.explain import EXPLAIN_SUFFIX
+        from tlcompile.runtime.explain import EXPLAIN_SUFFIX, mark_of
 
         assert read.prepared is not None
         stem = record_stem(name)
+        source = f"{name} sha256:{read.sha256}"  # a redo after a crash finds its own heatmap by this and replaces it
         target = self.out_dir / f"{stem}{EXPLAIN_SUFFIX}"
-        if target.exists() or target.is_symlink():
+        if (target.exists() or target.is_symlink()) and mark_of(target) != source:
             target = self.out_dir / f"{stem}.{(read.sha256 or '')[:12]}{EXPLAIN_SUFFIX}"
         try:
-            return {"explanation": self.explainer.write(read.prepared, target)}
+            return {"explanation": self.explainer.write(read.prepared, target, source=source)}
         except Exception as err:  # broad on purpose: the record is written either way
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             self.log(f"{printable(name)}: no heatmap ({printable(message)})")
