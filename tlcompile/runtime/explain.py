@@ -11,7 +11,7 @@ alternative method.
 
 Why RISE: measured on the quickstart bundle's 123 referable test images (``benchmarks/explain_methods.py``; the
 table is in the README), its heatmap's peak fell on a painted lesion most often among the methods cheap enough for
-a clinic box: 0.82 against 0.75 for occlusion (16 px patch, stride 8, about 0.6x the cost), 0.76 for RISE with 128
+a clinic box: 0.82 against 0.75 for occlusion (16 px patch, stride 8, about half the cost), 0.76 for RISE with 128
 masks, 0.36 for the white-box activation map and 0.26 for chance. OpenVINO's XAI toolkit (``openvino-xai``) was not
 used: its releases pin an older OpenVINO and numpy than tlcompile runs on.
 
