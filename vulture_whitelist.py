@@ -42,3 +42,4 @@ zoo.TorchvisionModel.torchvision_name  # which torchvision builder a zoo model w
 # The one-photo form of prepare_photo + decide: the library's entry point for a single image (tests compare serve's
 # records against it); predict and serve run the two halves in a pipeline.
 predict.predict_image
+predict.ImageResult.explanation  # predict --explain / serve --explain: the heatmap PNG, read through asdict()

@@ -32,6 +32,7 @@ def tiny_recipe_dict() -> dict:
         "train": {"epochs": 1, "batch_size": 32, "lr": 0.002},
         "export": {"formats": ["onnx", "openvino"], "parity_images": 16},
         "bench": {"runtimes": ["openvino", "onnxruntime", "torch"], "warmup": 1, "iterations": 3},
+        "bundle": {"explain_images": 0},  # heatmaps cost ~10 s at this size: tests/runtime's tiny_build has them
     }
 
 

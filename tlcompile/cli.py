@@ -492,6 +492,12 @@ def predict(
         typer.Option("--fhir", help="Also write one FHIR R4B Bundle (DiagnosticReport + Observations) per image here."),
     ] = None,
     fhir_url: FhirUrlOption = None,
+    explain: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--explain", help="Also write a heatmap overlay PNG per gradable image here (<stem>.explain.png)."
+        ),
+    ] = None,
 ) -> None:
     """Referral decision, grade and P(referable DR) per image, with the bundle's preprocessing (verified first)."""
     from rich.table import Table
@@ -505,13 +511,28 @@ def predict(
     bundle_root = bundle.parent if bundle.name == "bundle.json" else bundle
     if csv is not None:  # before anything is decided: a refused --csv costs nothing
         check_csv_target(csv, inputs=paths, bundle_root=bundle_root)
+    if explain is not None:  # likewise a refused --explain target
+        from tlcompile.runtime.explain import check_explain_dir, explain_targets
+
+        targets = explain_targets(paths, check_explain_dir(explain, bundle_root=bundle_root, inputs=images))
     verified = open_verified(bundle, threads=threads, trust=trust)
     print(verified.notice, file=sys.stderr)
     b = verified.bundle
     disclaimer = _model_card_disclaimer(b.meta)
     if disclaimer:
         print(disclaimer, file=sys.stderr)
-    results = predict_paths(b, verified.session, paths, workers=workers)
+    explainer = None
+    if explain is not None:
+        from tlcompile.runtime.explain import Explainer
+
+        explainer = Explainer(b, verified.session)
+    results = predict_paths(
+        b,
+        verified.session,
+        paths,
+        workers=workers,
+        explain=(lambda path, prepared: explainer.write(prepared, targets[path])) if explainer else None,
+    )
     table = Table(title=f"{b.name} ({b.candidate_id}): refer when P(referable DR) >= {b.threshold:.4f}")
     for col in ("image", "referral", "P(referable DR)") + (("grade",) if b.task == "grade" else ()) + ("note",):
         table.add_column(col, justify="right" if col.startswith("P(") else "left")
@@ -526,6 +547,11 @@ def predict(
     if csv is not None:
         write_results_csv(results, csv, inputs=paths, bundle_root=verified.bundle.root)
         console.print(f"wrote {csv}")
+    if explainer is not None and explainer.ms:
+        console.print(
+            f"wrote {len(explainer.ms)} heatmaps into {explain} ({explainer.method}, "
+            f"median {sorted(explainer.ms)[len(explainer.ms) // 2]:.0f} ms per image)"
+        )
     unsent = _write_fhir(verified, results, fhir, fhir_url, console) if fhir is not None or fhir_url else 0
     failed = sum(r.error is not None for r in results)
     if failed:
@@ -598,6 +624,9 @@ def serve(
         bool, typer.Option("--fhir", help="Also write one FHIR R4B Bundle per decided image into OUT/fhir/.")
     ] = False,
     fhir_url: FhirUrlOption = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Also write a heatmap overlay PNG beside each gradable image's record.")
+    ] = False,
 ) -> None:
     """Watch a folder: one JSON record per new image (errors/ for unreadable files); restart-safe; Ctrl-C stops."""
     from tlcompile.runtime.serve import serve as run_serve
@@ -625,6 +654,7 @@ def serve(
         trust=trust,
         log=lambda line: print(line, flush=True),
         outputs=outputs,
+        explain=explain,
     )
     typer.echo(stats.summary())
 

@@ -845,6 +845,15 @@ class BundleConfig(Section):
         description="Test-split images shipped in the bundle with their expected outputs, for tlcompile verify on the "
         "box (they travel with the bundle: use de-identified data).",
     )
+    explain_images: int = Field(
+        60,
+        ge=0,
+        le=10000,
+        description="Heatmaps of the bundle's model in the report (build stage explain, the method of predict "
+        "--explain): the pointing game against the painted lesions is played on up to this many referable test "
+        "images (synthetic data), and 2 test images per grade are shown; about 0.3 s per image on 2 cores at 112 px. "
+        "0: no explain stage.",
+    )
     intended_use: str = Field(
         DEFAULT_INTENDED_USE,
         min_length=1,

@@ -119,6 +119,8 @@ def _strip_report(report):
         bundle.pop(key, None)
     for key in SELECTION_CHOICE_KEYS:
         (bundle.get("selection") or {}).pop(key, None)
+    if report.get("explain"):  # the explain stage explains the bundle's default candidate: it follows that choice
+        report["explain"] = {"method": report["explain"].get("method")}
     return report
 
 

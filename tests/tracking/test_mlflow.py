@@ -18,7 +18,7 @@ TINY = {
     "export": {"formats": ["onnx"], "parity_images": 4},
     "bench": {"runtimes": ["onnxruntime"], "warmup": 1, "iterations": 2},
     "evaluate": {"bootstrap_resamples": 100},
-    "bundle": {"golden_samples": 2},
+    "bundle": {"golden_samples": 2, "explain_images": 0},
 }
 
 

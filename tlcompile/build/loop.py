@@ -21,7 +21,7 @@ from rich.console import Console
 
 from tlcompile.build.context import Artifact, BuildContext, Stage, StageRun, read_stage_record
 from tlcompile.build.outdir import claim_out_dir, prepare_out_dir
-from tlcompile.build.stages import bench, bundle, data, export, prune, quantize, report, train
+from tlcompile.build.stages import bench, bundle, data, explain, export, prune, quantize, report, train
 from tlcompile.data.datamodule import DataModule
 from tlcompile.errors import TlcompileError
 from tlcompile.io import atomic_write_json, atomic_write_text
@@ -40,6 +40,7 @@ STAGES: list[Stage] = [
     bench.STAGE,
     report.STAGE,
     bundle.STAGE,
+    explain.STAGE,  # heatmaps of the bundle's model, through its deployed runtime
 ]
 # Files of a build that are derived from every stage and rewritten at its end.
 BUILD_OUTPUTS = ("report.json", "report.md", "report.html", "manifest.json")

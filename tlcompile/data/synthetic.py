@@ -231,6 +231,12 @@ def _blend(img: np.ndarray, alpha: np.ndarray, rgb: _RGB | np.ndarray) -> None:
     img += a * np.asarray(rgb, dtype=np.float32)
 
 
+def _record(lesions: list[np.ndarray] | None, alpha: np.ndarray) -> None:
+    """Keep a copy of one lesion layer's opacity for :func:`render_fundus`'s ``return_lesions``."""
+    if lesions is not None:
+        lesions.append(np.array(alpha, dtype=np.float32))
+
+
 def _blobs(size: int, x: np.ndarray, y: np.ndarray, sigma: np.ndarray, amp: np.ndarray) -> np.ndarray:
     """Sum of isotropic Gaussians (pixel units) as one (H, W) matrix product of separable profiles.
 
@@ -517,8 +523,16 @@ def _paint_fundus(rng: np.random.Generator, st: FundusStyle, sc: _Scene) -> np.n
     return img
 
 
-def _paint_vessels(rng: np.random.Generator, st: FundusStyle, sc: _Scene, img: np.ndarray, grade: int) -> None:
-    """In place: the vessel tree (venous beading from grade 3) and, for grade 4, neovascular tufts."""
+def _paint_vessels(
+    rng: np.random.Generator,
+    st: FundusStyle,
+    sc: _Scene,
+    img: np.ndarray,
+    grade: int,
+    lesions: list[np.ndarray] | None = None,
+) -> None:
+    """In place: the vessel tree (venous beading from grade 3) and, for grade 4, neovascular tufts (their opacity is
+    appended to ``lesions`` when given)."""
     f32 = np.float32
     frame, dd, ss = sc.frame, sc.dd, _SUPERSAMPLE
     canvas = Image.new("L", (frame.size * ss, frame.size * ss), 0)  # vessel opacity, supersampled
@@ -558,11 +572,21 @@ def _paint_vessels(rng: np.random.Generator, st: FundusStyle, sc: _Scene, img: n
         sites.append(pts[int(rng.integers(len(pts) // 4, len(pts)))] + rng.normal(0, 0.02, 2))
     for site in sites:
         _draw_tuft(nv_draw, frame, rng, site, rng.uniform(0.35, 0.6) * dd * sc.scale, 0.8 * sc.contrast + 0.1)
-    _blend(img, np.asarray(nv.reduce(ss), f32) / 255.0, np.asarray(st.vessel_rgb) / 255.0 * (1.15, 0.9, 0.9))
+    alpha = np.asarray(nv.reduce(ss), f32) / 255.0
+    _blend(img, alpha, np.asarray(st.vessel_rgb) / 255.0 * (1.15, 0.9, 0.9))
+    _record(lesions, alpha)
 
 
-def _paint_lesions(rng: np.random.Generator, st: FundusStyle, sc: _Scene, img: np.ndarray, grade: int) -> None:
-    """In place: the DR lesions of ``grade``, counts and spread after the international severity scale."""
+def _paint_lesions(
+    rng: np.random.Generator,
+    st: FundusStyle,
+    sc: _Scene,
+    img: np.ndarray,
+    grade: int,
+    lesions: list[np.ndarray] | None = None,
+) -> None:
+    """In place: the DR lesions of ``grade``, counts and spread after the international severity scale. Each
+    lesion layer's opacity (H, W) is appended to ``lesions`` when given; recording draws nothing from ``rng``."""
     size, px, dd = sc.frame.size, sc.frame.radius, sc.dd  # px: canonical unit -> pixels
     fovea, disc, contrast, scale = sc.fovea, sc.disc, sc.contrast, sc.scale
     pois = rng.poisson
@@ -619,7 +643,9 @@ def _paint_lesions(rng: np.random.Generator, st: FundusStyle, sc: _Scene, img: n
     if red_xy:
         x, y = sc.to_pixels(np.concatenate(red_xy))
         red = _blobs(size, x, y, np.concatenate(red_sig) * px, np.concatenate(red_amp))
-        _blend(img, np.clip(1.3 * (1.0 - np.exp(-red)), 0.0, 1.0) * contrast, np.asarray(st.haemorrhage_rgb) / 255.0)
+        alpha = np.clip(1.3 * (1.0 - np.exp(-red)), 0.0, 1.0) * contrast
+        _blend(img, alpha, np.asarray(st.haemorrhage_rgb) / 255.0)
+        _record(lesions, alpha)
 
     if exudate_clusters:  # hard exudates: sharp-edged yellow flecks, clustered, often circinate near the macula
         xy, sigs = [], []
@@ -635,20 +661,26 @@ def _paint_lesions(rng: np.random.Generator, st: FundusStyle, sc: _Scene, img: n
             sigs.append(rng.uniform(0.006, 0.016, k) * scale)
         x, y = sc.to_pixels(np.concatenate(xy))
         m = _blobs(size, x, y, np.concatenate(sigs) * px, np.full(len(x), 1.0))
-        _blend(img, np.clip(2.2 * m - 0.25, 0.0, 1.0) * contrast, np.asarray(st.exudate_rgb) / 255.0)
+        alpha = np.clip(2.2 * m - 0.25, 0.0, 1.0) * contrast
+        _blend(img, alpha, np.asarray(st.exudate_rgb) / 255.0)
+        _record(lesions, alpha)
 
     if n_cws:  # cotton-wool spots: soft, pale, fluffy, near the arcades
         pts = _sample_points(rng, n_cws, disc, 1.0 * dd, 3.5 * dd, disc, 0.9 * dd)
         x, y = sc.to_pixels(pts)
         m = _blobs(size, x, y, rng.uniform(0.025, 0.045, n_cws) * scale * px, np.full(n_cws, 1.0))
-        _blend(img, 0.8 * (1.0 - np.exp(-1.8 * m)) * contrast, np.asarray(st.cotton_wool_rgb) / 255.0)
+        alpha = 0.8 * (1.0 - np.exp(-1.8 * m)) * contrast
+        _blend(img, alpha, np.asarray(st.cotton_wool_rgb) / 255.0)
+        _record(lesions, alpha)
 
     if grade == 4 and rng.random() < 0.3:  # pan-retinal laser scars: pale rings with a pigmented centre
         k = int(rng.integers(15, 45))
         pts = _sample_points(rng, k, fovea, 3.0 * dd, 1.2, disc, 1.0 * dd)
         x, y = sc.to_pixels(pts)
         sig = np.full(k, rng.uniform(0.018, 0.028)) * px
-        _blend(img, 0.55 * np.clip(_blobs(size, x, y, sig, np.ones(k)), 0, 1), (0.92, 0.85, 0.62))
+        alpha = 0.55 * np.clip(_blobs(size, x, y, sig, np.ones(k)), 0, 1)
+        _blend(img, alpha, (0.92, 0.85, 0.62))
+        _record(lesions, alpha)
         _blend(img, 0.6 * np.clip(_blobs(size, x, y, sig * 0.5, np.ones(k)), 0, 1), (0.25, 0.12, 0.06))
 
     if grade == 4 and rng.random() < 0.25:  # preretinal haemorrhage: boat shaped, flat upper level
@@ -658,7 +690,9 @@ def _paint_lesions(rng: np.random.Generator, st: FundusStyle, sc: _Scene, img: n
         r_c = np.hypot(sc.u - cu, sc.v - cv) / rb
         level = (sc.v - (cv - rng.uniform(0.0, 0.4) * rb)) * px
         alpha = _smoothstep((1.0 - r_c) * rb * px + 0.5) * _smoothstep(level + 0.5)
-        _blend(img, 0.9 * alpha * contrast, np.asarray(st.haemorrhage_rgb) / 255.0 * (1.15, 1.0, 1.0))
+        alpha = 0.9 * alpha * contrast
+        _blend(img, alpha, np.asarray(st.haemorrhage_rgb) / 255.0 * (1.15, 1.0, 1.0))
+        _record(lesions, alpha)
 
 
 def _apply_camera(rng: np.random.Generator, st: FundusStyle, sc: _Scene, img: np.ndarray, d: float) -> np.ndarray:
@@ -712,10 +746,16 @@ def render_fundus(
     size: int = 128,
     difficulty: float = DEFAULT_DIFFICULTY,
     style: str = "default",
-) -> np.ndarray:
+    return_lesions: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Render one fundus photograph of DR ``grade`` (0-4); (size, size, 3) uint8, black outside the field.
 
-    Everything random is drawn from ``rng``, so the same generator state gives the same bytes.
+    Everything random is drawn from ``rng``, so the same generator state gives the same bytes. With
+    ``return_lesions`` it returns (image, lesions): ``lesions`` (size, size) float32 in [0, 1] is the opacity every
+    painted lesion (microaneurysms, haemorrhages, exudates, cotton-wool spots, laser scars, preretinal haemorrhage,
+    neovascular tufts) was blended with, before the camera's blur, noise and field mask; all zero for grade 0. The
+    image is the very same either way: recording draws nothing from ``rng`` and changes no pixel arithmetic. What
+    only the generator knows, so an explanation's faithfulness can be tested against it (the pointing game).
     """
     grade = _check_grade(grade)
     size = _check_size(size)
@@ -725,9 +765,16 @@ def render_fundus(
         raise DataError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     scene = _place_scene(rng, st, size, d)
     img = _paint_fundus(rng, st, scene)
-    _paint_vessels(rng, st, scene, img, grade)
-    _paint_lesions(rng, st, scene, img, grade)
-    return _apply_camera(rng, st, scene, img, d)
+    lesions: list[np.ndarray] | None = [] if return_lesions else None
+    _paint_vessels(rng, st, scene, img, grade, lesions)
+    _paint_lesions(rng, st, scene, img, grade, lesions)
+    out = _apply_camera(rng, st, scene, img, d)
+    if lesions is None:
+        return out
+    opacity = np.zeros((size, size), np.float32)
+    for alpha in lesions:
+        np.maximum(opacity, np.clip(alpha, 0.0, 1.0), out=opacity)
+    return out, opacity
 
 
 # --------------------------------------------------------------------------------------------------
@@ -745,6 +792,30 @@ def _draw_one(
     rng = _image_rng(seed, index)
     grade = int(rng.choice(5, p=probs))  # the first draw of the image's generator: see sample_grades
     return render_fundus(grade, rng, size=size, difficulty=difficulty, style=style), grade
+
+
+def draw_with_lesions(
+    index: int,
+    *,
+    seed: int,
+    size: int = 128,
+    difficulty: float = DEFAULT_DIFFICULTY,
+    style: str = "default",
+    grade_probs: Sequence[float] = DEFAULT_GRADE_PROBS,
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Image ``index`` of ``generate(n, seed=seed, ...)`` (any n > index) with its grade and its lesion opacity
+    (see :func:`render_fundus`'s ``return_lesions``): (image, grade, lesions)."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise DataError(f"index must be a non-negative integer, got {index!r}")
+    seed = _check_seed(seed)
+    size = _check_size(size)
+    difficulty = _check_difficulty(difficulty)
+    _check_style(style)
+    probs = _check_grade_probs(grade_probs)
+    rng = _image_rng(seed, int(index))
+    grade = int(rng.choice(5, p=probs))  # the same first draw as _draw_one
+    image, lesions = render_fundus(grade, rng, size=size, difficulty=difficulty, style=style, return_lesions=True)
+    return image, grade, lesions
 
 
 def _check_seed(seed: int) -> int:

@@ -13,9 +13,11 @@ import html
 import io
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 from tlcompile.errors import missing_dependency
+from tlcompile.report.explain import explain_figures
 from tlcompile.report.format import GUARD_FAILED, GUARD_MET, guard_cell
 from tlcompile.report.sections import (
     ReportSection,
@@ -499,7 +501,8 @@ def _table(table: ReportTable) -> str:
 
 def _section(section: ReportSection, figures: list[tuple[str, str]]) -> str:
     parts = [f'<section id="{section.id}"><h2>{html.escape(section.title)}</h2>']
-    parts += [f"<p>{_inline(p)}</p>" for p in section.paragraphs]
+    # A markdown image (report.md's link to a picture in the build folder) is embedded here as a figure instead.
+    parts += [f"<p>{_inline(p)}</p>" for p in section.paragraphs if not p.startswith("![")]
     tables = [_table(t) for t in section.tables]
     # With a plot drawn from them, the per-artifact confusion tables fold away: the plot is what a reader scans.
     if figures and section.id == "confusion" and tables:
@@ -526,14 +529,16 @@ def _verdict_html(v: Verdict) -> str:
     )
 
 
-def render_html(report: dict[str, Any]) -> str:
-    """The whole report as one HTML document with inline CSS and inline PNG plots."""
+def render_html(report: dict[str, Any], build_dir: Path | None = None) -> str:
+    """The whole report as one HTML document with inline CSS and inline PNG plots (and, given the build folder, the
+    heatmap contact sheet the explain stage wrote there)."""
     sections = report_sections(report)
     figures: dict[str, list[tuple[str, str]]] = {}
     for section_id, plot, caption in PLOTS:
         png = plot(report)
         if png is not None:
             figures.setdefault(section_id, []).append((caption, png))
+    figures.setdefault("explain", []).extend(explain_figures(report, build_dir))
     name = html.escape(str(report.get("name", "build")))
     nav = "\n".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in sections)  # whitespace lets the links wrap
     meta = (

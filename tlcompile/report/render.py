@@ -106,5 +106,5 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths = [out_dir / "report.md", out_dir / "report.html"]
     atomic_write_text(paths[0], render_markdown(report))
-    atomic_write_text(paths[1], render_html(report))
+    atomic_write_text(paths[1], render_html(report, out_dir))
     return paths

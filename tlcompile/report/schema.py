@@ -719,6 +719,56 @@ class Environment(_Strict):
     cuda: Cuda = Field(None, description="Absent where no GPU was available.")
 
 
+# ----------------------------------------------------------------------------------------------------- explain
+class ExplainTiming(_Strict):
+    median: float | None = Field(description="Milliseconds per explained image (heatmap only), this CPU.")
+    p90: float | None
+    n: int
+
+
+class ExplainExample(_Strict):
+    id: str
+    grade: int
+    referable_dr_probability: float
+    refer: bool
+    file: str = Field(description="The overlay PNG, relative to the build folder.")
+    peak: list[int] = Field(description="(row, column) of the heatmap's peak in the network input.")
+
+
+class PointingGame(_Strict):
+    """Hit: the heatmap's peak within ``tolerance_px`` of a painted lesion (opacity >= ``lesion_level``)."""
+
+    n: int
+    hit_rate: Proportion
+    chance: Estimate = Field(description="Mean share of the field within the tolerance of a lesion: a random peak.")
+    centre: Proportion = Field(description="The same hit test for a peak at the field's centre.")
+    tolerance_px: float
+    input_size: int
+    lesion_level: float
+    images: str
+
+
+class Explain(_Strict):
+    """Heatmaps of the shipped model through its deployed runtime (build stage explain)."""
+
+    method: str
+    method_detail: str
+    candidate: str
+    runtime: str
+    threads: int
+    latency_ms: ExplainTiming = Field(description="Per explained image (the heatmap alone), on the build box.")
+    examples: list[ExplainExample]
+    sheet: str | None
+    pointing_game: PointingGame | None
+    pointing_note: str = Field(
+        None, description="Why the pointing game was not played (data without lesion positions)."
+    )
+
+
+class ExplainSkipped(_Strict):
+    skipped: str
+
+
 # ------------------------------------------------------------------------------------------------------- top
 class Preprocessing(_Strict):
     size: int
@@ -758,6 +808,7 @@ class Report(_Strict):
     stage_seconds: dict[str, float]
     environment: Environment
     bundle: BundleRecord = Field(None, description="Absent when the recipe makes no bundle (bundle.enabled: false).")
+    explain: Explain | ExplainSkipped = Field(None, description="Absent when the recipe makes no bundle.")
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tlcompile.compress.guard import evidence_text
+from tlcompile.report.explain import explain_section
 from tlcompile.report.format import (
     GUARD_FAILED,
     GUARD_MET,
@@ -1013,6 +1014,15 @@ def _environment_section(report: dict[str, Any]) -> ReportSection:
     )
 
 
+def _explain_section(report: dict[str, Any]) -> ReportSection | None:
+    """Heatmaps of the shipped model (body: report/explain.py)."""
+    parts = explain_section(report)
+    if parts is None:
+        return None
+    sid, title, paragraphs, tables = parts
+    return ReportSection(sid, title, paragraphs, [ReportTable(h, rows, caption) for h, rows, caption in tables])
+
+
 def report_sections(report: dict[str, Any]) -> list[ReportSection]:
     """The sections of report.md and report.html, in order; optional ones only when the report has their data."""
     sections = [
@@ -1024,6 +1034,7 @@ def report_sections(report: dict[str, Any]) -> list[ReportSection]:
         _grading_section(report),
         _calibration_section(report),
         _endpoints_section(report),
+        _explain_section(report),
         _artifacts_section(report),
         _transfer_section(report),
         _data_section(report),

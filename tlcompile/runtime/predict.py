@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,10 @@ CSV_COLUMNS = (
     "fov_found",
     "error",
     "ungradable_reason",
+    "explanation",
 )
+# The header before the explanation column: a CSV written by an earlier version is still ours to replace.
+PREVIOUS_CSV_COLUMNS = CSV_COLUMNS[:-1]
 
 
 @dataclass
@@ -61,6 +64,7 @@ class ImageResult:
     error: str | None = None
     latency_ms: float | None = None  # preprocessing + inference on this box
     ungradable_reason: str | None = None  # why no decision: no field of view, or not a fundus photograph
+    explanation: str | None = None  # --explain: the heatmap PNG's file name (none for ungradable images)
     # A DICOM input's header fields (patient_id, laterality, acquired_at, ...): for the clinic record (serve's JSON,
     # FHIR), never printed. Absent from to_dict() for other files.
     dicom: dict[str, Any] | None = None
@@ -133,17 +137,25 @@ def _prepare_or_error(bundle: Bundle, path: Path) -> PreparedImage | DataError:
 
 
 def predict_paths(
-    bundle: Bundle, session: InferenceSession, paths: Iterable[Path], *, workers: int | None = 1
+    bundle: Bundle,
+    session: InferenceSession,
+    paths: Iterable[Path],
+    *,
+    workers: int | None = 1,
+    explain: Callable[[Path, PreparedImage], str | None] | None = None,
 ) -> list[ImageResult]:
     """Decide every image, in the order given; an unreadable file gets a result with ``error`` set and the others go
     on. ``workers`` (None: one per core, see :func:`tlcompile.runtime.pipeline.default_workers`) threads decode and
-    preprocess ahead while this thread runs the model."""
+    preprocess ahead while this thread runs the model. ``explain(path, prepared)`` (``--explain``) runs after each
+    decision and returns the heatmap's file name for the ``explanation`` column."""
     results = []
     for path, prepared in ordered(lambda p: _prepare_or_error(bundle, p), paths, check_workers(workers)):
         if isinstance(prepared, DataError):
             results.append(ImageResult(file=str(path), error=str(prepared)))
         else:
             results.append(decide(bundle, session, prepared))
+            if explain is not None:
+                results[-1].explanation = explain(path, prepared)
     return results
 
 
@@ -221,7 +233,7 @@ def check_csv_target(path: str | Path, *, inputs: Iterable[Path] = (), bundle_ro
             raise TlcompileError(
                 f"--csv '{path}' exists and cannot be read ({err.strerror or err}); give a new file name"
             ) from err
-        if first != header or path.is_symlink():
+        if first not in (header, ",".join(PREVIOUS_CSV_COLUMNS)) or path.is_symlink():
             raise TlcompileError(
                 f"--csv '{path}' exists and is not a results CSV of tlcompile predict; it is never overwritten; "
                 "give a new file name"

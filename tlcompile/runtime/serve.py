@@ -255,6 +255,7 @@ class Service:
         once: bool = False,
         outputs: Sequence[Any] = (),
         workers: int = 1,
+        explain: bool = False,
     ) -> None:
         self.verified, self.watch, self.out_dir, self.settle, self.log, self.once = (
             verified,
@@ -276,6 +277,11 @@ class Service:
         self._retries: dict[str, int] = {}  # name -> truncation retries so far
         # Extra outputs per record (e.g. runtime.fhir.FhirOutput): write(record) -> fields added to the record.
         self.outputs = list(outputs)
+        self.explainer = None
+        if explain:  # --explain: a heatmap PNG beside each gradable image's record (runtime/explain.py)
+            from tlcompile.runtime.explain import Explainer
+
+            self.explainer = Explainer(verified.bundle, verified.session)
 
     def poll(self, stop: threading.Event) -> int:
         """Decide every settled new image in the folder (oldest first); returns how many are still settling."""
@@ -411,6 +417,8 @@ class Service:
             assert read.prepared is not None
             result = decide(v.bundle, v.session, read.prepared).to_dict()
             result.pop("file")
+            if self.explainer is not None:
+                result.update(self._explain(name, read))
             record.update(status="ok", **result)
             error = False
         except Exception as err:  # broad on purpose: see above
@@ -464,6 +472,24 @@ class Service:
             )
         return True
 
+    def _explain(self, name: str, read: _Read) -> dict[str, Any]:
+        """The heatmap beside the record: ``<record stem>.explain.png``, or with the content's hash when another image
+        had that name before. A failure costs the heatmap, never the decision."""
+        from tlcompile.runtime.explain import EXPLAIN_SUFFIX, mark_of
+
+        assert read.prepared is not None
+        stem = record_stem(name)
+        source = f"{name} sha256:{read.sha256}"  # a redo after a crash finds its own heatmap by this and replaces it
+        target = self.out_dir / f"{stem}{EXPLAIN_SUFFIX}"
+        if (target.exists() or target.is_symlink()) and mark_of(target) != source:
+            target = self.out_dir / f"{stem}.{(read.sha256 or '')[:12]}{EXPLAIN_SUFFIX}"
+        try:
+            return {"explanation": self.explainer.write(read.prepared, target, source=source)}
+        except Exception as err:  # broad on purpose: the record is written either way
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self.log(f"{printable(name)}: no heatmap ({printable(message)})")
+            return {"explanation": None, "explanation_error": message}
+
 
 def serve(
     bundle_path: str | Path,
@@ -479,6 +505,7 @@ def serve(
     log: Callable[[str], None] = print,
     stop: threading.Event | None = None,
     outputs: Sequence[Callable[[VerifiedBundle, Path], Any]] = (),
+    explain: bool = False,
 ) -> ServeStats:
     """Watch ``watch`` and write one record per image into ``out_dir`` (default WATCH/results).
 
@@ -487,7 +514,8 @@ def serve(
     2 x ``workers``) are finished and recorded first. ``workers``: threads that hash, decode and preprocess a
     backlog ahead of the model (None: one per core, up to 4); records are still written one at a time, in order.
     ``outputs``: factories (verified bundle, out_dir) -> extra per-record outputs with ``write(record)`` and
-    ``flush(final=)`` (FHIR: runtime/fhir.py).
+    ``flush(final=)`` (FHIR: runtime/fhir.py). ``explain``: a heatmap PNG beside each gradable image's record, named in
+    its ``explanation`` field.
     """
     workers = check_workers(workers)
     watch = Path(watch)
@@ -525,7 +553,9 @@ def serve(
             + f"): {watch} -> {out_dir}"
         )
         extra = [make(verified, out_dir) for make in outputs]
-        service = Service(verified, watch, out_dir, settle=settle, log=log, once=once, outputs=extra, workers=workers)
+        service = Service(
+            verified, watch, out_dir, settle=settle, log=log, once=once, outputs=extra, workers=workers, explain=explain
+        )
         pending = 0
         while not stop.is_set():
             pending = service.poll(stop)

@@ -1,0 +1,224 @@
+"""Heatmaps a grader can check (runtime/explain.py): the peak lands on the lesion a stub model reads, the pointing
+game's arithmetic, the overlay PNG's writing rules, and ``predict --explain`` / ``serve --explain`` on a bundle."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tlcompile.data import synthetic
+from tlcompile.errors import TlcompileError
+from tlcompile.runtime import explain
+from tlcompile.runtime.predict import PREVIOUS_CSV_COLUMNS, check_csv_target
+from tlcompile.runtime.preprocess import PreprocessSpec, luminance, prepare_with_field, to_input
+
+SIZE = 48
+SPEC = PreprocessSpec(size=SIZE)
+LESION = (12, 33)  # row, column of the painted lesion in the network input
+
+
+@dataclass
+class RegionSession:
+    """A stand-in InferenceSession whose P(referable) rises with how dark one small region is: the lesion it "sees".
+    Everything else in the picture is irrelevant to it."""
+
+    runtime: str = "stub"
+    threads: int = 1
+    exec_precision: str = "f32"
+    calls: int = 0
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        r, c = LESION
+        patch = x[:, :, r - 2 : r + 3, c - 2 : c + 3].mean(axis=(1, 2, 3))
+        return np.stack([np.zeros_like(patch), -3.0 * patch], axis=1).astype(np.float32)
+
+
+def _fundus_with_lesion() -> tuple[np.ndarray, np.ndarray]:
+    """A plain orange field on black with one dark red dot at LESION; and the lesion's mask."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    field = (yy - 23.5) ** 2 + (xx - 23.5) ** 2 <= 23**2
+    img[field] = (210, 90, 60)
+    dot = (yy - LESION[0]) ** 2 + (xx - LESION[1]) ** 2 <= 2**2
+    img[dot] = (110, 15, 12)
+    return img, dot
+
+
+@pytest.mark.parametrize("method", explain.METHODS)
+def test_heatmap_peaks_on_the_lesion_the_model_reads(method):
+    img, dot = _fundus_with_lesion()
+    x = to_input(img, SPEC)
+    session = RegionSession()
+    e = explain.explain_input(session, x, SPEC, method=method, batch=32)
+    assert e.heat.shape == (SIZE, SIZE)
+    r, c = e.peak
+    assert abs(r - LESION[0]) <= 4 and abs(c - LESION[1]) <= 4, (e.peak, method)
+    case = explain.pointing_case(e.heat, dot.astype(np.float32), e.field, explain.tolerance_px(SIZE))
+    assert case is not None and case.hit
+    assert 0 < case.chance < 0.1  # one small dot in a large field: a random peak rarely hits it
+    assert session.calls > 1  # batched: not one call per patch
+    assert np.array_equal(e.crop, img)  # the picture shown is the one the model saw
+
+
+def test_pointing_game_on_a_constructed_case():
+    field = np.ones((20, 20), bool)
+    lesions = np.zeros((20, 20), np.float32)
+    lesions[10, 10] = 1.0
+    heat = np.zeros((20, 20), np.float32)
+    heat[11, 10] = 5.0  # one pixel off the lesion: inside a tolerance of 1
+    hit = explain.pointing_case(heat, lesions, field, 1.0)
+    assert hit == explain.PointingCase(hit=True, centre_hit=True, chance=5 / 400)  # the lesion and its 4 neighbours
+    heat2 = np.zeros((20, 20), np.float32)
+    heat2[2, 3] = 1.0
+    miss = explain.pointing_case(heat2, lesions, field, 1.0)
+    assert miss is not None and not miss.hit
+    # a lesion too faint to count, or outside the field, gives no case
+    assert explain.pointing_case(heat, lesions * 0.1, field, 1.0) is None
+    game = explain.pointing_game([hit, miss, hit, hit], tolerance=1.0, size=20)
+    assert game["n"] == 4 and game["hit_rate"]["k"] == 3 and game["hit_rate"]["value"] == 0.75
+    lo, hi = game["hit_rate"]["ci"]
+    assert 0.2 < lo < 0.75 < hi <= 1.0  # Wilson
+    assert game["chance"]["value"] == pytest.approx(5 / 400) and game["centre"]["value"] == 1.0
+
+
+def test_peak_is_looked_for_inside_the_field_only():
+    heat = np.zeros((10, 10), np.float32)
+    heat[0, 0] = 9.0  # the black corner
+    heat[5, 5] = 1.0
+    field = np.zeros((10, 10), bool)
+    field[2:8, 2:8] = True
+    assert explain.peak(heat, field) == (5, 5)
+
+
+def test_lesions_map_into_the_network_frame_like_the_photo():
+    """to_network_frame carries a per-pixel map exactly as prepare_image carries the photo: the luminance of the
+    photo, carried over, is the luminance of the prepared input (up to resampling)."""
+    raw, _, lesions = synthetic.draw_with_lesions(1, seed=0, size=70)
+    spec = PreprocessSpec(size=56)
+    crop, found = prepare_with_field(raw, spec)
+    assert found is not None
+    carried = explain.to_network_frame(luminance(raw).astype(np.float32), raw, spec)
+    assert np.abs(carried - luminance(crop)).mean() < 2.0
+    assert explain.to_network_frame(lesions, raw, spec).max() > explain.LESION_LEVEL
+
+
+def test_overlay_written_atomically_never_over_a_foreign_file(tmp_path):
+    img, _ = _fundus_with_lesion()
+    heat = np.zeros((SIZE, SIZE), np.float32)
+    heat[LESION] = 1.0
+    picture = explain.overlay(img, heat, np.ones((SIZE, SIZE), bool), caption="refer")
+    target = tmp_path / "a.explain.png"
+    explain.write_overlay(picture, target, source="cam/a.png")
+    assert explain.is_ours(target) and Image.open(target).size[0] == 2 * 2 * SIZE + 4
+    assert [p.name for p in tmp_path.iterdir()] == ["a.explain.png"]  # no temporary left behind
+    explain.write_overlay(picture, target, source="cam/a.png")  # ours: a rerun replaces it
+    foreign = tmp_path / "b.explain.png"
+    Image.fromarray(img).save(foreign)
+    before = foreign.read_bytes()
+    with pytest.raises(TlcompileError, match="is never overwritten"):
+        explain.write_overlay(picture, foreign, source="cam/b.png")
+    assert foreign.read_bytes() == before
+
+
+def test_explain_targets_same_stem_two_folders_and_refusals(tmp_path):
+    out = explain.check_explain_dir(tmp_path / "ex")
+    a, b = tmp_path / "left" / "eye.png", tmp_path / "right" / "eye.jpg"
+    a.parent.mkdir()
+    b.parent.mkdir()
+    targets = explain.explain_targets([a, b], out)
+    assert targets[a].name == "eye.explain.png"
+    assert targets[b].name.startswith("eye.") and targets[b].name.endswith(".explain.png") and targets[b] != targets[a]
+    (out / "eye.explain.png").write_text("a grader's notes")
+    with pytest.raises(TlcompileError, match="never overwritten"):
+        explain.explain_targets([a], out)
+    with pytest.raises(TlcompileError, match="is a file"):
+        explain.check_explain_dir(out / "eye.explain.png")
+    with pytest.raises(TlcompileError, match="is a folder of input images"):
+        explain.check_explain_dir(tmp_path / "left", inputs=[tmp_path / "right", tmp_path / "left"])
+    with pytest.raises(TlcompileError, match="inside the bundle"):
+        explain.check_explain_dir(tmp_path / "bundle" / "ex", bundle_root=tmp_path / "bundle")
+
+
+def test_csv_of_the_previous_version_is_still_ours(tmp_path):
+    old = tmp_path / "old.csv"
+    old.write_text(",".join(PREVIOUS_CSV_COLUMNS) + "\n")
+    assert check_csv_target(old) == old
+
+
+def test_predict_explain_without_torch(bundle_copy, tmp_path, fundus_images, run_cli):
+    """predict --explain on a box without the [train] extras: a PNG per gradable image, named in the CSV; none for an
+    ungradable frame; a rerun replaces its own PNGs; a foreign file in the way stops it before anything is decided."""
+    folder = tmp_path / "camera"
+    good = fundus_images(folder, 3)
+    Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(folder / "lens_cap.png")
+    out_csv, ex = tmp_path / "out.csv", tmp_path / "heatmaps"
+    args = ("predict", str(bundle_copy), str(folder), "--csv", str(out_csv), "--explain", str(ex))
+    cli = run_cli(*args, block_train_modules=True)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert cli.stdout.endswith("ATTEMPTED:\n"), cli.stdout  # torch & co. were not even tried
+    assert "wrote 3 heatmaps" in cli.stdout
+    rows = {row["file"]: row for row in csv.DictReader(out_csv.open())}
+    for path in good:
+        name = rows[str(path)]["explanation"]
+        assert name == f"{path.stem}.explain.png" and explain.is_ours(ex / name)
+    assert rows[str(folder / "lens_cap.png")]["explanation"] == ""
+    assert sorted(p.name for p in ex.iterdir()) == sorted(f"{p.stem}.explain.png" for p in good)
+
+    assert run_cli(*args).returncode == 0  # a rerun replaces its own heatmaps
+    (ex / f"{good[0].stem}.explain.png").unlink()
+    (ex / f"{good[0].stem}.explain.png").write_text("not ours")
+    refused = run_cli(*args)
+    assert refused.returncode != 0 and "never overwritten" in refused.stderr and "Traceback" not in refused.stderr
+    assert (ex / f"{good[0].stem}.explain.png").read_text() == "not ours"
+
+
+def test_serve_explain_writes_beside_the_record(bundle_copy, tmp_path, fundus_images, run_cli):
+    """serve --explain (the CLI, without the [train] extras): a PNG beside each gradable image's record, named in it;
+    an ungradable frame's record says none."""
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    good = fundus_images(watch, 2)
+    Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(watch / "lens_cap.png")
+    args = ("serve", str(bundle_copy), "--watch", str(watch), "--out", str(out), "--once", "--settle", "0")
+    cli = run_cli(*args, "--explain", block_train_modules=True)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert cli.stdout.endswith("ATTEMPTED:\n"), cli.stdout
+    for path in good:
+        record = json.loads((out / f"{path.name}.json").read_text())
+        assert record["explanation"] == f"{path.name}.explain.png" and explain.is_ours(out / record["explanation"])
+    assert json.loads((out / "lens_cap.png.json").read_text())["explanation"] is None
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.name}.explain.png" for p in good)
+
+
+def test_serve_explain_redo_and_same_name_new_content(tiny_build, tmp_path, fundus_images):
+    """A redo after a crash (heatmap written, record not) replaces its own heatmap; a new photo under an old name gets
+    its own heatmap beside its own record, the earlier one untouched."""
+    import shutil
+
+    from tlcompile.runtime.serve import serve
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    first, second = fundus_images(tmp_path / "camera", 2)
+    watch.mkdir()
+    shutil.copy(first, watch / "eye.png")
+
+    def run():
+        serve(tiny_build.bundle, watch, out, once=True, settle=0, log=lambda _: None, explain=True)
+        return sorted(p.name for p in out.glob("*.png"))
+
+    assert run() == ["eye.png.explain.png"]
+    (out / "eye.png.json").unlink()  # killed after the heatmap, before the record
+    assert run() == ["eye.png.explain.png"]
+    assert json.loads((out / "eye.png.json").read_text())["explanation"] == "eye.png.explain.png"
+    before = (out / "eye.png.explain.png").read_bytes()
+    (watch / "eye.png").unlink()
+    shutil.copy(second, watch / "eye.png")  # the camera reuses the name for another photo
+    pngs = run()
+    assert len(pngs) == 2 and (out / "eye.png.explain.png").read_bytes() == before
+    newer = [json.loads(p.read_text()) for p in out.glob("eye.png.*.json")]
+    assert len(newer) == 1 and newer[0]["explanation"] in pngs and newer[0]["explanation"] != "eye.png.explain.png"
