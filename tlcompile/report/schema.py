@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from tlcompile.errors import TlcompileError
+from tlcompile.report.quality import QualitySection
 
 
 class ReportSchemaError(TlcompileError):
@@ -758,6 +759,7 @@ class Report(_Strict):
     stage_seconds: dict[str, float]
     environment: Environment
     bundle: BundleRecord = Field(None, description="Absent when the recipe makes no bundle (bundle.enabled: false).")
+    quality: QualitySection = Field(None, description="The image-quality gate; absent when quality.enabled is false.")
 
 
 # ------------------------------------------------------------------------------------------------ validation
