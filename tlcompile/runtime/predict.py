@@ -41,7 +41,11 @@ CSV_COLUMNS = (
     "fov_found",
     "error",
     "ungradable_reason",
+    "quality_score",
+    "quality_reasons",
 )
+# Headers an earlier tlcompile wrote: such a results CSV is still recognised as ours (and may be replaced).
+EARLIER_CSV_COLUMNS = (CSV_COLUMNS[: CSV_COLUMNS.index("quality_score")],)
 
 
 @dataclass
@@ -60,7 +64,11 @@ class ImageResult:
     fov_found: bool | None = None
     error: str | None = None
     latency_ms: float | None = None  # preprocessing + inference on this box
-    ungradable_reason: str | None = None  # why no decision: no field of view, or not a fundus photograph
+    ungradable_reason: str | None = None  # why no decision: no field of view, not a fundus photograph, poor quality
+    # The bundle's image-quality gate (runtime/quality.py): its score (0-1, >= 0.5 passes) and the failed measures
+    # ('focus;brightness'); None for a bundle without a gate, or an image that is not a fundus photograph.
+    quality_score: float | None = None
+    quality_reasons: str | None = None
     # A DICOM input's header fields (patient_id, laterality, acquired_at, ...): for the clinic record (serve's JSON,
     # FHIR), never printed. Absent from to_dict() for other files.
     dicom: dict[str, Any] | None = None
@@ -102,6 +110,13 @@ def prepare_photo(bundle: Bundle, path: Path) -> PreparedImage:
         ungradable_reason=reason,
         dicom=source,
     )
+    gate = bundle.quality_gate
+    if gate is not None and (fov_found or found is None):  # a photo that is not a fundus photograph is not scored
+        quality = gate.assess(rgb, found)
+        result.quality_score, result.quality_reasons = quality.score, ";".join(quality.reasons)
+        if fov_found and not quality.gradable:
+            fov_found = False
+            result.ungradable, result.ungradable_reason = True, quality.sentence(gate.limits)
     x = to_input(prepared, spec) if fov_found else None
     if x is None:
         result.referral = UNGRADABLE
@@ -221,7 +236,8 @@ def check_csv_target(path: str | Path, *, inputs: Iterable[Path] = (), bundle_ro
             raise TlcompileError(
                 f"--csv '{path}' exists and cannot be read ({err.strerror or err}); give a new file name"
             ) from err
-        if first != header or path.is_symlink():
+        earlier = {",".join(columns) for columns in EARLIER_CSV_COLUMNS}
+        if (first != header and first not in earlier) or path.is_symlink():
             raise TlcompileError(
                 f"--csv '{path}' exists and is not a results CSV of tlcompile predict; it is never overwritten; "
                 "give a new file name"
