@@ -51,7 +51,14 @@ from PIL import Image
 
 from tlcompile.errors import BundleError
 from tlcompile.runtime.manifest import inside
-from tlcompile.runtime.preprocess import FieldOfView, find_field, read_input
+from tlcompile.runtime.preprocess import (
+    FieldOfView,
+    find_field,
+    histogram,
+    luminance,
+    median_of_histogram,
+    read_input,
+)
 
 QUALITY_VERSION = 1  # bumped whenever a measure's arithmetic changes: limits calibrated for another version are void
 WORK_RADIUS = 64  # field radius in pixels the measures are taken at
@@ -109,11 +116,11 @@ class Assessment:
 
 
 def _work_image(rgb: np.ndarray, found: FieldOfView) -> tuple[np.ndarray, np.ndarray]:
-    """The field resampled to radius WORK_RADIUS on a (2R, 2R, 3) float32 canvas, and where the canvas is in frame."""
+    """The field resampled to radius WORK_RADIUS on a (2R, 2R, 3) uint8 canvas, and where the canvas is in frame."""
     h, w = rgb.shape[:2]
     top, bottom, left, right = found.box(h, w)
     side = 2 * WORK_RADIUS
-    canvas = np.zeros((side, side, 3), np.float32)
+    canvas = np.zeros((side, side, 3), np.uint8)
     inframe = np.zeros((side, side), bool)
     if bottom <= top or right <= left or found.radius <= 0:
         return canvas, inframe
@@ -123,7 +130,7 @@ def _work_image(rgb: np.ndarray, found: FieldOfView) -> tuple[np.ndarray, np.nda
     x0 = (left - (found.cx - found.radius)) * scale
     ch, cw = max(1, round((bottom - top) * scale)), max(1, round((right - left) * scale))
     crop = np.ascontiguousarray(rgb[top:bottom, left:right, :3])
-    small = np.asarray(Image.fromarray(crop).resize((cw, ch), Image.BILINEAR, reducing_gap=2.0), np.float32)
+    small = np.asarray(Image.fromarray(crop).resize((cw, ch), Image.BILINEAR, reducing_gap=2.0))
     ty, tx = round(y0), round(x0)
     sy0, sx0 = max(0, -ty), max(0, -tx)
     dy0, dx0 = max(0, ty), max(0, tx)
@@ -157,15 +164,16 @@ def _blocks(x: np.ndarray) -> np.ndarray:
 def measure(rgb: np.ndarray, found: FieldOfView) -> dict[str, float]:
     """The quality measures of a photo (uint8 RGB) whose field of view was found (see the module docstring)."""
     canvas, inframe = _work_image(np.asarray(rgb), found)
-    lum = canvas.max(axis=2)
-    green = canvas[:, :, 1]
+    lum = luminance(canvas)  # max of R, G, B, plane by plane (canvas.max(axis=2) is 10x slower)
+    green = canvas[:, :, 1].astype(np.float32)
     inside = _INNER_MASK & inframe
     n_inside = int(np.count_nonzero(inside))
     if n_inside < 64:
         return {"coverage": 0.0, "focus": 0.0, "brightness": 0.0, "saturated": 0.0, "evenness": 0.0, "glare": 0.0}
-    field_lum = lum[inside]
-    median = float(np.median(field_lum))
-    block_lum = _blocks(lum)
+    # medians of uint8 planes from Pillow histograms: the same floats as np.median, without copies or partitions
+    green8 = canvas[:, :, 1]
+    median = median_of_histogram(histogram(lum, inside)) or 0.0
+    block_lum = _blocks(lum.astype(np.float32))
     block_in = _blocks(inframe.astype(np.float32)) > 0.5
     seen = _BLOCK_MASK & block_in & (block_lum >= _DARK_BLOCK * max(median, 1.0))
     coverage = float(np.count_nonzero(seen)) / float(np.count_nonzero(_BLOCK_MASK))
@@ -179,12 +187,12 @@ def measure(rgb: np.ndarray, found: FieldOfView) -> dict[str, float]:
     interior = seen_px.copy()
     interior[1:-1, 1:-1] &= seen_px[:-2, 1:-1] & seen_px[2:, 1:-1] & seen_px[1:-1, :-2] & seen_px[1:-1, 2:]
     detail = np.abs(green - local)[interior]
-    green_median = float(np.median(green[interior])) if detail.size else 0.0
+    green_median = (median_of_histogram(histogram(green8, interior)) or 0.0) if detail.size else 0.0
     focus = float(np.percentile(detail, 95)) / max(green_median, 8.0) if detail.size >= 64 else 0.0
-    field_green = green[inside]
-    glare_cut = max(_GLARE_RELATIVE * float(np.median(field_green)), _SATURATED_GREEN)
-    glare = float(np.count_nonzero(field_green >= glare_cut)) / n_inside
-    saturated = float(np.count_nonzero(field_green >= _SATURATED_GREEN)) / n_inside
+    green_counts = histogram(green8, inside)
+    glare_cut = max(_GLARE_RELATIVE * (median_of_histogram(green_counts) or 0.0), _SATURATED_GREEN)
+    glare = float(green_counts[math.ceil(glare_cut) :].sum()) / n_inside
+    saturated = float(green_counts[_SATURATED_GREEN:].sum()) / n_inside
     # evenness: each seen block against the median of the seen blocks in its radial ring
     ratios = []
     for lo, hi in ((0.0, 0.35), (0.35, 0.6), (0.6, 0.75), (0.75, 1.0)):
