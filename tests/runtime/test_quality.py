@@ -204,3 +204,18 @@ def test_torch_blocked_predict_runs_the_gate(tiny_build, bundle_copy, tmp_path, 
     assert dark["referral"] == "ungradable" and "brightness" in dark["quality_reasons"]
     assert dark["ungradable_reason"].endswith("; retake") and float(dark["quality_score"]) < 0.5
     assert rows[str(good[0])]["referral"] in ("refer", "no referral")
+
+
+def test_serve_records_the_quality_verdict_with_its_reasons(tiny_build, tmp_path, fundus_images):
+    from tlcompile.runtime.serve import serve
+
+    watch = tmp_path / "camera"
+    good = fundus_images(watch, 1, size=128)
+    _dark_copy(good[0], watch / "dark.png")
+    stats = serve(tiny_build.bundle, watch, once=True, settle=0, log=lambda line: None)
+    assert stats.results == 2
+    records = {r["file"]: r for r in (json.loads(p.read_text()) for p in (watch / "results").glob("*.json"))}
+    dark = records["dark.png"]
+    assert dark["status"] == "ok" and dark["referral"] == "ungradable" and dark["referable_dr_probability"] is None
+    assert "brightness" in dark["quality_reasons"] and dark["ungradable_reason"].endswith("; retake")
+    assert records[good[0].name]["quality_score"] >= 0.5
