@@ -4,8 +4,9 @@ Every image goes through the bundle's own preprocessing spec and :func:`prepare_
 was trained and validated with. An image where no field of view is found is flagged ungradable and gets no
 referral decision: the model was never validated on such frames, and a clinic should retake or refer them. The
 same holds for a field that is not fundus-like (an ordinary photo: :func:`tlcompile.runtime.screen.not_fundus_reason`,
-``ungradable_reason`` says why), and a decoded image that looks damaged (a large flat block, how a decoder fills
-lost data) is an error, like a file that does not decode.
+``ungradable_reason`` says why) and a photo that fails the bundle's image-quality gate (out of focus, too dark,
+over-exposed ...: :mod:`tlcompile.runtime.quality`; the reasons and "retake"). A decoded image that looks damaged
+(a large flat block, how a decoder fills lost data) is an error, like a file that does not decode.
 """
 
 from __future__ import annotations
