@@ -67,7 +67,7 @@ class ImageResult:
     latency_ms: float | None = None  # preprocessing + inference on this box
     ungradable_reason: str | None = None  # why no decision: no field of view, not a fundus photograph, poor quality
     # The bundle's image-quality gate (runtime/quality.py): its score (0-1, >= 0.5 passes) and the failed measures
-    # ('focus;brightness'); None for a bundle without a gate, or an image that is not a fundus photograph.
+    # ('focus;brightness'; 'field': no field of view); None for a bundle without a gate.
     quality_score: float | None = None
     quality_reasons: str | None = None
     # A DICOM input's header fields (patient_id, laterality, acquired_at, ...): for the clinic record (serve's JSON,
@@ -112,12 +112,16 @@ def prepare_photo(bundle: Bundle, path: Path) -> PreparedImage:
         dicom=source,
     )
     gate = bundle.quality_gate
-    if gate is not None and (fov_found or found is None):  # a photo that is not a fundus photograph is not scored
+    if gate is not None:
         quality = gate.assess(rgb, found)
         result.quality_score, result.quality_reasons = quality.score, ";".join(quality.reasons)
         if fov_found and not quality.gradable:
             fov_found = False
             result.ungradable, result.ungradable_reason = True, quality.sentence(gate.limits)
+        elif found is not None and reason and not quality.gradable:
+            # A strongly over-exposed or half-occluded fundus photo can also fail the fundus check (washed-out colour,
+            # a surround that is not dark): the gate's reasons say what a retake should fix.
+            result.ungradable_reason = f"{reason} (image quality: {quality.words()})"
     x = to_input(prepared, spec) if fov_found else None
     if x is None:
         result.referral = UNGRADABLE
