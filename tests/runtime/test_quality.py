@@ -219,3 +219,15 @@ def test_serve_records_the_quality_verdict_with_its_reasons(tiny_build, tmp_path
     assert dark["status"] == "ok" and dark["referral"] == "ungradable" and dark["referable_dr_probability"] is None
     assert "brightness" in dark["quality_reasons"] and dark["ungradable_reason"].endswith("; retake")
     assert records[good[0].name]["quality_score"] >= 0.5
+
+
+def test_a_washed_out_photo_refused_by_the_fundus_check_also_gets_the_gates_reasons(tiny_build, tmp_path):
+    bundle = load_bundle(tiny_build.bundle)
+    photo = synthetic.generate(1, seed=3, size=128)[0][0]
+    path = tmp_path / "washed.png"
+    Image.fromarray(degrade(photo, "overexposed", 4.0, np.random.default_rng(0))).save(path)
+    r = predict_paths(bundle, bundle.open_session(), [path])[0]
+    assert r.referral == "ungradable" and r.referable_dr_probability is None
+    assert r.ungradable_reason.startswith("not a fundus photograph")  # its colour no longer looks like a fundus
+    assert "(image quality: " in r.ungradable_reason and "over-exposed" in r.ungradable_reason
+    assert "saturated" in r.quality_reasons.split(";")
