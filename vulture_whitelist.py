@@ -6,6 +6,7 @@ vulture reads ``paths`` in pyproject.toml's [tool.vulture], this file included: 
 from tlcompile import recipe
 from tlcompile.data import checks, synthetic
 from tlcompile.models import zoo
+from tlcompile.report import quality as report_quality
 from tlcompile.runtime import bundle, inference, predict, preprocess, terminal
 
 # Dataclass fields written to JSON with dataclasses.asdict (data_check.json, verify / predict records).
@@ -43,3 +44,21 @@ zoo.TorchvisionModel.torchvision_name  # which torchvision builder a zoo model w
 # records against it); predict and serve run the two halves in a pipeline.
 predict.predict_image
 predict.ImageResult.explanation  # predict --explain / serve --explain: the heatmap PNG, read through asdict()
+
+# The quality gate: recipe limits read with model_dump() (build/stages/quality.py), ImageResult fields written by
+# asdict (CSV, serve records), and report.json's quality section, typed for the schema only (report/schema.py).
+recipe.QualityLimits.brightness
+predict.ImageResult.quality_score
+predict.ImageResult.quality_reasons
+report_quality.QualitySection
+report_quality.GateMetrics.specificity
+report_quality._Calibration.gradable_used
+report_quality._Calibration.share_passing
+report_quality._Calibration.gate_on_val
+report_quality._SensSpec.specificity
+report_quality._Referral.all_images
+report_quality._Referral.gradable_only
+report_quality._Referral.share_graded
+report_quality.QualitySection.limits_source
+report_quality.QualitySection.calibration
+report_quality.QualitySection.ms_per_photo

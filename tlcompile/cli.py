@@ -102,16 +102,17 @@ RECIPE_SECTIONS = (
     "bench",
     "evaluate",
     "bundle",
+    "quality",
     "transfer",
     "prune",
     "quantize",
     "tracking",
 )
 BUILD_HELP = (
-    "Build a recipe: data -> train -> (prune, quantize) -> export -> bench -> report -> bundle.\n\n"
+    "Build a recipe: data -> train -> (prune, quantize) -> export -> bench -> quality -> report -> bundle.\n\n"
     f"Recipe sections (YAML keys, all optional): {', '.join(RECIPE_SECTIONS)}. "
     "data: source, split, preprocessing; model: arch, pretrained; evaluate: operating point, endpoints; "
-    "bundle: selection, candidates, intended use; tracking: MLflow.\n\n"
+    "bundle: selection, candidates, intended use; quality: the image-quality gate; tracking: MLflow.\n\n"
     "Every key with its type, default and description: tlcompile recipe schema. "
     "Check a recipe without running it: tlcompile validate RECIPE. Example: recipes/quickstart.yaml."
 )
@@ -769,18 +770,35 @@ def data_synth(
         Optional[Path],  # noqa: UP045
         typer.Option("--preview", help="Write a PNG grid, one row per grade, beside a real retina photo."),
     ] = None,
+    degrade: Annotated[
+        int,
+        typer.Option(
+            "--degrade",
+            help="Also write this many degraded copies per image (blur, exposure, partial field, glare, eyelash "
+            "shadow, uneven light) into --out's degraded_images/, listed in degraded.csv with a gradable column "
+            "(the rule: tlcompile/data/degrade.py).",
+            min=0,
+            max=20,
+        ),
+    ] = 0,
 ) -> None:
     """Generate synthetic fundus images with DR grades 0-4."""
     from tlcompile.data import synthetic
 
     if out is None and preview is None:
         raise TlcompileError("data synth: give --out DIR (an APTOS-style dataset) and/or --preview FILE.png")
+    if degrade and out is None:
+        raise TlcompileError(f"data synth: --degrade {degrade} writes beside the dataset; give --out DIR as well")
     kwargs = {"seed": seed, "style": style}
     if difficulty is not None:
         kwargs["difficulty"] = difficulty
     if out is not None:
         csv_path = synthetic.write_aptos(out, n, size=size, **kwargs)
         typer.echo(f"wrote {n} images and {csv_path}")
+        if degrade:
+            from tlcompile.data.degrade import write_degraded
+
+            typer.echo(f"wrote {n * degrade} degraded copies and {write_degraded(out, seed=seed, per_image=degrade)}")
     if preview is not None:
         real = None
         try:

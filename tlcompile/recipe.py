@@ -792,6 +792,64 @@ class EvaluateConfig(Section):
         return self
 
 
+# -------------------------------------------------------------------------------------------- quality
+class QualityLimits(Section):
+    """Limits of the image-quality gate's measures (tlcompile.runtime.quality); a limit left out is calibrated."""
+
+    coverage: float | None = Field(
+        None, ge=0, le=1, description="Least share of the field that must be in the frame and not black (e.g. 0.85)."
+    )
+    focus: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Least vessel visibility: 95th percentile of |green - its 3x3 mean| over the median green, at a "
+        "field radius of 64 px (e.g. 0.08).",
+    )
+    brightness: float | None = Field(
+        None, ge=0, le=255, description="Least median brightness (max of R, G, B) of the field (e.g. 40)."
+    )
+    saturated: float | None = Field(
+        None, ge=0, le=1, description="Largest share of the field whose green channel is >= 200 (over-exposure)."
+    )
+    evenness: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Least 10th percentile of block brightness over its ring's median (uneven illumination, shadows).",
+    )
+    glare: float | None = Field(
+        None, ge=0, le=1, description="Largest share of the field with glare (green >= 200 and > 2x its median)."
+    )
+
+
+class QualityConfig(Section):
+    enabled: bool = Field(
+        True,
+        description="Put an image-quality gate into the bundle: predict, serve and verify answer 'ungradable' with "
+        "the reasons (out of focus, too dark, over-exposed, uneven illumination, glare, partial field) and the advice "
+        "to retake, and give no referral decision for such a photo.",
+    )
+    target_gradable: float = Field(
+        0.97,
+        ge=0.5,
+        le=1.0,
+        description="Share of gradable validation photos (as taken, and mildly degraded copies) the calibrated gate "
+        "must pass; the cleared devices report 96-99% imageability.",
+    )
+    limits: QualityLimits = Field(
+        default_factory=QualityLimits,
+        description="Fixed limits per measure; a measure without one is calibrated on val to target_gradable.",
+    )
+    copies_per_image: int = Field(
+        2,
+        ge=1,
+        le=20,
+        description="Degraded copies drawn per val and test photo (tlcompile.data.degrade: blur, exposure, partial "
+        "field, glare, eyelash shadow, uneven light; each labelled gradable or not) to calibrate and measure the gate.",
+    )
+
+
 # --------------------------------------------------------------------------------------------- bundle
 DEFAULT_INTENDED_USE = (
     "Aid to screening for referable diabetic retinopathy (moderate non-proliferative DR or worse) on colour fundus "
@@ -897,6 +955,10 @@ class Recipe(Section):
     bundle: BundleConfig = Field(
         default_factory=BundleConfig,
         description="The deployment bundle: which artifact, runtime, golden samples, model card.",
+    )
+    quality: QualityConfig = Field(
+        default_factory=QualityConfig,
+        description="The image-quality gate: calibrated on val, measured on test, shipped in the bundle.",
     )
     transfer: TransferConfig | None = Field(
         None,

@@ -49,6 +49,9 @@ def tiny_build(tmp_path_factory) -> TinyBuild:
             "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 3},
             "evaluate": {"bootstrap_resamples": 200},
             "bundle": {"golden_samples": 6},
+            # At 48 px (a field radius of ~28 px) no focus measure tells blur from sharp, and the golden frames are
+            # 2x enlargements: the gate's focus limit is fixed off here; its other limits are calibrated as usual.
+            "quality": {"limits": {"focus": 0.0}},
         }
     )
     out = tmp_path_factory.mktemp("tiny-build") / "build"

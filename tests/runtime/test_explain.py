@@ -14,7 +14,7 @@ from PIL import Image
 from tlcompile.data import synthetic
 from tlcompile.errors import TlcompileError
 from tlcompile.runtime import explain
-from tlcompile.runtime.predict import PREVIOUS_CSV_COLUMNS, check_csv_target
+from tlcompile.runtime.predict import EARLIER_CSV_COLUMNS, check_csv_target
 from tlcompile.runtime.preprocess import PreprocessSpec, luminance, prepare_with_field, to_input
 
 SIZE = 48
@@ -147,7 +147,7 @@ def test_explain_targets_same_stem_two_folders_and_refusals(tmp_path):
 
 def test_csv_of_the_previous_version_is_still_ours(tmp_path):
     old = tmp_path / "old.csv"
-    old.write_text(",".join(PREVIOUS_CSV_COLUMNS) + "\n")
+    old.write_text(",".join(EARLIER_CSV_COLUMNS[0]) + "\n")
     assert check_csv_target(old) == old
 
 

@@ -90,6 +90,7 @@ class BuildContext:
     transfer: dict[str, Any] | None = None  # report["transfer"]: the variant table, selection and source
     weight_source: Any = None  # models.pretrained.SourceWeights read by the train stage's preflight
     bench_rows: list[dict[str, Any]] = field(default_factory=list)
+    quality: dict[str, Any] | None = None  # report["quality"]: the image-quality gate (build/stages/quality.py)
     report: dict[str, Any] = field(default_factory=dict)  # report.json, assembled after the bench
     bundle_error: Exception | None = None  # a bundle that could not be made: raised once the report is written
     tracker: Tracker = field(default_factory=Tracker)  # MLflow (recipe tracking.mlflow) or nothing; see tracking.py

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from tlcompile.build.context import Artifact, BuildContext, Stage, StageRun, read_stage_record
 from tlcompile.build.outdir import claim_out_dir, prepare_out_dir
-from tlcompile.build.stages import bench, bundle, data, explain, export, prune, quantize, report, train
+from tlcompile.build.stages import bench, bundle, data, explain, export, prune, quality, quantize, report, train
 from tlcompile.data.datamodule import DataModule
 from tlcompile.errors import TlcompileError
 from tlcompile.io import atomic_write_json, atomic_write_text
@@ -38,6 +38,7 @@ STAGES: list[Stage] = [
     quantize.STAGE,
     export.STAGE,
     bench.STAGE,
+    quality.STAGE,
     report.STAGE,
     bundle.STAGE,
     explain.STAGE,  # heatmaps of the bundle's model, through its deployed runtime

@@ -35,7 +35,8 @@ from tlcompile.runtime.bundle import (
 )
 from tlcompile.runtime.inference import predict_logits
 from tlcompile.runtime.manifest import MANIFEST_JSON, manifest_entries
-from tlcompile.runtime.preprocess import LazyInputs, prepare_image, resize, to_input
+from tlcompile.runtime.preprocess import LazyInputs, find_field, prepare_image, read_input, resize, to_input
+from tlcompile.runtime.quality import RETAKE, QualityGate
 
 BUNDLE_PRECISION = "f32"
 # Preprocessing of the same PNG on two boxes may differ by a rounding step in the resize (SIMD Pillow builds);
@@ -420,6 +421,26 @@ def _write_golden(
     return shared, own, sessions
 
 
+def quality_block(quality: dict[str, Any], root: Path, images: list[str], draft_size: int) -> dict[str, Any]:
+    """bundle.json's ``quality``: the gate the build calibrated (limits, version), the imageability it measured on
+    test, and the gate's score and reasons for each golden frame, which ``tlcompile verify`` reproduces on the box."""
+    gate = QualityGate(limits=dict(quality["limits"]), version=quality["version"])
+    golden = []
+    for rel in images:
+        rgb, _ = read_input(root / rel, draft_size=draft_size)
+        a = gate.assess(rgb, find_field(rgb))
+        golden.append({"image": rel, "score": float(a.score), "reasons": list(a.reasons)})
+    return {
+        **gate.to_dict(),
+        "target_gradable": quality["target_gradable"],
+        "limits_source": quality["limits_source"],
+        "imageability": quality["imageability"],
+        "gate_on_test": {k: quality["test"][k] for k in ("sensitivity", "specificity")},
+        "advice": RETAKE,
+        "golden": golden,
+    }
+
+
 # ------------------------------------------------------------------------------------------------ write
 def _copy_model(row: dict[str, Any], out_dir: Path, root: Path) -> tuple[str, list[str]]:
     source = out_dir / row["path"]
@@ -548,6 +569,8 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
             }
         )
         meta["model_card"]["limitations"] = _limitations(recipe, rows[default], endpoints_set)
+        if report.get("quality"):
+            meta["quality"] = quality_block(report["quality"], root, shared["images"], data.spec.draft_size)
         atomic_write_json(root / BUNDLE_JSON, meta)
         atomic_write_json(
             root / MANIFEST_JSON, {"format_version": BUNDLE_FORMAT_VERSION, "files": manifest_entries(root)}

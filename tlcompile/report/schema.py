@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from tlcompile.errors import TlcompileError
+from tlcompile.report.quality import QualitySection
 
 
 class ReportSchemaError(TlcompileError):
@@ -809,6 +810,7 @@ class Report(_Strict):
     environment: Environment
     bundle: BundleRecord = Field(None, description="Absent when the recipe makes no bundle (bundle.enabled: false).")
     explain: Explain | ExplainSkipped = Field(None, description="Absent when the recipe makes no bundle.")
+    quality: QualitySection = Field(None, description="The image-quality gate; absent when quality.enabled is false.")
 
 
 # ------------------------------------------------------------------------------------------------ validation

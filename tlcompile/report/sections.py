@@ -27,6 +27,7 @@ from tlcompile.report.format import (
     pp,
     with_ci,
 )
+from tlcompile.report.quality import quality_parts
 from tlcompile.runtime.terminal import num
 
 ROW_COLUMNS = (
@@ -1023,6 +1024,19 @@ def _explain_section(report: dict[str, Any]) -> ReportSection | None:
     return ReportSection(sid, title, paragraphs, [ReportTable(h, rows, caption) for h, rows, caption in tables])
 
 
+def _quality_section(report: dict[str, Any]) -> ReportSection | None:
+    parts = quality_parts(report)  # the body lives in report/quality.py
+    if parts is None:
+        return None
+    paragraphs, tables = parts
+    return ReportSection(
+        "quality",
+        "Image quality (gradability)",
+        paragraphs,
+        [ReportTable(header, rows, caption) for caption, header, rows in tables],
+    )
+
+
 def report_sections(report: dict[str, Any]) -> list[ReportSection]:
     """The sections of report.md and report.html, in order; optional ones only when the report has their data."""
     sections = [
@@ -1035,6 +1049,7 @@ def report_sections(report: dict[str, Any]) -> list[ReportSection]:
         _calibration_section(report),
         _endpoints_section(report),
         _explain_section(report),
+        _quality_section(report),
         _artifacts_section(report),
         _transfer_section(report),
         _data_section(report),

@@ -46,6 +46,7 @@ from tlcompile.runtime.pinning import (
     write_device,
 )
 from tlcompile.runtime.preprocess import PreprocessSpec, prepare_image, to_input
+from tlcompile.runtime.quality import QualityCheck, QualityGate, check_quality
 from tlcompile.runtime.signing import SignatureCheck, check_signature
 
 BUNDLE_FORMAT_VERSION = 2  # 2: several candidates (artifact@runtime), each with its golden logits
@@ -122,6 +123,12 @@ class Bundle:
             return PreprocessSpec.from_dict(self.meta["preprocessing"])
         except TlcompileError as err:  # out of range: a size that would allocate hundreds of GiB, a zero std ...
             raise BundleError(f"{self.root / BUNDLE_JSON}: {err}") from err
+
+    @property
+    def quality_gate(self) -> QualityGate | None:
+        """The image-quality gate (bundle.json ``quality``); None for a bundle built without one (before the gate)."""
+        block = self.meta.get("quality")
+        return None if block is None else QualityGate.from_dict(block, f"{self.root / BUNDLE_JSON}: quality")
 
     @property
     def threshold(self) -> float:
@@ -284,6 +291,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if not (math.isfinite(bundle.temperature) and bundle.temperature > 0):
         raise BundleError(f"{meta_path}: operating_point.temperature {bundle.temperature}; valid: a finite number > 0")
     bundle.preprocessing  # noqa: B018 - raises BundleError now for an out-of-range spec (PreprocessSpec bounds it)
+    bundle.quality_gate  # noqa: B018 - raises BundleError now for a damaged quality block (absent: no gate, as before)
     _check_candidates(meta, meta_path)
     bundle.model_path  # noqa: B018 - raises UnsafeFileError now for an entry outside the bundle, not at first use
     if meta.get("candidates") and bundle.candidate(bundle.default_candidate).meta["model"] != meta["model"]:
@@ -530,6 +538,7 @@ class VerifyResult:
     default_candidate: str = ""
     pin: dict[str, Any] | None = None  # {chosen, why, reused, path, error}
     signature: SignatureCheck = field(default_factory=SignatureCheck)
+    quality: QualityCheck = field(default_factory=QualityCheck)  # the image-quality gate (absent in older bundles)
     problems: list[str] = field(default_factory=list)  # problems outside the checks (unreadable bundle.json ...)
 
     @property
@@ -541,6 +550,7 @@ class VerifyResult:
             not self.problems
             and self.manifest.ok
             and self.signature.ok
+            and self.quality.ok
             and not any(c.damaged for c in self.candidates)
             and any(c.ok for c in self.candidates)
         )
@@ -574,6 +584,7 @@ class VerifyResult:
                 for c in self.candidates
             ],
             "pin": self.pin,
+            "quality": {**asdict(self.quality), "ok": self.quality.ok},
             "problems": self.problems,
         }
 
@@ -644,6 +655,12 @@ def verify_bundle(
     result.artifact = bundle.artifact
     if not result.signature.ok:
         return result  # a model nobody trusted is not even loaded on this box
+    try:
+        result.quality = check_quality(
+            bundle.root, bundle.meta, str(bundle.root / BUNDLE_JSON), bundle.preprocessing.draft_size
+        )
+    except TlcompileError as err:  # a golden frame that cannot be read
+        result.quality = QualityCheck(present=True, problems=[str(err)])
     sessions: dict[str, InferenceSession] = {}
     for cid in bundle.candidates:
         check, session = _check_candidate(bundle, cid, threads)
@@ -772,6 +789,12 @@ def open_verified(
             f"bundle {bundle.root} ({cid}) fails its golden samples on this box: {golden.problems[0]}; "
             f"run tlcompile verify {bundle.root}"
         )
+    quality = check_quality(bundle.root, bundle.meta, str(bundle.root / BUNDLE_JSON), bundle.preprocessing.draft_size)
+    if not quality.ok:
+        raise BundleError(
+            f"bundle {bundle.root} fails its quality gate check: {quality.problems[0]}; "
+            f"run tlcompile verify {bundle.root}"
+        )
     return VerifiedBundle(
         bundle=view,
         session=session,
@@ -843,6 +866,9 @@ def verify_lines(result: VerifyResult) -> list[str]:
             lines.append(f"    note: {p['noise']}")
         if p.get("error"):
             lines.append(f"    {p['error']}")
+    if result.name:
+        lines.append(result.quality.line())
+        lines += [f"    {p}" for p in result.quality.problems]
     lines += [f"  {p}" for p in result.problems]
     failing = [c for c in result.candidates if not c.ok]
     failing.sort(key=lambda c: not c.damaged)  # damage first: it is what fails the bundle
@@ -852,6 +878,12 @@ def verify_lines(result: VerifyResult) -> list[str]:
             "do not reproduce their golden outputs on this box "
             "and will not run here"
         )
-    reasons = result.problems + s.problems + m.problems + [f"{c.id}: {c.why_failed()}" for c in failing]
+    reasons = (
+        result.problems
+        + s.problems
+        + m.problems
+        + result.quality.problems
+        + [f"{c.id}: {c.why_failed()}" for c in failing]
+    )
     lines.append("PASS" if result.ok else f"FAIL: {reasons[0] if reasons else 'no golden samples were run'}")
     return lines

@@ -4,8 +4,9 @@ Every image goes through the bundle's own preprocessing spec and :func:`prepare_
 was trained and validated with. An image where no field of view is found is flagged ungradable and gets no
 referral decision: the model was never validated on such frames, and a clinic should retake or refer them. The
 same holds for a field that is not fundus-like (an ordinary photo: :func:`tlcompile.runtime.screen.not_fundus_reason`,
-``ungradable_reason`` says why), and a decoded image that looks damaged (a large flat block, how a decoder fills
-lost data) is an error, like a file that does not decode.
+``ungradable_reason`` says why) and a photo that fails the bundle's image-quality gate (out of focus, too dark,
+over-exposed ...: :mod:`tlcompile.runtime.quality`; the reasons and "retake"). A decoded image that looks damaged
+(a large flat block, how a decoder fills lost data) is an error, like a file that does not decode.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ CSV_COLUMNS = (
     "fov_found",
     "error",
     "ungradable_reason",
+    "quality_score",
+    "quality_reasons",
     "explanation",
 )
-# The header before the explanation column: a CSV written by an earlier version is still ours to replace.
-PREVIOUS_CSV_COLUMNS = CSV_COLUMNS[:-1]
+# Headers an earlier tlcompile wrote: such a results CSV is still recognised as ours (and may be replaced).
+EARLIER_CSV_COLUMNS = (CSV_COLUMNS[: CSV_COLUMNS.index("quality_score")],)
 
 
 @dataclass
@@ -63,7 +66,11 @@ class ImageResult:
     fov_found: bool | None = None
     error: str | None = None
     latency_ms: float | None = None  # preprocessing + inference on this box
-    ungradable_reason: str | None = None  # why no decision: no field of view, or not a fundus photograph
+    ungradable_reason: str | None = None  # why no decision: no field of view, not a fundus photograph, poor quality
+    # The bundle's image-quality gate (runtime/quality.py): its score (0-1, >= 0.5 passes) and the failed measures
+    # ('focus;brightness'; 'field': no field of view); None for a bundle without a gate.
+    quality_score: float | None = None
+    quality_reasons: str | None = None
     explanation: str | None = None  # --explain: the heatmap PNG's file name (none for ungradable images)
     # A DICOM input's header fields (patient_id, laterality, acquired_at, ...): for the clinic record (serve's JSON,
     # FHIR), never printed. Absent from to_dict() for other files.
@@ -106,6 +113,17 @@ def prepare_photo(bundle: Bundle, path: Path) -> PreparedImage:
         ungradable_reason=reason,
         dicom=source,
     )
+    gate = bundle.quality_gate
+    if gate is not None:
+        quality = gate.assess(rgb, found)
+        result.quality_score, result.quality_reasons = quality.score, ";".join(quality.reasons)
+        if fov_found and not quality.gradable:
+            fov_found = False
+            result.ungradable, result.ungradable_reason = True, quality.sentence(gate.limits)
+        elif found is not None and reason and not quality.gradable:
+            # A strongly over-exposed or half-occluded fundus photo can also fail the fundus check (washed-out colour,
+            # a surround that is not dark): the gate's reasons say what a retake should fix.
+            result.ungradable_reason = f"{reason} (image quality: {quality.words()})"
     x = to_input(prepared, spec) if fov_found else None
     if x is None:
         result.referral = UNGRADABLE
@@ -233,7 +251,8 @@ def check_csv_target(path: str | Path, *, inputs: Iterable[Path] = (), bundle_ro
             raise TlcompileError(
                 f"--csv '{path}' exists and cannot be read ({err.strerror or err}); give a new file name"
             ) from err
-        if first not in (header, ",".join(PREVIOUS_CSV_COLUMNS)) or path.is_symlink():
+        earlier = {",".join(columns) for columns in EARLIER_CSV_COLUMNS}
+        if (first != header and first not in earlier) or path.is_symlink():
             raise TlcompileError(
                 f"--csv '{path}' exists and is not a results CSV of tlcompile predict; it is never overwritten; "
                 "give a new file name"

@@ -2,7 +2,7 @@
 
 Runs after the bundle stage, on the bundle's own default candidate through its deployed runtime (OpenVINO or ONNX
 Runtime, never torch), with the method ``predict --explain`` uses (:mod:`tlcompile.runtime.explain`). It writes the
-overlays into ``07_explain/`` (a contact sheet, one row per grade) and ``report["explain"]``: the method, the time per
+overlays into ``08_explain/`` (a contact sheet, one row per grade) and ``report["explain"]``: the method, the time per
 explained image on this CPU and, for synthetic data, the pointing game on the referable test images against the
 lesions the generator painted (``synthetic.draw_with_lesions``: the very images the build tested on, re-rendered
 with their lesion record), with its chance and field-centre baselines. Other data has no lesion positions: the
@@ -23,7 +23,7 @@ from tlcompile.build.context import Artifact, BuildContext, Stage
 from tlcompile.runtime import explain as xai
 from tlcompile.runtime.preprocess import prepare_image, to_input
 
-FOLDER = "07_explain"
+FOLDER = "08_explain"
 PER_GRADE = 2  # heatmaps shown per DR grade in the report
 SHEET = "heatmaps.png"
 

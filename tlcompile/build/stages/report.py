@@ -37,6 +37,7 @@ def assemble_report(ctx: BuildContext) -> dict[str, Any]:
         "training": ctx.training,
         **({"transfer": ctx.transfer} if ctx.transfer is not None else {}),
         "artifacts": ctx.bench_rows,
+        **({"quality": ctx.quality} if ctx.quality is not None else {}),
         "stage_seconds": {k: round(v, 2) for k, v in ctx.stage_seconds.items()},
         "environment": environment(),
     }

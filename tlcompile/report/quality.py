@@ -1,0 +1,138 @@
+"""report.json's ``quality`` section (the image-quality gate): its schema and what report.md/html print of it.
+
+Written by the build's quality stage (tlcompile/build/stages/quality.py); nothing is computed here. Torch- and
+numpy-free, like the schema it is part of.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Proportion(_Strict):
+    value: float | None
+    ci: list[float] | None
+    k: int
+    n: int
+
+
+class _Level(_Strict):
+    gradable: bool
+    passed: _Proportion
+
+
+class GateMetrics(_Strict):
+    """The gate against the degradation labels: sensitivity = ungradable copies caught, specificity = gradable
+    photos and copies passed (Wilson 95% CIs), and per kind and level the share passed."""
+
+    copies: int
+    ungradable: int
+    sensitivity: _Proportion
+    specificity: _Proportion
+    by_kind: dict[str, dict[str, _Level]]
+
+
+class _Calibration(_Strict):
+    split: Literal["val"]
+    photos: int
+    gradable_used: int
+    share_passing: float | None
+    copies_per_image: int
+    gate_on_val: GateMetrics
+
+
+class _Imageability(_Proportion):
+    split: Literal["test"]
+
+
+class _SensSpec(_Strict):
+    sensitivity: _Proportion
+    specificity: _Proportion
+
+
+class _Referral(_Strict):
+    artifact: str
+    all_images: _SensSpec
+    gradable_only: _SensSpec
+    share_graded: _Proportion
+
+
+class QualitySection(_Strict):
+    """The image-quality gate: its limits (calibrated on val or set by the recipe), its sensitivity and specificity
+    for ungradable photos on test, the test split's imageability, and the referral metrics with and without it."""
+
+    version: int
+    target_gradable: float
+    limits: dict[str, float]
+    limits_source: dict[str, str]
+    calibration: _Calibration
+    test: GateMetrics
+    imageability: _Imageability
+    ms_per_photo: float
+    referral: _Referral = Field(None, description="Absent when the build has no fp32 test logits.")
+
+
+def _p(d: dict[str, Any] | None) -> str:
+    if not d or d.get("value") is None:
+        return "-"
+    ci = d.get("ci")
+    return f"{d['value']:.1%} ({d['k']}/{d['n']}" + (f"; 95% CI {ci[0]:.1%}-{ci[1]:.1%})" if ci else ")")
+
+
+def quality_parts(report: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[str], list[list[str]]]]] | None:
+    """(paragraphs, tables as (caption, header, rows)) of the report's quality section, or None without one."""
+    q = report.get("quality")
+    if not q:
+        return None
+    t, cal = q["test"], q["calibration"]
+    paragraphs = [
+        "The image-quality gate ships in the bundle and runs torch-free in predict, serve and verify: a photo that "
+        "fails it is answered 'ungradable' with the reasons and 'retake', and gets no referral decision. Its limits "
+        f"were calibrated on the gradable val photos (as taken and mildly degraded) so that "
+        f"{q['target_gradable']:.0%} of them pass (reached: "
+        + ("-" if cal["share_passing"] is None else f"{cal['share_passing']:.1%}")
+        + f"); {q['ms_per_photo']:.2f} ms per photo on the build box.",
+        f"**Imageability on test** (the test photos as taken): {_p(q['imageability'])}.",
+        f"On the test photos and their degraded copies ({t['copies']}, {t['ungradable']} ungradable by the "
+        f"degradation rule): ungradable caught (sensitivity) {_p(t['sensitivity'])}; gradable passed (specificity) "
+        f"{_p(t['specificity'])}.",
+    ]
+    tables = [
+        (
+            "Limits",
+            ["measure", "limit", "set by"],
+            [[k, f"{v:.4g}", q["limits_source"].get(k, "")] for k, v in q["limits"].items()],
+        ),
+        (
+            "Test copies passed, per degradation",
+            ["kind", "level", "label", "passed"],
+            [
+                [kind, level, "gradable" if v["gradable"] else "ungradable", _p(v["passed"])]
+                for kind, levels in t["by_kind"].items()
+                for level, v in levels.items()
+            ],
+        ),
+    ]
+    r = q.get("referral")
+    if r:
+        paragraphs.append(
+            f"Referral metrics of {r['artifact']} with and without the gate (test photos as taken; share graded "
+            f"{_p(r['share_graded'])})."
+        )
+        tables.append(
+            (
+                "Referral: all images vs gradable-only",
+                ["photos", "sensitivity", "specificity"],
+                [
+                    ["all", _p(r["all_images"]["sensitivity"]), _p(r["all_images"]["specificity"])],
+                    ["gradable only", _p(r["gradable_only"]["sensitivity"]), _p(r["gradable_only"]["specificity"])],
+                ],
+            )
+        )
+    return paragraphs, tables
