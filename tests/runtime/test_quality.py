@@ -181,9 +181,12 @@ def test_predict_answers_ungradable_with_reasons_and_retake(tiny_build, tmp_path
 
 
 def test_the_results_csv_has_the_quality_columns_and_an_earlier_csv_is_still_ours(tmp_path):
-    assert CSV_COLUMNS[-2:] == ("quality_score", "quality_reasons")
+    new = CSV_COLUMNS.index("quality_score")
+    assert CSV_COLUMNS[new : new + 2] == ("quality_score", "quality_reasons")
+    # The header of the results CSV before #16 (quality and explanation columns): still recognised as ours.
     earlier = tmp_path / "old.csv"
-    earlier.write_text(",".join(CSV_COLUMNS[:-2]) + "\nx.png,refer\n")
+    earlier.write_text(",".join(CSV_COLUMNS[:new]) + "\nx.png,refer\n")
+    assert CSV_COLUMNS[new - 1] == "ungradable_reason"
     assert check_csv_target(earlier) == earlier  # written by the tlcompile before the gate: may be replaced
     foreign = tmp_path / "foreign.csv"
     foreign.write_text("a,b\n")
