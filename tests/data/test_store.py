@@ -144,3 +144,12 @@ def test_lazy_inputs_give_the_same_logits_without_a_float_copy_of_the_split(tmp_
     seen: list[int] = []
     assert np.array_equal(predict_logits(Sums(), lazy), predict_logits(Sums(), to_input(images, spec)))
     assert max(seen) == 32  # converted and run a batch at a time
+
+
+def test_one_image_by_index_from_memory_or_the_store(tmp_path):
+    kw = {"source": "synthetic", "num_images": 40, "image_size": 32}
+    memory = load_data(DataConfig(**kw), seed=2)
+    disk = load_data(DataConfig(**kw, store="disk", cache=tmp_path / "c"), seed=2)
+    assert disk.images is None and list(disk.split) == list(memory.split)
+    for i in range(40):
+        assert np.array_equal(disk.image(i), memory.images[i]) and np.array_equal(memory.image(i), memory.images[i])

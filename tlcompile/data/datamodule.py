@@ -95,6 +95,13 @@ class DataModule:
             return self.split_images[name], self.targets[mask]
         return self.images[mask], self.targets[mask]
 
+    def image(self, i: int) -> np.ndarray:
+        """Image ``i`` (an index into ids/grades/split), whether the images are in memory or in the disk store."""
+        if self.split_images is None:
+            return self.images[i]
+        name = str(self.split[i])
+        return self.split_images[name][int(np.count_nonzero(self.split[:i] == name))]
+
     def counts(self) -> dict[str, dict[str, int]]:
         out = {}
         for name in SPLITS:

@@ -65,7 +65,7 @@ def explain_build(ctx: BuildContext, record: dict[str, Any]) -> dict[str, Any]:
     wanted = sorted({*pointing, *(i for ids in shown.values() for i in ids)})
     show = {i for ids in shown.values() for i in ids}
     for i in wanted:
-        x = to_input(dm.images[i], spec)
+        x = to_input(dm.image(i), spec)
         e = xai.explain_input(session, x, spec, temperature=bundle.temperature, batch=batch)
         ms.append(e.ms)
         if i in pointing:
@@ -131,7 +131,7 @@ def _lesion_source(ctx: BuildContext) -> Any:
         raw, grade, opacity = synthetic.draw_with_lesions(
             index, seed=ctx.recipe.seed, size=raw_size, difficulty=difficulty, style=d.style
         )
-        if grade != dm.grades[i] or not np.array_equal(prepare_image(raw, spec)[0], dm.images[i]):
+        if grade != dm.grades[i] or not np.array_equal(prepare_image(raw, spec)[0], dm.image(i)):
             raise AssertionError(f"{dm.ids[i]}: re-rendered image differs from the one the build tested on")  # a bug
         return xai.to_network_frame(opacity, raw, spec)
 
