@@ -222,3 +222,42 @@ def test_serve_explain_redo_and_same_name_new_content(tiny_build, tmp_path, fund
     assert len(pngs) == 2 and (out / "eye.png.explain.png").read_bytes() == before
     newer = [json.loads(p.read_text()) for p in out.glob("eye.png.*.json")]
     assert len(newer) == 1 and newer[0]["explanation"] in pngs and newer[0]["explanation"] != "eye.png.explain.png"
+
+
+def test_predict_keeps_every_decision_when_a_heatmap_cannot_be_written(
+    bundle_copy, tmp_path, fundus_images, monkeypatch
+):
+    """A heatmap that fails at write time (a file that appeared after the up-front check, a full disk) costs that
+    heatmap only: every image is decided, the CSV is written with an empty explanation for it, and one warning line
+    names the image."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    from tlcompile.cli import app
+
+    folder = tmp_path / "camera"
+    good = fundus_images(folder, 3)
+    out_csv, ex = tmp_path / "out.csv", tmp_path / "heatmaps"
+    write = explain.write_overlay
+
+    def flaky(image, path, *, source):
+        if path.name.startswith(good[0].stem):  # a grader saved notes under this name after predict checked it
+            path.write_text("a grader's notes")
+        elif path.name.startswith(good[1].stem):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write(image, path, source=source)
+
+    monkeypatch.setattr(explain, "write_overlay", flaky)
+    args = ["predict", str(bundle_copy), str(folder), "--csv", str(out_csv), "--explain", str(ex)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = {row["file"]: row for row in csv.DictReader(out_csv.open())}
+    assert [rows[str(p)]["referral"] in ("refer", "no referral") for p in good] == [True] * 3
+    assert [rows[str(p)]["explanation"] for p in good] == ["", "", f"{good[2].stem}.explain.png"]
+    assert (ex / f"{good[0].stem}.explain.png").read_text() == "a grader's notes"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3 and "never overwritten" in warnings[0] and str(good[0]) in warnings[0]
+    assert str(good[1]) in warnings[1] and "No space left" in warnings[1]
+    assert warnings[2].startswith("warning: 2 heatmaps could not be written")
+    assert "wrote 1 heatmaps" in result.stdout and "Traceback" not in result.output
