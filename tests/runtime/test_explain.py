@@ -261,3 +261,24 @@ def test_predict_keeps_every_decision_when_a_heatmap_cannot_be_written(
     assert str(good[1]) in warnings[1] and "No space left" in warnings[1]
     assert warnings[2].startswith("warning: 2 heatmaps could not be written")
     assert "wrote 1 heatmaps" in result.stdout and "Traceback" not in result.output
+
+
+def test_long_input_stem_gets_a_short_unique_heatmap_name(tmp_path):
+    """A 250-character file name (the limit is 255 bytes) gives a heatmap name that fits with our suffix and the
+    temporary name, the same on every run, distinct from another long name with the same beginning."""
+    out = explain.check_explain_dir(tmp_path / "ex")
+    a = tmp_path / ("a" * 246 + ".png")
+    b = tmp_path / ("a" * 245 + "b.png")
+    short = tmp_path / "eye.png"
+    targets = explain.explain_targets([a, b, short], out)
+    names = [targets[p].name for p in (a, b, short)]
+    assert len(set(names)) == 3 and names[2] == "eye.explain.png"
+    for name in names:
+        assert name.endswith(explain.EXPLAIN_SUFFIX) and len(name.encode()) + len(".x.12345678.tmp") <= 255
+    assert names[0].startswith("a" * explain.STEM_KEEP_BYTES + "~")
+    assert [explain.explain_targets([p], out)[p].name for p in (a, b)] == names[:2]  # deterministic
+    img, _ = _fundus_with_lesion()
+    picture = explain.overlay(img, np.zeros((SIZE, SIZE), np.float32), np.ones((SIZE, SIZE), bool))
+    explain.write_overlay(picture, targets[a], source=str(a))
+    assert explain.mark_of(targets[a]) == str(a)
+    assert explain.explain_targets([a], out)[a] == targets[a]  # ours now: a rerun may replace it

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tlcompile.errors import TlcompileError
 from tlcompile.evaluate.clinical import proportion
 from tlcompile.evaluate.metrics import referable_classes, softmax
-from tlcompile.io import atomic_path
+from tlcompile.io import atomic_path, fitting_name
 from tlcompile.runtime.inference import InferenceSession
 from tlcompile.runtime.preprocess import PreprocessSpec, _square_window, find_field, to_input
 
@@ -67,6 +67,10 @@ EXPLAIN_SUFFIX = ".explain.png"
 HEAT_FLOOR = 0.001
 # Written into every overlay PNG (a text chunk): a later run may replace a file that carries it, never another one.
 PNG_MARK_KEY = "tlcompile-explain"
+#: An input's stem longer than this (bytes) is shortened to its first STEM_KEEP_BYTES + '~' + a hash of the whole stem
+#: (as serve's record names): ``<stem>[.<hash>].explain.png`` and its temporary name then fit NAME_MAX (255 bytes).
+STEM_MAX_BYTES = 160
+STEM_KEEP_BYTES = 120
 
 
 def tolerance_px(size: int) -> float:
@@ -469,17 +473,20 @@ def check_explain_dir(
 
 
 def explain_targets(paths: list[Path], folder: Path) -> dict[Path, Path]:
-    """``<folder>/<image stem>.explain.png`` per input; two inputs with one stem (two folders) get the second and later
-    a short hash of their full path. Refuses (before anything is decided) when a target holds a file not ours."""
+    """``<folder>/<image stem>.explain.png`` per input (a stem over STEM_MAX_BYTES: its first STEM_KEEP_BYTES + '~' +
+    a hash of the whole stem, so the name fits the filesystem); two inputs with one stem (two folders) get the second
+    and later a short hash of their full path. Refuses (before anything is decided) when a target holds a file not
+    ours."""
     import hashlib
 
     targets: dict[Path, Path] = {}
     taken: set[str] = set()
     for path in paths:
-        name = f"{path.stem}{EXPLAIN_SUFFIX}"
+        stem = fitting_name(path.stem, STEM_MAX_BYTES, STEM_KEEP_BYTES)  # a long stem: shortened + hash of the whole
+        name = f"{stem}{EXPLAIN_SUFFIX}"
         if name in taken:
             digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
-            name = f"{path.stem}.{digest}{EXPLAIN_SUFFIX}"
+            name = f"{stem}.{digest}{EXPLAIN_SUFFIX}"
         taken.add(name)
         target = folder / name
         if target.is_symlink() or (target.exists() and not is_ours(target)):
