@@ -58,7 +58,7 @@ def explain_build(ctx: BuildContext, record: dict[str, Any]) -> dict[str, Any]:
     # the first referable test images, in data order (recipe bundle.explain_images)
     pointing = [i for i in test if dm.grades[i] >= 2][: ctx.recipe.bundle.explain_images] if lesions else []
     tolerance = xai.tolerance_px(spec.size)
-    batch = xai.batch_size_of(bundle.meta)
+    batch = xai.batch_size_of(bundle.meta, spec.size)
 
     folder = ctx.stage.folder
     cases, ms, examples = [], [], []
