@@ -355,3 +355,25 @@ def test_rise_memory_stays_at_one_small_batch_at_512_px():
         tracemalloc.stop()
     assert session.calls == 64 // 4
     assert peak_bytes < 80e6, peak_bytes  # 4 rows x 3 x 512 x 512 float32 = 12.6 MB of inputs
+
+
+def test_serve_explain_writes_each_record_once_naming_a_heatmap_already_there(
+    tiny_build, tmp_path, fundus_images, monkeypatch
+):
+    """serve --explain keeps its order on purpose (README): the heatmap first, then the record, written once; a
+    record never appears without the heatmap it names, and is never rewritten to add it."""
+    from tlcompile.runtime import serve as serve_mod
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    fundus_images(watch, 2)
+    writes: list[tuple[str, bool]] = []
+    write = serve_mod.Ledger.write
+
+    def spy(self, record, *, error):
+        name = record.get("explanation")
+        writes.append((record["file"], name is not None and (out / name).is_file()))
+        return write(self, record, error=error)
+
+    monkeypatch.setattr(serve_mod.Ledger, "write", spy)
+    serve_mod.serve(tiny_build.bundle, watch, out, once=True, settle=0, log=lambda _: None, explain=True)
+    assert sorted(writes) == sorted((p.name, True) for p in watch.iterdir())
