@@ -527,12 +527,19 @@ def predict(
         from tlcompile.runtime.explain import Explainer
 
         explainer = Explainer(b, verified.session)
+    unexplained: list[str] = []  # heatmaps that could not be written (their decisions stand)
+
+    def warn(line: str) -> None:
+        unexplained.append(line)
+        print(line, file=sys.stderr)
+
     results = predict_paths(
         b,
         verified.session,
         paths,
         workers=workers,
         explain=(lambda path, prepared: explainer.write(prepared, targets[path])) if explainer else None,
+        warn=warn,
     )
     table = Table(title=f"{b.name} ({b.candidate_id}): refer when P(referable DR) >= {b.threshold:.4f}")
     for col in ("image", "referral", "P(referable DR)") + (("grade",) if b.task == "grade" else ()) + ("note",):
@@ -550,8 +557,13 @@ def predict(
         console.print(f"wrote {csv}")
     if explainer is not None and explainer.ms:
         console.print(
-            f"wrote {len(explainer.ms)} heatmaps into {explain} ({explainer.method}, "
+            f"wrote {sum(r.explanation is not None for r in results)} heatmaps into {explain} ({explainer.method}, "
             f"median {sorted(explainer.ms)[len(explainer.ms) // 2]:.0f} ms per image)"
+        )
+    if unexplained:
+        print(
+            f"warning: {len(unexplained)} heatmaps could not be written (see above); every decision stands",
+            file=sys.stderr,
         )
     unsent = _write_fhir(verified, results, fhir, fhir_url, console) if fhir is not None or fhir_url else 0
     failed = sum(r.error is not None for r in results)

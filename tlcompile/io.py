@@ -70,6 +70,18 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def fitting_name(name: str, max_bytes: int, keep_bytes: int) -> str:
+    """``name`` when it is at most ``max_bytes`` long (encoded), else its first ``keep_bytes`` bytes (whole characters)
+    + '~' + 16 hex digits of the full name's sha256: deterministic, distinct for distinct names, and short enough that
+    a file name built on it (plus a suffix and :func:`atomic_path`'s temporary name) fits the filesystem's 255 bytes."""
+    raw = os.fsencode(name)
+    if len(raw) <= max_bytes:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    head = raw[:keep_bytes].decode("utf-8", errors="ignore")  # cut at a character boundary
+    return os.fsdecode(os.fsencode(head)) + "~" + digest
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

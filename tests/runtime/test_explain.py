@@ -222,3 +222,158 @@ def test_serve_explain_redo_and_same_name_new_content(tiny_build, tmp_path, fund
     assert len(pngs) == 2 and (out / "eye.png.explain.png").read_bytes() == before
     newer = [json.loads(p.read_text()) for p in out.glob("eye.png.*.json")]
     assert len(newer) == 1 and newer[0]["explanation"] in pngs and newer[0]["explanation"] != "eye.png.explain.png"
+
+
+def test_predict_keeps_every_decision_when_a_heatmap_cannot_be_written(
+    bundle_copy, tmp_path, fundus_images, monkeypatch
+):
+    """A heatmap that fails at write time (a file that appeared after the up-front check, a full disk) costs that
+    heatmap only: every image is decided, the CSV is written with an empty explanation for it, and one warning line
+    names the image."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    from tlcompile.cli import app
+
+    folder = tmp_path / "camera"
+    good = fundus_images(folder, 3)
+    out_csv, ex = tmp_path / "out.csv", tmp_path / "heatmaps"
+    write = explain.write_overlay
+
+    def flaky(image, path, *, source):
+        if path.name.startswith(good[0].stem):  # a grader saved notes under this name after predict checked it
+            path.write_text("a grader's notes")
+        elif path.name.startswith(good[1].stem):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write(image, path, source=source)
+
+    monkeypatch.setattr(explain, "write_overlay", flaky)
+    args = ["predict", str(bundle_copy), str(folder), "--csv", str(out_csv), "--explain", str(ex)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = {row["file"]: row for row in csv.DictReader(out_csv.open())}
+    assert [rows[str(p)]["referral"] in ("refer", "no referral") for p in good] == [True] * 3
+    assert [rows[str(p)]["explanation"] for p in good] == ["", "", f"{good[2].stem}.explain.png"]
+    assert (ex / f"{good[0].stem}.explain.png").read_text() == "a grader's notes"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3 and "never overwritten" in warnings[0] and str(good[0]) in warnings[0]
+    assert str(good[1]) in warnings[1] and "No space left" in warnings[1]
+    assert warnings[2].startswith("warning: 2 heatmaps could not be written")
+    assert "wrote 1 heatmaps" in result.stdout and "Traceback" not in result.output
+
+
+def test_long_input_stem_gets_a_short_unique_heatmap_name(tmp_path):
+    """A 250-character file name (the limit is 255 bytes) gives a heatmap name that fits with our suffix and the
+    temporary name, the same on every run, distinct from another long name with the same beginning."""
+    out = explain.check_explain_dir(tmp_path / "ex")
+    a = tmp_path / ("a" * 246 + ".png")
+    b = tmp_path / ("a" * 245 + "b.png")
+    short = tmp_path / "eye.png"
+    targets = explain.explain_targets([a, b, short], out)
+    names = [targets[p].name for p in (a, b, short)]
+    assert len(set(names)) == 3 and names[2] == "eye.explain.png"
+    for name in names:
+        assert name.endswith(explain.EXPLAIN_SUFFIX) and len(name.encode()) + len(".x.12345678.tmp") <= 255
+    assert names[0].startswith("a" * explain.STEM_KEEP_BYTES + "~")
+    assert [explain.explain_targets([p], out)[p].name for p in (a, b)] == names[:2]  # deterministic
+    img, _ = _fundus_with_lesion()
+    picture = explain.overlay(img, np.zeros((SIZE, SIZE), np.float32), np.ones((SIZE, SIZE), bool))
+    explain.write_overlay(picture, targets[a], source=str(a))
+    assert explain.mark_of(targets[a]) == str(a)
+    assert explain.explain_targets([a], out)[a] == targets[a]  # ours now: a rerun may replace it
+
+
+def _rise_reference(session, x, spec, *, temperature=1.0, batch=explain.BATCH, masks=explain.RISE_MASKS, seed=0):
+    """RISE as first shipped (one expression per batch, a fresh ~11 input-sized temporaries each time): the map the
+    buffered rise_map must reproduce."""
+    import math
+
+    size = x.shape[-1]
+    rng = np.random.default_rng(seed)
+    grid = explain.RISE_GRID
+    cell = math.ceil(size / grid)
+    up = (grid + 1) * cell
+    fill = explain._fill(explain.to_crop(x, spec), spec)
+    weighted = np.zeros((size, size), np.float64)
+    covered = np.zeros((size, size), np.float64)
+    total = 0.0
+    for first in range(0, masks, batch):
+        m = np.empty((min(batch, masks - first), size, size), np.float32)
+        for i in range(m.shape[0]):
+            coarse = (rng.random((grid + 1, grid + 1)) < explain.RISE_KEEP).astype(np.float32)
+            big = np.asarray(Image.fromarray(coarse, "F").resize((up, up), Image.BILINEAR))
+            dy, dx = rng.integers(0, cell, 2)
+            m[i] = big[dy : dy + size, dx : dx + size]
+        mm = m[:, None]
+        scores = explain._scores(session, x * mm + fill * (1.0 - mm), temperature, batch)
+        weighted += np.tensordot(scores, m, axes=1)
+        covered += m.sum(axis=0)
+        total += float(scores.sum())
+    return ((weighted - (total / masks) * covered) / np.maximum(covered, 1e-6)).astype(np.float32)
+
+
+def test_rise_map_unchanged_by_the_reused_buffers_and_the_smaller_batch():
+    """The buffered RISE gives the first version's map bit for bit at one batch size (64 rows up to 112 px, as the
+    quickstart runs it), and at a large input, where it takes fewer rows per call, the same map up to float64
+    summation order."""
+    img, _ = _fundus_with_lesion()
+    x = to_input(img, SPEC)
+    assert explain.batch_for(SIZE) == explain.batch_for(112) == explain.BATCH
+    assert np.array_equal(explain.rise_map(RegionSession(), x, SPEC), _rise_reference(RegionSession(), x, SPEC))
+    assert np.array_equal(
+        explain.rise_map(RegionSession(), x, SPEC, temperature=0.7, batch=24, seed=3),
+        _rise_reference(RegionSession(), x, SPEC, temperature=0.7, batch=24, seed=3),
+    )
+    big = 224
+    spec = PreprocessSpec(size=big)
+    xb = to_input(np.asarray(Image.fromarray(img).resize((big, big), Image.BILINEAR)), spec)
+    session = RegionSession()
+    heat = explain.rise_map(session, xb, spec, masks=64)
+    assert explain.batch_for(big) == 16 and session.calls == 64 // 16
+    reference = _rise_reference(RegionSession(), xb, spec, masks=64)  # 64 rows per call
+    np.testing.assert_allclose(heat, reference, rtol=1e-5, atol=1e-9)
+    assert explain.peak(heat, np.ones_like(heat, bool)) == explain.peak(reference, np.ones_like(reference, bool))
+
+
+def test_rise_memory_stays_at_one_small_batch_at_512_px():
+    """At 512 px the first version held 64 masked inputs plus ~3 temporaries as large (a peak of 546 MB here, before
+    the runtime's own batch-64 activations); now one batch of batch_for(512) = 4 rows in buffers made once (45 MB)."""
+    import tracemalloc
+
+    size = 512
+    spec = PreprocessSpec(size=size)
+    img, _ = _fundus_with_lesion()
+    x = to_input(np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR)), spec)
+    assert explain.batch_for(size) == explain.MIN_BATCH == 4
+    session = RegionSession()
+    tracemalloc.start()
+    try:
+        explain.rise_map(session, x, spec, masks=64)
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert session.calls == 64 // 4
+    assert peak_bytes < 80e6, peak_bytes  # 4 rows x 3 x 512 x 512 float32 = 12.6 MB of inputs
+
+
+def test_serve_explain_writes_each_record_once_naming_a_heatmap_already_there(
+    tiny_build, tmp_path, fundus_images, monkeypatch
+):
+    """serve --explain keeps its order on purpose (README): the heatmap first, then the record, written once; a
+    record never appears without the heatmap it names, and is never rewritten to add it."""
+    from tlcompile.runtime import serve as serve_mod
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    fundus_images(watch, 2)
+    writes: list[tuple[str, bool]] = []
+    write = serve_mod.Ledger.write
+
+    def spy(self, record, *, error):
+        name = record.get("explanation")
+        writes.append((record["file"], name is not None and (out / name).is_file()))
+        return write(self, record, error=error)
+
+    monkeypatch.setattr(serve_mod.Ledger, "write", spy)
+    serve_mod.serve(tiny_build.bundle, watch, out, once=True, settle=0, log=lambda _: None, explain=True)
+    assert sorted(writes) == sorted((p.name, True) for p in watch.iterdir())

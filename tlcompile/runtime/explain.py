@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tlcompile.errors import TlcompileError
 from tlcompile.evaluate.clinical import proportion
 from tlcompile.evaluate.metrics import referable_classes, softmax
-from tlcompile.io import atomic_path
+from tlcompile.io import atomic_path, fitting_name
 from tlcompile.runtime.inference import InferenceSession
 from tlcompile.runtime.preprocess import PreprocessSpec, _square_window, find_field, to_input
 
@@ -54,8 +54,12 @@ STRIDE_FRACTION = 1 / 14
 RISE_MASKS = 256
 RISE_GRID = 7
 RISE_KEEP = 0.5
-#: Rows per session call (models are exported with a dynamic batch axis).
+#: Rows per session call (models are exported with a dynamic batch axis) at an input side of BATCH_SIZE_PX or less;
+#: larger inputs get fewer rows (:func:`batch_for`), so that one batch's inputs and activations stay about the size of
+#: 64 rows at 112 px whatever the model's input size (4 rows at 512 px, never fewer).
 BATCH = 64
+BATCH_SIZE_PX = 112
+MIN_BATCH = 4
 #: The blur that makes the occluder (Gaussian sigma as a fraction of the side): wider than any lesion.
 FILL_BLUR_FRACTION = 1 / 10
 #: Pointing game: a lesion pixel is one painted at this opacity or more; a hit is a peak within TOLERANCE_FRACTION of
@@ -67,6 +71,18 @@ EXPLAIN_SUFFIX = ".explain.png"
 HEAT_FLOOR = 0.001
 # Written into every overlay PNG (a text chunk): a later run may replace a file that carries it, never another one.
 PNG_MARK_KEY = "tlcompile-explain"
+#: An input's stem longer than this (bytes) is shortened to its first STEM_KEEP_BYTES + '~' + a hash of the whole stem
+#: (as serve's record names): ``<stem>[.<hash>].explain.png`` and its temporary name then fit NAME_MAX (255 bytes).
+STEM_MAX_BYTES = 160
+STEM_KEEP_BYTES = 120
+
+
+def batch_for(size: int) -> int:
+    """Rows per session call at an input side of ``size`` px: BATCH up to BATCH_SIZE_PX, then fewer in proportion to
+    the pixels per row (at least MIN_BATCH)."""
+    if size <= BATCH_SIZE_PX:
+        return BATCH
+    return max(MIN_BATCH, round(BATCH * (BATCH_SIZE_PX / size) ** 2))
 
 
 def tolerance_px(size: int) -> float:
@@ -109,12 +125,14 @@ def occlusion_map(
     spec: PreprocessSpec,
     *,
     temperature: float = 1.0,
-    batch: int = BATCH,
+    batch: int | None = None,
     patch: int | None = None,
     stride: int | None = None,
 ) -> np.ndarray:
-    """Heat (H, W) float32: mean drop of P(referable DR) when a patch over the pixel is blurred away."""
+    """Heat (H, W) float32: mean drop of P(referable DR) when a patch over the pixel is blurred away; ``batch`` rows
+    per session call (None: :func:`batch_for` the input size)."""
     size = x.shape[-1]
+    batch = batch or batch_for(size)
     patch = patch or max(2, round(size * PATCH_FRACTION))
     stride = stride or max(1, round(size * STRIDE_FRACTION))
     fill = _fill(to_crop(x, spec), spec)
@@ -143,7 +161,7 @@ def rise_map(
     spec: PreprocessSpec,
     *,
     temperature: float = 1.0,
-    batch: int = BATCH,
+    batch: int | None = None,
     masks: int = RISE_MASKS,
     grid: int = RISE_GRID,
     keep: float = RISE_KEEP,
@@ -151,25 +169,40 @@ def rise_map(
 ) -> np.ndarray:
     """RISE (Petsiuk et al. 2018): heat (H, W) = E[score | pixel kept] - E[score], over random smooth masks.
 
-    Computed one batch of masks at a time (memory stays at one batch of inputs whatever the input size): with
-    A = sum of score x mask, B = sum of masks and S = sum of scores, heat = (A - (S / masks) B) / B."""
+    Computed ``batch`` masks at a time (None: :func:`batch_for` the input size), in buffers made once and reused:
+    with A = sum of score x mask, B = sum of masks and S = sum of scores, heat = (A - (S / masks) B) / B. The masks
+    depend on ``seed`` only (drawn one after another, whatever the batch); each masked input is x * m + fill * (1 - m)
+    rounded exactly as that expression is, so the map is the same bit for bit at a given batch, and across batches up
+    to the order the float64 sums are added in (and whatever the runtime's kernels do with another batch size)."""
     size = x.shape[-1]
+    batch = batch or batch_for(size)
     rng = np.random.default_rng(seed)
     cell = math.ceil(size / grid)
     up = (grid + 1) * cell
     fill = _fill(to_crop(x, spec), spec)
+    dtype = np.result_type(x.dtype, fill.dtype, np.float32)
     weighted = np.zeros((size, size), np.float64)
     covered = np.zeros((size, size), np.float64)
     total = 0.0
+    rows = min(batch, masks)
+    m_buf = np.empty((rows, size, size), np.float32)  # the masks
+    rest_buf = np.empty((rows, size, size), np.float32)  # 1 - mask
+    part_buf = np.empty((rows, size, size), dtype)  # one channel of fill * (1 - mask)
+    in_buf = np.empty((rows, x.shape[1], size, size), dtype)  # the masked inputs
     for first in range(0, masks, batch):
-        m = np.empty((min(batch, masks - first), size, size), np.float32)
-        for i in range(m.shape[0]):
+        n = min(batch, masks - first)
+        m, rest, part, masked = m_buf[:n], rest_buf[:n], part_buf[:n], in_buf[:n]
+        for i in range(n):
             coarse = (rng.random((grid + 1, grid + 1)) < keep).astype(np.float32)
             big = np.asarray(Image.fromarray(coarse, "F").resize((up, up), Image.BILINEAR))
             dy, dx = rng.integers(0, cell, 2)
             m[i] = big[dy : dy + size, dx : dx + size]
-        mm = m[:, None]
-        scores = _scores(session, x * mm + fill * (1.0 - mm), temperature, batch)
+        np.subtract(1.0, m, out=rest)
+        for c in range(x.shape[1]):  # masked = x * m + fill * (1 - m), one channel at a time, no temporaries
+            np.multiply(x[0, c], m, out=masked[:, c])
+            np.multiply(fill[0, c], rest, out=part)
+            np.add(masked[:, c], part, out=masked[:, c])
+        scores = _scores(session, masked, temperature, batch)
         weighted += np.tensordot(scores, m, axes=1)
         covered += m.sum(axis=0)
         total += float(scores.sum())
@@ -389,7 +422,7 @@ def explain_input(
     *,
     temperature: float = 1.0,
     method: str = DEFAULT_METHOD,
-    batch: int = BATCH,
+    batch: int | None = None,
 ) -> Explanation:
     """The heatmap of one network input (1, 3, H, W) and the picture and field it belongs to."""
     t0 = time.perf_counter()
@@ -399,11 +432,12 @@ def explain_input(
     return Explanation(heat=heat, crop=crop, field=field, peak=peak(heat, field), ms=(time.perf_counter() - t0) * 1e3)
 
 
-def batch_size_of(meta: dict[str, Any]) -> int:
-    """Rows per call the bundle's model takes: BATCH with a dynamic batch axis, else its fixed batch."""
+def batch_size_of(meta: dict[str, Any], size: int) -> int:
+    """Rows per call the bundle's model takes at input side ``size``: :func:`batch_for` it with a dynamic batch axis,
+    else the model's fixed batch."""
     shape = (meta.get("input") or {}).get("shape") or [None]
     first = shape[0]
-    return first if isinstance(first, int) and first > 0 else BATCH
+    return first if isinstance(first, int) and first > 0 else batch_for(size)
 
 
 class Explainer:
@@ -415,7 +449,7 @@ class Explainer:
             raise TlcompileError(f"explanation method '{method}' is not known; valid: {', '.join(METHODS)}")
         self.bundle, self.session, self.method = bundle, session, method
         self.spec = bundle.preprocessing
-        self.batch = batch_size_of(bundle.meta)
+        self.batch = batch_size_of(bundle.meta, self.spec.size)
         self.ms: list[float] = []  # heatmap time per explained image, this run
 
     def write(self, prepared: PreparedImage, target: Path, *, source: str | None = None) -> str | None:
@@ -469,17 +503,20 @@ def check_explain_dir(
 
 
 def explain_targets(paths: list[Path], folder: Path) -> dict[Path, Path]:
-    """``<folder>/<image stem>.explain.png`` per input; two inputs with one stem (two folders) get the second and later
-    a short hash of their full path. Refuses (before anything is decided) when a target holds a file not ours."""
+    """``<folder>/<image stem>.explain.png`` per input (a stem over STEM_MAX_BYTES: its first STEM_KEEP_BYTES + '~' +
+    a hash of the whole stem, so the name fits the filesystem); two inputs with one stem (two folders) get the second
+    and later a short hash of their full path. Refuses (before anything is decided) when a target holds a file not
+    ours."""
     import hashlib
 
     targets: dict[Path, Path] = {}
     taken: set[str] = set()
     for path in paths:
-        name = f"{path.stem}{EXPLAIN_SUFFIX}"
+        stem = fitting_name(path.stem, STEM_MAX_BYTES, STEM_KEEP_BYTES)  # a long stem: shortened + hash of the whole
+        name = f"{stem}{EXPLAIN_SUFFIX}"
         if name in taken:
             digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
-            name = f"{path.stem}.{digest}{EXPLAIN_SUFFIX}"
+            name = f"{stem}.{digest}{EXPLAIN_SUFFIX}"
         taken.add(name)
         target = folder / name
         if target.is_symlink() or (target.exists() and not is_ours(target)):

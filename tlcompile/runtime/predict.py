@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -161,11 +162,15 @@ def predict_paths(
     *,
     workers: int | None = 1,
     explain: Callable[[Path, PreparedImage], str | None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> list[ImageResult]:
     """Decide every image, in the order given; an unreadable file gets a result with ``error`` set and the others go
     on. ``workers`` (None: one per core, see :func:`tlcompile.runtime.pipeline.default_workers`) threads decode and
     preprocess ahead while this thread runs the model. ``explain(path, prepared)`` (``--explain``) runs after each
-    decision and returns the heatmap's file name for the ``explanation`` column."""
+    decision and returns the heatmap's file name for the ``explanation`` column; a heatmap that cannot be written (a
+    full disk, a file that appeared in its place) costs that heatmap, never the decision: its ``explanation`` stays
+    empty, ``warn`` (default: stderr) gets one line naming the image, and the others go on."""
+    say = warn or (lambda line: print(line, file=sys.stderr))
     results = []
     for path, prepared in ordered(lambda p: _prepare_or_error(bundle, p), paths, check_workers(workers)):
         if isinstance(prepared, DataError):
@@ -173,7 +178,11 @@ def predict_paths(
         else:
             results.append(decide(bundle, session, prepared))
             if explain is not None:
-                results[-1].explanation = explain(path, prepared)
+                try:
+                    results[-1].explanation = explain(path, prepared)
+                except (TlcompileError, OSError) as err:  # the heatmap's own failures; a bug keeps its traceback
+                    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+                    say(f"warning: {path}: no heatmap ({message}); its decision stands")
     return results
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tlcompile.errors import TlcompileError
-from tlcompile.io import atomic_write_json, sha256_file
+from tlcompile.io import atomic_write_json, fitting_name, sha256_file
 from tlcompile.runtime.bundle import UNGRADABLE, VerifiedBundle, open_verified
 from tlcompile.runtime.pipeline import check_workers, ordered
 from tlcompile.runtime.predict import PreparedImage, decide, prepare_photo
@@ -63,12 +63,7 @@ _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"II*\x00", b"MM\x00*", b"BM")
 def record_stem(name: str) -> str:
     """The record's file name without .json: the image name, or for a long name its first ~120 bytes (whole
     characters) + '~' + 16 hex digits of the full name's sha256, so that every record name fits the filesystem."""
-    raw = os.fsencode(name)
-    if len(raw) <= MAX_STEM_BYTES:
-        return name
-    digest = hashlib.sha256(raw).hexdigest()[:16]
-    head = raw[:_KEEP_BYTES].decode("utf-8", errors="ignore")  # cut at a character boundary
-    return os.fsdecode(os.fsencode(head)) + "~" + digest
+    return fitting_name(name, MAX_STEM_BYTES, _KEEP_BYTES)
 
 
 def printable(name: str) -> str:
@@ -474,7 +469,10 @@ class Service:
 
     def _explain(self, name: str, read: _Read) -> dict[str, Any]:
         """The heatmap beside the record: ``<record stem>.explain.png``, or with the content's hash when another image
-        had that name before. A failure costs the heatmap, never the decision."""
+        had that name before. A failure costs the heatmap, never the decision. It runs before the record is written,
+        so the record's latency includes it (README: median 185 ms at 112 px): a record is written once and never
+        rewritten (Ledger.write keeps an existing record and writes beside it), and readers of OUT take each record
+        as it appears, so it must name its heatmap from the start."""
         from tlcompile.runtime.explain import EXPLAIN_SUFFIX, mark_of
 
         assert read.prepared is not None
