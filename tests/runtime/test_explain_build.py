@@ -68,7 +68,7 @@ def _check_pointing_game_and_examples(tiny_build, ex):
         )
         assert grade == dm.grades[i]
         lesions = explain.to_network_frame(opacity, raw, spec)
-        field = explain.field_mask(explain.to_crop(to_input(dm.images[i], spec), spec), spec)
+        field = explain.field_mask(explain.to_crop(to_input(dm.image(i), spec), spec), spec)
         case = explain.pointing_case(np.zeros((size, size), np.float32), lesions, field, explain.tolerance_px(size))
         if case is not None:
             chances.append(case.chance)
