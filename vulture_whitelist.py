@@ -67,6 +67,7 @@ report_quality._Calibration.photos_in_split
 report_quality._TestPhotos.in_split
 report_quality.QualitySection.test_photos
 report_quality.QualitySection.referral_by_artifact
+report_quality.QualitySection.referral_headline
 
 # data/degrade.py: the in-memory form of stream_copies, for a few photos (tests; the build and `data synth` stream).
 degrade.degraded_copies

@@ -12,6 +12,7 @@ import pytest
 from tlcompile.build.stages.quality import (
     Measured,
     gate_metrics,
+    headline,
     measure_split,
     referral_effect,
     referral_rows,
@@ -162,11 +163,25 @@ def test_the_report_section_validates_and_shows_every_artifacts_referral_row():
         "imageability": {"split": "test", **proportion(1, 1)},
         "ms_per_photo": 1.2,
         "referral": rows[0],
+        "referral_headline": "fp32; the bundle's candidate is chosen after this stage and may be another row",
         "referral_by_artifact": rows,
     }
     QualitySection.model_validate(record)
     paragraphs, tables = quality_parts({"quality": record})
     text = " ".join(paragraphs)
-    assert "correlated" in text and "may be another" in text and "10 of the 40 test photos" in text
+    assert "correlated" in text and "may be another row" in text and "10 of the 40 test photos" in text
     per_row = next(t for t in tables if "per artifact" in t[0])
     assert [r[0] for r in per_row[2]] == ["fp32@openvino", "pruned@onnxruntime"]
+
+
+def test_the_headline_row_is_the_named_bundle_artifact_else_fp32():
+    rows = [{"artifact": a} for a in ("fp32@openvino", "pruned@openvino", "pruned@onnxruntime")]
+
+    def recipe(bundle):
+        return validate_recipe_dict({"data": {"source": "synthetic"}, "bundle": bundle})
+
+    assert headline(recipe({}), rows)[0]["artifact"] == "fp32@openvino"  # select: fastest is decided later
+    row, why = headline(recipe({"select": "name", "artifact": "pruned", "runtime": "onnxruntime"}), rows)
+    assert row["artifact"] == "pruned@onnxruntime" and "ships" in why
+    assert headline(recipe({"select": "name", "artifact": "pruned"}), rows)[0]["artifact"] == "pruned@openvino"
+    assert headline(recipe({}), rows[1:])[0]["artifact"] == "pruned@openvino"

@@ -85,6 +85,7 @@ class QualitySection(_Strict):
     referral: _Referral = Field(
         None, description="The headline row: fp32 (else the first bench row); absent without bench test logits."
     )
+    referral_headline: str = Field(None, description="Why referral is that artifact's row.")
     referral_by_artifact: list[_Referral] = Field(
         None, description="The same for every bench row (artifact@runtime) with test logits."
     )
@@ -143,8 +144,9 @@ def quality_parts(report: dict[str, Any]) -> tuple[list[str], list[tuple[str, li
     if r:
         paragraphs.append(
             f"Referral metrics of {r['artifact']} with and without the gate (test photos as taken; share graded "
-            f"{_p(r['share_graded'])}). The bundle's deployed candidate is chosen after this stage and may be another "
-            "artifact or runtime: every benched one is in the table after."
+            f"{_p(r['share_graded'])}): "
+            + q.get("referral_headline", "the bundle's deployed candidate may be another artifact or runtime")
+            + ". Every benched artifact and runtime is in the table after."
         )
         tables.append(
             (

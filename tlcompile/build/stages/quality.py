@@ -225,8 +225,7 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     }
     referral = referral_rows(ctx, test_idx, test_pass[as_taken])
     if referral:
-        head = next((r for r in referral if r["artifact"].startswith("fp32@")), referral[0])
-        record["referral"] = head
+        record["referral"], record["referral_headline"] = headline(ctx.recipe, referral)
         record["referral_by_artifact"] = referral
     atomic_write_json(folder / "quality.json", record)
     atomic_write_text(
@@ -246,6 +245,22 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         f"({Path(folder.name) / 'quality.json'})"
     )
     return artifacts
+
+
+def headline(recipe: Recipe, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The referral row the report leads with, and why: the artifact the bundle ships when the recipe names it
+    (bundle.select: name, on bundle.runtime unless auto), else fp32 (the bundle's candidate is chosen after this
+    stage, by latency or on the box), else the first row."""
+    b = recipe.bundle
+    if b.enabled and b.select == "name":
+        for r in rows:
+            name, runtime = r["artifact"].split("@", 1)
+            if name == b.artifact and b.runtime in ("auto", runtime):
+                return r, "the artifact the bundle ships (bundle.select: name)"
+    for r in rows:
+        if r["artifact"].startswith("fp32@"):
+            return r, "fp32; the bundle's candidate is chosen after this stage and may be another row"
+    return rows[0], "the first benched row; the bundle's candidate is chosen after this stage"
 
 
 def referral_rows(ctx: BuildContext, test_idx: np.ndarray, passed: np.ndarray) -> list[dict[str, Any]]:
