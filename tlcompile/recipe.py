@@ -853,7 +853,7 @@ class QualityConfig(Section):
         ge=10,
         description="Most val and most test photos the quality stage degrades and measures (a split with more is "
         "sampled without replacement from the recipe's seed): photos are streamed one at a time, so this bounds the "
-        "stage's time (about (1 + copies_per_image) x 3-5 ms per photo plus its decode), not its memory.",
+        "stage's time (about 0.13 s per 1600-px PNG photo with 2 copies on a 2-core VM), not its memory.",
     )
 
 
