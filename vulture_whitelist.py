@@ -4,7 +4,7 @@ vulture reads ``paths`` in pyproject.toml's [tool.vulture], this file included: 
 """
 
 from tlcompile import recipe
-from tlcompile.data import checks, synthetic
+from tlcompile.data import checks, degrade, synthetic
 from tlcompile.models import zoo
 from tlcompile.report import quality as report_quality
 from tlcompile.runtime import bundle, inference, predict, preprocess, terminal
@@ -62,3 +62,12 @@ report_quality._Referral.share_graded
 report_quality.QualitySection.limits_source
 report_quality.QualitySection.calibration
 report_quality.QualitySection.ms_per_photo
+report_quality._Calibration.photos
+report_quality._Calibration.photos_in_split
+report_quality._TestPhotos.in_split
+report_quality.QualitySection.test_photos
+report_quality.QualitySection.referral_by_artifact
+report_quality.QualitySection.referral_headline
+
+# data/degrade.py: the in-memory form of stream_copies, for a few photos (tests; the build and `data synth` stream).
+degrade.degraded_copies

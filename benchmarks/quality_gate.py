@@ -15,14 +15,14 @@ import time
 import numpy as np
 from PIL import Image
 
-from tlcompile.build.stages.quality import _copies, _measured, _verdicts, gate_metrics, split_photos
+from tlcompile.build.stages.quality import Measured, _verdicts, gate_metrics, measure_split
 from tlcompile.data.datamodule import load_data
-from tlcompile.data.degrade import LEVELS, Copy, degrade
+from tlcompile.data.degrade import LEVELS, degrade
 from tlcompile.evaluate.clinical import proportion
 from tlcompile.recipe import load_recipe
 from tlcompile.runtime.cpuinfo import cpu_info
 from tlcompile.runtime.preprocess import find_field
-from tlcompile.runtime.quality import MEASURES, QualityGate, calibrate
+from tlcompile.runtime.quality import MEASURES, QualityGate, calibrate, measure
 
 
 def _p(d: dict) -> str:
@@ -53,21 +53,18 @@ def main() -> None:
     print(f"CPU: {cpu_info().get('model', '?')}; recipe {args.recipe}; copies per photo {copies}")
     t0 = time.perf_counter()
     data = load_data(recipe.data, seed=recipe.seed)
-    _, val_photos = split_photos(data, recipe, "val")
-    _, test_photos = split_photos(data, recipe, "test")
-    val, test = _copies(val_photos, recipe.seed, copies), _copies(test_photos, recipe.seed + 1, copies)
-    val_m, _ = _measured(val)
-    test_m, _ = _measured(test)
+    _, val, _ = measure_split(data, recipe, "val", recipe.seed, copies)
+    _, test, seconds = measure_split(data, recipe, "test", recipe.seed + 1, copies)
     fixed = {k: v for k, v in q.limits.model_dump().items() if v is not None}
-    gradable = [m for c, m in zip(val, val_m, strict=True) if c.gradable and m is not None]
+    gradable = [c.measures for c in val if c.gradable and c.measures is not None]
     limits, share = calibrate({k: np.array([m[k] for m in gradable]) for k in MEASURES}, q.target_gradable, fixed)
     gate = QualityGate(limits=limits)
-    print(f"data and copies measured in {time.perf_counter() - t0:.1f} s")
+    print(f"data and copies measured in {time.perf_counter() - t0:.1f} s ({seconds * 1e3:.2f} ms per measure)")
     print(
         f"limits (calibrated on {len(gradable)} gradable val photos/copies, target {q.target_gradable:.0%}, "
         f"reached {share:.1%}): " + ", ".join(f"{k} {v:.4g}" for k, v in limits.items())
     )
-    test_pass = _verdicts(test_m, limits)
+    test_pass = _verdicts(test, limits)
     as_taken = np.array([c.kind == "none" for c in test])
     imageability = proportion(int(test_pass[as_taken].sum()), int(as_taken.sum()))
     print(f"\nimageability on test (the test photos as taken): {_p(imageability)}")
@@ -89,14 +86,15 @@ def main() -> None:
         f"skimage.data.microaneurysms() ({ma.shape[1]}x{ma.shape[0]} red-free crop, no field edge): "
         f"{'gradable' if m.gradable else 'ungradable: ' + ', '.join(m.reasons)}, score {m.score:.3f}"
     )
-    real_copies = [Copy(0, "none", 0.0, True, real)]
+    real_copies = [Measured(0, "none", 0.0, True, measure(real, found))]
     for kind, levels in LEVELS.items():
         for level, ok in levels:
             for s in range(args.real_seeds):
                 rng = np.random.default_rng(np.random.SeedSequence([2024, s, len(real_copies)]))
-                real_copies.append(Copy(0, kind, level, ok, degrade(real, kind, level, rng)))
-    real_m, _ = _measured(real_copies)
-    _table("real photo + degraded copies", gate_metrics(real_copies, _verdicts(real_m, limits)))
+                copy = degrade(real, kind, level, rng)
+                f = find_field(copy)
+                real_copies.append(Measured(0, kind, level, ok, None if f is None else measure(copy, f)))
+    _table("real photo + degraded copies", gate_metrics(real_copies, _verdicts(real_copies, limits)))
 
     # ms per photo of the gate alone (predict has decoded the photo and found its field already): a 500x375 draft
     frame = np.zeros((375, 500, 3), np.uint8)

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from tlcompile.data import synthetic
-from tlcompile.data.degrade import KINDS, LEVELS, degrade, degraded_copies, gradable_label, write_degraded
+from tlcompile.data.degrade import (
+    KINDS,
+    LEVELS,
+    degrade,
+    degraded_copies,
+    gradable_label,
+    stream_copies,
+    write_degraded,
+)
 from tlcompile.errors import DataError
 
 
@@ -63,7 +71,7 @@ def test_degradations_do_what_they_say(photos):
 def test_the_quality_stage_redraws_the_generators_photos_bit_for_bit():
     """The quality stage re-draws val/test photos from the generator's documented per-image generators: they must be
     the very photos the data stage generated (the training data and checkpoints never change)."""
-    from tlcompile.build.stages.quality import split_photos
+    from tlcompile.build.stages.quality import raw_photo, split_indices
     from tlcompile.data.datamodule import load_data
     from tlcompile.recipe import validate_recipe_dict
 
@@ -71,7 +79,8 @@ def test_the_quality_stage_redraws_the_generators_photos_bit_for_bit():
         {"seed": 4, "data": {"source": "synthetic", "num_images": 30, "image_size": 32, "split": {"val": 0.2}}}
     )
     data = load_data(recipe.data, seed=recipe.seed)
-    idx, redrawn = split_photos(data, recipe, "val")
+    idx = split_indices(data, recipe, "val")
+    redrawn = [raw_photo(data, recipe, int(i)) for i in idx]
     raw, grades = synthetic.generate(30, seed=4, size=40)
     assert len(idx) == len(redrawn) > 0
     assert all(np.array_equal(raw[i], p) for i, p in zip(idx, redrawn, strict=True))
@@ -89,3 +98,50 @@ def test_synth_degrade_writes_copies_with_a_gradable_column(tmp_path):
         assert r["gradable"] == str(int(gradable_label(r["kind"], float(r["level"]))))
     with pytest.raises(DataError, match="never replaced"):
         write_degraded(out, seed=0, per_image=2)
+
+
+def test_a_photo_without_a_field_does_not_collapse_the_plan(photos):
+    """A black frame among the photos gets only its 'none' entry; the copies planned for it are drawn from another
+    photo, so every kind still appears (the old fallback gave every photo the same first kind: all mild blur)."""
+    black = np.zeros_like(photos[0])
+    mixed = [photos[0], black, *photos[1:]]
+    copies = degraded_copies(mixed, seed=2, per_image=5)
+    drawn = [c for c in copies if c.kind != "none"]
+    assert len(drawn) == 5 * 5  # every planned copy drawn, none of them from the black frame
+    assert all(c.index != 1 for c in drawn)
+    assert {c.kind for c in drawn} == set(KINDS)
+    assert {c.gradable for c in drawn} == {True, False}
+    # the photos with a field keep the copies they would have had anyway (same kind, level and image)
+    alone = [c for c in degraded_copies(mixed[:1], seed=2, per_image=5) if c.kind != "none"]
+    assert alone and all(c.index == 0 for c in alone)
+
+
+def test_streaming_holds_one_photo_and_gives_the_in_memory_copies(photos):
+    loaded = []
+
+    def load(i):
+        loaded.append(i)
+        return photos[i]
+
+    streamed = list(stream_copies(len(photos), load, seed=5, per_image=3))
+    assert loaded == list(range(len(photos)))  # each photo read once, in order
+    listed = degraded_copies(photos, seed=5, per_image=3)
+    key = lambda c: (c.index, c.kind, c.level, c.image.tobytes())  # noqa: E731
+    assert sorted(map(key, streamed)) == sorted(map(key, listed))
+
+
+def test_synth_degrade_streams_and_never_leaves_partial_files(tmp_path, monkeypatch):
+    out = tmp_path / "syn"
+    synthetic.write_aptos(out, 3, seed=0, size=96)
+    written = []
+    from tlcompile.data import degrade as degrade_module
+
+    real = degrade_module.atomic_write_with
+
+    def spy(path, writer):
+        written.append(path.name)
+        return real(path, writer)
+
+    monkeypatch.setattr(degrade_module, "atomic_write_with", spy)
+    write_degraded(out, seed=0, per_image=2)
+    assert len(written) == 6 and not list((out / "degraded_images").glob(".*.tmp"))

@@ -234,3 +234,73 @@ def test_a_washed_out_photo_refused_by_the_fundus_check_also_gets_the_gates_reas
     assert r.ungradable_reason.startswith("not a fundus photograph")  # its colour no longer looks like a fundus
     assert "(image quality: " in r.ungradable_reason and "over-exposed" in r.ungradable_reason
     assert "saturated" in r.quality_reasons.split(";")
+
+
+def _golden_bundle(root, photo, limits):
+    """A bundle folder holding one golden frame and the gate's stored verdict on it (what check_quality reads)."""
+    (root / "golden").mkdir(parents=True)
+    Image.fromarray(photo).save(root / "golden" / "000.png")
+    a = QualityGate(limits=limits).assess(photo, find_field(photo))
+    golden = [{"image": "golden/000.png", "score": float(a.score), "reasons": list(a.reasons)}]
+    return {"quality": {"version": 1, "limits": dict(limits), "golden": golden}}, a
+
+
+def _one_level_off(photo, share=0.03, seed=9):
+    rng = np.random.default_rng(seed)
+    moved = (rng.random(photo.shape[:2]) < share) * rng.choice([-1, 1], size=photo.shape[:2])
+    return np.clip(photo.astype(np.int16) + moved[:, :, None], 0, 255).astype(np.uint8)
+
+
+def test_the_golden_quality_check_tolerates_one_grey_level_but_not_an_edit(tmp_path):
+    """Pillow builds may resize a golden frame one rounding step apart: near a limit that moves the score by ~0.01 and
+    can flip the verdict on that measure. verify must pass such a box, and still fail an edited limit or score."""
+    from tlcompile.runtime.quality import SCORE_TOLERANCE, check_quality
+
+    photo = synthetic.generate(6, seed=3, size=224)[0][2]
+    focus = measure(photo, find_field(photo))["focus"]
+    limits = {k: MEASURES[k][1] for k in MEASURES} | {"focus": focus * 0.999}  # passes, barely
+    meta, stored = _golden_bundle(tmp_path / "b", photo, limits)
+    assert stored.gradable and abs(stored.score - 0.5) < 0.01
+    assert check_quality(tmp_path / "b", meta, "bundle.json", 0).ok
+
+    off = _one_level_off(photo)
+    Image.fromarray(off).save(tmp_path / "b" / "golden" / "000.png")
+    got = QualityGate(limits=limits).assess(off, find_field(off))
+    # the strict check (|score diff| <= 1e-3 and identical reasons) would refuse this box
+    assert abs(got.score - stored.score) > SCORE_TOLERANCE or got.reasons != stored.reasons
+    check = check_quality(tmp_path / "b", meta, "bundle.json", 0)
+    assert check.ok and check.samples == 1, check.problems
+
+    # an edited score or limit in bundle.json still fails, on the perturbed frame too
+    edited = json.loads(json.dumps(meta))
+    edited["quality"]["golden"][0]["score"] = round(stored.score + 0.1, 4)
+    assert "score differs" in check_quality(tmp_path / "b", edited, "bundle.json", 0).problems[0]
+    edited = json.loads(json.dumps(meta))
+    edited["quality"]["limits"]["brightness"] = 250.0
+    assert not check_quality(tmp_path / "b", edited, "bundle.json", 0).ok
+    edited = json.loads(json.dumps(meta))
+    edited["quality"]["limits"]["focus"] = focus * 1.2  # the verdict flips on a measure clear of the edited limit
+    assert not check_quality(tmp_path / "b", edited, "bundle.json", 0).ok
+
+
+def test_the_golden_tolerance_holds_over_many_one_level_perturbations():
+    from tlcompile.runtime.quality import golden_mismatch, golden_tolerance
+
+    photos = synthetic.generate(6, seed=3, size=224)[0]
+    failures = []
+    for n, photo in enumerate(photos):
+        found = find_field(photo)
+        m = measure(photo, found)
+        for name in ("focus", "evenness", "brightness"):
+            limits = {k: MEASURES[k][1] for k in MEASURES} | {name: m[name] * 1.0005}  # fails, barely
+            gate = QualityGate(limits=limits)
+            stored = gate.assess(photo, found)
+            for seed in range(10, 14):
+                off = _one_level_off(photo, share=0.04, seed=seed)
+                f = find_field(off)
+                got = gate.assess(off, f)
+                tol, score_tol = golden_tolerance(off, f, limits)
+                why = golden_mismatch(got, stored.score, list(stored.reasons), tol, score_tol, limits)
+                if why:
+                    failures.append((n, name, seed, why))
+    assert not failures, failures[:5]

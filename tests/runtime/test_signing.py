@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from tlcompile.errors import BundleError
-from tlcompile.runtime.bundle import open_verified, verify_bundle
+from tlcompile.runtime.bundle import open_verified, verify_bundle, verify_lines
 from tlcompile.runtime.manifest import check_manifest, manifest_entries
 from tlcompile.runtime.serve import serve
 from tlcompile.runtime.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, SigningError, keygen, sign_bundle
@@ -87,6 +87,9 @@ def test_tampered_signed_bundle_fails_even_when_the_attacker_reseals_the_manifes
     result = verify_bundle(bundle_copy, trust=[public])
     assert not result.ok and result.golden is None  # the model is not even loaded
     assert "does not match manifest.json" in result.signature.problems[0]
+    # the bundle has a quality gate: verify must not call it absent because it stopped before running it
+    assert result.quality.present and result.quality.samples == 0
+    assert "quality gate: present, not checked: the signature check failed" in "\n".join(verify_lines(result))
     cli = run_cli("verify", str(bundle_copy), "--trust", str(public))
     assert cli.returncode == 1 and "FAIL: signature.json: the signature does not match" in cli.stdout
     with pytest.raises(BundleError, match="fails its signature check"):

@@ -46,6 +46,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from tlcompile.errors import DataError
-from tlcompile.io import atomic_write_text
+from tlcompile.io import atomic_write_text, atomic_write_with
 from tlcompile.runtime.preprocess import find_field
 
 # kind -> ((level, gradable), ...): see the module docstring for why each level is on its side
@@ -162,21 +163,50 @@ def gradable_label(kind: str, level: float) -> bool:
     raise DataError(f"degrade: level {level} is not one of {kind}'s levels {[v for v, _ in LEVELS[kind]]}")
 
 
-def degraded_copies(images: list[np.ndarray] | np.ndarray, *, seed: int, per_image: int = 1) -> list[Copy]:
-    """Each photo as it is (kind "none", gradable) followed by ``per_image`` degraded copies per photo, each drawn
-    with its own generator (seed, copy number): the same inputs and seed give the same copies."""
-    out = [Copy(i, "none", 0.0, True, np.asarray(img)) for i, img in enumerate(images)]
-    for j, (i, kind, level) in enumerate(copy_plan(len(images), seed=seed, per_image=per_image)):
+def stream_copies(n: int, load: Callable[[int], np.ndarray], *, seed: int, per_image: int = 1) -> Iterator[Copy]:
+    """Photo by photo (``load(i)`` for i in 0..n-1, only one held at a time): the photo as it is (kind "none",
+    gradable), then the copies :func:`copy_plan` gave it, each drawn with its own generator (seed, copy number): the
+    same inputs and seed give the same copies.
+
+    A photo without a field of view cannot be degraded: it gets only its "none" entry, and the copies planned for it
+    are drawn from the next photo that has a field (from the first such photo at the end, loaded once more), so the
+    plan's kinds and levels, taken in turn, all still appear."""
+    todo: dict[int, list[tuple[int, str, float]]] = {}
+    for j, (i, kind, level) in enumerate(copy_plan(n, seed=seed, per_image=per_image)):
+        todo.setdefault(i, []).append((j, kind, level))
+    pending: list[tuple[int, str, float]] = []
+    first: int | None = None
+    for i in range(n):
+        photo = np.asarray(load(i))
+        yield Copy(i, "none", 0.0, True, photo)
+        pending += todo.pop(i, [])
+        if find_field(photo) is None:
+            continue
+        first = i if first is None else first
+        yield from _draw(i, photo, pending, seed)
+        pending = []
+    if pending and first is not None:
+        yield from _draw(first, np.asarray(load(first)), pending, seed)
+
+
+def _draw(i: int, photo: np.ndarray, plan: list[tuple[int, str, float]], seed: int) -> Iterator[Copy]:
+    for j, kind, level in plan:
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0B, j]))
-        out.append(Copy(i, kind, level, gradable_label(kind, level), degrade(images[i], kind, level, rng)))
-    return out
+        yield Copy(i, kind, level, gradable_label(kind, level), degrade(photo, kind, level, rng))
+
+
+def degraded_copies(images: list[np.ndarray] | np.ndarray, *, seed: int, per_image: int = 1) -> list[Copy]:
+    """Every photo as it is (kind "none"), then the degraded copies of :func:`stream_copies`, all in memory (for a
+    few photos; the build streams)."""
+    out = list(stream_copies(len(images), lambda i: images[i], seed=seed, per_image=per_image))
+    return [c for c in out if c.kind == "none"] + [c for c in out if c.kind != "none"]
 
 
 def write_degraded(out_dir: str | Path, *, seed: int, per_image: int) -> Path:
     """Degraded copies of an APTOS-style folder's photos (``train.csv`` + ``train_images/``, as ``tlcompile data
     synth`` writes it): ``degraded_images/<id>_<n>.png`` and ``degraded.csv`` (id_code, source, kind, level,
-    gradable, diagnosis), the photos themselves listed first as kind ``none``. Returns the CSV's path; an existing
-    ``degraded.csv`` is never replaced."""
+    gradable, diagnosis), the photos themselves listed first as kind ``none``. One photo is read at a time and every
+    image is written atomically. Returns the CSV's path; an existing ``degraded.csv`` is never replaced."""
     out = Path(out_dir)
     source_csv, target = out / "train.csv", out / "degraded.csv"
     if target.exists():
@@ -188,16 +218,26 @@ def write_degraded(out_dir: str | Path, *, seed: int, per_image: int) -> Path:
         raise DataError(f"{source_csv}: cannot read it ({err.strerror or err}); degrade needs train.csv") from err
     folder = out / "degraded_images"
     folder.mkdir(exist_ok=True)
-    photos = [np.asarray(Image.open(out / "train_images" / f"{r['id_code']}.png").convert("RGB")) for r in rows]
+
+    def load(i: int) -> np.ndarray:
+        path = out / "train_images" / f"{rows[i]['id_code']}.png"
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except OSError as err:
+            raise DataError(f"{path} (listed in {source_csv}): cannot read it as an image ({err})") from err
+
     lines = [["id_code", "source", "kind", "level", "gradable", "diagnosis"]]
-    for r in rows:
-        lines.append([r["id_code"], r["id_code"], "none", "0", "1", r["diagnosis"]])
+    lines += [[r["id_code"], r["id_code"], "none", "0", "1", r["diagnosis"]] for r in rows]
     counts: dict[int, int] = {}
-    for c in degraded_copies(photos, seed=seed, per_image=per_image)[len(photos) :]:
+    for c in stream_copies(len(rows), load, seed=seed, per_image=per_image):
+        if c.kind == "none":
+            continue
         counts[c.index] = counts.get(c.index, 0) + 1
         row = rows[c.index]
         name = f"{row['id_code']}_{counts[c.index]}"
-        Image.fromarray(c.image).save(folder / f"{name}.png")
+        image = Image.fromarray(c.image)
+        atomic_write_with(folder / f"{name}.png", lambda tmp, image=image: image.save(tmp, format="PNG"))
         lines.append([name, row["id_code"], c.kind, f"{c.level:g}", str(int(c.gradable)), row["diagnosis"]])
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(lines)

@@ -41,10 +41,16 @@ class GateMetrics(_Strict):
 class _Calibration(_Strict):
     split: Literal["val"]
     photos: int
+    photos_in_split: int = Field(None, description="Val photos in the split (photos: those used, at most the cap).")
     gradable_used: int
     share_passing: float | None
     copies_per_image: int
     gate_on_val: GateMetrics
+
+
+class _TestPhotos(_Strict):
+    used: int
+    in_split: int
 
 
 class _Imageability(_Proportion):
@@ -73,9 +79,16 @@ class QualitySection(_Strict):
     limits_source: dict[str, str]
     calibration: _Calibration
     test: GateMetrics
+    test_photos: _TestPhotos = Field(None, description="Test photos used (at most the cap) and in the split.")
     imageability: _Imageability
     ms_per_photo: float
-    referral: _Referral = Field(None, description="Absent when the build has no fp32 test logits.")
+    referral: _Referral = Field(
+        None, description="The headline row: fp32 (else the first bench row); absent without bench test logits."
+    )
+    referral_headline: str = Field(None, description="Why referral is that artifact's row.")
+    referral_by_artifact: list[_Referral] = Field(
+        None, description="The same for every bench row (artifact@runtime) with test logits."
+    )
 
 
 def _p(d: dict[str, Any] | None) -> str:
@@ -101,8 +114,16 @@ def quality_parts(report: dict[str, Any]) -> tuple[list[str], list[tuple[str, li
         f"**Imageability on test** (the test photos as taken): {_p(q['imageability'])}.",
         f"On the test photos and their degraded copies ({t['copies']}, {t['ungradable']} ungradable by the "
         f"degradation rule): ungradable caught (sensitivity) {_p(t['sensitivity'])}; gradable passed (specificity) "
-        f"{_p(t['specificity'])}.",
+        f"{_p(t['specificity'])}. The copies of one photo are correlated (same eye, same camera), so these "
+        "Wilson CIs, computed as if every copy were an independent photo, are narrower than per-photo CIs would be.",
     ]
+    used = q.get("test_photos")
+    if used and used["used"] < used["in_split"]:
+        paragraphs.append(
+            f"Measured on {used['used']} of the {used['in_split']} test photos and {cal['photos']} of the "
+            f"{cal.get('photos_in_split', cal['photos'])} val photos (quality.max_photos_per_split, drawn from the "
+            "seed)."
+        )
     tables = [
         (
             "Limits",
@@ -123,15 +144,43 @@ def quality_parts(report: dict[str, Any]) -> tuple[list[str], list[tuple[str, li
     if r:
         paragraphs.append(
             f"Referral metrics of {r['artifact']} with and without the gate (test photos as taken; share graded "
-            f"{_p(r['share_graded'])})."
+            f"{_p(r['share_graded'])}): "
+            + q.get("referral_headline", "the bundle's deployed candidate may be another artifact or runtime")
+            + ". Every benched artifact and runtime is in the table after."
         )
         tables.append(
             (
-                "Referral: all images vs gradable-only",
+                f"Referral of {r['artifact']}: all images vs gradable-only",
                 ["photos", "sensitivity", "specificity"],
                 [
                     ["all", _p(r["all_images"]["sensitivity"]), _p(r["all_images"]["specificity"])],
                     ["gradable only", _p(r["gradable_only"]["sensitivity"]), _p(r["gradable_only"]["specificity"])],
+                ],
+            )
+        )
+    rows = q.get("referral_by_artifact") or []
+    if rows:
+        tables.append(
+            (
+                "Referral with and without the gate, per artifact and runtime",
+                [
+                    "artifact",
+                    "sensitivity all",
+                    "sensitivity gradable",
+                    "specificity all",
+                    "specificity gradable",
+                    "share graded",
+                ],
+                [
+                    [
+                        x["artifact"],
+                        _p(x["all_images"]["sensitivity"]),
+                        _p(x["gradable_only"]["sensitivity"]),
+                        _p(x["all_images"]["specificity"]),
+                        _p(x["gradable_only"]["specificity"]),
+                        _p(x["share_graded"]),
+                    ]
+                    for x in rows
                 ],
             )
         )

@@ -653,8 +653,11 @@ def verify_bundle(
         return result
     result.bundle, result.name, result.default_candidate = bundle.root, bundle.name, bundle.default_candidate
     result.artifact = bundle.artifact
-    if not result.signature.ok:
-        return result  # a model nobody trusted is not even loaded on this box
+    if not result.signature.ok:  # a model nobody trusted is not even loaded on this box; its gate is not run either
+        result.quality = QualityCheck(
+            present=bundle.meta.get("quality") is not None, skipped="not checked: the signature check failed"
+        )
+        return result
     try:
         result.quality = check_quality(
             bundle.root, bundle.meta, str(bundle.root / BUNDLE_JSON), bundle.preprocessing.draft_size

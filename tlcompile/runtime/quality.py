@@ -323,6 +323,62 @@ def calibrate(
 
 # ------------------------------------------------------------------------------------------------ verify
 SCORE_TOLERANCE = 1e-3  # the measures are a few float32 sums and percentiles: the same on every box within this
+GREY_STEP_SHARE = 0.05  # share of pixels moved by one grey level in the random perturbations below
+_SAFETY = 2.0  # a box may differ from the build by the perturbation's spread in either direction
+
+
+def _one_grey_level(rgb: np.ndarray) -> list[np.ndarray]:
+    """The frame as another Pillow build might decode or resize it: every pixel one grey level up, every pixel one
+    down, and three fixed random sets of GREY_STEP_SHARE of the pixels moved by +-1 (export/bundle.py: resizes may
+    differ by one rounding step between Pillow builds)."""
+    x = np.asarray(rgb, np.int16)[:, :, :3]
+    out = [x + 1, x - 1]
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        moved = (rng.random(x.shape[:2]) < GREY_STEP_SHARE) * rng.choice(np.array([-1, 1], np.int16), x.shape[:2])
+        out.append(x + moved[:, :, None])
+    return [np.clip(v, 0, 255).astype(np.uint8) for v in out]
+
+
+def golden_tolerance(rgb: np.ndarray, found: FieldOfView, limits: dict[str, float]) -> tuple[dict[str, float], float]:
+    """How far one grey level of difference in the frame can move each measure and the score on this frame:
+    (per-measure tolerance, score tolerance), each _SAFETY x the largest move over :func:`_one_grey_level`'s
+    perturbations (the score's plus SCORE_TOLERANCE)."""
+    base = measure(rgb, found)
+    score = judge(base, limits).score
+    spread = dict.fromkeys(MEASURES, 0.0)
+    score_spread = 0.0
+    for frame in _one_grey_level(rgb):
+        f = find_field(frame)
+        if f is None:
+            continue
+        m = measure(frame, f)
+        for k in MEASURES:
+            spread[k] = max(spread[k], abs(m[k] - base[k]))
+        score_spread = max(score_spread, abs(judge(m, limits).score - score))
+    return {k: _SAFETY * v + 1e-6 for k, v in spread.items()}, _SAFETY * score_spread + SCORE_TOLERANCE
+
+
+def golden_mismatch(
+    got: Assessment,
+    stored_score: float,
+    stored_reasons: list[str],
+    tolerance: dict[str, float],
+    score_tol: float,
+    limits: dict[str, float],
+) -> str | None:
+    """Why this box's assessment of a golden frame does not reproduce the build's, or None when it does: the score
+    within ``score_tol``, and the same reasons for every measure clear of its limit by more than its tolerance (a
+    measure within one grey level's move of its limit may fall on either side on another box)."""
+    if abs(got.score - stored_score) > score_tol:
+        return f"score differs by {abs(got.score - stored_score):.4f} (tolerance here {score_tol:.4f})"
+    if "field" in got.reasons or "field" in stored_reasons:
+        return None if list(got.reasons) == list(stored_reasons) else "the field of view is found on one side only"
+    for k, limit in limits.items():
+        if (k in got.reasons) != (k in stored_reasons) and abs(got.measures[k] - limit) > tolerance.get(k, 0.0):
+            return f"{k} {got.measures[k]:.4g} is clear of its limit {limit:.4g} yet the verdict on it differs"
+    unknown = set(stored_reasons) - set(limits)
+    return f"unknown reasons {sorted(unknown)}" if unknown else None
 
 
 @dataclass
@@ -336,6 +392,7 @@ class QualityCheck:
     limits: dict[str, float] = field(default_factory=dict)
     imageability: float | None = None
     problems: list[str] = field(default_factory=list)
+    skipped: str | None = None  # why the golden frames were not run (the bundle failed an earlier check)
 
     @property
     def ok(self) -> bool:
@@ -344,6 +401,8 @@ class QualityCheck:
     def line(self) -> str:
         if not self.present:
             return "  quality gate: absent (a bundle built without one: photos are not checked for quality)"
+        if self.skipped:
+            return f"  quality gate: present, {self.skipped}"
         if self.problems:
             return "  quality gate: FAIL"
         shown = f", imageability on test {self.imageability:.1%}" if self.imageability is not None else ""
@@ -376,14 +435,21 @@ def check_quality(root: Path, meta: dict[str, Any], where: str, draft_size: int)
             check.problems.append(f"{where}: quality.golden[{i}] needs image (a path) and score (a number)")
             return check
         rgb, _ = read_input(inside(root, g["image"], f"{where}: quality.golden[{i}].image"), draft_size=draft_size)
-        got = gate.assess(rgb, find_field(rgb))
+        found = find_field(rgb)
+        got = gate.assess(rgb, found)
         diff = abs(got.score - g["score"])
         check.max_abs_score_diff = max(check.max_abs_score_diff, diff)
         check.samples += 1
-        if diff > SCORE_TOLERANCE or list(got.reasons) != list(g.get("reasons", [])):
+        stored = list(g.get("reasons", []))
+        if found is None:
+            why = None if list(got.reasons) == stored else "no field of view found on this box"
+        else:
+            tolerance, score_tol = golden_tolerance(rgb, found, gate.limits)
+            why = golden_mismatch(got, g["score"], stored, tolerance, score_tol, gate.limits)
+        if why:
             check.problems.append(
                 f"{where}: quality.golden[{i}] ({g['image']}): this box scores {got.score:.4f} "
                 f"({', '.join(got.reasons) or 'gradable'}), the build stored {g['score']:.4f} "
-                f"({', '.join(g.get('reasons', [])) or 'gradable'}); the gate's limits or measures differ"
+                f"({', '.join(stored) or 'gradable'}): {why}; the gate's limits or measures differ"
             )
     return check
