@@ -43,6 +43,9 @@ _SCRIPT = textwrap.dedent(
     del b; gc.collect()
     address, size, _ = current_signal_stack()
     print("mapped", is_mapped(address, size), flush=True)
+    # Python's own Ctrl-C handler, installed explicitly: a process started in the background by a non-interactive
+    # shell (CI under nohup) inherits SIGINT ignored, and Python then installs none.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)
