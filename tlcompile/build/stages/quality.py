@@ -83,14 +83,12 @@ def raw_photo(data: DataModule, recipe: Recipe, i: int) -> np.ndarray:
     if d.source == "synthetic":
         from tlcompile.data import synthetic
 
-        # synthetic.py's documented determinism: image i of generate(n, seed=s) is drawn from
-        # default_rng(SeedSequence([s, i])), its grade first; the data stage renders at round(1.25 x image_size).
+        # Image i of generate(n, seed=s) whatever n; the data stage renders at round(1.25 x image_size).
         difficulty = synthetic.DEFAULT_DIFFICULTY if d.difficulty is None else d.difficulty
-        rng = np.random.default_rng(np.random.SeedSequence([recipe.seed, int(i)]))
-        grade = int(rng.choice(5, p=np.asarray(synthetic.DEFAULT_GRADE_PROBS, np.float64)))
-        return synthetic.render_fundus(
-            grade, rng, size=int(round(d.image_size * 1.25)), difficulty=difficulty, style=d.style
+        image, _ = synthetic.generate_one(
+            recipe.seed, int(i), size=int(round(d.image_size * 1.25)), difficulty=difficulty, style=d.style
         )
+        return image
     rgb, _ = read_input(data.paths[i], draft_size=data.spec.draft_size)
     return rgb
 
