@@ -121,6 +121,8 @@ def _strip_report(report):
         (bundle.get("selection") or {}).pop(key, None)
     if report.get("explain"):  # the explain stage explains the bundle's default candidate: it follows that choice
         report["explain"] = {"method": report["explain"].get("method")}
+    if report.get("quality"):  # the gate's measured cost on this box
+        report["quality"].pop("ms_per_photo", None)
     return report
 
 
