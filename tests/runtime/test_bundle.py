@@ -585,3 +585,14 @@ def test_golden_margin_bounds_the_probability_change():
             q = np.array([r.referable_dr_probability for r in b.interpret(moved)])
             assert np.abs(p - q).max() <= d / (2 * temperature)
             assert np.abs(p - q).max() > 0.3 * d / (2 * temperature)  # and the bound is not loose by orders
+
+
+def test_golden_frames_are_photos_the_quality_gate_passes_clearly(tiny_build):
+    """Golden frames are the test photos as taken (not enlarged network inputs, which the gate called out of focus):
+    predict on them decides as the build did, and one grey level elsewhere cannot flip the gate's verdict."""
+    from tlcompile.export.bundle import GOLDEN_GATE_SCORE
+
+    meta = json.loads((tiny_build.bundle / "bundle.json").read_text())
+    assert meta["golden"]["source"].startswith("test-split photos as taken")
+    golden = meta["quality"]["golden"]
+    assert golden and all(g["score"] >= GOLDEN_GATE_SCORE and not g["reasons"] for g in golden), golden

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -81,6 +81,9 @@ class DataModule:
     # data.store: disk: each split's images, memory-mapped from the store (rows = images[split == name], in order)
     split_images: dict[str, np.ndarray] | None = None
     loader_workers: int = 0  # data.loader_workers: processes reading training batches from split_images
+    # Generated data: synthetic.generate_one's arguments (seed, size, difficulty, style), so photo(i) can re-draw the
+    # frame the camera would have given; None for photographs read from files (paths).
+    generator: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -101,6 +104,17 @@ class DataModule:
             return self.images[i]
         name = str(self.split[i])
         return self.split_images[name][int(np.count_nonzero(self.split[:i] == name))]
+
+    def photo(self, i: int) -> np.ndarray:
+        """Photo ``i`` as the camera gave it (uint8 RGB), before preprocessing: the source file decoded as predict
+        decodes it, or the generated frame re-drawn (bit for bit: image i of the generator does not depend on n)."""
+        if self.generator is not None:
+            from tlcompile.data import synthetic
+
+            return synthetic.generate_one(index=int(i), **self.generator)[0]
+        from tlcompile.runtime.preprocess import read_input
+
+        return read_input(self.paths[i], draft_size=self.spec.draft_size)[0]
 
     def counts(self) -> dict[str, dict[str, int]]:
         out = {}
@@ -472,6 +486,7 @@ def _load_synthetic(cfg: DataConfig, spec: PreprocessSpec, seed: int, progress: 
         fov_found=np.asarray(fov_found, dtype=bool),
         balance=cfg.balance,
         report=report,
+        generator={"seed": seed, "size": raw_size, "difficulty": difficulty, "style": cfg.style},
     )
     _complete_report(report, cfg, dm, seed, "generated images: each is its own patient")
     return dm

@@ -35,10 +35,11 @@ from tlcompile.runtime.bundle import (
 )
 from tlcompile.runtime.inference import predict_logits
 from tlcompile.runtime.manifest import MANIFEST_JSON, manifest_entries
-from tlcompile.runtime.preprocess import LazyInputs, find_field, prepare_image, read_input, resize, to_input
-from tlcompile.runtime.quality import RETAKE, QualityGate
+from tlcompile.runtime.preprocess import LazyInputs, find_field, prepare_image, read_input, to_input
+from tlcompile.runtime.quality import RETAKE, SHRINK_RADIUS, QualityGate, shrink
 
 BUNDLE_PRECISION = "f32"
+GOLDEN_GATE_SCORE = 0.52  # golden frames pass the quality gate by this much (0.5 is the line)
 # Preprocessing of the same PNG on two boxes may differ by a rounding step in the resize (SIMD Pillow builds);
 # more than that is a real difference. The decision check catches any difference that matters.
 GOLDEN_PIXEL_TOLERANCE = 1
@@ -306,17 +307,13 @@ def _limitations(recipe: Recipe, row: dict[str, Any], endpoints_set: bool) -> li
 
 
 # ----------------------------------------------------------------------------------------------- golden
-def camera_frame(prepared: np.ndarray, crop_fov: bool) -> np.ndarray:
-    """A camera-like frame from a prepared (S, S, 3) image: enlarged 2x and set off-centre on a wider black sensor,
-    so that verify exercises decoding, the field-of-view crop, the square pad and the down-scaling."""
-    side = prepared.shape[0]
-    enlarged = resize(prepared, 2 * side)
-    if not crop_fov:
-        return enlarged
-    frame = np.zeros((round(2.3 * side), round(2.8 * side), 3), np.uint8)
-    top, left = round(0.2 * side), round(0.5 * side)
-    frame[top : top + 2 * side, left : left + 2 * side] = enlarged
-    return frame
+def golden_frame(data: DataModule, i: int) -> np.ndarray:
+    """A golden frame: photo ``i`` as the camera gave it (the source file as predict decodes it, or the generated
+    frame), shrunk to a field radius of SHRINK_RADIUS px when larger (a bundle ships a few, not megapixel files).
+    verify and predict run it through the whole pipeline: decoding, the field-of-view crop, the resize, the quality
+    gate. (Enlarged network inputs, as before #16, were too soft for the gate's focus measure: every golden frame was
+    'ungradable', and predict on them answered so.)"""
+    return np.ascontiguousarray(shrink(data.photo(i))[:, :, :3])
 
 
 def _pick_golden(scores: np.ndarray, threshold: float, count: int, margin: float) -> np.ndarray:
@@ -343,6 +340,7 @@ def _write_golden(
     rows: dict[str, dict[str, Any]],
     out_dir: Path,
     count: int,
+    gate: QualityGate | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     """Golden samples shared by every candidate: the frames (PNG) and prepared inputs once, each candidate's logits
     and readings beside them. Returns the shared golden record, per candidate its own part (logits key, expected
@@ -368,7 +366,8 @@ def _write_golden(
 
     # The bench may have run in another precision (bf16) and on the un-framed image, so the final choice is made on
     # what verify will compute: camera frame -> prepare_image -> each candidate's runtime in f32.
-    frames = [camera_frame(test_images[i], spec.crop_fov) for i in pool]
+    test_index = np.flatnonzero(data.split == "test")
+    frames = [golden_frame(data, int(test_index[i])) for i in pool]
     prepared_found = [prepare_image(frame, spec) for frame in frames]
     prepared = np.stack([p for p, _ in prepared_found])
     fov_found = np.array([f for _, f in prepared_found], dtype=bool)
@@ -377,10 +376,16 @@ def _write_golden(
     readings = {cid: views[cid].interpret(x) for cid, x in logits.items()}
     # Only frames that no candidate scores within its margin of the threshold (see _pick_golden): a box that passes
     # a candidate's logit check then cannot flip one of its golden decisions.
-    clear = np.ones(len(pool), dtype=bool)
+    # And frames predict decides as the build did: a field of view found and, with a quality gate, gradable (else
+    # predict would answer 'ungradable' where the expected reading is a decision).
+    # A gate score this far above the 0.5 line: one grey level of another box's Pillow cannot flip the verdict.
+    decidable = fov_found.copy()
+    if gate is not None:
+        decidable &= np.array([gate.assess(frame, find_field(frame)).score >= GOLDEN_GATE_SCORE for frame in frames])
+    clear = decidable.copy()
     for cid, rs in readings.items():
         clear &= np.array([abs(r.referable_dr_probability - views[cid].threshold) >= margins[cid] for r in rs])
-    keep = np.flatnonzero(clear) if clear.any() else np.arange(len(pool))
+    keep = next((np.flatnonzero(m) for m in (clear, decidable) if m.any()), np.arange(len(pool)))
     default_scores = np.array([r.referable_dr_probability for r in readings[default]])[keep]
     final = keep[_pick_golden(default_scores, bundle.threshold, count, 0.0)]
 
@@ -401,7 +406,9 @@ def _write_golden(
     shared = {
         "file": GOLDEN_NPZ,
         "images": images,
-        "source": "camera-like frames of test-split images " + ", ".join(test_ids[pool[k]] for k in final),
+        "source": "test-split photos as taken (shrunk to a field radius of at most "
+        + f"{SHRINK_RADIUS} px): "
+        + ", ".join(test_ids[pool[k]] for k in final),
         "produced_on": {"cpu": cpu_info(), "threads": sessions[default].threads},
     }
     own = {}
@@ -546,8 +553,10 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
         views = {c["id"]: draft.candidate(c["id"]) for c in candidates}
         # The golden frames are drawn on the first candidate's scores (a fixed order), not on the build's choice, which
         # can be a latency measurement: the same recipe gives the same golden files.
+        quality = report.get("quality")
+        gate = QualityGate(limits=dict(quality["limits"]), version=quality["version"]) if quality else None
         shared, own, sessions = _write_golden(
-            draft, views, candidates[0]["id"], data, rows, out_dir, cfg.golden_samples
+            draft, views, candidates[0]["id"], data, rows, out_dir, cfg.golden_samples, gate
         )
         for c in candidates:
             c["golden"] = {**c["golden"], **own[c["id"]]}

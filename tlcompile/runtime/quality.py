@@ -453,3 +453,22 @@ def check_quality(root: Path, meta: dict[str, Any], where: str, draft_size: int)
                 f"({', '.join(stored) or 'gradable'}): {why}; the gate's limits or measures differ"
             )
     return check
+
+
+SHRINK_RADIUS = 4 * WORK_RADIUS  # field radius a photo is shrunk to before it is degraded, measured or shipped
+
+
+def shrink(rgb: np.ndarray, max_radius: int = SHRINK_RADIUS) -> np.ndarray:
+    """The whole frame scaled so that its field radius is ``max_radius`` px (unchanged when it is at most 10% over
+    that, or has no field). The degradations are defined in units of the field radius and the measures are taken at a
+    radius of WORK_RADIUS px, so a copy drawn at this size keeps its label and measures what the full size would,
+    up to the sensor noise the resize averages."""
+    found = find_field(rgb)
+    if found is None or found.radius <= 1.1 * max_radius:  # the slack: a shrunk photo is not shrunk again
+        return rgb
+    scale = max_radius / found.radius
+    h, w = rgb.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(rgb[:, :, :3])).resize(size, Image.BILINEAR, reducing_gap=2.0)
+    )

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from tlcompile.build.context import Artifact, BuildContext, Stage
 from tlcompile.data.datamodule import DataModule
@@ -47,11 +46,18 @@ from tlcompile.evaluate.clinical import proportion
 from tlcompile.evaluate.metrics import referable_score, referable_truth
 from tlcompile.io import atomic_write_json, atomic_write_text
 from tlcompile.recipe import Recipe
-from tlcompile.runtime.preprocess import find_field, read_input
-from tlcompile.runtime.quality import MEASURES, QUALITY_VERSION, WORK_RADIUS, QualityGate, calibrate, judge, measure
+from tlcompile.runtime.preprocess import find_field
+from tlcompile.runtime.quality import (
+    MEASURES,
+    QUALITY_VERSION,
+    QualityGate,
+    calibrate,
+    judge,
+    measure,
+    shrink,
+)
 
 SECTIONS = ("seed", "data", "quality")
-SHRINK_RADIUS = 4 * WORK_RADIUS  # field radius photos are shrunk to before they are degraded and measured
 
 
 @dataclass(frozen=True)
@@ -79,34 +85,7 @@ def split_indices(data: DataModule, recipe: Recipe, split: str) -> np.ndarray:
 
 def raw_photo(data: DataModule, recipe: Recipe, i: int) -> np.ndarray:
     """Photo ``i`` of the data module as the camera gave it (uint8 RGB), decoded as predict decodes it."""
-    d = recipe.data
-    if d.source == "synthetic":
-        from tlcompile.data import synthetic
-
-        # Image i of generate(n, seed=s) whatever n; the data stage renders at round(1.25 x image_size).
-        difficulty = synthetic.DEFAULT_DIFFICULTY if d.difficulty is None else d.difficulty
-        image, _ = synthetic.generate_one(
-            recipe.seed, int(i), size=int(round(d.image_size * 1.25)), difficulty=difficulty, style=d.style
-        )
-        return image
-    rgb, _ = read_input(data.paths[i], draft_size=data.spec.draft_size)
-    return rgb
-
-
-def shrink(rgb: np.ndarray, max_radius: int = SHRINK_RADIUS) -> np.ndarray:
-    """The whole frame scaled so that its field radius is ``max_radius`` px (unchanged when it is at most 10% over
-    that, or has no field). The degradations are defined in units of the field radius and the measures are taken at a
-    radius of WORK_RADIUS px, so a copy drawn at this size keeps its label and measures what the full size would,
-    up to the sensor noise the resize averages."""
-    found = find_field(rgb)
-    if found is None or found.radius <= 1.1 * max_radius:  # the slack: a shrunk photo is not shrunk again
-        return rgb
-    scale = max_radius / found.radius
-    h, w = rgb.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(
-        Image.fromarray(np.ascontiguousarray(rgb[:, :, :3])).resize(size, Image.BILINEAR, reducing_gap=2.0)
-    )
+    return data.photo(i)
 
 
 def measure_split(
