@@ -794,6 +794,20 @@ def _draw_one(
     return render_fundus(grade, rng, size=size, difficulty=difficulty, style=style), grade
 
 
+def _checked(
+    seed: int, size: int, difficulty: float, style: str, grade_probs: Sequence[float]
+) -> tuple[int, int, float, np.ndarray]:
+    """The generator's arguments checked (one-line DataErrors): (seed, size, difficulty, grade probabilities)."""
+    _check_style(style)
+    return _check_seed(seed), _check_size(size), _check_difficulty(difficulty), _check_grade_probs(grade_probs)
+
+
+def _check_index(index: int) -> int:
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise DataError(f"index must be a non-negative integer, got {index!r}")
+    return int(index)
+
+
 def draw_with_lesions(
     index: int,
     *,
@@ -805,14 +819,8 @@ def draw_with_lesions(
 ) -> tuple[np.ndarray, int, np.ndarray]:
     """Image ``index`` of ``generate(n, seed=seed, ...)`` (any n > index) with its grade and its lesion opacity
     (see :func:`render_fundus`'s ``return_lesions``): (image, grade, lesions)."""
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-        raise DataError(f"index must be a non-negative integer, got {index!r}")
-    seed = _check_seed(seed)
-    size = _check_size(size)
-    difficulty = _check_difficulty(difficulty)
-    _check_style(style)
-    probs = _check_grade_probs(grade_probs)
-    rng = _image_rng(seed, int(index))
+    seed, size, difficulty, probs = _checked(seed, size, difficulty, style, grade_probs)
+    rng = _image_rng(seed, _check_index(index))
     grade = int(rng.choice(5, p=probs))  # the same first draw as _draw_one
     image, lesions = render_fundus(grade, rng, size=size, difficulty=difficulty, style=style, return_lesions=True)
     return image, grade, lesions
@@ -848,11 +856,7 @@ def generate(
     grade do not depend on ``n``.
     """
     n = _check_n(n)
-    seed = _check_seed(seed)
-    size = _check_size(size)
-    difficulty = _check_difficulty(difficulty)
-    _check_style(style)
-    probs = _check_grade_probs(grade_probs)
+    seed, size, difficulty, probs = _checked(seed, size, difficulty, style, grade_probs)
     images = np.empty((n, size, size, 3), np.uint8)
     grades = np.empty(n, np.int64)
     for i in range(n):
@@ -865,15 +869,8 @@ def generate_one(
 ) -> tuple[np.ndarray, int]:
     """Image ``index`` of :func:`generate` (any ``n`` above ``index``, the same other arguments) and its grade: lets a
     caller draw the images in any order, or across processes, with the same result."""
-    _check_style(style)
-    return _draw_one(
-        _check_seed(seed),
-        index,
-        _check_grade_probs(DEFAULT_GRADE_PROBS),
-        _check_size(size),
-        _check_difficulty(difficulty),
-        style,
-    )
+    seed, size, difficulty, probs = _checked(seed, size, difficulty, style, DEFAULT_GRADE_PROBS)
+    return _draw_one(seed, _check_index(index), probs, size, difficulty, style)
 
 
 def write_aptos(
