@@ -109,7 +109,8 @@ RECIPE_SECTIONS = (
     "tracking",
 )
 BUILD_HELP = (
-    "Build a recipe: data -> train -> (prune, quantize) -> export -> bench -> quality -> report -> bundle.\n\n"
+    "Build a recipe: data -> train -> (prune, quantize) -> export -> bench -> quality -> report -> bundle "
+    "-> explain.\n\n"
     f"Recipe sections (YAML keys, all optional): {', '.join(RECIPE_SECTIONS)}. "
     "data: source, split, preprocessing; model: arch, pretrained; evaluate: operating point, endpoints; "
     "bundle: selection, candidates, intended use; quality: the image-quality gate; tracking: MLflow.\n\n"
