@@ -71,7 +71,7 @@ def test_degradations_do_what_they_say(photos):
 def test_the_quality_stage_redraws_the_generators_photos_bit_for_bit():
     """The quality stage re-draws val/test photos from the generator's documented per-image generators: they must be
     the very photos the data stage generated (the training data and checkpoints never change)."""
-    from tlcompile.build.stages.quality import raw_photo, split_indices
+    from tlcompile.build.stages.quality import split_indices
     from tlcompile.data.datamodule import load_data
     from tlcompile.recipe import validate_recipe_dict
 
@@ -80,7 +80,7 @@ def test_the_quality_stage_redraws_the_generators_photos_bit_for_bit():
     )
     data = load_data(recipe.data, seed=recipe.seed)
     idx = split_indices(data, recipe, "val")
-    redrawn = [raw_photo(data, recipe, int(i)) for i in idx]
+    redrawn = [data.photo(int(i)) for i in idx]
     raw, grades = synthetic.generate(30, seed=4, size=40)
     assert len(idx) == len(redrawn) > 0
     assert all(np.array_equal(raw[i], p) for i, p in zip(idx, redrawn, strict=True))

@@ -170,7 +170,7 @@ def _fill_generated(
     if not done:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, *shape)).flush()
-    offset = _header_size(path)
+    offset = open_split(path).offset
     row_bytes = int(np.prod(shape))
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -194,13 +194,6 @@ def _fill_generated(
     finally:
         os.close(fd)
     return grades, fov
-
-
-def _header_size(path: Path) -> int:
-    with open(path, "rb") as f:
-        np.lib.format.read_magic(f)
-        np.lib.format.read_array_header_1_0(f)
-        return f.tell()
 
 
 class RowReader:

@@ -83,11 +83,6 @@ def split_indices(data: DataModule, recipe: Recipe, split: str) -> np.ndarray:
     return np.sort(rng.choice(idx, size=cap, replace=False))
 
 
-def raw_photo(data: DataModule, recipe: Recipe, i: int) -> np.ndarray:
-    """Photo ``i`` of the data module as the camera gave it (uint8 RGB), decoded as predict decodes it."""
-    return data.photo(i)
-
-
 def measure_split(
     data: DataModule, recipe: Recipe, split: str, seed: int, per_image: int
 ) -> tuple[np.ndarray, list[Measured], float]:
@@ -96,9 +91,7 @@ def measure_split(
     idx = split_indices(data, recipe, split)
     out: list[Measured] = []
     seconds = 0.0
-    for c in stream_copies(
-        len(idx), lambda k: shrink(raw_photo(data, recipe, int(idx[k]))), seed=seed, per_image=per_image
-    ):
+    for c in stream_copies(len(idx), lambda k: shrink(data.photo(int(idx[k]))), seed=seed, per_image=per_image):
         t0 = time.perf_counter()
         found = find_field(c.image)
         m = None if found is None else measure(c.image, found)
