@@ -70,7 +70,13 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def fitting_name(name: str, max_bytes: int, keep_bytes: int) -> str:
+# A file name built on a stem must fit NAME_MAX (255 bytes on every common filesystem) with a suffix (a collision
+# hash, .json / .explain.png) and atomic_path's temporary name around it (.<name>.<8 random>.tmp).
+STEM_MAX_BYTES = 160
+STEM_KEEP_BYTES = 120
+
+
+def fitting_name(name: str, max_bytes: int = STEM_MAX_BYTES, keep_bytes: int = STEM_KEEP_BYTES) -> str:
     """``name`` when it is at most ``max_bytes`` long (encoded), else its first ``keep_bytes`` bytes (whole characters)
     + '~' + 16 hex digits of the full name's sha256: deterministic, distinct for distinct names, and short enough that
     a file name built on it (plus a suffix and :func:`atomic_path`'s temporary name) fits the filesystem's 255 bytes."""

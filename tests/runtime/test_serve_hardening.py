@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tlcompile.io import STEM_MAX_BYTES as MAX_STEM_BYTES
 from tlcompile.runtime import serve as serve_module
-from tlcompile.runtime.serve import MAX_STEM_BYTES, TRUNCATION_RETRIES, record_stem, serve
+from tlcompile.runtime.serve import TRUNCATION_RETRIES, record_stem, serve
 
 
 def _records(out: Path) -> dict[str, list[dict]]:

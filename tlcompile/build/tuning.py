@@ -55,10 +55,10 @@ def split_logits(ctx: BuildContext, model: torch.nn.Module, split: str) -> np.nd
     """Eval-mode logits of ``model`` on a split. The reference models (fp32, pruned) are predicted on val by the
     operating-point lock, each compression stage's reference and judge and the int8 records: a plain torch model's
     logits are kept per (split, weights digest), so each is computed once per build; a changed weight is a new key."""
-    x, _ = ctx.data.subset(split)
     digest = _weights_digest(model)
     key = (split, digest or "")
-    if digest is None or key not in ctx.logits_cache:
+    if digest is None or key not in ctx.logits_cache:  # only then the split's images are needed
+        x, _ = ctx.data.subset(split)
         logits = loop.predict(model, x, ctx.data.spec, device=ctx.device)
         if digest is None:
             return logits
@@ -68,7 +68,7 @@ def split_logits(ctx: BuildContext, model: torch.nn.Module, split: str) -> np.nd
 
 def split_metrics(ctx: BuildContext, model: torch.nn.Module, split: str) -> dict[str, float]:
     """AUC, and sensitivity / specificity / accuracy at the locked operating point, of a torch model on a split."""
-    _, y = ctx.data.subset(split)
+    y = ctx.data.targets[ctx.data.split == split]  # the labels alone: subset() would copy the images too
     logits = split_logits(ctx, model, split)
     return guard.val_metrics(logits, y, threshold=ctx.threshold, temperature=temperature(ctx))
 

@@ -14,6 +14,7 @@ targets (referable: grade >= 2). Reading a file source (:func:`load_data`):
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from collections import Counter
 from collections.abc import Callable
@@ -102,8 +103,16 @@ class DataModule:
         """Image ``i`` (an index into ids/grades/split), whether the images are in memory or in the disk store."""
         if self.split_images is None:
             return self.images[i]
-        name = str(self.split[i])
-        return self.split_images[name][int(np.count_nonzero(self.split[:i] == name))]
+        return self.split_images[str(self.split[i])][int(self._row_in_split[i])]
+
+    @functools.cached_property
+    def _row_in_split(self) -> np.ndarray:
+        """Per image, its row in its split's array (images[split == name] order)."""
+        rows = np.empty(len(self.split), np.int64)
+        for name in SPLITS:
+            mask = self.split == name
+            rows[mask] = np.arange(int(mask.sum()))
+        return rows
 
     def photo(self, i: int) -> np.ndarray:
         """Photo ``i`` as the camera gave it (uint8 RGB), before preprocessing: the source file decoded as predict
@@ -406,13 +415,15 @@ def _generated_store(
     size = spec.size
     workers = max(1, min(default_threads(), cfg.num_images // 64 or 1))
     chunk = 256
-    pool = get_context("spawn").Pool(workers) if workers > 1 else None
+    pools = []  # started on the first chunk to draw: a store already filled needs no worker processes
     try:
 
         def draw(indices: range):
+            if workers > 1 and not pools:
+                pools.append(get_context("spawn").Pool(workers))
             parts = [indices[k : k + 16] for k in range(0, len(indices), 16)]
             tasks = [(list(p), seed, raw_size, difficulty, cfg.style, spec) for p in parts]
-            results = pool.imap(_draw_prepared, tasks) if pool is not None else map(_draw_prepared, tasks)
+            results = pools[0].imap(_draw_prepared, tasks) if pools else map(_draw_prepared, tasks)
             for part in results:
                 yield from part
 
@@ -425,7 +436,7 @@ def _generated_store(
             progress=None if progress is None else lambda d, t: progress("generating", d, t),
         )
     finally:
-        if pool is not None:
+        for pool in pools:
             pool.close()
             pool.join()
     return path, grades, fov

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tlcompile.errors import DataError
+from tlcompile.io import atomic_write_json
 
 SPLIT_FILES = ("train", "val", "test")
 
@@ -186,9 +187,7 @@ def _fill_generated(
             os.pwrite(fd, block.tobytes(), offset + start * row_bytes)
             os.fsync(fd)  # the chunk is on disk before it is marked done
             done[key] = [grades[start:stop].tolist(), fov[start:stop].tolist()]
-            tmp = done_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done))
-            os.replace(tmp, done_path)
+            atomic_write_json(done_path, done)
             if progress is not None:
                 progress(stop, n)
     finally:

@@ -787,10 +787,14 @@ def _image_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def _draw_one(
-    seed: int, index: int, probs: np.ndarray, size: int, difficulty: float, style: str
-) -> tuple[np.ndarray, int]:
+    seed: int, index: int, probs: np.ndarray, size: int, difficulty: float, style: str, *, lesions: bool = False
+) -> tuple[np.ndarray, int] | tuple[np.ndarray, int, np.ndarray]:
+    """(image, grade), or (image, grade, lesion opacity) with ``lesions``: the same draws either way."""
     rng = _image_rng(seed, index)
     grade = int(rng.choice(5, p=probs))  # the first draw of the image's generator: see sample_grades
+    if lesions:
+        image, opacity = render_fundus(grade, rng, size=size, difficulty=difficulty, style=style, return_lesions=True)
+        return image, grade, opacity
     return render_fundus(grade, rng, size=size, difficulty=difficulty, style=style), grade
 
 
@@ -820,10 +824,7 @@ def draw_with_lesions(
     """Image ``index`` of ``generate(n, seed=seed, ...)`` (any n > index) with its grade and its lesion opacity
     (see :func:`render_fundus`'s ``return_lesions``): (image, grade, lesions)."""
     seed, size, difficulty, probs = _checked(seed, size, difficulty, style, grade_probs)
-    rng = _image_rng(seed, _check_index(index))
-    grade = int(rng.choice(5, p=probs))  # the same first draw as _draw_one
-    image, lesions = render_fundus(grade, rng, size=size, difficulty=difficulty, style=style, return_lesions=True)
-    return image, grade, lesions
+    return _draw_one(seed, _check_index(index), probs, size, difficulty, style, lesions=True)
 
 
 def _check_seed(seed: int) -> int:

@@ -19,6 +19,7 @@ every candidate's golden samples on this box's runtime, benches those that pass 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import zipfile
@@ -124,7 +125,7 @@ class Bundle:
         except TlcompileError as err:  # out of range: a size that would allocate hundreds of GiB, a zero std ...
             raise BundleError(f"{self.root / BUNDLE_JSON}: {err}") from err
 
-    @property
+    @functools.cached_property
     def quality_gate(self) -> QualityGate | None:
         """The image-quality gate (bundle.json ``quality``); None for a bundle built without one (before the gate)."""
         block = self.meta.get("quality")

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tlcompile.errors import TlcompileError
 from tlcompile.evaluate.clinical import proportion
 from tlcompile.evaluate.metrics import referable_classes, softmax
-from tlcompile.io import atomic_path, fitting_name
+from tlcompile.io import STEM_KEEP_BYTES, STEM_MAX_BYTES, atomic_path, fitting_name  # noqa: F401 - the stem limits, re-exported
 from tlcompile.runtime.inference import InferenceSession
 from tlcompile.runtime.preprocess import PreprocessSpec, _square_window, find_field, to_input
 
@@ -71,10 +71,6 @@ EXPLAIN_SUFFIX = ".explain.png"
 HEAT_FLOOR = 0.001
 # Written into every overlay PNG (a text chunk): a later run may replace a file that carries it, never another one.
 PNG_MARK_KEY = "tlcompile-explain"
-#: An input's stem longer than this (bytes) is shortened to its first STEM_KEEP_BYTES + '~' + a hash of the whole stem
-#: (as serve's record names): ``<stem>[.<hash>].explain.png`` and its temporary name then fit NAME_MAX (255 bytes).
-STEM_MAX_BYTES = 160
-STEM_KEEP_BYTES = 120
 
 
 def batch_for(size: int) -> int:
@@ -512,7 +508,7 @@ def explain_targets(paths: list[Path], folder: Path) -> dict[Path, Path]:
     targets: dict[Path, Path] = {}
     taken: set[str] = set()
     for path in paths:
-        stem = fitting_name(path.stem, STEM_MAX_BYTES, STEM_KEEP_BYTES)  # a long stem: shortened + hash of the whole
+        stem = fitting_name(path.stem)  # a long stem: shortened + hash of the whole
         name = f"{stem}{EXPLAIN_SUFFIX}"
         if name in taken:
             digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]

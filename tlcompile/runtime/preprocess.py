@@ -355,7 +355,7 @@ def read_image(
     """
     path = Path(path)
     if dicom.is_dicom(path):  # DICOM (.dcm): pydicom and its decoders, see tlcompile.runtime.dicom
-        rgb = read_input(path, data=data)[0]
+        rgb = dicom.read_dicom(path, data=data, max_pixels=MAX_DECODE_PIXELS).rgb
         return rgb, rgb.shape[:2]
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as img:

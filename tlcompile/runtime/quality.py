@@ -340,11 +340,13 @@ def _one_grey_level(rgb: np.ndarray) -> list[np.ndarray]:
     return [np.clip(v, 0, 255).astype(np.uint8) for v in out]
 
 
-def golden_tolerance(rgb: np.ndarray, found: FieldOfView, limits: dict[str, float]) -> tuple[dict[str, float], float]:
+def golden_tolerance(
+    rgb: np.ndarray, found: FieldOfView, limits: dict[str, float], base: dict[str, float] | None = None
+) -> tuple[dict[str, float], float]:
     """How far one grey level of difference in the frame can move each measure and the score on this frame:
     (per-measure tolerance, score tolerance), each _SAFETY x the largest move over :func:`_one_grey_level`'s
-    perturbations (the score's plus SCORE_TOLERANCE)."""
-    base = measure(rgb, found)
+    perturbations (the score's plus SCORE_TOLERANCE). ``base``: the frame's measures, when already taken."""
+    base = measure(rgb, found) if base is None else base
     score = judge(base, limits).score
     spread = dict.fromkeys(MEASURES, 0.0)
     score_spread = 0.0
@@ -443,8 +445,10 @@ def check_quality(root: Path, meta: dict[str, Any], where: str, draft_size: int)
         stored = list(g.get("reasons", []))
         if found is None:
             why = None if list(got.reasons) == stored else "no field of view found on this box"
+        elif diff <= SCORE_TOLERANCE and list(got.reasons) == stored:
+            why = None  # reproduced: no tolerance can make it a mismatch, so the perturbed frames are not measured
         else:
-            tolerance, score_tol = golden_tolerance(rgb, found, gate.limits)
+            tolerance, score_tol = golden_tolerance(rgb, found, gate.limits, got.measures)
             why = golden_mismatch(got, g["score"], stored, tolerance, score_tol, gate.limits)
         if why:
             check.problems.append(

@@ -48,10 +48,6 @@ PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".s
 ERRORS_DIR = "errors"
 LOCK_FILE = ".serve.lock"
 _COLLISION = re.compile(r"(?P<name>.+)\.[0-9a-f]{12}")
-# A record's file name must fit NAME_MAX (255 bytes on every common filesystem) with the collision suffix
-# (.<12 hex>), .json and atomic_path's temporary name around it (.<name>.<8 random>.tmp).
-MAX_STEM_BYTES = 160
-_KEEP_BYTES = 120
 TRUNCATION_RETRIES = 3  # a file that still looks cut off is retried this many times before its error record
 RETRY_MIN_WAIT = 0.5  # seconds a retried file must stay unchanged again (at least; --settle when longer)
 _TRUNCATION = re.compile(
@@ -63,7 +59,7 @@ _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"II*\x00", b"MM\x00*", b"BM")
 def record_stem(name: str) -> str:
     """The record's file name without .json: the image name, or for a long name its first ~120 bytes (whole
     characters) + '~' + 16 hex digits of the full name's sha256, so that every record name fits the filesystem."""
-    return fitting_name(name, MAX_STEM_BYTES, _KEEP_BYTES)
+    return fitting_name(name)
 
 
 def printable(name: str) -> str:

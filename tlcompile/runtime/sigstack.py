@@ -15,6 +15,7 @@ model.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 SS_DISABLE = 2
@@ -26,6 +27,7 @@ class _StackT(ctypes.Structure):
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None

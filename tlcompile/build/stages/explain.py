@@ -117,20 +117,13 @@ def explain_build(ctx: BuildContext, record: dict[str, Any]) -> dict[str, Any]:
 
 def _lesion_source(ctx: BuildContext) -> Any:
     """i -> the lesion opacity of image i in the network frame, for synthetic data (else None)."""
-    d = ctx.recipe.data
-    if d.source != "synthetic":
+    dm = ctx.data
+    if dm.generator is None:  # photographs: nobody knows where their lesions are
         return None
     from tlcompile.data import synthetic
 
-    raw_size = int(round(d.image_size * 1.25))  # as data.datamodule._load_synthetic renders them
-    difficulty = synthetic.DEFAULT_DIFFICULTY if d.difficulty is None else d.difficulty
-    dm = ctx.data
-
     def lesions(i: int, spec: Any) -> np.ndarray:
-        index = int(dm.ids[i].rsplit("_", 1)[1])
-        raw, grade, opacity = synthetic.draw_with_lesions(
-            index, seed=ctx.recipe.seed, size=raw_size, difficulty=difficulty, style=d.style
-        )
+        raw, grade, opacity = synthetic.draw_with_lesions(i, **dm.generator)  # the generator's arguments, as drawn
         if grade != dm.grades[i] or not np.array_equal(prepare_image(raw, spec)[0], dm.image(i)):
             raise AssertionError(f"{dm.ids[i]}: re-rendered image differs from the one the build tested on")  # a bug
         return xai.to_network_frame(opacity, raw, spec)
