@@ -23,6 +23,7 @@ peak at the field's centre.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterable
@@ -151,6 +152,29 @@ def occlusion_map(
     return (heat / np.maximum(count, 1)).astype(np.float32)
 
 
+MASK_CACHE_BYTES = 64 << 20  # RISE's masks are kept between images up to this size (12.8 MB at 112 px, 256 masks)
+
+
+def _draw_masks(rng: np.random.Generator, out: np.ndarray, size: int, grid: int, keep: float) -> None:
+    """Fill ``out`` (n, size, size) with the next n RISE masks of ``rng``: coarse random grids, upsampled, shifted."""
+    cell = math.ceil(size / grid)
+    up = (grid + 1) * cell
+    for i in range(out.shape[0]):
+        coarse = (rng.random((grid + 1, grid + 1)) < keep).astype(np.float32)
+        big = np.asarray(Image.fromarray(coarse, "F").resize((up, up), Image.BILINEAR))
+        dy, dx = rng.integers(0, cell, 2)
+        out[i] = big[dy : dy + size, dx : dx + size]
+
+
+@functools.lru_cache(maxsize=2)
+def _all_masks(size: int, masks: int, grid: int, keep: float, seed: int) -> np.ndarray:
+    """Every mask of a (size, masks, grid, keep, seed): the same for every image, so drawn once (read-only)."""
+    out = np.empty((masks, size, size), np.float32)
+    _draw_masks(np.random.default_rng(seed), out, size, grid, keep)
+    out.flags.writeable = False
+    return out
+
+
 def rise_map(
     session: InferenceSession,
     x: np.ndarray,
@@ -172,27 +196,28 @@ def rise_map(
     to the order the float64 sums are added in (and whatever the runtime's kernels do with another batch size)."""
     size = x.shape[-1]
     batch = batch or batch_for(size)
+    # The masks depend on the arguments only: kept between images when small, else drawn batch by batch (the same
+    # masks in the same order either way).
+    cached = _all_masks(size, masks, grid, keep, seed) if masks * size * size * 4 <= MASK_CACHE_BYTES else None
     rng = np.random.default_rng(seed)
-    cell = math.ceil(size / grid)
-    up = (grid + 1) * cell
     fill = _fill(to_crop(x, spec), spec)
     dtype = np.result_type(x.dtype, fill.dtype, np.float32)
     weighted = np.zeros((size, size), np.float64)
     covered = np.zeros((size, size), np.float64)
     total = 0.0
     rows = min(batch, masks)
-    m_buf = np.empty((rows, size, size), np.float32)  # the masks
+    m_buf = np.empty((rows if cached is None else 0, size, size), np.float32)  # the masks, when drawn per batch
     rest_buf = np.empty((rows, size, size), np.float32)  # 1 - mask
     part_buf = np.empty((rows, size, size), dtype)  # one channel of fill * (1 - mask)
     in_buf = np.empty((rows, x.shape[1], size, size), dtype)  # the masked inputs
     for first in range(0, masks, batch):
         n = min(batch, masks - first)
-        m, rest, part, masked = m_buf[:n], rest_buf[:n], part_buf[:n], in_buf[:n]
-        for i in range(n):
-            coarse = (rng.random((grid + 1, grid + 1)) < keep).astype(np.float32)
-            big = np.asarray(Image.fromarray(coarse, "F").resize((up, up), Image.BILINEAR))
-            dy, dx = rng.integers(0, cell, 2)
-            m[i] = big[dy : dy + size, dx : dx + size]
+        rest, part, masked = rest_buf[:n], part_buf[:n], in_buf[:n]
+        if cached is not None:
+            m = cached[first : first + n]
+        else:
+            m = m_buf[:n]
+            _draw_masks(rng, m, size, grid, keep)
         np.subtract(1.0, m, out=rest)
         for c in range(x.shape[1]):  # masked = x * m + fill * (1 - m), one channel at a time, no temporaries
             np.multiply(x[0, c], m, out=masked[:, c])
