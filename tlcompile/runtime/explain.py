@@ -152,7 +152,7 @@ def occlusion_map(
     return (heat / np.maximum(count, 1)).astype(np.float32)
 
 
-MASK_CACHE_BYTES = 64 << 20  # RISE's masks are kept between images up to this size (12.8 MB at 112 px, 256 masks)
+MASK_CACHE_BYTES = 32 << 20  # RISE's masks are kept between images below this size (12.8 MB at 112 px, 256 masks)
 
 
 def _draw_masks(rng: np.random.Generator, out: np.ndarray, size: int, grid: int, keep: float) -> None:
@@ -198,7 +198,7 @@ def rise_map(
     batch = batch or batch_for(size)
     # The masks depend on the arguments only: kept between images when small, else drawn batch by batch (the same
     # masks in the same order either way).
-    cached = _all_masks(size, masks, grid, keep, seed) if masks * size * size * 4 <= MASK_CACHE_BYTES else None
+    cached = _all_masks(size, masks, grid, keep, seed) if masks * size * size * 4 < MASK_CACHE_BYTES else None
     rng = np.random.default_rng(seed)
     fill = _fill(to_crop(x, spec), spec)
     dtype = np.result_type(x.dtype, fill.dtype, np.float32)
