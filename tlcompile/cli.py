@@ -48,9 +48,11 @@ SetOption = Annotated[
 
 def _console() -> Console:
     # Logs and CI are not terminals: give tables room instead of rich's 80-column default, unless COLUMNS says how wide.
-    console = Console(highlight=False)
+    # Lines are never broken by rich (soft_wrap): a path broken across lines cannot be copied (report.json would print
+    # as "report.\njson" under a long build folder); the terminal wraps what is too long, tables keep the width.
+    console = Console(highlight=False, soft_wrap=True)
     if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
-        console = Console(highlight=False, width=max(console.width, 160))
+        console = Console(highlight=False, soft_wrap=True, width=max(console.width, 160))
     return console
 
 
