@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/tlcompile build recipes/quickstart.yaml
 
+# One pytest process per core, at most 4 (pytest-xdist; PYTEST_XDIST_AUTO_NUM_WORKERS=N overrides), each test file
+# in one process so a module's fixtures are made once. `$(PY) -m pytest ...` alone runs in this process, for debugging.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 # Everything, including tests marked slow.
 test-all: $(STAMP)

@@ -37,6 +37,7 @@ def tiny_build(tmp_path_factory):
             "train": {"epochs": 1},
             "export": {"parity_images": 8},
             "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 2},
+            "bundle": {"explain_images": 0},  # the bench reads the bundle's models, not its heatmaps
         }
     )
     out = tmp_path_factory.mktemp("bench") / "build"

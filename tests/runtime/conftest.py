@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.once import made_once
+
 # The [train] extras: a test's subprocess makes them unimportable to prove the runtime half needs none of them.
 TRAIN_ONLY_MODULES = ("torch", "torchvision", "nncf", "torch_pruning", "onnx", "onnxscript", "sklearn", "matplotlib")
 
@@ -48,15 +50,19 @@ def tiny_build(tmp_path_factory) -> TinyBuild:
             "export": {"formats": ["onnx", "openvino"], "parity_images": 16},
             "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 3},
             "evaluate": {"bootstrap_resamples": 200},
-            "bundle": {"golden_samples": 6},
+            # Heatmaps for the report's examples and a pointing game on 6 referable images (~4 s for all of them).
+            "bundle": {"golden_samples": 6, "explain_images": 6},
             # At 48 px (a field radius of ~28 px) no focus measure tells blur from sharp, and the golden frames are
             # 2x enlargements: the gate's focus limit is fixed off here; its other limits are calibrated as usual.
             "quality": {"limits": {"focus": 0.0}},
         }
     )
-    out = tmp_path_factory.mktemp("tiny-build") / "build"
-    result = build(recipe, out, console=Console(file=io.StringIO(), width=200))
-    return TinyBuild(out_dir=out, report=result.report, recipe=recipe)
+
+    def make(folder: Path) -> TinyBuild:
+        result = build(recipe, folder / "build", console=Console(file=io.StringIO(), width=200))
+        return TinyBuild(out_dir=folder / "build", report=result.report, recipe=recipe)
+
+    return made_once(tmp_path_factory, "tiny-build", make)
 
 
 @pytest.fixture

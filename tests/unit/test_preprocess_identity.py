@@ -8,7 +8,9 @@ reference copies in tests/unit/preprocess_v2_reference.py and screen_v2_referenc
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -56,39 +58,52 @@ def _synthetic(size: int, seed: int) -> np.ndarray:
     return images[seed % 3]
 
 
-def _cases() -> list[tuple[str, np.ndarray]]:
-    retina = skimage_data.retina()
-    rng = np.random.default_rng(0)
-    cases = [
-        ("skimage retina 1411 px", retina),
-        ("skimage retina as a 4000x3000 JPEG, draft 224", _jpeg_decoded(retina, (4000, 3000), 224)),
-        ("skimage retina as a 2048x1536 JPEG, draft 448", _jpeg_decoded(retina, (2048, 1536), 448)),
-        ("skimage retina 1100x1411 (clipped top and bottom)", retina[150:1250]),
-        ("skimage retina, dark (under-exposed)", (retina // 6).astype(np.uint8)),
-        ("skimage microaneurysms (grayscale)", skimage_data.microaneurysms()),
-        ("skimage astronaut (not fundus)", skimage_data.astronaut()),
-        ("skimage chelsea (not fundus)", skimage_data.chelsea()),
-        ("black frame", np.zeros((300, 400, 3), np.uint8)),
-        ("flat grey (damaged)", np.full((600, 800, 3), 128, np.uint8)),
-        ("random noise", rng.integers(0, 256, (257, 311, 3), dtype=np.uint8)),
-        ("1x1 pixel", np.full((1, 1, 3), 200, np.uint8)),
-        ("RGBA", np.dstack([_synthetic(96, 1), np.full((96, 96), 255, np.uint8)])),
-    ]
-    for size in (32, 96, 224, 512, 1100):
-        for seed in (0, 1):
-            cases.append((f"synthetic fundus {size} px seed {seed}", _synthetic(size, seed)))
+def _camera() -> np.ndarray:
     camera = np.zeros((1536, 2048, 3), np.uint8)
     camera[:, 256:1792] = _synthetic(1536, 2)
-    cases.append(("synthetic camera frame 2048x1536", camera))
-    cases.append(("synthetic camera frame as a 4000x3000 JPEG, draft 224", _jpeg_decoded(camera, (4000, 3000), 224)))
+    return camera
+
+
+def _cases() -> dict[str, Callable[[], np.ndarray]]:
+    """Each case's name and how to make its image: made when a test first needs it (:func:`_image`), not while
+    pytest collects, which every pytest-xdist worker does for every module."""
+    retina = skimage_data.retina
+    cases: dict[str, Callable[[], np.ndarray]] = {
+        "skimage retina 1411 px": retina,
+        "skimage retina as a 4000x3000 JPEG, draft 224": lambda: _jpeg_decoded(retina(), (4000, 3000), 224),
+        "skimage retina as a 2048x1536 JPEG, draft 448": lambda: _jpeg_decoded(retina(), (2048, 1536), 448),
+        "skimage retina 1100x1411 (clipped top and bottom)": lambda: retina()[150:1250],
+        "skimage retina, dark (under-exposed)": lambda: (retina() // 6).astype(np.uint8),
+        "skimage microaneurysms (grayscale)": skimage_data.microaneurysms,
+        "skimage astronaut (not fundus)": skimage_data.astronaut,
+        "skimage chelsea (not fundus)": skimage_data.chelsea,
+        "black frame": lambda: np.zeros((300, 400, 3), np.uint8),
+        "flat grey (damaged)": lambda: np.full((600, 800, 3), 128, np.uint8),
+        "random noise": lambda: np.random.default_rng(0).integers(0, 256, (257, 311, 3), dtype=np.uint8),
+        "1x1 pixel": lambda: np.full((1, 1, 3), 200, np.uint8),
+        "RGBA": lambda: np.dstack([_synthetic(96, 1), np.full((96, 96), 255, np.uint8)]),
+    }
+    for size in (32, 96, 224, 512, 1100):
+        for seed in (0, 1):
+            cases[f"synthetic fundus {size} px seed {seed}"] = functools.partial(_synthetic, size, seed)
+    cases["synthetic camera frame 2048x1536"] = _camera
+    cases["synthetic camera frame as a 4000x3000 JPEG, draft 224"] = lambda: _jpeg_decoded(_camera(), (4000, 3000), 224)
     return cases
 
 
 CASES = _cases()
 
 
-@pytest.mark.parametrize("name,rgb", CASES, ids=[name for name, _ in CASES])
-def test_field_and_prepared_pixels_are_bit_identical(name, rgb):
+@functools.cache
+def _image(name: str) -> np.ndarray:
+    rgb = CASES[name]()
+    rgb.setflags(write=False)  # shared by the tests of one case
+    return rgb
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_field_and_prepared_pixels_are_bit_identical(name):
+    rgb = _image(name)
     assert _field(preprocess.find_field(rgb)) == _field(ref.find_field(rgb)), name
     for spec in SPECS:
         ours, found = preprocess.prepare_with_field(rgb, spec)
@@ -99,8 +114,9 @@ def test_field_and_prepared_pixels_are_bit_identical(name, rgb):
         assert np.array_equal(preprocess.to_input(ours, spec), ref.to_input(theirs, spec))
 
 
-@pytest.mark.parametrize("name,rgb", CASES, ids=[name for name, _ in CASES])
-def test_screening_verdicts_are_identical(name, rgb):
+@pytest.mark.parametrize("name", CASES)
+def test_screening_verdicts_are_identical(name):
+    rgb = _image(name)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         return  # predict screens the decoded RGB image only
     assert screen.damage_reason(rgb) == ref_screen.damage_reason(rgb), name

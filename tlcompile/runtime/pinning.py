@@ -49,10 +49,11 @@ def bench_interleaved(
     rounds: int = DEFAULT_ROUNDS,
     iterations: int = DEFAULT_ITERATIONS,
     warmup: int = 5,
-    min_seconds: float = DEFAULT_ROUND_SECONDS,
+    min_seconds: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """p50 / p90 (median over rounds) and their spread over ``rounds`` interleaved rounds of at least ``iterations``
-    calls and ``min_seconds`` each."""
+    calls and ``min_seconds`` (None: ``DEFAULT_ROUND_SECONDS``, read at call time) each."""
+    min_seconds = DEFAULT_ROUND_SECONDS if min_seconds is None else min_seconds
     per_round: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for run in runs.values():  # first call and warm-up once, outside the rounds
         measure_latency(run, warmup=warmup, iterations=1)
