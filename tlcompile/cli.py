@@ -519,7 +519,7 @@ def predict(
         from tlcompile.runtime.explain import check_explain_dir, explain_targets
 
         targets = explain_targets(paths, check_explain_dir(explain, bundle_root=bundle_root, inputs=images))
-    verified = open_verified(bundle, threads=threads, trust=trust)
+    verified = open_verified(bundle, threads=threads, trust=trust, workers=workers)
     print(verified.notice, file=sys.stderr)
     b = verified.bundle
     disclaimer = _model_card_disclaimer(b.meta)
