@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/tlcompile build recipes/quickstart.yaml
 
-# One pytest process per core, at most 4 (pytest-xdist; PYTEST_XDIST_AUTO_NUM_WORKERS=N overrides), each test file
-# in one process so a module's fixtures are made once. `$(PY) -m pytest ...` alone runs in this process, for debugging.
+# One pytest process per core this process may use, at most 4 (pytest-xdist; `make test TEST_WORKERS=1` for one), each
+# test file in one process so a module's fixtures are made once. `$(PY) -m pytest ...` alone runs in one process.
+# (xdist's own `-n auto` counts physical cores: 1 on a 2-vCPU VM whose vCPUs are one core's hyperthreads.)
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))" 2>/dev/null || echo 1)
+
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Everything, including tests marked slow.
 test-all: $(STAMP)
