@@ -3,6 +3,7 @@ and reused, continued after a kill, read a batch at a time (also by loader proce
 
 from __future__ import annotations
 
+import os
 import signal
 
 import numpy as np
@@ -42,27 +43,39 @@ def test_generated_store_drawn_by_two_processes_matches_memory(tmp_path, monkeyp
     """With two cores the generator runs in two spawned processes, each with one BLAS thread (a thread per core in
     each only made them fight: 1.14x the rate of one process); the images are the same bytes."""
     import os
+    from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from tlcompile.data.datamodule import _one_thread_pool
+    from tlcompile.data.datamodule import _one_blas_thread
 
-    monkeypatch.setenv("TLCOMPILE_NUM_THREADS", "2")
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-    pool = _one_thread_pool(get_context("spawn"), 2)
-    try:
-        assert pool.apply(os.getenv, ("OPENBLAS_NUM_THREADS",)) == "1"
-    finally:
-        pool.close()
-        pool.join()
-    assert "OPENBLAS_NUM_THREADS" not in os.environ  # the parent's environment is put back
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        with _one_blas_thread():
+            seen = pool.submit(os.getenv, "OPENBLAS_NUM_THREADS")
+        assert seen.result() == "1" and "OPENBLAS_NUM_THREADS" not in os.environ  # the parent's is put back
+    monkeypatch.setenv("TLCOMPILE_NUM_THREADS", "2")
     kw = {"source": "synthetic", "num_images": 130, "image_size": 32}
-    started = []
-    monkeypatch.setattr(
-        "tlcompile.data.datamodule._one_thread_pool", lambda *a: started.append(a[1]) or _one_thread_pool(*a)
+    _same_splits(load_data(DataConfig(**kw), seed=5), load_data(DataConfig(**kw, store="disk", cache=tmp_path), seed=5))
+
+
+def test_a_script_without_a_main_guard_gets_the_reason_not_a_hang(tmp_path):
+    """Spawned workers import the script that started them: one without ``if __name__ == "__main__"`` would call
+    load_data again in each worker, which waited for the store's lock held by its parent (a hang before)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from tlcompile.data.datamodule import load_data\n"
+        "from tlcompile.recipe import DataConfig\n"
+        f"load_data(DataConfig(source='synthetic', num_images=130, image_size=32, store='disk', "
+        f"cache=Path({str(tmp_path / 'c')!r})), seed=0)\n"
     )
-    disk = load_data(DataConfig(**kw, store="disk", cache=tmp_path / "c"), seed=5)
-    assert started == [2]
-    _same_splits(load_data(DataConfig(**kw), seed=5), disk)
+    env = {**os.environ, "TLCOMPILE_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert 'put the script\'s own code under `if __name__ == "__main__":`' in proc.stderr.splitlines()[-1]
 
 
 def test_file_store_matches_memory_and_keeps_on_error(aptos_root, tmp_path):

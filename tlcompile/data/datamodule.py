@@ -13,11 +13,12 @@ targets (referable: grade >= 2). Reading a file source (:func:`load_data`):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,17 +400,21 @@ def _draw_prepared(args: tuple) -> list[tuple[np.ndarray, int, bool]]:
 # (synthetic._blobs); in a pool of one process per core they only fight each other: 2 processes drew 1.14x the images
 # of one at 384 px, 2 AMD EPYC cores. The images are the same bytes with one BLAS thread.
 _ONE_THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_SCRIPT_NEEDS_MAIN_GUARD = (
+    "data.store: disk draws generated images in worker processes, which import the script that started them; put "
+    'the script\'s own code under `if __name__ == "__main__":` (the tlcompile command needs nothing)'
+)
 
 
-def _one_thread_pool(context: Any, workers: int) -> Any:
-    """A process pool of ``workers`` whose processes run numpy's BLAS on one thread each (they inherit the
-    environment at their start, which Pool makes at once)."""
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Processes started inside run numpy's BLAS on one thread (they inherit the environment at their start)."""
     import os
 
     saved = {name: os.environ.get(name) for name in _ONE_THREAD_ENV}
     os.environ.update(dict.fromkeys(_ONE_THREAD_ENV, "1"))
     try:
-        return context.Pool(workers)
+        yield
     finally:
         for name, value in saved.items():
             if value is None:
@@ -425,43 +430,57 @@ def _generated_store(
     cache (keyed by the generator's arguments and the preprocessing); returns (record-order file, grades, fov)."""
     import hashlib
     import json
-    from multiprocessing import get_context
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing import current_process, get_context
 
     from tlcompile.data import store
     from tlcompile.data.cache import PreprocessCache
     from tlcompile.runtime.inference import default_threads
 
+    if getattr(current_process(), "_inheriting", False):
+        # A worker process importing a caller's script that has no main guard, which called this again: it would
+        # wait for the store's lock (held by its parent, which waits for it). End it with the reason instead.
+        raise SystemExit(f"tlcompile: {_SCRIPT_NEEDS_MAIN_GUARD}")
     cache = PreprocessCache(cfg.cache, spec)  # type: ignore[arg-type]  # the recipe requires data.cache here
     what = {"n": cfg.num_images, "seed": seed, "raw": raw_size, "difficulty": difficulty, "style": cfg.style}
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
     path = cache.folder / "synthetic" / f"{key}.npy"
-    size = spec.size
     workers = max(1, min(default_threads(), cfg.num_images // 64 or 1))
-    chunk = 256
-    pools = []  # started on the first chunk to draw: a store already filled needs no worker processes
-    try:
+    pools: list[ProcessPoolExecutor] = []  # started on the first chunk to draw: a filled store needs no processes
 
-        def draw(indices: range):
-            if workers > 1 and not pools:
-                pools.append(_one_thread_pool(get_context("spawn"), workers))
-            parts = [indices[k : k + 16] for k in range(0, len(indices), 16)]
-            tasks = [(list(p), seed, raw_size, difficulty, cfg.style, spec) for p in parts]
-            results = pools[0].imap(_draw_prepared, tasks) if pools else map(_draw_prepared, tasks)
+    def draw(indices: range) -> Iterator[tuple[np.ndarray, int, bool]]:
+        parts = [indices[k : k + 16] for k in range(0, len(indices), 16)]
+        tasks = [(list(p), seed, raw_size, difficulty, cfg.style, spec) for p in parts]
+        if workers <= 1:
+            for part in map(_draw_prepared, tasks):
+                yield from part
+            return
+        if not pools:
+            pools.append(ProcessPoolExecutor(workers, mp_context=get_context("spawn")))
+        with _one_blas_thread():  # the processes start as the tasks are handed out
+            results = pools[0].map(_draw_prepared, tasks)
+        try:
             for part in results:
                 yield from part
+        except BrokenProcessPool as err:  # a worker died: killed, out of memory, or a script without a main guard
+            raise DataError(
+                "a process drawing the synthetic images ended early (killed, out of memory, or started from a "
+                f"script without a main guard: {_SCRIPT_NEEDS_MAIN_GUARD})"
+            ) from err
 
+    try:
         grades, fov = store.fill_generated(
             path,
             cfg.num_images,
-            (size, size, 3),
+            (spec.size, spec.size, 3),
             draw,
-            chunk=chunk,
+            chunk=256,
             progress=None if progress is None else lambda d, t: progress("generating", d, t),
         )
     finally:
         for pool in pools:
-            pool.close()
-            pool.join()
+            pool.shutdown(cancel_futures=True)
     return path, grades, fov
 
 
