@@ -1,7 +1,8 @@
 """Export an NNCF INT8 (fake-quantized) torch model to OpenVINO IR and to standard QDQ ONNX that ONNX Runtime runs fast.
 
-- OpenVINO: ``ov.convert_model`` turns NNCF's quantizers into ``FakeQuantize`` ops; the CPU plugin runs the
-  quantized convs in u8/i8 kernels and ``save_model`` stores the quantized weights as int8.
+- OpenVINO: the model is traced once to QDQ ONNX (NNCF's quantizers as QuantizeLinear/DequantizeLinear pairs) and
+  ``ov.convert_model`` turns each pair into a ``FakeQuantize`` op; the CPU plugin runs the quantized convs in u8/i8
+  kernels and ``save_model`` stores the quantized weights as int8.
 - ONNX: NNCF's quantizers are switched to their QuantizeLinear/DequantizeLinear export mode (opset >= 13) for the
   trace, then :func:`finalize_qdq` rewrites the graph, first in two exact ways:
 
