@@ -184,7 +184,7 @@ class DataConfig(Section):
         ge=0,
         le=64,
         description="data.store: disk: processes reading training batches from the store ahead of the model (0: the "
-        "training process reads them itself: measured flat memory; forked loaders each add memory and, on a 2-core "
+        "training process reads them itself: measured flat memory; spawned loaders each add memory and, on a 2-core "
         "box, compete with training).",
     )
     crop_fov: bool = Field(True, description="Crop the black surround to the circular field of view before resizing.")
@@ -916,7 +916,7 @@ class BundleConfig(Section):
         le=10000,
         description="Heatmaps of the bundle's model in the report (build stage explain, the method of predict "
         "--explain): the pointing game against the painted lesions is played on up to this many referable test "
-        "images (synthetic data), and 2 test images per grade are shown; about 0.3 s per image on 2 cores at 112 px. "
+        "images (synthetic data), and 2 test images per grade are shown; 0.15-0.45 s per image on 2 cores at 112 px (AMD EPYC with AVX-512 / AVX2 only). "
         "0: no explain stage.",
     )
     intended_use: str = Field(
