@@ -276,11 +276,16 @@ def find_field(rgb: np.ndarray, threshold: float = 0.12) -> FieldOfView | None:
         return None
 
     # Edge points half a pixel outside the first/last field pixel (where the step from black is), in full-size pixels.
-    row_mask, col_mask = mask[rows], mask[:, cols]
+    # Every selected row/column holds a field pixel, so the first is argmax of the mask and the last the largest
+    # index the mask keeps: the max of mask * index. (argmax over a reversed view walks memory backwards: 0.7 ms a
+    # side on a 500x375 draft; the product and max 0.1 ms.)
+    row_mask = _take_lines(mask, rows, axis=0)
+    col_mask = _take_lines(mask, cols, axis=1)
     first_x = row_mask.argmax(axis=1)
-    last_x = ws - 1 - row_mask[:, ::-1].argmax(axis=1)
     first_y = col_mask.argmax(axis=0)
-    last_y = hs - 1 - col_mask[::-1, :].argmax(axis=0)
+    index = np.uint16 if max(hs, ws) < 1 << 16 else np.int64
+    last_x = (row_mask.view(np.uint8) * np.arange(ws, dtype=index)).max(axis=1)
+    last_y = (col_mask.view(np.uint8) * np.arange(hs, dtype=index)[:, None]).max(axis=0)
     xs = [first_x[first_x > 0] - 0.5, last_x[last_x < ws - 1] + 0.5, cols[first_y > 0], cols[last_y < hs - 1]]
     ys = [rows[first_x > 0], rows[last_x < ws - 1], first_y[first_y > 0] - 0.5, last_y[last_y < hs - 1] + 0.5]
     x = np.concatenate(xs).astype(np.float64) * step
@@ -301,6 +306,15 @@ def find_field(rgb: np.ndarray, threshold: float = 0.12) -> FieldOfView | None:
     # The bounding box: its longer side is the diameter (a field clipped top and bottom keeps its full width).
     t, b, lft, rgt = top * step, min(h, bottom * step), left * step, min(w, right * step)
     return FieldOfView(cx=(lft + rgt - 1) / 2, cy=(t + b - 1) / 2, radius=max(b - t, rgt - lft) / 2, fitted=False)
+
+
+def _take_lines(mask: np.ndarray, lines: np.ndarray, axis: int) -> np.ndarray:
+    """``mask[lines]`` (axis 0) or ``mask[:, lines]`` (axis 1): a view when the lines are consecutive, as they are for
+    a whole field, instead of a copy."""
+    if lines.size and int(lines[-1]) - int(lines[0]) + 1 == lines.size:
+        part = slice(int(lines[0]), int(lines[-1]) + 1)
+        return mask[part] if axis == 0 else mask[:, part]
+    return mask[lines] if axis == 0 else mask[:, lines]
 
 
 def find_fov(rgb: np.ndarray, threshold: float = 0.12) -> tuple[int, int, int, int] | None:
