@@ -139,8 +139,10 @@ def build(
         raise TlcompileError("--resume needs --out naming the build folder to continue")
     out = out or Path("runs") / f"{r.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     from tlcompile.build import build as run_build
+    from tlcompile.data.datamodule import allow_worker_processes
     from tlcompile.report.render import artifact_table
 
+    allow_worker_processes()  # this command's entry point is guarded: generated data may be drawn across processes
     console = _console()
     result = run_build(r, out, resume=resume, console=console)
     if not result.report:  # a torchrun worker (rank > 0): rank 0 reports

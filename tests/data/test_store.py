@@ -78,6 +78,53 @@ def test_a_script_without_a_main_guard_gets_the_reason_not_a_hang(tmp_path):
     assert 'put the script\'s own code under `if __name__ == "__main__":`' in proc.stderr.splitlines()[-1]
 
 
+def test_generated_in_memory_across_processes_matches_one_process(monkeypatch):
+    """The tlcompile command lets generated data held in memory be drawn by one spawned process per core; the
+    arrays are the same bytes as one process draws, and a script of the user's own gets one process unless it asks
+    (it may have no main guard)."""
+    from tlcompile.data import datamodule
+
+    monkeypatch.setenv("TLCOMPILE_NUM_THREADS", "2")
+    kw = {"source": "synthetic", "num_images": 130, "image_size": 32}
+    started = []
+    import concurrent.futures
+
+    original = concurrent.futures.ProcessPoolExecutor
+
+    class CountingPool(original):
+        def __init__(self, *args, **kwargs):
+            started.append(args[0] if args else kwargs.get("max_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
+    one = load_data(DataConfig(**kw), seed=5)
+    assert started == []  # not allowed: one process, as before
+    monkeypatch.setitem(datamodule._WORKER_PROCESSES, "allowed", True)
+    two = load_data(DataConfig(**kw), seed=5)
+    assert started == [2]
+    _same_splits(one, two)
+    assert np.array_equal(one.fov_found, two.fov_found) and np.array_equal(one.grades, two.grades)
+
+
+def test_a_script_without_a_main_guard_still_generates_in_memory(tmp_path):
+    """Data held in memory is drawn in the script's own process unless it allows worker processes, so a script with
+    no ``if __name__ == "__main__"`` works as it always has."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded_memory.py"
+    script.write_text(
+        "from tlcompile.data.datamodule import load_data\n"
+        "from tlcompile.recipe import DataConfig\n"
+        "dm = load_data(DataConfig(source='synthetic', num_images=130, image_size=32), seed=0)\n"
+        "print(len(dm.ids))\n"
+    )
+    env = {**os.environ, "TLCOMPILE_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "130"
+
+
 def test_file_store_matches_memory_and_keeps_on_error(aptos_root, tmp_path):
     (aptos_root / "train_images" / "a003.png").write_bytes(b"not a png")  # one unreadable file
     kw = {"source": "aptos", "root": aptos_root, "image_size": 32, "on_error": "skip"}
