@@ -916,8 +916,8 @@ class BundleConfig(Section):
         le=10000,
         description="Heatmaps of the bundle's model in the report (build stage explain, the method of predict "
         "--explain): the pointing game against the painted lesions is played on up to this many referable test "
-        "images (synthetic data), and 2 test images per grade are shown; 0.15-0.45 s per image on 2 cores at 112 px (AMD EPYC with AVX-512 / AVX2 only). "
-        "0: no explain stage.",
+        "images (synthetic data), and 2 test images per grade are shown; 0.15-0.45 s per image on 2 cores at "
+        "112 px (AMD EPYC with AVX-512 / AVX2 only). 0: no explain stage.",
     )
     intended_use: str = Field(
         DEFAULT_INTENDED_USE,
