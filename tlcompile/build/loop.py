@@ -108,10 +108,6 @@ def build(
     claim_out_dir(out_dir)
     if resume:
         plan_resume(ctx)
-    if run.rank == 0 and quantize.STAGE in stages and not (resume and ctx.stage_done(quantize.STAGE.folder)):
-        from tlcompile.compress.quantize import start_kernel_build
-
-        start_kernel_build()  # a machine's first quantization compiles NNCF's kernels: beside data and training
     atomic_write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
     artifacts: list[Artifact] = []
     workers_running = run.enabled

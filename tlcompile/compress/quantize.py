@@ -54,70 +54,15 @@ def import_nncf():
 
     NNCF compiles its CPU fake-quantization kernels on first use (a C++ build, minutes on a loaded 2-core box) and
     gives up after 60 s by default, leaving a half-built cache; with no timeout it simply finishes. A user's own
-    setting of NNCF_EXTENSION_LOAD_TIMEOUT wins. When :func:`start_kernel_build` started that compile in the
-    background, this waits for it first.
+    setting of NNCF_EXTENSION_LOAD_TIMEOUT wins.
     """
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
-    _wait_for_kernel_build()
     try:
         import nncf
         import nncf.torch  # noqa: F401
     except ImportError as err:
         raise missing_dependency("nncf", err=err) from err
     return nncf
-
-
-# NNCF's CPU kernels are a C++ build on a machine's first quantization (54 s of the quickstart's first build, 2-core
-# AMD EPYC, AVX2 only; then cached by torch under TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions). The build starts
-# it in a background process with one compile job while data and training run, and quantization waits for it.
-_KERNEL_BUILD: dict[str, Any] = {}
-_KERNELS = "quantized_functions_cpu"
-_BUILD_KERNELS = (
-    "from tlcompile.compress.quantize import import_nncf; import_nncf(); "
-    "from nncf.torch.quantization.extensions import QuantizedFunctionsCPU; "
-    "QuantizedFunctionsCPU.get('Quantize_forward')"
-)
-
-
-def _kernel_folder() -> Path:
-    """Where torch keeps NNCF's compiled CPU kernels (nncf.torch.extensions.get_build_directory_for_extension, without
-    importing nncf)."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    return Path(_get_build_directory(f"nncf/{_KERNELS}", verbose=False)) / torch.__version__
-
-
-def start_kernel_build() -> bool:
-    """Compile NNCF's CPU kernels in a background process unless they are built, being built, or nncf is missing.
-    Returns whether it started one. Its output goes nowhere: the stage that needs the kernels waits for them and,
-    if the compile failed, NNCF's own fallback (the same arithmetic in torch ops) says so there."""
-    import importlib.util
-    import subprocess
-    import sys
-
-    if _KERNEL_BUILD or importlib.util.find_spec("nncf") is None:
-        return False
-    try:
-        folder = _kernel_folder()
-    except Exception:  # noqa: BLE001  # no cache folder to look at: quantization compiles them when it needs them
-        return False
-    if (folder / f"{_KERNELS}.so").exists() or (folder / "lock").exists():
-        return False
-    env = {**os.environ, "MAX_JOBS": "1", "NNCF_EXTENSION_LOAD_TIMEOUT": "0"}
-    _KERNEL_BUILD["process"] = subprocess.Popen(
-        [sys.executable, "-c", _BUILD_KERNELS],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return True
-
-
-def _wait_for_kernel_build() -> None:
-    process = _KERNEL_BUILD.get("process")
-    if process is not None:
-        process.wait()
 
 
 # ------------------------------------------------------------------------------------------- BatchNorm folding
