@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@# only); compileall uses every core. A file some package ships for another Python version fails to compile:
 	@# harmless (pip skips those too), so the exit status is not checked.
 	-$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1
-	@# NNCF's C++ fake-quantization kernels for the CPU, compiled once per machine and torch version (54 s, same
+	@# NNCF's C++ fake-quantization kernels for the CPU, compiled once per machine and torch version (~50 s, same
 	@# CPU): part of installing, not of the first build. Without a C++ compiler NNCF uses torch ops (slower QAT).
 	-$(PY) -c "from tlcompile.compress.quantize import import_nncf; import_nncf(); \
 	from nncf.torch.quantization.extensions import QuantizedFunctionsCPU; QuantizedFunctionsCPU.get('Quantize_forward')" \

@@ -123,6 +123,16 @@ def test_a_script_without_a_main_guard_still_generates_in_memory(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "130"
+    # Allowing worker processes outside the guard: the workers would run the script again; it stops with the reason.
+    script.write_text(
+        "from tlcompile.data.datamodule import allow_worker_processes, load_data\n"
+        "from tlcompile.recipe import DataConfig\n"
+        "allow_worker_processes()\n"
+        "dm = load_data(DataConfig(source='synthetic', num_images=130, image_size=32), seed=0)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert "allow_worker_processes() was called outside" in proc.stderr.splitlines()[-1]
 
 
 def test_file_store_matches_memory_and_keeps_on_error(aptos_root, tmp_path):

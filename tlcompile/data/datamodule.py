@@ -17,6 +17,7 @@ import contextlib
 import csv
 import functools
 import io
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -409,7 +410,6 @@ _SCRIPT_NEEDS_MAIN_GUARD = (
 @contextlib.contextmanager
 def _one_blas_thread() -> Iterator[None]:
     """Processes started inside run numpy's BLAS on one thread (they inherit the environment at their start)."""
-    import os
 
     saved = {name: os.environ.get(name) for name in _ONE_THREAD_ENV}
     os.environ.update(dict.fromkeys(_ONE_THREAD_ENV, "1"))
@@ -488,6 +488,10 @@ def _generated_store(
 # started the build; the tlcompile command (whose entry point is guarded) allows it, a caller's own script does not
 # get them unless it says so, so a script without a main guard keeps working as it always has.
 _WORKER_PROCESSES = {"allowed": False}
+_ALLOW_NEEDS_MAIN_GUARD = (
+    'allow_worker_processes() was called outside `if __name__ == "__main__":`; the worker processes import the '
+    "script that started them, so call it, and the script's own code, under that guard"
+)
 
 
 def allow_worker_processes(allowed: bool = True) -> None:
@@ -509,9 +513,13 @@ def _generated_in_memory(
     from tlcompile.runtime.inference import default_threads
 
     n = cfg.num_images
-    workers = max(1, min(default_threads(), n // 64 or 1))
-    if not _WORKER_PROCESSES["allowed"] or getattr(current_process(), "_inheriting", False):
-        workers = 1
+    if _WORKER_PROCESSES["allowed"] and getattr(current_process(), "_inheriting", False):
+        # A worker importing a script that allowed worker processes outside its main guard: it would run the
+        # script's build again in every worker. End it with the reason (the parent's pool then reports it).
+        raise SystemExit(f"tlcompile: {_ALLOW_NEEDS_MAIN_GUARD}")
+    # The node's cores are shared by its torchrun ranks, each drawing its own copy of the data.
+    cores = max(1, default_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    workers = max(1, min(cores, n // 64 or 1)) if _WORKER_PROCESSES["allowed"] else 1
     size = spec.size
     images = np.empty((n, size, size, 3), np.uint8)
     grades = np.empty(n, np.int64)
@@ -531,7 +539,9 @@ def _generated_in_memory(
             if progress is not None:
                 progress("generating", chunk.stop, n)
     except BrokenProcessPool as err:
-        raise DataError("a process drawing the synthetic images ended early (killed, or out of memory)") from err
+        raise DataError(
+            f"a process drawing the synthetic images ended early (killed, out of memory, or {_ALLOW_NEEDS_MAIN_GUARD})"
+        ) from err
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
