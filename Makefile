@@ -13,12 +13,12 @@ $(STAMP): pyproject.toml
 	@# pip compiles the installed files to bytecode on one core (80 s of a 171 s install, 2-core AMD EPYC, AVX2
 	@# only); compileall uses every core. A file some package ships for another Python version fails to compile:
 	@# harmless (pip skips those too), so the exit status is not checked.
-	-$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1
+	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	@# NNCF's C++ fake-quantization kernels for the CPU, compiled once per machine and torch version (~50 s, same
 	@# CPU): part of installing, not of the first build. Without a C++ compiler NNCF uses torch ops (slower QAT).
-	-$(PY) -c "from tlcompile.compress.quantize import import_nncf; import_nncf(); \
+	$(PY) -c "from tlcompile.compress.quantize import import_nncf; import_nncf(); \
 	from nncf.torch.quantization.extensions import QuantizedFunctionsCPU; QuantizedFunctionsCPU.get('Quantize_forward')" \
-	>/dev/null 2>&1
+	>/dev/null 2>&1 || true
 	touch $(STAMP)
 
 quickstart: $(STAMP)
