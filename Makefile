@@ -15,9 +15,8 @@ $(STAMP): pyproject.toml
 	@# harmless (pip skips those too), so the exit status is not checked.
 	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	@# NNCF's C++ fake-quantization kernels for the CPU, compiled once per machine and torch version (~50 s, same
-	@# CPU): part of installing, not of the first build. Without a C++ compiler NNCF uses torch ops (slower QAT); a
-	@# compile that never ends (a lock left by a killed one) gives up after 10 minutes, so the install does not hang.
-	NNCF_EXTENSION_LOAD_TIMEOUT=600 $(PY) -c "from tlcompile.compress.quantize import import_nncf; import_nncf(); \
+	@# CPU): part of installing, not of the first build. Without a C++ compiler NNCF uses torch ops (slower QAT).
+	$(PY) -c "from tlcompile.compress.quantize import import_nncf; import_nncf(); \
 	from nncf.torch.quantization.extensions import QuantizedFunctionsCPU; QuantizedFunctionsCPU.get('Quantize_forward')" \
 	>/dev/null 2>&1 || true
 	touch $(STAMP)
