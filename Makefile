@@ -16,9 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	@# NNCF's C++ fake-quantization kernels for the CPU, compiled once per machine and torch version (~50 s, same
 	@# CPU): part of installing, not of the first build. Without a C++ compiler NNCF uses torch ops (slower QAT).
-	$(PY) -c "from tlcompile.compress.quantize import import_nncf; import_nncf(); \
-	from nncf.torch.quantization.extensions import QuantizedFunctionsCPU; QuantizedFunctionsCPU.get('Quantize_forward')" \
-	>/dev/null 2>&1 || true
+	$(PY) -c "import sys; from tlcompile.compress.quantize import import_nncf; import_nncf(); \
+	from nncf.torch.quantization.extensions import QuantizedFunctionsCPU as K; \
+	from nncf.torch.quantization.reference import ReferenceQuantizedFunctions as R; \
+	sys.exit(K.get('Quantize_forward') is R.Quantize_forward)" \
+	>/dev/null 2>&1 || echo "NNCF's CPU kernels were not compiled here (no C++ compiler?): quantization-aware" \
+	"training will use NNCF's slower torch-op fallback"
 	touch $(STAMP)
 
 quickstart: $(STAMP)

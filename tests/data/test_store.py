@@ -97,6 +97,7 @@ def test_generated_in_memory_across_processes_matches_one_process(monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setitem(datamodule._WORKER_PROCESSES, "allowed", False)  # as in a script (a CLI test may have run)
     one = load_data(DataConfig(**kw), seed=5)
     assert started == []  # not allowed: one process, as before
     monkeypatch.setitem(datamodule._WORKER_PROCESSES, "allowed", True)

@@ -497,6 +497,12 @@ _ALLOW_NEEDS_MAIN_GUARD = (
 def allow_worker_processes(allowed: bool = True) -> None:
     """Let :func:`load_data` draw generated images held in memory across processes, one per usable core (the images
     are the same bytes). Call it from code under ``if __name__ == "__main__":``; the tlcompile command does."""
+    from multiprocessing import current_process
+
+    if allowed and getattr(current_process(), "_inheriting", False):
+        # A worker importing a script that allows worker processes outside its main guard: it would run the script
+        # again in every worker. End it here, with the reason (the parent's pool then reports it).
+        raise SystemExit(f"tlcompile: {_ALLOW_NEEDS_MAIN_GUARD}")
     _WORKER_PROCESSES["allowed"] = bool(allowed)
 
 
@@ -508,15 +514,11 @@ def _generated_in_memory(
     process on a 2-core AMD EPYC with AVX2 only)."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
-    from multiprocessing import current_process, get_context
+    from multiprocessing import get_context
 
     from tlcompile.runtime.inference import default_threads
 
     n = cfg.num_images
-    if _WORKER_PROCESSES["allowed"] and getattr(current_process(), "_inheriting", False):
-        # A worker importing a script that allowed worker processes outside its main guard: it would run the
-        # script's build again in every worker. End it with the reason (the parent's pool then reports it).
-        raise SystemExit(f"tlcompile: {_ALLOW_NEEDS_MAIN_GUARD}")
     # The node's cores are shared by its torchrun ranks, each drawing its own copy of the data.
     cores = max(1, default_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     workers = max(1, min(cores, n // 64 or 1)) if _WORKER_PROCESSES["allowed"] else 1
@@ -526,7 +528,12 @@ def _generated_in_memory(
     fov = np.empty(n, bool)
     chunks = [range(k, min(n, k + 16)) for k in range(0, n, 16)]
     tasks = [(list(c), seed, raw_size, difficulty, cfg.style, spec) for c in chunks]
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+    pool = None
+    if workers > 1:
+        try:
+            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        except (OSError, NotImplementedError):  # no process pools on this host (no /dev/shm): the same images in one
+            pool = None
     try:
         if pool is not None:
             with _one_blas_thread():  # the processes start as the tasks are handed out

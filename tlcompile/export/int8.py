@@ -81,15 +81,15 @@ def export_int8(model: nn.Module, path: Path, fmt: str, *, image_size: int, opse
         # Through a QDQ ONNX file: OpenVINO's ONNX frontend turns each QuantizeLinear/DequantizeLinear pair into the
         # FakeQuantize its torch frontend makes of an NNCF quantizer, but reads a file in ~0.1 s where the torch
         # frontend traces the hooked model through TorchScript (~13 s per model on a 2-core AVX2 box).
-        onnx_path = path.with_name(f".{path.stem}.qdq.onnx")
-        try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="tlcompile-qdq-") as scratch:  # never a stray file in the build
+            onnx_path = Path(scratch) / f"{path.stem}.qdq.onnx"
             with qdq_export_mode(model) as count:
                 if count == 0:
                     raise ExportError("the model has no NNCF quantizers: export it as fp32, not int8")
                 export_onnx(model, onnx_path, image_size=image_size, opset=max(opset, QDQ_MIN_OPSET))
             export_openvino(onnx_path, path, image_size=image_size)
-        finally:
-            onnx_path.unlink(missing_ok=True)
         return {"format": "openvino", "quantizers": "FakeQuantize"}
     if fmt != "onnx":
         raise ExportError(f"int8 export to '{fmt}' is not supported; valid: onnx, openvino")
