@@ -423,6 +423,47 @@ def _one_blas_thread() -> Iterator[None]:
                 os.environ[name] = value
 
 
+class _Drawing:
+    """Generated images, preprocessed, in index order (``draw(indices)`` yields (image, grade, fov found)): in this
+    process, or across ``workers`` spawned processes with one BLAS thread each, started on the first draw (a filled
+    store needs none) and stopped when the block ends. A host without process pools draws in this process.
+    ``why_broken`` ends the one-line error when a worker dies."""
+
+    def __init__(self, args: tuple, workers: int, why_broken: str) -> None:
+        self.args, self.workers, self.why_broken = args, workers, why_broken
+        self.pool = None
+
+    def __enter__(self) -> _Drawing:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def draw(self, indices: range) -> Iterator[tuple[np.ndarray, int, bool]]:
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        from multiprocessing import get_context
+
+        tasks = [(list(indices[k : k + 16]), *self.args) for k in range(0, len(indices), 16)]
+        if self.workers > 1 and self.pool is None:
+            try:
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+            except (OSError, NotImplementedError):  # no process pools on this host (no /dev/shm): the same images
+                self.workers = 1
+        if self.pool is None:
+            for part in map(_draw_prepared, tasks):
+                yield from part
+            return
+        with _one_blas_thread():  # the processes start as the tasks are handed out
+            results = self.pool.map(_draw_prepared, tasks)
+        try:
+            for part in results:
+                yield from part
+        except BrokenProcessPool as err:
+            raise DataError(f"a process drawing the synthetic images ended early ({self.why_broken})") from err
+
+
 def _generated_store(
     cfg: DataConfig, spec: PreprocessSpec, seed: int, raw_size: int, difficulty: float, progress: Progress
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -430,9 +471,7 @@ def _generated_store(
     cache (keyed by the generator's arguments and the preprocessing); returns (record-order file, grades, fov)."""
     import hashlib
     import json
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-    from multiprocessing import current_process, get_context
+    from multiprocessing import current_process
 
     from tlcompile.data import store
     from tlcompile.data.cache import PreprocessCache
@@ -447,40 +486,16 @@ def _generated_store(
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
     path = cache.folder / "synthetic" / f"{key}.npy"
     workers = max(1, min(default_threads(), cfg.num_images // 64 or 1))
-    pools: list[ProcessPoolExecutor] = []  # started on the first chunk to draw: a filled store needs no processes
-
-    def draw(indices: range) -> Iterator[tuple[np.ndarray, int, bool]]:
-        parts = [indices[k : k + 16] for k in range(0, len(indices), 16)]
-        tasks = [(list(p), seed, raw_size, difficulty, cfg.style, spec) for p in parts]
-        if workers <= 1:
-            for part in map(_draw_prepared, tasks):
-                yield from part
-            return
-        if not pools:
-            pools.append(ProcessPoolExecutor(workers, mp_context=get_context("spawn")))
-        with _one_blas_thread():  # the processes start as the tasks are handed out
-            results = pools[0].map(_draw_prepared, tasks)
-        try:
-            for part in results:
-                yield from part
-        except BrokenProcessPool as err:  # a worker died: killed, out of memory, or a script without a main guard
-            raise DataError(
-                "a process drawing the synthetic images ended early (killed, out of memory, or started from a "
-                f"script without a main guard: {_SCRIPT_NEEDS_MAIN_GUARD})"
-            ) from err
-
-    try:
+    why = f"killed, out of memory, or started from a script without a main guard: {_SCRIPT_NEEDS_MAIN_GUARD}"
+    with _Drawing((seed, raw_size, difficulty, cfg.style, spec), workers, why) as drawing:
         grades, fov = store.fill_generated(
             path,
             cfg.num_images,
             (spec.size, spec.size, 3),
-            draw,
+            drawing.draw,
             chunk=256,
             progress=None if progress is None else lambda d, t: progress("generating", d, t),
         )
-    finally:
-        for pool in pools:
-            pool.shutdown(cancel_futures=True)
     return path, grades, fov
 
 
@@ -510,48 +525,23 @@ def _generated_in_memory(
     cfg: DataConfig, spec: PreprocessSpec, seed: int, raw_size: int, difficulty: float, progress: Progress
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generated images drawn and preprocessed into memory: (images, grades, fov found), in index order; across
-    processes when :func:`allow_worker_processes` was called (quickstart, 1,500 images at 140 px: 20 s in one
-    process on a 2-core AMD EPYC with AVX2 only)."""
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-    from multiprocessing import get_context
-
+    processes when :func:`allow_worker_processes` was called (quickstart, 1,500 images at 140 px: 18.0 s in one
+    process, 11.2 s in two, on a 2-core AMD EPYC with AVX2 only)."""
     from tlcompile.runtime.inference import default_threads
 
     n = cfg.num_images
     # The node's cores are shared by its torchrun ranks, each drawing its own copy of the data.
     cores = max(1, default_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     workers = max(1, min(cores, n // 64 or 1)) if _WORKER_PROCESSES["allowed"] else 1
-    size = spec.size
-    images = np.empty((n, size, size, 3), np.uint8)
+    images = np.empty((n, spec.size, spec.size, 3), np.uint8)
     grades = np.empty(n, np.int64)
     fov = np.empty(n, bool)
-    chunks = [range(k, min(n, k + 16)) for k in range(0, n, 16)]
-    tasks = [(list(c), seed, raw_size, difficulty, cfg.style, spec) for c in chunks]
-    pool = None
-    if workers > 1:
-        try:
-            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
-        except (OSError, NotImplementedError):  # no process pools on this host (no /dev/shm): the same images in one
-            pool = None
-    try:
-        if pool is not None:
-            with _one_blas_thread():  # the processes start as the tasks are handed out
-                results = pool.map(_draw_prepared, tasks)
-        else:
-            results = map(_draw_prepared, tasks)
-        for chunk, part in zip(chunks, results, strict=True):
-            for i, (image, grade, found) in zip(chunk, part, strict=True):
-                images[i], grades[i], fov[i] = image, grade, found
-            if progress is not None:
-                progress("generating", chunk.stop, n)
-    except BrokenProcessPool as err:
-        raise DataError(
-            f"a process drawing the synthetic images ended early (killed, out of memory, or {_ALLOW_NEEDS_MAIN_GUARD})"
-        ) from err
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    why = f"killed, out of memory, or {_ALLOW_NEEDS_MAIN_GUARD}"
+    with _Drawing((seed, raw_size, difficulty, cfg.style, spec), workers, why) as drawing:
+        for i, (image, grade, found) in enumerate(drawing.draw(range(n))):
+            images[i], grades[i], fov[i] = image, grade, found
+            if progress is not None and ((i + 1) % 16 == 0 or i + 1 == n):
+                progress("generating", i + 1, n)
     return images, grades, fov
 
 

@@ -265,7 +265,8 @@ def find_field(rgb: np.ndarray, threshold: float = 0.12) -> FieldOfView | None:
     mask = small > cut
     # Rows/columns where a meaningful run of the field is present (ignores isolated hot pixels and thin text).
     min_run = max(2, int(0.02 * min(hs, ws)))
-    # Counted in uint16 when no count can overflow it: 4x less memory traffic than summing bools into int64.
+    # Counted (and indexed, below) in uint16 when no count or index can overflow it: 4x less memory traffic than
+    # summing bools into int64.
     counter = np.uint16 if max(hs, ws) < 1 << 16 else np.int64
     rows = np.flatnonzero(mask.view(np.uint8).sum(axis=1, dtype=counter) >= min_run)
     cols = np.flatnonzero(mask.view(np.uint8).sum(axis=0, dtype=counter) >= min_run)
@@ -283,9 +284,8 @@ def find_field(rgb: np.ndarray, threshold: float = 0.12) -> FieldOfView | None:
     col_mask = _take_lines(mask, cols, axis=1)
     first_x = row_mask.argmax(axis=1)
     first_y = col_mask.argmax(axis=0)
-    index = np.uint16 if max(hs, ws) < 1 << 16 else np.int64
-    last_x = (row_mask.view(np.uint8) * np.arange(ws, dtype=index)).max(axis=1)
-    last_y = (col_mask.view(np.uint8) * np.arange(hs, dtype=index)[:, None]).max(axis=0)
+    last_x = (row_mask.view(np.uint8) * np.arange(ws, dtype=counter)).max(axis=1)
+    last_y = (col_mask.view(np.uint8) * np.arange(hs, dtype=counter)[:, None]).max(axis=0)
     xs = [first_x[first_x > 0] - 0.5, last_x[last_x < ws - 1] + 0.5, cols[first_y > 0], cols[last_y < hs - 1]]
     ys = [rows[first_x > 0], rows[last_x < ws - 1], first_y[first_y > 0] - 0.5, last_y[last_y < hs - 1] + 0.5]
     x = np.concatenate(xs).astype(np.float64) * step
