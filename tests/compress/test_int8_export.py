@@ -3,8 +3,10 @@ u8 / pre-quantized-weight rewrite is exact."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -175,6 +177,33 @@ def test_int8_openvino_runs_int8_kernels_and_agrees_with_torch(tmp_path, tiny_da
     tolerance = 0.1 * np.abs(reference).max() + 1e-3
     assert np.abs(logits - reference).max() <= tolerance
     assert path.with_suffix(".bin").stat().st_size < 0.3 * 4 * sum(p.numel() for p in q.parameters())  # int8 weights
+
+
+@pytest.mark.parametrize("first", ["onnx", "openvino"])
+def test_both_formats_from_one_trace_are_the_files_two_traces_give(first, tmp_path, cbr_int8, monkeypatch):
+    """With a ``trace`` path, the second format reads the QDQ trace the first one made instead of tracing the model
+    again, and the files are byte for byte those of separate exports."""
+    from tlcompile.export import int8
+
+    formats = [first, "openvino" if first == "onnx" else "onnx"]
+    suffix = {"onnx": ".onnx", "openvino": ".xml"}
+    apart, shared = tmp_path / "apart", tmp_path / "shared"
+    apart.mkdir(), shared.mkdir()
+    for fmt in formats:
+        export_int8(cbr_int8, apart / f"int8{suffix[fmt]}", fmt, image_size=32)
+    traced = []
+    trace_qdq = int8._trace_qdq
+    monkeypatch.setattr(int8, "_trace_qdq", lambda *a, **k: traced.append(a[1]) or trace_qdq(*a, **k))
+    for fmt in formats:
+        export_int8(cbr_int8, shared / f"int8{suffix[fmt]}", fmt, image_size=32, trace=tmp_path / "int8.qdq.onnx")
+    assert len(traced) == 1
+    for name in ("int8.onnx", "int8.bin"):
+        assert (shared / name).read_bytes() == (apart / name).read_bytes(), name
+
+    def numbered(xml: Path) -> str:  # OpenVINO numbers the names it makes up from a counter of the process
+        return re.sub(r"_\d+\b", "_N", xml.read_text())
+
+    assert numbered(shared / "int8.xml") == numbered(apart / "int8.xml")
 
 
 def test_a_model_without_quantizers_is_not_exported_as_int8(tmp_path):
