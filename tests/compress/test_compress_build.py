@@ -186,20 +186,43 @@ def test_finetuning_keeps_the_state_the_guard_prefers_and_can_freeze_bn_statisti
     start = {k: v.clone() for k, v in model.state_dict().items()}
     verdicts = iter([_check(True), _check(False, auc=0.99)])  # the starting state meets the guard, the epoch does not
     tuned = tuning.finetune(
-        ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True
+        ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m, **_: next(verdicts), freeze_bn_stats=True
     )
     assert tuned["best_epoch"] == 0 and tuned["check"]["met"] and len(tuned["history"]) == 1
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # the better-AUC epoch was not kept
 
     verdicts = iter([_check(False), _check(True, auc=0.8)])
     tuned = tuning.finetune(
-        ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m: next(verdicts), freeze_bn_stats=True
+        ctx, model, epochs=1, lr=0.01, label="t", judge=lambda m, **_: next(verdicts), freeze_bn_stats=True
     )
     assert tuned["best_epoch"] == 1
     state = model.state_dict()
     assert not torch.equal(state["features.layer1.conv.weight"], start["features.layer1.conv.weight"])  # trained ...
     for key in ("features.layer1.bn.running_mean", "features.layer1.bn.running_var"):
         assert torch.equal(state[key], start[key])  # ... on frozen BatchNorm statistics
+
+
+def test_an_epochs_judge_gets_the_val_logits_fit_predicted_not_a_second_pass(tiny_data, calibration_inputs, tmp_path):
+    """Fine-tuning judges each epoch on the val logits fit() computed for its AUC: the same numbers a fresh prediction
+    of that state gives, without predicting val twice."""
+    from tests.compress.conftest import settled
+    from tlcompile.build import tuning
+    from tlcompile.train import loop
+
+    ctx = _ctx(tiny_data, tmp_path)
+    model = settled("cbr_small", calibration_inputs)
+    x_val, _ = ctx.data.subset("val")
+    calls = []
+
+    def judge(m, logits=None):
+        fresh = loop.predict(m, x_val, ctx.data.spec, device=ctx.device)
+        calls.append((logits, fresh))
+        return _check(True)
+
+    tuning.finetune(ctx, model, epochs=2, lr=0.01, label="t", judge=judge)
+    assert [given is None for given, _ in calls] == [True, False, False]  # the start state, then one per epoch
+    for given, fresh in calls[1:]:
+        np.testing.assert_array_equal(given, fresh)
 
 
 def test_pruning_does_not_depend_on_what_ran_before_in_the_process(tiny_data, calibration_inputs, tmp_path):

@@ -29,7 +29,7 @@ from tlcompile.compress.realign import shift_referable_bias
 from tlcompile.evaluate.metrics import round_finite
 from tlcompile.train import loop
 
-Judge = Callable[[torch.nn.Module], dict[str, Any]]
+Judge = Callable[..., dict[str, Any]]
 
 
 def temperature(ctx: BuildContext) -> float:
@@ -82,12 +82,14 @@ def make_judge(
     reference_model: torch.nn.Module | None = None,
 ) -> Judge:
     """``judge(model)`` -> the guard check of ``model`` on val against ``reference``; with ``reference_model``, the
-    check also carries its evidence in cases (eyes newly missed / referred, a CI of the AUC drop: guard.evidence)."""
+    check also carries its evidence in cases (eyes newly missed / referred, a CI of the AUC drop: guard.evidence).
+    ``judge(model, logits=...)``: the model's eval-mode val logits are already at hand (fine-tuning's epoch end)."""
     x, y = ctx.data.subset("val")
     ref_logits = None if reference_model is None else split_logits(ctx, reference_model, "val")
 
-    def judge(model: torch.nn.Module) -> dict[str, Any]:
-        logits = loop.predict(model, x, ctx.data.spec, device=ctx.device)
+    def judge(model: torch.nn.Module, logits: np.ndarray | None = None) -> dict[str, Any]:
+        if logits is None:
+            logits = loop.predict(model, x, ctx.data.spec, device=ctx.device)
         metrics = guard.val_metrics(logits, y, threshold=ctx.threshold, temperature=temperature(ctx))
         result = guard.check(metrics, reference, against=against, limits=limits)
         if ref_logits is not None:
@@ -159,8 +161,10 @@ def finetune(
         bar = stack.enter_context(progress(ctx.console))
         task = bar.add_task(label, total=epochs * steps, info="")
 
+        val_logits: list[np.ndarray] = []  # fit's val pass of the epoch just ended: the judge's input too
+
         def on_epoch(rec: dict[str, Any]) -> None:
-            check = judge(model)
+            check = judge(model, logits=val_logits.pop())
             rec["guard_met"] = check["met"]
             if rank(check) > rank(kept["check"]):
                 kept.update(epoch=rec["epoch"], check=check, state=copy.deepcopy(model.state_dict()))
@@ -192,7 +196,7 @@ def finetune(
             data.subset("val"),
             data.spec,
             settings,
-            loop.FitCallbacks(on_epoch=on_epoch, on_step=lambda _loss: bar.advance(task)),
+            loop.FitCallbacks(on_epoch=on_epoch, on_step=lambda _loss: bar.advance(task), on_val=val_logits.append),
         )
     model.load_state_dict(kept["state"])
     model.eval()

@@ -365,10 +365,13 @@ class FitSettings:
 @dataclass(frozen=True)
 class FitCallbacks:
     """What :func:`fit` calls while it trains: ``on_epoch`` with each epoch's record (epoch, loss, val_auc, lr,
-    seconds; it may add keys, they land in the history), ``on_step`` with each step's loss."""
+    seconds; it may add keys, they land in the history), ``on_step`` with each step's loss, ``on_val`` (before
+    ``on_epoch``) with the eval-mode val logits the epoch's AUC came from, so a caller judging the same state on val
+    need not predict it again."""
 
     on_epoch: Callable[[dict[str, Any]], None] | None = None
     on_step: Callable[[float], None] | None = None
+    on_val: Callable[[np.ndarray], None] | None = None
 
 
 def fit(
@@ -483,6 +486,8 @@ def fit(
         ):
             result.best_val_auc, result.best_epoch = auc, epoch + 1
             best_state = copy.deepcopy(model.state_dict())
+        if cb.on_val:
+            cb.on_val(val_logits)
         if cb.on_epoch:
             cb.on_epoch(record)
         if s.checkpoint and rank == 0:
