@@ -233,6 +233,8 @@ if distinct:  # image i is a copy of image i % distinct: the generator's cost le
         image, grade = drawn[key]
         return image.copy(), grade
     synthetic._draw_one = _tiled
+    import os  # the patch lives in this process: the store must be drawn here, not in spawned drawing processes
+    os.environ["TLCOMPILE_NUM_THREADS"] = "1"
 kw = dict(source="synthetic", num_images=n, image_size=px)
 if store == "disk":
     kw.update(store="disk", cache=Path(cache))
