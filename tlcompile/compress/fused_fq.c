@@ -23,6 +23,7 @@
 #define BLOCK 16384 /* elements per task; partial sums are kept per block */
 #define LANES 8     /* independent partial sums within a run */
 #define CHUNK 256   /* elements computed before their products are summed (a multiple of LANES) */
+/* A tensor of one block (a batch-1 inference's activations) stays on the calling thread: no fork and join per call. */
 
 static inline float fake_quantize(float x, float low, float high, float s, float zp) {
     float v = x > high ? high : x; /* at::min (x stays when NaN) */
@@ -50,7 +51,7 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 void tl_fq_forward(const float *restrict x, float *restrict y, int64_t n, int64_t channels, int64_t inner,
                    const float *low, const float *high, const float *s, const float *zp, int threads) {
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if (blocks > 1)
     for (int64_t block = 0; block < blocks; ++block) {
         const int64_t end = min64(n, (block + 1) * BLOCK);
         for (int64_t a = block * BLOCK; a < end;) {
@@ -69,7 +70,7 @@ void tl_fq_backward(const float *restrict g, const float *restrict x, float *res
                     const float *zp, const float *rr, float alpha, double *range_sums, double *low_sums,
                     float *grad_range, float *grad_low, int threads) {
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if (blocks > 1)
     for (int64_t block = 0; block < blocks; ++block) {
         const int64_t end = min64(n, (block + 1) * BLOCK);
         double *rs = range_sums + block * channels, *ls = low_sums ? low_sums + block * channels : 0;
