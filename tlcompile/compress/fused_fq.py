@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("fused_fq.c")
@@ -130,7 +131,7 @@ class Kernels:
         range_sums = torch.zeros(blocks * channels, dtype=torch.float64)
         low_sums = torch.zeros(blocks * channels, dtype=torch.float64) if asymmetric else None
         low, high, s, zp, rr = self._params(input_low, input_range, levels)
-        alpha = torch.tensor(float(level_low), dtype=torch.float32) / torch.tensor(float(level_high))  # scalar_t
+        alpha = np.float32(level_low) / np.float32(level_high)  # NNCF's scalar_t alpha: a float32 division
         self.lib.tl_fq_backward(
             _ptr(grad_output), _ptr(input_), _ptr(grad_input), ctypes.c_int64(n), ctypes.c_int64(channels),
             ctypes.c_int64(inner), _ptr(low), _ptr(high), _ptr(s), _ptr(zp), _ptr(rr), ctypes.c_float(float(alpha)),
