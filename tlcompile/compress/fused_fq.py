@@ -29,11 +29,20 @@ import torch
 
 SOURCE = Path(__file__).with_name("fused_fq.c")
 BLOCK = 16384  # as in fused_fq.c: partial sums per block of elements
-# No fused multiply-add: each float32 operation rounds as NNCF's separate ATen operations do. SSE4.1 (every x86-64
-# CPU since 2008) rounds in one instruction, not a C library call per element. OpenMP: the process's own runtime
-# (torch's libgomp.so.1 is loaded first and has the same name).
+
+
+def _has_sse41() -> bool:
+    try:
+        return any(line.startswith("flags") and " sse4_1" in line for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
+
+
+# No fused multiply-add: each float32 operation rounds as NNCF's separate ATen operations do. SSE4.1 (x86-64 CPUs
+# since 2008; checked, as an older one would stop on the instruction) rounds in one instruction, not a C library call
+# per element. OpenMP: the process's own runtime (torch's libgomp.so.1 is loaded first and has the same name).
 _FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11"] + (
-    ["-msse4.1"] if platform.machine().lower() in ("x86_64", "amd64") else []
+    ["-msse4.1"] if platform.machine().lower() in ("x86_64", "amd64") and _has_sse41() else []
 )
 _STATE: dict[str, Any] = {"tried": False, "kernels": None, "error": None}
 _F = ctypes.POINTER(ctypes.c_float)
