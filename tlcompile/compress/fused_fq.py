@@ -31,19 +31,23 @@ SOURCE = Path(__file__).with_name("fused_fq.c")
 BLOCK = 16384  # as in fused_fq.c: partial sums per block of elements
 
 
-def _has_sse41() -> bool:
+def _x86_flags() -> list[str]:
+    """-mavx2 where the CPU has AVX2 (8 floats per instruction), else -msse4.1 where it has SSE4.1 (rounding in one
+    instruction, not a C library call per element), read from /proc/cpuinfo: a CPU without them would stop on the
+    instruction. The library's cache key holds the flags, so CPUs that differ never share one."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
     try:
-        return any(line.startswith("flags") and " sse4_1" in line for line in open("/proc/cpuinfo"))
+        flags = next((set(line.split()) for line in open("/proc/cpuinfo") if line.startswith("flags")), set())
     except OSError:
-        return False
+        return []
+    return ["-mavx2"] if "avx2" in flags else ["-msse4.1"] if "sse4_1" in flags else []
 
 
-# No fused multiply-add: each float32 operation rounds as NNCF's separate ATen operations do. SSE4.1 (x86-64 CPUs
-# since 2008; checked, as an older one would stop on the instruction) rounds in one instruction, not a C library call
-# per element. OpenMP: the process's own runtime (torch's libgomp.so.1 is loaded first and has the same name).
-_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11"] + (
-    ["-msse4.1"] if platform.machine().lower() in ("x86_64", "amd64") and _has_sse41() else []
-)
+# No fused multiply-add: each float32 operation rounds as NNCF's separate ATen operations do (the vector width does
+# not change a result: the loops are element by element, and the partial sums are explicit lanes). OpenMP: the
+# process's own runtime (torch's libgomp.so.1 is loaded first and has the same name).
+_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11", *_x86_flags()]
 _STATE: dict[str, Any] = {"tried": False, "kernels": None, "error": None}
 _F = ctypes.POINTER(ctypes.c_float)
 
