@@ -130,19 +130,16 @@ def test_installed_into_nncf_where_it_builds(functions):
     assert not isinstance(quantize_functions.QuantizedFunctionsCPU.nncf_functions, fused_fq.FusedFunctions)
 
 
-def test_without_a_c_compiler_nncfs_own_functions_stay(tmp_path):
+def test_without_a_c_compiler_nncfs_own_functions_stay(functions, tmp_path, monkeypatch):
     """A machine without a C compiler trains with NNCF's functions, and says why the fused ones are not used."""
-    import os
-    import subprocess
-    import sys
+    from nncf.torch.quantization import quantize_functions
 
-    code = (
-        "from tlcompile.compress.quantize import import_nncf; import_nncf(); "
-        "from nncf.torch.quantization import quantize_functions as q; from tlcompile.compress import fused_fq; "
-        "print(type(q.QuantizedFunctionsCPU).__name__); print(fused_fq.error())"
-    )
-    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    kind, why = out.strip().splitlines()[-2:]
-    assert kind == "ExtensionNamespace" and "no-such-cc" in why
+    nncf_functions, _ = functions
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for key, value in {"tried": False, "kernels": None, "error": None}.items():
+        monkeypatch.setitem(fused_fq._STATE, key, value)
+    monkeypatch.setattr(quantize_functions, "QuantizedFunctionsCPU", nncf_functions)
+    assert fused_fq.load() is None and "no-such-cc" in fused_fq.error()
+    assert not fused_fq.install() and quantize_functions.QuantizedFunctionsCPU is nncf_functions
     assert not list((tmp_path / "cache").rglob("*.so*"))  # no half-built library left behind
