@@ -48,6 +48,9 @@ static inline float pick(int c, float a, float b) {
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* Elements per block: the caller sizes the backward's scratch (a partial sum per block and channel) with it. */
+int64_t tl_fq_block(void) { return BLOCK; }
+
 void tl_fq_forward(const float *restrict x, float *restrict y, int64_t n, int64_t channels, int64_t inner,
                    const float *low, const float *high, const float *s, const float *zp, int threads) {
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;

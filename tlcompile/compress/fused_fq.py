@@ -27,20 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from tlcompile.runtime.cpuinfo import cpu_flags
+
 SOURCE = Path(__file__).with_name("fused_fq.c")
-BLOCK = 16384  # as in fused_fq.c: partial sums per block of elements
 
 
 def _x86_flags() -> list[str]:
     """-mavx2 where the CPU has AVX2 (8 floats per instruction), else -msse4.1 where it has SSE4.1 (rounding in one
-    instruction, not a C library call per element), read from /proc/cpuinfo: a CPU without them would stop on the
-    instruction. The library's cache key holds the flags, so CPUs that differ never share one."""
+    instruction, not a C library call per element): a CPU without them would stop on the instruction. The library's
+    cache key holds the flags, so CPUs that differ never share one."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return []
-    try:
-        flags = next((set(line.split()) for line in open("/proc/cpuinfo") if line.startswith("flags")), set())
-    except OSError:
-        return []
+    flags = cpu_flags()
     return ["-mavx2"] if "avx2" in flags else ["-msse4.1"] if "sse4_1" in flags else []
 
 
@@ -88,6 +86,8 @@ class Kernels:
         self.lib = lib
         lib.tl_fq_forward.restype = None
         lib.tl_fq_backward.restype = None
+        lib.tl_fq_block.restype = ctypes.c_int64
+        self.block = int(lib.tl_fq_block())  # elements per block: the backward's scratch holds a sum per block
 
     @staticmethod
     def layout(input_: torch.Tensor, scale: torch.Tensor) -> tuple[int, int] | None:
@@ -101,49 +101,50 @@ class Kernels:
             return None
         return int(scale.shape[dims[0]]), max(1, math.prod(input_.shape[dims[0] + 1 :]))
 
-    def supported(self, input_: torch.Tensor, input_low: torch.Tensor, input_range: torch.Tensor) -> bool:
-        return (
-            all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (input_, input_low, input_range))
-            and input_low.shape == input_range.shape
-            and self.layout(input_, input_range) is not None
-        )
+    def supported(
+        self, input_: torch.Tensor, input_low: torch.Tensor, input_range: torch.Tensor
+    ) -> tuple[int, int] | None:
+        """The input's (channels, inner) where the kernels take these tensors (see :meth:`layout`), else None."""
+        if input_low.shape != input_range.shape or not all(
+            t.device.type == "cpu" and t.dtype == torch.float32 for t in (input_, input_low, input_range)
+        ):
+            return None
+        return self.layout(input_, input_range)
 
     @staticmethod
     def _params(input_low: torch.Tensor, input_range: torch.Tensor, levels: int) -> list[torch.Tensor]:
-        """low, high, s, zp, rr per channel, by the ATen operations NNCF's q_cpu_forward / q_cpu_backward use (a
-        scalar divided by a tensor is fill + div there; Python's ``scalar / tensor`` would multiply by a reciprocal)."""
+        """low, high, s, zp per channel, by the ATen operations NNCF's q_cpu_forward uses (a scalar divided by a
+        tensor is fill + div there; Python's ``scalar / tensor`` would multiply by a reciprocal)."""
         s = torch.full_like(input_range, float(levels - 1)).div_(input_range)
-        return [
-            t.contiguous()
-            for t in (
-                input_low,
-                input_low + input_range,
-                s,
-                (-input_low * s).round_(),
-                torch.ones_like(input_range).div_(input_range),
-            )
-        ]
+        return [t.contiguous() for t in (input_low, input_low + input_range, s, (-input_low * s).round_())]
 
-    def q_forward(self, input_, input_low, input_range, levels: int) -> torch.Tensor:
-        channels, inner = self.layout(input_, input_range)
+    def q_forward(self, layout: tuple[int, int], input_, input_low, input_range, levels: int) -> torch.Tensor:
+        """NNCF's Quantize_forward for tensors :meth:`supported` gave ``layout`` (channels, inner) for."""
+        channels, inner = layout
         output = torch.empty_like(input_)  # the input's strides (dense)
-        low, high, s, zp, _ = self._params(input_low, input_range, levels)
+        low, high, s, zp = self._params(input_low, input_range, levels)
         self.lib.tl_fq_forward(
             _ptr(input_), _ptr(output), ctypes.c_int64(input_.numel()), ctypes.c_int64(channels),
             ctypes.c_int64(inner), _ptr(low), _ptr(high), _ptr(s), _ptr(zp), ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
         return output
 
-    def q_backward(self, grad_output, input_, input_low, input_range, levels, level_low, level_high, asymmetric):
-        channels, inner = self.layout(input_, input_range)
+    def q_backward(
+        self, layout: tuple[int, int], grad_output, input_, input_low, input_range, levels, level_low, level_high,
+        asymmetric,
+    ):  # fmt: skip
+        """NNCF's Quantize_backward (grad_input, grad_low, grad_range), for tensors :meth:`supported` gave ``layout``
+        for and a gradient with the input's strides."""
+        channels, inner = layout
         n = input_.numel()
-        blocks = max(1, (n + BLOCK - 1) // BLOCK)
+        blocks = max(1, (n + self.block - 1) // self.block)
         grad_input = torch.empty_like(input_)
         grad_range = torch.empty(input_range.shape, dtype=torch.float32)
         grad_low = torch.empty(input_low.shape, dtype=torch.float32)
         range_sums = torch.zeros(blocks * channels, dtype=torch.float64)
         low_sums = torch.zeros(blocks * channels, dtype=torch.float64) if asymmetric else None
-        low, high, s, zp, rr = self._params(input_low, input_range, levels)
+        low, high, s, zp = self._params(input_low, input_range, levels)
+        rr = torch.ones_like(input_range).div_(input_range).contiguous()  # reverted_range = 1 / input_range
         alpha = np.float32(level_low) / np.float32(level_high)  # NNCF's scalar_t alpha: a float32 division
         self.lib.tl_fq_backward(
             _ptr(grad_output), _ptr(input_), _ptr(grad_input), ctypes.c_int64(n), ctypes.c_int64(channels),
@@ -208,19 +209,22 @@ class FusedFunctions:
         return self.nncf_functions.get(name)
 
     def forward(self, input_, input_low, input_range, levels):
-        if self.fused.supported(input_, input_low, input_range):
-            return self.fused.q_forward(input_, input_low, input_range, int(levels))
+        layout = self.fused.supported(input_, input_low, input_range)
+        if layout is not None:
+            return self.fused.q_forward(layout, input_, input_low, input_range, int(levels))
         return self.nncf_functions.get("Quantize_forward")(input_, input_low, input_range, levels)
 
     def backward(self, grad_output, input_, input_low, input_range, levels, level_low, level_high, is_asymmetric):
-        if (
+        same_storage_order = (  # element k of one storage is element k of the other
             grad_output.dtype == input_.dtype
             and grad_output.shape == input_.shape
             and grad_output.device == input_.device
-            and grad_output.stride() == input_.stride()  # element k of one storage is element k of the other
-            and self.fused.supported(input_, input_low, input_range)
-        ):
+            and grad_output.stride() == input_.stride()
+        )
+        layout = self.fused.supported(input_, input_low, input_range) if same_storage_order else None
+        if layout is not None:
             return self.fused.q_backward(
+                layout,
                 grad_output, input_, input_low, input_range, int(levels), int(level_low), int(level_high),
                 bool(is_asymmetric),
             )  # fmt: skip

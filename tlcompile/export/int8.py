@@ -86,24 +86,21 @@ def export_int8(
     later one for the other format reads it instead of tracing again."""
     if fmt not in ("onnx", "openvino"):
         raise ExportError(f"int8 export to '{fmt}' is not supported; valid: onnx, openvino")
-    if fmt == "openvino":
-        # Through the QDQ ONNX file: OpenVINO's ONNX frontend turns each QuantizeLinear/DequantizeLinear pair into the
-        # FakeQuantize its torch frontend makes of an NNCF quantizer, but reads a file in ~0.1 s where the torch
-        # frontend traces the hooked model through TorchScript (~13 s per model on a 2-core AVX2 box).
+    if trace is None:  # a trace for this call only, never a stray file beside the output
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="tlcompile-qdq-") as scratch:  # never a stray file in the build
-            onnx_path = trace if trace is not None else Path(scratch) / f"{path.stem}.qdq.onnx"
-            if not onnx_path.is_file():
-                _trace_qdq(model, onnx_path, image_size=image_size, opset=opset)
-            export_openvino(onnx_path, path, image_size=image_size)
+        with tempfile.TemporaryDirectory(prefix="tlcompile-qdq-") as scratch:
+            trace = Path(scratch) / f"{path.stem}.qdq.onnx"
+            return export_int8(model, path, fmt, image_size=image_size, opset=opset, trace=trace)
+    if not trace.is_file():
+        _trace_qdq(model, trace, image_size=image_size, opset=opset)
+    if fmt == "openvino":
+        # From the plain QDQ trace: OpenVINO's ONNX frontend turns each QuantizeLinear/DequantizeLinear pair into the
+        # FakeQuantize its torch frontend makes of an NNCF quantizer, but reads a file in ~0.1 s where the torch
+        # frontend traces the hooked model through TorchScript (~13 s per model on a 2-core AVX2 box).
+        export_openvino(trace, path, image_size=image_size)
         return {"format": "openvino", "quantizers": "FakeQuantize"}
-    if trace is not None and trace.is_file():
-        shutil.copyfile(trace, path)
-    else:
-        _trace_qdq(model, path, image_size=image_size, opset=opset)
-        if trace is not None:
-            shutil.copyfile(path, trace)  # before the rewrite below: OpenVINO reads the plain QDQ graph
+    shutil.copyfile(trace, path)  # then rewritten for ONNX Runtime; the trace stays plain for OpenVINO
     return {"format": "onnx", "quantizers": "QuantizeLinear/DequantizeLinear", **finalize_qdq(path)}
 
 

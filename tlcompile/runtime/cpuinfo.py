@@ -20,8 +20,9 @@ ISA_FLAGS = {
 }
 
 
-def cpu_info() -> dict[str, Any]:
-    model, flags = platform.processor() or platform.machine(), set()
+def _proc_cpuinfo() -> tuple[str | None, set[str]]:
+    """(model name, feature flags) from /proc/cpuinfo; (None, no flags) where there is none."""
+    model, flags = None, set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
@@ -31,6 +32,17 @@ def cpu_info() -> dict[str, Any]:
                 model = value.strip()
             elif key in ("flags", "Features") and not flags:
                 flags = set(value.split())
+    return model, flags
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel names them (avx2, sse4_1, asimd, ...); empty where unknown."""
+    return _proc_cpuinfo()[1]
+
+
+def cpu_info() -> dict[str, Any]:
+    model, flags = _proc_cpuinfo()
+    model = model or platform.processor() or platform.machine()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
