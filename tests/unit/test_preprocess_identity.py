@@ -165,3 +165,53 @@ def test_masked_histogram_statistics_match_numpy():
         counts = preprocess.histogram(lum, mask)
         assert preprocess.percentile_of_histogram(counts, 90) == float(np.percentile(lum[mask], 90))
         assert preprocess.median_of_histogram(counts) == float(np.median(lum[mask]))
+
+
+def test_luminance_and_histogram_fast_paths_match_numpy():
+    """The byte-shifted maximum (C-contiguous uint8 RGB) and the four-table histogram (a plane read as RGBA pixels,
+    with a remainder of 1-3 values) give rgb.max(axis=2) and np.bincount exactly, on every layout and size."""
+    rng = np.random.default_rng(3)
+    for shape in ((1, 1), (1, 2), (1, 3), (2, 2), (3, 5), (37, 41), (375, 500)):
+        rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        for view in (rgb, rgb[::2, ::3], np.asfortranarray(rgb), rgb[:, ::-1]):
+            lum = preprocess.luminance(view)
+            assert np.array_equal(lum, view.max(axis=2)), (shape, view.strides)
+            assert lum.flags.c_contiguous or not view.flags.c_contiguous
+            counts = preprocess.histogram(lum)
+            assert np.array_equal(counts, np.bincount(lum.ravel(), minlength=256)), (shape, view.strides)
+        plane = rgb[:, :, 1]  # a strided plane: histogram copies it first
+        assert np.array_equal(preprocess.histogram(plane), np.bincount(plane.ravel(), minlength=256))
+
+
+def test_median_helper_and_circle_fit_match_numpy():
+    """median() is np.median's float; the circle fit (normal-equation refits, lstsq's circle on the final inliers)
+    returns the reference's circle float for float and the same inliers: on clean and noisy arcs with outliers, on
+    symmetric point sets whose centre lies on a half pixel (where the last bit decides how the crop rounds), and on
+    points along a line (the reference's solver decides)."""
+    rng = np.random.default_rng(4)
+    for n in (1, 2, 3, 10, 11, 1000, 1001):
+        values = rng.normal(size=n)
+        assert preprocess.median(values) == float(np.median(values))
+    cases = []
+    for trial in range(40):
+        n = int(rng.integers(30, 1500))
+        angles = rng.uniform(0, rng.uniform(1.5, 2 * np.pi), n)
+        cx, cy, r = rng.uniform(100, 400), rng.uniform(100, 300), rng.uniform(50, 400)
+        x = np.round(cx + r * np.cos(angles)) + rng.choice((-0.5, 0.0, 0.5), n)
+        y = np.round(cy + r * np.sin(angles)) + rng.choice((-0.5, 0.0, 0.5), n)
+        outliers = rng.random(n) < 0.05 * (trial % 3)
+        x[outliers] -= rng.uniform(5, 60, int(outliers.sum()))
+        cases.append((x, y))
+    for half in range(10):  # mirror-symmetric about x = c + 0.5
+        c = 60 + half
+        t = np.linspace(0.1, np.pi - 0.1, 80)
+        left = np.round(c - 50 * np.sin(t)) + 0.5
+        cases.append((np.concatenate([left, 2 * c + 1 - left]), np.tile(np.round(c + 50 * np.cos(t)), 2)))
+    line = np.arange(50, dtype=np.float64)
+    cases.append((line, 2 * line + 1))
+    for x, y in cases:
+        ours, theirs = preprocess._fit_circle(x, y, 2.5), ref._fit_circle(x, y, 2.5)
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            assert tuple(map(float, ours[:3])) == tuple(map(float, theirs[:3]))
+            assert np.array_equal(ours[3], theirs[3])
