@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--size", default="4000x3000", help="camera frame WIDTHxHEIGHT")
     parser.add_argument("--distinct", type=int, default=3, help="distinct synthetic frames (plus the retina)")
     parser.add_argument("--iterations", type=int, default=40, help="per-photo timings")
-    parser.add_argument("--backlog", type=int, default=200, help="photos in the backlog")
+    parser.add_argument("--backlog", type=int, default=200, help="photos in the backlog (0: per-photo timings only)")
     parser.add_argument("--workers", default="1,2", help="worker counts for the backlog")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved backlog rounds")
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all usable cores)")
@@ -183,6 +183,8 @@ def main() -> None:
     if not match:
         raise SystemExit(f"--size {args.size!r} is not WIDTHxHEIGHT (e.g. 4000x3000)")
     width, height = int(match[1]), int(match[2])
+    if args.backlog < 0:
+        raise SystemExit(f"--backlog {args.backlog} is negative; valid: 0 (per-photo timings only) or more photos")
     bundle_path = args.bundle or tiny_bundle(args.cache)
     bundle = load_bundle(bundle_path)
     session = bundle.open_session(threads=args.threads)
@@ -199,8 +201,10 @@ def main() -> None:
     stages = per_photo(bundle, session, images, args.iterations)
     print(f"load average after per-photo timing: {load()}")
     workers = [int(w) for w in args.workers.split(",")]
-    rates = backlog(bundle, lambda w: session if w <= 1 else backlog_session, paths, workers, args.rounds)
-    print(f"load average after backlog: {load()}")
+    rates = {}
+    if paths:
+        rates = backlog(bundle, lambda w: session if w <= 1 else backlog_session, paths, workers, args.rounds)
+        print(f"load average after backlog: {load()}")
     print()
     print("| decode | preprocess | checks | infer | predict total | preprocess/decode |")
     print("|---|---|---|---|---|---|")
@@ -209,6 +213,8 @@ def main() -> None:
         f"{stages['total']:.2f} | {stages['preprocess'] / stages['decode']:.3f} |"
     )
     print("(ms, p50 per photo)")
+    if not rates:
+        return
     print()
     line = ", ".join(f"{w} worker{'s' if w > 1 else ''}: {r:.1f} img/s" for w, r in rates.items())
     if 1 in rates and len(rates) > 1:
