@@ -21,12 +21,18 @@ Without ``--bundle`` it builds the tests' tiny bundle (cbr_small, 48 px; needs t
 ``--cache``: its model is far cheaper than the quickstart's, so give a quickstart bundle for the README's figures.
 """
 
+# ruff: noqa: E402 - the BLAS setting below must come before numpy is imported
 from __future__ import annotations
+
+import os
+
+# As the tlcompile command does (tlcompile.cli.main): numpy's BLAS on one thread, whose spinning threads would
+# otherwise take a core from the runtime's. Read when numpy is first imported; a value already set is kept.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import inspect
 import io
-import os
 import re
 import shutil
 import statistics
@@ -195,7 +201,7 @@ def main() -> None:
     images = camera_images(args.cache / f"camera_{width}x{height}", width, height, args.distinct)
     paths = backlog_folder(args.cache / f"backlog_{width}x{height}", images, args.backlog)
 
-    print(f"CPU: {isa()}")
+    print(f"CPU: {isa()}; numpy BLAS threads: OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}")
     print(f"bundle: {bundle_path} ({bundle.candidate_id}, {bundle.preprocessing.size} px input)")
     print(f"images: {len(images)} distinct {width}x{height} JPEGs; load average before: {load()}")
     stages = per_photo(bundle, session, images, args.iterations)

@@ -4,6 +4,7 @@ list that is fast on the second run and shows every name whole."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -85,3 +86,27 @@ def test_models_are_cached_and_a_hit_needs_no_torch(tmp_path, monkeypatch):
         f.write_text("{not json")
     assert model_rows(64, 2) == first
     assert json.loads(next((tmp_path / "tlcompile").glob("models-*.json")).read_text())
+
+
+@pytest.mark.parametrize("user_value", [None, "2"])
+def test_the_command_runs_numpy_blas_on_one_thread_unless_told(user_value):
+    """numpy's OpenBLAS threads spin between products and take a core from the runtimes' own threads: the command
+    (cli.main) sets OPENBLAS_NUM_THREADS=1 before any command imports numpy, and keeps a value the user set."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    code = (
+        "import sys; sys.argv = ['tlcompile', '--version']; import tlcompile.cli as cli\n"
+        "assert 'numpy' not in sys.modules, 'the CLI module imports numpy: the setting would come too late'\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        "import numpy, threadpoolctl, json\n"
+        "print(json.dumps([i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(p for p in sys.path if p)}
+    if user_value is not None:
+        env["OPENBLAS_NUM_THREADS"] = user_value
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    counts = json.loads(out.stdout.splitlines()[-1])
+    assert threadpoolctl and counts, "numpy's BLAS was not found"
+    # OpenBLAS runs no more threads than the CPUs it may use.
+    expected = 1 if user_value is None else min(int(user_value), len(os.sched_getaffinity(0)))
+    assert set(counts) == {expected}, counts

@@ -855,6 +855,13 @@ def main() -> None:
     """Console-script entry point. Typer (click) handles usage errors and Ctrl-C itself; a user mistake raised by
     the library prints one line on stderr and exits with its code (2); anything else is a bug and keeps its
     traceback."""
+    # numpy's BLAS (OpenBLAS) shares a product out to a thread per core and then keeps those threads spinning, waiting
+    # for the next one: on a 2-core box one spinning thread takes a core from ONNX Runtime's, OpenVINO's or torch's
+    # own threads, which do all of tlcompile's heavy work. One numpy product per batch of RISE masks made every
+    # session call after it twice as slow (quickstart explain stage 9.0-10.1 s -> 4.5-5.2 s with one BLAS thread,
+    # 2-core AVX-512 EPYC; checkpoints byte-identical). numpy's own products here are small. Read when numpy is first
+    # imported, which the commands do after this line; a value the user set is kept.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         app()
     except TlcompileError as err:
