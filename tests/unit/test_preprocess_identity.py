@@ -215,3 +215,22 @@ def test_median_helper_and_circle_fit_match_numpy():
         if ours is not None:
             assert tuple(map(float, ours[:3])) == tuple(map(float, theirs[:3]))
             assert np.array_equal(ours[3], theirs[3])
+
+
+def test_pixel_equality_byte_path_matches_numpy():
+    """screen._same compares windows of one uint8 RGB image byte for byte along rows: the same answer as
+    (a == b).all(axis=2) where one, two or all three channels agree, on windows, strided grids and other layouts."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 3, (61, 83, 3), dtype=np.uint8)  # few values: every mix of equal channels occurs
+    image[20:40, 10:50] = 7  # a flat block
+    p = 5
+    h, w = image.shape[:2]
+    for a, b in (
+        (image[: h - p, : w - p], image[: h - p, p:]),
+        (image[: h - p, : w - p], image[p:, : w - p]),
+        (image[::2, ::3][:20, :20], image[::2, ::3][5:25, 3:23]),
+        (np.asfortranarray(image), image),
+        (image[:, :, ::-1], image),
+        (image[:1, :1], image[1:2, 1:2]),
+    ):
+        assert np.array_equal(screen._same(a, b), (a == b).all(axis=2)), (a.strides, b.strides)
