@@ -234,3 +234,35 @@ def test_pixel_equality_byte_path_matches_numpy():
         (image[:1, :1], image[1:2, 1:2]),
     ):
         assert np.array_equal(screen._same(a, b), (a == b).all(axis=2)), (a.strides, b.strides)
+
+
+def test_prepared_pixels_do_not_depend_on_the_blas_kernels():
+    """The same image must be prepared the same on the build box and the clinic's, whatever numpy's BLAS runs. It is
+    not yet: the quickstart's synthetic image 108 (seed 0, 140 px) has its fitted centre at x = 69.5 with OpenBLAS's
+    SkylakeX (AVX-512) kernels and 69.49999999999999 with its Haswell (AVX2) ones, and the crop moves by a pixel.
+    Real camera photos are never that symmetric; synthetic ones (and bundles' golden samples drawn from them) can be.
+    Needs an x86 CPU with AVX-512 (both kernel sets run there)."""
+    import platform
+    import subprocess
+    import sys
+
+    from tlcompile.runtime import cpuinfo
+
+    if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in cpuinfo.cpu_flags():
+        pytest.skip("both OpenBLAS kernel sets (Haswell, SkylakeX) run only on an x86 CPU with AVX-512")
+    code = (
+        "import hashlib; from tlcompile.data import synthetic; from tlcompile.runtime import preprocess as P\n"
+        "img, _ = synthetic.generate_one(0, 108, size=140)\n"
+        "print(hashlib.sha256(P.prepare_image(img, P.PreprocessSpec(size=112))[0].tobytes()).hexdigest())\n"
+    )
+    digests = set()
+    for core in ("Haswell", "SkylakeX"):
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(p for p in sys.path if p), "OPENBLAS_CORETYPE": core}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr
+        digests.add(out.stdout.strip())
+    if len(digests) != 1:
+        pytest.xfail(
+            "known gap of PREPROCESS_VERSION 2: the circle is np.linalg.lstsq's, whose last bits depend on OpenBLAS's "
+            "kernels for the CPU; a mirror-symmetric field's centre lies on a half pixel, where they decide the crop"
+        )
