@@ -49,7 +49,7 @@ def load_eval_set(data: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndar
         from tlcompile.recipe import load_recipe
 
         cfg = load_recipe(data)
-        dm = load_data(cfg.data, seed=cfg.seed)
+        dm = load_data(cfg.data, seed=cfg.seed, preprocess_version=spec.version)
         theirs, ours = {**dm.spec.to_dict(), "extra": {}}, {**spec.to_dict(), "extra": {}}
         if theirs != ours:
             diff = ", ".join(f"{k}: {theirs[k]} vs {ours[k]}" for k in ours if theirs.get(k) != ours[k])
@@ -67,7 +67,7 @@ def load_eval_set(data: Path, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndar
             ben_graham=spec.ben_graham,
             circular_mask=spec.circular_mask,
         )
-        dm = load_data(cfg, seed=0)
+        dm = load_data(cfg, seed=0, preprocess_version=spec.version)
         return dm.images, dm.grades
     raise BenchError(f"--data '{data}': give a recipe .yaml (its test split is used) or a folder with sub-folders 0..4")
 

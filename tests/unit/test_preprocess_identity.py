@@ -4,12 +4,19 @@ Every bundle's golden check and every cached training image depends on prepare_i
 must not move a single grey level: the same decoded image must give the same field of view (float for float), the
 same prepared uint8 image, the same network input and the same screening verdicts (damage, not-fundus) as the
 reference copies in tests/unit/preprocess_v2_reference.py and screen_v2_reference.py.
+
+Version 3 changes one thing: the circle is solved exactly (whole-number sums, one rounding) instead of by
+``np.linalg.lstsq``, whose last bits follow the CPU's BLAS kernels. Its circle is version 2's to 1e-9 px, and its
+pixels are version 2's on every case here; they differ only where a mirror-symmetric field puts the centre on a half
+pixel, where version 2's crop depended on the CPU (tested below). A spec saved without a version runs version 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
+import math
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -19,6 +26,7 @@ from PIL import Image
 
 from tests.unit import preprocess_v2_reference as ref
 from tests.unit import screen_v2_reference as ref_screen
+from tlcompile.errors import DataError
 from tlcompile.runtime import preprocess, screen
 from tlcompile.runtime.preprocess import PreprocessSpec
 
@@ -104,14 +112,37 @@ def _image(name: str) -> np.ndarray:
 @pytest.mark.parametrize("name", CASES)
 def test_field_and_prepared_pixels_are_bit_identical(name):
     rgb = _image(name)
-    assert _field(preprocess.find_field(rgb)) == _field(ref.find_field(rgb)), name
+    theirs_field = ref.find_field(rgb)
+    assert _field(preprocess.find_field(rgb, version=2)) == _field(theirs_field), name
+    v3 = preprocess.find_field(rgb)
+    assert (v3 is None) == (theirs_field is None), name
+    if v3 is not None:
+        assert v3.fitted == theirs_field.fitted, name
+        # lstsq's own rounding error reaches 1e-9 px here; version 3's circle is exact to the last bit
+        assert max(abs(getattr(v3, k) - getattr(theirs_field, k)) for k in ("cx", "cy", "radius")) < 1e-6, name
     for spec in SPECS:
-        ours, found = preprocess.prepare_with_field(rgb, spec)
-        theirs, theirs_found = ref.prepare_image(rgb, ref.PreprocessSpec(**spec.to_dict()))
-        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), (name, spec)
-        assert (found is not None) == theirs_found
-        assert preprocess.prepare_image(rgb, spec)[1] == theirs_found
-        assert np.array_equal(preprocess.to_input(ours, spec), ref.to_input(theirs, spec))
+        theirs, theirs_found = ref.prepare_image(rgb, ref.PreprocessSpec(**_v2_fields(spec)))
+        for version in (2, 3):
+            ours_spec = dataclasses.replace(spec, version=version)
+            ours, found = preprocess.prepare_with_field(rgb, ours_spec)
+            assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), (name, ours_spec)
+            assert (found is not None) == theirs_found
+            assert preprocess.prepare_image(rgb, ours_spec)[1] == theirs_found
+            assert np.array_equal(preprocess.to_input(ours, ours_spec), ref.to_input(theirs, spec))
+
+
+def _v2_fields(spec: PreprocessSpec) -> dict:
+    """A spec's fields as the frozen version 2 code takes them (it has no version field)."""
+    return {k: v for k, v in spec.to_dict().items() if k != "version"}
+
+
+def test_a_spec_saved_without_a_version_runs_version_2():
+    assert PreprocessSpec(size=112).version == preprocess.PREPROCESS_VERSION == 3
+    assert PreprocessSpec.from_dict({"size": 112}).version == 2
+    assert PreprocessSpec.from_dict(PreprocessSpec(size=112).to_dict()).version == 3
+    for bad in (1, 4, "3", 3.0, True):
+        with pytest.raises(DataError, match="preprocessing version"):
+            PreprocessSpec(size=112, version=bad)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -200,7 +231,7 @@ def test_median_helper_and_circle_fit_match_numpy():
         x = np.round(cx + r * np.cos(angles)) + rng.choice((-0.5, 0.0, 0.5), n)
         y = np.round(cy + r * np.sin(angles)) + rng.choice((-0.5, 0.0, 0.5), n)
         outliers = rng.random(n) < 0.05 * (trial % 3)
-        x[outliers] -= rng.uniform(5, 60, int(outliers.sum()))
+        x[outliers] -= np.round(rng.uniform(10, 120, int(outliers.sum()))) / 2  # edge points lie on half pixels
         cases.append((x, y))
     for half in range(10):  # mirror-symmetric about x = c + 0.5
         c = 60 + half
@@ -215,6 +246,49 @@ def test_median_helper_and_circle_fit_match_numpy():
         if ours is not None:
             assert tuple(map(float, ours[:3])) == tuple(map(float, theirs[:3]))
             assert np.array_equal(ours[3], theirs[3])
+    # Version 3's exact solve: the reference's circle to 1e-9 px and the same inliers; a mirror-symmetric set's centre
+    # exactly on its half pixel; no circle through points on a line.
+    for x, y in cases[:-1]:
+        exact, theirs = preprocess._fit_circle_exact(x, y, 2.5), ref._fit_circle(x, y, 2.5)
+        assert (exact is None) == (theirs is None)
+        if exact is not None:
+            assert max(abs(a - b) for a, b in zip(exact[:3], theirs[:3], strict=True)) < 1e-6
+            assert np.array_equal(exact[3], theirs[3])
+    for half in range(10):
+        assert preprocess._fit_circle_exact(*cases[40 + half], 2.5)[0] == 60 + half + 0.5
+    assert preprocess._fit_circle_exact(*cases[-1], 2.5) is None
+
+
+def test_exact_circle_is_the_least_squares_circle_rounded_once():
+    """Version 3's circle against the least-squares solution in exact rational arithmetic (fractions), for points on
+    half pixels far from the origin (where a float solve loses digits): each of cx, cy and r^2 is that fraction
+    correctly rounded."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(6)
+    for _ in range(10):
+        n = int(rng.integers(12, 200))
+        angles = rng.uniform(0, 2 * np.pi, n)
+        cx, cy, r = rng.uniform(1000, 6000), rng.uniform(1000, 4000), rng.uniform(200, 900)
+        x = np.round(2 * (cx + r * np.cos(angles))) / 2
+        y = np.round(2 * (cy + r * np.sin(angles))) / 2
+        got = preprocess._fit_circle_exact(x, y, 1e9)  # every point an inlier: one solve
+        feats = [(Fraction(a), Fraction(b), Fraction(1)) for a, b in zip(x.tolist(), y.tolist(), strict=True)]
+        m = [[sum(f[i] * f[j] for f in feats) for j in range(3)] for i in range(3)]
+        rhs = [-sum(f[i] * (f[0] * f[0] + f[1] * f[1]) for f in feats) for i in range(3)]
+        det = _det3(m)
+        sol = [_det3([[rhs[r] if c == k else m[r][c] for c in range(3)] for r in range(3)]) / det for k in range(3)]
+        centre_x, centre_y = -sol[0] / 2, -sol[1] / 2
+        assert got[0] == float(centre_x) and got[1] == float(centre_y)
+        assert got[2] == math.sqrt(float(centre_x * centre_x + centre_y * centre_y - sol[2]))
+
+
+def _det3(m):
+    return (
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+    )
 
 
 def test_pixel_equality_byte_path_matches_numpy():
@@ -236,12 +310,14 @@ def test_pixel_equality_byte_path_matches_numpy():
         assert np.array_equal(screen._same(a, b), (a == b).all(axis=2)), (a.strides, b.strides)
 
 
-def test_prepared_pixels_do_not_depend_on_the_blas_kernels():
-    """The same image must be prepared the same on the build box and the clinic's, whatever numpy's BLAS runs. It is
-    not yet: the quickstart's synthetic image 108 (seed 0, 140 px) has its fitted centre at x = 69.5 with OpenBLAS's
-    SkylakeX (AVX-512) kernels and 69.49999999999999 with its Haswell (AVX2) ones, and the crop moves by a pixel.
-    Real camera photos are never that symmetric; synthetic ones (and bundles' golden samples drawn from them) can be.
-    Needs an x86 CPU with AVX-512 (both kernel sets run there)."""
+@pytest.mark.parametrize("version", [2, 3])
+def test_prepared_pixels_do_not_depend_on_the_blas_kernels(version):
+    """The same image must be prepared the same on the build box and the clinic's, whatever numpy's BLAS runs. The
+    quickstart's synthetic image 108 (seed 0, 140 px) is mirror-symmetric: its field's centre is at x = 69.5 exactly.
+    Version 3 solves the circle exactly and crops it the same under OpenBLAS's Haswell (AVX2) and SkylakeX (AVX-512)
+    kernels. Version 2 (specs saved without a version) takes np.linalg.lstsq's circle: 69.5 with the SkylakeX kernels,
+    69.49999999999999 with the Haswell ones, and the crop moves by a pixel; kept as it was, so old bundles verify as
+    they did. Needs an x86 CPU with AVX-512 (both kernel sets run there)."""
     import platform
     import subprocess
     import sys
@@ -253,7 +329,8 @@ def test_prepared_pixels_do_not_depend_on_the_blas_kernels():
     code = (
         "import hashlib; from tlcompile.data import synthetic; from tlcompile.runtime import preprocess as P\n"
         "img, _ = synthetic.generate_one(0, 108, size=140)\n"
-        "print(hashlib.sha256(P.prepare_image(img, P.PreprocessSpec(size=112))[0].tobytes()).hexdigest())\n"
+        f"spec = P.PreprocessSpec(size=112, version={version})\n"
+        "print(hashlib.sha256(P.prepare_image(img, spec)[0].tobytes()).hexdigest())\n"
     )
     digests = set()
     for core in ("Haswell", "SkylakeX"):
@@ -261,8 +338,6 @@ def test_prepared_pixels_do_not_depend_on_the_blas_kernels():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, out.stderr
         digests.add(out.stdout.strip())
-    if len(digests) != 1:
-        pytest.xfail(
-            "known gap of PREPROCESS_VERSION 2: the circle is np.linalg.lstsq's, whose last bits depend on OpenBLAS's "
-            "kernels for the CPU; a mirror-symmetric field's centre lies on a half pixel, where they decide the crop"
-        )
+    if version == 2 and len(digests) != 1:
+        pytest.xfail("version 2's crop of a symmetric field follows the BLAS kernels (why version 3 exists)")
+    assert len(digests) == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import io
 import os
@@ -345,14 +346,25 @@ def _complete_report(report: DataReport, cfg: DataConfig, dm: DataModule, seed: 
 
 
 # -------------------------------------------------------------------------------------------------- API
-def load_data(cfg: DataConfig, *, seed: int, report_dir: Path | None = None, progress: Progress = None) -> DataModule:
+def load_data(
+    cfg: DataConfig,
+    *,
+    seed: int,
+    report_dir: Path | None = None,
+    progress: Progress = None,
+    preprocess_version: int | None = None,
+) -> DataModule:
     """Build the data module for a recipe's data section.
 
     File sources are checked as they are read; with ``data.on_error: fail`` any problem raises
     :class:`DataProblemsError` listing them, with ``skip`` exactly the problem images are left out. With
     ``report_dir`` the check report (``data_check.json``, ``problems.csv``) is written there in both cases.
+    ``preprocess_version``: prepare the images with that version's arithmetic (a bundle's, to score its model on the
+    pixels it was trained on); None: this tlcompile's.
     """
     spec = preprocess_spec(cfg)
+    if preprocess_version is not None:
+        spec = dataclasses.replace(spec, version=preprocess_version)
     if cfg.source == "synthetic":
         dm = _load_synthetic(cfg, spec, seed, progress)
     else:

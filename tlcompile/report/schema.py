@@ -780,6 +780,7 @@ class Preprocessing(_Strict):
     ben_graham: bool
     circular_mask: float | None
     extra: dict[str, Any]
+    version: int = Field(2, description="The preprocessing arithmetic (PREPROCESS_VERSION); reports without it: 2.")
 
 
 class DataSummary(_Strict):

@@ -258,7 +258,7 @@ def heatmap(
 def field_mask(crop: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """(H, W) bool: the field of view inside the picture the model saw (the whole frame when none is found)."""
     size = crop.shape[0]
-    found = find_field(crop, spec.fov_threshold)
+    found = find_field(crop, spec.fov_threshold, spec.version)
     inside = crop.max(axis=2) > 0
     if found is None:
         return np.ones((size, size), bool)
@@ -284,7 +284,7 @@ def to_network_frame(values: np.ndarray, rgb: np.ndarray, spec: PreprocessSpec) 
     """A per-pixel map of the photo (H, W) carried into the network input's frame (size, size) exactly as
     ``prepare_image`` carries the photo: the same field, the same square crop, a bilinear resize."""
     h, w = rgb.shape[:2]
-    top, left, side = _square_window(h, w, find_field(rgb, spec.fov_threshold), spec.crop_fov)
+    top, left, side = _square_window(h, w, find_field(rgb, spec.fov_threshold, spec.version), spec.crop_fov)
     square = np.zeros((side, side), np.float32)
     y0, y1, x0, x1 = max(0, top), min(h, top + side), max(0, left), min(w, left + side)
     if y1 > y0 and x1 > x0:

@@ -33,7 +33,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *dicom.DICOM_EXTENSIONS)
 #: Bumped whenever prepare_image's arithmetic changes, so cached preprocessed images of the old code are not reused.
-PREPROCESS_VERSION = 2
+#: A spec carries the version it was made with (bundle.json, report.json; none recorded: 2), and the field of view is
+#: fitted as that version did: 3 solves the circle exactly in whole numbers (the same on every CPU), 2 by
+#: ``np.linalg.lstsq``, whose last bits follow the CPU's BLAS kernels (see :func:`_fit_circle`).
+PREPROCESS_VERSION = 3
+PREPROCESS_VERSIONS = (2, 3)
 # Ben Graham (Kaggle DR 2015) blurred with sigma = radius / 30 at a field radius of 300 px; we keep the ratio.
 BEN_GRAHAM_SIGMA_PER_RADIUS = 1 / 30
 # Grey that Ben Graham's local-average subtraction maps a flat region to (and the surround after it).
@@ -81,6 +85,8 @@ class PreprocessSpec:
     # Radius (fraction of the field radius) outside which the image is blanked; None: no mask.
     circular_mask: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The preprocessing arithmetic this spec was made with (PREPROCESS_VERSION; a spec saved without one: 2).
+    version: int = PREPROCESS_VERSION
 
     def __post_init__(self) -> None:
         # A spec arrives from bundle.json on the clinic's box: bound what it can make this box allocate or compute.
@@ -105,6 +111,13 @@ class PreprocessSpec:
             raise DataError(
                 f"preprocessing circular_mask {self.circular_mask!r} is out of range; valid: null or a number in (0, 4]"
             )
+        if not (
+            isinstance(self.version, int) and not isinstance(self.version, bool) and self.version in PREPROCESS_VERSIONS
+        ):
+            raise DataError(
+                f"preprocessing version {self.version!r} is not one this tlcompile runs; valid: "
+                f"{', '.join(map(str, PREPROCESS_VERSIONS))} (a newer tlcompile made it: upgrade tlcompile on this box)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -115,6 +128,7 @@ class PreprocessSpec:
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
         d = dict(d)
         d["mean"], d["std"] = tuple(d.get("mean", IMAGENET_MEAN)), tuple(d.get("std", IMAGENET_STD))
+        d.setdefault("version", 2)  # saved before specs recorded their version: version 2's arithmetic
         return cls(**d)
 
     @property
@@ -212,6 +226,58 @@ def _fit_circle(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[float, 
     if not r2 > 0:
         return None
     return cx, cy, math.sqrt(r2), np.ones(x.size, dtype=bool) if keep is None else keep
+
+
+def _fit_circle_exact(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[float, float, float, np.ndarray] | None:
+    """Version 3 of :func:`_fit_circle`: the same algebraic (Kasa) fit and outlier refits, solved exactly.
+
+    The edge points lie on half pixels (half a pixel outside a field pixel, times the grid step), so doubled they are
+    whole numbers, and so is every sum of the normal equations (counted in int64, where no order of adding can change
+    them). Cramer's rule in Python's whole numbers then gives the least-squares circle as exact fractions, each rounded
+    once to a float (``int / int`` rounds correctly). The circle is the same on every CPU and BLAS, and a symmetric
+    field's centre on a half pixel is exactly there. The distances that pick the inliers are single IEEE operations
+    per point (differences, squares, a square root), the same everywhere too."""
+    if x.size < 12:
+        return None
+    # find_field's edge points are whole or half pixels times the whole grid step: doubled, whole numbers that float64
+    # holds exactly, so the cast is exact.
+    xx, yy = (2 * x).astype(np.int64), (2 * y).astype(np.int64)
+    # Any origin gives the same circle; a whole point near the middle keeps the sums small (|u * w| < 2^63 for any
+    # frame Pillow may decode).
+    ox, oy = int(xx.sum()) // xx.size, int(yy.sum()) // yy.size
+    u, v = xx - ox, yy - oy
+    points = np.stack([u, v, np.ones_like(u), u * u + v * v], axis=1)
+    keep: np.ndarray | None = None  # None: every point
+    for _ in range(6):
+        part = points if keep is None else points[keep]
+        if part.shape[0] < 12:
+            return None
+        (suu, suv, su, suw), (_, svv, sv, svw), (_, _, n, sw) = (part[:, :3].T @ part).tolist()
+        # The circle u^2 + v^2 + Du + Ev + F = 0: [[suu, suv, su], [suv, svv, sv], [su, sv, n]] @ (D, E, F) = -(suw,
+        # svw, sw).
+        r1, r2, r3 = -suw, -svw, -sw
+        c_uu, c_uv, c_un = svv * n - sv * sv, suv * n - sv * su, suv * sv - svv * su
+        det = suu * c_uu - suv * c_uv + su * c_un
+        if det <= 0:
+            return None  # the points lie on a line: no circle through them
+        num_d = r1 * c_uu - suv * (r2 * n - sv * r3) + su * (r2 * sv - svv * r3)
+        num_e = suu * (r2 * n - sv * r3) - r1 * c_uv + su * (suv * r3 - r2 * su)
+        num_f = suu * (svv * r3 - r2 * sv) - suv * (suv * r3 - r2 * su) + r1 * c_un
+        # Centre (-D/2, -E/2) and radius^2 (D^2 + E^2)/4 - F in doubled units, halved back to pixels, each one exact
+        # fraction rounded once.
+        r2_num = num_d * num_d + num_e * num_e - 4 * det * num_f
+        if r2_num <= 0:
+            return None
+        cx, cy = (2 * ox * det - num_d) / (4 * det), (2 * oy * det - num_e) / (4 * det)
+        r = math.sqrt(r2_num / (16 * det * det))
+        dx, dy = x - cx, y - cy
+        residual = np.abs(np.sqrt(dx * dx + dy * dy) - r)
+        spread = 1.4826 * median(residual if keep is None else residual[keep])  # robust spread of the inliers (MAD)
+        new_keep = residual <= max(tolerance, 3.0 * spread)
+        if new_keep.all() if keep is None else np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    return cx, cy, r, np.ones(x.size, dtype=bool) if keep is None else keep
 
 
 def _kasa_lstsq(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float]:
@@ -332,7 +398,7 @@ def _median_above(lum: np.ndarray, counts: np.ndarray | None, level: float) -> f
     return _median_of_cumulative(np.cumsum(counts).tolist(), first)
 
 
-def find_field(rgb: np.ndarray, threshold: float = 0.12) -> FieldOfView | None:
+def find_field(rgb: np.ndarray, threshold: float = 0.12, version: int = PREPROCESS_VERSION) -> FieldOfView | None:
     """The circular field of view, or None (a black or blank frame).
 
     The field is the set of pixels brighter than a threshold set between the image's black level (1st percentile)
@@ -385,7 +451,7 @@ def find_field(rgb: np.ndarray, threshold: float = 0.12) -> FieldOfView | None:
     inside = np.concatenate([first_x > 0, last_x < ws - 1, first_y > 0, last_y < hs - 1])
     x = np.concatenate([first_x - 0.5, last_x + 0.5, cols, cols], dtype=np.float64)[inside] * step
     y = np.concatenate([rows, rows, first_y - 0.5, last_y + 0.5], dtype=np.float64)[inside] * step
-    fit = _fit_circle(x, y, tolerance=1.5 * step + 1.0)
+    fit = (_fit_circle if version == 2 else _fit_circle_exact)(x, y, tolerance=1.5 * step + 1.0)
     if fit is not None:
         cx, cy, r, inliers = fit
         angles = np.arctan2(y[inliers] - cy, x[inliers] - cx)
@@ -413,9 +479,11 @@ def _take_lines(mask: np.ndarray, lines: np.ndarray, axis: int) -> np.ndarray:
     return mask[lines] if axis == 0 else mask[:, lines]
 
 
-def find_fov(rgb: np.ndarray, threshold: float = 0.12) -> tuple[int, int, int, int] | None:
+def find_fov(
+    rgb: np.ndarray, threshold: float = 0.12, version: int = PREPROCESS_VERSION
+) -> tuple[int, int, int, int] | None:
     """Bounding box (top, bottom, left, right; exclusive ends) of the field of view inside the frame, or None."""
-    found = find_field(rgb, threshold)
+    found = find_field(rgb, threshold, version)
     if found is None:
         return None
     h, w = np.asarray(rgb).shape[:2]
@@ -602,7 +670,7 @@ def prepare_with_field(image: np.ndarray | str | Path, spec: PreprocessSpec) -> 
         raise DataError(f"image array has shape {rgb.shape}; expected (H, W, 3) RGB")
     rgb = rgb[:, :, :3].astype(np.uint8, copy=False)
     h, w = rgb.shape[:2]
-    found = find_field(rgb, spec.fov_threshold)
+    found = find_field(rgb, spec.fov_threshold, spec.version)
     top, left, side = _square_window(h, w, found, spec.crop_fov)
     out = resize(crop_square(rgb, top, left, side), spec.size)
     if spec.ben_graham or spec.circular_mask is not None:
