@@ -266,10 +266,13 @@ def test_exact_circle_is_the_least_squares_circle_rounded_once():
     from fractions import Fraction
 
     rng = np.random.default_rng(6)
-    for _ in range(10):
+    for trial in range(12):
         n = int(rng.integers(12, 200))
         angles = rng.uniform(0, 2 * np.pi, n)
         cx, cy, r = rng.uniform(1000, 6000), rng.uniform(1000, 4000), rng.uniform(200, 900)
+        if trial >= 10:  # sums past int64: the fit counts in Python's integers instead
+            n, cx, cy, r = 4000, 3e6, 2e6, 1e6
+            angles = rng.uniform(0, 2 * np.pi, n)
         x = np.round(2 * (cx + r * np.cos(angles))) / 2
         y = np.round(2 * (cy + r * np.sin(angles))) / 2
         got = preprocess._fit_circle_exact(x, y, 1e9)  # every point an inlier: one solve

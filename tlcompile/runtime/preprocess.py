@@ -242,11 +242,12 @@ def _fit_circle_exact(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[f
     # find_field's edge points are whole or half pixels times the whole grid step: doubled, whole numbers that float64
     # holds exactly, so the cast is exact.
     xx, yy = (2 * x).astype(np.int64), (2 * y).astype(np.int64)
-    # Any origin gives the same circle; a whole point near the middle keeps the sums small (|u * w| < 2^63 for any
-    # frame Pillow may decode).
+    # Any origin gives the same circle; a whole point near the middle keeps the sums small.
     ox, oy = int(xx.sum()) // xx.size, int(yy.sum()) // yy.size
     u, v = xx - ox, yy - oy
     points = np.stack([u, v, np.ones_like(u), u * u + v * v], axis=1)
+    if xx.size * int(np.abs(points[:, :2]).max()) * int(points[:, 3].max()) >= 1 << 62:
+        points = points.astype(object)  # sums that could pass int64 (frames tens of thousands of pixels wide): exact
     keep: np.ndarray | None = None  # None: every point
     for _ in range(6):
         part = points if keep is None else points[keep]
