@@ -215,10 +215,10 @@ def test_luminance_and_histogram_fast_paths_match_numpy():
 
 
 def test_median_helper_and_circle_fit_match_numpy():
-    """median() is np.median's float; the circle fit (normal-equation refits, lstsq's circle on the final inliers)
-    returns the reference's circle float for float and the same inliers: on clean and noisy arcs with outliers, on
-    symmetric point sets whose centre lies on a half pixel (where the last bit decides how the crop rounds), and on
-    points along a line (the reference's solver decides)."""
+    """median() is np.median's float; the version 2 circle fit (lstsq refits, through the shared outlier loop) returns
+    the reference's circle float for float and the same inliers: on clean and noisy arcs with outliers, on symmetric
+    point sets whose centre lies on a half pixel (where the last bit decides how the crop rounds), and on points
+    along a line (the reference's solver decides)."""
     rng = np.random.default_rng(4)
     for n in (1, 2, 3, 10, 11, 1000, 1001):
         values = rng.normal(size=n)

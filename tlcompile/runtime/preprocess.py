@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import io
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,58 +179,53 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return lum if channels > 1 else lum.copy()
 
 
-def _fit_circle(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[float, float, float, np.ndarray] | None:
-    """Algebraic (Kasa) least-squares circle through edge points, refitted without outliers (a notch, text, a
-    lash or a reflex that reaches the rim). Returns (cx, cy, r, inliers) or None when the points do not fit one.
+Circle = tuple[float, float, float, np.ndarray]  # (cx, cy, r, each point's distance from the circle)
 
-    The refits that pick the inliers solve x^2 + y^2 + D x + E y + F = 0 by its normal equations, in coordinates
-    centred on the mean of all the points (the algebraic distance of a point to a circle is the same in any origin,
-    so this is ``np.linalg.lstsq``'s circle to 1e-12 px: one 4x4 product per refit instead of a solver and a dozen
-    array passes). The circle returned is ``np.linalg.lstsq``'s on the final inliers, float for float what
-    :func:`_fit_circle_lstsq` returns: a symmetric field's centre lies on a half pixel, where the last bit decides
-    how the crop rounds (0.1 ms instead of 0.3 on a camera frame)."""
-    if x.size < 12:
-        return None
-    ox, oy = float(x.sum()) / x.size, float(y.sum()) / y.size
-    u, v = x - ox, y - oy
-    design = np.stack([u, v, np.ones_like(u), u * u + v * v], axis=1)
+
+def _refit_without_outliers(
+    size: int, tolerance: float, fit: Callable[[np.ndarray | None], Circle | None]
+) -> tuple[float, float, float, np.ndarray] | None:
+    """The circle ``fit`` gives for the points kept (None: all ``size`` of them), refitted without the points far from
+    it (a notch, text, a lash or a reflex that reaches the rim) until the kept points stop changing, at most six
+    fits. Returns (cx, cy, r, inliers) or None when the points do not fit one."""
     keep: np.ndarray | None = None  # None: every point
     for _ in range(6):
-        if keep is not None and np.count_nonzero(keep) < 12:
+        if (size if keep is None else np.count_nonzero(keep)) < 12:
             return None
-        fitted_on = keep
-        # The sums over the kept points: the points weighted 1 or 0 (no copy of the kept rows).
-        gram = design.T @ design if keep is None else (design.T * keep) @ design
-        (suu, suv, su, suw), (_, svv, sv, svw), (_, _, n, sw) = gram[:3].tolist()
-        # [[suu, suv, su], [suv, svv, sv], [su, sv, n]] @ (D, E, F) = -(suw, svw, sw), by Cramer's rule.
-        c_uu, c_uv, c_un = svv * n - sv * sv, suv * n - sv * su, suv * sv - svv * su
-        det = suu * c_uu - suv * c_uv + su * c_un
-        if not det > 1e-9 * suu * svv * n:
-            return _fit_circle_lstsq(x, y, tolerance)  # (nearly) on a line: the solver's least-norm answer
-        d = -(suw * c_uu - suv * (svw * n - sv * sw) + su * (svw * sv - svv * sw)) / det
-        e = -(suu * (svw * n - sv * sw) - suw * c_uv + su * (suv * sw - svw * su)) / det
-        f = -(suu * (svv * sw - sv * svw) - suv * (suv * sw - su * svw) + suw * c_un) / det
-        a, b = -d / 2, -e / 2
-        r2 = a * a + b * b - f
-        if not r2 > 0:
+        circle = fit(keep)
+        if circle is None:
             return None
-        # Distances to the centre from the squared distance w - 2au - 2bv + a^2 + b^2, one product with the design.
-        squared = design @ np.array([-2 * a, -2 * b, a * a + b * b, 1.0])
-        residual = np.abs(np.sqrt(np.maximum(squared, 0.0, out=squared), out=squared) - math.sqrt(r2))
-        spread = 1.4826 * median(residual if keep is None else residual[keep])  # robust spread of the inliers (MAD)
+        cx, cy, r, residual = circle
+        # Robust spread of the inliers (MAD); the floor keeps a perfect circle from rejecting pixel jitter.
+        spread = 1.4826 * median(residual if keep is None else residual[keep])
         new_keep = residual <= max(tolerance, 3.0 * spread)
         if new_keep.all() if keep is None else np.array_equal(new_keep, keep):
             break
         keep = new_keep
-    xs, ys = (x, y) if fitted_on is None else (x[fitted_on], y[fitted_on])
-    cx, cy, r2 = _kasa_lstsq(xs, ys)
-    if not r2 > 0:
-        return None
-    return cx, cy, math.sqrt(r2), np.ones(x.size, dtype=bool) if keep is None else keep
+    return cx, cy, r, np.ones(size, dtype=bool) if keep is None else keep
+
+
+def _fit_circle(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[float, float, float, np.ndarray] | None:
+    """Version 2: the algebraic (Kasa) least-squares circle through the edge points by ``np.linalg.lstsq``, refitted
+    without outliers (:func:`_refit_without_outliers`). lstsq's last bits follow the CPU's BLAS kernels, which decide
+    how a symmetric field's crop rounds: kept as it was for specs of version 2 (see :func:`_fit_circle_exact`)."""
+
+    def fit(keep: np.ndarray | None) -> Circle | None:
+        xs, ys = (x, y) if keep is None else (x[keep], y[keep])
+        a = np.stack([xs, ys, np.ones_like(xs)], axis=1)
+        sol, *_ = np.linalg.lstsq(a, -(xs * xs + ys * ys), rcond=None)
+        cx, cy = -sol[0] / 2, -sol[1] / 2
+        r2 = cx * cx + cy * cy - sol[2]
+        if not r2 > 0:
+            return None
+        r = math.sqrt(r2)
+        return cx, cy, r, np.abs(np.hypot(x - cx, y - cy) - r)
+
+    return _refit_without_outliers(x.size, tolerance, fit)
 
 
 def _fit_circle_exact(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[float, float, float, np.ndarray] | None:
-    """Version 3 of :func:`_fit_circle`: the same algebraic (Kasa) fit and outlier refits, solved exactly.
+    """Version 3 of :func:`_fit_circle`: the same circle and outlier refits, solved exactly.
 
     The edge points lie on half pixels (half a pixel outside a field pixel, times the grid step), so doubled they are
     whole numbers, and so is every sum of the normal equations (counted in int64, where no order of adding can change
@@ -248,11 +244,9 @@ def _fit_circle_exact(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[f
     points = np.stack([u, v, np.ones_like(u), u * u + v * v], axis=1)
     if xx.size * int(np.abs(points[:, :2]).max()) * int(points[:, 3].max()) >= 1 << 62:
         points = points.astype(object)  # sums that could pass int64 (frames tens of thousands of pixels wide): exact
-    keep: np.ndarray | None = None  # None: every point
-    for _ in range(6):
+
+    def fit(keep: np.ndarray | None) -> Circle | None:
         part = points if keep is None else points[keep]
-        if part.shape[0] < 12:
-            return None
         (suu, suv, su, suw), (_, svv, sv, svw), (_, _, n, sw) = (part[:, :3].T @ part).tolist()
         # The circle u^2 + v^2 + Du + Ev + F = 0: [[suu, suv, su], [suv, svv, sv], [su, sv, n]] @ (D, E, F) = -(suw,
         # svw, sw).
@@ -272,43 +266,9 @@ def _fit_circle_exact(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[f
         cx, cy = (2 * ox * det - num_d) / (4 * det), (2 * oy * det - num_e) / (4 * det)
         r = math.sqrt(r2_num / (16 * det * det))
         dx, dy = x - cx, y - cy
-        residual = np.abs(np.sqrt(dx * dx + dy * dy) - r)
-        spread = 1.4826 * median(residual if keep is None else residual[keep])  # robust spread of the inliers (MAD)
-        new_keep = residual <= max(tolerance, 3.0 * spread)
-        if new_keep.all() if keep is None else np.array_equal(new_keep, keep):
-            break
-        keep = new_keep
-    return cx, cy, r, np.ones(x.size, dtype=bool) if keep is None else keep
+        return cx, cy, r, np.abs(np.sqrt(dx * dx + dy * dy) - r)
 
-
-def _kasa_lstsq(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float]:
-    """(cx, cy, r^2) of the algebraic least-squares circle through the points, by ``np.linalg.lstsq``."""
-    a = np.stack([xs, ys, np.ones_like(xs)], axis=1)
-    sol, *_ = np.linalg.lstsq(a, -(xs * xs + ys * ys), rcond=None)
-    cx, cy = -sol[0] / 2, -sol[1] / 2
-    return cx, cy, cx * cx + cy * cy - sol[2]
-
-
-def _fit_circle_lstsq(x: np.ndarray, y: np.ndarray, tolerance: float) -> tuple[float, float, float, np.ndarray] | None:
-    """:func:`_fit_circle` with every refit by ``np.linalg.lstsq`` (the PREPROCESS_VERSION 2 loop): for points on or
-    near a line, where the normal equations are singular and the solver's least-norm answer decides."""
-    keep = np.ones(x.size, dtype=bool)
-    for _ in range(6):
-        xs, ys = x[keep], y[keep]
-        if xs.size < 12:
-            return None
-        cx, cy, r2 = _kasa_lstsq(xs, ys)
-        if not r2 > 0:
-            return None
-        r = math.sqrt(r2)
-        residual = np.abs(np.hypot(x - cx, y - cy) - r)
-        # Robust spread of the inliers (MAD); the floor keeps a perfect circle from rejecting pixel jitter.
-        spread = 1.4826 * median(residual[keep])
-        new_keep = residual <= max(tolerance, 3.0 * spread)
-        if np.array_equal(new_keep, keep):
-            break
-        keep = new_keep
-    return cx, cy, r, keep
+    return _refit_without_outliers(x.size, tolerance, fit)
 
 
 def median(values: np.ndarray) -> float:
@@ -480,11 +440,9 @@ def _take_lines(mask: np.ndarray, lines: np.ndarray, axis: int) -> np.ndarray:
     return mask[lines] if axis == 0 else mask[:, lines]
 
 
-def find_fov(
-    rgb: np.ndarray, threshold: float = 0.12, version: int = PREPROCESS_VERSION
-) -> tuple[int, int, int, int] | None:
+def find_fov(rgb: np.ndarray, threshold: float = 0.12) -> tuple[int, int, int, int] | None:
     """Bounding box (top, bottom, left, right; exclusive ends) of the field of view inside the frame, or None."""
-    found = find_field(rgb, threshold, version)
+    found = find_field(rgb, threshold)
     if found is None:
         return None
     h, w = np.asarray(rgb).shape[:2]
