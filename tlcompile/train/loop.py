@@ -22,6 +22,7 @@ from tlcompile.errors import TrainError
 from tlcompile.evaluate.metrics import referable_score, referable_truth, roc_auc
 from tlcompile.recipe import TrainConfig
 from tlcompile.runtime.preprocess import PreprocessSpec
+from tlcompile.train import depthwise
 
 
 def resolve_device(name: str) -> torch.device:
@@ -253,8 +254,11 @@ def train_one_epoch(
     total, count = 0.0, 0
     for xb, yb in batches:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(
-            device_type=xb.device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp in AMP_DTYPES
+        with (
+            torch.autocast(
+                device_type=xb.device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp in AMP_DTYPES
+            ),
+            depthwise.for_training(xb.device, amp),  # a faster weight gradient for 5x5 depthwise layers on the CPU
         ):
             loss = loss_fn(model(xb).float(), yb)
         if not torch.isfinite(loss):
