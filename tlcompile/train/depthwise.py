@@ -11,8 +11,8 @@ On a small map the same gradient is one batched matrix product and one plain one
 correlation of every input position P with every output position L over the batch, ``M[c] = X[c]^T G[c]``
 ((C, P, N) x (C, N, L)), holds every product the gradient sums; tap k of the filter is the sum of the entries (P, L)
 where input P feeds output L through tap k: M times a fixed 0/1 matrix of the layer's geometry (rows P*L, columns
-taps). The layer above: 0.45 ms in either ISA from channels-last (0.09 ms from NCHW: the copy to channel-major
-dominates). M has P*L entries against L*taps for the direct sum, so this is done only for maps of at most
+taps). The layer above: 0.45 ms in either ISA from channels-last, most of it the copies to channel-major (0.09 ms
+from NCHW). M has P*L entries against L*taps for the direct sum, so this is done only for maps of at most
 :data:`MAX_POSITIONS_PER_TAP` input positions per tap.
 
 :class:`fast_depthwise_grad` switches it on around a training step's forward pass (:func:`for_training`, used by
