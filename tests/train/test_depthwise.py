@@ -171,24 +171,27 @@ class _Tiny(torch.nn.Module):
         return self.head(self.dw(x).mean((2, 3)))
 
 
-@pytest.mark.parametrize("setting", [None, "0"])
-def test_train_one_epoch_runs_the_forward_pass_in_the_mode(monkeypatch, setting):
-    """The training loop's step takes the depthwise weight gradient from depthwise_weight_grad on the CPU, and not
-    with TLCOMPILE_FAST_DEPTHWISE=0."""
+@pytest.mark.parametrize("setting", [None, "0", "1"])
+def test_train_one_epoch_takes_the_path_only_when_asked(monkeypatch, setting):
+    """The training loop's step takes the depthwise weight gradient from depthwise_weight_grad, and the optimizer its
+    fused update, with TLCOMPILE_FAST_TRAINING=1 only."""
     from tlcompile.train import depthwise
 
     if setting is None:
-        monkeypatch.delenv("TLCOMPILE_FAST_DEPTHWISE", raising=False)
+        monkeypatch.delenv(loop.FAST_TRAINING_VARIABLE, raising=False)
     else:
-        monkeypatch.setenv("TLCOMPILE_FAST_DEPTHWISE", setting)
+        monkeypatch.setenv(loop.FAST_TRAINING_VARIABLE, setting)
     calls = []
     original = depthwise.depthwise_weight_grad
     monkeypatch.setattr(depthwise, "depthwise_weight_grad", lambda *a: calls.append(1) or original(*a))
     torch.manual_seed(0)
     model = _Tiny()
     optimizer = loop.make_optimizer(model.parameters(), name="adamw", lr=1e-2)
+    assert optimizer.defaults["fused"] is (True if setting == "1" else None)
     batches = [(torch.randn(3, 4, 6, 6), torch.tensor([0, 1, 1]))] * 2
     loop.train_one_epoch(model, iter(batches), optimizer, None, torch.nn.functional.cross_entropy)
-    assert len(calls) == (2 if setting is None else 0)
-    assert isinstance(for_training(torch.device("cpu"), "bf16"), type(contextlib.nullcontext()))
-    assert isinstance(for_training(torch.device("meta"), "none"), type(contextlib.nullcontext()))
+    assert len(calls) == (2 if setting == "1" else 0)
+    nothing = type(contextlib.nullcontext())
+    assert isinstance(for_training(torch.device("cpu"), "bf16", enabled=True), nothing)
+    assert isinstance(for_training(torch.device("meta"), "none", enabled=True), nothing)
+    assert isinstance(for_training(torch.device("cpu"), "none", enabled=False), nothing)

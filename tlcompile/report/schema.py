@@ -541,6 +541,11 @@ class Training(_Strict):
     device: str
     amp: str
     channels_last: bool
+    fast_training: bool = Field(
+        False,
+        description="TLCOMPILE_FAST_TRAINING=1: the fused optimizer update and tlcompile.train.depthwise's weight "
+        "gradient trained this build (and fine-tuned its compressed models); off in reports written before it existed.",
+    )
 
 
 class TransferRun(_Strict):

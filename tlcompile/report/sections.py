@@ -960,7 +960,8 @@ def _training_section(report: dict[str, Any]) -> ReportSection | None:
             f"{training.get('wall_s')} s"
             + (
                 f" on {training['device']}, autocast {training.get('amp', 'none')}, channels_last "
-                f"{'on' if training.get('channels_last') else 'off'}."
+                f"{'on' if training.get('channels_last') else 'off'}"
+                + (", fast training kernels (TLCOMPILE_FAST_TRAINING=1)." if training.get("fast_training") else ".")
                 if training.get("device")
                 else "."
             )

@@ -477,6 +477,7 @@ def run_transfer(
         "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
         "amp": recipe.train.amp,
         "channels_last": recipe.train.channels_last,
+        "fast_training": loop.fast_training(),
     }
     table = None
     if recipe.transfer is not None or recipe.model.pretrained != "none":
