@@ -195,3 +195,13 @@ def test_train_one_epoch_takes_the_path_only_when_asked(monkeypatch, setting):
     assert isinstance(for_training(torch.device("cpu"), "bf16", enabled=True), nothing)
     assert isinstance(for_training(torch.device("meta"), "none", enabled=True), nothing)
     assert isinstance(for_training(torch.device("cpu"), "none", enabled=False), nothing)
+
+
+def test_a_bad_value_of_the_variable_is_refused(monkeypatch):
+    from tlcompile.errors import TrainError
+
+    monkeypatch.setenv(loop.FAST_TRAINING_VARIABLE, "yes")
+    with pytest.raises(
+        TrainError, match=r"^environment variable TLCOMPILE_FAST_TRAINING='yes' is not valid; valid: 0 or 1$"
+    ):
+        loop.fast_training()

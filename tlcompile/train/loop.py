@@ -205,8 +205,11 @@ FAST_TRAINING_VARIABLE = "TLCOMPILE_FAST_TRAINING"
 
 
 def fast_training() -> bool:
-    """Whether :data:`FAST_TRAINING_VARIABLE` asks for the faster training kernels."""
-    return os.environ.get(FAST_TRAINING_VARIABLE, "0") == "1"
+    """Whether :data:`FAST_TRAINING_VARIABLE` asks for the faster training kernels (unset or 0: no, 1: yes)."""
+    value = os.environ.get(FAST_TRAINING_VARIABLE, "0")
+    if value not in ("0", "1", ""):
+        raise TrainError(f"environment variable {FAST_TRAINING_VARIABLE}={value!r} is not valid; valid: 0 or 1")
+    return value == "1"
 
 
 def make_optimizer(
