@@ -88,6 +88,37 @@ def test_channels_last_activations_with_one_scale_are_taken_and_keep_their_layou
     torch.testing.assert_close(got[2], want[2].sum_to_size(rng.shape), rtol=0, atol=1e-6 * float(grad.abs().sum()))
 
 
+@pytest.mark.parametrize(
+    ("shape", "scale_shape", "input_layout", "grad_layout"),
+    [
+        ((24, 8, 3, 3), (24, 1, 1, 1), torch.contiguous_format, torch.channels_last),  # a conv weight's gradient
+        ((8, 24, 4, 4), (1,), torch.channels_last, torch.contiguous_format),  # a pooled activation's gradient
+    ],
+    ids=["weight, channels-last gradient", "channels-last activation, contiguous gradient"],
+)
+def test_a_gradient_in_another_layout_is_taken_with_the_same_result(
+    functions, shape, scale_shape, input_layout, grad_layout
+):
+    """In QAT of a channels-last model every conv weight's gradient comes channels-last while the weight is
+    contiguous: copied into the weight's layout, it takes the fused pass instead of NNCF's."""
+    nncf_functions, fused = functions
+    x, low, rng, levels, level_low, level_high = _case(shape, scale_shape, False, seed=12)
+    x = x.contiguous(memory_format=input_layout)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(6)).contiguous(memory_format=grad_layout)
+    assert grad.stride() != x.stride()
+    want = nncf_functions.get("Quantize_backward")(grad, x, low, rng, levels, level_low, level_high, False)
+    calls = []
+    original = fused.fused.q_backward
+    fused.fused.q_backward = lambda *a: calls.append(a) or original(*a)
+    try:
+        got = fused.get("Quantize_backward")(grad, x, low, rng, levels, level_low, level_high, False)
+    finally:
+        del fused.fused.q_backward
+    assert len(calls) == 1  # the fused pass, not NNCF's
+    assert torch.equal(got[0], want[0]) and got[0].stride() == x.stride()
+    torch.testing.assert_close(got[2], want[2].sum_to_size(rng.shape), rtol=0, atol=1e-6 * float(grad.abs().sum()))
+
+
 def test_tensors_it_does_not_take_go_to_nncfs_functions(functions):
     nncf_functions, fused = functions
     x, low, rng, levels, *_ = _case((4, 6, 5, 5), (1, 6, 1, 1), False, seed=3)

@@ -167,6 +167,17 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _matchable(grad_output: torch.Tensor, input_: torch.Tensor) -> bool:
+    """Whether ``grad_output`` can be copied into ``input_``'s layout: same shape, dtype and device, and ``input_``
+    dense (``empty_like`` keeps a dense tensor's strides)."""
+    return (
+        grad_output.dtype == input_.dtype
+        and grad_output.shape == input_.shape
+        and grad_output.device == input_.device
+        and _dense(input_)
+    )
+
+
 def _ptr(t: torch.Tensor) -> Any:
     return ctypes.cast(t.data_ptr(), _F)
 
@@ -221,6 +232,12 @@ class FusedFunctions:
             and grad_output.device == input_.device
             and grad_output.stride() == input_.stride()
         )
+        if not same_storage_order and _matchable(grad_output, input_):
+            # The gradient in another dense layout than the input: a convolution's weight gradient comes channels-last
+            # when its input is, a pooled activation's gradient comes back contiguous. One copy into the input's
+            # layout, then the fused pass (NNCF's own backward would make ~10 passes).
+            grad_output = torch.empty_like(input_).copy_(grad_output)
+            same_storage_order = True
         layout = self.fused.supported(input_, input_low, input_range) if same_storage_order else None
         if layout is not None:
             return self.fused.q_backward(
