@@ -723,6 +723,13 @@ class BenchConfig(Section):
     )
     warmup: int = Field(10, ge=0, le=10_000, description="Warm-up inferences before timing.")
     iterations: int = Field(50, ge=1, le=1_000_000, description="Timed batch-1 inferences per artifact and runtime.")
+    max_seconds: float | None = Field(
+        2.0,
+        gt=0,
+        le=86_400,
+        description="Stop timing a row after this many seconds once 10 inferences (or all `iterations`, if fewer) are "
+        "timed: a slow row, such as a fake-quantized model in torch, gets fewer samples; null = always `iterations`.",
+    )
 
 
 # ------------------------------------------------------------------------------------------- evaluate

@@ -291,3 +291,29 @@ def test_latency_is_measured_in_rounds_until_the_p90_spread_is_small(monkeypatch
         lambda: None, BenchOptions(iterations=5, warmup=1, min_rounds=2, max_rounds=4, stable_spread=0.05)
     )
     assert stability["rounds"] == 4 and not stability["stable"] and stability["p90_spread_share"] > 0.05
+
+
+def test_a_slow_row_stops_after_max_seconds_with_at_least_ten_timed_calls(monkeypatch):
+    """bench.max_seconds: a 90 ms row (a fake-quantized model in torch) is not timed 50 times."""
+    from tlcompile.runtime import latency as latency_module
+
+    clock = {"now": 0.0}
+    calls = []
+
+    def run():
+        calls.append(1)
+        clock["now"] += 0.09  # a 90 ms call
+
+    monkeypatch.setattr(latency_module.time, "perf_counter", lambda: clock["now"])
+    got = latency_module.measure_latency(run, warmup=2, iterations=50, max_seconds=2.0)
+    # Checked before each call: after 22 calls (1.98 s) it goes on, after 23 (2.07 s) it stops.
+    assert got["iterations"] == 23 and len(calls) == 2 + 23 and abs(got["p50"] - 90.0) < 1e-6
+
+    # Never fewer than ten timed calls, however slow each is; nor more than `iterations` when they are fewer.
+    def very_slow():
+        clock["now"] += 5.0
+
+    assert latency_module.measure_latency(very_slow, warmup=0, iterations=50, max_seconds=2.0)["iterations"] == 10
+    assert latency_module.measure_latency(run, warmup=0, iterations=4, max_seconds=0.01)["iterations"] == 4
+    # Without a limit (null in the recipe), every iteration is timed.
+    assert latency_module.measure_latency(run, warmup=0, iterations=50)["iterations"] == 50

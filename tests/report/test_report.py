@@ -310,3 +310,20 @@ def test_the_report_modules_import_one_way():
         "'tlcompile.runtime.terminal'}, loaded",
     ):
         subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_report_says_which_rows_were_timed_fewer_times(synthetic_report):
+    from tlcompile.report.sections import report_sections
+
+    report = synthetic_report()
+    report["recipe"] = {"bench": {"iterations": 50, "max_seconds": 2.0}}
+    report["artifacts"][0]["latency_iterations"] = 22
+
+    def notes(rep):
+        section = next(s for s in report_sections(rep) if s.id == "artifacts")
+        return " ".join(section.paragraphs)
+
+    row = report["artifacts"][0]
+    assert f"{row['name']} on {row['runtime']} (22 calls), not 50" in notes(report)
+    report["artifacts"][0]["latency_iterations"] = 50
+    assert "stopped early" not in notes(report)

@@ -468,6 +468,9 @@ class Row(_Strict):
     threads: int
     exec_precision: str
     latency_ms: Latency
+    latency_iterations: int = Field(
+        50, description="Timed calls behind latency_ms: fewer than bench.iterations where bench.max_seconds ended them."
+    )
     metrics: Metrics
     parity: Parity
     lineage: str

@@ -851,12 +851,25 @@ def _endpoints_section(report: dict[str, Any]) -> ReportSection:
 
 
 def _artifacts_section(report: dict[str, Any]) -> ReportSection:
+    rows = report.get("artifacts", [])
+    bench = (report.get("recipe") or {}).get("bench") or {}
+    cut = [r for r in rows if r.get("latency_iterations", 50) < bench.get("iterations", 50)]
+    notes = (
+        [
+            f"Timing stopped early (bench.max_seconds {num(bench.get('max_seconds'), 'g')} s) for "
+            + ", ".join(f"{r['name']} on {r['runtime']} ({r['latency_iterations']} calls)" for r in cut)
+            + f", not {bench.get('iterations', 50)}: their p90 rests on fewer samples."
+        ]
+        if cut
+        else []
+    )
     return ReportSection(
         "artifacts",
         "Artifacts",
         [
             "Every artifact on every runtime: latency at batch 1, size, MACs and parity with "
-            "the torch model it was exported from."
+            "the torch model it was exported from.",
+            *notes,
         ],
         [ReportTable(list(ROW_COLUMNS), [artifact_cells(r) for r in report.get("artifacts", [])])],
     )

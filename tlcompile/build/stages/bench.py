@@ -52,7 +52,10 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
                     logits = predict_logits(session, test_inputs)
                     row_logits.append(logits)
                     latency = measure_latency(
-                        lambda s=session: s.run(one), warmup=r.bench.warmup, iterations=r.bench.iterations
+                        lambda s=session: s.run(one),
+                        warmup=r.bench.warmup,
+                        iterations=r.bench.iterations,
+                        max_seconds=r.bench.max_seconds,
                     )
                 metrics = classification_metrics(logits / ctx.operating_point["temperature"], y_test, ctx.threshold)
                 logits_path = atomic_save_npy(folder / "logits" / f"{art.name}.{runtime}.npy", logits)
@@ -71,6 +74,7 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
                         "latency_ms": {
                             k: round(v, 4) for k, v in latency.items() if k in ("p50", "p90", "p99", "mean", "first_ms")
                         },
+                        "latency_iterations": int(latency["iterations"]),
                         "metrics": {
                             k: metrics[k]
                             for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "threshold", "n")
