@@ -15,7 +15,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from tlcompile.build.stages.quality import Measured, _verdicts, gate_metrics, measure_split
+from tlcompile.build.stages.quality import Measured, _verdicts, gate_metrics, measure_splits
 from tlcompile.data.datamodule import load_data
 from tlcompile.data.degrade import LEVELS, degrade
 from tlcompile.evaluate.clinical import proportion
@@ -53,8 +53,8 @@ def main() -> None:
     print(f"CPU: {cpu_info().get('model', '?')}; recipe {args.recipe}; copies per photo {copies}")
     t0 = time.perf_counter()
     data = load_data(recipe.data, seed=recipe.seed)
-    _, val, _ = measure_split(data, recipe, "val", recipe.seed, copies)
-    _, test, seconds = measure_split(data, recipe, "test", recipe.seed + 1, copies)
+    measured = measure_splits(data, recipe, copies)
+    (_, val, _), (_, test, seconds) = measured["val"], measured["test"]
     fixed = {k: v for k, v in q.limits.model_dump().items() if v is not None}
     gradable = [c.measures for c in val if c.gradable and c.measures is not None]
     limits, share = calibrate({k: np.array([m[k] for m in gradable]) for k in MEASURES}, q.target_gradable, fixed)

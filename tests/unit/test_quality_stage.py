@@ -4,6 +4,10 @@ row with test logits."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,10 +17,9 @@ from tlcompile.build.stages.quality import (
     Measured,
     gate_metrics,
     headline,
-    measure_split,
+    measure_splits,
     referral_effect,
     referral_rows,
-    shrink,
     split_indices,
 )
 from tlcompile.data import synthetic
@@ -24,7 +27,7 @@ from tlcompile.data.degrade import degrade
 from tlcompile.evaluate.clinical import wilson_interval
 from tlcompile.recipe import validate_recipe_dict
 from tlcompile.runtime.preprocess import find_field
-from tlcompile.runtime.quality import WORK_RADIUS, measure
+from tlcompile.runtime.quality import WORK_RADIUS, measure, shrink
 
 
 def _m(kind: str, level: float, gradable: bool) -> Measured:
@@ -85,7 +88,7 @@ def test_the_cap_is_a_deterministic_sorted_sample_of_the_split():
     assert set(a) <= set(full)
     assert not np.array_equal(a, split_indices(data, recipe, "val"))
     assert np.array_equal(split_indices(data, _recipe(cap=3000, n=200), "test"), full)
-    idx, measured, _ = measure_split(data, recipe, "test", recipe.seed, 2)
+    idx, measured, _ = measure_splits(data, recipe, 2)["test"]
     assert np.array_equal(idx, a) and len(measured) == 10 * 3
     assert {m.index for m in measured} == set(a.tolist())
 
@@ -185,3 +188,39 @@ def test_the_headline_row_is_the_named_bundle_artifact_else_fp32():
     assert row["artifact"] == "pruned@onnxruntime" and "ships" in why
     assert headline(recipe({"select": "name", "artifact": "pruned"}), rows)[0]["artifact"] == "pruned@openvino"
     assert headline(recipe({}), rows[1:])[0]["artifact"] == "pruned@openvino"
+
+
+def test_val_and_test_measured_in_two_processes_are_what_one_process_measures(tmp_path):
+    """The quality stage measures val and test at once in two processes where the tlcompile command allows worker
+    processes: the same measures, in the same order, as one after the other in this process."""
+    script = tmp_path / "two_processes.py"
+    script.write_text(
+        "import os, pickle, sys\n"
+        "def pid(_):\n"
+        "    return os.getpid()\n"
+        "if __name__ == '__main__':\n"  # the workers import this script: torch (the build's modules) only here
+        "    from tlcompile.build.stages import quality\n"
+        "    from tlcompile.data.datamodule import allow_worker_processes, load_data, process_map\n"
+        "    from tlcompile.data.degrade import measure_photos\n"
+        "    from tlcompile.recipe import validate_recipe_dict\n"
+        "    allow_worker_processes()\n"
+        "    quality.PHOTOS_FOR_TWO_PROCESSES = 0\n"
+        "    recipe = validate_recipe_dict({'name': 't', 'seed': 4, 'data': {'source': 'synthetic', "
+        "'num_images': 32, 'image_size': 32, 'split': {'val': 0.25, 'test': 0.25}}})\n"
+        "    data = load_data(recipe.data, seed=recipe.seed)\n"
+        "    both = quality.measure_splits(data, recipe, 2)\n"
+        "    one = {s: (quality.split_indices(data, recipe, s), *measure_photos((data.photo_source(), "
+        "quality.split_indices(data, recipe, s), recipe.seed + k, 2))) for k, s in enumerate(('val', 'test'))}\n"
+        "    pids = set(process_map(pid, [0, 1], workers=2))\n"
+        "    pickle.dump((both, one, pids, os.getpid()), open(sys.argv[1], 'wb'))\n"
+    )
+    out = tmp_path / "out.pkl"
+    env = {**os.environ, "TLCOMPILE_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    both, one, pids, parent = pickle.loads(out.read_bytes())
+    assert pids and parent not in pids  # the tasks ran in worker processes
+    for split in ("val", "test"):
+        (idx_a, measured_a, _), (idx_b, measured_b, _) = both[split], one[split]
+        assert np.array_equal(idx_a, idx_b) and len(measured_a) == 3 * len(idx_a) > 0
+        assert measured_a == measured_b

@@ -65,6 +65,25 @@ def preprocess_spec(cfg: DataConfig) -> PreprocessSpec:
     )
 
 
+@dataclass(frozen=True)
+class PhotoSource:
+    """Photo ``i`` of a data module as the camera gave it (:meth:`DataModule.photo`): the generated frame re-drawn
+    from the generator's arguments, or the source file decoded as predict decodes it."""
+
+    generator: dict[str, Any] | None
+    paths: tuple[str, ...]
+    draft_size: int | None
+
+    def __call__(self, i: int) -> np.ndarray:
+        if self.generator is not None:
+            from tlcompile.data import synthetic
+
+            return synthetic.generate_one(index=int(i), **self.generator)[0]
+        from tlcompile.runtime.preprocess import read_input
+
+        return read_input(self.paths[i], draft_size=self.draft_size)[0]
+
+
 @dataclass
 class DataModule:
     """Preprocessed images and labels with their split; arrays are aligned by index."""
@@ -120,13 +139,11 @@ class DataModule:
     def photo(self, i: int) -> np.ndarray:
         """Photo ``i`` as the camera gave it (uint8 RGB), before preprocessing: the source file decoded as predict
         decodes it, or the generated frame re-drawn (bit for bit: image i of the generator does not depend on n)."""
-        if self.generator is not None:
-            from tlcompile.data import synthetic
+        return self.photo_source()(i)
 
-            return synthetic.generate_one(index=int(i), **self.generator)[0]
-        from tlcompile.runtime.preprocess import read_input
-
-        return read_input(self.paths[i], draft_size=self.spec.draft_size)[0]
+    def photo_source(self) -> PhotoSource:
+        """:meth:`photo` without the data module's images: small and picklable, for another process."""
+        return PhotoSource(self.generator, tuple(self.paths), self.spec.draft_size)
 
     def counts(self) -> dict[str, dict[str, int]]:
         out = {}
@@ -519,6 +536,30 @@ _ALLOW_NEEDS_MAIN_GUARD = (
     'allow_worker_processes() was called outside `if __name__ == "__main__":`; the worker processes import the '
     "script that started them, so call it, and the script's own code, under that guard"
 )
+
+
+def process_map(fn: Callable[[Any], Any], tasks: list[Any], *, workers: int) -> list[Any]:
+    """``[fn(t) for t in tasks]``, across up to ``workers`` spawned processes (numpy's BLAS on one thread in each)
+    when :func:`allow_worker_processes` was called and there is more than one task and worker. ``fn`` and the tasks
+    must be picklable and ``fn`` deterministic: where no process pool can start, or a worker ends early (a script
+    without a main guard, the memory), the tasks run in this process instead, with the same results."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing import get_context
+
+    workers = min(workers, len(tasks))
+    if workers > 1 and _WORKER_PROCESSES["allowed"]:
+        try:
+            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        except (OSError, NotImplementedError):  # no process pools on this host (no /dev/shm)
+            pool = None
+        if pool is not None:
+            try:
+                with pool, _one_blas_thread():
+                    return list(pool.map(fn, tasks))
+            except BrokenProcessPool:
+                pass
+    return [fn(t) for t in tasks]
 
 
 def allow_worker_processes(allowed: bool = True) -> None:

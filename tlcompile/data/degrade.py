@@ -46,9 +46,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -56,6 +58,10 @@ from PIL import Image, ImageFilter
 from tlcompile.errors import DataError
 from tlcompile.io import atomic_write_text, atomic_write_with
 from tlcompile.runtime.preprocess import find_field
+from tlcompile.runtime.quality import measure, shrink
+
+if TYPE_CHECKING:
+    from tlcompile.data.datamodule import PhotoSource
 
 # kind -> ((level, gradable), ...): see the module docstring for why each level is on its side
 LEVELS: dict[str, tuple[tuple[float, bool], ...]] = {
@@ -243,3 +249,32 @@ def write_degraded(out_dir: str | Path, *, seed: int, per_image: int) -> Path:
     csv.writer(buffer, lineterminator="\n").writerows(lines)
     atomic_write_text(target, buffer.getvalue())  # last: a CSV means the images are there
     return target
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the stage keeps of one photo or copy: which photo (index into the data module), how it was degraded,
+    its label, and its measures (None: no field of view found). The image itself is dropped once measured."""
+
+    index: int
+    kind: str
+    level: float
+    gradable: bool
+    measures: dict[str, float] | None
+
+
+def measure_photos(task: tuple[PhotoSource, np.ndarray, int, int]) -> tuple[list[Measured], float]:
+    """The photos ``idx`` of ``photos`` (a :class:`~tlcompile.data.datamodule.PhotoSource`), each shrunk for the gate
+    and then its degraded copies (:func:`stream_copies` with ``seed`` and ``per_image``), streamed one photo at a time:
+    what was measured of each, and the mean seconds per measure. Picklable in and out (the quality stage runs val and
+    test in a process each)."""
+    photos, idx, seed, per_image = task
+    out: list[Measured] = []
+    seconds = 0.0
+    for c in stream_copies(len(idx), lambda k: shrink(photos(int(idx[k]))), seed=seed, per_image=per_image):
+        t0 = time.perf_counter()
+        found = find_field(c.image)
+        m = None if found is None else measure(c.image, found)
+        seconds += time.perf_counter() - t0
+        out.append(Measured(int(idx[c.index]), c.kind, c.level, c.gradable, m))
+    return out, seconds / max(1, len(out))
