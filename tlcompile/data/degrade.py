@@ -253,7 +253,7 @@ def write_degraded(out_dir: str | Path, *, seed: int, per_image: int) -> Path:
 
 @dataclass(frozen=True)
 class Measured:
-    """What the stage keeps of one photo or copy: which photo (index into the data module), how it was degraded,
+    """What the quality stage keeps of one photo or copy: which photo (index into the data module), how it was degraded,
     its label, and its measures (None: no field of view found). The image itself is dropped once measured."""
 
     index: int
