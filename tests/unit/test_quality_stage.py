@@ -208,18 +208,22 @@ def test_val_and_test_measured_in_two_processes_are_what_one_process_measures(tm
         "    recipe = validate_recipe_dict({'name': 't', 'seed': 4, 'data': {'source': 'synthetic', "
         "'num_images': 32, 'image_size': 32, 'split': {'val': 0.25, 'test': 0.25}}})\n"
         "    data = load_data(recipe.data, seed=recipe.seed)\n"
+        "    asked = []\n"  # the workers measure_splits asks process_map for
+        "    quality.process_map = lambda fn, tasks, workers: asked.append(workers) or process_map(fn, tasks, "
+        "workers=workers)\n"
         "    both = quality.measure_splits(data, recipe, 2)\n"
         "    one = {s: (quality.split_indices(data, recipe, s), *measure_photos((data.photo_source(), "
         "quality.split_indices(data, recipe, s), recipe.seed + k, 2))) for k, s in enumerate(('val', 'test'))}\n"
         "    pids = set(process_map(pid, [0, 1], workers=2))\n"
-        "    pickle.dump((both, one, pids, os.getpid()), open(sys.argv[1], 'wb'))\n"
+        "    pickle.dump((both, one, asked, pids, os.getpid()), open(sys.argv[1], 'wb'))\n"
     )
     out = tmp_path / "out.pkl"
     env = {**os.environ, "TLCOMPILE_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
-    both, one, pids, parent = pickle.loads(out.read_bytes())
-    assert pids and parent not in pids  # the tasks ran in worker processes
+    both, one, asked, pids, parent = pickle.loads(out.read_bytes())
+    assert asked == [2]  # val and test went to process_map with two workers ...
+    assert pids and parent not in pids  # ... which runs its tasks in worker processes
     for split in ("val", "test"):
         (idx_a, measured_a, _), (idx_b, measured_b, _) = both[split], one[split]
         assert np.array_equal(idx_a, idx_b) and len(measured_a) == 3 * len(idx_a) > 0
