@@ -167,17 +167,6 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _matchable(grad_output: torch.Tensor, input_: torch.Tensor) -> bool:
-    """Whether ``grad_output`` can be copied into ``input_``'s layout: same shape, dtype and device, and ``input_``
-    dense (``empty_like`` keeps a dense tensor's strides)."""
-    return (
-        grad_output.dtype == input_.dtype
-        and grad_output.shape == input_.shape
-        and grad_output.device == input_.device
-        and _dense(input_)
-    )
-
-
 def _ptr(t: torch.Tensor) -> Any:
     return ctypes.cast(t.data_ptr(), _F)
 
@@ -226,19 +215,18 @@ class FusedFunctions:
         return self.nncf_functions.get("Quantize_forward")(input_, input_low, input_range, levels)
 
     def backward(self, grad_output, input_, input_low, input_range, levels, level_low, level_high, is_asymmetric):
-        same_storage_order = (  # element k of one storage is element k of the other
+        same_kind = (
             grad_output.dtype == input_.dtype
             and grad_output.shape == input_.shape
             and grad_output.device == input_.device
-            and grad_output.stride() == input_.stride()
         )
-        if not same_storage_order and _matchable(grad_output, input_):
+        layout = self.fused.supported(input_, input_low, input_range) if same_kind else None
+        if layout is not None and grad_output.stride() != input_.stride():
             # The gradient in another dense layout than the input: a convolution's weight gradient comes channels-last
             # when its input is, a pooled activation's gradient comes back contiguous. One copy into the input's
-            # layout, then the fused pass (NNCF's own backward would make ~10 passes).
+            # layout (empty_like keeps a dense tensor's strides; supported() took only dense inputs), then the fused
+            # pass (NNCF's own backward would make ~10 passes).
             grad_output = torch.empty_like(input_).copy_(grad_output)
-            same_storage_order = True
-        layout = self.fused.supported(input_, input_low, input_range) if same_storage_order else None
         if layout is not None:
             return self.fused.q_backward(
                 layout,

@@ -871,7 +871,7 @@ def _artifacts_section(report: dict[str, Any]) -> ReportSection:
             "the torch model it was exported from.",
             *notes,
         ],
-        [ReportTable(list(ROW_COLUMNS), [artifact_cells(r) for r in report.get("artifacts", [])])],
+        [ReportTable(list(ROW_COLUMNS), [artifact_cells(r) for r in rows])],
     )
 
 
