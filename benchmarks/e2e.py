@@ -12,6 +12,7 @@ retina() upscaled onto a black 4:3 frame), through a bundle's own preprocessing 
   and their ratio (target >= 1.6 on 2 cores).
 
 It prints the CPU's ISA and the load average beside the figures: on a loaded machine compare ratios from one run.
+It also prints which crop-and-resize ran (``TLCOMPILE_FAST_RESIZE=0`` measures Pillow's on the same checkout).
 It runs on older checkouts too (then the backlog has one worker only), to measure before/after:
 
     PYTHONPATH=. .venv/bin/python benchmarks/e2e.py [--bundle BUNDLE] [--backlog 200] [--rounds 3]
@@ -68,6 +69,15 @@ def isa() -> str:
     except OSError:
         pass
     return f"{model or 'unknown CPU'}; {len(os.sched_getaffinity(0))} usable cores; ISA: {' '.join(found) or 'n/a'}"
+
+
+def resize_path() -> str:
+    """Which crop-and-resize the preprocessing runs: the compiled kernel, or Pillow and why (old checkouts: Pillow)."""
+    try:
+        from tlcompile.runtime import fast_resize
+    except ImportError:
+        return "Pillow (this checkout has no compiled kernel)"
+    return fast_resize.status()
 
 
 def load() -> str:
@@ -203,6 +213,7 @@ def main() -> None:
 
     print(f"CPU: {isa()}; numpy BLAS threads: OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}")
     print(f"bundle: {bundle_path} ({bundle.candidate_id}, {bundle.preprocessing.size} px input)")
+    print(f"crop and resize: {resize_path()}")
     print(f"images: {len(images)} distinct {width}x{height} JPEGs; load average before: {load()}")
     stages = per_photo(bundle, session, images, args.iterations)
     print(f"load average after per-photo timing: {load()}")

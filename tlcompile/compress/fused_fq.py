@@ -6,8 +6,8 @@ passes over every activation, 45% of a QAT step of the quickstart's MobileNetV3-
 element in one vectorized pass: forward outputs and input gradients bit-identical to NNCF's, the range gradients the
 same products summed in another order (tests/compress/test_fused_fq.py compares them).
 
-Plain C without torch headers, called through ctypes: compiled on first use (about a second; ``$CC`` or ``cc``) into
-``$XDG_CACHE_HOME/tlcompile`` (``~/.cache/tlcompile``), keyed by the source, the flags and the machine. Used for
+Plain C without torch headers, called through ctypes: compiled on first use (about a second) by
+:mod:`tlcompile.runtime.native`, into ``~/.cache/tlcompile``. Used for
 float32 tensors with one scale per tensor (any dense layout) or per channel along one dimension (contiguous);
 anything else, a machine without a C compiler, or ``TLCOMPILE_FUSED_FQ=0`` leaves NNCF's own functions in place.
 """
@@ -15,68 +15,23 @@ anything else, a machine without a C compiler, or ``TLCOMPILE_FUSED_FQ=0`` leave
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
-import platform
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tlcompile.runtime.cpuinfo import cpu_flags
+from tlcompile.runtime import native
 
 SOURCE = Path(__file__).with_name("fused_fq.c")
-
-
-def _x86_flags() -> list[str]:
-    """-mavx2 where the CPU has AVX2 (8 floats per instruction), else -msse4.1 where it has SSE4.1 (rounding in one
-    instruction, not a C library call per element): a CPU without them would stop on the instruction. The library's
-    cache key holds the flags, so CPUs that differ never share one."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
-    flags = cpu_flags()
-    return ["-mavx2"] if "avx2" in flags else ["-msse4.1"] if "sse4_1" in flags else []
-
-
 # No fused multiply-add: each float32 operation rounds as NNCF's separate ATen operations do (the vector width does
 # not change a result: the loops are element by element, and the partial sums are explicit lanes). OpenMP: the
 # process's own runtime (torch's libgomp.so.1 is loaded first and has the same name).
-_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11", *_x86_flags()]
+_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11", *native.x86_flags()]
 _STATE: dict[str, Any] = {"tried": False, "kernels": None, "error": None}
 _F = ctypes.POINTER(ctypes.c_float)
-
-
-def _library_path() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tlcompile"
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join([os.environ.get("CC", "cc"), *_FLAGS, platform.machine()]).encode()
-    ).hexdigest()[:16]
-    return cache / f"fused_fq-{key}.so"
-
-
-def _build(path: Path) -> None:
-    """Compile to a temporary name, then rename: processes building at once each end with a whole library."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [os.environ.get("CC", "cc"), *_FLAGS, str(SOURCE), "-o", tmp, "-lm"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError((done.stderr.strip().splitlines() or ["no output"])[-1])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class Kernels:
@@ -180,11 +135,8 @@ def load() -> Kernels | None:
     if not _STATE["tried"]:
         _STATE["tried"] = True
         try:
-            path = _library_path()
-            if not path.is_file():
-                _build(path)
-            _STATE["kernels"] = Kernels(ctypes.CDLL(str(path)))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # no compiler, a failed build: NNCF's
+            _STATE["kernels"] = Kernels(native.load_library(SOURCE, _FLAGS))
+        except native.BUILD_ERRORS as err:  # no compiler, a failed build: NNCF's
             _STATE["error"] = f"{type(err).__name__}: {err}"
     return _STATE["kernels"]
 

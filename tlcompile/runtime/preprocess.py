@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlcompile.errors import DataError
-from tlcompile.runtime import dicom
+from tlcompile.runtime import dicom, fast_resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -631,7 +631,10 @@ def prepare_with_field(image: np.ndarray | str | Path, spec: PreprocessSpec) -> 
     h, w = rgb.shape[:2]
     found = find_field(rgb, spec.fov_threshold, spec.version)
     top, left, side = _square_window(h, w, found, spec.crop_fov)
-    out = resize(crop_square(rgb, top, left, side), spec.size)
+    # One compiled pass with Pillow's arithmetic where it is built (tlcompile.runtime.fast_resize), else Pillow.
+    out = fast_resize.crop_resize(rgb, top, left, side, spec.size)
+    if out is None:
+        out = resize(crop_square(rgb, top, left, side), spec.size)
     if spec.ben_graham or spec.circular_mask is not None:
         # The field in output pixels: the fitted circle (or the inscribed one when none was found), cut to the part of
         # the square that came from the frame (the black fill beyond a clipped edge is not fundus).
