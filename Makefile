@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import sys; from tlcompile.compress import fused_fq; sys.exit(fused_fq.load() is None)" >/dev/null 2>&1 \
 	|| echo "tlcompile's fused fake-quantization kernel was not built here (no C compiler?): quantization-aware" \
 	"training will use NNCF's slower functions"
-	@# The preprocessing's crop and resize (tlcompile/runtime/fast_resize.c, Pillow's bytes): likewise.
-	$(PY) -c "import sys; from tlcompile.runtime import fast_resize; sys.exit(fast_resize._function() is None)" \
-	>/dev/null 2>&1 || echo "tlcompile's resize kernel was not built here (no C compiler?): preprocessing will" \
-	"resize with Pillow (the same pixels, slower)"
+	@# The preprocessing's field search, crop and resize (tlcompile/runtime/fast_preprocess.c, the same results): likewise.
+	$(PY) -c "import sys; from tlcompile.runtime import fast_preprocess as f; sys.exit(f._library() is None)" \
+	>/dev/null 2>&1 || echo "tlcompile's preprocessing kernels were not built here (no C compiler?): predict and" \
+	"training will preprocess with numpy and Pillow (the same pixels, slower)"
 	touch $(STAMP)
 
 quickstart: $(STAMP)

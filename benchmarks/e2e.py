@@ -12,7 +12,7 @@ retina() upscaled onto a black 4:3 frame), through a bundle's own preprocessing 
   and their ratio (target >= 1.6 on 2 cores).
 
 It prints the CPU's ISA and the load average beside the figures: on a loaded machine compare ratios from one run.
-It also prints which crop-and-resize ran (``TLCOMPILE_FAST_RESIZE=0`` measures Pillow's on the same checkout).
+It also prints which crop-and-resize ran (``TLCOMPILE_FAST_PREPROCESS=0`` measures Pillow's on the same checkout).
 It runs on older checkouts too (then the backlog has one worker only), to measure before/after:
 
     PYTHONPATH=. .venv/bin/python benchmarks/e2e.py [--bundle BUNDLE] [--backlog 200] [--rounds 3]
@@ -74,10 +74,10 @@ def isa() -> str:
 def resize_path() -> str:
     """Which crop-and-resize the preprocessing runs: the compiled kernel, or Pillow and why (old checkouts: Pillow)."""
     try:
-        from tlcompile.runtime import fast_resize
+        from tlcompile.runtime import fast_preprocess
     except ImportError:
         return "Pillow (this checkout has no compiled kernel)"
-    return fast_resize.status()
+    return fast_preprocess.status()
 
 
 def load() -> str:

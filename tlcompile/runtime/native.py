@@ -1,5 +1,5 @@
 """Small C kernels shipped as source and compiled on first use (torch-free): the fused fake quantization of QAT
-(``tlcompile/compress/fused_fq.c``) and the preprocessing's resize (``tlcompile/runtime/fast_resize.c``).
+(``tlcompile/compress/fused_fq.c``) and the preprocessing's resize (``tlcompile/runtime/fast_preprocess.c``).
 
 Plain C called through ctypes, compiled with ``$CC`` (else ``cc``) into ``$XDG_CACHE_HOME/tlcompile``
 (``~/.cache/tlcompile``), keyed by the source, the compiler, the flags and the machine, so a changed source, another

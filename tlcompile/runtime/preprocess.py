@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlcompile.errors import DataError
-from tlcompile.runtime import dicom, fast_resize
+from tlcompile.runtime import dicom, fast_preprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -371,9 +371,14 @@ def find_field(rgb: np.ndarray, threshold: float = 0.12, version: int = PREPROCE
     h, w = rgb.shape[:2]
     # Camera-size images are fitted on a strided grid: sub-pixel accuracy is not needed for a crop.
     step = max(1, min(h, w) // 512)
-    small = luminance(rgb[::step, ::step])  # the same pixels as striding the full luminance, at 1/step^2 the work
+    # The luminance and its histogram in one compiled pass where it runs (tlcompile.runtime.fast_preprocess).
+    compiled = fast_preprocess.luminance_histogram(rgb, step)
+    if compiled is not None:
+        small, counts = compiled
+    else:
+        small = luminance(rgb[::step, ::step])  # the same pixels as striding the full luminance, at 1/step^2 the work
+        counts = histogram(small)
     hs, ws = small.shape
-    counts = histogram(small)
     black, bright = _levels(small, counts)
     if bright < 8:  # an all-black (or nearly) frame
         return None
@@ -381,32 +386,30 @@ def find_field(rgb: np.ndarray, threshold: float = 0.12, version: int = PREPROCE
     if field_level is None:
         field_level = bright
     cut = max(6.0, black + 4.0, black + threshold * (field_level - black))
-    # A whole number exceeds cut exactly when it exceeds floor(cut): compared as uint8 (no float64 per pixel).
-    mask = small > np.uint8(min(255, math.floor(cut))) if small.dtype == np.uint8 else small > cut
     # Rows/columns where a meaningful run of the field is present (ignores isolated hot pixels and thin text).
     min_run = max(2, int(0.02 * min(hs, ws)))
-    # Counted (and indexed, below) in uint16 when no count or index can overflow it: 4x less memory traffic than
-    # summing bools into int64.
-    counter = np.uint16 if max(hs, ws) < 1 << 16 else np.int64
-    rows = np.flatnonzero(mask.view(np.uint8).sum(axis=1, dtype=counter) >= min_run)
-    cols = np.flatnonzero(mask.view(np.uint8).sum(axis=0, dtype=counter) >= min_run)
+    # Each row's and column's count of field pixels (and first and last one) in one compiled pass where it runs, else
+    # numpy's. A whole number exceeds cut exactly when it exceeds floor(cut): compared as uint8 (no float64 per pixel).
+    lines = fast_preprocess.field_lines(small, min(255, math.floor(cut))) if small.dtype == np.uint8 else None
+    if lines is None:
+        mask = small > np.uint8(min(255, math.floor(cut))) if small.dtype == np.uint8 else small > cut
+        # Counted (and indexed, below) in uint16 when no count or index can overflow it: 4x less memory traffic than
+        # summing bools into int64.
+        counter = np.uint16 if max(hs, ws) < 1 << 16 else np.int64
+        row_count, col_count = (mask.view(np.uint8).sum(axis=axis, dtype=counter) for axis in (1, 0))
+    else:
+        row_count, row_first, row_last, col_count, col_first, col_last = lines
+    rows = np.flatnonzero(row_count >= min_run)
+    cols = np.flatnonzero(col_count >= min_run)
     if rows.size == 0 or cols.size == 0:
         return None
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     if (bottom - top) * (right - left) < 0.03 * small.size:
         return None
-
-    # Edge points half a pixel outside the first/last field pixel (where the step from black is), in full-size pixels.
-    # Every selected row/column holds a field pixel, so the first is argmax of the mask and the last the largest
-    # index the mask keeps: the max of mask * index. (argmax over a reversed view walks memory backwards: 0.7 ms a
-    # side on a 500x375 draft; the product and max 0.1 ms.) Down the columns, argmax strides across rows (0.05 ms);
-    # the first is the largest mask * (hs - index) taken from hs, whose maximum runs along rows (0.025 ms).
-    row_mask = _take_lines(mask, rows, axis=0)
-    col_mask = _take_lines(mask, cols, axis=1).view(np.uint8)
-    first_x = row_mask.argmax(axis=1)
-    first_y = hs - (col_mask * np.arange(hs, 0, -1, dtype=counter)[:, None]).max(axis=0).astype(np.intp)
-    last_x = (row_mask.view(np.uint8) * np.arange(ws, dtype=counter)).max(axis=1)
-    last_y = (col_mask * np.arange(hs, dtype=counter)[:, None]).max(axis=0)
+    if lines is None:
+        first_x, last_x, first_y, last_y = _edges(mask, rows, cols, counter)
+    else:
+        first_x, last_x, first_y, last_y = row_first[rows], row_last[rows], col_first[cols], col_last[cols]
     # The points of each kind whose edge is inside the frame, in one selection: first and last of the rows, then of
     # the columns.
     inside = np.concatenate([first_x > 0, last_x < ws - 1, first_y > 0, last_y < hs - 1])
@@ -429,6 +432,23 @@ def find_field(rgb: np.ndarray, threshold: float = 0.12, version: int = PREPROCE
     # The bounding box: its longer side is the diameter (a field clipped top and bottom keeps its full width).
     t, b, lft, rgt = top * step, min(h, bottom * step), left * step, min(w, right * step)
     return FieldOfView(cx=(lft + rgt - 1) / 2, cy=(t + b - 1) / 2, radius=max(b - t, rgt - lft) / 2, fitted=False)
+
+
+def _edges(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, counter: type) -> tuple[np.ndarray, ...]:
+    """The first and last field pixel of each of these rows, then of each of these columns, in numpy (find_field's
+    path where the compiled pass does not run). Every selected row/column holds a field pixel, so the first is argmax
+    of the mask and the last the largest index the mask keeps: the max of mask * index. (argmax over a reversed view
+    walks memory backwards: 0.7 ms a side on a 500x375 draft; the product and max 0.1 ms.) Down the columns, argmax
+    strides across rows (0.05 ms); the first is the largest mask * (hs - index) taken from hs, whose maximum runs
+    along rows (0.025 ms)."""
+    hs, ws = mask.shape
+    row_mask = _take_lines(mask, rows, axis=0)
+    col_mask = _take_lines(mask, cols, axis=1).view(np.uint8)
+    first_x = row_mask.argmax(axis=1)
+    first_y = hs - (col_mask * np.arange(hs, 0, -1, dtype=counter)[:, None]).max(axis=0).astype(np.intp)
+    last_x = (row_mask.view(np.uint8) * np.arange(ws, dtype=counter)).max(axis=1)
+    last_y = (col_mask * np.arange(hs, dtype=counter)[:, None]).max(axis=0)
+    return first_x, last_x, first_y, last_y
 
 
 def _take_lines(mask: np.ndarray, lines: np.ndarray, axis: int) -> np.ndarray:
@@ -631,8 +651,8 @@ def prepare_with_field(image: np.ndarray | str | Path, spec: PreprocessSpec) -> 
     h, w = rgb.shape[:2]
     found = find_field(rgb, spec.fov_threshold, spec.version)
     top, left, side = _square_window(h, w, found, spec.crop_fov)
-    # One compiled pass with Pillow's arithmetic where it is built (tlcompile.runtime.fast_resize), else Pillow.
-    out = fast_resize.crop_resize(rgb, top, left, side, spec.size)
+    # One compiled pass with Pillow's arithmetic where it is built (tlcompile.runtime.fast_preprocess), else Pillow.
+    out = fast_preprocess.crop_resize(rgb, top, left, side, spec.size)
     if out is None:
         out = resize(crop_square(rgb, top, left, side), spec.size)
     if spec.ben_graham or spec.circular_mask is not None:

@@ -171,3 +171,53 @@ done:
     free(vfirst), free(vcount), free(vkk), free(hfirst), free(hcount), free(hkk), free(temp);
     return status;
 }
+
+/* ------------------------------------------------------------------------------------------------ field of view */
+/* find_field's first pass: the luminance max(R, G, B) of every step-th pixel of every step-th row of the frame
+ * (h x w x 3, C order) into lum (hs x ws, hs = ceil(h / step), ws = ceil(w / step)), and its 256-bin histogram. */
+void tl_luminance_histogram(const uint8_t *frame, int64_t h, int64_t w, int64_t step, uint8_t *lum, int64_t *hist) {
+    const int64_t hs = (h + step - 1) / step, ws = (w + step - 1) / step;
+    int64_t counts[4][256]; /* four tables, so that runs of one value (the black surround) do not wait on one counter */
+    memset(counts, 0, sizeof(counts));
+    for (int64_t ys = 0; ys < hs; ys++) {
+        const uint8_t *src = frame + ys * step * w * 3;
+        uint8_t *dst = lum + ys * ws;
+        for (int64_t xs = 0; xs < ws; xs++) {
+            const uint8_t *p = src + xs * step * 3;
+            const uint8_t rg = p[0] > p[1] ? p[0] : p[1];
+            dst[xs] = rg > p[2] ? rg : p[2];
+        }
+        int64_t xs = 0;
+        for (; xs + 4 <= ws; xs += 4) {
+            counts[0][dst[xs]]++, counts[1][dst[xs + 1]]++, counts[2][dst[xs + 2]]++, counts[3][dst[xs + 3]]++;
+        }
+        for (; xs < ws; xs++) counts[0][dst[xs]]++;
+    }
+    for (int v = 0; v < 256; v++) hist[v] = counts[0][v] + counts[1][v] + counts[2][v] + counts[3][v];
+}
+
+/* find_field's second pass over the luminance (hs x ws): the field is lum > cut. For every row, how many field pixels
+ * it has, and the first and last of them (-1 where none); the same for every column. Branch-free over each row, so
+ * the column updates vectorize. */
+void tl_field_lines(const uint8_t *lum, int64_t hs, int64_t ws, int64_t cut, int32_t *row_count, int32_t *row_first,
+                    int32_t *row_last, int32_t *col_count, int32_t *col_first, int32_t *col_last) {
+    for (int64_t x = 0; x < ws; x++) col_count[x] = 0, col_first[x] = -1, col_last[x] = -1;
+    for (int64_t y = 0; y < hs; y++) {
+        const uint8_t *row = lum + y * ws;
+        const int32_t yy = (int32_t)y;
+        int32_t count = 0;
+        for (int64_t x = 0; x < ws; x++) {
+            const int32_t m = row[x] > cut;
+            count += m;
+            col_count[x] += m;
+            col_first[x] = m && col_first[x] < 0 ? yy : col_first[x];
+            col_last[x] = m ? yy : col_last[x];
+        }
+        int64_t first = 0, last = ws - 1;
+        if (count) {
+            while (row[first] <= cut) first++;
+            while (row[last] <= cut) last--;
+        }
+        row_count[y] = count, row_first[y] = count ? (int32_t)first : -1, row_last[y] = count ? (int32_t)last : -1;
+    }
+}
