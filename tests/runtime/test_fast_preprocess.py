@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcompile.runtime import fast_preprocess, preprocess
+from tlcompile.runtime import fast_preprocess, preprocess, screen
 from tlcompile.runtime.preprocess import PreprocessSpec
 
 
@@ -114,6 +114,59 @@ def test_find_field_is_the_same_float_for_float_with_the_kernels_and_without(ker
     without = [preprocess.find_field(f, 0.12, version) for f in frames]
     assert with_kernels == without  # dataclass equality: every float the same
     assert sum(f is not None and f.fitted for f in with_kernels) >= 20  # the fit itself was reached, not only None
+
+
+def test_the_fundus_check_kernels_give_numpys_counts_histograms_and_sums(kernel):
+    rng = np.random.default_rng(3)
+    for frame in _frames(200, seed=4):
+        h, w = frame.shape[:2]
+        small, step = screen._grid(frame)
+        hs, ws = small.shape[:2]
+        if min(hs, ws) > 16:  # damage_reason's repeat count (a flat block pasted in so that some pixels repeat)
+            frame[: h // 2, : w // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+            small = frame[::step, ::step]
+            p = screen.REPEAT_PERIOD
+            centre = small[: hs - p, : ws - p]
+            repeated = (
+                (centre == small[: hs - p, p:]).all(axis=2)
+                & (centre == small[p:, : ws - p]).all(axis=2)
+                & (small.max(axis=2)[: hs - p, : ws - p] >= 30)
+            )
+            assert fast_preprocess.repeated_count(frame, step, p, 30) == np.count_nonzero(repeated)
+        # not_fundus_reason's statistics, for circles anywhere (some through the exact-hypot band: a radius whose
+        # square is a grid pixel's squared distance)
+        cx, cy = rng.uniform(-0.2, 1.2) * w, rng.uniform(-0.2, 1.2) * h
+        radius = float(np.hypot(round(cx / step) * step - cx + 3 * step, round(cy / step) * step - cy))
+        for r_in, r_out in ((0.95 * radius, 1.05 * radius), (radius, radius * 1.0000000001)):
+            n_in, n_out, lum_in, lum_out, sums = fast_preprocess.field_statistics(frame, step, cx, cy, r_in, r_out)
+            yy, xx = np.ogrid[:hs, :ws]
+            dx, dy = xx * step - cx, yy * step - cy
+            d2 = dy * dy + dx * dx
+            inside = screen._within(d2, dx, dy, r_in, inner=True)
+            outside = screen._within(d2, dx, dy, r_out, inner=False)
+            lum = small.max(axis=2)
+            assert (n_in, n_out) == (np.count_nonzero(inside), np.count_nonzero(outside))
+            np.testing.assert_array_equal(lum_in, np.bincount(lum[inside], minlength=256))
+            np.testing.assert_array_equal(lum_out, np.bincount(lum[outside], minlength=256))
+            assert sums == small[inside].astype(np.int64).sum(axis=0).tolist()
+
+
+def test_the_fundus_checks_decide_the_same_with_the_kernels_and_without(kernel, monkeypatch):
+    frames = list(_frames(120, seed=5))
+    fields = [preprocess.find_field(f) for f in frames]
+    rng = np.random.default_rng(6)
+    for frame in frames[::4]:  # JPEG-like damage: a repeated block over part of the frame
+        h, w = frame.shape[:2]
+        frame[h // 3 :, : w // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+
+    def decisions():
+        pairs = zip(frames, fields, strict=True)
+        return [(screen.damage_reason(f), screen.not_fundus_reason(f, found)) for f, found in pairs]
+
+    with_kernels = decisions()
+    monkeypatch.setenv("TLCOMPILE_FAST_PREPROCESS", "0")
+    assert with_kernels == decisions()
+    assert any(d for d, _ in with_kernels) and any(n for _, n in with_kernels)  # both checks fired somewhere
 
 
 def _retina_frame() -> np.ndarray:

@@ -221,3 +221,67 @@ void tl_field_lines(const uint8_t *lum, int64_t hs, int64_t ws, int64_t cut, int
         row_count[y] = count, row_first[y] = count ? (int32_t)first : -1, row_last[y] = count ? (int32_t)last : -1;
     }
 }
+
+/* ---------------------------------------------------------------------------------------------- fundus checks */
+/* damage_reason's count over the grid of every step-th pixel (hs x ws, as find_field's): the pixels (y < hs - period,
+ * x < ws - period) equal in all three channels to the pixels period to their right and period below, with
+ * max(R, G, B) >= min_bright. */
+int64_t tl_repeated(const uint8_t *frame, int64_t h, int64_t w, int64_t step, int64_t period, int64_t min_bright) {
+    const int64_t hs = (h + step - 1) / step, ws = (w + step - 1) / step;
+    const int64_t row = w * 3 * step, right = period * step * 3, down = period * row;
+    int64_t count = 0;
+    for (int64_t y = 0; y < hs - period; y++) {
+        const uint8_t *p = frame + y * row;
+        int64_t n = 0;
+        for (int64_t x = 0; x < ws - period; x++, p += step * 3) {
+            const int same = p[0] == p[right] && p[1] == p[right + 1] && p[2] == p[right + 2] && p[0] == p[down] &&
+                             p[1] == p[down + 1] && p[2] == p[down + 2];
+            const uint8_t rg = p[0] > p[1] ? p[0] : p[1], lum = rg > p[2] ? rg : p[2];
+            n += same && lum >= min_bright;
+        }
+        count += n;
+    }
+    return count;
+}
+
+/* Which side of the circle of radius r around (cx, cy) the grid pixel at (dx, dy) from the centre is on, as
+ * screen._within decides: from the squared distance where a relative 1e-9 cannot change the answer, else from
+ * hypot (the C library's, which numpy's np.hypot calls too). */
+static int within(double d2, double dx, double dy, double r, int inner) {
+    const double r2 = r * r, low = r2 * (1 - 1e-9), high = r2 * (1 + 1e-9);
+    if (d2 > low && d2 < high) return inner ? hypot(dx, dy) <= r : hypot(dx, dy) >= r;
+    return inner ? d2 <= low : d2 >= high;
+}
+
+/* not_fundus_reason's statistics over the grid: the pixels within r_in of the field's centre (cx, cy) and those at
+ * least r_out from it (distances as numpy computes them: dx = x * step - cx, dy = y * step - cy,
+ * d2 = dy * dy + dx * dx); their counts (counts[0] inside, counts[1] outside), the 256-bin histograms of max(R, G, B)
+ * inside and outside, and the sums of R, G and B inside. */
+void tl_field_statistics(const uint8_t *frame, int64_t h, int64_t w, int64_t step, double cx, double cy, double r_in,
+                         double r_out, int64_t *counts, int64_t *lum_inside, int64_t *lum_outside, int64_t *sums) {
+    const int64_t hs = (h + step - 1) / step, ws = (w + step - 1) / step;
+    /* Four tables each, by column modulo 4, so that runs of one value (the black surround) do not wait on one
+     * counter; summed at the end. */
+    int64_t in_tables[4][256], out_tables[4][256], n_in = 0, n_out = 0, r = 0, g = 0, b = 0;
+    memset(in_tables, 0, sizeof(in_tables));
+    memset(out_tables, 0, sizeof(out_tables));
+    for (int64_t y = 0; y < hs; y++) {
+        const double dy = (double)(y * step) - cy;
+        const uint8_t *p = frame + y * step * w * 3;
+        for (int64_t x = 0; x < ws; x++, p += step * 3) {
+            const double dx = (double)(x * step) - cx;
+            const double d2 = dy * dy + dx * dx;
+            const uint8_t rg = p[0] > p[1] ? p[0] : p[1], lum = rg > p[2] ? rg : p[2];
+            if (within(d2, dx, dy, r_in, 1)) {
+                n_in++, in_tables[x & 3][lum]++;
+                r += p[0], g += p[1], b += p[2];
+            }
+            if (within(d2, dx, dy, r_out, 0)) n_out++, out_tables[x & 3][lum]++;
+        }
+    }
+    for (int v = 0; v < 256; v++) {
+        lum_inside[v] = in_tables[0][v] + in_tables[1][v] + in_tables[2][v] + in_tables[3][v];
+        lum_outside[v] = out_tables[0][v] + out_tables[1][v] + out_tables[2][v] + out_tables[3][v];
+    }
+    counts[0] = n_in, counts[1] = n_out, sums[0] = r, sums[1] = g, sums[2] = b;
+}

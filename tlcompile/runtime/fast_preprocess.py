@@ -49,6 +49,8 @@ def _library() -> Any:
                 ("tl_resize_bilinear", ctypes.c_int, [_P, *[_I64] * 8, _P]),
                 ("tl_luminance_histogram", None, [_P, _I64, _I64, _I64, _P, _P]),
                 ("tl_field_lines", None, [_P, _I64, _I64, _I64, *[_P] * 6]),
+                ("tl_repeated", _I64, [_P, *[_I64] * 5]),
+                ("tl_field_statistics", None, [_P, _I64, _I64, _I64, *[ctypes.c_double] * 4, *[_P] * 4]),
             ):
                 getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
             _STATE["library"] = lib
@@ -91,6 +93,36 @@ def field_lines(lum: np.ndarray, cut: int) -> tuple[np.ndarray, ...] | None:
     out = [np.empty(n, dtype=np.int32) for n in (hs, hs, hs, ws, ws, ws)]
     lib.tl_field_lines(lum.ctypes.data, hs, ws, int(cut), *(a.ctypes.data for a in out))
     return tuple(out)
+
+
+def repeated_count(rgb: np.ndarray, step: int, period: int, min_bright: int) -> int | None:
+    """:func:`tlcompile.runtime.screen.damage_reason`'s count on the grid ``rgb[::step, ::step]``: its pixels equal in
+    all channels to the ones ``period`` to the right and ``period`` below, with max(R, G, B) >= ``min_bright``; None
+    where the kernel does not run."""
+    lib = _library()
+    if lib is None or not _frame(rgb):
+        return None
+    h, w = rgb.shape[:2]
+    return int(lib.tl_repeated(rgb.ctypes.data, h, w, step, period, min_bright))
+
+
+def field_statistics(
+    rgb: np.ndarray, step: int, cx: float, cy: float, r_in: float, r_out: float
+) -> tuple[int, int, np.ndarray, np.ndarray, list[int]] | None:
+    """:func:`tlcompile.runtime.screen.not_fundus_reason`'s statistics on the grid ``rgb[::step, ::step]``: the counts
+    of pixels within ``r_in`` of (cx, cy) and at least ``r_out`` from it (decided as ``screen._within`` does), the
+    histograms of max(R, G, B) of each, and the sums of R, G and B inside; None where the kernel does not run."""
+    lib = _library()
+    if lib is None or not _frame(rgb):
+        return None
+    h, w = rgb.shape[:2]
+    counts, sums = np.zeros(2, dtype=np.int64), np.zeros(3, dtype=np.int64)
+    inside, outside = np.zeros(256, dtype=np.int64), np.zeros(256, dtype=np.int64)
+    lib.tl_field_statistics(
+        rgb.ctypes.data, h, w, step, cx, cy, r_in, r_out, counts.ctypes.data, inside.ctypes.data,
+        outside.ctypes.data, sums.ctypes.data,
+    )  # fmt: skip
+    return int(counts[0]), int(counts[1]), inside, outside, sums.tolist()
 
 
 def takes(side: int, size: int) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tlcompile.runtime import fast_preprocess
 from tlcompile.runtime.preprocess import (
     FieldOfView,
     histogram,
@@ -86,19 +87,23 @@ def _within(d2: np.ndarray, dx: np.ndarray, dy: np.ndarray, radius: float, *, in
 
 def damage_reason(rgb: np.ndarray) -> str | None:
     """Why the decoded image looks damaged (a large flat block of one colour), or None."""
-    small, _ = _grid(np.asarray(rgb))
+    small, step = _grid(np.asarray(rgb))
     p = REPEAT_PERIOD
     if small.ndim != 3 or min(small.shape[:2]) < 4 * p:
         return None
     h, w = small.shape[:2]
-    centre = small[: h - p, : w - p]
-    # The luminance of the whole draft, then the window: a contiguous image takes luminance's fast path, a window not.
-    repeated = (
-        _same(centre, small[: h - p, p:])
-        & _same(centre, small[p:, : w - p])
-        & (luminance(small)[: h - p, : w - p] >= FLAT_MIN_BRIGHTNESS)
-    )
-    fraction = float(np.count_nonzero(repeated)) / (h * w)
+    count = fast_preprocess.repeated_count(np.asarray(rgb), step, p, FLAT_MIN_BRIGHTNESS)  # one compiled pass
+    if count is None:
+        centre = small[: h - p, : w - p]
+        # The luminance of the whole draft, then the window: a contiguous image takes luminance's fast path, a window
+        # not.
+        repeated = (
+            _same(centre, small[: h - p, p:])
+            & _same(centre, small[p:, : w - p])
+            & (luminance(small)[: h - p, : w - p] >= FLAT_MIN_BRIGHTNESS)
+        )
+        count = int(np.count_nonzero(repeated))
+    fraction = float(count) / (h * w)
     if fraction <= MAX_FLAT_FRACTION:
         return None
     return (
@@ -115,15 +120,36 @@ def not_fundus_reason(rgb: np.ndarray, found: FieldOfView | None) -> str | None:
     rgb = np.asarray(rgb)
     small, step = _grid(rgb)
     h, w = small.shape[:2]
+    r_in, r_out = 0.95 * found.radius, 1.05 * found.radius
+    stats = fast_preprocess.field_statistics(rgb, step, found.cx, found.cy, r_in, r_out)  # one compiled pass
+    if stats is None:
+        return _not_fundus_numpy(small, step, found, r_in, r_out)
+    n_inside, n_outside, lum_inside, lum_outside, sums = stats
+    if n_inside < 16:
+        return None
+    surrounded = found.fitted and n_outside / (h * w) >= MIN_SURROUND_FRACTION
+    if surrounded:
+        surround = percentile_of_histogram(lum_outside, 90)
+        limit = max(SURROUND_DARK[0], SURROUND_DARK[1] * (median_of_histogram(lum_inside) or 0.0))
+        if surround > limit:
+            return _not_dark(surround, limit)
+    # Sums of uint8 values are exact in any order: the same mean as numpy's, bit for bit.
+    r, g, b = (float(total) / n_inside for total in sums)
+    return _colour_reason(r, g, b, surrounded)
+
+
+def _not_fundus_numpy(small: np.ndarray, step: int, found: FieldOfView, r_in: float, r_out: float) -> str | None:
+    """:func:`not_fundus_reason` in numpy, where the compiled pass does not run."""
+    h, w = small.shape[:2]
     # The same distances as np.hypot over a full np.mgrid (what decided before), without the h x w hypot: see _within.
     yy, xx = np.ogrid[:h, :w]
     dx, dy = xx * step - found.cx, yy * step - found.cy
     d2 = dy * dy + dx * dx
-    inside = _within(d2, dx, dy, 0.95 * found.radius, inner=True)
+    inside = _within(d2, dx, dy, r_in, inner=True)
     n_inside = np.count_nonzero(inside)
     if n_inside < 16:
         return None
-    outside = _within(d2, dx, dy, 1.05 * found.radius, inner=False)
+    outside = _within(d2, dx, dy, r_out, inner=False)
     surrounded = found.fitted and np.count_nonzero(outside) / outside.size >= MIN_SURROUND_FRACTION
     exact = small.dtype == np.uint8 and small.ndim == 3 and small.shape[2] == 3  # else numpy's own statistics
     if surrounded:
@@ -135,10 +161,7 @@ def not_fundus_reason(rgb: np.ndarray, found: FieldOfView | None) -> str | None:
             surround = float(np.percentile(lum[outside], 90))
             limit = max(SURROUND_DARK[0], SURROUND_DARK[1] * float(np.median(lum[inside])))
         if surround > limit:
-            return (
-                f"not a fundus photograph: the area around the round field is not dark (brightness {surround:.0f}, "
-                f"limit {limit:.0f}); retake or refer"
-            )
+            return _not_dark(surround, limit)
     if exact:
         # Sums of uint8 values are exact in any order, so integer sums per channel give the mean bit for bit (numpy
         # sums in float64, exactly, then divides by the count, as here): from the field's masked histogram of each
@@ -147,6 +170,18 @@ def not_fundus_reason(rgb: np.ndarray, found: FieldOfView | None) -> str | None:
         r, g, b = (float(total) / n_inside for total in (counts @ np.arange(256, dtype=np.int64)).tolist())
     else:
         r, g, b = small[inside].astype(np.float64).mean(axis=0)
+    return _colour_reason(r, g, b, surrounded)
+
+
+def _not_dark(surround: float, limit: float) -> str:
+    return (
+        f"not a fundus photograph: the area around the round field is not dark (brightness {surround:.0f}, "
+        f"limit {limit:.0f}); retake or refer"
+    )
+
+
+def _colour_reason(r: float, g: float, b: float, surrounded: bool) -> str | None:
+    """Why the field's mean colour is not a colour fundus photograph's (or a monochrome red-free one's), or None."""
     blue_limit = MAX_BLUE_PER_RED[0] if surrounded else MAX_BLUE_PER_RED[1]
     if max(r, g, b) - min(r, g, b) >= MONOCHROME_CHROMA and (r < MIN_RED_PER_GREEN * g or r < b or b > blue_limit * r):
         return (
