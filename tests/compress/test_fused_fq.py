@@ -168,8 +168,8 @@ def test_without_a_c_compiler_nncfs_own_functions_stay(functions, tmp_path, monk
     nncf_functions, _ = functions
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    for key, value in {"tried": False, "kernels": None, "error": None}.items():
-        monkeypatch.setitem(fused_fq._STATE, key, value)
+    for key, value in {"tried": False, "value": None, "error": None}.items():
+        monkeypatch.setattr(fused_fq._LIBRARY, key, value)
     monkeypatch.setattr(quantize_functions, "QuantizedFunctionsCPU", nncf_functions)
     assert fused_fq.load() is None and "no-such-cc" in fused_fq.error()
     assert not fused_fq.install() and quantize_functions.QuantizedFunctionsCPU is nncf_functions

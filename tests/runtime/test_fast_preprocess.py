@@ -199,8 +199,8 @@ def test_prepare_image_is_the_same_with_the_kernel_and_with_pillow(kernel, spec,
 def test_without_a_c_compiler_pillow_resizes_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    for key, value in {"tried": False, "library": None, "error": None}.items():
-        monkeypatch.setitem(fast_preprocess._STATE, key, value)
+    for key, value in {"tried": False, "value": None, "error": None}.items():
+        monkeypatch.setattr(fast_preprocess.LIBRARY, key, value)
     frame = _retina_frame()
     assert fast_preprocess.crop_resize(frame, 0, 62, 375, 112) is None
     assert fast_preprocess.status().startswith("numpy and Pillow (") and "no-such-cc" in fast_preprocess.status()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ SOURCE = Path(__file__).with_name("fused_fq.c")
 # not change a result: the loops are element by element, and the partial sums are explicit lanes). OpenMP: the
 # process's own runtime (torch's libgomp.so.1 is loaded first and has the same name).
 _FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11", *native.x86_flags()]
-_STATE: dict[str, Any] = {"tried": False, "kernels": None, "error": None}
 _F = ctypes.POINTER(ctypes.c_float)
 
 
@@ -126,24 +124,18 @@ def _ptr(t: torch.Tensor) -> Any:
     return ctypes.cast(t.data_ptr(), _F)
 
 
+_LIBRARY = native.Compiled(SOURCE, _FLAGS, "TLCOMPILE_FUSED_FQ", Kernels)
+
+
 def load() -> Kernels | None:
     """The kernels (compiled on first use, then from the cache), or None where they cannot be built or
     ``TLCOMPILE_FUSED_FQ=0``; :func:`error` then says why."""
-    if os.environ.get("TLCOMPILE_FUSED_FQ", "1") == "0":
-        _STATE["error"] = "TLCOMPILE_FUSED_FQ=0"
-        return None
-    if not _STATE["tried"]:
-        _STATE["tried"] = True
-        try:
-            _STATE["kernels"] = Kernels(native.load_library(SOURCE, _FLAGS))
-        except native.BUILD_ERRORS as err:  # no compiler, a failed build: NNCF's
-            _STATE["error"] = f"{type(err).__name__}: {err}"
-    return _STATE["kernels"]
+    return _LIBRARY.get()
 
 
 def error() -> str | None:
     """Why :func:`load` gave None (None when it did not, or was not called)."""
-    return _STATE["error"]
+    return _LIBRARY.error
 
 
 class FusedFunctions:

@@ -18,9 +18,7 @@ Pillow run as before; :func:`status` says which path runs and why.
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,39 +27,33 @@ from tlcompile.runtime import native
 SOURCE = Path(__file__).with_name("fast_preprocess.c")
 # No fused multiply-add: the filter taps' double arithmetic rounds operation by operation, as Pillow's.
 _FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11", *native.x86_flags()]
-_STATE: dict[str, Any] = {"tried": False, "library": None, "error": None}
 # Pillow's resize(..., reducing_gap=2.0) shrinks by a whole factor first (Image.reduce) where the square is at least
 # this many times the output: another arithmetic, left to Pillow.
 REDUCING_GAP = 2.0
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
-def _library() -> Any:
-    """The compiled kernels, or None where they cannot be built or ``TLCOMPILE_FAST_PREPROCESS=0``."""
-    if os.environ.get("TLCOMPILE_FAST_PREPROCESS", "1") == "0":
-        _STATE["error"] = "TLCOMPILE_FAST_PREPROCESS=0"
-        return None
-    if not _STATE["tried"]:
-        _STATE["tried"] = True
-        try:
-            lib = native.load_library(SOURCE, _FLAGS)
-            for name, restype, argtypes in (
-                ("tl_resize_bilinear", ctypes.c_int, [_P, *[_I64] * 8, _P]),
-                ("tl_luminance_histogram", None, [_P, _I64, _I64, _I64, _P, _P]),
-                ("tl_field_lines", None, [_P, _I64, _I64, _I64, *[_P] * 6]),
-                ("tl_repeated", _I64, [_P, *[_I64] * 5]),
-                ("tl_field_statistics", None, [_P, _I64, _I64, _I64, *[ctypes.c_double] * 4, *[_P] * 4]),
-            ):
-                getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
-            _STATE["library"] = lib
-        except native.BUILD_ERRORS as err:
-            _STATE["error"] = f"{type(err).__name__}: {err}"
-    return _STATE["library"]
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The kernels' argument and result types, so that ctypes converts Python ints and floats exactly."""
+    for name, restype, argtypes in (
+        ("tl_resize_bilinear", ctypes.c_int, [_P, *[_I64] * 8, _P]),
+        ("tl_luminance_histogram", None, [_P, _I64, _I64, _I64, _P, _P]),
+        ("tl_field_lines", None, [_P, _I64, _I64, _I64, *[_P] * 6]),
+        ("tl_repeated", _I64, [_P, *[_I64] * 5]),
+        ("tl_field_statistics", None, [_P, _I64, _I64, _I64, *[ctypes.c_double] * 4, *[_P] * 4]),
+    ):
+        getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
+    return lib
+
+
+#: The compiled kernels: None where they cannot be built or ``TLCOMPILE_FAST_PREPROCESS=0`` (``LIBRARY.error``: why).
+LIBRARY = native.Compiled(SOURCE, _FLAGS, "TLCOMPILE_FAST_PREPROCESS", _declare)
+_library = LIBRARY.get
 
 
 def status() -> str:
     """Which preprocessing loops run here, in words (for benchmarks)."""
-    return "compiled kernels (fast_preprocess.c)" if _library() is not None else f"numpy and Pillow ({_STATE['error']})"
+    return "compiled kernels (fast_preprocess.c)" if _library() is not None else f"numpy and Pillow ({LIBRARY.error})"
 
 
 def _frame(rgb: np.ndarray) -> bool:

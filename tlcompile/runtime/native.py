@@ -16,9 +16,13 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from tlcompile.runtime.cpuinfo import cpu_flags
+
+T = TypeVar("T")
 
 #: What a failed build or load raises (no compiler, a compile error, a cache that cannot be written).
 BUILD_ERRORS = (OSError, RuntimeError, subprocess.SubprocessError)
@@ -69,3 +73,25 @@ def load_library(source: Path, flags: list[str]) -> ctypes.CDLL:
     if not path.is_file():
         _build(source, flags, path)
     return ctypes.CDLL(str(path))
+
+
+class Compiled(Generic[T]):
+    """A C source compiled and loaded once per process, then handed to ``setup`` (which declares its functions' types):
+    :meth:`get` gives what ``setup`` made, or None where the library cannot be built or the environment variable
+    ``switch`` is 0, and :attr:`error` then says why."""
+
+    def __init__(self, source: Path, flags: list[str], switch: str, setup: Callable[[ctypes.CDLL], T]) -> None:
+        self.source, self.flags, self.switch, self.setup = source, flags, switch, setup
+        self.tried, self.value, self.error = False, None, None
+
+    def get(self) -> T | None:
+        if os.environ.get(self.switch, "1") == "0":
+            self.error = f"{self.switch}=0"
+            return None
+        if not self.tried:
+            self.tried = True
+            try:
+                self.value = self.setup(load_library(self.source, self.flags))
+            except BUILD_ERRORS as err:  # no compiler, a failed build, a cache that cannot be written
+                self.error = f"{type(err).__name__}: {err}"
+        return self.value
