@@ -1,7 +1,9 @@
-/* Pillow's bilinear resize of a uint8 RGB image (Image.resize(size, Image.BILINEAR) with no reducing step), the same
- * arithmetic to the last bit, vectorized: see tlcompile/runtime/resize.py.
+/* The preprocessing's hot loops in C, each with the arithmetic of the numpy or Pillow code it replaces (see
+ * tlcompile/runtime/fast_preprocess.py): Pillow's bilinear resize, find_field's passes over the frame and the fundus
+ * checks' counts.
  *
- * Pillow (src/libImaging/Resample.c) computes each output's filter taps in double precision, rounds them to 22-bit
+ * The resize: Pillow's Image.resize(size, Image.BILINEAR) of a uint8 RGB square with no reducing step, the same
+ * arithmetic to the last bit, vectorized. Pillow (src/libImaging/Resample.c) computes each output's filter taps in double precision, rounds them to 22-bit
  * fixed point, and resizes in two passes, horizontal then vertical, each output channel an int32 sum rounded to
  * uint8. Its horizontal pass runs over each row's pixels a few taps at a time, which the compiler cannot vectorize
  * (two thirds of its time for a 371 -> 112 px square). Here the rows are taken STRIP at a time and copied transposed

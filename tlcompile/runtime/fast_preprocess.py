@@ -2,13 +2,14 @@
 
 :func:`tlcompile.runtime.preprocess.prepare_image` finds the field of view (luminance, its histogram, each row's and
 column's first and last field pixel, then a circle fit) and crops and resizes a square around it with Pillow's
-bilinear filter. On a camera JPEG decoded at 1/8 scale (500x375, a 371 px square to 112 px) on a 2-core AVX-512 AMD
-EPYC, the search took ~0.3 ms in numpy calls and the crop and Pillow's resize (whose horizontal pass does not
-vectorize) ~0.7 ms, of 2.1 ms of preprocessing against a 12 ms decode. ``fast_preprocess.c`` does the search's passes
-in two loops and reads the square straight from the decoded frame, computing Pillow's own fixed-point resize sums,
-vectorized. Everything is whole-number arithmetic computed exactly as before: the same field, the same bytes
-(tests/runtime/test_fast_preprocess.py holds each kernel to the code it replaces on thousands of random cases), so
-nothing validated changes and ``PREPROCESS_VERSION`` stays.
+bilinear filter; :mod:`tlcompile.runtime.screen` then checks the photo for damage and for a fundus-like field. On a
+camera JPEG decoded at 1/8 scale (500x375, a 371 px square to 112 px) on a 2-core AVX-512 AMD EPYC, the search took
+~0.3 ms in numpy calls, the crop and Pillow's resize (whose horizontal pass does not vectorize) ~0.7 ms and the checks
+~2 ms, against a 12 ms decode. ``fast_preprocess.c`` does the search's passes in two loops, reads the square straight
+from the decoded frame computing Pillow's own fixed-point resize sums, vectorized, and gathers each check's counts in
+one pass. Everything is whole-number arithmetic (and the checks' distances numpy's float64 operations) computed as
+before: the same field, bytes and verdicts (tests/runtime/test_fast_preprocess.py holds each kernel to the code it
+replaces on thousands of random cases), so nothing validated changes and ``PREPROCESS_VERSION`` stays.
 
 Compiled on first use by :mod:`tlcompile.runtime.native` (``make quickstart`` builds it at install). Where it cannot
 be built (no C compiler on the box), for inputs it does not take, or with ``TLCOMPILE_FAST_PREPROCESS=0``, numpy and

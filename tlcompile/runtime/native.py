@@ -1,5 +1,6 @@
 """Small C kernels shipped as source and compiled on first use (torch-free): the fused fake quantization of QAT
-(``tlcompile/compress/fused_fq.c``) and the preprocessing's resize (``tlcompile/runtime/fast_preprocess.c``).
+(``tlcompile/compress/fused_fq.c``) and the preprocessing's field search, resize and fundus checks
+(``tlcompile/runtime/fast_preprocess.c``).
 
 Plain C called through ctypes, compiled with ``$CC`` (else ``cc``) into ``$XDG_CACHE_HOME/tlcompile``
 (``~/.cache/tlcompile``), keyed by the source, the compiler, the flags and the machine, so a changed source, another
@@ -85,6 +86,8 @@ class Compiled(Generic[T]):
         self.tried, self.value, self.error = False, None, None
 
     def get(self) -> T | None:
+        # Not locked: a thread that asks while another is still compiling gets None for that call and runs the code
+        # the kernel replaces, which gives the same results.
         if os.environ.get(self.switch, "1") == "0":
             self.error = f"{self.switch}=0"
             return None
