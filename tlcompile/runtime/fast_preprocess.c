@@ -3,13 +3,14 @@
  * checks' counts.
  *
  * The resize: Pillow's Image.resize(size, Image.BILINEAR) of a uint8 RGB square with no reducing step, the same
- * arithmetic to the last bit, vectorized. Pillow (src/libImaging/Resample.c) computes each output's filter taps in double precision, rounds them to 22-bit
- * fixed point, and resizes in two passes, horizontal then vertical, each output channel an int32 sum rounded to
- * uint8. Its horizontal pass runs over each row's pixels a few taps at a time, which the compiler cannot vectorize
- * (two thirds of its time for a 371 -> 112 px square). Here the rows are taken STRIP at a time and copied transposed
- * into a small buffer (pixel x of the strip's rows side by side, as R, G, B and one spare lane), so each output of the
- * horizontal pass is a sum over a few taps of STRIP * 4 contiguous lanes, which vectorizes; the vertical pass sums
- * whole rows. Every output is the same integer sum as Pillow's (integer addition does not depend on its order).
+ * arithmetic to the last bit, vectorized. Pillow (src/libImaging/Resample.c) computes each output's filter taps in
+ * double precision, rounds them to 22-bit fixed point, and resizes in two passes, horizontal then vertical, each
+ * output channel an int32 sum rounded to uint8. Its horizontal pass runs over each row's pixels a few taps at a time,
+ * which the compiler cannot vectorize (two thirds of its time for a 371 -> 112 px square). Here the rows are taken
+ * STRIP at a time and copied transposed into a small buffer (pixel x of the strip's rows side by side, as R, G, B and
+ * one spare lane), so each output of the horizontal pass is a sum over a few taps of STRIP * 4 contiguous lanes, which
+ * vectorizes; the vertical pass sums whole rows. Every output is the same integer sum as Pillow's (integer addition
+ * does not depend on its order).
  *
  * Compiled without fused multiply-add (-ffp-contract=off): the taps' double arithmetic rounds operation by operation,
  * as Pillow's does.
