@@ -390,6 +390,9 @@ def bench(
             + f"): {noise}",
         )
     )
+    preprocessing = sorted({r["e2e"]["preprocessing"] for r in rows if "preprocessing" in (r.get("e2e") or {})})
+    if preprocessing:
+        console.print(f"e2e preprocessing here: {'; '.join(preprocessing)}")
     if out is not None:
         append_results(out, result)
         console.print(f"appended {len(result['rows'])} rows to {out}")

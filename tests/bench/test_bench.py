@@ -53,7 +53,10 @@ TORCH_BLOCKED = (
 
 
 def test_bench_runs_without_torch(tiny_build, tmp_path):
+    from tlcompile.benchdata import synthetic_camera_images
+
     out = tmp_path / "results.json"
+    (photo,) = synthetic_camera_images(tmp_path / "photos", count=1, width=800, height=600)
     proc = subprocess.run(
         [
             sys.executable,
@@ -73,12 +76,15 @@ def test_bench_runs_without_torch(tiny_build, tmp_path):
             "1000",
             "--out",
             str(out),
+            "--e2e-image",
+            str(photo),
         ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
+    assert "e2e preprocessing here: " in proc.stdout  # compiled loops, or numpy and Pillow and why
     runs = read_results(out)["runs"]
     rows = runs[0]["rows"]
     # 1 artifact x 2 runtimes x 2 thread counts x 2 batch sizes
@@ -137,6 +143,7 @@ def test_accuracy_through_runtime_with_data(tiny_build):
 
 def test_end_to_end_on_camera_size_jpeg(tiny_build, tmp_path):
     from tlcompile.benchdata import synthetic_camera_images
+    from tlcompile.runtime import fast_preprocess
 
     images = synthetic_camera_images(tmp_path, count=1, width=800, height=600)
     rows = run_bench(
@@ -145,6 +152,7 @@ def test_end_to_end_on_camera_size_jpeg(tiny_build, tmp_path):
     e2e = rows[0]["e2e"]
     assert e2e["image_size"] == [800, 600]
     assert e2e["total_ms"] >= e2e["infer_ms"] > 0 and e2e["decode_ms"] > 0
+    assert e2e["preprocessing"] == fast_preprocess.status()  # which loops ran: compiled, or numpy and Pillow and why
 
 
 def test_pareto_front():
