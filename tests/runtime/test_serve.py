@@ -83,8 +83,10 @@ def test_kill_and_restart_loses_nothing_and_redoes_nothing(tiny_build, tmp_path,
     (a write the kill interrupted) is left behind. The restarted service decides exactly batch B."""
     staging, watch, out = tmp_path / "staging", tmp_path / "camera", tmp_path / "records"
     watch.mkdir()
-    good, bad = fundus_images(staging, 18), corrupt_images(staging)
-    batch_a, batch_b = good[:9] + bad[:1], good[9:] + bad[1:]
+    good, (truncated, garbage) = fundus_images(staging, 18), corrupt_images(staging)
+    # The cut-off PNG goes in batch B: it is retried (3 times, each after the file settles again), and under batch A's
+    # 3 s settle those retries alone took 9 s.
+    batch_a, batch_b = good[:9] + [garbage], good[9:] + [truncated]
     for path in batch_a:
         os.replace(path, watch / path.name)  # a rename: the camera's file appears whole
     command = [
