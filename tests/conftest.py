@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Tiny models gain nothing from a second thread, and OpenMP threads that busy-wait stall badly when the two
 # cores are shared (other jobs, CI neighbours). Builds read this through runtime.inference.default_threads().
@@ -18,6 +21,7 @@ except ImportError:  # the runtime-only install has no torch
 import pytest
 import yaml
 
+from tests.once import made_once
 from tlcompile.runtime import pinning
 
 # The build's and verify's candidate bench measures each round for at least 0.2 s, so that a clinic box's choice is
@@ -53,3 +57,50 @@ def write_recipe(tmp_path):
         return path
 
     return _write
+
+
+@dataclass
+class TinyBuild:
+    out_dir: Path
+    report: dict[str, Any]
+    recipe: Any
+
+    @property
+    def bundle(self) -> Path:
+        return self.out_dir / "bundle"
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory) -> TinyBuild:
+    """A tiny build (120 synthetic images at 48 px, cbr_small, 1 epoch; fp32 in ONNX and OpenVINO IR) with its bundle,
+    built once per test run (a build takes ~15 s on 2 cores; the runtime and bench tests share it)."""
+    from rich.console import Console
+
+    from tlcompile.build import build
+    from tlcompile.recipe import validate_recipe_dict
+
+    recipe = validate_recipe_dict(
+        {
+            "name": "tiny-bundle",
+            "seed": 0,
+            "data": {"source": "synthetic", "num_images": 120, "image_size": 48, "split": {"val": 0.2, "test": 0.25}},
+            "model": {"arch": "cbr_small"},
+            # A small learning rate keeps the 1-epoch model's probabilities off 0 and 1, so golden samples with a
+            # decision margin exist (a saturated model would put every case on the threshold).
+            "train": {"epochs": 1, "batch_size": 32, "lr": 0.0003},
+            "export": {"formats": ["onnx", "openvino"], "parity_images": 16},
+            "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 3},
+            "evaluate": {"bootstrap_resamples": 200},
+            # Heatmaps for the report's examples and a pointing game on 6 referable images (~4 s for all of them).
+            "bundle": {"golden_samples": 6, "explain_images": 6},
+            # At 48 px (a field radius of ~28 px) no focus measure tells blur from sharp, and the golden frames are
+            # 2x enlargements: the gate's focus limit is fixed off here; its other limits are calibrated as usual.
+            "quality": {"limits": {"focus": 0.0}},
+        }
+    )
+
+    def make(folder: Path) -> TinyBuild:
+        result = build(recipe, folder / "build", console=Console(file=io.StringIO(), width=200))
+        return TinyBuild(out_dir=folder / "build", report=result.report, recipe=recipe)
+
+    return made_once(tmp_path_factory, "tiny-build", make)

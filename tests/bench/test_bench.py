@@ -22,27 +22,11 @@ from tlcompile.runtime.bench import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory):
-    from rich.console import Console as _Console
-
-    from tlcompile.build import build
-    from tlcompile.recipe import validate_recipe_dict
-
-    recipe = validate_recipe_dict(
-        {
-            "name": "benchtiny",
-            "data": {"num_images": 80, "image_size": 32, "split": {"val": 0.25, "test": 0.25}},
-            "model": {"arch": "cbr_small"},
-            "train": {"epochs": 1},
-            "export": {"parity_images": 8},
-            "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 2},
-            "bundle": {"explain_images": 0},  # the bench reads the bundle's models, not its heatmaps
-        }
-    )
-    out = tmp_path_factory.mktemp("bench") / "build"
-    build(recipe, out, console=_Console(quiet=True))
-    return out
+@pytest.fixture
+def tiny_build(tiny_build):
+    """The folder of the tiny build the runtime tests share (tests/conftest.py): fp32 in ONNX and OpenVINO IR, and a
+    bundle with both. Tests here read it and never write into it."""
+    return tiny_build.out_dir
 
 
 # Block torch before tlcompile is imported, as on an edge box where only `pip install tlcompile` ran.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.once import made_once
 from tlcompile.evaluate.clinical import CI_LEVEL, CI_METHODS, add_clinical_to_rows, lock_operating_point
 from tlcompile.evaluate.metrics import classification_metrics
 
@@ -224,7 +226,8 @@ def transfer_rows():
 
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory):
-    """A tiny real build (onnxruntime and torch rows, temperature scaling, an endpoint, no bundle): (folder, report)."""
+    """A tiny real build (onnxruntime and torch rows, temperature scaling, an endpoint, no bundle): (folder, report),
+    made once per test run (tests copy the folder before they change it)."""
     from rich.console import Console
 
     from tlcompile.build import build
@@ -247,6 +250,9 @@ def tiny_build(tmp_path_factory):
         },
         "bundle": {"enabled": False},
     }
-    out = tmp_path_factory.mktemp("build") / "b"
-    result = build(validate_recipe_dict(recipe), out, console=Console(quiet=True))
-    return out, result.report
+
+    def make(folder: Path) -> tuple[Path, dict]:
+        result = build(validate_recipe_dict(recipe), folder / "b", console=Console(quiet=True))
+        return folder / "b", result.report
+
+    return made_once(tmp_path_factory, "report-tiny-build", make)

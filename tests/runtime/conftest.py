@@ -1,11 +1,10 @@
-"""One tiny build shared by the bundle, predict and serve tests (a build takes ~20 s on 2 cores; one is enough)."""
+"""Helpers of the bundle, predict and serve tests; their shared tiny build (``tiny_build``) is in tests/conftest.py."""
 
 from __future__ import annotations
 
 import io
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,56 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.once import made_once
-
 # The [train] extras: a test's subprocess makes them unimportable to prove the runtime half needs none of them.
 TRAIN_ONLY_MODULES = ("torch", "torchvision", "nncf", "torch_pruning", "onnx", "onnxscript", "sklearn", "matplotlib")
-
-
-@dataclass
-class TinyBuild:
-    out_dir: Path
-    report: dict[str, Any]
-    recipe: Any
-
-    @property
-    def bundle(self) -> Path:
-        return self.out_dir / "bundle"
-
-
-@pytest.fixture(scope="session")
-def tiny_build(tmp_path_factory) -> TinyBuild:
-    """A tiny build (120 synthetic images at 48 px, cbr_small, 1 epoch) with its bundle, built once per session."""
-    from rich.console import Console
-
-    from tlcompile.build import build
-    from tlcompile.recipe import validate_recipe_dict
-
-    recipe = validate_recipe_dict(
-        {
-            "name": "tiny-bundle",
-            "seed": 0,
-            "data": {"source": "synthetic", "num_images": 120, "image_size": 48, "split": {"val": 0.2, "test": 0.25}},
-            "model": {"arch": "cbr_small"},
-            # A small learning rate keeps the 1-epoch model's probabilities off 0 and 1, so golden samples with a
-            # decision margin exist (a saturated model would put every case on the threshold).
-            "train": {"epochs": 1, "batch_size": 32, "lr": 0.0003},
-            "export": {"formats": ["onnx", "openvino"], "parity_images": 16},
-            "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 3},
-            "evaluate": {"bootstrap_resamples": 200},
-            # Heatmaps for the report's examples and a pointing game on 6 referable images (~4 s for all of them).
-            "bundle": {"golden_samples": 6, "explain_images": 6},
-            # At 48 px (a field radius of ~28 px) no focus measure tells blur from sharp, and the golden frames are
-            # 2x enlargements: the gate's focus limit is fixed off here; its other limits are calibrated as usual.
-            "quality": {"limits": {"focus": 0.0}},
-        }
-    )
-
-    def make(folder: Path) -> TinyBuild:
-        result = build(recipe, folder / "build", console=Console(file=io.StringIO(), width=200))
-        return TinyBuild(out_dir=folder / "build", report=result.report, recipe=recipe)
-
-    return made_once(tmp_path_factory, "tiny-build", make)
 
 
 @pytest.fixture
