@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tlcompile.runtime import pinning
+
 # The [train] extras: a test's subprocess makes them unimportable to prove the runtime half needs none of them.
 TRAIN_ONLY_MODULES = ("torch", "torchvision", "nncf", "torch_pruning", "onnx", "onnxscript", "sklearn", "matplotlib")
 
@@ -70,7 +72,11 @@ def _run_cli(*args: str, block_train_modules: bool = False, timeout: float = 120
     import subprocess
 
     prelude = _BLOCK_TRAIN_MODULES.format(blocked=TRAIN_ONLY_MODULES) if block_train_modules else ""
-    code = prelude + "from tlcompile.cli import main\nmain()\n"
+    # verify's candidate bench with the short rounds tests/conftest.py gives the in-process tests (~2 s a verify less)
+    rounds = (
+        f"from tlcompile.runtime import pinning\npinning.DEFAULT_ROUND_SECONDS = {pinning.DEFAULT_ROUND_SECONDS!r}\n"
+    )
+    code = prelude + rounds + "from tlcompile.cli import main\nmain()\n"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
 
 
