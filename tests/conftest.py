@@ -11,12 +11,6 @@ from typing import Any
 # Tiny models gain nothing from a second thread, and OpenMP threads that busy-wait stall badly when the two
 # cores are shared (other jobs, CI neighbours). Builds read this through runtime.inference.default_threads().
 os.environ.setdefault("TLCOMPILE_NUM_THREADS", "1")
-try:
-    import torch
-
-    torch.set_num_threads(1)
-except ImportError:  # the runtime-only install has no torch
-    pass
 
 import pytest
 import yaml
@@ -28,6 +22,19 @@ from tlcompile.runtime import pinning
 # not decided by noise: ~2 s per bundle, ~30 s over the suite. The tests check what is chosen and recorded, not how
 # steady the figures are, so their rounds stop after the iterations asked for (at least 20 ms).
 pinning.DEFAULT_ROUND_SECONDS = 0.02
+
+
+def pytest_configure(config) -> None:
+    """torch on one thread in each process that runs tests. pytest-xdist's controller runs none: it skips importing
+    torch (~2.5 s of a core while the workers start)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    try:
+        import torch
+    except ImportError:  # the runtime-only install has no torch
+        return
+    torch.set_num_threads(1)
+
 
 REPO = Path(__file__).resolve().parents[1]
 
