@@ -390,7 +390,7 @@ def bench(
             + f"): {noise}",
         )
     )
-    preprocessing = sorted({r["e2e"]["preprocessing"] for r in rows if "preprocessing" in (r.get("e2e") or {})})
+    preprocessing = sorted({r["e2e"]["preprocessing"] for r in rows if r.get("e2e")})  # every e2e row says which
     if preprocessing:
         console.print(f"e2e preprocessing here: {'; '.join(preprocessing)}")
     if out is not None:
