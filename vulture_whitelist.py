@@ -3,7 +3,7 @@
 vulture reads ``paths`` in pyproject.toml's [tool.vulture], this file included: a name written here counts as used.
 """
 
-from tlcompile import recipe
+from tlcompile import compat, recipe
 from tlcompile.data import checks, degrade, synthetic
 from tlcompile.models import zoo
 from tlcompile.report import quality as report_quality
@@ -33,6 +33,10 @@ _.intra_op_num_threads
 _.inter_op_num_threads
 _.graph_optimization_level
 _.log_severity_level
+
+# openvino-telemetry's singleton (compat.decline_vendor_telemetry): set here, read by the library before a send.
+_ = compat
+_.consent
 
 # Public helpers the package offers beside the ones it calls itself (each has its own tests).
 synthetic.sample_grades  # the generator's grades without rendering a single image

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from tlcompile.compat import decline_vendor_telemetry
 from tlcompile.errors import CompressionError, missing_dependency
 from tlcompile.models import get_model
 from tlcompile.models.registry import TlModel
@@ -285,6 +286,7 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
 
 # ------------------------------------------------------------------------------------------- magnitude (NNCF)
 def magnitude_mode(scope: str):
+    decline_vendor_telemetry()  # before NNCF is imported, as in quantize.import_nncf
     import nncf
 
     return (
@@ -306,6 +308,7 @@ def start_magnitude_pruning(model: TlModel, cfg: PruneConfig, example_input: tor
     The scheduler's ``step(epoch)`` raises the sparsity along :func:`magnitude_schedule`. The classifier is kept
     dense (its few weights decide between the classes).
     """
+    decline_vendor_telemetry()  # before NNCF is imported, as in quantize.import_nncf
     import nncf
 
     try:

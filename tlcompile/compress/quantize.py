@@ -31,6 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from tlcompile.checkpoint import load_state, save_state
+from tlcompile.compat import decline_vendor_telemetry
 from tlcompile.errors import CompressionError, missing_dependency
 from tlcompile.io import atomic_write_json
 from tlcompile.models.registry import TlModel
@@ -58,6 +59,7 @@ def import_nncf():
     setting of NNCF_EXTENSION_LOAD_TIMEOUT wins.
     """
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
+    decline_vendor_telemetry()  # NNCF's usage events (Google Analytics): a build of patient images sends nothing
     try:
         import nncf
         import nncf.torch  # noqa: F401

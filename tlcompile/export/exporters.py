@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tlcompile.compat import import_openvino
 from tlcompile.errors import ExportError
 from tlcompile.io import atomic_path
 from tlcompile.runtime.backends import backend
@@ -52,7 +53,7 @@ def export_onnx(
 def export_openvino(model: nn.Module | Path, path: Path, *, image_size: int) -> Path:
     """Write OpenVINO IR ``path`` (.xml + .bin) from a torch module or an ONNX file; weights stay FP32 on disk."""
     try:
-        import openvino as ov
+        ov = import_openvino()
     except ImportError as err:
         raise ExportError("OpenVINO export needs the 'openvino' package") from err
     try:

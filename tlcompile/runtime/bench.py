@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from tlcompile.compat import import_openvino
 from tlcompile.errors import TlcompileError
 from tlcompile.evaluate.metrics import classification_metrics
 from tlcompile.io import atomic_write_json
@@ -175,7 +176,7 @@ def _input_size(target: BenchTarget) -> int:
     if target.spec is not None:
         return target.spec.size
     # A bare model file: read the input's spatial size from the model itself.
-    import openvino as ov
+    ov = import_openvino()
 
     shape = ov.Core().read_model(str(target.path)).inputs[0].get_partial_shape()
     dims = [d.get_length() if d.is_static else None for d in shape]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from tlcompile.compat import import_openvino
 from tlcompile.errors import RuntimeBackendError, missing_dependency
 from tlcompile.runtime.backends import FILE_RUNTIMES, RUNTIMES, backend, backend_for_format, format_of
 from tlcompile.runtime.safefiles import check_onnx_external_data
@@ -77,7 +78,7 @@ class OpenVINOSession:
 
     def __post_init__(self) -> None:
         try:
-            import openvino as ov
+            ov = import_openvino()
         except ImportError as err:
             raise missing_dependency("openvino", None, err) from err
         if self.precision not in _OV_PRECISION:
@@ -193,7 +194,7 @@ class OpenVINOSession:
         """Images/s with as many parallel requests as the device asks for (use with hint='THROUGHPUT')."""
         import time
 
-        import openvino as ov
+        ov = import_openvino()
 
         jobs = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         queue = ov.AsyncInferQueue(self._compiled, jobs)

@@ -61,8 +61,9 @@ def run_emulated(cpu: str, reference: Path, models: list[Path], *, timeout: floa
 
 def visible_isa() -> list[str]:
     """What this process's CPUID says: /proc/cpuinfo shows the host even under qemu, so ask the runtime instead."""
-    import openvino as ov
+    from tlcompile.compat import import_openvino
 
+    ov = import_openvino()
     caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     return sorted(str(c) for c in caps)
 
