@@ -75,6 +75,7 @@ def _run_cli(*args: str, block_train_modules: bool = False, timeout: float = 120
     # verify's candidate bench with the short rounds tests/conftest.py gives the in-process tests (~2 s a verify less)
     rounds = (
         f"from tlcompile.runtime import pinning\npinning.DEFAULT_ROUND_SECONDS = {pinning.DEFAULT_ROUND_SECONDS!r}\n"
+        f"pinning.DEFAULT_ITERATIONS = {pinning.DEFAULT_ITERATIONS!r}\n"
     )
     code = prelude + rounds + "from tlcompile.cli import main\nmain()\n"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)

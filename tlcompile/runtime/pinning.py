@@ -47,12 +47,13 @@ def bench_interleaved(
     runs: dict[str, Callable[[], Any]],
     *,
     rounds: int = DEFAULT_ROUNDS,
-    iterations: int = DEFAULT_ITERATIONS,
+    iterations: int | None = None,
     warmup: int = 5,
     min_seconds: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """p50 / p90 (median over rounds) and their spread over ``rounds`` interleaved rounds of at least ``iterations``
-    calls and ``min_seconds`` (None: ``DEFAULT_ROUND_SECONDS``, read at call time) each."""
+    calls and ``min_seconds`` (None: ``DEFAULT_ITERATIONS`` and ``DEFAULT_ROUND_SECONDS``, read at call time) each."""
+    iterations = DEFAULT_ITERATIONS if iterations is None else iterations
     min_seconds = DEFAULT_ROUND_SECONDS if min_seconds is None else min_seconds
     per_round: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for run in runs.values():  # first call and warm-up once, outside the rounds
