@@ -82,6 +82,15 @@ def _run_cli(*args: str, block_train_modules: bool = False, timeout: float = 120
 
 
 @pytest.fixture
+def quick_retries(monkeypatch):
+    """serve retries a file that looks cut off after it stays unchanged RETRY_MIN_WAIT s again (0.5 s, three times):
+    1.5 s of waiting per such file for the tests that only count the retries and records (--settle 0 everywhere)."""
+    from tlcompile.runtime import serve
+
+    monkeypatch.setattr(serve, "RETRY_MIN_WAIT", 0.05)
+
+
+@pytest.fixture
 def fundus_images():
     return _write_fundus_images
 

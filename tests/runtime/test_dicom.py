@@ -78,7 +78,7 @@ def test_predict_dicom_folder_without_torch(bundle_copy, tmp_path, run_cli):
     assert PATIENT_ID not in out_csv.read_text()  # the CSV keeps its columns; the patient goes to records and FHIR
 
 
-def test_serve_records_carry_the_dicom_fields_but_the_log_does_not(tiny_build, tmp_path):
+def test_serve_records_carry_the_dicom_fields_but_the_log_does_not(tiny_build, tmp_path, quick_retries):
     from tlcompile.runtime.serve import serve
 
     watch = tmp_path / "camera"

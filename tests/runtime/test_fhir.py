@@ -88,7 +88,8 @@ class _FlakyFhirServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # shutdown() waits for serve_forever's next poll: 0.5 s by default, every server of every test
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -99,7 +100,7 @@ class _FlakyFhirServer:
         self.httpd.server_close()
 
 
-def test_serve_fhir_url_delivers_each_record_exactly_once_after_failures(tiny_build, tmp_path):
+def test_serve_fhir_url_delivers_each_record_exactly_once_after_failures(tiny_build, tmp_path, quick_retries):
     from tlcompile.runtime.serve import serve
 
     watch = tmp_path / "camera"
@@ -128,7 +129,7 @@ def test_serve_fhir_url_delivers_each_record_exactly_once_after_failures(tiny_bu
         assert len(server.received) == 3
 
 
-def test_outbox_keeps_what_the_server_refused_and_sends_it_next_run(tiny_build, tmp_path):
+def test_outbox_keeps_what_the_server_refused_and_sends_it_next_run(tiny_build, tmp_path, quick_retries):
     from tlcompile.runtime.serve import serve
 
     watch = tmp_path / "camera"

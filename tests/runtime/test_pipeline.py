@@ -93,7 +93,9 @@ def _decisions(out: Path) -> dict[str, tuple]:
     return decided
 
 
-def test_serve_with_workers_writes_the_same_records_once(tiny_build, tmp_path, fundus_images, corrupt_images):
+def test_serve_with_workers_writes_the_same_records_once(
+    tiny_build, tmp_path, fundus_images, corrupt_images, quick_retries
+):
     watch = tmp_path / "camera"
     fundus_images(watch, 12)
     corrupt_images(watch)

@@ -37,7 +37,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_serve_once_twenty_images_two_corrupt(tiny_build, tmp_path, fundus_images, corrupt_images):
+def test_serve_once_twenty_images_two_corrupt(tiny_build, tmp_path, fundus_images, corrupt_images, quick_retries):
     watch = tmp_path / "camera"
     good = fundus_images(watch, 18)
     bad = corrupt_images(watch)
@@ -85,7 +85,8 @@ def test_kill_and_restart_loses_nothing_and_redoes_nothing(tiny_build, tmp_path,
     watch.mkdir()
     good, (truncated, garbage) = fundus_images(staging, 18), corrupt_images(staging)
     # The cut-off PNG goes in batch B: it is retried (3 times, each after the file settles again), and under batch A's
-    # 3 s settle those retries alone took 9 s.
+    # settle those retries alone took 3 x its seconds. Batch A's 1.5 s settle leaves the kill (milliseconds after
+    # batch B's renames, asserted below) far inside it.
     batch_a, batch_b = good[:9] + [garbage], good[9:] + [truncated]
     for path in batch_a:
         os.replace(path, watch / path.name)  # a rename: the camera's file appears whole
@@ -104,7 +105,7 @@ def test_kill_and_restart_loses_nothing_and_redoes_nothing(tiny_build, tmp_path,
     ]
 
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen([*command, "--settle", "3"], stdout=log, stderr=subprocess.STDOUT)
+        first = subprocess.Popen([*command, "--settle", "1.5"], stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for(lambda: len(list(out.rglob("*.json"))) == 10, 90, "batch A's 10 records")
         for path in batch_b:
@@ -114,7 +115,9 @@ def test_kill_and_restart_loses_nothing_and_redoes_nothing(tiny_build, tmp_path,
         first.wait(10)
     finally:
         first.kill()
-    assert time.monotonic() - moved < 3, "the kill came after batch B could settle: the test proves less than it claims"
+    assert time.monotonic() - moved < 1.5, (
+        "the kill came after batch B could settle: the test proves less than it claims"
+    )
     assert first.returncode == -signal.SIGKILL
     time.sleep(0.3)
     assert len(list(out.rglob("*.json"))) == 10  # batch B was not decided before the kill

@@ -135,7 +135,7 @@ def test_half_written_camera_file_is_retried_and_recorded_under_its_name(tiny_bu
     assert records["results"][0]["size"] == len(data)
 
 
-def test_a_file_that_stays_cut_off_gets_one_error_record_after_bounded_retries(tiny_build, tmp_path):
+def test_a_file_that_stays_cut_off_gets_one_error_record_after_bounded_retries(tiny_build, tmp_path, quick_retries):
     watch = tmp_path / "camera"
     watch.mkdir()
     data = _png_bytes(np.full((64, 64, 3), 90, np.uint8))
