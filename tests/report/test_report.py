@@ -97,7 +97,7 @@ def test_html_is_self_contained_and_has_every_section(synthetic_report, transfer
     assert "training" in parsed.images  # three epochs: a training curve
 
 
-def test_markdown_and_html_carry_the_same_tables(synthetic_report, transfer_table):
+def test_markdown_and_html_carry_the_same_tables(synthetic_report, transfer_table, no_plots):
     report = synthetic_report(transfer=transfer_table)
     md, page = render_markdown(report), render_html(report)
     sections = report_sections(report)
@@ -143,7 +143,7 @@ def test_summary_numbers_are_the_report_json_numbers(synthetic_report):
     assert f"| threshold | {report['operating_point']['threshold']:.4f} |" in md
 
 
-def test_the_accuracy_guard_is_shown_for_every_compressed_artifact(synthetic_report):
+def test_the_accuracy_guard_is_shown_for_every_compressed_artifact(synthetic_report, no_plots):
     failing = synthetic_report(guard_met=False)
     md, page = render_markdown(failing), render_html(failing).replace("<wbr>", "")
     guard = (
@@ -177,7 +177,7 @@ def test_the_accuracy_guard_is_shown_for_every_compressed_artifact(synthetic_rep
     assert "Accuracy guard" not in render_markdown(plain)
 
 
-def test_endpoint_verdicts_are_highlighted(synthetic_report):
+def test_endpoint_verdicts_are_highlighted(synthetic_report, no_plots):
     report = synthetic_report(endpoints={"min_sensitivity": 0.99, "min_specificity": 0.1})
     page, md = render_html(report), render_markdown(report)
     assert (

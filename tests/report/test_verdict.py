@@ -11,6 +11,11 @@ from tlcompile.report.render import render_markdown
 from tlcompile.report.sections import row_flags, verdict
 
 
+@pytest.fixture(autouse=True)
+def _text_only(no_plots):
+    """The banner, the verdict box and the flags are text: no plots (tests/report/conftest.py's no_plots)."""
+
+
 def _with_bundle(report: dict, chosen: str = "int8@openvino", measured: dict | None = None) -> dict:
     """A report.json ``bundle`` record of the shape the bundle stage writes (several candidates, the build's choice)."""
     name, _, runtime = chosen.partition("@")
