@@ -57,6 +57,17 @@ def tiny_recipe_dict() -> dict:
 
 
 @pytest.fixture
+def no_plots(monkeypatch):
+    """report.html without its matplotlib plots, for tests of the page's text and of builds that never read their
+    report.html: a render costs ~1-2 s, nearly all of it the plots. The plots stay checked where they are the subject
+    (tests/report/test_report.py) and in the builds that render them (the runtime tests' shared build, the e2e,
+    compression, schema and DICOM builds)."""
+    from tlcompile.report import html
+
+    monkeypatch.setattr(html, "PLOTS", ())
+
+
+@pytest.fixture
 def write_recipe(tmp_path):
     """Write a dict (or raw text) as a recipe file and return its path."""
 

@@ -111,7 +111,7 @@ def test_a_resumed_build_rebuilds_the_compressed_models_from_their_files(compres
         assert rows2[key]["guard" if "guard" in row else "lineage"] == row["guard" if "guard" in row else "lineage"]
 
 
-def test_resume_redoes_only_the_stages_whose_recipe_sections_changed(compress_recipe, tmp_path):
+def test_resume_redoes_only_the_stages_whose_recipe_sections_changed(compress_recipe, tmp_path, no_plots):
     """Iterating on compression must not retrain: each stage is reused while the sections it reads are unchanged."""
     r = {k: v for k, v in compress_recipe.items() if k != "quantize"}
     r["bench"] = {**r["bench"], "runtimes": ["onnxruntime"]}

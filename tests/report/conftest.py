@@ -210,15 +210,6 @@ TRANSFER_TABLE = {
 
 
 @pytest.fixture
-def no_plots(monkeypatch):
-    """render_html without its matplotlib plots, for tests of the page's text and tables: a render costs ~1 s, nearly
-    all of it the plots (test_report.py's self-contained, rendering and no-clinical-metrics tests check them)."""
-    from tlcompile.report import html
-
-    monkeypatch.setattr(html, "PLOTS", ())
-
-
-@pytest.fixture
 def synthetic_report():
     return make_report
 

@@ -89,7 +89,9 @@ def test_new_and_empty_folders_are_claimed_and_marked(tmp_path):
         prepare_out_dir(tmp_path / "linked", resume=True)
 
 
-def test_resume_with_another_recipe_removes_stale_stages_and_says_what_it_reused(compress_like_recipe, tmp_path):
+def test_resume_with_another_recipe_removes_stale_stages_and_says_what_it_reused(
+    compress_like_recipe, tmp_path, no_plots
+):
     """The issue's example: a 32 px recipe resumed into a build of another size kept the old prune, quantize and
     fp32.xml next to the new ones and listed them in the manifest. Now stale stages are removed, the manifest lists
     only this recipe's files, and the build prints what it reused, redid and removed."""

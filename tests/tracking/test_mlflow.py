@@ -36,7 +36,7 @@ def test_tracking_changes_no_fingerprint_and_is_absent_by_default():
     assert "MlflowConfig" in schema
 
 
-def test_build_logs_a_child_run_to_a_local_file_store(tmp_path):
+def test_build_logs_a_child_run_to_a_local_file_store(tmp_path, no_plots):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
     from rich.console import Console

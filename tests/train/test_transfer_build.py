@@ -13,7 +13,7 @@ from tlcompile.recipe import load_recipe
 from tlcompile.report.schema import validate_report
 
 
-def test_build_from_a_source_build_with_a_comparison(tmp_path, write_recipe) -> None:
+def test_build_from_a_source_build_with_a_comparison(tmp_path, write_recipe, no_plots) -> None:
     source_state = fake_build(tmp_path / "source", "cbr_small", "grade", with_report=True)
     raw = {
         "name": "target",
