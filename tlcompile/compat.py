@@ -4,12 +4,14 @@ torch < 2.6 defaults ``torch.load`` to full unpickling (CVE-2025-32434 showed ev
 bypassed before 2.6); onnx < 1.17 has external-data path traversal fixes missing (CVE-2024-27318/27319).
 
 OpenVINO's model converter and NNCF send usage events to Google Analytics (``openvino-telemetry``) unless the user has
-opted out, and ``import openvino`` alone writes a client id and a run counter into ``~/intel``: every ``import
-openvino`` goes through :func:`import_openvino`, which declines first (:func:`decline_vendor_telemetry`).
+opted out, ``import openvino`` alone writes a client id and a run counter into ``~/intel``, and MLflow sends usage
+events of its own: every ``import openvino`` goes through :func:`import_openvino`, and NNCF and MLflow are imported
+after :func:`decline_vendor_telemetry`, which declines all three.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -52,8 +54,9 @@ def require_safe_versions() -> None:
 
 
 def decline_vendor_telemetry() -> None:
-    """Decline ``openvino-telemetry`` for this process: OpenVINO's model converter (``ov.convert_model``) and NNCF send
-    nothing, whatever the consent file in the user's home says, and nothing is written there.
+    """Decline vendor telemetry for this process: OpenVINO's model converter (``ov.convert_model``) and NNCF send
+    nothing, whatever the consent file in the user's home says, and nothing is written there; MLflow imported after
+    this call sends none either (``MLFLOW_DISABLE_TELEMETRY``, its documented switch, read when it is imported).
 
     A build reads patient images and a clinic box decides on them: neither reaches out to anyone unasked, nor writes
     into the user's home. Each event the converter sent also forked the build's process (the sender's way of bounding
@@ -61,6 +64,7 @@ def decline_vendor_telemetry() -> None:
     Every (re)initialisation of the library's singleton asks ``OptInChecker.check``, so declining there holds when
     ``import openvino``, the converter or NNCF (re)initialise it; an instance made before this call is told too. A
     missing package has nothing to decline."""
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     try:
         from openvino_telemetry import Telemetry
         from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker

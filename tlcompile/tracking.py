@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tlcompile.compat import decline_vendor_telemetry
 from tlcompile.errors import MissingDependencyError
 from tlcompile.recipe import Recipe
 
@@ -63,6 +64,7 @@ class Tracker:
 
 
 def _client(uri: str) -> Any:
+    decline_vendor_telemetry()  # MLflow's own usage events: the build talks to the tracking URI and nothing else
     try:
         from mlflow.tracking import MlflowClient
     except ImportError as err:

@@ -1,6 +1,6 @@
 """Nothing is sent to anyone unasked, nor written into the user's home: OpenVINO's converter and NNCF send usage
-events (openvino-telemetry, to Google Analytics) unless the user opted out, each event forked the build's process, and
-``import openvino`` alone wrote a client id and a run counter into ~/intel."""
+events (openvino-telemetry, to Google Analytics) unless the user opted out, each event forked the build's process,
+``import openvino`` alone wrote a client id and a run counter into ~/intel, and MLflow sends usage events of its own."""
 
 from __future__ import annotations
 
@@ -27,14 +27,19 @@ _SCRIPT = textwrap.dedent(
         from tlcompile.compat import import_openvino
         ov = import_openvino()
     ov.save_model(ov.convert_model(sys.argv[2]), sys.argv[3])  # as the export stage converts an ONNX file
-    if sys.argv[1] == "tlcompile":  # and a session, and NNCF's events
+    if sys.argv[1] == "tlcompile":  # and a session, NNCF's events and the MLflow client of recipe tracking.mlflow
         from tlcompile.runtime.inference import open_session
         open_session(sys.argv[3], "openvino").run(__import__("numpy").zeros((1, 3, 4, 4), "float32"))
         from tlcompile.compress.quantize import import_nncf
         import_nncf()
         from nncf.telemetry.wrapper import NNCFTelemetry
         NNCFTelemetry().send_event("nncf", "test", "label")  # as NNCF's tracked functions do (stubbed under pytest)
-    print("SENT", len(SENT))
+        from tlcompile.tracking import _client
+        _client(sys.argv[3] + ".mlruns")
+    else:
+        import mlflow  # noqa: F401
+    from mlflow.telemetry.client import get_telemetry_client
+    print("SENT", len(SENT), "MLFLOW", get_telemetry_client() is not None)
     """
 )
 
@@ -50,29 +55,30 @@ def _onnx_model(path: Path) -> Path:
     return path
 
 
-def _run(tmp_path: Path, which: str) -> tuple[int, list[str]]:
-    """(events sent, files written under HOME) for an OpenVINO conversion (and, for tlcompile, a session and an NNCF
-    event)."""
+def _run(tmp_path: Path, which: str) -> tuple[int, bool, list[str]]:
+    """(openvino-telemetry events sent, whether MLflow set up its telemetry client, files written under HOME) for an
+    OpenVINO conversion and an MLflow import (for tlcompile: also a session, an NNCF event and a tracking client)."""
     home = tmp_path / which
     home.mkdir()
-    # No consent file in HOME and no CI variable: the libraries' default is to send.
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")} | {"HOME": str(home)}
+    # No consent file in HOME and none of the variables that tell the libraries they run in CI or under pytest: their
+    # default is then to send.
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "TLCOMPILE_NUM_THREADS")} | {"HOME": str(home)}
     model = tmp_path / "m.onnx"
     if not model.exists():
         _onnx_model(model)
     args = [sys.executable, "-c", _SCRIPT, which, str(model), str(tmp_path / f"{which}.xml")]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    line = [x for x in done.stdout.splitlines() if x.startswith("SENT ")]
+    line = [x.split() for x in done.stdout.splitlines() if x.startswith("SENT ")]
     assert line, done.stdout
-    return int(line[-1].split()[1]), sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    return int(line[-1][1]), line[-1][3] == "True", sorted(str(p.relative_to(home)) for p in home.rglob("*"))
 
 
-def test_openvino_and_nncf_send_nothing_and_write_nothing_into_home(tmp_path):
-    sent, written = _run(tmp_path, "library")
-    assert sent > 0 and "intel/openvino_ga_cid" in written  # what the libraries do on their own
-    sent, written = _run(tmp_path, "tlcompile")
-    assert sent == 0 and not [f for f in written if f.startswith("intel")], written
+def test_openvino_nncf_and_mlflow_send_nothing_and_write_nothing_into_home(tmp_path):
+    sent, mlflow_client, written = _run(tmp_path, "library")
+    assert sent > 0 and mlflow_client and "intel/openvino_ga_cid" in written  # what the libraries do on their own
+    sent, mlflow_client, written = _run(tmp_path, "tlcompile")
+    assert sent == 0 and not mlflow_client and not [f for f in written if f.startswith("intel")], written
 
 
 def test_every_import_of_openvino_declines_its_telemetry_first():
