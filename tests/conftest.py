@@ -16,7 +16,12 @@ import pytest
 import yaml
 
 from tests.once import made_once
+from tlcompile.compat import decline_vendor_telemetry
 from tlcompile.runtime import pinning
+
+# Test modules import openvino while they are collected (pytest.importorskip), before any tlcompile code runs: decline
+# its telemetry first, so that the suite, like tlcompile, writes nothing into ~/intel.
+decline_vendor_telemetry()
 
 # The build's and verify's candidate bench measures each round for at least 30 runs and 0.2 s, so that a clinic box's
 # choice is not decided by noise: ~2 s per bundle, ~30 s over the suite. The tests check what is chosen and recorded,

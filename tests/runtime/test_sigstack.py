@@ -18,7 +18,9 @@ _SCRIPT = textwrap.dedent(
     """
     import gc, os, signal, sys, time
     import numpy as np
-    import openvino as ov, openvino.opset8 as ops
+    from tlcompile.compat import import_openvino
+    ov = import_openvino()  # as tlcompile imports it: no telemetry files in ~/intel
+    import openvino.opset8 as ops
     from tlcompile.runtime.inference import OpenVINOSession
     from tlcompile.runtime.sigstack import current_signal_stack, is_mapped
 
