@@ -13,7 +13,7 @@ from tlcompile.report.sections import row_flags, verdict
 
 @pytest.fixture(autouse=True)
 def _text_only(no_plots):
-    """The banner, the verdict box and the flags are text: no plots (tests/report/conftest.py's no_plots)."""
+    """The banner, the verdict box and the flags are text: no plots (no_plots, tests/conftest.py)."""
 
 
 def _with_bundle(report: dict, chosen: str = "int8@openvino", measured: dict | None = None) -> dict:
