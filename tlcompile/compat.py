@@ -11,6 +11,7 @@ after :func:`decline_vendor_telemetry`, which declines all three.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any
@@ -53,6 +54,7 @@ def require_safe_versions() -> None:
         check_floor(package, version)
 
 
+@functools.cache  # once per process: what it patches stays patched, and every import point calls it
 def decline_vendor_telemetry() -> None:
     """Decline vendor telemetry for this process: OpenVINO's model converter (``ov.convert_model``) and NNCF send
     nothing, whatever the consent file in the user's home says, and nothing is written there; MLflow imported after

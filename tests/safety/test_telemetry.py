@@ -55,7 +55,7 @@ def _onnx_model(path: Path) -> Path:
     return path
 
 
-def _run(tmp_path: Path, which: str) -> tuple[int, bool, list[str]]:
+def _run(tmp_path: Path, model: Path, which: str) -> tuple[int, bool, list[str]]:
     """(openvino-telemetry events sent, whether MLflow set up its telemetry client, files written under HOME) for an
     OpenVINO conversion and an MLflow import (for tlcompile: also a session, an NNCF event and a tracking client)."""
     home = tmp_path / which
@@ -65,9 +65,6 @@ def _run(tmp_path: Path, which: str) -> tuple[int, bool, list[str]]:
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "TLCOMPILE_NUM_THREADS")} | {"HOME": str(home)}
     # tlcompile's compiled kernels stay where they are cached (else NNCF's import compiles fused_fq.c again, ~1 s)
     env["XDG_CACHE_HOME"] = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    model = tmp_path / "m.onnx"
-    if not model.exists():
-        _onnx_model(model)
     args = [sys.executable, "-c", _SCRIPT, which, str(model), str(tmp_path / f"{which}.xml")]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -77,9 +74,10 @@ def _run(tmp_path: Path, which: str) -> tuple[int, bool, list[str]]:
 
 
 def test_openvino_nncf_and_mlflow_send_nothing_and_write_nothing_into_home(tmp_path):
-    sent, mlflow_client, written = _run(tmp_path, "library")
+    model = _onnx_model(tmp_path / "m.onnx")
+    sent, mlflow_client, written = _run(tmp_path, model, "library")
     assert sent > 0 and mlflow_client and "intel/openvino_ga_cid" in written  # what the libraries do on their own
-    sent, mlflow_client, written = _run(tmp_path, "tlcompile")
+    sent, mlflow_client, written = _run(tmp_path, model, "tlcompile")
     assert sent == 0 and not mlflow_client and not [f for f in written if f.startswith("intel")], written
 
 

@@ -286,8 +286,7 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
 
 # ------------------------------------------------------------------------------------------- magnitude (NNCF)
 def magnitude_mode(scope: str):
-    decline_vendor_telemetry()  # before NNCF is imported, as in quantize.import_nncf
-    import nncf
+    import nncf  # first imported by start_magnitude_pruning, its one caller, after declining NNCF's telemetry
 
     return (
         nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_GLOBAL

@@ -623,7 +623,7 @@ def bench_and_choose(
     # Every candidate shares the golden frames and their network inputs: one read of golden.npz serves them all.
     x = np.ascontiguousarray(_load_golden(bundle.candidate(next(iter(sessions))))["inputs"][:1].astype(np.float32))
     runs = {cid: (lambda s=session: s.run(x)) for cid, session in sessions.items()}
-    measured = bench_interleaved(runs, rounds=rounds or DEFAULT_ROUNDS, iterations=iterations or None)
+    measured = bench_interleaved(runs, rounds=rounds or DEFAULT_ROUNDS, iterations=iterations)
     chosen, why = choose(
         measured, {cid: bundle.candidate(cid).compressed for cid in sessions}, dict.fromkeys(sessions, True)
     )
