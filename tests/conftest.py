@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,9 @@ from typing import Any
 # Tiny models gain nothing from a second thread, and OpenMP threads that busy-wait stall badly when the two
 # cores are shared (other jobs, CI neighbours). Builds read this through runtime.inference.default_threads().
 os.environ.setdefault("TLCOMPILE_NUM_THREADS", "1")
+# NNCF's CPU kernels, which tests/compress/test_fused_fq.py compares with, are compiled into the venv (as the Makefile
+# does), not into the user-wide ~/.cache/torch_extensions that every other clone's venv rebuilds for its own paths.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import pytest
 import yaml
