@@ -34,6 +34,12 @@ decline_vendor_telemetry()
 pinning.DEFAULT_ITERATIONS = 5
 pinning.DEFAULT_ROUND_SECONDS = 0.02
 
+# A RISE heatmap is explain.RISE_MASKS (256) inferences: ~0.5 s an image for cbr_small at 48 px. The tests that build
+# bundles with heatmaps or run predict/serve --explain check what is written, where and when, not how faithful a
+# heatmap is (tests/runtime/test_explain.py checks that with the product's 256), so they draw this many (the shared
+# build, tests/runtime's CLI subprocesses and the `few_rise_masks` fixture).
+FEW_RISE_MASKS = 64
+
 
 def pytest_configure(config) -> None:
     """torch on one thread in each process that runs tests. pytest-xdist's controller runs none: it skips importing
@@ -74,6 +80,14 @@ def no_plots(monkeypatch):
     from tlcompile.report import html
 
     monkeypatch.setattr(html, "PLOTS", ())
+
+
+@pytest.fixture
+def few_rise_masks(monkeypatch):
+    """RISE heatmaps of FEW_RISE_MASKS masks, for tests of where heatmaps go rather than of what they show."""
+    from tlcompile.runtime import explain
+
+    monkeypatch.setattr(explain, "RISE_MASKS", FEW_RISE_MASKS)
 
 
 @pytest.fixture
@@ -120,7 +134,7 @@ def tiny_build(tmp_path_factory) -> TinyBuild:
             "export": {"formats": ["onnx", "openvino"], "parity_images": 16},
             "bench": {"runtimes": ["openvino", "onnxruntime"], "warmup": 1, "iterations": 3},
             "evaluate": {"bootstrap_resamples": 200},
-            # Heatmaps for the report's examples and a pointing game on 6 referable images (~4 s for all of them).
+            # Heatmaps (FEW_RISE_MASKS) for the report's examples and a pointing game on 6 referable images.
             "bundle": {"golden_samples": 6, "explain_images": 6},
             # At 48 px (a field radius of ~28 px) no focus measure tells blur from sharp, and the golden frames are
             # 2x enlargements: the gate's focus limit is fixed off here; its other limits are calibrated as usual.
@@ -129,7 +143,13 @@ def tiny_build(tmp_path_factory) -> TinyBuild:
     )
 
     def make(folder: Path) -> TinyBuild:
-        result = build(recipe, folder / "build", console=Console(file=io.StringIO(), width=200))
+        from tlcompile.runtime import explain
+
+        masks, explain.RISE_MASKS = explain.RISE_MASKS, FEW_RISE_MASKS
+        try:
+            result = build(recipe, folder / "build", console=Console(file=io.StringIO(), width=200))
+        finally:
+            explain.RISE_MASKS = masks
         return TinyBuild(out_dir=folder / "build", report=result.report, recipe=recipe)
 
     return made_once(tmp_path_factory, "tiny-build", make)

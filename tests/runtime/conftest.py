@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import FEW_RISE_MASKS
 from tlcompile.runtime import pinning
 
 # The [train] extras: a test's subprocess makes them unimportable to prove the runtime half needs none of them.
@@ -73,9 +74,11 @@ def _run_cli(*args: str, block_train_modules: bool = False, timeout: float = 120
 
     prelude = _BLOCK_TRAIN_MODULES.format(blocked=TRAIN_ONLY_MODULES) if block_train_modules else ""
     # verify's candidate bench with the short rounds tests/conftest.py gives the in-process tests (~2 s a verify less)
+    # and the tests' RISE heatmaps of FEW_RISE_MASKS masks (see tests/conftest.py)
     rounds = (
         f"from tlcompile.runtime import pinning\npinning.DEFAULT_ROUND_SECONDS = {pinning.DEFAULT_ROUND_SECONDS!r}\n"
         f"pinning.DEFAULT_ITERATIONS = {pinning.DEFAULT_ITERATIONS!r}\n"
+        f"from tlcompile.runtime import explain\nexplain.RISE_MASKS = {FEW_RISE_MASKS!r}\n"
     )
     code = prelude + rounds + "from tlcompile.cli import main\nmain()\n"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)

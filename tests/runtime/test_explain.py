@@ -155,7 +155,7 @@ def test_predict_explain_without_torch(bundle_copy, tmp_path, fundus_images, run
     """predict --explain on a box without the [train] extras: a PNG per gradable image, named in the CSV; none for an
     ungradable frame; a rerun replaces its own PNGs; a foreign file in the way stops it before anything is decided."""
     folder = tmp_path / "camera"
-    good = fundus_images(folder, 2)  # each heatmap is 256 inferences (~0.7 s at 48 px): two are enough here
+    good = fundus_images(folder, 2)  # two are enough here
     Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(folder / "lens_cap.png")
     out_csv, ex = tmp_path / "out.csv", tmp_path / "heatmaps"
     args = ("predict", str(bundle_copy), str(folder), "--csv", str(out_csv), "--explain", str(ex))
@@ -195,7 +195,7 @@ def test_serve_explain_writes_beside_the_record(bundle_copy, tmp_path, fundus_im
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.name}.explain.png" for p in good)
 
 
-def test_serve_explain_redo_and_same_name_new_content(tiny_build, tmp_path, fundus_images):
+def test_serve_explain_redo_and_same_name_new_content(tiny_build, tmp_path, fundus_images, few_rise_masks):
     """A redo after a crash (heatmap written, record not) replaces its own heatmap; a new photo under an old name gets
     its own heatmap beside its own record, the earlier one untouched."""
     import shutil
@@ -225,7 +225,7 @@ def test_serve_explain_redo_and_same_name_new_content(tiny_build, tmp_path, fund
 
 
 def test_predict_keeps_every_decision_when_a_heatmap_cannot_be_written(
-    bundle_copy, tmp_path, fundus_images, monkeypatch
+    bundle_copy, tmp_path, fundus_images, monkeypatch, few_rise_masks
 ):
     """A heatmap that fails at write time (a file that appeared after the up-front check, a full disk) costs that
     heatmap only: every image is decided, the CSV is written with an empty explanation for it, and one warning line
@@ -358,7 +358,7 @@ def test_rise_memory_stays_at_one_small_batch_at_512_px():
 
 
 def test_serve_explain_writes_each_record_once_naming_a_heatmap_already_there(
-    tiny_build, tmp_path, fundus_images, monkeypatch
+    tiny_build, tmp_path, fundus_images, monkeypatch, few_rise_masks
 ):
     """serve --explain keeps its order on purpose (README): the heatmap first, then the record, written once; a
     record never appears without the heatmap it names, and is never rewritten to add it."""

@@ -182,7 +182,7 @@ def rise_map(
     *,
     temperature: float = 1.0,
     batch: int | None = None,
-    masks: int = RISE_MASKS,
+    masks: int | None = None,
     grid: int = RISE_GRID,
     keep: float = RISE_KEEP,
     seed: int = 0,
@@ -195,6 +195,7 @@ def rise_map(
     rounded exactly as that expression is, so the map is the same bit for bit at a given batch, and across batches up
     to the order the float64 sums are added in (and whatever the runtime's kernels do with another batch size)."""
     size = x.shape[-1]
+    masks = RISE_MASKS if masks is None else masks  # None: RISE_MASKS as it is when called
     batch = batch or batch_for(size)
     # The masks depend on the arguments only: kept between images when small, else drawn batch by batch (the same
     # masks in the same order either way).
