@@ -26,8 +26,19 @@ def png_header_bomb(width: int, height: int, bit_depth: int, color_type: int) ->
 
     channels = {6: 4, 2: 3, 0: 1}[color_type]
     row = b"\x00" * (1 + width * channels * bit_depth // 8)
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    # Deflating the 648 MB of the bomb took ~2.5 s a test. A full flush starts the compressor afresh, so every
+    # 64-row block compresses to the same bytes: deflate one, repeat it, and add zlib's header and checksum.
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: the zlib wrapper is added below
+    block = row * 64
+    unit = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    assert compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH) == unit
+    blocks, rest = divmod(height, 64)
+    tail = compressor.compress(row * rest) + compressor.flush()
+    check = 1
+    for _ in range(blocks):
+        check = zlib.adler32(block, check)
+    check = zlib.adler32(row * rest, check)
+    idat = b"\x78\xda" + unit * blocks + tail + struct.pack(">I", check)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
