@@ -43,7 +43,7 @@ TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sche
 # torch keeps compiled extensions in ~/.cache/torch_extensions by default, one build per extension for the whole user:
 # a second clone's venv (CI, a colleague's checkout) rebuilt it for its own include paths, and the next `make test`
 # here compiled it again (53.6 s of a 204.5 s run, 2-core AVX-512 AMD EPYC). Kept inside the venv, the build matches
-# its stamp and goes with `make clean`. tests/conftest.py sets the same default for a bare `pytest`.
+# its stamp and goes when the venv does. tests/conftest.py sets the same default for a bare `pytest`.
 TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export TORCH_EXTENSIONS_DIR
 NNCF_KERNELS := $(TORCH_EXTENSIONS_DIR)/.nncf-kernels
