@@ -326,7 +326,7 @@ def bench(
 ) -> None:
     """Measure latency, throughput, memory and accuracy of exported models on this machine (torch-free)."""
     from tlcompile.benchdata import eval_set_loader, synthetic_camera_images
-    from tlcompile.runtime.bench import BenchOptions, append_results, bench_table, run_bench
+    from tlcompile.runtime.bench import BenchOptions, append_results, bench_table, check_results_target, run_bench
     from tlcompile.runtime.inference import default_threads
 
     valid = {"precision": ("auto", "f32", "bf16", "f16"), "hint": ("latency", "throughput")}
@@ -342,6 +342,8 @@ def bench(
     for image in e2e_image or []:
         if not image.is_file():
             raise TlcompileError(f"--e2e-image '{image}' does not exist")
+    if out is not None:  # before anything is measured: a refused --out costs nothing
+        check_results_target(out, list(paths or []))
     opts = BenchOptions(
         runtimes=runtime or None,
         device=device,
@@ -512,14 +514,20 @@ def predict(
     from rich.table import Table
 
     from tlcompile.runtime.bundle import open_verified
+    from tlcompile.runtime.outputs import bundle_folder, check_output_folder, check_server_url, refuse_inside_bundle
     from tlcompile.runtime.pipeline import check_workers
     from tlcompile.runtime.predict import check_csv_target, expand_inputs, predict_paths, write_results_csv
 
     workers = check_workers(workers)
     paths = expand_inputs(images)
-    bundle_root = bundle.parent if bundle.name == "bundle.json" else bundle
+    bundle_root = bundle_folder(bundle)
     if csv is not None:  # before anything is decided: a refused --csv costs nothing
         check_csv_target(csv, inputs=paths, bundle_root=bundle_root)
+    if fhir is not None or fhir_url:  # likewise a refused --fhir folder or --fhir-url
+        if fhir_url:
+            check_server_url(fhir_url)
+        refuse_inside_bundle("--fhir", fhir if fhir is not None else Path("fhir"), bundle_root, kind="folder")
+        check_output_folder("--fhir", fhir if fhir is not None else Path("fhir"), what="the FHIR bundles")
     if explain is not None:  # likewise a refused --explain target
         from tlcompile.runtime.explain import check_explain_dir, explain_targets
 
@@ -650,8 +658,11 @@ def serve(
     ] = False,
 ) -> None:
     """Watch a folder: one JSON record per new image (errors/ for unreadable files); restart-safe; Ctrl-C stops."""
+    from tlcompile.runtime.outputs import check_server_url
     from tlcompile.runtime.serve import serve as run_serve
 
+    if fhir_url:
+        check_server_url(fhir_url)  # at start: a long-running serve would otherwise stop at its first image
     outputs = []
     if fhir or fhir_url:
         from tlcompile.runtime.fhir import FhirOutput, model_identity

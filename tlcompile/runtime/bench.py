@@ -12,7 +12,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from tlcompile.runtime.backends import FILE_RUNTIMES, FORMATS, MODEL_SUFFIXES, R
 from tlcompile.runtime.cpuinfo import cpu_info
 from tlcompile.runtime.inference import default_threads, open_session, predict_logits
 from tlcompile.runtime.latency import measure_latency
+from tlcompile.runtime.outputs import check_parent_writable, refuse_inside_bundle
 from tlcompile.runtime.preprocess import PreprocessSpec, load_rgb, prepare_image, targets_for, to_input
 
 # The model files bench takes and the formats it reads from a build report: those a runtime session opens.
@@ -451,10 +452,33 @@ def run_bench(
     return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": host, "rows": rows}
 
 
+def check_results_target(path: Path, models: Iterable[Path] = ()) -> None:
+    """``--out``, before anything is measured: not inside a bundle being benched, not a folder, a results file of
+    ``tlcompile bench --out`` if it exists (it is appended to, never replaced), and in a folder that can be written."""
+    for model in models:
+        if (model / "bundle.json").is_file() or (model.name == "bundle.json" and model.is_file()):
+            refuse_inside_bundle("--out", path, model)
+    if path.is_dir():
+        raise BenchError(f"--out '{path}' is a folder; give a results file such as bench.json")
+    if path.exists():
+        try:
+            read_results(path)
+        except BenchError as err:
+            raise BenchError(
+                f"--out {err}; it is never overwritten; give a new file name, or a results file to append to"
+            ) from err
+    check_parent_writable("--out", path)
+
+
 def append_results(path: Path, run: dict[str, Any]) -> None:
     """``--out``: results files hold a list of runs; a new run is appended (atomically), earlier ones kept."""
     runs = read_results(path)["runs"] if path.is_file() else []
-    atomic_write_json(path, {"runs": [*runs, run]})
+    try:
+        atomic_write_json(path, {"runs": [*runs, run]})
+    except OSError as err:
+        raise BenchError(
+            f"--out '{path}': cannot write it ({err.strerror or err}); the table above was not saved"
+        ) from err
 
 
 def read_results(path: Path) -> dict[str, Any]:
@@ -462,7 +486,7 @@ def read_results(path: Path) -> dict[str, Any]:
         obj = json.loads(Path(path).read_text())
     except FileNotFoundError as err:
         raise BenchError(f"'{path}' does not exist") from err
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not text at all (UnicodeDecodeError)
         raise BenchError(f"'{path}': not a bench results file ({err})") from err
     if not isinstance(obj, dict) or not isinstance(obj.get("runs"), list):
         raise BenchError(

@@ -39,6 +39,7 @@ from tlcompile.evaluate.clinical import proportion
 from tlcompile.evaluate.metrics import referable_classes, softmax
 from tlcompile.io import STEM_KEEP_BYTES, STEM_MAX_BYTES, atomic_path, fitting_name  # noqa: F401 - the stem limits, re-exported
 from tlcompile.runtime.inference import InferenceSession
+from tlcompile.runtime.outputs import refuse_inside_bundle
 from tlcompile.runtime.preprocess import PreprocessSpec, _square_window, find_field, to_input
 
 if TYPE_CHECKING:
@@ -510,11 +511,7 @@ def check_explain_dir(
                 f"--explain '{folder}' is a folder of input images; the heatmaps would be read as photos next time; "
                 "give another folder"
             )
-    if bundle_root is not None and folder.resolve().is_relative_to(Path(bundle_root).resolve()):
-        raise TlcompileError(
-            f"--explain '{folder}' is inside the bundle {bundle_root}; writing there would break it; "
-            "give a folder outside the bundle"
-        )
+    refuse_inside_bundle("--explain", folder, bundle_root, kind="folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -40,6 +40,7 @@ from typing import Any
 
 from tlcompile.errors import MissingDependencyError, TlcompileError
 from tlcompile.io import atomic_write_text, sha256_file
+from tlcompile.runtime.outputs import check_server_url
 
 FHIR_VERSION = "4.3.0"  # R4B
 LOCAL_SYSTEM = "urn:tlcompile:fhir:codes"
@@ -255,6 +256,8 @@ class FhirOutput:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         _r4b()  # fail at start, not on the first image
+        if url is not None:
+            check_server_url(url)
         self.folder, self.model, self.url, self.log = Path(folder), model, url, log
         self.attempts, self.backoff, self.max_backoff, self.timeout, self.sleep = (
             attempts,

@@ -26,6 +26,7 @@ from tlcompile.errors import DataError, TlcompileError
 from tlcompile.io import atomic_write_text
 from tlcompile.runtime.bundle import UNGRADABLE, Bundle
 from tlcompile.runtime.inference import InferenceSession
+from tlcompile.runtime.outputs import check_parent_writable, refuse_inside_bundle
 from tlcompile.runtime.pipeline import check_workers, ordered
 from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, prepare_with_field, read_input, to_input
 from tlcompile.runtime.screen import damage_reason, not_fundus_reason
@@ -246,11 +247,8 @@ def check_csv_target(path: str | Path, *, inputs: Iterable[Path] = (), bundle_ro
             raise TlcompileError(
                 f"--csv '{path}' is one of the input images ({item}); it would be overwritten; give another file name"
             )
-    if bundle_root is not None and target.is_relative_to(Path(bundle_root).resolve()):
-        raise TlcompileError(
-            f"--csv '{path}' is inside the bundle {bundle_root}; writing there would break it; "
-            "give a file outside the bundle"
-        )
+    refuse_inside_bundle("--csv", path, bundle_root)
+    check_parent_writable("--csv", path)
     if path.exists() or path.is_symlink():
         header = ",".join(CSV_COLUMNS)
         try:
@@ -273,4 +271,9 @@ def write_results_csv(
     results: Iterable[ImageResult], path: str | Path, *, inputs: Iterable[Path] = (), bundle_root: Path | None = None
 ) -> None:
     path = check_csv_target(path, inputs=inputs, bundle_root=bundle_root)
-    atomic_write_text(path, results_csv(results))
+    try:
+        atomic_write_text(path, results_csv(results))
+    except OSError as err:  # e.g. the disk filled up while the images were decided
+        raise TlcompileError(
+            f"--csv '{path}': cannot write it ({err.strerror or err}); the decisions above stand, none was saved"
+        ) from err

@@ -39,6 +39,7 @@ from typing import Any
 from tlcompile.errors import TlcompileError
 from tlcompile.io import atomic_write_json, fitting_name, sha256_file
 from tlcompile.runtime.bundle import UNGRADABLE, VerifiedBundle, open_verified
+from tlcompile.runtime.outputs import refuse_inside_bundle
 from tlcompile.runtime.pipeline import check_workers, ordered
 from tlcompile.runtime.predict import PreparedImage, decide, prepare_photo
 from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS
@@ -526,6 +527,7 @@ def serve(
         raise TlcompileError(
             f"--out '{out_dir}' is the watch folder; the records would be taken for images; give another folder"
         )
+    refuse_inside_bundle("--out", out_dir, bundle_path, kind="folder")  # its lock, records and FHIR bundles
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -1,0 +1,70 @@
+"""Where predict, serve and bench may write, checked before any work is done, each refusal one line.
+
+- Never inside the bundle they run: a file there that the manifest does not list fails every later ``verify``,
+  ``predict`` and ``serve`` of that bundle (``tlcompile verify`` says which file, but the clinic box is down until
+  someone removes it).
+- An output file's folder must be a folder this user can write into (a file of that name, or a folder of ``/proc``,
+  used to surface as a traceback after every image had been decided).
+- A FHIR server URL must be http(s) with a host (``notaurl`` used to crash serve on its first image).
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from pathlib import Path
+
+from tlcompile.errors import TlcompileError
+
+
+def bundle_folder(path: str | Path) -> Path:
+    """The bundle's folder, from the folder or its bundle.json (what the commands accept)."""
+    path = Path(path)
+    return path.parent if path.name == "bundle.json" else path
+
+
+def refuse_inside_bundle(option: str, path: str | Path, bundle_root: str | Path | None, *, kind: str = "file") -> None:
+    """Refuse ``path`` (``kind``: file or folder) when it is the bundle's folder or anything inside it."""
+    if bundle_root is None:
+        return
+    root = bundle_folder(bundle_root)
+    if Path(path).resolve().is_relative_to(root.resolve()):
+        raise TlcompileError(
+            f"{option} '{path}' is inside the bundle {root}; writing there would break it (its manifest lists every "
+            f"file); give a {kind} outside the bundle"
+        )
+
+
+def check_parent_writable(option: str, path: str | Path) -> None:
+    """Refuse an output file whose folder cannot hold it: the nearest existing folder above it is a file, or this
+    user may not write there. The missing folders in between are created when the file is written."""
+    path = Path(path)
+    above = path.absolute().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise TlcompileError(f"{option} '{path}': '{above}' is a file, not a folder; give a path in a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise TlcompileError(f"{option} '{path}': no permission to write into '{above}'; give a path you can write")
+
+
+def check_output_folder(option: str, folder: str | Path, *, what: str) -> Path:
+    """An output folder that may not exist yet: refused when it is a file or when its nearest existing parent cannot
+    be written (``what``: what goes in it, for the message)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise TlcompileError(f"{option} '{folder}' is a file; give a folder for {what}")
+    if not folder.exists():
+        check_parent_writable(option, folder)
+    return folder
+
+
+def check_server_url(url: str, option: str = "--fhir-url") -> str:
+    """A server base URL: http or https, with a host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise TlcompileError(
+            f"{option} '{url}' is not a server address; valid: an http:// or https:// URL with a host, "
+            "such as https://fhir.example.org/fhir"
+        )
+    return url
