@@ -596,3 +596,25 @@ def test_golden_frames_are_photos_the_quality_gate_passes_clearly(tiny_build):
     assert meta["golden"]["source"].startswith("test-split photos as taken")
     golden = meta["quality"]["golden"]
     assert golden and all(g["score"] >= GOLDEN_GATE_SCORE and not g["reasons"] for g in golden), golden
+
+
+def test_golden_samples_hold_the_scores_nearest_the_threshold_on_both_sides():
+    """The golden samples are spread over the scores and hold the nearest score outside the margin on each side of the
+    threshold, so a threshold edited past either fails verify even with a re-sealed manifest. Spread alone, a
+    saturated model's golden scores sat near 0 and 1 (an outside-in test moved the quickstart's 0.52 to 0.9: PASS)."""
+    from tlcompile.export.bundle import _pick_golden
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        scores = rng.random(int(rng.integers(0, 40))) ** float(rng.choice([0.05, 1.0, 20.0]))  # saturated too
+        count, threshold, margin = int(rng.integers(1, 12)), float(rng.random()), 0.01
+        picks = _pick_golden(scores, threshold, count, margin)
+        away = np.flatnonzero(np.abs(scores - threshold) >= margin)
+        pool = scores[away] if away.size else scores
+        assert len(set(picks.tolist())) == picks.size == min(count, pool.size)  # as many as asked for, when there are
+        got = set(scores[picks].tolist())
+        below, above = pool[pool < threshold], pool[pool >= threshold]
+        if count >= 2:
+            assert (not below.size or below.max() in got) and (not above.size or above.min() in got)
+        if count >= 4 and pool.size >= 4:
+            assert pool.min() in got and pool.max() in got  # and the extremes: both decisions, the whole range

@@ -318,7 +318,10 @@ def golden_frame(data: DataModule, i: int) -> np.ndarray:
 
 def _pick_golden(scores: np.ndarray, threshold: float, count: int, margin: float) -> np.ndarray:
     """Up to ``count`` indices spread evenly over the range of scores (so both referral decisions appear when the split
-    has both), none closer to the threshold than ``margin``.
+    has both), none closer to the threshold than ``margin``, and among them the scores nearest the threshold on either
+    side: verify checks that the stored readings follow from bundle.json's threshold, so a threshold edited past
+    either of those two scores fails it even with a re-sealed manifest (with only an even spread, a saturated model's
+    golden scores sat near 0 and 1, and any threshold between them passed).
 
     With ``margin`` = d / (2 T) for a logit tolerance d and temperature T, a box that passes the logit check cannot flip
     a golden decision: moving every logit by at most d moves P(referable DR) by at most d / (2 T), because the
@@ -328,8 +331,28 @@ def _pick_golden(scores: np.ndarray, threshold: float, count: int, margin: float
     away = np.flatnonzero(np.abs(scores - threshold) >= margin)
     pool = away if away.size else np.arange(scores.size)
     ordered = pool[np.argsort(scores[pool], kind="mergesort")]
-    picks = np.unique(np.round(np.linspace(0, ordered.size - 1, min(count, ordered.size))).astype(int))
+    wanted = min(count, ordered.size)
+    first_above = int(np.searchsorted(scores[ordered], threshold, side="left"))
+    nearest = [k for k in (first_above - 1, first_above) if 0 <= k < ordered.size][:wanted]
+    rest = np.setdiff1d(np.arange(ordered.size), nearest)  # the others, still in score order
+    spread = rest[np.round(np.linspace(0, rest.size - 1, wanted - len(nearest))).astype(int)] if rest.size else rest
+    picks = np.concatenate([np.asarray(nearest, dtype=int), spread.astype(int)])
     return np.sort(ordered[picks])
+
+
+NEAR_THRESHOLD_POOL = 8  # test images nearest the threshold on each side that the golden choice starts from
+
+
+def _nearest_each_side(scores: np.ndarray, threshold: float, per_side: int, margin: float) -> np.ndarray:
+    """Indices of the ``per_side`` scores nearest the threshold below it and at or above it, none within ``margin``."""
+    below = np.flatnonzero(scores <= threshold - margin)
+    above = np.flatnonzero(scores >= threshold + margin)
+    return np.concatenate(
+        [
+            below[np.argsort(-scores[below], kind="mergesort")][:per_side],
+            above[np.argsort(scores[above], kind="mergesort")][:per_side],
+        ]
+    )
 
 
 def _write_golden(
@@ -363,6 +386,8 @@ def _write_golden(
         cid: view.meta["golden"]["tolerance"]["max_abs_logit"] / (2 * view.temperature) for cid, view in views.items()
     }
     pool = _pick_golden(scores, bundle.threshold, 4 * count, max(margins.values()))
+    # and the next nearest on either side, in case the nearest are not decided alike by every candidate (below)
+    pool = np.union1d(pool, _nearest_each_side(scores, bundle.threshold, NEAR_THRESHOLD_POOL, max(margins.values())))
 
     # The bench may have run in another precision (bf16) and on the un-framed image, so the final choice is made on
     # what verify will compute: camera frame -> prepare_image -> each candidate's runtime in f32.
