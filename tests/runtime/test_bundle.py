@@ -602,7 +602,7 @@ def test_golden_samples_hold_the_scores_nearest_the_threshold_on_both_sides():
     """The golden samples are spread over the scores and hold the nearest score outside the margin on each side of the
     threshold, so a threshold edited past either fails verify even with a re-sealed manifest. Spread alone, a
     saturated model's golden scores sat near 0 and 1 (an outside-in test moved the quickstart's 0.52 to 0.9: PASS)."""
-    from tlcompile.export.bundle import _pick_golden
+    from tlcompile.export.bundle import _nearest_each_side, _pick_golden
 
     rng = np.random.default_rng(0)
     for _ in range(2000):
@@ -618,3 +618,7 @@ def test_golden_samples_hold_the_scores_nearest_the_threshold_on_both_sides():
             assert (not below.size or below.max() in got) and (not above.size or above.min() in got)
         if count >= 4 and pool.size >= 4:
             assert pool.min() in got and pool.max() in got  # and the extremes: both decisions, the whole range
+    # The choice starts from these as well, so that the nearest every candidate decides alike are there to keep.
+    scores = np.array([0.001, 0.3, 0.45, 0.5, 0.53, 0.56, 0.7, 0.999])
+    assert sorted(scores[_nearest_each_side(scores, 0.52, 2, 0.02)].tolist()) == [0.3, 0.45, 0.56, 0.7]
+    assert _nearest_each_side(np.array([0.5]), 0.5, 8, 0.1).size == 0
