@@ -620,5 +620,5 @@ def test_golden_samples_hold_the_scores_nearest_the_threshold_on_both_sides():
             assert pool.min() in got and pool.max() in got  # and the extremes: both decisions, the whole range
     # The choice starts from these as well, so that the nearest every candidate decides alike are there to keep.
     scores = np.array([0.001, 0.3, 0.45, 0.5, 0.53, 0.56, 0.7, 0.999])
-    assert sorted(scores[_nearest_each_side(scores, 0.52, 2, 0.02)].tolist()) == [0.3, 0.45, 0.56, 0.7]
+    assert sorted(scores[_nearest_each_side(scores, 0.52, 2, 0.03)].tolist()) == [0.3, 0.45, 0.56, 0.7]
     assert _nearest_each_side(np.array([0.5]), 0.5, 8, 0.1).size == 0
