@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from tlcompile.errors import BundleError
+from tlcompile.io import sha256_file
 from tlcompile.runtime.bundle import open_verified, verify_bundle, verify_lines
 from tlcompile.runtime.manifest import check_manifest, manifest_entries
 from tlcompile.runtime.serve import serve
@@ -75,15 +76,22 @@ def test_signed_bundle_passes_verify_predict_and_serve_under_trust(bundle_copy, 
 
 
 def test_tampered_signed_bundle_fails_even_when_the_attacker_reseals_the_manifest(bundle_copy, keys, run_cli):
-    """The attack the issue describes: change a file, regenerate the manifest. Plain verify cannot see it (every
-    sha256 matches the new manifest, the golden samples still agree); --trust can."""
+    """The attack the issue describes: change a file, regenerate the manifest. Plain verify sees that the signature
+    was made over another manifest; an attacker who edits that field too passes plain verify (every sha256 matches the
+    new manifest, the golden samples still agree); --trust catches both."""
     private, public, _ = keys["ours"]
     sign_bundle(bundle_copy, private)
     meta = json.loads((bundle_copy / "bundle.json").read_text())
     meta["model_card"] = {**meta.get("model_card", {}), "intended_use": "anything at all"}
     (bundle_copy / "bundle.json").write_text(json.dumps(meta))
     _reseal(bundle_copy)
-    assert verify_bundle(bundle_copy).ok  # what the attacker relied on
+    plain = verify_bundle(bundle_copy)
+    assert not plain.ok and "signature.json: signed a different manifest.json" in plain.signature.problems[0]
+    assert "changed after signing" in verify_bundle(bundle_copy, trust=[public]).signature.problems[0]
+    record = json.loads((bundle_copy / "signature.json").read_text())
+    record["manifest_sha256"] = sha256_file(bundle_copy / "manifest.json")
+    (bundle_copy / "signature.json").write_text(json.dumps(record))
+    assert verify_bundle(bundle_copy).ok  # what the attacker relies on
     result = verify_bundle(bundle_copy, trust=[public])
     assert not result.ok and result.golden is None  # the model is not even loaded
     assert "does not match manifest.json" in result.signature.problems[0]
@@ -105,6 +113,7 @@ def test_unsigned_bundle_under_trust_fails_and_predict_serve_refuse(
     _, public, kid = keys["ours"]
     result = verify_bundle(bundle_copy, trust=[public])
     assert not result.ok and "unsigned" in result.signature.problems[0] and kid in result.signature.problems[0]
+    assert "  signature: missing" in verify_lines(result)  # not "NOT valid": there is none to be valid
     images = fundus_images(tmp_path / "in", 1)
     pred = run_cli("predict", str(bundle_copy), str(images[0]), "--trust", str(public))
     assert pred.returncode == 2 and "fails its signature check" in pred.stderr and "Traceback" not in pred.stderr

@@ -840,7 +840,8 @@ def verify_lines(result: VerifyResult) -> list[str]:
     lines += [f"    {p}" for p in m.problems]
     s = result.signature
     if s.required:
-        lines.append(f"  signature: {'valid, by trusted key ' + s.key_id if s.valid else 'NOT valid'}")
+        state = "valid, by trusted key " + s.key_id if s.valid else ("NOT valid" if s.present else "missing")
+        lines.append(f"  signature: {state}")
     else:
         lines.append(
             "  signature: "

@@ -258,12 +258,22 @@ def check_signature(bundle_dir: str | Path, trusted: list[str | Path] | None = N
     except (OSError, ValueError, UnicodeDecodeError) as err:
         check.problems.append(f"{SIGNATURE_JSON}: not a valid signature file ({err})")
         return check
-    if not keys:
-        return check
     try:
         data = (root / MANIFEST_JSON).read_bytes()
     except OSError as err:
-        check.problems.append(f"{MANIFEST_JSON}: cannot read it to check the signature ({err.strerror or err})")
+        if keys:
+            check.problems.append(f"{MANIFEST_JSON}: cannot read it to check the signature ({err.strerror or err})")
+        return check  # without --trust, the manifest check says what is wrong with it
+    signed = record.get("manifest_sha256")
+    if isinstance(signed, str) and signed != hashlib.sha256(data).hexdigest():
+        # Seen without any key: the signature was made over another manifest, so the bundle changed after signing.
+        check.problems.append(
+            f"{SIGNATURE_JSON}: signed a different {MANIFEST_JSON} (sha256 {signed[:16]}, this one "
+            f"{hashlib.sha256(data).hexdigest()[:16]}); the bundle was changed after signing: restore it, or sign it "
+            "again (tlcompile bundle sign --replace)"
+        )
+        return check
+    if not keys:
         return check
     for key in keys:
         try:
