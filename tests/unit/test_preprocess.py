@@ -217,3 +217,12 @@ def test_preprocessing_and_data_checks_import_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_spec_size_that_is_not_a_whole_number_is_not_valid_rather_than_out_of_range():
+    from tlcompile.runtime.preprocess import MAX_INPUT_SIZE
+
+    for size, what in (("a", "is not valid"), (2.5, "is not valid"), (True, "is not valid"), (0, "is out of range")):
+        with pytest.raises(DataError, match=f"preprocessing size {size!r} {what}; valid: a whole number of pixels"):
+            PreprocessSpec(size=size)
+    assert PreprocessSpec(size=MAX_INPUT_SIZE).size == MAX_INPUT_SIZE

@@ -94,10 +94,11 @@ class PreprocessSpec:
         def finite(value: Any) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-        if not (isinstance(self.size, int) and not isinstance(self.size, bool) and 1 <= self.size <= MAX_INPUT_SIZE):
+        whole = isinstance(self.size, int) and not isinstance(self.size, bool)
+        if not (whole and 1 <= self.size <= MAX_INPUT_SIZE):
+            what = "is out of range" if whole else "is not valid"
             raise DataError(
-                f"preprocessing size {self.size!r} is out of range; "
-                f"valid: a whole number of pixels from 1 to {MAX_INPUT_SIZE}"
+                f"preprocessing size {self.size!r} {what}; valid: a whole number of pixels from 1 to {MAX_INPUT_SIZE}"
             )
         for name in ("mean", "std"):
             values = getattr(self, name)
