@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -110,3 +111,10 @@ def test_expand_inputs(tmp_path, fundus_images):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no image files in this folder"):
         expand_inputs([tmp_path / "empty"])
+    # A file named twice, also through its folder or a link, is decided once, where it first appears.
+    (tmp_path / "link.png").symlink_to(images[1])
+    twice = [images[1], tmp_path / "d", images[1], tmp_path / "link.png"]
+    assert expand_inputs(twice) == [images[1], images[0], images[2]]
+    os.mkfifo(tmp_path / "camera.jpg")  # not a file a decoder can read, but not missing either
+    with pytest.raises(DataError, match="not a regular file"):
+        expand_inputs([tmp_path / "camera.jpg"])

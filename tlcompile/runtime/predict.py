@@ -188,7 +188,8 @@ def predict_paths(
 
 
 def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
-    """Files as given; a folder gives its image files (by extension, sorted, not recursive)."""
+    """Files as given; a folder gives its image files (by extension, sorted, not recursive). A file named twice
+    (twice over, or also through its folder or a link) is decided once, where it first appears."""
     paths: list[Path] = []
     for item in items:
         path = Path(item)
@@ -203,9 +204,17 @@ def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
+        elif path.exists():
+            raise DataError(f"{path}: not a regular file (a pipe, socket or device); give image files or folders")
         else:
             raise DataError(f"{path}: no such file or folder; give image files or folders of images")
-    return paths
+    seen: set[Path] = set()
+    unique = []
+    for path in paths:
+        if (real := path.resolve()) not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): a file name such as
