@@ -480,6 +480,11 @@ FhirUrlOption = Annotated[
 ]
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 heatmap', '2 heatmaps'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _model_card_disclaimer(meta: dict) -> str | None:
     """One line from the bundle's model card: NOT for clinical use when it was trained on synthetic data."""
     card = meta.get("model_card") or {}
@@ -573,12 +578,13 @@ def predict(
         console.print(f"wrote {csv}")
     if explainer is not None and explainer.ms:
         console.print(
-            f"wrote {sum(r.explanation is not None for r in results)} heatmaps into {explain} ({explainer.method}, "
+            f"wrote {_count(sum(r.explanation is not None for r in results), 'heatmap')} into {explain} "
+            f"({explainer.method}, "
             f"median {sorted(explainer.ms)[len(explainer.ms) // 2]:.0f} ms per image)"
         )
     if unexplained:
         print(
-            f"warning: {len(unexplained)} heatmaps could not be written (see above); every decision stands",
+            f"warning: {_count(len(unexplained), 'heatmap')} could not be written (see above); every decision stands",
             file=sys.stderr,
         )
     unsent = _write_fhir(verified, results, fhir, fhir_url, console) if fhir is not None or fhir_url else 0
@@ -601,7 +607,9 @@ def _write_fhir(verified: Any, results: list, folder: Path | None, url: str | No
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
     written = sum(bool(out.write({**r.to_dict(), "processed_at": now})) for r in results)
     left = out.flush(final=True)
-    console.print(f"wrote {written} FHIR bundles to {folder}" + (f"; sent {out.sent} to {url}" if url else ""))
+    console.print(
+        f"wrote {_count(written, 'FHIR bundle')} to {folder}" + (f"; sent {out.sent} to {url}" if url else "")
+    )
     return left
 
 

@@ -260,7 +260,7 @@ def test_predict_keeps_every_decision_when_a_heatmap_cannot_be_written(
     assert len(warnings) == 3 and "never overwritten" in warnings[0] and str(good[0]) in warnings[0]
     assert str(good[1]) in warnings[1] and "No space left" in warnings[1]
     assert warnings[2].startswith("warning: 2 heatmaps could not be written")
-    assert "wrote 1 heatmaps" in result.stdout and "Traceback" not in result.output
+    assert "wrote 1 heatmap into" in result.stdout and "Traceback" not in result.output
 
 
 def test_long_input_stem_gets_a_short_unique_heatmap_name(tmp_path):
