@@ -75,8 +75,9 @@ def test_output_paths_under_a_file_are_one_line_before_anything_is_decided(tiny_
     check_results_target(results, [tiny_build.bundle])
 
 
-def test_a_fhir_url_that_is_not_an_http_server_is_refused_at_start(tiny_build, tmp_path, fundus_images):
+def test_a_fhir_url_that_is_not_an_http_server_is_refused_at_start(tiny_build, tmp_path, fundus_images, monkeypatch):
     photo = str(fundus_images(tmp_path / "in", 1)[0])
+    monkeypatch.chdir(tmp_path)  # predict's default --fhir folder is ./fhir
     for url in ("notaurl", "ftp://x/y", "http://", "file:///etc/passwd"):
         with pytest.raises(TlcompileError, match="not a server address"):
             check_server_url(url)
@@ -87,7 +88,7 @@ def test_a_fhir_url_that_is_not_an_http_server_is_refused_at_start(tiny_build, t
     _refused(["predict", str(tiny_build.bundle), photo, "--fhir-url", "notaurl"], "'notaurl' is not a server")
     args = ["serve", str(tiny_build.bundle), "--watch", str(watch), "--out", str(out), "--once"]
     _refused([*args, "--fhir-url", "notaurl"], "'notaurl' is not a server")
-    assert not out.exists() and not Path("fhir").exists()  # nothing was created before the refusal
+    assert not out.exists() and not (tmp_path / "fhir").exists()  # nothing was created before the refusal
 
 
 def test_the_path_checks_themselves(tmp_path):
