@@ -408,7 +408,12 @@ def report_merge(
     """Merge bench results from several devices into one table with one Pareto front."""
     from tlcompile.io import atomic_write_json
     from tlcompile.runtime.bench import bench_table, merge_results
+    from tlcompile.runtime.outputs import check_parent_writable
 
+    if out is not None and (out.exists() or out.is_symlink()):  # its own input included
+        raise TlcompileError(f"--out '{out}' already exists; it is never overwritten; give a new file name")
+    if out is not None:
+        check_parent_writable("--out", out)
     rows = merge_results(results)
     _console().print(bench_table(rows, title=f"merged: {len(results)} files, {len(rows)} rows"))
     if out is not None:
@@ -420,9 +425,18 @@ def report_render(
     build_dir: Annotated[Path, typer.Argument(help="A build folder holding report.json.")],
 ) -> None:
     """Re-render report.md and report.html from BUILD_DIR/report.json alone."""
+    from tlcompile.build.outdir import BUILD_MARKER
     from tlcompile.report.render import load_report, write_reports
 
-    for path in write_reports(load_report(build_dir), build_dir):
+    report = load_report(build_dir)
+    if not (build_dir / BUILD_MARKER).is_file():
+        mine = [name for name in ("report.md", "report.html") if (build_dir / name).exists()]
+        if mine:
+            raise TlcompileError(
+                f"{build_dir} is not a build folder (no {BUILD_MARKER}); its {' and '.join(mine)} are never "
+                "overwritten; copy report.json into a new folder and render there"
+            )
+    for path in write_reports(report, build_dir):
         typer.echo(f"wrote {path}")
 
 
@@ -828,6 +842,7 @@ def data_synth(
         raise TlcompileError("data synth: give --out DIR (an APTOS-style dataset) and/or --preview FILE.png")
     if degrade and out is None:
         raise TlcompileError(f"data synth: --degrade {degrade} writes beside the dataset; give --out DIR as well")
+    _check_new_outputs(out, preview)  # before anything is generated: a user's file is never replaced
     kwargs = {"seed": seed, "style": style}
     if difficulty is not None:
         kwargs["difficulty"] = difficulty
@@ -849,6 +864,48 @@ def data_synth(
         typer.echo(f"wrote {synthetic.preview_grid(preview, real_image=real, **kwargs)}")
 
 
+def _check_new_outputs(out: Path | None, preview: Path | None) -> None:
+    """data synth's --out must be a new or empty folder, --preview a new .png file, both where this user can write."""
+    from tlcompile.runtime.outputs import check_output_folder, check_parent_writable
+
+    if out is not None:
+        check_output_folder("--out", out, what="the data set")
+        if out.is_dir() and any(out.iterdir()):
+            raise TlcompileError(
+                f"--out '{out}' is a folder that is not empty; a data set is written only into a new or empty folder "
+                "(nothing in it is ever replaced)"
+            )
+    if preview is not None:
+        if preview.exists() or preview.is_symlink():
+            raise TlcompileError(f"--preview '{preview}' already exists; it is never overwritten; give a new file name")
+        if preview.suffix.lower() != ".png":
+            raise TlcompileError(f"--preview '{preview}' is not a .png file name; give one such as preview.png")
+        check_parent_writable("--preview", preview)
+
+
+def _check_data_check_out(out: Path) -> None:
+    """data check's --out: a folder; data_check.json and problems.csv in it are replaced only when a data check wrote
+    them."""
+    from tlcompile.runtime.outputs import check_output_folder
+
+    check_output_folder("--out", out, what="data_check.json and problems.csv")
+    for name, ours in (
+        ("problems.csv", lambda text: text.split("\n", 1)[0].strip() == "file,id,kind,reason,where"),
+        ("data_check.json", lambda text: '"problem_counts"' in text and text.lstrip().startswith("{")),
+    ):
+        path = out / name
+        if path.exists() or path.is_symlink():
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+            except OSError:
+                text = ""
+            if path.is_symlink() or not ours(text):
+                raise TlcompileError(
+                    f"--out '{out}': {name} there is not one a data check wrote; it is never overwritten; "
+                    "give another folder"
+                )
+
+
 @data_app.command("check")
 def data_check(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (its data section is checked).")],
@@ -863,6 +920,8 @@ def data_check(
     from tlcompile.recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
+    if out is not None:  # before the check runs: a refused --out costs nothing
+        _check_data_check_out(out)
     report = check_data(r.data, seed=r.seed)
     for line in report.summary_lines():
         typer.echo(line)

@@ -51,7 +51,12 @@ def prepare_out_dir(out_dir: Path, *, resume: bool) -> None:
                 "(nothing was changed)"
             )
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a folder of the path should be, no permission, a read-only disk
+        raise TlcompileError(
+            f"--out '{out_dir}': cannot create the build folder ({err.strerror or err}); give a folder you can write"
+        ) from err
 
 
 def claim_out_dir(out_dir: Path) -> None:
