@@ -953,7 +953,24 @@ class TrackingConfig(Section):
 
 # ------------------------------------------------------------------------------------------------ top
 class Recipe(Section):
-    name: str = Field("build", min_length=1, max_length=100, description="Name of the build (used in reports).")
+    name: str = Field(
+        "build",
+        min_length=1,
+        max_length=100,
+        description="Name of the build (used in reports and in the default output folder runs/<name>-<time>).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # It names the default output folder: 'name: ../../x' or '/tmp/x' put a build outside runs/.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError(
+                f"{value!r} is not a plain name; valid: letters, digits, '.', '_' and '-', starting with a letter or "
+                "digit (it names the build's folder under runs/)"
+            )
+        return value
+
     seed: int = Field(
         0, ge=0, le=2**32 - 1, description="Seed for data generation, splits, initialisation and training order."
     )

@@ -112,7 +112,7 @@ def test_resume_with_another_recipe_removes_stale_stages_and_says_what_it_reused
     assert (
         "resume" in printed
         and "03_prune (not in this recipe)" in printed
-        and "02_train (its recipe sections changed" in printed
+        and "02_train (a recipe section it reads changed; it reads " in printed
     )
     assert (
         not (out / "03_prune").exists()

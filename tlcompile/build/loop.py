@@ -200,7 +200,7 @@ def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
             if not stage.reusable
             else "unfinished"
             if record is None
-            else "its recipe sections changed: " + ", ".join(stage.sections or ())
+            else "a recipe section it reads changed; it reads " + ", ".join(stage.sections or ())
         )
         shutil.rmtree(folder)
         plan["redone"].append(f"{name} ({why})")
