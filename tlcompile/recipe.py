@@ -1179,6 +1179,12 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
+def _shown_key(key: Any) -> str:
+    """A key as the one-line message shows it: a key with a newline or another control character is escaped."""
+    text = str(key)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _describe_error(err: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
     kind = err["type"]
@@ -1188,7 +1194,7 @@ def _describe_error(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         parent = loc[:-1]
         valid = _section_fields(parent)
-        return f"unknown key '{loc[-1]}'" + (f"; valid keys here: {', '.join(valid)}" if valid else "")
+        return f"unknown key '{_shown_key(loc[-1])}'" + (f"; valid keys here: {', '.join(valid)}" if valid else "")
     if kind == "literal_error":
         return f"{err.get('input')!r} is not valid; {msg[0].lower() + msg[1:]}"
     value = err.get("input")
@@ -1217,16 +1223,21 @@ def _section_fields(path: list[str]) -> list[str]:
     return sorted(model.model_fields)
 
 
-def format_validation_error(err: ValidationError, source: str, text: str | None = None) -> str:
-    """One line: ``recipe.yaml: model.arch (line 9): 'x' is not a known model; known: ...``."""
+def format_validation_error(
+    err: ValidationError, source: str, text: str | None = None, set_keys: dict[tuple[str, ...], str] | None = None
+) -> str:
+    """One line: ``recipe.yaml: model.arch (line 9): 'x' is not a known model; known: ...``; a value given with
+    ``--set`` (``set_keys``: its key path -> the --set text) is named by its --set instead of a line."""
     lines = _key_lines(text) if text else {}
     parts = []
     errors = err.errors()
     for e in errors[:3]:
         loc = tuple(str(p) for p in e["loc"])
-        line = lines.get(loc) or lines.get(loc[:-1])
+        given = next((o for key, o in (set_keys or {}).items() if loc[: len(key)] == key), None)
+        line = None if given else lines.get(loc) or lines.get(loc[:-1])
         # A check across sections (loc empty) names its keys in its own message.
-        where = ".".join(loc) + (f" (line {line})" if line else "") + ": " if loc else ""
+        origin = f" (--set {given})" if given else f" (line {line})" if line else ""
+        where = ".".join(_shown_key(p) for p in loc) + origin + ": " if loc else ""
         parts.append(f"{where}{_describe_error(e)}")
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return f"{source}: " + "; ".join(parts) + more
@@ -1325,16 +1336,23 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw = parse_recipe_yaml(text, source)
     raw = apply_overrides(raw, list(overrides or []))
     _resolve_paths(raw, path.resolve().parent)
-    recipe = validate_recipe_dict(raw, source, text)
+    # A value that came from --set is blamed on the --set, not on the line of the file it replaced.
+    set_keys = {tuple(o.split("=", 1)[0].strip().split(".")): o for o in overrides or [] if "=" in o}
+    recipe = validate_recipe_dict(raw, source, text, set_keys)
     _check_paths_exist(recipe, source)
     return recipe
 
 
-def validate_recipe_dict(raw: dict[str, Any], source: str = "recipe", text: str | None = None) -> Recipe:
+def validate_recipe_dict(
+    raw: dict[str, Any],
+    source: str = "recipe",
+    text: str | None = None,
+    set_keys: dict[tuple[str, ...], str] | None = None,
+) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(format_validation_error(err, source, text)) from err
+        raise RecipeError(format_validation_error(err, source, text, set_keys)) from err
 
 
 def recipe_json_schema() -> dict[str, Any]:

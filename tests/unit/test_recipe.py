@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tlcompile.errors import RecipeError
-from tlcompile.recipe import load_recipe, recipe_json_schema
+from tlcompile.recipe import load_recipe, recipe_json_schema, validate_recipe_dict
 
 
 def _mutate(base: dict, path: str, value) -> dict:
@@ -104,6 +104,12 @@ def test_overrides_apply_and_are_validated(tiny_recipe_dict, write_recipe):
         load_recipe(path, ["train.lr=-3"])
     with pytest.raises(RecipeError, match="'train.epochs' is a value"):
         load_recipe(path, ["train.epochs.x=1"])
+    # A bad value from --set is blamed on the --set, not on the line of the file it replaced.
+    with pytest.raises(RecipeError, match=r"train\.epochs \(--set train\.epochs=ten\): 'ten'") as info:
+        load_recipe(path, ["train.epochs=ten"])
+    assert "(line " not in str(info.value)
+    with pytest.raises(RecipeError, match=r"train\.epoch \(--set train\.epoch=3\): unknown key 'epoch'"):
+        load_recipe(path, ["train.epoch=3"])
 
 
 def test_fingerprint_is_stable_and_sensitive(tiny_recipe_dict, write_recipe):
@@ -171,3 +177,10 @@ def test_eyepacs_gpu_recipe_is_valid(tmp_path):
         [f"data.root={tmp_path}", f"data.cache={tmp_path / 'c'}"],
     )
     assert (r.train.device, r.train.amp, r.train.channels_last, r.data.image_size) == ("cuda", "bf16", True, 512)
+
+
+def test_a_key_with_a_newline_is_shown_escaped_on_one_line():
+    """Found by the recipe fuzz test: an unknown key holding a newline split the one-line message in two."""
+    with pytest.raises(RecipeError) as info:
+        validate_recipe_dict({"train": {"a\nb": 0}}, "fuzz")
+    assert "\n" not in str(info.value) and "train.a\\nb: unknown key 'a\\nb'" in str(info.value)
