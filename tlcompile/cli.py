@@ -436,7 +436,14 @@ def report_render(
                 f"{build_dir} is not a build folder (no {BUILD_MARKER}); its {' and '.join(mine)} are never "
                 "overwritten; copy report.json into a new folder and render there"
             )
-    for path in write_reports(report, build_dir):
+    try:
+        paths = write_reports(report, build_dir)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+        from tlcompile.report.schema import validate_report
+
+        validate_report(report)  # a report.json that does not match the schema: one line naming the first bad key
+        raise  # it matches: a bug in the renderer, which keeps its traceback
+    for path in paths:
         typer.echo(f"wrote {path}")
 
 

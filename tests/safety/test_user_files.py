@@ -70,6 +70,14 @@ def test_report_merge_and_render_never_replace_a_users_file(tiny_build, tmp_path
     (folder / "report.md").write_text("my notes")
     _refused(["report", "render", folder], "is not a build folder")
     assert (folder / "report.md").read_text() == "my notes"
+    # Malformed inputs are one line naming what is wrong, not a KeyError from deep inside the renderer or the merge.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "report.json").write_text(json.dumps({"artifacts": [{}]}))
+    _refused(["report", "render", bad], "required key is missing")
+    for content, problem in (({"runs": [{}]}, "runs[0] has no 'rows' list"), ({"runs": [{"rows": [{}]}]}, "lacks")):
+        (tmp_path / "m.json").write_text(json.dumps(content))
+        _refused(["report", "merge", tmp_path / "m.json"], problem)
 
 
 def test_build_out_under_a_file_is_one_line(tmp_path, tiny_recipe_dict):

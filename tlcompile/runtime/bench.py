@@ -492,6 +492,17 @@ def read_results(path: Path) -> dict[str, Any]:
         raise BenchError(
             f"'{path}': not a bench results file (expected {{\"runs\": [...]}} written by tlcompile bench --out)"
         )
+    for i, run in enumerate(obj["runs"]):  # what merging and the table read of each row
+        rows = run.get("rows") if isinstance(run, dict) else None
+        if not isinstance(rows, list):
+            raise BenchError(f"'{path}': runs[{i}] has no 'rows' list; not a run written by tlcompile bench --out")
+        for j, row in enumerate(rows):
+            missing = [k for k in ("name", "runtime", "latency_ms") if not isinstance(row, dict) or k not in row]
+            if missing or not isinstance(row.get("latency_ms"), dict):
+                raise BenchError(
+                    f"'{path}': runs[{i}].rows[{j}] lacks {', '.join(missing) or 'a latency_ms mapping'}; not a row "
+                    "written by tlcompile bench --out"
+                )
     return obj
 
 
