@@ -849,6 +849,8 @@ def data_synth(
         raise TlcompileError("data synth: give --out DIR (an APTOS-style dataset) and/or --preview FILE.png")
     if degrade and out is None:
         raise TlcompileError(f"data synth: --degrade {degrade} writes beside the dataset; give --out DIR as well")
+    if style not in synthetic.FUNDUS_STYLES:
+        raise TlcompileError(f"--style '{style}' is not valid; valid: {', '.join(sorted(synthetic.FUNDUS_STYLES))}")
     _check_new_outputs(out, preview)  # before anything is generated: a user's file is never replaced
     kwargs = {"seed": seed, "style": style}
     if difficulty is not None:

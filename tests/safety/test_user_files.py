@@ -26,6 +26,7 @@ def test_data_synth_never_replaces_a_file(tmp_path):
     _refused(["data", "synth", "--preview", mine], "already exists; it is never overwritten")
     _refused(["data", "synth", "--preview", tmp_path], "already exists")  # a folder
     _refused(["data", "synth", "--preview", tmp_path / "p.jpg"], "is not a .png file name")
+    _refused(["data", "synth", "--preview", tmp_path / "p.png", "--style", "nosuch"], "--style 'nosuch' is not valid")
     _refused(["data", "synth", "--preview", mine / "p.png"], "is a file, not a folder")
     own = tmp_path / "set" / "train_images" / "syn000001.png"
     own.parent.mkdir(parents=True)
