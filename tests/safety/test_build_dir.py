@@ -99,6 +99,10 @@ def test_resume_with_another_recipe_removes_stale_stages_and_says_what_it_reused
     first = validate_recipe_dict(compress_like_recipe)
     build(first, out, console=Console(quiet=True))
     assert (out / "03_prune").is_dir() and (out / "05_export" / "fp32.xml").is_file() and (out / "bundle").is_dir()
+    # Someone's notes, put into stage folders after the build: a redone stage and a removed one keep them.
+    (out / "02_train" / "my_eval.txt").write_text("mine")
+    (out / "03_prune" / "notes").mkdir()
+    (out / "03_prune" / "notes" / "why.txt").write_text("also mine")
 
     second = dict(compress_like_recipe)
     second.pop("prune")
@@ -114,19 +118,33 @@ def test_resume_with_another_recipe_removes_stale_stages_and_says_what_it_reused
         and "03_prune (not in this recipe)" in printed
         and "02_train (a recipe section it reads changed; it reads " in printed
     )
-    assert (
-        not (out / "03_prune").exists()
-        and not (out / "05_export" / "fp32.xml").exists()
-        and not (out / "bundle").exists()
-    )
+    assert "kept 02_train/my_eval.txt, 03_prune/notes/why.txt (not written by the build" in printed
+    assert (out / "02_train" / "my_eval.txt").read_text() == "mine"
+    assert sorted(p.relative_to(out / "03_prune").as_posix() for p in (out / "03_prune").rglob("*")) == [
+        ".tlcompile-kept.json",
+        "notes",
+        "notes/why.txt",
+    ]  # the stage's own files went, the notes stayed (and the list of what was kept)
+    assert not (out / "05_export" / "fp32.xml").exists() and not (out / "bundle").exists()
     manifest = json.loads((out / "manifest.json").read_text())["files"]
-    assert not [f for f in manifest if f.startswith("03_prune/") or f.endswith(".xml") or ".openvino." in f]
+    assert not [
+        f
+        for f in manifest
+        if (f.startswith("03_prune/") and "notes" not in f and "kept" not in f)
+        or f.endswith(".xml")
+        or ".openvino." in f
+    ]
     assert report["preprocessing"]["size"] == 32 and {a["name"] for a in report["artifacts"]} == {"fp32"}
     # Resumed again with the same recipe: every stage is reused.
     console = Console(record=True, width=300)
     build(validate_recipe_dict(second), out, resume=True, console=console)
     printed = console.export_text()
     assert "reused 01_data, 02_train, 05_export" in printed and "train: resumed from" in printed
+    # Redone again (training changes): the notes kept before are kept again, though now older than its stage.json.
+    third = {**second, "train": {**second["train"], "lr": 0.001}}
+    build(validate_recipe_dict(third), out, resume=True, console=Console(quiet=True))
+    assert (out / "02_train" / "my_eval.txt").read_text() == "mine"
+    assert (out / "03_prune" / "notes" / "why.txt").read_text() == "also mine"
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ sections the stage reads, times it, and stops torchrun workers once training is 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -172,19 +173,20 @@ def write_outputs(ctx: BuildContext) -> None:
 def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
     """Before a resumed build runs: keep each finished stage of this same recipe; clear every other stage folder
     (finished under another recipe, unfinished, or not in this recipe at all) and the build-wide outputs, so that
-    nothing of an earlier recipe is mixed into this build or listed in its manifest.
+    nothing of an earlier recipe is mixed into this build or listed in its manifest. A file someone added into a stage
+    folder after that stage finished is kept, and named (:func:`_clear_stage_folder`).
 
     The epoch checkpoints of an unfinished training stage are kept: each carries the recipe's fingerprint and is
     only resumed by the same recipe. Returns what was reused, redone and removed, by stage folder."""
     planned = {stage.folder: stage for stage in planned_stages(ctx.recipe) if stage.folder}
-    plan: dict[str, list[str]] = {"reused": [], "redone": [], "removed": []}
+    plan: dict[str, list[str]] = {"reused": [], "redone": [], "removed": [], "kept": []}
     folders = sorted(
         p for p in ctx.out_dir.iterdir() if p.is_dir() and not p.is_symlink() and _STAGE_FOLDER.fullmatch(p.name)
     )
     for folder in folders:
         name = folder.name
         if name not in planned:
-            shutil.rmtree(folder)
+            plan["kept"] += _clear_stage_folder(folder)
             plan["removed"].append(f"{name} (not in this recipe)")
             continue
         stage = planned[name]
@@ -202,7 +204,7 @@ def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
             if record is None
             else "a recipe section it reads changed; it reads " + ", ".join(stage.sections or ())
         )
-        shutil.rmtree(folder)
+        plan["kept"] += _clear_stage_folder(folder)
         plan["redone"].append(f"{name} ({why})")
     for rel in BUILD_OUTPUTS:
         path = ctx.out_dir / rel
@@ -211,12 +213,54 @@ def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
     if ctx.recipe.bundle.enabled is False and (ctx.out_dir / "bundle").is_dir():
         shutil.rmtree(ctx.out_dir / "bundle")
         plan["removed"].append("bundle (this recipe makes none)")
+    if plan["kept"]:
+        plan["kept"] = [", ".join(plan["kept"]) + " (not written by the build: added after its stage finished)"]
     ctx.console.print(
         "[bold]resume[/]: " + "; ".join(f"{k} {', '.join(v)}" for k, v in plan.items() if v)
         if any(plan.values())
         else "[bold]resume[/]: nothing to reuse"
     )
     return plan
+
+
+KEPT_LIST = ".tlcompile-kept.json"  # in a stage folder: the files of someone else's that a resume kept there
+
+
+def _clear_stage_folder(folder: Path) -> list[str]:
+    """Remove what a stage wrote into ``folder``, keeping any file added after the stage finished (newer than its
+    stage.json: someone's notes, not the build's output) and any kept before (listed in KEPT_LIST, which is written
+    beside them); returns those kept, relative to the build folder. Otherwise the folder goes whole."""
+    kept_list = folder / KEPT_LIST
+    try:
+        kept_before = set(json.loads(kept_list.read_text())) if kept_list.is_file() else set()
+    except (OSError, ValueError, TypeError):
+        kept_before = set()
+    marker = folder / "stage.json"
+    finished = marker.stat().st_mtime_ns if marker.is_file() and not marker.is_symlink() else None
+    entries = sorted(folder.rglob("*"), reverse=True)  # a folder's contents before the folder
+    keep = {
+        p
+        for p in entries
+        if p.is_file()
+        and not p.is_symlink()
+        and p != kept_list
+        and (
+            p.relative_to(folder).as_posix() in kept_before
+            or (finished is not None and p.stat().st_mtime_ns > finished)
+        )
+    }
+    if not keep:
+        shutil.rmtree(folder)
+        return []
+    for path in entries:
+        if path in keep:
+            continue
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        elif not any(path.iterdir()):
+            path.rmdir()
+    atomic_write_text(kept_list, json.dumps(sorted(p.relative_to(folder).as_posix() for p in keep)))
+    return sorted(p.relative_to(folder.parent).as_posix() for p in keep)
 
 
 def input_list_sha256(data_module: DataModule) -> str:
