@@ -82,6 +82,21 @@ def no_plots(monkeypatch):
     monkeypatch.setattr(html, "PLOTS", ())
 
 
+def cli_refusal(args: list, match: str) -> str:
+    """Run ``tlcompile ARGS`` in this process and return its refusal: a TlcompileError (the CLI prints ``error: ...``
+    and exits 2) whose one-line message holds ``match``."""
+    from typer.testing import CliRunner
+
+    from tlcompile.cli import app
+    from tlcompile.errors import TlcompileError
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert isinstance(result.exception, TlcompileError), (result.exit_code, result.output, result.exception)
+    message = str(result.exception)
+    assert match in message and "\n" not in message, message
+    return message
+
+
 @pytest.fixture
 def few_rise_masks(monkeypatch):
     """RISE heatmaps of FEW_RISE_MASKS masks, for tests of where heatmaps go rather than of what they show."""

@@ -408,12 +408,10 @@ def report_merge(
     """Merge bench results from several devices into one table with one Pareto front."""
     from tlcompile.io import atomic_write_json
     from tlcompile.runtime.bench import bench_table, merge_results
-    from tlcompile.runtime.outputs import check_parent_writable
+    from tlcompile.runtime.outputs import check_new_file
 
-    if out is not None and (out.exists() or out.is_symlink()):  # its own input included
-        raise TlcompileError(f"--out '{out}' already exists; it is never overwritten; give a new file name")
     if out is not None:
-        check_parent_writable("--out", out)
+        check_new_file("--out", out)  # its own input included
     rows = merge_results(results)
     _console().print(bench_table(rows, title=f"merged: {len(results)} files, {len(rows)} rows"))
     if out is not None:
@@ -539,25 +537,26 @@ def predict(
     """Referral decision, grade and P(referable DR) per image, with the bundle's preprocessing (verified first)."""
     from rich.table import Table
 
-    from tlcompile.runtime.bundle import open_verified
-    from tlcompile.runtime.outputs import bundle_folder, check_output_folder, check_server_url, refuse_inside_bundle
+    from tlcompile.runtime.bundle import bundle_root, open_verified
+    from tlcompile.runtime.outputs import check_output_folder, check_server_url, refuse_inside_bundle
     from tlcompile.runtime.pipeline import check_workers
     from tlcompile.runtime.predict import check_csv_target, expand_inputs, predict_paths, write_results_csv
 
     workers = check_workers(workers)
     paths = expand_inputs(images)
-    bundle_root = bundle_folder(bundle)
+    root = bundle_root(bundle)
     if csv is not None:  # before anything is decided: a refused --csv costs nothing
-        check_csv_target(csv, inputs=paths, bundle_root=bundle_root)
-    if fhir is not None or fhir_url:  # likewise a refused --fhir folder or --fhir-url
+        check_csv_target(csv, inputs=paths, bundle_root=root)
+    fhir_folder = (fhir if fhir is not None else Path("fhir")) if fhir is not None or fhir_url else None
+    if fhir_folder is not None:  # likewise a refused --fhir folder or --fhir-url
         if fhir_url:
             check_server_url(fhir_url)
-        refuse_inside_bundle("--fhir", fhir if fhir is not None else Path("fhir"), bundle_root, kind="folder")
-        check_output_folder("--fhir", fhir if fhir is not None else Path("fhir"), what="the FHIR bundles")
+        refuse_inside_bundle("--fhir", fhir_folder, root, kind="folder")
+        check_output_folder("--fhir", fhir_folder, what="the FHIR bundles")
     if explain is not None:  # likewise a refused --explain target
         from tlcompile.runtime.explain import check_explain_dir, explain_targets
 
-        targets = explain_targets(paths, check_explain_dir(explain, bundle_root=bundle_root, inputs=images))
+        targets = explain_targets(paths, check_explain_dir(explain, bundle_root=root, inputs=images))
     verified = open_verified(bundle, threads=threads, trust=trust, workers=workers)
     print(verified.notice, file=sys.stderr)
     b = verified.bundle
@@ -608,7 +607,7 @@ def predict(
             f"warning: {_count(len(unexplained), 'heatmap')} could not be written (see above); every decision stands",
             file=sys.stderr,
         )
-    unsent = _write_fhir(verified, results, fhir, fhir_url, console) if fhir is not None or fhir_url else 0
+    unsent = _write_fhir(verified, results, fhir_folder, fhir_url, console) if fhir_folder is not None else 0
     failed = sum(r.error is not None for r in results)
     if failed:
         print(f"error: {failed} of {len(results)} images could not be read (see the note column)", file=sys.stderr)
@@ -617,13 +616,12 @@ def predict(
         raise typer.Exit(1)
 
 
-def _write_fhir(verified: Any, results: list, folder: Path | None, url: str | None, console: Any) -> int:
+def _write_fhir(verified: Any, results: list, folder: Path, url: str | None, console: Any) -> int:
     """predict --fhir: one FHIR bundle per decided image; returns how many still wait in the outbox."""
     import datetime as dt
 
     from tlcompile.runtime.fhir import FhirOutput, model_identity
 
-    folder = folder if folder is not None else Path("fhir")
     out = FhirOutput(folder, model_identity(verified), url=url, log=lambda line: print(line, file=sys.stderr))
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
     written = sum(bool(out.write({**r.to_dict(), "processed_at": now})) for r in results)
@@ -875,7 +873,7 @@ def data_synth(
 
 def _check_new_outputs(out: Path | None, preview: Path | None) -> None:
     """data synth's --out must be a new or empty folder, --preview a new .png file, both where this user can write."""
-    from tlcompile.runtime.outputs import check_output_folder, check_parent_writable
+    from tlcompile.runtime.outputs import check_new_file, check_output_folder
 
     if out is not None:
         check_output_folder("--out", out, what="the data set")
@@ -885,21 +883,20 @@ def _check_new_outputs(out: Path | None, preview: Path | None) -> None:
                 "(nothing in it is ever replaced)"
             )
     if preview is not None:
-        if preview.exists() or preview.is_symlink():
-            raise TlcompileError(f"--preview '{preview}' already exists; it is never overwritten; give a new file name")
+        check_new_file("--preview", preview)
         if preview.suffix.lower() != ".png":
             raise TlcompileError(f"--preview '{preview}' is not a .png file name; give one such as preview.png")
-        check_parent_writable("--preview", preview)
 
 
 def _check_data_check_out(out: Path) -> None:
     """data check's --out: a folder; data_check.json and problems.csv in it are replaced only when a data check wrote
     them."""
+    from tlcompile.data.checks import PROBLEMS_CSV_COLUMNS
     from tlcompile.runtime.outputs import check_output_folder
 
     check_output_folder("--out", out, what="data_check.json and problems.csv")
     for name, ours in (
-        ("problems.csv", lambda text: text.split("\n", 1)[0].strip() == "file,id,kind,reason,where"),
+        ("problems.csv", lambda text: text.split("\n", 1)[0].strip() == ",".join(PROBLEMS_CSV_COLUMNS)),
         ("data_check.json", lambda text: '"problem_counts"' in text and text.lstrip().startswith("{")),
     ):
         path = out / name

@@ -1337,7 +1337,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw = apply_overrides(raw, list(overrides or []))
     _resolve_paths(raw, path.resolve().parent)
     # A value that came from --set is blamed on the --set, not on the line of the file it replaced.
-    set_keys = {tuple(o.split("=", 1)[0].strip().split(".")): o for o in overrides or [] if "=" in o}
+    set_keys = {tuple(_parse_override(o)[0]): o for o in overrides or []}
     recipe = validate_recipe_dict(raw, source, text, set_keys)
     _check_paths_exist(recipe, source)
     return recipe

@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from tlcompile.cli import app
+from tests.conftest import cli_refusal
 from tlcompile.errors import TlcompileError
 from tlcompile.runtime.bench import check_results_target
 from tlcompile.runtime.outputs import check_parent_writable, check_server_url, refuse_inside_bundle
@@ -19,15 +18,6 @@ from tlcompile.runtime.serve import serve
 
 def _listing(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _refused(args: list[str], match: str) -> str:
-    """The command's one-line refusal (the CLI prints ``error: <message>`` and exits 2)."""
-    result = CliRunner().invoke(app, args)
-    assert isinstance(result.exception, TlcompileError), (result.exit_code, result.output, result.exception)
-    message = str(result.exception)
-    assert match in message and "\n" not in message, message
-    return message
 
 
 def test_serve_never_writes_into_the_bundle(bundle_copy, tmp_path, fundus_images):
@@ -46,8 +36,8 @@ def test_serve_never_writes_into_the_bundle(bundle_copy, tmp_path, fundus_images
 def test_predict_fhir_and_bench_out_never_write_into_the_bundle(bundle_copy, tmp_path, fundus_images):
     before = _listing(bundle_copy)
     photo = str(fundus_images(tmp_path / "in", 1)[0])
-    _refused(["predict", str(bundle_copy), photo, "--fhir", str(bundle_copy / "fhir")], "is inside the bundle")
-    _refused(
+    cli_refusal(["predict", str(bundle_copy), photo, "--fhir", str(bundle_copy / "fhir")], "is inside the bundle")
+    cli_refusal(
         ["bench", str(bundle_copy), "--iterations", "1", "--out", str(bundle_copy / "b.json")], "inside the bundle"
     )
     with pytest.raises(TlcompileError, match="inside the bundle"):  # the bundle named by its bundle.json
@@ -60,14 +50,14 @@ def test_output_paths_under_a_file_are_one_line_before_anything_is_decided(tiny_
     notes = tmp_path / "notes.txt"
     notes.write_text("a grader's notes\n")
     bundle = str(tiny_build.bundle)
-    _refused(["predict", bundle, photo, "--csv", str(notes / "res.csv")], "is a file, not a folder")
-    _refused(["predict", bundle, photo, "--fhir", str(notes)], "is a file; give a folder for the FHIR bundles")
-    _refused(["bench", bundle, "--iterations", "1", "--out", str(notes / "b.json")], "is a file, not a folder")
+    cli_refusal(["predict", bundle, photo, "--csv", str(notes / "res.csv")], "is a file, not a folder")
+    cli_refusal(["predict", bundle, photo, "--fhir", str(notes)], "is a file; give a folder for the FHIR bundles")
+    cli_refusal(["bench", bundle, "--iterations", "1", "--out", str(notes / "b.json")], "is a file, not a folder")
     # An existing file that is not a bench results file (a photo here) is refused before measuring, and kept.
     jpeg = tmp_path / "photo.jpg"
     jpeg.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
     before = jpeg.read_bytes()
-    _refused(["bench", bundle, "--iterations", "1", "--out", str(jpeg)], "not a bench results file")
+    cli_refusal(["bench", bundle, "--iterations", "1", "--out", str(jpeg)], "not a bench results file")
     assert jpeg.read_bytes() == before and notes.read_text() == "a grader's notes\n"
     # A results file of bench is appended to, as before.
     results = tmp_path / "bench.json"
@@ -85,9 +75,9 @@ def test_a_fhir_url_that_is_not_an_http_server_is_refused_at_start(tiny_build, t
     assert check_server_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080"
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
-    _refused(["predict", str(tiny_build.bundle), photo, "--fhir-url", "notaurl"], "'notaurl' is not a server")
+    cli_refusal(["predict", str(tiny_build.bundle), photo, "--fhir-url", "notaurl"], "'notaurl' is not a server")
     args = ["serve", str(tiny_build.bundle), "--watch", str(watch), "--out", str(out), "--once"]
-    _refused([*args, "--fhir-url", "notaurl"], "'notaurl' is not a server")
+    cli_refusal([*args, "--fhir-url", "notaurl"], "'notaurl' is not a server")
     assert not out.exists() and not (tmp_path / "fhir").exists()  # nothing was created before the refusal
 
 

@@ -52,6 +52,8 @@ PROBLEM_KINDS = {
 }
 GRADE_NAMES = ("no DR", "mild", "moderate", "severe", "proliferative")
 
+PROBLEMS_CSV_COLUMNS = ("file", "id", "kind", "reason", "where")  # problems.csv, one row per problem
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -269,7 +271,7 @@ class DataReport:
     def problems_csv(self) -> str:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["file", "id", "kind", "reason", "where"])
+        writer.writerow(PROBLEMS_CSV_COLUMNS)
         for p in self.problems:
             writer.writerow([p.file or "", p.id or "", p.kind, p.reason, p.where])
         return buffer.getvalue()

@@ -25,6 +25,7 @@ from tlcompile.evaluate.metrics import classification_metrics
 from tlcompile.io import atomic_write_json
 from tlcompile.runtime import fast_preprocess
 from tlcompile.runtime.backends import FILE_RUNTIMES, FORMATS, MODEL_SUFFIXES, RUNTIMES, backend, format_of, size_bytes
+from tlcompile.runtime.bundle import BUNDLE_JSON, bundle_root
 from tlcompile.runtime.cpuinfo import cpu_info
 from tlcompile.runtime.inference import default_threads, open_session, predict_logits
 from tlcompile.runtime.latency import measure_latency
@@ -456,7 +457,7 @@ def check_results_target(path: Path, models: Iterable[Path] = ()) -> None:
     """``--out``, before anything is measured: not inside a bundle being benched, not a folder, a results file of
     ``tlcompile bench --out`` if it exists (it is appended to, never replaced), and in a folder that can be written."""
     for model in models:
-        if (model / "bundle.json").is_file() or (model.name == "bundle.json" and model.is_file()):
+        if (bundle_root(model) / BUNDLE_JSON).is_file():
             refuse_inside_bundle("--out", path, model)
     if path.is_dir():
         raise BenchError(f"--out '{path}' is a folder; give a results file such as bench.json")

@@ -240,10 +240,16 @@ class Bundle:
         return readings
 
 
+def bundle_root(path: str | Path) -> Path:
+    """The bundle's folder, from the folder or its bundle.json (what every command accepts)."""
+    path = Path(path)
+    return path.parent if path.name == BUNDLE_JSON and path.is_file() else path
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Read ``bundle.json`` from a bundle folder (or the file itself); checks its shape, not its hashes."""
     path = Path(path)
-    root = path.parent if path.name == BUNDLE_JSON and path.is_file() else path
+    root = bundle_root(path)
     meta_path = root / BUNDLE_JSON
     if not root.is_dir():
         raise BundleError(f"bundle '{path}' is not a folder; give the bundle/ folder a build wrote (BUILD_DIR/bundle)")

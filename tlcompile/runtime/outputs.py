@@ -15,19 +15,14 @@ import urllib.parse
 from pathlib import Path
 
 from tlcompile.errors import TlcompileError
+from tlcompile.runtime.bundle import bundle_root
 
 
-def bundle_folder(path: str | Path) -> Path:
-    """The bundle's folder, from the folder or its bundle.json (what the commands accept)."""
-    path = Path(path)
-    return path.parent if path.name == "bundle.json" else path
-
-
-def refuse_inside_bundle(option: str, path: str | Path, bundle_root: str | Path | None, *, kind: str = "file") -> None:
-    """Refuse ``path`` (``kind``: file or folder) when it is the bundle's folder or anything inside it."""
-    if bundle_root is None:
+def refuse_inside_bundle(option: str, path: str | Path, bundle: str | Path | None, *, kind: str = "file") -> None:
+    """Refuse ``path`` (``kind``: file or folder) when it is the bundle's folder (or its bundle.json) or inside it."""
+    if bundle is None:
         return
-    root = bundle_folder(bundle_root)
+    root = bundle_root(bundle)
     if Path(path).resolve().is_relative_to(root.resolve()):
         raise TlcompileError(
             f"{option} '{path}' is inside the bundle {root}; writing there would break it (its manifest lists every "
@@ -48,7 +43,15 @@ def check_parent_writable(option: str, path: str | Path) -> None:
         raise TlcompileError(f"{option} '{path}': no permission to write into '{above}'; give a path you can write")
 
 
-def check_output_folder(option: str, folder: str | Path, *, what: str) -> Path:
+def check_new_file(option: str, path: str | Path) -> None:
+    """An output file that must not exist yet (it is never overwritten), in a folder this user can write."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise TlcompileError(f"{option} '{path}' already exists; it is never overwritten; give a new file name")
+    check_parent_writable(option, path)
+
+
+def check_output_folder(option: str, folder: str | Path, *, what: str) -> None:
     """An output folder that may not exist yet: refused when it is a file or when its nearest existing parent cannot
     be written (``what``: what goes in it, for the message)."""
     folder = Path(folder)
@@ -56,7 +59,6 @@ def check_output_folder(option: str, folder: str | Path, *, what: str) -> Path:
         raise TlcompileError(f"{option} '{folder}' is a file; give a folder for {what}")
     if not folder.exists():
         check_parent_writable(option, folder)
-    return folder
 
 
 def check_server_url(url: str, option: str = "--fhir-url") -> str:

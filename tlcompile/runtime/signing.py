@@ -264,12 +264,12 @@ def check_signature(bundle_dir: str | Path, trusted: list[str | Path] | None = N
         if keys:
             check.problems.append(f"{MANIFEST_JSON}: cannot read it to check the signature ({err.strerror or err})")
         return check  # without --trust, the manifest check says what is wrong with it
-    signed = record.get("manifest_sha256")
-    if isinstance(signed, str) and signed != hashlib.sha256(data).hexdigest():
+    signed, actual = record.get("manifest_sha256"), hashlib.sha256(data).hexdigest()
+    if isinstance(signed, str) and signed != actual:
         # Seen without any key: the signature was made over another manifest, so the bundle changed after signing.
         check.problems.append(
             f"{SIGNATURE_JSON}: signed a different {MANIFEST_JSON} (sha256 {signed[:16]}, this one "
-            f"{hashlib.sha256(data).hexdigest()[:16]}); the bundle was changed after signing: restore it, or sign it "
+            f"{actual[:16]}); the bundle was changed after signing: restore it, or sign it "
             "again (tlcompile bundle sign --replace)"
         )
         return check
