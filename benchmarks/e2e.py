@@ -205,9 +205,23 @@ def main() -> None:
     bundle = load_bundle(bundle_path)
     session = bundle.open_session(threads=args.threads)
     # The backlog's sessions as predict and serve open them (runtime.bundle.open_verified): with more than one
-    # worker the runtime's threads sleep between runs, where the checkout has that option.
+    # worker the runtime's threads sleep between runs, and the model gets the cores the workers leave (at least one),
+    # where the checkout has those.
     quiet = "busy_wait" in inspect.signature(bundle.open_session).parameters
-    backlog_session = bundle.open_session(threads=args.threads, busy_wait=False) if quiet else session
+    try:
+        from tlcompile.runtime.pipeline import model_threads
+    except ImportError:  # an older checkout: all cores
+        model_threads = None
+    opened = {}
+
+    def backlog_session(workers: int):
+        if workers <= 1 or not quiet:
+            return session
+        if workers not in opened:
+            threads = args.threads or (model_threads(workers) if model_threads else None)
+            opened[workers] = bundle.open_session(threads=threads, busy_wait=False)
+        return opened[workers]
+
     images = camera_images(args.cache / f"camera_{width}x{height}", width, height, args.distinct)
     paths = backlog_folder(args.cache / f"backlog_{width}x{height}", images, args.backlog)
 
@@ -220,7 +234,7 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
     rates = {}
     if paths:
-        rates = backlog(bundle, lambda w: session if w <= 1 else backlog_session, paths, workers, args.rounds)
+        rates = backlog(bundle, backlog_session, paths, workers, args.rounds)
         print(f"load average after backlog: {load()}")
     print()
     print("| decode | preprocess | checks | infer | predict total | preprocess/decode |")
@@ -233,7 +247,10 @@ def main() -> None:
     if not rates:
         return
     print()
-    line = ", ".join(f"{w} worker{'s' if w > 1 else ''}: {r:.1f} img/s" for w, r in rates.items())
+    line = ", ".join(
+        f"{w} worker{'s' if w > 1 else ''} (model threads {backlog_session(w).threads}): {r:.1f} img/s"
+        for w, r in rates.items()
+    )
     if 1 in rates and len(rates) > 1:
         best = max(rates)
         line += f"; {best} vs 1: {rates[best] / rates[1]:.2f}x"

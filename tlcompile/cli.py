@@ -542,8 +542,8 @@ def predict(
     from tlcompile.runtime.pipeline import check_workers
     from tlcompile.runtime.predict import check_csv_target, expand_inputs, predict_paths, write_results_csv
 
-    workers = check_workers(workers)
     paths = expand_inputs(images)
+    workers = min(check_workers(workers), max(1, len(paths)))  # one photo: one worker, the model's threads spin
     root = bundle_root(bundle)
     if csv is not None:  # before anything is decided: a refused --csv costs nothing
         check_csv_target(csv, inputs=paths, bundle_root=root)
@@ -557,7 +557,7 @@ def predict(
         from tlcompile.runtime.explain import check_explain_dir, explain_targets
 
         targets = explain_targets(paths, check_explain_dir(explain, bundle_root=root, inputs=images))
-    verified = open_verified(bundle, threads=threads, trust=trust, workers=workers)
+    verified = open_verified(bundle, threads=threads, trust=trust, workers=workers, explain=explain is not None)
     print(verified.notice, file=sys.stderr)
     b = verified.bundle
     disclaimer = _model_card_disclaimer(b.meta)

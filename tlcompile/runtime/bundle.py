@@ -45,6 +45,7 @@ from tlcompile.runtime.pinning import (
     read_device,
     write_device,
 )
+from tlcompile.runtime.pipeline import model_threads
 from tlcompile.runtime.preprocess import PreprocessSpec, prepare_image, to_input
 from tlcompile.runtime.quality import QualityCheck, QualityGate, check_quality
 from tlcompile.runtime.signing import SignatureCheck, check_signature
@@ -761,6 +762,7 @@ def open_verified(
     threads: int | None = None,
     trust: list[str | Path] | None = None,
     workers: int = 1,
+    explain: bool = False,
 ) -> VerifiedBundle:
     """Load a bundle, check every hash (and, with ``trust``, its signature), pick the candidate pinned for this box in
     device.json (else the build's choice, with a notice saying so) and run its golden samples; raise
@@ -770,7 +772,8 @@ def open_verified(
     ``workers``: their threads that prepare photos beside the model. With more than one, the runtime's threads sleep
     between runs instead of spinning (see :func:`tlcompile.runtime.inference.open_session`): ONNX Runtime's spinning
     held a core that two workers on two cores needed (99 -> 136 photos/s); alone, spinning answers sooner (the model's
-    time per photo 1.0 -> 0.6 ms on the quickstart bundle), and the other core has nothing else to do.
+    time per photo 1.0 -> 0.6 ms on the quickstart bundle), and the other core has nothing else to do. ``threads``
+    (None: :func:`tlcompile.runtime.pipeline.model_threads` of ``workers`` and ``explain``): the model's threads.
     """
     bundle = load_bundle(path)
     signature = check_signature(bundle.root, trust)
@@ -793,6 +796,8 @@ def open_verified(
         cid, pinned = bundle.default_candidate, False
         notice = f"running the build's choice {cid}: {why_not}"
     view = bundle.candidate(cid)
+    if threads is None:
+        threads = model_threads(workers, explain=explain)
     session = view.open_session(threads, busy_wait=workers <= 1)
     try:
         golden = check_golden(view, session=session)

@@ -35,6 +35,23 @@ def default_workers() -> int:
     return max(1, min(DEFAULT_MAX_WORKERS, default_threads()))
 
 
+def model_threads(workers: int, *, explain: bool = False) -> int:
+    """The model's threads beside ``workers`` threads that prepare photos: every usable core for one worker or for
+    explanations (a heatmap runs the model on hundreds of masked copies of each photo, the model is then the work);
+    otherwise the cores the workers leave, at least one.
+
+    The workers keep their cores busy on a backlog, and a model thread pool spread over those cores only adds
+    wake-ups: two workers and a two-thread ONNX Runtime on 2 cores took 20.6-21.0 ms of CPU per photo (~18k context
+    switches per 200 photos) and cleared 88-90 photos/s; with one model thread, 18.9-19.0 ms and 97-98 photos/s
+    (quickstart bundle, fp32 and int8 on onnxruntime, "AMD EPYC" with AVX-512; OpenVINO's int8 was the same either
+    way). The README's build-time section has the figures and the command.
+    """
+    cores = default_threads()
+    if workers <= 1 or explain:
+        return cores
+    return max(1, cores - workers)
+
+
 def check_workers(workers: int | None, source: str = "--workers") -> int:
     """``workers`` (None: :func:`default_workers`), refused with one line when out of range."""
     if workers is None:

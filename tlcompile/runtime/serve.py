@@ -539,7 +539,7 @@ def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
     try:
-        verified = open_verified(bundle_path, threads=threads, trust=trust, workers=workers)
+        verified = open_verified(bundle_path, threads=threads, trust=trust, workers=workers, explain=explain)
         b = verified.bundle
         log(verified.notice)
         log(
