@@ -110,3 +110,42 @@ def test_the_command_runs_numpy_blas_on_one_thread_unless_told(user_value):
     # OpenBLAS runs no more threads than the CPUs it may use.
     expected = 1 if user_value is None else min(int(user_value), len(os.sched_getaffinity(0)))
     assert set(counts) == {expected}, counts
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["predict"], "tlcompile predict: Missing argument 'bundle'; see 'tlcompile predict --help'"),
+        (
+            ["predict", "b", "x.jpg", "--workers", "abc"],
+            "tlcompile predict: --workers 'abc' is not valid: Input should be a valid integer",
+        ),
+        (["predict", "b", "x.jpg", "--workers=2x"], "tlcompile predict: --workers '2x' is not valid"),
+        (["frobnicate"], "tlcompile: No such command 'frobnicate'; see 'tlcompile --help'"),
+        (["build", "--nope", "r.yaml"], "tlcompile build: No such option: --nope; see 'tlcompile build --help'"),
+        (["verify", "--threads"], "tlcompile verify: Option '--threads' requires an argument"),
+        (["data", "synth", "--nope"], "tlcompile data synth: No such option: --nope"),
+    ],
+)
+def test_a_usage_mistake_is_one_line_naming_what_was_given_and_where_help_is(argv, line, monkeypatch, capsys):
+    """click's usage block and error box (five lines or more, the value not always named) become one line on stderr,
+    exit code 2, like every other user mistake."""
+    from tlcompile.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tlcompile", *argv])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 2 and out == ""
+    assert err.startswith(f"error: {line}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["data"], 2), (["--version"], 0), (["verify", "--help"], 0)])
+def test_help_version_and_a_group_named_alone_print_to_stdout(argv, code, monkeypatch, capsys):
+    from tlcompile.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tlcompile", *argv])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    out, err = capsys.readouterr()
+    assert stopped.value.code == code and out.strip() and "error" not in err, (out, err)

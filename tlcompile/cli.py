@@ -938,10 +938,37 @@ def data_check(
         raise typer.Exit(1)
 
 
+# click's errors, as the typer installed raises them (typer >= 0.22 carries its own copy of click): found from the one
+# it exports, so either kind is caught.
+_CLICK_ERRORS = {c.__name__: c for c in typer.BadParameter.__mro__}
+_UsageError, _ClickException = _CLICK_ERRORS["UsageError"], _CLICK_ERRORS["ClickException"]
+
+
+def _usage_line(err: Any, argv: list[str]) -> str:
+    """A usage error (a missing argument, an unknown option or command, a value of the wrong type) as one line that
+    names the value given and where to read what is valid, instead of click's usage block and box."""
+    message = " ".join(err.format_message().split()).rstrip(".")
+    param = getattr(err, "param", None)
+    if isinstance(err, typer.BadParameter) and getattr(param, "param_type_name", "") == "option":
+        given = None
+        for i, token in enumerate(argv):
+            for opt in param.opts:
+                if token == opt and i + 1 < len(argv):
+                    given = argv[i + 1]
+                elif token.startswith(opt + "="):
+                    given = token[len(opt) + 1 :]
+        if given is not None:
+            message = f"{param.opts[-1]} {given!r} is not valid: {err.message.rstrip('.')}"
+    path = err.ctx.command_path if err.ctx is not None else "tlcompile"
+    if " " not in path and argv and not argv[0].startswith("-") and "No such command" not in message:
+        path = f"{path} {argv[0]}"  # an option's missing value is reported by the top-level context
+    return f"{path}: {message}; see '{path} --help'"
+
+
 def main() -> None:
-    """Console-script entry point. Typer (click) handles usage errors and Ctrl-C itself; a user mistake raised by
-    the library prints one line on stderr and exits with its code (2); anything else is a bug and keeps its
-    traceback."""
+    """Console-script entry point. A user mistake prints one line on stderr and exits with its code (2): one raised
+    by the library, and a usage error (see :func:`_usage_line`); Ctrl-C exits with 130. Anything else is a bug and
+    keeps its traceback."""
     # numpy's BLAS (OpenBLAS) shares a product out to a thread per core and then keeps those threads spinning, waiting
     # for the next one: on a 2-core box one spinning thread takes a core from ONNX Runtime's, OpenVINO's or torch's
     # own threads, which do all of tlcompile's heavy work. One numpy product per batch of RISE masks made every
@@ -950,10 +977,25 @@ def main() -> None:
     # imported, which the commands do after this line; a value the user set is kept.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
-        app()
+        code = app(prog_name="tlcompile", standalone_mode=False)  # click raises its errors, not prints them in a box
     except TlcompileError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except _UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # a command group named alone: its help, as click shows it
+            if err.format_message().strip():  # (typer's rich help is printed while the error is made)
+                print(err.format_message(), file=sys.stderr)
+            sys.exit(err.exit_code)
+        print(f"error: {_usage_line(err, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except _ClickException as err:  # e.g. a file argument click could not open
+        print(f"error: {' '.join(err.format_message().split())}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
+    # typer.Exit(code), Ctrl-C (130); a command that returns is a success (0), as in click's own standalone mode
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 if __name__ == "__main__":
