@@ -11,7 +11,7 @@ import pytest
 
 from tlcompile.errors import DataError
 from tlcompile.runtime.preprocess import find_field
-from tlcompile.runtime.screen import damage_reason, not_fundus_reason
+from tlcompile.runtime.screen import damage_reason, not_fundus_reason, too_small_reason
 
 CORPUS = Path(__file__).parents[1] / "corpus" / "images"
 EXPECTED = json.loads((CORPUS / "expected.json").read_text())
@@ -68,10 +68,11 @@ def test_real_fundus_photographs_at_full_size_pass_and_ordinary_photos_do_not():
         assert not_fundus_reason(rgb, find_field(rgb)) is not None, name
 
 
-def _flagged(images) -> list[str]:
+def _flagged(images, model_size: int) -> list[str]:
     out = []
     for i, rgb in enumerate(images):
-        reason = damage_reason(rgb) or not_fundus_reason(rgb, find_field(rgb))
+        found = find_field(rgb)
+        reason = damage_reason(rgb) or too_small_reason(found, model_size) or not_fundus_reason(rgb, found)
         if reason:
             out.append(f"{i}: {reason}")
     return out
@@ -84,7 +85,7 @@ def test_no_synthetic_fundus_image_is_newly_rejected(style):
 
     for size, n, difficulty in ((48, 60, 1.0), (60, 60, 0.5), (140, 60, 1.0), (280, 20, 0.3)):
         images, _ = generate(n, seed=size, size=size, style=style, difficulty=difficulty)
-        assert _flagged(images) == [], (style, size)
+        assert _flagged(images, model_size=size) == [], (style, size)
 
 
 @pytest.mark.slow
@@ -97,4 +98,31 @@ def test_the_quickstart_images_are_not_rejected():
     images, _ = synthetic.generate(
         r.data.num_images, seed=r.seed, size=round(r.data.image_size * 1.25), style=r.data.style
     )
-    assert _flagged(images) == []
+    assert _flagged(images, model_size=r.data.image_size) == []
+
+
+def test_a_thumbnail_is_too_small_to_grade_and_says_to_send_the_full_photo(session, tmp_path):
+    """A 10 px retina thumbnail was 'ungradable: out of focus; retake': an upsampled field reads as blurred, and a
+    retake would not help. A field under half the model's input across is now 'resolution too low' with the advice
+    to send the full-resolution photo; at or over half, this check passes and the quality gate judges it."""
+    from PIL import Image
+
+    from tlcompile.runtime.predict import predict_image
+
+    skdata = pytest.importorskip("skimage.data")
+    bundle, sess = session
+    size = bundle.preprocessing.size
+    retina = Image.fromarray(skdata.retina())
+    reasons = {}
+    for across in (10, size // 2 - 4, size // 2 + 4, 2 * size):
+        path = tmp_path / f"retina_{across}.png"
+        retina.resize((across, across), Image.BILINEAR).save(path)
+        result = predict_image(bundle, sess, path)
+        reasons[across] = result.ungradable_reason or ""
+        if "resolution too low" in reasons[across]:
+            assert result.referral == "ungradable" and result.referable_dr_probability is None
+            assert (
+                reasons[across].endswith("send the camera's full-resolution photo") and "retake" not in reasons[across]
+            ), reasons[across]
+    assert ["resolution too low" in r for r in reasons.values()] == [True, True, False, False], reasons
+    assert f"under half the model's {size} px input" in reasons[10]

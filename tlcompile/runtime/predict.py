@@ -29,7 +29,7 @@ from tlcompile.runtime.inference import InferenceSession
 from tlcompile.runtime.outputs import check_parent_writable, refuse_inside_bundle
 from tlcompile.runtime.pipeline import check_workers, ordered
 from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, prepare_with_field, read_input, to_input
-from tlcompile.runtime.screen import damage_reason, not_fundus_reason
+from tlcompile.runtime.screen import damage_reason, not_fundus_reason, too_small_reason
 
 CSV_COLUMNS = (
     "file",
@@ -105,7 +105,11 @@ def prepare_photo(bundle: Bundle, path: Path) -> PreparedImage:
     if damaged:
         raise DataError(f"{path}: {damaged}")
     prepared, found = prepare_with_field(rgb, spec)  # the field it cropped to (also looked for without cropping)
-    reason = "no field of view found: retake or refer" if found is None else not_fundus_reason(rgb, found)
+    small = too_small_reason(found, spec.size)
+    if found is None:
+        reason = "no field of view found: retake or refer"
+    else:
+        reason = small or not_fundus_reason(rgb, found)
     fov_found = reason is None
     result = ImageResult(
         file=str(path),
@@ -122,7 +126,7 @@ def prepare_photo(bundle: Bundle, path: Path) -> PreparedImage:
         if fov_found and not quality.gradable:
             fov_found = False
             result.ungradable, result.ungradable_reason = True, quality.sentence(gate.limits)
-        elif found is not None and reason and not quality.gradable:
+        elif found is not None and reason and not small and not quality.gradable:
             # A strongly over-exposed or half-occluded fundus photo can also fail the fundus check (washed-out colour,
             # a surround that is not dark): the gate's reasons say what a retake should fix.
             result.ungradable_reason = f"{reason} (image quality: {quality.words()})"

@@ -7,6 +7,9 @@ they are not an image-quality (gradability) model:
 - :func:`damage_reason`: a large region that is not the black surround and repeats exactly every 16 pixels across
   and down: flat grey, or the same 8x8/16x16 block again and again, the way a JPEG decoder fills data it lost (a
   camera or a transfer that zeroed part of the file). Such a file is reported as damaged.
+- :func:`too_small_reason`: the field of view is under half the model's input across (a thumbnail or a preview
+  sent instead of the camera's photo): the model would see pixels made up by interpolation, and every quality
+  measure would read it as out of focus, so the advice is to send the full-resolution photo, not to retake it.
 - :func:`not_fundus_reason`: the field is not fundus-like: its mean colour is not red-dominant with little blue
   (colour photographs; monochrome red-free images are accepted), or, where a circular field was fitted with room
   around it, the surround is not dark.
@@ -16,6 +19,8 @@ pass) and its ordinary photos (chelsea, astronaut, rocket, coffee), with margins
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -40,6 +45,10 @@ MONOCHROME_CHROMA = 12  # spread of the field's mean R, G, B below which the pho
 # frame (nothing else says 'fundus'), blue must stay under half the red (a cat photo: 0.57).
 MAX_BLUE_PER_RED = (0.6, 0.5)  # (round field with a dark surround, field filling the frame)
 MIN_RED_PER_GREEN = 0.9
+# The field of view must be at least this share of the model's input size across: a smaller one is upsampled more
+# than 2x. Camera photos are 1000+ px across (draft-decoded to at least twice the input), the synthetic generator
+# fills its frame; thumbnails and previews fall under it.
+MIN_FIELD_SHARE = 0.5
 MIN_SURROUND_FRACTION = 0.02  # of the frame, outside the circle, for the surround rule to apply
 SURROUND_DARK = (48, 0.4)  # its 90th percentile brightness must stay under max(48, 0.4 x the field's median)
 
@@ -109,6 +118,20 @@ def damage_reason(rgb: np.ndarray) -> str | None:
     return (
         f"the image looks damaged: {fraction:.0%} of it is flat or one block repeated exactly (how a decoder fills "
         "data lost from a file); retake or resend it"
+    )
+
+
+def too_small_reason(found: FieldOfView | None, size: int) -> str | None:
+    """Why the field is too small to grade for a model of ``size`` px input, or None (also None when no field was
+    found: that case is already ungradable)."""
+    if found is None:
+        return None
+    across = 2.0 * found.radius
+    if across >= MIN_FIELD_SHARE * size:
+        return None
+    return (
+        f"resolution too low: the field of view is {across:.0f} px across, under half the model's {size} px input "
+        f"(at least {math.ceil(MIN_FIELD_SHARE * size)} px); send the camera's full-resolution photo"
     )
 
 
