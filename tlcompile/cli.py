@@ -542,8 +542,9 @@ def predict(
     from tlcompile.runtime.pipeline import check_workers
     from tlcompile.runtime.predict import check_csv_target, expand_inputs, predict_paths, write_results_csv
 
+    workers = check_workers(workers)
     paths = expand_inputs(images)
-    workers = min(check_workers(workers), max(1, len(paths)))  # one photo: one worker, the model's threads spin
+    workers = min(workers, max(1, len(paths)))  # one photo: one worker, whose model threads spin and answer sooner
     root = bundle_root(bundle)
     if csv is not None:  # before anything is decided: a refused --csv costs nothing
         check_csv_target(csv, inputs=paths, bundle_root=root)
