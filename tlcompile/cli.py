@@ -472,6 +472,16 @@ BundleArgument = Annotated[Path, typer.Argument(help="The bundle folder a build 
 ThreadsOption = Annotated[
     Optional[int], typer.Option("--threads", help="Inference threads (default: all usable cores).", min=1)  # noqa: UP045
 ]
+# predict and serve: their workers keep the cores busy on a backlog (tlcompile.runtime.pipeline.model_threads)
+BacklogThreadsOption = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--threads",
+        help="Inference threads (default: all usable cores with one worker or --explain; otherwise the cores the "
+        "workers leave, at least one).",
+        min=1,
+    ),
+]
 WorkersOption = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
@@ -519,7 +529,7 @@ def predict(
     bundle: BundleArgument,
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write one CSV row per image here.")] = None,  # noqa: UP045
-    threads: ThreadsOption = None,
+    threads: BacklogThreadsOption = None,
     workers: WorkersOption = None,
     trust: TrustOption = None,
     fhir: Annotated[
@@ -674,7 +684,7 @@ def serve(
     settle: Annotated[
         float, typer.Option(help="Seconds a file must stay unchanged before it is read (camera still writing).")
     ] = 1.0,
-    threads: ThreadsOption = None,
+    threads: BacklogThreadsOption = None,
     workers: WorkersOption = None,
     trust: TrustOption = None,
     fhir: Annotated[
