@@ -125,6 +125,16 @@ def test_the_command_runs_numpy_blas_on_one_thread_unless_told(user_value):
         (["build", "--nope", "r.yaml"], "tlcompile build: No such option: --nope; see 'tlcompile build --help'"),
         (["verify", "--threads"], "tlcompile verify: Option '--threads' requires an argument"),
         (["data", "synth", "--nope"], "tlcompile data synth: No such option: --nope"),
+        # an option's missing value in a nested command was reported by its group's context
+        (["data", "synth", "--out"], "tlcompile data synth: Option '--out' requires an argument"),
+        (["bundle", "sign", "b", "--replace=1"], "tlcompile bundle sign: Option '--replace' does not take a value"),
+        # an empty value is the current folder to Python: serve --watch "$DIR" with DIR unset watched where it ran
+        (["serve", "b", "--watch", "", "--once"], "tlcompile serve: --watch is empty (''); give a value"),
+        (["serve", "b", "--watch=", "--once"], "tlcompile serve: --watch is empty (''); give a value"),
+        (["predict", "b", ""], "tlcompile predict: an argument is empty (''); give a value"),
+        # a line break inside a value stays on the one line, escaped
+        (["verify", "no\nsuch"], "bundle 'no\\nsuch' is not a folder"),
+        (["serve", "b", "--interval", "1\n2"], "tlcompile serve: --interval '1\\n2' is not valid"),
     ],
 )
 def test_a_usage_mistake_is_one_line_naming_what_was_given_and_where_help_is(argv, line, monkeypatch, capsys):

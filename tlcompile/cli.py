@@ -662,8 +662,12 @@ def verify(
     """Check every sha256 in the bundle's manifest (and, with --trust, its signature) and run every candidate's golden
     samples on this box; bench those that pass and pin the fastest for this CPU in BUNDLE/device.json (predict and
     serve run it): PASS or FAIL (exit 1)."""
-    from tlcompile.runtime.bundle import verify_bundle, verify_lines
+    from tlcompile.runtime.bundle import BUNDLE_JSON, bundle_root, load_bundle, verify_bundle, verify_lines
+    from tlcompile.runtime.manifest import MANIFEST_JSON
 
+    root = bundle_root(bundle)
+    if not root.is_dir() or not ((root / BUNDLE_JSON).exists() or (root / MANIFEST_JSON).exists()):
+        load_bundle(bundle)  # not a bundle at all (a typo, an image): one line, exit 2; a damaged one gets the report
     result = verify_bundle(bundle, threads=threads, pin=not no_pin, repin=repin, trust=trust)
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(verify_lines(result)))
     if not result.ok:
@@ -971,9 +975,42 @@ def _usage_line(err: Any, argv: list[str]) -> str:
         if given is not None:
             message = f"{param.opts[-1]} {given!r} is not valid: {err.message.rstrip('.')}"
     path = err.ctx.command_path if err.ctx is not None else "tlcompile"
-    if " " not in path and argv and not argv[0].startswith("-") and "No such command" not in message:
-        path = f"{path} {argv[0]}"  # an option's missing value is reported by the top-level context
+    if "No such command" not in message:  # an option's missing value is reported by a parent group's context
+        deepest = _command_path(argv)
+        path = deepest if len(deepest) > len(path) else path
     return f"{path}: {message}; see '{path} --help'"
+
+
+def _command_path(argv: list[str]) -> str:
+    """'tlcompile data synth' for ``data synth --n``: the deepest command the arguments name."""
+    command, path = typer.main.get_command(app), ["tlcompile"]
+    for token in argv:
+        commands = getattr(command, "commands", None)
+        if not commands or token not in commands:
+            break
+        command = commands[token]
+        path.append(token)
+    return " ".join(path)
+
+
+def _empty_value(argv: list[str]) -> str | None:
+    """The one-line refusal of an empty value (``--watch ''``, ``--watch=``, an image ``''``), or None. An empty path
+    is the current folder to Python: ``serve --watch "$DIR"`` with DIR unset would watch and write where it was run."""
+    for i, token in enumerate(argv):
+        if token.startswith("--") and "=" in token and not token.split("=", 1)[1]:
+            name = token.split("=", 1)[0]
+        elif token == "":
+            name = argv[i - 1] if i and argv[i - 1].startswith("--") and "=" not in argv[i - 1] else "an argument"
+        else:
+            continue
+        path = _command_path(argv)
+        return f"{path}: {name} is empty (''); give a value, see '{path} --help'"
+    return None
+
+
+def _one_line(message: str) -> str:
+    """A message whose quoted value holds a line break, escaped onto one line."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def main() -> None:
@@ -987,17 +1024,21 @@ def main() -> None:
     # 2-core AVX-512 EPYC; checkpoints byte-identical). numpy's own products here are small. Read when numpy is first
     # imported, which the commands do after this line; a value the user set is kept.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    empty = _empty_value(sys.argv[1:])
+    if empty:
+        print(f"error: {_one_line(empty)}", file=sys.stderr)
+        sys.exit(2)
     try:
         code = app(prog_name="tlcompile", standalone_mode=False)  # click raises its errors, not prints them in a box
     except TlcompileError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(str(err))}", file=sys.stderr)
         sys.exit(err.exit_code)
     except _UsageError as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # a command group named alone: its help, as click shows it
             if err.format_message().strip():  # (typer's rich help is printed while the error is made)
                 print(err.format_message(), file=sys.stderr)
             sys.exit(err.exit_code)
-        print(f"error: {_usage_line(err, sys.argv[1:])}", file=sys.stderr)
+        print(f"error: {_one_line(_usage_line(err, sys.argv[1:]))}", file=sys.stderr)
         sys.exit(err.exit_code)
     except _ClickException as err:  # e.g. a file argument click could not open
         print(f"error: {' '.join(err.format_message().split())}", file=sys.stderr)

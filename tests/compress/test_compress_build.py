@@ -117,7 +117,11 @@ def test_resume_redoes_only_the_stages_whose_recipe_sections_changed(compress_re
     r["bench"] = {**r["bench"], "runtimes": ["onnxruntime"]}
     r["export"] = {**r["export"], "formats": ["onnx"]}
     out = tmp_path / "build"
-    _build(r, out)
+    console = Console(record=True, width=300)  # --resume into a folder that is not there yet (a mistyped --out)
+    build(validate_recipe_dict(r), out, resume=True, console=console)
+    assert f"resume: nothing to resume in {out} (a new or empty folder); building from the start" in (
+        console.export_text()
+    )
     files = ("02_train/fp32.pt", "03_prune/pruned.pt", "05_export/fp32.onnx", "05_export/pruned.onnx")
 
     def stamps():

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from tlcompile.build.context import Artifact, BuildContext, Stage, StageRun, read_stage_record
 from tlcompile.build.outdir import claim_out_dir, prepare_out_dir
@@ -84,6 +85,7 @@ def build(
         import tempfile
 
         out_dir, console = Path(tempfile.mkdtemp(prefix=f"tlcompile-rank{run.rank}-")), Console(quiet=True)
+    was_empty = not out_dir.is_dir() or not any(out_dir.iterdir())
     prepare_out_dir(out_dir, resume=resume)
     # The cores of this node are shared by its own ranks (torchrun's LOCAL_WORLD_SIZE), not by every rank of every node.
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", run.world_size)) if run.enabled else 1
@@ -107,7 +109,10 @@ def build(
         if stage.preflight is not None:
             _timed(ctx, stage, lambda s=stage: s.preflight(ctx))
     claim_out_dir(out_dir)
-    if resume:
+    if resume and was_empty:  # a mistyped --out: say so now, not after a whole build from the start
+        where = escape(str(out_dir))
+        console.print(f"[bold]resume[/]: nothing to resume in {where} (a new or empty folder); building from the start")
+    elif resume:
         plan_resume(ctx)
     atomic_write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
     artifacts: list[Artifact] = []

@@ -70,7 +70,8 @@ class ImageResult:
     latency_ms: float | None = None  # preprocessing + inference on this box
     ungradable_reason: str | None = None  # why no decision: no field of view, not a fundus photograph, poor quality
     # The bundle's image-quality gate (runtime/quality.py): its score (0-1, >= 0.5 passes) and the failed measures
-    # ('focus;brightness'; 'field': no field of view); None for a bundle without a gate.
+    # ('focus;brightness'; 'field': no field of view; 'resolution' first: the field is too small for the measures to
+    # mean much, see screen.too_small_reason); None for a bundle without a gate.
     quality_score: float | None = None
     quality_reasons: str | None = None
     explanation: str | None = None  # --explain: the heatmap PNG's file name (none for ungradable images)
@@ -105,7 +106,7 @@ def prepare_photo(bundle: Bundle, path: Path) -> PreparedImage:
     if damaged:
         raise DataError(f"{path}: {damaged}")
     prepared, found = prepare_with_field(rgb, spec)  # the field it cropped to (also looked for without cropping)
-    small = too_small_reason(found, spec.size)
+    small = too_small_reason(found, spec.size, rgb.shape)
     if found is None:
         reason = "no field of view found: retake or refer"
     else:
@@ -122,7 +123,8 @@ def prepare_photo(bundle: Bundle, path: Path) -> PreparedImage:
     gate = bundle.quality_gate
     if gate is not None:
         quality = gate.assess(rgb, found)
-        result.quality_score, result.quality_reasons = quality.score, ";".join(quality.reasons)
+        codes = ("resolution", *quality.reasons) if small else quality.reasons  # what the gate measured, upsampled
+        result.quality_score, result.quality_reasons = quality.score, ";".join(codes)
         if fov_found and not quality.gradable:
             fov_found = False
             result.ungradable, result.ungradable_reason = True, quality.sentence(gate.limits)

@@ -82,6 +82,7 @@ MEASURES: dict[str, tuple[str, float, float, float]] = {
 #: Reason codes (CSV, serve records) and the words for each measure's failure.
 REASONS = {
     "field": "no field of view found",
+    "resolution": "resolution too low",  # set by predict (runtime/screen.py too_small_reason), before the measures
     "coverage": "partial field of view",
     "focus": "out of focus",
     "brightness": "too dark",

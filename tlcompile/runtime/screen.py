@@ -121,17 +121,20 @@ def damage_reason(rgb: np.ndarray) -> str | None:
     )
 
 
-def too_small_reason(found: FieldOfView | None, size: int) -> str | None:
+def too_small_reason(found: FieldOfView | None, size: int, shape: tuple[int, ...]) -> str | None:
     """Why the field is too small to grade for a model of ``size`` px input, or None (also None when no field was
-    found: that case is already ungradable)."""
+    found: that case is already ungradable). ``shape``: the decoded image's; a circle fitted to a field cut by the
+    frame may reach past it, so the field is taken as at most the image's longer side across."""
     if found is None:
         return None
-    across = 2.0 * found.radius
-    if across >= MIN_FIELD_SHARE * size:
+    across = min(2.0 * found.radius, float(max(shape[:2])))
+    least = math.ceil(MIN_FIELD_SHARE * size)
+    if across >= least:
         return None
+    h, w = shape[:2]
     return (
-        f"resolution too low: the field of view is {across:.0f} px across, under half the model's {size} px input "
-        f"(at least {math.ceil(MIN_FIELD_SHARE * size)} px); send the camera's full-resolution photo"
+        f"resolution too low: the field of view is {math.floor(across)} px across in a {w}x{h} px image, under half "
+        f"the model's {size} px input (at least {least} px); send the camera's full-resolution photo"
     )
 
 
