@@ -678,7 +678,12 @@ def verify(
 def serve(
     bundle: BundleArgument,
     watch: Annotated[
-        Path, typer.Option("--watch", help="Folder the fundus camera writes images into (never modified).")
+        Path,
+        typer.Option(
+            "--watch",
+            help="Folder the fundus camera writes images into (its images are never modified; the records go to "
+            "WATCH/results unless --out says where).",
+        ),
     ],
     out: Annotated[
         Optional[Path], typer.Option("--out", help="Folder for the JSON records (default: WATCH/results).")  # noqa: UP045

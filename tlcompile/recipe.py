@@ -1233,7 +1233,16 @@ def format_validation_error(
     errors = err.errors()
     for e in errors[:3]:
         loc = tuple(str(p) for p in e["loc"])
-        given = next((o for key, o in (set_keys or {}).items() if loc[: len(key)] == key), None)
+        # the --set that gave this value, or whose path holds this unknown key (data.preprocessing.size=10 makes an
+        # unknown 'preprocessing'), not the recipe line of its section
+        given = next(
+            (
+                o
+                for key, o in (set_keys or {}).items()
+                if loc[: len(key)] == key or (e["type"] == "extra_forbidden" and key[: len(loc)] == loc)
+            ),
+            None,
+        )
         line = None if given else lines.get(loc) or lines.get(loc[:-1])
         # A check across sections (loc empty) names its keys in its own message.
         origin = f" (--set {given})" if given else f" (line {line})" if line else ""

@@ -110,6 +110,10 @@ def test_overrides_apply_and_are_validated(tiny_recipe_dict, write_recipe):
     assert "(line " not in str(info.value)
     with pytest.raises(RecipeError, match=r"train\.epoch \(--set train\.epoch=3\): unknown key 'epoch'"):
         load_recipe(path, ["train.epoch=3"])
+    # ... and an unknown section the --set made on its way to the value (it named the data section's line)
+    with pytest.raises(RecipeError, match=r"data\.prep \(--set data\.prep\.size=10\): unknown key 'prep'") as info:
+        load_recipe(path, ["data.prep.size=10"])
+    assert "(line " not in str(info.value)
 
 
 def test_fingerprint_is_stable_and_sensitive(tiny_recipe_dict, write_recipe):
