@@ -129,8 +129,12 @@ def test_the_command_runs_numpy_blas_on_one_thread_unless_told(user_value):
         (["data", "synth", "--out"], "tlcompile data synth: Option '--out' requires an argument"),
         (["bundle", "sign", "b", "--replace=1"], "tlcompile bundle sign: Option '--replace' does not take a value"),
         # an empty value is the current folder to Python: serve --watch "$DIR" with DIR unset watched where it ran
-        (["serve", "b", "--watch", "", "--once"], "tlcompile serve: --watch is empty (''); give a value"),
-        (["serve", "b", "--watch=", "--once"], "tlcompile serve: --watch is empty (''); give a value"),
+        (
+            ["serve", "b", "--watch", "", "--once"],
+            "tlcompile serve: the value after --watch is empty (''); give a value",
+        ),
+        (["serve", "b", "--watch=", "--once"], "tlcompile serve: the value of --watch is empty (''); give a value"),
+        (["data", "synth", "-o", ""], "tlcompile data synth: the value after -o is empty ('')"),
         (["predict", "b", ""], "tlcompile predict: an argument is empty (''); give a value"),
         # a line break inside a value stays on the one line, escaped
         (["verify", "no\nsuch"], "bundle 'no\\nsuch' is not a folder"),

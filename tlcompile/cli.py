@@ -477,8 +477,8 @@ BacklogThreadsOption = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
         "--threads",
-        help="Inference threads (default: all usable cores with one worker or --explain; otherwise the cores the "
-        "workers leave, at least one).",
+        help="Inference threads (default: all usable cores; beside several workers, for a model cheap beside the "
+        "photo's decode (at most 100 M multiply-accumulates), the cores the workers leave, at least one).",
         min=1,
     ),
 ]
@@ -974,11 +974,11 @@ def _usage_line(err: Any, argv: list[str]) -> str:
         for i, token in enumerate(argv):
             for opt in param.opts:
                 if token == opt and i + 1 < len(argv):
-                    given = argv[i + 1]
+                    given, spelled = argv[i + 1], opt
                 elif token.startswith(opt + "="):
-                    given = token[len(opt) + 1 :]
+                    given, spelled = token[len(opt) + 1 :], opt
         if given is not None:
-            message = f"{param.opts[-1]} {given!r} is not valid: {err.message.rstrip('.')}"
+            message = f"{spelled} {given!r} is not valid: {err.message.rstrip('.')}"
     path = err.ctx.command_path if err.ctx is not None else "tlcompile"
     if "No such command" not in message:  # an option's missing value is reported by a parent group's context
         deepest = _command_path(argv)
@@ -1001,15 +1001,20 @@ def _command_path(argv: list[str]) -> str:
 def _empty_value(argv: list[str]) -> str | None:
     """The one-line refusal of an empty value (``--watch ''``, ``--watch=``, an image ``''``), or None. An empty path
     is the current folder to Python: ``serve --watch "$DIR"`` with DIR unset would watch and write where it was run."""
+    if "--help" in argv:
+        return None
     for i, token in enumerate(argv):
+        before = argv[i - 1] if i else ""
         if token.startswith("--") and "=" in token and not token.split("=", 1)[1]:
-            name = token.split("=", 1)[0]
+            what = f"the value of {token.split('=', 1)[0]}"
+        elif token == "" and before.startswith("-") and before != "--" and "=" not in before:
+            what = f"the value after {before}"
         elif token == "":
-            name = argv[i - 1] if i and argv[i - 1].startswith("--") and "=" not in argv[i - 1] else "an argument"
+            what = "an argument"
         else:
             continue
         path = _command_path(argv)
-        return f"{path}: {name} is empty (''); give a value, see '{path} --help'"
+        return f"{path}: {what} is empty (''); give a value, see '{path} --help'"
     return None
 
 
@@ -1051,7 +1056,8 @@ def main() -> None:
     except typer.Abort:  # end of input at a prompt
         print("aborted", file=sys.stderr)
         sys.exit(1)
-    # typer.Exit(code), Ctrl-C (130); a command that returns is a success (0), as in click's own standalone mode
+    # typer.Exit(code) and Ctrl-C (130) come back as the code; no command returns a value, so anything else is a
+    # success (0), as in click's own standalone mode
     sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 

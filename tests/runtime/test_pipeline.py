@@ -152,8 +152,9 @@ def test_with_several_workers_the_runtime_threads_sleep_between_runs(tiny_build,
 def test_the_model_gets_the_cores_the_workers_leave_unless_it_explains(
     tiny_build, monkeypatch, tmp_path, fundus_images
 ):
-    """On a backlog the workers keep their cores busy; a model thread pool spread over them only adds wake-ups (2
-    workers on 2 cores: 20.6 -> 18.9 ms of CPU and 88 -> 97 photos/s with one model thread instead of two). Heatmaps
+    """On a backlog the workers keep their cores busy; a cheap model's thread pool spread over them only adds wake-ups
+    (2 workers on 2 cores: 20.6 -> 18.9 ms of CPU and 88 -> 97 photos/s with one model thread instead of two); a heavy
+    model keeps every core. Heatmaps
     run the model on hundreds of masked copies, so --explain keeps every core for it; --threads is always obeyed; and
     predict of one photo uses one worker, whose model threads spin and answer sooner. (What is asked of the runtime:
     OpenVINO itself runs at most one thread per physical core.)"""
@@ -172,6 +173,16 @@ def test_the_model_gets_the_cores_the_workers_leave_unless_it_explains(
 
     monkeypatch.setattr("tlcompile.runtime.bundle.open_session", recording_open)
     monkeypatch.setenv("TLCOMPILE_NUM_THREADS", "4")
+    # the tiny build's cbr_small does 184 M multiply-accumulates per 48 px image, above CHEAP_MODEL_MACS: the model is
+    # what its backlog waits for, so it keeps every core beside the workers
+    from tlcompile.runtime import pipeline
+
+    macs = load_bundle(tiny_build.bundle).meta["artifact"]["macs"]
+    assert macs > pipeline.CHEAP_MODEL_MACS
+    open_verified(tiny_build.bundle, workers=2)
+    assert asked == [(4, False)] and pipeline.model_threads(2, macs=None) == 4
+    asked.clear()
+    monkeypatch.setattr(pipeline, "CHEAP_MODEL_MACS", macs)  # as cheap as the quickstart's (16 M)
     for workers in (1, 2, 3, 4):
         open_verified(tiny_build.bundle, workers=workers)
     open_verified(tiny_build.bundle, workers=2, explain=True)

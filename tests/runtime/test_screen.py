@@ -103,10 +103,10 @@ def test_the_quickstart_images_are_not_rejected():
 
 def test_a_thumbnail_is_too_small_to_grade_and_says_to_send_the_full_photo(session, tmp_path):
     """A 10 px retina thumbnail was 'ungradable: out of focus; retake': an upsampled field reads as blurred, and a
-    retake would not help. A field under half the model's input across is now 'resolution too low' with the advice
-    to send the full-resolution photo; at or over half, this check passes and the quality gate judges it. The size it
-    names is never more than the image's and always under the minimum it names (a circle fitted to a 10 px image
-    reached 11 px; 55.5 px was shown as 56, 'under ... at least 56')."""
+    retake would not help. A field under a quarter of the model's input across is now 'resolution too low' with the
+    advice to send the full-resolution photo; at or over a quarter, this check passes and the quality gate judges it.
+    The size it names is never more than the image's and always under the least it names (a circle fitted to a 10 px
+    image reached 11 px; 55.5 px was shown as 56, 'under ... at least 56', when the least was half the input)."""
     import re
 
     from PIL import Image
@@ -121,11 +121,12 @@ def test_a_thumbnail_is_too_small_to_grade_and_says_to_send_the_full_photo(sessi
     camera = Image.new("RGB", (side * 4 // 3, side))  # a 4:3 camera frame, the field filling its height
     camera.paste(retina.convert("RGB"), ((camera.size[0] - side) // 2, 0))
     flagged = {}
+    quarter = -(-size // 4)  # the least field size across, in px
     shapes = [
-        (10, 10),
-        *((a, a) for a in range(size // 2 - 4, size // 2 + 5)),
+        (6, 6),
+        *((a, a) for a in range(quarter - 3, quarter + 4)),
         (2 * size, 2 * size),
-        (size // 2, size * 3 // 8),
+        (quarter, quarter * 3 // 4),
     ]
     for w, h in shapes:
         path = tmp_path / f"retina_{w}x{h}.png"
@@ -135,11 +136,11 @@ def test_a_thumbnail_is_too_small_to_grade_and_says_to_send_the_full_photo(sessi
         flagged[(w, h)] = "resolution too low" in reason
         if flagged[(w, h)]:
             across, least = (int(v) for v in re.search(r"(\d+) px across .*at least (\d+) px", reason).groups())
-            assert across <= max(w, h) and across < least == -(-size // 2) and f"in a {w}x{h} px image" in reason
+            assert across <= max(w, h) and across < least == quarter and f"in a {w}x{h} px image" in reason
             assert result.referral == "ungradable" and result.referable_dr_probability is None
             assert reason.endswith("send the camera's full-resolution photo") and "retake" not in reason, reason
             assert result.quality_reasons.split(";")[0] == "resolution", result.quality_reasons
         else:
             assert not (result.quality_reasons or "").startswith("resolution")
-    assert flagged[(10, 10)] and flagged[(size // 2 - 4,) * 2] and flagged[(size // 2, size * 3 // 8)], flagged
-    assert not flagged[(size // 2 + 4,) * 2] and not flagged[(2 * size,) * 2], flagged
+    assert flagged[(6, 6)] and flagged[(quarter - 3,) * 2] and flagged[(quarter, quarter * 3 // 4)], flagged
+    assert not flagged[(quarter + 3,) * 2] and not flagged[(2 * size,) * 2], flagged

@@ -773,7 +773,8 @@ def open_verified(
     between runs instead of spinning (see :func:`tlcompile.runtime.inference.open_session`): ONNX Runtime's spinning
     held a core that two workers on two cores needed (99 -> 136 photos/s); alone, spinning answers sooner (the model's
     time per photo 1.0 -> 0.6 ms on the quickstart bundle), and the other core has nothing else to do. ``threads``
-    (None: :func:`tlcompile.runtime.pipeline.model_threads` of ``workers`` and ``explain``): the model's threads.
+    (None: :func:`tlcompile.runtime.pipeline.model_threads` of ``workers``, ``explain`` and the candidate's
+    multiply-accumulates): the model's threads.
     """
     bundle = load_bundle(path)
     signature = check_signature(bundle.root, trust)
@@ -797,7 +798,7 @@ def open_verified(
         notice = f"running the build's choice {cid}: {why_not}"
     view = bundle.candidate(cid)
     if threads is None:
-        threads = model_threads(workers, explain=explain)
+        threads = model_threads(workers, explain=explain, macs=(view.meta.get("artifact") or {}).get("macs"))
     session = view.open_session(threads, busy_wait=workers <= 1)
     try:
         golden = check_golden(view, session=session)

@@ -35,19 +35,26 @@ def default_workers() -> int:
     return max(1, min(DEFAULT_MAX_WORKERS, default_threads()))
 
 
-def model_threads(workers: int, *, explain: bool = False) -> int:
-    """The model's threads beside ``workers`` threads that prepare photos: every usable core for one worker or for
-    explanations (a heatmap runs the model on hundreds of masked copies of each photo, the model is then the work);
-    otherwise the cores the workers leave, at least one.
+# A model of at most this many multiply-accumulates per image is cheap beside its photo's decode (the quickstart's
+# 16 M: ~2 ms against ~12 ms for a 12 MP JPEG on a 2-core AMD EPYC); a heavier one is the backlog's slowest stage.
+CHEAP_MODEL_MACS = 100_000_000
 
-    The workers keep their cores busy on a backlog, and a model thread pool spread over those cores only adds
+
+def model_threads(workers: int, *, explain: bool = False, macs: int | None = None) -> int:
+    """The model's threads beside ``workers`` threads that prepare photos: for a cheap model (``macs``, its
+    multiply-accumulates per image, at most :data:`CHEAP_MODEL_MACS`) the cores the workers leave, at least one;
+    every usable core for one worker, for explanations (a heatmap runs the model on hundreds of masked copies of each
+    photo, the model is then the work), and for a heavier or unknown model (then the model is what a backlog waits
+    for).
+
+    The workers keep their cores busy on a backlog, and a cheap model's thread pool spread over those cores only adds
     wake-ups: two workers and a two-thread ONNX Runtime on 2 cores took 20.6-21.0 ms of CPU per photo (~18k context
     switches per 200 photos) and cleared 88-90 photos/s; with one model thread, 18.9-19.0 ms and 97-98 photos/s
     (quickstart bundle, fp32 and int8 on onnxruntime, "AMD EPYC" with AVX-512; OpenVINO's int8 was the same either
     way). The README's build-time section has the figures and the command.
     """
     cores = default_threads()
-    if workers <= 1 or explain:
+    if workers <= 1 or explain or macs is None or macs > CHEAP_MODEL_MACS:
         return cores
     return max(1, cores - workers)
 

@@ -3,10 +3,12 @@
 Every image goes through the bundle's own preprocessing spec and :func:`prepare_image`, the function the model
 was trained and validated with. An image where no field of view is found is flagged ungradable and gets no
 referral decision: the model was never validated on such frames, and a clinic should retake or refer them. The
-same holds for a field that is not fundus-like (an ordinary photo: :func:`tlcompile.runtime.screen.not_fundus_reason`,
-``ungradable_reason`` says why) and a photo that fails the bundle's image-quality gate (out of focus, too dark,
-over-exposed ...: :mod:`tlcompile.runtime.quality`; the reasons and "retake"). A decoded image that looks damaged
-(a large flat block, how a decoder fills lost data) is an error, like a file that does not decode.
+same holds for a field too small to grade (a thumbnail: :func:`tlcompile.runtime.screen.too_small_reason`,
+"resolution too low" and the advice to send the full-resolution photo), a field that is not fundus-like (an ordinary
+photo: :func:`tlcompile.runtime.screen.not_fundus_reason`; ``ungradable_reason`` says why) and a photo that fails the
+bundle's image-quality gate (out of focus, too dark, over-exposed ...: :mod:`tlcompile.runtime.quality`; the reasons
+and "retake"). A decoded image that looks damaged (a large flat block, how a decoder fills lost data) is an error,
+like a file that does not decode.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class ImageResult:
     fov_found: bool | None = None
     error: str | None = None
     latency_ms: float | None = None  # preprocessing + inference on this box
-    ungradable_reason: str | None = None  # why no decision: no field of view, not a fundus photograph, poor quality
+    # why no decision: no field of view, resolution too low, not a fundus photograph, poor quality
+    ungradable_reason: str | None = None
     # The bundle's image-quality gate (runtime/quality.py): its score (0-1, >= 0.5 passes) and the failed measures
     # ('focus;brightness'; 'field': no field of view; 'resolution' first: the field is too small for the measures to
     # mean much, see screen.too_small_reason); None for a bundle without a gate.

@@ -2,13 +2,13 @@
 
 The model answers for any input: a cat photo got "refer" with P = 1.0, and a JPEG with 70% of its data zeroed
 (which decodes to a flat grey block) got "no referral". These checks catch such inputs in a few milliseconds;
-they are not an image-quality (gradability) model:
+they are not the image-quality gate (:mod:`tlcompile.runtime.quality`), which measures focus, exposure and the rest:
 
 - :func:`damage_reason`: a large region that is not the black surround and repeats exactly every 16 pixels across
   and down: flat grey, or the same 8x8/16x16 block again and again, the way a JPEG decoder fills data it lost (a
   camera or a transfer that zeroed part of the file). Such a file is reported as damaged.
-- :func:`too_small_reason`: the field of view is under half the model's input across (a thumbnail or a preview
-  sent instead of the camera's photo): the model would see pixels made up by interpolation, and every quality
+- :func:`too_small_reason`: the field of view is under a quarter of the model's input across (a thumbnail or a
+  preview sent instead of the camera's photo): the model would see pixels made up by interpolation, and every quality
   measure would read it as out of focus, so the advice is to send the full-resolution photo, not to retake it.
 - :func:`not_fundus_reason`: the field is not fundus-like: its mean colour is not red-dominant with little blue
   (colour photographs; monochrome red-free images are accepted), or, where a circular field was fitted with room
@@ -46,9 +46,11 @@ MONOCHROME_CHROMA = 12  # spread of the field's mean R, G, B below which the pho
 MAX_BLUE_PER_RED = (0.6, 0.5)  # (round field with a dark surround, field filling the frame)
 MIN_RED_PER_GREEN = 0.9
 # The field of view must be at least this share of the model's input size across: a smaller one is upsampled more
-# than 2x. Camera photos are 1000+ px across (draft-decoded to at least twice the input), the synthetic generator
-# fills its frame; thumbnails and previews fall under it.
-MIN_FIELD_SHARE = 0.5
+# than 4x. Thumbnails and previews fall under it; camera photos are draft-decoded to at least twice the input on each
+# side, so only a field under an eighth of the frame's shorter side could (none seen), the synthetic generator fills
+# its frame, and the golden frames keep a field of 2 x quality.SHRINK_RADIUS = 512 px, a quarter of the largest input
+# a recipe allows (1024 px) twice over.
+MIN_FIELD_SHARE = 0.25
 MIN_SURROUND_FRACTION = 0.02  # of the frame, outside the circle, for the surround rule to apply
 SURROUND_DARK = (48, 0.4)  # its 90th percentile brightness must stay under max(48, 0.4 x the field's median)
 
@@ -133,8 +135,8 @@ def too_small_reason(found: FieldOfView | None, size: int, shape: tuple[int, ...
         return None
     h, w = shape[:2]
     return (
-        f"resolution too low: the field of view is {math.floor(across)} px across in a {w}x{h} px image, under half "
-        f"the model's {size} px input (at least {least} px); send the camera's full-resolution photo"
+        f"resolution too low: the field of view is {math.floor(across)} px across in a {w}x{h} px image, under a "
+        f"quarter of the model's {size} px input (at least {least} px); send the camera's full-resolution photo"
     )
 
 
