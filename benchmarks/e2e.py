@@ -218,7 +218,13 @@ def main() -> None:
         if workers <= 1 or not quiet:
             return session
         if workers not in opened:
-            threads = args.threads or (model_threads(workers) if model_threads else None)
+            macs = (bundle.meta.get("artifact") or {}).get("macs")
+            if model_threads is None:
+                threads = args.threads
+            elif "macs" in inspect.signature(model_threads).parameters:
+                threads = args.threads or model_threads(workers, macs=macs)
+            else:
+                threads = args.threads or model_threads(workers)
             opened[workers] = bundle.open_session(threads=threads, busy_wait=False)
         return opened[workers]
 
