@@ -163,3 +163,25 @@ def test_help_version_and_a_group_named_alone_print_to_stdout(argv, code, monkey
         main()
     out, err = capsys.readouterr()
     assert stopped.value.code == code and out.strip() and "error" not in err, (out, err)
+
+
+def test_verify_of_a_path_that_is_not_a_bundle_is_one_line_but_json_for_a_monitor(tmp_path, monkeypatch, capsys):
+    from tlcompile.cli import main
+
+    missing = tmp_path / "no-bundle"
+    for extra, code in (([], 2), (["--json"], 1)):
+        monkeypatch.setattr(sys, "argv", ["tlcompile", "verify", str(missing), *extra])
+        with pytest.raises(SystemExit) as stopped:
+            main()
+        out, err = capsys.readouterr()
+        assert stopped.value.code == code
+        if extra:  # the report a monitor parses: failed, with the reason
+            report = json.loads(out)
+            assert report["passed"] is False and "is not a folder" in json.dumps(report)
+        else:
+            assert (
+                out == ""
+                and err
+                == f"error: bundle '{missing}' is not a folder; give the bundle/ folder a build "
+                "wrote (BUILD_DIR/bundle)\n"
+            )

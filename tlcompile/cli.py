@@ -666,8 +666,10 @@ def verify(
     from tlcompile.runtime.manifest import MANIFEST_JSON
 
     root = bundle_root(bundle)
-    if not root.is_dir() or not ((root / BUNDLE_JSON).exists() or (root / MANIFEST_JSON).exists()):
-        load_bundle(bundle)  # not a bundle at all (a typo, an image): one line, exit 2; a damaged one gets the report
+    if not as_json and not (root.is_dir() and ((root / BUNDLE_JSON).exists() or (root / MANIFEST_JSON).exists())):
+        # not a bundle at all (a typo, an image): one line, exit 2; a damaged one gets the report, and --json always
+        # does (a monitor parses it: passed false, exit 1)
+        load_bundle(bundle)
     result = verify_bundle(bundle, threads=threads, pin=not no_pin, repin=repin, trust=trust)
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(verify_lines(result)))
     if not result.ok:
