@@ -136,6 +136,9 @@ def test_the_command_runs_numpy_blas_on_one_thread_unless_told(user_value):
         (["serve", "b", "--watch=", "--once"], "tlcompile serve: the value of --watch is empty (''); give a value"),
         (["data", "synth", "-o", ""], "tlcompile data synth: the value after -o is empty ('')"),
         (["predict", "b", ""], "tlcompile predict: an argument is empty (''); give a value"),
+        # click reads a short option's -o=x as the value '=x' (a build wrote into a folder named '=')
+        (["build", "r.yaml", "-o="], "tlcompile build: '-o=': a short option takes its value after a space (-o VALUE)"),
+        (["build", "r.yaml", "-o=out"], "tlcompile build: '-o=out': a short option takes its value after a space"),
         # a line break inside a value stays on the one line, escaped
         (["verify", "no\nsuch"], "bundle 'no\\nsuch' is not a folder"),
         (["serve", "b", "--interval", "1\n2"], "tlcompile serve: --interval '1\\n2' is not valid"),
@@ -154,7 +157,10 @@ def test_a_usage_mistake_is_one_line_naming_what_was_given_and_where_help_is(arg
     assert err.startswith(f"error: {line}") and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize(("argv", "code"), [(["data"], 2), (["--version"], 0), (["verify", "--help"], 0)])
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [(["data"], 2), (["--version"], 0), (["verify", "--help"], 0), (["-h"], 0), (["data", "synth", "-h"], 0)],
+)
 def test_help_version_and_a_group_named_alone_print_to_stdout(argv, code, monkeypatch, capsys):
     from tlcompile.cli import main
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -30,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 recipe_app = typer.Typer(help="Recipe utilities.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: check a recipe's data; the synthetic fundus generator.", no_args_is_help=True)
@@ -1003,10 +1005,17 @@ def _command_path(argv: list[str]) -> str:
 def _empty_value(argv: list[str]) -> str | None:
     """The one-line refusal of an empty value (``--watch ''``, ``--watch=``, an image ``''``), or None. An empty path
     is the current folder to Python: ``serve --watch "$DIR"`` with DIR unset would watch and write where it was run."""
-    if "--help" in argv:
+    if "--help" in argv or "-h" in argv:
         return None
     for i, token in enumerate(argv):
         before = argv[i - 1] if i else ""
+        if re.fullmatch(r"-[A-Za-z]=.*", token) and "--" not in argv[:i]:
+            # click reads -o=out as the value '=out' (a build then wrote into a folder named '=')
+            path = _command_path(argv)
+            return (
+                f"{path}: {token!r}: a short option takes its value after a space ({token[:2]} VALUE), or give "
+                f"the long name with '='; see '{path} --help'"
+            )
         if token.startswith("--") and "=" in token and not token.split("=", 1)[1]:
             what = f"the value of {token.split('=', 1)[0]}"
         elif token == "" and before.startswith("-") and before != "--" and "=" not in before:

@@ -1092,7 +1092,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise RecipeError(
-            f"--set '{text}': the value '{raw}' is not valid YAML ({getattr(err, 'problem', None) or err})"
+            f"--set '{text}': the value '{raw}' is not valid YAML ({getattr(err, 'problem', None) or err}); "
+            f"quote a text value inside the --set: \"{key}='{raw}'\""
         ) from err
     return parts, value
 

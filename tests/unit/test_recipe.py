@@ -114,6 +114,11 @@ def test_overrides_apply_and_are_validated(tiny_recipe_dict, write_recipe):
     with pytest.raises(RecipeError, match=r"data\.prep \(--set data\.prep\.size=10\): unknown key 'prep'") as info:
         load_recipe(path, ["data.prep.size=10"])
     assert "(line " not in str(info.value)
+    # a text value that YAML reads as something else is told how to quote it
+    with pytest.raises(
+        RecipeError, match=r"quote a text value inside the --set: \"data\.path_template='\{id\}\.png'\""
+    ):
+        load_recipe(path, ["data.path_template={id}.png"])
 
 
 def test_fingerprint_is_stable_and_sensitive(tiny_recipe_dict, write_recipe):
