@@ -185,6 +185,15 @@ def test_bad_inputs_are_clear(tmp_path):
     (tmp_path / "r.json").write_text("[1, 2]")
     with pytest.raises(BenchError, match="not a bench results file"):
         read_results(tmp_path / "r.json")
+    # report merge's inputs: each names what it wanted, a photo without a codec's words
+    wanted = "; give a results JSON written by tlcompile bench --out"
+    with pytest.raises(BenchError, match=f"^results file '{tmp_path / 'none.json'}' does not exist{wanted}$"):
+        read_results(tmp_path / "none.json")
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(
+        BenchError, match=f"^'{tmp_path / 'photo.png'}': not a bench results file \\(not text\\){wanted}$"
+    ):
+        read_results(tmp_path / "photo.png")
 
 
 @pytest.mark.parametrize(

@@ -483,12 +483,15 @@ def append_results(path: Path, run: dict[str, Any]) -> None:
 
 
 def read_results(path: Path) -> dict[str, Any]:
+    wanted = "give a results JSON written by tlcompile bench --out"
     try:
         obj = json.loads(Path(path).read_text())
     except FileNotFoundError as err:
-        raise BenchError(f"'{path}' does not exist") from err
-    except (OSError, ValueError) as err:  # ValueError: not JSON, or not text at all (UnicodeDecodeError)
-        raise BenchError(f"'{path}': not a bench results file ({err})") from err
+        raise BenchError(f"results file '{path}' does not exist; {wanted}") from err
+    except UnicodeDecodeError as err:  # an image, an archive: not text at all
+        raise BenchError(f"'{path}': not a bench results file (not text); {wanted}") from err
+    except (OSError, ValueError) as err:  # ValueError: not JSON
+        raise BenchError(f"'{path}': not a bench results file ({err}); {wanted}") from err
     if not isinstance(obj, dict) or not isinstance(obj.get("runs"), list):
         raise BenchError(
             f"'{path}': not a bench results file (expected {{\"runs\": [...]}} written by tlcompile bench --out)"
