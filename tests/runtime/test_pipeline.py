@@ -154,10 +154,9 @@ def test_the_model_gets_the_cores_the_workers_leave_unless_it_explains(
 ):
     """On a backlog the workers keep their cores busy; a cheap model's thread pool spread over them only adds wake-ups
     (2 workers on 2 cores: 20.6 -> 18.9 ms of CPU and 88 -> 97 photos/s with one model thread instead of two); a heavy
-    model keeps every core. Heatmaps
-    run the model on hundreds of masked copies, so --explain keeps every core for it; --threads is always obeyed; and
-    predict of one photo uses one worker, whose model threads spin and answer sooner. (What is asked of the runtime:
-    OpenVINO itself runs at most one thread per physical core.)"""
+    model keeps every core. Heatmaps run the model on hundreds of masked copies, so --explain keeps every core for it;
+    --threads is always obeyed; and predict of one photo uses one worker, whose model threads spin and answer sooner.
+    (What is asked of the runtime: OpenVINO itself runs at most one thread per physical core.)"""
     from typer.testing import CliRunner
 
     from tlcompile.cli import app
