@@ -560,7 +560,7 @@ def predict(
     root = bundle_root(bundle)
     if csv is not None:  # before anything is decided: a refused --csv costs nothing
         check_csv_target(csv, inputs=paths, bundle_root=root)
-    fhir_folder = (fhir if fhir is not None else Path("fhir")) if fhir is not None or fhir_url else None
+    fhir_folder = fhir if fhir is not None else Path("fhir") if fhir_url else None
     if fhir_folder is not None:  # likewise a refused --fhir folder or --fhir-url
         if fhir_url:
             check_server_url(fhir_url)

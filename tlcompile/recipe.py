@@ -1140,10 +1140,13 @@ def _check_events(text: str, source: str) -> None:
         pass  # reported by the loader with its line
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides to a raw recipe dict (values parsed as YAML scalars/lists)."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[tuple[str, ...], str]:
+    """Apply ``key.path=value`` overrides to a raw recipe dict, in place (values parsed as YAML scalars/lists).
+    Returns each override's key path -> its text (a value that came from --set is blamed on the --set)."""
+    set_keys: dict[tuple[str, ...], str] = {}
     for text in overrides:
         parts, value = _parse_override(text)
+        set_keys[tuple(parts)] = text
         node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -1154,7 +1157,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise RecipeError(f"--set '{text}': '{where}' is a value ({child!r}), not a section")
             node = child
         node[parts[-1]] = value
-    return raw
+    return set_keys
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
@@ -1344,10 +1347,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     text = read_recipe_text(path)
     source = str(path)
     raw = parse_recipe_yaml(text, source)
-    raw = apply_overrides(raw, list(overrides or []))
+    set_keys = apply_overrides(raw, list(overrides or []))
     _resolve_paths(raw, path.resolve().parent)
-    # A value that came from --set is blamed on the --set, not on the line of the file it replaced.
-    set_keys = {tuple(_parse_override(o)[0]): o for o in overrides or []}
     recipe = validate_recipe_dict(raw, source, text, set_keys)
     _check_paths_exist(recipe, source)
     return recipe

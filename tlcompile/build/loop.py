@@ -85,11 +85,7 @@ def build(
         import tempfile
 
         out_dir, console = Path(tempfile.mkdtemp(prefix=f"tlcompile-rank{run.rank}-")), Console(quiet=True)
-    try:
-        was_empty = not out_dir.is_dir() or not any(out_dir.iterdir())
-    except OSError:  # a folder it cannot read: prepare_out_dir refuses it in one line
-        was_empty = False
-    prepare_out_dir(out_dir, resume=resume)
+    was_empty = prepare_out_dir(out_dir, resume=resume)
     # The cores of this node are shared by its own ranks (torchrun's LOCAL_WORLD_SIZE), not by every rank of every node.
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", run.world_size)) if run.enabled else 1
     torch.set_num_threads(max(1, default_threads() // (local_world if device.type == "cpu" else 1)))

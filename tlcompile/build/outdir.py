@@ -21,8 +21,9 @@ def is_build_dir(path: Path) -> bool:
     return marker.is_file() and not marker.is_symlink()
 
 
-def prepare_out_dir(out_dir: Path, *, resume: bool) -> None:
-    """Check that a build may use ``out_dir``, or refuse without touching anything; creates it when missing.
+def prepare_out_dir(out_dir: Path, *, resume: bool) -> bool:
+    """Check that a build may use ``out_dir``, or refuse without touching anything; creates it when missing. Returns
+    whether it was new or empty (a --resume there has nothing to resume).
 
     A new or empty folder is accepted (:func:`claim_out_dir` marks it once the build's preflight checks pass). A
     folder holding anything else is refused unless it is a tlcompile build (it has the marker) and ``resume`` is set.
@@ -50,13 +51,14 @@ def prepare_out_dir(out_dir: Path, *, resume: bool) -> None:
                 "or choose another --out "
                 "(nothing was changed)"
             )
-        return
+        return False
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file where a folder of the path should be, no permission, a read-only disk
         raise TlcompileError(
             f"--out '{out_dir}': cannot create the build folder ({err.strerror or err}); give a folder you can write"
         ) from err
+    return True
 
 
 def claim_out_dir(out_dir: Path) -> None:
