@@ -124,6 +124,11 @@ def test_the_command_runs_numpy_blas_on_one_thread_unless_told(user_value):
         (["frobnicate"], "tlcompile: No such command 'frobnicate'; see 'tlcompile --help'"),
         (["build", "--nope", "r.yaml"], "tlcompile build: No such option: --nope; see 'tlcompile build --help'"),
         (["verify", "--threads"], "tlcompile verify: Option '--threads' requires an argument"),
+        # a runtime asked for 100,000 threads starts them all (a 2-core box ran out of memory)
+        *(
+            ([*cmd, "--threads", "100000"], "--threads 100000 is out of range; valid: a whole number of threads from 1")
+            for cmd in (["predict", "b", "x.jpg"], ["verify", "b"], ["serve", "b", "--watch", "w"])
+        ),
         (["data", "synth", "--nope"], "tlcompile data synth: No such option: --nope"),
         # an option's missing value in a nested command was reported by its group's context
         (["data", "synth", "--out"], "tlcompile data synth: Option '--out' requires an argument"),

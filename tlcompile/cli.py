@@ -329,7 +329,7 @@ def bench(
     """Measure latency, throughput, memory and accuracy of exported models on this machine (torch-free)."""
     from tlcompile.benchdata import eval_set_loader, synthetic_camera_images
     from tlcompile.runtime.bench import BenchOptions, append_results, bench_table, check_results_target, run_bench
-    from tlcompile.runtime.inference import default_threads
+    from tlcompile.runtime.inference import check_threads, default_threads
 
     valid = {"precision": ("auto", "f32", "bf16", "f16"), "hint": ("latency", "throughput")}
     for option, value in (("precision", precision), ("hint", hint)):
@@ -349,7 +349,9 @@ def bench(
     opts = BenchOptions(
         runtimes=runtime or None,
         device=device,
-        threads=_int_list(threads, "--threads") if threads else [default_threads()],
+        threads=[check_threads(t, f"--threads '{threads}': value") for t in _int_list(threads, "--threads")]
+        if threads
+        else [default_threads()],
         batches=_int_list(batch, "--batch"),
         precision=precision,
         hint=hint,
@@ -550,11 +552,12 @@ def predict(
     from rich.table import Table
 
     from tlcompile.runtime.bundle import bundle_root, open_verified
+    from tlcompile.runtime.inference import check_threads
     from tlcompile.runtime.outputs import check_output_folder, check_server_url, refuse_inside_bundle
     from tlcompile.runtime.pipeline import check_workers
     from tlcompile.runtime.predict import check_csv_target, expand_inputs, predict_paths, write_results_csv
 
-    workers = check_workers(workers)
+    workers, threads = check_workers(workers), check_threads(threads)
     paths = expand_inputs(images)
     workers = min(workers, max(1, len(paths)))  # one photo: one worker, whose model threads spin and answer sooner
     root = bundle_root(bundle)
@@ -665,8 +668,10 @@ def verify(
     samples on this box; bench those that pass and pin the fastest for this CPU in BUNDLE/device.json (predict and
     serve run it): PASS or FAIL (exit 1)."""
     from tlcompile.runtime.bundle import BUNDLE_JSON, bundle_root, load_bundle, verify_bundle, verify_lines
+    from tlcompile.runtime.inference import check_threads
     from tlcompile.runtime.manifest import MANIFEST_JSON
 
+    threads = check_threads(threads)
     root = bundle_root(bundle)
     if not as_json and not (root.is_dir() and ((root / BUNDLE_JSON).exists() or (root / MANIFEST_JSON).exists())):
         # not a bundle at all (a typo, an image): one line, exit 2; a damaged one gets the report, and --json always
@@ -709,9 +714,11 @@ def serve(
     ] = False,
 ) -> None:
     """Watch a folder: one JSON record per new image (errors/ for unreadable files); restart-safe; Ctrl-C stops."""
+    from tlcompile.runtime.inference import check_threads
     from tlcompile.runtime.outputs import check_server_url
     from tlcompile.runtime.serve import serve as run_serve
 
+    threads = check_threads(threads)
     if fhir_url:
         check_server_url(fhir_url)  # at start: a long-running serve would otherwise stop at its first image
     outputs = []

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from tlcompile.compat import import_openvino
-from tlcompile.errors import RuntimeBackendError, missing_dependency
+from tlcompile.errors import RuntimeBackendError, TlcompileError, missing_dependency
 from tlcompile.runtime.backends import FILE_RUNTIMES, RUNTIMES, backend, backend_for_format, format_of
 from tlcompile.runtime.safefiles import check_onnx_external_data
 
@@ -46,6 +46,21 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None, source: str = "--threads") -> int | None:
+    """``threads`` as given (None: the default), refused with one line above this machine's logical CPUs: more
+    threads than CPUs only take turns on them, and a runtime asked for 100,000 threads starts them all (a 2-core box
+    ran out of memory)."""
+    if threads is None:
+        return None
+    cpus = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise TlcompileError(
+            f"{source} {threads!r} is out of range; valid: a whole number of threads from 1 to {cpus} "
+            f"(this machine's logical CPUs)"
+        )
+    return threads
 
 
 @dataclass
