@@ -93,3 +93,72 @@ def test_serve_records_carry_the_dicom_fields_but_the_log_does_not(tiny_build, t
     for kind, message in ERRORS.items():
         error = json.loads((tmp_path / "out" / "errors" / f"{files[kind].name}.json").read_text())
         assert error["status"] == "error" and message in error["error"]
+
+
+def _rgb() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def test_a_header_field_that_is_not_a_number_is_that_files_error_not_the_runs(tmp_path):
+    """NumberOfFrames 'ab' raised int()'s ValueError out of predict, and the other photos' results were lost."""
+    from tests.runtime.dicom_files import write_dicom
+
+    path = write_dicom(tmp_path / "frames.dcm", _rgb(), frames=1)
+    # NumberOfFrames (0028,0008) IS "1 " inserted before Rows (0028,0010), then its value made "ab" byte by byte
+    # (pydicom refuses to write it)
+    raw = path.read_bytes()
+    rows = raw.index(b"\x28\x00\x10\x00US")
+    path.write_bytes(raw[:rows] + b"\x28\x00\x08\x00IS\x02\x00ab" + raw[rows:])
+    with pytest.raises(DataError, match=r"frames\.dcm: DICOM NumberOfFrames 'ab' is not a whole number"):
+        read_input(path)
+
+
+def test_a_header_nested_too_deeply_for_pydicom_is_that_files_error(tmp_path):
+    """Sequences within sequences, deeper than Python's recursion limit: RecursionError escaped predict."""
+    from tests.runtime.dicom_files import write_dicom
+
+    path = write_dicom(tmp_path / "deep.dcm", _rgb())
+    # an undefined-length SQ (ScheduledProtocolCodeSequence, 0040,0008) opening an item with another inside, 5000 deep
+    item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    sq = b"\x40\x00\x08\x00SQ\x00\x00\xff\xff\xff\xff"
+    path.write_bytes(path.read_bytes() + (sq + item) * 5000)
+    with pytest.raises(DataError, match=r"deep\.dcm: (DICOM header is nested too deeply|cannot read the DICOM)"):
+        read_input(path)
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"AcquisitionDateTime": "20240311093015"}, "2024-03-11T09:30:15"),
+        ({"AcquisitionDateTime": "2024"}, "2024"),  # a year stays a year, not 1 January at midnight
+        ({"AcquisitionDateTime": "202403"}, "2024-03"),
+        ({"AcquisitionDateTime": "20240311"}, "2024-03-11"),
+        ({"AcquisitionDateTime": "20240311093015.25+0100"}, "2024-03-11T09:30:15.25+01:00"),
+        ({"AcquisitionDateTime": "202403110930", "TimezoneOffsetFromUTC": "-0500"}, "2024-03-11T09:30:00-05:00"),
+        # not DICOM's DT: pydicom read the year of it, and the record said 2024-01-01T00:00:00
+        (
+            {"AcquisitionDateTime": "2024-03-11T09:30:15", "ContentDate": "20240311", "ContentTime": "0930"},
+            "2024-03-11T09:30:00",
+        ),
+        ({"AcquisitionDateTime": "2024-03-11T09:30:15"}, None),
+        ({"AcquisitionDate": "20240231", "ContentDate": "20240301"}, "2024-03-01"),  # no 31 February
+        ({"AcquisitionDate": "20240311", "AcquisitionTime": "09:30:15"}, "2024-03-11T09:30:15"),  # older TM form
+        ({"AcquisitionDate": "20240311", "AcquisitionTime": "late"}, "2024-03-11"),
+    ],
+)
+def test_the_acquisition_time_keeps_the_headers_precision_and_skips_what_is_not_a_dicom_date(fields, expected):
+    import warnings
+
+    from pydicom.dataset import Dataset
+
+    from tlcompile.runtime.dicom import _acquired_at
+    from tlcompile.runtime.fhir import _fhir_datetime
+
+    ds = Dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the invalid values it is given here
+        for key, value in fields.items():
+            setattr(ds, key, value)
+        assert _acquired_at(ds) == expected
+    if expected is not None and "T" not in expected:
+        assert _fhir_datetime(expected) == expected  # FHIR's dateTime has a year, a month and a day as precisions

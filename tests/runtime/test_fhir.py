@@ -55,6 +55,14 @@ def test_report_bundle_validates_and_carries_codes_model_and_patient():
     assert grade["valueCodeableConcept"]["coding"][0]["code"] == "LA18646-2"  # severe NPDR
     assert grade["bodySite"]["coding"][0]["code"] == "8966001"
     assert grade["effectiveDateTime"].startswith("2024-03-11T09:30:15")  # with this box's timezone added
+    threshold = next(o for o in by_type["Observation"] if "component" in o)["component"][0]["valueQuantity"]
+    assert threshold == {"value": 0.41, "unit": "1", "system": "http://unitsofmeasure.org", "code": "1"}
+    # the DICOM study, as a logical reference (the README says the Study Instance UID goes to the record)
+    study = report_bundle(_record(dicom={"study_instance_uid": "1.2.3.4"}), MODEL)["entry"][0]["resource"]
+    assert study["imagingStudy"] == [
+        {"type": "ImagingStudy", "identifier": {"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.4"}}
+    ]
+    assert "imagingStudy" not in report
     device = by_type["Device"][0]
     assert device["identifier"][0]["value"] == MODEL["sha256"] and device["deviceName"][0]["name"] == "tiny"
     # Same image, same model: same ids (exactly once); no grade on a referable-task bundle.
@@ -63,9 +71,10 @@ def test_report_bundle_validates_and_carries_codes_model_and_patient():
 
 
 class _FlakyFhirServer:
-    """A FHIR endpoint on 127.0.0.1 that answers 503 to the first ``fail_first`` POSTs, then 200."""
+    """A FHIR endpoint on 127.0.0.1 that answers ``status`` (503) with ``answer`` to the first ``fail_first`` POSTs, then
+    200."""
 
-    def __init__(self, fail_first: int) -> None:
+    def __init__(self, fail_first: int, status: int = 503, answer: bytes = b"") -> None:
         self.fail_first, self.attempts, self.received = fail_first, 0, []
         outer = self
 
@@ -74,8 +83,10 @@ class _FlakyFhirServer:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.attempts += 1
                 if outer.attempts <= outer.fail_first:
-                    self.send_response(503)
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(answer)))
                     self.end_headers()
+                    self.wfile.write(answer)
                     return
                 outer.received.append(json.loads(body)["id"])
                 self.send_response(200)
@@ -155,6 +166,24 @@ def test_outbox_keeps_what_the_server_refused_and_sends_it_next_run(tiny_build, 
     with _FlakyFhirServer(fail_first=1) as up:
         out_fhir = FhirOutput(out / "fhir", MODEL, url=up.url, log=lines.append, backoff=0.01)
         assert out_fhir.flush(final=True) == 0 and len(up.received) == 3 == len(set(up.received))
+
+
+def test_a_bundle_the_server_refuses_is_not_sent_again_in_the_run_and_the_log_says_why(tmp_path):
+    """A 422 with an OperationOutcome was retried five times in ~11 s and the server's reason thrown away."""
+    outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid",
+               "diagnostics": "Unknown code 'refer'\nin Observation.valueCodeableConcept"}]}  # fmt: skip
+    lines: list[str] = []
+    with _FlakyFhirServer(fail_first=10_000, status=422, answer=json.dumps(outcome).encode()) as server:
+        out = FhirOutput(tmp_path / "fhir", MODEL, url=server.url, log=lines.append, backoff=0.01, attempts=5)
+        out.write(_record())
+        assert out.flush(final=True) == 1 and server.attempts == 1  # kept in the outbox for the next run
+    (line,) = lines[:1]
+    assert "refused by the server (HTTP 422: Unknown code 'refer' in Observation.valueCodeableConcept)" in line
+    assert "not retried in this run" in line and PATIENT_ID not in "\n".join(lines)
+    with _FlakyFhirServer(fail_first=2, status=429) as busy:  # too many requests: retried
+        out = FhirOutput(tmp_path / "fhir2", MODEL, url=busy.url, log=lines.append, backoff=0.01, attempts=5)
+        out.write(_record())
+        assert out.flush(final=True) == 0 and busy.attempts == 3
 
 
 def test_predict_fhir_writes_each_bundle_once_without_torch(bundle_copy, tmp_path, run_cli):

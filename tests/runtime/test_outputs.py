@@ -5,6 +5,7 @@ every later verify, and tracebacks for an output path under a file or a malforme
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,24 @@ def test_a_fhir_url_that_is_not_an_http_server_is_refused_at_start(tiny_build, t
     for url in ("notaurl", "ftp://x/y", "http://", "file:///etc/passwd"):
         with pytest.raises(TlcompileError, match="not a server address"):
             check_server_url(url)
+    # what urllib refuses only when the first bundle is sent (a traceback that stopped serve), or cannot work
+    for url, message in (
+        ("https://fhir.example.org/fhir r4", "has a space or a control character in it"),
+        ("https://exa mple.org/fhir", "has a space or a control character in it"),
+        ("http://h/fhir\x01", "'http://h/fhir\\x01' has a space or a control character"),
+        ("http://h:99999/fhir", "is not a server address (Port out of range"),
+        ("http://h:0/fhir", "port 0 is not a server's port"),
+    ):
+        with pytest.raises(TlcompileError, match=re.escape(message)):
+            check_server_url(url)
+    with pytest.raises(
+        TlcompileError, match=r"^--fhir-url 'http://\.\.\.@127\.0\.0\.1': a user name or password"
+    ) as err:
+        check_server_url("http://user:secret@127.0.0.1:18080/fhir")
+    assert "secret" not in str(err.value)
     assert check_server_url("https://fhir.example.org/fhir") == "https://fhir.example.org/fhir"
     assert check_server_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080"
+    assert check_server_url("https://[::1]:8443/fhir%20r4") == "https://[::1]:8443/fhir%20r4"
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
     cli_refusal(["predict", str(tiny_build.bundle), photo, "--fhir-url", "notaurl"], "'notaurl' is not a server")

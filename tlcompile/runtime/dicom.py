@@ -58,20 +58,64 @@ def _text(ds: Any, keyword: str) -> str | None:
     return text or None
 
 
-def _acquired_at(ds: Any) -> str | None:
-    """ISO 8601 acquisition time: AcquisitionDateTime, else AcquisitionDate+Time, else ContentDate+Time."""
-    from pydicom.valuerep import DA, DT, TM
+# DICOM's DT (PS3.5 6.2): YYYY[MM[DD[HH[MM[SS[.F{1,6}]]]]]][&ZZXX], each part only after the one before it; DA:
+# YYYYMMDD; TM: HH[MM[SS[.F{1,6}]]] (HH:MM:SS, of older versions of the standard, too).
+_DT = re.compile(
+    r"(?P<Y>\d{4})(?:(?P<m>\d{2})(?:(?P<d>\d{2})(?:(?P<H>\d{2})(?:(?P<M>\d{2})(?:(?P<S>\d{2})"
+    r"(?P<f>\.\d{1,6})?)?)?)?)?)?(?P<z>[+-]\d{4})?"
+)
+_DA = re.compile(r"(?P<Y>\d{4})(?P<m>\d{2})(?P<d>\d{2})")
+_TM = re.compile(r"(?P<H>\d{2})(?::?(?P<M>\d{2})(?::?(?P<S>\d{2})(?P<f>\.\d{1,6})?)?)?")
+_ZONE = re.compile(r"[+-]\d{4}")
 
-    try:
-        if (raw := _text(ds, "AcquisitionDateTime")) is not None:
-            return DT(raw).isoformat()
-        for date_key, time_key in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
-            if (date := _text(ds, date_key)) is not None:
-                day = DA(date)
-                clock = _text(ds, time_key)
-                return _dt.datetime.combine(day, TM(clock)).isoformat() if clock else day.isoformat()
-    except (ValueError, TypeError):
-        return None  # a malformed date is not worth refusing the photograph for
+
+def _iso(parts: dict[str, str | None], zone: str | None) -> str:
+    """ISO 8601 with the precision the header gave (a year, a month, a day, or a time: FHIR's dateTime precisions, a
+    time to the second, its missing minutes and seconds as 00); ValueError for a day or time that does not exist."""
+    year, month, day = parts["Y"], parts.get("m"), parts.get("d")
+    if month is None:
+        return str(year)
+    if not 1 <= int(month) <= 12:
+        raise ValueError(f"month {month}")
+    if day is None:
+        return f"{year}-{month}"
+    date = _dt.date(int(year), int(month), int(day))  # type: ignore[arg-type]
+    if parts.get("H") is None:
+        return date.isoformat()
+    fraction = parts.get("f") or ""
+    clock = _dt.time(int(parts["H"]), int(parts.get("M") or 0), int(parts.get("S") or 0))  # type: ignore[arg-type]
+    text = f"{date.isoformat()}T{clock.isoformat()}{fraction}"
+    if zone:
+        sign, hours, minutes = zone[0], int(zone[1:3]), int(zone[3:5])
+        if hours > 14 or minutes > 59:
+            raise ValueError(f"time zone {zone}")
+        text += f"{sign}{hours:02d}:{minutes:02d}"
+    return text
+
+
+def _acquired_at(ds: Any) -> str | None:
+    """When the photograph was taken, ISO 8601 with the precision the header gives: AcquisitionDateTime, else
+    AcquisitionDate + AcquisitionTime, else ContentDate + ContentTime; the first of them that is a valid DICOM
+    value (a camera that writes '2024-03-15T10:11:12' into a DT has not written a DICOM date: pydicom reads the year
+    of it, and the record would say 1 January). A time zone comes from the DT itself or from TimezoneOffsetFromUTC;
+    without one it is the camera's local time. None when no field holds a valid date: a malformed date is not worth
+    refusing the photograph for."""
+    header_zone = _text(ds, "TimezoneOffsetFromUTC")
+    zone = header_zone if header_zone and _ZONE.fullmatch(header_zone) else None
+    if (raw := _text(ds, "AcquisitionDateTime")) is not None and (match := _DT.fullmatch(raw)):
+        try:
+            return _iso(match.groupdict(), match["z"] or zone)
+        except ValueError:
+            pass
+    for date_key, time_key in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
+        if (date := _text(ds, date_key)) is None or not (day := _DA.fullmatch(date)):
+            continue
+        clock = _text(ds, time_key)
+        at = _TM.fullmatch(clock) if clock else None
+        try:
+            return _iso({**day.groupdict(), **(at.groupdict() if at else {})}, zone)
+        except ValueError:
+            continue
     return None
 
 
@@ -102,10 +146,39 @@ def read_header(path: str | Path) -> Any:
         raise DataError(f"{path}: not a DICOM file pydicom can read ({type(err).__name__})") from err
 
 
+def _int(ds: Any, keyword: str, default: int, path: str | Path) -> int:
+    """A whole-number header field (IS or US), or DataError naming it: one file's bad header is that file's error."""
+    value = ds.get(keyword)
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        return int(str(value).strip()) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError, OverflowError) as err:
+        shown = str(value)[:40].encode("unicode_escape").decode("ascii")
+        raise DataError(
+            f"{path}: DICOM {keyword} '{shown}' is not a whole number; not an image this reader decodes"
+        ) from err
+
+
 def read_dicom(path: str | Path, *, data: bytes | None = None, max_pixels: int | None = None) -> DicomInput:
     """Decode one DICOM fundus photograph to uint8 RGB with its header fields. Raises :class:`DataError` naming the
     file (and what it is instead) for anything that is not a single-frame colour OP image; ``max_pixels`` refuses a
-    header that asks for more before anything is decompressed."""
+    header that asks for more before anything is decompressed.
+
+    Whatever a crafted or damaged file makes pydicom raise is that file's DataError too (predict and serve go on with
+    the other photos): the message names the file and the error's type, never a header value, which may identify the
+    patient."""
+    try:
+        return _read_dicom(path, data=data, max_pixels=max_pixels)
+    except DataError:
+        raise
+    except RecursionError as err:
+        raise DataError(f"{path}: DICOM header is nested too deeply to read (sequences within sequences)") from err
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, LookupError) as err:
+        raise DataError(f"{path}: cannot read the DICOM header ({type(err).__name__} in a header field)") from err
+
+
+def _read_dicom(path: str | Path, *, data: bytes | None, max_pixels: int | None) -> DicomInput:
     pydicom = _pydicom(path)
     source: Any = io.BytesIO(data) if data is not None else path
     try:
@@ -126,17 +199,17 @@ def read_dicom(path: str | Path, *, data: bytes | None = None, max_pixels: int |
         )
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DataError(f"{path}: DICOM object has no pixel data (a report or a header only); not a photograph")
-    frames = int(ds.get("NumberOfFrames") or 1)
+    frames = _int(ds, "NumberOfFrames", 1, path)
     if frames != 1:
         raise DataError(f"{path}: DICOM image has {frames} frames; valid: a single-frame fundus photograph")
     photometric = _text(ds, "PhotometricInterpretation") or "(none)"
-    samples = int(ds.get("SamplesPerPixel") or 1)
+    samples = _int(ds, "SamplesPerPixel", 1, path)
     if samples != 3 or photometric not in _COLOUR:
         raise DataError(
             f"{path}: DICOM photometric interpretation {photometric} with {samples} sample(s) per pixel is not a "
             f"colour photograph this reader converts; valid: {', '.join(_COLOUR)} with 3 samples"
         )
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    rows, cols = _int(ds, "Rows", 0, path), _int(ds, "Columns", 0, path)
     if max_pixels is not None and rows * cols > max_pixels:
         raise DataError(
             f"{path}: image is too large to decode safely ({cols}x{rows}; limit {max_pixels / 1e6:.0f} Mpx); "
@@ -156,7 +229,7 @@ def read_dicom(path: str | Path, *, data: bytes | None = None, max_pixels: int |
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise DataError(f"{path}: decoded DICOM pixel data has shape {arr.shape}; valid: rows x columns x 3")
     if arr.dtype != np.uint8:
-        bits = int(ds.get("BitsStored") or 8)
+        bits = _int(ds, "BitsStored", 8, path)
         peak = float((1 << bits) - 1) if 0 < bits <= 16 else float(arr.max() or 1)
         arr = np.clip(arr.astype(np.float64) * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
     return DicomInput(rgb=np.ascontiguousarray(arr), meta=header_meta(ds))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -88,6 +89,8 @@ def _fhir_datetime(text: str | None) -> str | None:
     time (the camera and the box sit in the same clinic)."""
     if not text:
         return None
+    if re.fullmatch(r"\d{4}(-\d{2}(-\d{2})?)?", text):  # a year, a month or a day: FHIR dateTime's own precisions
+        return text
     try:
         moment = _dt.datetime.fromisoformat(text)
     except ValueError:
@@ -95,6 +98,33 @@ def _fhir_datetime(text: str | None) -> str | None:
     if "T" not in text:
         return moment.date().isoformat()
     return (moment if moment.tzinfo else moment.astimezone()).isoformat()
+
+
+def _server_said(err: Any) -> str:
+    """': ' and the first diagnostics of the OperationOutcome (or the first line of text) a server answered an error
+    with, one line of at most 300 characters; '' when it said nothing readable."""
+    try:
+        body = err.read(65536).decode("utf-8", "replace")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    text = body.strip()
+    try:
+        outcome = json.loads(body)
+        issues = outcome.get("issue") if isinstance(outcome, dict) else None
+        if isinstance(issues, list) and issues and isinstance(issues[0], dict):
+            first = issues[0]
+            text = str(first.get("diagnostics") or (first.get("details") or {}).get("text") or first.get("code") or "")
+    except (ValueError, AttributeError, RecursionError):
+        pass
+    text = " ".join(text.split())[:300].encode("unicode_escape").decode("ascii")
+    return f": {text}" if text else ""
+
+
+def _refused(why: str) -> bool:
+    """A 4xx answer other than 408 (timeout) and 429 (too many requests): the server read the bundle and refused it,
+    so sending it again at once is refused again."""
+    code = why.split(":")[0]
+    return code.startswith("HTTP 4") and code not in ("HTTP 408", "HTTP 429")
 
 
 def _local(code: str, display: str) -> dict[str, Any]:
@@ -155,7 +185,12 @@ def report_bundle(record: dict[str, Any], model: dict[str, str]) -> dict[str, An
             "component": [
                 {
                     "code": _local("decision-threshold", "Referral threshold the model was locked at"),
-                    "valueQuantity": {"value": round(float(record["threshold"]), 6), "unit": "1", "system": UCUM},
+                    "valueQuantity": {
+                        "value": round(float(record["threshold"]), 6),
+                        "unit": "1",
+                        "system": UCUM,
+                        "code": "1",
+                    },
                 }
             ],
         }
@@ -195,6 +230,19 @@ def report_bundle(record: dict[str, Any], model: dict[str, str]) -> dict[str, An
             "text": "Diabetic retinopathy screening (automated)",
         },
         **{k: common[k] for k in ("subject", "effectiveDateTime", "issued") if k in common},
+        # the DICOM study the photograph belongs to, as a logical reference (no ImagingStudy resource is sent)
+        **(
+            {
+                "imagingStudy": [
+                    {
+                        "type": "ImagingStudy",
+                        "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{dicom['study_instance_uid']}"},
+                    }
+                ]
+            }
+            if dicom.get("study_instance_uid")
+            else {}
+        ),
         "result": [ref[name] for name in observations],
         "conclusion": conclusion,
         "conclusionCode": [_local(_REFERRAL_CODES.get(referral, referral), referral)],
@@ -307,7 +355,8 @@ class FhirOutput:
         return sorted((self.folder / OUTBOX).glob("*.json")) if self.url else []
 
     def _post(self, path: Path) -> str | None:
-        """POST one bundle; None when the server took it (2xx), else why not."""
+        """POST one bundle; None when the server took it (2xx), else why not (with what the server said, for a
+        refusal: a FHIR server explains a 4xx in an OperationOutcome)."""
         request = urllib.request.Request(
             self.url,
             data=path.read_bytes(),
@@ -319,8 +368,8 @@ class FhirOutput:
                 answer.read()
                 return None if 200 <= answer.status < 300 else f"HTTP {answer.status}"
         except urllib.error.HTTPError as err:
-            return f"HTTP {err.code}"
-        except (urllib.error.URLError, OSError) as err:
+            return f"HTTP {err.code}" + _server_said(err)
+        except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: http.client.InvalidURL
             return str(getattr(err, "reason", err))
 
     def flush(self, *, final: bool = False) -> int:
@@ -345,6 +394,13 @@ class FhirOutput:
                     self.sent += 1
                     continue
                 tries += 1
+                if _refused(why):  # the same bundle would be refused again in this run: not retried until the next
+                    self._failures[path.name] = (self.attempts, now)
+                    self.log(
+                        f"FHIR POST of {path.name} refused by the server ({why}); not retried in this run, kept in "
+                        f"{OUTBOX}/"
+                    )
+                    continue
                 delay = min(self.max_backoff, self.backoff * 2 ** (tries - 1))
                 self._failures[path.name] = (tries, time.monotonic() + delay)
                 self.log(f"FHIR POST of {path.name} failed ({why}); try {tries} of {self.attempts}")

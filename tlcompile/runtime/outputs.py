@@ -62,11 +62,28 @@ def check_output_folder(option: str, folder: str | Path, *, what: str) -> None:
 
 
 def check_server_url(url: str, option: str = "--fhir-url") -> str:
-    """A server base URL: http or https, with a host."""
-    parts = urllib.parse.urlsplit(url)
+    """A server base URL: http or https, with a host (and a port, if any, from 1 to 65535), no user name or password
+    in it, no space or control character: checked at start, so that a long-running serve never stops at its first
+    image on what urllib refuses, and no password is printed in every retry line."""
+    shown = url.encode("unicode_escape").decode("ascii")
+    valid = "valid: an http:// or https:// URL with a host, such as https://fhir.example.org/fhir"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as err:  # a port that is not a number or out of range, a malformed IPv6 host
+        raise TlcompileError(f"{option} '{shown}' is not a server address ({err}); {valid}") from err
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise TlcompileError(f"{option} '{shown}' is not a server address; {valid}")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
         raise TlcompileError(
-            f"{option} '{url}' is not a server address; valid: an http:// or https:// URL with a host, "
-            "such as https://fhir.example.org/fhir"
+            f"{option} '{shown}' has a space or a control character in it; {valid} (a space in a path is %20)"
         )
+    if parts.username is not None or parts.password is not None:
+        raise TlcompileError(
+            f"{option} '{parts.scheme}://...@{parts.hostname}': a user name or password in the URL is not sent as a "
+            "login (urllib reads it as part of the host) and would be printed in every log line; give the URL "
+            "without it"
+        )
+    if port == 0:
+        raise TlcompileError(f"{option} '{shown}': port 0 is not a server's port; valid: 1 to 65535")
     return url
