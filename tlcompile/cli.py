@@ -550,12 +550,14 @@ def predict(
 ) -> None:
     """Referral decision, grade and P(referable DR) per image, with the bundle's preprocessing (verified first)."""
     from rich.table import Table
+    from rich.text import Text
 
     from tlcompile.runtime.bundle import bundle_root, open_verified
     from tlcompile.runtime.inference import check_threads
     from tlcompile.runtime.outputs import check_output_folder, check_server_url, refuse_inside_bundle
     from tlcompile.runtime.pipeline import check_workers
     from tlcompile.runtime.predict import check_csv_target, expand_inputs, predict_paths, write_results_csv
+    from tlcompile.runtime.terminal import printable
 
     workers, threads = check_workers(workers), check_threads(threads)
     paths = expand_inputs(images)
@@ -604,8 +606,14 @@ def predict(
     for r in results:
         prob = "-" if r.referable_dr_probability is None else f"{r.referable_dr_probability:.3f}"
         note = r.error or (r.ungradable_reason or "no field of view found: retake or refer" if r.ungradable else "")
+        # file names and messages as plain text, escaped: a name like '[red]x.jpg' or one holding ESC or a
+        # right-to-left override neither restyles nor reorders the table
         table.add_row(
-            Path(r.file).name, r.referral or "ERROR", prob, *((r.grade_name or "-",) if b.task == "grade" else ()), note
+            Text(printable(Path(r.file).name)),
+            r.referral or "ERROR",
+            prob,
+            *((r.grade_name or "-",) if b.task == "grade" else ()),
+            Text(printable(note)),
         )
     console = _console()
     console.print(table)

@@ -62,7 +62,7 @@ def test_an_existing_file_is_replaced_only_when_it_is_a_results_csv(tiny_build, 
 @pytest.mark.parametrize("name", ['=HYPERLINK("x").png', "+1+1.png", "-2.png", "@SUM(A1).png", "\tx.png"])
 def test_cells_that_start_like_a_formula_are_escaped(name, tiny_build, tmp_path, fundus_images, monkeypatch):
     rows = list(csv.DictReader(results_csv([ImageResult(file=name, error=name + ": cannot decode")]).splitlines()))
-    assert rows[0]["file"] == "'" + name and rows[0]["error"].startswith("'")
+    assert rows[0]["file"] == "'" + name.replace("\t", "\\x09") and rows[0]["error"].startswith("'")
     # Through the real command, with a real file of that name.
     photo = fundus_images(tmp_path / "in", 1)[0]
     odd = tmp_path / "in" / name
@@ -75,3 +75,27 @@ def test_cells_that_start_like_a_formula_are_escaped(name, tiny_build, tmp_path,
     text = results_csv(predict_paths(bundle, bundle.open_session(), [Path(name)]))
     cell = next(csv.DictReader(text.splitlines()))["file"]
     assert not cell.startswith(("=", "+", "-", "@", "\t"))
+
+
+def test_a_file_name_that_is_not_utf8_or_holds_control_characters_is_escaped_not_fatal(tiny_build, tmp_path, run_cli):
+    """A name with a byte that is not UTF-8 stopped the CSV write (UnicodeEncodeError) and every result was lost; ESC
+    and a right-to-left override reached the terminal and the CSV raw."""
+    import os
+
+    from tlcompile.runtime.terminal import printable
+
+    names = [os.fsdecode(b"bad\xff.jpg"), "x\x1b[31mred\u202e.jpg", "[bold]markup.jpg"]
+    assert [printable(n) for n in names] == ["bad\\xff.jpg", "x\\x1b[31mred\\u202e.jpg", "[bold]markup.jpg"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo = Path(tiny_build.bundle) / "golden"
+    source = next(p for p in sorted(photo.iterdir()) if p.suffix == ".png")
+    for name in names:
+        shutil.copy(source, folder / name)
+    out = tmp_path / "results.csv"
+    done = run_cli("predict", str(tiny_build.bundle), str(folder), "--csv", str(out))
+    assert done.returncode == 0, done.stderr
+    files = sorted(row["file"] for row in csv.DictReader(out.read_text(encoding="utf-8").splitlines()))
+    assert files == sorted(f"{folder}/{printable(n)}" for n in names)
+    assert "\x1b" not in done.stdout and "\u202e" not in done.stdout
+    assert "bad\\xff.jpg" in done.stdout and "[bold]markup.jpg" in done.stdout  # shown as given, not as rich markup

@@ -32,6 +32,7 @@ from tlcompile.runtime.outputs import check_parent_writable, refuse_inside_bundl
 from tlcompile.runtime.pipeline import check_workers, ordered
 from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS, prepare_with_field, read_input, to_input
 from tlcompile.runtime.screen import damage_reason, not_fundus_reason, too_small_reason
+from tlcompile.runtime.terminal import printable
 
 CSV_COLUMNS = (
     "file",
@@ -232,9 +233,14 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_cell(value: Any) -> Any:
-    """A CSV cell that a spreadsheet shows as text: a string starting with =, +, -, @, tab or CR gets a leading '."""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
+    """A CSV cell that a spreadsheet shows as text: a string starting with =, +, -, @, tab or CR gets a leading ';
+    bytes of a file name that are not UTF-8 and characters that are not printable (ESC, line breaks, bidirectional
+    overrides; from a file name or a DICOM header) are escaped as in serve's log (a name that is not UTF-8 stopped the
+    write, and every result of the run was lost)."""
+    if isinstance(value, str):
+        if value.startswith(_FORMULA_START):
+            value = "'" + value
+        return printable(value)
     return value
 
 

@@ -43,6 +43,7 @@ from tlcompile.runtime.outputs import refuse_inside_bundle
 from tlcompile.runtime.pipeline import check_workers, ordered
 from tlcompile.runtime.predict import PreparedImage, decide, prepare_photo
 from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS
+from tlcompile.runtime.terminal import printable
 
 # Names a camera or a copy tool uses while a file is still being written; such files are left alone.
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".swp", ".lock")
@@ -61,13 +62,6 @@ def record_stem(name: str) -> str:
     """The record's file name without .json: the image name, or for a long name its first ~120 bytes (whole
     characters) + '~' + 16 hex digits of the full name's sha256, so that every record name fits the filesystem."""
     return fitting_name(name)
-
-
-def printable(name: str) -> str:
-    """A file name for the log: undecodable bytes and control characters escaped, so a name can neither crash the
-    print nor forge log lines."""
-    text = os.fsencode(name).decode("utf-8", errors="backslashreplace")
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def looks_truncated(message: str, head: bytes, size: int) -> bool:

@@ -10,6 +10,7 @@ Only rich is imported, so the torch-free runtime commands can use it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,19 @@ from rich.table import Table
 from rich.text import Text
 
 MISSING = "-"  # what a cell shows for a value that is absent, None or NaN
+
+
+def printable(text: str) -> str:
+    """A file name or message for the terminal, a log or a CSV cell: bytes that are not UTF-8 (a file name's
+    surrogate escapes) and characters that are not printable (control characters such as ESC and line breaks,
+    bidirectional overrides) escaped, so a name can neither crash the write, nor forge lines, nor recolour or reorder
+    what the terminal shows."""
+    decoded = os.fsencode(text).decode("utf-8", errors="backslashreplace")
+    return "".join(c if c.isprintable() else _escaped(c) for c in decoded)
+
+
+def _escaped(c: str) -> str:
+    return f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
 
 
 def is_missing(x: Any) -> bool:
