@@ -735,7 +735,11 @@ def serve(
 
         def fhir_output(verified: Any, out_dir: Path) -> FhirOutput:
             return FhirOutput(
-                out_dir / "fhir", model_identity(verified), url=fhir_url, log=lambda line: print(line, flush=True)
+                out_dir / "fhir",
+                model_identity(verified),
+                url=fhir_url,
+                log=lambda line: print(line, flush=True),
+                in_records=True,
             )
 
         outputs.append(fhir_output)

@@ -173,3 +173,33 @@ def test_rewrite_in_place_with_same_size_and_mtime_is_detected(tiny_build, tmp_p
     assert (stats.results, stats.already_done) == (1, 0)
     shas = {r["sha256"] for r in _records(out)["results"]}
     assert len(shas) == 2
+
+
+def test_a_linked_errors_or_fhir_folder_is_refused_and_the_bundle_stays_whole(bundle_copy, tmp_path, fundus_images):
+    """Whoever can write the camera's folder (serve's records go to WATCH/results by default) linked OUT/errors (or
+    OUT/fhir) into the bundle: serve wrote an error record into golden/, and the next start refused the bundle."""
+    import pytest
+
+    from tlcompile.errors import TlcompileError
+    from tlcompile.runtime.bundle import verify_bundle
+    from tlcompile.runtime.fhir import FhirOutput
+
+    watch, out = tmp_path / "camera", tmp_path / "camera" / "results"
+    fundus_images(watch, 1)
+    (watch / "not-an-image.jpg").write_bytes(b"hello")
+    out.mkdir()
+    before = sorted(p.name for p in (bundle_copy / "golden").iterdir())
+    (out / "errors").symlink_to(bundle_copy / "golden")
+    with pytest.raises(TlcompileError, match=r"errors' is a symbolic link \(to '.*golden'\), not a folder; error rec"):
+        serve(bundle_copy, watch, None, once=True, settle=0, log=_quiet)
+    (out / "errors").unlink()
+    (out / "fhir").symlink_to(bundle_copy / "golden")
+    with pytest.raises(TlcompileError, match=r"fhir' is a symbolic link .*; FHIR bundles are written only"):
+        FhirOutput(out / "fhir", {}, in_records=True)
+    (out / "fhir").unlink()
+    (out / "fhir" / "outbox").parent.mkdir()
+    (out / "fhir" / "outbox").symlink_to(bundle_copy / "golden")
+    with pytest.raises(TlcompileError, match=r"outbox' is a symbolic link"):
+        FhirOutput(out / "fhir", {}, url="http://127.0.0.1:9/fhir")
+    assert sorted(p.name for p in (bundle_copy / "golden").iterdir()) == before
+    assert verify_bundle(bundle_copy, pin=False).ok

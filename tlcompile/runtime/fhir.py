@@ -41,7 +41,7 @@ from typing import Any
 
 from tlcompile.errors import MissingDependencyError, TlcompileError
 from tlcompile.io import atomic_write_text, sha256_file
-from tlcompile.runtime.outputs import check_server_url
+from tlcompile.runtime.outputs import check_server_url, refuse_linked_folder
 
 FHIR_VERSION = "4.3.0"  # R4B
 LOCAL_SYSTEM = "urn:tlcompile:fhir:codes"
@@ -302,6 +302,7 @@ class FhirOutput:
         max_backoff: float = 30.0,
         timeout: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
+        in_records: bool = False,
     ) -> None:
         _r4b()  # fail at start, not on the first image
         if url is not None:
@@ -314,6 +315,9 @@ class FhirOutput:
             timeout,
             sleep,
         )
+        # the outbox and sent/ (and serve's OUT/fhir, ``in_records``) are tlcompile's own folders: never a link
+        for sub in ([self.folder] if in_records else []) + ([self.folder / OUTBOX, self.folder / SENT] if url else []):
+            refuse_linked_folder(sub, "FHIR bundles")
         self.target = self.folder / OUTBOX if url else self.folder
         try:
             self.target.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,22 @@ def refuse_inside_bundle(option: str, path: str | Path, bundle: str | Path | Non
         )
 
 
+def refuse_linked_folder(path: str | Path, what: str) -> None:
+    """Refuse a sub-folder a command writes into (serve's errors/, the FHIR outbox) that is a symbolic link: whoever
+    can write the camera's folder (where serve's records go by default) could point it into the bundle, whose next
+    verify then fails, or anywhere else. --out itself is the user's choice and is checked where it is given."""
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise TlcompileError(
+            f"'{path}' is a symbolic link (to '{target}'), not a folder; {what} are written only into a real folder "
+            "there; remove the link (a new folder is made in its place)"
+        )
+
+
 def check_parent_writable(option: str, path: str | Path) -> None:
     """Refuse an output file whose folder cannot hold it: the nearest existing folder above it is a file, or this
     user may not write there. The missing folders in between are created when the file is written."""

@@ -39,7 +39,7 @@ from typing import Any
 from tlcompile.errors import TlcompileError
 from tlcompile.io import atomic_write_json, fitting_name, sha256_file
 from tlcompile.runtime.bundle import UNGRADABLE, VerifiedBundle, open_verified
-from tlcompile.runtime.outputs import refuse_inside_bundle
+from tlcompile.runtime.outputs import refuse_inside_bundle, refuse_linked_folder
 from tlcompile.runtime.pipeline import check_workers, ordered
 from tlcompile.runtime.predict import PreparedImage, decide, prepare_photo
 from tlcompile.runtime.preprocess import IMAGE_EXTENSIONS
@@ -94,6 +94,7 @@ class Ledger:
         self.errors_dir = out_dir / ERRORS_DIR
         self._paths: dict[str, list[Path]] = {}
         self._keys: dict[Path, dict[str, Any]] = {}
+        refuse_linked_folder(self.errors_dir, "error records")
         try:
             self.errors_dir.mkdir(parents=True, exist_ok=True)
             for folder in (self.out_dir, self.errors_dir):
