@@ -222,6 +222,36 @@ def test_verify_reports_every_damaged_or_added_file(bundle_copy):
     assert any(p.startswith("notes.txt: not in the manifest") for p in problems)
 
 
+def test_json_nested_past_the_recursion_limit_or_a_nul_in_a_name_is_a_fail_not_a_traceback(bundle_copy):
+    """Arrays within arrays, 5000 deep (10 KB), in a bundle file: json's RecursionError escaped verify and predict
+    (even under --trust, and from device.json, which no signature covers); a NUL in a manifest entry's name: its
+    ValueError did too. A file whose size is not the manifest's is not hashed (an 8 GB sparse one took minutes)."""
+    from tlcompile.runtime.pinning import read_device
+
+    nested = "[" * 5000 + "]" * 5000
+    original = {name: (bundle_copy / name).read_bytes() for name in ("manifest.json", "bundle.json")}
+    (bundle_copy / "manifest.json").write_text(nested)
+    assert "manifest.json: not a valid manifest (nested too deeply)" in check_manifest(bundle_copy).problems
+    (bundle_copy / "manifest.json").write_bytes(original["manifest.json"])
+    (bundle_copy / "bundle.json").write_text(nested)
+    with pytest.raises(BundleError, match=r"bundle\.json: not a bundle file \(nested too deeply\)"):
+        load_bundle(bundle_copy)
+    (bundle_copy / "bundle.json").write_bytes(original["bundle.json"])
+    (bundle_copy / "device.json").write_text(nested)
+    pin, why = read_device(bundle_copy, manifest_sha256="x", candidates=[])
+    assert pin is None and why.endswith("not a readable pin; run tlcompile verify --repin")
+    (bundle_copy / "device.json").unlink()
+    manifest = json.loads(original["manifest.json"])
+    manifest["files"]["x\x00y"] = {"sha256": "0" * 64, "size": 1}
+    model = next(name for name in manifest["files"] if name.startswith("model/"))
+    manifest["files"][model]["size"] += 1
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    problems = check_manifest(bundle_copy).problems
+    assert "manifest.json: the entry 'x\\x00y' is not a file name (a NUL character in it)" in problems
+    assert any(p.startswith(f"{model}: size ") for p in problems)
+    assert not any(p.startswith(f"{model}: sha256") for p in problems)  # not read: its size already says enough
+
+
 def _reseal(bundle):
     """What an attacker with write access does after editing a file: recompute the manifest's hashes."""
     (bundle / "manifest.json").write_text(json.dumps({"files": manifest_entries(bundle)}))

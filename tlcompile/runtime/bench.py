@@ -86,8 +86,9 @@ def _spec_from(d: dict[str, Any] | None) -> PreprocessSpec | None:
 def targets_from_build(build_dir: Path) -> list[BenchTarget]:
     try:
         report = json.loads((build_dir / "report.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise BenchError(f"{build_dir / 'report.json'}: cannot read the build report ({err})") from err
+    except (OSError, ValueError, RecursionError) as err:
+        why = err if not isinstance(err, RecursionError) else "nested too deeply"
+        raise BenchError(f"{build_dir / 'report.json'}: cannot read the build report ({why})") from err
     spec = _spec_from(report.get("preprocessing"))
     threshold = report.get("operating_point", {}).get("threshold")
     temperature = report.get("operating_point", {}).get("temperature") or 1.0
@@ -145,7 +146,7 @@ def targets_from_bundle(bundle_dir: Path) -> list[BenchTarget]:
                 ),
             )
             target.files.update(files)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
         raise BenchError(f"{bundle_dir / 'bundle.json'}: cannot read the bundle ({err})") from err
     if not any(t.files for t in targets.values()):
         raise BenchError(f"{bundle_dir}: the bundle holds no {_SUFFIXES_OR} model")
@@ -492,6 +493,8 @@ def read_results(path: Path) -> dict[str, Any]:
         raise BenchError(f"'{path}': not a bench results file (not text); {wanted}") from err
     except (OSError, ValueError) as err:  # ValueError: not JSON
         raise BenchError(f"'{path}': not a bench results file ({err}); {wanted}") from err
+    except RecursionError as err:
+        raise BenchError(f"'{path}': not a bench results file (nested too deeply); {wanted}") from err
     if not isinstance(obj, dict) or not isinstance(obj.get("runs"), list):
         raise BenchError(
             f"'{path}': not a bench results file (expected {{\"runs\": [...]}} written by tlcompile bench --out)"

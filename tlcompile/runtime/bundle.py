@@ -266,6 +266,8 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(
             f"{meta_path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); the bundle is damaged"
         ) from err
+    except RecursionError as err:  # arrays within arrays, thousands deep: json's parser gives up
+        raise BundleError(f"{meta_path}: not a bundle file (nested too deeply); the bundle is damaged") from err
     if not isinstance(meta, dict):
         raise BundleError(f"{meta_path}: the top level must be an object, not {type(meta).__name__}")
     version = meta.get("format_version")

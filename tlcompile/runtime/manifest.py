@@ -69,11 +69,18 @@ def check_manifest(root: str | Path) -> ManifestCheck:
     except (ValueError, KeyError, TypeError) as err:
         result.problems.append(f"{MANIFEST_JSON}: not a valid manifest ({err})")
         return result
+    except RecursionError:  # arrays within arrays, thousands deep: json's parser gives up
+        result.problems.append(f"{MANIFEST_JSON}: not a valid manifest (nested too deeply)")
+        return result
     for rel, expected in sorted(files.items()):
         try:
             path = inside(root, rel, str(manifest_path))
         except UnsafeFileError as err:
             result.problems.append(str(err))
+            continue
+        except ValueError:  # a NUL byte: no file can have that name
+            shown = rel.encode("unicode_escape").decode("ascii")
+            result.problems.append(f"{MANIFEST_JSON}: the entry '{shown}' is not a file name (a NUL character in it)")
             continue
         result.checked += 1
         if not isinstance(expected, dict):
@@ -84,7 +91,9 @@ def check_manifest(root: str | Path) -> ManifestCheck:
             continue
         size = path.stat().st_size
         if size != expected.get("size"):
+            # not hashed: a file of another size is not the file (an 8 GB sparse one took verify minutes to read)
             result.problems.append(f"{rel}: size {size} bytes, manifest says {expected.get('size')}")
+            continue
         digest = sha256_file(path)
         if digest != expected.get("sha256"):
             result.problems.append(

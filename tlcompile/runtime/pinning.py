@@ -190,7 +190,7 @@ def read_device(root: Path, *, manifest_sha256: str, candidates: list[str]) -> t
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         chosen, sha, cpu = record["chosen"], record["bundle_manifest_sha256"], record["cpu"]["model"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None, f"{path}: not a readable pin; run tlcompile verify --repin"
     if sha != manifest_sha256:
         return (

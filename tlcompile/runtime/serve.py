@@ -125,7 +125,7 @@ class Ledger:
                 try:
                     record = json.loads(path.read_text(encoding="utf-8"))
                     self._keys[path] = {k: record.get(k) for k in _KEY_FIELDS}
-                except (OSError, ValueError):
+                except (OSError, ValueError, RecursionError, AttributeError):  # not a record (not an object)
                     self._keys[path] = {}  # unreadable: matches nothing, so the image is decided again
             if self._keys[path].get("file") == name:
                 records.append(self._keys[path])

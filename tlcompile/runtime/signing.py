@@ -258,6 +258,9 @@ def check_signature(bundle_dir: str | Path, trusted: list[str | Path] | None = N
     except (OSError, ValueError, UnicodeDecodeError) as err:
         check.problems.append(f"{SIGNATURE_JSON}: not a valid signature file ({err})")
         return check
+    except RecursionError:
+        check.problems.append(f"{SIGNATURE_JSON}: not a valid signature file (nested too deeply)")
+        return check
     try:
         data = (root / MANIFEST_JSON).read_bytes()
     except OSError as err:
