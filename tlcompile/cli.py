@@ -270,14 +270,21 @@ def models(
     console.print(table)
 
 
-def _int_list(text: str, option: str) -> list[int]:
+def _int_list(text: str, option: str, most: int | None = None) -> list[int]:
+    """Comma-separated whole numbers, each once (a repeated value is measured once, not twice), in the order given."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as err:
         raise TlcompileError(f"{option} '{text}': expected comma-separated whole numbers, e.g. 1,2,4") from err
     if not values or any(v < 1 for v in values):
         raise TlcompileError(f"{option} '{text}': every value must be >= 1")
-    return values
+    if most is not None and max(values) > most:
+        raise TlcompileError(f"{option} '{text}': value {max(values)} is out of range; valid: 1 to {most}")
+    return list(dict.fromkeys(values))
+
+
+#: bench --batch: 1024 camera-size inputs at 224 px are ~600 MB of float32 already; 100,000 asked numpy for 28 GiB.
+MAX_BENCH_BATCH = 1024
 
 
 _BENCH_PATHS_HELP = f"Build folders, bundles or {'/'.join(MODEL_SUFFIXES)} files (default: the latest build in runs/)."
@@ -347,12 +354,12 @@ def bench(
     if out is not None:  # before anything is measured: a refused --out costs nothing
         check_results_target(out, list(paths or []))
     opts = BenchOptions(
-        runtimes=runtime or None,
+        runtimes=list(dict.fromkeys(runtime)) if runtime else None,  # each once
         device=device,
         threads=[check_threads(t, f"--threads '{threads}': value") for t in _int_list(threads, "--threads")]
         if threads
         else [default_threads()],
-        batches=_int_list(batch, "--batch"),
+        batches=_int_list(batch, "--batch", MAX_BENCH_BATCH),
         precision=precision,
         hint=hint,
         iterations=iterations,

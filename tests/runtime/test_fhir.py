@@ -71,8 +71,8 @@ def test_report_bundle_validates_and_carries_codes_model_and_patient():
 
 
 class _FlakyFhirServer:
-    """A FHIR endpoint on 127.0.0.1 that answers ``status`` (503) with ``answer`` to the first ``fail_first`` POSTs, then
-    200."""
+    """A FHIR endpoint on 127.0.0.1 that answers ``status`` (503) with ``answer`` to the first ``fail_first`` POSTs,
+    then 200."""
 
     def __init__(self, fail_first: int, status: int = 503, answer: bytes = b"") -> None:
         self.fail_first, self.attempts, self.received = fail_first, 0, []

@@ -267,7 +267,13 @@ def measure(
     ``eval_set``: (images prepared with the target's spec, DR grades), as a :data:`EvalSetLoader` returns them."""
     path = _path_for(target, runtime)
     size = _input_size(target)
-    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    try:
+        x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    except MemoryError as err:
+        raise BenchError(
+            f"--batch {batch}: {batch} inputs of {size}x{size} px need {batch * 3 * size * size * 12 / 2**30:.1f} GiB "
+            "to make, more than this machine could allocate; give a smaller --batch"
+        ) from err
     precision = opts.precision or target.run_precision
     _reset_peak_rss()
     t0 = time.perf_counter()
