@@ -635,7 +635,7 @@ def predict(
         )
     if unexplained:
         print(
-            f"warning: {_count(len(unexplained), 'heatmap')} could not be written (see above); every decision stands",
+            f"error: {_count(len(unexplained), 'heatmap')} could not be written (see above); every decision stands",
             file=sys.stderr,
         )
     unsent = _write_fhir(verified, results, fhir_folder, fhir_url, console) if fhir_folder is not None else 0
@@ -643,7 +643,7 @@ def predict(
     if failed:
         print(f"error: {failed} of {len(results)} images could not be read (see the note column)", file=sys.stderr)
         raise typer.Exit(1)
-    if unsent:
+    if unsent or unexplained:  # an output asked for is missing: the decisions stand, the run did not do all it was told
         raise typer.Exit(1)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +146,34 @@ def test_explain_targets_same_stem_two_folders_and_refusals(tmp_path):
         explain.check_explain_dir(tmp_path / "bundle" / "ex", bundle_root=tmp_path / "bundle")
 
 
+def test_an_explain_folder_this_user_cannot_write_is_refused_before_anything_is_decided(tmp_path, monkeypatch):
+    """A read-only folder (or mount) got every image decided and every heatmap computed, then 'wrote 0 heatmaps'
+    and exit 0. (os.access is stubbed: as root, permission bits do not stop a write.)"""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real = explain.os.access
+    monkeypatch.setattr(explain.os, "access", lambda p, mode: False if Path(p) == folder else real(p, mode))
+    with pytest.raises(TlcompileError, match=r"^--explain '.*ro': no permission to write into it; give a folder"):
+        explain.check_explain_dir(folder)
+
+
+def test_a_heatmap_of_another_image_under_the_same_name_is_kept_not_replaced(tmp_path):
+    """Monday's run over camA/ wrote IMG_0001.explain.png (its CSV names it); Tuesday's run over camB/ replaced it
+    with camB/IMG_0001.jpg's heatmap, another patient's. Now Tuesday's gets a hashed name; each image's own heatmap
+    is still replaced by its own rerun, whatever the order of the inputs."""
+    out = explain.check_explain_dir(tmp_path / "heat")
+    monday, tuesday = tmp_path / "camA" / "IMG_0001.jpg", tmp_path / "camB" / "IMG_0001.jpg"
+    picture = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    explain.write_overlay(picture, explain.explain_targets([monday], out)[monday], source=str(monday))
+    kept = (out / "IMG_0001.explain.png").read_bytes()
+    target = explain.explain_targets([tuesday], out)[tuesday]
+    assert target.name != "IMG_0001.explain.png" and target.name.endswith(".explain.png")
+    explain.write_overlay(picture, target, source=str(tuesday))
+    assert (out / "IMG_0001.explain.png").read_bytes() == kept
+    both = explain.explain_targets([tuesday, monday], out)  # the other order: each keeps its own file
+    assert both == {monday: out / "IMG_0001.explain.png", tuesday: target}
+
+
 def test_csv_of_the_previous_version_is_still_ours(tmp_path):
     old = tmp_path / "old.csv"
     old.write_text(",".join(EARLIER_CSV_COLUMNS[0]) + "\n")
@@ -251,15 +280,15 @@ def test_predict_keeps_every_decision_when_a_heatmap_cannot_be_written(
     monkeypatch.setattr(explain, "write_overlay", flaky)
     args = ["predict", str(bundle_copy), str(folder), "--csv", str(out_csv), "--explain", str(ex)]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # an output asked for is missing (as with unsent FHIR bundles)
     rows = {row["file"]: row for row in csv.DictReader(out_csv.open())}
     assert [rows[str(p)]["referral"] in ("refer", "no referral") for p in good] == [True] * 3
     assert [rows[str(p)]["explanation"] for p in good] == ["", "", f"{good[2].stem}.explain.png"]
     assert (ex / f"{good[0].stem}.explain.png").read_text() == "a grader's notes"
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 3 and "never overwritten" in warnings[0] and str(good[0]) in warnings[0]
+    assert len(warnings) == 2 and "never overwritten" in warnings[0] and str(good[0]) in warnings[0]
     assert str(good[1]) in warnings[1] and "No space left" in warnings[1]
-    assert warnings[2].startswith("warning: 2 heatmaps could not be written")
+    assert "error: 2 heatmaps could not be written (see above); every decision stands" in result.stderr
     assert "wrote 1 heatmap into" in result.stdout and "Traceback" not in result.output
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -518,14 +519,26 @@ def check_explain_dir(
         raise TlcompileError(
             f"--explain '{folder}' cannot be created ({err.strerror or err}); give another folder"
         ) from err
+    if not os.access(folder, os.W_OK | os.X_OK):  # a read-only folder or mount: said now, not after every heatmap
+        raise TlcompileError(f"--explain '{folder}': no permission to write into it; give a folder you can write")
     return folder
+
+
+def _explains_another(target: Path, path: Path) -> bool:
+    """``target`` is a heatmap of ours made for another image than ``path`` (its mark names the image as it was
+    given, relative or absolute)."""
+    if target.is_symlink() or not target.is_file():
+        return False
+    mark = mark_of(target)
+    return mark is not None and mark not in (str(path), str(path.absolute()), str(path.resolve()))
 
 
 def explain_targets(paths: list[Path], folder: Path) -> dict[Path, Path]:
     """``<folder>/<image stem>.explain.png`` per input (a stem over STEM_MAX_BYTES: its first STEM_KEEP_BYTES + '~' +
     a hash of the whole stem, so the name fits the filesystem); two inputs with one stem (two folders) get the second
-    and later a short hash of their full path. Refuses (before anything is decided) when a target holds a file not
-    ours."""
+    and later a short hash of their full path, and so does an input whose plain name holds the heatmap of another
+    image (an earlier run's: the results CSV of that run names it, and it stays). Refuses (before anything is
+    decided) when a target holds a file not ours."""
     import hashlib
 
     targets: dict[Path, Path] = {}
@@ -533,7 +546,7 @@ def explain_targets(paths: list[Path], folder: Path) -> dict[Path, Path]:
     for path in paths:
         stem = fitting_name(path.stem)  # a long stem: shortened + hash of the whole
         name = f"{stem}{EXPLAIN_SUFFIX}"
-        if name in taken:
+        if name in taken or _explains_another(folder / name, path):
             digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
             name = f"{stem}.{digest}{EXPLAIN_SUFFIX}"
         taken.add(name)
