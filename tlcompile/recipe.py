@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -941,6 +942,36 @@ class MlflowConfig(Section):
         "or a server such as 'http://mlflow.team:5000'. Needs tlcompile[tracking].",
     )
     experiment: str = Field("tlcompile", min_length=1, description="MLflow experiment the build's run goes into.")
+
+    @field_validator("uri")
+    @classmethod
+    def _tracking_uri(cls, value: str) -> str:
+        # A typo ('htp://...') or a blank passed validate, then MLflow's client refused it mid-build.
+        valid = (
+            "valid: file:PATH or a folder path (a local store), http(s)://HOST[:PORT] (a tracking server), databricks, "
+            "or a database URI (sqlite:///PATH, postgresql://, mysql://, mssql://)"
+        )
+        if not value.strip() or any(c.isspace() or ord(c) < 32 for c in value):
+            raise ValueError(f"{value!r} is blank or has a space or control character in it; {valid}")
+        match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", value)
+        scheme = match.group(1).lower() if match and len(match.group(1)) > 1 else None  # 'C:' is a drive, not a scheme
+        base = scheme.split("+")[0] if scheme else None  # postgresql+psycopg2
+        if base is not None and base not in _MLFLOW_SCHEMES:
+            raise ValueError(f"{value!r}: '{scheme}' is not a scheme MLflow tracks to; {valid}")
+        if base in ("http", "https"):
+            parts = urllib.parse.urlsplit(value)
+            try:
+                parts.port  # noqa: B018 - raises for a port that is not a number or out of range
+            except ValueError as err:
+                raise ValueError(f"{value!r}: {err}; {valid}") from err
+            if not parts.hostname:
+                raise ValueError(f"{value!r} has no host; {valid}")
+        return value
+
+
+#: The tracking URI schemes MLflow's client takes (a database store's driver after '+', as in postgresql+psycopg2).
+_MLFLOW_SCHEMES = ("file", "http", "https", "databricks", "databricks-uc", "uc", "sqlite", "postgresql", "mysql",
+                   "mssql")  # fmt: skip
 
 
 class TrackingConfig(Section):

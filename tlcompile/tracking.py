@@ -18,7 +18,9 @@ import json
 import math
 import os
 import re
+import socket
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +76,24 @@ def _client(uri: str) -> Any:
     if uri.startswith("file:") or "://" not in uri:
         # MLflow 3 refuses a file store unless asked: a local file: store is what a laptop or a CI job needs.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    # MLflow retries a request 7 times with a doubling backoff, each try waiting up to 120 s: a server that is down
+    # held a build silent for 4 minutes at its first call. A value the user set is kept.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     return MlflowClient(tracking_uri=uri)
+
+
+def _unreachable(uri: str, timeout: float = 5.0) -> str | None:
+    """Why an http(s) tracking server cannot be reached (no answer to a connection within ``timeout`` s), or None."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{parts.hostname}:{port} does not answer ({err.strerror or err})"
+    return None
 
 
 def experiment_id(client: Any, name: str) -> str:
@@ -87,8 +106,19 @@ class MlflowTracker(Tracker):
     global 'active run' state, so builds in one process never mix)."""
 
     def __init__(self, uri: str, experiment: str, *, parent_run_id: str | None = None, log: Any = print) -> None:
-        self.client = _client(uri)  # a missing MLflow stops the build before anything is written
         self.uri, self.experiment, self.parent_run_id, self.log = uri, experiment, parent_run_id, log
+        self.client = None
+        try:
+            client = _client(uri)  # a missing MLflow stops the build before anything is written
+        except MissingDependencyError:
+            raise
+        except Exception as err:  # broad on purpose: a store MLflow refuses never fails the build
+            self.log(f"tracking: MLflow cannot use {uri} ({type(err).__name__}: {err}); the build goes on untracked")
+            return
+        if (why := _unreachable(uri)) is not None:
+            self.log(f"tracking: the MLflow server at {uri}: {why}; the build goes on untracked")
+            return
+        self.client = client
         self.run_id = None
         self._step: dict[str, int] = {}
 
@@ -177,11 +207,20 @@ def tracker_for(recipe: Recipe, *, parent_run_id: str | None = None, log: Any = 
     return MlflowTracker(cfg.uri, cfg.experiment, parent_run_id=parent_run_id, log=log)
 
 
-def start_parent_run(recipe: Recipe, name: str) -> tuple[Any, str] | None:
-    """A sweep's parent run (its variants are child runs); None when the recipe tracks nowhere."""
+def start_parent_run(recipe: Recipe, name: str, *, log: Any = print) -> tuple[Any, str] | None:
+    """A sweep's parent run (its variants are child runs); None when the recipe tracks nowhere, or when MLflow cannot
+    start it (said once: the sweep goes on, each variant then tries its own run)."""
     cfg = recipe.tracking.mlflow if recipe.tracking is not None else None
     if cfg is None:
         return None
-    client = _client(cfg.uri)
-    run = client.create_run(experiment_id(client, cfg.experiment), run_name=name, tags={"tlcompile.kind": "sweep"})
+    try:
+        client = _client(cfg.uri)
+        if (why := _unreachable(cfg.uri)) is not None:
+            raise ConnectionError(why)
+        run = client.create_run(experiment_id(client, cfg.experiment), run_name=name, tags={"tlcompile.kind": "sweep"})
+    except MissingDependencyError:
+        raise
+    except Exception as err:  # broad on purpose, as for a build's run
+        log(f"tracking: MLflow cannot start the sweep's run at {cfg.uri} ({type(err).__name__}: {err}); untracked")
+        return None
     return client, run.info.run_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -65,3 +66,52 @@ def test_build_logs_a_child_run_to_a_local_file_store(tmp_path, no_plots):
     assert {"report.json", "report.md", "manifest.json", "bundle"} <= artifacts
     assert "bundle/bundle.json" in {a.path for a in client.list_artifacts(run.info.run_id, "bundle")}
     assert f"MLflow run {run.info.run_id}" in log.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("htp://mlflow.team:5000", "'htp' is not a scheme MLflow tracks to; valid: file:PATH"),
+        ("ftp://host/x", "'ftp' is not a scheme MLflow tracks to"),
+        ("   ", "is blank or has a space or control character in it"),
+        ("http://mlflow team:5000", "has a space or control character"),
+        ("http://h:99999", "Port out of range"),
+        ("https://", "has no host"),
+    ],
+)
+def test_a_tracking_uri_mlflow_cannot_use_is_refused_by_validate(uri, message):
+    """They passed validate, and MLflow's client refused them mid-build with a traceback."""
+    from tlcompile.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        validate_recipe_dict({**TINY, "tracking": {"mlflow": {"uri": uri}}})
+
+
+@pytest.mark.parametrize(
+    "uri", ["file:./mlruns", "mlruns", "databricks", "sqlite:///m.db", "postgresql+psycopg2://h/db"]
+)
+def test_tracking_uris_mlflow_takes_are_valid(uri):
+    assert validate_recipe_dict({**TINY, "tracking": {"mlflow": {"uri": uri}}}).tracking.mlflow.uri == uri
+
+
+def test_a_store_mlflow_refuses_or_a_server_that_does_not_answer_leaves_the_build_untracked(tmp_path):
+    """The README's promise: a tracking failure is printed once and the build goes on untracked. A store MLflow's
+    client refused at construction escaped as a traceback; a server that was down held the build silent ~4 min."""
+    pytest.importorskip("mlflow")
+    import socket
+
+    from tlcompile.tracking import MlflowTracker
+
+    (tmp_path / "afile").write_text("x")
+    lines: list[str] = []
+    tracker = MlflowTracker(f"file://{tmp_path / 'afile' / 'mlruns'}", "e", log=lines.append)
+    tracker.start(validate_recipe_dict(TINY), tmp_path)  # a no-op now
+    assert tracker.client is None and tracker.run_id is None
+    assert lines[0].startswith("tracking: MLflow cannot use file://") and "NotADirectoryError" in lines[0]
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = MlflowTracker(f"http://127.0.0.1:{port}", "e", log=lines.append)
+    assert down.client is None
+    assert f"tracking: the MLflow server at http://127.0.0.1:{port}: 127.0.0.1:{port} does not answer" in lines[-1]
+    assert lines[-1].endswith("the build goes on untracked")
