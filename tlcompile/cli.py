@@ -567,7 +567,10 @@ def predict(
     from tlcompile.runtime.terminal import printable
 
     workers, threads = check_workers(workers), check_threads(threads)
-    paths = expand_inputs(images)
+    skipped: list[str] = []
+    paths = expand_inputs(images, skipped)
+    for line in skipped:
+        print(line, file=sys.stderr)
     workers = min(workers, max(1, len(paths)))  # one photo: one worker, whose model threads spin and answer sooner
     root = bundle_root(bundle)
     if csv is not None:  # before anything is decided: a refused --csv costs nothing

@@ -162,3 +162,32 @@ def test_the_acquisition_time_keeps_the_headers_precision_and_skips_what_is_not_
         assert _acquired_at(ds) == expected
     if expected is not None and "T" not in expected:
         assert _fhir_datetime(expected) == expected  # FHIR's dateTime has a year, a month and a day as precisions
+
+
+def test_a_dicom_file_without_an_extension_is_read_by_its_marker_and_a_folder_says_what_it_left_out(tmp_path):
+    """Storage media name DICOM files IM000001 or by their UID: they got 'not an image Pillow can read', and a folder
+    of them 'no image files'; a mixed folder passed them over without a word."""
+    from tests.runtime.dicom_files import write_dicom
+    from tlcompile.runtime.dicom import is_dicom
+    from tlcompile.runtime.predict import expand_inputs
+
+    folder = tmp_path / "DICOM"
+    folder.mkdir()
+    named = write_dicom(folder / "IM000001", _rgb())
+    uid = write_dicom(folder / "1.2.840.113619.2.55", _rgb())
+    rgb, meta = read_input(named)
+    assert rgb.shape == (32, 32, 3) and meta["patient_id"] == PATIENT_ID
+    assert is_dicom(uid) and is_dicom(named, named.read_bytes()[:200])
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "photo.webp").write_bytes(b"RIFF")
+    (folder / "2024-03-11").mkdir()
+    fake = folder / "x.jpg"
+    fake.write_bytes(named.read_bytes())  # a picture's name is never probed: decoded (and refused) as a JPEG
+    assert not is_dicom(fake)
+    skipped: list[str] = []
+    assert expand_inputs([folder], skipped) == sorted([uid, named, fake])
+    assert skipped == [
+        f"note: not decided in {folder}: 2 files that are not an image by name (notes.txt, photo.webp; extensions: "
+        ".png, .jpg, .jpeg, .tif, .tiff, .bmp, .dcm, .dicom) and 1 sub-folder (not searched: name them to decide "
+        "theirs)"
+    ]

@@ -39,8 +39,29 @@ class DicomInput:
     meta: dict[str, Any]  # patient_id, laterality, acquired_at, sop_instance_uid, ... (for the clinic record only)
 
 
-def is_dicom(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in DICOM_EXTENSIONS
+# Where a DICOM file (PS3.10) says what it is: 'DICM' after its 128-byte preamble.
+_MARKER_AT, _MARKER = 128, b"DICM"
+# Extensions of the picture formats Pillow reads: a file named so is decoded as that, never probed for DICOM.
+_PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+
+
+def is_dicom(path: str | Path, head: bytes | None = None) -> bool:
+    """A DICOM file: named .dcm / .dicom, or, under any other name that is not a picture's (storage media name them
+    IM000001 or by their UID, without an extension), 'DICM' at byte 128. ``head``: the file's first bytes when they
+    were read already; else the first 132 are read here (a file that cannot be read is not DICOM here: its reader
+    says why)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in DICOM_EXTENSIONS:
+        return True
+    if suffix in _PICTURE_SUFFIXES:
+        return False
+    if head is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_MARKER_AT + len(_MARKER))
+        except OSError:
+            return False
+    return head[_MARKER_AT : _MARKER_AT + len(_MARKER)] == _MARKER
 
 
 def _pydicom(path: str | Path | None = None) -> Any:

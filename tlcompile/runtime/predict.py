@@ -26,6 +26,7 @@ import numpy as np
 
 from tlcompile.errors import DataError, TlcompileError
 from tlcompile.io import atomic_write_text
+from tlcompile.runtime import dicom
 from tlcompile.runtime.bundle import UNGRADABLE, Bundle
 from tlcompile.runtime.inference import InferenceSession
 from tlcompile.runtime.outputs import check_parent_writable, refuse_inside_bundle
@@ -197,20 +198,32 @@ def predict_paths(
     return results
 
 
-def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
-    """Files as given; a folder gives its image files (by extension, sorted, not recursive). A file named twice
-    (twice over, or also through its folder or a link) is decided once, where it first appears."""
+def expand_inputs(items: Iterable[str | Path], skipped: list[str] | None = None) -> list[Path]:
+    """Files as given; a folder gives its image files (by extension, or DICOM files by their DICM marker whatever
+    their name; sorted, not recursive). A file named twice (twice over, or also through its folder or a link) is
+    decided once, where it first appears. ``skipped``, when given, gets one line per folder that held files or
+    sub-folders it left out (nothing in a folder is passed over without a word)."""
     paths: list[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                p
-                for p in path.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-            )
+            found, others, folders = [], [], []
+            for p in sorted(path.iterdir()):
+                if p.name.startswith("."):
+                    continue
+                if p.is_dir():
+                    folders.append(p.name)
+                elif p.is_file() and (p.suffix.lower() in IMAGE_EXTENSIONS or dicom.is_dicom(p)):
+                    found.append(p)
+                else:
+                    others.append(p.name)
             if not found:
-                raise DataError(f"{path}: no image files in this folder (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+                raise DataError(
+                    f"{path}: no image files in this folder (extensions: {', '.join(IMAGE_EXTENSIONS)}, or DICOM "
+                    "files by their DICM marker)"
+                )
+            if skipped is not None and (others or folders):
+                skipped.append(_skipped_line(path, others, folders))
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
@@ -225,6 +238,17 @@ def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
             seen.add(real)
             unique.append(path)
     return unique
+
+
+def _skipped_line(folder: Path, files: list[str], folders: list[str]) -> str:
+    parts = []
+    if files:
+        names = ", ".join(printable(n) for n in files[:3]) + (", ..." if len(files) > 3 else "")
+        parts.append(f"{len(files)} file{'s' * (len(files) != 1)} that {'are' if len(files) != 1 else 'is'} not an "
+                     f"image by name ({names}; extensions: {', '.join(IMAGE_EXTENSIONS)})")  # fmt: skip
+    if folders:
+        parts.append(f"{len(folders)} sub-folder{'s' * (len(folders) != 1)} (not searched: name them to decide theirs)")
+    return f"note: not decided in {printable(str(folder))}: {' and '.join(parts)}"
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): a file name such as

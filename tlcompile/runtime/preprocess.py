@@ -512,7 +512,7 @@ def read_image(
     truncated, oversized or non-image files.
     """
     path = Path(path)
-    if dicom.is_dicom(path):  # DICOM (.dcm): pydicom and its decoders, see tlcompile.runtime.dicom
+    if dicom.is_dicom(path, data):  # DICOM (.dcm, or DICM inside): pydicom and its decoders, see runtime/dicom.py
         rgb = dicom.read_dicom(path, data=data, max_pixels=MAX_DECODE_PIXELS).rgb
         return rgb, rgb.shape[:2]
     try:
@@ -572,7 +572,7 @@ def read_input(
 ) -> tuple[np.ndarray, dict | None]:
     """An input file -> (uint8 RGB, its DICOM header fields or None): what predict and serve read. A DICOM file's
     fields (patient ID, laterality, acquisition time) are for the clinic record only, never for logs."""
-    if dicom.is_dicom(path):
+    if dicom.is_dicom(path, data):
         found = dicom.read_dicom(path, data=data, max_pixels=MAX_DECODE_PIXELS)
         return found.rgb, found.meta
     return read_image(path, draft_size=draft_size, data=data)[0], None
