@@ -75,6 +75,32 @@ def test_the_real_retina_photograph_passes_and_its_strong_degradations_do_not(ga
         assert not gate.assess(copy, find_field(copy)).gradable, kind
 
 
+def test_a_gate_validated_on_colour_only_refuses_a_monochrome_photo_and_an_older_gate_decides_it(gate, test_photos):
+    """A red-free photo (its green channel as grey) got a referral at P 0.69 from a model trained and tested on colour
+    photographs (0.007 in colour): outside what the build validated."""
+    from tlcompile.data.degrade import measure_photos
+    from tlcompile.runtime.screen import is_monochrome
+
+    colour = test_photos[0]
+    red_free = np.repeat(colour[:, :, 1:2], 3, axis=2)
+    assert not is_monochrome(colour, find_field(colour)) and is_monochrome(red_free, find_field(red_free))
+    strict = QualityGate(limits=gate.limits, colour_only=True)
+    a = strict.assess(red_free, find_field(red_free))
+    assert not a.gradable and a.reasons[0] == "monochrome" and a.score == 0.0  # first: what a retake must change
+    assert a.sentence(gate.limits).startswith("ungradable image: monochrome (red-free) photograph, and this model")
+    assert strict.assess(colour, find_field(colour)) == gate.assess(colour, find_field(colour))
+    assert gate.assess(red_free, find_field(red_free)).reasons == a.reasons[1:]  # a gate without it: as before
+    # bundle.json: written only when set, read back; a gate from before has none
+    assert strict.to_dict()["colour_only"] is True and "colour_only" not in gate.to_dict()
+    assert QualityGate.from_dict(strict.to_dict()) == strict and not QualityGate.from_dict(gate.to_dict()).colour_only
+    with pytest.raises(BundleError, match=r"quality\.colour_only is 'yes'; expected true or false"):
+        QualityGate.from_dict({**strict.to_dict(), "colour_only": "yes"})
+    # what the quality stage counts: the photos as taken, monochrome or not
+    measured, _ = measure_photos((lambda i: [colour, red_free][i], np.array([0, 1]), 0, 1))
+    assert [m.monochrome for m in measured if m.kind == "none"] == [False, True]
+    assert all(m.monochrome is None for m in measured if m.kind != "none")
+
+
 def test_a_photo_without_a_field_is_scored_zero(gate):
     a = gate.assess(np.zeros((64, 64, 3), np.uint8), None)
     assert a.reasons == ("field",) and a.score == 0.0 and "no field of view" in a.sentence(gate.limits)

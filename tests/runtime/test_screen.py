@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tlcompile.errors import DataError
-from tlcompile.runtime.preprocess import find_field
+from tlcompile.runtime.preprocess import find_field, load_rgb
 from tlcompile.runtime.screen import damage_reason, not_fundus_reason, too_small_reason
 
 CORPUS = Path(__file__).parents[1] / "corpus" / "images"
@@ -48,6 +48,13 @@ def test_image_corpus(name, session):
             assert "looks damaged" in str(info.value)
         return
     result = predict_image(bundle, sess, path)
+    if kind == "monochrome":  # red-free: a fundus, outside what a colour-validated model was shown to read
+        assert bundle.quality_gate is not None and bundle.quality_gate.colour_only  # the tiny build's photos: colour
+        assert result.referral == "ungradable" and result.quality_reasons == "monochrome" and result.fov_found
+        assert result.ungradable_reason.startswith("ungradable image: monochrome (red-free) photograph")
+        rgb = load_rgb(path)
+        assert not_fundus_reason(rgb, find_field(rgb)) is None  # the screen itself still takes it for a fundus
+        return
     if kind == "not_fundus":  # before: "refer" with P = 1.0 and "field of view found"
         assert result.referral == "ungradable" and result.ungradable and not result.fov_found
         assert result.referable_dr_probability is None and result.ungradable_reason.startswith(

@@ -453,10 +453,17 @@ def _write_golden(
     return shared, own, sessions
 
 
+def _gate(quality: dict[str, Any]) -> QualityGate:
+    """The gate of the build's quality record (a report from before ``colour_only`` was recorded: False)."""
+    return QualityGate(
+        limits=dict(quality["limits"]), version=quality["version"], colour_only=bool(quality.get("colour_only"))
+    )
+
+
 def quality_block(quality: dict[str, Any], root: Path, images: list[str], draft_size: int) -> dict[str, Any]:
     """bundle.json's ``quality``: the gate the build calibrated (limits, version), the imageability it measured on
     test, and the gate's score and reasons for each golden frame, which ``tlcompile verify`` reproduces on the box."""
-    gate = QualityGate(limits=dict(quality["limits"]), version=quality["version"])
+    gate = _gate(quality)
     golden = []
     for rel in images:
         rgb, _ = read_input(root / rel, draft_size=draft_size)
@@ -579,7 +586,7 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
         # The golden frames are drawn on the first candidate's scores (a fixed order), not on the build's choice, which
         # can be a latency measurement: the same recipe gives the same golden files.
         quality = report.get("quality")
-        gate = QualityGate(limits=dict(quality["limits"]), version=quality["version"]) if quality else None
+        gate = _gate(quality) if quality else None
         shared, own, sessions = _write_golden(
             draft, views, candidates[0]["id"], data, rows, out_dir, cfg.golden_samples, gate
         )

@@ -69,6 +69,11 @@ class _Referral(_Strict):
     share_graded: _Proportion
 
 
+class _AsTaken(_Strict):
+    val_and_test: int
+    monochrome: int
+
+
 class QualitySection(_Strict):
     """The image-quality gate: its limits (calibrated on val or set by the recipe), its sensitivity and specificity
     for ungradable photos on test, the test split's imageability, and the referral metrics with and without it."""
@@ -76,6 +81,12 @@ class QualitySection(_Strict):
     version: int
     target_gradable: float
     limits: dict[str, float]
+    colour_only: bool = Field(
+        None,
+        description="No val or test photo as taken was monochrome (red-free): the gate refuses monochrome photos "
+        "(reason 'monochrome'). Absent in reports from before it was recorded.",
+    )
+    photos_as_taken: _AsTaken = Field(None, description="The val and test photos as taken, and how many monochrome.")
     limits_source: dict[str, str]
     calibration: _Calibration
     test: GateMetrics
@@ -117,6 +128,18 @@ def quality_parts(report: dict[str, Any]) -> tuple[list[str], list[tuple[str, li
         f"{_p(t['specificity'])}. The copies of one photo are correlated (same eye, same camera), so these "
         "Wilson CIs, computed as if every copy were an independent photo, are narrower than per-photo CIs would be.",
     ]
+    taken = q.get("photos_as_taken")
+    if taken:
+        paragraphs.append(
+            f"Colour: {taken['monochrome']} of the {taken['val_and_test']} val and test photos as taken are monochrome "
+            "(red-free)"
+            + (
+                "; the model was validated on colour photographs only, so the gate answers a monochrome photo "
+                "'ungradable' (monochrome)."
+                if q.get("colour_only")
+                else "; monochrome photos are decided like colour ones."
+            )
+        )
     used = q.get("test_photos")
     if used and used["used"] < used["in_split"]:
         paragraphs.append(

@@ -59,6 +59,7 @@ from tlcompile.runtime.preprocess import (
     median_of_histogram,
     read_input,
 )
+from tlcompile.runtime.screen import is_monochrome
 
 QUALITY_VERSION = 1  # bumped whenever a measure's arithmetic changes: limits calibrated for another version are void
 WORK_RADIUS = 64  # field radius in pixels the measures are taken at
@@ -89,6 +90,8 @@ REASONS = {
     "saturated": "over-exposed",
     "evenness": "uneven illumination",
     "glare": "glare or artefact",
+    # set by a gate whose build validated colour photographs only (QualityGate.colour_only)
+    "monochrome": "monochrome (red-free) photograph, and this model was validated on colour photographs only",
 }
 RETAKE = "retake"
 
@@ -247,14 +250,24 @@ class QualityGate:
 
     limits: dict[str, float]
     version: int = QUALITY_VERSION
+    # No photograph the build validated on was monochrome (red-free): such a photo is outside what the model was shown
+    # to read, and is ungradable ('monochrome') whatever it measures. False for a gate built before it was recorded.
+    colour_only: bool = False
 
     def assess(self, rgb: np.ndarray, found: FieldOfView | None) -> Assessment:
         if found is None:
             return Assessment(score=0.0, reasons=("field",))
-        return judge(measure(rgb, found), self.limits)
+        assessment = judge(measure(rgb, found), self.limits)
+        if self.colour_only and is_monochrome(rgb, found):
+            return Assessment(score=0.0, reasons=("monochrome", *assessment.reasons), measures=assessment.measures)
+        return assessment
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "limits": dict(self.limits)}
+        return {
+            "version": self.version,
+            "limits": dict(self.limits),
+            **({"colour_only": True} if self.colour_only else {}),
+        }
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "bundle.json quality") -> QualityGate:
@@ -275,7 +288,10 @@ class QualityGate:
                 raise BundleError(f"{where}.limits.{name}: not a measure; valid: {', '.join(MEASURES)}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise BundleError(f"{where}.limits.{name} is {value!r}; expected a finite number >= 0")
-        return cls(limits={k: float(v) for k, v in limits.items()}, version=version)
+        colour_only = d.get("colour_only", False)
+        if not isinstance(colour_only, bool):
+            raise BundleError(f"{where}.colour_only is {colour_only!r}; expected true or false")
+        return cls(limits={k: float(v) for k, v in limits.items()}, version=version, colour_only=colour_only)
 
 
 # ------------------------------------------------------------------------------------------------ calibration

@@ -164,7 +164,12 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         limits, share = calibrate(values, q.target_gradable, fixed)
     else:
         limits, share = {k: fixed.get(k, MEASURES[k][1]) for k in MEASURES}, None
-    gate = QualityGate(limits=limits)
+    # The photos validated on (val and test as taken): with no monochrome (red-free) one among them, the gate refuses
+    # monochrome photos, which the model was never shown to read.
+    as_taken_photos = [c for c in (*val, *test) if c.kind == "none" and c.monochrome is not None]
+    monochrome = sum(bool(c.monochrome) for c in as_taken_photos)
+    colour_only = bool(as_taken_photos) and monochrome == 0
+    gate = QualityGate(limits=limits, colour_only=colour_only)
     val_pass, test_pass = _verdicts(val, limits), _verdicts(test, limits)
     as_taken = np.array([c.kind == "none" for c in test])
     n_split = {s: int(np.count_nonzero(data.split == s)) for s in ("val", "test")}
@@ -172,6 +177,8 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         "version": QUALITY_VERSION,
         "target_gradable": q.target_gradable,
         "limits": gate.limits,
+        "colour_only": colour_only,
+        "photos_as_taken": {"val_and_test": len(as_taken_photos), "monochrome": monochrome},
         "limits_source": {k: ("recipe" if k in fixed else "calibrated on val") for k in MEASURES},
         "calibration": {
             "split": "val",
