@@ -101,6 +101,35 @@ def test_a_gate_validated_on_colour_only_refuses_a_monochrome_photo_and_an_older
     assert all(m.monochrome is None for m in measured if m.kind != "none")
 
 
+def test_a_photo_brighter_than_every_validated_one_is_ungradable_for_its_exposure(gate, test_photos):
+    """An over-exposed copy (Pillow's Brightness 1.75x) of the retina photo, non-referable at P 0.007, was referred at
+    P 0.94 with no quality reason: its green channel, which 'saturated' counts, had not reached 200 yet."""
+    from PIL import ImageEnhance
+
+    from tlcompile.build.stages.quality import _verdicts
+    from tlcompile.data.degrade import Measured
+
+    photo = test_photos[0]
+    green = measure(photo, find_field(photo))["green_median"]
+    capped = QualityGate(limits=gate.limits, max_green_median=green)
+    assert capped.assess(photo, find_field(photo)) == gate.assess(photo, find_field(photo))  # the brightest: passes
+    bright = np.asarray(ImageEnhance.Brightness(Image.fromarray(photo)).enhance(1.75))
+    a = capped.assess(bright, find_field(bright))
+    assert a.measures["green_median"] > green and "exposure" in a.reasons and a.score < 0.5
+    assert "over-exposed beyond every photo the model was validated on (median green" in a.sentence(gate.limits)
+    assert "exposure" not in gate.assess(bright, find_field(bright)).reasons  # a gate built before: as before
+    assert QualityGate.from_dict(capped.to_dict()) == capped and "max_green_median" not in gate.to_dict()
+    with pytest.raises(BundleError, match=r"quality\.max_green_median is 300; expected a grey level"):
+        QualityGate.from_dict({**capped.to_dict(), "max_green_median": 300})
+    # the stage's verdicts on copies decide as the gate does
+    copies = [Measured(0, "none", 0.0, True, measure(photo, find_field(photo))),
+              Measured(0, "exposure", 1.75, True, a.measures)]  # fmt: skip
+    assert _verdicts(copies, gate.limits, green).tolist() == [
+        capped.assess(photo, find_field(photo)).gradable,
+        False,
+    ]
+
+
 def test_a_photo_without_a_field_is_scored_zero(gate):
     a = gate.assess(np.zeros((64, 64, 3), np.uint8), None)
     assert a.reasons == ("field",) and a.score == 0.0 and "no field of view" in a.sentence(gate.limits)
@@ -151,6 +180,10 @@ def test_the_bundle_carries_the_gate_and_verify_checks_it(tiny_build, bundle_cop
     assert set(q["limits"]) == set(MEASURES) and q["limits"]["focus"] == 0.0  # the tiny build fixes focus off
     assert q["imageability"]["split"] == "test" and 0 <= q["imageability"]["value"] <= 1
     assert tiny_build.report["quality"]["imageability"] == q["imageability"]
+    # what the build validated on, carried to the box: colour photos only, and up to this exposure
+    report_q = tiny_build.report["quality"]
+    assert q["colour_only"] is True is report_q["colour_only"] and report_q["photos_as_taken"]["monochrome"] == 0
+    assert 0 < q["max_green_median"] == report_q["max_green_median"] <= 255
     assert len(q["golden"]) == len(meta["golden"]["images"])
     result = verify_bundle(bundle_copy, pin=False)
     assert result.ok and result.quality.present and result.quality.samples == len(q["golden"])

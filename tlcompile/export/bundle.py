@@ -456,7 +456,10 @@ def _write_golden(
 def _gate(quality: dict[str, Any]) -> QualityGate:
     """The gate of the build's quality record (a report from before ``colour_only`` was recorded: False)."""
     return QualityGate(
-        limits=dict(quality["limits"]), version=quality["version"], colour_only=bool(quality.get("colour_only"))
+        limits=dict(quality["limits"]),
+        version=quality["version"],
+        colour_only=bool(quality.get("colour_only")),
+        max_green_median=quality.get("max_green_median"),
     )
 
 

@@ -87,6 +87,11 @@ class QualitySection(_Strict):
         "(reason 'monochrome'). Absent in reports from before it was recorded.",
     )
     photos_as_taken: _AsTaken = Field(None, description="The val and test photos as taken, and how many monochrome.")
+    max_green_median: float = Field(
+        None,
+        description="The field's median green of the brightest val or test photo as taken: the gate answers a "
+        "brighter photo 'ungradable' (exposure). Absent in reports from before it was recorded.",
+    )
     limits_source: dict[str, str]
     calibration: _Calibration
     test: GateMetrics
@@ -139,6 +144,12 @@ def quality_parts(report: dict[str, Any]) -> tuple[list[str], list[tuple[str, li
                 if q.get("colour_only")
                 else "; monochrome photos are decided like colour ones."
             )
+        )
+    if q.get("max_green_median") is not None:
+        paragraphs.append(
+            f"Exposure: the brightest val or test photo as taken has a median green of {q['max_green_median']:.0f} "
+            "in its field; the gate answers a brighter photo 'ungradable' (exposure), one the model was not shown to "
+            "read. Its test figures above count that too."
         )
     used = q.get("test_photos")
     if used and used["used"] < used["in_split"]:

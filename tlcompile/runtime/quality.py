@@ -92,6 +92,8 @@ REASONS = {
     "glare": "glare or artefact",
     # set by a gate whose build validated colour photographs only (QualityGate.colour_only)
     "monochrome": "monochrome (red-free) photograph, and this model was validated on colour photographs only",
+    # set by a gate that knows the brightest photo its build validated on (QualityGate.max_green_median)
+    "exposure": "over-exposed beyond every photo the model was validated on",
 }
 RETAKE = "retake"
 
@@ -116,7 +118,9 @@ class Assessment:
         """'ungradable image: out of focus (focus 0.031, limit 0.080), too dark (...); retake'."""
         parts = []
         for code in self.reasons:
-            if code in self.measures:
+            if code == "exposure" and "green_median" in self.measures:
+                parts.append(f"{REASONS[code]} (median green {self.measures['green_median']:.0f})")
+            elif code in self.measures:
                 parts.append(f"{REASONS[code]} ({code} {self.measures[code]:.3g}, limit {limits[code]:.3g})")
             else:
                 parts.append(REASONS.get(code, code))
@@ -177,7 +181,10 @@ def measure(rgb: np.ndarray, found: FieldOfView) -> dict[str, float]:
     inside = _INNER_MASK & inframe
     n_inside = int(np.count_nonzero(inside))
     if n_inside < 64:
-        return {"coverage": 0.0, "focus": 0.0, "brightness": 0.0, "saturated": 0.0, "evenness": 0.0, "glare": 0.0}
+        return {
+            "coverage": 0.0, "focus": 0.0, "brightness": 0.0, "saturated": 0.0, "evenness": 0.0, "glare": 0.0,
+            "green_median": 0.0,
+        }  # fmt: skip
     # medians of uint8 planes from Pillow histograms: the same floats as np.median, without copies or partitions
     green8 = canvas[:, :, 1]
     median = median_of_histogram(histogram(lum, inside)) or 0.0
@@ -198,7 +205,8 @@ def measure(rgb: np.ndarray, found: FieldOfView) -> dict[str, float]:
     green_median = (median_of_histogram(histogram(green8, interior)) or 0.0) if detail.size else 0.0
     focus = float(np.percentile(detail, 95)) / max(green_median, 8.0) if detail.size >= 64 else 0.0
     green_counts = histogram(green8, inside)
-    glare_cut = max(_GLARE_RELATIVE * (median_of_histogram(green_counts) or 0.0), _SATURATED_GREEN)
+    green_median_all = median_of_histogram(green_counts) or 0.0
+    glare_cut = max(_GLARE_RELATIVE * green_median_all, _SATURATED_GREEN)
     glare = float(green_counts[math.ceil(glare_cut) :].sum()) / n_inside
     saturated = float(green_counts[_SATURATED_GREEN:].sum()) / n_inside
     # evenness: each seen block against the median of the seen blocks in its radial ring
@@ -220,6 +228,8 @@ def measure(rgb: np.ndarray, found: FieldOfView) -> dict[str, float]:
         "saturated": round(saturated, 6),
         "evenness": round(evenness, 6),
         "glare": round(glare, 6),
+        # not a gated measure: the exposure a gate with max_green_median compares with the photos it validated on
+        "green_median": round(green_median_all, 3),
     }
 
 
@@ -253,11 +263,22 @@ class QualityGate:
     # No photograph the build validated on was monochrome (red-free): such a photo is outside what the model was shown
     # to read, and is ungradable ('monochrome') whatever it measures. False for a gate built before it was recorded.
     colour_only: bool = False
+    # The field's median green of the brightest photo as taken the build validated on (val and test): a brighter
+    # photo is outside the exposures the model was shown to read ('exposure'). None for a gate built before.
+    max_green_median: float | None = None
 
     def assess(self, rgb: np.ndarray, found: FieldOfView | None) -> Assessment:
         if found is None:
             return Assessment(score=0.0, reasons=("field",))
         assessment = judge(measure(rgb, found), self.limits)
+        green = assessment.measures.get("green_median", 0.0)
+        if self.max_green_median is not None and green > self.max_green_median:
+            r = self.max_green_median / green
+            assessment = Assessment(
+                score=round(min(assessment.score, r**_STEEPNESS / (1.0 + r**_STEEPNESS)), 4),
+                reasons=(*assessment.reasons, "exposure"),
+                measures=assessment.measures,
+            )
         if self.colour_only and is_monochrome(rgb, found):
             return Assessment(score=0.0, reasons=("monochrome", *assessment.reasons), measures=assessment.measures)
         return assessment
@@ -267,6 +288,7 @@ class QualityGate:
             "version": self.version,
             "limits": dict(self.limits),
             **({"colour_only": True} if self.colour_only else {}),
+            **({"max_green_median": self.max_green_median} if self.max_green_median is not None else {}),
         }
 
     @classmethod
@@ -291,7 +313,15 @@ class QualityGate:
         colour_only = d.get("colour_only", False)
         if not isinstance(colour_only, bool):
             raise BundleError(f"{where}.colour_only is {colour_only!r}; expected true or false")
-        return cls(limits={k: float(v) for k, v in limits.items()}, version=version, colour_only=colour_only)
+        top = d.get("max_green_median")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float)) or not 0 < top <= 255):
+            raise BundleError(f"{where}.max_green_median is {top!r}; expected a grey level above 0 and at most 255")
+        return cls(
+            limits={k: float(v) for k, v in limits.items()},
+            version=version,
+            colour_only=colour_only,
+            max_green_median=None if top is None else float(top),
+        )
 
 
 # ------------------------------------------------------------------------------------------------ calibration

@@ -93,8 +93,18 @@ def measure_splits(
     return {split: (idx[split], *result) for split, result in zip(splits, results, strict=True)}
 
 
-def _verdicts(measured: list[Measured], limits: dict[str, float]) -> np.ndarray:
-    return np.array([m.measures is not None and judge(m.measures, limits).gradable for m in measured], bool)
+def _verdicts(measured: list[Measured], limits: dict[str, float], max_green: float | None = None) -> np.ndarray:
+    """Whether the gate passes each photo or copy: its limits, and no brighter than ``max_green`` (the gate's
+    max_green_median, as :meth:`QualityGate.assess` decides)."""
+    return np.array(
+        [
+            m.measures is not None
+            and judge(m.measures, limits).gradable
+            and (max_green is None or m.measures.get("green_median", 0.0) <= max_green)
+            for m in measured
+        ],
+        bool,
+    )
 
 
 def gate_metrics(copies: Sequence[Measured], passed: np.ndarray) -> dict[str, Any]:
@@ -169,8 +179,12 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     as_taken_photos = [c for c in (*val, *test) if c.kind == "none" and c.monochrome is not None]
     monochrome = sum(bool(c.monochrome) for c in as_taken_photos)
     colour_only = bool(as_taken_photos) and monochrome == 0
-    gate = QualityGate(limits=limits, colour_only=colour_only)
-    val_pass, test_pass = _verdicts(val, limits), _verdicts(test, limits)
+    # ... and no brighter photo than the brightest of them: the model was not shown to read one (an over-exposed copy
+    # of a photo it called non-referable at P 0.007 was referred at P 0.94)
+    greens = [c.measures["green_median"] for c in (*val, *test) if c.kind == "none" and c.measures is not None]
+    max_green = float(max(greens)) if greens else None
+    gate = QualityGate(limits=limits, colour_only=colour_only, max_green_median=max_green)
+    val_pass, test_pass = _verdicts(val, limits, max_green), _verdicts(test, limits, max_green)
     as_taken = np.array([c.kind == "none" for c in test])
     n_split = {s: int(np.count_nonzero(data.split == s)) for s in ("val", "test")}
     record: dict[str, Any] = {
@@ -178,6 +192,7 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         "target_gradable": q.target_gradable,
         "limits": gate.limits,
         "colour_only": colour_only,
+        "max_green_median": max_green,
         "photos_as_taken": {"val_and_test": len(as_taken_photos), "monochrome": monochrome},
         "limits_source": {k: ("recipe" if k in fixed else "calibrated on val") for k in MEASURES},
         "calibration": {
