@@ -288,7 +288,9 @@ MAX_BENCH_BATCH = 1024
 
 
 _BENCH_PATHS_HELP = f"Build folders, bundles or {'/'.join(MODEL_SUFFIXES)} files (default: the latest build in runs/)."
-_BENCH_RUNTIME_HELP = f"{' | '.join(FILE_RUNTIMES)} (repeatable; default: each file's own)."
+_BENCH_RUNTIME_HELP = (
+    f"{' | '.join(FILE_RUNTIMES)} (repeatable; default: every runtime that opens the file: OpenVINO runs an .onnx too)."
+)
 
 
 @app.command()

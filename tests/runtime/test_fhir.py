@@ -63,6 +63,10 @@ def test_report_bundle_validates_and_carries_codes_model_and_patient():
         {"type": "ImagingStudy", "identifier": {"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.4"}}
     ]
     assert "imagingStudy" not in report
+    # the register the patient ID is from (DICOM IssuerOfPatientID), when the header names it
+    issued = report_bundle(_record(dicom={"patient_id": PATIENT_ID, "patient_id_issuer": "EYE-CLINIC-MRN"}), MODEL)
+    subject = issued["entry"][0]["resource"]["subject"]
+    assert subject["identifier"] == {"value": PATIENT_ID, "assigner": {"display": "EYE-CLINIC-MRN"}}
     device = by_type["Device"][0]
     assert device["identifier"][0]["value"] == MODEL["sha256"] and device["deviceName"][0]["name"] == "tiny"
     # Same image, same model: same ids (exactly once); no grade on a referable-task bundle.

@@ -274,13 +274,16 @@ def test_serve_records_the_quality_verdict_with_its_reasons(tiny_build, tmp_path
     watch = tmp_path / "camera"
     good = fundus_images(watch, 1, size=128)
     _dark_copy(good[0], watch / "dark.png")
-    stats = serve(tiny_build.bundle, watch, once=True, settle=0, log=lambda line: None)
+    lines: list[str] = []
+    stats = serve(tiny_build.bundle, watch, once=True, settle=0, log=lines.append)
     assert stats.results == 2
     records = {r["file"]: r for r in (json.loads(p.read_text()) for p in (watch / "results").glob("*.json"))}
     dark = records["dark.png"]
     assert dark["status"] == "ok" and dark["referral"] == "ungradable" and dark["referable_dr_probability"] is None
     assert "brightness" in dark["quality_reasons"] and dark["ungradable_reason"].endswith("; retake")
     assert records[good[0].name]["quality_score"] >= 0.5
+    # the log says why too (it said only 'ungradable'): what the person at the camera must fix
+    assert any(line.startswith(f"dark.png: ungradable ({dark['ungradable_reason']}) -> ") for line in lines), lines
 
 
 def test_a_washed_out_photo_refused_by_the_fundus_check_also_gets_the_gates_reasons(tiny_build, tmp_path):

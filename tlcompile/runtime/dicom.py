@@ -145,6 +145,7 @@ def header_meta(ds: Any) -> dict[str, Any]:
     laterality = _text(ds, "ImageLaterality") or _text(ds, "Laterality")
     return {
         "patient_id": _text(ds, "PatientID"),
+        "patient_id_issuer": _text(ds, "IssuerOfPatientID"),  # whose ID it is: the hospital or system that gave it
         "laterality": laterality.upper() if laterality else None,  # R, L (B both, U unpaired)
         "acquired_at": _acquired_at(ds),
         "sop_instance_uid": _text(ds, "SOPInstanceUID"),

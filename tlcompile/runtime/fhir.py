@@ -148,7 +148,10 @@ def report_bundle(record: dict[str, Any], model: dict[str, str]) -> dict[str, An
     eye = _EYE.get(str(dicom.get("laterality") or "").upper())
     common: dict[str, Any] = {"status": "preliminary", "device": ref["device"]}
     if dicom.get("patient_id"):
-        common["subject"] = {"identifier": {"value": dicom["patient_id"]}, "type": "Patient"}
+        identifier: dict[str, Any] = {"value": dicom["patient_id"]}
+        if dicom.get("patient_id_issuer"):  # DICOM's IssuerOfPatientID: which register the ID is from
+            identifier["assigner"] = {"display": str(dicom["patient_id_issuer"])}
+        common["subject"] = {"identifier": identifier, "type": "Patient"}
     if (effective := _fhir_datetime(dicom.get("acquired_at"))) is not None:
         common["effectiveDateTime"] = effective
     issued = _fhir_datetime(record.get("processed_at")) or _dt.datetime.now(_dt.timezone.utc).isoformat()

@@ -448,11 +448,11 @@ class Service:
         else:
             self.stats.results += 1
             detail = (
-                ""
+                f" ({printable(str(record.get('ungradable_reason') or 'no reason recorded'))}"  # what a retake must fix
                 if record["referral"] == UNGRADABLE
                 else f" (P(referable DR) {record['referable_dr_probability']:.3f}"
             )
-            if detail and record.get("grade_name"):
+            if record["referral"] != UNGRADABLE and record.get("grade_name"):
                 detail += f", grade {record['grade_name']}"
             self.log(
                 f"{printable(name)}: {record['referral']}{detail + ')' if detail else ''} -> {printable(str(written))}"
