@@ -203,3 +203,29 @@ def test_a_linked_errors_or_fhir_folder_is_refused_and_the_bundle_stays_whole(bu
         FhirOutput(out / "fhir", {}, url="http://127.0.0.1:9/fhir")
     assert sorted(p.name for p in (bundle_copy / "golden").iterdir()) == before
     assert verify_bundle(bundle_copy, pin=False).ok
+
+
+def test_a_link_to_a_file_outside_the_watch_folder_is_not_read_and_an_unnamed_dicom_is(tiny_build, tmp_path):
+    """A link to /etc/passwd in the camera's folder got an error record with its size, inode and sha256; a DICOM file
+    named as storage media name them (IM000001) was refused for its missing extension."""
+    import pytest
+
+    pytest.importorskip("pydicom")
+    from tests.runtime.dicom_files import write_dicom
+
+    watch, out = tmp_path / "camera", tmp_path / "out"
+    watch.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the camera's folder")
+    (watch / "passwd.jpg").symlink_to(secret)
+    write_dicom(watch / "IM000001", np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    serve(tiny_build.bundle, watch, out, once=True, settle=0, log=_quiet)
+    records = _records(out)
+    (error,) = records["errors"]
+    assert error["error"] == "passwd.jpg: a symbolic link to a file outside the watch folder; not read (copy the " \
+        "photo in instead)"  # fmt: skip
+    import hashlib
+
+    assert hashlib.sha256(secret.read_bytes()).hexdigest() not in json.dumps(error)
+    (result,) = records["results"]
+    assert result["file"] == "IM000001" and result["referral"] in ("refer", "no referral", "ungradable")

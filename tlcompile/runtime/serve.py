@@ -38,6 +38,7 @@ from typing import Any
 
 from tlcompile.errors import TlcompileError
 from tlcompile.io import atomic_write_json, fitting_name, sha256_file
+from tlcompile.runtime import dicom
 from tlcompile.runtime.bundle import UNGRADABLE, VerifiedBundle, open_verified
 from tlcompile.runtime.outputs import refuse_inside_bundle, refuse_linked_folder
 from tlcompile.runtime.pipeline import check_workers, ordered
@@ -347,10 +348,15 @@ class Service:
         path = self.watch / name
         read = _Read()
         try:
+            if path.is_symlink() and not path.resolve().is_relative_to(self.watch.resolve()):
+                # not read, not hashed: whoever can write the camera's folder must not learn of files outside it
+                raise TlcompileError(
+                    f"{name}: a symbolic link to a file outside the watch folder; not read (copy the photo in instead)"
+                )
             try:
                 read.sha256 = sha256_file(path)
                 with open(path, "rb") as f:
-                    read.head = f.read(16)
+                    read.head = f.read(132)  # image signatures, and DICOM's DICM marker at byte 128
             except FileNotFoundError:
                 read.gone = True  # removed before we read it: nothing to record
                 return read
@@ -362,10 +368,10 @@ class Service:
                 read.done = self.ledger.done_by_content(name, read.sha256)
             if read.done:
                 return read
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS and not dicom.is_dicom(path, read.head):
                 raise TlcompileError(
                     f"{name}: '{path.suffix or '(none)'}' is not an image type this service reads; "
-                    f"valid: {', '.join(IMAGE_EXTENSIONS)}"
+                    f"valid: {', '.join(IMAGE_EXTENSIONS)}, or a DICOM file (DICM marker) of any name"
                 )
             read.prepared = prepare_photo(self.verified.bundle, path)
         except Exception as err:  # broad on purpose: any failure is this file's error record (see _take)
