@@ -204,6 +204,11 @@ def test_byte_flipped_model_fails_verify_naming_the_file(bundle_copy, run_cli):
     cli = run_cli("verify", str(bundle_copy))
     assert cli.returncode == 1
     assert "FAIL: model/fp32.bin: sha256" in cli.stdout
+    # the model that is not the one built is never loaded (a crafted file could attack the runtime's parser)
+    by_id = {c.id: c for c in verify_bundle(bundle_copy, pin=False).candidates}
+    flipped = [cid for cid, c in by_id.items() if "model/fp32.bin" in " ".join(c.problems)]
+    assert flipped and all(by_id[cid].golden is None and by_id[cid].damaged for cid in flipped)
+    assert by_id[flipped[0]].problems == ["not run: model/fp32.bin fails the manifest (see above)"]
     # predict refuses the same bundle before deciding anything (one line, exit 2).
     refused = run_cli("predict", str(bundle_copy), str(bundle_copy / "golden" / "000.png"))
     assert refused.returncode == 2 and "model/fp32.bin" in refused.stderr and "Traceback" not in refused.stderr

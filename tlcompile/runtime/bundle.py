@@ -678,6 +678,14 @@ def verify_bundle(
         result.quality = QualityCheck(present=True, problems=[str(err)])
     sessions: dict[str, InferenceSession] = {}
     for cid in bundle.candidates:
+        view = bundle.candidate(cid)
+        tampered = sorted(set(view.meta["model"]["files"]) & result.manifest.failed)
+        if tampered:  # a model file that is not the one built is never loaded (a crafted one could attack the parser)
+            check = CandidateCheck(id=cid, artifact=view.artifact, runtime=view.runtime, compressed=view.compressed)
+            check.problems.append(f"not run: {', '.join(tampered)} fails the manifest (see above)")
+            check.damaged = True
+            result.candidates.append(check)
+            continue
         check, session = _check_candidate(bundle, cid, threads)
         result.candidates.append(check)
         if session is not None and check.ok:

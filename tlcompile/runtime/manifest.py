@@ -47,6 +47,7 @@ class ManifestCheck:
     checked: int = 0
     problems: list[str] = field(default_factory=list)  # one line each, naming the file
     manifest_sha256: str = ""
+    failed: set[str] = field(default_factory=set)  # the listed files (bundle-relative) missing or not as listed
 
     @property
     def ok(self) -> bool:
@@ -88,17 +89,20 @@ def check_manifest(root: str | Path) -> ManifestCheck:
             continue
         if not path.is_file():
             result.problems.append(f"{rel}: missing")
+            result.failed.add(rel)
             continue
         size = path.stat().st_size
         if size != expected.get("size"):
             # not hashed: a file of another size is not the file (an 8 GB sparse one took verify minutes to read)
             result.problems.append(f"{rel}: size {size} bytes, manifest says {expected.get('size')}")
+            result.failed.add(rel)
             continue
         digest = sha256_file(path)
         if digest != expected.get("sha256"):
             result.problems.append(
                 f"{rel}: sha256 {digest[:16]}... does not match the manifest's {str(expected.get('sha256'))[:16]}..."
             )
+            result.failed.add(rel)
     listed = set(files) | {MANIFEST_JSON} | UNLISTED_OK
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
