@@ -558,6 +558,8 @@ def predict(
     ] = None,
 ) -> None:
     """Referral decision, grade and P(referable DR) per image, with the bundle's preprocessing (verified first)."""
+    from collections import Counter
+
     from rich.table import Table
     from rich.text import Text
 
@@ -615,13 +617,14 @@ def predict(
     table = Table(title=f"{b.name} ({b.candidate_id}): refer when P(referable DR) >= {b.threshold:.4f}")
     for col in ("image", "referral", "P(referable DR)") + (("grade",) if b.task == "grade" else ()) + ("note",):
         table.add_column(col, justify="right" if col.startswith("P(") else "left")
+    names = Counter(Path(r.file).name for r in results)  # a name two inputs share is shown as given (a/x.jpg, b/x.jpg)
     for r in results:
         prob = "-" if r.referable_dr_probability is None else f"{r.referable_dr_probability:.3f}"
         note = r.error or (r.ungradable_reason or "no field of view found: retake or refer" if r.ungradable else "")
         # file names and messages as plain text, escaped: a name like '[red]x.jpg' or one holding ESC or a
         # right-to-left override neither restyles nor reorders the table
         table.add_row(
-            Text(printable(Path(r.file).name)),
+            Text(printable(Path(r.file).name if names[Path(r.file).name] == 1 else r.file)),
             r.referral or "ERROR",
             prob,
             *((r.grade_name or "-",) if b.task == "grade" else ()),
