@@ -956,8 +956,8 @@ class MlflowConfig(Section):
         match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", value)
         scheme = match.group(1).lower() if match and len(match.group(1)) > 1 else None  # 'C:' is a drive, not a scheme
         base = scheme.split("+")[0] if scheme else None  # postgresql+psycopg2
-        if base is not None and base not in _MLFLOW_SCHEMES:
-            raise ValueError(f"{value!r}: '{scheme}' is not a scheme MLflow tracks to; {valid}")
+        if base is not None and base not in _MLFLOW_SCHEMES and not _mlflow_plugin_scheme(scheme):
+            raise ValueError(f"{value!r}: '{scheme}' is not a scheme MLflow tracks to; {valid}, or a plugin's")
         if base in ("http", "https"):
             parts = urllib.parse.urlsplit(value)
             try:
@@ -967,6 +967,14 @@ class MlflowConfig(Section):
             if not parts.hostname:
                 raise ValueError(f"{value!r} has no host; {valid}")
         return value
+
+
+def _mlflow_plugin_scheme(scheme: str) -> bool:
+    """A scheme an installed MLflow tracking-store plugin registers (its ``mlflow.tracking_store`` entry point), so
+    a plugin's store (azureml://, ...) stays valid; False without MLflow (the build would then say it is missing)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == scheme for ep in entry_points(group="mlflow.tracking_store"))
 
 
 #: The tracking URI schemes MLflow's client takes (a database store's driver after '+', as in postgresql+psycopg2).

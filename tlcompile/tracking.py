@@ -21,6 +21,7 @@ import re
 import socket
 import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,8 @@ def _unreachable(uri: str, timeout: float = 5.0) -> str | None:
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return None
+    if urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname):
+        return None  # reached through a proxy, as MLflow's requests would be: a direct connection says nothing
     port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
     try:
         socket.create_connection((parts.hostname, port), timeout=timeout).close()
@@ -108,6 +111,8 @@ class MlflowTracker(Tracker):
     def __init__(self, uri: str, experiment: str, *, parent_run_id: str | None = None, log: Any = print) -> None:
         self.uri, self.experiment, self.parent_run_id, self.log = uri, experiment, parent_run_id, log
         self.client = None
+        self.run_id = None
+        self._step: dict[str, int] = {}
         try:
             client = _client(uri)  # a missing MLflow stops the build before anything is written
         except MissingDependencyError:
@@ -119,8 +124,6 @@ class MlflowTracker(Tracker):
             self.log(f"tracking: the MLflow server at {uri}: {why}; the build goes on untracked")
             return
         self.client = client
-        self.run_id = None
-        self._step: dict[str, int] = {}
 
     def _guard(self, what: str, fn: Any) -> None:
         if self.client is None:

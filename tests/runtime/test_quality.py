@@ -79,7 +79,10 @@ def test_a_gate_validated_on_colour_only_refuses_a_monochrome_photo_and_an_older
     """A red-free photo (its green channel as grey) got a referral at P 0.69 from a model trained and tested on colour
     photographs (0.007 in colour): outside what the build validated."""
     from tlcompile.data.degrade import measure_photos
-    from tlcompile.runtime.screen import is_monochrome
+    from tlcompile.runtime.screen import MONOCHROME_CHROMA
+
+    def is_monochrome(rgb, found):
+        return measure(rgb, found)["chroma"] < MONOCHROME_CHROMA
 
     colour = test_photos[0]
     red_free = np.repeat(colour[:, :, 1:2], 3, axis=2)

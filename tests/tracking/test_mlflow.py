@@ -113,5 +113,14 @@ def test_a_store_mlflow_refuses_or_a_server_that_does_not_answer_leaves_the_buil
         port = probe.getsockname()[1]
     down = MlflowTracker(f"http://127.0.0.1:{port}", "e", log=lines.append)
     assert down.client is None
-    assert f"tracking: the MLflow server at http://127.0.0.1:{port}: 127.0.0.1:{port} does not answer" in lines[-1]
-    assert lines[-1].endswith("the build goes on untracked")
+    for untracked in (tracker, down):  # every call the build makes is then a no-op (one left _step unset: a crash)
+        untracked.start(validate_recipe_dict(TINY), tmp_path)
+        untracked.epoch("fp32", {"epoch": 1, "loss": 0.5})
+        untracked.stage("train", 1.0)
+        untracked.finish({"artifacts": []}, tmp_path)
+        untracked.fail(RuntimeError("x"))
+    said = [line for line in lines if "does not answer" in line]
+    assert said == [
+        f"tracking: the MLflow server at http://127.0.0.1:{port}: 127.0.0.1:{port} does not answer (Connection "
+        "refused); the build goes on untracked"
+    ]

@@ -59,7 +59,7 @@ from tlcompile.runtime.preprocess import (
     median_of_histogram,
     read_input,
 )
-from tlcompile.runtime.screen import is_monochrome
+from tlcompile.runtime.screen import MONOCHROME_CHROMA
 
 QUALITY_VERSION = 1  # bumped whenever a measure's arithmetic changes: limits calibrated for another version are void
 WORK_RADIUS = 64  # field radius in pixels the measures are taken at
@@ -183,7 +183,7 @@ def measure(rgb: np.ndarray, found: FieldOfView) -> dict[str, float]:
     if n_inside < 64:
         return {
             "coverage": 0.0, "focus": 0.0, "brightness": 0.0, "saturated": 0.0, "evenness": 0.0, "glare": 0.0,
-            "green_median": 0.0,
+            "green_median": 0.0, "chroma": 0.0,
         }  # fmt: skip
     # medians of uint8 planes from Pillow histograms: the same floats as np.median, without copies or partitions
     green8 = canvas[:, :, 1]
@@ -228,8 +228,11 @@ def measure(rgb: np.ndarray, found: FieldOfView) -> dict[str, float]:
         "saturated": round(saturated, 6),
         "evenness": round(evenness, 6),
         "glare": round(glare, 6),
-        # not a gated measure: the exposure a gate with max_green_median compares with the photos it validated on
+        # not gated measures: the exposure a gate with max_green_median compares with the photos it validated on,
+        # and the spread of the field's mean R, G and B (sums of uint8 values in float64: exact in any order), under
+        # MONOCHROME_CHROMA for a monochrome (red-free) photo, which a colour_only gate refuses
         "green_median": round(green_median_all, 3),
+        "chroma": round(float(np.ptp(canvas[inside].astype(np.float64).mean(axis=0))), 3),
     }
 
 
@@ -279,7 +282,7 @@ class QualityGate:
                 reasons=(*assessment.reasons, "exposure"),
                 measures=assessment.measures,
             )
-        if self.colour_only and is_monochrome(rgb, found):
+        if self.colour_only and assessment.measures.get("chroma", 255.0) < MONOCHROME_CHROMA:
             return Assessment(score=0.0, reasons=("monochrome", *assessment.reasons), measures=assessment.measures)
         return assessment
 

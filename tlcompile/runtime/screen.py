@@ -201,33 +201,6 @@ def _not_fundus_numpy(small: np.ndarray, step: int, found: FieldOfView, r_in: fl
     return _colour_reason(r, g, b, surrounded)
 
 
-def field_colour(rgb: np.ndarray, found: FieldOfView) -> tuple[float, float, float] | None:
-    """The mean R, G and B of the field (inside 0.95 of its radius, on :func:`not_fundus_reason`'s grid), or None
-    when fewer than 16 grid pixels lie there."""
-    rgb = np.asarray(rgb)
-    small, step = _grid(rgb)
-    r_in = 0.95 * found.radius
-    stats = fast_preprocess.field_statistics(rgb, step, found.cx, found.cy, r_in, 1.05 * found.radius)
-    if stats is not None:
-        n_inside, sums = stats[0], stats[4]
-        return None if n_inside < 16 else tuple(float(total) / n_inside for total in sums)  # type: ignore[return-value]
-    h, w = small.shape[:2]
-    yy, xx = np.ogrid[:h, :w]
-    dx, dy = xx * step - found.cx, yy * step - found.cy
-    inside = _within(dy * dy + dx * dx, dx, dy, r_in, inner=True)
-    if np.count_nonzero(inside) < 16:
-        return None
-    r, g, b = np.asarray(small)[inside][:, :3].astype(np.float64).mean(axis=0)
-    return float(r), float(g), float(b)
-
-
-def is_monochrome(rgb: np.ndarray, found: FieldOfView | None) -> bool:
-    """A monochrome photograph (red-free, or a grey rendering): the field's mean R, G and B spread less than
-    :data:`MONOCHROME_CHROMA` grey levels. A colour fundus photograph's red leads its green by far more."""
-    colour = field_colour(rgb, found) if found is not None else None
-    return colour is not None and max(colour) - min(colour) < MONOCHROME_CHROMA
-
-
 def _not_dark(surround: float, limit: float) -> str:
     return (
         f"not a fundus photograph: the area around the round field is not dark (brightness {surround:.0f}, "
