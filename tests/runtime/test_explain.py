@@ -174,6 +174,24 @@ def test_a_heatmap_of_another_image_under_the_same_name_is_kept_not_replaced(tmp
     assert both == {monday: out / "IMG_0001.explain.png", tuesday: target}
 
 
+def test_a_heatmap_is_marked_with_its_images_full_path_so_relative_runs_from_two_folders_differ(
+    tmp_path, monkeypatch, bundle_copy, fundus_images, run_cli
+):
+    """Monday 'cd camA; predict B IMG_0001.png --explain ../heat', Tuesday the same from camB: the mark said
+    'IMG_0001.png' both times, and Tuesday's heatmap replaced Monday's (the review's case)."""
+    for folder in ("camA", "camB"):
+        (photo,) = fundus_images(tmp_path / folder, 1, seed={"camA": 1, "camB": 2}[folder])
+        photo.rename(tmp_path / folder / "IMG_0001.png")
+    heat = tmp_path / "heat"
+    monkeypatch.chdir(tmp_path / "camA")
+    assert run_cli("predict", str(bundle_copy), "IMG_0001.png", "--explain", str(heat)).returncode == 0
+    assert explain.mark_of(heat / "IMG_0001.explain.png") == str(tmp_path / "camA" / "IMG_0001.png")
+    monday = (heat / "IMG_0001.explain.png").read_bytes()
+    monkeypatch.chdir(tmp_path / "camB")
+    assert run_cli("predict", str(bundle_copy), "IMG_0001.png", "--explain", str(heat)).returncode == 0
+    assert (heat / "IMG_0001.explain.png").read_bytes() == monday and len(list(heat.iterdir())) == 2
+
+
 def test_csv_of_the_previous_version_is_still_ours(tmp_path):
     old = tmp_path / "old.csv"
     old.write_text(",".join(EARLIER_CSV_COLUMNS[0]) + "\n")

@@ -494,7 +494,9 @@ class Explainer:
         prob = result.referable_dr_probability
         caption = f"{result.referral}" + (f"  P(referable DR) {prob:.3f}" if prob is not None else "")
         caption += f"  {self.method} heat max {float(e.heat[e.field].max()):+.3f}"
-        write_overlay(overlay(e.crop, e.heat, e.field, caption=caption), target, source=source or result.file)
+        # the image's full path: a later run from another folder tells it from another image of the same name
+        mark = source or str(Path(result.file).resolve())
+        write_overlay(overlay(e.crop, e.heat, e.field, caption=caption), target, source=mark)
         return target.name
 
 
@@ -525,12 +527,14 @@ def check_explain_dir(
 
 
 def _explains_another(target: Path, path: Path) -> bool:
-    """``target`` is a heatmap of ours made for another image than ``path`` (its mark names the image as it was
-    given, relative or absolute)."""
+    """``target`` is a heatmap of ours made for another image than ``path``: its mark names the image by its full
+    path (a heatmap from before the marks were full paths: as it was given, which matches only as given)."""
     if target.is_symlink() or not target.is_file():
         return False
     mark = mark_of(target)
-    return mark is not None and mark not in (str(path), str(path.absolute()), str(path.resolve()))
+    if mark is None:
+        return False
+    return mark != str(path.resolve()) if Path(mark).is_absolute() else mark != str(path)
 
 
 def explain_targets(paths: list[Path], folder: Path) -> dict[Path, Path]:
