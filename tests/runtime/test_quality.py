@@ -77,31 +77,22 @@ def test_the_real_retina_photograph_passes_and_its_strong_degradations_do_not(ga
 
 def test_a_gate_validated_on_colour_only_refuses_a_monochrome_photo_and_an_older_gate_decides_it(gate, test_photos):
     """A red-free photo (its green channel as grey) got a referral at P 0.69 from a model trained and tested on colour
-    photographs (0.007 in colour): outside what the build validated."""
-    from tlcompile.data.degrade import measure_photos
+    photographs (0.007 in colour): outside what the build validated. The gate's 'chroma' limit says so."""
     from tlcompile.runtime.screen import MONOCHROME_CHROMA
-
-    def is_monochrome(rgb, found):
-        return measure(rgb, found)["chroma"] < MONOCHROME_CHROMA
 
     colour = test_photos[0]
     red_free = np.repeat(colour[:, :, 1:2], 3, axis=2)
-    assert not is_monochrome(colour, find_field(colour)) and is_monochrome(red_free, find_field(red_free))
-    strict = QualityGate(limits=gate.limits, colour_only=True)
+    assert measure(colour, find_field(colour))["chroma"] > 3 * MONOCHROME_CHROMA
+    assert measure(red_free, find_field(red_free))["chroma"] == 0.0
+    strict = QualityGate(limits={**gate.limits, "chroma": float(MONOCHROME_CHROMA)})
+    assert strict.colour_only and not gate.colour_only
     a = strict.assess(red_free, find_field(red_free))
-    assert not a.gradable and a.reasons[0] == "monochrome" and a.score == 0.0  # first: what a retake must change
-    assert a.sentence(gate.limits).startswith("ungradable image: monochrome (red-free) photograph, and this model")
-    assert strict.assess(colour, find_field(colour)) == gate.assess(colour, find_field(colour))
-    assert gate.assess(red_free, find_field(red_free)).reasons == a.reasons[1:]  # a gate without it: as before
-    # bundle.json: written only when set, read back; a gate from before has none
-    assert strict.to_dict()["colour_only"] is True and "colour_only" not in gate.to_dict()
-    assert QualityGate.from_dict(strict.to_dict()) == strict and not QualityGate.from_dict(gate.to_dict()).colour_only
-    with pytest.raises(BundleError, match=r"quality\.colour_only is 'yes'; expected true or false"):
-        QualityGate.from_dict({**strict.to_dict(), "colour_only": "yes"})
-    # what the quality stage counts: the photos as taken, monochrome or not
-    measured, _ = measure_photos((lambda i: [colour, red_free][i], np.array([0, 1]), 0, 1))
-    assert [m.monochrome for m in measured if m.kind == "none"] == [False, True]
-    assert all(m.monochrome is None for m in measured if m.kind != "none")
+    assert not a.gradable and "chroma" in a.reasons and a.score == 0.0
+    assert "monochrome (red-free) photograph, and this model was validated on colour photographs only (chroma 0, " \
+        "limit 12)" in a.sentence(strict.limits)  # fmt: skip
+    assert strict.assess(colour, find_field(colour)).reasons == gate.assess(colour, find_field(colour)).reasons
+    assert gate.assess(red_free, find_field(red_free)).reasons == tuple(r for r in a.reasons if r != "chroma")
+    assert QualityGate.from_dict(strict.to_dict()) == strict  # in bundle.json as one more limit
 
 
 def test_a_photo_brighter_than_every_validated_one_is_ungradable_for_its_exposure(gate, test_photos):
@@ -114,23 +105,26 @@ def test_a_photo_brighter_than_every_validated_one_is_ungradable_for_its_exposur
 
     photo = test_photos[0]
     green = measure(photo, find_field(photo))["green_median"]
-    capped = QualityGate(limits=gate.limits, max_green_median=green)
-    assert capped.assess(photo, find_field(photo)) == gate.assess(photo, find_field(photo))  # the brightest: passes
+    capped = QualityGate(limits={**gate.limits, "green_median": green})
+    at_limit = capped.assess(photo, find_field(photo))
+    # at the limit: its score is 0.5 there (as every measure's), so a golden frame (>= 0.52) is never one this close
+    assert at_limit.reasons == gate.assess(photo, find_field(photo)).reasons and at_limit.score <= 0.5
     bright = np.asarray(ImageEnhance.Brightness(Image.fromarray(photo)).enhance(1.75))
     a = capped.assess(bright, find_field(bright))
-    assert a.measures["green_median"] > green and "exposure" in a.reasons and a.score < 0.5
-    assert "over-exposed beyond every photo the model was validated on (median green" in a.sentence(gate.limits)
-    assert "exposure" not in gate.assess(bright, find_field(bright)).reasons  # a gate built before: as before
-    assert QualityGate.from_dict(capped.to_dict()) == capped and "max_green_median" not in gate.to_dict()
-    with pytest.raises(BundleError, match=r"quality\.max_green_median is 300; expected a grey level"):
-        QualityGate.from_dict({**capped.to_dict(), "max_green_median": 300})
+    assert a.measures["green_median"] > green and "green_median" in a.reasons and a.score < 0.5
+    said = f"(green_median {a.measures['green_median']:.3g}, limit {green:.3g})"
+    assert f"over-exposed beyond every photo the model was validated on {said}" in a.sentence(capped.limits)
+    assert "green_median" not in gate.assess(bright, find_field(bright)).reasons  # a gate built before: as before
+    assert QualityGate.from_dict(capped.to_dict()) == capped
+    # an older tlcompile refuses such a gate instead of deciding without the limit (as this one refuses an unknown one)
+    with pytest.raises(
+        BundleError, match=r"limits\.sharpness: not a measure; valid: coverage, .*, chroma, green_median"
+    ):
+        QualityGate.from_dict({**capped.to_dict(), "limits": {**capped.limits, "sharpness": 1.0}})
     # the stage's verdicts on copies decide as the gate does
     copies = [Measured(0, "none", 0.0, True, measure(photo, find_field(photo))),
               Measured(0, "exposure", 1.75, True, a.measures)]  # fmt: skip
-    assert _verdicts(copies, gate.limits, green).tolist() == [
-        capped.assess(photo, find_field(photo)).gradable,
-        False,
-    ]
+    assert _verdicts(copies, capped.limits).tolist() == [at_limit.gradable, False]
 
 
 def test_a_photo_without_a_field_is_scored_zero(gate):
@@ -180,13 +174,14 @@ def _rehash(bundle) -> None:
 def test_the_bundle_carries_the_gate_and_verify_checks_it(tiny_build, bundle_copy):
     meta = json.loads((bundle_copy / "bundle.json").read_text())
     q = meta["quality"]
-    assert set(q["limits"]) == set(MEASURES) and q["limits"]["focus"] == 0.0  # the tiny build fixes focus off
+    assert set(q["limits"]) == {*MEASURES, "chroma", "green_median"} and q["limits"]["focus"] == 0.0  # focus fixed off
     assert q["imageability"]["split"] == "test" and 0 <= q["imageability"]["value"] <= 1
     assert tiny_build.report["quality"]["imageability"] == q["imageability"]
     # what the build validated on, carried to the box: colour photos only, and up to this exposure
     report_q = tiny_build.report["quality"]
-    assert q["colour_only"] is True is report_q["colour_only"] and report_q["photos_as_taken"]["monochrome"] == 0
-    assert 0 < q["max_green_median"] == report_q["max_green_median"] <= 255
+    assert report_q["colour_only"] is True and report_q["photos_as_taken"]["monochrome"] == 0
+    assert q["limits"]["chroma"] == 12.0 and q["limits"]["green_median"] == report_q["max_green_median"] > 0
+    assert report_q["limits_source"]["green_median"] == "the val photos as taken"
     assert len(q["golden"]) == len(meta["golden"]["images"])
     result = verify_bundle(bundle_copy, pin=False)
     assert result.ok and result.quality.present and result.quality.samples == len(q["golden"])

@@ -59,7 +59,6 @@ from tlcompile.errors import DataError
 from tlcompile.io import atomic_write_text, atomic_write_with
 from tlcompile.runtime.preprocess import find_field
 from tlcompile.runtime.quality import measure, shrink
-from tlcompile.runtime.screen import MONOCHROME_CHROMA
 
 if TYPE_CHECKING:
     from tlcompile.data.datamodule import PhotoSource
@@ -262,7 +261,6 @@ class Measured:
     level: float
     gradable: bool
     measures: dict[str, float] | None
-    monochrome: bool | None = None  # of a photo as taken (kind 'none'): red-free / grey; None for a degraded copy
 
 
 def measure_photos(task: tuple[PhotoSource, np.ndarray, int, int]) -> tuple[list[Measured], float]:
@@ -278,6 +276,5 @@ def measure_photos(task: tuple[PhotoSource, np.ndarray, int, int]) -> tuple[list
         found = find_field(c.image)
         m = None if found is None else measure(c.image, found)
         seconds += time.perf_counter() - t0
-        mono = (m is not None and m["chroma"] < MONOCHROME_CHROMA) if c.kind == "none" else None
-        out.append(Measured(int(idx[c.index]), c.kind, c.level, c.gradable, m, mono))
+        out.append(Measured(int(idx[c.index]), c.kind, c.level, c.gradable, m))
     return out, seconds / max(1, len(out))

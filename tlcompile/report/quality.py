@@ -70,7 +70,7 @@ class _Referral(_Strict):
 
 
 class _AsTaken(_Strict):
-    val_and_test: int
+    val: int
     monochrome: int
 
 
@@ -83,14 +83,15 @@ class QualitySection(_Strict):
     limits: dict[str, float]
     colour_only: bool = Field(
         None,
-        description="No val or test photo as taken was monochrome (red-free): the gate refuses monochrome photos "
-        "(reason 'monochrome'). Absent in reports from before it was recorded.",
+        description="No val photo as taken was monochrome (red-free): the gate has a 'chroma' limit and refuses "
+        "monochrome photos. Absent in reports from before it was recorded.",
     )
-    photos_as_taken: _AsTaken = Field(None, description="The val and test photos as taken, and how many monochrome.")
-    max_green_median: float = Field(
+    photos_as_taken: _AsTaken = Field(None, description="The val photos as taken, and how many were monochrome.")
+    max_green_median: float | None = Field(
         None,
-        description="The field's median green of the brightest val or test photo as taken: the gate answers a "
-        "brighter photo 'ungradable' (exposure). Absent in reports from before it was recorded.",
+        description="The field's median green of the brightest val photo as taken (the gate's 'green_median' limit: "
+        "it refuses a brighter photo); null when no val photo had a field. Absent in reports from before it was "
+        "recorded.",
     )
     limits_source: dict[str, str]
     calibration: _Calibration
@@ -136,20 +137,20 @@ def quality_parts(report: dict[str, Any]) -> tuple[list[str], list[tuple[str, li
     taken = q.get("photos_as_taken")
     if taken:
         paragraphs.append(
-            f"Colour: {taken['monochrome']} of the {taken['val_and_test']} val and test photos as taken are monochrome "
-            "(red-free)"
+            f"Colour: {taken['monochrome']} of the {taken['val']} val photos as taken are monochrome (red-free)"
             + (
                 "; the model was validated on colour photographs only, so the gate answers a monochrome photo "
-                "'ungradable' (monochrome)."
+                "'ungradable' (limit on chroma, the spread of the field's mean R, G and B)."
                 if q.get("colour_only")
                 else "; monochrome photos are decided like colour ones."
             )
         )
     if q.get("max_green_median") is not None:
         paragraphs.append(
-            f"Exposure: the brightest val or test photo as taken has a median green of {q['max_green_median']:.0f} "
-            "in its field; the gate answers a brighter photo 'ungradable' (exposure), one the model was not shown to "
-            "read. Its test figures above count that too."
+            f"Exposure: the brightest val photo as taken has a median green of {q['max_green_median']:.0f} in its "
+            "field; the gate answers a brighter photo 'ungradable' (limit on green_median): one the model was not "
+            "shown to read. The test figures above count this limit too (test photos brighter than every val photo "
+            "are refused)."
         )
     used = q.get("test_photos")
     if used and used["used"] < used["in_split"]:

@@ -59,7 +59,6 @@ from tlcompile.runtime.preprocess import (
     median_of_histogram,
     read_input,
 )
-from tlcompile.runtime.screen import MONOCHROME_CHROMA
 
 QUALITY_VERSION = 1  # bumped whenever a measure's arithmetic changes: limits calibrated for another version are void
 WORK_RADIUS = 64  # field radius in pixels the measures are taken at
@@ -80,6 +79,14 @@ MEASURES: dict[str, tuple[str, float, float, float]] = {
     "evenness": ("min", 0.5, 0.8, 0.2),
     "glare": ("max", 0.02, 0.01, 0.2),
 }
+# Measures whose limits are not calibrated but set by what the build validated on (its val photos as taken): a photo
+# past one is outside what the model was shown to read. measure -> direction. A gate has 'chroma' (its limit
+# MONOCHROME_CHROMA) when no val photo was monochrome, and 'green_median' (the val photos' largest) when any had a
+# field. An older tlcompile refuses a gate with them ("not a measure"), rather than deciding without them.
+DOMAIN: dict[str, str] = {"chroma": "min", "green_median": "max"}
+#: Every measure a gate may hold a limit for, in the order its reasons are given.
+GATED: dict[str, str] = {**{k: v[0] for k, v in MEASURES.items()}, **DOMAIN}
+
 #: Reason codes (CSV, serve records) and the words for each measure's failure.
 REASONS = {
     "field": "no field of view found",
@@ -90,10 +97,9 @@ REASONS = {
     "saturated": "over-exposed",
     "evenness": "uneven illumination",
     "glare": "glare or artefact",
-    # set by a gate whose build validated colour photographs only (QualityGate.colour_only)
-    "monochrome": "monochrome (red-free) photograph, and this model was validated on colour photographs only",
-    # set by a gate that knows the brightest photo its build validated on (QualityGate.max_green_median)
-    "exposure": "over-exposed beyond every photo the model was validated on",
+    # the DOMAIN measures: what the build validated on
+    "chroma": "monochrome (red-free) photograph, and this model was validated on colour photographs only",
+    "green_median": "over-exposed beyond every photo the model was validated on",
 }
 RETAKE = "retake"
 
@@ -118,9 +124,7 @@ class Assessment:
         """'ungradable image: out of focus (focus 0.031, limit 0.080), too dark (...); retake'."""
         parts = []
         for code in self.reasons:
-            if code == "exposure" and "green_median" in self.measures:
-                parts.append(f"{REASONS[code]} (median green {self.measures['green_median']:.0f})")
-            elif code in self.measures:
+            if code in self.measures:
                 parts.append(f"{REASONS[code]} ({code} {self.measures[code]:.3g}, limit {limits[code]:.3g})")
             else:
                 parts.append(REASONS.get(code, code))
@@ -228,16 +232,24 @@ def measure(rgb: np.ndarray, found: FieldOfView) -> dict[str, float]:
         "saturated": round(saturated, 6),
         "evenness": round(evenness, 6),
         "glare": round(glare, 6),
-        # not gated measures: the exposure a gate with max_green_median compares with the photos it validated on,
-        # and the spread of the field's mean R, G and B (sums of uint8 values in float64: exact in any order), under
-        # MONOCHROME_CHROMA for a monochrome (red-free) photo, which a colour_only gate refuses
+        # the DOMAIN measures: the spread of the field's mean R, G and B (whole-number sums from the planes'
+        # histograms: exact), under MONOCHROME_CHROMA for a monochrome (red-free) photo; and its median green
+        "chroma": round(_chroma(canvas, inside, green_counts, n_inside), 3),
         "green_median": round(green_median_all, 3),
-        "chroma": round(float(np.ptp(canvas[inside].astype(np.float64).mean(axis=0))), 3),
     }
 
 
+def _chroma(canvas: np.ndarray, inside: np.ndarray, green_counts: np.ndarray, n: int) -> float:
+    levels = np.arange(256, dtype=np.int64)
+    means = [
+        float(int(counts.astype(np.int64) @ levels)) / n
+        for counts in (histogram(canvas[:, :, 0], inside), green_counts, histogram(canvas[:, :, 2], inside))
+    ]
+    return max(means) - min(means)
+
+
 def _ratio(name: str, value: float, limit: float) -> float:
-    direction = MEASURES[name][0]
+    direction = GATED[name]
     if direction == "min":
         return value / limit if limit > 0 else math.inf
     return limit / value if value > 0 else math.inf
@@ -246,8 +258,8 @@ def _ratio(name: str, value: float, limit: float) -> float:
 def judge(measures: dict[str, float], limits: dict[str, float]) -> Assessment:
     """The verdict on measured values: the lowest per-measure score and the measures past their limits."""
     scores, reasons = [], []
-    for name in MEASURES:
-        if name not in limits:
+    for name in GATED:
+        if name not in limits or name not in measures:
             continue
         r = _ratio(name, measures[name], limits[name])
         scores.append(1.0 if math.isinf(r) else r**_STEEPNESS / (1.0 + r**_STEEPNESS))
@@ -263,36 +275,19 @@ class QualityGate:
 
     limits: dict[str, float]
     version: int = QUALITY_VERSION
-    # No photograph the build validated on was monochrome (red-free): such a photo is outside what the model was shown
-    # to read, and is ungradable ('monochrome') whatever it measures. False for a gate built before it was recorded.
-    colour_only: bool = False
-    # The field's median green of the brightest photo as taken the build validated on (val and test): a brighter
-    # photo is outside the exposures the model was shown to read ('exposure'). None for a gate built before.
-    max_green_median: float | None = None
+
+    @property
+    def colour_only(self) -> bool:
+        """The build validated colour photographs only: a monochrome one is refused (limit on 'chroma')."""
+        return "chroma" in self.limits
 
     def assess(self, rgb: np.ndarray, found: FieldOfView | None) -> Assessment:
         if found is None:
             return Assessment(score=0.0, reasons=("field",))
-        assessment = judge(measure(rgb, found), self.limits)
-        green = assessment.measures.get("green_median", 0.0)
-        if self.max_green_median is not None and green > self.max_green_median:
-            r = self.max_green_median / green
-            assessment = Assessment(
-                score=round(min(assessment.score, r**_STEEPNESS / (1.0 + r**_STEEPNESS)), 4),
-                reasons=(*assessment.reasons, "exposure"),
-                measures=assessment.measures,
-            )
-        if self.colour_only and assessment.measures.get("chroma", 255.0) < MONOCHROME_CHROMA:
-            return Assessment(score=0.0, reasons=("monochrome", *assessment.reasons), measures=assessment.measures)
-        return assessment
+        return judge(measure(rgb, found), self.limits)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "limits": dict(self.limits),
-            **({"colour_only": True} if self.colour_only else {}),
-            **({"max_green_median": self.max_green_median} if self.max_green_median is not None else {}),
-        }
+        return {"version": self.version, "limits": dict(self.limits)}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "bundle.json quality") -> QualityGate:
@@ -309,22 +304,11 @@ class QualityGate:
         if not isinstance(limits, dict) or not limits:
             raise BundleError(f"{where}.limits is {limits!r}; expected an object of measure: limit")
         for name, value in limits.items():
-            if name not in MEASURES:
-                raise BundleError(f"{where}.limits.{name}: not a measure; valid: {', '.join(MEASURES)}")
+            if name not in GATED:
+                raise BundleError(f"{where}.limits.{name}: not a measure; valid: {', '.join(GATED)}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise BundleError(f"{where}.limits.{name} is {value!r}; expected a finite number >= 0")
-        colour_only = d.get("colour_only", False)
-        if not isinstance(colour_only, bool):
-            raise BundleError(f"{where}.colour_only is {colour_only!r}; expected true or false")
-        top = d.get("max_green_median")
-        if top is not None and (isinstance(top, bool) or not isinstance(top, (int, float)) or not 0 < top <= 255):
-            raise BundleError(f"{where}.max_green_median is {top!r}; expected a grey level above 0 and at most 255")
-        return cls(
-            limits={k: float(v) for k, v in limits.items()},
-            version=version,
-            colour_only=colour_only,
-            max_green_median=None if top is None else float(top),
-        )
+        return cls(limits={k: float(v) for k, v in limits.items()}, version=version)
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -398,14 +382,14 @@ def golden_tolerance(
     perturbations (the score's plus SCORE_TOLERANCE). ``base``: the frame's measures, when already taken."""
     base = measure(rgb, found) if base is None else base
     score = judge(base, limits).score
-    spread = dict.fromkeys(MEASURES, 0.0)
+    spread = dict.fromkeys(GATED, 0.0)
     score_spread = 0.0
     for frame in _one_grey_level(rgb):
         f = find_field(frame)
         if f is None:
             continue
         m = measure(frame, f)
-        for k in MEASURES:
+        for k in GATED:
             spread[k] = max(spread[k], abs(m[k] - base[k]))
         score_spread = max(score_spread, abs(judge(m, limits).score - score))
     return {k: _SAFETY * v + 1e-6 for k, v in spread.items()}, _SAFETY * score_spread + SCORE_TOLERANCE
