@@ -190,6 +190,51 @@ def test_a_bundle_the_server_refuses_is_not_sent_again_in_the_run_and_the_log_sa
         assert out.flush(final=True) == 0 and busy.attempts == 3
 
 
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "said"),
+    [
+        # urllib repeated the POST as a GET at the new address, got 200, and the bundle went to sent/ unsent
+        (301, {"Location": "/fhir2"}, b"", "HTTP 301: redirected to /fhir2; give the server's own address"),
+        # a proxy's or login page's 200 stores nothing
+        (
+            200,
+            {"Content-Type": "text/html"},
+            b"<html>Please log in</html>",
+            "not a FHIR answer: HTTP 2xx with text/html",
+        ),
+    ],
+)
+def test_a_redirect_or_an_answer_that_is_not_fhir_keeps_the_bundle_in_the_outbox(tmp_path, status, headers, body, said):
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST  # noqa: N815 - a followed redirect would arrive here and be answered 200
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        lines: list[str] = []
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/fhir"
+        out = FhirOutput(tmp_path / "fhir", MODEL, url=url, log=lines.append, backoff=0.01, attempts=3)
+        out.write(_record())
+        assert out.flush(final=True) == 1  # still in the outbox: nothing was stored
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert not list((tmp_path / "fhir" / "sent").glob("*.json"))
+    assert said in lines[0] and "not retried in this run" in lines[0]
+
+
 def test_predict_fhir_writes_each_bundle_once_without_torch(bundle_copy, tmp_path, run_cli):
     camera = tmp_path / "camera"
     write_test_set(camera)

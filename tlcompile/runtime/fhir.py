@@ -42,6 +42,7 @@ from typing import Any
 from tlcompile.errors import MissingDependencyError, TlcompileError
 from tlcompile.io import atomic_write_text, sha256_file
 from tlcompile.runtime.outputs import check_server_url, refuse_linked_folder
+from tlcompile.runtime.terminal import printable
 
 FHIR_VERSION = "4.3.0"  # R4B
 LOCAL_SYSTEM = "urn:tlcompile:fhir:codes"
@@ -121,10 +122,32 @@ def _server_said(err: Any) -> str:
 
 
 def _refused(why: str) -> bool:
-    """A 4xx answer other than 408 (timeout) and 429 (too many requests): the server read the bundle and refused it,
-    so sending it again at once is refused again."""
+    """A 4xx answer other than 408 (timeout) and 429 (too many requests), a redirect, or a 2xx that is not a FHIR
+    transaction-response (a login page): the same bundle would get the same answer at once."""
     code = why.split(":")[0]
-    return code.startswith("HTTP 4") and code not in ("HTTP 408", "HTTP 429")
+    return (code.startswith(("HTTP 4", "HTTP 3")) and code not in ("HTTP 408", "HTTP 429")) or code == _NOT_FHIR
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx reaches _post as an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+_NOT_FHIR = "not a FHIR answer"
+
+
+def _not_a_transaction_response(body: bytes, content_type: str) -> str | None:
+    """None when a 2xx answer is a FHIR Bundle (the transaction-response a server gives for a transaction), else why
+    the bundle cannot count as stored: a proxy's or login page's 200 stores nothing."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        answer = None
+    if isinstance(answer, dict) and answer.get("resourceType") == "Bundle":
+        return None
+    shown = printable(content_type.split(";")[0].strip() or "no Content-Type")
+    return f"{_NOT_FHIR}: HTTP 2xx with {shown}, not a FHIR Bundle (a proxy or login page?); kept to send again"
 
 
 def _local(code: str, display: str) -> dict[str, Any]:
@@ -371,10 +394,15 @@ class FhirOutput:
             headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
-                answer.read()
-                return None if 200 <= answer.status < 300 else f"HTTP {answer.status}"
+            with _OPENER.open(request, timeout=self.timeout) as answer:
+                body = answer.read(1 << 20)
+                if not 200 <= answer.status < 300:
+                    return f"HTTP {answer.status}"
+                return _not_a_transaction_response(body, answer.headers.get("Content-Type", ""))
         except urllib.error.HTTPError as err:
+            if 300 <= err.code < 400:  # urllib would repeat a POST as a GET there, and a 200 to that sent nothing
+                where = printable(str(err.headers.get("Location", "?")))
+                return f"HTTP {err.code}: redirected to {where}; give the server's own address as --fhir-url"
             return f"HTTP {err.code}" + _server_said(err)
         except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: http.client.InvalidURL
             return str(getattr(err, "reason", err))
