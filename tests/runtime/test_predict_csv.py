@@ -92,9 +92,14 @@ def test_a_file_name_that_is_not_utf8_or_holds_control_characters_is_escaped_not
     source = next(p for p in sorted(photo.iterdir()) if p.suffix == ".png")
     for name in names:
         shutil.copy(source, folder / name)
-    out = tmp_path / "results.csv"
-    done = run_cli("predict", str(tiny_build.bundle), str(folder), "--csv", str(out))
+    out, heat = tmp_path / "results.csv", tmp_path / "heat"
+    done = run_cli("predict", str(tiny_build.bundle), str(folder), "--csv", str(out), "--explain", str(heat))
     assert done.returncode == 0, done.stderr
+    # the heatmaps too (the PNG's text chunk naming the image stopped the write, a traceback, no CSV)
+    from tlcompile.runtime import explain
+
+    marks = sorted(explain.mark_of(p) for p in heat.iterdir())
+    assert marks == sorted(printable(str(folder / n)) for n in names)
     files = sorted(row["file"] for row in csv.DictReader(out.read_text(encoding="utf-8").splitlines()))
     assert files == sorted(f"{folder}/{printable(n)}" for n in names)
     assert "\x1b" not in done.stdout and "\u202e" not in done.stdout

@@ -42,6 +42,7 @@ from tlcompile.io import STEM_KEEP_BYTES, STEM_MAX_BYTES, atomic_path, fitting_n
 from tlcompile.runtime.inference import InferenceSession
 from tlcompile.runtime.outputs import refuse_inside_bundle
 from tlcompile.runtime.preprocess import PreprocessSpec, _square_window, find_field, to_input
+from tlcompile.runtime.terminal import printable
 
 if TYPE_CHECKING:
     from tlcompile.runtime.bundle import Bundle
@@ -406,6 +407,12 @@ def mark_of(path: Path) -> str | None:
         return None
 
 
+def mark_for(source: str) -> str:
+    """The text chunk a heatmap of ``source`` carries: escaped as the terminal shows names (a file name's bytes that
+    are not UTF-8 stopped the PNG's write, and predict with it), at most 500 characters."""
+    return printable(source)[:500]
+
+
 def is_ours(path: Path) -> bool:
     """A file this module wrote (its PNG carries our text chunk): the only kind a later run may replace."""
     return mark_of(path) is not None
@@ -421,7 +428,7 @@ def write_overlay(image: Image.Image, path: Path, *, source: str) -> None:
             "give another --explain folder or move the file"
         )
     info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_MARK_KEY, source[:500])
+    info.add_text(PNG_MARK_KEY, mark_for(source))
     try:
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG", pnginfo=info)
@@ -534,7 +541,7 @@ def _explains_another(target: Path, path: Path) -> bool:
     mark = mark_of(target)
     if mark is None:
         return False
-    return mark != str(path.resolve()) if Path(mark).is_absolute() else mark != str(path)
+    return mark != mark_for(str(path.resolve())) if Path(mark).is_absolute() else mark != mark_for(str(path))
 
 
 def explain_targets(paths: list[Path], folder: Path) -> dict[Path, Path]:

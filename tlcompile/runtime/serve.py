@@ -471,13 +471,13 @@ class Service:
         so the record's latency includes it (README: median 185 ms at 112 px): a record is written once and never
         rewritten (Ledger.write keeps an existing record and writes beside it), and readers of OUT take each record
         as it appears, so it must name its heatmap from the start."""
-        from tlcompile.runtime.explain import EXPLAIN_SUFFIX, mark_of
+        from tlcompile.runtime.explain import EXPLAIN_SUFFIX, mark_for, mark_of
 
         assert read.prepared is not None
         stem = record_stem(name)
         source = f"{name} sha256:{read.sha256}"  # a redo after a crash finds its own heatmap by this and replaces it
         target = self.out_dir / f"{stem}{EXPLAIN_SUFFIX}"
-        if (target.exists() or target.is_symlink()) and mark_of(target) != source:
+        if (target.exists() or target.is_symlink()) and mark_of(target) != mark_for(source):
             target = self.out_dir / f"{stem}.{(read.sha256 or '')[:12]}{EXPLAIN_SUFFIX}"
         try:
             return {"explanation": self.explainer.write(read.prepared, target, source=source)}
