@@ -273,7 +273,7 @@ def models(
 def _int_list(text: str, option: str, most: int | None = None) -> list[int]:
     """Comma-separated whole numbers, each once (a repeated value is measured once, not twice), in the order given."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",")]  # an empty entry ('1,,2') is a typo, refused
     except ValueError as err:
         raise TlcompileError(f"{option} '{text}': expected comma-separated whole numbers, e.g. 1,2,4") from err
     if not values or any(v < 1 for v in values):
@@ -663,10 +663,11 @@ def _write_fhir(verified: Any, results: list, folder: Path, url: str | None, con
 
     out = FhirOutput(folder, model_identity(verified), url=url, log=lambda line: print(line, file=sys.stderr))
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-    written = sum(bool(out.write({**r.to_dict(), "processed_at": now})) for r in results)
+    # one bundle per image and model: copies of one photo under other names share it (the same ids: exactly once)
+    written = {out.write({**r.to_dict(), "processed_at": now}).get("fhir") for r in results} - {None}
     left = out.flush(final=True)
     console.print(
-        f"wrote {_count(written, 'FHIR bundle')} to {folder}" + (f"; sent {out.sent} to {url}" if url else "")
+        f"wrote {_count(len(written), 'FHIR bundle')} to {folder}" + (f"; sent {out.sent} to {url}" if url else "")
     )
     return left
 

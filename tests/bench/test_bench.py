@@ -203,6 +203,7 @@ def test_bad_inputs_are_clear(tmp_path):
     [
         (["--threads", "0"], "--threads '0'"),
         (["--threads", "a"], "--threads 'a'"),
+        (["--batch", "1,,2"], "--batch '1,,2': expected comma-separated whole numbers"),
         (["--batch", "1,100000"], "--batch '1,100000': value 100000 is out of range; valid: 1 to 1024"),
         (["--threads", "1,100000"], "--threads '1,100000': value 100000 is out of range; valid: a whole number of"),
         (["--precision", "int4"], "--precision 'int4'"),

@@ -188,7 +188,7 @@ def test_a_dicom_file_without_an_extension_is_read_by_its_marker_and_a_folder_sa
     skipped: list[str] = []
     assert expand_inputs([folder], skipped) == sorted([uid, named, fake])
     assert skipped == [
-        f"note: not decided in {folder}: 2 files that are not an image by name (notes.txt, photo.webp; extensions: "
+        f"note: not decided in {folder}: 2 files that are not an image (notes.txt, photo.webp; extensions: "
         ".png, .jpg, .jpeg, .tif, .tiff, .bmp, .dcm, .dicom) and 1 sub-folder (not searched: name them to decide "
         "theirs)"
     ]

@@ -4,6 +4,7 @@ nothing when the server fails."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -238,6 +239,8 @@ def test_a_redirect_or_an_answer_that_is_not_fhir_keeps_the_bundle_in_the_outbox
 def test_predict_fhir_writes_each_bundle_once_without_torch(bundle_copy, tmp_path, run_cli):
     camera = tmp_path / "camera"
     write_test_set(camera)
+    # a copy of one photo under another name has the same bundle (its ids come from the image): counted once
+    shutil.copy(camera / "uncompressed.dcm", camera / "uncompressed-copy.dcm")
     fhir_dir = tmp_path / "fhir"
     for _ in range(2):  # the second run finds every bundle written: no duplicates
         cli = run_cli("predict", str(bundle_copy), str(camera), "--fhir", str(fhir_dir), block_train_modules=True)

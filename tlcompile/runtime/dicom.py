@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ def is_dicom(path: str | Path, head: bytes | None = None) -> bool:
 
 def _pydicom(path: str | Path | None = None) -> Any:
     """pydicom, or an error: per file (DataError, so that file gets an error record) when ``path`` is given."""
+    # pydicom's own warnings on a damaged header are several lines that name no file; the outcome is this file's
+    # one-line error, or its photo decoded. Set once, for pydicom only (catch_warnings is not safe across the workers).
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     try:
         import pydicom
     except ImportError as err:

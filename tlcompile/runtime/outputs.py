@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from pathlib import Path
 
 from tlcompile.errors import TlcompileError
 from tlcompile.runtime.bundle import bundle_root
+from tlcompile.runtime.terminal import printable
 
 
 def refuse_inside_bundle(option: str, path: str | Path, bundle: str | Path | None, *, kind: str = "file") -> None:
@@ -81,8 +83,9 @@ def check_server_url(url: str, option: str = "--fhir-url") -> str:
     """A server base URL: http or https, with a host (and a port, if any, from 1 to 65535), no user name or password
     in it, no space or control character: checked at start, so that a long-running serve never stops at its first
     image on what urllib refuses, and no password is printed in every retry line."""
-    shown = url.encode("unicode_escape").decode("ascii")
     valid = "valid: an http:// or https:// URL with a host, such as https://fhir.example.org/fhir"
+    # a user name and password are never shown, in this line or any other
+    shown = printable(re.sub(r"(?<=://)[^/@]*@", "...@", url))
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port

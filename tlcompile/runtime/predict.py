@@ -209,12 +209,14 @@ def expand_inputs(items: Iterable[str | Path], skipped: list[str] | None = None)
         if path.is_dir():
             found, others, folders = [], [], []
             for p in sorted(path.iterdir()):
-                if p.name.startswith("."):
+                if p.name.startswith("."):  # hidden: a system's own files (.DS_Store, ._IMG_0001.jpg), not photos
                     continue
                 if p.is_dir():
                     folders.append(p.name)
                 elif p.is_file() and (p.suffix.lower() in IMAGE_EXTENSIONS or dicom.is_dicom(p)):
                     found.append(p)
+                elif p.exists() and not p.is_file():
+                    others.append(f"{p.name}: not a regular file")  # a pipe, socket or device
                 else:
                     others.append(p.name)
             if not found:
@@ -245,7 +247,7 @@ def _skipped_line(folder: Path, files: list[str], folders: list[str]) -> str:
     if files:
         names = ", ".join(printable(n) for n in files[:3]) + (", ..." if len(files) > 3 else "")
         parts.append(f"{len(files)} file{'s' * (len(files) != 1)} that {'are' if len(files) != 1 else 'is'} not an "
-                     f"image by name ({names}; extensions: {', '.join(IMAGE_EXTENSIONS)})")  # fmt: skip
+                     f"image ({names}; extensions: {', '.join(IMAGE_EXTENSIONS)})")  # fmt: skip
     if folders:
         parts.append(f"{len(folders)} sub-folder{'s' * (len(folders) != 1)} (not searched: name them to decide theirs)")
     return f"note: not decided in {printable(str(folder))}: {' and '.join(parts)}"
