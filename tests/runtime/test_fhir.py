@@ -255,3 +255,24 @@ def test_predict_fhir_writes_each_bundle_once_without_torch(bundle_copy, tmp_pat
         bundle = Bundle.model_validate_json(path.read_text())
         report = bundle.entry[0].resource
         assert report.subject.identifier.value == PATIENT_ID
+
+
+def test_a_running_serve_sends_again_an_hour_after_the_tries_ran_out_or_the_server_refused(tmp_path, monkeypatch):
+    """A serve left running for weeks held every bundle the server had refused (an expired token) or that had used
+    its tries (the server down a day) until it was restarted."""
+    from tlcompile.runtime import fhir
+
+    clock = [1000.0]
+    monkeypatch.setattr(fhir.time, "monotonic", lambda: clock[0])
+    answers = iter(["HTTP 401: token expired", "HTTP 503", None])
+    out = FhirOutput(tmp_path / "fhir", MODEL, url="http://127.0.0.1:9/fhir", log=lambda line: None, attempts=1)
+    monkeypatch.setattr(out, "_post", lambda path: next(answers))
+    out.write(_record())
+    assert out.flush() == 1  # refused
+    clock[0] += fhir.RETRY_ROUND_S - 1
+    assert out.flush() == 1 and out.sent == 0  # not yet
+    clock[0] += 2
+    assert out.flush() == 1  # an hour on: tried again (503; its one try used)
+    assert out.flush(final=True) == 1  # predict's final flush does not start another round
+    clock[0] += fhir.RETRY_ROUND_S + 1
+    assert out.flush() == 0 and out.sent == 1

@@ -134,6 +134,9 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
+#: A running serve sends a bundle whose tries ran out (or that the server refused) again after this many seconds: a
+#: server down for a day, or a token renewed, gets the outbox delivered without a restart.
+RETRY_ROUND_S = 3600.0
 _NOT_FHIR = "not a FHIR answer"
 
 
@@ -418,7 +421,9 @@ class FhirOutput:
             for path in self.pending():
                 tries, due = self._failures.get(path.name, (0, 0.0))
                 if tries >= self.attempts:
-                    continue
+                    if final or due > now:  # predict's one flush: the next run; serve: a new round an hour later
+                        continue
+                    tries = 0
                 if due > now:
                     waits.append(due - now)
                     continue
@@ -429,15 +434,14 @@ class FhirOutput:
                     self.sent += 1
                     continue
                 tries += 1
-                if _refused(why):  # the same bundle would be refused again in this run: not retried until the next
-                    self._failures[path.name] = (self.attempts, now)
-                    self.log(
-                        f"FHIR POST of {path.name} refused by the server ({why}); not retried in this run, kept in "
-                        f"{OUTBOX}/"
-                    )
+                later = time.monotonic() + RETRY_ROUND_S
+                if _refused(why):  # the same bundle would be refused again at once
+                    self._failures[path.name] = (self.attempts, later)
+                    when = "not retried in this run" if final else f"tried again in {RETRY_ROUND_S / 60:.0f} min"
+                    self.log(f"FHIR POST of {path.name} refused by the server ({why}); {when}, kept in {OUTBOX}/")
                     continue
                 delay = min(self.max_backoff, self.backoff * 2 ** (tries - 1))
-                self._failures[path.name] = (tries, time.monotonic() + delay)
+                self._failures[path.name] = (tries, time.monotonic() + delay if tries < self.attempts else later)
                 self.log(f"FHIR POST of {path.name} failed ({why}); try {tries} of {self.attempts}")
                 if tries < self.attempts:
                     waits.append(delay)
