@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from tlcompile.errors import DataError, MissingDependencyError
+from tlcompile.runtime.terminal import printable
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 OPHTHALMIC_PHOTOGRAPHY = "OP"
@@ -180,7 +181,7 @@ def _int(ds: Any, keyword: str, default: int, path: str | Path) -> int:
     try:
         return int(str(value).strip()) if isinstance(value, str) else int(value)
     except (TypeError, ValueError, OverflowError) as err:
-        shown = str(value)[:40].encode("unicode_escape").decode("ascii")
+        shown = printable(str(value)[:40])
         raise DataError(
             f"{path}: DICOM {keyword} '{shown}' is not a whole number; not an image this reader decodes"
         ) from err

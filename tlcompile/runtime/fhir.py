@@ -117,7 +117,7 @@ def _server_said(err: Any) -> str:
             text = str(first.get("diagnostics") or (first.get("details") or {}).get("text") or first.get("code") or "")
     except (ValueError, AttributeError, RecursionError):
         pass
-    text = " ".join(text.split())[:300].encode("unicode_escape").decode("ascii")
+    text = printable(" ".join(text.split())[:300])
     return f": {text}" if text else ""
 
 

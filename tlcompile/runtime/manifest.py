@@ -13,6 +13,7 @@ from typing import Any
 from tlcompile.errors import UnsafeFileError
 from tlcompile.io import sha256_file
 from tlcompile.runtime.pinning import DEVICE_JSON
+from tlcompile.runtime.terminal import printable
 
 MANIFEST_JSON = "manifest.json"
 SIGNATURE_JSON = "signature.json"
@@ -80,7 +81,7 @@ def check_manifest(root: str | Path) -> ManifestCheck:
             result.problems.append(str(err))
             continue
         except ValueError:  # a NUL byte: no file can have that name
-            shown = rel.encode("unicode_escape").decode("ascii")
+            shown = printable(rel)
             result.problems.append(f"{MANIFEST_JSON}: the entry '{shown}' is not a file name (a NUL character in it)")
             continue
         result.checked += 1
