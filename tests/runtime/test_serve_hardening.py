@@ -229,3 +229,34 @@ def test_a_link_to_a_file_outside_the_watch_folder_is_not_read_and_an_unnamed_di
     assert hashlib.sha256(secret.read_bytes()).hexdigest() not in json.dumps(error)
     (result,) = records["results"]
     assert result["file"] == "IM000001" and result["referral"] in ("refer", "no referral", "ungradable")
+
+
+def test_a_link_put_in_place_of_errors_while_serve_runs_is_refused_at_the_next_write(tmp_path):
+    """The sub-folders were checked at start only: a link made afterwards was written through."""
+    import pytest
+
+    from tlcompile.errors import TlcompileError
+    from tlcompile.runtime.fhir import FhirOutput
+    from tlcompile.runtime.serve import Ledger
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ledger = Ledger(out)  # checked now: a real folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "errors").rmdir()
+    (out / "errors").symlink_to(elsewhere)
+    record = {"file": "x.jpg", "sha256": "ab" * 32, "size": 1, "mtime_ns": 1, "ino": 1, "ctime_ns": 1}
+    with pytest.raises(TlcompileError, match=r"errors' is a symbolic link"):
+        ledger.write({**record, "error": "not an image"}, error=True)
+    assert not list(elsewhere.iterdir())
+    fhir = FhirOutput(out / "fhir", {"sha256": "cd" * 32}, in_records=True)
+    (out / "fhir").rmdir()
+    (out / "fhir").symlink_to(elsewhere)
+    with pytest.raises(TlcompileError, match=r"fhir' is a symbolic link"):
+        fhir.write({**record, "referral": "refer", "referable_dr_probability": 0.9, "threshold": 0.5})
+    assert not list(elsewhere.iterdir())
+    # predict's own --fhir folder may be a link: the user chose it
+    linked = tmp_path / "linked"
+    linked.symlink_to(elsewhere)
+    FhirOutput(linked, {"sha256": "cd" * 32})

@@ -348,6 +348,7 @@ class FhirOutput:
         for sub in ([self.folder] if in_records else []) + ([self.folder / OUTBOX, self.folder / SENT] if url else []):
             refuse_linked_folder(sub, "FHIR bundles")
         self.target = self.folder / OUTBOX if url else self.folder
+        self._own_target = bool(url) or in_records
         try:
             self.target.mkdir(parents=True, exist_ok=True)
             if url:
@@ -374,6 +375,8 @@ class FhirOutput:
         existing = self._existing(name)
         if existing is None:
             existing = self.target / name
+            if self._own_target:  # again: a link put there while serve runs (predict's --fhir itself is the user's)
+                refuse_linked_folder(self.target, "FHIR bundles")
             try:
                 atomic_write_text(existing, json.dumps(report_bundle(record, self.model), indent=1))
                 existing.chmod(0o644)

@@ -150,6 +150,8 @@ class Ledger:
         # Unreadable files have no sha256: their identity is the stat they were recorded under.
         tag = record["sha256"] or hashlib.sha256(repr([record[k] for k in _KEY_FIELDS]).encode()).hexdigest()
         folder = self.errors_dir if error else self.out_dir
+        if error:  # again before each write: a link put there while serve runs would be written through
+            refuse_linked_folder(folder, "error records")
         stem = record_stem(name)
         path = folder / f"{stem}.json"
         if path.exists():
