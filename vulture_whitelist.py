@@ -7,7 +7,7 @@ from tlcompile import compat, recipe
 from tlcompile.data import checks, degrade, synthetic
 from tlcompile.models import zoo
 from tlcompile.report import quality as report_quality
-from tlcompile.runtime import bundle, inference, predict, preprocess, terminal
+from tlcompile.runtime import bundle, fhir, inference, predict, preprocess, terminal
 
 # Dataclass fields written to JSON with dataclasses.asdict (data_check.json, verify / predict records).
 checks.DataReport.label_csv
@@ -77,3 +77,6 @@ report_quality.QualitySection.max_green_median
 
 # data/degrade.py: the in-memory form of stream_copies, for a few photos (tests; the build and `data synth` stream).
 degrade.degraded_copies
+
+# runtime/fhir.py: urllib's redirect handler calls it (returning None leaves the 3xx to _post)
+fhir._NoRedirect.redirect_request

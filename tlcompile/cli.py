@@ -664,10 +664,13 @@ def _write_fhir(verified: Any, results: list, folder: Path, url: str | None, con
     out = FhirOutput(folder, model_identity(verified), url=url, log=lambda line: print(line, file=sys.stderr))
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
     # one bundle per image and model: copies of one photo under other names share it (the same ids: exactly once)
-    written = {out.write({**r.to_dict(), "processed_at": now}).get("fhir") for r in results} - {None}
+    named = {out.write({**r.to_dict(), "processed_at": now}).get("fhir") for r in results} - {None}
     left = out.flush(final=True)
+    earlier = len(named) - out.written  # an earlier run's (exactly once: never written again)
     console.print(
-        f"wrote {_count(len(written), 'FHIR bundle')} to {folder}" + (f"; sent {out.sent} to {url}" if url else "")
+        f"wrote {_count(out.written, 'FHIR bundle')} to {folder}"
+        + (f" ({earlier} already there)" if earlier else "")
+        + (f"; sent {out.sent} to {url}" if url else "")
     )
     return left
 

@@ -215,7 +215,12 @@ def test_a_redirect_or_an_answer_that_is_not_fhir_keeps_the_bundle_in_the_outbox
             self.end_headers()
             self.wfile.write(body)
 
-        do_GET = do_POST  # noqa: N815 - a followed redirect would arrive here and be answered 200
+        def do_GET(self):  # noqa: N802 - a followed redirect arrives here as a GET: answered like a stored bundle
+            answer = b'{"resourceType": "Bundle", "type": "transaction-response"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
 
         def log_message(self, *args):
             pass
@@ -242,10 +247,11 @@ def test_predict_fhir_writes_each_bundle_once_without_torch(bundle_copy, tmp_pat
     # a copy of one photo under another name has the same bundle (its ids come from the image): counted once
     shutil.copy(camera / "uncompressed.dcm", camera / "uncompressed-copy.dcm")
     fhir_dir = tmp_path / "fhir"
-    for _ in range(2):  # the second run finds every bundle written: no duplicates
+    for said in ("wrote 3 FHIR bundles to", "wrote 0 FHIR bundles to"):  # the second finds every bundle: no duplicates
         cli = run_cli("predict", str(bundle_copy), str(camera), "--fhir", str(fhir_dir), block_train_modules=True)
         assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr  # the four broken DICOM files
-        assert "wrote 3 FHIR bundles" in cli.stdout and cli.stdout.endswith("ATTEMPTED:\n")
+        assert said in cli.stdout and cli.stdout.endswith("ATTEMPTED:\n")
+        assert ("(3 already there)" in cli.stdout) == said.startswith("wrote 0")
         assert PATIENT_ID not in cli.stdout + cli.stderr
     files = sorted(fhir_dir.glob("*.json"))
     assert len(files) == 3
@@ -255,6 +261,17 @@ def test_predict_fhir_writes_each_bundle_once_without_torch(bundle_copy, tmp_pat
         bundle = Bundle.model_validate_json(path.read_text())
         report = bundle.entry[0].resource
         assert report.subject.identifier.value == PATIENT_ID
+
+
+def test_a_server_that_does_not_answer_costs_a_running_serve_one_post_a_pass(tmp_path, monkeypatch):
+    """A server that swallowed connections held serve (one thread: no screening meanwhile) for a timeout per bundle."""
+    out = FhirOutput(tmp_path / "fhir", MODEL, url="http://127.0.0.1:9/fhir", log=lambda line: None)
+    posts: list[str] = []
+    monkeypatch.setattr(out, "_post", lambda path: posts.append(path.name) or "timed out")
+    for sha in ("ab", "cd", "ef"):
+        out.write(_record(sha256=sha * 32))
+    assert out.flush() == 3 and len(posts) == 1  # the other two wait for the next pass
+    assert out.flush(final=True) == 3 and len(posts) > 3  # predict's last flush still tries every bundle
 
 
 def test_a_running_serve_sends_again_an_hour_after_the_tries_ran_out_or_the_server_refused(tmp_path, monkeypatch):

@@ -87,10 +87,11 @@ def test_a_fhir_url_that_is_not_an_http_server_is_refused_at_start(tiny_build, t
     ) as err:
         check_server_url("http://user:secret@127.0.0.1:18080/fhir")
     assert "secret" not in str(err.value)
-    for url in ("https://bob:secret@host:99999/x", "https://bob:secret@host/f hir", "ftp://bob:secret@h/x"):
+    for url in ("https://bob:secret@host:99999/x", "https://bob:secret@host/f hir", "ftp://bob:secret@h/x",
+                "bob:secret@host/fhir", "https:/bob:secret@host/x", "https://bob:se/cret@host/x"):  # fmt: skip
         with pytest.raises(TlcompileError) as err:  # another mistake first: the password is still not shown
             check_server_url(url)
-        assert "secret" not in str(err.value) and "...@" in str(err.value)
+        assert "secret" not in str(err.value) and "cret" not in str(err.value) and "...@" in str(err.value)
     assert check_server_url("https://fhir.example.org/fhir") == "https://fhir.example.org/fhir"
     assert check_server_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080"
     assert check_server_url("https://[::1]:8443/fhir%20r4") == "https://[::1]:8443/fhir%20r4"

@@ -125,7 +125,7 @@ def quality_parts(report: dict[str, Any]) -> tuple[list[str], list[tuple[str, li
         "The image-quality gate ships in the bundle and runs torch-free in predict, serve and verify: a photo that "
         "fails it is answered 'ungradable' with the reasons and 'retake', and gets no referral decision. Its limits "
         f"were calibrated on the gradable val photos (as taken and mildly degraded) so that "
-        f"{q['target_gradable']:.0%} of them pass (reached: "
+        f"{q['target_gradable']:.0%} of them pass (reached, with the limits of what val held too: "
         + ("-" if cal["share_passing"] is None else f"{cal['share_passing']:.1%}")
         + f"); {q['ms_per_photo']:.2f} ms per photo on the build box.",
         f"**Imageability on test** (the test photos as taken): {_p(q['imageability'])}.",

@@ -29,6 +29,10 @@ from tlcompile.errors import DataError, MissingDependencyError
 from tlcompile.runtime.terminal import printable
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
+# pydicom's own warnings on a damaged header are several lines that name no file; the outcome is that file's one-line
+# error, or its photo decoded. Set once, at import, for pydicom's modules only (warnings.catch_warnings would not be
+# safe across predict's worker threads).
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 OPHTHALMIC_PHOTOGRAPHY = "OP"
 # Photometric interpretations pydicom hands back as RGB (the YBR ones it converts; JPEG 2000's ICT/RCT the decoder).
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
@@ -68,9 +72,6 @@ def is_dicom(path: str | Path, head: bytes | None = None) -> bool:
 
 def _pydicom(path: str | Path | None = None) -> Any:
     """pydicom, or an error: per file (DataError, so that file gets an error record) when ``path`` is given."""
-    # pydicom's own warnings on a damaged header are several lines that name no file; the outcome is this file's
-    # one-line error, or its photo decoded. Set once, for pydicom only (catch_warnings is not safe across the workers).
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     try:
         import pydicom
     except ImportError as err:

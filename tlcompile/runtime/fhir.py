@@ -143,6 +143,8 @@ _NOT_FHIR = "not a FHIR answer"
 def _not_a_transaction_response(body: bytes, content_type: str) -> str | None:
     """None when a 2xx answer is a FHIR Bundle (the transaction-response a server gives for a transaction), else why
     the bundle cannot count as stored: a proxy's or login page's 200 stores nothing."""
+    if not body.strip():  # 'Prefer: return=minimal': stored, nothing returned
+        return None
     try:
         answer = json.loads(body)
     except (ValueError, RecursionError):
@@ -355,6 +357,7 @@ class FhirOutput:
                 (self.folder / SENT).mkdir(exist_ok=True)
         except OSError as err:
             raise TlcompileError(f"--fhir folder '{self.folder}': cannot create it ({err.strerror or err})") from err
+        self.written = 0  # bundles this output wrote (not those an earlier run had)
         self._failures: dict[str, tuple[int, float]] = {}  # outbox file name -> (failed tries, next try, monotonic)
         self.sent = 0
 
@@ -374,6 +377,7 @@ class FhirOutput:
         name = f"{bundle_key(record, self.model)}.json"
         existing = self._existing(name)
         if existing is None:
+            self.written += 1
             existing = self.target / name
             if self._own_target:  # again: a link put there while serve runs (predict's --fhir itself is the user's)
                 refuse_linked_folder(self.target, "FHIR bundles")
@@ -401,7 +405,7 @@ class FhirOutput:
         )
         try:
             with _OPENER.open(request, timeout=self.timeout) as answer:
-                body = answer.read(1 << 20)
+                body = answer.read(64 << 20)
                 if not 200 <= answer.status < 300:
                     return f"HTTP {answer.status}"
                 return _not_a_transaction_response(body, answer.headers.get("Content-Type", ""))
@@ -432,6 +436,7 @@ class FhirOutput:
                     continue
                 why = self._post(path)
                 if why is None:
+                    refuse_linked_folder(self.folder / SENT, "FHIR bundles")  # again: a link made while serve runs
                     os.replace(path, self.folder / SENT / path.name)
                     self._failures.pop(path.name, None)
                     self.sent += 1
@@ -448,6 +453,9 @@ class FhirOutput:
                 self.log(f"FHIR POST of {path.name} failed ({why}); try {tries} of {self.attempts}")
                 if tries < self.attempts:
                     waits.append(delay)
+                if not final and not why.startswith(("HTTP ", _NOT_FHIR)):
+                    break  # no answer at all (down, unreachable): serve's other bundles wait for its next pass, so
+                    # that a server that swallows connections does not hold the screening for a timeout per bundle
             if not final or not waits:
                 break
             self.sleep(min(waits))

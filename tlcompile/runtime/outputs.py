@@ -85,7 +85,7 @@ def check_server_url(url: str, option: str = "--fhir-url") -> str:
     image on what urllib refuses, and no password is printed in every retry line."""
     valid = "valid: an http:// or https:// URL with a host, such as https://fhir.example.org/fhir"
     # a user name and password are never shown, in this line or any other
-    shown = printable(re.sub(r"(?<=://)[^/@]*@", "...@", url))
+    shown = printable(re.sub(r"^([A-Za-z][\w+.-]*:/*)?[^@]*@", r"\1...@", url))
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port

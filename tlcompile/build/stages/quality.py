@@ -48,6 +48,7 @@ from tlcompile.io import atomic_write_json, atomic_write_text
 from tlcompile.recipe import Recipe
 from tlcompile.runtime.quality import (
     DOMAIN,
+    GATED,
     MEASURES,
     QUALITY_VERSION,
     QualityGate,
@@ -146,11 +147,11 @@ def referral_effect(
 def _measures_csv(rows: list[tuple[str, Measured, bool]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["split", "photo", "kind", "level", "gradable", "passed", *MEASURES])
+    writer.writerow(["split", "photo", "kind", "level", "gradable", "passed", *GATED])
     for split, c, ok in rows:
         m = c.measures
         writer.writerow(
-            [split, c.index, c.kind, f"{c.level:g}", int(c.gradable), int(ok), *(m[k] if m else "" for k in MEASURES)]
+            [split, c.index, c.kind, f"{c.level:g}", int(c.gradable), int(ok), *(m[k] if m else "" for k in GATED)]
         )
     return buffer.getvalue()
 
@@ -171,7 +172,8 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     # limits cost): with no monochrome (red-free) one among them, the gate refuses monochrome photos; and it refuses a
     # photo brighter than the brightest of them (an over-exposed copy of a photo the quickstart's model called
     # non-referable at P 0.007 was referred at P 0.94, and 'saturated' let it through).
-    taken = [c for c in val if c.kind == "none" and c.measures is not None]
+    # Only those the calibrated limits pass: a washed-out or tiny-field val photo would set the range the gate allows.
+    taken = [c for c in val if c.kind == "none" and c.measures is not None and judge(c.measures, limits).gradable]
     monochrome = sum(c.measures["chroma"] < MONOCHROME_CHROMA for c in taken)
     colour_only = bool(taken) and monochrome == 0
     max_green = max((c.measures["green_median"] for c in taken), default=0.0) or None  # no field anywhere: none
@@ -182,6 +184,8 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     }
     gate = QualityGate(limits=limits)
     val_pass, test_pass = _verdicts(val, limits), _verdicts(test, limits)
+    if gradable_val:  # what passes with these limits too (the console line and share_passing)
+        share = float(np.mean([judge(m, limits).gradable for m in gradable_val]))
     as_taken = np.array([c.kind == "none" for c in test])
     n_split = {s: int(np.count_nonzero(data.split == s)) for s in ("val", "test")}
     record: dict[str, Any] = {
