@@ -117,9 +117,7 @@ def test_a_photo_brighter_than_every_validated_one_is_ungradable_for_its_exposur
     assert "green_median" not in gate.assess(bright, find_field(bright)).reasons  # a gate built before: as before
     assert QualityGate.from_dict(capped.to_dict()) == capped
     # an older tlcompile refuses such a gate instead of deciding without the limit (as this one refuses an unknown one)
-    with pytest.raises(
-        BundleError, match=r"limits\.sharpness: not a measure; valid: chroma, green_median, coverage, "
-    ):
+    with pytest.raises(BundleError, match=r"limits\.sharpness: not a measure; valid: chroma, green_median, coverage, "):
         QualityGate.from_dict({**capped.to_dict(), "limits": {**capped.limits, "sharpness": 1.0}})
     # the stage's verdicts on copies decide as the gate does
     copies = [Measured(0, "none", 0.0, True, measure(photo, find_field(photo))),
