@@ -185,10 +185,9 @@ def measure(rgb: np.ndarray, found: FieldOfView) -> dict[str, float]:
     inside = _INNER_MASK & inframe
     n_inside = int(np.count_nonzero(inside))
     if n_inside < 64:
-        return {
-            "coverage": 0.0, "focus": 0.0, "brightness": 0.0, "saturated": 0.0, "evenness": 0.0, "glare": 0.0,
-            "green_median": 0.0, "chroma": 0.0,
-        }  # fmt: skip
+        # (no colour or exposure to speak of: a gate's DOMAIN limits skip a measure a photo does not have, so such a
+        # frame is refused for its coverage, not called monochrome)
+        return {"coverage": 0.0, "focus": 0.0, "brightness": 0.0, "saturated": 0.0, "evenness": 0.0, "glare": 0.0}
     # medians of uint8 planes from Pillow histograms: the same floats as np.median, without copies or partitions
     green8 = canvas[:, :, 1]
     median = median_of_histogram(histogram(lum, inside)) or 0.0
@@ -390,7 +389,7 @@ def golden_tolerance(
             continue
         m = measure(frame, f)
         for k in GATED:
-            spread[k] = max(spread[k], abs(m[k] - base[k]))
+            spread[k] = max(spread[k], abs(m.get(k, 0.0) - base.get(k, 0.0)))
         score_spread = max(score_spread, abs(judge(m, limits).score - score))
     return {k: _SAFETY * v + 1e-6 for k, v in spread.items()}, _SAFETY * score_spread + SCORE_TOLERANCE
 
@@ -411,8 +410,12 @@ def golden_mismatch(
     if "field" in got.reasons or "field" in stored_reasons:
         return None if list(got.reasons) == list(stored_reasons) else "the field of view is found on one side only"
     for k, limit in limits.items():
-        if (k in got.reasons) != (k in stored_reasons) and abs(got.measures[k] - limit) > tolerance.get(k, 0.0):
-            return f"{k} {got.measures[k]:.4g} is clear of its limit {limit:.4g} yet the verdict on it differs"
+        value = got.measures.get(k)
+        if (k in got.reasons) != (k in stored_reasons) and (
+            value is None or abs(value - limit) > tolerance.get(k, 0.0)
+        ):
+            shown = "absent" if value is None else f"{value:.4g}"
+            return f"{k} {shown} is clear of its limit {limit:.4g} yet the verdict on it differs"
     unknown = set(stored_reasons) - set(limits)
     return f"unknown reasons {sorted(unknown)}" if unknown else None
 

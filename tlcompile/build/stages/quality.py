@@ -149,9 +149,9 @@ def _measures_csv(rows: list[tuple[str, Measured, bool]]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["split", "photo", "kind", "level", "gradable", "passed", *GATED])
     for split, c, ok in rows:
-        m = c.measures
+        m = c.measures or {}
         writer.writerow(
-            [split, c.index, c.kind, f"{c.level:g}", int(c.gradable), int(ok), *(m[k] if m else "" for k in GATED)]
+            [split, c.index, c.kind, f"{c.level:g}", int(c.gradable), int(ok), *(m.get(k, "") for k in GATED)]
         )
     return buffer.getvalue()
 
@@ -174,9 +174,9 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     # non-referable at P 0.007 was referred at P 0.94, and 'saturated' let it through).
     # Only those the calibrated limits pass: a washed-out or tiny-field val photo would set the range the gate allows.
     taken = [c for c in val if c.kind == "none" and c.measures is not None and judge(c.measures, limits).gradable]
-    monochrome = sum(c.measures["chroma"] < MONOCHROME_CHROMA for c in taken)
+    monochrome = sum(c.measures.get("chroma", 0.0) < MONOCHROME_CHROMA for c in taken)
     colour_only = bool(taken) and monochrome == 0
-    max_green = max((c.measures["green_median"] for c in taken), default=0.0) or None  # no field anywhere: none
+    max_green = max((c.measures.get("green_median", 0.0) for c in taken), default=0.0) or None  # no field: none
     limits = {
         **limits,
         **({"chroma": float(MONOCHROME_CHROMA)} if colour_only else {}),
