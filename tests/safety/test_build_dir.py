@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,6 +104,10 @@ def test_resume_with_another_recipe_removes_stale_stages_and_says_what_it_reused
     (out / "02_train" / "my_eval.txt").write_text("mine")
     (out / "03_prune" / "notes").mkdir()
     (out / "03_prune" / "notes" / "why.txt").write_text("also mine")
+    # ... and one that keeps an old time (mv, cp -p, tar): it was taken for the stage's own output and deleted
+    old = out / "02_train" / "from_tar.txt"
+    old.write_text("mine, from 2020")
+    os.utime(old, (1577836800, 1577836800))
 
     second = dict(compress_like_recipe)
     second.pop("prune")
@@ -118,8 +123,10 @@ def test_resume_with_another_recipe_removes_stale_stages_and_says_what_it_reused
         and "03_prune (not in this recipe)" in printed
         and "02_train (a recipe section it reads changed; it reads " in printed
     )
-    assert "kept 02_train/my_eval.txt, 03_prune/notes/why.txt (not written by the build" in printed
-    assert (out / "02_train" / "my_eval.txt").read_text() == "mine"
+    assert (
+        "kept 02_train/from_tar.txt, 02_train/my_eval.txt, 03_prune/notes/why.txt (not written by the build" in printed
+    )
+    assert (out / "02_train" / "my_eval.txt").read_text() == "mine" and old.read_text() == "mine, from 2020"
     assert sorted(p.relative_to(out / "03_prune").as_posix() for p in (out / "03_prune").rglob("*")) == [
         ".tlcompile-kept.json",
         "notes",

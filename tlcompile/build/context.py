@@ -108,9 +108,18 @@ class BuildContext:
         record = read_stage_record(self.out_dir / folder) if self.resume else None
         return record if record is not None and record.get("fingerprint") == self.stage_fingerprint(folder) else None
 
-    def finish_stage(self, folder: str, record: dict[str, Any]) -> None:
+    def finish_stage(self, folder: str, record: dict[str, Any], cleanup: list[Path] | tuple[Path, ...] = ()) -> None:
+        """Write the stage's record, with the files it wrote (a resume removes those, and only those: a file someone
+        put there is theirs, whatever its time)."""
+        root = self.out_dir / folder
+        gone = {Path(p) for p in cleanup}
+        files = sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if (p.is_file() or p.is_symlink()) and p.name != "stage.json" and p not in gone
+        )
         atomic_write_json(
-            self.out_dir / folder / "stage.json", {"fingerprint": self.stage_fingerprint(folder), **record}
+            root / "stage.json", {"fingerprint": self.stage_fingerprint(folder), **record, "files": files}
         )
 
 

@@ -151,7 +151,7 @@ def run_stage(ctx: BuildContext, stage: Stage, artifacts: list[Artifact]) -> lis
     if reported:
         ctx.report.setdefault("stage_seconds", {})[stage.name] = round(ctx.stage_seconds[stage.name], 2)
     if stage.folder is not None and ctx.stage.record is not None:
-        ctx.finish_stage(stage.folder, ctx.stage.record)
+        ctx.finish_stage(stage.folder, ctx.stage.record, ctx.stage.cleanup)
         for path in ctx.stage.cleanup:  # the record now stands for them
             path.unlink(missing_ok=True)
     ctx.stage = None
@@ -214,9 +214,15 @@ def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
         path = ctx.out_dir / rel
         if path.is_file() or path.is_symlink():
             path.unlink()
-    if ctx.recipe.bundle.enabled is False and (ctx.out_dir / "bundle").is_dir():
+    if (ctx.out_dir / "bundle").is_dir() and not (ctx.out_dir / "bundle").is_symlink():
+        # the earlier build's bundle goes now: a build that then fails before its bundle stage must not leave another
+        # recipe's model, which passes verify, beside its report ("Ships: nothing")
         shutil.rmtree(ctx.out_dir / "bundle")
-        plan["removed"].append("bundle (this recipe makes none)")
+        plan["removed"].append(
+            "bundle (this recipe makes none)"
+            if ctx.recipe.bundle.enabled is False
+            else "bundle (made again at the end)"
+        )
     if plan["kept"]:
         plan["kept"] = [", ".join(plan["kept"]) + " (not written by the build: added after its stage finished)"]
     ctx.console.print(
@@ -241,18 +247,20 @@ def _clear_stage_folder(folder: Path) -> list[str]:
         kept_before = set()
     marker = folder / "stage.json"
     finished = marker.stat().st_mtime_ns if marker.is_file() and not marker.is_symlink() else None
+    record = read_stage_record(folder)
+    # the files the stage listed as its own when it finished; a stage record from before the list: the time rule
+    written = set(record["files"]) if record is not None and isinstance(record.get("files"), list) else None
     entries = sorted(folder.rglob("*"), reverse=True)  # a folder's contents before the folder
-    keep = {
-        p
-        for p in entries
-        if p.is_file()
-        and not p.is_symlink()
-        and p != kept_list
-        and (
-            p.relative_to(folder).as_posix() in kept_before
-            or (finished is not None and p.stat().st_mtime_ns > finished)
-        )
-    }
+
+    def theirs(p: Path) -> bool:
+        rel = p.relative_to(folder).as_posix()
+        if rel in kept_before:
+            return True
+        if written is not None:  # a file the stage did not write is someone's, however old (mv, cp -p, tar keep times)
+            return rel not in written and p.name != "stage.json"
+        return finished is not None and p.stat().st_mtime_ns > finished
+
+    keep = {p for p in entries if p.is_file() and not p.is_symlink() and p != kept_list and theirs(p)}
     if not keep:
         shutil.rmtree(folder)
         return []
