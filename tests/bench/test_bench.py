@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -196,6 +197,19 @@ def test_bad_inputs_are_clear(tmp_path):
         BenchError, match=f"^'{tmp_path / 'photo.png'}': not a bench results file \\(not text\\){wanted}$"
     ):
         read_results(tmp_path / "photo.png")
+    # a row's values as the table formats them: a damaged or hand-edited one ended in a traceback there
+    row = {"name": "fp32", "runtime": "onnxruntime", "latency_ms": {"p50": 1.0, "p90": 1.2}, "threads": 2}
+    for edit, said in (
+        ({"latency_ms": {"p50": "NaN"}}, "rows[0].latency_ms.p50 is 'NaN'; expected a finite number >= 0"),
+        ({"latency_ms": {"p50": -1}}, "rows[0].latency_ms.p50 is -1"),
+        ({"latency_ms": {"p90": 1.0}}, "rows[0].latency_ms.p50 is None"),
+        ({"threads": "two"}, "rows[0].threads is 'two'"),
+        ({"name": None}, "rows[0].name is None; expected a name"),
+        ({"metrics": {"auc": float("inf")}}, "rows[0].metrics.auc is inf"),
+    ):
+        (tmp_path / "bad.json").write_text(json.dumps({"runs": [{"rows": [{**row, **edit}]}]}))
+        with pytest.raises(BenchError, match=re.escape(f"'{tmp_path / 'bad.json'}': runs[0].{said}")):
+            read_results(tmp_path / "bad.json")
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import time
@@ -516,7 +517,33 @@ def read_results(path: Path) -> dict[str, Any]:
                     f"'{path}': runs[{i}].rows[{j}] lacks {', '.join(missing) or 'a latency_ms mapping'}; not a row "
                     "written by tlcompile bench --out"
                 )
+            _check_row(row, f"'{path}': runs[{i}].rows[{j}]")
     return obj
+
+
+# What the table and the Pareto front compute with: a number (or absent), as bench --out writes them.
+_ROW_NUMBERS = (
+    ("latency_ms", "p50"), ("latency_ms", "p90"), ("throughput_fps",), ("gmacs_per_s",), ("peak_rss_mb",),
+    ("metrics", "auc"), ("stability", "p90_spread_ms"), ("e2e", "total_ms"), ("threads",), ("batch",),
+)  # fmt: skip
+
+
+def _check_row(row: dict[str, Any], where: str) -> None:
+    """One line naming the first value of a results row that is not what bench --out writes (a hand-edited or
+    damaged file ended in a traceback where the table formats it)."""
+    for key in ("name", "runtime"):
+        if not isinstance(row[key], str):
+            raise BenchError(f"{where}.{key} is {row[key]!r}; expected a name (a string), as bench --out writes it")
+    for keys in _ROW_NUMBERS:
+        value: Any = row
+        for k in keys:
+            value = value.get(k) if isinstance(value, dict) else None
+        if value is None and keys != ("latency_ms", "p50"):  # the median latency every row has (the front ranks by it)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise BenchError(
+                f"{where}.{'.'.join(keys)} is {value!r}; expected a finite number >= 0, as bench --out writes it"
+            )
 
 
 def merge_results(paths: list[Path]) -> list[dict[str, Any]]:
