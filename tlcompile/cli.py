@@ -996,7 +996,7 @@ def data_check(
     if out is not None:
         json_path, csv_path = report.write(out)
         typer.echo(f"wrote {json_path} and {csv_path}")
-    if report.problems:
+    if report.problems or any(note.startswith("no build can use this split") for note in report.notes):
         raise typer.Exit(1)
 
 

@@ -166,3 +166,35 @@ def test_data_check_command(bad_root, aptos_root, write_recipe, tmp_path, monkey
     ) in out
     assert "truncated: train.csv line 42: image '" in out and "trunc_jpeg.png' is truncated" in out
     assert (tmp_path / "check" / "problems.csv").is_file()
+
+
+def test_a_split_without_a_referable_or_a_non_referable_image_is_refused_before_training(tmp_path):
+    """Five images of grade 0 and 1: data check said 'problems: none', the build trained ('val AUC nan'), locked a
+    threshold of 1.0 and failed at its very end, naming a temporary folder."""
+    from tlcompile.errors import DataError
+
+    root = tmp_path / "aptos"
+    rows = []
+    for i in range(12):
+        save(root / "train_images" / f"a{i:03d}.png", fundus(i, i % 2))  # no DR and mild only
+        rows.append([f"a{i:03d}", i % 2])
+    write_csv(root / "train.csv", ["id_code", "diagnosis"], rows)
+    report = check_data(_cfg(root), seed=0)
+    assert any(
+        n.startswith("no build can use this split: the val split has 0 referable and ") and "data.split" in n
+        for n in report.notes
+    ), report.notes
+    gap = load_data(_cfg(root), seed=0).split_class_gap()
+    assert gap is not None and gap.startswith("the val split has 0 referable")
+    # the build stops at its data stage, before any training
+    from rich.console import Console
+
+    from tlcompile.build import build
+    from tlcompile.recipe import validate_recipe_dict
+
+    recipe = validate_recipe_dict(
+        {"data": {"source": "aptos", "root": str(root), "image_size": 32}, "model": {"arch": "cbr_small"}}
+    )
+    with pytest.raises(DataError, match=r"^data: the val split has 0 referable and \d+ non-referable images"):
+        build(recipe, tmp_path / "build", console=Console(quiet=True))
+    assert not (tmp_path / "build" / "02_train").exists()

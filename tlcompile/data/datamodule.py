@@ -152,6 +152,23 @@ class DataModule:
             out[name] = {self.class_names[c]: int((t == c).sum()) for c in range(self.num_classes)}
         return out
 
+    def split_class_gap(self) -> str | None:
+        """Why val or test cannot judge the referral (no referable image, or none that is not), or None: val locks the
+        operating point and test measures it, and neither is defined on one class (a build got 'val AUC nan' and a
+        threshold of 1.0, and failed at its very end)."""
+        from tlcompile.evaluate.metrics import referable_truth
+
+        for name in ("val", "test"):
+            truth = referable_truth(self.targets[self.split == name], self.num_classes)
+            positives, total = int(truth.sum()), int(truth.size)
+            if positives == 0 or positives == total:
+                return (
+                    f"the {name} split has {positives} referable and {total - positives} non-referable images; val "
+                    "and test each need both to lock and measure the referral (sensitivity and specificity): add "
+                    "images of the kind missing, or give val and test a larger share (data.split)"
+                )
+        return None
+
     def sample_weights(self, name: str = "train") -> np.ndarray | None:
         """Per-image draw weights of a split for ``balance: weighted_sampler`` (inverse class frequency, so every class
         is drawn equally often on average); None for the other balance modes."""
@@ -410,6 +427,8 @@ def check_data(cfg: DataConfig, *, seed: int) -> DataReport:
         read.report.notes.append(f"no split could be drawn: {err}")
         return read.report
     _complete_report(read.report, cfg, dm, seed, read.listing.patient_rule)
+    if (gap := dm.split_class_gap()) is not None:
+        read.report.notes.append(f"no build can use this split: {gap}")
     return read.report
 
 

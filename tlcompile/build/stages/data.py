@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tlcompile.build.context import Artifact, BuildContext, Stage
 from tlcompile.data.datamodule import load_data
+from tlcompile.errors import DataError
 from tlcompile.io import atomic_write_json
 
 SECTIONS = ("seed", "data")
@@ -21,6 +22,8 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         # The data check report (data_check.json, problems.csv) lands beside splits.csv, also when problems stop the
         # build.
         ctx.data = load_data(d, seed=ctx.recipe.seed, report_dir=folder, progress=progress)
+    if (gap := ctx.data.split_class_gap()) is not None:  # now, not after training and compression
+        raise DataError(f"data: {gap}")
     ctx.data.write_splits_csv(folder / "splits.csv")
     report = ctx.data.report
     summary = {
