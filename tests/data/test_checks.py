@@ -198,3 +198,16 @@ def test_a_split_without_a_referable_or_a_non_referable_image_is_refused_before_
     with pytest.raises(DataError, match=r"^data: the val split has 0 referable and \d+ non-referable images"):
         build(recipe, tmp_path / "build", console=Console(quiet=True))
     assert not (tmp_path / "build" / "02_train").exists()
+
+
+def test_a_label_csv_row_is_named_by_the_line_it_starts_on_and_a_unicode_line_break_stays_in_its_cell(tmp_path):
+    """U+2028 inside a cell split the row in two (an invented 'label_missing' row that stopped a build), and a quoted
+    field over two lines put the rows after it one line early in every message."""
+    from tlcompile.data.sources import _read_csv_rows
+
+    path = tmp_path / "labels.csv"
+    path.write_text('image,grade,note\na.png,0,x\u2028y\nb.png,1,"two\nlines"\nc.png,R2,ok\n\nd.png,2,last\n')
+    header, rows = _read_csv_rows(path)
+    assert header == ["image", "grade", "note"]
+    assert [(line, row["image"]) for line, row in rows] == [(2, "a.png"), (3, "b.png"), (5, "c.png"), (7, "d.png")]
+    assert rows[0][1]["note"] == "x\u2028y" and rows[1][1]["note"] == "two\nlines"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -316,13 +317,17 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str
     first = text.split("\n", 1)[0]
     # Spreadsheets in many locales write ';' between fields: take the delimiter the header uses most.
     delimiter = max((",", ";", "\t"), key=first.count)
-    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    # Lines end at \n, \r or \r\n only (str.splitlines also broke a row at U+2028 or \x1c inside a cell), a quoted
+    # field may span lines, and each row is named by the file's line it starts on.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = [name.strip() for name in next(reader)]
     except StopIteration as err:
         raise DataError(f"{path}: empty file; a label CSV needs a header row and one row per image") from err
     rows = []
-    for line_no, values in enumerate(reader, start=2):
+    starts = reader.line_num + 1
+    for values in reader:
+        line_no, starts = starts, reader.line_num + 1
         if not any(v.strip() for v in values):  # blank lines (IDRiD's CSV ends with some)
             continue
         rows.append((line_no, {name: (values[i] if i < len(values) else "") for i, name in enumerate(header) if name}))
