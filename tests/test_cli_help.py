@@ -130,6 +130,11 @@ def test_the_command_runs_numpy_blas_on_one_thread_unless_told(user_value):
             for cmd in (["predict", "b", "x.jpg"], ["verify", "b"], ["serve", "b", "--watch", "w"])
         ),
         (["data", "synth", "--nope"], "tlcompile data synth: No such option: --nope"),
+        # a recipe's num_images is capped at 200,000; 99,999,999,999 at 4096 px ran silently until killed
+        (
+            ["data", "synth", "--n", "99999999999"],
+            "tlcompile data synth: --n '99999999999' is not valid: Input should be less than or equal to 200000",
+        ),
         # an option's missing value in a nested command was reported by its group's context
         (["data", "synth", "--out"], "tlcompile data synth: Option '--out' requires an argument"),
         (["bundle", "sign", "b", "--replace=1"], "tlcompile bundle sign: Option '--replace' does not take a value"),

@@ -879,7 +879,10 @@ def data_synth(
     out: Annotated[
         Optional[Path], typer.Option("--out", help="Write an APTOS-style folder here (train.csv + train_images/).")  # noqa: UP045
     ] = None,
-    n: Annotated[int, typer.Option("--n", help="Number of images.", min=1)] = 100,
+    n: Annotated[
+        int,
+        typer.Option("--n", help="Number of images (at most 200,000, as a recipe's num_images).", min=1, max=200_000),
+    ] = 100,
     size: Annotated[int, typer.Option(help="Image side in pixels.", min=32, max=4096)] = 256,
     seed: Annotated[int, typer.Option(help="Seed.", min=0)] = 0,
     difficulty: Annotated[
