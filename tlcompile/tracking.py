@@ -99,6 +99,24 @@ def _unreachable(uri: str, timeout: float = 5.0) -> str | None:
     return None
 
 
+class _Untracked(Exception):
+    """Why MLflow cannot be used at a URI (a store its client refuses, a server that does not answer)."""
+
+
+def _connect(uri: str) -> Any:
+    """The MlflowClient for ``uri``, or :class:`_Untracked` saying why not; a missing MLflow raises
+    MissingDependencyError (it stops the build before anything is written)."""
+    try:
+        client = _client(uri)
+    except MissingDependencyError:
+        raise
+    except Exception as err:  # broad on purpose: a store MLflow refuses never fails the build
+        raise _Untracked(f"MLflow cannot use {uri} ({type(err).__name__}: {err})") from err
+    if (why := _unreachable(uri)) is not None:
+        raise _Untracked(f"the MLflow server at {uri}: {why}")
+    return client
+
+
 def experiment_id(client: Any, name: str) -> str:
     found = client.get_experiment_by_name(name)
     return found.experiment_id if found is not None else client.create_experiment(name)
@@ -114,16 +132,9 @@ class MlflowTracker(Tracker):
         self.run_id = None
         self._step: dict[str, int] = {}
         try:
-            client = _client(uri)  # a missing MLflow stops the build before anything is written
-        except MissingDependencyError:
-            raise
-        except Exception as err:  # broad on purpose: a store MLflow refuses never fails the build
-            self.log(f"tracking: MLflow cannot use {uri} ({type(err).__name__}: {err}); the build goes on untracked")
-            return
-        if (why := _unreachable(uri)) is not None:
-            self.log(f"tracking: the MLflow server at {uri}: {why}; the build goes on untracked")
-            return
-        self.client = client
+            self.client = _connect(uri)
+        except _Untracked as why:
+            self.log(f"tracking: {why}; the build goes on untracked")
 
     def _guard(self, what: str, fn: Any) -> None:
         if self.client is None:
@@ -217,13 +228,14 @@ def start_parent_run(recipe: Recipe, name: str, *, log: Any = print) -> tuple[An
     if cfg is None:
         return None
     try:
-        client = _client(cfg.uri)
-        if (why := _unreachable(cfg.uri)) is not None:
-            raise ConnectionError(why)
+        client = _connect(cfg.uri)
         run = client.create_run(experiment_id(client, cfg.experiment), run_name=name, tags={"tlcompile.kind": "sweep"})
+    except _Untracked as why:
+        log(f"tracking: {why}; the sweep's parent run is untracked")
+        return None
     except MissingDependencyError:
         raise
-    except Exception as err:  # broad on purpose, as for a build's run
+    except Exception as err:  # noqa: BLE001 - broad on purpose, as for a build's run: the server refused the run
         log(f"tracking: MLflow cannot start the sweep's run at {cfg.uri} ({type(err).__name__}: {err}); untracked")
         return None
     return client, run.info.run_id

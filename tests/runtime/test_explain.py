@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,8 +152,8 @@ def test_an_explain_folder_this_user_cannot_write_is_refused_before_anything_is_
     and exit 0. (os.access is stubbed: as root, permission bits do not stop a write.)"""
     folder = tmp_path / "ro"
     folder.mkdir()
-    real = explain.os.access
-    monkeypatch.setattr(explain.os, "access", lambda p, mode: False if Path(p) == folder else real(p, mode))
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == folder else real(p, mode))
     with pytest.raises(TlcompileError, match=r"^--explain '.*ro': no permission to write into it; give a folder"):
         explain.check_explain_dir(folder)
 

@@ -24,6 +24,7 @@ import json
 import math
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -601,9 +602,17 @@ class VerifyResult:
         }
 
 
-def _check_candidate(bundle: Bundle, cid: str, threads: int | None) -> tuple[CandidateCheck, InferenceSession | None]:
+def _check_candidate(
+    bundle: Bundle, cid: str, threads: int | None, failed: Iterable[str] = ()
+) -> tuple[CandidateCheck, InferenceSession | None]:
+    """``failed``: the files that fail the manifest; a candidate with a model file among them is not loaded (a file
+    that is not the one built could be crafted to attack the runtime's parser)."""
     view = bundle.candidate(cid)
     result = CandidateCheck(id=cid, artifact=view.artifact, runtime=view.runtime, compressed=view.compressed)
+    if tampered := sorted(set(view.meta["model"]["files"]).intersection(failed)):
+        result.problems.append(f"not run: {', '.join(tampered)} fails the manifest (see above)")
+        result.damaged = True
+        return result, None
     try:
         session = view.open_session(threads)
         result.golden = check_golden(view, session=session)
@@ -678,15 +687,7 @@ def verify_bundle(
         result.quality = QualityCheck(present=True, problems=[str(err)])
     sessions: dict[str, InferenceSession] = {}
     for cid in bundle.candidates:
-        view = bundle.candidate(cid)
-        tampered = sorted(set(view.meta["model"]["files"]) & result.manifest.failed)
-        if tampered:  # a model file that is not the one built is never loaded (a crafted one could attack the parser)
-            check = CandidateCheck(id=cid, artifact=view.artifact, runtime=view.runtime, compressed=view.compressed)
-            check.problems.append(f"not run: {', '.join(tampered)} fails the manifest (see above)")
-            check.damaged = True
-            result.candidates.append(check)
-            continue
-        check, session = _check_candidate(bundle, cid, threads)
+        check, session = _check_candidate(bundle, cid, threads, result.manifest.failed)
         result.candidates.append(check)
         if session is not None and check.ok:
             sessions[cid] = session

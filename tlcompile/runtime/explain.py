@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from tlcompile.evaluate.clinical import proportion
 from tlcompile.evaluate.metrics import referable_classes, softmax
 from tlcompile.io import STEM_KEEP_BYTES, STEM_MAX_BYTES, atomic_path, fitting_name  # noqa: F401 - the stem limits, re-exported
 from tlcompile.runtime.inference import InferenceSession
-from tlcompile.runtime.outputs import refuse_inside_bundle
+from tlcompile.runtime.outputs import check_output_folder, refuse_inside_bundle
 from tlcompile.runtime.preprocess import PreprocessSpec, _square_window, find_field, to_input
 from tlcompile.runtime.terminal import printable
 
@@ -513,8 +512,7 @@ def check_explain_dir(
     """The --explain folder: created when missing; refused when it is a file, inside the bundle, or a folder of input
     images (its PNGs would be taken for photos by the next run over that folder)."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise TlcompileError(f"--explain '{folder}' is a file; give a folder for the heatmap PNGs")
+    check_output_folder("--explain", folder, what="the heatmap PNGs")
     for item in inputs:
         if Path(item).is_dir() and Path(item).resolve() == folder.resolve():
             raise TlcompileError(
@@ -528,8 +526,6 @@ def check_explain_dir(
         raise TlcompileError(
             f"--explain '{folder}' cannot be created ({err.strerror or err}); give another folder"
         ) from err
-    if not os.access(folder, os.W_OK | os.X_OK):  # a read-only folder or mount: said now, not after every heatmap
-        raise TlcompileError(f"--explain '{folder}': no permission to write into it; give a folder you can write")
     return folder
 
 

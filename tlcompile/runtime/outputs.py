@@ -70,11 +70,14 @@ def check_new_file(option: str, path: str | Path) -> None:
 
 
 def check_output_folder(option: str, folder: str | Path, *, what: str) -> None:
-    """An output folder that may not exist yet: refused when it is a file or when its nearest existing parent cannot
-    be written (``what``: what goes in it, for the message)."""
+    """An output folder that may not exist yet: refused when it is a file, when it is there and this user cannot
+    write into it (a read-only folder or mount: said now, not after the work), or when its nearest existing parent
+    cannot be written (``what``: what goes in it, for the message)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise TlcompileError(f"{option} '{folder}' is a file; give a folder for {what}")
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise TlcompileError(f"{option} '{folder}': no permission to write into it; give a folder you can write")
     if not folder.exists():
         check_parent_writable(option, folder)
 
