@@ -171,3 +171,78 @@ def compress_like_recipe(tiny_recipe_dict) -> dict:
     }
     r["bench"] = {**r["bench"], "runtimes": ["openvino", "onnxruntime"]}
     return r
+
+
+@pytest.mark.parametrize("how", ["error", "sigterm"])
+def test_resume_after_a_stage_stopped_keeps_what_someone_put_in_its_folder(
+    tiny_recipe_dict, tmp_path, monkeypatch, no_plots, how
+):
+    """A stage that stopped before its end (an error, Ctrl-C, `kill`) left no stage.json, and the resume removed its
+    whole folder: someone's notes put there after the crash went with it. Now the stage lists the files it had written
+    when it stopped, and the resume removes those and keeps the rest, whatever their times."""
+    import dataclasses
+    import signal
+
+    from tlcompile.build import loop
+    from tlcompile.build.stages import export
+
+    out = tmp_path / "build"
+
+    def stopped(ctx, artifacts):
+        (ctx.out_dir / "05_export" / "half_written.onnx").write_text("the stage's own, unfinished")
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError("the disk filled up")
+
+    monkeypatch.setattr(
+        loop, "STAGES", [dataclasses.replace(s, run=stopped) if s is export.STAGE else s for s in loop.STAGES]
+    )
+    console = Console(record=True, width=300)
+    with pytest.raises(SystemExit if how == "sigterm" else RuntimeError) as info:
+        build(validate_recipe_dict(tiny_recipe_dict), out, console=console)
+    if how == "sigterm":
+        assert info.value.code == 128 + signal.SIGTERM and "stopped by SIGTERM" in console.export_text()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the build's handler is gone with the build
+    folder = out / "05_export"
+    assert json.loads((folder / loop.UNFINISHED_LIST).read_text()) == ["half_written.onnx"]
+    (folder / "my_notes.txt").write_text("why the export failed")
+    copied = folder / "copied_with_cp_p.txt"
+    copied.write_text("an old file")
+    os.utime(copied, (1577836800, 1577836800))
+
+    monkeypatch.undo()
+    console = Console(record=True, width=300)
+    build(validate_recipe_dict(tiny_recipe_dict), out, resume=True, console=console)
+    printed = console.export_text()
+    assert (
+        "05_export (unfinished)" in printed and "kept 05_export/copied_with_cp_p.txt, 05_export/my_notes.txt" in printed
+    )
+    assert (folder / "my_notes.txt").read_text() == "why the export failed" and copied.read_text() == "an old file"
+    assert not (folder / "half_written.onnx").exists() and (folder / "stage.json").is_file()
+    assert not (folder / loop.UNFINISHED_LIST).exists() and not (folder / loop.STARTED_MARK).exists()
+    assert ".tlcompile-started" not in (out / "manifest.json").read_text()
+
+
+def test_resume_after_a_stage_was_killed_outright_keeps_files_older_than_its_start(
+    tiny_recipe_dict, tmp_path, no_plots
+):
+    """SIGKILL (the out-of-memory killer) leaves no list: a file older than the stage's start mark is someone's (copied
+    in with its time), a newer one is taken for the stage's."""
+    from tlcompile.build import loop
+
+    out = tmp_path / "build"
+    build(validate_recipe_dict(tiny_recipe_dict), out, console=Console(quiet=True))
+    folder = out / "05_export"
+    (folder / "stage.json").unlink()  # as if killed before its end
+    (folder / loop.STARTED_MARK).write_text("")
+    os.utime(folder / loop.STARTED_MARK, (1600000000, 1600000000))
+    for p in folder.rglob("*"):
+        if p.is_file() and p.name != loop.STARTED_MARK:
+            os.utime(p, (1700000000, 1700000000))  # written by the stage, after its start
+    theirs = folder / "from_tar.txt"
+    theirs.write_text("mine")
+    os.utime(theirs, (1500000000, 1500000000))
+    console = Console(record=True, width=300)
+    build(validate_recipe_dict(tiny_recipe_dict), out, resume=True, console=console)
+    assert "kept 05_export/from_tar.txt" in console.export_text() and theirs.read_text() == "mine"
+    assert (folder / "stage.json").is_file() and not (folder / loop.STARTED_MARK).exists()

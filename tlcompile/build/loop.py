@@ -117,6 +117,7 @@ def build(
     artifacts: list[Artifact] = []
     workers_running = run.enabled
     ctx.tracker.start(recipe, out_dir)
+    restore = _stop_on_signals(console, out_dir)
     try:
         for stage in stages:
             if workers_running and not stage.all_ranks:  # training is done: every rank syncs; the workers stop here
@@ -131,10 +132,44 @@ def build(
     except BaseException as err:
         ctx.tracker.fail(err)
         raise
+    finally:
+        restore()
     ctx.tracker.finish(ctx.report, out_dir)
     if ctx.bundle_error is not None:
         raise ctx.bundle_error
     return BuildResult(out_dir=out_dir, report=ctx.report)
+
+
+def _stop_on_signals(console: Console, out_dir: Path) -> Any:
+    """Until the returned function is called: a termination signal (SIGTERM: `kill`, a scheduler's time limit; SIGHUP:
+    the terminal closed) stops the build as Ctrl-C does, through the stages' own clean-up, so the running stage lists
+    the files it had written and --resume removes those and no others. Without this, Python stopped at once and a
+    resume could not tell the stage's files from someone's. Exit status 128 + the signal, as a shell reports it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous: dict[int, Any] = {}
+
+    def stop(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        where = escape(str(out_dir))
+        console.print(
+            f"[bold]build[/]: stopped by {name}; `tlcompile build RECIPE --out {where} --resume` continues it"
+        )
+        raise SystemExit(128 + signum)
+
+    for signum in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        # only where the signal would stop the process anyway: `nohup` (SIGHUP ignored) and a caller's own handler stay
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, stop)
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore
 
 
 def run_stage(ctx: BuildContext, stage: Stage, artifacts: list[Artifact]) -> list[Artifact]:
@@ -146,13 +181,26 @@ def run_stage(ctx: BuildContext, stage: Stage, artifacts: list[Artifact]) -> lis
     else:
         ctx.stage = StageRun(folder=ctx.out_dir)
     reported = bool(ctx.report)  # stages after the report is assembled add their time to it (bundle)
-    artifacts = _timed(ctx, stage, lambda: stage.run(ctx, artifacts))
+    if stage.folder is None:
+        artifacts = _timed(ctx, stage, lambda: stage.run(ctx, artifacts))
+    else:
+        started = ctx.out_dir / stage.folder / STARTED_MARK
+        if not started.exists():  # a stage that continues after a crash (training) keeps its first start
+            atomic_write_text(started, "")
+        try:
+            artifacts = _timed(ctx, stage, lambda: stage.run(ctx, artifacts))
+        except BaseException:
+            _note_unfinished(ctx.out_dir / stage.folder)
+            raise
     ctx.tracker.stage(stage.name, ctx.stage_seconds[stage.name])
     if reported:
         ctx.report.setdefault("stage_seconds", {})[stage.name] = round(ctx.stage_seconds[stage.name], 2)
-    if stage.folder is not None and ctx.stage.record is not None:
-        ctx.finish_stage(stage.folder, ctx.stage.record, ctx.stage.cleanup)
-        for path in ctx.stage.cleanup:  # the record now stands for them
+    if stage.folder is not None:
+        folder = ctx.out_dir / stage.folder
+        marks = [folder / STARTED_MARK, folder / UNFINISHED_LIST]
+        if ctx.stage.record is not None:  # (a reused stage writes none: its stage.json stands)
+            ctx.finish_stage(stage.folder, ctx.stage.record, [*ctx.stage.cleanup, *marks])
+        for path in [*ctx.stage.cleanup, *marks]:  # the record now stands for them
             path.unlink(missing_ok=True)
     ctx.stage = None
     return artifacts
@@ -224,7 +272,7 @@ def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
             else "bundle (made again at the end)"
         )
     if plan["kept"]:
-        plan["kept"] = [", ".join(plan["kept"]) + " (not written by the build: added after its stage finished)"]
+        plan["kept"] = [", ".join(plan["kept"]) + " (not written by the build)"]
     ctx.console.print(
         "[bold]resume[/]: " + "; ".join(f"{k} {', '.join(v)}" for k, v in plan.items() if v)
         if any(plan.values())
@@ -234,6 +282,36 @@ def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
 
 
 KEPT_LIST = ".tlcompile-kept.json"  # in a stage folder: the files of someone else's that a resume kept there
+# In the folder of a stage that has not finished: written as it starts (its time tells the files that were there before
+# it, or were copied in keeping an older time, from those made after), and the files there when it stopped on an error,
+# Ctrl-C or a termination signal (the stage's own: the next --resume removes those and keeps anything else).
+STARTED_MARK = ".tlcompile-started"
+UNFINISHED_LIST = ".tlcompile-unfinished.json"
+
+
+def _note_unfinished(folder: Path) -> None:
+    """List the files in the folder of a stage that stopped before its end: its own, to be removed by a resume."""
+    try:
+        kept = _kept_before(folder)
+        files = sorted(
+            rel
+            for p in folder.rglob("*")
+            if (p.is_file() or p.is_symlink())
+            and (rel := p.relative_to(folder).as_posix()) not in kept
+            and p.name not in (KEPT_LIST, STARTED_MARK, UNFINISHED_LIST)
+        )
+        atomic_write_text(folder / UNFINISHED_LIST, json.dumps(files))
+    except OSError:  # a full disk: the resume falls back to the start time
+        pass
+
+
+def _kept_before(folder: Path) -> set[str]:
+    kept_list = folder / KEPT_LIST
+    try:
+        kept = json.loads(kept_list.read_text()) if kept_list.is_file() else []
+    except (OSError, ValueError):
+        return set()
+    return {k for k in kept if isinstance(k, str)} if isinstance(kept, list) else set()
 
 
 def _clear_stage_folder(folder: Path) -> list[str]:
@@ -241,24 +319,37 @@ def _clear_stage_folder(folder: Path) -> list[str]:
     stage.json: someone's notes, not the build's output) and any kept before (listed in KEPT_LIST, which is written
     beside them); returns those kept, relative to the build folder. Otherwise the folder goes whole."""
     kept_list = folder / KEPT_LIST
-    try:
-        kept_before = set(json.loads(kept_list.read_text())) if kept_list.is_file() else set()
-    except (OSError, ValueError, TypeError):
-        kept_before = set()
-    marker = folder / "stage.json"
-    finished = marker.stat().st_mtime_ns if marker.is_file() and not marker.is_symlink() else None
+    kept_before = _kept_before(folder)
     record = read_stage_record(folder)
-    # the files the stage listed as its own when it finished; a stage record from before the list: the time rule
+    # the files the stage listed as its own when it finished, or when it stopped on an error or a signal
     written = set(record["files"]) if record is not None and isinstance(record.get("files"), list) else None
+    if record is None:
+        try:
+            listed = json.loads((folder / UNFINISHED_LIST).read_text())
+            written = {f for f in listed if isinstance(f, str)} if isinstance(listed, list) else None
+        except (OSError, ValueError):
+            written = None
+    # Without a list (a record from before the lists; a stage killed outright): the time rule. A finished stage's files
+    # are older than its stage.json, anything newer is someone's; an unfinished stage's are newer than its start mark.
+    marker, started = folder / "stage.json", folder / STARTED_MARK
+    finished = (
+        marker.stat().st_mtime_ns if record is not None and marker.is_file() and not marker.is_symlink() else None
+    )
+    start = started.stat().st_mtime_ns if record is None and started.is_file() and not started.is_symlink() else None
     entries = sorted(folder.rglob("*"), reverse=True)  # a folder's contents before the folder
+    ours = {"stage.json", STARTED_MARK, UNFINISHED_LIST}
 
     def theirs(p: Path) -> bool:
         rel = p.relative_to(folder).as_posix()
         if rel in kept_before:
             return True
+        if rel in ours:
+            return False
         if written is not None:  # a file the stage did not write is someone's, however old (mv, cp -p, tar keep times)
-            return rel not in written and p.name != "stage.json"
-        return finished is not None and p.stat().st_mtime_ns > finished
+            return rel not in written
+        if finished is not None:
+            return p.stat().st_mtime_ns > finished
+        return start is not None and p.stat().st_mtime_ns < start
 
     keep = {p for p in entries if p.is_file() and not p.is_symlink() and p != kept_list and theirs(p)}
     if not keep:
