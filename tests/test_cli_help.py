@@ -201,3 +201,19 @@ def test_verify_of_a_path_that_is_not_a_bundle_is_one_line_but_json_for_a_monito
                 == f"error: bundle '{missing}' is not a folder; give the bundle/ folder a build "
                 "wrote (BUILD_DIR/bundle)\n"
             )
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-1", "100000", "²"])
+def test_a_bad_thread_count_in_the_environment_is_one_line(value, monkeypatch, capsys, tmp_path):
+    """TLCOMPILE_NUM_THREADS (a sweep's share of the cores) was used as given above the machine's CPUs (a runtime
+    started them all) and silently ignored when not a number; now either is a one-line refusal naming it."""
+    from tlcompile.cli import main
+
+    monkeypatch.setenv("TLCOMPILE_NUM_THREADS", value)
+    monkeypatch.setattr(sys, "argv", ["tlcompile", "data", "synth", "--n", "70", "--out", str(tmp_path / "synth")])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: TLCOMPILE_NUM_THREADS {value!r} (environment) is out of range; valid: "), err
+    assert not (tmp_path / "synth").exists()

@@ -1091,6 +1091,9 @@ def main() -> None:
         print(f"error: {_one_line(empty)}", file=sys.stderr)
         sys.exit(2)
     try:
+        from tlcompile.runtime.inference import default_threads
+
+        default_threads()  # a bad TLCOMPILE_NUM_THREADS is said before anything runs, not where a command reads it
         code = app(prog_name="tlcompile", standalone_mode=False)  # click raises its errors, not prints them in a box
     except TlcompileError as err:
         print(f"error: {_one_line(str(err))}", file=sys.stderr)

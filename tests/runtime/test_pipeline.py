@@ -172,6 +172,7 @@ def test_the_model_gets_the_cores_the_workers_leave_unless_it_explains(
 
     monkeypatch.setattr("tlcompile.runtime.bundle.open_session", recording_open)
     monkeypatch.setenv("TLCOMPILE_NUM_THREADS", "4")
+    monkeypatch.setattr("os.cpu_count", lambda: 8)  # (a value above the machine's CPUs is refused)
     # the tiny build's cbr_small does 184 M multiply-accumulates per 48 px image, above CHEAP_MODEL_MACS: the model is
     # what its backlog waits for, so it keeps every core beside the workers
     from tlcompile.runtime import pipeline

@@ -40,8 +40,15 @@ def default_threads() -> int:
 
     ``TLCOMPILE_NUM_THREADS`` overrides it: a sweep running several builds side by side gives each its share.
     """
-    if os.environ.get("TLCOMPILE_NUM_THREADS", "").isdigit() and int(os.environ["TLCOMPILE_NUM_THREADS"]) > 0:
-        return int(os.environ["TLCOMPILE_NUM_THREADS"])
+    value = os.environ.get("TLCOMPILE_NUM_THREADS", "").strip()
+    if value:
+        cpus = os.cpu_count() or 1
+        if not (value.isascii() and value.isdigit() and 1 <= int(value) <= cpus):
+            raise TlcompileError(
+                f"TLCOMPILE_NUM_THREADS {value[:40]!r} (environment) is out of range; valid: a whole number of "
+                f"threads from 1 to {cpus} (this machine's logical CPUs), or unset for every core this process may use"
+            )
+        return int(value)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
