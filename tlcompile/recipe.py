@@ -1084,6 +1084,28 @@ class Recipe(Section):
                 )
         return self
 
+    def artifact_names(self) -> list[str]:
+        """The artifacts this recipe's build makes, in order: fp32, pruned (a prune section), int8 and pruned-int8 (a
+        quantize section: INT8 of each FP32 one; see the prune and quantize stages)."""
+        fp32 = ["fp32", *(["pruned"] if self.prune is not None else [])]
+        return fp32 + ([f"{n}-int8" if n != "fp32" else "int8" for n in fp32] if self.quantize is not None else [])
+
+    @model_validator(mode="after")
+    def _bundle_artifact_is_built(self) -> Recipe:
+        # select: name with an artifact the build makes no way to make failed at the very end of the build
+        if self.bundle.enabled and self.bundle.select == "name" and self.bundle.artifact not in self.artifact_names():
+            need = {
+                "pruned": "a prune section",
+                "int8": "a quantize section",
+                "pruned-int8": "a prune and a quantize section",
+            }.get(self.bundle.artifact)
+            raise ValueError(
+                f"bundle.artifact '{self.bundle.artifact}' is not made by this recipe"
+                + (f" (it needs {need})" if need else "")
+                + f"; valid: {', '.join(self.artifact_names())}"
+            )
+        return self
+
     @model_validator(mode="after")
     def _bundle_runtime_is_built(self) -> Recipe:
         # The bundle ships a measured export: its runtime must have been exported to and benched, or there is nothing

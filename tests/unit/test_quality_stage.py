@@ -181,7 +181,7 @@ def test_the_headline_row_is_the_named_bundle_artifact_else_fp32():
     rows = [{"artifact": a} for a in ("fp32@openvino", "pruned@openvino", "pruned@onnxruntime")]
 
     def recipe(bundle):
-        return validate_recipe_dict({"data": {"source": "synthetic"}, "bundle": bundle})
+        return validate_recipe_dict({"data": {"source": "synthetic"}, "prune": {}, "bundle": bundle})
 
     assert headline(recipe({}), rows)[0]["artifact"] == "fp32@openvino"  # select: fastest is decided later
     row, why = headline(recipe({"select": "name", "artifact": "pruned", "runtime": "onnxruntime"}), rows)

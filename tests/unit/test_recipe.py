@@ -41,6 +41,14 @@ BROKEN = [
     ("unknown-runtime", "bench.runtimes", ["tensorrt"], "bench.runtimes.0"),
     ("unknown-style", "data.style", "polaroid", "style 'polaroid'"),
     ("section-not-mapping", "train", 5, "train"),
+    # select: name with an artifact the recipe does not make failed at the end of a whole build
+    (
+        "bundle-artifact-not-made",
+        "bundle",
+        {"select": "name", "artifact": "int8"},
+        "bundle.artifact 'int8' is not made by this recipe (it needs a quantize section); valid: fp32",
+    ),
+    ("bundle-artifact-unknown", "bundle", {"select": "name", "artifact": "fp16"}, "'fp16' is not made by this recipe"),
 ]
 
 
@@ -193,3 +201,12 @@ def test_a_key_with_a_newline_is_shown_escaped_on_one_line():
     with pytest.raises(RecipeError) as info:
         validate_recipe_dict({"train": {"a\nb": 0}}, "fuzz")
     assert "\n" not in str(info.value) and "train.a\\nb: unknown key 'a\\nb'" in str(info.value)
+
+
+def test_the_named_bundle_artifact_may_be_any_the_recipe_makes(tiny_recipe_dict):
+    r = {**tiny_recipe_dict, "prune": {}, "quantize": {}}
+    assert validate_recipe_dict(r).artifact_names() == ["fp32", "pruned", "int8", "pruned-int8"]
+    for name in ("fp32", "pruned", "int8", "pruned-int8"):
+        assert validate_recipe_dict({**r, "bundle": {"select": "name", "artifact": name}}).bundle.artifact == name
+    # a recipe that ships no bundle names no artifact to check
+    assert validate_recipe_dict({**tiny_recipe_dict, "bundle": {"enabled": False, "select": "name", "artifact": "x"}})
