@@ -130,6 +130,14 @@ def test_the_command_runs_numpy_blas_on_one_thread_unless_told(user_value):
             for cmd in (["predict", "b", "x.jpg"], ["verify", "b"], ["serve", "b", "--watch", "w"])
         ),
         (["data", "synth", "--nope"], "tlcompile data synth: No such option: --nope"),
+        (
+            ["serve", "b", "--watch", "w", "--patient-id-system", "urn:oid:1.2"],
+            "--patient-id-system 'urn:oid:1.2' goes into FHIR bundles only; valid: with --fhir or --fhir-url",
+        ),
+        (
+            ["serve", "b", "--watch", "w", "--fhir", "--patient-id-system", "hospital MRN"],
+            "--patient-id-system 'hospital MRN' has a space or a control character in it; valid: an absolute URI",
+        ),
         # a recipe's num_images is capped at 200,000; 99,999,999,999 at 4096 px ran silently until killed
         (
             ["data", "synth", "--n", "99999999999"],

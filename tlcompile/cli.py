@@ -522,6 +522,29 @@ FhirUrlOption = Annotated[
 ]
 
 
+PatientIdSystemOption = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--patient-id-system",
+        help="FHIR: the register the DICOM PatientIDs come from, as a URI (urn:oid:..., https://hospital.example/mrn): "
+        "the Patient identifier's system, so the server can match it, where a file's IssuerOfPatientID "
+        "qualifiers name none (needs --fhir or --fhir-url).",
+    ),
+]
+
+
+def _check_patient_id_system(value: str | None, fhir: bool) -> str | None:
+    from tlcompile.runtime.outputs import check_identifier_system
+
+    if value is None:
+        return None
+    if not fhir:
+        raise TlcompileError(
+            f"--patient-id-system '{value[:200]}' goes into FHIR bundles only; valid: with --fhir or --fhir-url"
+        )
+    return check_identifier_system(value)
+
+
 def _count(n: int, noun: str) -> str:
     """'1 heatmap', '2 heatmaps'."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
@@ -550,6 +573,7 @@ def predict(
         typer.Option("--fhir", help="Also write one FHIR R4B Bundle (DiagnosticReport + Observations) per image here."),
     ] = None,
     fhir_url: FhirUrlOption = None,
+    patient_id_system: PatientIdSystemOption = None,
     explain: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
@@ -580,6 +604,7 @@ def predict(
     if csv is not None:  # before anything is decided: a refused --csv costs nothing
         check_csv_target(csv, inputs=paths, bundle_root=root)
     fhir_folder = fhir if fhir is not None else Path("fhir") if fhir_url else None
+    patient_id_system = _check_patient_id_system(patient_id_system, fhir_folder is not None)
     if fhir_folder is not None:  # likewise a refused --fhir folder or --fhir-url
         if fhir_url:
             check_server_url(fhir_url)
@@ -646,7 +671,11 @@ def predict(
             f"error: {_count(len(unexplained), 'heatmap')} could not be written (see above); every decision stands",
             file=sys.stderr,
         )
-    unsent = _write_fhir(verified, results, fhir_folder, fhir_url, console) if fhir_folder is not None else 0
+    unsent = (
+        _write_fhir(verified, results, fhir_folder, fhir_url, console, patient_id_system)
+        if fhir_folder is not None
+        else 0
+    )
     failed = sum(r.error is not None for r in results)
     if failed:
         print(f"error: {failed} of {len(results)} images could not be read (see the note column)", file=sys.stderr)
@@ -655,13 +684,21 @@ def predict(
         raise typer.Exit(1)
 
 
-def _write_fhir(verified: Any, results: list, folder: Path, url: str | None, console: Any) -> int:
+def _write_fhir(
+    verified: Any, results: list, folder: Path, url: str | None, console: Any, patient_id_system: str | None
+) -> int:
     """predict --fhir: one FHIR bundle per decided image; returns how many still wait in the outbox."""
     import datetime as dt
 
     from tlcompile.runtime.fhir import FhirOutput, model_identity
 
-    out = FhirOutput(folder, model_identity(verified), url=url, log=lambda line: print(line, file=sys.stderr))
+    out = FhirOutput(
+        folder,
+        model_identity(verified),
+        url=url,
+        log=lambda line: print(line, file=sys.stderr),
+        patient_id_system=patient_id_system,
+    )
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
     # one bundle per image and model: copies of one photo under other names share it (the same ids: exactly once)
     named = {out.write({**r.to_dict(), "processed_at": now}).get("fhir") for r in results} - {None}
@@ -736,6 +773,7 @@ def serve(
         bool, typer.Option("--fhir", help="Also write one FHIR R4B Bundle per decided image into OUT/fhir/.")
     ] = False,
     fhir_url: FhirUrlOption = None,
+    patient_id_system: PatientIdSystemOption = None,
     explain: Annotated[
         bool, typer.Option("--explain", help="Also write a heatmap overlay PNG beside each gradable image's record.")
     ] = False,
@@ -748,6 +786,7 @@ def serve(
     threads = check_threads(threads)
     if fhir_url:
         check_server_url(fhir_url)  # at start: a long-running serve would otherwise stop at its first image
+    patient_id_system = _check_patient_id_system(patient_id_system, bool(fhir or fhir_url))
     outputs = []
     if fhir or fhir_url:
         from tlcompile.runtime.fhir import FhirOutput, model_identity
@@ -759,6 +798,7 @@ def serve(
                 url=fhir_url,
                 log=lambda line: print(line, flush=True),
                 in_records=True,
+                patient_id_system=patient_id_system,
             )
 
         outputs.append(fhir_output)

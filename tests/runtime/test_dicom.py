@@ -192,3 +192,41 @@ def test_a_dicom_file_without_an_extension_is_read_by_its_marker_and_a_folder_sa
         ".png, .jpg, .jpeg, .tif, .tiff, .bmp, .dcm, .dicom) and 1 sub-folder (not searched: name them to decide "
         "theirs)"
     ]
+
+
+@pytest.mark.parametrize(
+    "qualifier, expected",
+    [
+        (
+            {"UniversalEntityID": "1.2.826.0.1.3680043.2", "UniversalEntityIDType": "ISO"},
+            "urn:oid:1.2.826.0.1.3680043.2",
+        ),
+        (
+            {"UniversalEntityID": "6E8A5F7C-1B2D-4C3E-8F9A-0B1C2D3E4F5A", "UniversalEntityIDType": "UUID"},
+            "urn:uuid:6e8a5f7c-1b2d-4c3e-8f9a-0b1c2d3e4f5a",
+        ),
+        (
+            {"UniversalEntityID": "https://eye.example.org/mrn", "UniversalEntityIDType": "URI"},
+            "https://eye.example.org/mrn",
+        ),
+        ({"UniversalEntityID": "EYE-CLINIC", "UniversalEntityIDType": "DNS"}, None),  # no URI of that type
+        ({"UniversalEntityIDType": "ISO"}, None),
+        (None, None),
+    ],
+)
+def test_the_register_of_the_patient_id_is_read_as_a_uri(qualifier, expected):
+    """IssuerOfPatientIDQualifiersSequence names the register of the PatientID (PS3.3 C.7.1.1): the FHIR identifier's
+    system, which a server needs to match the ID to its Patient."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from tlcompile.runtime.dicom import header_meta
+
+    ds = Dataset()
+    ds.PatientID = "PAT-1"
+    if qualifier is not None:
+        item = Dataset()
+        for key, value in qualifier.items():
+            setattr(item, key, value)
+        ds.IssuerOfPatientIDQualifiersSequence = Sequence([item])
+    assert header_meta(ds)["patient_id_system"] == expected

@@ -68,6 +68,18 @@ def test_report_bundle_validates_and_carries_codes_model_and_patient():
     issued = report_bundle(_record(dicom={"patient_id": PATIENT_ID, "patient_id_issuer": "EYE-CLINIC-MRN"}), MODEL)
     subject = issued["entry"][0]["resource"]["subject"]
     assert subject["identifier"] == {"value": PATIENT_ID, "assigner": {"display": "EYE-CLINIC-MRN"}}
+    # ... and its system (a URI), without which a server cannot match the ID to a Patient: the file's own (DICOM
+    # IssuerOfPatientIDQualifiersSequence), else the site's (--patient-id-system); a malformed header value is left out
+    site = "https://eye-clinic.example.org/mrn"
+    for dicom, system in (
+        ({"patient_id_system": "urn:oid:1.2.826.0.1.3680043.2"}, "urn:oid:1.2.826.0.1.3680043.2"),
+        ({}, site),
+        ({"patient_id_system": "urn:oid:not an oid"}, site),
+    ):
+        record = _record(dicom={"patient_id": PATIENT_ID, **dicom})
+        made = report_bundle(record, MODEL, patient_id_system=site)
+        Bundle.model_validate(made)
+        assert made["entry"][0]["resource"]["subject"]["identifier"] == {"value": PATIENT_ID, "system": system}
     device = by_type["Device"][0]
     assert device["identifier"][0]["value"] == MODEL["sha256"] and device["deviceName"][0]["name"] == "tiny"
     # Same image, same model: same ids (exactly once); no grade on a referable-task bundle.
@@ -260,7 +272,31 @@ def test_predict_fhir_writes_each_bundle_once_without_torch(bundle_copy, tmp_pat
     for path in files:
         bundle = Bundle.model_validate_json(path.read_text())
         report = bundle.entry[0].resource
-        assert report.subject.identifier.value == PATIENT_ID
+        assert report.subject.identifier.value == PATIENT_ID and report.subject.identifier.system is None
+    # the site's register for the IDs: into the Patient identifier's system
+    site_dir = tmp_path / "fhir-site"
+    site = "urn:oid:1.2.826.0.1.3680043.2.1"
+    cli = run_cli(
+        "predict",
+        str(bundle_copy),
+        str(camera),
+        "--fhir",
+        str(site_dir),
+        "--patient-id-system",
+        site,
+        block_train_modules=True,
+    )
+    assert "wrote 3 FHIR bundles to" in cli.stdout, cli.stderr
+    for path in site_dir.glob("*.json"):
+        assert Bundle.model_validate_json(path.read_text()).entry[0].resource.subject.identifier.system == site
+    # refused up front, in one line: a value that is not a URI, and the option without FHIR output
+    for extra, said in (
+        (["--fhir", str(tmp_path / "x"), "--patient-id-system", "MRN"], "--patient-id-system 'MRN' is not an absolute"),
+        (["--patient-id-system", site], "goes into FHIR bundles only; valid: with --fhir or --fhir-url"),
+    ):
+        cli = run_cli("predict", str(bundle_copy), str(camera), *extra, block_train_modules=True)
+        assert cli.returncode == 2 and cli.stderr.startswith("error: ") and said in cli.stderr, cli.stderr
+        assert cli.stderr.count("\n") == 1 and not (tmp_path / "x").exists()
 
 
 def test_a_server_that_does_not_answer_costs_a_running_serve_one_post_a_pass(tmp_path, monkeypatch):

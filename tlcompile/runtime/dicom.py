@@ -146,12 +146,26 @@ def _acquired_at(ds: Any) -> str | None:
     return None
 
 
+def _issuer_uri(ds: Any) -> str | None:
+    """The register of the PatientID as a URI, from its IssuerOfPatientIDQualifiersSequence (PS3.3 C.7.1.1): an ISO
+    OID -> urn:oid:..., a UUID -> urn:uuid:..., a URI as it is; None when absent or of another type. FHIR checks it is
+    a URI before it becomes an Identifier.system (:func:`tlcompile.runtime.fhir.report_bundle`)."""
+    try:
+        item = ds.get("IssuerOfPatientIDQualifiersSequence")[0]
+        value, kind = str(item.get("UniversalEntityID") or "").strip(), str(item.get("UniversalEntityIDType") or "")
+    except (TypeError, IndexError, AttributeError, KeyError, ValueError):
+        return None
+    uri = {"ISO": f"urn:oid:{value}", "UUID": f"urn:uuid:{value.lower()}", "URI": value}.get(kind.strip().upper())
+    return uri if value and uri else None
+
+
 def header_meta(ds: Any) -> dict[str, Any]:
     """The fields the clinic record carries. ``patient_id`` identifies a person: records and FHIR only."""
     laterality = _text(ds, "ImageLaterality") or _text(ds, "Laterality")
     return {
         "patient_id": _text(ds, "PatientID"),
         "patient_id_issuer": _text(ds, "IssuerOfPatientID"),  # whose ID it is: the hospital or system that gave it
+        "patient_id_system": _issuer_uri(ds),
         "laterality": laterality.upper() if laterality else None,  # R, L (B both, U unpaired)
         "acquired_at": _acquired_at(ds),
         "sop_instance_uid": _text(ds, "SOPInstanceUID"),

@@ -41,7 +41,7 @@ from typing import Any
 
 from tlcompile.errors import MissingDependencyError, TlcompileError
 from tlcompile.io import atomic_write_text, sha256_file
-from tlcompile.runtime.outputs import check_server_url, refuse_linked_folder
+from tlcompile.runtime.outputs import check_identifier_system, check_server_url, refuse_linked_folder
 from tlcompile.runtime.terminal import printable
 
 FHIR_VERSION = "4.3.0"  # R4B
@@ -164,9 +164,20 @@ def bundle_key(record: dict[str, Any], model: dict[str, str]) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{record['sha256']}|{model['sha256']}"))
 
 
-def report_bundle(record: dict[str, Any], model: dict[str, str]) -> dict[str, Any]:
+def _system_uri(value: Any) -> str | None:
+    """A file's own register URI when it is one (a malformed header value is left out, not passed on)."""
+    try:
+        return check_identifier_system(str(value)) if value else None
+    except TlcompileError:
+        return None
+
+
+def report_bundle(
+    record: dict[str, Any], model: dict[str, str], *, patient_id_system: str | None = None
+) -> dict[str, Any]:
     """The validated FHIR R4B transaction Bundle (as JSON types) of one decided image. ``record``: predict's result
-    fields plus ``sha256`` of the image (and ``dicom``, ``processed_at`` when known)."""
+    fields plus ``sha256`` of the image (and ``dicom``, ``processed_at`` when known). ``patient_id_system``: the
+    register the DICOM PatientIDs come from (the site's, --patient-id-system), where a file's own header names none."""
     fhir_bundle = _r4b()
     key = bundle_key(record, model)
     ids = {name: str(uuid.uuid5(uuid.UUID(key), name)) for name in ("report", "device", "referral", "p", "grade", "q")}
@@ -177,6 +188,9 @@ def report_bundle(record: dict[str, Any], model: dict[str, str]) -> dict[str, An
     common: dict[str, Any] = {"status": "preliminary", "device": ref["device"]}
     if dicom.get("patient_id"):
         identifier: dict[str, Any] = {"value": dicom["patient_id"]}
+        # without a system a FHIR server cannot match the ID to its Patient (the same number in two registers)
+        if system := _system_uri(dicom.get("patient_id_system")) or patient_id_system:
+            identifier["system"] = system
         if dicom.get("patient_id_issuer"):  # DICOM's IssuerOfPatientID: which register the ID is from
             identifier["assigner"] = {"display": str(dicom["patient_id_issuer"])}
         common["subject"] = {"identifier": identifier, "type": "Patient"}
@@ -334,11 +348,13 @@ class FhirOutput:
         timeout: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
         in_records: bool = False,
+        patient_id_system: str | None = None,
     ) -> None:
         _r4b()  # fail at start, not on the first image
         if url is not None:
             check_server_url(url)
         self.folder, self.model, self.url, self.log = Path(folder), model, url, log
+        self.patient_id_system = patient_id_system
         self.attempts, self.backoff, self.max_backoff, self.timeout, self.sleep = (
             attempts,
             backoff,
@@ -382,7 +398,10 @@ class FhirOutput:
             if self._own_target:  # again: a link put there while serve runs (predict's --fhir itself is the user's)
                 refuse_linked_folder(self.target, "FHIR bundles")
             try:
-                atomic_write_text(existing, json.dumps(report_bundle(record, self.model), indent=1))
+                atomic_write_text(
+                    existing,
+                    json.dumps(report_bundle(record, self.model, patient_id_system=self.patient_id_system), indent=1),
+                )
                 existing.chmod(0o644)
             except OSError as err:
                 raise TlcompileError(

@@ -82,6 +82,25 @@ def check_output_folder(option: str, folder: str | Path, *, what: str) -> None:
         check_parent_writable(option, folder)
 
 
+def check_identifier_system(value: str, option: str = "--patient-id-system") -> str:
+    """A FHIR identifier system: an absolute URI naming the register the patient IDs come from (the hospital's MRN
+    namespace: ``urn:oid:1.2.3...``, ``https://hospital.example/mrn``), no space or control character."""
+    valid = "valid: an absolute URI such as urn:oid:1.2.826.0.1.3680043 or https://hospital.example.org/mrn"
+    shown = printable(value[:200])
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise TlcompileError(f"{option} '{shown}' has a space or a control character in it; {valid}")
+    if len(value) > 1024:
+        raise TlcompileError(f"{option} '{shown}...' is {len(value)} characters long; {valid}, of at most 1024")
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):.", value)
+    if scheme is None or len(scheme.group(1)) < 2:  # 'C:' is a drive, not a scheme
+        raise TlcompileError(f"{option} '{shown}' is not an absolute URI (it has no scheme, such as urn:); {valid}")
+    oid, uuid = r"oid:[0-2](\.(0|[1-9]\d*))+", r"uuid:[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}"
+    urn = rf"(?i)urn:({oid}|{uuid}|(?!oid:|uuid:)[a-z0-9][a-z0-9-]{{0,31}}:\S+)"
+    if scheme.group(1).lower() == "urn" and not re.fullmatch(urn, value):
+        raise TlcompileError(f"{option} '{shown}' is not a valid URN (urn:oid:1.2.3 or urn:uuid:...); {valid}")
+    return value
+
+
 def check_server_url(url: str, option: str = "--fhir-url") -> str:
     """A server base URL: http or https, with a host (and a port, if any, from 1 to 65535), no user name or password
     in it, no space or control character: checked at start, so that a long-running serve never stops at its first
