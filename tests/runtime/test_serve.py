@@ -189,3 +189,52 @@ def test_serve_refuses_bad_setups(tiny_build, tmp_path):
             serve(tiny_build.bundle, watch, out, once=True)
     finally:
         held.close()
+
+
+def test_a_photo_written_in_two_bursts_gets_one_record_with_the_whole_files_hash(
+    tiny_build, tmp_path, fundus_images, monkeypatch
+):
+    """A camera that paused longer than --settle, then wrote the rest while serve read the file: the hash was of the
+    half file, the pixels of the whole, and the finished file got a second record (and a second FHIR bundle). Now a
+    file changed while it was read is read again once it settles."""
+    from tlcompile.runtime import serve as serve_module
+
+    watch = tmp_path / "camera"
+    photo = fundus_images(watch, 1, seed=3)[0]
+    whole = photo.read_bytes()
+    photo.write_bytes(whole[: len(whole) // 2])  # the first burst
+    real = serve_module.prepare_photo
+    calls = []
+
+    def camera_finishes_meanwhile(bundle, path):
+        calls.append(path.name)
+        if len(calls) == 1:
+            path.write_bytes(whole)  # the second burst, while serve reads
+            os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # (a coarse clock: the time moves anyway)
+        return real(bundle, path)
+
+    monkeypatch.setattr(serve_module, "prepare_photo", camera_finishes_meanwhile)
+    lines: list[str] = []
+    stats = serve(tiny_build.bundle, watch, once=True, settle=0, log=lines.append)
+    records = _records(watch / "results")
+    assert stats.results == 1 and len(records["results"]) == 1 and not records["errors"], lines
+    import hashlib
+
+    assert records["results"][0]["sha256"] == hashlib.sha256(whole).hexdigest()
+    assert records["results"][0]["size"] == len(whole) and len(calls) == 2
+    assert any("changed while it was read" in line for line in lines), lines
+
+
+def test_a_sub_folder_of_the_watch_folder_is_named_once_not_passed_over_silently(tiny_build, tmp_path, fundus_images):
+    watch = tmp_path / "camera"
+    fundus_images(watch, 1, seed=4)
+    fundus_images(watch / "2026-12-03", 1, seed=5)  # a camera filing by day
+    lines: list[str] = []
+    for _ in range(2):
+        stats = serve(tiny_build.bundle, watch, once=True, settle=0, log=lines.append)
+    notes = [line for line in lines if line.startswith("note: ")]
+    assert len(notes) == 2 and all(
+        n.startswith("note: 2026-12-03/ is a folder; serve decides the files") for n in notes
+    )
+    assert not any("results/" in n for n in notes)  # its own output folder is not a folder of photos
+    assert stats.results == 0 and stats.already_done == 1

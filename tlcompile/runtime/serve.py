@@ -229,6 +229,7 @@ class _Read:
     done: bool = False
     prepared: PreparedImage | None = None
     error: Exception | None = None
+    changed: bool = False  # written to while it was read: the hash and the pixels may be of two versions
 
 
 class Service:
@@ -265,6 +266,7 @@ class Service:
         # name -> (stat key, first seen unchanged on the monotonic clock, seconds it must stay unchanged)
         self._seen: dict[str, tuple[tuple[int, int, int, int], float, float]] = {}
         self._retries: dict[str, int] = {}  # name -> truncation retries so far
+        self._noted: set[str] = set()  # sub-folders already named in the log (each once)
         # Extra outputs per record (e.g. runtime.fhir.FhirOutput): write(record) -> fields added to the record.
         self.outputs = list(outputs)
         self.explainer = None
@@ -294,6 +296,7 @@ class Service:
         for entry in entries:
             try:
                 if not _wanted(entry):
+                    self._note_folder(entry)
                     continue
                 try:
                     st = entry.stat(follow_symlinks=True)
@@ -343,6 +346,23 @@ class Service:
                 continue
             yield name, stat_key
 
+    def _note_folder(self, entry: os.DirEntry) -> None:
+        """One line, once, for a sub-folder of the watch folder: a camera or a DICOM export that files photos per day
+        or per patient got no record and no word (the service reads the folder's own files, as predict does)."""
+        try:
+            if entry.name.startswith(".") or entry.name in self._noted or not entry.is_dir(follow_symlinks=True):
+                return
+            if os.path.realpath(entry.path) == os.path.realpath(self.out_dir):  # its own results/
+                return
+        except OSError:
+            return
+        self._noted.add(entry.name)
+        where = printable(str(self.watch))
+        self.log(
+            f"note: {printable(entry.name)}/ is a folder; serve decides the files directly in {where}, not in its "
+            "sub-folders (serve that folder with its own --watch, or move its photos up)"
+        )
+
     def _read(self, item: tuple[str, tuple[int, int, int, int]]) -> _Read:
         """Hash, check and preprocess one file; runs in a worker thread, so it changes no state of the service and
         returns whatever goes wrong instead of raising it."""
@@ -378,6 +398,13 @@ class Service:
             read.prepared = prepare_photo(self.verified.bundle, path)
         except Exception as err:  # broad on purpose: any failure is this file's error record (see _take)
             read.error = err
+        # A camera that paused longer than --settle and then wrote the rest: hashed as half a file, decoded whole (or
+        # cut off). Any write after the poll's look changes the file's time, size or inode.
+        try:
+            st = os.stat(path)
+            read.changed = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != stat_key
+        except OSError:
+            pass  # gone or unreadable now: what was read stands
         return read
 
     def _take(self, name: str, stat_key: tuple[int, int, int, int], read: _Read) -> bool:
@@ -388,6 +415,10 @@ class Service:
         key = (name, *stat_key)
         if read.gone:
             return True
+        if read.changed:
+            self._seen.pop(name, None)  # seen anew: it must stay unchanged for --settle again before it is read
+            self.log(f"{printable(name)}: changed while it was read (still being written?); read again once it settles")
+            return False
         if read.done:
             self._done.add(key)
             self.stats.already_done += 1
