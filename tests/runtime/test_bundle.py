@@ -102,6 +102,8 @@ def test_manifest_hashes_every_file_and_report_records_the_bundle(tiny_build):
 def test_verify_passes_on_the_build_box_and_pins_a_candidate(bundle_copy, run_cli):
     result = verify_bundle(bundle_copy)
     assert result.ok, result.to_dict()
+    # the CPU the parity and latencies hold for is named on screen, not only in device.json
+    assert any(line.startswith("  this box: ") and "ISA: " in line for line in verify_lines(result))
     assert {c.id for c in result.candidates} == {"fp32@openvino", "fp32@onnxruntime"}  # runtime: auto ships both
     for c in result.candidates:
         g = c.golden

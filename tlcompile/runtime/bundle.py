@@ -34,6 +34,7 @@ import numpy as np
 from tlcompile.errors import BundleError, TlcompileError, UnsafeFileError
 from tlcompile.evaluate.metrics import referable_classes, softmax
 from tlcompile.runtime.backends import SHIPPABLE_RUNTIMES
+from tlcompile.runtime.cpuinfo import cpu_info
 from tlcompile.runtime.inference import InferenceSession, open_session, predict_logits
 from tlcompile.runtime.manifest import MANIFEST_JSON, ManifestCheck, check_manifest, inside
 from tlcompile.runtime.pinning import (
@@ -875,6 +876,12 @@ def verify_lines(result: VerifyResult) -> list[str]:
             )
         )
     lines += [f"    {p}" for p in s.problems]
+    if result.candidates:  # golden parity and latencies hold for this CPU: name it, as bench and device.json do
+        cpu = cpu_info()
+        lines.append(
+            f"  this box: {cpu['model']} ({cpu['machine']}), {cpu['usable_cores']} usable core(s), "
+            f"ISA: {', '.join(cpu['isa']) or '-'}"
+        )
     for c in result.candidates:
         g = c.golden
         verdict = "pass" if c.ok else "FAIL"
