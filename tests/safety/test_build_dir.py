@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -246,3 +247,83 @@ def test_resume_after_a_stage_was_killed_outright_keeps_files_older_than_its_sta
     build(validate_recipe_dict(tiny_recipe_dict), out, resume=True, console=console)
     assert "kept 05_export/from_tar.txt" in console.export_text() and theirs.read_text() == "mine"
     assert (folder / "stage.json").is_file() and not (folder / loop.STARTED_MARK).exists()
+
+
+def test_a_resume_changes_nothing_of_the_finished_build_until_its_data_have_passed(
+    tiny_recipe_dict, tmp_path, monkeypatch, no_plots
+):
+    """Found outside-in: a --resume with a changed recipe removed the finished build's stages, bundle and report, then
+    stopped on the new label CSV (UTF-16, as Excel saves 'Unicode text'): only an empty 01_data was left. Now the
+    earlier build is cleared once the data stage has passed; someone's folders, links and bundle notes are never
+    removed (a bundle/ with them, or a stage folder that is a link, is refused before anything changes)."""
+    import dataclasses
+
+    from tlcompile.build import loop
+    from tlcompile.build.stages import data
+
+    clean = tmp_path / "clean"
+    build(validate_recipe_dict(tiny_recipe_dict), clean, console=Console(quiet=True))
+    changed = validate_recipe_dict({**tiny_recipe_dict, "train": {**tiny_recipe_dict["train"], "lr": 0.001}})
+
+    # 1. the data stage fails: every file of the finished build outside 01_data is as it was
+    out = tmp_path / "b1"
+    shutil.copytree(clean, out, symlinks=True)
+    before = {k: v for k, v in _tree(out).items() if not k.startswith("01_data/")}
+
+    def bad_labels(ctx, artifacts):
+        raise TlcompileError("labels.csv: not UTF-8 text (UTF-16?); save it as UTF-8")
+
+    monkeypatch.setattr(
+        loop, "STAGES", [dataclasses.replace(s, run=bad_labels) if s is data.STAGE else s for s in loop.STAGES]
+    )
+    changed_data = validate_recipe_dict({**tiny_recipe_dict, "data": {**tiny_recipe_dict["data"], "num_images": 110}})
+    with pytest.raises(TlcompileError, match="not UTF-8"):
+        build(changed_data, out, resume=True, console=Console(quiet=True))
+    after = {k: v for k, v in _tree(out).items() if not k.startswith("01_data/")}
+    assert after == before and (out / "bundle" / "bundle.json").is_file() and (out / "02_train" / "fp32.pt").is_file()
+    monkeypatch.undo()
+
+    # 2. a bundle/ with someone's notes, or a stage folder that is a link: one line, nothing changed
+    out = tmp_path / "b2"
+    shutil.copytree(clean, out, symlinks=True)
+    (out / "bundle" / "DEPLOY-NOTES.txt").write_text("site 4: pinned by hand")
+    before = _tree(out)
+    with pytest.raises(TlcompileError, match=r"bundle holds files the build did not write \(DEPLOY-NOTES.txt\)"):
+        build(changed, out, resume=True, console=Console(quiet=True))
+    assert _tree(out) == before
+    (out / "bundle" / "DEPLOY-NOTES.txt").unlink()
+    (out / "05_export").rename(tmp_path / "moved_export")
+    (out / "05_export").symlink_to(tmp_path / "moved_export")
+    with pytest.raises(TlcompileError, match="05_export is a symbolic link"):
+        build(changed, out, resume=True, console=Console(quiet=True))
+    (out / "05_export").unlink()
+    (tmp_path / "moved_export").rename(out / "05_export")
+
+    # 3. a folder of someone's named like a stage folder, and a link of someone's in a stage folder, are kept
+    (out / "99_notes").mkdir()
+    (out / "99_notes" / "a.txt").write_text("mine")
+    (out / "02_train" / "link.txt").symlink_to(tmp_path / "clean" / "report.md")
+    console = Console(record=True, width=300)
+    build(changed, out, resume=True, console=console)
+    printed = console.export_text()
+    assert (out / "99_notes" / "a.txt").read_text() == "mine" and "99_notes" not in printed
+    assert (out / "02_train" / "link.txt").is_symlink() and "kept 02_train/link.txt" in printed
+    assert printed.index("data: ") < printed.index("resume: ")  # said once it is done
+
+
+def test_ctrl_c_says_how_to_continue(tiny_recipe_dict, tmp_path, monkeypatch, no_plots):
+    import dataclasses
+
+    from tlcompile.build import loop
+    from tlcompile.build.stages import export
+
+    def interrupted(ctx, artifacts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(
+        loop, "STAGES", [dataclasses.replace(s, run=interrupted) if s is export.STAGE else s for s in loop.STAGES]
+    )
+    console = Console(record=True, width=300)
+    with pytest.raises(KeyboardInterrupt):
+        build(validate_recipe_dict(tiny_recipe_dict), tmp_path / "b", console=console)
+    assert "build: stopped (Ctrl-C); `tlcompile build RECIPE --out" in console.export_text()

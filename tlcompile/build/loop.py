@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +111,10 @@ def build(
     if resume and was_empty:  # a mistyped --out: say so now, not after a whole build from the start
         where = escape(str(out_dir))
         console.print(f"[bold]resume[/]: nothing to resume in {where} (a new or empty folder); building from the start")
-    elif resume:
-        plan_resume(ctx)
-    atomic_write_text(out_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
+    plan = plan_resume(ctx) if resume and not was_empty else None
+    resolved = yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False)
+    if plan is None:  # (a resume writes it once its data have passed, with the rest of the earlier build gone)
+        atomic_write_text(out_dir / "recipe.resolved.yaml", resolved)
     artifacts: list[Artifact] = []
     workers_running = run.enabled
     ctx.tracker.start(recipe, out_dir)
@@ -127,9 +128,22 @@ def build(
                 if run.rank > 0:
                     shutil.rmtree(out_dir, ignore_errors=True)
                     return BuildResult(out_dir=out_dir, report={})
+            if plan is not None and stage.folder is not None:  # the first stage's own folder, just before it runs
+                plan.apply(ctx, [ctx.out_dir / stage.folder])
             artifacts = run_stage(ctx, stage, artifacts)
+            if plan is not None and not plan.done:  # the data have passed: now the rest of the earlier build goes
+                plan.apply(ctx)
+                atomic_write_text(out_dir / "recipe.resolved.yaml", resolved)
+        if plan is not None and not plan.done:  # (no stage ran)
+            plan.apply(ctx)
+            atomic_write_text(out_dir / "recipe.resolved.yaml", resolved)
         write_outputs(ctx)
     except BaseException as err:
+        if isinstance(err, KeyboardInterrupt):  # as SIGTERM and SIGHUP say it (see _stop_on_signals)
+            where = escape(str(out_dir))
+            console.print(
+                f"[bold]build[/]: stopped (Ctrl-C); `tlcompile build RECIPE --out {where} --resume` continues it"
+            )
         ctx.tracker.fail(err)
         raise
     finally:
@@ -222,32 +236,90 @@ def write_outputs(ctx: BuildContext) -> None:
     write_build_manifest(ctx)
 
 
-def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
+@dataclass
+class ResumePlan:
+    """What a resumed build does to the folder of the build before it, decided before anything changes and done in two
+    steps (:meth:`apply`): the first stage's own folder just before that stage runs, the rest once it has passed, so
+    that a mistake in the data (a label CSV in UTF-16, missing images) leaves the finished build as it was."""
+
+    said: dict[str, list[str]]  # reused / redone / removed, by stage folder
+    clear: list[Path]  # stage folders whose build files go (someone's files stay)
+    remove_bundle: bool = False
+    done: bool = False
+    kept: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)  # removed by the start-time rule (a stage killed outright)
+
+    def apply(self, ctx: BuildContext, folders: list[Path] | None = None) -> None:
+        """Clear ``folders`` (of :attr:`clear`) now; None: everything left, then say what was done."""
+        for folder in [f for f in self.clear if folders is None or f in folders]:
+            self.clear.remove(folder)
+            kept, unlisted = _clear_stage_folder(folder)
+            self.kept += kept
+            self.unlisted += unlisted
+        if folders is not None or self.done:
+            return
+        self.done = True
+        for rel in BUILD_OUTPUTS:
+            path = ctx.out_dir / rel
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+        if self.remove_bundle:
+            # the earlier build's bundle goes now: a build that then fails before its bundle stage must not leave
+            # another recipe's model, which passes verify, beside its report ("Ships: nothing")
+            shutil.rmtree(ctx.out_dir / "bundle")
+        said = {k: list(v) for k, v in self.said.items()}
+        if self.kept:
+            said["kept"] = [", ".join(sorted(self.kept)) + " (not written by the build)"]
+        if self.unlisted:
+            shown = sorted(self.unlisted)
+            more = f" and {len(shown) - 10} more" if len(shown) > 10 else ""
+            said["removed"] = said.get("removed", []) + [
+                ", ".join(shown[:10]) + more + " (newer than the start of a stage that was killed before it could list "
+                "its files: taken for its own)"
+            ]
+        ctx.console.print(
+            "[bold]resume[/]: " + "; ".join(f"{k} {', '.join(v)}" for k, v in said.items() if v)
+            if any(said.values())
+            else "[bold]resume[/]: nothing to reuse"
+        )
+
+
+def plan_resume(ctx: BuildContext) -> ResumePlan:
     """Before a resumed build runs: keep each finished stage of this same recipe; clear every other stage folder
     (finished under another recipe, unfinished, or not in this recipe at all) and the build-wide outputs, so that
     nothing of an earlier recipe is mixed into this build or listed in its manifest. A file someone added into a stage
-    folder after that stage finished is kept, and named (:func:`_clear_stage_folder`).
+    folder after that stage finished is kept, and named (:func:`_clear_stage_folder`); a folder of someone's in the
+    build folder is not a stage folder, whatever its name, unless the build wrote it.
+
+    Refused in one line, before anything changes: a stage folder that is a symbolic link (the build would write
+    through it and could not clear it), and a bundle/ holding files the build did not write (it is made again whole).
 
     The epoch checkpoints of an unfinished training stage are kept: each carries the recipe's fingerprint and is
-    only resumed by the same recipe. Returns what was reused, redone and removed, by stage folder."""
+    only resumed by the same recipe."""
     planned = {stage.folder: stage for stage in planned_stages(ctx.recipe) if stage.folder}
-    plan: dict[str, list[str]] = {"reused": [], "redone": [], "removed": [], "kept": []}
-    folders = sorted(
-        p for p in ctx.out_dir.iterdir() if p.is_dir() and not p.is_symlink() and _STAGE_FOLDER.fullmatch(p.name)
-    )
+    known = {stage.folder for stage in STAGES if stage.folder}
+    said: dict[str, list[str]] = {"reused": [], "redone": [], "removed": []}
+    clear: list[Path] = []
+    for path in sorted(ctx.out_dir.iterdir()):
+        if path.name in known and path.is_symlink():
+            raise TlcompileError(
+                f"--resume: {path} is a symbolic link (to {os.readlink(path)}); a build's stage folders must be its "
+                "own: put the folder back in the build folder, or build into a new --out"
+            )
+    folders = [p for p in sorted(ctx.out_dir.iterdir()) if p.is_dir() and not p.is_symlink() and _is_stage_folder(p)]
     for folder in folders:
         name = folder.name
         if name not in planned:
-            plan["kept"] += _clear_stage_folder(folder)
-            plan["removed"].append(f"{name} (not in this recipe)")
+            clear.append(folder)
+            said["removed"].append(f"{name} (not in this recipe)")
             continue
         stage = planned[name]
         record = read_stage_record(folder)
         if stage.reusable and record is not None and record.get("fingerprint") == ctx.stage_fingerprint(name):
-            plan["reused"].append(name)
+            said["reused"].append(name)
             continue
         if stage.keeps_partial and record is None:
-            plan["redone"].append(f"{name} (unfinished: continues from its epoch checkpoint when it is this recipe's)")
+            said["redone"].append(f"{name} (unfinished: continues from its epoch checkpoint when it is this recipe's)")
             continue
         why = (
             "always measured again"
@@ -256,29 +328,51 @@ def plan_resume(ctx: BuildContext) -> dict[str, list[str]]:
             if record is None
             else "a recipe section it reads changed; it reads " + ", ".join(stage.sections or ())
         )
-        plan["kept"] += _clear_stage_folder(folder)
-        plan["redone"].append(f"{name} ({why})")
-    for rel in BUILD_OUTPUTS:
-        path = ctx.out_dir / rel
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-    if (ctx.out_dir / "bundle").is_dir() and not (ctx.out_dir / "bundle").is_symlink():
-        # the earlier build's bundle goes now: a build that then fails before its bundle stage must not leave another
-        # recipe's model, which passes verify, beside its report ("Ships: nothing")
-        shutil.rmtree(ctx.out_dir / "bundle")
-        plan["removed"].append(
+        clear.append(folder)
+        said["redone"].append(f"{name} ({why})")
+    bundle = ctx.out_dir / "bundle"
+    remove_bundle = bundle.is_dir() and not bundle.is_symlink()
+    if remove_bundle:
+        foreign = _not_the_bundles(bundle)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise TlcompileError(
+                f"--resume: {bundle} holds files the build did not write ({shown}); the bundle is made again whole, "
+                "so move them out of it first"
+            )
+        said["removed"].append(
             "bundle (this recipe makes none)"
             if ctx.recipe.bundle.enabled is False
             else "bundle (made again at the end)"
         )
-    if plan["kept"]:
-        plan["kept"] = [", ".join(plan["kept"]) + " (not written by the build)"]
-    ctx.console.print(
-        "[bold]resume[/]: " + "; ".join(f"{k} {', '.join(v)}" for k, v in plan.items() if v)
-        if any(plan.values())
-        else "[bold]resume[/]: nothing to reuse"
+    return ResumePlan(said=said, clear=clear, remove_bundle=remove_bundle)
+
+
+def _is_stage_folder(folder: Path) -> bool:
+    """A stage folder of this build: one of this version's stage names, or (an older version's) one that holds a
+    stage's record or marks. A folder of someone's named like one (``00_raw``, ``99_notes``) is not."""
+    if folder.name in {stage.folder for stage in STAGES if stage.folder}:
+        return True
+    return bool(_STAGE_FOLDER.fullmatch(folder.name)) and any(
+        (folder / mark).is_file() for mark in ("stage.json", STARTED_MARK, UNFINISHED_LIST, KEPT_LIST)
     )
-    return plan
+
+
+def _not_the_bundles(bundle: Path) -> list[str]:
+    """Files in ``bundle`` that are not the bundle's own (its manifest's, the manifest, a signature, verify's pin)."""
+    from tlcompile.runtime.manifest import MANIFEST_JSON, UNLISTED_OK
+
+    try:
+        listed = json.loads((bundle / MANIFEST_JSON).read_text()).get("files")
+        own = set(listed) if isinstance(listed, dict) else set()
+    except (OSError, ValueError, AttributeError, RecursionError):
+        own = set()
+    own |= {MANIFEST_JSON, *UNLISTED_OK}
+    return sorted(
+        rel
+        for p in bundle.rglob("*")
+        if (p.is_file() or p.is_symlink()) and (rel := p.relative_to(bundle).as_posix()) not in own
+    )
 
 
 KEPT_LIST = ".tlcompile-kept.json"  # in a stage folder: the files of someone else's that a resume kept there
@@ -314,10 +408,10 @@ def _kept_before(folder: Path) -> set[str]:
     return {k for k in kept if isinstance(k, str)} if isinstance(kept, list) else set()
 
 
-def _clear_stage_folder(folder: Path) -> list[str]:
-    """Remove what a stage wrote into ``folder``, keeping any file added after the stage finished (newer than its
-    stage.json: someone's notes, not the build's output) and any kept before (listed in KEPT_LIST, which is written
-    beside them); returns those kept, relative to the build folder. Otherwise the folder goes whole."""
+def _clear_stage_folder(folder: Path) -> tuple[list[str], list[str]]:
+    """Remove what a stage wrote into ``folder``, keeping any file (or link) it did not write (someone's notes) and any
+    kept before (listed in KEPT_LIST, which is written beside them). Returns those kept and those removed by the time
+    rule alone (see below), relative to the build folder. Without anything to keep the folder goes whole."""
     kept_list = folder / KEPT_LIST
     kept_before = _kept_before(folder)
     record = read_stage_record(folder)
@@ -338,6 +432,7 @@ def _clear_stage_folder(folder: Path) -> list[str]:
     start = started.stat().st_mtime_ns if record is None and started.is_file() and not started.is_symlink() else None
     entries = sorted(folder.rglob("*"), reverse=True)  # a folder's contents before the folder
     ours = {"stage.json", STARTED_MARK, UNFINISHED_LIST}
+    by_time: list[str] = []
 
     def theirs(p: Path) -> bool:
         rel = p.relative_to(folder).as_posix()
@@ -347,14 +442,18 @@ def _clear_stage_folder(folder: Path) -> list[str]:
             return False
         if written is not None:  # a file the stage did not write is someone's, however old (mv, cp -p, tar keep times)
             return rel not in written
+        mtime = p.lstat().st_mtime_ns
         if finished is not None:
-            return p.stat().st_mtime_ns > finished
-        return start is not None and p.stat().st_mtime_ns < start
+            return mtime > finished
+        if start is not None and mtime < start:
+            return True
+        by_time.append(f"{folder.name}/{rel}")
+        return False
 
-    keep = {p for p in entries if p.is_file() and not p.is_symlink() and p != kept_list and theirs(p)}
+    keep = {p for p in entries if (p.is_symlink() or p.is_file()) and p != kept_list and theirs(p)}
     if not keep:
         shutil.rmtree(folder)
-        return []
+        return [], by_time
     for path in entries:
         if path in keep:
             continue
@@ -363,7 +462,7 @@ def _clear_stage_folder(folder: Path) -> list[str]:
         elif not any(path.iterdir()):
             path.rmdir()
     atomic_write_text(kept_list, json.dumps(sorted(p.relative_to(folder).as_posix() for p in keep)))
-    return sorted(p.relative_to(folder.parent).as_posix() for p in keep)
+    return sorted(p.relative_to(folder.parent).as_posix() for p in keep), by_time
 
 
 def input_list_sha256(data_module: DataModule) -> str:
