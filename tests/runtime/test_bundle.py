@@ -663,3 +663,16 @@ def test_golden_samples_hold_the_scores_nearest_the_threshold_on_both_sides():
     scores = np.array([0.001, 0.3, 0.45, 0.5, 0.53, 0.56, 0.7, 0.999])
     assert sorted(scores[_nearest_each_side(scores, 0.52, 2, 0.03)].tolist()) == [0.3, 0.45, 0.56, 0.7]
     assert _nearest_each_side(np.array([0.5]), 0.5, 8, 0.1).size == 0
+
+
+def test_a_candidate_measured_at_another_precision_than_it_runs_says_so():
+    """On an AMX build box bench.precision auto ran OpenVINO in bf16: the bundle listed bf16 latency and accuracy for
+    candidates it runs in f32, with nothing to say so (found outside-in). f32 is now the default; another is noted."""
+    from tlcompile.export.bundle import BUNDLE_PRECISION, _measured
+    from tlcompile.recipe import validate_recipe_dict
+
+    assert validate_recipe_dict({}).bench.precision == BUNDLE_PRECISION == "f32"
+    row = {"name": "fp32", "runtime": "openvino", "exec_precision": "bf16", "p90_ms": 1.0}
+    assert "note" not in _measured(row, {}, "f32")
+    assert "bench.precision auto (ran bf16); the bundle runs f32" in _measured(row, {}, "auto")["note"]
+    assert "note" not in _measured({**row, "runtime": "onnxruntime"}, {}, "auto")

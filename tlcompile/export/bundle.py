@@ -495,12 +495,20 @@ def _tolerance(row: dict[str, Any], recipe: Recipe) -> float:
     return recipe.export.parity_max_abs_diff if row.get("precision", "fp32") == "fp32" else INT8_LOGIT_TOLERANCE
 
 
-def _measured(row: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _measured(row: dict[str, Any], env: dict[str, Any], requested: str = BUNDLE_PRECISION) -> dict[str, Any]:
+    """The candidate's bench row (test split). With bench.precision other than f32, OpenVINO ran in another precision
+    on the build box than the bundle deploys (f32): said beside the figures, not left for the reader to notice."""
+    measured = {
         "split": "test",
         "on_cpu": env.get("cpu"),
         **{k: v for k, v in row.items() if k not in ("path", "logits_path")},
     }
+    if row.get("runtime") == "openvino" and requested != BUNDLE_PRECISION:
+        measured["note"] = (
+            f"measured with OpenVINO at bench.precision {requested} (ran {row.get('exec_precision', '?')}); the bundle "
+            f"runs {BUNDLE_PRECISION}, which tlcompile verify measures on the box"
+        )
+    return measured
 
 
 def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, recipe: Recipe) -> dict[str, Any] | None:
@@ -572,7 +580,7 @@ def write_bundle(report: dict[str, Any], *, out_dir: Path, data: DataModule, rec
                         "entry": entry,
                         "files": files,
                     },
-                    "measured": _measured(r, env),
+                    "measured": _measured(r, env, recipe.bench.precision),
                     "endpoints": {"result": (r.get("clinical") or {}).get("endpoints"), "met": _endpoints_pass(r)},
                     "golden": {
                         "tolerance": {"max_abs_logit": _tolerance(r, recipe), "max_abs_pixel": GOLDEN_PIXEL_TOLERANCE}
