@@ -1301,14 +1301,13 @@ def format_validation_error(
         loc = tuple(str(p) for p in e["loc"])
         # the --set that gave this value, or whose path holds this unknown key (data.preprocessing.size=10 makes an
         # unknown 'preprocessing'), not the recipe line of its section
-        given = next(
-            (
-                o
-                for key, o in (set_keys or {}).items()
-                if loc[: len(key)] == key or (e["type"] == "extra_forbidden" and key[: len(loc)] == loc)
-            ),
+        given = next((o for key, o in (set_keys or {}).items() if loc[: len(key)] == key), None) or next(
+            (o for key, o in (set_keys or {}).items() if e["type"] == "extra_forbidden" and key[: len(loc)] == loc),
             None,
         )
+        if given is None and loc:  # a check of a whole section (data.split: val + test) whose values came by --set
+            under = [o for key, o in (set_keys or {}).items() if key[: len(loc)] == loc]
+            given = ", --set ".join(under) if under else None
         line = None if given else lines.get(loc) or lines.get(loc[:-1])
         # A check across sections (loc empty) names its keys in its own message.
         origin = f" (--set {given})" if given else f" (line {line})" if line else ""
