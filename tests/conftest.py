@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import sys
@@ -59,16 +60,19 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def tiny_recipe_dict() -> dict:
     """A recipe that builds in seconds: 120 synthetic images at 48 px, cbr_small, 1 epoch, few timed runs."""
-    return {
-        "name": "tiny",
-        "seed": 0,
-        "data": {"source": "synthetic", "num_images": 120, "image_size": 48, "split": {"val": 0.2, "test": 0.25}},
-        "model": {"arch": "cbr_small"},
-        "train": {"epochs": 1, "batch_size": 32, "lr": 0.002},
-        "export": {"formats": ["onnx", "openvino"], "parity_images": 16},
-        "bench": {"runtimes": ["openvino", "onnxruntime", "torch"], "warmup": 1, "iterations": 3},
-        "bundle": {"explain_images": 0},  # heatmaps cost ~10 s at this size: tests/runtime's tiny_build has them
-    }
+    return copy.deepcopy(TINY_RECIPE)
+
+
+TINY_RECIPE = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"source": "synthetic", "num_images": 120, "image_size": 48, "split": {"val": 0.2, "test": 0.25}},
+    "model": {"arch": "cbr_small"},
+    "train": {"epochs": 1, "batch_size": 32, "lr": 0.002},
+    "export": {"formats": ["onnx", "openvino"], "parity_images": 16},
+    "bench": {"runtimes": ["openvino", "onnxruntime", "torch"], "warmup": 1, "iterations": 3},
+    "bundle": {"explain_images": 0},  # heatmaps cost ~10 s at this size: tests/runtime's tiny_build has them
+}
 
 
 @pytest.fixture

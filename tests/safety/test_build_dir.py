@@ -155,6 +155,19 @@ def test_resume_with_another_recipe_removes_stale_stages_and_says_what_it_reused
     assert (out / "03_prune" / "notes" / "why.txt").read_text() == "also mine"
 
 
+@pytest.fixture(scope="module")
+def finished_tiny(tmp_path_factory) -> Path:
+    """A finished tiny build (no plots), made once for this file's tests: each copies it before changing it."""
+    from tests.conftest import TINY_RECIPE
+    from tlcompile.report import html
+
+    out = tmp_path_factory.mktemp("finished") / "build"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(html, "PLOTS", ())
+        build(validate_recipe_dict(TINY_RECIPE), out, console=Console(quiet=True))
+    return out
+
+
 @pytest.fixture
 def compress_like_recipe(tiny_recipe_dict) -> dict:
     r = dict(tiny_recipe_dict)
@@ -225,14 +238,14 @@ def test_resume_after_a_stage_stopped_keeps_what_someone_put_in_its_folder(
 
 
 def test_resume_after_a_stage_was_killed_outright_keeps_files_older_than_its_start(
-    tiny_recipe_dict, tmp_path, no_plots
+    tiny_recipe_dict, tmp_path, no_plots, finished_tiny
 ):
     """SIGKILL (the out-of-memory killer) leaves no list: a file older than the stage's start mark is someone's (copied
     in with its time), a newer one is taken for the stage's."""
     from tlcompile.build import loop
 
     out = tmp_path / "build"
-    build(validate_recipe_dict(tiny_recipe_dict), out, console=Console(quiet=True))
+    shutil.copytree(finished_tiny, out, symlinks=True)
     folder = out / "05_export"
     (folder / "stage.json").unlink()  # as if killed before its end
     (folder / loop.STARTED_MARK).write_text("")
@@ -250,7 +263,7 @@ def test_resume_after_a_stage_was_killed_outright_keeps_files_older_than_its_sta
 
 
 def test_a_resume_changes_nothing_of_the_finished_build_until_its_data_have_passed(
-    tiny_recipe_dict, tmp_path, monkeypatch, no_plots
+    tiny_recipe_dict, tmp_path, monkeypatch, no_plots, finished_tiny
 ):
     """Found outside-in: a --resume with a changed recipe removed the finished build's stages, bundle and report, then
     stopped on the new label CSV (UTF-16, as Excel saves 'Unicode text'): only an empty 01_data was left. Now the
@@ -261,8 +274,7 @@ def test_a_resume_changes_nothing_of_the_finished_build_until_its_data_have_pass
     from tlcompile.build import loop
     from tlcompile.build.stages import data
 
-    clean = tmp_path / "clean"
-    build(validate_recipe_dict(tiny_recipe_dict), clean, console=Console(quiet=True))
+    clean = finished_tiny
     changed = validate_recipe_dict({**tiny_recipe_dict, "train": {**tiny_recipe_dict["train"], "lr": 0.001}})
 
     # 1. the data stage fails: every file of the finished build outside 01_data is as it was
@@ -302,7 +314,7 @@ def test_a_resume_changes_nothing_of_the_finished_build_until_its_data_have_pass
     # 3. a folder of someone's named like a stage folder, and a link of someone's in a stage folder, are kept
     (out / "99_notes").mkdir()
     (out / "99_notes" / "a.txt").write_text("mine")
-    (out / "02_train" / "link.txt").symlink_to(tmp_path / "clean" / "report.md")
+    (out / "02_train" / "link.txt").symlink_to(finished_tiny / "report.md")
     console = Console(record=True, width=300)
     build(changed, out, resume=True, console=console)
     printed = console.export_text()
