@@ -155,6 +155,15 @@ def test_resume_with_another_recipe_removes_stale_stages_and_says_what_it_reused
     assert (out / "03_prune" / "notes" / "why.txt").read_text() == "also mine"
 
 
+def _run_instead(monkeypatch, stage, run) -> None:
+    """The build runs ``run(ctx, artifacts)`` in place of ``stage``'s own work (stages are frozen dataclasses)."""
+    import dataclasses
+
+    from tlcompile.build import loop
+
+    monkeypatch.setattr(loop, "STAGES", [dataclasses.replace(s, run=run) if s is stage else s for s in loop.STAGES])
+
+
 @pytest.fixture(scope="module")
 def finished_tiny(tmp_path_factory) -> Path:
     """A finished tiny build (no plots), made once for this file's tests: each copies it before changing it."""
@@ -194,7 +203,6 @@ def test_resume_after_a_stage_stopped_keeps_what_someone_put_in_its_folder(
     """A stage that stopped before its end (an error, Ctrl-C, `kill`) left no stage.json, and the resume removed its
     whole folder: someone's notes put there after the crash went with it. Now the stage lists the files it had written
     when it stopped, and the resume removes those and keeps the rest, whatever their times."""
-    import dataclasses
     import signal
 
     from tlcompile.build import loop
@@ -208,9 +216,7 @@ def test_resume_after_a_stage_stopped_keeps_what_someone_put_in_its_folder(
             os.kill(os.getpid(), signal.SIGTERM)
         raise RuntimeError("the disk filled up")
 
-    monkeypatch.setattr(
-        loop, "STAGES", [dataclasses.replace(s, run=stopped) if s is export.STAGE else s for s in loop.STAGES]
-    )
+    _run_instead(monkeypatch, export.STAGE, stopped)
     console = Console(record=True, width=300)
     with pytest.raises(SystemExit if how == "sigterm" else RuntimeError) as info:
         build(validate_recipe_dict(tiny_recipe_dict), out, console=console)
@@ -269,9 +275,7 @@ def test_a_resume_changes_nothing_of_the_finished_build_until_its_data_have_pass
     stopped on the new label CSV (UTF-16, as Excel saves 'Unicode text'): only an empty 01_data was left. Now the
     earlier build is cleared once the data stage has passed; someone's folders, links and bundle notes are never
     removed (a bundle/ with them, or a stage folder that is a link, is refused before anything changes)."""
-    import dataclasses
 
-    from tlcompile.build import loop
     from tlcompile.build.stages import data
 
     clean = finished_tiny
@@ -285,9 +289,7 @@ def test_a_resume_changes_nothing_of_the_finished_build_until_its_data_have_pass
     def bad_labels(ctx, artifacts):
         raise TlcompileError("labels.csv: not UTF-8 text (UTF-16?); save it as UTF-8")
 
-    monkeypatch.setattr(
-        loop, "STAGES", [dataclasses.replace(s, run=bad_labels) if s is data.STAGE else s for s in loop.STAGES]
-    )
+    _run_instead(monkeypatch, data.STAGE, bad_labels)
     changed_data = validate_recipe_dict({**tiny_recipe_dict, "data": {**tiny_recipe_dict["data"], "num_images": 110}})
     with pytest.raises(TlcompileError, match="not UTF-8"):
         build(changed_data, out, resume=True, console=Console(quiet=True))
@@ -324,17 +326,13 @@ def test_a_resume_changes_nothing_of_the_finished_build_until_its_data_have_pass
 
 
 def test_ctrl_c_says_how_to_continue(tiny_recipe_dict, tmp_path, monkeypatch, no_plots):
-    import dataclasses
 
-    from tlcompile.build import loop
     from tlcompile.build.stages import export
 
     def interrupted(ctx, artifacts):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(
-        loop, "STAGES", [dataclasses.replace(s, run=interrupted) if s is export.STAGE else s for s in loop.STAGES]
-    )
+    _run_instead(monkeypatch, export.STAGE, interrupted)
     console = Console(record=True, width=300)
     with pytest.raises(KeyboardInterrupt):
         build(validate_recipe_dict(tiny_recipe_dict), tmp_path / "b", console=console)
