@@ -180,6 +180,9 @@ def test_the_bundle_carries_the_gate_and_verify_checks_it(tiny_build, bundle_cop
     assert report_q["colour_only"] is True and report_q["photos_as_taken"]["monochrome"] == 0
     assert q["limits"]["chroma"] == 12.0 and q["limits"]["green_median"] == report_q["max_green_median"] > 0
     assert report_q["limits_source"]["green_median"] == "the val photos as taken"
+    # ... and no darker than the darkest of them: the calibrated limit is at most 60, every synthetic photo brighter
+    assert report_q["min_brightness"] > 60 and q["limits"]["brightness"] == report_q["min_brightness"]
+    assert report_q["limits_source"]["brightness"] == "the val photos as taken"
     assert len(q["golden"]) == len(meta["golden"]["images"])
     result = verify_bundle(bundle_copy, pin=False)
     assert result.ok and result.quality.present and result.quality.samples == len(q["golden"])

@@ -93,6 +93,12 @@ class QualitySection(_Strict):
         "it refuses a brighter photo); null when no val photo had a field. Absent in reports from before it was "
         "recorded.",
     )
+    min_brightness: float | None = Field(
+        None,
+        description="The brightness of the darkest val photo as taken; the gate's 'brightness' limit when it is above "
+        "the calibrated one (limits_source says so: it refuses a darker photo); null when no val photo had a field. "
+        "Absent in reports from before it was recorded.",
+    )
     limits_source: dict[str, str]
     calibration: _Calibration
     test: GateMetrics
@@ -151,6 +157,13 @@ def quality_parts(report: dict[str, Any]) -> tuple[list[str], list[tuple[str, li
             "field; the gate answers a brighter photo 'ungradable' (limit on green_median): one the model was not "
             "shown to read. The test figures above count this limit too (test photos brighter than every val photo "
             "are refused)."
+        )
+    darkest = q.get("limits_source", {}).get("brightness") == "the val photos as taken"
+    if q.get("min_brightness") is not None and darkest:
+        paragraphs.append(
+            f"Darkness: the darkest val photo as taken has a brightness of {q['min_brightness']:.0f}, above the "
+            "calibrated limit; the gate answers a darker photo 'ungradable' (too dark): one the model was not shown to "
+            "read. The test figures above count this limit too."
         )
     used = q.get("test_photos")
     if used and used["used"] < used["in_split"]:

@@ -177,10 +177,15 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     monochrome = sum(c.measures.get("chroma", 0.0) < MONOCHROME_CHROMA for c in taken)
     colour_only = bool(taken) and monochrome == 0
     max_green = max((c.measures.get("green_median", 0.0) for c in taken), default=0.0) or None  # no field: none
+    # ... and a photo darker than the darkest of them: the skimage retina photo at half brightness (brightness 106,
+    # the val photos' darkest 136, the calibrated limit 60) went from P 0.02 to a referral at P 0.92.
+    min_bright = min((c.measures.get("brightness", 0.0) for c in taken), default=0.0) or None
+    dark_floor = min_bright is not None and "brightness" not in fixed and min_bright > limits["brightness"]
     limits = {
         **limits,
         **({"chroma": float(MONOCHROME_CHROMA)} if colour_only else {}),
         **({"green_median": float(max_green)} if max_green is not None else {}),
+        **({"brightness": float(min_bright)} if dark_floor else {}),
     }
     gate = QualityGate(limits=limits)
     val_pass, test_pass = _verdicts(val, limits), _verdicts(test, limits)
@@ -194,10 +199,12 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         "limits": gate.limits,
         "colour_only": colour_only,
         "max_green_median": max_green,
+        "min_brightness": min_bright,
         "photos_as_taken": {"val": len(taken), "monochrome": monochrome},
         "limits_source": {
             **{k: ("recipe" if k in fixed else "calibrated on val") for k in MEASURES},
             **{k: "the val photos as taken" for k in DOMAIN if k in limits},
+            **({"brightness": "the val photos as taken"} if dark_floor else {}),
         },
         "calibration": {
             "split": "val",
