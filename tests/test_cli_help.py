@@ -136,7 +136,7 @@ def test_the_command_runs_numpy_blas_on_one_thread_unless_told(user_value):
         ),
         (
             ["serve", "b", "--watch", "w", "--fhir", "--patient-id-system", "hospital MRN"],
-            "--patient-id-system 'hospital MRN' has a space or a control character in it; valid: an absolute URI",
+            "--patient-id-system 'hospital MRN' has a space, a control character or a character outside ASCII in it",
         ),
         # a recipe's num_images is capped at 200,000; 99,999,999,999 at 4096 px ran silently until killed
         (
@@ -225,3 +225,27 @@ def test_a_bad_thread_count_in_the_environment_is_one_line(value, monkeypatch, c
     assert stopped.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: TLCOMPILE_NUM_THREADS {value!r} (environment) is out of range; valid: "), err
     assert not (tmp_path / "synth").exists()
+    monkeypatch.setattr(sys, "argv", ["tlcompile", "--version"])  # help and the version need no threads
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 0 and capsys.readouterr().out.startswith("tlcompile ")
+
+
+def test_a_patient_register_is_an_absolute_ascii_uri():
+    from tlcompile.errors import TlcompileError
+    from tlcompile.runtime.outputs import check_identifier_system
+
+    assert check_identifier_system("urn:oid:1.2.826.0.1.3680043") == "urn:oid:1.2.826.0.1.3680043"
+    assert check_identifier_system("https://eye.example.org/mrn") == "https://eye.example.org/mrn"
+    assert check_identifier_system("URN:UUID:6E8A5F7C-1B2D-4C3E-8F9A-0B1C2D3E4F5A") == (
+        "urn:uuid:6e8a5f7c-1b2d-4c3e-8f9a-0b1c2d3e4f5a"  # one register, one string (as a DICOM file's is written)
+    )
+    for bad, said in (
+        ("https://", "has no host"),
+        ("MRN", "is not an absolute URI"),
+        ("urn:oid:1.02", "is not a valid URN"),
+        ("https://eye.example.org/m\u200brn", "outside ASCII"),
+        ("C:/registers/mrn", "is not an absolute URI"),
+    ):
+        with pytest.raises(TlcompileError, match=said):
+            check_identifier_system(bad)

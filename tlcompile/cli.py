@@ -1133,7 +1133,8 @@ def main() -> None:
     try:
         from tlcompile.runtime.inference import default_threads
 
-        default_threads()  # a bad TLCOMPILE_NUM_THREADS is said before anything runs, not where a command reads it
+        if not {"--help", "-h", "--version"} & set(sys.argv[1:]):  # (help and the version need no threads)
+            default_threads()  # a bad TLCOMPILE_NUM_THREADS is said before anything runs, not where a command reads it
         code = app(prog_name="tlcompile", standalone_mode=False)  # click raises its errors, not prints them in a box
     except TlcompileError as err:
         print(f"error: {_one_line(str(err))}", file=sys.stderr)

@@ -1305,12 +1305,19 @@ def format_validation_error(
             (o for key, o in (set_keys or {}).items() if e["type"] == "extra_forbidden" and key[: len(loc)] == loc),
             None,
         )
-        if given is None and loc:  # a check of a whole section (data.split: val + test) whose values came by --set
-            under = [o for key, o in (set_keys or {}).items() if key[: len(loc)] == loc]
-            given = ", --set ".join(under) if under else None
+        # a check of a whole section (data.split: val + test) may be about values given by --set: named beside its line
+        under = [o for key, o in (set_keys or {}).items() if loc and key[: len(loc)] == loc] if given is None else []
         line = None if given else lines.get(loc) or lines.get(loc[:-1])
         # A check across sections (loc empty) names its keys in its own message.
-        origin = f" (--set {given})" if given else f" (line {line})" if line else ""
+        origin = (
+            f" (--set {given})"
+            if given
+            else f" ({f'line {line}, ' if line else ''}with --set {', --set '.join(under)})"
+            if under
+            else f" (line {line})"
+            if line
+            else ""
+        )
         where = ".".join(_shown_key(p) for p in loc) + origin + ": " if loc else ""
         parts.append(f"{where}{_describe_error(e)}")
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""

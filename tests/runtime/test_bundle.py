@@ -676,3 +676,4 @@ def test_a_candidate_measured_at_another_precision_than_it_runs_says_so():
     assert "note" not in _measured(row, {}, "f32")
     assert "bench.precision auto (ran bf16); the bundle runs f32" in _measured(row, {}, "auto")["note"]
     assert "note" not in _measured({**row, "runtime": "onnxruntime"}, {}, "auto")
+    assert "note" not in _measured({**row, "exec_precision": "f32"}, {}, "auto")  # auto on a CPU without bf16

@@ -75,11 +75,14 @@ def test_report_bundle_validates_and_carries_codes_model_and_patient():
         ({"patient_id_system": "urn:oid:1.2.826.0.1.3680043.2"}, "urn:oid:1.2.826.0.1.3680043.2"),
         ({}, site),
         ({"patient_id_system": "urn:oid:not an oid"}, site),
+        # another register's ID (found in review: the site's system would make a server match another patient)
+        ({"patient_id_issuer": "HOSP-B"}, None),
     ):
         record = _record(dicom={"patient_id": PATIENT_ID, **dicom})
         made = report_bundle(record, MODEL, patient_id_system=site)
         Bundle.model_validate(made)
-        assert made["entry"][0]["resource"]["subject"]["identifier"] == {"value": PATIENT_ID, "system": system}
+        identifier = made["entry"][0]["resource"]["subject"]["identifier"]
+        assert identifier.get("system") == system and identifier["value"] == PATIENT_ID
     device = by_type["Device"][0]
     assert device["identifier"][0]["value"] == MODEL["sha256"] and device["deviceName"][0]["name"] == "tiny"
     # Same image, same model: same ids (exactly once); no grade on a referable-task bundle.

@@ -337,3 +337,54 @@ def test_ctrl_c_says_how_to_continue(tiny_recipe_dict, tmp_path, monkeypatch, no
     with pytest.raises(KeyboardInterrupt):
         build(validate_recipe_dict(tiny_recipe_dict), tmp_path / "b", console=console)
     assert "build: stopped (Ctrl-C); `tlcompile build RECIPE --out" in console.export_text()
+
+
+def test_review_cases_of_resume_keep_what_is_not_the_builds(tiny_recipe_dict, tmp_path, no_plots, finished_tiny):
+    """Found in review: a bundle/ whose removal was stopped (its manifest gone) blocked every later resume; a note left
+    in an unfinished training folder was claimed by the training that continued there and removed by a later resume;
+    a folder of someone's named like a stage of this version (04_quantize) was removed whole."""
+    from tlcompile.build import loop
+
+    out = tmp_path / "build"
+    shutil.copytree(finished_tiny, out, symlinks=True)
+    (out / "bundle" / "manifest.json").unlink()  # as if the removal had been stopped after it
+    (out / "02_train" / "stage.json").unlink()  # training stopped before its end ...
+    (out / "02_train" / loop.UNFINISHED_LIST).write_text(
+        json.dumps(sorted(p.name for p in (out / "02_train").iterdir() if p.is_file()))
+    )
+    (out / "02_train" / "my_notes.txt").write_text("why it stopped")  # ... and someone's note since
+    (out / "04_quantize").mkdir()
+    (out / "04_quantize" / "plan.txt").write_text("quantize next week")  # no quantize section in this recipe
+    build(validate_recipe_dict(tiny_recipe_dict), out, resume=True, console=Console(quiet=True))
+    assert (out / "bundle" / "manifest.json").is_file() and (out / "02_train" / "stage.json").is_file()
+    assert "my_notes.txt" in json.loads((out / "02_train" / loop.KEPT_LIST).read_text())
+    changed = {**tiny_recipe_dict, "train": {**tiny_recipe_dict["train"], "lr": 0.001}}
+    console = Console(record=True, width=300)
+    build(validate_recipe_dict(changed), out, resume=True, console=console)
+    assert (out / "02_train" / "my_notes.txt").read_text() == "why it stopped"
+    assert (out / "04_quantize" / "plan.txt").read_text() == "quantize next week"
+    assert "04_quantize" not in console.export_text()
+
+
+def test_a_stop_whose_line_cannot_be_written_still_stops_the_build(tmp_path):
+    """After a hangup the terminal is gone: the handler's line raised OSError (exit 1, a traceback) instead of the
+    stop (129)."""
+    import signal
+
+    from tlcompile.build.loop import _stop_on_signals
+
+    class Gone:
+        def write(self, text):
+            raise OSError(5, "Input/output error")
+
+        def flush(self):
+            raise OSError(5, "Input/output error")
+
+    restore = _stop_on_signals(Console(file=Gone()), tmp_path)
+    try:
+        with pytest.raises(SystemExit) as info:
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert info.value.code == 128 + signal.SIGHUP
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL

@@ -169,9 +169,12 @@ def _stop_on_signals(console: Console, out_dir: Path) -> Any:
     def stop(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
         where = escape(str(out_dir))
-        console.print(
-            f"[bold]build[/]: stopped by {name}; `tlcompile build RECIPE --out {where} --resume` continues it"
-        )
+        try:  # (after a hangup the terminal is gone: writing to it fails, and the stop must not)
+            console.print(
+                f"[bold]build[/]: stopped by {name}; `tlcompile build RECIPE --out {where} --resume` continues it"
+            )
+        except OSError:
+            pass
         raise SystemExit(128 + signum)
 
     for signum in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
@@ -199,6 +202,8 @@ def run_stage(ctx: BuildContext, stage: Stage, artifacts: list[Artifact]) -> lis
         artifacts = _timed(ctx, stage, lambda: stage.run(ctx, artifacts))
     else:
         started = ctx.out_dir / stage.folder / STARTED_MARK
+        if read_stage_record(ctx.out_dir / stage.folder) is None:
+            _keep_what_is_theirs(ctx.out_dir / stage.folder)
         if not started.exists():  # a stage that continues after a crash (training) keeps its first start
             atomic_write_text(started, "")
         try:
@@ -266,7 +271,7 @@ class ResumePlan:
         if self.remove_bundle:
             # the earlier build's bundle goes now: a build that then fails before its bundle stage must not leave
             # another recipe's model, which passes verify, beside its report ("Ships: nothing")
-            shutil.rmtree(ctx.out_dir / "bundle")
+            shutil.rmtree(ctx.out_dir / "bundle", ignore_errors=not (ctx.out_dir / "bundle").exists())
         said = {k: list(v) for k, v in self.said.items()}
         if self.kept:
             said["kept"] = [", ".join(sorted(self.kept)) + " (not written by the build)"]
@@ -349,10 +354,9 @@ def plan_resume(ctx: BuildContext) -> ResumePlan:
 
 
 def _is_stage_folder(folder: Path) -> bool:
-    """A stage folder of this build: one of this version's stage names, or (an older version's) one that holds a
-    stage's record or marks. A folder of someone's named like one (``00_raw``, ``99_notes``) is not."""
-    if folder.name in {stage.folder for stage in STAGES if stage.folder}:
-        return True
+    """A stage folder of a build: one that holds a stage's record or marks (a stage writes its start mark first). A
+    folder of someone's named like one (``00_raw``, ``04_quantize``) is not; a stage that runs in such a folder keeps
+    what is there (:func:`_keep_what_is_theirs`)."""
     return bool(_STAGE_FOLDER.fullmatch(folder.name)) and any(
         (folder / mark).is_file() for mark in ("stage.json", STARTED_MARK, UNFINISHED_LIST, KEPT_LIST)
     )
@@ -364,14 +368,17 @@ def _not_the_bundles(bundle: Path) -> list[str]:
 
     try:
         listed = json.loads((bundle / MANIFEST_JSON).read_text()).get("files")
-        own = set(listed) if isinstance(listed, dict) else set()
     except (OSError, ValueError, AttributeError, RecursionError):
-        own = set()
-    own |= {MANIFEST_JSON, *UNLISTED_OK}
+        listed = None
+    if not isinstance(listed, dict):  # a removal that was stopped half way took the manifest: nothing to tell by
+        return []
+    own = {*listed, MANIFEST_JSON, *UNLISTED_OK}
     return sorted(
         rel
         for p in bundle.rglob("*")
-        if (p.is_file() or p.is_symlink()) and (rel := p.relative_to(bundle).as_posix()) not in own
+        if (p.is_file() or p.is_symlink())
+        and (rel := p.relative_to(bundle).as_posix()) not in own
+        and not (p.name.startswith(".") and p.name.endswith(".tmp"))  # an atomic write that was stopped (verify's pin)
     )
 
 
@@ -397,6 +404,37 @@ def _note_unfinished(folder: Path) -> None:
         atomic_write_text(folder / UNFINISHED_LIST, json.dumps(files))
     except OSError:  # a full disk: the resume falls back to the start time
         pass
+
+
+def _keep_what_is_theirs(folder: Path) -> None:
+    """Before a stage runs in a folder it did not finish in (training continuing from its epoch checkpoint, or a
+    folder someone made under a stage's name): list in KEPT_LIST the files already there that are not the stage's, so
+    that its stage.json does not claim them and no later resume removes them. Not the stage's: what its unfinished list
+    does not name; without a list, what is older than its start mark; without a mark either, everything."""
+    kept = _kept_before(folder)
+    try:
+        listed = json.loads((folder / UNFINISHED_LIST).read_text())
+        written = {f for f in listed if isinstance(f, str)} if isinstance(listed, list) else None
+    except (OSError, ValueError):
+        written = None
+    started = folder / STARTED_MARK
+    start = started.stat().st_mtime_ns if started.is_file() and not started.is_symlink() else None
+    marks = {KEPT_LIST, STARTED_MARK, UNFINISHED_LIST, "stage.json"}
+    theirs = set()
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder).as_posix()
+        if not (p.is_file() or p.is_symlink()) or rel in marks or rel in kept:
+            continue
+        if written is not None:
+            mine = rel in written
+        elif start is not None:
+            mine = p.lstat().st_mtime_ns >= start
+        else:
+            mine = False
+        if not mine:
+            theirs.add(rel)
+    if theirs:
+        atomic_write_text(folder / KEPT_LIST, json.dumps(sorted(kept | theirs)))
 
 
 def _kept_before(folder: Path) -> set[str]:
@@ -445,7 +483,7 @@ def _clear_stage_folder(folder: Path) -> tuple[list[str], list[str]]:
         mtime = p.lstat().st_mtime_ns
         if finished is not None:
             return mtime > finished
-        if start is not None and mtime < start:
+        if start is None or mtime < start:  # no mark at all: nothing tells the build's files from someone's
             return True
         by_time.append(f"{folder.name}/{rel}")
         return False
@@ -454,8 +492,10 @@ def _clear_stage_folder(folder: Path) -> tuple[list[str], list[str]]:
     if not keep:
         shutil.rmtree(folder)
         return [], by_time
+    # the list first: a stop while the stage's files go must not leave someone's files without it
+    atomic_write_text(kept_list, json.dumps(sorted(p.relative_to(folder).as_posix() for p in keep)))
     for path in entries:
-        if path in keep:
+        if path in keep or path == kept_list:
             continue
         if path.is_symlink() or not path.is_dir():
             path.unlink()

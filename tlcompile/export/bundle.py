@@ -503,7 +503,9 @@ def _measured(row: dict[str, Any], env: dict[str, Any], requested: str = BUNDLE_
         "on_cpu": env.get("cpu"),
         **{k: v for k, v in row.items() if k not in ("path", "logits_path")},
     }
-    if row.get("runtime") == "openvino" and requested != BUNDLE_PRECISION:
+    # (auto on a CPU without bf16 ran f32: the figures are of what the bundle runs; an int8 model's float layers
+    # may have run in bf16, which its exec precision i8 does not show)
+    if row.get("runtime") == "openvino" and requested != BUNDLE_PRECISION and row.get("exec_precision") != "f32":
         measured["note"] = (
             f"measured with OpenVINO at bench.precision {requested} (ran {row.get('exec_precision', '?')}); the bundle "
             f"runs {BUNDLE_PRECISION}, which tlcompile verify measures on the box"

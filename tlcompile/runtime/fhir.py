@@ -189,7 +189,10 @@ def report_bundle(
     if dicom.get("patient_id"):
         identifier: dict[str, Any] = {"value": dicom["patient_id"]}
         # without a system a FHIR server cannot match the ID to its Patient (the same number in two registers)
-        if system := _system_uri(dicom.get("patient_id_system")) or patient_id_system:
+        # the site's register only where the file names no issuer of its own: an ID from another hospital's
+        # register (IssuerOfPatientID HOSP-B) under the site's system could match another patient
+        site = patient_id_system if not dicom.get("patient_id_issuer") else None
+        if system := _system_uri(dicom.get("patient_id_system")) or site:
             identifier["system"] = system
         if dicom.get("patient_id_issuer"):  # DICOM's IssuerOfPatientID: which register the ID is from
             identifier["assigner"] = {"display": str(dicom["patient_id_issuer"])}

@@ -87,8 +87,11 @@ def check_identifier_system(value: str, option: str = "--patient-id-system") -> 
     namespace: ``urn:oid:1.2.3...``, ``https://hospital.example/mrn``), no space or control character."""
     valid = "valid: an absolute URI such as urn:oid:1.2.826.0.1.3680043 or https://hospital.example.org/mrn"
     shown = printable(value[:200])
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
-        raise TlcompileError(f"{option} '{shown}' has a space or a control character in it; {valid}")
+    if any(c.isspace() or not c.isprintable() for c in value) or not value.isascii():
+        raise TlcompileError(
+            f"{option} '{shown}' has a space, a control character or a character outside ASCII in it (a URI "
+            f"percent-encodes those); {valid}"
+        )
     if len(value) > 1024:
         raise TlcompileError(f"{option} '{shown}...' is {len(value)} characters long; {valid}, of at most 1024")
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):.", value)
@@ -98,7 +101,10 @@ def check_identifier_system(value: str, option: str = "--patient-id-system") -> 
     urn = rf"(?i)urn:({oid}|{uuid}|(?!oid:|uuid:)[a-z0-9][a-z0-9-]{{0,31}}:\S+)"
     if scheme.group(1).lower() == "urn" and not re.fullmatch(urn, value):
         raise TlcompileError(f"{option} '{shown}' is not a valid URN (urn:oid:1.2.3 or urn:uuid:...); {valid}")
-    return value
+    if scheme.group(1).lower() in ("http", "https") and not urllib.parse.urlsplit(value).hostname:
+        raise TlcompileError(f"{option} '{shown}' has no host; {valid}")
+    # one register, one string: a UUID's hex in lower case, as a DICOM file's own UUID is written
+    return value.lower() if value.lower().startswith("urn:uuid:") else value
 
 
 def check_server_url(url: str, option: str = "--fhir-url") -> str:

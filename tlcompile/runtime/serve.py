@@ -267,6 +267,7 @@ class Service:
         self._seen: dict[str, tuple[tuple[int, int, int, int], float, float]] = {}
         self._retries: dict[str, int] = {}  # name -> truncation retries so far
         self._noted: set[str] = set()  # sub-folders already named in the log (each once)
+        self._changing: set[str] = set()  # files found changed while read, already said (until recorded)
         # Extra outputs per record (e.g. runtime.fhir.FhirOutput): write(record) -> fields added to the record.
         self.outputs = list(outputs)
         self.explainer = None
@@ -417,7 +418,11 @@ class Service:
             return True
         if read.changed:
             self._seen.pop(name, None)  # seen anew: it must stay unchanged for --settle again before it is read
-            self.log(f"{printable(name)}: changed while it was read (still being written?); read again once it settles")
+            if name not in self._changing:  # once per file: one still being appended is read again at every settle
+                self._changing.add(name)
+                self.log(
+                    f"{printable(name)}: changed while it was read (still being written?); read again once it settles"
+                )
             return False
         if read.done:
             self._done.add(key)
@@ -481,6 +486,7 @@ class Service:
             written = self.ledger.write(record, error=error)
         self._done.add(key)
         self._retries.pop(name, None)
+        self._changing.discard(name)
         if error:
             self.stats.errors += 1
             self.log(f"{printable(name)}: ERROR {printable(record['error'])} -> {printable(str(written))}")
