@@ -337,3 +337,13 @@ def test_a_slow_row_stops_after_max_seconds_with_at_least_ten_timed_calls(monkey
     assert latency_module.measure_latency(run, warmup=0, iterations=4, max_seconds=0.01)["iterations"] == 4
     # Without a limit (null in the recipe), every iteration is timed.
     assert latency_module.measure_latency(run, warmup=0, iterations=50)["iterations"] == 50
+
+
+def test_model_files_of_one_name_in_two_formats_are_told_apart(tmp_path):
+    """`bench pruned.xml pruned.onnx -r openvino` printed two rows both 'pruned' on openvino (found outside-in)."""
+    from tlcompile.runtime.bench import discover_targets
+
+    for name in ("pruned.xml", "pruned.onnx", "fp32.onnx"):
+        (tmp_path / name).write_bytes(b"")
+    targets = discover_targets([tmp_path / "pruned.xml", tmp_path / "pruned.onnx", tmp_path / "fp32.onnx"])
+    assert [t.name for t in targets] == ["pruned.xml", "pruned.onnx", "fp32"]

@@ -173,6 +173,12 @@ def discover_targets(paths: list[Path]) -> list[BenchTarget]:
             raise BenchError(
                 f"'{path}' is not a build folder (report.json), a bundle (bundle.json), or a {_SUFFIXES_SLASH} model"
             )
+    # model files of one name in two formats (pruned.xml, pruned.onnx) on one runtime gave two rows both 'pruned':
+    # such files are named with their suffix
+    stems = [t.name for t in targets if t.source and Path(t.source).is_file()]
+    for t in targets:
+        if t.source and Path(t.source).is_file() and stems.count(t.name) > 1:
+            t.name = Path(t.source).name
     return targets
 
 
