@@ -58,7 +58,8 @@ def _run_variant(
 ) -> dict[str, Any]:
     """Body of one Ray task: an ordinary build (with tracking, a child run of the sweep's MLflow run); errors come
     back as data so one failure never stops the sweep."""
-    os.environ["TLCOMPILE_NUM_THREADS"] = str(threads)
+    # (at most the node's CPUs: tlcompile refuses a value above them, naming a variable the user never set)
+    os.environ["TLCOMPILE_NUM_THREADS"] = str(max(1, min(threads, os.cpu_count() or threads)))
     started = time.perf_counter()
     try:
         from rich.console import Console
