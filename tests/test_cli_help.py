@@ -240,6 +240,7 @@ def test_a_patient_register_is_an_absolute_ascii_uri():
     assert check_identifier_system("URN:UUID:6E8A5F7C-1B2D-4C3E-8F9A-0B1C2D3E4F5A") == (
         "urn:uuid:6e8a5f7c-1b2d-4c3e-8f9a-0b1c2d3e4f5a"  # one register, one string (as a DICOM file's is written)
     )
+    assert check_identifier_system("URN:OID:1.2.3") == "urn:oid:1.2.3"
     for bad, said in (
         ("https://", "has no host"),
         ("MRN", "is not an absolute URI"),

@@ -230,3 +230,25 @@ def test_the_register_of_the_patient_id_is_read_as_a_uri(qualifier, expected):
             setattr(item, key, value)
         ds.IssuerOfPatientIDQualifiersSequence = Sequence([item])
     assert header_meta(ds)["patient_id_system"] == expected
+
+
+def test_a_patient_id_with_a_backslash_is_the_text_the_file_has():
+    """PatientID 'MRN 12\\3' (a backslash: invalid in LO) reached FHIR as "['MRN 12', '3']" (found outside-in)."""
+    import warnings
+
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from tlcompile.runtime.dicom import header_meta
+
+    ds = Dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.PatientID = "MRN 12\\3"
+    item = Dataset()
+    item.UniversalEntityID, item.UniversalEntityIDType = "hospb.example.org", "DNS"
+    ds.IssuerOfPatientIDQualifiersSequence = Sequence([item])
+    meta = header_meta(ds)
+    assert meta["patient_id"] == "MRN 12\\3"
+    # named, though not as a URI: no system, and no site system either (FHIR)
+    assert meta["patient_id_system"] is None and meta["patient_id_register"] == "DNS hospb.example.org"

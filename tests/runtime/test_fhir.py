@@ -74,7 +74,8 @@ def test_report_bundle_validates_and_carries_codes_model_and_patient():
     for dicom, system in (
         ({"patient_id_system": "urn:oid:1.2.826.0.1.3680043.2"}, "urn:oid:1.2.826.0.1.3680043.2"),
         ({}, site),
-        ({"patient_id_system": "urn:oid:not an oid"}, site),
+        ({"patient_id_system": "urn:oid:not an oid", "patient_id_register": "ISO not an oid"}, None),
+        ({"patient_id_register": "DNS hospb.example.org"}, None),  # the file names a register, not as a URI
         # another register's ID (found in review: the site's system would make a server match another patient)
         ({"patient_id_issuer": "HOSP-B"}, None),
     ):

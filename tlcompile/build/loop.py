@@ -336,7 +336,12 @@ def plan_resume(ctx: BuildContext) -> ResumePlan:
         clear.append(folder)
         said["redone"].append(f"{name} ({why})")
     bundle = ctx.out_dir / "bundle"
-    remove_bundle = bundle.is_dir() and not bundle.is_symlink()
+    if bundle.is_symlink() or (bundle.exists() and not bundle.is_dir()):
+        raise TlcompileError(
+            f"--resume: {bundle} is a {'symbolic link' if bundle.is_symlink() else 'file'}, not the build's bundle "
+            "folder; move it out of the build folder first"
+        )
+    remove_bundle = bundle.is_dir()
     if remove_bundle:
         foreign = _not_the_bundles(bundle)
         if foreign:
@@ -354,10 +359,11 @@ def plan_resume(ctx: BuildContext) -> ResumePlan:
 
 
 def _is_stage_folder(folder: Path) -> bool:
-    """A stage folder of a build: one that holds a stage's record or marks (a stage writes its start mark first). A
-    folder of someone's named like one (``00_raw``, ``04_quantize``) is not; a stage that runs in such a folder keeps
-    what is there (:func:`_keep_what_is_theirs`)."""
-    return bool(_STAGE_FOLDER.fullmatch(folder.name)) and any(
+    """A stage folder of a build: named as one of the build's stages and holding a stage's record or marks (a stage
+    writes its start mark first). A folder of someone's is not: another name (``09_copy``, a backup of a stage folder
+    with its stage.json) or no marks (``04_quantize`` made by hand); a stage that runs in such a folder keeps what is
+    there (:func:`_keep_what_is_theirs`)."""
+    return folder.name in {stage.folder for stage in STAGES if stage.folder} and any(
         (folder / mark).is_file() for mark in ("stage.json", STARTED_MARK, UNFINISHED_LIST, KEPT_LIST)
     )
 
@@ -469,6 +475,8 @@ def _clear_stage_folder(folder: Path) -> tuple[list[str], list[str]]:
     )
     start = started.stat().st_mtime_ns if record is None and started.is_file() and not started.is_symlink() else None
     entries = sorted(folder.rglob("*"), reverse=True)  # a folder's contents before the folder
+    # an empty folder someone made stays (the stage's own folders are emptied by removing its files)
+    empty = {p for p in entries if p.is_dir() and not p.is_symlink() and not any(p.iterdir())}
     ours = {"stage.json", STARTED_MARK, UNFINISHED_LIST}
     by_time: list[str] = []
 
@@ -489,13 +497,13 @@ def _clear_stage_folder(folder: Path) -> tuple[list[str], list[str]]:
         return False
 
     keep = {p for p in entries if (p.is_symlink() or p.is_file()) and p != kept_list and theirs(p)}
-    if not keep:
+    if not keep and not empty:
         shutil.rmtree(folder)
         return [], by_time
     # the list first: a stop while the stage's files go must not leave someone's files without it
     atomic_write_text(kept_list, json.dumps(sorted(p.relative_to(folder).as_posix() for p in keep)))
     for path in entries:
-        if path in keep or path == kept_list:
+        if path in keep or path == kept_list or path in empty:
             continue
         if path.is_symlink() or not path.is_dir():
             path.unlink()

@@ -81,6 +81,8 @@ def _pydicom(path: str | Path | None = None) -> Any:
 
 def _text(ds: Any, keyword: str) -> str | None:
     value = ds.get(keyword)
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = "\\".join(str(v) for v in value)  # a backslash made pydicom split it: the value as the file has it
     text = str(value).strip() if value is not None else ""
     return text or None
 
@@ -156,7 +158,18 @@ def _issuer_uri(ds: Any) -> str | None:
     except (TypeError, IndexError, AttributeError, KeyError, ValueError):
         return None
     uri = {"ISO": f"urn:oid:{value}", "UUID": f"urn:uuid:{value.lower()}", "URI": value}.get(kind.strip().upper())
-    return uri if value and uri else None
+    return uri if value else None
+
+
+def _issuer_named(ds: Any) -> str | None:
+    """How the file's IssuerOfPatientIDQualifiersSequence names the ID's register, whatever its type ('DNS
+    hospb.example.org'): a file that names one is never given the site's register (FHIR)."""
+    try:
+        item = ds.get("IssuerOfPatientIDQualifiersSequence")[0]
+        value, kind = str(item.get("UniversalEntityID") or "").strip(), str(item.get("UniversalEntityIDType") or "")
+    except (TypeError, IndexError, AttributeError, KeyError, ValueError):
+        return None
+    return f"{kind.strip() or '?'} {value}" if value else None
 
 
 def header_meta(ds: Any) -> dict[str, Any]:
@@ -166,6 +179,7 @@ def header_meta(ds: Any) -> dict[str, Any]:
         "patient_id": _text(ds, "PatientID"),
         "patient_id_issuer": _text(ds, "IssuerOfPatientID"),  # whose ID it is: the hospital or system that gave it
         "patient_id_system": _issuer_uri(ds),
+        "patient_id_register": _issuer_named(ds),
         "laterality": laterality.upper() if laterality else None,  # R, L (B both, U unpaired)
         "acquired_at": _acquired_at(ds),
         "sop_instance_uid": _text(ds, "SOPInstanceUID"),

@@ -189,9 +189,11 @@ def report_bundle(
     if dicom.get("patient_id"):
         identifier: dict[str, Any] = {"value": dicom["patient_id"]}
         # without a system a FHIR server cannot match the ID to its Patient (the same number in two registers)
-        # the site's register only where the file names no issuer of its own: an ID from another hospital's
-        # register (IssuerOfPatientID HOSP-B) under the site's system could match another patient
-        site = patient_id_system if not dicom.get("patient_id_issuer") else None
+        # the site's register only where the file names no issuer of its own in any form: an ID from another
+        # hospital's register (IssuerOfPatientID HOSP-B, a qualifier that is no URI) under the site's system could
+        # match another patient
+        named = dicom.get("patient_id_issuer") or dicom.get("patient_id_register")
+        site = patient_id_system if not named else None
         if system := _system_uri(dicom.get("patient_id_system")) or site:
             identifier["system"] = system
         if dicom.get("patient_id_issuer"):  # DICOM's IssuerOfPatientID: which register the ID is from

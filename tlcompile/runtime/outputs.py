@@ -103,8 +103,10 @@ def check_identifier_system(value: str, option: str = "--patient-id-system") -> 
         raise TlcompileError(f"{option} '{shown}' is not a valid URN (urn:oid:1.2.3 or urn:uuid:...); {valid}")
     if scheme.group(1).lower() in ("http", "https") and not urllib.parse.urlsplit(value).hostname:
         raise TlcompileError(f"{option} '{shown}' has no host; {valid}")
-    # one register, one string: a UUID's hex in lower case, as a DICOM file's own UUID is written
-    return value.lower() if value.lower().startswith("urn:uuid:") else value
+    # one register, one string: 'urn:oid:' and a UUID's hex in lower case, as a DICOM file's own are written
+    if value.lower().startswith("urn:uuid:"):
+        return value.lower()
+    return "urn:oid:" + value[8:] if value.lower().startswith("urn:oid:") else value
 
 
 def check_server_url(url: str, option: str = "--fhir-url") -> str:
