@@ -75,6 +75,7 @@ report_quality.QualitySection.referral_headline
 report_quality.QualitySection.photos_as_taken
 report_quality.QualitySection.max_green_median
 report_quality.QualitySection.min_brightness
+report_quality.QualitySection.min_green_median
 
 # data/degrade.py: the in-memory form of stream_copies, for a few photos (tests; the build and `data synth` stream).
 degrade.degraded_copies

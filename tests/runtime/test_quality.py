@@ -172,7 +172,8 @@ def _rehash(bundle) -> None:
 def test_the_bundle_carries_the_gate_and_verify_checks_it(tiny_build, bundle_copy):
     meta = json.loads((bundle_copy / "bundle.json").read_text())
     q = meta["quality"]
-    assert set(q["limits"]) == {*MEASURES, "chroma", "green_median"} and q["limits"]["focus"] == 0.0  # focus fixed off
+    assert set(q["limits"]) == {*MEASURES, "chroma", "green_median", "green_low"}
+    assert q["limits"]["focus"] == 0.0  # focus fixed off
     assert q["imageability"]["split"] == "test" and 0 <= q["imageability"]["value"] <= 1
     assert tiny_build.report["quality"]["imageability"] == q["imageability"]
     # what the build validated on, carried to the box: colour photos only, and up to this exposure
@@ -183,6 +184,9 @@ def test_the_bundle_carries_the_gate_and_verify_checks_it(tiny_build, bundle_cop
     # ... and no darker than the darkest of them: the calibrated limit is at most 60, every synthetic photo brighter
     assert report_q["min_brightness"] > 60 and q["limits"]["brightness"] == report_q["min_brightness"]
     assert report_q["limits_source"]["brightness"] == "the val photos as taken"
+    # ... and no darker in green than the darkest of them (a gamma or a green cast leaves the brightness in range)
+    assert q["limits"]["green_low"] == report_q["min_green_median"] > 0
+    assert report_q["limits_source"]["green_low"] == "the val photos as taken"
     assert len(q["golden"]) == len(meta["golden"]["images"])
     result = verify_bundle(bundle_copy, pin=False)
     assert result.ok and result.quality.present and result.quality.samples == len(q["golden"])

@@ -393,8 +393,8 @@ def test_a_stop_whose_line_cannot_be_written_still_stops_the_build(tmp_path):
 def test_copies_of_stage_folders_and_empty_folders_of_someones_stay(
     tiny_recipe_dict, tmp_path, no_plots, finished_tiny
 ):
-    """Found outside-in: a backup copy of a stage folder (09_copy, with its stage.json) was removed with the model in it,
-    and an empty folder someone made in a stage folder went too; a file or link named bundle was renamed away."""
+    """Found outside-in: a backup copy of a stage folder (09_copy, with its stage.json) was removed with the model in
+    it, and an empty folder someone made in a stage folder went too; a file or link named bundle was renamed away."""
     out = tmp_path / "build"
     shutil.copytree(finished_tiny, out, symlinks=True)
     shutil.copytree(out / "02_train", out / "09_copy")

@@ -99,6 +99,12 @@ class QualitySection(_Strict):
         "the calibrated one (limits_source says so: it refuses a darker photo); null when no val photo had a field. "
         "Absent in reports from before it was recorded.",
     )
+    min_green_median: float | None = Field(
+        None,
+        description="The field's median green of the darkest val photo as taken (the gate's 'green_low' limit: it "
+        "refuses a photo darker in green); null when no val photo had a field. Absent in reports from before it was "
+        "recorded.",
+    )
     limits_source: dict[str, str]
     calibration: _Calibration
     test: GateMetrics
@@ -164,6 +170,12 @@ def quality_parts(report: dict[str, Any]) -> tuple[list[str], list[tuple[str, li
             f"Darkness: the darkest val photo as taken has a brightness of {q['min_brightness']:.0f}, above the "
             "calibrated limit; the gate answers a darker photo 'ungradable' (too dark): one the model was not shown to "
             "read. The test figures above count this limit too."
+        )
+    if q.get("min_green_median") is not None:
+        paragraphs.append(
+            f"Green: the val photo as taken darkest in green has a median green of {q['min_green_median']:.0f}; the "
+            "gate answers a photo darker in green 'ungradable' (limit on green_low: a gamma or a colour cast can fade "
+            "the vessels while the brightness stays in range)."
         )
     used = q.get("test_photos")
     if used and used["used"] < used["in_split"]:

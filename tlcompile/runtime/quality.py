@@ -83,9 +83,14 @@ MEASURES: dict[str, tuple[str, float, float, float]] = {
 # past one is outside what the model was shown to read. measure -> direction. A gate has 'chroma' (its limit
 # MONOCHROME_CHROMA) when no val photo was monochrome, and 'green_median' (the val photos' largest) when any had a
 # field. An older tlcompile refuses a gate with them ("not a measure"), rather than deciding without them.
-DOMAIN: dict[str, str] = {"chroma": "min", "green_median": "max"}
+DOMAIN: dict[str, str] = {"chroma": "min", "green_median": "max", "green_low": "min"}
 #: Every measure a gate may hold a limit for, in the order its reasons are given.
-GATED: dict[str, str] = {**DOMAIN, **{k: v[0] for k, v in MEASURES.items()}}  # domain first: what a retake must change
+# domain first (what a retake must change), but green_low last: a photo too dark overall is said so first
+GATED: dict[str, str] = {
+    **{k: v for k, v in DOMAIN.items() if k != "green_low"},
+    **{k: v[0] for k, v in MEASURES.items()},
+    "green_low": DOMAIN["green_low"],
+}
 
 #: Reason codes (CSV, serve records) and the words for each measure's failure.
 REASONS = {
@@ -100,6 +105,7 @@ REASONS = {
     # the DOMAIN measures: what the build validated on
     "chroma": "monochrome (red-free) photograph, and this model was validated on colour photographs only",
     "green_median": "over-exposed beyond every photo the model was validated on",
+    "green_low": "darker in green (the vessels' channel) than every photo the model was validated on",
 }
 RETAKE = "retake"
 
@@ -235,6 +241,9 @@ def measure(rgb: np.ndarray, found: FieldOfView) -> dict[str, float]:
         # histograms: exact), under MONOCHROME_CHROMA for a monochrome (red-free) photo; and its median green
         "chroma": round(_chroma(canvas, inside, green_counts, n_inside), 3),
         "green_median": round(green_median_all, 3),
+        # the same median green, held to the darkest val photo's (a gamma or a green cast leaves 'brightness', the
+        # median of max(R, G, B), in range while the vessels fade)
+        "green_low": round(green_median_all, 3),
     }
 
 
