@@ -245,7 +245,8 @@ def write_outputs(ctx: BuildContext) -> None:
 class ResumePlan:
     """What a resumed build does to the folder of the build before it, decided before anything changes and done in two
     steps (:meth:`apply`): the first stage's own folder just before that stage runs, the rest once it has passed, so
-    that a mistake in the data (a label CSV in UTF-16, missing images) leaves the finished build as it was."""
+    that a mistake in the data (a label CSV in UTF-16, missing images) leaves the finished build's models, exports,
+    bundle and report as they were (01_data then holds the failed check's problems.csv)."""
 
     said: dict[str, list[str]]  # reused / redone / removed, by stage folder
     clear: list[Path]  # stage folders whose build files go (someone's files stay)
