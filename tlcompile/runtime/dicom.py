@@ -148,28 +148,33 @@ def _acquired_at(ds: Any) -> str | None:
     return None
 
 
-def _issuer_uri(ds: Any) -> str | None:
-    """The register of the PatientID as a URI, from its IssuerOfPatientIDQualifiersSequence (PS3.3 C.7.1.1): an ISO
-    OID -> urn:oid:..., a UUID -> urn:uuid:..., a URI as it is; None when absent or of another type. FHIR checks it is
-    a URI before it becomes an Identifier.system (:func:`tlcompile.runtime.fhir.report_bundle`)."""
+def _issuer_qualifier(ds: Any) -> tuple[str, str] | None:
+    """(UniversalEntityIDType, UniversalEntityID) of the PatientID's IssuerOfPatientIDQualifiersSequence (PS3.3
+    C.7.1.1), or None when absent or empty."""
     try:
         item = ds.get("IssuerOfPatientIDQualifiersSequence")[0]
         value, kind = str(item.get("UniversalEntityID") or "").strip(), str(item.get("UniversalEntityIDType") or "")
     except (TypeError, IndexError, AttributeError, KeyError, ValueError):
         return None
-    uri = {"ISO": f"urn:oid:{value}", "UUID": f"urn:uuid:{value.lower()}", "URI": value}.get(kind.strip().upper())
-    return uri if value else None
+    return (kind.strip(), value) if value else None
+
+
+def _issuer_uri(ds: Any) -> str | None:
+    """The register of the PatientID as a URI, from its qualifiers: an ISO OID -> urn:oid:..., a UUID ->
+    urn:uuid:..., a URI as it is; None when absent or of another type. FHIR checks it is a URI before it becomes an
+    Identifier.system (:func:`tlcompile.runtime.fhir.report_bundle`)."""
+    qualifier = _issuer_qualifier(ds)
+    if qualifier is None:
+        return None
+    kind, value = qualifier
+    return {"ISO": f"urn:oid:{value}", "UUID": f"urn:uuid:{value.lower()}", "URI": value}.get(kind.upper())
 
 
 def _issuer_named(ds: Any) -> str | None:
-    """How the file's IssuerOfPatientIDQualifiersSequence names the ID's register, whatever its type ('DNS
-    hospb.example.org'): a file that names one is never given the site's register (FHIR)."""
-    try:
-        item = ds.get("IssuerOfPatientIDQualifiersSequence")[0]
-        value, kind = str(item.get("UniversalEntityID") or "").strip(), str(item.get("UniversalEntityIDType") or "")
-    except (TypeError, IndexError, AttributeError, KeyError, ValueError):
-        return None
-    return f"{kind.strip() or '?'} {value}" if value else None
+    """How the qualifiers name the ID's register, whatever its type ('DNS hospb.example.org'): a file that names one
+    is never given the site's register (FHIR)."""
+    qualifier = _issuer_qualifier(ds)
+    return f"{qualifier[0] or '?'} {qualifier[1]}" if qualifier else None
 
 
 def header_meta(ds: Any) -> dict[str, Any]:
