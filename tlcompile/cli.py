@@ -535,12 +535,14 @@ PatientIdSystemOption = Annotated[
 
 def _check_patient_id_system(value: str | None, fhir: bool) -> str | None:
     from tlcompile.runtime.outputs import check_identifier_system
+    from tlcompile.runtime.terminal import printable
 
     if value is None:
         return None
     if not fhir:
         raise TlcompileError(
-            f"--patient-id-system '{value[:200]}' goes into FHIR bundles only; valid: with --fhir or --fhir-url"
+            f"--patient-id-system '{printable(value[:200])}' goes into FHIR bundles only; valid: with --fhir or "
+            "--fhir-url"
         )
     return check_identifier_system(value)
 
