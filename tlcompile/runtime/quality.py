@@ -81,8 +81,9 @@ MEASURES: dict[str, tuple[str, float, float, float]] = {
 }
 # Measures whose limits are not calibrated but set by what the build validated on (its val photos as taken): a photo
 # past one is outside what the model was shown to read. measure -> direction. A gate has 'chroma' (its limit
-# MONOCHROME_CHROMA) when no val photo was monochrome, and 'green_median' (the val photos' largest) when any had a
-# field. An older tlcompile refuses a gate with them ("not a measure"), rather than deciding without them.
+# MONOCHROME_CHROMA) when no val photo was monochrome, and 'green_median' (the val photos' largest) and 'green_low' (the
+# same median green, their smallest) when any had a field; its calibrated 'brightness' limit is raised to their
+# darkest's. An older tlcompile refuses a gate with them ("not a measure"), rather than deciding without them.
 DOMAIN: dict[str, str] = {"chroma": "min", "green_median": "max", "green_low": "min"}
 #: Every measure a gate may hold a limit for, in the order its reasons are given.
 # domain first (what a retake must change), but green_low last: a photo too dark overall is said so first
