@@ -173,6 +173,15 @@ def run_sweep(
     if started_here:  # before anything is written: a cluster that cannot be joined leaves no trace
         connect(ray, address)
     try:
+        # a task asking for more CPUs than any node has is never scheduled: the sweep waited in silence for ever
+        largest = max(
+            (float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive", True)), default=0.0
+        )
+        if largest and cpus_per_variant > largest:
+            raise ClusterError(
+                f"--cpus-per-variant {cpus_per_variant} is more than any node of the cluster has ({largest:g} CPUs); "
+                f"valid: 1 to {int(largest)}"
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         from tlcompile.tracking import start_parent_run
 

@@ -347,3 +347,7 @@ def test_model_files_of_one_name_in_two_formats_are_told_apart(tmp_path):
         (tmp_path / name).write_bytes(b"")
     targets = discover_targets([tmp_path / "pruned.xml", tmp_path / "pruned.onnx", tmp_path / "fp32.onnx"])
     assert [t.name for t in targets] == ["pruned.xml", "pruned.onnx", "fp32"]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "fp32.onnx").write_bytes(b"")
+    targets = discover_targets([tmp_path / "fp32.onnx", tmp_path / "b" / "fp32.onnx"])
+    assert [t.name for t in targets] == [str(tmp_path / "fp32.onnx"), str(tmp_path / "b" / "fp32.onnx")]

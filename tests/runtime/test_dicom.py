@@ -252,3 +252,22 @@ def test_a_patient_id_with_a_backslash_is_the_text_the_file_has():
     assert meta["patient_id"] == "MRN 12\\3"
     # named, though not as a URI: no system, and no site system either (FHIR)
     assert meta["patient_id_system"] is None and meta["patient_id_register"] == "DNS hospb.example.org"
+
+
+def test_an_issuer_named_by_its_facility_only_is_named_all_the_same():
+    """Review: a qualifier naming the issuer through AssigningFacilitySequence (no UniversalEntityID) let the site's
+    register be given to another hospital's ID."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from tlcompile.runtime.dicom import header_meta
+
+    facility = Dataset()
+    facility.LocalNamespaceEntityID = "HOSP-B"
+    item = Dataset()
+    item.AssigningFacilitySequence = Sequence([facility])
+    ds = Dataset()
+    ds.PatientID = "12345"
+    ds.IssuerOfPatientIDQualifiersSequence = Sequence([item])
+    meta = header_meta(ds)
+    assert meta["patient_id_system"] is None and meta["patient_id_register"] == "qualifiers: AssigningFacilitySequence"

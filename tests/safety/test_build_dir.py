@@ -394,16 +394,23 @@ def test_copies_of_stage_folders_and_empty_folders_of_someones_stay(
     tiny_recipe_dict, tmp_path, no_plots, finished_tiny
 ):
     """Found outside-in: a backup copy of a stage folder (09_copy, with its stage.json) was removed with the model in
-    it, and an empty folder someone made in a stage folder went too; a file or link named bundle was renamed away."""
+    it; a file or link named bundle was renamed away; and (review) a stage folder without marks, whose stage this
+    recipe runs, had the build's stale files kept as someone's."""
     out = tmp_path / "build"
     shutil.copytree(finished_tiny, out, symlinks=True)
     shutil.copytree(out / "02_train", out / "09_copy")
-    (out / "02_train" / "emptydir").mkdir()
     changed = validate_recipe_dict({**tiny_recipe_dict, "train": {**tiny_recipe_dict["train"], "lr": 0.001}})
     console = Console(record=True, width=300)
     build(changed, out, resume=True, console=console)
     assert (out / "09_copy" / "fp32.pt").is_file() and "09_copy" not in console.export_text()
-    assert (out / "02_train" / "emptydir").is_dir()
+    (out / "05_export" / "stage.json").unlink()  # to force a redo, say
+    for mark in (".tlcompile-kept.json", ".tlcompile-started"):
+        (out / "05_export" / mark).unlink(missing_ok=True)
+    before = _tree(out)
+    with pytest.raises(TlcompileError, match="05_export has no stage record or marks .* move it out of the build"):
+        build(changed, out, resume=True, console=Console(quiet=True))
+    assert _tree(out) == before
+    shutil.rmtree(out / "05_export")
     shutil.rmtree(out / "bundle")
     (out / "bundle").write_text("my notes")
     before = _tree(out)

@@ -94,3 +94,25 @@ def test_a_failing_variant_does_not_stop_the_others(tmp_path, write_recipe, tiny
     assert ok["data.csv=ok.csv"]["ok"] and not ok["data.csv=broken.csv"]["ok"]
     assert "ghost.png' does not exist" in ok["data.csv=broken.csv"]["error"]
     assert len(report["rows"]) == 1
+
+
+def test_more_cpus_per_variant_than_any_node_has_is_one_line_not_a_silent_wait(
+    tiny_recipe_dict, write_recipe, tmp_path, monkeypatch
+):
+    """Review: a task asking for more CPUs than any node has is never scheduled, and the sweep waited for ever."""
+    import sys
+    import types
+
+    from tlcompile.errors import ClusterError
+    from tlcompile.sweep import run_sweep
+
+    fake = types.SimpleNamespace(
+        is_initialized=lambda: True,
+        nodes=lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}],
+        shutdown=lambda: None,
+    )
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    out = tmp_path / "sweep"
+    with pytest.raises(ClusterError, match=r"--cpus-per-variant 3 is more than any node of the cluster has \(2 CPUs\)"):
+        run_sweep(write_recipe(tiny_recipe_dict), ["train.lr=0.001,0.002"], out_dir=out, cpus_per_variant=3)
+    assert not out.exists()

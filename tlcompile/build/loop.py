@@ -312,6 +312,20 @@ def plan_resume(ctx: BuildContext) -> ResumePlan:
                 f"--resume: {path} is a symbolic link (to {os.readlink(path)}); a build's stage folders must be its "
                 "own: put the folder back in the build folder, or build into a new --out"
             )
+        if (
+            path.name in planned
+            and path.is_dir()
+            and not path.is_symlink()
+            and not _is_stage_folder(path)
+            and any(path.iterdir())
+        ):
+            # without marks nothing tells the build's old files from someone's: kept, stale outputs went into the
+            # manifest; removed, someone's plan.txt would go
+            raise TlcompileError(
+                f"--resume: {path} has no stage record or marks (made by hand, or its stage.json was removed), and "
+                f"this recipe's {path.name.split('_', 1)[1]} stage writes there: move it out of the build folder (or "
+                "remove it), then resume"
+            )
     folders = [p for p in sorted(ctx.out_dir.iterdir()) if p.is_dir() and not p.is_symlink() and _is_stage_folder(p)]
     for folder in folders:
         name = folder.name
@@ -476,8 +490,6 @@ def _clear_stage_folder(folder: Path) -> tuple[list[str], list[str]]:
     )
     start = started.stat().st_mtime_ns if record is None and started.is_file() and not started.is_symlink() else None
     entries = sorted(folder.rglob("*"), reverse=True)  # a folder's contents before the folder
-    # an empty folder someone made stays (the stage's own folders are emptied by removing its files)
-    empty = {p for p in entries if p.is_dir() and not p.is_symlink() and not any(p.iterdir())}
     ours = {"stage.json", STARTED_MARK, UNFINISHED_LIST}
     by_time: list[str] = []
 
@@ -498,13 +510,13 @@ def _clear_stage_folder(folder: Path) -> tuple[list[str], list[str]]:
         return False
 
     keep = {p for p in entries if (p.is_symlink() or p.is_file()) and p != kept_list and theirs(p)}
-    if not keep and not empty:
+    if not keep:
         shutil.rmtree(folder)
         return [], by_time
     # the list first: a stop while the stage's files go must not leave someone's files without it
     atomic_write_text(kept_list, json.dumps(sorted(p.relative_to(folder).as_posix() for p in keep)))
     for path in entries:
-        if path in keep or path == kept_list or path in empty:
+        if path in keep or path == kept_list:
             continue
         if path.is_symlink() or not path.is_dir():
             path.unlink()

@@ -179,6 +179,10 @@ def discover_targets(paths: list[Path]) -> list[BenchTarget]:
     for t in targets:
         if t.source and Path(t.source).is_file() and stems.count(t.name) > 1:
             t.name = Path(t.source).name
+    names = [t.name for t in targets]
+    for t in targets:  # still two of one name (a/fp32.onnx, b/fp32.onnx; a file beside a build's fp32): the path
+        if t.source and Path(t.source).is_file() and names.count(t.name) > 1:
+            t.name = str(t.source)
     return targets
 
 

@@ -174,7 +174,17 @@ def _issuer_named(ds: Any) -> str | None:
     """How the qualifiers name the ID's register, whatever its type ('DNS hospb.example.org'): a file that names one
     is never given the site's register (FHIR)."""
     qualifier = _issuer_qualifier(ds)
-    return f"{qualifier[0] or '?'} {qualifier[1]}" if qualifier else None
+    if qualifier is not None:
+        return f"{qualifier[0] or '?'} {qualifier[1]}"
+    try:  # an issuer named otherwise (AssigningFacilitySequence, a jurisdiction or agency code): named all the same
+        item = ds.get("IssuerOfPatientIDQualifiersSequence")[0]
+        return (
+            "qualifiers: " + ", ".join(sorted(e.keyword or str(e.tag) for e in item if not e.is_empty))
+            if len(item)
+            else None
+        )
+    except (TypeError, IndexError, AttributeError, KeyError, ValueError):
+        return None
 
 
 def header_meta(ds: Any) -> dict[str, Any]:

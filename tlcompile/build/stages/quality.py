@@ -188,7 +188,8 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
         **limits,
         **({"chroma": float(MONOCHROME_CHROMA)} if colour_only else {}),
         **({"green_median": float(max_green)} if max_green is not None else {}),
-        **({"green_low": float(min_green)} if min_green is not None else {}),
+        # (a recipe that fixes brightness, to accept darker photos, is not overruled on green either)
+        **({"green_low": float(min_green)} if min_green is not None and "brightness" not in fixed else {}),
         **({"brightness": float(min_bright)} if dark_floor else {}),
     }
     gate = QualityGate(limits=limits)
