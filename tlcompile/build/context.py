@@ -113,14 +113,15 @@ class BuildContext:
         put there is theirs, whatever its time)."""
         root = self.out_dir / folder
         gone = {Path(p) for p in cleanup}
-        files = sorted(
-            p.relative_to(root).as_posix()
-            for p in root.rglob("*")
-            if (p.is_file() or p.is_symlink()) and p.name != "stage.json" and p not in gone
-        )
+        files = sorted(rel for rel, p in stage_files(root) if p.name != "stage.json" and p not in gone)
         atomic_write_json(
             root / "stage.json", {"fingerprint": self.stage_fingerprint(folder), **record, "files": files}
         )
+
+
+def stage_files(folder: Path) -> list[tuple[str, Path]]:
+    """(path relative to ``folder``, path) of every file and link in it, at any depth."""
+    return [(p.relative_to(folder).as_posix(), p) for p in folder.rglob("*") if p.is_file() or p.is_symlink()]
 
 
 def read_stage_record(folder: Path) -> dict[str, Any] | None:

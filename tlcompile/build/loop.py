@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from tlcompile.build.context import Artifact, BuildContext, Stage, StageRun, read_stage_record
+from tlcompile.build.context import Artifact, BuildContext, Stage, StageRun, read_stage_record, stage_files
 from tlcompile.build.outdir import claim_out_dir, prepare_out_dir
 from tlcompile.build.stages import bench, bundle, data, explain, export, prune, quality, quantize, report, train
 from tlcompile.data.datamodule import DataModule
@@ -47,7 +46,6 @@ STAGES: list[Stage] = [
 ]
 # Files of a build that are derived from every stage and rewritten at its end.
 BUILD_OUTPUTS = ("report.json", "report.md", "report.html", "manifest.json")
-_STAGE_FOLDER = re.compile(r"\d\d_[a-z]+")
 
 
 @dataclass
@@ -303,7 +301,7 @@ def plan_resume(ctx: BuildContext) -> ResumePlan:
     The epoch checkpoints of an unfinished training stage are kept: each carries the recipe's fingerprint and is
     only resumed by the same recipe."""
     planned = {stage.folder: stage for stage in planned_stages(ctx.recipe) if stage.folder}
-    known = {stage.folder for stage in STAGES if stage.folder}
+    known = _stage_folder_names()
     said: dict[str, list[str]] = {"reused": [], "redone": [], "removed": []}
     clear: list[Path] = []
     for path in sorted(ctx.out_dir.iterdir()):
@@ -378,9 +376,13 @@ def _is_stage_folder(folder: Path) -> bool:
     writes its start mark first). A folder of someone's is not: another name (``09_copy``, a backup of a stage folder
     with its stage.json) or no marks (``04_quantize`` made by hand); a stage that runs in such a folder keeps what is
     there (:func:`_keep_what_is_theirs`)."""
-    return folder.name in {stage.folder for stage in STAGES if stage.folder} and any(
+    return folder.name in _stage_folder_names() and any(
         (folder / mark).is_file() for mark in ("stage.json", STARTED_MARK, UNFINISHED_LIST, KEPT_LIST)
     )
+
+
+def _stage_folder_names() -> set[str]:
+    return {stage.folder for stage in STAGES if stage.folder}
 
 
 def _not_the_bundles(bundle: Path) -> list[str]:
@@ -396,9 +398,8 @@ def _not_the_bundles(bundle: Path) -> list[str]:
     own = {*listed, MANIFEST_JSON, *UNLISTED_OK}
     return sorted(
         rel
-        for p in bundle.rglob("*")
-        if (p.is_file() or p.is_symlink())
-        and (rel := p.relative_to(bundle).as_posix()) not in own
+        for rel, p in stage_files(bundle)
+        if rel not in own
         and not (p.name.startswith(".") and p.name.endswith(".tmp"))  # an atomic write that was stopped (verify's pin)
     )
 
@@ -409,6 +410,21 @@ KEPT_LIST = ".tlcompile-kept.json"  # in a stage folder: the files of someone el
 # Ctrl-C or a termination signal (the stage's own: the next --resume removes those and keeps anything else).
 STARTED_MARK = ".tlcompile-started"
 UNFINISHED_LIST = ".tlcompile-unfinished.json"
+_MARKS = {KEPT_LIST, STARTED_MARK, UNFINISHED_LIST, "stage.json"}
+
+
+def _listed(path: Path) -> set[str] | None:
+    """The names in a JSON list the build wrote (KEPT_LIST, UNFINISHED_LIST); None when missing or unreadable."""
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else None
+
+
+def _mark_time(path: Path) -> int | None:
+    """The mtime of a mark the build wrote (stage.json, STARTED_MARK), or None when there is none."""
+    return path.stat().st_mtime_ns if path.is_file() and not path.is_symlink() else None
 
 
 def _note_unfinished(folder: Path) -> None:
@@ -416,11 +432,7 @@ def _note_unfinished(folder: Path) -> None:
     try:
         kept = _kept_before(folder)
         files = sorted(
-            rel
-            for p in folder.rglob("*")
-            if (p.is_file() or p.is_symlink())
-            and (rel := p.relative_to(folder).as_posix()) not in kept
-            and p.name not in (KEPT_LIST, STARTED_MARK, UNFINISHED_LIST)
+            rel for rel, p in stage_files(folder) if rel not in kept and p.name not in _MARKS - {"stage.json"}
         )
         atomic_write_text(folder / UNFINISHED_LIST, json.dumps(files))
     except OSError:  # a full disk: the resume falls back to the start time
@@ -433,18 +445,10 @@ def _keep_what_is_theirs(folder: Path) -> None:
     that its stage.json does not claim them and no later resume removes them. Not the stage's: what its unfinished list
     does not name; without a list, what is older than its start mark; without a mark either, everything."""
     kept = _kept_before(folder)
-    try:
-        listed = json.loads((folder / UNFINISHED_LIST).read_text())
-        written = {f for f in listed if isinstance(f, str)} if isinstance(listed, list) else None
-    except (OSError, ValueError):
-        written = None
-    started = folder / STARTED_MARK
-    start = started.stat().st_mtime_ns if started.is_file() and not started.is_symlink() else None
-    marks = {KEPT_LIST, STARTED_MARK, UNFINISHED_LIST, "stage.json"}
+    written, start = _listed(folder / UNFINISHED_LIST), _mark_time(folder / STARTED_MARK)
     theirs = set()
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder).as_posix()
-        if not (p.is_file() or p.is_symlink()) or rel in marks or rel in kept:
+    for rel, p in stage_files(folder):
+        if rel in _MARKS or rel in kept:
             continue
         if written is not None:
             mine = rel in written
@@ -459,12 +463,7 @@ def _keep_what_is_theirs(folder: Path) -> None:
 
 
 def _kept_before(folder: Path) -> set[str]:
-    kept_list = folder / KEPT_LIST
-    try:
-        kept = json.loads(kept_list.read_text()) if kept_list.is_file() else []
-    except (OSError, ValueError):
-        return set()
-    return {k for k in kept if isinstance(k, str)} if isinstance(kept, list) else set()
+    return _listed(folder / KEPT_LIST) or set()
 
 
 def _clear_stage_folder(folder: Path) -> tuple[list[str], list[str]]:
@@ -475,29 +474,22 @@ def _clear_stage_folder(folder: Path) -> tuple[list[str], list[str]]:
     kept_before = _kept_before(folder)
     record = read_stage_record(folder)
     # the files the stage listed as its own when it finished, or when it stopped on an error or a signal
-    written = set(record["files"]) if record is not None and isinstance(record.get("files"), list) else None
-    if record is None:
-        try:
-            listed = json.loads((folder / UNFINISHED_LIST).read_text())
-            written = {f for f in listed if isinstance(f, str)} if isinstance(listed, list) else None
-        except (OSError, ValueError):
-            written = None
+    if record is not None:
+        written = set(record["files"]) if isinstance(record.get("files"), list) else None
+    else:
+        written = _listed(folder / UNFINISHED_LIST)
     # Without a list (a record from before the lists; a stage killed outright): the time rule. A finished stage's files
     # are older than its stage.json, anything newer is someone's; an unfinished stage's are newer than its start mark.
-    marker, started = folder / "stage.json", folder / STARTED_MARK
-    finished = (
-        marker.stat().st_mtime_ns if record is not None and marker.is_file() and not marker.is_symlink() else None
-    )
-    start = started.stat().st_mtime_ns if record is None and started.is_file() and not started.is_symlink() else None
+    finished = _mark_time(folder / "stage.json") if record is not None else None
+    start = _mark_time(folder / STARTED_MARK) if record is None else None
     entries = sorted(folder.rglob("*"), reverse=True)  # a folder's contents before the folder
-    ours = {"stage.json", STARTED_MARK, UNFINISHED_LIST}
     by_time: list[str] = []
 
     def theirs(p: Path) -> bool:
         rel = p.relative_to(folder).as_posix()
         if rel in kept_before:
             return True
-        if rel in ours:
+        if rel in _MARKS - {KEPT_LIST}:
             return False
         if written is not None:  # a file the stage did not write is someone's, however old (mv, cp -p, tar keep times)
             return rel not in written

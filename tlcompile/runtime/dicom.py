@@ -148,43 +148,36 @@ def _acquired_at(ds: Any) -> str | None:
     return None
 
 
-def _issuer_qualifier(ds: Any) -> tuple[str, str] | None:
-    """(UniversalEntityIDType, UniversalEntityID) of the PatientID's IssuerOfPatientIDQualifiersSequence (PS3.3
-    C.7.1.1), or None when absent or empty."""
+def _issuer_item(ds: Any) -> Any:
+    """The first item of the PatientID's IssuerOfPatientIDQualifiersSequence (PS3.3 C.7.1.1), or None."""
     try:
-        item = ds.get("IssuerOfPatientIDQualifiersSequence")[0]
-        value, kind = str(item.get("UniversalEntityID") or "").strip(), str(item.get("UniversalEntityIDType") or "")
+        return ds.get("IssuerOfPatientIDQualifiersSequence")[0]
     except (TypeError, IndexError, AttributeError, KeyError, ValueError):
         return None
-    return (kind.strip(), value) if value else None
 
 
-def _issuer_uri(ds: Any) -> str | None:
-    """The register of the PatientID as a URI, from its qualifiers: an ISO OID -> urn:oid:..., a UUID ->
-    urn:uuid:..., a URI as it is; None when absent or of another type. FHIR checks it is a URI before it becomes an
-    Identifier.system (:func:`tlcompile.runtime.fhir.report_bundle`)."""
-    qualifier = _issuer_qualifier(ds)
-    if qualifier is None:
+def _issuer_uri(item: Any) -> str | None:
+    """The register of the PatientID as a URI, from its qualifiers' UniversalEntityID: an ISO OID -> urn:oid:..., a
+    UUID -> urn:uuid:..., a URI as it is; None when absent or of another type. FHIR checks it is a URI before it
+    becomes an Identifier.system (:func:`tlcompile.runtime.fhir.report_bundle`)."""
+    value = str(item.get("UniversalEntityID") or "").strip() if item is not None else ""
+    kind = str(item.get("UniversalEntityIDType") or "").strip().upper() if item is not None else ""
+    return {"ISO": f"urn:oid:{value}", "UUID": f"urn:uuid:{value.lower()}", "URI": value}.get(kind) if value else None
+
+
+def _issuer_named(item: Any) -> str | None:
+    """How the qualifiers name the ID's register, whatever its type ('DNS hospb.example.org', or only through
+    AssigningFacilitySequence, a jurisdiction or agency code): a file that names one is never given the site's
+    register (FHIR)."""
+    if item is None:
         return None
-    kind, value = qualifier
-    return {"ISO": f"urn:oid:{value}", "UUID": f"urn:uuid:{value.lower()}", "URI": value}.get(kind.upper())
-
-
-def _issuer_named(ds: Any) -> str | None:
-    """How the qualifiers name the ID's register, whatever its type ('DNS hospb.example.org'): a file that names one
-    is never given the site's register (FHIR)."""
-    qualifier = _issuer_qualifier(ds)
-    if qualifier is not None:
-        return f"{qualifier[0] or '?'} {qualifier[1]}"
-    try:  # an issuer named otherwise (AssigningFacilitySequence, a jurisdiction or agency code): named all the same
-        item = ds.get("IssuerOfPatientIDQualifiersSequence")[0]
-        return (
-            "qualifiers: " + ", ".join(sorted(e.keyword or str(e.tag) for e in item if not e.is_empty))
-            if len(item)
-            else None
-        )
-    except (TypeError, IndexError, AttributeError, KeyError, ValueError):
+    try:
+        if value := str(item.get("UniversalEntityID") or "").strip():
+            return f"{str(item.get('UniversalEntityIDType') or '').strip() or '?'} {value}"
+        named = sorted(e.keyword or str(e.tag) for e in item if not e.is_empty)
+    except (TypeError, AttributeError, KeyError, ValueError):
         return None
+    return "qualifiers: " + ", ".join(named) if named else None
 
 
 def header_meta(ds: Any) -> dict[str, Any]:
@@ -193,8 +186,8 @@ def header_meta(ds: Any) -> dict[str, Any]:
     return {
         "patient_id": _text(ds, "PatientID"),
         "patient_id_issuer": _text(ds, "IssuerOfPatientID"),  # whose ID it is: the hospital or system that gave it
-        "patient_id_system": _issuer_uri(ds),
-        "patient_id_register": _issuer_named(ds),
+        "patient_id_system": _issuer_uri(issuer := _issuer_item(ds)),
+        "patient_id_register": _issuer_named(issuer),
         "laterality": laterality.upper() if laterality else None,  # R, L (B both, U unpaired)
         "acquired_at": _acquired_at(ds),
         "sop_instance_uid": _text(ds, "SOPInstanceUID"),

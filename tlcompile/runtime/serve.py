@@ -204,6 +204,11 @@ def _lock(out_dir: Path) -> Any:
     return handle
 
 
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one version of a file from the next: size, mtime, inode, ctime."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
 def _wanted(entry: os.DirEntry) -> bool:
     name = entry.name
     if name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES):
@@ -309,7 +314,7 @@ class Service:
                 continue
             except OSError:
                 continue  # not even the directory entry can be read: nothing to key a record on; seen next poll
-            stat_key = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            stat_key = _stat_key(st)
             key = (entry.name, *stat_key)
             present.add(entry.name)
             if key in self._done:
@@ -353,7 +358,8 @@ class Service:
         try:
             if entry.name.startswith(".") or entry.name in self._noted or not entry.is_dir(follow_symlinks=True):
                 return
-            if os.path.realpath(entry.path) == os.path.realpath(self.out_dir):  # its own results/
+            if os.path.realpath(entry.path) == os.path.realpath(self.out_dir):  # its own results/: looked at once
+                self._noted.add(entry.name)
                 return
         except OSError:
             return
@@ -402,8 +408,7 @@ class Service:
         # A camera that paused longer than --settle and then wrote the rest: hashed as half a file, decoded whole (or
         # cut off). Any write after the poll's look changes the file's time, size or inode.
         try:
-            st = os.stat(path)
-            read.changed = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != stat_key
+            read.changed = _stat_key(os.stat(path)) != stat_key
         except OSError:
             pass  # gone or unreadable now: what was read stands
         return read

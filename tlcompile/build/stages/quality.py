@@ -176,13 +176,14 @@ def run(ctx: BuildContext, artifacts: list[Artifact]) -> list[Artifact]:
     taken = [c for c in val if c.kind == "none" and c.measures is not None and judge(c.measures, limits).gradable]
     monochrome = sum(c.measures.get("chroma", 0.0) < MONOCHROME_CHROMA for c in taken)
     colour_only = bool(taken) and monochrome == 0
-    max_green = max((c.measures.get("green_median", 0.0) for c in taken), default=0.0) or None  # no field: none
+    greens = [c.measures.get("green_median", 0.0) for c in taken]
+    max_green = max(greens, default=0.0) or None  # no field: none
     # ... and a photo darker than the darkest of them: the skimage retina photo at half brightness (brightness 106,
     # the val photos' darkest 136, the calibrated limit 60) went from P 0.02 to a referral at P 0.92.
     min_bright = min((c.measures.get("brightness", 0.0) for c in taken), default=0.0) or None
     # ... and darker in green than the darkest of them (gamma 1.6 on the retina photo: brightness 189, in range, green
     # median 41 against the val photos' 48; referred at P 0.99 where the photo was not at P 0.05)
-    min_green = min((c.measures.get("green_median", 0.0) for c in taken), default=0.0) or None
+    min_green = min(greens, default=0.0) or None
     dark_floor = min_bright is not None and "brightness" not in fixed and min_bright > limits["brightness"]
     limits = {
         **limits,
