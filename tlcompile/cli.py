@@ -1133,7 +1133,7 @@ def main() -> None:
         print(f"error: {_one_line(empty)}", file=sys.stderr)
         sys.exit(2)
     try:
-        from tlcompile.runtime.inference import default_threads
+        from tlcompile.runtime.threads import default_threads  # (not runtime.inference: numpy, 67 ms a command)
 
         if not {"--help", "-h", "--version"} & set(sys.argv[1:]):  # (help and the version need no threads)
             default_threads()  # a bad TLCOMPILE_NUM_THREADS is said before anything runs, not where a command reads it

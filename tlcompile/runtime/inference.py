@@ -18,6 +18,7 @@ from tlcompile.compat import import_openvino
 from tlcompile.errors import RuntimeBackendError, TlcompileError, missing_dependency
 from tlcompile.runtime.backends import FILE_RUNTIMES, RUNTIMES, backend, backend_for_format, format_of
 from tlcompile.runtime.safefiles import check_onnx_external_data
+from tlcompile.runtime.threads import default_threads
 
 if TYPE_CHECKING:
     from tlcompile.runtime.preprocess import LazyInputs
@@ -33,26 +34,6 @@ class InferenceSession(Protocol):
     exec_precision: str
 
     def run(self, x: np.ndarray) -> np.ndarray: ...
-
-
-def default_threads() -> int:
-    """All cores this process may use (respects taskset/cgroup affinity where the OS reports it).
-
-    ``TLCOMPILE_NUM_THREADS`` overrides it: a sweep running several builds side by side gives each its share.
-    """
-    value = os.environ.get("TLCOMPILE_NUM_THREADS", "").strip()
-    if value:
-        cpus = os.cpu_count() or 1
-        if not (value.isascii() and value.isdigit() and 1 <= int(value) <= cpus):
-            raise TlcompileError(
-                f"TLCOMPILE_NUM_THREADS {value[:40]!r} (environment) is out of range; valid: a whole number of "
-                f"threads from 1 to {cpus} (this machine's logical CPUs), or unset for every core this process may use"
-            )
-        return int(value)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def check_threads(threads: int | None, source: str = "--threads") -> int | None:
